@@ -1,0 +1,132 @@
+"""The Python API: compile .grad sources or load artifacts into modules of callables."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax
+
+from .diagnostics import CompileError, Diagnostics, SourceFile
+from .driver import compile_module
+from .ir import Module
+from .types import DType, TensorType, Type, StructType, TupleType
+
+__version__ = "0.1.0"
+
+
+def _uses_f64(t: Type) -> bool:
+    if isinstance(t, TensorType):
+        return t.dtype is DType.F64
+    if isinstance(t, StructType):
+        return any(_uses_f64(f) for _, f in t.fields)
+    if isinstance(t, TupleType):
+        return any(_uses_f64(e) for e in t.elems)
+    return False
+
+
+def _check_x64(module: Module, diags: Diagnostics) -> None:
+    if jax.config.jax_enable_x64:
+        return
+    for fn in module.functions:
+        if any(_uses_f64(p.value.type) for p in fn.params) or _uses_f64(fn.result_type):
+            diags.error("f64 needs JAX's 64-bit mode: set JAX_ENABLE_X64=1 or call "
+                        "jax.config.update('jax_enable_x64', True) before compiling", fn.span)
+            return
+
+
+class _Exports:
+    """Exports by name, as attributes and items."""
+
+    def __init__(self, functions: dict):
+        self._functions = functions
+
+    @property
+    def exports(self) -> dict:
+        return dict(self._functions)
+
+    def __getattr__(self, name: str):
+        functions = self.__dict__.get("_functions", {})
+        if name in functions:
+            return functions[name]
+        raise AttributeError(f"module has no export '{name}' (exports: {', '.join(functions)})")
+
+    def __getitem__(self, name: str):
+        return self._functions[name]
+
+
+class CompiledModule(_Exports):
+    """A compiled .grad module: `m.NAME(...)` calls an export; `m.ir` is the typed IR."""
+
+    def __init__(self, ir: Module):
+        from gradlang.runtime.execute import export_function
+        from gradlang.runtime.signature import CompiledFunction
+
+        self.ir = ir
+        self._raw = {e.name: export_function(ir, e) for e in ir.exports}
+        super().__init__({name: CompiledFunction(sig, jax.jit(fn))
+                          for name, (sig, fn) in self._raw.items()})
+
+    def stablehlo(self, name: str, dims: Mapping[str, int] | None = None,
+                  debug_info: bool = False) -> str:
+        """StableHLO text of export `name`; symbolic dims stay symbolic unless fixed in `dims`."""
+        from gradlang.runtime.stablehlo import lower_to_stablehlo, module_text
+
+        signature, fn = self._raw[name]
+        return module_text(lower_to_stablehlo(signature, fn, dims), debug_info)
+
+    def artifact(self, dims: Mapping[str, int] | None = None) -> bytes:
+        """The portable artifact of every export (see `gradlang.load`)."""
+        from gradlang.runtime.artifact import serialize
+
+        return serialize(self.ir.name, __version__, list(self._raw.values()), dims)
+
+    def save(self, path: str | Path, dims: Mapping[str, int] | None = None) -> Path:
+        path = Path(path)
+        path.write_bytes(self.artifact(dims))
+        return path
+
+
+class LoadedModule(_Exports):
+    """A module loaded from an artifact; needs neither the source nor the compiler front end."""
+
+    def __init__(self, path: str | Path):
+        from gradlang.runtime.artifact import loaded_function, read
+        from gradlang.runtime.signature import CompiledFunction
+
+        self.header, entries = read(path)
+        self._exported = {n: e for n, (_, e) in entries.items()}
+        super().__init__({n: CompiledFunction(sig, loaded_function(sig, exp))
+                          for n, (sig, exp) in entries.items()})
+
+    def stablehlo(self, name: str) -> str:
+        return self._exported[name].mlir_module()
+
+
+def compile_source(text: str, name: str = "<source>", root: str | Path | None = None,
+                   strict: bool = False) -> CompiledModule:
+    """Compile .grad source text; `root` is the folder local imports resolve in.
+
+    Raises CompileError (its message is the rendered diagnostics) when the program has errors,
+    or, with `strict`, warnings.
+    """
+    diags = Diagnostics()
+    source = SourceFile(name, text)
+    module = compile_module(source, Path(root) if root is not None else None, diags)
+    if module is not None:
+        _check_x64(module, diags)
+    if diags.has_errors or (strict and diags.items):
+        raise CompileError(diags)
+    assert module is not None
+    return CompiledModule(module)
+
+
+def compile_file(path: str | Path, strict: bool = False) -> CompiledModule:
+    """Compile a .grad file (local imports resolve beside it)."""
+    path = Path(path)
+    return compile_source(path.read_text(), str(path), path.parent, strict)
+
+
+def load(path: str | Path) -> LoadedModule:
+    """Load an artifact written by `gradlang compile --emit artifact` or `CompiledModule.save`."""
+    return LoadedModule(path)

@@ -1,0 +1,342 @@
+"""Build the IR of one source unit from its AST.
+
+The builder is syntax-directed: local names (parameters, `let`, loop variables) become SSA
+values; every other name stays symbolic (`ref` / `call` ops) for the resolve pass, and every
+type is left unknown for the typecheck pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from . import ast
+from .diagnostics import Diagnostics, Span
+from .ir import Export, Function, Op, Param, Region, StructDef, Transform, Value
+from .ops import (CallParams, CastParams, ConstParams, ForParams, GetParams, IndexItem,
+                  IndexParams, NameParams, NoParams)
+from .types import DType, NamedType, TensorType, TupleType, Type
+
+I32_MAX = 2**31 - 1
+TRANSFORMS = ("grad", "value_and_grad")
+
+
+def qualify(unit: str, name: str) -> str:
+    return f"{unit}.{name}" if unit else name
+
+
+def type_from_ast(t: ast.TypeExpr) -> Type:
+    if isinstance(t, ast.ScalarTypeExpr):
+        return TensorType(DType(t.dtype))
+    if isinstance(t, ast.TensorTypeExpr):
+        return TensorType(DType(t.dtype), t.dims)
+    if isinstance(t, ast.NamedTypeExpr):
+        return NamedType(t.name, t.bindings)
+    assert isinstance(t, ast.TupleTypeExpr)
+    return TupleType(tuple(type_from_ast(e) for e in t.elems))
+
+
+@dataclass
+class UnitIR:
+    structs: list[StructDef] = field(default_factory=list)
+    functions: list[Function] = field(default_factory=list)
+    exports: list[Export] = field(default_factory=list)
+
+
+def build_unit(program: ast.Program, unit: str, diags: Diagnostics) -> UnitIR:
+    """IR for every struct, function and export declared in `program`."""
+    out = UnitIR()
+    seen: dict[str, Span] = {}
+
+    def declare(name: str, span: Span) -> bool:
+        if name in seen:
+            diags.error(f"'{name}' is already defined at line {seen[name].line}", span)
+            return False
+        seen[name] = span
+        return True
+
+    for decl in program.decls:
+        if isinstance(decl, ast.StructDecl) and declare(decl.name, decl.span):
+            names = [f.name for f in decl.fields]
+            for f in decl.fields:
+                if names.count(f.name) > 1 and names.index(f.name) != decl.fields.index(f):
+                    diags.error(f"duplicate field '{f.name}' in struct '{decl.name}'", f.span)
+            fields = tuple((f.name, type_from_ast(f.type)) for f in decl.fields)
+            out.structs.append(StructDef(qualify(unit, decl.name), unit, fields, decl.span))
+        elif isinstance(decl, ast.FnDecl) and declare(decl.name, decl.name_span):
+            out.functions.append(_FunctionBuilder(unit, diags).build(decl))
+        elif isinstance(decl, ast.ExternDecl):
+            diags.error("extern functions are not supported yet: black-box estimators arrive "
+                        "with the zeroth-order passes", decl.span)
+    exported: dict[str, Span] = {}
+    for decl in program.decls:
+        if isinstance(decl, ast.ExportDecl):
+            if decl.name in exported:
+                diags.error(f"export '{decl.name}' is already defined at line "
+                            f"{exported[decl.name].line}", decl.span)
+                continue
+            exported[decl.name] = decl.span
+            export = _build_export(decl, unit, diags)
+            if export is not None:
+                out.exports.append(export)
+    return out
+
+
+def _build_export(decl: ast.ExportDecl, unit: str, diags: Diagnostics) -> Export | None:
+    value = decl.value
+    if isinstance(value, ast.Name):
+        return Export(decl.name, Transform("fn", qualify(unit, value.id)), decl.span, value.span)
+    usage = "an export must name a function or be grad(f, wrt=[...]) or value_and_grad(f, wrt=[...])"
+    if not (isinstance(value, ast.Call) and isinstance(value.func, ast.Name)
+            and value.func.id in TRANSFORMS):
+        diags.error(usage, value.span)
+        return None
+    kind = value.func.id
+    if len(value.args) != 1 or not isinstance(value.args[0], ast.Name):
+        diags.error(f"{kind} takes one function name as its positional argument", value.span)
+        return None
+    wrt = [k for k in value.kwargs if k.name == "wrt"]
+    for k in value.kwargs:
+        if k.name != "wrt":
+            diags.error(f"unknown option '{k.name}' for {kind}; expected wrt=[...]", k.span)
+    if not wrt:
+        diags.error(f"{kind} needs wrt=[...]: the parameters to differentiate with respect to",
+                    value.span)
+        return None
+    targets = wrt[0].value
+    if not (isinstance(targets, ast.ListLit) and targets.elems
+            and all(isinstance(e, ast.Name) for e in targets.elems)):
+        diags.error("wrt must be a non-empty list of parameter names, e.g. wrt=[w, b]", targets.span)
+        return None
+    names = tuple(e.id for e in targets.elems)  # type: ignore[attr-defined]
+    spans = tuple(e.span for e in targets.elems)
+    fn = value.args[0]
+    return Export(decl.name, Transform(kind, qualify(unit, fn.id), names, spans), decl.span, fn.span)
+
+
+class _Block:
+    """Ops being collected for one region, with the names visible in it."""
+
+    def __init__(self, scope: dict[str, Value]):
+        self.ops: list[Op] = []
+        self.scope = dict(scope)
+
+
+class _FunctionBuilder:
+    def __init__(self, unit: str, diags: Diagnostics):
+        self.unit = unit
+        self.diags = diags
+        self.block = _Block({})
+
+    # ---- helpers
+    def emit(self, name: str, operands: tuple[Value, ...], params: object, span: Span,
+             nresults: int = 1, regions: tuple[Region, ...] = ()) -> Op:
+        op = Op(name, operands, tuple(Value() for _ in range(nresults)), params, regions, span)
+        self.block.ops.append(op)
+        return op
+
+    def error_value(self, message: str, span: Span) -> Value:
+        self.diags.error(message, span)
+        return self.emit("error", (), NoParams(), span).result
+
+    def bind(self, name: str, value: Value) -> None:
+        """Bind a local name; names the value after it when it was just computed."""
+        last = self.block.ops[-1] if self.block.ops else None
+        if last is not None and last.results == (value,) and not value.hint:
+            named = Value(value.type, name)
+            self.block.ops[-1] = replace(last, results=(named,))
+            value = named
+        self.block.scope[name] = value
+
+    def region(self, args: dict[str, Value], build) -> Region:
+        """Build a nested region: `build()` returns the yielded values."""
+        outer = self.block
+        self.block = _Block(outer.scope | args)
+        try:
+            results = build()
+            return Region(tuple(args.values()), tuple(self.block.ops), tuple(results))
+        finally:
+            self.block = outer
+
+    # ---- functions
+    def build(self, decl: ast.FnDecl) -> Function:
+        params = []
+        for p in decl.params:
+            if p.name in self.block.scope:
+                self.diags.error(f"duplicate parameter '{p.name}'", p.span)
+                continue
+            value = Value(type_from_ast(p.type), p.name)
+            self.block.scope[p.name] = value
+            params.append(Param(p.name, value, p.span))
+        results = self.statements(decl.body, decl, allow_return=True)
+        body = Region((), tuple(self.block.ops), results)
+        return Function(qualify(self.unit, decl.name), self.unit, tuple(params),
+                        type_from_ast(decl.result), body, decl.span, decl.result.span)
+
+    def statements(self, stmts: tuple[ast.Stmt, ...], decl: ast.FnDecl,
+                   allow_return: bool) -> tuple[Value, ...]:
+        for i, stmt in enumerate(stmts):
+            if isinstance(stmt, ast.Let):
+                self.let(stmt.pattern, self.expr(stmt.value))
+            elif isinstance(stmt, ast.Return):
+                value = self.expr(stmt.value)
+                if i != len(stmts) - 1:
+                    self.diags.error("unreachable code after return", stmts[i + 1].span)
+                return (value,)
+        end = Span(decl.span.source, decl.span.end_line, decl.span.end_col - 1,
+                   decl.span.end_line, decl.span.end_col)
+        self.diags.error(f"function '{decl.name}' does not end with a return statement", end)
+        return (self.emit("error", (), NoParams(), end).result,)
+
+    def let(self, pattern: ast.Pattern, value: Value) -> None:
+        if isinstance(pattern, ast.PName):
+            self.bind(pattern.name, value)
+            return
+        assert isinstance(pattern, ast.PTuple)
+        for i, sub in enumerate(pattern.elems):
+            elem = self.emit("get", (value,), GetParams(i, len(pattern.elems)), sub.span).result
+            self.let(sub, elem)
+
+    # ---- expressions
+    def expr(self, e: ast.Expr) -> Value:
+        method = getattr(self, "expr_" + type(e).__name__)
+        return method(e)
+
+    def expr_Name(self, e: ast.Name) -> Value:
+        if e.id in self.block.scope:
+            return self.block.scope[e.id]
+        return self.emit("ref", (), NameParams(e.id), e.span).result
+
+    def expr_IntLit(self, e: ast.IntLit, negate: bool = False) -> Value:
+        value = -e.value if negate else e.value
+        if not -I32_MAX - 1 <= value <= I32_MAX:
+            return self.error_value(f"integer literal {value} does not fit in i32", e.span)
+        return self.emit("const", (), ConstParams(value, DType.I32), e.span).result
+
+    def expr_FloatLit(self, e: ast.FloatLit, negate: bool = False) -> Value:
+        return self.emit("const", (), ConstParams(-e.value if negate else e.value, DType.F32),
+                         e.span).result
+
+    def expr_BoolLit(self, e: ast.BoolLit) -> Value:
+        return self.emit("const", (), ConstParams(e.value, DType.BOOL), e.span).result
+
+    def expr_TupleLit(self, e: ast.TupleLit) -> Value:
+        return self.emit("tuple", tuple(self.expr(x) for x in e.elems), NoParams(), e.span).result
+
+    def expr_ListLit(self, e: ast.ListLit) -> Value:
+        return self.emit("list", tuple(self.expr(x) for x in e.elems), NoParams(), e.span).result
+
+    def expr_Unary(self, e: ast.Unary) -> Value:
+        if e.op == "neg" and isinstance(e.operand, ast.IntLit):
+            return self.expr_IntLit(e.operand, negate=True)
+        if e.op == "neg" and isinstance(e.operand, ast.FloatLit):
+            return self.expr_FloatLit(e.operand, negate=True)
+        return self.emit(e.op, (self.expr(e.operand),), NoParams(), e.span).result
+
+    def expr_Binary(self, e: ast.Binary) -> Value:
+        return self.emit(e.op, (self.expr(e.lhs), self.expr(e.rhs)), NoParams(), e.span).result
+
+    def expr_Call(self, e: ast.Call) -> Value:
+        callee = _dotted(e.func)
+        if callee is None or callee.split(".")[0] in self.block.scope:
+            return self.error_value("only functions can be called, by name", e.func.span)
+        if callee in TRANSFORMS:
+            return self.error_value(f"{callee}(...) can only be used in an export", e.span)
+        seen: set[str] = set()
+        for k in e.kwargs:
+            if k.name in seen:
+                self.diags.error(f"keyword argument '{k.name}' given twice", k.span)
+            seen.add(k.name)
+        operands = tuple(self.expr(a) for a in e.args) + tuple(self.expr(k.value) for k in e.kwargs)
+        kwnames = tuple(k.name for k in e.kwargs)
+        return self.emit("call", operands, CallParams(callee, kwnames), e.span).result
+
+    def expr_FieldAccess(self, e: ast.FieldAccess) -> Value:
+        dotted = _dotted(e)
+        if dotted is not None and dotted.split(".")[0] not in self.block.scope:
+            return self.emit("ref", (), NameParams(dotted), e.span).result
+        return self.emit("getfield", (self.expr(e.base),), NameParams(e.field), e.span).result
+
+    def expr_Index(self, e: ast.Index) -> Value:
+        base = self.expr(e.base)
+        items: list[IndexItem] = []
+        dynamic: list[Value] = []
+        for sub in e.subscripts:
+            if isinstance(sub, ast.Slice):
+                bounds = [_static_int(b) if b is not None else None
+                          for b in (sub.start, sub.stop, sub.step)]
+                bad = [b for b, v in zip((sub.start, sub.stop, sub.step), bounds)
+                       if b is not None and v is None]
+                if bad:
+                    return self.error_value("slice bounds must be integer literals", bad[0].span)
+                if bounds[2] is not None and bounds[2] <= 0:
+                    return self.error_value("slice step must be positive", sub.step.span)
+                items.append(IndexItem("slice", start=bounds[0], stop=bounds[1], step=bounds[2]))
+            elif (k := _static_int(sub)) is not None:
+                items.append(IndexItem("int", index=k))
+            else:
+                items.append(IndexItem("dynamic"))
+                dynamic.append(self.expr(sub))
+        return self.emit("index", (base, *dynamic), IndexParams(tuple(items)), e.span).result
+
+    def expr_If(self, e: ast.If) -> Value:
+        cond = self.expr(e.cond)
+        then = self.region({}, lambda: (self.expr(e.then),))
+        orelse = self.region({}, lambda: (self.expr(e.orelse),))
+        return self.emit("if", (cond,), NoParams(), e.span, regions=(then, orelse)).result
+
+    def expr_Cast(self, e: ast.Cast) -> Value:
+        return self.emit("cast", (self.expr(e.operand),), CastParams(DType(e.dtype)), e.span).result
+
+    def expr_For(self, e: ast.For) -> Value:
+        names = [c.name for c in e.carries]
+        for c in e.carries:
+            if names.count(c.name) > 1 and names.index(c.name) != e.carries.index(c):
+                return self.error_value(f"carry '{c.name}' is declared twice", c.span)
+        start = self.expr(e.start) if e.start is not None else self.emit(
+            "const", (), ConstParams(0, DType.I32), e.span).result
+        stop = self.expr(e.stop)
+        inits = tuple(self.expr(c.init) for c in e.carries)
+        args = {e.var: Value(hint=e.var)} | {c.name: Value(hint=c.name) for c in e.carries}
+
+        def body() -> tuple[Value, ...]:
+            for stmt in e.body:
+                if isinstance(stmt, ast.Return):
+                    self.diags.error("return is not allowed inside a loop body; the body's last "
+                                     "expression is the next carry", stmt.span)
+                else:
+                    self.let(stmt.pattern, self.expr(stmt.value))
+            if len(names) == 1:
+                return (self.expr(e.result),)
+            if isinstance(e.result, ast.TupleLit) and len(e.result.elems) == len(names):
+                return tuple(self.expr(x) for x in e.result.elems)
+            value = self.expr(e.result)
+            return tuple(self.emit("get", (value,), GetParams(i, len(names)), e.result.span).result
+                         for i in range(len(names)))
+
+        region = self.region(args, body)
+        op = self.emit("for", (start, stop, *inits), ForParams(tuple(names)), e.span,
+                       nresults=len(names), regions=(region,))
+        if len(names) == 1:
+            return op.result
+        return self.emit("tuple", op.results, NoParams(), e.span).result
+
+    def expr_Slice(self, e: ast.Slice) -> Value:
+        return self.error_value("a slice can only appear inside [...]", e.span)
+
+
+def _dotted(e: ast.Expr) -> str | None:
+    """`a.b.c` for a chain of names, else None."""
+    if isinstance(e, ast.Name):
+        return e.id
+    if isinstance(e, ast.FieldAccess):
+        base = _dotted(e.base)
+        return None if base is None else f"{base}.{e.field}"
+    return None
+
+
+def _static_int(e: ast.Expr) -> int | None:
+    if isinstance(e, ast.IntLit):
+        return e.value
+    if isinstance(e, ast.Unary) and e.op == "neg" and isinstance(e.operand, ast.IntLit):
+        return -e.operand.value
+    return None

@@ -1,0 +1,118 @@
+"""Signatures of the builtin functions: which IR op each becomes and how arguments bind.
+
+An argument is either a tensor operand or a static value folded into the op's params at
+resolution time. Static kinds:
+- `axis`: an integer literal (negative counts from the end);
+- `axes`: an integer, a list of integers, or omitted (all axes);
+- `bool`: `true` / `false`;
+- `shape`: a list of integer literals and dimension names, e.g. `[B, 10]` (`-1` allowed in reshape);
+- `dim`: an integer literal or a dimension name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import ops
+
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Arg:
+    name: str
+    kind: str  # "tensor" | "tensors" | "axis" | "axes" | "bool" | "shape" | "dim"
+    default: object = REQUIRED
+
+    @property
+    def static(self) -> bool:
+        return self.kind not in ("tensor", "tensors")
+
+
+@dataclass(frozen=True)
+class Builtin:
+    name: str
+    op: str
+    args: tuple[Arg, ...]
+    doc: str
+
+    @property
+    def signature(self) -> str:
+        parts = []
+        for a in self.args:
+            parts.append(a.name if a.default is REQUIRED else f"{a.name}={_show(a.default)}")
+        return f"{self.name}({', '.join(parts)})"
+
+
+def _show(v: object) -> str:
+    return "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def _b(name: str, args: str, doc: str, op: str | None = None) -> Builtin:
+    """Parse a compact spec: "x:tensor axis:axes=None keepdims:bool=False"."""
+    parsed = []
+    for spec in args.split():
+        head, _, default = spec.partition("=")
+        arg_name, kind = head.split(":")
+        if not default:
+            parsed.append(Arg(arg_name, kind))
+        else:
+            parsed.append(Arg(arg_name, kind, _DEFAULTS[default] if default in _DEFAULTS else int(default)))
+    return Builtin(name, op or name, tuple(parsed), doc)
+
+
+_DEFAULTS = {"None": None, "False": False, "True": True}
+
+_UNARY_DOCS = {
+    "exp": "e^x", "log": "natural logarithm", "log1p": "log(1 + x), accurate near 0",
+    "expm1": "e^x - 1, accurate near 0", "sqrt": "square root", "tanh": "hyperbolic tangent",
+    "sigmoid": "1 / (1 + e^-x)", "softplus": "log(1 + e^x)", "relu": "max(x, 0)",
+    "abs": "absolute value", "sin": "sine", "cos": "cosine",
+}
+_REDUCE_DOCS = {
+    "sum": "sum", "mean": "arithmetic mean", "max": "maximum", "min": "minimum",
+    "logsumexp": "log of the sum of exponentials, computed stably", "var": "population variance",
+}
+
+BUILTINS: dict[str, Builtin] = {
+    b.name: b
+    for b in [
+        *[_b(n, "x:tensor", d) for n, d in _UNARY_DOCS.items()],
+        _b("maximum", "x:tensor y:tensor", "elementwise maximum (broadcasting)"),
+        _b("minimum", "x:tensor y:tensor", "elementwise minimum (broadcasting)"),
+        _b("where", "cond:tensor x:tensor y:tensor", "x where cond is true, else y (broadcasting)"),
+        _b("clip", "x:tensor lo:tensor hi:tensor", "x clamped to [lo, hi]"),
+        _b("stop_gradient", "x:tensor", "x, with zero derivative"),
+        *[_b(n, "x:tensor axis:axes=None keepdims:bool=False", f"{d} over `axis` (all axes by default)")
+          for n, d in _REDUCE_DOCS.items()],
+        _b("reshape", "x:tensor shape:shape", "x with a new shape of the same size; one entry may be -1"),
+        _b("transpose", "x:tensor axes:axes=None", "permute axes (reverse them by default)"),
+        _b("concat", "xs:tensors axis:axis=0", "join a list of tensors along an existing axis"),
+        _b("stack", "xs:tensors axis:axis=0", "join a list of tensors along a new axis"),
+        _b("broadcast_to", "x:tensor shape:shape", "x broadcast to `shape`"),
+        _b("zeros", "shape:shape", "f32 tensor of zeros"),
+        _b("ones", "shape:shape", "f32 tensor of ones"),
+        _b("full", "shape:shape value:tensor", "tensor filled with a scalar `value` (its dtype)"),
+        _b("arange", "start:dim stop:dim=None", "i32 range [0, start) or [start, stop)"),
+        _b("eye", "n:dim", "f32 n x n identity matrix"),
+        _b("softmax", "x:tensor axis:axis=-1", "softmax along `axis`"),
+        _b("log_softmax", "x:tensor axis:axis=-1", "log of softmax along `axis`, computed stably"),
+        _b("one_hot", "labels:tensor num_classes:dim", "f32 one-hot encoding of integer labels (new last axis)"),
+        _b("cross_entropy", "logits:tensor labels:tensor",
+           "mean over the batch of -log_softmax(logits)[label]; labels are integer classes [B] "
+           "or probabilities shaped like logits"),
+        _b("mse", "pred:tensor target:tensor", "mean of (pred - target)^2 (broadcasting)"),
+        _b("dot", "x:tensor y:tensor", "dot product of vectors; matrix-vector and matrix products as @"),
+        _b("outer", "x:tensor y:tensor", "outer product of two vectors"),
+        _b("solve", "a:tensor b:tensor", "x with a @ x = b, for square a [N, N] and b [N] or [N, K]"),
+        _b("cholesky", "a:tensor", "lower-triangular L with L @ transpose(L) = a"),
+    ]
+}
+
+
+def _check() -> None:
+    for b in BUILTINS.values():
+        assert b.op in ops.OPS, b.op
+
+
+_check()

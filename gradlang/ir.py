@@ -1,0 +1,132 @@
+"""The typed SSA IR: values, ops with typed params and regions, functions, modules.
+
+Values have identity but no name (the printer numbers them); ops are frozen and edited with
+`dataclasses.replace`. A region is a block with arguments, a flat list of ops and yielded
+results; it may use values defined outside it (implicit capture).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .diagnostics import Span
+from .types import UNKNOWN, Type
+
+
+@dataclass(frozen=True, eq=False)
+class Value:
+    """An SSA value. `hint` is the source name it was bound to, used only for printing."""
+
+    type: Type = UNKNOWN
+    hint: str = ""
+
+    def retyped(self, type: Type) -> Value:
+        return Value(type, self.hint)
+
+
+@dataclass(frozen=True, eq=False)
+class Op:
+    name: str
+    operands: tuple[Value, ...]
+    results: tuple[Value, ...]
+    params: Any  # a frozen params dataclass declared by the op's OpDef
+    regions: tuple[Region, ...] = ()
+    span: Span | None = None
+
+    @property
+    def result(self) -> Value:
+        assert len(self.results) == 1, self.name
+        return self.results[0]
+
+
+@dataclass(frozen=True, eq=False)
+class Region:
+    args: tuple[Value, ...]
+    ops: tuple[Op, ...]
+    results: tuple[Value, ...]
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    value: Value
+    span: Span
+
+
+@dataclass(frozen=True)
+class Function:
+    name: str  # qualified for imported functions, e.g. "nn.dense"
+    unit: str  # the source unit (file) the function belongs to; scopes name resolution
+    params: tuple[Param, ...]
+    result_type: Type
+    body: Region
+    span: Span
+    result_span: Span
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+
+@dataclass(frozen=True)
+class StructDef:
+    name: str
+    unit: str
+    fields: tuple[tuple[str, Type], ...]
+    span: Span
+
+
+@dataclass(frozen=True)
+class Transform:
+    """What an export computes: `fn` itself, or grad / value_and_grad of it wrt some params."""
+
+    kind: str  # "fn" | "grad" | "value_and_grad"
+    fn: str
+    wrt: tuple[str, ...] = ()
+    wrt_spans: tuple[Span, ...] = ()
+
+
+@dataclass(frozen=True)
+class Export:
+    name: str
+    transform: Transform
+    span: Span
+    fn_span: Span
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One source file: its name, path and the modules it imports (alias -> unit name)."""
+
+    name: str
+    path: str
+    imports: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Module:
+    name: str
+    units: tuple[Unit, ...]
+    structs: tuple[StructDef, ...]
+    functions: tuple[Function, ...]
+    exports: tuple[Export, ...]
+    facts: dict[str, Any] = field(default_factory=dict, compare=False)
+    """Analysis results keyed by analysis name (e.g. "gradflow")."""
+
+    def function(self, name: str) -> Function | None:
+        return next((f for f in self.functions if f.name == name), None)
+
+    def struct(self, name: str) -> StructDef | None:
+        return next((s for s in self.structs if s.name == name), None)
+
+    def unit(self, name: str) -> Unit:
+        return next(u for u in self.units if u.name == name)
+
+
+def walk(region: Region) -> Iterator[Op]:
+    """All ops of a region, nested regions included, in program order."""
+    for op in region.ops:
+        yield op
+        for r in op.regions:
+            yield from walk(r)

@@ -1,0 +1,311 @@
+"""Parse .grad text into an AST with spans; syntax errors become diagnostics.
+
+The Lark LALR parser runs once per top-level declaration chunk, so that a syntax error in one
+declaration does not hide the errors in the next ones.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from importlib import resources
+
+import lark
+from lark import Token, Transformer, v_args
+
+from . import ast
+from .diagnostics import Diagnostics, SourceFile, Span
+
+_DECL_START = re.compile(r"^(use|struct|fn|extern|export)\b")
+
+_TOKEN_TEXT = {
+    "NAME": "a name",
+    "INT": "an integer",
+    "FLOAT": "a number",
+    "$END": "end of input",
+    "F32": "'f32'",
+    "F64": "'f64'",
+    "I32": "'i32'",
+    "BOOL": "'bool'",
+}
+
+
+@cache
+def _parser() -> lark.Lark:
+    grammar = resources.files("gradlang").joinpath("grammar.lark").read_text()
+    return lark.Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True)
+
+
+def _describe(term: str) -> str:
+    if term in _TOKEN_TEXT:
+        return _TOKEN_TEXT[term]
+    try:
+        pattern = _parser().get_terminal(term).pattern
+    except KeyError:
+        return term
+    return f"'{pattern.value}'"
+
+
+def _describe_expected(expected: set[str]) -> str:
+    if {"NAME", "INT", "FLOAT"} <= expected:
+        rest = sorted(_describe(t) for t in expected - _EXPR_START)
+        return "an expression" + (" or " + ", ".join(rest) if 0 < len(rest) <= 3 else "")
+    items = sorted(_describe(t) for t in expected)
+    if len(items) > 6:
+        items = items[:6] + ["..."]
+    return "one of " + ", ".join(items) if len(items) > 1 else items[0]
+
+
+_EXPR_START = {"NAME", "INT", "FLOAT", "LPAR", "LSQB", "MINUS", "NOT", "IF", "FOR", "TRUE", "FALSE",
+               "F32", "F64", "I32", "BOOL"}
+
+
+def _chunks(text: str) -> list[tuple[int, str]]:
+    """Split `text` at lines that start a declaration; returns (first line number, text)."""
+    lines = text.split("\n")
+    starts = [i for i, line in enumerate(lines) if _DECL_START.match(line)]
+    if not starts or starts[0] != 0:
+        starts = [0] + starts
+    bounds = starts + [len(lines)]
+    return [(bounds[k] + 1, "\n".join(lines[bounds[k]:bounds[k + 1]])) for k in range(len(starts))]
+
+
+def parse(source: SourceFile, diags: Diagnostics) -> ast.Program:
+    """Parse a whole file; every syntax error is reported, one per declaration at most."""
+    decls: list[ast.Decl] = []
+    for first_line, chunk in _chunks(source.text):
+        padded = "\n" * (first_line - 1) + chunk
+        try:
+            tree = _parser().parse(padded)
+        except lark.exceptions.UnexpectedInput as exc:
+            diags.error(*_syntax_error(exc, source))
+            continue
+        decls.extend(_ToAst(source).transform(tree))
+    return ast.Program(source, tuple(decls))
+
+
+def _syntax_error(exc: lark.exceptions.UnexpectedInput, source: SourceFile) -> tuple[str, Span]:
+    if isinstance(exc, lark.exceptions.UnexpectedCharacters):
+        char = source.line(exc.line)[exc.column - 1: exc.column] or "?"
+        span = Span(source, exc.line, exc.column, exc.line, exc.column + 1)
+        return f"unexpected character '{char}'", span
+    assert isinstance(exc, (lark.exceptions.UnexpectedToken, lark.exceptions.UnexpectedEOF))
+    expected = _describe_expected(set(exc.expected))
+    token = getattr(exc, "token", None)
+    if token is None or token.type == "$END":
+        lines = source.text.rstrip().split("\n")
+        line = len(lines)
+        col = len(lines[-1]) + 1
+        return f"unexpected end of input; expected {expected}", Span(source, line, col, line, col + 1)
+    span = Span(source, token.line, token.column, token.end_line, token.end_column)
+    return f"unexpected {_describe(token.type) if token.type in _TOKEN_TEXT else repr(str(token))}; expected {expected}", span
+
+
+class _ToAst(Transformer):
+    """Lark tree -> AST. Each rule method receives the node's meta for its span."""
+
+    def __init__(self, source: SourceFile):
+        super().__init__()
+        self.source = source
+
+    def _span(self, meta) -> Span:
+        return Span(self.source, meta.line, meta.column, meta.end_line, meta.end_column)
+
+    def _tok_span(self, tok: Token) -> Span:
+        return Span(self.source, tok.line, tok.column, tok.end_line, tok.end_column)
+
+    def start(self, items):
+        return list(items)
+
+    # ---- declarations
+    @v_args(meta=True)
+    def use_decl(self, meta, names):
+        return ast.Use(self._span(meta), tuple(str(n) for n in names))
+
+    @v_args(meta=True)
+    def struct_decl(self, meta, items):
+        name, *fields = items
+        return ast.StructDecl(self._span(meta), str(name), tuple(f for f in fields if f is not None))
+
+    @v_args(meta=True)
+    def field(self, meta, items):
+        return ast.Param(str(items[0]), items[1], self._span(meta))
+
+    param = field
+
+    def params(self, items):
+        return tuple(p for p in items if p is not None)
+
+    @v_args(meta=True)
+    def fn_decl(self, meta, items):
+        name, params, result, body = items
+        return ast.FnDecl(self._span(meta), str(name), params, result, body, self._tok_span(name))
+
+    @v_args(meta=True)
+    def extern_decl(self, meta, items):
+        name, params, result = items
+        return ast.ExternDecl(self._span(meta), str(name), params, result)
+
+    @v_args(meta=True)
+    def export_decl(self, meta, items):
+        return ast.ExportDecl(self._span(meta), str(items[0]), items[1])
+
+    # ---- types
+    def dtype(self, items):
+        return str(items[0])
+
+    @v_args(meta=True)
+    def scalar_type(self, meta, items):
+        return ast.ScalarTypeExpr(self._span(meta), items[0])
+
+    @v_args(meta=True)
+    def tensor_type(self, meta, items):
+        return ast.TensorTypeExpr(self._span(meta), items[0], tuple(items[1:]))
+
+    def dim(self, items):
+        tok = items[0]
+        return int(tok) if tok.type == "INT" else str(tok)
+
+    @v_args(meta=True)
+    def named_type(self, meta, items):
+        return ast.NamedTypeExpr(self._span(meta), str(items[0]), tuple(items[1:]))
+
+    def dim_binding(self, items):
+        return (str(items[0]), items[1])
+
+    @v_args(meta=True)
+    def tuple_type(self, meta, items):
+        return ast.TupleTypeExpr(self._span(meta), tuple(items))
+
+    # ---- statements
+    def block(self, items):
+        return tuple(s for s in items if isinstance(s, ast.Stmt))
+
+    @v_args(meta=True)
+    def let_stmt(self, meta, items):
+        return ast.Let(self._span(meta), items[0], items[1])
+
+    @v_args(meta=True)
+    def return_stmt(self, meta, items):
+        return ast.Return(self._span(meta), items[0])
+
+    @v_args(meta=True)
+    def pat_name(self, meta, items):
+        return ast.PName(self._span(meta), str(items[0]))
+
+    @v_args(meta=True)
+    def pat_tuple(self, meta, items):
+        return ast.PTuple(self._span(meta), tuple(items))
+
+    # ---- expressions
+    @v_args(meta=True)
+    def if_expr(self, meta, items):
+        return ast.If(self._span(meta), *items)
+
+    def _binary(op):  # noqa: N805 - builds methods
+        @v_args(meta=True)
+        def rule(self, meta, items):
+            return ast.Binary(self._span(meta), op, items[0], items[1])
+
+        return rule
+
+    or_ = _binary("or")
+    and_ = _binary("and")
+    eq = _binary("eq")
+    ne = _binary("ne")
+    lt = _binary("lt")
+    le = _binary("le")
+    gt = _binary("gt")
+    ge = _binary("ge")
+    add = _binary("add")
+    sub = _binary("sub")
+    mul = _binary("mul")
+    div = _binary("div")
+    matmul = _binary("matmul")
+    pow = _binary("pow")
+
+    @v_args(meta=True)
+    def not_(self, meta, items):
+        return ast.Unary(self._span(meta), "not", items[0])
+
+    @v_args(meta=True)
+    def neg(self, meta, items):
+        return ast.Unary(self._span(meta), "neg", items[0])
+
+    @v_args(meta=True)
+    def call(self, meta, items):
+        func, args = items
+        pos, kws = [], []
+        for a in args or ():
+            (kws if isinstance(a, ast.Keyword) else pos).append(a)
+        return ast.Call(self._span(meta), func, tuple(pos), tuple(kws))
+
+    def args(self, items):
+        return [a for a in items if a is not None]
+
+    @v_args(meta=True)
+    def kwarg(self, meta, items):
+        return ast.Keyword(str(items[0]), items[1], self._span(meta))
+
+    @v_args(meta=True)
+    def field_access(self, meta, items):
+        return ast.FieldAccess(self._span(meta), items[0], str(items[1]))
+
+    @v_args(meta=True)
+    def index(self, meta, items):
+        return ast.Index(self._span(meta), items[0], tuple(items[1]))
+
+    def subscripts(self, items):
+        return items
+
+    @v_args(meta=True)
+    def slice(self, meta, items):
+        return ast.Slice(self._span(meta), *items)
+
+    @v_args(meta=True)
+    def name(self, meta, items):
+        return ast.Name(self._span(meta), str(items[0]))
+
+    @v_args(meta=True)
+    def int_lit(self, meta, items):
+        return ast.IntLit(self._span(meta), int(items[0]))
+
+    @v_args(meta=True)
+    def float_lit(self, meta, items):
+        return ast.FloatLit(self._span(meta), float(items[0]))
+
+    @v_args(meta=True)
+    def true_lit(self, meta, items):
+        return ast.BoolLit(self._span(meta), True)
+
+    @v_args(meta=True)
+    def false_lit(self, meta, items):
+        return ast.BoolLit(self._span(meta), False)
+
+    @v_args(meta=True)
+    def tuple_lit(self, meta, items):
+        return ast.TupleLit(self._span(meta), tuple(i for i in items if i is not None))
+
+    @v_args(meta=True)
+    def list_lit(self, meta, items):
+        return ast.ListLit(self._span(meta), tuple(i for i in items if i is not None))
+
+    @v_args(meta=True)
+    def cast(self, meta, items):
+        return ast.Cast(self._span(meta), items[0], items[1])
+
+    @v_args(meta=True)
+    def for_expr(self, meta, items):
+        var, lo, hi, *rest = items
+        body = rest[-1]
+        carries = tuple(c for c in rest[:-1] if c is not None)
+        start, stop = (None, lo) if hi is None else (lo, hi)
+        return ast.For(self._span(meta), str(var), start, stop, carries, body[0], body[1])
+
+    @v_args(meta=True)
+    def carry(self, meta, items):
+        return ast.Carry(str(items[0]), items[1], self._span(meta))
+
+    def body(self, items):
+        *stmts, result = items
+        return tuple(s for s in stmts if isinstance(s, ast.Stmt)), result

@@ -1,0 +1,191 @@
+"""The type system: dtypes, tensors with integer or symbolic dims, structs, tuples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+Dim = int | str
+"""A dimension: a static size, or a symbolic name such as `B` (also derived names like `B+D`)."""
+
+
+class DType(Enum):
+    BOOL = "bool"
+    I32 = "i32"
+    F32 = "f32"
+    F64 = "f64"
+
+    @property
+    def is_float(self) -> bool:
+        return self in (DType.F32, DType.F64)
+
+    @property
+    def is_int(self) -> bool:
+        return self is DType.I32
+
+    @property
+    def rank(self) -> int:
+        return _DTYPE_ORDER.index(self)
+
+
+_DTYPE_ORDER = [DType.BOOL, DType.I32, DType.F32, DType.F64]
+
+
+def promote(a: DType, b: DType) -> DType:
+    """The dtype of a binary arithmetic op: the larger of the two in bool < i32 < f32 < f64."""
+    return a if a.rank >= b.rank else b
+
+
+class Type:
+    """Base of all types."""
+
+
+@dataclass(frozen=True)
+class TensorType(Type):
+    """A tensor; `shape == ()` is a scalar."""
+
+    dtype: DType
+    shape: tuple[Dim, ...] = ()
+
+    def __str__(self) -> str:
+        if not self.shape:
+            return self.dtype.value
+        return f"{self.dtype.value}[{', '.join(str(d) for d in self.shape)}]"
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    def with_shape(self, shape: tuple[Dim, ...]) -> TensorType:
+        return TensorType(self.dtype, tuple(shape))
+
+    def with_dtype(self, dtype: DType) -> TensorType:
+        return TensorType(dtype, self.shape)
+
+
+@dataclass(frozen=True)
+class StructType(Type):
+    name: str
+    fields: tuple[tuple[str, Type], ...]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def field(self, name: str) -> Type | None:
+        return dict(self.fields).get(name)
+
+
+@dataclass(frozen=True)
+class TupleType(Type):
+    elems: tuple[Type, ...]
+
+    def __str__(self) -> str:
+        return "(" + ", ".join(str(e) for e in self.elems) + ")"
+
+
+@dataclass(frozen=True)
+class NamedType(Type):
+    """A reference to a struct by name, before name resolution."""
+
+    name: str
+    bindings: tuple[tuple[str, Dim], ...] = ()
+
+    def __str__(self) -> str:
+        if not self.bindings:
+            return self.name
+        return f"{self.name}[{', '.join(f'{k}={v}' for k, v in self.bindings)}]"
+
+
+@dataclass(frozen=True)
+class ListType(Type):
+    """The type of a list literal (`[a, b]`); only builtins consume lists."""
+
+    elems: tuple[Type, ...]
+
+    def __str__(self) -> str:
+        return "[" + ", ".join(str(e) for e in self.elems) + "]"
+
+
+class _Special(Type):
+    def __init__(self, text: str):
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+UNKNOWN = _Special("?")
+"""The type of a value before type checking."""
+
+ERROR = _Special("<error>")
+"""The type of a value whose computation already produced a diagnostic (suppresses cascades)."""
+
+
+def scalar(dtype: DType) -> TensorType:
+    return TensorType(dtype, ())
+
+
+def type_dims(t: Type) -> list[str]:
+    """Symbolic dim names appearing in a type, in order of first appearance."""
+    out: list[str] = []
+
+    def visit(x: Type) -> None:
+        if isinstance(x, TensorType):
+            for d in x.shape:
+                if isinstance(d, str) and d not in out:
+                    out.append(d)
+        elif isinstance(x, StructType):
+            for _, f in x.fields:
+                visit(f)
+        elif isinstance(x, (TupleType, ListType)):
+            for e in x.elems:
+                visit(e)
+
+    visit(t)
+    return out
+
+
+def substitute_dims(t: Type, env: dict[str, Dim]) -> Type:
+    """Replace symbolic dims by their bindings in `env`."""
+    if isinstance(t, TensorType):
+        return t.with_shape(tuple(env.get(d, d) if isinstance(d, str) else d for d in t.shape))
+    if isinstance(t, StructType):
+        return StructType(t.name, tuple((n, substitute_dims(f, env)) for n, f in t.fields))
+    if isinstance(t, TupleType):
+        return TupleType(tuple(substitute_dims(e, env) for e in t.elems))
+    return t
+
+
+def is_float_tree(t: Type) -> bool:
+    """True when every leaf of `t` is a floating-point tensor (differentiable)."""
+    if isinstance(t, TensorType):
+        return t.dtype.is_float
+    if isinstance(t, StructType):
+        return all(is_float_tree(f) for _, f in t.fields)
+    if isinstance(t, TupleType):
+        return all(is_float_tree(e) for e in t.elems)
+    return False
+
+
+def type_to_json(t: Type) -> object:
+    """A JSON-able description of a (resolved) type, used by artifact headers."""
+    if isinstance(t, TensorType):
+        return {"dtype": t.dtype.value, "shape": list(t.shape)}
+    if isinstance(t, StructType):
+        return {"struct": t.name, "fields": {n: type_to_json(f) for n, f in t.fields}}
+    if isinstance(t, TupleType):
+        return {"tuple": [type_to_json(e) for e in t.elems]}
+    raise TypeError(f"type {t} has no JSON form")
+
+
+def type_from_json(j: object) -> Type:
+    """Inverse of `type_to_json`."""
+    assert isinstance(j, dict)
+    if "dtype" in j:
+        return TensorType(DType(j["dtype"]), tuple(j["shape"]))
+    if "struct" in j:
+        return StructType(j["struct"], tuple((n, type_from_json(f)) for n, f in j["fields"].items()))
+    return TupleType(tuple(type_from_json(e) for e in j["tuple"]))

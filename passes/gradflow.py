@@ -1,0 +1,161 @@
+"""Gradient-flow analysis: which values carry gradient from which `wrt` parameters.
+
+A value carries gradient for parameter `p` of a differentiated export when it depends on `p`
+through differentiable ops (forward) and it reaches the objective through differentiable ops
+(backward). Ops with the `zero_grad` trait and integer / bool values stop the flow. Calls use
+per-function summaries. Later passes (estimator choice) read these facts; here they also
+produce a warning when a `wrt` parameter can never receive a nonzero gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from functools import cache
+
+from gradlang.diagnostics import Diagnostics
+from gradlang.ir import Function, Module, Op, Region, Value, walk
+from gradlang.ops import OPS
+from gradlang.types import ERROR, is_float_tree
+
+
+@dataclass(frozen=True)
+class GradFlowFacts:
+    export: str
+    function: str
+    wrt: tuple[str, ...]
+    carries: dict[Value, frozenset[str]] = field(compare=False)
+    """Values of `function` (at every nesting level) mapped to the wrt names they carry."""
+    zero: tuple[str, ...] = ()
+    """wrt names whose gradient is identically zero."""
+
+
+def _blocks(op: Op, value: Value) -> bool:
+    return "zero_grad" in OPS[op.name].traits or value.type is ERROR or not is_float_tree(value.type)
+
+
+class _Analysis:
+    def __init__(self, module: Module):
+        self.module = module
+        self.summary = cache(self._summary)
+
+    def _summary(self, fn_name: str) -> tuple[bool, ...]:
+        """For each parameter of fn: does the result depend on it differentiably?"""
+        fn = self.module.function(fn_name)
+        taint = self.forward(fn, {p.value: frozenset({p.name}) for p in fn.params})
+        reached = taint.get(fn.body.results[0], frozenset())
+        return tuple(p.name in reached for p in fn.params)
+
+    def forward(self, fn: Function, seeds: dict[Value, frozenset[str]]) -> dict[Value, frozenset[str]]:
+        taint = dict(seeds)
+        self._forward_region(fn.body, taint)
+        return taint
+
+    def _forward_region(self, region: Region, taint: dict[Value, frozenset[str]]) -> None:
+        empty: frozenset[str] = frozenset()
+        for op in region.ops:
+            if op.name == "for":
+                body = op.regions[0]
+                carries = [taint.get(v, empty) for v in op.operands]
+                while True:
+                    for arg, t in zip(body.args[1:], carries):
+                        taint[arg] = t
+                    self._forward_region(body, taint)
+                    new = [c | taint.get(r, empty) for c, r in zip(carries, body.results)]
+                    if new == carries:
+                        break
+                    carries = new
+                for r, t in zip(op.results, carries):
+                    taint[r] = t if is_float_tree(r.type) else empty
+                continue
+            for r in op.regions:
+                self._forward_region(r, taint)
+            if op.name == "call_fn":
+                flows = self.summary(op.params.callee)
+                incoming = [taint.get(v, empty) for v, f in zip(op.operands, flows) if f]
+            elif op.name == "if":
+                incoming = [taint.get(r.results[0], empty) for r in op.regions]
+            else:
+                incoming = [taint.get(v, empty) for v in op.operands]
+            union = frozenset().union(*incoming)
+            for r in op.results:
+                taint[r] = empty if _blocks(op, r) else union
+
+    def backward(self, fn: Function) -> set[Value]:
+        """Values that reach the result through differentiable ops (fixpoint over the body)."""
+        reach: set[Value] = set(fn.body.results)
+        while True:
+            before = len(reach)
+            self._backward_region(fn.body, reach)
+            if len(reach) == before:
+                return reach
+
+    def _backward_region(self, region: Region, reach: set[Value]) -> None:
+        for op in reversed(region.ops):
+            live = [r for r in op.results if r in reach and not _blocks(op, r)]
+            if not live:
+                continue
+            if op.name == "for":
+                body = op.regions[0]
+                for i, r in enumerate(op.results):
+                    if r in reach:
+                        reach.update((body.results[i], op.operands[i]))
+                    if body.args[i + 1] in reach:
+                        reach.add(op.operands[i])
+                self._backward_region(body, reach)
+            elif op.name == "if":
+                for r in op.regions:
+                    reach.update(r.results)
+                    self._backward_region(r, reach)
+            elif op.name == "call_fn":
+                flows = self.summary(op.params.callee)
+                reach.update(v for v, f in zip(op.operands, flows) if f)
+            else:
+                reach.update(op.operands)
+
+
+@dataclass(frozen=True)
+class GradFlow:
+    """The gradient-flow analysis pass (adds facts, leaves the IR unchanged)."""
+
+    name: str = "gradflow"
+    checks_only: bool = True
+
+    def run(self, module: Module, diags: Diagnostics) -> Module:
+        analysis = _Analysis(module)
+        facts: list[GradFlowFacts] = []
+        notes: dict[Value, str] = {}
+        for export in module.exports:
+            t = export.transform
+            fn = module.function(t.fn)
+            if t.kind == "fn" or fn is None:
+                continue
+            seeds = {p.value: frozenset({p.name}) for p in fn.params if p.name in t.wrt}
+            taint = analysis.forward(fn, seeds)
+            reach = analysis.backward(fn)
+            carries = {v: taint[v] for v in taint if v in reach and taint[v]}
+            result = carries.get(fn.body.results[0], frozenset())
+            zero = tuple(n for n in t.wrt if n not in result)
+            for name, span in zip(t.wrt, t.wrt_spans):
+                if name in zero and fn.body.results[0].type is not ERROR:
+                    diags.warning(f"the gradient of '{fn.name}' with respect to '{name}' is always "
+                                  f"zero: '{name}' does not reach the result through "
+                                  f"differentiable operations", span)
+            facts.append(GradFlowFacts(export.name, fn.name, t.wrt, carries, zero))
+            for v, names in carries.items():
+                notes[v] = "grad: " + ", ".join(sorted(names | _names(notes.get(v))))
+        return replace(module, facts=module.facts | {"gradflow": tuple(facts),
+                                                     "gradflow_notes": notes})
+
+
+def _names(note: str | None) -> frozenset[str]:
+    return frozenset(note.removeprefix("grad: ").split(", ")) if note else frozenset()
+
+
+def values_of(fn: Function) -> list[Value]:
+    """Every value of fn (parameters, op results, region arguments), for tests and tools."""
+    out = [p.value for p in fn.params]
+    for op in walk(fn.body):
+        out.extend(op.results)
+        for r in op.regions:
+            out.extend(r.args)
+    return out

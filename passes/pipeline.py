@@ -1,0 +1,64 @@
+"""The pass pipeline: one list, a registry by name, and a runner that stops on errors.
+
+A pipeline can be written as text, `resolve,typecheck,gradflow`. Each pass is a frozen
+dataclass with a `name` and `run(module, diags) -> module`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from gradlang.diagnostics import Diagnostics
+from gradlang.ir import Module
+from gradlang.verifier import verify_module
+
+from .gradflow import GradFlow
+from .resolve import Resolve
+from .typecheck import Typecheck
+
+
+class Pass(Protocol):
+    name: str
+    checks_only: bool
+    """True for passes that only check and annotate; they still run after earlier errors."""
+
+    def run(self, module: Module, diags: Diagnostics) -> Module: ...
+
+
+PIPELINE: tuple[Pass, ...] = (Resolve(), Typecheck(), GradFlow())
+PASSES: dict[str, Pass] = {p.name: p for p in PIPELINE}
+
+_VERIFY_AFTER = {"resolve": {"resolved": True}, "typecheck": {"resolved": True, "typed": True},
+                 "gradflow": {"resolved": True, "typed": True}}
+
+
+def parse_pipeline(text: str) -> tuple[Pass, ...]:
+    """`"resolve,typecheck"` -> the passes; unknown names raise ValueError."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PASSES]
+    if unknown:
+        raise ValueError(f"unknown pass {unknown[0]!r}; passes: {', '.join(PASSES)}")
+    return tuple(PASSES[n] for n in names)
+
+
+def run_pipeline(module: Module, diags: Diagnostics, passes: tuple[Pass, ...] = PIPELINE,
+                 after: Callable[[str, Module], None] | None = None,
+                 verify: bool = True) -> Module:
+    """Run passes in order. Once an error is reported, only checking passes still run (so one
+    run reports resolution and type errors together); rewriting passes do not.
+
+    `after(name, module)` is called after each error-free pass (for --print-after). The verifier
+    runs after each error-free pass when `verify` is set.
+    """
+    for p in passes:
+        if diags.has_errors and not p.checks_only:
+            break
+        module = p.run(module, diags)
+        if diags.has_errors:
+            continue
+        if verify:
+            verify_module(module, **_VERIFY_AFTER.get(p.name, {}))
+        if after is not None:
+            after(p.name, module)
+    return module

@@ -1,0 +1,526 @@
+"""Type and shape checking: give every value its type, or report why it has none.
+
+One rule per op in `RULES`. Literals are weakly typed (as in JAX): `x * 2` keeps the dtype of
+`x`. Symbolic dims broadcast only against themselves or 1. Calls unify the callee's declared
+signature with the argument types. A value whose computation failed gets the ERROR type, which
+silences the errors that would follow from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from functools import reduce
+from typing import Callable
+
+from gradlang import ops as O
+from gradlang.diagnostics import Diagnostics
+from gradlang.ir import Function, Module, Op, Region, Value
+from gradlang.shapes import (ShapeError, add_dims, broadcast, normalize_axis, reshape, show,
+                             sub_dims, unify)
+from gradlang.types import (ERROR, DType, StructType, TensorType, TupleType, Type, promote,
+                            is_float_tree, scalar, substitute_dims)
+
+
+class _Ctx:
+    def __init__(self, module: Module):
+        self.module = module
+        self.weak: set[Value] = set()
+        self.structs = {s.name: StructType(s.name, s.fields) for s in module.structs}
+
+
+Rule = Callable[[_Ctx, Op, list[Value]], "Type | tuple[Type, ...]"]
+
+
+def _tensor(v: Value, what: str = "operand") -> TensorType:
+    if not isinstance(v.type, TensorType):
+        raise ShapeError(f"{what} must be a tensor, got {v.type}")
+    return v.type
+
+
+def _numeric(v: Value, what: str = "operand") -> TensorType:
+    t = _tensor(v, what)
+    if t.dtype is DType.BOOL:
+        raise ShapeError(f"{what} must be numeric, got {t}")
+    return t
+
+
+def _float_dtype(d: DType) -> DType:
+    return d if d.is_float else DType.F32
+
+
+def _promote_values(ctx: _Ctx, values: list[Value]) -> DType:
+    """Result dtype of combining tensors: strong dtypes promote; weak literals adapt."""
+    strong = [v.type.dtype for v in values if v not in ctx.weak]
+    weak = [v.type.dtype for v in values if v in ctx.weak]
+    if not strong:
+        return reduce(promote, weak)
+    dtype = reduce(promote, strong)
+    if not dtype.is_float and any(d.is_float for d in weak):
+        return DType.F32
+    return dtype
+
+
+# ---- rules
+
+
+def _const(ctx, op, args):
+    return scalar(op.params.dtype)
+
+
+def _unary_float(ctx, op, args):
+    t = _numeric(args[0])
+    return t.with_dtype(_float_dtype(t.dtype))
+
+
+def _unary_same(ctx, op, args):
+    return _numeric(args[0])
+
+
+def _not(ctx, op, args):
+    t = _tensor(args[0])
+    if t.dtype is not DType.BOOL:
+        raise ShapeError(f"'not' needs a bool operand, got {t}")
+    return t
+
+
+def _arith(ctx, op, args):
+    ts = [_numeric(a) for a in args]
+    dtype = _promote_values(ctx, args)
+    if op.name == "div":
+        dtype = _float_dtype(dtype)
+    return TensorType(dtype, broadcast(*(t.shape for t in ts)))
+
+
+def _compare(ctx, op, args):
+    ts = [_tensor(a) for a in args]
+    if op.name not in ("eq", "ne"):
+        for a in args:
+            _numeric(a)
+    return TensorType(DType.BOOL, broadcast(*(t.shape for t in ts)))
+
+
+def _logic(ctx, op, args):
+    ts = [_tensor(a) for a in args]
+    for t in ts:
+        if t.dtype is not DType.BOOL:
+            raise ShapeError(f"'{op.name}' needs bool operands, got {t}")
+    return TensorType(DType.BOOL, broadcast(*(t.shape for t in ts)))
+
+
+def _where(ctx, op, args):
+    c, x, y = (_tensor(a) for a in args)
+    if c.dtype is not DType.BOOL:
+        raise ShapeError(f"the condition of where must be bool, got {c}")
+    return TensorType(_promote_values(ctx, args[1:]), broadcast(c.shape, x.shape, y.shape))
+
+
+def _clip(ctx, op, args):
+    ts = [_numeric(a) for a in args]
+    return TensorType(_promote_values(ctx, args), broadcast(*(t.shape for t in ts)))
+
+
+def _same(ctx, op, args):
+    return _tensor(args[0])
+
+
+def _cast(ctx, op, args):
+    return _tensor(args[0]).with_dtype(op.params.dtype)
+
+
+def _reduce(ctx, op, args):
+    t = _numeric(args[0])
+    p: O.ReduceParams = op.params
+    axes = range(t.rank) if p.axis is None else [normalize_axis(a, t.rank) for a in p.axis]
+    if len(set(axes)) != len(list(axes)):
+        raise ShapeError(f"repeated axis in {list(p.axis or ())}")
+    shape = tuple((1 if i in axes else d) for i, d in enumerate(t.shape) if p.keepdims or i not in axes)
+    dtype = _float_dtype(t.dtype) if op.name in ("mean", "var", "logsumexp") else t.dtype
+    return TensorType(dtype, shape)
+
+
+def _contract(a: TensorType, b: TensorType, da, db) -> None:
+    if da != db:
+        raise ShapeError(f"contracted dimensions differ: {a} and {b} ({da} vs {db})")
+
+
+def _matmul(ctx, op, args):
+    a, b = _numeric(args[0], "left operand of @"), _numeric(args[1], "right operand of @")
+    if a.rank == 0 or b.rank == 0:
+        raise ShapeError(f"@ needs tensors of rank >= 1, got {a} and {b}")
+    dtype = _promote_values(ctx, args)
+    _contract(a, b, a.shape[-1], b.shape[0] if b.rank == 1 else b.shape[-2])
+    if a.rank == 1 and b.rank == 1:
+        return TensorType(dtype, ())
+    if b.rank == 1:
+        return TensorType(dtype, a.shape[:-1])
+    if a.rank == 1:
+        return TensorType(dtype, b.shape[:-2] + b.shape[-1:])
+    batch = broadcast(a.shape[:-2], b.shape[:-2])
+    return TensorType(dtype, batch + (a.shape[-2], b.shape[-1]))
+
+
+def _dot(ctx, op, args):
+    a, b = _numeric(args[0]), _numeric(args[1])
+    if a.rank != 1 or b.rank != 1:
+        raise ShapeError(f"dot needs two vectors, got {a} and {b}; use @ for matrices")
+    _contract(a, b, a.shape[0], b.shape[0])
+    return TensorType(_promote_values(ctx, args), ())
+
+
+def _outer(ctx, op, args):
+    a, b = _numeric(args[0]), _numeric(args[1])
+    if a.rank != 1 or b.rank != 1:
+        raise ShapeError(f"outer needs two vectors, got {a} and {b}")
+    return TensorType(_promote_values(ctx, args), (a.shape[0], b.shape[0]))
+
+
+def _square(t: TensorType, what: str) -> None:
+    if t.rank != 2 or t.shape[0] != t.shape[1] or not t.dtype.is_float:
+        raise ShapeError(f"{what} needs a square float matrix, got {t}")
+
+
+def _solve(ctx, op, args):
+    a, b = _tensor(args[0]), _tensor(args[1])
+    _square(a, "solve")
+    if b.rank not in (1, 2) or b.shape[0] != a.shape[0]:
+        raise ShapeError(f"solve: right-hand side {b} does not match matrix {a}")
+    return TensorType(_promote_values(ctx, args), b.shape)
+
+
+def _cholesky(ctx, op, args):
+    a = _tensor(args[0])
+    _square(a, "cholesky")
+    return a
+
+
+def _reshape(ctx, op, args):
+    t = _tensor(args[0])
+    return t.with_shape(reshape(t.shape, op.params.shape))
+
+
+def _broadcast_to(ctx, op, args):
+    t = _tensor(args[0])
+    target = op.params.shape
+    if broadcast(t.shape, target) != tuple(target):
+        raise ShapeError(f"cannot broadcast {t} to {show(target)}")
+    return t.with_shape(target)
+
+
+def _transpose(ctx, op, args):
+    t = _tensor(args[0])
+    axes = op.params.axes
+    perm = tuple(reversed(range(t.rank))) if axes is None else tuple(
+        normalize_axis(a, t.rank) for a in axes)
+    if sorted(perm) != list(range(t.rank)):
+        raise ShapeError(f"transpose axes {list(axes)} are not a permutation of the {t.rank} axes of {t}")
+    return t.with_shape(tuple(t.shape[i] for i in perm))
+
+
+def _join(ctx, op, args):
+    ts = [_tensor(a) for a in args]
+    dtype = _promote_values(ctx, args)
+    first = ts[0]
+    if op.name == "stack":
+        if any(t.shape != first.shape for t in ts):
+            raise ShapeError("stack needs tensors of one shape, got " + ", ".join(map(str, ts)))
+        axis = normalize_axis(op.params.axis, first.rank + 1)
+        return TensorType(dtype, first.shape[:axis] + (len(ts),) + first.shape[axis:])
+    if first.rank == 0:
+        raise ShapeError("concat needs tensors of rank >= 1")
+    axis = normalize_axis(op.params.axis, first.rank)
+    size = first.shape[axis]
+    for t in ts[1:]:
+        if t.rank != first.rank or any(d != e for i, (d, e) in enumerate(zip(t.shape, first.shape))
+                                       if i != axis):
+            raise ShapeError(f"concat along axis {axis}: {t} does not match {first}")
+        size = add_dims(size, t.shape[axis])
+    return TensorType(dtype, first.shape[:axis] + (size,) + first.shape[axis + 1:])
+
+
+def _filled(ctx, op, args):
+    if op.name == "full":
+        v = _tensor(args[0], "value of full")
+        if v.rank != 0:
+            raise ShapeError(f"the value of full must be a scalar, got {v}")
+        return TensorType(v.dtype, op.params.shape)
+    return TensorType(DType.F32, op.params.shape)
+
+
+def _arange(ctx, op, args):
+    p: O.ArangeParams = op.params
+    n = p.start if p.stop is None else sub_dims(p.stop, p.start)
+    if isinstance(n, int) and n < 0:
+        raise ShapeError(f"arange({p.start}, {p.stop}) is empty: stop is below start")
+    return TensorType(DType.I32, (n,))
+
+
+def _eye(ctx, op, args):
+    return TensorType(DType.F32, (op.params.n, op.params.n))
+
+
+def _softmax(ctx, op, args):
+    t = _numeric(args[0])
+    if t.rank == 0:
+        raise ShapeError(f"{op.name} needs a tensor of rank >= 1")
+    normalize_axis(op.params.axis, t.rank)
+    return t.with_dtype(_float_dtype(t.dtype))
+
+
+def _one_hot(ctx, op, args):
+    t = _tensor(args[0])
+    if not t.dtype.is_int:
+        raise ShapeError(f"one_hot needs integer labels, got {t}")
+    return TensorType(DType.F32, t.shape + (op.params.num_classes,))
+
+
+def _cross_entropy(ctx, op, args):
+    logits, labels = _numeric(args[0], "logits"), _tensor(args[1], "labels")
+    if logits.rank == 0 or not logits.dtype.is_float:
+        raise ShapeError(f"cross_entropy needs float logits of rank >= 1, got {logits}")
+    if labels.dtype.is_int:
+        if labels.shape != logits.shape[:-1]:
+            raise ShapeError(f"integer labels must have shape {show(logits.shape[:-1])} for "
+                             f"logits {logits}, got {labels}")
+    elif labels.dtype.is_float:
+        if labels.shape != logits.shape:
+            raise ShapeError(f"probability labels must have the shape of logits {logits}, got {labels}")
+    else:
+        raise ShapeError(f"labels must be integer classes or probabilities, got {labels}")
+    return TensorType(logits.dtype, ())
+
+
+def _mse(ctx, op, args):
+    ts = [_numeric(a) for a in args]
+    broadcast(*(t.shape for t in ts))
+    return TensorType(_float_dtype(_promote_values(ctx, args)), ())
+
+
+def _index(ctx, op, args):
+    t = _tensor(args[0], "indexed value")
+    items: tuple[O.IndexItem, ...] = op.params.items
+    if len(items) > t.rank:
+        raise ShapeError(f"too many indices ({len(items)}) for {t}")
+    for v in args[1:]:
+        i = _tensor(v, "index")
+        if i.rank != 0 or not i.dtype.is_int:
+            raise ShapeError(f"an index must be an i32 scalar, got {i}")
+    shape: list = []
+    for item, d in zip(items, t.shape):
+        if item.kind == "int":
+            if isinstance(d, int) and not -d <= item.index < d:
+                raise ShapeError(f"index {item.index} is out of bounds for a dimension of size {d}")
+        elif item.kind == "slice":
+            if isinstance(d, int):
+                shape.append(len(range(*slice(item.start, item.stop, item.step).indices(d))))
+            elif (item.start, item.stop, item.step) == (None, None, None):
+                shape.append(d)
+            elif item.stop is None and item.step is None and item.start >= 0:
+                shape.append(sub_dims(d, item.start))
+            else:
+                shape.append(f"{d}[{item}]")
+    return t.with_shape(tuple(shape) + t.shape[len(items):])
+
+
+def _tuple(ctx, op, args):
+    return TupleType(tuple(a.type for a in args))
+
+
+def _get(ctx, op, args):
+    t = args[0].type
+    p: O.GetParams = op.params
+    if not isinstance(t, TupleType):
+        raise ShapeError(f"cannot destructure a value of type {t}: it is not a tuple")
+    if len(t.elems) != p.of:
+        raise ShapeError(f"cannot destructure a tuple of {len(t.elems)} elements into {p.of} names")
+    return t.elems[p.index]
+
+
+def _getfield(ctx, op, args):
+    t = args[0].type
+    name = op.params.name
+    if not isinstance(t, StructType):
+        raise ShapeError(f"value of type {t} has no fields (looking for '.{name}')")
+    field = t.field(name)
+    if field is None:
+        raise ShapeError(f"struct {t.name} has no field '{name}' (fields: "
+                         f"{', '.join(n for n, _ in t.fields)})")
+    return field
+
+
+def _struct_new(ctx, op, args):
+    st = ctx.structs[op.params.name]
+    env: dict = {}
+    for (name, ftype), a in zip(st.fields, args):
+        problem = unify(ftype, _weak_as(ctx, a, ftype), env)
+        if problem:
+            raise ShapeError(f"field '{name}' of {st.name}: {problem}")
+    return substitute_dims(st, env)
+
+
+def _call_fn(ctx, op, args):
+    fn = ctx.module.function(op.params.callee)
+    env: dict = {}
+    for p, a in zip(fn.params, args):
+        problem = unify(p.value.type, _weak_as(ctx, a, p.value.type), env)
+        if problem:
+            raise ShapeError(f"argument '{p.name}' of '{fn.name}': {problem}")
+    return substitute_dims(fn.result_type, env)
+
+
+def _dim(ctx, op, args):
+    return scalar(DType.I32)
+
+
+def _weak_as(ctx: _Ctx, v: Value, expected: Type) -> Type:
+    """A weak scalar literal takes the dtype that is expected of it."""
+    if v in ctx.weak and isinstance(expected, TensorType) and isinstance(v.type, TensorType):
+        if expected.dtype.is_float or v.type.dtype is expected.dtype:
+            return v.type.with_dtype(expected.dtype)
+    return v.type
+
+
+RULES: dict[str, Rule] = {
+    "const": _const, "dim": _dim, "tuple": _tuple, "get": _get, "getfield": _getfield,
+    "struct_new": _struct_new, "call_fn": _call_fn,
+    **{n: _unary_float for n in O.UNARY_FLOAT.split()},
+    **{n: _unary_same for n in O.UNARY_SAME.split()},
+    "not": _not,
+    **{n: _arith for n in O.BINARY_ARITH.split()},
+    **{n: _compare for n in O.COMPARE.split()},
+    **{n: _logic for n in O.LOGIC.split()},
+    "where": _where, "clip": _clip, "stop_gradient": _same, "cast": _cast,
+    **{n: _reduce for n in O.REDUCE.split()},
+    "matmul": _matmul, "dot": _dot, "outer": _outer, "solve": _solve, "cholesky": _cholesky,
+    "reshape": _reshape, "broadcast_to": _broadcast_to, "transpose": _transpose,
+    "concat": _join, "stack": _join, "zeros": _filled, "ones": _filled, "full": _filled,
+    "arange": _arange, "eye": _eye, "softmax": _softmax, "log_softmax": _softmax,
+    "one_hot": _one_hot, "cross_entropy": _cross_entropy, "mse": _mse, "index": _index,
+}
+
+
+@dataclass(frozen=True)
+class Typecheck:
+    """The type and shape checking pass."""
+
+    name: str = "typecheck"
+    checks_only: bool = True
+
+    def run(self, module: Module, diags: Diagnostics) -> Module:
+        ctx = _Ctx(module)
+        functions = tuple(_FunctionChecker(ctx, fn, diags).run() for fn in module.functions)
+        module = replace(module, functions=functions)
+        _check_exports(module, diags)
+        return module
+
+
+def _check_exports(module: Module, diags: Diagnostics) -> None:
+    for export in module.exports:
+        t = export.transform
+        fn = module.function(t.fn)
+        if fn is None or t.kind == "fn":
+            continue
+        r = fn.result_type
+        if not (isinstance(r, TensorType) and r.rank == 0 and r.dtype.is_float):
+            diags.error(f"{t.kind} needs a function that returns a float scalar; '{fn.name}' "
+                        f"returns {r}", export.fn_span)
+        for name, span in zip(t.wrt, t.wrt_spans):
+            p = fn.param(name)
+            if p is not None and not is_float_tree(p.value.type):
+                diags.error(f"cannot differentiate with respect to '{name}' of type "
+                            f"{p.value.type}: only float tensors (or structs of them) have "
+                            f"gradients", span)
+
+
+class _FunctionChecker:
+    def __init__(self, ctx: _Ctx, fn: Function, diags: Diagnostics):
+        self.ctx = ctx
+        self.fn = fn
+        self.diags = diags
+        self.env: dict[Value, Value] = {p.value: p.value for p in fn.params}
+
+    def run(self) -> Function:
+        body = self.region(self.fn.body, ())
+        (result,) = body.results
+        if result.type is not ERROR:
+            env: dict = {}
+            problem = unify(self.fn.result_type, _weak_as(self.ctx, result, self.fn.result_type), env)
+            if problem:
+                self.diags.error(f"'{self.fn.name}' is declared to return {self.fn.result_type} "
+                                 f"but returns {result.type}", self.fn.result_span)
+        return replace(self.fn, body=body)
+
+    def new(self, old: Value, t: Type) -> Value:
+        v = old.retyped(t)
+        self.env[old] = v
+        return v
+
+    def region(self, region: Region, arg_types: tuple[Type, ...]) -> Region:
+        args = tuple(self.new(a, t) for a, t in zip(region.args, arg_types))
+        ops = tuple(self.op(op) for op in region.ops)
+        return Region(args, ops, tuple(self.env[r] for r in region.results))
+
+    def op(self, op: Op) -> Op:
+        args = [self.env[v] for v in op.operands]
+        if op.name == "if":
+            return self.if_op(op, args)
+        if op.name == "for":
+            return self.for_op(op, args)
+        types: tuple[Type, ...]
+        if op.name == "error" or any(a.type is ERROR for a in args):
+            types = (ERROR,) * len(op.results)
+        else:
+            try:
+                t = RULES[op.name](self.ctx, op, args)
+                types = t if isinstance(t, tuple) else (t,)
+            except ShapeError as exc:
+                self.diags.error(str(exc), op.span)
+                types = (ERROR,) * len(op.results)
+        results = tuple(self.new(r, t) for r, t in zip(op.results, types))
+        if op.name == "const" or (op.name in _WEAK_PROPAGATING and args
+                                  and all(a in self.ctx.weak for a in args)):
+            self.ctx.weak.update(results)
+        return replace(op, operands=tuple(args), results=results)
+
+    def if_op(self, op: Op, args: list[Value]) -> Op:
+        then, orelse = (self.region(r, ()) for r in op.regions)
+        (a,), (b,) = then.results, orelse.results
+        cond = args[0].type
+        result: Type = ERROR
+        if ERROR not in (cond, a.type, b.type):
+            try:
+                result = self._if_type(args[0], a, b)
+            except ShapeError as exc:
+                self.diags.error(str(exc), op.span)
+        results = (self.new(op.results[0], result),)
+        return replace(op, operands=tuple(args), results=results, regions=(then, orelse))
+
+    def _if_type(self, c: Value, a: Value, b: Value) -> Type:
+        ct = _tensor(c, "condition of if")
+        if ct.dtype is not DType.BOOL:
+            raise ShapeError(f"the condition of if must be bool, got {ct}")
+        if isinstance(a.type, TensorType) and isinstance(b.type, TensorType):
+            shape = broadcast(ct.shape, a.type.shape, b.type.shape)
+            return TensorType(_promote_values(self.ctx, [a, b]), shape)
+        if ct.rank != 0:
+            raise ShapeError("an if with a tensor condition needs tensor branches")
+        if a.type != b.type:
+            raise ShapeError(f"the branches of if have different types: {a.type} and {b.type}")
+        return a.type
+
+    def for_op(self, op: Op, args: list[Value]) -> Op:
+        p: O.ForParams = op.params
+        carry_types = tuple(a.type for a in args)
+        body = self.region(op.regions[0], (scalar(DType.I32),) + carry_types)
+        ok = all(t is not ERROR for t in carry_types)
+        for name, init, new in zip(p.carries, args, body.results):
+            if ok and new.type is not ERROR and _weak_as(self.ctx, new, init.type) != init.type:
+                self.diags.error(f"carry '{name}' starts as {init.type} but the loop body makes "
+                                 f"it {new.type}; give the initial value the same type", op.span)
+                ok = False
+        types = carry_types if ok else (ERROR,) * len(op.results)
+        results = tuple(self.new(r, t) for r, t in zip(op.results, types))
+        return replace(op, operands=tuple(args), results=results, regions=(body,))
+
+
+_WEAK_PROPAGATING = set(O.UNARY_FLOAT.split() + O.UNARY_SAME.split() + O.BINARY_ARITH.split())
+"""Ops whose result stays weakly typed when all operands are (e.g. `-1.0`, `2 * 3`)."""

@@ -1,0 +1,74 @@
+"""Portable artifacts (.gx): `jax.export` serializations of each export plus a JSON header.
+
+Layout: the magic bytes `GRADLANG-GX\\0`, a little-endian u32 header length, the UTF-8 JSON
+header, then the serialized exports back to back. The header records the gradlang version,
+the module name and, per export, its signature, offset, size and SHA-256. Never a pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import jax
+
+from .signature import Signature, casting
+
+MAGIC = b"GRADLANG-GX\0"
+FORMAT_VERSION = 1
+
+
+class ArtifactError(Exception):
+    """The file is not a readable gradlang artifact."""
+
+
+def serialize(module_name: str, version: str,
+              exports: list[tuple[Signature, Callable]],
+              dims: Mapping[str, int] | None = None) -> bytes:
+    """Export each function with `jax.export` (symbolic dims kept unless fixed in `dims`)."""
+    blobs: list[bytes] = []
+    entries = []
+    offset = 0
+    for signature, fn in exports:
+        exported = jax.export.export(jax.jit(fn))(*signature.specs(dims))
+        blob = bytes(exported.serialize())
+        entries.append({**signature.to_json(), "offset": offset, "size": len(blob),
+                        "sha256": hashlib.sha256(blob).hexdigest()})
+        blobs.append(blob)
+        offset += len(blob)
+    header = json.dumps({"format": "gradlang.gx", "format_version": FORMAT_VERSION,
+                         "gradlang_version": version, "jax_version": jax.__version__,
+                         "module": module_name, "exports": entries}, indent=1).encode()
+    return MAGIC + struct.pack("<I", len(header)) + header + b"".join(blobs)
+
+
+def read(path: str | Path) -> tuple[dict, dict[str, tuple[Signature, jax.export.Exported]]]:
+    """The header and, per export name, its signature and deserialized `Exported`."""
+    data = Path(path).read_bytes()
+    if not data.startswith(MAGIC):
+        raise ArtifactError(f"{path}: not a gradlang artifact (bad magic bytes)")
+    (n,) = struct.unpack_from("<I", data, len(MAGIC))
+    start = len(MAGIC) + 4
+    try:
+        header = json.loads(data[start:start + n])
+    except ValueError as exc:
+        raise ArtifactError(f"{path}: corrupt header: {exc}") from None
+    if header.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{path}: artifact format {header.get('format_version')} is not "
+                            f"supported (this gradlang reads format {FORMAT_VERSION})")
+    body = data[start + n:]
+    out = {}
+    for e in header["exports"]:
+        blob = body[e["offset"]:e["offset"] + e["size"]]
+        if hashlib.sha256(blob).hexdigest() != e["sha256"]:
+            raise ArtifactError(f"{path}: export '{e['name']}' is corrupt (checksum mismatch)")
+        out[e["name"]] = (Signature.from_json(e), jax.export.deserialize(bytearray(blob)))
+    return header, out
+
+
+def loaded_function(signature: Signature, exported: jax.export.Exported) -> Callable:
+    """A jitted callable of a deserialized export (arguments cast to the declared dtypes)."""
+    return jax.jit(casting(signature, exported.call))

@@ -1,0 +1,48 @@
+"""Build the JAX function of each export: the lowered function, or its (value and) gradient.
+
+`grad` and `value_and_grad` use JAX's reverse mode on the lowered function; gradients come
+back as a dict keyed by the `wrt` parameter names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+
+from gradlang.ir import Export, Module
+
+from .lower import Lowering
+from .signature import Signature, casting
+
+
+def signature_of(module: Module, export: Export) -> Signature:
+    t = export.transform
+    fn = module.function(t.fn)
+    params = tuple((p.name, p.value.type) for p in fn.params)
+    return Signature(export.name, t.kind, fn.name, params, fn.result_type, t.wrt)
+
+
+def export_function(module: Module, export: Export) -> tuple[Signature, Callable]:
+    """The signature and a JAX-traceable function of positional arguments for `export`."""
+    signature = signature_of(module, export)
+    f = Lowering(module).function(signature.function)
+    if signature.kind == "fn":
+        return signature, casting(signature, f)
+    names = [n for n, _ in signature.params]
+    wrt = signature.wrt
+    argnums = tuple(names.index(w) for w in wrt)
+    if signature.kind == "grad":
+        g = jax.grad(f, argnums=argnums)
+
+        def grad_fn(*args):
+            return dict(zip(wrt, g(*args)))
+
+        return signature, casting(signature, grad_fn)
+    vg = jax.value_and_grad(f, argnums=argnums)
+
+    def value_and_grad_fn(*args):
+        value, grads = vg(*args)
+        return value, dict(zip(wrt, grads))
+
+    return signature, casting(signature, value_and_grad_fn)

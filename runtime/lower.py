@@ -1,0 +1,127 @@
+"""Lower IR functions to JAX-traceable Python functions, one registered rule per op.
+
+The lowering never decides anything: it runs each op's rule from `LOWERINGS` and coerces
+results to the dtypes the type checker assigned. Each op is lowered inside a JAX name scope
+`file.grad:line:col`, so StableHLO locations point back at the source.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from gradlang.ir import Function, Module, Op, Region, Value
+from gradlang.types import StructType, TensorType, TupleType, Type
+
+from .rules import JNP_DTYPES, LOWERINGS
+
+
+class LoweringError(Exception):
+    """An op has no lowering rule (a compiler bug)."""
+
+
+def bind_dims(t: Type, value: Any, dims: dict[str, Any]) -> None:
+    """Record the runtime size of each symbolic dim of `t` found in `value`'s shape."""
+    if isinstance(t, TensorType):
+        for d, n in zip(t.shape, jnp.shape(value)):
+            if isinstance(d, str):
+                dims.setdefault(d, n)
+    elif isinstance(t, StructType):
+        for name, f in t.fields:
+            bind_dims(f, value[name], dims)
+    elif isinstance(t, TupleType):
+        for e, v in zip(t.elems, value):
+            bind_dims(e, v, dims)
+
+
+class _Ctx:
+    def __init__(self, lowering: Lowering, fn: Function, dims: dict[str, Any]):
+        self.lowering = lowering
+        self.fn = fn
+        self.dims = dims
+        self.env: dict[Value, Any] = {}
+        self.file = Path(fn.span.source.path).name
+
+    def dim(self, d):
+        return self.dims[d] if isinstance(d, str) else d
+
+    def shape(self, t: TensorType) -> tuple | None:
+        """The runtime shape of `t`, or None when it has derived dims (e.g. `B+D`)."""
+        if all(isinstance(d, int) or d in self.dims for d in t.shape):
+            return tuple(self.dim(d) for d in t.shape)
+        return None
+
+    def coerce(self, x: Any, t: Type) -> Any:
+        """Give a value the dtypes of `t` (weak literals and promoted results)."""
+        if isinstance(t, TensorType):
+            dtype = JNP_DTYPES[t.dtype]
+            if not hasattr(x, "dtype") or x.dtype != dtype:
+                x = jnp.asarray(x, dtype)
+        elif isinstance(t, StructType):
+            x = {n: self.coerce(x[n], f) for n, f in t.fields}
+        elif isinstance(t, TupleType):
+            x = tuple(self.coerce(v, e) for v, e in zip(x, t.elems))
+        return x
+
+    def call(self, name: str, args: tuple) -> Any:
+        return self.lowering.call(name, args)
+
+    def region(self, region: Region, args: tuple) -> tuple:
+        for v, x in zip(region.args, args):
+            self.env[v] = x
+        for op in region.ops:
+            self.op(op)
+        return tuple(self.env[v] for v in region.results)
+
+    def op(self, op: Op) -> None:
+        rule = LOWERINGS.get(op.name)
+        if rule is None:
+            raise LoweringError(f"no lowering rule for op '{op.name}'")
+        args = [self.env[v] for v in op.operands]
+        scope = f"{self.file}:{op.span.line}:{op.span.col}" if op.span else op.name
+        with jax.named_scope(scope):
+            out = rule(self, op, *args)
+        outs = out if len(op.results) > 1 else (out,)
+        for v, x in zip(op.results, outs):
+            if op.name != "const":
+                x = self.coerce(x, v.type)
+                self.check_shape(op, x, v.type)
+            self.env[v] = x
+
+    def check_shape(self, op: Op, x: Any, t: Type) -> None:
+        """The type checker predicted every shape; a mismatch is a compiler bug."""
+        if isinstance(t, TensorType):
+            shape = self.shape(t)
+            if shape is not None and tuple(x.shape) != shape:
+                raise LoweringError(f"op '{op.name}' at {op.span}: type checker predicted {t} "
+                                    f"but lowering produced shape {tuple(x.shape)}")
+
+
+class Lowering:
+    """Turns the functions of one typed module into JAX-traceable callables."""
+
+    def __init__(self, module: Module):
+        self.module = module
+
+    def call(self, name: str, args: tuple) -> Any:
+        fn = self.module.function(name)
+        dims: dict[str, Any] = {}
+        for p, a in zip(fn.params, args):
+            bind_dims(p.value.type, a, dims)
+        ctx = _Ctx(self, fn, dims)
+        for p, a in zip(fn.params, args):
+            ctx.env[p.value] = ctx.coerce(a, p.value.type)
+        (result,) = ctx.region(fn.body, ())
+        return ctx.coerce(result, fn.result_type)
+
+    def function(self, name: str):
+        """`f(*args)` computing function `name` on JAX values (structs are dicts)."""
+
+        def f(*args):
+            return self.call(name, args)
+
+        f.__name__ = name.replace(".", "_")
+        return f

@@ -1,0 +1,181 @@
+"""Lowering rules: one per IR op, IR op -> jax / lax call, kept in the `LOWERINGS` table.
+
+A rule takes the lowering context, the op and its operands' JAX values, and returns the
+result value (or a tuple of values for multi-result ops). Ops with regions (`if`, `for`)
+lower their regions through `ctx.region`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from gradlang import ops as O
+from gradlang.ir import Op
+from gradlang.types import DType, TensorType
+
+JNP_DTYPES = {DType.F32: jnp.float32, DType.F64: jnp.float64, DType.I32: jnp.int32,
+              DType.BOOL: jnp.bool_}
+
+Rule = Callable[..., Any]
+
+
+def _elementwise(fn: Callable) -> Rule:
+    return lambda ctx, op, *xs: fn(*xs)
+
+
+def _reduce(fn: Callable) -> Rule:
+    def rule(ctx, op: Op, x):
+        p: O.ReduceParams = op.params
+        return fn(x, axis=p.axis, keepdims=p.keepdims)
+
+    return rule
+
+
+def _shape(ctx, op: Op) -> tuple:
+    return tuple(ctx.dim(d) for d in op.params.shape)
+
+
+def _filled(fill: Callable) -> Rule:
+    return lambda ctx, op: fill(_shape(ctx, op), jnp.float32)
+
+
+def _full(ctx, op, value):
+    return jnp.full(_shape(ctx, op), value, JNP_DTYPES[op.result.type.dtype])
+
+
+def _arange(ctx, op):
+    p: O.ArangeParams = op.params
+    if p.stop is None:
+        return jnp.arange(ctx.dim(p.start), dtype=jnp.int32)
+    return jnp.arange(ctx.dim(p.start), ctx.dim(p.stop), dtype=jnp.int32)
+
+
+def _cross_entropy(ctx, op, logits, labels):
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    if jnp.issubdtype(labels.dtype, jnp.integer):
+        picked = jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+        return -jnp.mean(picked)
+    return -jnp.mean(jnp.sum(labels * logp, axis=-1))
+
+
+def _index(ctx, op: Op, x, *dynamic):
+    dyn = iter(dynamic)
+    key = []
+    for item in op.params.items:
+        if item.kind == "int":
+            key.append(item.index)
+        elif item.kind == "dynamic":
+            key.append(next(dyn))
+        else:
+            key.append(slice(item.start, item.stop, item.step))
+    return x[tuple(key)]
+
+
+def _if(ctx, op: Op, cond):
+    then, orelse = op.regions
+    rtype = op.result.type
+    if isinstance(rtype, TensorType) and getattr(cond, "ndim", 0) > 0:
+        a = ctx.region(then, ())[0]
+        b = ctx.region(orelse, ())[0]
+        return jnp.where(cond, a, b)
+
+    def branch(region):
+        def run():
+            x = ctx.coerce(ctx.region(region, ())[0], rtype)
+            return jnp.broadcast_to(x, ctx.shape(rtype)) if isinstance(rtype, TensorType) else x
+
+        return run
+
+    return lax.cond(cond, branch(then), branch(orelse))
+
+
+def _for(ctx, op: Op, *inits):
+    p: O.ForParams = op.params
+    (body,) = op.regions
+    init = tuple(ctx.coerce(x, r.type) for x, r in zip(inits, op.results))
+
+    def step(i, carry):
+        out = ctx.region(body, (i, *carry))
+        return tuple(ctx.coerce(x, r.type) for x, r in zip(out, op.results))
+
+    out = lax.fori_loop(ctx.dim(p.start), ctx.dim(p.stop), step, init)
+    return out if len(out) > 1 else out[0]
+
+
+LOWERINGS: dict[str, Rule] = {
+    "const": lambda ctx, op: op.params.value,
+    "dim": lambda ctx, op: jnp.asarray(ctx.dim(op.params.name), jnp.int32),
+    "tuple": lambda ctx, op, *xs: tuple(xs),
+    "get": lambda ctx, op, t: t[op.params.index],
+    "struct_new": lambda ctx, op, *xs: dict(zip(op.params.fields, xs)),
+    "getfield": lambda ctx, op, s: s[op.params.name],
+    "call_fn": lambda ctx, op, *xs: ctx.call(op.params.callee, xs),
+    "exp": _elementwise(jnp.exp),
+    "log": _elementwise(jnp.log),
+    "log1p": _elementwise(jnp.log1p),
+    "expm1": _elementwise(jnp.expm1),
+    "sqrt": _elementwise(jnp.sqrt),
+    "tanh": _elementwise(jnp.tanh),
+    "sigmoid": _elementwise(jax.nn.sigmoid),
+    "softplus": _elementwise(jax.nn.softplus),
+    "relu": _elementwise(jax.nn.relu),
+    "sin": _elementwise(jnp.sin),
+    "cos": _elementwise(jnp.cos),
+    "neg": _elementwise(jnp.negative),
+    "abs": _elementwise(jnp.abs),
+    "not": _elementwise(jnp.logical_not),
+    "add": _elementwise(jnp.add),
+    "sub": _elementwise(jnp.subtract),
+    "mul": _elementwise(jnp.multiply),
+    "div": _elementwise(jnp.true_divide),
+    "pow": _elementwise(jnp.power),
+    "maximum": _elementwise(jnp.maximum),
+    "minimum": _elementwise(jnp.minimum),
+    "eq": _elementwise(jnp.equal),
+    "ne": _elementwise(jnp.not_equal),
+    "lt": _elementwise(jnp.less),
+    "le": _elementwise(jnp.less_equal),
+    "gt": _elementwise(jnp.greater),
+    "ge": _elementwise(jnp.greater_equal),
+    "and": _elementwise(jnp.logical_and),
+    "or": _elementwise(jnp.logical_or),
+    "where": _elementwise(jnp.where),
+    "clip": _elementwise(lambda x, lo, hi: jnp.minimum(jnp.maximum(x, lo), hi)),
+    "stop_gradient": _elementwise(lax.stop_gradient),
+    "cast": lambda ctx, op, x: jnp.asarray(x, JNP_DTYPES[op.params.dtype]),
+    "sum": _reduce(jnp.sum),
+    "mean": _reduce(jnp.mean),
+    "max": _reduce(jnp.max),
+    "min": _reduce(jnp.min),
+    "logsumexp": _reduce(jax.nn.logsumexp),
+    "var": _reduce(jnp.var),
+    "matmul": _elementwise(jnp.matmul),
+    "dot": _elementwise(jnp.dot),
+    "outer": _elementwise(jnp.outer),
+    "solve": _elementwise(jnp.linalg.solve),
+    "cholesky": _elementwise(jnp.linalg.cholesky),
+    "reshape": lambda ctx, op, x: jnp.reshape(x, _shape(ctx, op)),
+    "broadcast_to": lambda ctx, op, x: jnp.broadcast_to(x, _shape(ctx, op)),
+    "transpose": lambda ctx, op, x: jnp.transpose(x, op.params.axes),
+    "concat": lambda ctx, op, *xs: jnp.concatenate(xs, axis=op.params.axis),
+    "stack": lambda ctx, op, *xs: jnp.stack(xs, axis=op.params.axis),
+    "zeros": _filled(jnp.zeros),
+    "ones": _filled(jnp.ones),
+    "full": _full,
+    "arange": _arange,
+    "eye": lambda ctx, op: jnp.eye(ctx.dim(op.params.n), dtype=jnp.float32),
+    "softmax": lambda ctx, op, x: jax.nn.softmax(x, axis=op.params.axis),
+    "log_softmax": lambda ctx, op, x: jax.nn.log_softmax(x, axis=op.params.axis),
+    "one_hot": lambda ctx, op, y: jax.nn.one_hot(y, ctx.dim(op.params.num_classes),
+                                                 dtype=jnp.float32),
+    "cross_entropy": _cross_entropy,
+    "mse": lambda ctx, op, a, b: jnp.mean(jnp.square(a - b)),
+    "index": _index,
+    "if": _if,
+    "for": _for,
+}

@@ -1,0 +1,165 @@
+"""Export signatures and the Python-facing callable: argument binding, checking, JAX specs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+
+from gradlang.types import (DType, StructType, TensorType, TupleType, Type, type_dims,
+                            type_from_json, type_to_json)
+
+from .rules import JNP_DTYPES
+
+
+class ArgumentError(TypeError):
+    """A compiled function was called with arguments that do not match its declared types."""
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What an export takes and returns; stored in artifact headers as JSON."""
+
+    name: str
+    kind: str  # "fn" | "grad" | "value_and_grad"
+    function: str
+    params: tuple[tuple[str, Type], ...]
+    result: Type
+    wrt: tuple[str, ...] = ()
+
+    @property
+    def dims(self) -> list[str]:
+        out: list[str] = []
+        for _, t in self.params:
+            out += [d for d in type_dims(t) if d not in out]
+        return out
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "function": self.function,
+                "params": [{"name": n, "type": type_to_json(t)} for n, t in self.params],
+                "result": type_to_json(self.result), "wrt": list(self.wrt)}
+
+    @staticmethod
+    def from_json(j: dict) -> Signature:
+        return Signature(j["name"], j["kind"], j["function"],
+                         tuple((p["name"], type_from_json(p["type"])) for p in j["params"]),
+                         type_from_json(j["result"]), tuple(j["wrt"]))
+
+    def describe(self) -> str:
+        params = ", ".join(f"{n}: {t}" for n, t in self.params)
+        return f"{self.name}({params})"
+
+    def specs(self, concrete: Mapping[str, int] | None = None) -> tuple:
+        """Abstract arguments for lowering / export; dims not in `concrete` stay symbolic."""
+        concrete = dict(concrete or {})
+        symbolic = [d for d in self.dims if d not in concrete]
+        syms = dict(zip(symbolic, jax.export.symbolic_shape(", ".join(symbolic)))) if symbolic else {}
+        env = {**syms, **concrete}
+
+        def spec(t: Type):
+            if isinstance(t, TensorType):
+                shape = tuple(env[d] if isinstance(d, str) else d for d in t.shape)
+                return jax.ShapeDtypeStruct(shape, JNP_DTYPES[t.dtype])
+            if isinstance(t, StructType):
+                return {n: spec(f) for n, f in t.fields}
+            assert isinstance(t, TupleType)
+            return tuple(spec(e) for e in t.elems)
+
+        return tuple(spec(t) for _, t in self.params)
+
+
+def _check(t: Type, x: Any, dims: dict[str, int], where: str) -> None:
+    if isinstance(t, TensorType):
+        if isinstance(x, (bool, int, float)) and not t.shape:
+            return
+        if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+            raise ArgumentError(f"{where}: expected a {t} array, got {type(x).__name__}")
+        kind = np.dtype(x.dtype).kind
+        ok = {DType.BOOL: "b", DType.I32: "iu", DType.F32: "fiu", DType.F64: "fiu"}[t.dtype]
+        if kind not in ok:
+            raise ArgumentError(f"{where}: expected {t}, got an array of dtype {x.dtype}")
+        shape = tuple(x.shape)
+        if len(shape) != len(t.shape):
+            raise ArgumentError(f"{where}: expected {t}, got shape {list(shape)} (rank {len(shape)})")
+        for d, n in zip(t.shape, shape):
+            if isinstance(d, int) and d != n:
+                raise ArgumentError(f"{where}: expected {t}, got shape {list(shape)}")
+            if isinstance(d, str):
+                if d in dims and dims[d] != n and not isinstance(n, jax.core.Tracer):
+                    raise ArgumentError(f"{where}: expected {t} with {d} = {dims[d]} (from an "
+                                        f"earlier argument), got shape {list(shape)}")
+                dims.setdefault(d, n)
+    elif isinstance(t, StructType):
+        if not isinstance(x, Mapping):
+            raise ArgumentError(f"{where}: expected a dict for struct {t.name}, got {type(x).__name__}")
+        names = [n for n, _ in t.fields]
+        missing = [n for n in names if n not in x]
+        extra = [k for k in x if k not in names]
+        if missing or extra:
+            raise ArgumentError(f"{where}: struct {t.name} needs keys {names}; "
+                                + (f"missing {missing}" if missing else f"unexpected {extra}"))
+        for n, f in t.fields:
+            _check(f, x[n], dims, f"{where}.{n}")
+    elif isinstance(t, TupleType):
+        if not isinstance(x, Sequence) or len(x) != len(t.elems):
+            raise ArgumentError(f"{where}: expected a tuple of {len(t.elems)} values")
+        for i, (e, v) in enumerate(zip(t.elems, x)):
+            _check(e, v, dims, f"{where}[{i}]")
+
+
+def _cast(t: Type, x: Any) -> Any:
+    if isinstance(t, TensorType):
+        return jax.numpy.asarray(x, JNP_DTYPES[t.dtype])
+    if isinstance(t, StructType):
+        return {n: _cast(f, x[n]) for n, f in t.fields}
+    return tuple(_cast(e, v) for e, v in zip(t.elems, x))
+
+
+def casting(signature: Signature, fn: Callable) -> Callable:
+    """`fn` with each argument first cast to its declared dtype (free inside jit)."""
+    types = [t for _, t in signature.params]
+    return lambda *args: fn(*(_cast(t, a) for t, a in zip(types, args)))
+
+
+class CompiledFunction:
+    """A compiled export: call it with positional or keyword arguments (structs as dicts).
+
+    A `grad` export returns a dict of gradients keyed by the `wrt` names; `value_and_grad`
+    returns `(value, grads)`. Composes with `jax.jit` and `jax.vmap`.
+    """
+
+    def __init__(self, signature: Signature, fn: Callable):
+        self.signature = signature
+        self._fn = fn
+        self.__name__ = signature.name
+        self.__doc__ = f"gradlang export {signature.describe()} ({signature.kind})"
+
+    def bind(self, args: tuple, kwargs: dict) -> list:
+        names = [n for n, _ in self.signature.params]
+        if len(args) > len(names):
+            raise ArgumentError(f"{self.signature.name}() takes {len(names)} arguments but "
+                                f"{len(args)} were given")
+        bound = dict(zip(names, args))
+        for k, v in kwargs.items():
+            if k not in names:
+                raise ArgumentError(f"{self.signature.name}() has no parameter '{k}' "
+                                    f"(parameters: {', '.join(names)})")
+            if k in bound:
+                raise ArgumentError(f"{self.signature.name}() got two values for '{k}'")
+            bound[k] = v
+        missing = [n for n in names if n not in bound]
+        if missing:
+            raise ArgumentError(f"{self.signature.name}() is missing {', '.join(map(repr, missing))}")
+        dims: dict[str, int] = {}
+        for n, t in self.signature.params:
+            _check(t, bound[n], dims, f"{self.signature.name}(): argument '{n}'")
+        return [bound[n] for n in names]
+
+    def __call__(self, *args, **kwargs):
+        return self._fn(*self.bind(args, kwargs))
+
+    def __repr__(self) -> str:
+        return f"<gradlang {self.signature.kind} export {self.signature.describe()}>"
