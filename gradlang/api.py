@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-import jax
-
 from .diagnostics import CompileError, Diagnostics, SourceFile
 from .driver import compile_module
 from .ir import Module
@@ -26,6 +24,8 @@ def _uses_f64(t: Type) -> bool:
 
 
 def _check_x64(module: Module, diags: Diagnostics) -> None:
+    import jax
+
     if jax.config.jax_enable_x64:
         return
     for fn in module.functions:
@@ -59,6 +59,8 @@ class CompiledModule(_Exports):
     """A compiled .grad module: `m.NAME(...)` calls an export; `m.ir` is the typed IR."""
 
     def __init__(self, ir: Module):
+        import jax
+
         from gradlang.runtime.execute import export_function
         from gradlang.runtime.signature import CompiledFunction
 

@@ -121,7 +121,12 @@ def _cast(t: Type, x: Any) -> Any:
 def casting(signature: Signature, fn: Callable) -> Callable:
     """`fn` with each argument first cast to its declared dtype (free inside jit)."""
     types = [t for _, t in signature.params]
-    return lambda *args: fn(*(_cast(t, a) for t, a in zip(types, args)))
+
+    def cast_then_call(*args):
+        return fn(*(_cast(t, a) for t, a in zip(types, args)))
+
+    cast_then_call.__name__ = signature.name
+    return cast_then_call
 
 
 class CompiledFunction:

@@ -1,0 +1,199 @@
+"""The `gradlang` command line: check, explain, compile.
+
+Exit codes: 0 success, 1 errors in the program (or warnings under --strict), 2 internal
+compiler error or bad command-line usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+from .diagnostics import Diagnostics, SourceFile
+from .driver import compile_module
+from .ir import Module
+from .printer import print_module
+
+EMITS = ("artifact", "stablehlo", "ir")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gradlang", description="Compile gradients of .grad programs.")
+    p.add_argument("--traceback", action="store_true",
+                   help="on an internal compiler error, also print the Python traceback")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    check = sub.add_parser("check", help="report errors and warnings")
+    check.add_argument("file")
+    check.add_argument("--strict", action="store_true", help="treat warnings as errors")
+
+    explain = sub.add_parser("explain", help="show how each export's gradient is computed")
+    explain.add_argument("file")
+
+    comp = sub.add_parser("compile", help="compile exports to StableHLO, IR text or an artifact")
+    comp.add_argument("file")
+    comp.add_argument("-o", "--out", default="build", help="output folder (default: build)")
+    comp.add_argument("--emit", action="append", default=None,
+                      help=f"what to write: {', '.join(EMITS)} (repeatable or comma-separated; "
+                           f"default: artifact)")
+    comp.add_argument("--print-after", metavar="PASS", action="append", default=[],
+                      help="print the IR after PASS (build, resolve, typecheck, gradflow)")
+    comp.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE",
+                      help="fix a symbolic dim to a size (else it stays symbolic)")
+    comp.add_argument("--debug-info", action="store_true",
+                      help="keep source locations in emitted StableHLO")
+    comp.add_argument("--strict", action="store_true", help="treat warnings as errors")
+    return p
+
+
+def _front_end(path: Path, diags: Diagnostics, after=None) -> Module | None:
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        diags.error(f"cannot read {path}: {exc.strerror if isinstance(exc, OSError) else exc}", None)
+        return None
+    return compile_module(SourceFile(str(path), text), path.parent, diags, after=after)
+
+
+def _report(diags: Diagnostics, strict: bool) -> int:
+    if diags.items:
+        print(diags.render(), file=sys.stderr)
+    return 1 if diags.has_errors or (strict and diags.items) else 0
+
+
+def _parse_dims(items: list[str]) -> dict[str, int]:
+    dims = {}
+    for item in items:
+        name, _, size = item.partition("=")
+        if not name.isidentifier() or not size.isdigit():
+            raise SystemExit(f"gradlang: error: --dim expects NAME=SIZE, got {item!r}")
+        dims[name] = int(size)
+    return dims
+
+
+def cmd_check(args) -> int:
+    diags = Diagnostics()
+    _front_end(Path(args.file), diags)
+    return _report(diags, args.strict)
+
+
+def cmd_explain(args) -> int:
+    diags = Diagnostics()
+    module = _front_end(Path(args.file), diags)
+    status = _report(diags, False)
+    if module is None:
+        return status
+    facts = {f.export: f for f in module.facts.get("gradflow", ())}
+    for export in module.exports:
+        t = export.transform
+        if t.kind == "fn":
+            print(f"export {export.name} = {t.fn}: no gradient requested")
+            continue
+        f = facts[export.name]
+        print(f"export {export.name} = {t.kind}({t.fn}, wrt=[{', '.join(t.wrt)}])")
+        for name in t.wrt:
+            if name in f.zero:
+                print(f"  {name}: gradient is identically zero (no differentiable path to the result)")
+            else:
+                print(f"  {name}: exact reverse-mode gradient; the program is smooth on every path "
+                      f"from '{name}' to the result, so no estimator is needed")
+        print("  cost: 1 forward + 1 backward evaluation")
+    return status
+
+
+def cmd_compile(args) -> int:
+    emits = [e.strip() for item in (args.emit or ["artifact"]) for e in item.split(",") if e.strip()]
+    bad = [e for e in emits if e not in EMITS]
+    if bad:
+        print(f"gradlang: error: unknown --emit {bad[0]!r}; choose from {', '.join(EMITS)}",
+              file=sys.stderr)
+        return 2
+    from gradlang.passes.pipeline import PASSES
+
+    known = ["build", *PASSES]
+    for name in args.print_after:
+        if name not in known:
+            print(f"gradlang: error: unknown pass {name!r} for --print-after; passes: "
+                  f"{', '.join(known)}", file=sys.stderr)
+            return 2
+    dims = _parse_dims(args.dim)
+    path = Path(args.file)
+    out = Path(args.out)
+    snapshots: dict[str, str] = {}
+
+    def after(name: str, module: Module) -> None:
+        snapshots[name] = print_module(module)
+        if name in args.print_after:
+            print(f"// IR after {name}\n{snapshots[name]}")
+
+    diags = Diagnostics()
+    module = _front_end(path, diags, after)
+    if module is None or _report(diags, args.strict):
+        return _report(diags, args.strict) if module is not None else 1
+    out.mkdir(parents=True, exist_ok=True)
+    stem = path.stem
+    if "ir" in emits:
+        for name, text in snapshots.items():
+            (out / f"{stem}.{name}.ir").write_text(text)
+            print(f"wrote {out / f'{stem}.{name}.ir'}")
+    if "stablehlo" in emits or "artifact" in emits:
+        return _emit_backend(module, stem, out, emits, dims, args.debug_info)
+    return 0
+
+
+def _emit_backend(module: Module, stem: str, out: Path, emits: list[str], dims: dict[str, int],
+                  debug_info: bool) -> int:
+    import jax
+
+    from .api import CompiledModule, _uses_f64
+
+    if any(_uses_f64(p.value.type) for fn in module.functions for p in fn.params):
+        jax.config.update("jax_enable_x64", True)
+    compiled = CompiledModule(module)
+    for export in module.exports:
+        if "stablehlo" in emits:
+            try:
+                text = compiled.stablehlo(export.name, dims, debug_info)
+            except Exception as exc:  # JAX refuses some programs with symbolic dims
+                return _backend_error(export.name, exc)
+            target = out / f"{stem}.{export.name}.mlir"
+            target.write_text(text)
+            print(f"wrote {target}")
+    if "artifact" in emits:
+        try:
+            target = compiled.save(out / f"{stem}.gx", dims)
+        except Exception as exc:
+            return _backend_error("(artifact)", exc)
+        print(f"wrote {target}")
+    return 0
+
+
+def _backend_error(name: str, exc: Exception) -> int:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    print(f"gradlang: error: export {name} could not be lowered: {first}\n"
+          f"  hint: fix symbolic dims to sizes with --dim NAME=SIZE", file=sys.stderr)
+    return 1
+
+
+COMMANDS = {"check": cmd_check, "explain": cmd_explain, "compile": cmd_compile}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # never a bare traceback for users
+        print(f"gradlang: internal compiler error: {type(exc).__name__}: {exc}\n"
+              f"This is a bug in gradlang. Please report it with the .grad file that triggered "
+              f"it (run with --traceback for details).", file=sys.stderr)
+        if args.traceback:
+            traceback.print_exc()
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
