@@ -46,11 +46,13 @@ class _Analysis:
         return tuple(p.name in reached for p in fn.params)
 
     def forward(self, fn: Function, seeds: dict[Value, frozenset[str]]) -> dict[Value, frozenset[str]]:
+        defs = {r: op for op in walk(fn.body) for r in op.results}
         taint = dict(seeds)
-        self._forward_region(fn.body, taint)
+        self._forward_region(fn.body, taint, defs)
         return taint
 
-    def _forward_region(self, region: Region, taint: dict[Value, frozenset[str]]) -> None:
+    def _forward_region(self, region: Region, taint: dict[Value, frozenset[str]],
+                        defs: dict[Value, Op]) -> None:
         empty: frozenset[str] = frozenset()
         for op in region.ops:
             if op.name == "for":
@@ -59,7 +61,7 @@ class _Analysis:
                 while True:
                     for arg, t in zip(body.args[1:], carries):
                         taint[arg] = t
-                    self._forward_region(body, taint)
+                    self._forward_region(body, taint, defs)
                     new = [c | taint.get(r, empty) for c, r in zip(carries, body.results)]
                     if new == carries:
                         break
@@ -68,10 +70,16 @@ class _Analysis:
                     taint[r] = t if is_float_tree(r.type) else empty
                 continue
             for r in op.regions:
-                self._forward_region(r, taint)
+                self._forward_region(r, taint, defs)
+            source = defs.get(op.operands[0]) if op.operands else None
             if op.name == "call_fn":
                 flows = self.summary(op.params.callee)
                 incoming = [taint.get(v, empty) for v, f in zip(op.operands, flows) if f]
+            elif op.name == "get" and source is not None and source.name == "tuple":
+                incoming = [taint.get(source.operands[op.params.index], empty)]
+            elif op.name == "getfield" and source is not None and source.name == "struct_new":
+                element = source.operands[source.params.fields.index(op.params.name)]
+                incoming = [taint.get(element, empty)]
             elif op.name == "if":
                 incoming = [taint.get(r.results[0], empty) for r in op.regions]
             else:
