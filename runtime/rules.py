@@ -28,10 +28,21 @@ def _elementwise(fn: Callable) -> Rule:
     return lambda ctx, op, *xs: fn(*xs)
 
 
+def _as_result_dtype(op: Op, x):
+    """x converted to the dtype of op's result (integer inputs of float-valued ops)."""
+    return jnp.asarray(x, JNP_DTYPES[op.result.type.dtype])
+
+
+def _float_elementwise(fn: Callable) -> Rule:
+    """An elementwise op with a floating-point result: integer operands are promoted first
+    (some jax functions, e.g. jax.nn.sigmoid, reject integer inputs)."""
+    return lambda ctx, op, x: fn(_as_result_dtype(op, x))
+
+
 def _reduce(fn: Callable) -> Rule:
     def rule(ctx, op: Op, x):
         p: O.ReduceParams = op.params
-        return fn(x, axis=p.axis, keepdims=p.keepdims)
+        return fn(_as_result_dtype(op, x), axis=p.axis, keepdims=p.keepdims)
 
     return rule
 
@@ -115,17 +126,17 @@ LOWERINGS: dict[str, Rule] = {
     "struct_new": lambda ctx, op, *xs: dict(zip(op.params.fields, xs)),
     "getfield": lambda ctx, op, s: s[op.params.name],
     "call_fn": lambda ctx, op, *xs: ctx.call(op.params.callee, xs),
-    "exp": _elementwise(jnp.exp),
-    "log": _elementwise(jnp.log),
-    "log1p": _elementwise(jnp.log1p),
-    "expm1": _elementwise(jnp.expm1),
-    "sqrt": _elementwise(jnp.sqrt),
-    "tanh": _elementwise(jnp.tanh),
-    "sigmoid": _elementwise(jax.nn.sigmoid),
-    "softplus": _elementwise(jax.nn.softplus),
-    "relu": _elementwise(jax.nn.relu),
-    "sin": _elementwise(jnp.sin),
-    "cos": _elementwise(jnp.cos),
+    "exp": _float_elementwise(jnp.exp),
+    "log": _float_elementwise(jnp.log),
+    "log1p": _float_elementwise(jnp.log1p),
+    "expm1": _float_elementwise(jnp.expm1),
+    "sqrt": _float_elementwise(jnp.sqrt),
+    "tanh": _float_elementwise(jnp.tanh),
+    "sigmoid": _float_elementwise(jax.nn.sigmoid),
+    "softplus": _float_elementwise(jax.nn.softplus),
+    "relu": _float_elementwise(jax.nn.relu),
+    "sin": _float_elementwise(jnp.sin),
+    "cos": _float_elementwise(jnp.cos),
     "neg": _elementwise(jnp.negative),
     "abs": _elementwise(jnp.abs),
     "not": _elementwise(jnp.logical_not),
@@ -169,8 +180,9 @@ LOWERINGS: dict[str, Rule] = {
     "full": _full,
     "arange": _arange,
     "eye": lambda ctx, op: jnp.eye(ctx.dim(op.params.n), dtype=jnp.float32),
-    "softmax": lambda ctx, op, x: jax.nn.softmax(x, axis=op.params.axis),
-    "log_softmax": lambda ctx, op, x: jax.nn.log_softmax(x, axis=op.params.axis),
+    "softmax": lambda ctx, op, x: jax.nn.softmax(_as_result_dtype(op, x), axis=op.params.axis),
+    "log_softmax": lambda ctx, op, x: jax.nn.log_softmax(_as_result_dtype(op, x),
+                                                         axis=op.params.axis),
     "one_hot": lambda ctx, op, y: jax.nn.one_hot(y, ctx.dim(op.params.num_classes),
                                                  dtype=jnp.float32),
     "cross_entropy": _cross_entropy,
