@@ -95,10 +95,17 @@ def _if(ctx, op: Op, cond):
         b = ctx.region(orelse, ())[0]
         return jnp.where(cond, a, b)
 
+    shape = ctx.shape(rtype) if isinstance(rtype, TensorType) else None
+    if isinstance(rtype, TensorType) and shape is None:
+        # The type has derived dims (e.g. `B-1` from a slice): trace the branches for the
+        # shapes that the result broadcasts them to.
+        shape = jnp.broadcast_shapes(*(jax.eval_shape(lambda r=r: ctx.region(r, ())[0]).shape
+                                       for r in (then, orelse)))
+
     def branch(region):
         def run():
             x = ctx.coerce(ctx.region(region, ())[0], rtype)
-            return jnp.broadcast_to(x, ctx.shape(rtype)) if isinstance(rtype, TensorType) else x
+            return jnp.broadcast_to(x, shape) if isinstance(rtype, TensorType) else x
 
         return run
 
