@@ -50,22 +50,29 @@ def read(path: str | Path) -> tuple[dict, dict[str, tuple[Signature, jax.export.
     data = Path(path).read_bytes()
     if not data.startswith(MAGIC):
         raise ArtifactError(f"{path}: not a gradlang artifact (bad magic bytes)")
-    (n,) = struct.unpack_from("<I", data, len(MAGIC))
     start = len(MAGIC) + 4
+    if len(data) < start:
+        raise ArtifactError(f"{path}: corrupt artifact: truncated before the header")
+    (n,) = struct.unpack_from("<I", data, len(MAGIC))
     try:
         header = json.loads(data[start:start + n])
     except ValueError as exc:
         raise ArtifactError(f"{path}: corrupt header: {exc}") from None
+    if not isinstance(header, dict):
+        raise ArtifactError(f"{path}: corrupt header: not a JSON object")
     if header.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{path}: artifact format {header.get('format_version')} is not "
                             f"supported (this gradlang reads format {FORMAT_VERSION})")
     body = data[start + n:]
     out = {}
-    for e in header["exports"]:
-        blob = body[e["offset"]:e["offset"] + e["size"]]
-        if hashlib.sha256(blob).hexdigest() != e["sha256"]:
-            raise ArtifactError(f"{path}: export '{e['name']}' is corrupt (checksum mismatch)")
-        out[e["name"]] = (Signature.from_json(e), jax.export.deserialize(bytearray(blob)))
+    try:
+        for e in header["exports"]:
+            blob = body[e["offset"]:e["offset"] + e["size"]]
+            if hashlib.sha256(blob).hexdigest() != e["sha256"]:
+                raise ArtifactError(f"{path}: export '{e['name']}' is corrupt (checksum mismatch)")
+            out[e["name"]] = (Signature.from_json(e), jax.export.deserialize(bytearray(blob)))
+    except (KeyError, TypeError, AssertionError) as exc:
+        raise ArtifactError(f"{path}: corrupt header: bad export entry ({exc!r})") from None
     return header, out
 
 
