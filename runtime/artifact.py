@@ -11,9 +11,12 @@ import hashlib
 import json
 import struct
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import jax
+
+from gradlang.types import substitute_dims
 
 from .signature import Signature, casting
 
@@ -35,7 +38,7 @@ def serialize(module_name: str, version: str,
     for signature, fn in exports:
         exported = jax.export.export(jax.jit(fn))(*signature.specs(dims))
         blob = bytes(exported.serialize())
-        entries.append({**signature.to_json(), "offset": offset, "size": len(blob),
+        entries.append({**_fixed(signature, dims).to_json(), "offset": offset, "size": len(blob),
                         "sha256": hashlib.sha256(blob).hexdigest()})
         blobs.append(blob)
         offset += len(blob)
@@ -43,6 +46,16 @@ def serialize(module_name: str, version: str,
                          "gradlang_version": version, "jax_version": jax.__version__,
                          "module": module_name, "exports": entries}, indent=1).encode()
     return MAGIC + struct.pack("<I", len(header)) + header + b"".join(blobs)
+
+
+def _fixed(signature: Signature, dims: Mapping[str, int] | None) -> Signature:
+    """The signature with the dims fixed at export time substituted, so that a loaded module
+    checks them (a wrong size is an ArgumentError, not an error from inside JAX)."""
+    if not dims:
+        return signature
+    env = dict(dims)
+    return replace(signature, params=tuple((n, substitute_dims(t, env)) for n, t in signature.params),
+                   result=substitute_dims(signature.result, env))
 
 
 def read(path: str | Path) -> tuple[dict, dict[str, tuple[Signature, jax.export.Exported]]]:
