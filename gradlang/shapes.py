@@ -85,7 +85,9 @@ def reshape(shape: tuple[Dim, ...], target: tuple[Dim, ...]) -> tuple[Dim, ...]:
     elif c == 1 and len(names) == 1:
         inferred = names[0]
     else:
-        inferred = "*".join(([str(c)] if c != 1 else []) + names)
+        # Derived names such as `B+C` are parenthesized: 2 * (B+C) is not `2*B+C`.
+        inferred = "*".join(([str(c)] if c != 1 else [])
+                            + [n if n.isidentifier() else f"({n})" for n in names])
     return tuple(inferred if d == -1 else d for d in target)
 
 
