@@ -189,6 +189,9 @@ case("reshape-flatten-symbolic", "reshape", "x: f32[B, 6]", "f32[N]", "reshape(x
      [F(4, 6)], lambda x: x.reshape(-1))
 case("reshape-static", "reshape", "x: f32[2, 6]", "f32[3, 4]", "reshape(x, shape=[3, 4])",
      [F(2, 6)], lambda x: x.reshape(3, 4))
+case("reshape-derived-dim", "reshape", "x: f32[B, 2], y: f32[C, 2]", "f32[N]",
+     "reshape(concat([x, y]), [-1])", [F(3, 2), F(2, 2)],
+     lambda x, y: np.concatenate([x, y]).reshape(-1))  # typed f32[2*(B+C)]
 case("reshape-i32", "reshape", "x: i32[2, 3, 2]", "i32[6, 2]", "reshape(x, [-1, 2])", [I(2, 3, 2)],
      lambda x: x.reshape(-1, 2))
 case("transpose-default", "transpose", "x: f32[2, 3, 4]", "f32[4, 3, 2]", "transpose(x)",
@@ -645,3 +648,15 @@ def test_builtins_reject_bad_inputs_at_compile_time():
             src = f"fn f(x: f32[2, 3], n: i32) -> f32 {{ return {expr} }}\nexport f = f\n"
         with pytest.raises(gradlang.CompileError, match=message):
             gradlang.compile_source(src)
+
+
+def test_derived_dims_of_different_sizes_do_not_match():
+    # 2*(B+C) entries against 2*B+C entries: a compile-time error, not a failure inside JAX
+    src = """
+fn f(x: f32[B, 2], y: f32[C, 2]) -> f32[N] {
+  return reshape(concat([x, y]), [-1]) + concat([reshape(x, [-1]), y[:, 0]])
+}
+export f = f
+"""
+    with pytest.raises(gradlang.CompileError, match=r"cannot broadcast shapes \[2\*\(B\+C\)\]"):
+        gradlang.compile_source(src)
