@@ -314,8 +314,11 @@ def _index(ctx, op, args):
                 shape.append(len(range(*slice(item.start, item.stop, item.step).indices(d))))
             elif (item.start, item.stop, item.step) == (None, None, None):
                 shape.append(d)
-            elif item.stop is None and item.step is None and item.start >= 0:
-                shape.append(sub_dims(d, item.start))
+            elif (item.step is None and (item.start is None or item.start >= 0)
+                  and (item.stop is None or item.stop < 0)):
+                # x[k:], x[:-k], x[j:-k]: the size is d minus what is cut off at both ends,
+                # so that x[1:] and x[:-1] have the same type (e.g. in x[1:] - x[:-1]).
+                shape.append(sub_dims(d, (item.start or 0) - (item.stop or 0)))
             else:
                 shape.append(f"{d}[{item}]")
     return t.with_shape(tuple(shape) + t.shape[len(items):])
