@@ -7,6 +7,7 @@ its outputs come back through another .npz and are compared with the in-process 
 from __future__ import annotations
 
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -199,6 +200,59 @@ def test_artifact_with_fixed_dims(compiled, tmp_path):
                                rtol=1e-6)
     with pytest.raises(ArgumentError, match=r"argument 'x': expected f32\[3, D\], got shape \[7, 4\]"):
         loaded.predict(net, data["x7"])
+
+
+# ---- ops whose lowering depends on symbolic dims
+
+SYMBOLIC = {
+    "eye": ("x: f32[B, D]", "f32[B, B]", "eye(B) * sum(x)"),
+    "arange": ("x: f32[B, D]", "i32[N]", "arange(1, B)"),
+    "one_hot": ("x: f32[B, C], y: i32[B]", "f32[B, C]", "one_hot(y, C) * x"),
+    "full": ("x: f32[B, D]", "f32[D, B]", "full([D, B], 1.5) + zeros([D, B])"),
+    "reshape": ("x: f32[B, 6]", "f32[N, 3]", "reshape(x, [-1, 3])"),
+    "concat-stack": ("x: f32[B, D]", "f32[N, 2, D]", "stack([concat([x, x]), concat([x, -x])], axis=1)"),
+    "slices": ("x: f32[B, D]", "f32[N, D]", "x[1:] * x[:-1] + x[::2][0]"),
+    "dynamic-index": ("x: f32[B, D], i: i32", "f32[D]", "x[i] + x[-1]"),
+    "dim-value": ("x: f32[B, D]", "f32", "sum(x) / f32(B * D)"),
+    "loop-over-dim": ("x: f32[B, D]", "f32[D]", "for i in range(1, B) carry (a = x[0]) { a * x[i] }"),
+    "if-derived-dims": ("x: f32[B, D]", "f32[N, D]", "if sum(x) > 0.0 then x[1:] else 0.0"),
+    "cross-entropy": ("x: f32[B, C], y: i32[B]", "f32", "cross_entropy(x, y) + mean(softmax(x, axis=0))"),
+    "solve": ("a: f32[N, N], b: f32[N]", "f32[N]", "solve(a, b) + cholesky(a)[0]"),
+}
+
+
+def symbolic_args(params: str, b: int, seed: int) -> list:
+    rng = np.random.default_rng(seed)
+    sizes = {"B": b, "N": b, "D": 3, "C": 4}
+    args = []
+    for name, t in re.findall(r"(\w+): (\w+(?:\[[^\]]*\])?)", params):
+        if t == "i32":
+            args.append(np.int32(b - 2))
+            continue
+        dtype, dims = t.rstrip("]").split("[")
+        shape = [sizes[d.strip()] if d.strip() in sizes else int(d) for d in dims.split(",")]
+        if dtype == "i32":
+            args.append(rng.integers(0, sizes["C"], size=shape).astype(np.int32))
+        elif name == "a":
+            z = rng.normal(size=shape)
+            args.append((z @ z.T + b * np.eye(b)).astype(np.float32))
+        else:
+            args.append(rng.normal(size=shape).astype(np.float32))
+    return args
+
+
+@pytest.mark.parametrize("name", list(SYMBOLIC))
+def test_symbolic_ops_round_trip(name, tmp_path):
+    params, ret, body = SYMBOLIC[name]
+    m = gradlang.compile_source(f"fn f({params}) -> {ret} {{ return {body} }}\nexport f = f\n")
+    assert "?" in m.stablehlo("f")
+    loaded = gradlang.load(m.save(tmp_path / "f.gx"))
+    for b in (3, 5):
+        args = symbolic_args(params, b, seed=b)
+        expected = np.asarray(m.f(*args))
+        got = np.asarray(loaded.f(*args))
+        assert got.shape == expected.shape and got.dtype == expected.dtype
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
 # ---- unreadable files

@@ -367,6 +367,10 @@ case("slice-symbolic", "index", "x: f32[B, 4]", "f32[N, 4]", "x[1:, :]", [F(5, 4
      lambda x: x[1:])
 case("slice-symbolic-bounded", "index", "x: f32[B, 4]", "f32[N]", "x[1:3, 0]", [F(5, 4)],
      lambda x: x[1:3, 0])
+case("slice-symbolic-both-ends", "index", "x: f32[B, D]", "f32[N, M]", "x[1:-2, :-1]", [F(6, 3)],
+     lambda x: x[1:-2, :-1])
+case("slice-finite-difference", ("index", "sub"), "x: f32[B]", "f32[N]", "x[1:] - x[:-1]", [F(6)],
+     lambda x: np.diff(x))
 case("slice-symbolic-step", "index", "x: f32[B]", "f32[N]", "x[::2]", [F(5)], lambda x: x[::2])
 case("slice-then-int", "index", "x: f32[3, 4]", "f32[3]", "x[:, -1]", [X34], lambda x: x[:, -1])
 case("index-chained", "index", "x: f32[2, 3, 4]", "f32[1]", "x[1][1:, 2][::2]", [F(2, 3, 4)],
