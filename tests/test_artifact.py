@@ -173,6 +173,27 @@ def test_loaded_module_in_process(compiled, artifact):
         loaded.predict({k: data[k] for k in ("w1", "b1", "w2")}, data["x3"][:, :2])
 
 
+def test_loaded_module_composes_with_jit(compiled, artifact):
+    loaded = gradlang.load(artifact)
+    data = inputs()
+    net = {k: data[k] for k in ("w1", "b1", "w2")}
+    jitted = jax.jit(loaded.step)(net, data["x7"], data["y7"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 jitted, compiled.step(net, data["x7"], data["y7"]))
+
+
+@pytest.mark.xfail(strict=True, raises=NotImplementedError, reason=(
+    "CompiledFunction says it composes with jax.vmap, but a loaded export calls "
+    "jax.export.Exported.call, which has no batching rule ('call_exported')"))
+def test_loaded_module_composes_with_vmap(artifact):
+    loaded = gradlang.load(artifact)
+    data = inputs()
+    net = {k: data[k] for k in ("w1", "b1", "w2")}
+    xs = np.stack([data["x3"], 2 * data["x3"]])
+    out = jax.vmap(loaded.predict, in_axes=(None, 0))(net, xs)
+    np.testing.assert_allclose(out[1], loaded.predict(net, xs[1]), rtol=1e-5)
+
+
 def test_stablehlo_text_keeps_symbolic_dims(compiled):
     text = compiled.stablehlo("step")
     assert "stablehlo." in text and "func.func public @main" in text
