@@ -33,7 +33,10 @@ _TOKEN_TEXT = {
 @cache
 def _parser() -> lark.Lark:
     grammar = resources.files("gradlang").joinpath("grammar.lark").read_text()
-    return lark.Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True)
+    # The basic lexer makes keywords reserved everywhere: with Lark's contextual lexer, a
+    # keyword where the parser cannot take it (`let y = return x`) would lex as a name.
+    return lark.Lark(grammar, parser="lalr", lexer="basic", propagate_positions=True,
+                     maybe_placeholders=True)
 
 
 def _describe(term: str) -> str:
@@ -53,6 +56,8 @@ def _describe_expected(expected: set[str]) -> str:
     items = sorted(_describe(t) for t in expected)
     if len(items) > 6:
         items = items[:6] + ["..."]
+    if len(items) == 2:
+        return " or ".join(items)
     return "one of " + ", ".join(items) if len(items) > 1 else items[0]
 
 
@@ -73,32 +78,63 @@ def _chunks(text: str) -> list[tuple[int, str]]:
 def parse(source: SourceFile, diags: Diagnostics) -> ast.Program:
     """Parse a whole file; every syntax error is reported, one per declaration at most."""
     decls: list[ast.Decl] = []
-    for first_line, chunk in _chunks(source.text):
+    chunks = _chunks(source.text)
+    for k, (first_line, chunk) in enumerate(chunks):
         padded = "\n" * (first_line - 1) + chunk
         try:
             tree = _parser().parse(padded)
         except lark.exceptions.UnexpectedInput as exc:
-            diags.error(*_syntax_error(exc, source))
+            next_line = chunks[k + 1][0] if k + 1 < len(chunks) else None
+            diags.error(*_syntax_error(exc, source, padded, next_line))
             continue
         decls.extend(_ToAst(source).transform(tree))
     return ast.Program(source, tuple(decls))
 
 
-def _syntax_error(exc: lark.exceptions.UnexpectedInput, source: SourceFile) -> tuple[str, Span]:
+def _describe_token(token: Token) -> str:
+    text = str(token)
+    if token.type == "NAME":
+        return f"name '{text}'"
+    if token.type == "INT":
+        return f"integer {text}"
+    if token.type == "FLOAT":
+        return f"number {text}"
+    return f"'{text}'"
+
+
+def _end_of_text(source: SourceFile, text: str) -> Span:
+    """The position just after the last token of `text` (comments and blank lines skipped)."""
+    lines = [re.sub(r"#.*", "", line).rstrip() for line in text.split("\n")]
+    while len(lines) > 1 and not lines[-1]:
+        lines.pop()
+    line, col = len(lines), len(lines[-1]) + 1
+    return Span(source, line, col, line, col + 1)
+
+
+def _syntax_error(exc: lark.exceptions.UnexpectedInput, source: SourceFile, text: str,
+                  next_line: int | None) -> tuple[str, Span]:
+    """The message and span of a syntax error in `text`, one declaration of `source`;
+    `next_line` is where the next declaration starts (None for the last one)."""
     if isinstance(exc, lark.exceptions.UnexpectedCharacters):
         char = source.line(exc.line)[exc.column - 1: exc.column] or "?"
         span = Span(source, exc.line, exc.column, exc.line, exc.column + 1)
         return f"unexpected character '{char}'", span
     assert isinstance(exc, (lark.exceptions.UnexpectedToken, lark.exceptions.UnexpectedEOF))
-    expected = _describe_expected(set(exc.expected))
+    # `accepts` (the terminals the parser can really shift here) is sharper than `expected`.
+    terms = set(getattr(exc, "accepts", None) or exc.expected)
+    expected = _describe_expected(terms)
     token = getattr(exc, "token", None)
     if token is None or token.type == "$END":
-        lines = source.text.rstrip().split("\n")
-        line = len(lines)
-        col = len(lines[-1]) + 1
-        return f"unexpected end of input; expected {expected}", Span(source, line, col, line, col + 1)
+        span = _end_of_text(source, text)
+        where = "at the end of input" if next_line is None else \
+            f"before the next declaration at line {next_line}"
+        if "RBRACE" in terms:  # everything else is complete: a block or struct is still open
+            return f"missing '}}' {where}", span
+        if next_line is None:
+            return f"unexpected end of input; expected {expected}", span
+        return f"declaration is incomplete {where}; expected {expected}", span
     span = Span(source, token.line, token.column, token.end_line, token.end_column)
-    return f"unexpected {_describe(token.type) if token.type in _TOKEN_TEXT else repr(str(token))}; expected {expected}", span
+    return f"unexpected {_describe_token(token)}; expected {expected}", span
 
 
 class _ToAst(Transformer):
