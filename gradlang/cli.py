@@ -7,6 +7,7 @@ compiler error or bad command-line usage.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -58,17 +59,20 @@ def _front_end(path: Path, diags: Diagnostics, after=None) -> Module | None:
 
 
 def _report(diags: Diagnostics, strict: bool) -> int:
-    if diags.items:
-        print(diags.render(), file=sys.stderr)
+    if diags.items:  # imported files are found by absolute path; show them as relative
+        print(diags.render(relative_to=os.getcwd()), file=sys.stderr)
     return 1 if diags.has_errors or (strict and diags.items) else 0
 
 
-def _parse_dims(items: list[str]) -> dict[str, int]:
+def _parse_dims(items: list[str]) -> dict[str, int] | None:
+    """`["B=32"]` -> {"B": 32}; None (after a message) when an item is malformed."""
     dims = {}
     for item in items:
         name, _, size = item.partition("=")
         if not name.isidentifier() or not size.isdigit():
-            raise SystemExit(f"gradlang: error: --dim expects NAME=SIZE, got {item!r}")
+            print(f"gradlang: error: --dim expects NAME=SIZE, e.g. --dim B=32; got {item!r}",
+                  file=sys.stderr)
+            return None
         dims[name] = int(size)
     return dims
 
@@ -119,6 +123,8 @@ def cmd_compile(args) -> int:
                   f"{', '.join(known)}", file=sys.stderr)
             return 2
     dims = _parse_dims(args.dim)
+    if dims is None:
+        return 2
     path = Path(args.file)
     out = Path(args.out)
     snapshots: dict[str, str] = {}
@@ -130,8 +136,9 @@ def cmd_compile(args) -> int:
 
     diags = Diagnostics()
     module = _front_end(path, diags, after)
-    if module is None or _report(diags, args.strict):
-        return _report(diags, args.strict) if module is not None else 1
+    status = _report(diags, args.strict)  # once: errors, or warnings that --strict fails on
+    if module is None or status:
+        return status or 1
     out.mkdir(parents=True, exist_ok=True)
     stem = path.stem
     if "ir" in emits:

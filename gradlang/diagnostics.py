@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -48,17 +49,27 @@ class Diagnostic:
     message: str
     span: Span | None
 
-    def render(self) -> str:
+    def render(self, relative_to: str | None = None) -> str:
+        """`file:line:col: severity: message`, the source line and a caret line. With
+        `relative_to` (a folder), paths inside it are shown relative to it."""
         if self.span is None:
             return f"gradlang: {self.severity.value}: {self.message}"
         s = self.span
-        head = f"{s.source.path}:{s.line}:{s.col}: {self.severity.value}: {self.message}"
+        head = f"{_show_path(s.source.path, relative_to)}:{s.line}:{s.col}: " \
+               f"{self.severity.value}: {self.message}"
         text = s.source.line(s.line)
         if not text and s.line > len(s.source.text.splitlines()):
             return head
         width = (s.end_col - s.col) if s.end_line == s.line else len(text) - s.col + 1
         caret = " " * (s.col - 1) + "^" * max(1, width)
         return f"{head}\n  {text}\n  {caret}"
+
+
+def _show_path(path: str, relative_to: str | None) -> str:
+    if relative_to is None or not os.path.isabs(path):
+        return path
+    rel = os.path.relpath(path, relative_to)
+    return path if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
 
 
 @dataclass
@@ -85,15 +96,17 @@ class Diagnostics:
         return [d for d in self.items if d.severity is Severity.ERROR]
 
     def sorted(self) -> list[Diagnostic]:
+        """The diagnostics by file and position, identical ones reported once."""
         def key(d: Diagnostic) -> tuple:
             if d.span is None:
                 return ("", 0, 0)
             return (d.span.source.path, d.span.line, d.span.col)
 
-        return sorted(self.items, key=key)
+        unique = list(dict.fromkeys(self.items))  # one op per tuple element can repeat an error
+        return sorted(unique, key=key)
 
-    def render(self) -> str:
-        return "\n".join(d.render() for d in self.sorted())
+    def render(self, relative_to: str | None = None) -> str:
+        return "\n".join(d.render(relative_to) for d in self.sorted())
 
 
 class CompileError(Exception):
