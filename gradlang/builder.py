@@ -64,9 +64,10 @@ def build_unit(program: ast.Program, unit: str, diags: Diagnostics) -> UnitIR:
             out.structs.append(StructDef(qualify(unit, decl.name), unit, fields, decl.span))
         elif isinstance(decl, ast.FnDecl) and declare(decl.name, decl.name_span):
             out.functions.append(_FunctionBuilder(unit, diags).build(decl))
-        elif isinstance(decl, ast.ExternDecl):
+        elif isinstance(decl, ast.ExternDecl) and declare(decl.name, decl.span):
             diags.error("extern functions are not supported yet: black-box estimators arrive "
                         "with the zeroth-order passes", decl.span)
+            out.functions.append(_extern_stub(decl, unit))
     exported: dict[str, Span] = {}
     for decl in program.decls:
         if isinstance(decl, ast.ExportDecl):
@@ -79,6 +80,16 @@ def build_unit(program: ast.Program, unit: str, diags: Diagnostics) -> UnitIR:
             if export is not None:
                 out.exports.append(export)
     return out
+
+
+def _extern_stub(decl: ast.ExternDecl, unit: str) -> Function:
+    """A function with the extern's signature and a failed body, so that calls to it resolve
+    and type-check against the signature instead of cascading into 'unknown function'."""
+    params = tuple(Param(p.name, Value(type_from_ast(p.type), p.name), p.span) for p in decl.params)
+    error = Op("error", (), (Value(),), NoParams(), (), decl.span)
+    body = Region((), (error,), error.results)
+    return Function(qualify(unit, decl.name), unit, params, type_from_ast(decl.result), body,
+                    decl.span, decl.result.span)
 
 
 def _build_export(decl: ast.ExportDecl, unit: str, diags: Diagnostics) -> Export | None:
@@ -126,6 +137,8 @@ class _FunctionBuilder:
         self.unit = unit
         self.diags = diags
         self.block = _Block({})
+        self.arity: dict[Value, int] = {}
+        """The number of elements of the values built by tuple literals."""
 
     # ---- helpers
     def emit(self, name: str, operands: tuple[Value, ...], params: object, span: Span,
@@ -144,6 +157,8 @@ class _FunctionBuilder:
         if last is not None and last.results == (value,) and not value.hint:
             named = Value(value.type, name)
             self.block.ops[-1] = replace(last, results=(named,))
+            if value in self.arity:
+                self.arity[named] = self.arity[value]
             value = named
         self.block.scope[name] = value
 
@@ -192,8 +207,17 @@ class _FunctionBuilder:
             self.bind(pattern.name, value)
             return
         assert isinstance(pattern, ast.PTuple)
+        n = self.arity.get(value)
+        if n is not None and n != len(pattern.elems):  # known now: say it before type checking
+            self.diags.error(f"cannot destructure a tuple of {n} elements into "
+                             f"{len(pattern.elems)} names", pattern.span)
+            for sub in pattern.elems:
+                self.let(sub, self.emit("error", (), NoParams(), sub.span).result)
+            return
         for i, sub in enumerate(pattern.elems):
-            elem = self.emit("get", (value,), GetParams(i, len(pattern.elems)), sub.span).result
+            # The span of the whole pattern: an arity error is about it, and is then reported
+            # once (identical diagnostics are merged) instead of once per name.
+            elem = self.emit("get", (value,), GetParams(i, len(pattern.elems)), pattern.span).result
             self.let(sub, elem)
 
     # ---- expressions
@@ -206,11 +230,13 @@ class _FunctionBuilder:
             return self.block.scope[e.id]
         return self.emit("ref", (), NameParams(e.id), e.span).result
 
-    def expr_IntLit(self, e: ast.IntLit, negate: bool = False) -> Value:
+    def expr_IntLit(self, e: ast.IntLit, negate: bool = False, span: Span | None = None) -> Value:
         value = -e.value if negate else e.value
+        span = span or e.span
         if not -I32_MAX - 1 <= value <= I32_MAX:
-            return self.error_value(f"integer literal {value} does not fit in i32", e.span)
-        return self.emit("const", (), ConstParams(value, DType.I32), e.span).result
+            return self.error_value(f"integer literal {value} does not fit in i32 (from "
+                                    f"{-I32_MAX - 1} to {I32_MAX})", span)
+        return self.emit("const", (), ConstParams(value, DType.I32), span).result
 
     def expr_FloatLit(self, e: ast.FloatLit, negate: bool = False) -> Value:
         return self.emit("const", (), ConstParams(-e.value if negate else e.value, DType.F32),
@@ -220,14 +246,16 @@ class _FunctionBuilder:
         return self.emit("const", (), ConstParams(e.value, DType.BOOL), e.span).result
 
     def expr_TupleLit(self, e: ast.TupleLit) -> Value:
-        return self.emit("tuple", tuple(self.expr(x) for x in e.elems), NoParams(), e.span).result
+        value = self.emit("tuple", tuple(self.expr(x) for x in e.elems), NoParams(), e.span).result
+        self.arity[value] = len(e.elems)
+        return value
 
     def expr_ListLit(self, e: ast.ListLit) -> Value:
         return self.emit("list", tuple(self.expr(x) for x in e.elems), NoParams(), e.span).result
 
     def expr_Unary(self, e: ast.Unary) -> Value:
         if e.op == "neg" and isinstance(e.operand, ast.IntLit):
-            return self.expr_IntLit(e.operand, negate=True)
+            return self.expr_IntLit(e.operand, negate=True, span=e.span)
         if e.op == "neg" and isinstance(e.operand, ast.FloatLit):
             return self.expr_FloatLit(e.operand, negate=True)
         return self.emit(e.op, (self.expr(e.operand),), NoParams(), e.span).result
@@ -237,8 +265,14 @@ class _FunctionBuilder:
 
     def expr_Call(self, e: ast.Call) -> Value:
         callee = _dotted(e.func)
-        if callee is None or callee.split(".")[0] in self.block.scope:
-            return self.error_value("only functions can be called, by name", e.func.span)
+        if callee is not None and callee.split(".")[0] in self.block.scope:
+            local = callee.split(".")[0]
+            what = "a local value" if callee == local else f"a field of the local value '{local}'"
+            return self.error_value(f"'{callee}' is {what}, not a function; only functions, "
+                                    f"builtins and structs can be called", e.func.span)
+        if callee is None:
+            return self.error_value("only functions can be called, by name (e.g. f(x))",
+                                    e.func.span)
         if callee in TRANSFORMS:
             return self.error_value(f"{callee}(...) can only be used in an export", e.span)
         seen: set[str] = set()
@@ -309,6 +343,13 @@ class _FunctionBuilder:
                 return (self.expr(e.result),)
             if isinstance(e.result, ast.TupleLit) and len(e.result.elems) == len(names):
                 return tuple(self.expr(x) for x in e.result.elems)
+            if isinstance(e.result, ast.TupleLit):
+                n = len(e.result.elems)
+                self.diags.error(f"the loop body ends with {n} value{'s' * (n != 1)} but the "
+                                 f"loop has {len(names)} carries ({', '.join(names)})",
+                                 e.result.span)
+                return tuple(self.emit("error", (), NoParams(), e.result.span).result
+                             for _ in names)
             value = self.expr(e.result)
             return tuple(self.emit("get", (value,), GetParams(i, len(names)), e.result.span).result
                          for i in range(len(names)))

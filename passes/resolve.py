@@ -4,11 +4,17 @@
   `struct_new`; `ref` becomes `dim` (the runtime size of a symbolic dimension) or an error.
 - Struct names in types are expanded to `StructType`s; loop bounds are folded into `for`.
 - Exports are checked: the function exists and each `wrt` names one of its parameters.
+- Recursive calls (cycles in the call graph) are errors at the call site.
+
+After an error, values that cannot be trusted become `error` ops or the ERROR type (unknown
+types, calls to functions whose signature failed to resolve, bad list literals), so that later
+passes stay silent about them instead of reporting a cascade of follow-up errors.
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, replace
 
 from gradlang.builtins import BUILTINS, REQUIRED, Arg, Builtin
@@ -16,8 +22,8 @@ from gradlang.builder import qualify
 from gradlang.diagnostics import Diagnostics, Span
 from gradlang.ir import Function, Module, Op, Param, Region, StructDef, Value, walk
 from gradlang.ops import OPS, CalleeParams, CallParams, ForParams, NoParams, StructParams
-from gradlang.types import (DType, NamedType, StructType, TensorType, TupleType, Type,
-                            substitute_dims, type_dims)
+from gradlang.types import (ERROR, DType, NamedType, StructType, TensorType, TupleType, Type,
+                            is_float_tree, substitute_dims, type_dims)
 
 from .rewrite import dce_function
 
@@ -65,24 +71,70 @@ class _Scope:
             names.append(fn.name.rpartition(".")[2])
         return names + [s.rpartition(".")[2] for s in self.structs]
 
+    def unknown(self, what: str, name: str, local: list[str] = ()) -> str:
+        """The message for an unknown (possibly qualified) name, with a suggestion."""
+        if "." not in name:
+            return f"unknown {what} '{name}'" + _did_you_mean(name, [*local, *self.known_names()])
+        alias, _, rest = name.rpartition(".")
+        imports = dict(self.module.unit(self.unit).imports)
+        if alias not in imports and what == "name" and "." not in alias:  # `prams.w`
+            return f"unknown name '{alias}'" + _did_you_mean(alias, [*local, *imports])
+        if alias not in imports:
+            known = ", ".join(sorted(imports)) or "none"
+            return (f"unknown {what} '{name}': no module is imported as '{alias}' "
+                    f"(imported: {known})")
+        target = imports[alias]
+        members = [f.name.rpartition(".")[2] for f in self.module.functions if f.unit == target]
+        members += [s.rpartition(".")[2] for s in self.structs if s.rpartition(".")[0] == target]
+        close = difflib.get_close_matches(rest, members, n=1, cutoff=0.7)
+        return f"unknown {what} '{name}'" + (f"; did you mean '{alias}.{close[0]}'?" if close else
+                                            f": module '{target}' has no '{rest}'")
+
 
 def _did_you_mean(name: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(name, options, n=1)
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.7)
     return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _field_span(sdef: StructDef, name: str) -> Span:
+    """The span of `name: type` in a struct declaration (the IR keeps only the struct's)."""
+    span = sdef.span
+    lines = span.source.text.split("\n")[span.line - 1:span.end_line]
+    text = "\n".join(lines)
+    start = text.find("{", span.col - 1)
+    match = re.compile(rf"\b{re.escape(name)}\s*:").search(text, start + 1) if start >= 0 else None
+    if match is None:
+        return span
+    depth, end = 0, match.end()
+    while end < len(text) and not (depth == 0 and text[end] in ",}\n"):
+        depth += {"[": 1, "(": 1, "]": -1, ")": -1}.get(text[end], 0)
+        end += 1
+    while text[end - 1] == " ":
+        end -= 1
+
+    def position(offset: int) -> tuple[int, int]:
+        before = text[:offset]
+        return span.line + before.count("\n"), offset - (before.rfind("\n") + 1) + 1
+
+    (line, col), (end_line, end_col) = position(match.start()), position(end)
+    return Span(span.source, line, col, end_line, end_col)
 
 
 def _resolve_structs(module: Module, diags: Diagnostics) -> dict[str, StructType]:
     defs = {s.name: s for s in module.structs}
     done: dict[str, StructType] = {}
 
-    def resolve(sdef: StructDef, stack: tuple[str, ...]) -> StructType:
+    def resolve(sdef: StructDef, stack: tuple[str, ...], span: Span | None = None) -> Type:
         if sdef.name in done:
             return done[sdef.name]
         if sdef.name in stack:
-            diags.error(f"struct '{sdef.name}' contains itself", sdef.span)
-            return StructType(sdef.name, ())
+            cycle = stack[stack.index(sdef.name):] + (sdef.name,)
+            what = (f"struct '{sdef.name}' contains itself" if len(cycle) == 2 else
+                    "structs contain each other: " + " -> ".join(cycle))
+            diags.error(f"{what}; a struct cannot hold a value of its own type", span or sdef.span)
+            return ERROR
         fields = tuple((n, _resolve_type(t, sdef.unit, defs, resolve, stack + (sdef.name,),
-                                         sdef.span, diags)) for n, t in sdef.fields)
+                                         _field_span(sdef, n), diags)) for n, t in sdef.fields)
         done[sdef.name] = StructType(sdef.name, fields)
         return done[sdef.name]
 
@@ -100,18 +152,48 @@ def _resolve_type(t: Type, unit: str, defs: dict[str, StructDef], resolve_struct
         if sdef is None:
             diags.error(f"unknown type '{t.name}'" + _did_you_mean(
                 t.name, [d.rpartition(".")[2] for d in defs]), span)
-            return TensorType(DType.F32)
-        st = resolve_struct(sdef, stack)
+            return ERROR
+        st = resolve_struct(sdef, stack, span)
+        if st is ERROR:
+            return ERROR
         dims = type_dims(st)
-        for k, _ in t.bindings:
-            if k not in dims:
-                diags.error(f"struct '{t.name}' has no dimension '{k}' (dimensions: "
-                            f"{', '.join(dims) or 'none'})", span)
+        bad = [k for k, _ in t.bindings if k not in dims]
+        for k in bad:
+            diags.error(f"struct '{t.name}' has no dimension '{k}' (dimensions: "
+                        f"{', '.join(dims) or 'none'})" + _did_you_mean(k, dims), span)
+        names = [k for k, _ in t.bindings]
+        twice = sorted({k for k in names if names.count(k) > 1})
+        for k in twice:
+            diags.error(f"dimension '{k}' of struct '{t.name}' is bound twice", span)
+        bad += twice
+        if bad:
+            return ERROR
         return substitute_dims(st, dict(t.bindings)) if t.bindings else st
     if isinstance(t, TupleType):
         return TupleType(tuple(_resolve_type(e, unit, defs, resolve_struct, stack, span, diags)
                                for e in t.elems))
     return t
+
+
+def _has_error(t: Type) -> bool:
+    """Whether a type failed to resolve somewhere inside."""
+    if t is ERROR:
+        return True
+    if isinstance(t, TupleType):
+        return any(_has_error(e) for e in t.elems)
+    if isinstance(t, StructType):
+        return any(_has_error(f) for _, f in t.fields)
+    return False
+
+
+def _broken(fn: Function) -> bool:
+    """A function whose signature names an unknown type (already reported)."""
+    return _has_error(fn.result_type) or any(_has_error(p.value.type) for p in fn.params)
+
+
+def _within(inner: Span, outer: Span) -> bool:
+    return ((outer.line, outer.col) <= (inner.line, inner.col)
+            and (inner.end_line, inner.end_col) <= (outer.end_line, outer.end_col))
 
 
 @dataclass(frozen=True)
@@ -127,7 +209,7 @@ class Resolve:
         defs = {s.name: s for s in module.structs}
 
         def resolve_type(t: Type, unit: str, span: Span) -> Type:
-            return _resolve_type(t, unit, defs, lambda s, _: structs[s.name], (), span, diags)
+            return _resolve_type(t, unit, defs, lambda s, *_: structs[s.name], (), span, diags)
 
         # Signatures first: calls need the callee's resolved parameter types.
         signatures = []
@@ -143,27 +225,116 @@ class Resolve:
             subst = {old.value: new.value for old, new in zip(before.params, fn.params)}
             scope = _Scope(module, fn.unit, structs)
             functions.append(_FunctionResolver(scope, fn, subst, diags).run())
-        module = replace(module, functions=tuple(functions))
-        _check_exports(module, diags)
-        return module
+        module = replace(module, functions=tuple(_silence_result(f) for f in functions))
+        module = _reject_recursion(module, diags)
+        return _check_exports(module, diags)
 
 
-def _check_exports(module: Module, diags: Diagnostics) -> None:
+def _silence_result(fn: Function) -> Function:
+    """When the declared result type failed to resolve, the body's result becomes an error
+    value, so that it is not compared with the (unknown) declared type."""
+    if not _has_error(fn.result_type):
+        return fn
+    error = Op("error", fn.body.results, (Value(),), NoParams(), (), fn.result_span)
+    return replace(fn, body=replace(fn.body, ops=fn.body.ops + (error,), results=error.results))
+
+
+def _check_exports(module: Module, diags: Diagnostics) -> Module:
+    """Report bad exports (unknown function, a result that is not a float scalar, wrt names
+    that are not float parameters); drop the exports and wrt names in error (and the exports of
+    functions whose signature failed), so that later passes report no follow-up errors or
+    warnings about them."""
+    exports = []
     for export in module.exports:
         t = export.transform
         fn = module.function(t.fn)
         if fn is None:
             names = [f.name for f in module.functions]
             diags.error(f"unknown function '{t.fn}'" + _did_you_mean(t.fn, names), export.fn_span)
+            exports.append(export)
+            continue
+        if _broken(fn):
+            continue
+        r = fn.result_type
+        if t.kind != "fn" and not (isinstance(r, TensorType) and r.rank == 0 and r.dtype.is_float):
+            diags.error(f"{t.kind} needs a function that returns a float scalar; '{fn.name}' "
+                        f"returns {r}", export.fn_span)
             continue
         seen: set[str] = set()
+        wrt = []
         for name, span in zip(t.wrt, t.wrt_spans):
-            if fn.param(name) is None:
-                params = ", ".join(p.name for p in fn.params)
-                diags.error(f"'{name}' is not a parameter of '{fn.name}' (parameters: {params})", span)
+            p = fn.param(name)
+            if p is None:
+                params = ", ".join(p.name for p in fn.params) or "none"
+                diags.error(f"'{name}' is not a parameter of '{fn.name}' (parameters: {params})"
+                            + _did_you_mean(name, [p.name for p in fn.params]), span)
             elif name in seen:
                 diags.error(f"'{name}' appears twice in wrt", span)
+            elif not is_float_tree(p.value.type):
+                diags.error(f"cannot differentiate with respect to '{name}' of type "
+                            f"{p.value.type}: only float tensors (or structs of them) have "
+                            f"gradients", span)
+            else:
+                wrt.append((name, span))
             seen.add(name)
+        if len(wrt) != len(t.wrt):
+            t = replace(t, wrt=tuple(n for n, _ in wrt), wrt_spans=tuple(s for _, s in wrt))
+            export = replace(export, transform=t)
+        exports.append(export)
+    return replace(module, exports=tuple(exports))
+
+
+def _map_ops(region: Region, f) -> Region:
+    """The region with every op (nested ones first) replaced by f(op)."""
+    ops = []
+    for op in region.ops:
+        if op.regions:
+            op = replace(op, regions=tuple(_map_ops(r, f) for r in op.regions))
+        ops.append(f(op))
+    return replace(region, ops=tuple(ops))
+
+
+def _reject_recursion(module: Module, diags: Diagnostics) -> Module:
+    """Calls that are part of a cycle of the call graph become errors at the call site."""
+    calls: dict[str, list[str]] = {
+        fn.name: [op.params.callee for op in walk(fn.body) if op.name == "call_fn"]
+        for fn in module.functions}
+
+    def path(src: str, dst: str) -> list[str] | None:
+        """A shortest call chain src -> ... -> dst, or None."""
+        parents: dict[str, str | None] = {src: None}
+        todo = [src]
+        while todo:
+            cur = todo.pop(0)
+            if cur == dst:
+                chain = [cur]
+                while parents[chain[-1]] is not None:
+                    chain.append(parents[chain[-1]])  # type: ignore[arg-type]
+                return chain[::-1]
+            for nxt in calls.get(cur, ()):
+                if nxt not in parents:
+                    parents[nxt] = cur
+                    todo.append(nxt)
+        return None
+
+    functions = []
+    for fn in module.functions:
+        def check(op: Op, fn: Function = fn) -> Op:
+            if op.name != "call_fn":
+                return op
+            chain = path(op.params.callee, fn.name)
+            if chain is None:
+                return op
+            if len(chain) == 1:
+                what = f"'{fn.name}' calls itself"
+            else:
+                what = "recursive call: " + " -> ".join(f"'{n}'" for n in [fn.name, *chain])
+            diags.error(f"{what}; recursion is not supported (write the iteration as a for "
+                        f"loop)", op.span)
+            return Op("error", op.operands, op.results, NoParams(), (), op.span)
+
+        functions.append(replace(fn, body=_map_ops(fn.body, check)))
+    return replace(module, functions=tuple(functions))
 
 
 class _FunctionResolver:
@@ -178,10 +349,26 @@ class _FunctionResolver:
         self.defs: dict[Value, Op] = {}
         self.locals = sorted({v.hint for op in walk(fn.body) for v in op.results if v.hint}
                              | {p.name for p in fn.params})
+        self.reported_lists: set[Value] = set()
+        self.site: Op | None = None
+        """The op whose static arguments are being folded."""
 
     def run(self) -> Function:
-        body = self.region(self.fn.body)
-        return dce_function(replace(self.fn, body=body))
+        fn = dce_function(replace(self.fn, body=self.region(self.fn.body)))
+        return replace(fn, body=_map_ops(fn.body, self.reject_list_values))
+
+    def reject_list_values(self, op: Op) -> Op:
+        """A list literal still used after folding is used as a value: an error."""
+        if op.name != "list":
+            return op
+        if op.result not in self.reported_lists:
+            self.report_list(op)
+        return self.failed(op)
+
+    def report_list(self, d: Op) -> None:
+        self.reported_lists.add(d.result)
+        self.diags.error("a list literal can only be an argument of a builtin such as "
+                         "zeros([...]) or concat([...]); use a tuple (a, b) for values", d.span)
 
     def region(self, region: Region) -> Region:
         ops: list[Op] = []
@@ -195,7 +382,24 @@ class _FunctionResolver:
 
     def error_op(self, op: Op, message: str, span: Span | None = None) -> Op:
         self.diags.error(message, span or op.span)
-        return Op("error", (), op.results, NoParams(), (), op.span)
+        return self.failed(op)
+
+    def failed(self, op: Op) -> Op:
+        """An `error` op in place of `op` (whose error is reported). It keeps the operands (the
+        elements of list operands) alive, so that errors in computing them are reported too."""
+        keep: list[Value] = []
+
+        def add(v: Value) -> None:
+            d = self.defs.get(v)
+            if d is not None and d.name == "list":
+                for x in d.operands:
+                    add(x)
+            elif v not in keep:
+                keep.append(v)
+
+        for v in op.operands:
+            add(v)
+        return Op("error", tuple(keep), op.results, NoParams(), (), op.span)
 
     def op(self, op: Op) -> Op:
         if op.regions:
@@ -207,25 +411,40 @@ class _FunctionResolver:
         if op.name == "for":
             return self.loop(op)
         self.reject_lists(op, op.operands)
+        if op.name == "getfield":
+            return self.getfield(op)
         return op
+
+    def getfield(self, op: Op) -> Op:
+        """A field of a struct built in place is known now: check that it exists."""
+        d = self.defs.get(op.operands[0])
+        if d is None or d.name != "struct_new" or op.params.name in d.params.fields:
+            return op
+        name, fields = d.params.name, d.params.fields
+        return self.error_op(op, f"struct {name} has no field '{op.params.name}' (fields: "
+                                 f"{', '.join(fields) or 'none'})"
+                                 + _did_you_mean(op.params.name, list(fields)))
 
     def reject_lists(self, op: Op, operands) -> None:
         for v in operands:
             d = self.defs.get(v)
-            if d is not None and d.name == "list":
-                self.diags.error("a list literal can only be an argument of a builtin such as "
-                                 "zeros([...]) or concat([...]); use a tuple (a, b) for values", d.span)
+            if d is not None and d.name == "list" and v not in self.reported_lists:
+                self.report_list(d)
 
     def ref(self, op: Op) -> Op:
         name = op.params.name
         if name in self.dims:
             return replace(op, name="dim")
         found = self.scope.lookup(name)
+        if isinstance(found, tuple) and found[0] == "struct":
+            fields = ", ".join(f"{n}=..." for n, _ in found[1].fields)
+            return self.error_op(op, f"'{name}' is a struct type and cannot be used as a value; "
+                                     f"build one with {name}({fields})")
         if isinstance(found, tuple):
-            return self.error_op(op, f"'{name}' is a function and cannot be used as a value; "
+            what = "builtin function" if found[0] == "builtin" else "function"
+            return self.error_op(op, f"'{name}' is a {what} and cannot be used as a value; "
                                      f"call it as {name}(...)")
-        return self.error_op(op, f"unknown name '{name}'" + _did_you_mean(
-            name, self.locals + self.dims + self.scope.known_names()))
+        return self.error_op(op, self.scope.unknown("name", name, self.locals + self.dims))
 
     def call(self, op: Op) -> Op:
         p: CallParams = op.params
@@ -234,8 +453,7 @@ class _FunctionResolver:
             if found:
                 return self.error_op(op, f"'{p.callee}' is ambiguous: it could be "
                                          + " or ".join(found) + "; qualify it with its module name")
-            return self.error_op(op, f"unknown function '{p.callee}'" + _did_you_mean(
-                p.callee, self.scope.known_names()))
+            return self.error_op(op, self.scope.unknown("function", p.callee))
         npos = len(op.operands) - len(p.kwnames)
         positional, keywords = op.operands[:npos], dict(zip(p.kwnames, op.operands[npos:]))
         kind, target = found
@@ -246,24 +464,30 @@ class _FunctionResolver:
         return self.call_fn(op, target, positional, keywords)
 
     def bind_args(self, op: Op, what: str, names: list[str], positional, keywords,
-                  required: set[str]) -> dict[str, Value] | None:
+                  required: set[str], struct: bool = False) -> dict[str, Value] | None:
+        """Match arguments to parameter names (or struct fields); None after an error."""
+        noun, arg = ("field", "field") if struct else ("parameter", "argument")
         if len(positional) > len(names):
+            given = len(positional)
             self.diags.error(f"{what} takes {len(names)} argument{'s' * (len(names) != 1)} "
-                             f"but {len(positional)} were given", op.span)
+                             f"but {given} {'was' if given == 1 else 'were'} given", op.span)
             return None
         bound = dict(zip(names, positional))
         ok = True
         for k, v in keywords.items():
             if k not in names:
-                self.diags.error(f"{what} has no parameter '{k}'" + _did_you_mean(k, names), op.span)
+                hint = _did_you_mean(k, names) or (
+                    f" ({noun}s: {', '.join(names)})" if names else f" (it takes no {noun}s)")
+                self.diags.error(f"{what} has no {noun} '{k}'" + hint, op.span)
                 ok = False
             elif k in bound:
-                self.diags.error(f"argument '{k}' of {what} given twice", op.span)
+                self.diags.error(f"argument '{k}' of {what} is given twice, by position and "
+                                 f"by name", op.span)
                 ok = False
             bound[k] = v
         missing = [n for n in names if n in required and n not in bound]
         if missing:
-            self.diags.error(f"{what} is missing argument{'s' * (len(missing) > 1)} "
+            self.diags.error(f"{what} is missing {arg}{'s' * (len(missing) > 1)} "
                              + ", ".join(f"'{m}'" for m in missing), op.span)
             ok = False
         return bound if ok else None
@@ -272,8 +496,10 @@ class _FunctionResolver:
         names = [q.name for q in fn.params]
         bound = self.bind_args(op, f"'{fn.name}'", names, positional, keywords, set(names))
         if bound is None:
-            return Op("error", (), op.results, NoParams(), (), op.span)
+            return self.failed(op)
         self.reject_lists(op, bound.values())
+        if _broken(fn):  # its signature has an unknown type, already reported
+            return self.failed(op)
         return Op("call_fn", tuple(bound[n] for n in names), op.results, CalleeParams(fn.name),
                   (), op.span)
 
@@ -282,9 +508,13 @@ class _FunctionResolver:
         if positional:
             return self.error_op(op, f"struct '{st.name}' is built with field names: "
                                      f"{st.name}({', '.join(f'{n}=...' for n in names)})")
-        bound = self.bind_args(op, f"struct '{st.name}'", names, (), keywords, set(names))
+        bound = self.bind_args(op, f"struct '{st.name}'", names, (), keywords, set(names),
+                               struct=True)
         if bound is None:
-            return Op("error", (), op.results, NoParams(), (), op.span)
+            return self.failed(op)
+        self.reject_lists(op, bound.values())
+        if _has_error(st):
+            return self.failed(op)
         return Op("struct_new", tuple(bound[n] for n in names), op.results,
                   StructParams(st.name, tuple(names)), (), op.span)
 
@@ -293,9 +523,10 @@ class _FunctionResolver:
         required = {a.name for a in b.args if a.default is REQUIRED}
         bound = self.bind_args(op, b.signature, names, positional, keywords, required)
         if bound is None:
-            return Op("error", (), op.results, NoParams(), (), op.span)
+            return self.failed(op)
         operands: list[Value] = []
         static: dict[str, object] = {}
+        self.site = op
         try:
             for a in b.args:
                 if a.name not in bound:
@@ -308,18 +539,19 @@ class _FunctionResolver:
                 else:
                     static[a.name] = self.fold(bound[a.name], a, b)
         except _Fail:
-            return Op("error", (), op.results, NoParams(), (), op.span)
+            return self.failed(op)
         params = OPS[b.op].params(**static)
         return Op(b.op, tuple(operands), op.results, params, (), op.span)
 
     def loop(self, op: Op) -> Op:
         start, stop, *inits = op.operands
         bound = Arg("bound", "dim")
+        self.site = op
         try:
             lo = self.fold(start, bound, None)
             hi = self.fold(stop, bound, None)
         except _Fail:
-            return Op("error", (), op.results, NoParams(), (), op.span)
+            return self.failed(op)
         self.reject_lists(op, inits)
         return replace(op, operands=tuple(inits), params=ForParams(op.params.carries, lo, hi))
 
@@ -335,7 +567,14 @@ class _FunctionResolver:
         d = self.defs.get(v)
         if d is not None and d.name == "error":
             raise _Fail  # already reported
-        self.diags.error(message, d.span if d is not None else None)
+        site = self.site.span if self.site is not None else None
+        if d is not None and d.span is not None and (site is None or _within(d.span, site)):
+            span = d.span  # the argument itself
+        else:  # a parameter or a value computed elsewhere: point at the call, name the value
+            span = site
+            if v.hint:
+                message += f"; '{v.hint}' is a value computed at run time"
+        self.diags.error(message, span)
         raise _Fail
 
     def static_int(self, v: Value, message: str) -> int:
