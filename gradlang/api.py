@@ -6,7 +6,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .diagnostics import CompileError, Diagnostics, SourceFile
-from .driver import compile_module
 from .ir import Module
 from .types import DType, TensorType, Type, StructType, TupleType
 
@@ -112,6 +111,8 @@ def compile_source(text: str, name: str = "<source>", root: str | Path | None = 
     Raises CompileError (its message is the rendered diagnostics) when the program has errors,
     or, with `strict`, warnings.
     """
+    from .driver import compile_module  # the front end (and lark) only when compiling
+
     diags = Diagnostics()
     source = SourceFile(name, text)
     module = compile_module(source, Path(root) if root is not None else None, diags)

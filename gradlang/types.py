@@ -170,6 +170,17 @@ def is_float_tree(t: Type) -> bool:
     return False
 
 
+def has_float_leaf(t: Type) -> bool:
+    """True when some leaf of `t` is a floating-point tensor (it can carry a gradient)."""
+    if isinstance(t, TensorType):
+        return t.dtype.is_float
+    if isinstance(t, StructType):
+        return any(has_float_leaf(f) for _, f in t.fields)
+    if isinstance(t, TupleType):
+        return any(has_float_leaf(e) for e in t.elems)
+    return False
+
+
 def type_to_json(t: Type) -> object:
     """A JSON-able description of a (resolved) type, used by artifact headers."""
     if isinstance(t, TensorType):

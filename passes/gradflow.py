@@ -15,7 +15,7 @@ from functools import cache
 from gradlang.diagnostics import Diagnostics
 from gradlang.ir import Function, Module, Op, Region, Value, walk
 from gradlang.ops import OPS
-from gradlang.types import ERROR, is_float_tree
+from gradlang.types import ERROR, has_float_leaf
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,8 @@ class GradFlowFacts:
 
 
 def _blocks(op: Op, value: Value) -> bool:
-    return "zero_grad" in OPS[op.name].traits or value.type is ERROR or not is_float_tree(value.type)
+    return ("zero_grad" in OPS[op.name].traits or value.type is ERROR
+            or not has_float_leaf(value.type))
 
 
 class _Analysis:
@@ -67,7 +68,7 @@ class _Analysis:
                         break
                     carries = new
                 for r, t in zip(op.results, carries):
-                    taint[r] = t if is_float_tree(r.type) else empty
+                    taint[r] = t if has_float_leaf(r.type) else empty
                 continue
             for r in op.regions:
                 self._forward_region(r, taint, defs)

@@ -91,4 +91,27 @@ def read(path: str | Path) -> tuple[dict, dict[str, tuple[Signature, jax.export.
 
 def loaded_function(signature: Signature, exported: jax.export.Exported) -> Callable:
     """A jitted callable of a deserialized export (arguments cast to the declared dtypes)."""
-    return jax.jit(casting(signature, exported.call))
+    return jax.jit(casting(signature, mapped_under_vmap(exported.call)))
+
+
+def mapped_under_vmap(fn: Callable) -> Callable:
+    """`fn` with a batching rule: under `jax.vmap` it runs once per batch element (`lax.map`).
+
+    A deserialized `jax.export` call has no batching rule of its own; looping over the batch
+    gives the same numbers as calling it on each element.
+    """
+    f = jax.custom_batching.custom_vmap(fn)
+
+    @f.def_vmap
+    def rule(axis_size, in_batched, *args):
+        leaves, tree = jax.tree.flatten(args)
+        flags = jax.tree.leaves(in_batched)
+
+        def one(batched):
+            it = iter(batched)
+            return f(*jax.tree.unflatten(tree, [next(it) if b else x for x, b in zip(leaves, flags)]))
+
+        out = jax.lax.map(one, [x for x, b in zip(leaves, flags) if b])
+        return out, jax.tree.map(lambda _: True, out)
+
+    return f

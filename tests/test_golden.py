@@ -30,13 +30,7 @@ GOLDEN = Path(__file__).parent / "golden"
 STAGES = ("build", *PASSES)
 HEADER = re.compile(r"#\s*golden:\s*(.*)")
 
-KNOWN_WRONG = {
-    ("control", "gradflow"): "gradflow treats a tuple mixing float and integer elements (the "
-                             "results of a loop with an integer carry) as non-differentiable, so "
-                             "values upstream of it lose their 'grad:' notes",
-    ("tuple_arg", "gradflow"): "gradflow blocks gradient at a (f32, i32) tuple passed to a "
-                               "function (and wrongly warns that the gradient wrt w is zero)",
-}
+KNOWN_WRONG: dict[tuple[str, str], str] = {}
 
 
 def programs() -> list[Path]:
