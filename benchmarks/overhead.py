@@ -11,14 +11,15 @@ from round to round), each sample being `--calls` consecutive calls, each follow
 rounds of the per-round ratio variant / hand-written. Variants:
 
 - `hand-written jax.jit`: the reference.
-- `gradlang m.step (direct)`: calling the export as users do; Python-side argument binding and
-  type/shape checking (runtime/signature.py, CompiledFunction.__call__) run on every call.
+- `gradlang m.step (direct)`: calling the export as users do; the full argument check
+  (runtime/signature.py) runs once per argument layout (tree structure, shapes, dtypes), later
+  calls with the same layout pay only for computing that layout.
 - `gradlang jax.jit(m.step)`: the export wrapped in jax.jit; the checks run once, at trace time.
 - `gradlang inner jit (no checks)`: diagnostic only, the export's own jitted function called
   without the Python-side checks (a private attribute), to separate check cost from HLO cost.
 - `control: hand + m.step.bind`: diagnostic only, the hand-written function preceded by
-  gradlang's argument binding/checking (result discarded): if it matches the direct call, the
-  direct call's overhead is that Python-side check.
+  gradlang's full argument binding/checking (result discarded): the per-call cost the layout
+  cache saves.
 
 Compile latency, measured in fresh Python processes (median of `--latency-repeats`):
 source -> executable = `gradlang.compile_file` + the first call of `m.step` (trace, lowering,

@@ -129,6 +129,20 @@ def casting(signature: Signature, fn: Callable) -> Callable:
     return cast_then_call
 
 
+def _layout(args: tuple) -> tuple | None:
+    """A hashable description of positional arguments that decides whether they type-check:
+    the tree structure (dict keys included), each array leaf's shape and dtype, each Python
+    scalar's type. None when some leaf is neither (those calls are always checked)."""
+    leaves, tree = jax.tree.flatten(args)
+    try:
+        key = tree, tuple(type(x) if isinstance(x, (bool, int, float)) else (tuple(x.shape), x.dtype)
+                          for x in leaves)
+        hash(key)
+    except (AttributeError, TypeError):
+        return None
+    return key
+
+
 class CompiledFunction:
     """A compiled export: call it with positional or keyword arguments (structs as dicts).
 
@@ -139,6 +153,8 @@ class CompiledFunction:
     def __init__(self, signature: Signature, fn: Callable):
         self.signature = signature
         self._fn = fn
+        self._checked: set = set()
+        """Layouts (tree structure, shapes, dtypes) of positional calls already checked."""
         self.__name__ = signature.name
         self.__doc__ = f"gradlang export {signature.describe()} ({signature.kind})"
 
@@ -164,6 +180,13 @@ class CompiledFunction:
         return [bound[n] for n in names]
 
     def __call__(self, *args, **kwargs):
+        if not kwargs:
+            key = _layout(args)
+            if key not in self._checked:
+                args = self.bind(args, {})
+                if key is not None:
+                    self._checked.add(key)
+            return self._fn(*args)
         return self._fn(*self.bind(args, kwargs))
 
     def __repr__(self) -> str:

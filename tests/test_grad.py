@@ -403,6 +403,7 @@ def test_python_scalars_are_accepted():
         "unknown-keyword", "duplicate"])
 def test_wrong_arguments_raise_argument_error(mlp, call, message):
     p, x, y = mlp_args()
+    mlp.step(p, x, y)  # a good call first: its checked layout must not let a bad one through
     with pytest.raises(ArgumentError, match=message):
         call(mlp, p, x, y)
 
