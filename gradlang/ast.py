@@ -181,6 +181,26 @@ class Let(Stmt):
 
 
 @dataclass(frozen=True)
+class Annotation:
+    """`with name(args)`: an estimator (or backward rule) chosen in the source."""
+
+    name: str
+    args: tuple[Expr, ...]
+    kwargs: tuple[Keyword, ...]
+    span: Span
+
+
+@dataclass(frozen=True)
+class Sample(Stmt):
+    """`z ~ dist [with annotation]`: a random choice."""
+
+    name: str
+    dist: Expr
+    annotation: Annotation | None
+    name_span: Span
+
+
+@dataclass(frozen=True)
 class Return(Stmt):
     value: Expr
 
@@ -231,6 +251,14 @@ class ExternDecl(Decl):
 class ExportDecl(Decl):
     name: str
     value: Expr
+
+
+@dataclass(frozen=True)
+class Pragma(Decl):
+    """`pragma estimator NAME(options)`: a module-level default."""
+
+    key: str
+    value: Annotation
 
 
 @dataclass(frozen=True)

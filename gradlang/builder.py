@@ -12,12 +12,55 @@ from dataclasses import dataclass, field, replace
 from . import ast
 from .diagnostics import Diagnostics, Span
 from .ir import Export, Function, Op, Param, Region, StructDef, Transform, Value
-from .ops import (CallParams, CastParams, ConstParams, ForParams, GetParams, IndexItem,
-                  IndexParams, NameParams, NoParams)
+from .ops import (CallParams, CastParams, ConstParams, Estimator, ExpectParams, ForParams,
+                  GetParams, IndexItem, IndexParams, NameParams, NoParams, SampleParams)
 from .types import DType, NamedType, TensorType, TupleType, Type
 
 I32_MAX = 2**31 - 1
 TRANSFORMS = ("grad", "value_and_grad")
+
+
+def estimator_from_ast(a: ast.Annotation, diags: Diagnostics) -> Estimator | None:
+    """`with name(k=v, ...)` as an Estimator; options must be literals or names."""
+    if a.args:
+        diags.error(f"options of '{a.name}' are given by name, e.g. {a.name}(option=value)", a.args[0].span)
+        return None
+    options = []
+    for k in a.kwargs:
+        v = _literal(k.value)
+        if v is None:
+            diags.error(f"option '{k.name}' of '{a.name}' must be a number, true/false or a name",
+                        k.value.span)
+            return None
+        options.append((k.name, v))
+    return Estimator(a.name, tuple(options), a.span)
+
+
+def _literal(e: ast.Expr) -> bool | int | float | str | None:
+    if isinstance(e, (ast.IntLit, ast.FloatLit, ast.BoolLit)):
+        return e.value
+    if isinstance(e, ast.Unary) and e.op == "neg" and isinstance(e.operand, (ast.IntLit, ast.FloatLit)):
+        return -e.operand.value
+    if isinstance(e, ast.Name):
+        return e.id
+    return None
+
+
+def _samples_option(call: ast.Call, diags: Diagnostics) -> int | None:
+    """The N of `expect(..., samples=N)` (a positive integer literal); None after an error."""
+    opts = {k.name: k for k in call.kwargs}
+    for k in call.kwargs:
+        if k.name != "samples":
+            diags.error(f"unknown option '{k.name}' for expect; expected samples=N", k.span)
+            return None
+    if "samples" not in opts:
+        diags.error("expect needs samples=N: the number of Monte Carlo draws", call.span)
+        return None
+    v = opts["samples"].value
+    if not (isinstance(v, ast.IntLit) and v.value >= 1):
+        diags.error("samples must be a positive integer literal", v.span)
+        return None
+    return v.value
 
 
 def qualify(unit: str, name: str) -> str:
@@ -92,18 +135,43 @@ def _extern_stub(decl: ast.ExternDecl, unit: str) -> Function:
                     decl.span, decl.result.span)
 
 
+def _objective(e: ast.Expr, diags: Diagnostics) -> tuple[ast.Name, int] | None:
+    """`f` or `expect(f, samples=N)`: the function and N (0 without expect)."""
+    if isinstance(e, ast.Name):
+        return e, 0
+    if isinstance(e, ast.Call) and isinstance(e.func, ast.Name) and e.func.id == "expect":
+        if len(e.args) != 1 or not isinstance(e.args[0], ast.Name):
+            diags.error("expect in an export takes one function name, e.g. expect(f, samples=8)",
+                        e.span)
+            return None
+        n = _samples_option(e, diags)
+        return None if n is None else (e.args[0], n)
+    return None
+
+
 def _build_export(decl: ast.ExportDecl, unit: str, diags: Diagnostics) -> Export | None:
     value = decl.value
+    if isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == "expect":
+        found = _objective(value, diags)
+        if found is None:
+            return None
+        fn, n = found
+        return Export(decl.name, Transform("fn", qualify(unit, fn.id), samples=n), decl.span,
+                      fn.span)
     if isinstance(value, ast.Name):
         return Export(decl.name, Transform("fn", qualify(unit, value.id)), decl.span, value.span)
-    usage = "an export must name a function or be grad(f, wrt=[...]) or value_and_grad(f, wrt=[...])"
+    usage = ("an export must name a function or be grad(f, wrt=[...]), value_and_grad(f, "
+             "wrt=[...]) or expect(f, samples=N)")
     if not (isinstance(value, ast.Call) and isinstance(value.func, ast.Name)
             and value.func.id in TRANSFORMS):
         diags.error(usage, value.span)
         return None
     kind = value.func.id
-    if len(value.args) != 1 or not isinstance(value.args[0], ast.Name):
-        diags.error(f"{kind} takes one function name as its positional argument", value.span)
+    objective = _objective(value.args[0], diags) if len(value.args) == 1 else None
+    if objective is None:
+        if not diags.has_errors or len(value.args) != 1:
+            diags.error(f"{kind} takes one function name (or expect(f, samples=N)) as its "
+                        f"positional argument", value.span)
         return None
     wrt = [k for k in value.kwargs if k.name == "wrt"]
     for k in value.kwargs:
@@ -120,8 +188,9 @@ def _build_export(decl: ast.ExportDecl, unit: str, diags: Diagnostics) -> Export
         return None
     names = tuple(e.id for e in targets.elems)  # type: ignore[attr-defined]
     spans = tuple(e.span for e in targets.elems)
-    fn = value.args[0]
-    return Export(decl.name, Transform(kind, qualify(unit, fn.id), names, spans), decl.span, fn.span)
+    fn, n = objective
+    return Export(decl.name, Transform(kind, qualify(unit, fn.id), names, spans, n), decl.span,
+                  fn.span)
 
 
 class _Block:
@@ -192,6 +261,8 @@ class _FunctionBuilder:
         for i, stmt in enumerate(stmts):
             if isinstance(stmt, ast.Let):
                 self.let(stmt.pattern, self.expr(stmt.value))
+            elif isinstance(stmt, ast.Sample):
+                self.sample(stmt)
             elif isinstance(stmt, ast.Return):
                 value = self.expr(stmt.value)
                 if i != len(stmts) - 1:
@@ -201,6 +272,14 @@ class _FunctionBuilder:
                    decl.span.end_line, decl.span.end_col)
         self.diags.error(f"function '{decl.name}' does not end with a return statement", end)
         return (self.emit("error", (), NoParams(), end).result,)
+
+    def sample(self, stmt: ast.Sample) -> None:
+        dist = self.expr(stmt.dist)
+        annotation = None
+        if stmt.annotation is not None:
+            annotation = estimator_from_ast(stmt.annotation, self.diags)
+        op = self.emit("sample", (dist,), SampleParams(stmt.name, annotation), stmt.span)
+        self.bind(stmt.name, op.result)
 
     def let(self, pattern: ast.Pattern, value: Value) -> None:
         if isinstance(pattern, ast.PName):
@@ -275,6 +354,8 @@ class _FunctionBuilder:
                                     e.func.span)
         if callee in TRANSFORMS:
             return self.error_value(f"{callee}(...) can only be used in an export", e.span)
+        if callee == "expect":
+            return self.expect(e)
         seen: set[str] = set()
         for k in e.kwargs:
             if k.name in seen:
@@ -283,6 +364,17 @@ class _FunctionBuilder:
         operands = tuple(self.expr(a) for a in e.args) + tuple(self.expr(k.value) for k in e.kwargs)
         kwnames = tuple(k.name for k in e.kwargs)
         return self.emit("call", operands, CallParams(callee, kwnames), e.span).result
+
+    def expect(self, e: ast.Call) -> Value:
+        """`expect(expr, samples=N)`: expr is evaluated N times, in a region, on fresh draws."""
+        if len(e.args) != 1:
+            return self.error_value("expect takes one expression and samples=N, e.g. "
+                                    "expect(f(x), samples=8)", e.span)
+        n = _samples_option(e, self.diags)
+        region = self.region({}, lambda: (self.expr(e.args[0]),))
+        if n is None:
+            return self.emit("error", (), NoParams(), e.span).result
+        return self.emit("expect", (), ExpectParams(n), e.span, regions=(region,)).result
 
     def expr_FieldAccess(self, e: ast.FieldAccess) -> Value:
         dotted = _dotted(e)
@@ -337,6 +429,8 @@ class _FunctionBuilder:
                 if isinstance(stmt, ast.Return):
                     self.diags.error("return is not allowed inside a loop body; the body's last "
                                      "expression is the next carry", stmt.span)
+                elif isinstance(stmt, ast.Sample):
+                    self.sample(stmt)
                 else:
                     self.let(stmt.pattern, self.expr(stmt.value))
             if len(names) == 1:

@@ -106,6 +106,10 @@ BUILTINS: dict[str, Builtin] = {
         _b("outer", "x:tensor y:tensor", "outer product of two vectors"),
         _b("solve", "a:tensor b:tensor", "x with a @ x = b, for square a [N, N] and b [N] or [N, K]"),
         _b("cholesky", "a:tensor", "lower-triangular L with L @ transpose(L) = a"),
+        _b("log_prob", "d:tensor x:tensor", "log density (or mass) of `x` under distribution `d`, "
+           "per batch element"),
+        _b("entropy", "d:tensor", "entropy of distribution `d`, per batch element"),
+        _b("kl", "p:tensor q:tensor", "KL(p || q) in closed form, per batch element"),
     ]
 }
 

@@ -12,9 +12,10 @@ from importlib import resources
 from pathlib import Path
 
 from . import ast
-from .builder import build_unit
+from .builder import build_unit, estimator_from_ast
 from .diagnostics import Diagnostics, SourceFile, Span
 from .ir import Module, Unit
+from .ops import Estimator
 from .parser import parse
 
 
@@ -43,7 +44,23 @@ class _Loader:
                 self.diags.error(f"imports '{clash}' and '{target}' are both named '{alias}'", decl.span)
             elif clash is None:
                 imports.append((alias, target))
-        return Unit(unit, program.source.path, tuple(imports))
+        return Unit(unit, program.source.path, tuple(imports), self.default_estimator(program))
+
+    def default_estimator(self, program: ast.Program) -> Estimator | None:
+        """The unit's `pragma estimator ...` (at most one)."""
+        found: Estimator | None = None
+        for decl in program.decls:
+            if not isinstance(decl, ast.Pragma):
+                continue
+            if decl.key != "estimator":
+                self.diags.error(f"unknown pragma '{decl.key}'; the only pragma is "
+                                 f"'pragma estimator NAME(options)'", decl.span)
+            elif found is not None:
+                self.diags.error(f"a second 'pragma estimator' (the first is at line "
+                                 f"{found.span.line})", decl.span)
+            else:
+                found = estimator_from_ast(decl.value, self.diags)
+        return found
 
     def import_unit(self, decl: ast.Use, folder: Path | None, stack: tuple[str, ...]) -> str | None:
         name = ".".join(decl.path)

@@ -85,6 +85,8 @@ class Transform:
     fn: str
     wrt: tuple[str, ...] = ()
     wrt_spans: tuple[Span, ...] = ()
+    samples: int = 0
+    """`expect(fn, samples=N)`: the Monte Carlo mean over N draws (0: fn as it is)."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,8 @@ class Unit:
     name: str
     path: str
     imports: tuple[tuple[str, str], ...] = ()
+    estimator: Any = None
+    """The unit's default estimator (`pragma estimator ...`), an `ops.Estimator`."""
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,14 @@ Traits read by passes:
 - `zero_grad`: its derivative is zero almost everywhere or undefined, so no gradient flows
   through it (comparisons, logic, stop_gradient, integer-valued results).
 - `unresolved`: only exists between the builder and the resolve pass.
+- `random`: draws from the function's key (directly or in its region).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from .diagnostics import Span
 from .types import Dim, DType
 
 
@@ -131,6 +133,52 @@ class ForParams:
     stop: Dim = 0
 
 
+@dataclass(frozen=True)
+class Estimator:
+    """An estimator named in the source (`with score(baseline=loo)`, `pragma estimator ...`)
+    or chosen by the estimators pass; options are static literals (names become strings)."""
+
+    name: str
+    options: tuple[tuple[str, bool | int | float | str], ...] = ()
+    span: Span | None = None
+
+    def option(self, key: str, default: object = None) -> object:
+        return dict(self.options).get(key, default)
+
+    def __str__(self) -> str:
+        opts = ", ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+                         for k, v in self.options)
+        return f"{self.name}({opts})" if opts else self.name
+
+
+@dataclass(frozen=True)
+class DistParams:
+    family: str
+    given: tuple[str, ...]
+    """The parameter names the operands were given as (canonical or alias, e.g. `probs`)."""
+
+
+@dataclass(frozen=True)
+class SampleParams:
+    site: str
+    """The name the draw is bound to, for messages and `explain`."""
+    annotation: Estimator | None = None
+    """What the source asked for on this site (None: the default)."""
+    estimator: Estimator | None = None
+    """What the estimators pass chose."""
+
+
+@dataclass(frozen=True)
+class ExpectParams:
+    samples: int
+
+
+@dataclass(frozen=True)
+class SurrogateParams:
+    baselines: tuple[str, ...]
+    """The control variate of each score-term operand after the value: none | loo | grpo."""
+
+
 # ---- op definitions
 
 
@@ -195,6 +243,17 @@ OPS: dict[str, OpDef] = {
         *_defs("index", IndexParams, "", "indexing and slicing"),
         *_defs("if", NoParams, "", "two-way conditional with a region per branch"),
         *_defs("for", ForParams, "", "bounded loop with carried state"),
+        *_defs("dist", DistParams, "", "a distribution (batch) from its parameters"),
+        *_defs("sample", SampleParams, "random", "a random choice from a distribution"),
+        *_defs("log_prob", NoParams, "", "log density / mass of a value"),
+        *_defs("entropy", NoParams, "", "entropy of a distribution"),
+        *_defs("kl", NoParams, "", "KL divergence of two distributions (closed form)"),
+        *_defs("dist_mean", NoParams, "", "mean of a distribution"),
+        *_defs("expect", ExpectParams, "random", "Monte Carlo mean of its region over independent draws"),
+        *_defs("samples", ExpectParams, "random",
+               "its region evaluated on independent draws, results stacked on a new axis 0"),
+        *_defs("surrogate", SurrogateParams, "",
+               "mean over samples of the score-function surrogate (magic box and baselines)"),
     ]
 }
 
@@ -204,7 +263,11 @@ def params_text(params: object) -> str:
     items = []
     for f in fields(params):  # type: ignore[arg-type]
         v = getattr(params, f.name)
-        if isinstance(v, DType):
+        if v is None and f.name in ("annotation", "estimator"):
+            continue
+        if isinstance(v, Estimator):
+            v = str(v)
+        elif isinstance(v, DType):
             v = v.value
         elif isinstance(v, tuple) and v and isinstance(v[0], IndexItem):
             v = "[" + ", ".join(str(i) for i in v) + "]"

@@ -16,7 +16,7 @@ from lark import Token, Transformer, v_args
 from . import ast
 from .diagnostics import Diagnostics, SourceFile, Span
 
-_DECL_START = re.compile(r"^(use|struct|fn|extern|export)\b")
+_DECL_START = re.compile(r"^(use|struct|fn|extern|export|pragma)\b")
 
 _TOKEN_TEXT = {
     "NAME": "a name",
@@ -220,6 +220,26 @@ class _ToAst(Transformer):
     @v_args(meta=True)
     def let_stmt(self, meta, items):
         return ast.Let(self._span(meta), items[0], items[1])
+
+    @v_args(meta=True)
+    def sample_stmt(self, meta, items):
+        name, dist, annotation = items
+        return ast.Sample(self._span(meta), str(name), dist, annotation, self._tok_span(name))
+
+    @v_args(meta=True)
+    def annotation_body(self, meta, items):
+        name, args = items
+        pos, kws = [], []
+        for a in args or ():
+            (kws if isinstance(a, ast.Keyword) else pos).append(a)
+        return ast.Annotation(str(name), tuple(pos), tuple(kws), self._span(meta))
+
+    def annotation(self, items):
+        return items[0]
+
+    @v_args(meta=True)
+    def pragma_decl(self, meta, items):
+        return ast.Pragma(self._span(meta), str(items[0]), items[1])
 
     @v_args(meta=True)
     def return_stmt(self, meta, items):

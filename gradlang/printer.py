@@ -92,8 +92,9 @@ def print_module(module: Module) -> str:
         parts.append(print_function(fn, notes))
     for e in module.exports:
         t = e.transform
+        fn = f"expect(@{t.fn}, samples={t.samples})" if t.samples else f"@{t.fn}"
         if t.kind == "fn":
-            parts.append(f"export @{e.name} = @{t.fn}")
+            parts.append(f"export @{e.name} = {fn}")
         else:
-            parts.append(f"export @{e.name} = {t.kind}(@{t.fn}, wrt=[{', '.join(t.wrt)}])")
+            parts.append(f"export @{e.name} = {t.kind}({fn}, wrt=[{', '.join(t.wrt)}])")
     return "\n\n".join(parts) + "\n"

@@ -106,6 +106,20 @@ class ListType(Type):
         return "[" + ", ".join(str(e) for e in self.elems) + "]"
 
 
+@dataclass(frozen=True)
+class DistType(Type):
+    """A distribution (a batch of them): its family, batch shape and the type of one draw of
+    the whole batch. Distributions live inside function bodies only."""
+
+    family: str
+    batch: tuple[Dim, ...]
+    value: TensorType
+
+    def __str__(self) -> str:
+        batch = f"[{', '.join(str(d) for d in self.batch)}]" if self.batch else ""
+        return f"{self.family}{batch} -> {self.value}"
+
+
 class _Special(Type):
     def __init__(self, text: str):
         self.text = text
@@ -119,6 +133,9 @@ class _Special(Type):
 
 UNKNOWN = _Special("?")
 """The type of a value before type checking."""
+
+KEY = _Special("key")
+"""A JAX random key: the implicit argument of functions that sample."""
 
 ERROR = _Special("<error>")
 """The type of a value whose computation already produced a diagnostic (suppresses cascades)."""
@@ -174,6 +191,8 @@ def has_float_leaf(t: Type) -> bool:
     """True when some leaf of `t` is a floating-point tensor (it can carry a gradient)."""
     if isinstance(t, TensorType):
         return t.dtype.is_float
+    if isinstance(t, DistType):
+        return True
     if isinstance(t, StructType):
         return any(has_float_leaf(f) for _, f in t.fields)
     if isinstance(t, TupleType):
@@ -189,11 +208,15 @@ def type_to_json(t: Type) -> object:
         return {"struct": t.name, "fields": {n: type_to_json(f) for n, f in t.fields}}
     if isinstance(t, TupleType):
         return {"tuple": [type_to_json(e) for e in t.elems]}
+    if t is KEY:
+        return "key"
     raise TypeError(f"type {t} has no JSON form")
 
 
 def type_from_json(j: object) -> Type:
     """Inverse of `type_to_json`."""
+    if j == "key":
+        return KEY
     assert isinstance(j, dict)
     if "dtype" in j:
         return TensorType(DType(j["dtype"]), tuple(j["shape"]))

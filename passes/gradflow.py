@@ -40,10 +40,11 @@ class _Analysis:
         self.summary = cache(self._summary)
 
     def _summary(self, fn_name: str) -> tuple[bool, ...]:
-        """For each parameter of fn: does the result depend on it differentiably?"""
+        """For each parameter of fn: does the result depend on it differentiably, or does it
+        shape the distribution of a draw (a score-function gradient reaches it)?"""
         fn = self.module.function(fn_name)
         taint = self.forward(fn, {p.value: frozenset({p.name}) for p in fn.params})
-        reached = taint.get(fn.body.results[0], frozenset())
+        reached = taint.get(fn.body.results[0], frozenset()) | _into_draws(fn, taint)
         return tuple(p.name in reached for p in fn.params)
 
     def forward(self, fn: Function, seeds: dict[Value, frozenset[str]]) -> dict[Value, frozenset[str]]:
@@ -81,8 +82,8 @@ class _Analysis:
             elif op.name == "getfield" and source is not None and source.name == "struct_new":
                 element = source.operands[source.params.fields.index(op.params.name)]
                 incoming = [taint.get(element, empty)]
-            elif op.name == "if":
-                incoming = [taint.get(r.results[0], empty) for r in op.regions]
+            elif op.regions:  # if, expect, samples: the values their regions yield
+                incoming = [taint.get(v, empty) for r in op.regions for v in r.results]
             else:
                 incoming = [taint.get(v, empty) for v in op.operands]
             union = frozenset().union(*incoming)
@@ -111,7 +112,7 @@ class _Analysis:
                     if body.args[i + 1] in reach:
                         reach.add(op.operands[i])
                 self._backward_region(body, reach)
-            elif op.name == "if":
+            elif op.regions:
                 for r in op.regions:
                     reach.update(r.results)
                     self._backward_region(r, reach)
@@ -142,7 +143,7 @@ class GradFlow:
             taint = analysis.forward(fn, seeds)
             reach = analysis.backward(fn)
             carries = {v: taint[v] for v in taint if v in reach and taint[v]}
-            result = carries.get(fn.body.results[0], frozenset())
+            result = carries.get(fn.body.results[0], frozenset()) | _into_draws(fn, taint)
             zero = tuple(n for n in t.wrt if n not in result)
             for name, span in zip(t.wrt, t.wrt_spans):
                 if name in zero and fn.body.results[0].type is not ERROR:
@@ -154,6 +155,16 @@ class GradFlow:
                 notes[v] = "grad: " + ", ".join(sorted(names | _names(notes.get(v))))
         return replace(module, facts=module.facts | {"gradflow": tuple(facts),
                                                      "gradflow_notes": notes})
+
+
+def _into_draws(fn: Function, taint: dict[Value, frozenset[str]]) -> frozenset[str]:
+    """Names that flow into the parameters of a distribution in fn: the distribution of a draw
+    depends on them, so the expectation's gradient does (through its score function)."""
+    out: frozenset[str] = frozenset()
+    for op in walk(fn.body):
+        if op.name == "dist":
+            out = out.union(*(taint.get(v, frozenset()) for v in op.operands))
+    return out
 
 
 def _names(note: str | None) -> frozenset[str]:

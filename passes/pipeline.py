@@ -13,8 +13,10 @@ from gradlang.diagnostics import Diagnostics
 from gradlang.ir import Module
 from gradlang.verifier import verify_module
 
+from .estimators import Estimators
 from .gradflow import GradFlow
 from .resolve import Resolve
+from .surrogate import Surrogate
 from .typecheck import Typecheck
 
 
@@ -26,11 +28,12 @@ class Pass(Protocol):
     def run(self, module: Module, diags: Diagnostics) -> Module: ...
 
 
-PIPELINE: tuple[Pass, ...] = (Resolve(), Typecheck(), GradFlow())
+PIPELINE: tuple[Pass, ...] = (Resolve(), Typecheck(), GradFlow(), Estimators(), Surrogate())
 PASSES: dict[str, Pass] = {p.name: p for p in PIPELINE}
 
-_VERIFY_AFTER = {"resolve": {"resolved": True}, "typecheck": {"resolved": True, "typed": True},
-                 "gradflow": {"resolved": True, "typed": True}}
+_TYPED = {"resolved": True, "typed": True}
+_VERIFY_AFTER = {"resolve": {"resolved": True}, "typecheck": _TYPED, "gradflow": _TYPED,
+                 "estimators": _TYPED, "surrogate": _TYPED}
 
 
 def parse_pipeline(text: str) -> tuple[Pass, ...]:

@@ -20,8 +20,10 @@ from dataclasses import dataclass, replace
 from gradlang.builtins import BUILTINS, REQUIRED, Arg, Builtin
 from gradlang.builder import qualify
 from gradlang.diagnostics import Diagnostics, Span
+from gradlang.distributions import DISTRIBUTIONS, DistSpec
 from gradlang.ir import Function, Module, Op, Param, Region, StructDef, Value, walk
-from gradlang.ops import OPS, CalleeParams, CallParams, ForParams, NoParams, StructParams
+from gradlang.ops import (OPS, CalleeParams, CallParams, DistParams, ForParams, NoParams,
+                          StructParams)
 from gradlang.types import (ERROR, DType, NamedType, StructType, TensorType, TupleType, Type,
                             is_float_tree, substitute_dims, type_dims)
 
@@ -61,12 +63,14 @@ class _Scope:
                 return found[0]
             if i == 0 and "." not in name and name in BUILTINS:
                 return ("builtin", BUILTINS[name])
+            if i == 0 and "." not in name and name in DISTRIBUTIONS:
+                return ("dist", DISTRIBUTIONS[name])
         if len(found) > 1:
             return [f[1].name for f in found]  # type: ignore[union-attr]
         return found[0] if found else []
 
     def known_names(self) -> list[str]:
-        names = list(BUILTINS)
+        names = list(BUILTINS) + list(DISTRIBUTIONS)
         for fn in self.module.functions:
             names.append(fn.name.rpartition(".")[2])
         return names + [s.rpartition(".")[2] for s in self.structs]
@@ -440,6 +444,10 @@ class _FunctionResolver:
             fields = ", ".join(f"{n}=..." for n, _ in found[1].fields)
             return self.error_op(op, f"'{name}' is a struct type and cannot be used as a value; "
                                      f"build one with {name}({fields})")
+        if isinstance(found, tuple) and found[0] == "dist":
+            return self.error_op(op, f"'{name}' is a distribution and cannot be used as a value "
+                                     f"by itself; give its parameters: {name}("
+                                     + ", ".join(found[1].params) + ")")
         if isinstance(found, tuple):
             what = "builtin function" if found[0] == "builtin" else "function"
             return self.error_op(op, f"'{name}' is a {what} and cannot be used as a value; "
@@ -459,6 +467,8 @@ class _FunctionResolver:
         kind, target = found
         if kind == "builtin":
             return self.builtin(op, target, positional, keywords)
+        if kind == "dist":
+            return self.dist(op, target, positional, keywords)
         if kind == "struct":
             return self.struct_new(op, target, positional, keywords)
         return self.call_fn(op, target, positional, keywords)
@@ -503,6 +513,33 @@ class _FunctionResolver:
         return Op("call_fn", tuple(bound[n] for n in names), op.results, CalleeParams(fn.name),
                   (), op.span)
 
+    def dist(self, op: Op, spec: DistSpec, positional, keywords) -> Op:
+        """`Normal(mu, sigma)`, `Categorical(probs=p)`: one operand per canonical parameter,
+        each given by position, by its name or by an alias (`probs` for `logits`)."""
+        what = f"{spec.name}({', '.join(spec.params)})"
+        if len(positional) > len(spec.params):
+            return self.error_op(op, f"{what} takes {len(spec.params)} parameter"
+                                     f"{'s' * (len(spec.params) != 1)} but {len(positional)} "
+                                     f"were given")
+        given: dict[str, tuple[str, Value]] = {p: (p, v) for p, v in zip(spec.params, positional)}
+        for k, v in keywords.items():
+            canonical = spec.canonical(k)
+            if canonical is None:
+                names = list(spec.params) + [a for a, _ in spec.aliases]
+                return self.error_op(op, f"{spec.name} has no parameter '{k}' (parameters: "
+                                         f"{', '.join(names)})" + _did_you_mean(k, names))
+            if canonical in given:
+                return self.error_op(op, f"parameter '{canonical}' of {spec.name} is given twice"
+                                     + (f" (as '{given[canonical][0]}' and '{k}')"
+                                        if given[canonical][0] != k else ""))
+            given[canonical] = (k, v)
+        missing = [p for p in spec.params if p not in given]
+        if missing:
+            return self.error_op(op, f"{what} is missing " + ", ".join(f"'{m}'" for m in missing))
+        self.reject_lists(op, [v for _, v in given.values()])
+        return Op("dist", tuple(given[p][1] for p in spec.params), op.results,
+                  DistParams(spec.name, tuple(given[p][0] for p in spec.params)), (), op.span)
+
     def struct_new(self, op: Op, st: StructType, positional, keywords) -> Op:
         names = [n for n, _ in st.fields]
         if positional:
@@ -540,6 +577,11 @@ class _FunctionResolver:
                     static[a.name] = self.fold(bound[a.name], a, b)
         except _Fail:
             return self.failed(op)
+        d = self.defs.get(operands[0]) if operands else None
+        if b.name == "mean" and d is not None and d.name == "dist":
+            if static != {"axis": None, "keepdims": False}:
+                return self.error_op(op, "mean of a distribution takes no axis or keepdims")
+            return Op("dist_mean", tuple(operands), op.results, NoParams(), (), op.span)
         params = OPS[b.op].params(**static)
         return Op(b.op, tuple(operands), op.results, params, (), op.span)
 

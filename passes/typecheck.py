@@ -17,8 +17,10 @@ from gradlang.diagnostics import Diagnostics
 from gradlang.ir import Function, Module, Op, Region, Value
 from gradlang.shapes import (ShapeError, add_dims, broadcast, normalize_axis, reshape, show,
                              sub_dims, unify)
-from gradlang.types import (ERROR, DType, StructType, TensorType, TupleType, Type, promote,
-                            is_float_tree, scalar, substitute_dims)
+from gradlang.types import (ERROR, DistType, DType, StructType, TensorType, TupleType, Type,
+                            promote, is_float_tree, scalar, substitute_dims)
+
+from . import typecheck_random as R
 
 
 class _Ctx:
@@ -398,6 +400,7 @@ RULES: dict[str, Rule] = {
     "concat": _join, "stack": _join, "zeros": _filled, "ones": _filled, "full": _filled,
     "arange": _arange, "eye": _eye, "softmax": _softmax, "log_softmax": _softmax,
     "one_hot": _one_hot, "cross_entropy": _cross_entropy, "mse": _mse, "index": _index,
+    **R.RULES,
 }
 
 
@@ -468,8 +471,14 @@ class _FunctionChecker:
             return self.if_op(op, args)
         if op.name == "for":
             return self.for_op(op, args)
+        if op.name in ("expect", "samples"):
+            return self.expect_op(op)
         types: tuple[Type, ...]
         if op.name == "error" or any(a.type is ERROR for a in args):
+            types = (ERROR,) * len(op.results)
+        elif op.name not in R.DIST_CONSUMERS and any(isinstance(a.type, DistType) for a in args):
+            self.diags.error("a distribution can only be sampled (z ~ d) or passed to log_prob, "
+                             "mean, entropy or kl", op.span)
             types = (ERROR,) * len(op.results)
         else:
             try:
@@ -509,6 +518,22 @@ class _FunctionChecker:
         if a.type != b.type:
             raise ShapeError(f"the branches of if have different types: {a.type} and {b.type}")
         return a.type
+
+    def expect_op(self, op: Op) -> Op:
+        """`expect`: the mean over draws, typed like its value; `samples`: stacked values."""
+        region = self.region(op.regions[0], ())
+        n = op.params.samples
+        types: list[Type] = []
+        for v in region.results:
+            t = ERROR
+            if v.type is not ERROR:
+                try:
+                    t = R.stacked(n, v.type)
+                except ShapeError as exc:
+                    self.diags.error(str(exc), op.span)
+            types.append(t.with_shape(t.shape[1:]) if op.name == "expect" and t is not ERROR else t)
+        results = tuple(self.new(r, t) for r, t in zip(op.results, types))
+        return replace(op, results=results, regions=(region,))
 
     def for_op(self, op: Op, args: list[Value]) -> Op:
         p: O.ForParams = op.params

@@ -11,15 +11,19 @@ from collections.abc import Callable
 import jax
 
 from gradlang.ir import Export, Module
+from gradlang.types import KEY
 
 from .lower import Lowering
 from .signature import Signature, casting
 
 
 def signature_of(module: Module, export: Export) -> Signature:
+    """The export's parameters (with a last `key` parameter when it draws) and result."""
     t = export.transform
     fn = module.function(t.fn)
     params = tuple((p.name, p.value.type) for p in fn.params)
+    if fn.name in module.facts.get("random", ()):
+        params += (("key", KEY),)
     return Signature(export.name, t.kind, fn.name, params, fn.result_type, t.wrt)
 
 

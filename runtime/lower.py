@@ -7,6 +7,7 @@ results to the dtypes the type checker assigned. Each op is lowered inside a JAX
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +39,35 @@ def bind_dims(t: Type, value: Any, dims: dict[str, Any]) -> None:
 
 
 class _Ctx:
-    def __init__(self, lowering: Lowering, fn: Function, dims: dict[str, Any]):
+    def __init__(self, lowering: Lowering, fn: Function, dims: dict[str, Any], key: Any = None):
         self.lowering = lowering
         self.fn = fn
         self.dims = dims
         self.env: dict[Value, Any] = {}
         self.file = Path(fn.span.source.path).name
+        self.key = key
+        self.draws = 0
+        """How many keys this scope has handed out (each random op folds in its number)."""
+
+    def next_key(self) -> Any:
+        """A fresh key for the next random op of the current scope."""
+        if self.key is None:
+            raise LoweringError(f"@{self.fn.name} draws but was lowered without a key")
+        self.draws += 1
+        return jax.random.fold_in(self.key, self.draws)
+
+    @contextmanager
+    def scope(self, key: Any):
+        """Lower a region (a loop iteration, one Monte Carlo draw) under its own key."""
+        saved = self.key, self.draws
+        self.key, self.draws = key, 0
+        try:
+            yield
+        finally:
+            self.key, self.draws = saved
+
+    def is_random(self, fn_name: str) -> bool:
+        return fn_name in self.lowering.random
 
     def dim(self, d):
         return self.dims[d] if isinstance(d, str) else d
@@ -67,7 +91,7 @@ class _Ctx:
         return x
 
     def call(self, name: str, args: tuple) -> Any:
-        return self.lowering.call(name, args)
+        return self.lowering.call(name, args, self.next_key() if self.is_random(name) else None)
 
     def region(self, region: Region, args: tuple) -> tuple:
         for v, x in zip(region.args, args):
@@ -105,22 +129,27 @@ class Lowering:
 
     def __init__(self, module: Module):
         self.module = module
+        self.random: frozenset[str] = module.facts.get("random", frozenset())
+        """Functions that draw (they take a key)."""
 
-    def call(self, name: str, args: tuple) -> Any:
+    def call(self, name: str, args: tuple, key: Any = None) -> Any:
         fn = self.module.function(name)
         dims: dict[str, Any] = {}
         for p, a in zip(fn.params, args):
             bind_dims(p.value.type, a, dims)
-        ctx = _Ctx(self, fn, dims)
+        ctx = _Ctx(self, fn, dims, key)
         for p, a in zip(fn.params, args):
             ctx.env[p.value] = ctx.coerce(a, p.value.type)
         (result,) = ctx.region(fn.body, ())
         return ctx.coerce(result, fn.result_type)
 
     def function(self, name: str):
-        """`f(*args)` computing function `name` on JAX values (structs are dicts)."""
+        """`f(*args)` computing function `name` on JAX values (structs are dicts); a function
+        that draws takes its key as one more, last, argument."""
 
         def f(*args):
+            if name in self.random:
+                return self.call(name, args[:-1], args[-1])
             return self.call(name, args)
 
         f.__name__ = name.replace(".", "_")

@@ -18,6 +18,8 @@ from gradlang import ops as O
 from gradlang.ir import Op
 from gradlang.types import DType, TensorType
 
+from .rules_random import RANDOM_LOWERINGS
+
 JNP_DTYPES = {DType.F32: jnp.float32, DType.F64: jnp.float64, DType.I32: jnp.int32,
               DType.BOOL: jnp.bool_}
 
@@ -117,8 +119,11 @@ def _for(ctx, op: Op, *inits):
     (body,) = op.regions
     init = tuple(ctx.coerce(x, r.type) for x, r in zip(inits, op.results))
 
+    loop_key = ctx.next_key() if ctx.key is not None else None
+
     def step(i, carry):
-        out = ctx.region(body, (i, *carry))
+        with ctx.scope(None if loop_key is None else jax.random.fold_in(loop_key, i)):
+            out = ctx.region(body, (i, *carry))
         return tuple(ctx.coerce(x, r.type) for x, r in zip(out, op.results))
 
     out = lax.fori_loop(ctx.dim(p.start), ctx.dim(p.stop), step, init)
@@ -126,6 +131,7 @@ def _for(ctx, op: Op, *inits):
 
 
 LOWERINGS: dict[str, Rule] = {
+    **RANDOM_LOWERINGS,
     "const": lambda ctx, op: op.params.value,
     "dim": lambda ctx, op: jnp.asarray(ctx.dim(op.params.name), jnp.int32),
     "tuple": lambda ctx, op, *xs: tuple(xs),

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from gradlang.types import (DType, StructType, TensorType, TupleType, Type, type_dims,
+from gradlang.types import (KEY, DType, StructType, TensorType, TupleType, Type, type_dims,
                             type_from_json, type_to_json)
 
 from .rules import JNP_DTYPES
@@ -60,6 +60,8 @@ class Signature:
         env = {**syms, **concrete}
 
         def spec(t: Type):
+            if t is KEY:
+                return jax.eval_shape(lambda: jax.random.key(0))
             if isinstance(t, TensorType):
                 shape = tuple(env[d] if isinstance(d, str) else d for d in t.shape)
                 return jax.ShapeDtypeStruct(shape, JNP_DTYPES[t.dtype])
@@ -71,7 +73,23 @@ class Signature:
         return tuple(spec(t) for _, t in self.params)
 
 
+def _is_key(x: Any) -> bool:
+    """A typed JAX key (`jax.random.key`) or raw key data (`jax.random.PRNGKey`: uint32[2])."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        return False
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return tuple(x.shape) == ()
+    return np.dtype(dtype) == np.uint32 and tuple(x.shape) == (2,)
+
+
 def _check(t: Type, x: Any, dims: dict[str, int], where: str) -> None:
+    if t is KEY:
+        if not _is_key(x):
+            raise ArgumentError(f"{where}: expected a random key, jax.random.key(seed) (or "
+                                f"jax.random.PRNGKey(seed)), got {type(x).__name__}"
+                                + (f" of shape {list(x.shape)}" if hasattr(x, "shape") else ""))
+        return
     if isinstance(t, TensorType):
         if isinstance(x, (bool, int, float)) and not t.shape:
             return
@@ -111,6 +129,9 @@ def _check(t: Type, x: Any, dims: dict[str, int], where: str) -> None:
 
 
 def _cast(t: Type, x: Any) -> Any:
+    if t is KEY:
+        typed = jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+        return x if typed else jax.random.wrap_key_data(x)
     if isinstance(t, TensorType):
         return jax.numpy.asarray(x, JNP_DTYPES[t.dtype])
     if isinstance(t, StructType):

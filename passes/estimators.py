@@ -1,0 +1,254 @@
+"""Estimator choice: pick a gradient estimator for every random choice (`sample` op).
+
+A user annotation (`z ~ d with score(baseline=loo)`) always wins when it applies to the site;
+one that cannot apply (`reparam` on a Categorical) is an error at the annotation. Otherwise the
+unit's `pragma estimator ...` applies where it can, and the automatic rule decides:
+
+- pathwise (`reparam`) when the family has a reparameterized sampler and every path from the
+  draw to the objective is differentiable (a draw that reaches a comparison, an integer cast
+  or an `if` condition would make the pathwise gradient silently miss that path);
+- score function otherwise, with an automatic baseline (leave-one-out when the enclosing
+  expectation has several samples).
+
+The choice is written into each `sample` op's `estimator` param; `explain` reads the
+`estimators` fact (one `SiteChoice` per site).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, replace
+from functools import cache
+
+from gradlang.diagnostics import Diagnostics, Span
+from gradlang.distributions import DISTRIBUTIONS, DistSpec
+from gradlang.ir import Function, Module, Op, Region, walk
+from gradlang.ops import OPS, Estimator
+from gradlang.types import DistType, has_float_leaf
+
+BASELINES = ("auto", "none", "loo", "grpo")
+OPTIONS: dict[str, dict[str, type]] = {
+    "auto": {}, "reparam": {}, "score": {"baseline": str}, "gumbel": {"tau": float},
+    "st_gumbel": {"tau": float}, "enum": {}, "mvd": {},
+}
+"""Every estimator name with its options and their types."""
+NOT_YET = {"enum": "enumeration of finite supports", "mvd": "measure-valued derivatives"}
+RELAXABLE = ("Bernoulli", "OneHotCategorical")
+
+
+@dataclass(frozen=True)
+class SiteChoice:
+    """The estimator of one random choice, for `explain`."""
+
+    function: str
+    site: str
+    family: str
+    span: Span
+    estimator: Estimator
+    why: str
+    annotated: bool
+
+
+def _why_not_pathwise(spec: DistSpec) -> str:
+    if spec.discrete:
+        return f"{spec.name} is discrete: there is no pathwise derivative"
+    return f"{spec.name} has no reparameterized sampler"
+
+
+class _Flow:
+    """Does a value reach a function's result only through differentiable ops?"""
+
+    def __init__(self, module: Module):
+        self.module = module
+        self.param_flow = cache(self._param_flow)
+
+    def _param_flow(self, fn_name: str, index: int) -> str:
+        fn = self.module.function(fn_name)
+        return self.result_flow(fn, fn.params[index].value)
+
+    def result_flow(self, fn: Function, seed) -> str:
+        """"clean" (differentiable paths only), "dirty" (some non-differentiable path), or
+        "none" (the result does not depend on `seed`)."""
+        state = {seed: "clean"}
+        self.region(fn.body, state)
+        return state.get(fn.body.results[0], "none")
+
+    def region(self, region: Region, state: dict) -> None:
+        for op in region.ops:
+            for r in op.regions:
+                self.region(r, state)
+            if op.name == "for":  # a second pass carries taint around the loop
+                for arg, init, out in zip(op.regions[0].args[1:], op.operands, op.regions[0].results):
+                    state[arg] = _join(state.get(init, "none"), state.get(out, "none"))
+                self.region(op.regions[0], state)
+                flows = [state.get(v, "none") for v in op.regions[0].results]
+            elif op.name == "call_fn":
+                flows = [_through(self.param_flow(op.params.callee, i), state.get(v, "none"))
+                         for i, v in enumerate(op.operands)]
+            elif op.name == "if":
+                cond = "dirty" if state.get(op.operands[0], "none") != "none" else "none"
+                flows = [cond] + [state.get(v, "none") for r in op.regions for v in r.results]
+            else:
+                flows = [state.get(v, "none") for v in op.operands]
+                flows += [state.get(v, "none") for r in op.regions for v in r.results]
+            flow = "none"
+            for f in flows:
+                flow = _join(flow, f)
+            if flow == "none":
+                continue
+            for r in op.results:
+                blocked = "zero_grad" in OPS[op.name].traits or not has_float_leaf(r.type)
+                state[r] = "dirty" if blocked else flow
+
+    def callers_use_dirty(self) -> set[str]:
+        """Functions some caller uses (directly or up the call chain) non-differentiably."""
+        dirty: set[str] = set()
+        changed = True
+        while changed:
+            changed = False
+            for fn in self.module.functions:
+                for op in walk(fn.body):
+                    callee = op.params.callee if op.name == "call_fn" else None
+                    if callee is None or callee in dirty:
+                        continue
+                    flow = self.result_flow(fn, op.result)
+                    if flow == "dirty" or (flow == "clean" and fn.name in dirty):
+                        dirty.add(callee)
+                        changed = True
+        return dirty
+
+
+def _join(a: str, b: str) -> str:
+    return max(a, b, key=("none", "clean", "dirty").index)
+
+
+def _through(param: str, arg: str) -> str:
+    """The flow into a call's result from an argument with flow `arg`."""
+    if arg == "none" or param == "none":
+        return "none"
+    return "dirty" if "dirty" in (param, arg) else "clean"
+
+
+@dataclass(frozen=True)
+class Estimators:
+    """The estimator-choice pass."""
+
+    name: str = "estimators"
+    checks_only: bool = True
+    """It only annotates `sample` ops, so it runs (and reports) after earlier errors too."""
+
+    def run(self, module: Module, diags: Diagnostics) -> Module:
+        for unit in module.units:
+            if unit.estimator is not None and option_problem(unit.estimator) is not None:
+                diags.error(option_problem(unit.estimator), unit.estimator.span)
+                return module
+        flow = _Flow(module)
+        dirty_callers = flow.callers_use_dirty()
+        choices: list[SiteChoice] = []
+        functions = []
+        for fn in module.functions:
+            default = module.unit(fn.unit).estimator
+            chooser = _Chooser(fn, flow, fn.name in dirty_callers, default, diags, choices)
+            functions.append(replace(fn, body=chooser.region(fn.body)))
+        return replace(module, functions=tuple(functions),
+                       facts=module.facts | {"estimators": tuple(choices)})
+
+
+class _Chooser:
+    def __init__(self, fn: Function, flow: _Flow, used_dirty: bool, default: Estimator | None,
+                 diags: Diagnostics, out: list[SiteChoice]):
+        self.fn, self.flow, self.used_dirty = fn, flow, used_dirty
+        self.default, self.diags, self.out = default, diags, out
+
+    def region(self, region: Region) -> Region:
+        ops = []
+        for op in region.ops:
+            if op.regions:
+                op = replace(op, regions=tuple(self.region(r) for r in op.regions))
+            if op.name == "sample":
+                op = self.site(op)
+            ops.append(op)
+        return replace(region, ops=tuple(ops))
+
+    def site(self, op: Op) -> Op:
+        dtype = op.operands[0].type
+        if not isinstance(dtype, DistType):  # its error is already reported
+            return op
+        spec = DISTRIBUTIONS[dtype.family]
+        annotation = op.params.annotation
+        if annotation is not None and annotation.name == "auto":
+            annotation = None
+        if annotation is not None:
+            problem = self.problem(annotation, spec)
+            if problem is not None:
+                self.diags.error(problem, annotation.span)
+                return op
+            chosen, why = _complete(annotation), "annotated in the source"
+        else:
+            chosen, why = self.automatic(op, spec)
+        self.out.append(SiteChoice(self.fn.name, op.params.site, spec.name, op.span, chosen, why,
+                                   annotation is not None))
+        return replace(op, params=replace(op.params, estimator=chosen))
+
+    def automatic(self, op: Op, spec: DistSpec) -> tuple[Estimator, str]:
+        pragma = ""
+        if self.default is not None and self.default.name != "auto":
+            if self.problem(self.default, spec) is None:
+                return _complete(self.default), f"pragma estimator {self.default}"
+            pragma = f"pragma estimator {self.default} does not apply: "
+        if not spec.reparam:
+            return _complete(Estimator("score")), pragma + _why_not_pathwise(spec)
+        flow = self.flow.result_flow(self.fn, op.result)
+        if flow == "dirty" or (flow != "none" and self.used_dirty):
+            return (_complete(Estimator("score")),
+                    pragma + "the draw reaches the objective through a non-differentiable "
+                             "operation (comparison, integer cast, if condition, "
+                             "stop_gradient), which a pathwise gradient would miss")
+        return (_complete(Estimator("reparam")),
+                pragma + f"{spec.name} is reparameterizable and every path from the draw to "
+                         f"the objective is differentiable")
+
+    def problem(self, e: Estimator, spec: DistSpec) -> str | None:
+        """Why estimator `e` cannot be used on a `spec` site (None when it can)."""
+        problem = option_problem(e)
+        if problem is not None:
+            return problem
+        if e.name in NOT_YET:
+            return (f"estimator '{e.name}' ({NOT_YET[e.name]}) is not implemented yet; use "
+                    f"score" + (" or reparam" if spec.reparam else ""))
+        if e.name == "reparam" and not spec.reparam:
+            alts = "score, gumbel or st_gumbel" if spec.name in RELAXABLE else "score"
+            return f"cannot use 'reparam' on {spec.name}: {_why_not_pathwise(spec)}; use {alts}"
+        if e.name in ("gumbel", "st_gumbel") and spec.name not in RELAXABLE:
+            hint = "; draw a OneHotCategorical instead" if spec.name == "Categorical" else ""
+            return (f"'{e.name}' relaxes Bernoulli and OneHotCategorical draws, not "
+                    f"{spec.name}" + hint)
+        return None
+
+
+def option_problem(e: Estimator) -> str | None:
+    """Why `e` is not a known estimator with valid options (None when it is)."""
+    if e.name not in OPTIONS:
+        close = difflib.get_close_matches(e.name, OPTIONS, n=1)
+        return (f"unknown estimator '{e.name}'" + (f"; did you mean '{close[0]}'?" if close
+                                                   else f" (estimators: {', '.join(OPTIONS)})"))
+    allowed = OPTIONS[e.name]
+    for k, v in e.options:
+        if k not in allowed:
+            return (f"estimator '{e.name}' has no option '{k}'"
+                    + (f" (options: {', '.join(allowed)})" if allowed else " (it takes none)"))
+        if allowed[k] is float and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                    or v <= 0):
+            return f"option '{k}' of '{e.name}' must be a positive number, got {v}"
+        if k == "baseline" and v not in BASELINES:
+            return f"unknown baseline '{v}' (baselines: {', '.join(BASELINES)})"
+    return None
+
+
+def _complete(e: Estimator) -> Estimator:
+    """The estimator with its defaults filled in (baseline=auto, tau=1.0)."""
+    defaults = {"score": (("baseline", "auto"),), "gumbel": (("tau", 1.0),),
+                "st_gumbel": (("tau", 1.0),)}.get(e.name, ())
+    given = dict(e.options)
+    options = tuple((k, given.get(k, v)) for k, v in defaults)
+    return Estimator(e.name, options, e.span)

@@ -1,0 +1,295 @@
+"""Surrogate construction: rewrite expectations so that reverse mode yields the chosen estimators.
+
+Each score-function draw `z` gets its log-probability `sum(log_prob(d, z))` (differentiable in
+the distribution's parameters; the draw itself carries no gradient). These score terms flow to
+the enclosing expectation: a function that draws (directly or through calls) returns them next
+to its value, `if` branches yield them, and each expectation scope (`expect` in a body, or the
+export itself, with `samples=N` or a single draw) becomes
+
+    %v, %l... = samples {samples=N} { ...; yield value, score terms }   # stacked on axis 0
+    %e = surrogate %v, %l... {baselines=(...)}
+
+where `surrogate` is the DiCE magic-box form  mean_s[ magic(L_s) v_s + sum_g (1 - magic(l_gs)) b_gs ]
+whose value is the Monte Carlo mean and whose derivatives (of any order) are the score-function
+estimators; `b` is the control variate of each baseline group (leave-one-out over the samples,
+or GRPO's group-normalized advantage). Scopes without score terms become `samples` + `mean`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from gradlang.diagnostics import Diagnostics, Span
+from gradlang.ir import Export, Function, Module, Op, Param, Region, Value, walk
+from gradlang.ops import (CalleeParams, ConstParams, ExpectParams, GetParams, NoParams,
+                          ReduceParams, SurrogateParams)
+from gradlang.types import DType, TensorType, TupleType, Type, scalar
+
+from .typecheck_random import stacked
+
+GROUPS = ("auto", "none", "loo", "grpo")
+"""Baseline groups, in the order score terms are returned."""
+F32 = scalar(DType.F32)
+
+
+def random_functions(module: Module) -> set[str]:
+    """Functions that draw, directly or through the functions they call."""
+    calls = {fn.name: {op.params.callee for op in walk(fn.body) if op.name == "call_fn"}
+             for fn in module.functions}
+    found = {fn.name for fn in module.functions
+             if any(op.name in ("sample", "expect", "samples") for op in walk(fn.body))}
+    changed = True
+    while changed:
+        changed = False
+        for name, callees in calls.items():
+            if name not in found and callees & found:
+                found.add(name)
+                changed = True
+    return found
+
+
+@dataclass
+class _Scores:
+    """Score terms produced in a region, per baseline group, with the sites behind them."""
+
+    values: dict[str, list[Value]]
+    sites: dict[str, list[Span]]
+
+    @staticmethod
+    def empty() -> _Scores:
+        return _Scores({}, {})
+
+    def add(self, group: str, value: Value, sites: list[Span]) -> None:
+        self.values.setdefault(group, []).append(value)
+        self.sites.setdefault(group, []).extend(sites)
+
+    def merge(self, other: _Scores) -> None:
+        for g, vs in other.values.items():
+            for v in vs:
+                self.add(g, v, [])
+            self.sites.setdefault(g, []).extend(other.sites.get(g, []))
+
+
+class _Rewriter:
+    def __init__(self, module: Module, scored: dict[str, tuple[str, ...]], diags: Diagnostics):
+        self.module = module
+        self.scored = scored
+        """Functions that return score terms -> the groups they return, in GROUPS order."""
+        self.site_spans: dict[str, dict[str, list[Span]]] = {}
+        self.diags = diags
+        self.ops: list[Op] = []
+
+    def emit(self, name: str, operands: tuple[Value, ...], params: object, types: tuple[Type, ...],
+             span: Span | None, regions: tuple[Region, ...] = ()) -> Op:
+        op = Op(name, operands, tuple(Value(t) for t in types), params, regions, span)
+        self.ops.append(op)
+        return op
+
+    def total(self, values: list[Value], span: Span | None) -> Value:
+        acc = values[0]
+        for v in values[1:]:
+            acc = self.emit("add", (acc, v), NoParams(), (F32,), span).result
+        return acc
+
+    def region(self, region: Region) -> tuple[Region, _Scores]:
+        """The region rewritten, and the score terms its ops produce (not yet yielded)."""
+        outer, self.ops = self.ops, []
+        scores = _Scores.empty()
+        try:
+            for op in region.ops:
+                self.op(op, scores)
+            return replace(region, ops=tuple(self.ops)), scores
+        finally:
+            self.ops = outer
+
+    def op(self, op: Op, scores: _Scores) -> None:
+        if op.name == "sample" and op.params.estimator.name == "score":
+            self.ops.append(op)
+            dist = op.operands[0].type
+            lp = self.emit("log_prob", (op.operands[0], op.result), NoParams(),
+                           (TensorType(DType.F32, dist.batch),), op.span).result
+            total = self.emit("sum", (lp,), ReduceParams(), (F32,), op.span).result
+            scores.add(op.params.estimator.option("baseline"), total, [op.span])
+        elif op.name == "call_fn" and op.params.callee in self.scored:
+            groups = self.scored[op.params.callee]
+            callee = self.module.function(op.params.callee)
+            rtype = TupleType((callee.result_type,) + (F32,) * len(groups))
+            t = self.emit("call_fn", op.operands, op.params, (rtype,), op.span).result
+            self.ops.append(Op("get", (t,), op.results, GetParams(0, len(rtype.elems)), (), op.span))
+            for i, g in enumerate(groups):
+                v = self.emit("get", (t,), GetParams(i + 1, len(rtype.elems)), (F32,), op.span).result
+                scores.add(g, v, self.site_spans.get(callee.name, {}).get(g, []))
+        elif op.name == "if":
+            self.if_op(op, scores)
+        elif op.name == "for":
+            body, inner = self.region(op.regions[0])
+            for spans in inner.sites.values():
+                for span in spans:
+                    self.diags.error("a score-function draw inside a loop is not supported yet; "
+                                     "draw it before the loop, or use a reparameterizable "
+                                     "distribution", span)
+            self.ops.append(replace(op, regions=(body,)))
+        elif op.name == "expect":
+            self.expect(op)
+        else:
+            self.ops.append(op)
+
+    def if_op(self, op: Op, scores: _Scores) -> None:
+        branches = [self.region(r) for r in op.regions]
+        groups = [g for g in GROUPS if any(g in s.values for _, s in branches)]
+        if not groups:
+            self.ops.append(replace(op, regions=tuple(r for r, _ in branches)))
+            return
+        regions = []
+        for region, s in branches:
+            outer, self.ops = self.ops, list(region.ops)
+            extra = [self.total(s.values[g], op.span) if g in s.values else
+                     self.emit("const", (), ConstParams(0.0, DType.F32), (F32,), op.span).result
+                     for g in groups]
+            regions.append(replace(region, ops=tuple(self.ops), results=region.results + tuple(extra)))
+            self.ops = outer
+        new = Op("if", op.operands, op.results + tuple(Value(F32) for _ in groups), op.params,
+                 tuple(regions), op.span)
+        self.ops.append(new)
+        for g, v in zip(groups, new.results[1:]):
+            scores.add(g, v, [span for _, s in branches for span in s.sites.get(g, [])])
+
+    def expect(self, op: Op) -> None:
+        region, scores = self.region(op.regions[0])
+        ops = self.scope(region, scores, op.params.samples, op.span)
+        self.ops += ops[:-1] + [replace(ops[-1], results=op.results)]
+
+    def scope(self, region: Region, scores: _Scores, n: int, span: Span | None) -> list[Op]:
+        """The ops of an expectation over `region` (its value yielded first), n draws."""
+        outer, self.ops = self.ops, list(region.ops)
+        groups = [g for g in GROUPS if g in scores.values]
+        extra = tuple(self.total(scores.values[g], span) for g in groups)
+        inner = replace(region, ops=tuple(self.ops), results=region.results + extra)
+        self.ops = []
+        vtype = region.results[0].type
+        types = (stacked(n, vtype),) + tuple(stacked(n, F32) for _ in groups)
+        draws = self.emit("samples", (), ExpectParams(n), types, span, (inner,))
+        if not groups:
+            self.emit("mean", (draws.results[0],), ReduceParams((0,)), (vtype,), span)
+        else:
+            baselines = tuple(self.baseline(g, n, scores.sites[g]) for g in groups)
+            self.emit("surrogate", draws.results, SurrogateParams(baselines), (vtype,), span)
+        out, self.ops = self.ops, outer
+        return out
+
+    def baseline(self, group: str, n: int, sites: list[Span]) -> str:
+        if group == "auto":
+            return "loo" if n >= 2 else "none"
+        if group in ("loo", "grpo") and n < 2:
+            for span in sites:
+                self.diags.error(f"baseline={group} compares the samples of an expectation, but "
+                                 f"this draw's expectation has 1 sample; use expect(f, "
+                                 f"samples=N) with N >= 2", span)
+        return group
+
+    def function(self, fn: Function) -> Function:
+        body, scores = self.region(fn.body)
+        groups = self.scored.get(fn.name)
+        if groups is None:
+            return replace(fn, body=body)
+        self.site_spans[fn.name] = scores.sites
+        outer, self.ops = self.ops, list(body.ops)
+        extra = tuple(self.total(scores.values[g], fn.span) for g in groups)
+        rtype = TupleType((fn.result_type,) + (F32,) * len(groups))
+        t = self.emit("tuple", body.results + extra, NoParams(), (rtype,), fn.span).result
+        body = replace(body, ops=tuple(self.ops), results=(t,))
+        self.ops = outer
+        return replace(fn, body=body, result_type=rtype)
+
+    def objective(self, export: Export, random: set[str]) -> Function | None:
+        """The wrapper function computing an export's expectation (None: not stochastic)."""
+        t = export.transform
+        fn = self.module.function(t.fn)
+        if t.samples == 0 and fn.name not in random:
+            return None
+        n = max(t.samples, 1)
+        params = tuple(Param(p.name, Value(p.value.type, p.name), p.span) for p in fn.params)
+        call = Op("call_fn", tuple(p.value for p in params), (Value(fn.result_type),),
+                  CalleeParams(fn.name), (), export.fn_span)
+        region, scores = self.region(Region((), (call,), call.results))
+        ops = self.scope(region, scores, n, export.fn_span)
+        return Function(f"{fn.name}@expect{n}", fn.unit, params, fn.result_type,
+                        Region((), tuple(ops), ops[-1].results), fn.span, fn.result_span)
+
+
+def _scored_functions(module: Module) -> dict[str, tuple[str, ...]]:
+    """Functions whose draws (outside nested expectations) have score terms, with their groups."""
+    def own(region: Region) -> set[str]:
+        groups: set[str] = set()
+        for op in region.ops:
+            if op.name == "sample" and op.params.estimator.name == "score":
+                groups.add(op.params.estimator.option("baseline"))
+            if op.name not in ("expect", "for"):  # own scope / unsupported (reported)
+                for r in op.regions:
+                    groups |= own(r)
+        return groups
+
+    def callees(region: Region) -> set[str]:
+        out: set[str] = set()
+        for op in region.ops:
+            if op.name == "call_fn":
+                out.add(op.params.callee)
+            if op.name != "expect":
+                for r in op.regions:
+                    out |= callees(r)
+        return out
+
+    groups = {fn.name: own(fn.body) for fn in module.functions}
+    calls = {fn.name: callees(fn.body) for fn in module.functions}
+    changed = True
+    while changed:
+        changed = False
+        for name, cs in calls.items():
+            merged = groups[name].union(*(groups[c] for c in cs))
+            if merged != groups[name]:
+                groups[name] = merged
+                changed = True
+    return {n: tuple(g for g in GROUPS if g in gs) for n, gs in groups.items() if gs}
+
+
+def _call_order(module: Module) -> list[Function]:
+    """Callees before callers, so that a caller sees its callees' score terms."""
+    done: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in done:
+            return
+        for op in walk(module.function(name).body):
+            if op.name == "call_fn":
+                visit(op.params.callee)
+        done.append(name)
+
+    for fn in module.functions:
+        visit(fn.name)
+    return [module.function(n) for n in done]
+
+
+@dataclass(frozen=True)
+class Surrogate:
+    """The surrogate-construction pass (score terms, expectation scopes, control variates)."""
+
+    name: str = "surrogate"
+    checks_only: bool = False
+
+    def run(self, module: Module, diags: Diagnostics) -> Module:
+        rewriter = _Rewriter(module, _scored_functions(module), diags)
+        rewritten = {fn.name: rewriter.function(fn) for fn in _call_order(module)}
+        random = random_functions(module)
+        functions = [rewritten[fn.name] for fn in module.functions]
+        exports = []
+        for export in module.exports:
+            wrapper = rewriter.objective(export, random)
+            if wrapper is not None:
+                if all(f.name != wrapper.name for f in functions):
+                    functions.append(wrapper)
+                export = replace(export, transform=replace(export.transform, fn=wrapper.name,
+                                                           samples=0))
+            exports.append(export)
+        return replace(module, functions=tuple(functions), exports=tuple(exports),
+                       facts=module.facts | {"random": frozenset(random_functions(
+                           replace(module, functions=tuple(functions))))})

@@ -1,0 +1,111 @@
+"""Lowering rules of the random-choice ops (one per op, merged into `rules.LOWERINGS`).
+
+A distribution lowers to a `Dist` (its family and canonical parameters), a value that exists
+only while lowering: distributions never cross a function, loop or branch boundary. Each
+random op takes its key from `ctx.next_key()`. How a `sample` op draws is fixed by the
+estimator the estimators pass wrote into it; the surrogate arithmetic follows its params.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from gradlang.ir import Op
+
+from .distributions import (FAMILIES, KL, Family, batch_shape, gumbel_softmax_sample,
+                            relaxed_bernoulli_sample)
+
+
+@dataclass(frozen=True)
+class Dist:
+    family: Family
+    params: tuple[Any, ...]
+
+    @property
+    def batch(self) -> tuple[int, ...]:
+        return batch_shape(self.family, *self.params)
+
+
+def _dist(ctx, op: Op, *args) -> Dist:
+    family = FAMILIES[op.params.family]
+    params = []
+    for name, x in zip(op.params.given, args):
+        x = jnp.asarray(x, jnp.result_type(x, jnp.float32))
+        if name in family.aliases:
+            x = family.aliases[name][1](x)
+        params.append(x)
+    return Dist(family, tuple(params))
+
+
+def _sample(ctx, op: Op, d: Dist):
+    est = op.params.estimator
+    key = ctx.next_key()
+    if est.name == "reparam":
+        return d.family.sample(key, *d.params, shape=d.batch)
+    if est.name in ("gumbel", "st_gumbel"):
+        relaxed = relaxed_bernoulli_sample if d.family.name == "Bernoulli" else gumbel_softmax_sample
+        return relaxed(key, d.params[0], est.option("tau"), est.name == "st_gumbel")
+    # score function: the draw carries no gradient; its log-probability does (surrogate pass)
+    params = tuple(lax.stop_gradient(p) for p in d.params)
+    return lax.stop_gradient(d.family.sample(key, *params, shape=d.batch))
+
+
+def _samples(ctx, op: Op) -> Any:
+    """Evaluate the region on `samples` independent keys, results stacked on axis 0."""
+    (region,) = op.regions
+    keys = jax.random.split(ctx.next_key(), op.params.samples)
+
+    def draw(key):
+        with ctx.scope(key):
+            return ctx.region(region, ())
+
+    out = jax.vmap(draw)(keys)
+    return out if len(out) > 1 else out[0]
+
+
+def _magic(l):
+    """DiCE's magic box: 1 in value, d magic(l) = magic(l) dl at every order."""
+    return jnp.exp(l - lax.stop_gradient(l))
+
+
+def _surrogate(ctx, op: Op, v, *scores):
+    """mean_s[ magic(L_s) v_s + sum_g (1 - magic(l_gs)) b_gs ] over the samples axis.
+
+    L sums the score terms of the baseline groups none and loo (DiCE, correct at every order);
+    loo's control variate is the mean of the other samples' values; grpo adds the first-order
+    term (magic(l) - 1) * A with the group-normalized advantage A = (v - mean) / std.
+    """
+    n = v.shape[0]
+
+    def per_sample(x):
+        return x.reshape(x.shape + (1,) * (v.ndim - 1))
+
+    dice = [l for l, b in zip(scores, op.params.baselines) if b != "grpo"]
+    out = per_sample(_magic(sum(dice))) * v if dice else v
+    for l, b in zip(scores, op.params.baselines):
+        m = per_sample(_magic(l))
+        if b == "loo":
+            others = lax.stop_gradient((jnp.sum(v, 0, keepdims=True) - v) / (n - 1))
+            out = out + (1 - m) * others
+        elif b == "grpo":
+            sv = lax.stop_gradient(v)
+            advantage = (sv - jnp.mean(sv, 0)) / (jnp.std(sv, 0) + 1e-8)
+            out = out + (m - 1) * advantage
+    return jnp.mean(out, 0)
+
+
+RANDOM_LOWERINGS = {
+    "dist": _dist,
+    "sample": _sample,
+    "log_prob": lambda ctx, op, d, x: d.family.log_prob(x, *d.params),
+    "entropy": lambda ctx, op, d: d.family.entropy(*d.params),
+    "kl": lambda ctx, op, p, q: KL[(p.family.name, q.family.name)](p.params, q.params),
+    "dist_mean": lambda ctx, op, d: d.family.mean(*d.params),
+    "samples": _samples,
+    "surrogate": _surrogate,
+}
