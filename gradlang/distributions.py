@@ -23,6 +23,9 @@ class DistSpec:
     reparam: bool = False
     finite: bool = False
     """Finite support: enumeration is possible."""
+    fixed_support: bool = True
+    """The support does not depend on the parameters (else the score function is biased:
+    it misses the boundary terms of d/dθ ∫_{a(θ)}^{b(θ)})."""
 
     @property
     def discrete(self) -> bool:
@@ -38,7 +41,7 @@ _PROBS = (("probs", "logits"),)
 DISTRIBUTIONS: dict[str, DistSpec] = {d.name: d for d in [
     DistSpec("Normal", ("loc", "scale"), reparam=True),
     DistSpec("LogNormal", ("loc", "scale"), reparam=True),
-    DistSpec("Uniform", ("low", "high"), reparam=True),
+    DistSpec("Uniform", ("low", "high"), reparam=True, fixed_support=False),
     DistSpec("Exponential", ("rate",), reparam=True),
     DistSpec("Gamma", ("concentration", "rate"), reparam=True),
     DistSpec("Beta", ("concentration1", "concentration0"), reparam=True),

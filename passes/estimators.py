@@ -200,6 +200,13 @@ class _Chooser:
             return _complete(Estimator("score")), pragma + _why_not_pathwise(spec)
         flow = self.flow.result_flow(self.fn, op.result)
         if flow == "dirty" or (flow != "none" and self.used_dirty):
+            if not spec.fixed_support:
+                self.diags.warning(f"no unbiased estimator for this {spec.name} draw: it reaches "
+                                   f"the objective through a non-differentiable operation, which "
+                                   f"a pathwise gradient misses, and its support depends on its "
+                                   f"parameters, which biases the score function; using reparam",
+                                   op.span)
+                return _complete(Estimator("reparam")), pragma + "no unbiased estimator (warned)"
             return (_complete(Estimator("score")),
                     pragma + "the draw reaches the objective through a non-differentiable "
                              "operation (comparison, integer cast, if condition, "
@@ -216,6 +223,9 @@ class _Chooser:
         if e.name in NOT_YET:
             return (f"estimator '{e.name}' ({NOT_YET[e.name]}) is not implemented yet; use "
                     f"score" + (" or reparam" if spec.reparam else ""))
+        if e.name == "score" and not spec.fixed_support:
+            return (f"cannot use 'score' on {spec.name}: its support depends on its parameters, "
+                    f"so the score function misses the boundary terms and is biased; use reparam")
         if e.name == "reparam" and not spec.reparam:
             alts = "score, gumbel or st_gumbel" if spec.name in RELAXABLE else "score"
             return f"cannot use 'reparam' on {spec.name}: {_why_not_pathwise(spec)}; use {alts}"

@@ -1,0 +1,361 @@
+"""Random choices: every (distribution, estimator) pair is unbiased for a closed-form gradient.
+
+Each statistical test averages N = 10^4 gradient estimates (independent fixed-seed keys) of an
+expectation whose gradient is known in closed form, and asserts that every coordinate of the
+mean is within 5 standard errors of the truth, the standard error being computed from the
+sampled estimates themselves (`assert_unbiased`). A coordinate whose estimates all coincide
+(a pathwise gradient that does not depend on the draw) has a zero standard error; it is then
+compared with a float32 rounding tolerance of 1e-5 relative.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gradlang
+from gradlang.runtime.signature import ArgumentError
+
+N = 10_000
+EULER = 0.5772156649015329
+
+
+def sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def softmax(x):
+    e = np.exp(np.asarray(x, np.float64) - np.max(x))
+    return e / e.sum()
+
+
+def estimates(fn, args: tuple, n: int = N, seed: int = 0):
+    """n independent evaluations of a compiled export that draws (one key each)."""
+    keys = jax.random.split(jax.random.key(seed), n)
+    return jax.jit(jax.vmap(lambda k: fn(*args, k)))(keys)
+
+
+def assert_unbiased(samples, truth, k: float = 5.0) -> None:
+    samples = np.asarray(samples, np.float64)
+    truth = np.asarray(truth, np.float64)
+    mean = samples.mean(0)
+    se = samples.std(0, ddof=1) / math.sqrt(samples.shape[0])
+    bound = k * se + 1e-5 * (1 + np.abs(truth))
+    assert np.all(np.abs(mean - truth) <= bound), (
+        f"mean {mean} vs truth {truth}: |diff| {np.abs(mean - truth)} > bound {bound} "
+        f"(standard error {se})")
+
+
+def compile_objective(body: str, params: str, estimator: str = "", samples: int = 1):
+    """`fn f(params) -> f32 { x ~ <dist> with <estimator>; return <objective> }` as a grad export."""
+    src = f"""
+fn f({params}) -> f32 {{
+{body}
+}}
+export g = grad(expect(f, samples={samples}), wrt=[{', '.join(p.split(':')[0].strip() for p in params.split(', '))}])
+"""
+    return gradlang.compile_source(src.replace("WITH", f"with {estimator}" if estimator else ""))
+
+
+# ---- continuous families: pathwise (the automatic choice) and score function
+
+CONTINUOUS = [
+    # id, params, args, draw + objective, closed-form gradient
+    ("Normal", "m: f32, s: f32", (0.7, 1.3), "x ~ Normal(m, s) WITH\nreturn x * x",
+     lambda m, s: [2 * m, 2 * s]),
+    ("LogNormal", "m: f32, s: f32", (0.2, 0.5), "x ~ LogNormal(m, s) WITH\nreturn x",
+     lambda m, s: [math.exp(m + s * s / 2), s * math.exp(m + s * s / 2)]),
+    ("Uniform", "a: f32, b: f32", (-0.5, 2.0), "x ~ Uniform(a, b) WITH\nreturn x * x",
+     lambda a, b: [(2 * a + b) / 3, (a + 2 * b) / 3]),
+    ("Exponential", "r: f32", (1.7,), "x ~ Exponential(r) WITH\nreturn x * x",
+     lambda r: [-4 / r ** 3]),
+    ("Gamma", "a: f32, r: f32", (2.5, 1.5), "x ~ Gamma(a, r) WITH\nreturn x",
+     lambda a, r: [1 / r, -a / r ** 2]),
+    ("Beta", "a: f32, b: f32", (2.0, 3.0), "x ~ Beta(a, b) WITH\nreturn x",
+     lambda a, b: [b / (a + b) ** 2, -a / (a + b) ** 2]),
+    ("Gumbel", "m: f32, s: f32", (0.3, 0.8), "x ~ Gumbel(m, s) WITH\nreturn x * x",
+     lambda m, s: [2 * (m + EULER * s), math.pi ** 2 * s / 3 + 2 * EULER * (m + EULER * s)]),
+]
+
+
+@pytest.mark.parametrize("case, estimator", [
+    pytest.param(c, e, id=f"{c[0]}-{e or 'auto'}") for c in CONTINUOUS
+    for e in ["", "reparam", "score(baseline=none)", "score"]
+    # score on Uniform is a compile error (its support depends on its parameters):
+    # tests/diagnostics/random_uniform_score.grad
+    if not (c[0] == "Uniform" and e.startswith("score"))])
+def test_continuous_families_are_unbiased(case, estimator):
+    name, params, args, body, truth = case
+    samples = 4 if estimator == "score" else 1  # auto baseline: leave-one-out over 4 samples
+    m = compile_objective(body, params, estimator, samples)
+    chosen = m.ir.facts["estimators"][0].estimator.name
+    assert chosen == (estimator.split("(")[0] or "reparam")
+    grads = estimates(m.g, args)
+    names = [p.split(":")[0] for p in params.split(", ")]
+    assert_unbiased(np.stack([grads[n] for n in names], -1), truth(*args))
+
+
+# ---- discrete families: score function (the only unbiased choice for them)
+
+DISCRETE = [
+    ("Bernoulli", "t: f32, w: f32", (0.4, 2.5), "c ~ Bernoulli(logits=t) WITH\nreturn c * w",
+     lambda t, w: [w * sigmoid(t) * (1 - sigmoid(t)), sigmoid(t)]),
+    ("Bernoulli-probs", "p: f32", (0.3,), "c ~ Bernoulli(probs=p) WITH\nreturn (c + 1.0) * (c + 1.0)",
+     lambda p: [3.0]),
+    ("Poisson", "r: f32", (1.8,), "x ~ Poisson(r) WITH\nreturn x * x", lambda r: [1 + 2 * r]),
+]
+
+
+@pytest.mark.parametrize("estimator", ["", "score(baseline=none)"])
+@pytest.mark.parametrize("case", DISCRETE, ids=[c[0] for c in DISCRETE])
+def test_discrete_families_are_unbiased(case, estimator):
+    name, params, args, body, truth = case
+    samples = 1 if estimator else 4
+    m = compile_objective(body, params, estimator, samples)
+    assert m.ir.facts["estimators"][0].estimator.name == "score"
+    grads = estimates(m.g, args)
+    names = [p.split(":")[0] for p in params.split(", ")]
+    assert_unbiased(np.stack([grads[n] for n in names], -1), truth(*args))
+
+
+THETA = np.array([0.3, -1.0, 0.8, 0.1], np.float32)
+V = np.array([1.0, -2.0, 0.5, 3.0], np.float32)
+
+
+@pytest.mark.parametrize("draw, value", [
+    ("k ~ Categorical(logits=t)", "v[k]"),
+    ("k ~ Categorical(probs=softmax(t))", "v[k]"),
+    ("e ~ OneHotCategorical(logits=t)", "sum(e * v)"),
+], ids=["Categorical", "Categorical-probs", "OneHotCategorical"])
+def test_categorical_families_are_unbiased(draw, value):
+    m = compile_objective(f"{draw}\nreturn {value}", "t: f32[4], v: f32[4]", samples=4)
+    grads = estimates(m.g, (THETA, V))
+    p = softmax(THETA)
+    assert_unbiased(grads["t"], p * (V - p @ V))
+    assert_unbiased(grads["v"], p)
+
+
+def test_mixture_of_normals_is_unbiased():
+    m = compile_objective("x ~ MixtureNormal(l, mu, s)\nreturn x * x", "l: f32[3], mu: f32[3], s: f32[3]",
+                          samples=4)
+    l, mu, s = (np.array(a, np.float32) for a in ([0.2, -0.4, 0.9], [-1.0, 0.5, 2.0], [0.5, 1.0, 0.3]))
+    grads = estimates(m.g, (l, mu, s))
+    p = softmax(l)
+    second = mu ** 2 + s ** 2  # E[x^2] of each component
+    assert_unbiased(grads["l"], p * (second - p @ second))
+    assert_unbiased(grads["mu"], 2 * p * mu)
+    assert_unbiased(grads["s"], 2 * p * s)
+
+
+# ---- the automatic choice avoids silently wrong pathwise gradients
+
+
+def test_a_draw_reaching_an_if_condition_gets_the_score_function():
+    """d/dm P(z > 0) for z ~ Normal(m, 1) is the density phi(m); a pathwise gradient is 0."""
+    m = compile_objective("z ~ Normal(m, 1.0)\nreturn if z > 0.0 then 1.0 else 0.0", "m: f32",
+                          samples=4)
+    site = m.ir.facts["estimators"][0]
+    assert site.estimator.name == "score" and "non-differentiable" in site.why
+    grads = estimates(m.g, (0.4,))
+    assert_unbiased(grads["m"], math.exp(-0.4 ** 2 / 2) / math.sqrt(2 * math.pi))
+
+
+def test_a_draw_used_non_differentiably_by_a_caller_gets_the_score_function():
+    src = """
+fn noise(m: f32) -> f32 {
+  z ~ Normal(m, 1.0)
+  return z
+}
+fn f(m: f32) -> f32 { return f32(noise(m) > 0.0) }
+export g = grad(expect(f, samples=4), wrt=[m])
+"""
+    m = gradlang.compile_source(src)
+    assert m.ir.facts["estimators"][0].estimator.name == "score"
+    assert_unbiased(estimates(m.g, (-0.3,))["m"], math.exp(-0.3 ** 2 / 2) / math.sqrt(2 * math.pi))
+
+
+def test_pathwise_and_score_sites_mix_and_expectations_nest():
+    """E = E_z[z^2 + E_b[(2b - 1) z]] with z ~ N(m, 1), b ~ Bernoulli(l)
+         = m^2 + 1 + (2 sigmoid(l) - 1) m."""
+    src = """
+fn coin(l: f32) -> f32 {
+  b ~ Bernoulli(logits=l)
+  return 2.0 * b - 1.0
+}
+fn f(m: f32, l: f32) -> f32 {
+  z ~ Normal(m, 1.0)
+  return z * z + expect(coin(l) * z, samples=3)
+}
+export g = grad(expect(f, samples=2), wrt=[m, l])
+"""
+    m = gradlang.compile_source(src)
+    chosen = {s.site: s.estimator.name for s in m.ir.facts["estimators"]}
+    assert chosen == {"b": "score", "z": "reparam"}
+    mv, lv = 0.6, -0.5
+    grads = estimates(m.g, (mv, lv))
+    s = sigmoid(lv)
+    assert_unbiased(np.stack([grads["m"], grads["l"]], -1), [2 * mv + 2 * s - 1, 2 * s * (1 - s) * mv])
+
+
+def test_draws_inside_a_loop_are_independent_and_pathwise():
+    src = """
+fn f(m: f32) -> f32 {
+  return for i in range(3) carry (acc = 0.0) {
+    z ~ Normal(m, 1.0)
+    acc + z * z
+  }
+}
+export v = expect(f, samples=1)
+export g = grad(f, wrt=[m])
+"""
+    m = gradlang.compile_source(src)
+    values = estimates(m.v, (0.5,))
+    assert_unbiased(values, 3 * (0.25 + 1))  # independent draws: E = 3 (m^2 + 1)
+    assert np.var(np.asarray(values)) > 2 * 3  # Var of a sum of 3 independent chi-square-like terms
+    assert_unbiased(estimates(m.g, (0.5,))["m"], 6 * 0.5)
+
+
+# ---- higher order: the magic box keeps second derivatives unbiased
+
+
+@pytest.mark.parametrize("baseline", ["none", "loo"])
+def test_second_derivative_of_a_score_function_expectation(baseline):
+    """d^2/dt^2 E[c] = sigmoid''(t) for c ~ Bernoulli(logits=t)."""
+    src = f"""
+fn f(t: f32) -> f32 {{
+  c ~ Bernoulli(logits=t) with score(baseline={baseline})
+  return c
+}}
+export e = expect(f, samples=4)
+"""
+    m = gradlang.compile_source(src)
+    second = jax.grad(jax.grad(lambda t, k: m.e(t, k)))
+    keys = jax.random.split(jax.random.key(1), N)
+    hess = jax.jit(jax.vmap(second, in_axes=(None, 0)))(jnp.float32(0.7), keys)
+    s = sigmoid(0.7)
+    assert_unbiased(hess, s * (1 - s) * (1 - 2 * s))
+
+
+# ---- control variates lower the variance
+
+
+def _variance(m, args, key="t"):
+    return float(np.var(np.asarray(estimates(m.g, args)[key]), axis=0).sum())
+
+
+@pytest.mark.parametrize("case", ["bernoulli", "categorical"])
+def test_leave_one_out_baseline_reduces_variance(case):
+    if case == "bernoulli":
+        body, params, args = "c ~ Bernoulli(logits=t) WITH\nreturn (c + 2.0) * (c + 2.0)", "t: f32", (0.2,)
+    else:
+        body, params, args = "k ~ Categorical(logits=t) WITH\nreturn v[k] + 5.0", "t: f32[4], v: f32[4]", (THETA, V)
+    plain = compile_objective(body, params, "score(baseline=none)", samples=8)
+    loo = compile_objective(body, params, "score(baseline=loo)", samples=8)
+    ratio = _variance(plain, args) / _variance(loo, args)
+    print(f"leave-one-out variance reduction ({case}): {ratio:.1f}x")
+    assert ratio > 1.5, ratio
+
+
+def test_grpo_advantages_point_the_right_way_and_cut_variance():
+    """GRPO normalizes advantages by the group's std: biased in scale by design (README), but
+    the direction of the expected gradient is kept on this problem."""
+    body, params = "k ~ Categorical(logits=t) WITH\nreturn v[k] + 5.0", "t: f32[4], v: f32[4]"
+    grpo = compile_objective(body, params, "score(baseline=grpo)", samples=8)
+    mean = np.asarray(estimates(grpo.g, (THETA, V))["t"]).mean(0)
+    p = softmax(THETA)
+    truth = p * (V - p @ V)
+    assert mean @ truth / (np.linalg.norm(mean) * np.linalg.norm(truth)) > 0.95
+
+
+# ---- determinism and the key argument
+
+
+def test_same_key_same_numbers_and_the_key_is_an_argument():
+    m = compile_objective("c ~ Bernoulli(logits=t)\nreturn c * 3.0", "t: f32", samples=4)
+    assert [n for n, _ in m.g.signature.params] == ["t", "key"]
+    a = m.g(0.1, jax.random.key(3))
+    assert a == m.g(0.1, key=jax.random.key(3))
+    assert a == m.g(0.1, jax.random.PRNGKey(3))  # raw key data is accepted as well
+    draws = {float(m.g(0.1, jax.random.key(s))["t"]) for s in range(20)}
+    assert len(draws) > 1
+    with pytest.raises(ArgumentError, match="missing 'key'"):
+        m.g(0.1)
+    with pytest.raises(ArgumentError, match="expected a random key"):
+        m.g(0.1, np.zeros(3, np.float32))
+
+
+def test_deterministic_programs_take_no_key():
+    m = gradlang.compile_source("fn f(x: f32) -> f32 { return x * x }\nexport g = grad(f, wrt=[x])")
+    assert [n for n, _ in m.g.signature.params] == ["x"]
+
+
+def test_a_stochastic_export_round_trips_through_an_artifact(tmp_path):
+    m = compile_objective("z ~ Normal(m, 1.0)\nc ~ Bernoulli(logits=m)\nreturn z * c", "m: f32",
+                          samples=4)
+    loaded = gradlang.load(m.save(tmp_path / "r.gx"))
+    key = jax.random.key(5)
+    np.testing.assert_allclose(loaded.g(0.3, key)["m"], m.g(0.3, key)["m"], rtol=1e-6)
+
+
+# ---- closed forms: log_prob, entropy, kl, mean
+
+
+def test_closed_forms_and_their_gradients():
+    src = """
+fn f(a: f32, b: f32) -> f32 {
+  let p = Normal(a, b)
+  let q = Normal(0.5, 2.0)
+  return kl(p, q) + entropy(p) + log_prob(p, 1.0) + mean(Gamma(a, b))
+}
+export v = f
+export g = grad(f, wrt=[a, b])
+"""
+    m = gradlang.compile_source(src)
+
+    def ref(a, b):
+        kl = jnp.log(2.0 / b) + (b ** 2 + (a - 0.5) ** 2) / (2 * 4.0) - 0.5
+        ent = 0.5 * jnp.log(2 * jnp.pi * jnp.e * b ** 2)
+        lp = -0.5 * ((1.0 - a) / b) ** 2 - jnp.log(b) - 0.5 * jnp.log(2 * jnp.pi)
+        return kl + ent + lp + a / b
+
+    np.testing.assert_allclose(m.v(0.3, 1.4), ref(0.3, 1.4), rtol=1e-5)
+    want = jax.grad(ref, argnums=(0, 1))(0.3, 1.4)
+    got = m.g(0.3, 1.4)
+    np.testing.assert_allclose([got["a"], got["b"]], want, rtol=1e-5)
+
+
+def test_batched_parameters_broadcast():
+    src = """
+fn f(m: f32[3, 1], s: f32[4]) -> f32[3, 4] {
+  z ~ Normal(m, s)
+  return z
+}
+export e = expect(f, samples=1)
+"""
+    m = gradlang.compile_source(src)
+    out = m.e(np.zeros((3, 1), np.float32), np.ones(4, np.float32), jax.random.key(0))
+    assert out.shape == (3, 4)
+    assert len(np.unique(np.asarray(out))) == 12  # independent draws across the batch
+
+
+# ---- relaxations are biased by design (documented): check what they promise
+
+
+def test_straight_through_gumbel_is_exactly_one_hot_forward():
+    src = """
+fn f(t: f32[4]) -> f32[4] {
+  e ~ OneHotCategorical(logits=t) with st_gumbel(tau=0.5)
+  return e
+}
+export e = expect(f, samples=1)
+"""
+    m = gradlang.compile_source(src)
+    draws = np.asarray(estimates(m.e, (THETA,), n=4000))
+    assert set(np.unique(draws)) <= {0.0, 1.0} and np.all(draws.sum(-1) == 1)
+    freq = draws.mean(0)  # hard Gumbel-max draws: exact categorical frequencies
+    se = np.sqrt(softmax(THETA) * (1 - softmax(THETA)) / 4000)
+    assert np.all(np.abs(freq - softmax(THETA)) <= 5 * se)
