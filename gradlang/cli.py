@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .diagnostics import Diagnostics, SourceFile
 from .driver import compile_module
+from .explain import explain
 from .ir import Module
 from .printer import print_module
 
@@ -40,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
                       help=f"what to write: {', '.join(EMITS)} (repeatable or comma-separated; "
                            f"default: artifact)")
     comp.add_argument("--print-after", metavar="PASS", action="append", default=[],
-                      help="print the IR after PASS (build, resolve, typecheck, gradflow)")
+                      help="print the IR after PASS (build, resolve, typecheck, gradflow, "
+                           "estimators, surrogate)")
     comp.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE",
                       help="fix a symbolic dim to a size (else it stays symbolic)")
     comp.add_argument("--debug-info", action="store_true",
@@ -87,23 +89,8 @@ def cmd_explain(args) -> int:
     diags = Diagnostics()
     module = _front_end(Path(args.file), diags)
     status = _report(diags, False)
-    if module is None:
-        return status
-    facts = {f.export: f for f in module.facts.get("gradflow", ())}
-    for export in module.exports:
-        t = export.transform
-        if t.kind == "fn":
-            print(f"export {export.name} = {t.fn}: no gradient requested")
-            continue
-        f = facts[export.name]
-        print(f"export {export.name} = {t.kind}({t.fn}, wrt=[{', '.join(t.wrt)}])")
-        for name in t.wrt:
-            if name in f.zero:
-                print(f"  {name}: gradient is identically zero (no differentiable path to the result)")
-            else:
-                print(f"  {name}: exact reverse-mode gradient; the program is smooth on every path "
-                      f"from '{name}' to the result, so no estimator is needed")
-        print("  cost: 1 forward + 1 backward evaluation")
+    if module is not None:
+        print(explain(module), end="")
     return status
 
 

@@ -78,6 +78,8 @@ class _Rewriter:
         self.site_spans: dict[str, dict[str, list[Span]]] = {}
         self.diags = diags
         self.ops: list[Op] = []
+        self.resolved: dict[Span, set[str]] = {}
+        """The control variates each score site ends up with (one per expectation it is in)."""
 
     def emit(self, name: str, operands: tuple[Value, ...], params: object, types: tuple[Type, ...],
              span: Span | None, regions: tuple[Region, ...] = ()) -> Op:
@@ -178,14 +180,15 @@ class _Rewriter:
         return out
 
     def baseline(self, group: str, n: int, sites: list[Span]) -> str:
-        if group == "auto":
-            return "loo" if n >= 2 else "none"
+        resolved = ("loo" if n >= 2 else "none") if group == "auto" else group
+        for span in sites:
+            self.resolved.setdefault(span, set()).add(f"{resolved}, samples={n}")
         if group in ("loo", "grpo") and n < 2:
             for span in sites:
                 self.diags.error(f"baseline={group} compares the samples of an expectation, but "
                                  f"this draw's expectation has 1 sample; use expect(f, "
                                  f"samples=N) with N >= 2", span)
-        return group
+        return resolved
 
     def function(self, fn: Function) -> Function:
         body, scores = self.region(fn.body)
@@ -282,7 +285,9 @@ class Surrogate:
         random = random_functions(module)
         functions = [rewritten[fn.name] for fn in module.functions]
         exports = []
+        objectives = {}
         for export in module.exports:
+            objectives[export.name] = (export.transform.fn, export.transform.samples)
             wrapper = rewriter.objective(export, random)
             if wrapper is not None:
                 if all(f.name != wrapper.name for f in functions):
@@ -292,4 +297,5 @@ class Surrogate:
             exports.append(export)
         return replace(module, functions=tuple(functions), exports=tuple(exports),
                        facts=module.facts | {"random": frozenset(random_functions(
-                           replace(module, functions=tuple(functions))))})
+                           replace(module, functions=tuple(functions)))), "objectives": objectives,
+                           "control_variates": rewriter.resolved})

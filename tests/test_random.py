@@ -359,3 +359,22 @@ export e = expect(f, samples=1)
     freq = draws.mean(0)  # hard Gumbel-max draws: exact categorical frequencies
     se = np.sqrt(softmax(THETA) * (1 - softmax(THETA)) / 4000)
     assert np.all(np.abs(freq - softmax(THETA)) <= 5 * se)
+
+
+# ---- explain
+
+
+def test_explain_reports_each_site_with_its_estimator_control_variate_and_reason():
+    from pathlib import Path
+
+    from gradlang.explain import explain
+
+    m = gradlang.compile_file(Path(__file__).parent / "golden" / "random.grad")
+    text = explain(m.ir)
+    rows = {line.split()[0]: line for line in text.splitlines() if line.startswith("    ")
+            and line.split()[0] in "bzy" and "(" in line}
+    assert "score function" in rows["b"] and "leave-one-out (RLOO) (auto) [samples=3]" in rows["b"]
+    assert "pathwise (reparam)" in rows["z"] and "with score(baseline=loo)" in rows["z"]
+    assert "group-normalized (GRPO, biased) [samples=4]" in rows["y"]
+    assert "b: Bernoulli is discrete" in text and "y: annotated in the source" in text
+    assert "cost: 4 x (1 forward + 1 backward evaluation)" in text

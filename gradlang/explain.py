@@ -1,0 +1,104 @@
+"""`gradlang explain`: how each export's gradient is computed, per parameter and random choice."""
+
+from __future__ import annotations
+
+from .distributions import DISTRIBUTIONS
+from .ir import Module, walk
+
+_NAMES = {"reparam": "pathwise (reparam)", "score": "score function", "gumbel": "Gumbel-softmax",
+          "st_gumbel": "straight-through Gumbel"}
+_BASELINES = {"none": "none", "loo": "leave-one-out (RLOO)", "grpo": "group-normalized (GRPO, biased)"}
+
+
+def _reachable(module: Module, fn: str) -> list[str]:
+    """fn and every function it calls, callers first."""
+    out = [fn]
+    for name in out:
+        for op in walk(module.function(name).body):
+            if op.name == "call_fn" and op.params.callee not in out:
+                out.append(op.params.callee)
+    return out
+
+
+def _control_variate(site, resolved: dict) -> str:
+    """The control variate(s) a score site got in the expectations it is drawn in."""
+    if site.estimator.name != "score":
+        return "-"
+    found = sorted(resolved.get(site.span, ()))
+    auto = " (auto)" if site.estimator.option("baseline") == "auto" else ""
+    return "; ".join(f"{_BASELINES[r.split(',')[0]]}{auto} [{r.split(', ')[1]}]" for r in found) or "-"
+
+
+def _cost(estimator) -> str:
+    if estimator.name == "score":
+        return "1 draw + log_prob"
+    if estimator.name in ("gumbel", "st_gumbel"):
+        return "1 relaxed draw"
+    return "1 draw"
+
+
+def _overrides(family: str, estimator) -> str:
+    spec = DISTRIBUTIONS[family]
+    options = []
+    if estimator.name != "reparam" and spec.reparam:
+        options.append("with reparam")
+    if estimator.name != "score" and spec.fixed_support:
+        options.append("with score(baseline=loo)")
+    if estimator.name == "score":
+        other = "none" if estimator.option("baseline") != "none" else "loo"
+        options.append(f"with score(baseline={other})")
+    if family in ("Bernoulli", "OneHotCategorical") and estimator.name not in ("gumbel", "st_gumbel"):
+        options.append("with gumbel(tau=0.5)")
+    return ", ".join(options) or "-"
+
+
+def _table(rows: list[list[str]], indent: str) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def explain(module: Module) -> str:
+    """The report printed by `gradlang explain`."""
+    flow = {f.export: f for f in module.facts.get("gradflow", ())}
+    sites = module.facts.get("estimators", ())
+    objectives = module.facts.get("objectives", {})
+    lines: list[str] = []
+    for export in module.exports:
+        t = export.transform
+        fn, samples = objectives.get(export.name, (t.fn, t.samples))
+        what = f"expect({fn}, samples={samples})" if samples else fn
+        here = [s for s in sites if s.function in _reachable(module, fn)]
+        n = max(samples, 1)
+        if t.kind == "fn":
+            lines.append(f"export {export.name} = {what}: no gradient requested")
+        else:
+            lines.append(f"export {export.name} = {t.kind}({what}, wrt=[{', '.join(t.wrt)}])")
+            for name in t.wrt:
+                if name in flow[export.name].zero:
+                    lines.append(f"  {name}: gradient is identically zero (no differentiable path "
+                                 f"to the result)")
+                elif here:
+                    lines.append(f"  {name}: exact reverse mode through the surrogate, with the "
+                                 f"estimators of the random choices below")
+                else:
+                    lines.append(f"  {name}: exact reverse-mode gradient; the program is smooth on "
+                                 f"every path from '{name}' to the result, so no estimator is needed")
+        if here:
+            rows = [["site", "distribution", "estimator", "control variate", "cost per sample",
+                     "override"]]
+            for s in here:
+                rows.append([f"{s.site} ({s.function}, line {s.span.line})", s.family,
+                             _NAMES.get(s.estimator.name, s.estimator.name)
+                             + (f" tau={s.estimator.option('tau')}" if s.estimator.option("tau") else ""),
+                             _control_variate(s, module.facts.get("control_variates", {})),
+                             _cost(s.estimator),
+                             _overrides(s.family, s.estimator)])
+            lines.append(f"  random choices ({len(here)}), {n} sample{'s' * (n != 1)} of the "
+                         f"objective per call:")
+            lines += _table(rows, "    ")
+            lines.append("  why:")
+            lines += [f"    {s.site}: {s.why}" for s in here]
+        if t.kind != "fn":
+            lines.append(f"  cost: {n} x (1 forward + 1 backward evaluation)" if here or samples
+                         else "  cost: 1 forward + 1 backward evaluation")
+    return "\n".join(lines) + ("\n" if lines else "")
