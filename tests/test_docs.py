@@ -17,3 +17,13 @@ def test_every_builtin_is_documented_with_its_signature():
 def test_every_pass_and_command_is_documented():
     for name in [*PASSES, *COMMANDS]:
         assert f"`{name}`" in README, name
+
+
+def test_every_distribution_and_estimator_is_documented():
+    from gradlang.distributions import DISTRIBUTIONS
+    from gradlang.passes.estimators import OPTIONS
+
+    for spec in DISTRIBUTIONS.values():
+        assert f"`{spec.name}(" in README, spec.name
+    for name in OPTIONS:
+        assert f"`with {name}" in README, name
