@@ -7,7 +7,8 @@ from .ir import Module, walk
 
 _NAMES = {"reparam": "pathwise (reparam)", "score": "score function", "gumbel": "Gumbel-softmax",
           "st_gumbel": "straight-through Gumbel"}
-_BASELINES = {"none": "none", "loo": "leave-one-out (RLOO)", "grpo": "group-normalized (GRPO, biased)"}
+_BASELINES = {"none": "none", "loo": "leave-one-out (RLOO)", "grpo": "group-normalized (GRPO, biased)",
+              "ma": "moving average"}
 
 
 def _reachable(module: Module, fn: str) -> list[str]:
@@ -26,6 +27,8 @@ def _control_variate(site, resolved: dict) -> str:
         return "-"
     found = sorted(resolved.get(site.span, ()))
     auto = " (auto)" if site.estimator.option("baseline") == "auto" else ""
+    if site.estimator.option("decay") is not None:
+        auto = f" (decay={site.estimator.option('decay')})"
     return "; ".join(f"{_BASELINES[r.split(',')[0]]}{auto} [{r.split(', ')[1]}]" for r in found) or "-"
 
 

@@ -176,7 +176,10 @@ class ExpectParams:
 @dataclass(frozen=True)
 class SurrogateParams:
     baselines: tuple[str, ...]
-    """The control variate of each score-term operand after the value: none | loo | grpo."""
+    """The control variate of each score-term operand after the value: none | loo | grpo | ma."""
+    decay: float = 0.0
+    """For `ma`: the moving average's decay; its state is the last operand and the op has a
+    second result, the updated state."""
 
 
 # ---- op definitions

@@ -26,9 +26,10 @@ from gradlang.ir import Function, Module, Op, Region, walk
 from gradlang.ops import OPS, Estimator
 from gradlang.types import DistType, has_float_leaf
 
-BASELINES = ("auto", "none", "loo", "grpo")
+BASELINES = ("auto", "none", "loo", "grpo", "ma")
 OPTIONS: dict[str, dict[str, type]] = {
-    "auto": {}, "reparam": {}, "score": {"baseline": str}, "gumbel": {"tau": float},
+    "auto": {}, "reparam": {}, "score": {"baseline": str, "decay": float},
+    "gumbel": {"tau": float},
     "st_gumbel": {"tau": float}, "enum": {}, "mvd": {},
 }
 """Every estimator name with its options and their types."""
@@ -252,13 +253,19 @@ def option_problem(e: Estimator) -> str | None:
             return f"option '{k}' of '{e.name}' must be a positive number, got {v}"
         if k == "baseline" and v not in BASELINES:
             return f"unknown baseline '{v}' (baselines: {', '.join(BASELINES)})"
+        if k == "decay" and not v < 1:
+            return f"option 'decay' of '{e.name}' must be below 1, got {v}"
+    if e.name == "score" and "decay" in dict(e.options) and e.option("baseline") != "ma":
+        return "option 'decay' of 'score' needs baseline=ma (a moving average)"
     return None
 
 
 def _complete(e: Estimator) -> Estimator:
-    """The estimator with its defaults filled in (baseline=auto, tau=1.0)."""
+    """The estimator with its defaults filled in (baseline=auto, decay=0.9, tau=1.0)."""
+    given = dict(e.options)
     defaults = {"score": (("baseline", "auto"),), "gumbel": (("tau", 1.0),),
                 "st_gumbel": (("tau", 1.0),)}.get(e.name, ())
-    given = dict(e.options)
+    if given.get("baseline") == "ma":
+        defaults += (("decay", 0.9),)
     options = tuple((k, given.get(k, v)) for k, v in defaults)
     return Estimator(e.name, options, e.span)

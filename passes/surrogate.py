@@ -27,7 +27,7 @@ from gradlang.types import DType, TensorType, TupleType, Type, scalar
 
 from .typecheck_random import stacked
 
-GROUPS = ("auto", "none", "loo", "grpo")
+GROUPS = ("auto", "none", "loo", "grpo", "ma")
 """Baseline groups, in the order score terms are returned."""
 F32 = scalar(DType.F32)
 
@@ -78,6 +78,8 @@ class _Rewriter:
         self.site_spans: dict[str, dict[str, list[Span]]] = {}
         self.diags = diags
         self.ops: list[Op] = []
+        self.decays: dict[Span, float] = {}
+        """The decay of each moving-average site."""
         self.resolved: dict[Span, set[str]] = {}
         """The control variates each score site ends up with (one per expectation it is in)."""
 
@@ -111,7 +113,10 @@ class _Rewriter:
             lp = self.emit("log_prob", (op.operands[0], op.result), NoParams(),
                            (TensorType(DType.F32, dist.batch),), op.span).result
             total = self.emit("sum", (lp,), ReduceParams(), (F32,), op.span).result
-            scores.add(op.params.estimator.option("baseline"), total, [op.span])
+            baseline = op.params.estimator.option("baseline")
+            if baseline == "ma":
+                self.decays[op.span] = op.params.estimator.option("decay")
+            scores.add(baseline, total, [op.span])
         elif op.name == "call_fn" and op.params.callee in self.scored:
             groups = self.scored[op.params.callee]
             callee = self.module.function(op.params.callee)
@@ -158,11 +163,18 @@ class _Rewriter:
 
     def expect(self, op: Op) -> None:
         region, scores = self.region(op.regions[0])
+        for span in scores.sites.get("ma", ()):
+            self.diags.error("baseline=ma keeps a running average across calls, which only the "
+                             "export's own expectation can carry (as its 'baseline' argument "
+                             "and result); use loo or grpo inside expect(...)", span)
         ops = self.scope(region, scores, op.params.samples, op.span)
         self.ops += ops[:-1] + [replace(ops[-1], results=op.results)]
 
-    def scope(self, region: Region, scores: _Scores, n: int, span: Span | None) -> list[Op]:
-        """The ops of an expectation over `region` (its value yielded first), n draws."""
+    def scope(self, region: Region, scores: _Scores, n: int, span: Span | None,
+              state: Value | None = None) -> list[Op]:
+        """The ops of an expectation over `region` (its value yielded first), n draws. With
+        moving-average sites, `state` is the running average and the last op has a second
+        result, its update."""
         outer, self.ops = self.ops, list(region.ops)
         groups = [g for g in GROUPS if g in scores.values]
         extra = tuple(self.total(scores.values[g], span) for g in groups)
@@ -173,11 +185,25 @@ class _Rewriter:
         draws = self.emit("samples", (), ExpectParams(n), types, span, (inner,))
         if not groups:
             self.emit("mean", (draws.results[0],), ReduceParams((0,)), (vtype,), span)
+        elif "ma" in groups and state is not None:
+            baselines = tuple(self.baseline(g, n, scores.sites[g]) for g in groups)
+            decay = self.decay(scores.sites["ma"])
+            self.emit("surrogate", draws.results + (state,), SurrogateParams(baselines, decay),
+                      (vtype, F32), span)
         else:
             baselines = tuple(self.baseline(g, n, scores.sites[g]) for g in groups)
             self.emit("surrogate", draws.results, SurrogateParams(baselines), (vtype,), span)
         out, self.ops = self.ops, outer
         return out
+
+    def decay(self, sites: list[Span]) -> float:
+        decays = sorted({self.decays[s] for s in sites})
+        if len(decays) > 1:
+            for span in sites:
+                self.diags.error(f"the moving-average baselines of one expectation share their "
+                                 f"average, so they need the same decay (found "
+                                 f"{', '.join(map(str, decays))})", span)
+        return decays[0]
 
     def baseline(self, group: str, n: int, sites: list[Span]) -> str:
         resolved = ("loo" if n >= 2 else "none") if group == "auto" else group
@@ -215,9 +241,23 @@ class _Rewriter:
         call = Op("call_fn", tuple(p.value for p in params), (Value(fn.result_type),),
                   CalleeParams(fn.name), (), export.fn_span)
         region, scores = self.region(Region((), (call,), call.results))
-        ops = self.scope(region, scores, n, export.fn_span)
-        return Function(f"{fn.name}@expect{n}", fn.unit, params, fn.result_type,
-                        Region((), tuple(ops), ops[-1].results), fn.span, fn.result_span)
+        if "ma" not in scores.values:
+            ops = self.scope(region, scores, n, export.fn_span)
+            return Function(f"{fn.name}@expect{n}", fn.unit, params, fn.result_type,
+                            Region((), tuple(ops), ops[-1].results), fn.span, fn.result_span)
+        if fn.param("baseline") is not None:
+            self.diags.error(f"baseline=ma adds a parameter 'baseline' (the running average) to "
+                             f"the export, but '{fn.name}' already has one; rename it",
+                             fn.param("baseline").span)
+        state = Param("baseline", Value(F32, "baseline"), export.fn_span)
+        ops = self.scope(region, scores, n, export.fn_span, state.value)
+        rtype = TupleType((fn.result_type, F32))
+        self.ops, outer = [], self.ops
+        result = self.emit("tuple", ops[-1].results, NoParams(), (rtype,), export.fn_span).result
+        ops += self.ops
+        self.ops = outer
+        return Function(f"{fn.name}@expect{n}", fn.unit, params + (state,), rtype,
+                        Region((), tuple(ops), (result,)), fn.span, fn.result_span)
 
 
 def _scored_functions(module: Module) -> dict[str, tuple[str, ...]]:
@@ -286,6 +326,7 @@ class Surrogate:
         functions = [rewritten[fn.name] for fn in module.functions]
         exports = []
         objectives = {}
+        stateful: set[str] = set()
         for export in module.exports:
             objectives[export.name] = (export.transform.fn, export.transform.samples)
             wrapper = rewriter.objective(export, random)
@@ -294,8 +335,11 @@ class Surrogate:
                     functions.append(wrapper)
                 export = replace(export, transform=replace(export.transform, fn=wrapper.name,
                                                            samples=0))
+                if wrapper.params[-1].name == "baseline" and isinstance(wrapper.result_type, TupleType):
+                    stateful.add(wrapper.name)
             exports.append(export)
         return replace(module, functions=tuple(functions), exports=tuple(exports),
                        facts=module.facts | {"random": frozenset(random_functions(
                            replace(module, functions=tuple(functions)))), "objectives": objectives,
+                           "stateful": frozenset(stateful),
                            "control_variates": rewriter.resolved})

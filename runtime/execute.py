@@ -1,7 +1,8 @@
 """Build the JAX function of each export: the lowered function, or its (value and) gradient.
 
 `grad` and `value_and_grad` use JAX's reverse mode on the lowered function; gradients come
-back as a dict keyed by the `wrt` parameter names.
+back as a dict keyed by the `wrt` parameter names. A stateful export (a moving-average
+baseline) also returns the updated state, last.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ def signature_of(module: Module, export: Export) -> Signature:
     params = tuple((p.name, p.value.type) for p in fn.params)
     if fn.name in module.facts.get("random", ()):
         params += (("key", KEY),)
-    return Signature(export.name, t.kind, fn.name, params, fn.result_type, t.wrt)
+    stateful = fn.name in module.facts.get("stateful", ())
+    return Signature(export.name, t.kind, fn.name, params, fn.result_type, t.wrt, stateful)
 
 
 def export_function(module: Module, export: Export) -> tuple[Signature, Callable]:
@@ -36,17 +38,24 @@ def export_function(module: Module, export: Export) -> tuple[Signature, Callable
     names = [n for n, _ in signature.params]
     wrt = signature.wrt
     argnums = tuple(names.index(w) for w in wrt)
+    aux = signature.stateful
     if signature.kind == "grad":
-        g = jax.grad(f, argnums=argnums)
+        g = jax.grad(f, argnums=argnums, has_aux=aux)
 
         def grad_fn(*args):
+            if aux:
+                grads, state = g(*args)
+                return dict(zip(wrt, grads)), state
             return dict(zip(wrt, g(*args)))
 
         return signature, casting(signature, grad_fn)
-    vg = jax.value_and_grad(f, argnums=argnums)
+    vg = jax.value_and_grad(f, argnums=argnums, has_aux=aux)
 
     def value_and_grad_fn(*args):
         value, grads = vg(*args)
+        if aux:
+            (value, state), grads = value, grads
+            return value, dict(zip(wrt, grads)), state
         return value, dict(zip(wrt, grads))
 
     return signature, casting(signature, value_and_grad_fn)

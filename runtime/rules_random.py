@@ -78,16 +78,21 @@ def _surrogate(ctx, op: Op, v, *scores):
 
     L sums the score terms of the baseline groups none and loo (DiCE, correct at every order);
     loo's control variate is the mean of the other samples' values; grpo adds the first-order
-    term (magic(l) - 1) * A with the group-normalized advantage A = (v - mean) / std.
+    term (magic(l) - 1) * A with the group-normalized advantage A = (v - mean) / std; ma's
+    control variate is the running average passed in as the last operand (from earlier calls,
+    so independent of these draws), and the op also returns its update.
     """
     n = v.shape[0]
+    baselines = op.params.baselines
+    state = scores[-1] if "ma" in baselines else None
+    scores = scores[:len(baselines)]
 
     def per_sample(x):
         return x.reshape(x.shape + (1,) * (v.ndim - 1))
 
-    dice = [l for l, b in zip(scores, op.params.baselines) if b != "grpo"]
+    dice = [l for l, b in zip(scores, baselines) if b != "grpo"]
     out = per_sample(_magic(sum(dice))) * v if dice else v
-    for l, b in zip(scores, op.params.baselines):
+    for l, b in zip(scores, baselines):
         m = per_sample(_magic(l))
         if b == "loo":
             others = lax.stop_gradient((jnp.sum(v, 0, keepdims=True) - v) / (n - 1))
@@ -96,7 +101,12 @@ def _surrogate(ctx, op: Op, v, *scores):
             sv = lax.stop_gradient(v)
             advantage = (sv - jnp.mean(sv, 0)) / (jnp.std(sv, 0) + 1e-8)
             out = out + (m - 1) * advantage
-    return jnp.mean(out, 0)
+        elif b == "ma":
+            out = out + (1 - m) * lax.stop_gradient(state)
+    if state is None:
+        return jnp.mean(out, 0)
+    decay = op.params.decay
+    return jnp.mean(out, 0), lax.stop_gradient(decay * state + (1 - decay) * jnp.mean(v))
 
 
 RANDOM_LOWERINGS = {

@@ -29,6 +29,9 @@ class Signature:
     params: tuple[tuple[str, Type], ...]
     result: Type
     wrt: tuple[str, ...] = ()
+    stateful: bool = False
+    """The function's last parameter is a state (a moving-average baseline) and the export
+    also returns its update, last."""
 
     @property
     def dims(self) -> list[str]:
@@ -40,13 +43,14 @@ class Signature:
     def to_json(self) -> dict:
         return {"name": self.name, "kind": self.kind, "function": self.function,
                 "params": [{"name": n, "type": type_to_json(t)} for n, t in self.params],
-                "result": type_to_json(self.result), "wrt": list(self.wrt)}
+                "result": type_to_json(self.result), "wrt": list(self.wrt),
+                "stateful": self.stateful}
 
     @staticmethod
     def from_json(j: dict) -> Signature:
         return Signature(j["name"], j["kind"], j["function"],
                          tuple((p["name"], type_from_json(p["type"])) for p in j["params"]),
-                         type_from_json(j["result"]), tuple(j["wrt"]))
+                         type_from_json(j["result"]), tuple(j["wrt"]), j.get("stateful", False))
 
     def describe(self) -> str:
         params = ", ".join(f"{n}: {t}" for n, t in self.params)
