@@ -24,3 +24,15 @@ def load_binary_digits(seed: int = 0, test_fraction: float = 0.2):
     n_test = int(round(test_fraction * len(x)))
     test, train = perm[:n_test], perm[n_test:]
     return x[train], x[test], y[train], y[test]
+
+
+def tile(images: np.ndarray, cols: int, side: int = 8) -> np.ndarray:
+    """Images [N, side * side] laid out on a grid `cols` wide, one NaN pixel between them (show
+    it with a colormap whose `set_bad` color marks the gaps)."""
+    rows = -(-len(images) // cols)
+    grid = np.full((rows * (side + 1) - 1, cols * (side + 1) - 1), np.nan)
+    for n, img in enumerate(images):
+        r, c = divmod(n, cols)
+        grid[r * (side + 1):r * (side + 1) + side, c * (side + 1):c * (side + 1) + side] = (
+            np.asarray(img).reshape(side, side))
+    return grid

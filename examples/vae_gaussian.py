@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 import gradlang
-from digits import load_binary_digits
+from digits import load_binary_digits, tile
 from progress import ProgressBar
 
 HERE = Path(__file__).resolve().parent
@@ -171,26 +171,17 @@ def _plot(losses, evals, m, params, x_test, y_test, key, path: Path, args) -> No
     # Test digits (one per class) and their reconstructions from the mean of q(z|x).
     idx = np.array([np.flatnonzero(y_test == c)[0] for c in range(10)])
     recon = np.asarray(m.reconstructions(*params, x_test[idx]))
-    ax2 = fig.add_subplot(1, 3, 2)
-    grid = np.full((2 * 9 - 1, 10 * 9 - 1), np.nan)  # NaN: the gaps between digits
-    for c in range(10):
-        grid[0:8, c * 9:c * 9 + 8] = x_test[idx[c]].reshape(8, 8)
-        grid[9:17, c * 9:c * 9 + 8] = recon[c].reshape(8, 8)
     cmap = plt.get_cmap("gray_r").copy()
     cmap.set_bad("#cfe0f0")
-    ax2.imshow(grid, cmap=cmap, vmin=0, vmax=1)
+    ax2 = fig.add_subplot(1, 3, 2)
+    ax2.imshow(tile(np.concatenate([x_test[idx], recon]), 10), cmap=cmap, vmin=0, vmax=1)
     ax2.set_axis_off()
     ax2.set_title("test digits (top) and reconstructions (bottom)")
 
     # New digits: pixel probabilities of p(x|z) at z ~ N(0, I).
     z = np.asarray(jax.random.normal(key, (40, args.latent)), np.float32)
-    probs = np.asarray(m.generate(params[1], z))
     ax3 = fig.add_subplot(1, 3, 3)
-    grid = np.full((4 * 9 - 1, 10 * 9 - 1), np.nan)
-    for n in range(40):
-        r, c = divmod(n, 10)
-        grid[r * 9:r * 9 + 8, c * 9:c * 9 + 8] = probs[n].reshape(8, 8)
-    ax3.imshow(grid, cmap=cmap, vmin=0, vmax=1)
+    ax3.imshow(tile(np.asarray(m.generate(params[1], z)), 10), cmap=cmap, vmin=0, vmax=1)
     ax3.set_axis_off()
     ax3.set_title("samples from the prior (pixel probabilities)")
     fig.tight_layout()
