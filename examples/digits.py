@@ -1,11 +1,14 @@
-"""The data set of the VAE examples: scikit-learn's 8x8 handwritten digits, binarized.
+"""Shared by the VAE examples: the data set, an image grid for plots, per-image evaluation.
 
-`sklearn.datasets.load_digits` ships inside the scikit-learn package (1797 images of 8x8
-pixels with gray levels 0..16, no download). A pixel is 1 where its gray level is above 7.
+The data: scikit-learn's 8x8 handwritten digits, binarized. `sklearn.datasets.load_digits`
+ships inside the scikit-learn package (1797 images of 8x8 pixels with gray levels 0..16, no
+download). A pixel is 1 where its gray level is above 7.
 """
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -36,3 +39,30 @@ def tile(images: np.ndarray, cols: int, side: int = 8) -> np.ndarray:
         grid[r * (side + 1):r * (side + 1) + side, c * (side + 1):c * (side + 1) + side] = (
             np.asarray(img).reshape(side, side))
     return grid
+
+
+class PerImageMean:
+    """The mean over images of `fn(*params, x_i[None], key_i)`, one image (and one key) at a
+    time, evaluated under `jax.jit` in chunks of a fixed size (the last one padded and masked):
+    one compilation serves data sets of any size. `fn` is an export that takes a batch and a
+    key last; `extra` arguments go between the images and the key."""
+
+    def __init__(self, fn, chunk: int = 128):
+        self.chunk = chunk
+
+        def total(params, x, mask, keys, *extra):
+            values = jax.vmap(lambda xi, k: fn(*params, xi[None], *extra, k))(x, keys)
+            return jnp.sum(jnp.where(mask, values, 0.0))
+
+        self._total = jax.jit(total)
+
+    def __call__(self, params, x, key, *extra) -> float:
+        n = len(x)
+        padded = n + (-n % self.chunk)
+        x = jnp.concatenate([jnp.asarray(x), jnp.zeros((padded - n,) + x.shape[1:], x.dtype)])
+        mask = jnp.arange(padded) < n
+        keys = jax.random.split(key, padded)
+        total = sum(self._total(params, x[i:i + self.chunk], mask[i:i + self.chunk],
+                                keys[i:i + self.chunk], *extra)
+                    for i in range(0, padded, self.chunk))
+        return float(total) / n

@@ -37,7 +37,7 @@ import numpy as np
 import optax
 
 import gradlang
-from digits import load_binary_digits, tile
+from digits import PerImageMean, load_binary_digits, tile
 from progress import ProgressBar
 
 HERE = Path(__file__).resolve().parent
@@ -61,37 +61,33 @@ def init_params(d: int, h: int, n_latents: int, n_classes: int, seed: int) -> tu
 
 
 def per_image(step):
-    """A step export called on each image of a batch separately (one key each), averaged:
-    (mean value, mean gradients as an (enc, dec) tuple)."""
+    """A step export called on each image of a batch separately (one key each), averaged, under
+    `jax.jit`: (mean value, mean gradients as an (enc, dec) tuple)."""
     def run(params, x, key):
         keys = jax.random.split(key, x.shape[0])
         values, grads = jax.vmap(lambda xi, k: step(*params, xi[None], k))(x, keys)
         return values.mean(), jax.tree.map(lambda g: g.mean(0), (grads["enc"], grads["dec"]))
-    return run
+    return jax.jit(run)
 
 
-def batched(step):
-    """A step export called once on the whole batch (the leave-one-out baseline then compares
-    whole-minibatch samples)."""
+def whole_batch(step):
+    """A step export called once on the whole batch, under `jax.jit` (the leave-one-out
+    baseline then compares whole-minibatch samples, not the samples of one image)."""
     def run(params, x, key):
         value, grads = step(*params, x, key)
         return value, (grads["enc"], grads["dec"])
-    return run
+    return jax.jit(run)
 
 
-def gradient_variance(run, params, x, key, n_keys: int) -> dict:
+def gradient_variance(run, params, x, key, n_keys: int) -> tuple[dict, np.ndarray]:
     """Per-coordinate variance of a gradient estimator over n_keys keys at fixed parameters and
     data, summed over the encoder's, the decoder's and all parameters; and the mean gradient."""
-    keys = jax.random.split(key, n_keys)
-
-    @jax.jit
-    def draws(keys):
-        return jax.lax.map(lambda k: run(params, x, k)[1], keys)
-
-    grads = draws(keys)
-    flat = {part: np.concatenate([np.asarray(g, np.float64).reshape(n_keys, -1)
-                                  for g in jax.tree.leaves(tree)], axis=1)
-            for part, tree in zip(("enc", "dec"), grads)}
+    draws = {"enc": [], "dec": []}
+    for k in jax.random.split(key, n_keys):
+        for part, tree in zip(("enc", "dec"), run(params, x, k)[1]):
+            draws[part].append(np.concatenate([np.asarray(g, np.float64).ravel()
+                                               for g in jax.tree.leaves(tree)]))
+    flat = {part: np.stack(d) for part, d in draws.items()}
     var = {part: float(f.var(0, ddof=1).sum()) for part, f in flat.items()}
     mean = np.concatenate([flat["enc"].mean(0), flat["dec"].mean(0)])
     return {"total": var["enc"] + var["dec"], "encoder": var["enc"], "decoder": var["dec"]}, mean
@@ -128,22 +124,23 @@ def main(argv: list[str] | None = None) -> dict:
 
     init = jax.tree.map(jnp.asarray, init_params(d, args.hidden, args.latents, args.classes, args.seed))
     xtr, xte = jnp.asarray(x_train), jnp.asarray(x_test)
-    evaluate = jax.jit(m.evaluate)
+    evaluate = PerImageMean(m.evaluate)  # the discrete model's ELBO, 16 hard draws per image
+    # One compiled gradient function per estimator, shared by training and the variance
+    # measurement (same shapes: a minibatch of args.batch images).
+    grad_fns = {name: per_image(getattr(m, export)) for name, export in ESTIMATORS.items()}
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, min(100, args.steps // 10),
                                                   args.steps, end_value=args.lr * 0.05)
     opt = optax.adam(schedule)
 
     results, curves, trained = {}, {}, {}
     train_s = 0.0
-    for name, export in ESTIMATORS.items():
-        run = per_image(getattr(m, export))
 
-        @jax.jit
-        def update(params, state, idx, key, run=run):
-            loss, grads = run(params, xtr[idx], key)
-            updates, state = opt.update(grads, state, params)
-            return optax.apply_updates(params, updates), state, loss
+    @jax.jit
+    def apply(params, state, grads):
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
 
+    for name, grad_fn in grad_fns.items():
         params, state = init, opt.init(init)
         rng = np.random.default_rng(args.seed + 1)  # the same minibatches and keys for both
         key = jax.random.key(args.seed + 1)
@@ -158,18 +155,19 @@ def main(argv: list[str] | None = None) -> dict:
                 order = rng.permutation(len(x_train)).astype(np.int32)
             j = i % batches_per_epoch
             key, sub = jax.random.split(key)
-            params, state, loss = update(params, state, order[j * args.batch:(j + 1) * args.batch], sub)
+            loss, grads = grad_fn(params, xtr[order[j * args.batch:(j + 1) * args.batch]], sub)
+            params, state = apply(params, state, grads)
             losses.append(loss)
             if (i + 1) % args.eval_every == 0 or i + 1 == args.steps:
-                test_elbo = float(evaluate(*params, xte, eval_key))
+                test_elbo = float(evaluate(params, xte, eval_key))
                 evals.append((i + 1, test_elbo))
                 bar.update(i + 1, f"loss {float(loss):.2f} test elbo {test_elbo:.2f}")
         train_s += time.perf_counter() - t0
         bar.close()
         k1, k2 = jax.random.split(jax.random.key(args.seed + 3))
         results[name] = {
-            "final_train_elbo": float(evaluate(*params, xtr, k1)),
-            "final_test_elbo": float(evaluate(*params, xte, k2)),
+            "final_train_elbo": float(evaluate(params, xtr, k1)),
+            "final_test_elbo": float(evaluate(params, xte, k2)),
             "final_minibatch_loss": float(losses[-1]),
         }
         curves[name] = (np.asarray(jax.device_get(losses), np.float64), evals)
@@ -181,16 +179,16 @@ def main(argv: list[str] | None = None) -> dict:
     # Gradient variance of both estimators at the same parameters and minibatch, over many keys.
     t0 = time.perf_counter()
     x_var = xtr[:args.batch]
+    score_whole_batch = whole_batch(m.step_score)
     variance = {}
     for at, params in (("init", init), ("score_trained", trained["score_loo"])):
         var_key = jax.random.key(args.seed + 4)
         out, means = {}, {}
-        for name, export in ESTIMATORS.items():
-            out[name], means[name] = gradient_variance(per_image(getattr(m, export)), params, x_var,
-                                                       var_key, args.var_keys)
+        for name, grad_fn in grad_fns.items():
+            out[name], means[name] = gradient_variance(grad_fn, params, x_var, var_key, args.var_keys)
         # For comparison: the score estimator on the whole minibatch at once (one baseline per
         # minibatch sample, not per image).
-        out["score_loo_whole_batch"], _ = gradient_variance(batched(m.step_score), params, x_var,
+        out["score_loo_whole_batch"], _ = gradient_variance(score_whole_batch, params, x_var,
                                                             var_key, args.var_keys)
         out["ratio_score_loo_over_gumbel"] = out["score_loo"]["total"] / out["gumbel"]["total"]
         out["gumbel_mean_gradient_cosine_to_score"] = cosine(means["gumbel"], means["score_loo"])
@@ -274,8 +272,7 @@ def _plot(curves, variance, m, trained, x_test, y_test, path: Path) -> None:
 
     idx = np.array([np.flatnonzero(y_test == c)[0] for c in range(10)])
     rows = [x_test[idx]] + [np.asarray(m.reconstructions(*trained[n], x_test[idx])) for n in curves]
-    cmap = plt.get_cmap("gray_r").copy()
-    cmap.set_bad("#cfe0f0")
+    cmap = plt.get_cmap("gray_r").with_extremes(bad="#cfe0f0")
     ax3 = fig.add_subplot(1, 3, 3)
     ax3.imshow(tile(np.concatenate(rows), 10), cmap=cmap, vmin=0, vmax=1)
     ax3.set_axis_off()

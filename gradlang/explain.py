@@ -5,7 +5,8 @@ from __future__ import annotations
 from .distributions import DISTRIBUTIONS
 from .ir import Module, walk
 
-_NAMES = {"reparam": "pathwise (reparam)", "score": "score function", "gumbel": "Gumbel-softmax",
+_NAMES = {"reparam": "pathwise (reparam)", "score": "score function", "enum": "enumeration",
+          "gumbel": "Gumbel-softmax",
           "st_gumbel": "straight-through Gumbel"}
 _BASELINES = {"none": "none", "loo": "leave-one-out (RLOO)", "grpo": "group-normalized (GRPO, biased)",
               "ma": "moving average"}
@@ -33,6 +34,8 @@ def _control_variate(site, resolved: dict) -> str:
 
 
 def _cost(estimator) -> str:
+    if estimator.name == "enum":
+        return f"x{estimator.option('size')} evaluations (exact)"
     if estimator.name == "score":
         return "1 draw + log_prob"
     if estimator.name in ("gumbel", "st_gumbel"):

@@ -10,7 +10,7 @@ Traits read by passes:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from .diagnostics import Span
 from .types import Dim, DType
@@ -162,22 +162,25 @@ class DistParams:
 class SampleParams:
     site: str
     """The name the draw is bound to, for messages and `explain`."""
-    annotation: Estimator | None = None
+    annotation: Estimator | None = field(default=None, metadata={"omit_default": True})
     """What the source asked for on this site (None: the default)."""
-    estimator: Estimator | None = None
+    estimator: Estimator | None = field(default=None, metadata={"omit_default": True})
     """What the estimators pass chose."""
 
 
 @dataclass(frozen=True)
 class ExpectParams:
     samples: int
+    enum: tuple[int, ...] = field(default=(), metadata={"omit_default": True})
+    """`samples` only: the support sizes of the enumerated draws (slot order); the region is
+    evaluated on every combination of their values, results stacked on a second axis."""
 
 
 @dataclass(frozen=True)
 class SurrogateParams:
     baselines: tuple[str, ...]
     """The control variate of each score-term operand after the value: none | loo | grpo | ma."""
-    decay: float = 0.0
+    decay: float = field(default=0.0, metadata={"omit_default": True})
     """For `ma`: the moving average's decay; its state is the last operand and the op has a
     second result, the updated state."""
 
@@ -266,7 +269,7 @@ def params_text(params: object) -> str:
     items = []
     for f in fields(params):  # type: ignore[arg-type]
         v = getattr(params, f.name)
-        if v is None and f.name in ("annotation", "estimator"):
+        if f.metadata.get("omit_default") and v == f.default:
             continue
         if isinstance(v, Estimator):
             v = str(v)

@@ -28,12 +28,12 @@ from gradlang.types import DistType, has_float_leaf
 
 BASELINES = ("auto", "none", "loo", "grpo", "ma")
 OPTIONS: dict[str, dict[str, type]] = {
-    "auto": {}, "reparam": {}, "score": {"baseline": str, "decay": float},
+    "auto": {"enum_max": int}, "reparam": {}, "score": {"baseline": str, "decay": float},
     "gumbel": {"tau": float},
     "st_gumbel": {"tau": float}, "enum": {}, "mvd": {},
 }
 """Every estimator name with its options and their types."""
-NOT_YET = {"enum": "enumeration of finite supports", "mvd": "measure-valued derivatives"}
+NOT_YET = {"mvd": "measure-valued derivatives"}
 RELAXABLE = ("Bernoulli", "OneHotCategorical")
 
 
@@ -147,10 +147,14 @@ class Estimators:
         dirty_callers = flow.callers_use_dirty()
         choices: list[SiteChoice] = []
         functions = []
+        called = {op.params.callee for fn in module.functions for op in walk(fn.body)
+                  if op.name == "call_fn"}
+        objectives = {e.transform.fn for e in module.exports} - called
         for fn in module.functions:
             default = module.unit(fn.unit).estimator
             chooser = _Chooser(fn, flow, fn.name in dirty_callers, default, diags, choices)
-            functions.append(replace(fn, body=chooser.region(fn.body)))
+            chooser.enumerable = fn.name in objectives
+            functions.append(replace(fn, body=chooser.region(fn.body, top=True)))
         return replace(module, functions=tuple(functions),
                        facts=module.facts | {"estimators": tuple(choices)})
 
@@ -160,41 +164,85 @@ class _Chooser:
                  diags: Diagnostics, out: list[SiteChoice]):
         self.fn, self.flow, self.used_dirty = fn, flow, used_dirty
         self.default, self.diags, self.out = default, diags, out
+        self.defs = {r: op for op in walk(fn.body) for r in op.results}
+        self.enumerable = False
+        """Draws at the top level of this function can be enumerated: it is an export's
+        objective and no function calls it (so each such draw happens once per sample)."""
 
-    def region(self, region: Region) -> Region:
+    def region(self, region: Region, top: bool = False) -> Region:
         ops = []
         for op in region.ops:
             if op.regions:
                 op = replace(op, regions=tuple(self.region(r) for r in op.regions))
             if op.name == "sample":
-                op = self.site(op)
+                op = self.site(op, top and self.enumerable)
             ops.append(op)
         return replace(region, ops=tuple(ops))
 
-    def site(self, op: Op) -> Op:
+    def support_size(self, op: Op) -> int | None:
+        """The number of values a finite-support draw can take (None: not static)."""
+        dist = self.defs[op.operands[0]]
+        if dist.params.family == "Bernoulli":
+            return 2
+        k = dist.operands[0].type.shape[-1]
+        return k if isinstance(k, int) else None
+
+    def enum_problem(self, op: Op, spec: DistSpec, top: bool) -> str | None:
+        """Why this draw cannot be enumerated (None when it can)."""
+        if not spec.finite:
+            return f"cannot enumerate {spec.name}: its support is not finite"
+        batch = op.operands[0].type.batch
+        if batch:
+            return (f"enum enumerates one draw, but this {spec.name} has batch shape "
+                    f"[{', '.join(map(str, batch))}] (the combinations multiply)")
+        if self.support_size(op) is None:
+            return "enum needs a static number of categories (the last axis of the logits is symbolic)"
+        if not top:
+            return ("enum works on draws at the top level of an export's objective function "
+                    "(not in a loop, a branch, an expect(...) or a function it calls)")
+        return None
+
+    def site(self, op: Op, top: bool) -> Op:
         dtype = op.operands[0].type
         if not isinstance(dtype, DistType):  # its error is already reported
             return op
         spec = DISTRIBUTIONS[dtype.family]
         annotation = op.params.annotation
         if annotation is not None and annotation.name == "auto":
-            annotation = None
-        if annotation is not None:
-            problem = self.problem(annotation, spec)
+            problem = option_problem(annotation)
+            if problem is not None:
+                self.diags.error(problem, annotation.span)
+                return op
+            chosen, why = self.automatic(op, spec, top, annotation)
+        elif annotation is not None:
+            problem = self.problem(annotation, spec) or (
+                self.enum_problem(op, spec, top) if annotation.name == "enum" else None)
             if problem is not None:
                 self.diags.error(problem, annotation.span)
                 return op
             chosen, why = _complete(annotation), "annotated in the source"
         else:
-            chosen, why = self.automatic(op, spec)
+            chosen, why = self.automatic(op, spec, top, None)
+        if chosen.name == "enum":
+            chosen = Estimator("enum", (("size", self.support_size(op)),), chosen.span)
         self.out.append(SiteChoice(self.fn.name, op.params.site, spec.name, op.span, chosen, why,
                                    annotation is not None))
         return replace(op, params=replace(op.params, estimator=chosen))
 
-    def automatic(self, op: Op, spec: DistSpec) -> tuple[Estimator, str]:
+    def automatic(self, op: Op, spec: DistSpec, top: bool,
+                  auto: Estimator | None) -> tuple[Estimator, str]:
+        if auto is None and self.default is not None and self.default.name == "auto":
+            auto = self.default
+        limit = auto.option("enum_max") if auto is not None else None
+        if limit is not None and self.enum_problem(op, spec, top) is None:
+            size = self.support_size(op)
+            if size <= limit:
+                return (Estimator("enum"), f"{spec.name} has {size} values (<= enum_max={limit}): "
+                                           f"enumerating them gives the exact expectation")
         pragma = ""
         if self.default is not None and self.default.name != "auto":
-            if self.problem(self.default, spec) is None:
+            if self.problem(self.default, spec) is None and (
+                    self.default.name != "enum" or self.enum_problem(op, spec, top) is None):
                 return _complete(self.default), f"pragma estimator {self.default}"
             pragma = f"pragma estimator {self.default} does not apply: "
         if not spec.reparam:
@@ -217,7 +265,8 @@ class _Chooser:
                          f"the objective is differentiable")
 
     def problem(self, e: Estimator, spec: DistSpec) -> str | None:
-        """Why estimator `e` cannot be used on a `spec` site (None when it can)."""
+        """Why estimator `e` cannot be used on a `spec` site (None when it can); where a draw
+        is enumerable is checked by `enum_problem`."""
         problem = option_problem(e)
         if problem is not None:
             return problem
@@ -251,6 +300,8 @@ def option_problem(e: Estimator) -> str | None:
         if allowed[k] is float and (isinstance(v, bool) or not isinstance(v, (int, float))
                                     or v <= 0):
             return f"option '{k}' of '{e.name}' must be a positive number, got {v}"
+        if allowed[k] is int and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            return f"option '{k}' of '{e.name}' must be a positive integer, got {v}"
         if k == "baseline" and v not in BASELINES:
             return f"unknown baseline '{v}' (baselines: {', '.join(BASELINES)})"
         if k == "decay" and not v < 1:

@@ -17,6 +17,7 @@ or GRPO's group-normalized advantage). Scopes without score terms become `sample
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from gradlang.diagnostics import Diagnostics, Span
@@ -27,8 +28,9 @@ from gradlang.types import DType, TensorType, TupleType, Type, scalar
 
 from .typecheck_random import stacked
 
-GROUPS = ("auto", "none", "loo", "grpo", "ma")
-"""Baseline groups, in the order score terms are returned."""
+GROUPS = ("auto", "none", "loo", "grpo", "ma", "enum")
+"""Baseline groups, in the order score terms are returned; `enum` holds the log-probabilities
+of enumerated draws (the weights of the enumerated combinations, not score terms)."""
 F32 = scalar(DType.F32)
 
 
@@ -78,6 +80,8 @@ class _Rewriter:
         self.site_spans: dict[str, dict[str, list[Span]]] = {}
         self.diags = diags
         self.ops: list[Op] = []
+        self.sizes: dict[Span, int] = {}
+        """The support size of each enumerated draw."""
         self.decays: dict[Span, float] = {}
         """The decay of each moving-average site."""
         self.resolved: dict[Span, set[str]] = {}
@@ -107,7 +111,16 @@ class _Rewriter:
             self.ops = outer
 
     def op(self, op: Op, scores: _Scores) -> None:
-        if op.name == "sample" and op.params.estimator.name == "score":
+        if op.name == "sample" and op.params.estimator.name == "enum":
+            est = op.params.estimator
+            slot = sum(1 for o in self.ops if o.name == "sample" and o.params.estimator.name == "enum")
+            est = replace(est, options=est.options + (("slot", slot),))
+            op = replace(op, params=replace(op.params, estimator=est))
+            self.ops.append(op)
+            self.sizes[op.span] = est.option("size")
+            lp = self.emit("log_prob", (op.operands[0], op.result), NoParams(), (F32,), op.span).result
+            scores.add("enum", lp, [op.span])
+        elif op.name == "sample" and op.params.estimator.name == "score":
             self.ops.append(op)
             dist = op.operands[0].type
             lp = self.emit("log_prob", (op.operands[0], op.result), NoParams(),
@@ -181,8 +194,15 @@ class _Rewriter:
         inner = replace(region, ops=tuple(self.ops), results=region.results + extra)
         self.ops = []
         vtype = region.results[0].type
-        types = (stacked(n, vtype),) + tuple(stacked(n, F32) for _ in groups)
-        draws = self.emit("samples", (), ExpectParams(n), types, span, (inner,))
+        sizes = tuple(self.sizes[s] for s in scores.sites.get("enum", ()))
+        combos = math.prod(sizes)
+
+        def per_draw(t):
+            t = stacked(combos, t) if sizes else t
+            return stacked(n, t)
+
+        types = (per_draw(vtype),) + tuple(per_draw(F32) for _ in groups)
+        draws = self.emit("samples", (), ExpectParams(n, sizes), types, span, (inner,))
         if not groups:
             self.emit("mean", (draws.results[0],), ReduceParams((0,)), (vtype,), span)
         elif "ma" in groups and state is not None:
@@ -206,6 +226,8 @@ class _Rewriter:
         return decays[0]
 
     def baseline(self, group: str, n: int, sites: list[Span]) -> str:
+        if group == "enum":
+            return group
         resolved = ("loo" if n >= 2 else "none") if group == "auto" else group
         for span in sites:
             self.resolved.setdefault(span, set()).add(f"{resolved}, samples={n}")
@@ -267,6 +289,8 @@ def _scored_functions(module: Module) -> dict[str, tuple[str, ...]]:
         for op in region.ops:
             if op.name == "sample" and op.params.estimator.name == "score":
                 groups.add(op.params.estimator.option("baseline"))
+            if op.name == "sample" and op.params.estimator.name == "enum":
+                groups.add("enum")
             if op.name not in ("expect", "for"):  # own scope / unsupported (reported)
                 for r in op.regions:
                     groups |= own(r)

@@ -131,6 +131,9 @@ class Lowering:
         self.module = module
         self.random: frozenset[str] = module.facts.get("random", frozenset())
         """Functions that draw (they take a key)."""
+        self.enum_index: Any = None
+        """While lowering an enumerating `samples` region: the value index of each enumerated
+        draw (by slot) in the combination being traced."""
 
     def call(self, name: str, args: tuple, key: Any = None) -> Any:
         fn = self.module.function(name)

@@ -8,6 +8,7 @@ estimator the estimators pass wrote into it; the surrogate arithmetic follows it
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,8 @@ def _sample(ctx, op: Op, d: Dist):
     key = ctx.next_key()
     if est.name == "reparam":
         return d.family.sample(key, *d.params, shape=d.batch)
+    if est.name == "enum":  # the value of this draw in the combination being evaluated
+        return d.family.enumerate_support(*d.params)[ctx.lowering.enum_index[est.option("slot")]]
     if est.name in ("gumbel", "st_gumbel"):
         relaxed = relaxed_bernoulli_sample if d.family.name == "Bernoulli" else gumbel_softmax_sample
         return relaxed(key, d.params[0], est.option("tau"), est.name == "st_gumbel")
@@ -56,15 +59,27 @@ def _sample(ctx, op: Op, d: Dist):
 
 
 def _samples(ctx, op: Op) -> Any:
-    """Evaluate the region on `samples` independent keys, results stacked on axis 0."""
+    """Evaluate the region on `samples` independent keys, results stacked on axis 0; with
+    enumerated draws, on every combination of their values too (stacked on axis 1, the same
+    key for every combination)."""
     (region,) = op.regions
     keys = jax.random.split(ctx.next_key(), op.params.samples)
+    sizes = op.params.enum
 
     def draw(key):
         with ctx.scope(key):
             return ctx.region(region, ())
 
-    out = jax.vmap(draw)(keys)
+    if sizes:
+        combos = jnp.array(list(itertools.product(*(range(k) for k in sizes))), jnp.int32)
+
+        def combination(key, index):
+            ctx.lowering.enum_index = index
+            return draw(key)
+
+        out = jax.vmap(lambda k: jax.vmap(lambda c: combination(k, c))(combos))(keys)
+    else:
+        out = jax.vmap(draw)(keys)
     return out if len(out) > 1 else out[0]
 
 
@@ -77,18 +92,24 @@ def _surrogate(ctx, op: Op, v, *scores):
     """mean_s[ magic(L_s) v_s + sum_g (1 - magic(l_gs)) b_gs ] over the samples axis.
 
     L sums the score terms of the baseline groups none and loo (DiCE, correct at every order);
-    loo's control variate is the mean of the other samples' values; grpo adds the first-order
+    loo's control variate is the mean of the other samples' values (per enumerated
+    combination); grpo adds the first-order
     term (magic(l) - 1) * A with the group-normalized advantage A = (v - mean) / std; ma's
     control variate is the running average passed in as the last operand (from earlier calls,
-    so independent of these draws), and the op also returns its update.
+    so independent of these draws), and the op also returns its update. Enumerated draws
+    (the `enum` operand: log-probabilities of each combination) weight the combinations on
+    axis 1, which are summed exactly.
     """
     n = v.shape[0]
     baselines = op.params.baselines
     state = scores[-1] if "ma" in baselines else None
     scores = scores[:len(baselines)]
+    weights = scores[baselines.index("enum")] if "enum" in baselines else None
+    kept = [i for i, b in enumerate(baselines) if b != "enum"]
+    scores, baselines = [scores[i] for i in kept], [baselines[i] for i in kept]
 
     def per_sample(x):
-        return x.reshape(x.shape + (1,) * (v.ndim - 1))
+        return x.reshape(x.shape + (1,) * (v.ndim - x.ndim))
 
     dice = [l for l, b in zip(scores, baselines) if b != "grpo"]
     out = per_sample(_magic(sum(dice))) * v if dice else v
@@ -103,6 +124,9 @@ def _surrogate(ctx, op: Op, v, *scores):
             out = out + (m - 1) * advantage
         elif b == "ma":
             out = out + (1 - m) * lax.stop_gradient(state)
+    if weights is not None:  # exact sum over the enumerated combinations (axis 1)
+        out = jnp.sum(per_sample(jnp.exp(weights)) * out, 1)
+        v = jnp.sum(per_sample(jnp.exp(weights)) * v, 1)
     if state is None:
         return jnp.mean(out, 0)
     decay = op.params.decay

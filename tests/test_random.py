@@ -415,3 +415,53 @@ def test_moving_average_state_update():
     for i in range(200):
         _, state = m.g(0.2, state, jax.random.key(i))
     assert abs(float(state) - (4 + 5 * sigmoid(0.2))) < 1.0
+
+
+# ---- enumeration of finite supports: exact sums
+
+
+ENUM = """
+fn f(t: f32[3], w: f32[3], m: f32) -> f32 {
+  k ~ Categorical(logits=t) with enum
+  b ~ Bernoulli(logits=m) with enum
+  z ~ Normal(m, 1.0)
+  return w[k] * (b + 1.0) + z * z
+}
+export g = value_and_grad(expect(f, samples=2), wrt=[t, w, m])
+"""
+
+
+def test_enumeration_is_exact_and_mixes_with_pathwise_draws():
+    """E = (p . w)(1 + s) + m^2 + 1 with p = softmax(t), s = sigmoid(m)."""
+    m = gradlang.compile_source(ENUM)
+    t, w, mv = np.array([0.1, -0.3, 0.5], np.float32), np.array([1.0, 2.0, 3.0], np.float32), 0.3
+    p, s = softmax(t), sigmoid(mv)
+    value, grads = m.g(t, w, mv, jax.random.key(0))
+    # the enumerated parts have no noise: exact in one call
+    np.testing.assert_allclose(grads["t"], p * (w - p @ w) * (1 + s), rtol=1e-5)
+    np.testing.assert_allclose(grads["w"], p * (1 + s), rtol=1e-5)
+    values, grads = estimates(m.g, (t, w, mv))
+    assert_unbiased(values, (p @ w) * (1 + s) + mv ** 2 + 1)
+    assert_unbiased(grads["m"], (p @ w) * s * (1 - s) + 2 * mv)
+
+
+def test_auto_enumerates_small_supports_when_allowed():
+    src = """
+pragma estimator auto(enum_max=4)
+fn f(t: f32[3], l: f32[8]) -> f32 {
+  k ~ Categorical(logits=t)
+  j ~ Categorical(logits=l)
+  return f32(k) + f32(j)
+}
+export g = grad(expect(f, samples=2), wrt=[t, l])
+"""
+    m = gradlang.compile_source(src)
+    chosen = {s.site: (s.estimator.name, s.why) for s in m.ir.facts["estimators"]}
+    assert chosen["k"][0] == "enum" and "3 values (<= enum_max=4)" in chosen["k"][1]
+    assert chosen["j"][0] == "score"
+    t, l = np.array([0.1, -0.3, 0.5], np.float32), np.zeros(8, np.float32)
+    p = softmax(t)
+    grads = estimates(m.g, (t, l))
+    np.testing.assert_allclose(np.asarray(grads["t"])[:3], np.tile(p * (np.arange(3) - p @ np.arange(3)), (3, 1)),
+                               rtol=1e-5, atol=1e-6)
+    assert_unbiased(grads["l"], (np.arange(8) - 3.5) / 8)

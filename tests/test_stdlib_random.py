@@ -1,0 +1,355 @@
+"""The random-choice standard library (`std.vi`, `std.rl`) and the examples built on it.
+
+- both modules compile (strictly: no warnings) and every function is reachable from a user file;
+- `std.vi`: the closed-form pieces match NumPy, the IWAE bound with K = 1 is the Monte Carlo
+  ELBO on the same key, the closed-form-KL ELBO and the Monte Carlo one agree in expectation,
+  the IWAE bound tightens with K;
+- `std.rl`: RLOO and GRPO advantages over [G] and [G, B] match NumPy, the clipped surrogate's
+  value and gradient match NumPy, on-policy it is REINFORCE;
+- the examples (vae_gaussian, vae_discrete, bandit) run end to end with a few steps and write
+  their JSON summary.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gradlang
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+# Exports can only name functions of the exporting file, so each stdlib function is wrapped.
+VI_SOURCE = """
+use std.vi
+
+fn f_elbo(enc: GaussianEncoder, dec: BernoulliDecoder, x: f32[B, D]) -> f32 { return elbo(enc, dec, x) }
+fn f_neg_elbo(enc: GaussianEncoder, dec: BernoulliDecoder, x: f32[B, D]) -> f32 { return neg_elbo(enc, dec, x) }
+fn f_elbo_mc(enc: GaussianEncoder, dec: BernoulliDecoder, x: f32[B, D]) -> f32 { return elbo_mc(enc, dec, x) }
+fn f_iwae(enc: GaussianEncoder, dec: BernoulliDecoder, x: f32[B, D], k: f32[K]) -> f32 { return iwae(enc, dec, x, k) }
+fn f_neg_iwae(enc: GaussianEncoder, dec: BernoulliDecoder, x: f32[B, D], k: f32[K]) -> f32 { return neg_iwae(enc, dec, x, k) }
+fn f_encode(enc: GaussianEncoder, x: f32[B, D]) -> (f32[B, Z], f32[B, Z]) { return encode(enc, x) }
+fn f_decode(dec: BernoulliDecoder, z: f32[B, Z]) -> f32[B, D] { return decode(dec, z) }
+fn f_log_lik(logits: f32[B, D], x: f32[B, D]) -> f32[B] { return bernoulli_log_lik(logits, x) }
+fn f_kl(loc: f32[B, Z], scale: f32[B, Z]) -> f32[B] { return kl_std_normal(loc, scale) }
+fn f_cat_logits(enc: CategoricalEncoder, x: f32[B, D]) -> f32[L, B, C] { return categorical_logits(enc, x) }
+fn f_kl_uniform(q: f32[L, B, C]) -> f32[B] { return kl_uniform(q) }
+fn f_terms(q: f32[L, B, C], xl: f32[B, D], x: f32[B, D]) -> f32[B] { return discrete_elbo_terms(q, xl, x) }
+fn f_elbo_discrete(enc: CategoricalEncoder, dec: CategoricalDecoder, x: f32[B, D]) -> f32 { return elbo_discrete(enc, dec, x) }
+fn f_neg_elbo_discrete(enc: CategoricalEncoder, dec: CategoricalDecoder, x: f32[B, D]) -> f32 { return neg_elbo_discrete(enc, dec, x) }
+
+export elbo_value = expect(f_elbo, samples=1)
+export elbo_step = value_and_grad(expect(f_neg_elbo, samples=2), wrt=[enc, dec])
+export elbo_mc_value = expect(f_elbo_mc, samples=1)
+export iwae_value = expect(f_iwae, samples=1)
+export iwae_step = value_and_grad(expect(f_neg_iwae, samples=1), wrt=[enc, dec])
+export encode = f_encode
+export decode = f_decode
+export log_lik = f_log_lik
+export kl_normal = f_kl
+export cat_logits = f_cat_logits
+export kl_uniform = f_kl_uniform
+export terms = f_terms
+export discrete_value = expect(f_elbo_discrete, samples=4)
+export discrete_step = value_and_grad(expect(f_neg_elbo_discrete, samples=4), wrt=[enc, dec])
+"""
+
+RL_SOURCE = """
+use std.rl
+
+fn f_rloo(r: f32[G]) -> f32[G] { return rloo_advantages(r) }
+fn f_rloo_b(r: f32[G, B]) -> f32[G, B] { return rloo_advantages_batched(r) }
+fn f_grpo(r: f32[G]) -> f32[G] { return grpo_advantages(r) }
+fn f_grpo_b(r: f32[G, B]) -> f32[G, B] { return grpo_advantages_batched(r) }
+fn f_ratio(logp: f32[G, B], ref: f32[G, B]) -> f32[G, B] { return policy_ratio(logp, ref) }
+fn f_clipped(ratio: f32[G, B], adv: f32[G, B], eps: f32) -> f32[G, B] { return clipped_objective(ratio, adv, eps) }
+fn f_pg(logp: f32[G, B], ref: f32[G, B], adv: f32[G, B], eps: f32) -> f32 { return pg_surrogate(logp, ref, adv, eps) }
+fn f_pg_loss(logp: f32[G, B], ref: f32[G, B], adv: f32[G, B], eps: f32) -> f32 { return pg_loss(logp, ref, adv, eps) }
+fn f_reinforce(logp: f32[G, B], adv: f32[G, B]) -> f32 { return reinforce_surrogate(logp, adv) }
+fn f_rloo_s(logp: f32[G, B], r: f32[G, B]) -> f32 { return rloo_surrogate(logp, r) }
+fn f_grpo_s(logp: f32[G, B], ref: f32[G, B], r: f32[G, B], eps: f32) -> f32 { return grpo_surrogate(logp, ref, r, eps) }
+fn f_kl(logp: f32[G, B], ref: f32[G, B]) -> f32 { return kl_k3(logp, ref) }
+
+export rloo = f_rloo
+export rloo_batched = f_rloo_b
+export grpo = f_grpo
+export grpo_batched = f_grpo_b
+export ratio = f_ratio
+export clipped = f_clipped
+export pg = value_and_grad(f_pg, wrt=[logp])
+export pg_loss = value_and_grad(f_pg_loss, wrt=[logp])
+export reinforce = value_and_grad(f_reinforce, wrt=[logp])
+export rloo_surrogate = value_and_grad(f_rloo_s, wrt=[logp])
+export grpo_surrogate = value_and_grad(f_grpo_s, wrt=[logp])
+export kl_k3 = value_and_grad(f_kl, wrt=[logp])
+"""
+
+
+@pytest.fixture(scope="module")
+def vi():
+    return gradlang.compile_source(VI_SOURCE, name="vi_test.grad", strict=True)
+
+
+@pytest.fixture(scope="module")
+def rl():
+    return gradlang.compile_source(RL_SOURCE, name="rl_test.grad", strict=True)
+
+
+def _dense(rng, i, o, scale=0.3):
+    return {"w": (rng.normal(size=(i, o)) * scale).astype(np.float32),
+            "b": (rng.normal(size=o) * 0.1).astype(np.float32)}
+
+
+D, H, Z, B = 12, 10, 3, 5
+
+
+@pytest.fixture(scope="module")
+def gaussian_model():
+    rng = np.random.default_rng(0)
+    enc = {"hidden": _dense(rng, D, H), "loc": _dense(rng, H, Z), "log_scale": _dense(rng, H, Z)}
+    dec = {"hidden": _dense(rng, Z, H), "logits": _dense(rng, H, D)}
+    x = (rng.random((B, D)) > 0.5).astype(np.float32)
+    return enc, dec, x
+
+
+def _sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def _log_softmax(x, axis=-1):
+    x = np.asarray(x, np.float64)
+    m = x.max(axis, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis, keepdims=True))
+
+
+# ---- std.vi
+
+
+def test_vi_compiles_with_every_export(vi):
+    assert set(vi.exports) >= {"elbo_value", "elbo_step", "iwae_value", "discrete_step"}
+    chosen = {(s.function, s.site): s.estimator.name for s in vi.ir.facts["estimators"]}
+    assert chosen[("std.vi.elbo", "z")] == "reparam"
+    assert chosen[("std.vi.iwae", "z")] == "reparam"
+    assert chosen[("std.vi.elbo_discrete", "z")] == "score"
+
+
+def test_vi_closed_forms_match_numpy(vi, gaussian_model):
+    enc, dec, x = gaussian_model
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(B, D)).astype(np.float32)
+    want = (x * np.log(_sigmoid(logits)) + (1 - x) * np.log(1 - _sigmoid(logits))).sum(1)
+    np.testing.assert_allclose(vi.log_lik(logits, x), want, rtol=1e-5)
+
+    loc, scale = vi.encode(enc, x)
+    h = np.tanh(x @ enc["hidden"]["w"] + enc["hidden"]["b"])
+    np.testing.assert_allclose(loc, h @ enc["loc"]["w"] + enc["loc"]["b"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scale, np.exp(h @ enc["log_scale"]["w"] + enc["log_scale"]["b"]),
+                               rtol=1e-5)
+    loc, scale = np.asarray(loc, np.float64), np.asarray(scale, np.float64)
+    kl = (0.5 * (loc ** 2 + scale ** 2 - 1) - np.log(scale)).sum(1)
+    np.testing.assert_allclose(vi.kl_normal(loc, scale), kl, rtol=1e-5)
+
+    q = rng.normal(size=(4, B, 6)).astype(np.float32)  # L = 4 latents, C = 6 classes
+    lq = _log_softmax(q)
+    kl_u = (np.exp(lq) * (lq + np.log(6))).sum(-1).sum(0)
+    np.testing.assert_allclose(vi.kl_uniform(q), kl_u, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(vi.terms(q, logits, x), want - kl_u, rtol=1e-5)
+
+
+def test_iwae_with_one_sample_is_the_monte_carlo_elbo_on_the_same_key(vi, gaussian_model):
+    enc, dec, x = gaussian_model
+    one = np.zeros(1, np.float32)
+    for seed in range(3):
+        key = jax.random.key(seed)
+        np.testing.assert_allclose(vi.iwae_value(enc, dec, x, one, key),
+                                   vi.elbo_mc_value(enc, dec, x, key), rtol=1e-5)
+
+
+def test_elbo_estimates_agree_and_iwae_tightens_with_k(vi, gaussian_model):
+    enc, dec, x = gaussian_model
+    keys = jax.random.split(jax.random.key(7), 1000)
+    k8 = np.zeros(8, np.float32)
+
+    @jax.jit
+    @jax.vmap
+    def draws(key):  # one compilation for the three estimates
+        a, b, c = jax.random.split(key, 3)
+        return (vi.elbo_value(enc, dec, x, a), vi.elbo_mc_value(enc, dec, x, b),
+                vi.iwae_value(enc, dec, x, k8, c))
+
+    closed, mc, iwae8 = (np.asarray(d, np.float64) for d in draws(keys))
+    se = math.sqrt(closed.var() / len(closed) + mc.var() / len(mc))
+    assert abs(closed.mean() - mc.mean()) < 5 * se
+    assert closed.var() < mc.var()  # the closed-form KL removes variance
+    assert iwae8.mean() > mc.mean() + 5 * math.sqrt(iwae8.var() / len(iwae8) + mc.var() / len(mc))
+
+
+def test_vi_steps_return_gradients_for_every_parameter(vi, gaussian_model):
+    enc, dec, x = gaussian_model
+    key = jax.random.key(0)
+    value, grads = vi.elbo_step(enc, dec, x, key)
+    assert np.isfinite(value)
+    assert jax.tree.structure(grads["enc"]) == jax.tree.structure(jax.tree.map(jnp.asarray, enc))
+    assert all(np.all(np.isfinite(g)) and np.any(g != 0) for g in jax.tree.leaves(grads))
+
+    rng = np.random.default_rng(2)
+    L, C = 3, 4
+    cenc = {"hidden": _dense(rng, D, H), "w": rng.normal(size=(L, H, C)).astype(np.float32),
+            "b": np.zeros((L, 1, C), np.float32)}
+    cdec = {"w": rng.normal(size=(L, C, H)).astype(np.float32), "b": np.zeros(H, np.float32),
+            "logits": _dense(rng, H, D)}
+    assert vi.cat_logits(cenc, x).shape == (L, B, C)
+    value, grads = vi.discrete_step(cenc, cdec, x, key)
+    assert np.isfinite(value) and all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+    assert np.any(grads["enc"]["w"] != 0)  # the score function reaches the encoder
+
+
+# ---- std.rl
+
+
+def _rloo(r, axis=0):
+    g = r.shape[axis]
+    return r - (r.sum(axis, keepdims=True) - r) / (g - 1)
+
+
+def _grpo(r, axis=0):
+    return (r - r.mean(axis, keepdims=True)) / (r.std(axis, keepdims=True) + 1e-8)
+
+
+def test_rloo_and_grpo_advantages_match_numpy(rl):
+    rng = np.random.default_rng(3)
+    r1 = rng.normal(size=6).astype(np.float32)
+    r2 = rng.normal(size=(6, 4)).astype(np.float32)
+    np.testing.assert_allclose(rl.rloo(r1), _rloo(r1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rl.rloo_batched(r2), _rloo(r2), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rl.grpo(r1), _grpo(r1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rl.grpo_batched(r2), _grpo(r2), rtol=1e-5, atol=1e-6)
+    # a group of G: the columns of [G, B] are independent groups
+    np.testing.assert_allclose(rl.rloo_batched(r2)[:, 1], rl.rloo(r2[:, 1]), rtol=1e-5, atol=1e-6)
+    # RLOO advantages sum to zero in each group; GRPO's have mean 0 and std 1
+    np.testing.assert_allclose(np.asarray(rl.rloo_batched(r2)).sum(0), 0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(rl.grpo_batched(r2)).std(0), 1, rtol=1e-4)
+
+
+def test_clipped_surrogate_matches_numpy(rl):
+    rng = np.random.default_rng(4)
+    logp = rng.normal(size=(5, 3)).astype(np.float32) * 0.5 - 1.0
+    ref = logp + rng.normal(size=(5, 3)).astype(np.float32) * 0.3
+    adv = rng.normal(size=(5, 3)).astype(np.float32)
+    eps = 0.2
+    ratio = np.exp(logp.astype(np.float64) - ref)
+    np.testing.assert_allclose(rl.ratio(logp, ref), ratio, rtol=1e-5)
+    obj = np.minimum(ratio * adv, np.clip(ratio, 1 - eps, 1 + eps) * adv)
+    np.testing.assert_allclose(rl.clipped(ratio.astype(np.float32), adv, eps), obj, rtol=1e-5, atol=1e-6)
+    value, grads = rl.pg(logp, ref, adv, eps)
+    np.testing.assert_allclose(value, obj.mean(), rtol=1e-5)
+    # d/dlogp: ratio * adv where the unclipped term is the minimum (or the ratio is inside
+    # the clip range), else 0
+    active = (ratio * adv <= np.clip(ratio, 1 - eps, 1 + eps) * adv) | (np.abs(ratio - 1) < eps)
+    want = np.where(active, ratio * adv, 0.0) / logp.size
+    assert not active.all()  # the case exercises the clipping
+    np.testing.assert_allclose(grads["logp"], want, rtol=1e-4, atol=1e-7)
+    loss, loss_grads = rl.pg_loss(logp, ref, adv, eps)
+    np.testing.assert_allclose(loss, -value, rtol=1e-6)
+    np.testing.assert_allclose(loss_grads["logp"], -np.asarray(grads["logp"]), rtol=1e-6)
+
+
+def test_on_policy_surrogates_are_reinforce(rl):
+    rng = np.random.default_rng(5)
+    logp = rng.normal(size=(4, 3)).astype(np.float32) - 1.0
+    r = rng.normal(size=(4, 3)).astype(np.float32)
+    adv = _rloo(r).astype(np.float32)
+    n = logp.size
+    value, grads = rl.reinforce(logp, adv)
+    np.testing.assert_allclose(value, adv.mean(), atol=1e-6)
+    np.testing.assert_allclose(grads["logp"], adv / n, rtol=1e-5, atol=1e-7)
+    # with logp_ref = logp the ratio is 1: clipping is inactive, the gradient is REINFORCE's
+    _, grads = rl.pg(logp, logp, adv, 0.2)
+    np.testing.assert_allclose(grads["logp"], adv / n, rtol=1e-5, atol=1e-7)
+    _, grads = rl.rloo_surrogate(logp, r)
+    np.testing.assert_allclose(grads["logp"], adv / n, rtol=1e-5, atol=1e-7)
+    _, grads = rl.grpo_surrogate(logp, logp, r, 0.2)
+    np.testing.assert_allclose(grads["logp"], _grpo(r) / n, rtol=1e-4, atol=1e-6)
+    value, grads = rl.kl_k3(logp, logp)
+    assert abs(float(value)) < 1e-6 and np.allclose(grads["logp"], 0, atol=1e-7)
+
+
+# ---- the examples
+
+
+@pytest.mark.parametrize("name", ["vae_gaussian", "vae_discrete", "bandit"])
+def test_example_programs_compile_strictly(name):
+    m = gradlang.compile_file(EXAMPLES / f"{name}.grad", strict=True)
+    assert m.exports
+
+
+def _example(name: str, monkeypatch):
+    """Import examples/NAME.py as a module (its folder first on sys.path, as when it runs)."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+KEYS = {
+    "vae_gaussian": {"final_train_elbo", "final_test_elbo", "test_iwae", "steps", "plot"},
+    "vae_discrete": {"score_loo_final_test_elbo", "gumbel_final_test_elbo", "results",
+                     "gradient_variance", "steps", "plot"},
+    "bandit": {"final_expected_reward", "optimum", "final_regret", "gradient_check", "steps",
+               "plot"},
+}
+FAST = {
+    "vae_gaussian": ["--steps", "20", "--eval-every", "10", "--iwae-k", "3"],
+    "vae_discrete": ["--steps", "6", "--eval-every", "3", "--var-keys", "3", "--batch", "16"],
+    "bandit": ["--steps", "5", "--check-keys", "16"],
+}
+FULL = {  # enough steps to learn something (marked slow)
+    "vae_gaussian": ["--steps", "600"],
+    "vae_discrete": ["--steps", "300", "--var-keys", "50"],
+    "bandit": ["--steps", "100", "--check-keys", "1000"],
+}
+
+
+def _run(name, args, tmp_path, monkeypatch):
+    summary = _example(name, monkeypatch).main([*args, "--out", str(tmp_path)])
+    assert KEYS[name] <= set(summary)
+    written = json.loads((tmp_path / f"{name}.json").read_text())
+    assert written["example"] == name and KEYS[name] <= set(written)
+    assert (tmp_path / f"{name}_loss.png").stat().st_size > 0
+    return summary
+
+
+@pytest.mark.parametrize("name", list(FAST))
+def test_example_runs_with_a_few_steps(name, tmp_path, monkeypatch):
+    summary = _run(name, FAST[name], tmp_path, monkeypatch)
+    if name == "vae_discrete":
+        v = summary["gradient_variance"]["init"]
+        assert v["score_loo"]["total"] > 0 and v["gumbel"]["total"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(FULL))
+def test_example_learns(name, tmp_path, monkeypatch):
+    s = _run(name, FULL[name], tmp_path, monkeypatch)
+    if name == "vae_gaussian":
+        assert s["final_test_elbo"] > -24  # nats per 64-pixel image (about -44 untrained)
+        assert s["test_iwae"]["100"] >= s["test_iwae"]["1"]
+    elif name == "vae_discrete":
+        assert s["score_loo_final_test_elbo"] > -26 and s["gumbel_final_test_elbo"] > -26
+        for at in ("init", "score_trained"):
+            v = s["gradient_variance"][at]
+            assert v["score_loo"]["total"] > v["gumbel"]["total"]  # the relaxation's pay-off
+            assert v["score_loo_whole_batch"]["total"] > v["score_loo"]["total"]
+    else:
+        assert s["final_regret"] < 0.1 * (s["optimum"] - s["uniform_policy_reward"])
+        for name in ("std_rl_rloo", "builtin_score_loo"):
+            assert s["gradient_check"][name]["cosine_to_exact"] > 0.98
