@@ -23,6 +23,8 @@ class DistSpec:
     reparam: bool = False
     finite: bool = False
     """Finite support: enumeration is possible."""
+    mvd: bool = False
+    """Has a measure-valued derivative (a weak derivative for each parameter)."""
     fixed_support: bool = True
     """The support does not depend on the parameters (else the score function is biased:
     it misses the boundary terms of d/dθ ∫_{a(θ)}^{b(θ)})."""
@@ -39,7 +41,7 @@ class DistSpec:
 _PROBS = (("probs", "logits"),)
 
 DISTRIBUTIONS: dict[str, DistSpec] = {d.name: d for d in [
-    DistSpec("Normal", ("loc", "scale"), reparam=True),
+    DistSpec("Normal", ("loc", "scale"), reparam=True, mvd=True),
     DistSpec("LogNormal", ("loc", "scale"), reparam=True),
     DistSpec("Uniform", ("low", "high"), reparam=True, fixed_support=False),
     DistSpec("Exponential", ("rate",), reparam=True),

@@ -6,6 +6,7 @@ from .distributions import DISTRIBUTIONS
 from .ir import Module, walk
 
 _NAMES = {"reparam": "pathwise (reparam)", "score": "score function", "enum": "enumeration",
+          "mvd": "measure-valued derivative",
           "gumbel": "Gumbel-softmax",
           "st_gumbel": "straight-through Gumbel"}
 _BASELINES = {"none": "none", "loo": "leave-one-out (RLOO)", "grpo": "group-normalized (GRPO, biased)",
@@ -36,6 +37,8 @@ def _control_variate(site, resolved: dict) -> str:
 def _cost(estimator) -> str:
     if estimator.name == "enum":
         return f"x{estimator.option('size')} evaluations (exact)"
+    if estimator.name == "mvd":
+        return "x4 evaluations"
     if estimator.name == "score":
         return "1 draw + log_prob"
     if estimator.name in ("gumbel", "st_gumbel"):

@@ -33,7 +33,6 @@ OPTIONS: dict[str, dict[str, type]] = {
     "st_gumbel": {"tau": float}, "enum": {}, "mvd": {},
 }
 """Every estimator name with its options and their types."""
-NOT_YET = {"mvd": "measure-valued derivatives"}
 RELAXABLE = ("Bernoulli", "OneHotCategorical")
 
 
@@ -187,19 +186,26 @@ class _Chooser:
         k = dist.operands[0].type.shape[-1]
         return k if isinstance(k, int) else None
 
-    def enum_problem(self, op: Op, spec: DistSpec, top: bool) -> str | None:
-        """Why this draw cannot be enumerated (None when it can)."""
-        if not spec.finite:
+    def enum_problem(self, op: Op, spec: DistSpec, top: bool, name: str = "enum") -> str | None:
+        """Why this draw cannot be enumerated, or given branches for its measure-valued
+        derivative (`name="mvd"`); None when it can."""
+        if name == "enum" and not spec.finite:
             return f"cannot enumerate {spec.name}: its support is not finite"
         batch = op.operands[0].type.batch
         if batch:
-            return (f"enum enumerates one draw, but this {spec.name} has batch shape "
-                    f"[{', '.join(map(str, batch))}] (the combinations multiply)")
-        if self.support_size(op) is None:
+            what = "enumerates one draw" if name == "enum" else "differentiates one draw"
+            return (f"{name} {what}, but this {spec.name} has batch shape "
+                    f"[{', '.join(map(str, batch))}] (the evaluations multiply)")
+        if name == "enum" and self.support_size(op) is None:
             return "enum needs a static number of categories (the last axis of the logits is symbolic)"
         if not top:
-            return ("enum works on draws at the top level of an export's objective function "
-                    "(not in a loop, a branch, an expect(...) or a function it calls)")
+            return (f"{name} works on draws at the top level of an export's objective function "
+                    f"(not in a loop, a branch, an expect(...) or a function it calls)")
+        others = [s.estimator.name for s in self.out if s.function == self.fn.name
+                  and s.estimator.name in ("enum", "mvd")]
+        if "mvd" in others or (name == "mvd" and others):
+            return ("an objective can have one mvd draw, and no enum draw beside it (their "
+                    "evaluations would multiply)")
         return None
 
     def site(self, op: Op, top: bool) -> Op:
@@ -216,7 +222,8 @@ class _Chooser:
             chosen, why = self.automatic(op, spec, top, annotation)
         elif annotation is not None:
             problem = self.problem(annotation, spec) or (
-                self.enum_problem(op, spec, top) if annotation.name == "enum" else None)
+                self.enum_problem(op, spec, top, annotation.name)
+                if annotation.name in ("enum", "mvd") else None)
             if problem is not None:
                 self.diags.error(problem, annotation.span)
                 return op
@@ -225,6 +232,8 @@ class _Chooser:
             chosen, why = self.automatic(op, spec, top, None)
         if chosen.name == "enum":
             chosen = Estimator("enum", (("size", self.support_size(op)),), chosen.span)
+        elif chosen.name == "mvd":  # the draw, its two loc branches and its scale branch
+            chosen = Estimator("mvd", (("size", 4),), chosen.span)
         self.out.append(SiteChoice(self.fn.name, op.params.site, spec.name, op.span, chosen, why,
                                    annotation is not None))
         return replace(op, params=replace(op.params, estimator=chosen))
@@ -242,7 +251,8 @@ class _Chooser:
         pragma = ""
         if self.default is not None and self.default.name != "auto":
             if self.problem(self.default, spec) is None and (
-                    self.default.name != "enum" or self.enum_problem(op, spec, top) is None):
+                    self.default.name not in ("enum", "mvd")
+                    or self.enum_problem(op, spec, top, self.default.name) is None):
                 return _complete(self.default), f"pragma estimator {self.default}"
             pragma = f"pragma estimator {self.default} does not apply: "
         if not spec.reparam:
@@ -270,9 +280,9 @@ class _Chooser:
         problem = option_problem(e)
         if problem is not None:
             return problem
-        if e.name in NOT_YET:
-            return (f"estimator '{e.name}' ({NOT_YET[e.name]}) is not implemented yet; use "
-                    f"score" + (" or reparam" if spec.reparam else ""))
+        if e.name == "mvd" and not spec.mvd:
+            return (f"measure-valued derivatives are implemented for Normal, not {spec.name}; "
+                    f"use score" + (" or reparam" if spec.reparam else ""))
         if e.name == "score" and not spec.fixed_support:
             return (f"cannot use 'score' on {spec.name}: its support depends on its parameters, "
                     f"so the score function misses the boundary terms and is biased; use reparam")

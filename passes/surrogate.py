@@ -28,9 +28,13 @@ from gradlang.types import DType, TensorType, TupleType, Type, scalar
 
 from .typecheck_random import stacked
 
-GROUPS = ("auto", "none", "loo", "grpo", "ma", "enum")
+GROUPS = ("auto", "none", "loo", "grpo", "ma", "enum", "mvd_loc", "mvd_scale")
 """Baseline groups, in the order score terms are returned; `enum` holds the log-probabilities
-of enumerated draws (the weights of the enumerated combinations, not score terms)."""
+of enumerated draws (the weights of the enumerated combinations, not score terms);
+`mvd_loc` / `mvd_scale` the parameters of a measure-valued draw (what its weak derivatives
+differentiate)."""
+BRANCHED = ("enum", "mvd")
+"""Estimators whose draws are evaluated on several values (combinations of `samples` axis 1)."""
 F32 = scalar(DType.F32)
 
 
@@ -111,15 +115,23 @@ class _Rewriter:
             self.ops = outer
 
     def op(self, op: Op, scores: _Scores) -> None:
-        if op.name == "sample" and op.params.estimator.name == "enum":
+        if op.name == "sample" and op.params.estimator.name in BRANCHED:
             est = op.params.estimator
-            slot = sum(1 for o in self.ops if o.name == "sample" and o.params.estimator.name == "enum")
+            slot = sum(1 for o in self.ops if o.name == "sample"
+                       and o.params.estimator.name in BRANCHED)
             est = replace(est, options=est.options + (("slot", slot),))
             op = replace(op, params=replace(op.params, estimator=est))
             self.ops.append(op)
             self.sizes[op.span] = est.option("size")
-            lp = self.emit("log_prob", (op.operands[0], op.result), NoParams(), (F32,), op.span).result
-            scores.add("enum", lp, [op.span])
+            if est.name == "enum":
+                lp = self.emit("log_prob", (op.operands[0], op.result), NoParams(), (F32,),
+                               op.span).result
+                scores.add("enum", lp, [op.span])
+            else:
+                dist = next(o for o in self.ops if op.operands[0] in o.results)
+                loc, scale = dist.operands
+                scores.add("mvd_loc", loc, [op.span])
+                scores.add("mvd_scale", scale, [])
         elif op.name == "sample" and op.params.estimator.name == "score":
             self.ops.append(op)
             dist = op.operands[0].type
@@ -194,7 +206,7 @@ class _Rewriter:
         inner = replace(region, ops=tuple(self.ops), results=region.results + extra)
         self.ops = []
         vtype = region.results[0].type
-        sizes = tuple(self.sizes[s] for s in scores.sites.get("enum", ()))
+        sizes = tuple(self.sizes[s] for g in ("enum", "mvd_loc") for s in scores.sites.get(g, ()))
         combos = math.prod(sizes)
 
         def per_draw(t):
@@ -226,7 +238,7 @@ class _Rewriter:
         return decays[0]
 
     def baseline(self, group: str, n: int, sites: list[Span]) -> str:
-        if group == "enum":
+        if group in ("enum", "mvd_loc", "mvd_scale"):
             return group
         resolved = ("loo" if n >= 2 else "none") if group == "auto" else group
         for span in sites:
@@ -291,6 +303,8 @@ def _scored_functions(module: Module) -> dict[str, tuple[str, ...]]:
                 groups.add(op.params.estimator.option("baseline"))
             if op.name == "sample" and op.params.estimator.name == "enum":
                 groups.add("enum")
+            if op.name == "sample" and op.params.estimator.name == "mvd":
+                groups |= {"mvd_loc", "mvd_scale"}
             if op.name not in ("expect", "for"):  # own scope / unsupported (reported)
                 for r in op.regions:
                     groups |= own(r)

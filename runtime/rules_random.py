@@ -50,12 +50,30 @@ def _sample(ctx, op: Op, d: Dist):
         return d.family.sample(key, *d.params, shape=d.batch)
     if est.name == "enum":  # the value of this draw in the combination being evaluated
         return d.family.enumerate_support(*d.params)[ctx.lowering.enum_index[est.option("slot")]]
+    if est.name == "mvd":
+        return _mvd_branches(key, *d.params)[ctx.lowering.enum_index[est.option("slot")]]
     if est.name in ("gumbel", "st_gumbel"):
         relaxed = relaxed_bernoulli_sample if d.family.name == "Bernoulli" else gumbel_softmax_sample
         return relaxed(key, d.params[0], est.option("tau"), est.name == "st_gumbel")
     # score function: the draw carries no gradient; its log-probability does (surrogate pass)
     params = tuple(lax.stop_gradient(p) for p in d.params)
     return lax.stop_gradient(d.family.sample(key, *params, shape=d.batch))
+
+
+def _mvd_branches(key, loc, scale):
+    """The four draws of a Normal's measure-valued derivative, none carrying a gradient:
+    the draw itself; loc +/- scale * Rayleigh (the positive and negative parts of d/dloc,
+    each with mass 1 / (scale sqrt(2 pi))); loc + scale * (double-sided Maxwell) (the
+    positive part of d/dscale, mass 1 / scale; its negative part is the Normal itself)."""
+    loc, scale = lax.stop_gradient(loc), lax.stop_gradient(scale)
+    k_eps, k_ray, k_max, k_sign = jax.random.split(key, 4)
+    eps = jax.random.normal(k_eps, jnp.shape(loc), loc.dtype)
+    rayleigh = jnp.sqrt(-2 * jnp.log(jax.random.uniform(k_ray, jnp.shape(loc), loc.dtype,
+                                                         minval=jnp.finfo(loc.dtype).tiny)))
+    maxwell = jnp.linalg.norm(jax.random.normal(k_max, (3,) + jnp.shape(loc), loc.dtype), axis=0)
+    sign = jnp.where(jax.random.bernoulli(k_sign, 0.5, jnp.shape(loc)), 1.0, -1.0).astype(loc.dtype)
+    return jnp.stack([loc + scale * eps, loc + scale * rayleigh, loc - scale * rayleigh,
+                      loc + scale * sign * maxwell])
 
 
 def _samples(ctx, op: Op) -> Any:
@@ -105,8 +123,14 @@ def _surrogate(ctx, op: Op, v, *scores):
     state = scores[-1] if "ma" in baselines else None
     scores = scores[:len(baselines)]
     weights = scores[baselines.index("enum")] if "enum" in baselines else None
-    kept = [i for i, b in enumerate(baselines) if b != "enum"]
+    mvd = ([scores[baselines.index(g)] for g in ("mvd_loc", "mvd_scale")]
+           if "mvd_loc" in baselines else None)
+    kept = [i for i, b in enumerate(baselines) if b not in ("enum", "mvd_loc", "mvd_scale")]
     scores, baselines = [scores[i] for i in kept], [baselines[i] for i in kept]
+    if mvd is not None:  # axis 1 holds the draw's four branches; the value is branch 0's
+        branches, v = v, v[:, 0]
+        scores = [l[:, 0] for l in scores]
+        loc, scale = (x[:, 0] for x in mvd)
 
     def per_sample(x):
         return x.reshape(x.shape + (1,) * (v.ndim - x.ndim))
@@ -124,6 +148,12 @@ def _surrogate(ctx, op: Op, v, *scores):
             out = out + (m - 1) * advantage
         elif b == "ma":
             out = out + (1 - m) * lax.stop_gradient(state)
+    if mvd is not None:  # weak derivatives: d/dloc and d/dscale from the branches' values
+        sv, sscale = lax.stop_gradient(branches), lax.stop_gradient(scale)
+        d_loc = (sv[:, 1] - sv[:, 2]) / per_sample(sscale * jnp.sqrt(2 * jnp.pi))
+        d_scale = (sv[:, 3] - sv[:, 0]) / per_sample(sscale)
+        out = (out + per_sample(loc - lax.stop_gradient(loc)) * d_loc
+               + per_sample(scale - sscale) * d_scale)
     if weights is not None:  # exact sum over the enumerated combinations (axis 1)
         out = jnp.sum(per_sample(jnp.exp(weights)) * out, 1)
         v = jnp.sum(per_sample(jnp.exp(weights)) * v, 1)

@@ -330,7 +330,12 @@ def _run(name, args, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", list(FAST))
 def test_example_runs_with_a_few_steps(name, tmp_path, monkeypatch):
-    summary = _run(name, FAST[name], tmp_path, monkeypatch)
+    # These runs are dominated by XLA compilation, and XLA:CPU compiles JAX's default
+    # (partitionable) threefry random bits about 5x slower than the classic ones: a 10-arm
+    # rollout takes 2 s to compile instead of 0.4 s. Scoped to this test; the numbers differ,
+    # the plumbing checked here does not.
+    with jax.threefry_partitionable(False):
+        summary = _run(name, FAST[name], tmp_path, monkeypatch)
     if name == "vae_discrete":
         v = summary["gradient_variance"]["init"]
         assert v["score_loo"]["total"] > 0 and v["gumbel"]["total"] > 0
