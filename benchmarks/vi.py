@@ -1,6 +1,6 @@
 """Variational-inference steps: gradlang against hand-written JAX and NumPyro.
 
-    python benchmarks/vi.py [--rounds 60] [--calls 10] [--json results.json]
+    python benchmarks/vi.py [--rounds 100] [--calls 10] [--json results.json]
 
 Data: 128 binarized 8x8 digits (sklearn.datasets.load_digits, pixel > 7; a fixed-seed synthetic
 binary batch of the same shape when sklearn is missing). Parameters: fixed-seed, untrained.
@@ -551,7 +551,7 @@ def _time_table(rows: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=60, help="interleaved rounds (default 60)")
+    ap.add_argument("--rounds", type=int, default=100, help="interleaved rounds (default 100)")
     ap.add_argument("--calls", type=int, default=10, help="calls per timed sample (default 10)")
     ap.add_argument("--warmup", type=int, default=20, help="warm-up calls per variant")
     ap.add_argument("--var-keys", type=int, default=200,
@@ -578,7 +578,7 @@ def main(argv: list[str] | None = None) -> dict:
     for g, rows in gauss["groups"].items():
         print(f" {g}:")
         _time_table(rows)
-    print(f" numerics, same noise eps (deterministic):")
+    print(" numerics, same noise eps (deterministic):")
     for n, c in gauss["exact"].items():
         print(f"  ok: {n} vs hand-written: |loss diff| {c['loss_abs_diff']:.1e}, "
               f"max |grad diff| {c['grad_max_abs_diff']:.1e}")
@@ -615,7 +615,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {n:<{w}}{r['enc_grad_total_var']:>11.4g}{r['var_reduction_vs_none_S1']:>12.4g}x"
               f"{r['var_x_time']:>12.3g}{r['var_x_time_vs_ref']:>9.3g}"
               f"{r['loss_mean']:>11.3f} +-{r['loss_se']:.3f}{z:>7}{chi2:>12}")
-    none1, none8 = rows["gradlang score(none), S=1"], rows["gradlang score(none), S=8"]
+    none8 = rows["gradlang score(none), S=8"]
     loo8, pp = rows["gradlang score(loo), S=8"], rows["gradlang score(loo), S=8, vmap per point"]
     print("  (vs none,S=1: total variance of gradlang score(none), S=1 / this row's. vs ref: var x time\n"
           "   / the reference's, lower is better. z: expected loss vs the reference's, in standard\n"

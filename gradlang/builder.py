@@ -136,16 +136,18 @@ def _extern_stub(decl: ast.ExternDecl, unit: str) -> Function:
 
 
 def _objective(e: ast.Expr, diags: Diagnostics) -> tuple[ast.Name, int] | None:
-    """`f` or `expect(f, samples=N)`: the function and N (0 without expect)."""
-    if isinstance(e, ast.Name):
-        return e, 0
+    """`f` (or `nn.f`) or `expect(f, samples=N)`: the function's name and N (0 without expect)."""
+    name = _dotted(e)
+    if name is not None:
+        return ast.Name(e.span, name), 0
     if isinstance(e, ast.Call) and isinstance(e.func, ast.Name) and e.func.id == "expect":
-        if len(e.args) != 1 or not isinstance(e.args[0], ast.Name):
+        name = _dotted(e.args[0]) if len(e.args) == 1 else None
+        if name is None:
             diags.error("expect in an export takes one function name, e.g. expect(f, samples=8)",
                         e.span)
             return None
         n = _samples_option(e, diags)
-        return None if n is None else (e.args[0], n)
+        return None if n is None else (ast.Name(e.args[0].span, name), n)
     return None
 
 
@@ -158,8 +160,9 @@ def _build_export(decl: ast.ExportDecl, unit: str, diags: Diagnostics) -> Export
         fn, n = found
         return Export(decl.name, Transform("fn", qualify(unit, fn.id), samples=n), decl.span,
                       fn.span)
-    if isinstance(value, ast.Name):
-        return Export(decl.name, Transform("fn", qualify(unit, value.id)), decl.span, value.span)
+    if _dotted(value) is not None:
+        return Export(decl.name, Transform("fn", qualify(unit, _dotted(value))), decl.span,
+                      value.span)
     usage = ("an export must name a function or be grad(f, wrt=[...]), value_and_grad(f, "
              "wrt=[...]) or expect(f, samples=N)")
     if not (isinstance(value, ast.Call) and isinstance(value.func, ast.Name)

@@ -23,11 +23,15 @@ def _reachable(module: Module, fn: str) -> list[str]:
     return out
 
 
-def _control_variate(site, resolved: dict) -> str:
-    """The control variate(s) a score site got in the expectations it is drawn in."""
+def _resolved(site, export: str, resolved: dict) -> list[str]:
+    """The control variates a score site got in this export's expectation and in the nested
+    expectations it is drawn in, as "loo, samples=8"."""
+    return sorted(resolved.get((export, site.span), set()) | resolved.get(("", site.span), set()))
+
+
+def _control_variate(site, found: list[str]) -> str:
     if site.estimator.name != "score":
         return "-"
-    found = sorted(resolved.get(site.span, ()))
     auto = " (auto)" if site.estimator.option("baseline") == "auto" else ""
     if site.estimator.option("decay") is not None:
         auto = f" (decay={site.estimator.option('decay')})"
@@ -46,7 +50,7 @@ def _cost(estimator) -> str:
     return "1 draw"
 
 
-def _overrides(family: str, estimator) -> str:
+def _overrides(family: str, estimator, found: list[str]) -> str:
     spec = DISTRIBUTIONS[family]
     options = []
     if estimator.name != "reparam" and spec.reparam:
@@ -54,7 +58,7 @@ def _overrides(family: str, estimator) -> str:
     if estimator.name != "score" and spec.fixed_support:
         options.append("with score(baseline=loo)")
     if estimator.name == "score":
-        other = "none" if estimator.option("baseline") != "none" else "loo"
+        other = "loo" if all(f.startswith("none") for f in found) else "none"
         options.append(f"with score(baseline={other})")
     if family in ("Bernoulli", "OneHotCategorical") and estimator.name not in ("gumbel", "st_gumbel"):
         options.append("with gumbel(tau=0.5)")
@@ -96,12 +100,12 @@ def explain(module: Module) -> str:
             rows = [["site", "distribution", "estimator", "control variate", "cost per sample",
                      "override"]]
             for s in here:
+                found = _resolved(s, export.name, module.facts.get("control_variates", {}))
                 rows.append([f"{s.site} ({s.function}, line {s.span.line})", s.family,
                              _NAMES.get(s.estimator.name, s.estimator.name)
                              + (f" tau={s.estimator.option('tau')}" if s.estimator.option("tau") else ""),
-                             _control_variate(s, module.facts.get("control_variates", {})),
-                             _cost(s.estimator),
-                             _overrides(s.family, s.estimator)])
+                             _control_variate(s, found), _cost(s.estimator),
+                             _overrides(s.family, s.estimator, found)])
             lines.append(f"  random choices ({len(here)}), {n} sample{'s' * (n != 1)} of the "
                          f"objective per call:")
             lines += _table(rows, "    ")

@@ -231,7 +231,7 @@ class Resolve:
             functions.append(_FunctionResolver(scope, fn, subst, diags).run())
         module = replace(module, functions=tuple(_silence_result(f) for f in functions))
         module = _reject_recursion(module, diags)
-        return _check_exports(module, diags)
+        return _check_exports(_bind_export_names(module, structs), diags)
 
 
 def _silence_result(fn: Function) -> Function:
@@ -241,6 +241,20 @@ def _silence_result(fn: Function) -> Function:
         return fn
     error = Op("error", fn.body.results, (Value(),), NoParams(), (), fn.result_span)
     return replace(fn, body=replace(fn.body, ops=fn.body.ops + (error,), results=error.results))
+
+
+def _bind_export_names(module: Module, structs: dict[str, StructType]) -> Module:
+    """Exports name functions as the main file sees them: its own, or imported ones
+    (unqualified, `l2`, or through their module, `nn.l2`)."""
+    scope = _Scope(module, module.units[0].name, structs)
+    exports = []
+    for export in module.exports:
+        t = export.transform
+        found = scope.lookup(t.fn) if module.function(t.fn) is None else None
+        if isinstance(found, tuple) and found[0] == "fn":
+            export = replace(export, transform=replace(t, fn=found[1].name))
+        exports.append(export)
+    return replace(module, exports=tuple(exports))
 
 
 def _check_exports(module: Module, diags: Diagnostics) -> Module:

@@ -88,8 +88,11 @@ class _Rewriter:
         """The support size of each enumerated draw."""
         self.decays: dict[Span, float] = {}
         """The decay of each moving-average site."""
-        self.resolved: dict[Span, set[str]] = {}
-        """The control variates each score site ends up with (one per expectation it is in)."""
+        self.resolved: dict[tuple[str, Span], set[str]] = {}
+        """The control variates each score site ends up with, per expectation it is in: keyed
+        by (export name, site) for an export's expectation, ("", site) for a nested one."""
+        self.label = ""
+        """The export whose expectation is being built ("" inside function bodies)."""
 
     def emit(self, name: str, operands: tuple[Value, ...], params: object, types: tuple[Type, ...],
              span: Span | None, regions: tuple[Region, ...] = ()) -> Op:
@@ -154,17 +157,33 @@ class _Rewriter:
         elif op.name == "if":
             self.if_op(op, scores)
         elif op.name == "for":
-            body, inner = self.region(op.regions[0])
-            for spans in inner.sites.values():
-                for span in spans:
-                    self.diags.error("a score-function draw inside a loop is not supported yet; "
-                                     "draw it before the loop, or use a reparameterizable "
-                                     "distribution", span)
-            self.ops.append(replace(op, regions=(body,)))
+            self.loop(op, scores)
         elif op.name == "expect":
             self.expect(op)
         else:
             self.ops.append(op)
+
+    def loop(self, op: Op, scores: _Scores) -> None:
+        """Score terms of draws in a loop body are summed over the iterations in extra carries."""
+        body, inner = self.region(op.regions[0])
+        groups = [g for g in GROUPS if g in inner.values]
+        if not groups:
+            self.ops.append(replace(op, regions=(body,)))
+            return
+        outer, self.ops = self.ops, list(body.ops)
+        args = tuple(Value(F32, f"score_{g}") for g in groups)
+        nexts = tuple(self.emit("add", (a, self.total(inner.values[g], op.span)), NoParams(), (F32,),
+                                op.span).result for a, g in zip(args, groups))
+        body = replace(body, args=body.args + args, ops=tuple(self.ops), results=body.results + nexts)
+        self.ops = outer
+        inits = tuple(self.emit("const", (), ConstParams(0.0, DType.F32), (F32,), op.span).result
+                      for _ in groups)
+        params = replace(op.params, carries=op.params.carries + tuple(f"score_{g}" for g in groups))
+        new = Op("for", op.operands + inits, op.results + tuple(Value(F32) for _ in groups), params,
+                 (body,), op.span)
+        self.ops.append(new)
+        for g, v in zip(groups, new.results[len(op.results):]):
+            scores.add(g, v, inner.sites.get(g, []))
 
     def if_op(self, op: Op, scores: _Scores) -> None:
         branches = [self.region(r) for r in op.regions]
@@ -242,7 +261,7 @@ class _Rewriter:
             return group
         resolved = ("loo" if n >= 2 else "none") if group == "auto" else group
         for span in sites:
-            self.resolved.setdefault(span, set()).add(f"{resolved}, samples={n}")
+            self.resolved.setdefault((self.label, span), set()).add(f"{resolved}, samples={n}")
         if group in ("loo", "grpo") and n < 2:
             for span in sites:
                 self.diags.error(f"baseline={group} compares the samples of an expectation, but "
@@ -270,10 +289,24 @@ class _Rewriter:
         fn = self.module.function(t.fn)
         if t.samples == 0 and fn.name not in random:
             return None
-        n = max(t.samples, 1)
         params = tuple(Param(p.name, Value(p.value.type, p.name), p.span) for p in fn.params)
         call = Op("call_fn", tuple(p.value for p in params), (Value(fn.result_type),),
                   CalleeParams(fn.name), (), export.fn_span)
+        if t.kind == "fn" and t.samples == 0:  # one draw of the program, its value as it is
+            if fn.name not in self.scored:
+                return None
+            self.ops, outer = [], self.ops
+            self.op(call, _Scores.empty())
+            ops, self.ops = self.ops, outer
+            return Function(f"{fn.name}@draw", fn.unit, params, fn.result_type,
+                            Region((), tuple(ops), call.results), fn.span, fn.result_span)
+        r = fn.result_type
+        if not (isinstance(r, TensorType) and r.dtype.is_float):
+            what = f"expect({fn.name}, ...)" if t.samples else f"{t.kind} of a drawing function"
+            self.diags.error(f"{what} needs '{fn.name}' to return a float tensor (a Monte Carlo "
+                             f"mean); it returns {r}", export.fn_span)
+            return None
+        n = max(t.samples, 1)
         region, scores = self.region(Region((), (call,), call.results))
         if "ma" not in scores.values:
             ops = self.scope(region, scores, n, export.fn_span)
@@ -305,7 +338,7 @@ def _scored_functions(module: Module) -> dict[str, tuple[str, ...]]:
                 groups.add("enum")
             if op.name == "sample" and op.params.estimator.name == "mvd":
                 groups |= {"mvd_loc", "mvd_scale"}
-            if op.name not in ("expect", "for"):  # own scope / unsupported (reported)
+            if op.name != "expect":  # an expectation is its own scope
                 for r in op.regions:
                     groups |= own(r)
         return groups
@@ -367,6 +400,7 @@ class Surrogate:
         stateful: set[str] = set()
         for export in module.exports:
             objectives[export.name] = (export.transform.fn, export.transform.samples)
+            rewriter.label = export.name
             wrapper = rewriter.objective(export, random)
             if wrapper is not None:
                 if all(f.name != wrapper.name for f in functions):

@@ -421,3 +421,12 @@ def test_integer_parameters_reject_floats():
     w, b, x = rand(43, 3, 4), rand(44, 4), rand(45, 5, 3)
     with pytest.raises(ArgumentError, match=r"argument 'y': expected i32\[B\], got an array of dtype float32"):
         m.g(w, b, x, np.zeros(5, np.float32))
+
+
+@pytest.mark.parametrize("export", ["l2", "nn.l2", "grad(l2, wrt=[w])", "grad(nn.l2, wrt=[w])"])
+def test_exports_can_name_imported_functions(export):
+    m = gradlang.compile_source(f"use std.nn\nexport a = {export}\n")
+    w = np.ones((2, 3), np.float32)
+    out = m.a(w)
+    np.testing.assert_allclose(out["w"] if isinstance(out, dict) else out,
+                               2 * w if isinstance(out, dict) else 6.0)

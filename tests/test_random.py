@@ -500,3 +500,52 @@ def test_measure_valued_derivative_has_lower_variance_than_the_score_function_he
     var = {name: float(np.var(np.asarray(estimates(c.g, (0.4,))["m"]))) for name, c in
            (("mvd", mvd), ("score", score))}
     assert var["score"] / var["mvd"] > 1.5, var
+
+
+def test_score_function_draws_inside_a_loop():
+    """A 3-step trajectory of coin flips: E[number of heads^2] = 3s(1-s) + 9s^2, s = sigmoid(t)."""
+    src = """
+fn f(t: f32) -> f32 {
+  let heads = for i in range(3) carry (n = 0.0) {
+    c ~ Bernoulli(logits=t)
+    n + c
+  }
+  return heads * heads
+}
+export g = grad(expect(f, samples=4), wrt=[t])
+"""
+    m = gradlang.compile_source(src)
+    assert m.ir.facts["estimators"][0].estimator.name == "score"
+    s = sigmoid(0.3)
+    # d/dt of 3 s (1 - s) + 9 s^2 = (3 (1 - 2s) + 18 s) s (1 - s)
+    assert_unbiased(estimates(m.g, (0.3,))["t"], (3 * (1 - 2 * s) + 18 * s) * s * (1 - s))
+
+
+def test_a_plain_export_of_a_drawing_function_returns_one_draw_as_it_is():
+    src = """
+fn f(m: f32) -> (f32, i32) {
+  a ~ Categorical(logits=zeros([3]) + m)
+  c ~ Bernoulli(logits=m)
+  return (m + c, a)
+}
+export draw = f
+"""
+    m = gradlang.compile_source(src)
+    value, action = m.draw(0.5, jax.random.key(0))
+    assert action.dtype == jnp.int32 and 0 <= int(action) < 3 and float(value) in (0.5, 1.5)
+
+
+def test_explain_keeps_each_exports_control_variates_apart():
+    from gradlang.explain import explain
+
+    m = gradlang.compile_source("""
+fn f(t: f32) -> f32 {
+  c ~ Bernoulli(logits=t)
+  return c
+}
+export a = grad(expect(f, samples=1), wrt=[t])
+export b = grad(expect(f, samples=8), wrt=[t])
+""")
+    a, b = explain(m.ir).split("export b")
+    assert "none (auto) [samples=1]" in a and "samples=8" not in a
+    assert "leave-one-out (RLOO) (auto) [samples=8]" in b and "samples=1]" not in b
