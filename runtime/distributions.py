@@ -41,6 +41,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.scipy.special import betaln, digamma, gammaln, xlog1py, xlogy
 
+from .numerics import softplus
+
 Array = jax.Array
 Shape = tuple[int, ...]
 
@@ -202,7 +204,7 @@ def _bernoulli_sample(key, logits, shape=None) -> Array:
 
 
 def _bernoulli_entropy(logits) -> Array:
-    return jax.nn.softplus(logits) - logits * jax.nn.sigmoid(logits)
+    return softplus(logits) - logits * jax.nn.sigmoid(logits)
 
 
 def _categorical_sample(key, logits, shape=None) -> Array:
@@ -324,7 +326,7 @@ GUMBEL = Family(
     lambda loc, scale: jnp.broadcast_arrays(jnp.log(scale) + _EULER + 1, loc)[0])
 BERNOULLI = Family(
     "Bernoulli", ("logits",), _PROBS_SIGMOID, 0, (0,), "f32", False, True, lambda logits: 2,
-    _bernoulli_sample, lambda x, logits: x * logits - jax.nn.softplus(logits),
+    _bernoulli_sample, lambda x, logits: x * logits - softplus(logits),
     jax.nn.sigmoid, _bernoulli_entropy,
     lambda logits: _lead(jnp.array([0.0, 1.0], _dtype(logits)), jnp.shape(logits)))
 CATEGORICAL = Family(
@@ -360,7 +362,7 @@ def _kl_normal(p, q) -> Array:
 
 def _kl_bernoulli(p, q) -> Array:
     (a,), (b,) = p, q
-    return jax.nn.softplus(b) - jax.nn.softplus(a) + jax.nn.sigmoid(a) * (a - b)
+    return softplus(b) - softplus(a) + jax.nn.sigmoid(a) * (a - b)
 
 
 def _kl_categorical(p, q) -> Array:

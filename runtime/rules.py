@@ -18,6 +18,7 @@ from gradlang import ops as O
 from gradlang.ir import Op
 from gradlang.types import DType, TensorType
 
+from .numerics import softplus
 from .rules_random import RANDOM_LOWERINGS
 
 JNP_DTYPES = {DType.F32: jnp.float32, DType.F64: jnp.float64, DType.I32: jnp.int32,
@@ -146,7 +147,7 @@ LOWERINGS: dict[str, Rule] = {
     "sqrt": _float_elementwise(jnp.sqrt),
     "tanh": _float_elementwise(jnp.tanh),
     "sigmoid": _float_elementwise(jax.nn.sigmoid),
-    "softplus": _float_elementwise(jax.nn.softplus),
+    "softplus": _float_elementwise(softplus),
     "relu": _float_elementwise(jax.nn.relu),
     "sin": _float_elementwise(jnp.sin),
     "cos": _float_elementwise(jnp.cos),
