@@ -265,10 +265,12 @@ def test_grpo_advantages_point_the_right_way_and_cut_variance():
     the direction of the expected gradient is kept on this problem."""
     body, params = "k ~ Categorical(logits=t) WITH\nreturn v[k] + 5.0", "t: f32[4], v: f32[4]"
     grpo = compile_objective(body, params, "score(baseline=grpo)", samples=8)
+    plain = compile_objective(body, params, "score(baseline=none)", samples=8)
     mean = np.asarray(estimates(grpo.g, (THETA, V))["t"]).mean(0)
     p = softmax(THETA)
     truth = p * (V - p @ V)
     assert mean @ truth / (np.linalg.norm(mean) * np.linalg.norm(truth)) > 0.95
+    assert _variance(plain, (THETA, V)) / _variance(grpo, (THETA, V)) > 1.5
 
 
 # ---- determinism and the key argument
