@@ -48,23 +48,26 @@ class _Ctx:
         self.key = key
         self.draws = 0
         """How many keys this scope has handed out (each random op folds in its number)."""
+        self.single = key is not None and lowering.key_uses(fn.body) == 1
+        """The scope has one random op: it gets the scope's key itself (no fold_in)."""
 
     def next_key(self) -> Any:
         """A fresh key for the next random op of the current scope."""
         if self.key is None:
             raise LoweringError(f"@{self.fn.name} draws but was lowered without a key")
         self.draws += 1
-        return jax.random.fold_in(self.key, self.draws)
+        return self.key if self.single else jax.random.fold_in(self.key, self.draws)
 
     @contextmanager
-    def scope(self, key: Any):
-        """Lower a region (a loop iteration, one Monte Carlo draw) under its own key."""
-        saved = self.key, self.draws
+    def scope(self, key: Any, region: Region):
+        """Lower `region` (a loop iteration, one Monte Carlo draw) under its own key."""
+        saved = self.key, self.draws, self.single
         self.key, self.draws = key, 0
+        self.single = key is not None and self.lowering.key_uses(region) == 1
         try:
             yield
         finally:
-            self.key, self.draws = saved
+            self.key, self.draws, self.single = saved
 
     def is_random(self, fn_name: str) -> bool:
         return fn_name in self.lowering.random
@@ -134,6 +137,20 @@ class Lowering:
         self.enum_index: Any = None
         """While lowering an enumerating `samples` region: the value index of each enumerated
         draw (by slot) in the combination being traced."""
+
+    def key_uses(self, region: Region) -> int:
+        """How many keys the ops of a scope take: each random op, loop and call of a drawing
+        function takes one; `if` branches share their scope's keys."""
+        n = 0
+        for op in region.ops:
+            if op.name == "if":
+                n += sum(self.key_uses(r) for r in op.regions)
+            elif op.name == "for":
+                n += min(1, self.key_uses(op.regions[0]))
+            elif (op.name in ("sample", "samples")
+                  or (op.name == "call_fn" and op.params.callee in self.random)):
+                n += 1
+        return n
 
     def call(self, name: str, args: tuple, key: Any = None) -> Any:
         fn = self.module.function(name)

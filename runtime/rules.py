@@ -120,10 +120,10 @@ def _for(ctx, op: Op, *inits):
     (body,) = op.regions
     init = tuple(ctx.coerce(x, r.type) for x, r in zip(inits, op.results))
 
-    loop_key = ctx.next_key() if ctx.key is not None else None
+    loop_key = ctx.next_key() if ctx.key is not None and ctx.lowering.key_uses(body) else None
 
     def step(i, carry):
-        with ctx.scope(None if loop_key is None else jax.random.fold_in(loop_key, i)):
+        with ctx.scope(None if loop_key is None else jax.random.fold_in(loop_key, i), body):
             out = ctx.region(body, (i, *carry))
         return tuple(ctx.coerce(x, r.type) for x, r in zip(out, op.results))
 

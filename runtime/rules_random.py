@@ -85,7 +85,7 @@ def _samples(ctx, op: Op) -> Any:
     sizes = op.params.enum
 
     def draw(key):
-        with ctx.scope(key):
+        with ctx.scope(key, region):
             return ctx.region(region, ())
 
     if sizes:
