@@ -551,3 +551,18 @@ export b = grad(expect(f, samples=8), wrt=[t])
     a, b = explain(m.ir).split("export b")
     assert "none (auto) [samples=1]" in a and "samples=8" not in a
     assert "leave-one-out (RLOO) (auto) [samples=8]" in b and "samples=1]" not in b
+
+
+def test_gumbel_softmax_is_biased_as_documented_and_the_bias_shrinks_with_tau():
+    """README: the relaxation is biased by design and the bias vanishes as tau -> 0."""
+    s = sigmoid(0.2)
+    truth = 5 * s * (1 - s)  # d/dt E[(c + 2)^2], c ~ Bernoulli(logits=t)
+    bias = {}
+    for tau in (1.0, 0.1):
+        m = compile_objective("c ~ Bernoulli(logits=t) WITH\nreturn (c + 2.0) * (c + 2.0)", "t: f32",
+                              f"gumbel(tau={tau})")
+        g = np.asarray(estimates(m.g, (0.2,))["t"], np.float64)
+        se = g.std(ddof=1) / math.sqrt(len(g))
+        bias[tau] = (abs(g.mean() - truth), se)
+    assert bias[1.0][0] > 5 * bias[1.0][1], bias  # a real, detectable bias at tau = 1
+    assert bias[0.1][0] < bias[1.0][0] / 2, bias
