@@ -57,8 +57,8 @@ def _samples_option(call: ast.Call, diags: Diagnostics) -> int | None:
         diags.error("expect needs samples=N: the number of Monte Carlo draws", call.span)
         return None
     v = opts["samples"].value
-    if not (isinstance(v, ast.IntLit) and v.value >= 1):
-        diags.error("samples must be a positive integer literal", v.span)
+    if not (isinstance(v, ast.IntLit) and 1 <= v.value <= I32_MAX):
+        diags.error(f"samples must be a positive integer literal (at most {I32_MAX})", v.span)
         return None
     return v.value
 
@@ -421,6 +421,9 @@ class _FunctionBuilder:
         for c in e.carries:
             if names.count(c.name) > 1 and names.index(c.name) != e.carries.index(c):
                 return self.error_value(f"carry '{c.name}' is declared twice", c.span)
+            if c.name == e.var:
+                return self.error_value(f"carry '{c.name}' has the name of the loop variable; "
+                                        f"rename one of them", c.span)
         start = self.expr(e.start) if e.start is not None else self.emit(
             "const", (), ConstParams(0, DType.I32), e.span).result
         stop = self.expr(e.stop)

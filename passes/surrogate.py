@@ -292,7 +292,8 @@ class _Rewriter:
         params = tuple(Param(p.name, Value(p.value.type, p.name), p.span) for p in fn.params)
         call = Op("call_fn", tuple(p.value for p in params), (Value(fn.result_type),),
                   CalleeParams(fn.name), (), export.fn_span)
-        if t.kind == "fn" and t.samples == 0:  # one draw of the program, its value as it is
+        branched = {"enum", "mvd_loc"} & set(self.scored.get(fn.name, ()))
+        if t.kind == "fn" and t.samples == 0 and not branched:  # one draw, its value as it is
             if fn.name not in self.scored:
                 return None
             self.ops, outer = [], self.ops

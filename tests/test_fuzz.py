@@ -25,19 +25,55 @@ from gradlang.cli import main
 
 KEYWORDS = ["use", "struct", "fn", "extern", "export", "let", "return", "if", "then", "else",
             "for", "in", "range", "carry", "and", "or", "not", "true", "false",
-            "f32", "f64", "i32", "bool", "grad", "value_and_grad", "wrt"]
+            "f32", "f64", "i32", "bool", "grad", "value_and_grad", "wrt", "pragma", "with",
+            "expect", "samples", "estimator"]
 PUNCTUATION = ["(", ")", "[", "]", "{", "}", ",", ":", ";", "=", "->", ".", "+", "-", "*", "/",
-               "@", "^", "==", "!=", "<", "<=", ">", ">=", "#", "%", "$", '"']
+               "@", "^", "==", "!=", "<", "<=", ">", ">=", "#", "%", "$", '"', "~"]
 NAMES = ["x", "y", "w", "b", "f", "g", "h", "p", "P", "Dense", "B", "N", "D", "I", "O", "i",
          "acc", "sum", "mean", "exp", "tanh", "reshape", "concat", "stack", "zeros", "where",
          "cross_entropy", "one_hot", "transpose", "arange", "softmax", "axis", "shape", "keepdims",
-         "std", "nn", "dense", "lib", "util", "_", "x1"]
+         "std", "nn", "dense", "lib", "util", "_", "x1", "Normal", "Bernoulli", "Categorical",
+         "OneHotCategorical", "MixtureNormal", "Uniform", "log_prob", "kl", "entropy", "logits",
+         "probs", "reparam", "score", "baseline", "loo", "ma", "grpo", "enum", "mvd", "gumbel",
+         "tau", "auto", "enum_max"]
 NUMBERS = ["0", "1", "2", "3", "-1", "10", "2.5", "0.0", "1e-3", "3000000000", "99999999999999999999"]
 SEPARATORS = [" ", " ", " ", "\n", "\n  ", ""]
 
 VOCABULARY = KEYWORDS + PUNCTUATION + NAMES + NUMBERS
 
 SEEDS = [
+    """
+pragma estimator auto(enum_max=4)
+
+fn coin(l: f32) -> f32 {
+  b ~ Bernoulli(logits=l) with score(baseline=loo)
+  return if b > 0.5 then 1.0 else -1.0
+}
+
+fn f(m: f32[3], l: f32, t: f32[4]) -> f32 {
+  z ~ Normal(m, exp(l)) with reparam
+  let k ~ Categorical(logits=t) with enum
+  let e ~ OneHotCategorical(probs=softmax(t)) with gumbel(tau=0.5)
+  let y ~ Uniform(l, l + 1.0)
+  let inner = expect(coin(l) * sum(z), samples=3)
+  let n = for i in range(2) carry (acc = 0.0) {
+    c ~ Bernoulli(logits=l) with score(baseline=ma, decay=0.9)
+    acc + c
+  }
+  return inner + f32(k) + sum(e) + y + n + kl(Normal(m, 1.0), Normal(0.0, 2.0))[0]
+       + log_prob(MixtureNormal(t, t, exp(t)), l)
+}
+
+export g = value_and_grad(expect(f, samples=4), wrt=[m, l, t])
+export d = f
+""",
+    """
+fn f(m: f32, s: f32) -> f32 {
+  z ~ Normal(m, s) with mvd
+  return if z > 0.0 then z * z else 0.0
+}
+export g = grad(expect(f, samples=2), wrt=[m, s])
+""",
     """
 fn f(x: f32[B, D], w: f32[D]) -> f32 {
   let h = tanh(x @ w)

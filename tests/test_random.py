@@ -566,3 +566,11 @@ def test_gumbel_softmax_is_biased_as_documented_and_the_bias_shrinks_with_tau():
         bias[tau] = (abs(g.mean() - truth), se)
     assert bias[1.0][0] > 5 * bias[1.0][1], bias  # a real, detectable bias at tau = 1
     assert bias[0.1][0] < bias[1.0][0] / 2, bias
+
+
+def test_a_plain_export_of_a_function_with_enumerated_draws_sums_them():
+    m = gradlang.compile_source(ENUM + "export d = f\n")
+    t, w = np.array([0.1, -0.3, 0.5], np.float32), np.array([1.0, 2.0, 3.0], np.float32)
+    p, s = softmax(t), sigmoid(0.3)
+    values = estimates(m.d, (t, w, 0.3), n=2000)
+    assert_unbiased(values, (p @ w) * (1 + s) + 0.3 ** 2 + 1)
