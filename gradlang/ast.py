@@ -129,6 +129,24 @@ class If(Expr):
 
 
 @dataclass(frozen=True)
+class Annotation:
+    """`with name(args)`: an estimator (or backward rule) chosen in the source."""
+
+    name: str
+    args: tuple[Expr, ...]
+    kwargs: tuple[Keyword, ...]
+    span: Span
+
+
+@dataclass(frozen=True)
+class With(Expr):
+    """`e with name(options)`: an annotation on the operation that computes e."""
+
+    value: Expr
+    annotation: Annotation
+
+
+@dataclass(frozen=True)
 class Cast(Expr):
     dtype: str
     operand: Expr
@@ -178,16 +196,6 @@ class Stmt:
 class Let(Stmt):
     pattern: Pattern
     value: Expr
-
-
-@dataclass(frozen=True)
-class Annotation:
-    """`with name(args)`: an estimator (or backward rule) chosen in the source."""
-
-    name: str
-    args: tuple[Expr, ...]
-    kwargs: tuple[Keyword, ...]
-    span: Span
 
 
 @dataclass(frozen=True)

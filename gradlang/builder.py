@@ -379,6 +379,18 @@ class _FunctionBuilder:
             return self.emit("error", (), NoParams(), e.span).result
         return self.emit("expect", (), ExpectParams(n), e.span, regions=(region,)).result
 
+    def expr_With(self, e: ast.With) -> Value:
+        """`f(...) with rule(...)`: the rule rides on the call until resolve checks it."""
+        value = self.expr(e.value)
+        last = self.block.ops[-1] if self.block.ops else None
+        if last is None or last.results != (value,) or last.name != "call":
+            return self.error_value("'with' gives a backward rule to a call of a non-smooth "
+                                    "builtin, e.g. sign(w) with ste, or an estimator to a draw, "
+                                    "z ~ Normal(m, s) with reparam", e.annotation.span)
+        rule = estimator_from_ast(e.annotation, self.diags)
+        self.block.ops[-1] = replace(last, params=replace(last.params, annotation=rule))
+        return value
+
     def expr_FieldAccess(self, e: ast.FieldAccess) -> Value:
         dotted = _dotted(e)
         if dotted is not None and dotted.split(".")[0] not in self.block.scope:

@@ -19,6 +19,9 @@ from .ops import Estimator
 from .parser import parse
 
 
+PRAGMAS = ("estimator", "backward")
+
+
 def stdlib_root() -> Path:
     return Path(str(resources.files("gradlang.stdlib")))
 
@@ -44,22 +47,27 @@ class _Loader:
                 self.diags.error(f"imports '{clash}' and '{target}' are both named '{alias}'", decl.span)
             elif clash is None:
                 imports.append((alias, target))
-        return Unit(unit, program.source.path, tuple(imports), self.default_estimator(program))
+        pragmas = self.pragmas(program)
+        return Unit(unit, program.source.path, tuple(imports), pragmas.get("estimator"),
+                    pragmas.get("backward"))
 
-    def default_estimator(self, program: ast.Program) -> Estimator | None:
-        """The unit's `pragma estimator ...` (at most one)."""
-        found: Estimator | None = None
+    def pragmas(self, program: ast.Program) -> dict[str, Estimator | None]:
+        """The unit's `pragma estimator ...` and `pragma backward ...` (at most one each)."""
+        found: dict[str, Estimator | None] = {}
+        lines: dict[str, int] = {}
         for decl in program.decls:
             if not isinstance(decl, ast.Pragma):
                 continue
-            if decl.key != "estimator":
-                self.diags.error(f"unknown pragma '{decl.key}'; the only pragma is "
-                                 f"'pragma estimator NAME(options)'", decl.span)
-            elif found is not None:
-                self.diags.error(f"a second 'pragma estimator' (the first is at line "
-                                 f"{found.span.line})", decl.span)
+            if decl.key not in PRAGMAS:
+                self.diags.error(f"unknown pragma '{decl.key}'; pragmas: 'pragma estimator "
+                                 f"NAME(options)' (random choices), 'pragma backward NAME(options)' "
+                                 f"(non-smooth ops)", decl.span)
+            elif decl.key in found:
+                self.diags.error(f"a second 'pragma {decl.key}' (the first is at line "
+                                 f"{lines[decl.key]})", decl.span)
             else:
-                found = estimator_from_ast(decl.value, self.diags)
+                found[decl.key] = estimator_from_ast(decl.value, self.diags)
+                lines[decl.key] = decl.span.line
         return found
 
     def import_unit(self, decl: ast.Use, folder: Path | None, stack: tuple[str, ...]) -> str | None:

@@ -106,6 +106,8 @@ class Unit:
     imports: tuple[tuple[str, str], ...] = ()
     estimator: Any = None
     """The unit's default estimator (`pragma estimator ...`), an `ops.Estimator`."""
+    backward: Any = None
+    """The unit's default backward rule of non-smooth ops (`pragma backward ...`)."""
 
 
 @dataclass(frozen=True)

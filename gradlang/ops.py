@@ -6,6 +6,8 @@ Traits read by passes:
   through it (comparisons, logic, stop_gradient, integer-valued results).
 - `unresolved`: only exists between the builder and the resolve pass.
 - `random`: draws from the function's key (directly or in its region).
+- `nonsmooth`: its derivative is zero almost everywhere; gradient flows through it only with a
+  backward rule (`params.rule`, e.g. `sign(x) with ste`), else the gradient-flow pass warns.
 """
 
 from __future__ import annotations
@@ -25,6 +27,24 @@ class NoParams:
 
 
 @dataclass(frozen=True)
+class Estimator:
+    """An estimator named in the source (`with score(baseline=loo)`, `pragma estimator ...`)
+    or chosen by the estimators pass; options are static literals (names become strings)."""
+
+    name: str
+    options: tuple[tuple[str, bool | int | float | str], ...] = ()
+    span: Span | None = None
+
+    def option(self, key: str, default: object = None) -> object:
+        return dict(self.options).get(key, default)
+
+    def __str__(self) -> str:
+        opts = ", ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+                         for k, v in self.options)
+        return f"{self.name}({opts})" if opts else self.name
+
+
+@dataclass(frozen=True)
 class ConstParams:
     value: bool | int | float
     dtype: DType
@@ -40,6 +60,8 @@ class CallParams:
     callee: str
     kwnames: tuple[str, ...] = ()
     """Names of the trailing keyword operands, in order."""
+    annotation: Estimator | None = field(default=None, metadata={"omit_default": True})
+    """`f(...) with rule(...)`: the backward rule asked for (resolve moves it into the op)."""
 
 
 @dataclass(frozen=True)
@@ -134,24 +156,6 @@ class ForParams:
 
 
 @dataclass(frozen=True)
-class Estimator:
-    """An estimator named in the source (`with score(baseline=loo)`, `pragma estimator ...`)
-    or chosen by the estimators pass; options are static literals (names become strings)."""
-
-    name: str
-    options: tuple[tuple[str, bool | int | float | str], ...] = ()
-    span: Span | None = None
-
-    def option(self, key: str, default: object = None) -> object:
-        return dict(self.options).get(key, default)
-
-    def __str__(self) -> str:
-        opts = ", ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
-                         for k, v in self.options)
-        return f"{self.name}({opts})" if opts else self.name
-
-
-@dataclass(frozen=True)
 class DistParams:
     family: str
     given: tuple[str, ...]
@@ -185,6 +189,35 @@ class SurrogateParams:
     second result, the updated state."""
 
 
+@dataclass(frozen=True)
+class RuleParams:
+    """A non-smooth op: `rule` is its backward rule (`with ste`), None for none (zero)."""
+
+    rule: Estimator | None = field(default=None, metadata={"omit_default": True})
+
+
+@dataclass(frozen=True)
+class ArgmaxParams:
+    axis: int = -1
+    rule: Estimator | None = field(default=None, metadata={"omit_default": True})
+
+
+@dataclass(frozen=True)
+class TopkParams:
+    k: Dim
+    axis: int = -1
+    rule: Estimator | None = field(default=None, metadata={"omit_default": True})
+
+
+@dataclass(frozen=True)
+class STParams:
+    """A non-smooth op (`op` with its `params`) whose backward is `rule`."""
+
+    op: str
+    params: object
+    rule: Estimator
+
+
 # ---- op definitions
 
 
@@ -211,6 +244,7 @@ BINARY_ARITH = "add sub mul div pow maximum minimum"
 COMPARE = "eq ne lt le gt ge"
 LOGIC = "and or"
 REDUCE = "sum mean max min logsumexp var"
+NONSMOOTH = "sign round floor ceil step binarize"
 
 OPS: dict[str, OpDef] = {
     d.name: d
@@ -249,6 +283,13 @@ OPS: dict[str, OpDef] = {
         *_defs("index", IndexParams, "", "indexing and slicing"),
         *_defs("if", NoParams, "", "two-way conditional with a region per branch"),
         *_defs("for", ForParams, "", "bounded loop with carried state"),
+        *_defs(NONSMOOTH, RuleParams, "elementwise nonsmooth",
+               "piecewise-constant elementwise op (zero derivative almost everywhere)"),
+        *_defs("argmax", ArgmaxParams, "nonsmooth", "one-hot of the largest entry along an axis"),
+        *_defs("topk", TopkParams, "nonsmooth", "0/1 mask of the k largest entries along an axis"),
+        *_defs("sort", AxisParams, "", "sorted along an axis"),
+        *_defs("straight_through", STParams, "",
+               "a non-smooth op's exact value with the backward of its rule (custom_vjp)"),
         *_defs("dist", DistParams, "", "a distribution (batch) from its parameters"),
         *_defs("sample", SampleParams, "random", "a random choice from a distribution"),
         *_defs("log_prob", NoParams, "", "log density / mass of a value"),
@@ -273,6 +314,8 @@ def params_text(params: object) -> str:
             continue
         if isinstance(v, Estimator):
             v = str(v)
+        elif f.name == "params" and not isinstance(v, tuple):
+            v = params_text(v) or "{}"
         elif isinstance(v, DType):
             v = v.value
         elif isinstance(v, tuple) and v and isinstance(v[0], IndexItem):

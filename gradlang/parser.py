@@ -223,8 +223,15 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def sample_stmt(self, meta, items):
-        name, dist, annotation = items
+        name, dist = items
+        annotation = None
+        if isinstance(dist, ast.With):  # `z ~ d with est(...)`: the draw's estimator
+            dist, annotation = dist.value, dist.annotation
         return ast.Sample(self._span(meta), str(name), dist, annotation, self._tok_span(name))
+
+    @v_args(meta=True)
+    def with_expr(self, meta, items):
+        return ast.With(self._span(meta), items[0], items[1])
 
     @v_args(meta=True)
     def annotation_body(self, meta, items):

@@ -13,9 +13,15 @@ from dataclasses import dataclass, field, replace
 from functools import cache
 
 from gradlang.diagnostics import Diagnostics
+from gradlang.ops import Estimator
 from gradlang.ir import Function, Module, Op, Region, Value, walk
 from gradlang.ops import OPS
 from gradlang.types import ERROR, has_float_leaf
+
+from .straight_through import backward_rule_names, rule_problem
+
+RULE_EXAMPLES = {"ste": "ste | ste(clip=1.0)", "reste": "reste(power=3)",
+                 "swish_sign": "swish_sign(beta=5.0)", "st_gumbel": "st_gumbel(tau=1.0)"}
 
 
 @dataclass(frozen=True)
@@ -29,15 +35,50 @@ class GradFlowFacts:
     """wrt names whose gradient is identically zero."""
 
 
-def _blocks(op: Op, value: Value) -> bool:
-    return ("zero_grad" in OPS[op.name].traits or value.type is ERROR
-            or not has_float_leaf(value.type))
+def _has_rule(op: Op, default: Estimator | None) -> bool:
+    """A non-smooth op that will get a backward rule (its own, or the file's applicable one)."""
+    return op.params.rule is not None or (default is not None
+                                          and rule_problem(default, op.name) is None)
 
 
 class _Analysis:
-    def __init__(self, module: Module):
+    def __init__(self, module: Module, optimistic: bool = False):
         self.module = module
         self.summary = cache(self._summary)
+        self.ruled = {id(op) for fn in module.functions for op in walk(fn.body)
+                      if "nonsmooth" in OPS[op.name].traits
+                      and (optimistic or _has_rule(op, module.unit(fn.unit).backward))}
+        """Non-smooth ops that pass gradient (through their backward rule; all of them in an
+        optimistic analysis, which finds the paths that rule-less ones cut)."""
+        self.rule_less = {id(op) for fn in module.functions for op in walk(fn.body)
+                          if "nonsmooth" in OPS[op.name].traits
+                          and not _has_rule(op, module.unit(fn.unit).backward)}
+
+    def blocks(self, op: Op, value: Value) -> bool:
+        traits = OPS[op.name].traits
+        return ("zero_grad" in traits or ("nonsmooth" in traits and id(op) not in self.ruled)
+                or value.type is ERROR or not has_float_leaf(value.type))
+
+    def nonsmooth_warnings(self, fn: Function, seeds: dict[Value, frozenset[str]],
+                           found: dict[int, tuple[Op, set[str]]], seen: set) -> None:
+        """Non-smooth ops without a rule on a path from the seeded parameters to fn's result
+        (through the functions fn calls): op id -> (op, the wrt names it cuts off)."""
+        key = (fn.name, frozenset((p.name, seeds.get(p.value, frozenset())) for p in fn.params))
+        if key in seen:
+            return
+        seen.add(key)
+        taint = self.forward(fn, seeds)
+        reach = self.backward(fn)
+        for op in walk(fn.body):
+            incoming = frozenset().union(*(taint.get(v, frozenset()) for v in op.operands))
+            if not incoming or not any(r in reach for r in op.results):
+                continue
+            if id(op) in self.rule_less:
+                found.setdefault(id(op), (op, set()))[1].update(incoming)
+            elif op.name == "call_fn":
+                callee = self.module.function(op.params.callee)
+                inner = {p.value: taint[v] for p, v in zip(callee.params, op.operands) if taint.get(v)}
+                self.nonsmooth_warnings(callee, inner, found, seen)
 
     def _summary(self, fn_name: str) -> tuple[bool, ...]:
         """For each parameter of fn: does the result depend on it differentiably, or does it
@@ -88,7 +129,7 @@ class _Analysis:
                 incoming = [taint.get(v, empty) for v in op.operands]
             union = frozenset().union(*incoming)
             for r in op.results:
-                taint[r] = empty if _blocks(op, r) else union
+                taint[r] = empty if self.blocks(op, r) else union
 
     def backward(self, fn: Function) -> set[Value]:
         """Values that reach the result through differentiable ops (fixpoint over the body)."""
@@ -101,7 +142,7 @@ class _Analysis:
 
     def _backward_region(self, region: Region, reach: set[Value]) -> None:
         for op in reversed(region.ops):
-            live = [r for r in op.results if r in reach and not _blocks(op, r)]
+            live = [r for r in op.results if r in reach and not self.blocks(op, r)]
             if not live:
                 continue
             if op.name == "for":
@@ -132,6 +173,8 @@ class GradFlow:
 
     def run(self, module: Module, diags: Diagnostics) -> Module:
         analysis = _Analysis(module)
+        optimistic = _Analysis(module, optimistic=True)
+        reported: set[int] = set()
         facts: list[GradFlowFacts] = []
         notes: dict[Value, str] = {}
         for export in module.exports:
@@ -145,8 +188,9 @@ class GradFlow:
             carries = {v: taint[v] for v in taint if v in reach and taint[v]}
             result = carries.get(fn.body.results[0], frozenset()) | _into_draws(fn, taint)
             zero = tuple(n for n in t.wrt if n not in result)
+            cut_off = self.warn_nonsmooth(optimistic, fn, seeds, reported, diags)
             for name, span in zip(t.wrt, t.wrt_spans):
-                if name in zero and fn.body.results[0].type is not ERROR:
+                if name in zero and name not in cut_off and fn.body.results[0].type is not ERROR:
                     diags.warning(f"the gradient of '{fn.name}' with respect to '{name}' is always "
                                   f"zero: '{name}' does not reach the result through "
                                   f"differentiable operations", span)
@@ -155,6 +199,26 @@ class GradFlow:
                 notes[v] = "grad: " + ", ".join(sorted(names | _names(notes.get(v))))
         return replace(module, facts=module.facts | {"gradflow": tuple(facts),
                                                      "gradflow_notes": notes})
+
+    @staticmethod
+    def warn_nonsmooth(analysis: _Analysis, fn: Function, seeds, reported: set[int],
+                       diags: Diagnostics) -> set[str]:
+        """Warn at each non-smooth op without a backward rule that cuts a wrt parameter's
+        gradient (once per op); returns the names cut off somewhere."""
+        found: dict[int, tuple[Op, set[str]]] = {}
+        analysis.nonsmooth_warnings(fn, seeds, found, set())  # an optimistic analysis
+        names: set[str] = set()
+        for key, (op, cut) in found.items():
+            names |= cut
+            if key in reported:
+                continue
+            reported.add(key)
+            rules = " | ".join(RULE_EXAMPLES.get(r, r) for r in backward_rule_names(op.name))
+            wrt = ", ".join(f"'{n}'" for n in sorted(cut))
+            diags.warning(f"'{op.name}' has a zero derivative almost everywhere: the gradient "
+                          f"with respect to {wrt} does not flow through it; give it a backward "
+                          f"rule: {op.name}(...) with {rules}", op.span)
+        return names
 
 
 def _into_draws(fn: Function, taint: dict[Value, frozenset[str]]) -> frozenset[str]:

@@ -16,6 +16,7 @@ from gradlang.verifier import verify_module
 from .estimators import Estimators
 from .gradflow import GradFlow
 from .resolve import Resolve
+from .straight_through import StraightThrough
 from .surrogate import Surrogate
 from .typecheck import Typecheck
 
@@ -28,12 +29,13 @@ class Pass(Protocol):
     def run(self, module: Module, diags: Diagnostics) -> Module: ...
 
 
-PIPELINE: tuple[Pass, ...] = (Resolve(), Typecheck(), GradFlow(), Estimators(), Surrogate())
+PIPELINE: tuple[Pass, ...] = (Resolve(), Typecheck(), GradFlow(), StraightThrough(), Estimators(),
+                              Surrogate())
 PASSES: dict[str, Pass] = {p.name: p for p in PIPELINE}
 
 _TYPED = {"resolved": True, "typed": True}
 _VERIFY_AFTER = {"resolve": {"resolved": True}, "typecheck": _TYPED, "gradflow": _TYPED,
-                 "estimators": _TYPED, "surrogate": _TYPED}
+                 "straight_through": _TYPED, "estimators": _TYPED, "surrogate": _TYPED}
 
 
 def parse_pipeline(text: str) -> tuple[Pass, ...]:

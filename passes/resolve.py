@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 from gradlang.builtins import BUILTINS, REQUIRED, Arg, Builtin
 from gradlang.builder import qualify
@@ -479,6 +479,13 @@ class _FunctionResolver:
         npos = len(op.operands) - len(p.kwnames)
         positional, keywords = op.operands[:npos], dict(zip(p.kwnames, op.operands[npos:]))
         kind, target = found
+        if p.annotation is not None and kind != "builtin":
+            what = {"fn": "a function", "struct": "a struct", "dist": "a distribution"}[kind]
+            hint = (f"; to choose a draw's estimator, write z ~ {p.callee}(...) with "
+                    f"{p.annotation.name}" if kind == "dist" else "")
+            return self.error_op(op, f"'{p.callee}' is {what}: 'with {p.annotation.name}' gives a "
+                                     f"backward rule to a non-smooth builtin only" + hint,
+                                 p.annotation.span)
         if kind == "builtin":
             return self.builtin(op, target, positional, keywords)
         if kind == "dist":
@@ -591,6 +598,13 @@ class _FunctionResolver:
                     static[a.name] = self.fold(bound[a.name], a, b)
         except _Fail:
             return self.failed(op)
+        rule = op.params.annotation
+        if rule is not None:
+            if "rule" not in {f.name for f in fields(OPS[b.op].params)}:
+                return self.error_op(op, f"'{b.name}' is differentiable: it takes no backward rule "
+                                         f"('with {rule.name}'); rules are for non-smooth builtins "
+                                         f"such as sign, round or argmax", rule.span)
+            static["rule"] = rule
         d = self.defs.get(operands[0]) if operands else None
         if b.name == "mean" and d is not None and d.name == "dist":
             if static != {"axis": None, "keepdims": False}:

@@ -268,6 +268,19 @@ def _softmax(ctx, op, args):
     return t.with_dtype(_float_dtype(t.dtype))
 
 
+def _along_axis(ctx, op, args):
+    """argmax / topk (an f32 mask shaped like x) and sort (x's type) along an axis."""
+    t = _numeric(args[0])
+    if t.rank == 0:
+        raise ShapeError(f"{op.name} needs a tensor of rank >= 1")
+    axis = normalize_axis(op.params.axis, t.rank)
+    if op.name == "topk":
+        k, d = op.params.k, t.shape[axis]
+        if isinstance(k, int) and isinstance(d, int) and not 1 <= k <= d:
+            raise ShapeError(f"topk needs 1 <= k <= {d} (the size of axis {op.params.axis}), got {k}")
+    return t if op.name == "sort" else t.with_dtype(DType.F32)
+
+
 def _one_hot(ctx, op, args):
     t = _tensor(args[0])
     if not t.dtype.is_int:
@@ -401,6 +414,9 @@ RULES: dict[str, Rule] = {
     "arange": _arange, "eye": _eye, "softmax": _softmax, "log_softmax": _softmax,
     "one_hot": _one_hot, "cross_entropy": _cross_entropy, "mse": _mse, "index": _index,
     **R.RULES,
+    "sign": _unary_same, "round": _unary_same, "floor": _unary_same, "ceil": _unary_same,
+    "step": _unary_float, "binarize": _unary_float,
+    "argmax": _along_axis, "topk": _along_axis, "sort": _along_axis,
 }
 
 

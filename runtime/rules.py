@@ -19,6 +19,7 @@ from gradlang.ir import Op
 from gradlang.types import DType, TensorType
 
 from .numerics import softplus
+from .rules_nonsmooth import NONSMOOTH_LOWERINGS
 from .rules_random import RANDOM_LOWERINGS
 
 JNP_DTYPES = {DType.F32: jnp.float32, DType.F64: jnp.float64, DType.I32: jnp.int32,
@@ -133,6 +134,7 @@ def _for(ctx, op: Op, *inits):
 
 LOWERINGS: dict[str, Rule] = {
     **RANDOM_LOWERINGS,
+    **NONSMOOTH_LOWERINGS,
     "const": lambda ctx, op: op.params.value,
     "dim": lambda ctx, op: jnp.asarray(ctx.dim(op.params.name), jnp.int32),
     "tuple": lambda ctx, op, *xs: tuple(xs),
