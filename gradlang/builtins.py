@@ -22,6 +22,7 @@ REQUIRED = object()
 class Arg:
     name: str
     kind: str  # "tensor" | "tensors" | "axis" | "axes" | "bool" | "shape" | "dim"
+    """An optional tensor (default None) is recorded in the op's params as given or not."""
     default: object = REQUIRED
 
     @property
@@ -115,6 +116,16 @@ BUILTINS: dict[str, Builtin] = {
         _b("argmax", "x:tensor axis:axis=-1", "one-hot f32 of the largest entry along `axis` (first on ties; non-smooth)"),
         _b("topk", "x:tensor k:dim axis:axis=-1", "f32 0/1 mask of the `k` largest entries along `axis` (non-smooth)"),
         _b("sort", "x:tensor axis:axis=-1", "x sorted ascending along `axis`"),
+        _b("quantize", "x:tensor bits:dim scale:tensor=None axis:axes=None symmetric:bool=True",
+           "b-bit uniform quantization; scale from max |x| (symmetric), max - min (not), or "
+           "mean |x| at 1 bit, per tensor or per channel along `axis`, unless given (non-smooth)"),
+        _b("quest", "x:tensor bits:dim",
+           "QuEST quantizer: Hadamard-rotate the last axis, quantize with the MSE-optimal scale "
+           "for Gaussian inputs (per row), rotate back (non-smooth)"),
+        _b("hadamard", "x:tensor", "orthonormal fast Walsh-Hadamard transform of the last axis "
+           "(a power of two)"),
+        _b("stochastic_round", "x:tensor", "floor(x + u), u ~ Uniform[0, 1): unbiased rounding "
+           "(draws; its backward is the identity, exact for the expectation)"),
         _b("log_prob", "d:tensor x:tensor", "log density (or mass) of `x` under distribution `d`, "
            "per batch element"),
         _b("entropy", "d:tensor", "entropy of distribution `d`, per batch element"),

@@ -210,6 +210,19 @@ class TopkParams:
 
 
 @dataclass(frozen=True)
+class QuantizeParams:
+    """`quantize`: b-bit uniform quantization, symmetric (or with a zero point), per tensor or
+    per channel along `axis`; `scale` says whether a scale operand was given. `quest`: QuEST's
+    quantizer (Hadamard rotation, Gaussian MSE-optimal scale), per row."""
+
+    bits: int
+    axis: tuple[int, ...] | None = None
+    symmetric: bool = True
+    scale: bool = False
+    rule: Estimator | None = field(default=None, metadata={"omit_default": True})
+
+
+@dataclass(frozen=True)
 class STParams:
     """A non-smooth op (`op` with its `params`) whose backward is `rule`."""
 
@@ -288,6 +301,10 @@ OPS: dict[str, OpDef] = {
         *_defs("argmax", ArgmaxParams, "nonsmooth", "one-hot of the largest entry along an axis"),
         *_defs("topk", TopkParams, "nonsmooth", "0/1 mask of the k largest entries along an axis"),
         *_defs("sort", AxisParams, "", "sorted along an axis"),
+        *_defs("quantize quest", QuantizeParams, "nonsmooth", "b-bit uniform quantization"),
+        *_defs("hadamard", NoParams, "", "orthonormal fast Walsh-Hadamard transform, last axis"),
+        *_defs("stochastic_round", NoParams, "random",
+               "floor(x + u), u ~ U[0, 1): unbiased rounding; identity backward"),
         *_defs("straight_through", STParams, "",
                "a non-smooth op's exact value with the backward of its rule (custom_vjp)"),
         *_defs("dist", DistParams, "", "a distribution (batch) from its parameters"),

@@ -587,11 +587,13 @@ class _FunctionResolver:
         self.site = op
         try:
             for a in b.args:
-                if a.name not in bound:
-                    static[a.name] = a.default
+                if a.name not in bound:  # an optional tensor is recorded as given or not
+                    static[a.name] = False if a.kind == "tensor" else a.default
                 elif a.kind == "tensor":
                     self.reject_lists(op, [bound[a.name]])
                     operands.append(bound[a.name])
+                    if a.default is not REQUIRED:
+                        static[a.name] = True
                 elif a.kind == "tensors":
                     operands.extend(self.tensor_list(bound[a.name], a, b))
                 else:

@@ -17,15 +17,19 @@ from gradlang.ops import OPS, Estimator, STParams
 
 SIGNS = ("sign", "binarize")
 ELEMENTWISE = ("sign", "binarize", "round", "floor", "ceil", "step")
+QUANTIZERS = ("quantize", "quest")
 
 RULES: dict[str, tuple[dict[str, float], tuple[str, ...], str]] = {
-    "ste": ({"clip": 0.0}, ELEMENTWISE + ("argmax", "topk"),
+    "ste": ({"clip": 0.0}, ELEMENTWISE + QUANTIZERS + ("argmax", "topk"),
             "identity (clip=c: zero where |x| > c, hardtanh-style)"),
     "reste": ({"power": 3.0, "clip": 1.0, "max_grad": 10.0}, SIGNS,
               "ReSTE: derivative of sign(x)|x|^(1/power), capped at max_grad, zero where |x| > clip"),
     "approx_sign": ({}, SIGNS, "Larq's ApproxSign: 2 - 2|x| on |x| <= 1, else 0"),
     "swish_sign": ({"beta": 5.0}, SIGNS, "Larq's SwishSign: derivative of 2 sigmoid(beta x)(1 + beta x (1 - sigmoid(beta x))) - 1"),
     "st_gumbel": ({"tau": 1.0}, ("argmax",), "straight-through softmax: the Jacobian of softmax(x / tau)"),
+    "trust": ({"bound": 1.0}, QUANTIZERS,
+              "QuEST's trust estimator: identity where the quantization error is at most bound "
+              "half-steps, else 0 (for quest, in the Hadamard-rotated space)"),
 }
 """Backward rules: their options with defaults (clip=0: no clipping), the ops they apply to, and
 what their backward computes."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 from gradlang.diagnostics import Diagnostics, Span
 from gradlang.ir import Export, Function, Module, Op, Param, Region, Value, walk
-from gradlang.ops import (CalleeParams, ConstParams, ExpectParams, GetParams, NoParams,
+from gradlang.ops import (OPS, CalleeParams, ConstParams, ExpectParams, GetParams, NoParams,
                           ReduceParams, SurrogateParams)
 from gradlang.types import DType, TensorType, TupleType, Type, scalar
 
@@ -43,7 +43,7 @@ def random_functions(module: Module) -> set[str]:
     calls = {fn.name: {op.params.callee for op in walk(fn.body) if op.name == "call_fn"}
              for fn in module.functions}
     found = {fn.name for fn in module.functions
-             if any(op.name in ("sample", "expect", "samples") for op in walk(fn.body))}
+             if any("random" in OPS[op.name].traits for op in walk(fn.body))}
     changed = True
     while changed:
         changed = False

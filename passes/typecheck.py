@@ -281,6 +281,36 @@ def _along_axis(ctx, op, args):
     return t if op.name == "sort" else t.with_dtype(DType.F32)
 
 
+def _last_axis_power_of_two(t: TensorType, what: str) -> None:
+    n = t.shape[-1] if t.rank else 1
+    if t.rank == 0 or (isinstance(n, int) and (n < 1 or n & (n - 1))):
+        raise ShapeError(f"{what} transforms the last axis, whose size must be a power of two, "
+                         f"got {t}")
+
+
+def _quantize(ctx, op, args):
+    t = _numeric(args[0])
+    p = op.params
+    if not isinstance(p.bits, int) or not 1 <= p.bits <= 16:
+        raise ShapeError(f"bits must be an integer from 1 to 16, got {p.bits}")
+    if op.name == "quest":
+        if p.bits > 8:
+            raise ShapeError(f"quest supports 1 to 8 bits, got {p.bits}")
+        _last_axis_power_of_two(t, "quest")
+    for a in p.axis or ():
+        normalize_axis(a, t.rank)
+    if p.scale:
+        s = _numeric(args[1], "scale")
+        broadcast(t.shape, s.shape)
+    return t.with_dtype(_float_dtype(t.dtype))
+
+
+def _hadamard(ctx, op, args):
+    t = _numeric(args[0])
+    _last_axis_power_of_two(t, "hadamard")
+    return t.with_dtype(_float_dtype(t.dtype))
+
+
 def _one_hot(ctx, op, args):
     t = _tensor(args[0])
     if not t.dtype.is_int:
@@ -417,6 +447,8 @@ RULES: dict[str, Rule] = {
     "sign": _unary_same, "round": _unary_same, "floor": _unary_same, "ceil": _unary_same,
     "step": _unary_float, "binarize": _unary_float,
     "argmax": _along_axis, "topk": _along_axis, "sort": _along_axis,
+    "quantize": _quantize, "quest": _quantize, "hadamard": _hadamard,
+    "stochastic_round": _unary_float,
 }
 
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from gradlang.ir import Function, Module, Op, Region, Value
+from gradlang.ops import OPS
 from gradlang.types import StructType, TensorType, TupleType, Type
 
 from .rules import JNP_DTYPES, LOWERINGS
@@ -147,7 +148,7 @@ class Lowering:
                 n += sum(self.key_uses(r) for r in op.regions)
             elif op.name == "for":
                 n += min(1, self.key_uses(op.regions[0]))
-            elif (op.name in ("sample", "samples")
+            elif ("random" in OPS[op.name].traits
                   or (op.name == "call_fn" and op.params.callee in self.random)):
                 n += 1
         return n

@@ -8,9 +8,11 @@ backward by its rule, through `jax.custom_vjp`.
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import cache
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from gradlang.ir import Op
@@ -30,6 +32,94 @@ def _topk(ctx, op: Op, x):
     return jnp.moveaxis(mask, -1, axis)
 
 
+def hadamard(x):
+    """Orthonormal Walsh-Hadamard transform of the last axis (size 2^k) in O(n log n): k
+    butterfly stages on a (2, ..., 2) view, no n x n matrix. Symmetric and its own inverse."""
+    n = x.shape[-1]
+    k = n.bit_length() - 1
+    y = x.reshape(x.shape[:-1] + (2,) * k)
+    for i in range(k):
+        axis = x.ndim - 1 + i
+        a, b = jnp.take(y, 0, axis=axis), jnp.take(y, 1, axis=axis)
+        y = jnp.stack([a + b, a - b], axis=axis)
+    return y.reshape(x.shape) / np.sqrt(n).astype(np.float32)
+
+
+def _reduce_axes(x, axis: tuple[int, ...] | None) -> tuple[int, ...]:
+    """The axes a data-derived scale is computed over: all, or all but the channel axes."""
+    if axis is None:
+        return tuple(range(x.ndim))
+    keep = {a % x.ndim for a in axis}
+    return tuple(i for i in range(x.ndim) if i not in keep)
+
+
+def quantize_levels(x, p, scale=None):
+    """(q, step, error bound): symmetric b-bit quantization to integers in [-n, n] times the
+    scale (n = 2^(b-1) - 1; 1 bit: +-scale), or with a zero point to [0, 2^b - 1]. A scale
+    computed from x carries no gradient."""
+    red = _reduce_axes(x, p.axis)
+
+    def data_scale(s):
+        return lax.stop_gradient(jnp.where(s > 0, s, 1.0))
+
+    if p.bits == 1:
+        s = scale if scale is not None else data_scale(jnp.mean(jnp.abs(x), red, keepdims=True))
+        return s * jnp.where(x >= 0, 1.0, -1.0).astype(x.dtype), 2 * s
+    if p.symmetric:
+        n = 2 ** (p.bits - 1) - 1
+        s = scale if scale is not None else data_scale(jnp.max(jnp.abs(x), red, keepdims=True) / n)
+        return jnp.clip(jnp.round(x / s), -n, n) * s, s
+    top = 2 ** p.bits - 1
+    lo = jnp.min(x, red, keepdims=True)
+    s = scale if scale is not None else data_scale((jnp.max(x, red, keepdims=True) - lo) / top)
+    zero = lax.stop_gradient(jnp.round(-lo / s))
+    return (jnp.clip(jnp.round(x / s) + zero, 0, top) - zero) * s, s
+
+
+@cache
+def gaussian_clip(bits: int) -> float:
+    """The clipping level c (in standard deviations) of the uniform midrise quantizer with
+    2^bits levels on [-c, c] that minimizes E[(y - Q(y))^2] for y ~ N(0, 1), found numerically
+    (1 bit: levels +-c/2 = +-sqrt(2/pi))."""
+    y = np.linspace(-8, 8, 16001)
+    w = np.exp(-y * y / 2)
+    w /= w.sum()
+    levels = 2 ** bits
+
+    def mse(c):
+        step = 2 * c / levels
+        q = np.clip((np.floor(y / step) + 0.5) * step, -c + step / 2, c - step / 2)
+        return float(np.sum(w * (y - q) ** 2))
+
+    lo, hi = 0.1, 8.0
+    for _ in range(100):  # golden-section search (mse is unimodal in c)
+        a, b = hi - 0.618 * (hi - lo), lo + 0.618 * (hi - lo)
+        lo, hi = (lo, b) if mse(a) < mse(b) else (a, hi)
+    return (lo + hi) / 2
+
+
+def quest_rotated(y, bits: int):
+    """(q, step) of QuEST's quantizer on Hadamard-rotated rows y: midrise levels on
+    [-c sigma, c sigma], sigma the row's RMS, c the Gaussian MSE-optimal clip."""
+    sigma = lax.stop_gradient(jnp.sqrt(jnp.mean(y * y, -1, keepdims=True)) + 1e-12)
+    c = gaussian_clip(bits) * sigma
+    step = 2 * c / 2 ** bits
+    return jnp.clip((jnp.floor(y / step) + 0.5) * step, -c + step / 2, c - step / 2), step
+
+
+def _quantize(ctx, op: Op, x, scale=None):
+    return quantize_levels(x, op.params, scale)[0]
+
+
+def _quest(ctx, op: Op, x):
+    return hadamard(quest_rotated(hadamard(x), op.params.bits)[0])
+
+
+def _stochastic_round(ctx, op: Op, x):
+    u = jax.random.uniform(ctx.next_key(), x.shape, x.dtype)
+    return x + lax.stop_gradient(jnp.floor(x + u) - x)
+
+
 PRIMALS = {
     "sign": lambda ctx, op, x: jnp.sign(x),
     "round": lambda ctx, op, x: jnp.round(x),
@@ -39,12 +129,21 @@ PRIMALS = {
     "binarize": lambda ctx, op, x: jnp.where(x >= 0, 1, -1).astype(jnp.result_type(x, jnp.float32)),
     "argmax": _argmax,
     "topk": _topk,
+    "quantize": _quantize,
+    "quest": _quest,
 }
 
 
-def _backward(rule, params, x, g):
+def _backward(rule, op: str, params, x, g, scale=None):
     """The cotangent of x under `rule` (options all given) for upstream cotangent g."""
     o = dict(rule.options)
+    if rule.name == "trust":
+        if op == "quest":
+            y = hadamard(x)
+            q, step = quest_rotated(y, params.bits)
+            return hadamard(hadamard(g) * (jnp.abs(y - q) <= o["bound"] * step / 2))
+        q, step = quantize_levels(x, params, scale)
+        return g * (jnp.abs(x - q) <= o["bound"] * step / 2)
     a = jnp.abs(x)
     if rule.name == "ste":
         return g if o["clip"] == 0 else g * (a <= o["clip"])
@@ -62,23 +161,32 @@ def _backward(rule, params, x, g):
     return vjp(g)[0]
 
 
-def _straight_through(ctx, op: Op, x):
+def _straight_through(ctx, op: Op, x, *rest):
+    """x's cotangent is the rule's; other operands (a quantizer's given scale) get the
+    derivative of the op with its rounding held fixed (autodiff of the forward)."""
     p = op.params
     primal = replace(op, name=p.op, params=p.params)
 
     @jax.custom_vjp
-    def f(x):
-        return PRIMALS[p.op](ctx, primal, x)
+    def f(x, *rest):
+        return PRIMALS[p.op](ctx, primal, x, *rest)
 
-    def fwd(x):
-        return f(x), x
+    def fwd(x, *rest):
+        return f(x, *rest), (x, rest)
 
-    def bwd(x, g):
-        return (_backward(p.rule, p.params, x, g).astype(x.dtype),)
+    def bwd(saved, g):
+        x, rest = saved
+        gx = _backward(p.rule, p.op, p.params, x, g, *rest).astype(x.dtype)
+        if not rest:
+            return (gx,)
+        _, vjp = jax.vjp(lambda *r: PRIMALS[p.op](ctx, primal, lax.stop_gradient(x), *r), *rest)
+        return (gx, *vjp(g))
 
     f.defvjp(fwd, bwd)
-    return f(x)
+    return f(x, *rest)
 
 
 NONSMOOTH_LOWERINGS = {**PRIMALS, "sort": lambda ctx, op, x: jnp.sort(x, axis=op.params.axis),
+                       "hadamard": lambda ctx, op, x: hadamard(x),
+                       "stochastic_round": _stochastic_round,
                        "straight_through": _straight_through}

@@ -632,15 +632,17 @@ def test_case_exercises_what_it_claims(c: Case):
 
 
 RANDOM = {"log_prob", "entropy", "kl"}
+QUANTIZERS = {"quantize", "quest", "hadamard", "stochastic_round"}
+"""Tested against NumPy references in tests/test_nonsmooth.py."""
 """Distribution builtins and ops: tested against closed forms in tests/test_random.py."""
 RANDOM_OPS = {"dist", "sample", "log_prob", "entropy", "kl", "dist_mean", "expect", "samples",
               "surrogate"}
-REWRITTEN = {"straight_through"}
-"""Ops only passes create (tests/test_nonsmooth.py covers them)."""
+REWRITTEN = {"straight_through", "quantize", "quest", "hadamard", "stochastic_round"}
+"""Ops only passes create, and the quantizers (tests/test_nonsmooth.py covers them)."""
 
 
 def test_every_builtin_is_covered():
-    covered = {name for c in CASES for name in c.tests} | RANDOM
+    covered = {name for c in CASES for name in c.tests} | RANDOM | QUANTIZERS
     missing = [name for name in BUILTINS if name not in covered]
     assert not missing, f"builtins without a test case: {missing}"
 

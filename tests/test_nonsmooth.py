@@ -108,3 +108,91 @@ export g = grad(f, wrt=[w])
                                atol=1e-6)
     with pytest.raises(gradlang.CompileError, match="'round' has a zero derivative"):
         gradlang.compile_source(src, strict=True)
+
+
+# ---- quantizers
+
+
+def hadamard_matrix(n: int) -> np.ndarray:
+    h = np.array([[1.0]])
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h / np.sqrt(n)
+
+
+def np_quantize(x, bits, axis=None, symmetric=True, scale=None):
+    red = tuple(range(x.ndim)) if axis is None else tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+    if bits == 1:
+        s = np.mean(np.abs(x), red, keepdims=True) if scale is None else scale
+        return s * np.where(x >= 0, 1.0, -1.0)
+    if symmetric:
+        n = 2 ** (bits - 1) - 1
+        s = np.max(np.abs(x), red, keepdims=True) / n if scale is None else scale
+        return np.clip(np.round(x / s), -n, n) * s
+    top = 2 ** bits - 1
+    lo = np.min(x, red, keepdims=True)
+    s = (np.max(x, red, keepdims=True) - lo) / top
+    z = np.round(-lo / s)
+    return (np.clip(np.round(x / s) + z, 0, top) - z) * s
+
+
+@pytest.mark.parametrize("call, kwargs", [
+    ("quantize(x, 4)", dict(bits=4)),
+    ("quantize(x, 2)", dict(bits=2)),
+    ("quantize(x, 1)", dict(bits=1)),
+    ("quantize(x, 8, axis=0)", dict(bits=8, axis=0)),
+    ("quantize(x, 3, symmetric=false)", dict(bits=3, symmetric=False)),
+    ("quantize(x, 4, 0.25)", dict(bits=4, scale=0.25)),
+])
+def test_quantize_matches_numpy(call, kwargs):
+    m = gradlang.compile_source(f"fn f(x: f32[6, 5]) -> f32[6, 5] {{ return {call} }}\nexport f = f")
+    np.testing.assert_allclose(m.f(X), np_quantize(X.astype(np.float64), **kwargs), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_hadamard_is_the_orthonormal_walsh_matrix_and_quest_quantizes_in_its_basis():
+    x = np.random.default_rng(2).normal(size=(3, 16)).astype(np.float32)
+    m = gradlang.compile_source("""
+fn h(x: f32[3, 16]) -> f32[3, 16] { return hadamard(x) }
+fn q(x: f32[3, 16]) -> f32[3, 16] { return quest(x, 2) }
+export h = h
+export q = q
+""")
+    hm = hadamard_matrix(16)
+    np.testing.assert_allclose(m.h(x), x @ hm.T, rtol=1e-5, atol=1e-6)
+    y = x @ hm.T  # QuEST: rotated rows, 4 levels at the Gaussian MSE-optimal spacing
+    step = 2 * 1.9912 * np.sqrt(np.mean(y * y, -1, keepdims=True)) / 4
+    levels = np.clip((np.floor(y / step) + 0.5) * step, -1.5 * step, 1.5 * step)
+    np.testing.assert_allclose(m.q(x), levels @ hm, rtol=1e-4, atol=1e-5)
+    err = {"quest": np.mean((np.asarray(m.q(x)) - x) ** 2),
+           "absmax": np.mean((np_quantize(x.astype(np.float64), 2, axis=0) - x) ** 2)}
+    assert err["quest"] < err["absmax"], err  # the point of QuEST at low bit widths
+
+
+def test_trust_rule_masks_entries_whose_quantization_error_is_too_large():
+    m = gradlang.compile_source("""
+fn f(x: f32[6, 5], c: f32[6, 5], s: f32) -> f32 { return sum((quantize(x, 2, s) with trust) * c) }
+export g = grad(f, wrt=[x, s])
+""")
+    s = np.float32(0.5)  # levels -0.5, 0, 0.5: entries beyond 0.75 in magnitude are clipped
+    g = m.g(X, C, s)
+    q = np_quantize(X.astype(np.float64), 2, scale=0.5)
+    np.testing.assert_allclose(g["x"], C * (np.abs(X - q) <= 0.25), rtol=1e-6)
+    np.testing.assert_allclose(g["s"], np.sum(C * np.clip(np.round(X / 0.5), -1, 1)), rtol=1e-5)
+
+
+def test_stochastic_round_is_unbiased_with_an_identity_backward():
+    m = gradlang.compile_source("""
+fn f(x: f32[5]) -> f32[5] { return stochastic_round(x) }
+fn g(x: f32[5], c: f32[5]) -> f32 { return sum(stochastic_round(x) * c) }
+export f = f
+export d = grad(g, wrt=[x])
+""")
+    x = np.array([0.25, -1.5, 2.0, 3.9, -0.01], np.float32)
+    keys = jax.random.split(jax.random.key(0), 10_000)
+    draws = np.asarray(jax.vmap(lambda k: m.f(x, k))(keys), np.float64)
+    assert np.all((draws == np.floor(x)) | (draws == np.ceil(x)))
+    se = draws.std(0) / np.sqrt(len(draws))
+    assert np.all(np.abs(draws.mean(0) - x) <= 5 * se + 1e-6)
+    c = C[0]
+    np.testing.assert_array_equal(m.d(x, c, jax.random.key(1))["x"], c)
