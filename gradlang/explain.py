@@ -65,6 +65,23 @@ def _overrides(family: str, estimator, found: list[str]) -> str:
     return ", ".join(options) or "-"
 
 
+def _nonsmooth(module: Module, fn: str) -> list[list[str]]:
+    """Rows (op, where, backward) for the non-smooth ops of fn and the functions it calls."""
+    from .ops import OPS
+
+    rows = []
+    for name in _reachable(module, fn):
+        for op in walk(module.function(name).body):
+            if op.name == "straight_through":
+                rule = op.params.rule
+                shown = rule.name if rule.name == "ste" and rule.option("clip") == 0 else str(rule)
+                rows.append([op.params.op, f"{name}, line {op.span.line}", shown])
+            elif "nonsmooth" in OPS[op.name].traits:
+                rows.append([op.name, f"{name}, line {op.span.line}",
+                             "none: no gradient flows through it"])
+    return rows
+
+
 def _table(rows: list[list[str]], indent: str) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
@@ -93,6 +110,9 @@ def explain(module: Module) -> str:
                 elif here:
                     lines.append(f"  {name}: exact reverse mode through the surrogate, with the "
                                  f"estimators of the random choices below")
+                elif any(not r[2].startswith("none") for r in _nonsmooth(module, fn)):
+                    lines.append(f"  {name}: reverse mode, with the backward rules of the "
+                                 f"non-smooth operations below")
                 else:
                     lines.append(f"  {name}: exact reverse-mode gradient; the program is smooth on "
                                  f"every path from '{name}' to the result, so no estimator is needed")
@@ -111,6 +131,10 @@ def explain(module: Module) -> str:
             lines += _table(rows, "    ")
             lines.append("  why:")
             lines += [f"    {s.site}: {s.why}" for s in here]
+        nonsmooth = _nonsmooth(module, fn) if t.kind != "fn" else []
+        if nonsmooth:
+            lines.append(f"  non-smooth operations ({len(nonsmooth)}), with their backward rules:")
+            lines += _table([["op", "where", "backward rule"]] + nonsmooth, "    ")
         if t.kind != "fn":
             lines.append(f"  cost: {n} x (1 forward + 1 backward evaluation)" if here or samples
                          else "  cost: 1 forward + 1 backward evaluation")

@@ -196,3 +196,17 @@ export d = grad(g, wrt=[x])
     assert np.all(np.abs(draws.mean(0) - x) <= 5 * se + 1e-6)
     c = C[0]
     np.testing.assert_array_equal(m.d(x, c, jax.random.key(1))["x"], c)
+
+
+def test_explain_lists_each_non_smooth_op_with_its_rule():
+    from pathlib import Path
+
+    from gradlang.explain import explain
+
+    m = gradlang.compile_file(Path(__file__).parent / "golden" / "nonsmooth.grad")
+    text = explain(m.ir)
+    assert "w: reverse mode, with the backward rules of the non-smooth operations below" in text
+    rows = [line.split() for line in text.splitlines() if line.startswith("    ")]
+    assert ["sign", "f,", "line", "7", "reste(power=3.0,", "clip=1.0,", "max_grad=10.0)"] in rows
+    assert ["sign", "f,", "line", "8", "approx_sign"] in rows
+    assert ["argmax", "f,", "line", "10", "st_gumbel(tau=0.5)"] in rows
