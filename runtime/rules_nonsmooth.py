@@ -33,16 +33,17 @@ def _topk(ctx, op: Op, x):
 
 
 def hadamard(x):
-    """Orthonormal Walsh-Hadamard transform of the last axis (size 2^k) in O(n log n): k
-    butterfly stages on a (2, ..., 2) view, no n x n matrix. Symmetric and its own inverse."""
+    """Orthonormal Walsh-Hadamard transform of the last axis (size n = 2^k) in O(n log n): k
+    butterfly stages, each pairing the two halves of blocks of width 2h; no n x n matrix.
+    Symmetric and its own inverse."""
     n = x.shape[-1]
-    k = n.bit_length() - 1
-    y = x.reshape(x.shape[:-1] + (2,) * k)
-    for i in range(k):
-        axis = x.ndim - 1 + i
-        a, b = jnp.take(y, 0, axis=axis), jnp.take(y, 1, axis=axis)
-        y = jnp.stack([a + b, a - b], axis=axis)
-    return y.reshape(x.shape) / np.sqrt(n).astype(np.float32)
+    y, h = x, 1
+    while h < n:
+        y = y.reshape(x.shape[:-1] + (n // (2 * h), 2, h))
+        a, b = y[..., 0, :], y[..., 1, :]
+        y = jnp.stack([a + b, a - b], axis=-2).reshape(x.shape)
+        h *= 2
+    return y * np.float32(1 / np.sqrt(n))
 
 
 def _reduce_axes(x, axis: tuple[int, ...] | None) -> tuple[int, ...]:
