@@ -169,6 +169,19 @@ class For(Expr):
     result: Expr
 
 
+@dataclass(frozen=True)
+class Argmin(Expr):
+    """`argmin v: T = init { ...; objective } via solver(options)` (or argmax)."""
+
+    maximize: bool
+    var: str
+    type: TypeExpr
+    init: Expr
+    body: tuple[Stmt, ...]
+    objective: Expr
+    solver: Annotation
+
+
 # ---- statements
 
 

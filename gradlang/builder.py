@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from . import ast
 from .diagnostics import Diagnostics, Span
 from .ir import Export, Function, Op, Param, Region, StructDef, Transform, Value
-from .ops import (CallParams, CastParams, ConstParams, Estimator, ExpectParams, ForParams,
+from .ops import (ArgminParams, CallParams, CastParams, ConstParams, Estimator, ExpectParams, ForParams,
                   GetParams, IndexItem, IndexParams, NameParams, NoParams, SampleParams)
 from .types import DType, NamedType, TensorType, TupleType, Type
 
@@ -20,16 +20,30 @@ I32_MAX = 2**31 - 1
 TRANSFORMS = ("grad", "value_and_grad")
 
 
-def estimator_from_ast(a: ast.Annotation, diags: Diagnostics) -> Estimator | None:
-    """`with name(k=v, ...)` as an Estimator; options must be literals or names."""
-    if a.args:
-        diags.error(f"options of '{a.name}' are given by name, e.g. {a.name}(option=value)", a.args[0].span)
+def estimator_from_ast(a: ast.Annotation, diags: Diagnostics,
+                       positional: str | None = None) -> Estimator | None:
+    """`with name(k=v, ...)` as an Estimator; options must be literals or names. One leading
+    positional option is allowed where `positional` names it (`implicit(cg)`: method=cg)."""
+    if len(a.args) > (1 if positional else 0):
+        extra = a.args[1 if positional else 0]
+        diags.error(f"options of '{a.name}' are given by name, e.g. {a.name}(option=value)", extra.span)
         return None
     options = []
+    if a.args:
+        v = _literal(a.args[0])
+        if v is None:
+            diags.error(f"option '{positional}' of '{a.name}' must be a number, true/false or a name",
+                        a.args[0].span)
+            return None
+        options.append((positional, v))
     for k in a.kwargs:
         v = _literal(k.value)
         if v is None:
             diags.error(f"option '{k.name}' of '{a.name}' must be a number, true/false or a name",
+                        k.value.span)
+            return None
+        if isinstance(v, int) and not isinstance(v, bool) and not -I32_MAX - 1 <= v <= I32_MAX:
+            diags.error(f"option '{k.name}' of '{a.name}': integer {v} does not fit in i32",
                         k.value.span)
             return None
         options.append((k.name, v))
@@ -380,9 +394,16 @@ class _FunctionBuilder:
         return self.emit("expect", (), ExpectParams(n), e.span, regions=(region,)).result
 
     def expr_With(self, e: ast.With) -> Value:
-        """`f(...) with rule(...)`: the rule rides on the call until resolve checks it."""
+        """`f(...) with rule(...)`: the rule rides on the call until resolve checks it;
+        `argmin ... via s with h(...)`: the inner problem's hypergradient method."""
         value = self.expr(e.value)
         last = self.block.ops[-1] if self.block.ops else None
+        if last is not None and last.results == (value,) and last.name == "error":
+            return value  # already reported
+        if last is not None and last.results == (value,) and last.name == "argmin":
+            hyper = estimator_from_ast(e.annotation, self.diags, positional="method")
+            self.block.ops[-1] = replace(last, params=replace(last.params, hyper=hyper))
+            return value
         if last is None or last.results != (value,) or last.name != "call":
             return self.error_value("'with' gives a backward rule to a call of a non-smooth "
                                     "builtin, e.g. sign(w) with ste, or an estimator to a draw, "
@@ -472,6 +493,29 @@ class _FunctionBuilder:
         if len(names) == 1:
             return op.result
         return self.emit("tuple", op.results, NoParams(), e.span).result
+
+    def expr_Argmin(self, e: ast.Argmin) -> Value:
+        init = self.expr(e.init)
+        solver = estimator_from_ast(e.solver, self.diags)
+        arg = Value(type_from_ast(e.type), e.var)
+
+        def body() -> tuple[Value, ...]:
+            for stmt in e.body:
+                if isinstance(stmt, ast.Return):
+                    self.diags.error("return is not allowed inside an argmin body; its last "
+                                     "expression is the objective", stmt.span)
+                elif isinstance(stmt, ast.Sample):
+                    self.diags.error("a random choice inside an inner problem is not supported",
+                                     stmt.span)
+                else:
+                    self.let(stmt.pattern, self.expr(stmt.value))
+            return (self.expr(e.objective),)
+
+        region = self.region({e.var: arg}, body)
+        if solver is None:
+            return self.emit("error", (init,), NoParams(), e.span).result
+        return self.emit("argmin", (init,), ArgminParams(solver, None, e.maximize), e.span,
+                         regions=(region,)).result
 
     def expr_Slice(self, e: ast.Slice) -> Value:
         return self.error_value("a slice can only appear inside [...]", e.span)

@@ -131,6 +131,13 @@ def explain(module: Module) -> str:
             lines += _table(rows, "    ")
             lines.append("  why:")
             lines += [f"    {s.site}: {s.why}" for s in here]
+        inner = [h for h in module.facts.get("hypergrad", ()) if h.function in _reachable(module, fn)]
+        if inner and t.kind != "fn":
+            lines.append(f"  inner problems ({len(inner)}):")
+            rows = [["argmin", "solver", "hypergradient", "why"]]
+            rows += [[f"{h.function}, line {h.span.line}", str(h.solver), str(h.method), h.why]
+                     for h in inner]
+            lines += _table(rows, "    ")
         nonsmooth = _nonsmooth(module, fn) if t.kind != "fn" else []
         if nonsmooth:
             lines.append(f"  non-smooth operations ({len(nonsmooth)}), with their backward rules:")

@@ -223,6 +223,16 @@ class QuantizeParams:
 
 
 @dataclass(frozen=True)
+class ArgminParams:
+    """An inner problem: its solver (`via gd(steps=, lr=)`), the hypergradient method (`with
+    implicit(cg, iters=)`; None before the hypergradient pass picks one) and the sense."""
+
+    solver: Estimator
+    hyper: Estimator | None = field(default=None, metadata={"omit_default": True})
+    maximize: bool = field(default=False, metadata={"omit_default": True})
+
+
+@dataclass(frozen=True)
 class STParams:
     """A non-smooth op (`op` with its `params`) whose backward is `rule`."""
 
@@ -305,6 +315,9 @@ OPS: dict[str, OpDef] = {
         *_defs("hadamard", NoParams, "", "orthonormal fast Walsh-Hadamard transform, last axis"),
         *_defs("stochastic_round", NoParams, "random",
                "floor(x + u), u ~ U[0, 1): unbiased rounding; identity backward"),
+        *_defs("argmin", ArgminParams, "",
+               "the minimizer of its region's scalar objective over the region's argument, "
+               "started at the operand"),
         *_defs("straight_through", STParams, "",
                "a non-smooth op's exact value with the backward of its rule (custom_vjp)"),
         *_defs("dist", DistParams, "", "a distribution (batch) from its parameters"),

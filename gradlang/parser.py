@@ -62,6 +62,7 @@ def _describe_expected(expected: set[str]) -> str:
 
 
 _EXPR_START = {"NAME", "INT", "FLOAT", "LPAR", "LSQB", "MINUS", "NOT", "IF", "FOR", "TRUE", "FALSE",
+               "ARGMIN", "ARGMAX",
                "F32", "F64", "I32", "BOOL"}
 
 
@@ -298,6 +299,9 @@ class _ToAst(Transformer):
     @v_args(meta=True)
     def call(self, meta, items):
         func, args = items
+        return self._call(meta, func, args)
+
+    def _call(self, meta, func, args):
         pos, kws = [], []
         for a in args or ():
             (kws if isinstance(a, ast.Keyword) else pos).append(a)
@@ -364,6 +368,16 @@ class _ToAst(Transformer):
         carries = tuple(c for c in rest[:-1] if c is not None)
         start, stop = (None, lo) if hi is None else (lo, hi)
         return ast.For(self._span(meta), str(var), start, stop, carries, body[0], body[1])
+
+    @v_args(meta=True)
+    def argmin_expr(self, meta, items):
+        kind, var, type_, init, body, solver = items
+        return ast.Argmin(self._span(meta), str(kind) == "argmax", str(var), type_, init, body[0],
+                          body[1], solver)
+
+    @v_args(meta=True)
+    def argmax_call(self, meta, items):  # the builtin argmax(x), not an inner argmax problem
+        return self._call(meta, ast.Name(self._tok_span(items[0]), "argmax"), items[1])
 
     @v_args(meta=True)
     def carry(self, meta, items):

@@ -15,6 +15,7 @@ from gradlang.verifier import verify_module
 
 from .estimators import Estimators
 from .gradflow import GradFlow
+from .hypergrad import Hypergrad
 from .resolve import Resolve
 from .straight_through import StraightThrough
 from .surrogate import Surrogate
@@ -29,13 +30,14 @@ class Pass(Protocol):
     def run(self, module: Module, diags: Diagnostics) -> Module: ...
 
 
-PIPELINE: tuple[Pass, ...] = (Resolve(), Typecheck(), GradFlow(), StraightThrough(), Estimators(),
-                              Surrogate())
+PIPELINE: tuple[Pass, ...] = (Resolve(), Typecheck(), GradFlow(), StraightThrough(), Hypergrad(),
+                              Estimators(), Surrogate())
 PASSES: dict[str, Pass] = {p.name: p for p in PIPELINE}
 
 _TYPED = {"resolved": True, "typed": True}
 _VERIFY_AFTER = {"resolve": {"resolved": True}, "typecheck": _TYPED, "gradflow": _TYPED,
-                 "straight_through": _TYPED, "estimators": _TYPED, "surrogate": _TYPED}
+                 "straight_through": _TYPED, "hypergrad": _TYPED, "estimators": _TYPED,
+                 "surrogate": _TYPED}
 
 
 def parse_pipeline(text: str) -> tuple[Pass, ...]:

@@ -228,7 +228,9 @@ class Resolve:
         for fn, before in zip(signatures, module_before.functions):
             subst = {old.value: new.value for old, new in zip(before.params, fn.params)}
             scope = _Scope(module, fn.unit, structs)
-            functions.append(_FunctionResolver(scope, fn, subst, diags).run())
+            resolver = _FunctionResolver(scope, fn, subst, diags)
+            resolver.resolve_type = lambda t, span, unit=fn.unit: resolve_type(t, unit, span)
+            functions.append(resolver.run())
         module = replace(module, functions=tuple(_silence_result(f) for f in functions))
         module = _reject_recursion(module, diags)
         return _check_exports(_bind_export_names(module, structs), diags)
@@ -420,6 +422,11 @@ class _FunctionResolver:
         return Op("error", tuple(keep), op.results, NoParams(), (), op.span)
 
     def op(self, op: Op) -> Op:
+        if op.name == "argmin":  # the inner variable's declared type may name a struct
+            (region,) = op.regions
+            args = tuple(Value(self.resolve_type(a.type, op.span), a.hint) for a in region.args)
+            self.subst.update(zip(region.args, args))
+            op = replace(op, regions=(replace(region, args=args),))
         if op.regions:
             op = replace(op, regions=tuple(self.region(r) for r in op.regions))
         if op.name == "ref":

@@ -521,6 +521,8 @@ class _FunctionChecker:
             return self.for_op(op, args)
         if op.name in ("expect", "samples"):
             return self.expect_op(op)
+        if op.name == "argmin":
+            return self.argmin_op(op, args)
         types: tuple[Type, ...]
         if op.name == "error" or any(a.type is ERROR for a in args):
             types = (ERROR,) * len(op.results)
@@ -582,6 +584,33 @@ class _FunctionChecker:
             types.append(t.with_shape(t.shape[1:]) if op.name == "expect" and t is not ERROR else t)
         results = tuple(self.new(r, t) for r, t in zip(op.results, types))
         return replace(op, results=results, regions=(region,))
+
+    def argmin_op(self, op: Op, args: list[Value]) -> Op:
+        """The region's argument has the declared type; the start value must have it too; the
+        objective must be a float scalar; the result has the declared type."""
+        (region,) = op.regions
+        declared = region.args[0].type
+        body = self.region(region, (declared,))
+        (objective,) = body.results
+        result: Type = declared if declared is not ERROR else ERROR
+        if args[0].type is not ERROR and declared is not ERROR:
+            problem = unify(declared, _weak_as(self.ctx, args[0], declared), {})
+            if problem:
+                self.diags.error(f"the start value of {'argmax' if op.params.maximize else 'argmin'} "
+                                 f"has type {args[0].type}, but the variable is declared {declared}",
+                                 op.span)
+                result = ERROR
+        t = objective.type
+        if t is not ERROR and not (isinstance(t, TensorType) and t.rank == 0 and t.dtype.is_float):
+            self.diags.error(f"the objective of an inner problem must be a float scalar, got {t}",
+                             op.span)
+            result = ERROR
+        if declared is not ERROR and not is_float_tree(declared):
+            self.diags.error(f"the variable of an inner problem must be a float tensor or a "
+                             f"struct of them, got {declared}", op.span)
+            result = ERROR
+        results = (self.new(op.results[0], result),)
+        return replace(op, operands=tuple(args), results=results, regions=(body,))
 
     def for_op(self, op: Op, args: list[Value]) -> Op:
         p: O.ForParams = op.params

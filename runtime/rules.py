@@ -19,6 +19,7 @@ from gradlang.ir import Op
 from gradlang.types import DType, TensorType
 
 from .numerics import softplus
+from .rules_argmin import ARGMIN_LOWERINGS
 from .rules_nonsmooth import NONSMOOTH_LOWERINGS
 from .rules_random import RANDOM_LOWERINGS
 
@@ -133,6 +134,7 @@ def _for(ctx, op: Op, *inits):
 
 
 LOWERINGS: dict[str, Rule] = {
+    **ARGMIN_LOWERINGS,
     **RANDOM_LOWERINGS,
     **NONSMOOTH_LOWERINGS,
     "const": lambda ctx, op: op.params.value,

@@ -637,8 +637,8 @@ QUANTIZERS = {"quantize", "quest", "hadamard", "stochastic_round"}
 """Distribution builtins and ops: tested against closed forms in tests/test_random.py."""
 RANDOM_OPS = {"dist", "sample", "log_prob", "entropy", "kl", "dist_mean", "expect", "samples",
               "surrogate"}
-REWRITTEN = {"straight_through", "quantize", "quest", "hadamard", "stochastic_round"}
-"""Ops only passes create, and the quantizers (tests/test_nonsmooth.py covers them)."""
+REWRITTEN = {"straight_through", "quantize", "quest", "hadamard", "stochastic_round", "argmin"}
+"""Ops only passes create, the quantizers (tests/test_nonsmooth.py) and argmin (tests/test_bilevel.py)."""
 
 
 def test_every_builtin_is_covered():

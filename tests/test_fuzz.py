@@ -26,7 +26,7 @@ from gradlang.cli import main
 KEYWORDS = ["use", "struct", "fn", "extern", "export", "let", "return", "if", "then", "else",
             "for", "in", "range", "carry", "and", "or", "not", "true", "false",
             "f32", "f64", "i32", "bool", "grad", "value_and_grad", "wrt", "pragma", "with",
-            "expect", "samples", "estimator"]
+            "expect", "samples", "estimator", "argmin", "argmax", "via"]
 PUNCTUATION = ["(", ")", "[", "]", "{", "}", ",", ":", ";", "=", "->", ".", "+", "-", "*", "/",
                "@", "^", "==", "!=", "<", "<=", ">", ">=", "#", "%", "$", '"', "~"]
 NAMES = ["x", "y", "w", "b", "f", "g", "h", "p", "P", "Dense", "B", "N", "D", "I", "O", "i",
@@ -35,13 +35,26 @@ NAMES = ["x", "y", "w", "b", "f", "g", "h", "p", "P", "Dense", "B", "N", "D", "I
          "std", "nn", "dense", "lib", "util", "_", "x1", "Normal", "Bernoulli", "Categorical",
          "OneHotCategorical", "MixtureNormal", "Uniform", "log_prob", "kl", "entropy", "logits",
          "probs", "reparam", "score", "baseline", "loo", "ma", "grpo", "enum", "mvd", "gumbel",
-         "tau", "auto", "enum_max"]
+         "tau", "auto", "enum_max", "gd", "momentum", "implicit", "unrolled", "cg", "neumann",
+         "steps", "lr", "iters", "sign", "round", "quantize", "ste", "reste", "trust", "quest"]
 NUMBERS = ["0", "1", "2", "3", "-1", "10", "2.5", "0.0", "1e-3", "3000000000", "99999999999999999999"]
 SEPARATORS = [" ", " ", " ", "\n", "\n  ", ""]
 
 VOCABULARY = KEYWORDS + PUNCTUATION + NAMES + NUMBERS
 
 SEEDS = [
+    """
+struct Lin { w: f32[D], b: f32 }
+fn f(lam: f32, x: f32[N, D], y: f32[N]) -> f32 {
+  let p = argmin q: Lin = Lin(w=zeros([D]), b=0.0) {
+            let r = x @ q.w + q.b - y
+            mean(r * r) + exp(lam) * sum(q.w * q.w)
+          } via momentum(steps=50, lr=0.1, beta=0.5) with implicit(neumann, iters=20)
+  let m = argmax u: f32[D] = zeros([D]) { -sum(u * u) } via gd(steps=5) with unrolled
+  return sum(p.w) + p.b + sum(m) + sum(argmax(x, axis=1))
+}
+export g = grad(f, wrt=[lam])
+""",
     """
 pragma estimator auto(enum_max=4)
 
