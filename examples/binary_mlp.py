@@ -99,6 +99,27 @@ def train(m, variant: str, params, data, args, bar: ProgressBar, offset: int):
     return params, np.asarray(jax.device_get(losses), np.float64), evals
 
 
+def train_variants(m, variants, data, args, label: str):
+    """Train every variant from the same initialization; returns (results, curves, trained
+    params, seconds), results holding each variant's accuracies and final loss."""
+    init = jax.tree.map(jnp.asarray, init_params(64, args.hidden, 10, args.seed))
+    results, curves, trained = {}, {}, {}
+    bar = ProgressBar(args.steps * len(variants), label=label)
+    t0 = time.perf_counter()
+    for k, variant in enumerate(variants):
+        t1 = time.perf_counter()
+        params, losses, evals = train(m, variant, init, data, args, bar, k * args.steps)
+        acc = getattr(m, f"accuracy_{variant}")
+        results[variant] = {"test_accuracy": float(acc(params, data[1], data[3])),
+                            "train_accuracy": float(acc(params, data[0], data[2])),
+                            "final_minibatch_loss": float(losses[-1]),
+                            "train_s": time.perf_counter() - t1}
+        curves[variant] = (losses, evals)
+        trained[variant] = params
+    bar.close()
+    return results, curves, trained, time.perf_counter() - t0
+
+
 def numpy_inference(m, params, x: np.ndarray) -> tuple[np.ndarray, dict]:
     """The binary network's logits in plain NumPy from its deployed form: per output channel
     two weight values +-alpha, +-1 hidden activations (sign with sign(0) = +1)."""
@@ -133,22 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     compile_s = time.perf_counter() - t0
     print(f"compiled binary_mlp.grad in {compile_s * 1e3:.1f} ms (strict: no warnings)")
 
-    init = jax.tree.map(jnp.asarray, init_params(64, args.hidden, 10, args.seed))
-    results, curves, trained = {}, {}, {}
-    bar = ProgressBar(args.steps * len(VARIANTS), label="binary_mlp ")
-    t0 = time.perf_counter()
-    for k, variant in enumerate(VARIANTS):
-        t1 = time.perf_counter()
-        params, losses, evals = train(m, variant, init, data, args, bar, k * args.steps)
-        acc = getattr(m, f"accuracy_{variant}")
-        results[variant] = {"test_accuracy": float(acc(params, data[1], data[3])),
-                            "train_accuracy": float(acc(params, data[0], data[2])),
-                            "final_minibatch_loss": float(losses[-1]),
-                            "train_s": time.perf_counter() - t1}
-        curves[variant] = (losses, evals)
-        trained[variant] = params
-    train_s = time.perf_counter() - t0
-    bar.close()
+    results, curves, trained, train_s = train_variants(m, VARIANTS, data, args, "binary_mlp ")
     for v in VARIANTS:
         r = results[v]
         print(f"{v:6s} train acc {r['train_accuracy']:.4f}  test acc {r['test_accuracy']:.4f}  "

@@ -29,8 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import gradlang
-from binary_mlp import init_params, load_digits_01, train
-from progress import ProgressBar
+from binary_mlp import load_digits_01, train_variants
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("float", "q4", "q1", "q4_in", "q1_in")
@@ -80,22 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     compile_s = time.perf_counter() - t0
     print(f"compiled qat_mlp.grad in {compile_s * 1e3:.1f} ms (strict: no warnings)")
 
-    init = jax.tree.map(jnp.asarray, init_params(64, args.hidden, 10, args.seed))
-    results, curves, trained = {}, {}, {}
-    bar = ProgressBar(args.steps * len(VARIANTS), label="qat_mlp ")
-    t0 = time.perf_counter()
-    for k, variant in enumerate(VARIANTS):
-        t1 = time.perf_counter()
-        params, losses, evals = train(m, variant, init, data, args, bar, k * args.steps)
-        acc = getattr(m, f"accuracy_{variant}")
-        results[variant] = {"test_accuracy": float(acc(params, data[1], data[3])),
-                            "train_accuracy": float(acc(params, data[0], data[2])),
-                            "final_minibatch_loss": float(losses[-1]),
-                            "train_s": time.perf_counter() - t1}
-        curves[variant] = (losses, evals)
-        trained[variant] = params
-    train_s = time.perf_counter() - t0
-    bar.close()
+    results, curves, trained, train_s = train_variants(m, VARIANTS, data, args, "qat_mlp ")
     ref = results["float"]["test_accuracy"]
     for v in VARIANTS:
         r = results[v]
