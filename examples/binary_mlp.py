@@ -36,6 +36,7 @@ from progress import ProgressBar
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("float", "ste", "reste")
+LABELS = {"float": "float32 twin", "ste": "binary, STE(clip=1)", "reste": "binary, ReSTE(power=3)"}
 
 
 def load_digits_01(seed: int = 0, test_fraction: float = 0.2):
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{deployed['max_distinct_weights_per_channel']} values, hidden values {deployed['hidden_values']}")
 
     fig_path = args.out / "binary_mlp_loss.png"
-    _plot(curves, results, fig_path)
+    plot_curves(curves, results, LABELS, fig_path, min_accuracy=0.8)
     summary = {
         "example": "binary_mlp",
         "optimizer": "adam",
@@ -199,14 +200,14 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
-def _plot(curves, results, path: Path) -> None:
+def plot_curves(curves, results, labels: dict, path: Path, min_accuracy: float) -> None:
+    """Training loss (running mean) and test accuracy of every variant, side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    labels = {"float": "float32 twin", "ste": "binary, STE(clip=1)", "reste": "binary, ReSTE(power=3)"}
     for v, (losses, evals) in curves.items():
         k = max(1, len(losses) // 50)
         smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
@@ -219,7 +220,7 @@ def _plot(curves, results, path: Path) -> None:
     ax1.set_ylabel("minibatch cross-entropy (running mean)")
     ax1.set_title("training loss")
     ax1.legend()
-    ax2.set_ylim(0.8, 1.0)
+    ax2.set_ylim(min_accuracy, 1.0)
     ax2.set_xlabel("step")
     ax2.set_ylabel("test accuracy")
     ax2.set_title("test accuracy (digits test split)")

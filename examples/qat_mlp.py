@@ -24,12 +24,11 @@ import json
 import time
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 import gradlang
-from binary_mlp import load_digits_01, train_variants
+from binary_mlp import load_digits_01, plot_curves, train_variants
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("float", "q4", "q1", "q4_in", "q1_in")
@@ -93,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"distinct values per output channel in the Hadamard basis (<= 16)")
 
     fig_path = args.out / "qat_mlp_loss.png"
-    _plot(curves, results, fig_path)
+    plot_curves(curves, results, LABELS, fig_path, min_accuracy=0.7)
     summary = {
         "example": "qat_mlp",
         "optimizer": "adam",
@@ -118,36 +117,6 @@ def main(argv: list[str] | None = None) -> dict:
     (args.out / "qat_mlp.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {fig_path} and {args.out / 'qat_mlp.json'}")
     return summary
-
-
-def _plot(curves, results, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for v, (losses, evals) in curves.items():
-        k = max(1, len(losses) // 50)
-        smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
-        ax1.plot(np.arange(k, len(losses) + 1), smooth, lw=1.3, label=LABELS[v])
-        ev = np.asarray(evals)
-        ax2.plot(ev[:, 0], ev[:, 1], "o-", ms=3, lw=1,
-                 label=f"{LABELS[v]} ({results[v]['test_accuracy']:.3f})")
-    ax1.set_yscale("log")
-    ax1.set_xlabel("step")
-    ax1.set_ylabel("minibatch cross-entropy (running mean)")
-    ax1.set_title("training loss")
-    ax1.legend()
-    ax2.set_ylim(0.7, 1.0)
-    ax2.set_xlabel("step")
-    ax2.set_ylabel("test accuracy")
-    ax2.set_title("test accuracy (digits test split)")
-    ax2.grid(alpha=0.3)
-    ax2.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 if __name__ == "__main__":
