@@ -42,6 +42,8 @@ import sys
 import time
 from pathlib import Path
 
+from timing import interleaved
+
 ROOT = Path(__file__).resolve().parent.parent
 MLP = ROOT / "examples" / "mlp.grad"
 
@@ -220,23 +222,8 @@ def measure_steady(dims, rounds: int, calls: int, warmup: int) -> dict:
         checks[name] = {"loss_abs_diff": float(abs(v - ref_v)),
                         "grad_max_abs_diff": max(jax.tree.leaves(errs))}
 
-    names = list(variants)
-    fns = [variants[n] for n in names]
-    for f in fns:  # warm-up: compile, fill caches, settle clocks
-        for _ in range(warmup):
-            jax.block_until_ready(f(*args))
-
-    samples = {n: [] for n in names}
+    table = interleaved(variants, args, ref_name, rounds, calls, warmup)
     perf = time.perf_counter
-    block = jax.block_until_ready
-    for r in range(rounds):
-        k = r % len(names)
-        for i in names[k:] + names[:k]:  # rotate the order every round
-            f = variants[i]
-            t0 = perf()
-            for _ in range(calls):
-                block(f(*args))
-            samples[i].append((perf() - t0) / calls)
 
     # Python-only cost of binding + checking the arguments (what the direct call adds).
     bind_samples = []
@@ -246,16 +233,6 @@ def measure_steady(dims, rounds: int, calls: int, warmup: int) -> dict:
             bind(args, {})
         bind_samples.append((perf() - t0) / calls)
 
-    ref = samples[ref_name]
-    table = {}
-    for n in names:
-        s = samples[n]
-        ratios = [a / b for a, b in zip(s, ref)]
-        q = np.percentile(s, [25, 75])
-        table[n] = {"median_s": statistics.median(s), "p25_s": float(q[0]), "p75_s": float(q[1]),
-                    "median_ratio": statistics.median(ratios),
-                    "ratio_p25": float(np.percentile(ratios, 25)),
-                    "ratio_p75": float(np.percentile(ratios, 75))}
     hlo = {}
     for n, f in [(ref_name, hand), ("gradlang (export's jit)", m.step._fn)]:
         text = f.lower(*args).compile().as_text()

@@ -39,10 +39,11 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
+
+from timing import interleaved
 
 import numpy as np
 
@@ -199,30 +200,7 @@ def measure_steps(dims, rounds: int, calls: int, warmup: int) -> dict:
             diffs.append(float(np.max(np.abs(np.asarray(a_) - np.asarray(b_)))))
         assert jax.tree.structure(g["p"]) == jax.tree.structure(ref_g)
 
-        names = list(variants)
-        for f in variants.values():
-            for _ in range(warmup):
-                jax.block_until_ready(f(*args))
-        samples = {n: [] for n in names}
-        perf, block = time.perf_counter, jax.block_until_ready
-        for r in range(rounds):
-            k = r % len(names)
-            for n in names[k:] + names[:k]:
-                f = variants[n]
-                t0 = perf()
-                for _ in range(calls):
-                    block(f(*args))
-                samples[n].append((perf() - t0) / calls)
-        ref = samples[ref_name]
-        table = {}
-        for n in names:
-            s = samples[n]
-            ratios = [a_ / b_ for a_, b_ in zip(s, ref)]
-            table[n] = {"median_s": statistics.median(s),
-                        "p25_s": float(np.percentile(s, 25)), "p75_s": float(np.percentile(s, 75)),
-                        "median_ratio": statistics.median(ratios),
-                        "ratio_p25": float(np.percentile(ratios, 25)),
-                        "ratio_p75": float(np.percentile(ratios, 75))}
+        table = interleaved(variants, args, ref_name, rounds, calls, warmup)
         out[key] = {"title": title, "variants": table,
                     "numerics": {"loss_abs_diff": float(abs(v - ref_v)),
                                  "grad_max_abs_diff": max(diffs)}}

@@ -61,9 +61,10 @@ import math
 import os
 import platform
 import re
-import statistics
 import time
 from pathlib import Path
+
+from timing import interleaved
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = Path(__file__).resolve().parent / "vi_models"
@@ -330,37 +331,6 @@ def hand_disc_mc_loss_at(p, x, z):
 
 
 # ----------------------------------------------------------------------------- measurement
-
-def interleaved(variants: dict, args: tuple, ref: str, rounds: int, calls: int, warmup: int) -> dict:
-    """Median time per call and median per-round ratio to `ref`, timed interleaved."""
-    import jax
-    import numpy as np
-
-    names = list(variants)
-    for n in names:
-        for _ in range(warmup):
-            jax.block_until_ready(variants[n](*args))
-    samples = {n: [] for n in names}
-    perf, block = time.perf_counter, jax.block_until_ready
-    for r in range(rounds):
-        k = r % len(names)
-        for n in names[k:] + names[:k]:
-            f = variants[n]
-            t0 = perf()
-            for _ in range(calls):
-                block(f(*args))
-            samples[n].append((perf() - t0) / calls)
-    out = {}
-    for n in names:
-        s = samples[n]
-        ratios = [a / b for a, b in zip(s, samples[ref])]
-        q = np.percentile(s, [25, 75])
-        out[n] = {"median_s": statistics.median(s), "p25_s": float(q[0]), "p75_s": float(q[1]),
-                  "median_ratio": statistics.median(ratios),
-                  "ratio_p25": float(np.percentile(ratios, 25)),
-                  "ratio_p75": float(np.percentile(ratios, 75))}
-    return out
-
 
 def moments(step, args: tuple, n: int, seed: int) -> dict:
     """Loss mean/SE and per-coordinate mean/variance of the flattened gradients over n keys."""
