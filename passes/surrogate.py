@@ -40,18 +40,11 @@ F32 = scalar(DType.F32)
 
 def random_functions(module: Module) -> set[str]:
     """Functions that draw, directly or through the functions they call."""
+    own = {fn.name: {"random"} if any("random" in OPS[op.name].traits for op in walk(fn.body))
+           else set() for fn in module.functions}
     calls = {fn.name: {op.params.callee for op in walk(fn.body) if op.name == "call_fn"}
              for fn in module.functions}
-    found = {fn.name for fn in module.functions
-             if any("random" in OPS[op.name].traits for op in walk(fn.body))}
-    changed = True
-    while changed:
-        changed = False
-        for name, callees in calls.items():
-            if name not in found and callees & found:
-                found.add(name)
-                changed = True
-    return found
+    return {name for name, found in _through_calls(module, own, calls).items() if found}
 
 
 @dataclass
@@ -354,17 +347,19 @@ def _scored_functions(module: Module) -> dict[str, tuple[str, ...]]:
                     out |= callees(r)
         return out
 
-    groups = {fn.name: own(fn.body) for fn in module.functions}
-    calls = {fn.name: callees(fn.body) for fn in module.functions}
-    changed = True
-    while changed:
-        changed = False
-        for name, cs in calls.items():
-            merged = groups[name].union(*(groups[c] for c in cs))
-            if merged != groups[name]:
-                groups[name] = merged
-                changed = True
+    groups = _through_calls(module, {fn.name: own(fn.body) for fn in module.functions},
+                            {fn.name: callees(fn.body) for fn in module.functions})
     return {n: tuple(g for g in GROUPS if g in gs) for n, gs in groups.items() if gs}
+
+
+def _through_calls(module: Module, own: dict[str, set[str]],
+                   calls: dict[str, set[str]]) -> dict[str, set[str]]:
+    """Each function's set joined with those of the functions it calls (one pass in call
+    order: resolve rejects recursion, so the call graph has no cycles)."""
+    out: dict[str, set[str]] = {}
+    for fn in _call_order(module):
+        out[fn.name] = own[fn.name].union(*(out[c] for c in calls[fn.name]))
+    return out
 
 
 def _call_order(module: Module) -> list[Function]:

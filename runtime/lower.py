@@ -135,13 +135,16 @@ class Lowering:
         self.module = module
         self.random: frozenset[str] = module.facts.get("random", frozenset())
         """Functions that draw (they take a key)."""
+        self._key_uses: dict[Region, int] = {}
         self.enum_index: Any = None
         """While lowering an enumerating `samples` region: the value index of each enumerated
         draw (by slot) in the combination being traced."""
 
     def key_uses(self, region: Region) -> int:
         """How many keys the ops of a scope take: each random op, loop and call of a drawing
-        function takes one; `if` branches share their scope's keys."""
+        function takes one; `if` branches share their scope's keys. Counted once per region."""
+        if region in self._key_uses:
+            return self._key_uses[region]
         n = 0
         for op in region.ops:
             if op.name == "if":
@@ -151,6 +154,7 @@ class Lowering:
             elif ("random" in OPS[op.name].traits
                   or (op.name == "call_fn" and op.params.callee in self.random)):
                 n += 1
+        self._key_uses[region] = n
         return n
 
     def call(self, name: str, args: tuple, key: Any = None) -> Any:
