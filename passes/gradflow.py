@@ -45,18 +45,16 @@ class _Analysis:
     def __init__(self, module: Module, optimistic: bool = False):
         self.module = module
         self.summary = cache(self._summary)
-        self.ruled = {id(op) for fn in module.functions for op in walk(fn.body)
-                      if "nonsmooth" in OPS[op.name].traits
-                      and (optimistic or _has_rule(op, module.unit(fn.unit).backward))}
-        """Non-smooth ops that pass gradient (through their backward rule; all of them in an
-        optimistic analysis, which finds the paths that rule-less ones cut)."""
+        self.optimistic = optimistic
+        """Let every non-smooth op pass gradient: finds the paths that rule-less ones cut."""
         self.rule_less = {id(op) for fn in module.functions for op in walk(fn.body)
                           if "nonsmooth" in OPS[op.name].traits
                           and not _has_rule(op, module.unit(fn.unit).backward)}
+        """Non-smooth ops that get no backward rule (their own or the file's)."""
 
     def blocks(self, op: Op, value: Value) -> bool:
         traits = OPS[op.name].traits
-        return ("zero_grad" in traits or ("nonsmooth" in traits and id(op) not in self.ruled)
+        return ("zero_grad" in traits or (not self.optimistic and id(op) in self.rule_less)
                 or value.type is ERROR or not has_float_leaf(value.type))
 
     def nonsmooth_warnings(self, fn: Function, seeds: dict[Value, frozenset[str]],
