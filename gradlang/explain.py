@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .distributions import DISTRIBUTIONS
 from .ir import Module, walk
+from .ops import OPS
 
 _NAMES = {"reparam": "pathwise (reparam)", "score": "score function", "enum": "enumeration",
           "mvd": "measure-valued derivative",
@@ -65,12 +66,10 @@ def _overrides(family: str, estimator, found: list[str]) -> str:
     return ", ".join(options) or "-"
 
 
-def _nonsmooth(module: Module, fn: str) -> list[list[str]]:
-    """Rows (op, where, backward) for the non-smooth ops of fn and the functions it calls."""
-    from .ops import OPS
-
+def _nonsmooth(module: Module, functions: list[str]) -> list[list[str]]:
+    """Rows (op, where, backward) for the non-smooth ops of these functions."""
     rows = []
-    for name in _reachable(module, fn):
+    for name in functions:
         for op in walk(module.function(name).body):
             if op.name == "straight_through":
                 rule = op.params.rule
@@ -97,7 +96,9 @@ def explain(module: Module) -> str:
         t = export.transform
         fn, samples = objectives.get(export.name, (t.fn, t.samples))
         what = f"expect({fn}, samples={samples})" if samples else fn
-        here = [s for s in sites if s.function in _reachable(module, fn)]
+        reach = _reachable(module, fn)
+        here = [s for s in sites if s.function in reach]
+        nonsmooth = _nonsmooth(module, reach) if t.kind != "fn" else []
         n = max(samples, 1)
         if t.kind == "fn":
             lines.append(f"export {export.name} = {what}: no gradient requested")
@@ -110,7 +111,7 @@ def explain(module: Module) -> str:
                 elif here:
                     lines.append(f"  {name}: exact reverse mode through the surrogate, with the "
                                  f"estimators of the random choices below")
-                elif any(not r[2].startswith("none") for r in _nonsmooth(module, fn)):
+                elif any(not r[2].startswith("none") for r in nonsmooth):
                     lines.append(f"  {name}: reverse mode, with the backward rules of the "
                                  f"non-smooth operations below")
                 else:
@@ -131,14 +132,13 @@ def explain(module: Module) -> str:
             lines += _table(rows, "    ")
             lines.append("  why:")
             lines += [f"    {s.site}: {s.why}" for s in here]
-        inner = [h for h in module.facts.get("hypergrad", ()) if h.function in _reachable(module, fn)]
+        inner = [h for h in module.facts.get("hypergrad", ()) if h.function in reach]
         if inner and t.kind != "fn":
             lines.append(f"  inner problems ({len(inner)}):")
             rows = [["argmin", "solver", "hypergradient", "why"]]
             rows += [[f"{h.function}, line {h.span.line}", str(h.solver), str(h.method), h.why]
                      for h in inner]
             lines += _table(rows, "    ")
-        nonsmooth = _nonsmooth(module, fn) if t.kind != "fn" else []
         if nonsmooth:
             lines.append(f"  non-smooth operations ({len(nonsmooth)}), with their backward rules:")
             lines += _table([["op", "where", "backward rule"]] + nonsmooth, "    ")
