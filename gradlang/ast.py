@@ -171,7 +171,8 @@ class For(Expr):
 
 @dataclass(frozen=True)
 class Argmin(Expr):
-    """`argmin v: T = init { ...; objective } via solver(options)` (or argmax)."""
+    """`argmin v: T = init { ...; objective } via solver(options) [subject to c <= 0, ...]
+    [with method(options)]` (or argmax). Constraints are kept as `lhs - rhs` (<= 0)."""
 
     maximize: bool
     var: str
@@ -180,6 +181,15 @@ class Argmin(Expr):
     body: tuple[Stmt, ...]
     objective: Expr
     solver: Annotation
+    constraints: tuple[Expr, ...] = ()
+    hyper: Annotation | None = None
+
+
+@dataclass(frozen=True)
+class Report(Expr):
+    """`e as (w, info)`: e must be an inner problem; its solution and its solver's report."""
+
+    value: Expr
 
 
 # ---- statements

@@ -37,6 +37,9 @@ def estimator_from_ast(a: ast.Annotation, diags: Diagnostics,
             return None
         options.append((positional, v))
     for k in a.kwargs:
+        if k.name in (name for name, _ in options):
+            diags.error(f"option '{k.name}' of '{a.name}' is given twice", k.value.span)
+            return None
         v = _literal(k.value)
         if v is None:
             diags.error(f"option '{k.name}' of '{a.name}' must be a number, true/false or a name",
@@ -394,16 +397,15 @@ class _FunctionBuilder:
         return self.emit("expect", (), ExpectParams(n), e.span, regions=(region,)).result
 
     def expr_With(self, e: ast.With) -> Value:
-        """`f(...) with rule(...)`: the rule rides on the call until resolve checks it;
-        `argmin ... via s with h(...)`: the inner problem's hypergradient method."""
+        """`f(...) with rule(...)`: the rule rides on the call until resolve checks it. (The
+        parser gives `argmin ... with method(...)` to the inner problem.)"""
         value = self.expr(e.value)
         last = self.block.ops[-1] if self.block.ops else None
         if last is not None and last.results == (value,) and last.name == "error":
             return value  # already reported
         if last is not None and last.results == (value,) and last.name == "argmin":
-            hyper = estimator_from_ast(e.annotation, self.diags, positional="method")
-            self.block.ops[-1] = replace(last, params=replace(last.params, hyper=hyper))
-            return value
+            return self.error_value("this inner problem already has a hypergradient method",
+                                    e.annotation.span)
         if last is None or last.results != (value,) or last.name != "call":
             return self.error_value("'with' gives a backward rule to a call of a non-smooth "
                                     "builtin, e.g. sign(w) with ste, or an estimator to a draw, "
@@ -494,9 +496,13 @@ class _FunctionBuilder:
             return op.result
         return self.emit("tuple", op.results, NoParams(), e.span).result
 
-    def expr_Argmin(self, e: ast.Argmin) -> Value:
+    def expr_Argmin(self, e: ast.Argmin, report: bool = False) -> Value:
+        """An `argmin` op: its objective region, a constraint region when `subject to` is
+        given, and a second result (the solver's report) when `report`."""
         init = self.expr(e.init)
         solver = estimator_from_ast(e.solver, self.diags)
+        hyper = None if e.hyper is None else estimator_from_ast(
+            e.hyper, self.diags, positional={"implicit": "method", "truncated": "k"}.get(e.hyper.name))
         arg = Value(type_from_ast(e.type), e.var)
 
         def body() -> tuple[Value, ...]:
@@ -511,11 +517,23 @@ class _FunctionBuilder:
                     self.let(stmt.pattern, self.expr(stmt.value))
             return (self.expr(e.objective),)
 
-        region = self.region({e.var: arg}, body)
-        if solver is None:
+        regions = [self.region({e.var: arg}, body)]
+        if e.constraints:
+            regions.append(self.region({e.var: Value(arg.type, e.var)},
+                                       lambda: tuple(self.expr(c) for c in e.constraints)))
+        if solver is None or (e.hyper is not None and hyper is None):
             return self.emit("error", (init,), NoParams(), e.span).result
-        return self.emit("argmin", (init,), ArgminParams(solver, None, e.maximize), e.span,
-                         regions=(region,)).result
+        op = self.emit("argmin", (init,), ArgminParams(solver, hyper, e.maximize), e.span,
+                       nresults=2 if report else 1, regions=tuple(regions))
+        if not report:
+            return op.result
+        return self.emit("tuple", op.results, NoParams(), e.span).result
+
+    def expr_Report(self, e: ast.Report) -> Value:
+        if not isinstance(e.value, ast.Argmin):
+            return self.error_value("'as (solution, report)' follows an inner problem (argmin "
+                                    "or argmax)", e.span)
+        return self.expr_Argmin(e.value, report=True)
 
     def expr_Slice(self, e: ast.Slice) -> Value:
         return self.error_value("a slice can only appear inside [...]", e.span)

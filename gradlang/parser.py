@@ -7,6 +7,7 @@ declaration does not hide the errors in the next ones.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from functools import cache
 from importlib import resources
 
@@ -88,7 +89,7 @@ def parse(source: SourceFile, diags: Diagnostics) -> ast.Program:
             next_line = chunks[k + 1][0] if k + 1 < len(chunks) else None
             diags.error(*_syntax_error(exc, source, padded, next_line))
             continue
-        decls.extend(_ToAst(source).transform(tree))
+        decls.extend(_ToAst(source, diags).transform(tree))
     return ast.Program(source, tuple(decls))
 
 
@@ -138,12 +139,24 @@ def _syntax_error(exc: lark.exceptions.UnexpectedInput, source: SourceFile, text
     return f"unexpected {_describe_token(token)}; expected {expected}", span
 
 
+def _trailing_with(e: ast.Expr) -> tuple[ast.Expr, ast.Annotation | None]:
+    """Take a `with` annotation off the rightmost operand of e, where the grammar put it."""
+    if isinstance(e, ast.With):
+        return e.value, e.annotation
+    if isinstance(e, (ast.Binary, ast.Unary)):
+        field = "rhs" if isinstance(e, ast.Binary) else "operand"
+        inner, annotation = _trailing_with(getattr(e, field))
+        return replace(e, **{field: inner}), annotation
+    return e, None
+
+
 class _ToAst(Transformer):
     """Lark tree -> AST. Each rule method receives the node's meta for its span."""
 
-    def __init__(self, source: SourceFile):
+    def __init__(self, source: SourceFile, diags: Diagnostics):
         super().__init__()
         self.source = source
+        self.diags = diags
 
     def _span(self, meta) -> Span:
         return Span(self.source, meta.line, meta.column, meta.end_line, meta.end_column)
@@ -232,7 +245,17 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def with_expr(self, meta, items):
-        return ast.With(self._span(meta), items[0], items[1])
+        value, annotation = items
+        if isinstance(value, ast.Argmin) and value.hyper is None:  # its hypergradient method
+            return replace(value, span=self._span(meta), hyper=annotation)
+        return ast.With(self._span(meta), value, annotation)
+
+    @v_args(meta=True)
+    def report_stmt(self, meta, items):
+        value, solution, report = items
+        names = ast.PTuple(self._span(meta), (ast.PName(self._tok_span(solution), str(solution)),
+                                              ast.PName(self._tok_span(report), str(report))))
+        return ast.Let(self._span(meta), names, ast.Report(value.span, value))
 
     @v_args(meta=True)
     def annotation_body(self, meta, items):
@@ -371,9 +394,24 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def argmin_expr(self, meta, items):
-        kind, var, type_, init, body, solver = items
+        kind, var, type_, init, body, solver, constraints = items
+        constraints, hyper = list(constraints or ()), None
+        if constraints:  # `subject to c <= x + 1 with method(...)`: the annotation is the problem's
+            constraints[-1], hyper = _trailing_with(constraints[-1])
+        as_le = tuple(replace(c, op="sub") if c.op == "le" else
+                      replace(c, op="sub", lhs=c.rhs, rhs=c.lhs) for c in constraints)
         return ast.Argmin(self._span(meta), str(kind) == "argmax", str(var), type_, init, body[0],
-                          body[1], solver)
+                          body[1], solver, as_le, hyper)
+
+    def subject_to(self, items):
+        to, *constraints = items
+        if str(to) != "to":
+            self.diags.error(f"unexpected name '{to}'; expected 'to' (subject to c <= 0)",
+                             self._tok_span(to))
+        return tuple(constraints)
+
+    constraint_le = _binary("le")
+    constraint_ge = _binary("ge")
 
     @v_args(meta=True)
     def argmax_call(self, meta, items):  # the builtin argmax(x), not an inner argmax problem

@@ -52,7 +52,7 @@ def _op_text(op: Op, namer: _Namer, indent: str, notes: dict[Value, str]) -> lis
         extra = params_text(p)
         head = op.name + (f" {operands}" if operands else "") + (f" {extra}" if extra else "")
     types = ", ".join(str(r.type) for r in op.results)
-    note = "".join(f"  # {notes[r]}" for r in op.results if r in notes)
+    note = "".join(f"  # {n}" for n in dict.fromkeys(notes[r] for r in op.results if r in notes))
     lines = [f"{indent}{results} = {head} : {types}{note}"]
     for region in op.regions:
         lines.extend(_region_text(region, namer, indent + "  ", notes))

@@ -145,6 +145,11 @@ def scalar(dtype: DType) -> TensorType:
     return TensorType(dtype, ())
 
 
+SOLVER_REPORT = StructType("SolverReport", (("residual", scalar(DType.F32)),
+                                            ("steps", scalar(DType.I32))))
+"""What `argmin ... as (w, report)` binds: the solver's final residual and its step count."""
+
+
 def type_dims(t: Type) -> list[str]:
     """Symbolic dim names appearing in a type, in order of first appearance."""
     out: list[str] = []

@@ -55,12 +55,13 @@ class _Analysis:
     def blocks(self, op: Op, value: Value) -> bool:
         traits = OPS[op.name].traits
         return ("zero_grad" in traits or (not self.optimistic and id(op) in self.rule_less)
+                or (op.name == "argmin" and value is not op.results[0])  # the solver's report
                 or value.type is ERROR or not has_float_leaf(value.type))
 
-    def nonsmooth_warnings(self, fn: Function, seeds: dict[Value, frozenset[str]],
-                           found: dict[int, tuple[Op, set[str]]], seen: set) -> None:
-        """Non-smooth ops without a rule on a path from the seeded parameters to fn's result
-        (through the functions fn calls): op id -> (op, the wrt names it cuts off)."""
+    def reached(self, fn: Function, seeds: dict[Value, frozenset[str]], seen: set):
+        """(op, taint) for each op on a path to fn's result, in fn and (with their seeds) in the
+        functions it calls, each (function, seeds) visited once; taint maps fn's values to the
+        seeded names they carry."""
         key = (fn.name, frozenset((p.name, seeds.get(p.value, frozenset())) for p in fn.params))
         if key in seen:
             return
@@ -68,15 +69,28 @@ class _Analysis:
         taint = self.forward(fn, seeds)
         reach = self.backward(fn)
         for op in walk(fn.body):
-            incoming = frozenset().union(*(taint.get(v, frozenset()) for v in op.operands))
-            if not incoming or not any(r in reach for r in op.results):
+            if not any(r in reach for r in op.results):
                 continue
-            if id(op) in self.rule_less:
-                found.setdefault(id(op), (op, set()))[1].update(incoming)
-            elif op.name == "call_fn":
+            yield op, taint
+            if op.name == "call_fn":
                 callee = self.module.function(op.params.callee)
                 inner = {p.value: taint[v] for p, v in zip(callee.params, op.operands) if taint.get(v)}
-                self.nonsmooth_warnings(callee, inner, found, seen)
+                yield from self.reached(callee, inner, seen)
+
+    def nonsmooth_warnings(self, fn: Function, seeds: dict[Value, frozenset[str]]) -> dict:
+        """Non-smooth ops without a rule on a path from the seeded parameters to fn's result
+        (through the functions fn calls): op id -> (op, the wrt names it cuts off)."""
+        found: dict[int, tuple[Op, set[str]]] = {}
+        for op, taint in self.reached(fn, seeds, set()):
+            incoming = frozenset().union(*(taint.get(v, frozenset()) for v in op.operands))
+            if incoming and id(op) in self.rule_less:
+                found.setdefault(id(op), (op, set()))[1].update(incoming)
+        return found
+
+    def unreached_inner_problems(self, fn: Function, seeds: dict[Value, frozenset[str]]) -> list[Op]:
+        """`argmin` ops on a path to fn's result whose objective no seeded parameter reaches."""
+        return [op for op, taint in self.reached(fn, seeds, set()) if op.name == "argmin"
+                and not any(taint.get(v) for r in op.regions for v in r.results)]
 
     def _summary(self, fn_name: str) -> tuple[bool, ...]:
         """For each parameter of fn: does the result depend on it differentiably, or does it
@@ -192,6 +206,12 @@ class GradFlow:
                     diags.warning(f"the gradient of '{fn.name}' with respect to '{name}' is always "
                                   f"zero: '{name}' does not reach the result through "
                                   f"differentiable operations", span)
+            if len(zero) < len(t.wrt):
+                for op in analysis.unreached_inner_problems(fn, seeds):
+                    wrt = ", ".join(t.wrt)
+                    diags.warning(f"no parameter in wrt=[{wrt}] of '{export.name}' reaches this "
+                                  f"inner problem: its solution is a constant for this gradient "
+                                  f"and no hypergradient is computed", op.span)
             facts.append(GradFlowFacts(export.name, fn.name, t.wrt, carries, zero))
             for v, names in carries.items():
                 notes[v] = "grad: " + ", ".join(sorted(names | _names(notes.get(v))))
@@ -203,8 +223,7 @@ class GradFlow:
                        diags: Diagnostics) -> set[str]:
         """Warn at each non-smooth op without a backward rule that cuts a wrt parameter's
         gradient (once per op); returns the names cut off somewhere."""
-        found: dict[int, tuple[Op, set[str]]] = {}
-        analysis.nonsmooth_warnings(fn, seeds, found, set())  # an optimistic analysis
+        found = analysis.nonsmooth_warnings(fn, seeds)  # an optimistic analysis
         names: set[str] = set()
         for key, (op, cut) in found.items():
             names |= cut

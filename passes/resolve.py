@@ -24,7 +24,7 @@ from gradlang.distributions import DISTRIBUTIONS, DistSpec
 from gradlang.ir import Function, Module, Op, Param, Region, StructDef, Value, walk
 from gradlang.ops import (OPS, CalleeParams, CallParams, DistParams, ForParams, NoParams,
                           StructParams)
-from gradlang.types import (ERROR, DType, NamedType, StructType, TensorType, TupleType, Type,
+from gradlang.types import (ERROR, SOLVER_REPORT, DType, NamedType, StructType, TensorType, TupleType, Type,
                             is_float_tree, substitute_dims, type_dims)
 
 from .rewrite import dce_function
@@ -153,6 +153,8 @@ def _resolve_type(t: Type, unit: str, defs: dict[str, StructDef], resolve_struct
         sdef = defs.get(qualify(unit, t.name)) or next(
             (d for d in defs.values() if d.name.rpartition(".")[2] == t.name and d.unit != unit),
             None)
+        if sdef is None and t.name == SOLVER_REPORT.name and not t.bindings:
+            return SOLVER_REPORT
         if sdef is None:
             diags.error(f"unknown type '{t.name}'" + _did_you_mean(
                 t.name, [d.rpartition(".")[2] for d in defs]), span)
@@ -423,10 +425,12 @@ class _FunctionResolver:
 
     def op(self, op: Op) -> Op:
         if op.name == "argmin":  # the inner variable's declared type may name a struct
-            (region,) = op.regions
-            args = tuple(Value(self.resolve_type(a.type, op.span), a.hint) for a in region.args)
-            self.subst.update(zip(region.args, args))
-            op = replace(op, regions=(replace(region, args=args),))
+            regions = []
+            for region in op.regions:
+                args = tuple(Value(self.resolve_type(a.type, op.span), a.hint) for a in region.args)
+                self.subst.update(zip(region.args, args))
+                regions.append(replace(region, args=args))
+            op = replace(op, regions=tuple(regions))
         if op.regions:
             op = replace(op, regions=tuple(self.region(r) for r in op.regions))
         if op.name == "ref":

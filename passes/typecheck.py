@@ -17,7 +17,7 @@ from gradlang.diagnostics import Diagnostics
 from gradlang.ir import Function, Module, Op, Region, Value
 from gradlang.shapes import (ShapeError, add_dims, broadcast, normalize_axis, reshape, show,
                              sub_dims, unify)
-from gradlang.types import (ERROR, DistType, DType, StructType, TensorType, TupleType, Type,
+from gradlang.types import (ERROR, SOLVER_REPORT, DistType, DType, StructType, TensorType, TupleType, Type,
                             promote, is_float_tree, scalar, substitute_dims)
 
 from . import typecheck_random as R
@@ -587,30 +587,35 @@ class _FunctionChecker:
 
     def argmin_op(self, op: Op, args: list[Value]) -> Op:
         """The region's argument has the declared type; the start value must have it too; the
-        objective must be a float scalar; the result has the declared type."""
-        (region,) = op.regions
-        declared = region.args[0].type
-        body = self.region(region, (declared,))
+        objective must be a float scalar, each constraint a float tensor; the result has the
+        declared type (and the solver's report, when asked for)."""
+        declared = op.regions[0].args[0].type
+        what = "argmax" if op.params.maximize else "argmin"
+        body, *constraints = (self.region(r, (declared,)) for r in op.regions)
         (objective,) = body.results
-        result: Type = declared if declared is not ERROR else ERROR
-        if args[0].type is not ERROR and declared is not ERROR:
+        ok = declared is not ERROR
+        if args[0].type is not ERROR and ok:
             problem = unify(declared, _weak_as(self.ctx, args[0], declared), {})
             if problem:
-                self.diags.error(f"the start value of {'argmax' if op.params.maximize else 'argmin'} "
-                                 f"has type {args[0].type}, but the variable is declared {declared}",
-                                 op.span)
-                result = ERROR
+                self.diags.error(f"the start value of {what} has type {args[0].type}, but the "
+                                 f"variable is declared {declared}", op.span)
+                ok = False
         t = objective.type
         if t is not ERROR and not (isinstance(t, TensorType) and t.rank == 0 and t.dtype.is_float):
             self.diags.error(f"the objective of an inner problem must be a float scalar, got {t}",
                              op.span)
-            result = ERROR
+            ok = False
+        for c in (c for region in constraints for c in region.results):
+            if c.type is not ERROR and not (isinstance(c.type, TensorType) and c.type.dtype.is_float):
+                self.diags.error(f"a constraint must compare float tensors, got {c.type}", op.span)
+                ok = False
         if declared is not ERROR and not is_float_tree(declared):
             self.diags.error(f"the variable of an inner problem must be a float tensor or a "
                              f"struct of them, got {declared}", op.span)
-            result = ERROR
-        results = (self.new(op.results[0], result),)
-        return replace(op, operands=tuple(args), results=results, regions=(body,))
+            ok = False
+        types = (declared, SOLVER_REPORT)[:len(op.results)] if ok else (ERROR,) * len(op.results)
+        results = tuple(self.new(r, t) for r, t in zip(op.results, types))
+        return replace(op, operands=tuple(args), results=results, regions=(body, *constraints))
 
     def for_op(self, op: Op, args: list[Value]) -> Op:
         p: O.ForParams = op.params

@@ -50,8 +50,10 @@ fn f(lam: f32, x: f32[N, D], y: f32[N]) -> f32 {
             let r = x @ q.w + q.b - y
             mean(r * r) + exp(lam) * sum(q.w * q.w)
           } via momentum(steps=50, lr=0.1, beta=0.5) with implicit(neumann, iters=20)
-  let m = argmax u: f32[D] = zeros([D]) { -sum(u * u) } via gd(steps=5) with unrolled
-  return sum(p.w) + p.b + sum(m) + sum(argmax(x, axis=1))
+  let m = argmax u: f32[D] = zeros([D]) { -sum((u - lam) ^ 2) } via gd(steps=5) with unrolled
+  argmin v: f32[D] = zeros([D]) { 0.5 * sum((v - p.w) ^ 2) } via adam(steps=20, tol=1e-4)
+      subject to v <= lam with value_function(sigma=0.1) as (k, report)
+  return sum(p.w) + p.b + sum(m) + sum(k) + report.residual + sum(argmax(x, axis=1))
 }
 export g = grad(f, wrt=[lam])
 """,
