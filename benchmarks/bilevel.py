@@ -201,7 +201,7 @@ def hand_variant(p: Problem) -> Callable:
     return jax.jit(jax.value_and_grad(f))
 
 
-def grad_source(p: Problem, method: str) -> str:
+def grad_source(p: Problem, method: str, solver: str = "") -> str:
     lam_t = "f32" if p.lam.ndim == 0 else "f32[D]"
     if p.kind == "ridge":
         loss, out = "0.5 * mean((z - y) ^ 2)", "0.5 * mean((zv - yv) ^ 2)"
@@ -212,7 +212,7 @@ fn f(lam: {lam_t}, x: f32[N, D], y: f32[N], xv: f32[M, D], yv: f32[M]) -> f32 {{
   let w = argmin v: f32[D] = zeros([D]) {{
             let z = x @ v
             {loss} + 0.5 * sum(exp(lam) * v * v)
-          }} via gd(steps={STEPS}, lr={p.lr}) with {method}
+          }} via {solver or f"gd(steps={STEPS}, lr={p.lr})"} with {method}
   let zv = xv @ w
   return {out}
 }}
@@ -220,12 +220,12 @@ export g = value_and_grad(f, wrt=[lam])
 """
 
 
-def gradlang_variant(p: Problem, method: str) -> Callable:
+def gradlang_variant(p: Problem, method: str, solver: str = "") -> Callable:
     import jax
 
     import gradlang
 
-    return jax.jit(gradlang.compile_source(grad_source(p, method)).g)
+    return jax.jit(gradlang.compile_source(grad_source(p, method, solver)).g)
 
 
 def variants(p: Problem) -> dict[str, Callable]:
@@ -273,6 +273,67 @@ def print_table(res: dict) -> None:
     print()
 
 
+GRADLANG_METHODS = {  # (solver or "" for the shared gd, method)
+    "gd + implicit(cg)": ("", f"implicit(cg, iters={CG_ITERS})"),
+    "gd + implicit(gmres)": ("", f"implicit(gmres, iters={CG_ITERS})"),
+    "gd + implicit(neumann, 300)": ("", "implicit(neumann, iters=300)"),
+    "gd + value_function": ("", "value_function(sigma=0.01)"),
+    "gd + unrolled": ("", "unrolled"),
+    "gd + truncated(30)": ("", "truncated(30)"),
+    "lbfgs(30) + implicit(cg)": ("lbfgs(steps=30)", f"implicit(cg, iters={CG_ITERS})"),
+    "newton_cg(5) + implicit(cg)": ("newton_cg(steps=5, iters=30)", f"implicit(cg, iters={CG_ITERS})"),
+    "adam(1000) + implicit(cg)": ("adam(steps=1000, lr=0.05)", f"implicit(cg, iters={CG_ITERS})"),
+}
+
+
+def method_table(p: Problem, rounds: int, calls: int, warmup: int) -> dict:
+    """Every gradlang solver / hypergradient method on one problem: error and time, interleaved
+    (ratios against gd + implicit(cg))."""
+    import jax
+
+    fns = {name: gradlang_variant(p, method, solver)
+           for name, (solver, method) in GRADLANG_METHODS.items()}
+    args = jax.device_put((p.lam, *p.data))
+    ref_value, ref_grad = reference(p)
+    rows = interleaved(fns, args, "gd + implicit(cg)", rounds, calls, warmup)
+    for name, fn in fns.items():
+        _, grad = as_pair(fn(*args))
+        rows[name]["grad_rel_error"] = float(np.linalg.norm(grad - ref_grad) / np.linalg.norm(ref_grad))
+    print(f"### every gradlang method on {p.name}\n")
+    print("| solver + method | time / hypergradient (ms) | ratio vs gd + implicit(cg) | rel. error hypergradient |")
+    print("|---|---:|---:|---:|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['median_s'] * 1e3:.3f} | {r['median_ratio']:.3f} | {r['grad_rel_error']:.1e} |")
+    print()
+    return rows
+
+
+def memory_curve(p: Problem, steps: tuple[int, ...]) -> dict:
+    """Temporary bytes of the compiled hypergradient (XLA's memory analysis) as the inner
+    solver's steps grow, per method."""
+    import jax
+
+    import gradlang
+
+    methods = {"implicit(cg)": f"implicit(cg, iters={CG_ITERS})", "value_function": "value_function",
+               "unrolled": "unrolled", "truncated(10)": "truncated(10)"}
+    args = (p.lam, *p.data)
+    table = {}
+    for name, method in methods.items():
+        table[name] = []
+        for n in steps:
+            src = grad_source(p, method, f"gd(steps={n}, lr={p.lr})")
+            compiled = jax.jit(gradlang.compile_source(src).g).lower(*args).compile()
+            table[name].append(int(compiled.memory_analysis().temp_size_in_bytes))
+    print(f"### temporary memory (bytes, XLA memory analysis) vs inner steps, {p.name}\n")
+    print("| method | " + " | ".join(str(n) for n in steps) + " |")
+    print("|---|" + "---:|" * len(steps))
+    for name, row in table.items():
+        print(f"| {name} | " + " | ".join(f"{b:,}" for b in row) + " |")
+    print()
+    return {"steps": list(steps), "temp_bytes": table}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a few rounds only (smoke test)")
@@ -297,12 +358,15 @@ def main(argv: list[str] | None = None) -> dict:
     for p in make_problems():
         results.append(run_problem(p, a.rounds, a.calls, a.warmup))
         print_table(results[-1])
+    ridge = make_problems()[0]
+    methods = method_table(ridge, a.rounds // 4 or 1, a.calls, a.warmup)
+    memory = memory_curve(ridge, (10, 100, 1000) if a.quick else (10, 100, 1000, 3000))
     total = time.perf_counter() - t0
     print(f"total wall time {total:.0f} s")
     out = {"dims": {"N": N, "M": M, "D": D}, "steps": STEPS, "cg_iters": CG_ITERS,
            "rounds": a.rounds, "calls": a.calls, "jax": jax.__version__,
            "device": f"{dev.platform}:{dev.device_kind}", "cpu_count": os.cpu_count(),
-           "problems": results, "wall_s": total}
+           "problems": results, "methods": methods, "memory": memory, "wall_s": total}
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(out, indent=2) + "\n")
