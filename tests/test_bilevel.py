@@ -280,3 +280,20 @@ def test_coupled_bilevel_example_reaches_the_known_solution(tmp_path, monkeypatc
     assert methods["constraint-blind"]["max_abs_error_x"] > 0.1
     assert 0 < out["active"] < 8
     assert (tmp_path / "coupled_bilevel.png").exists()
+
+
+def test_artifacts_keep_constrained_problems_tolerances_and_reports(tmp_path):
+    m = gradlang.compile_source(COUPLED.replace("METHOD", "") + """
+fn lower(x: f32[2]) -> (f32[2], SolverReport) {
+  argmin v: f32[2] = zeros([2]) { 0.5 * sum((v - 2.0 * x) ^ 4) } via lbfgs(steps=50, tol=1e-5)
+    as (y, report)
+  return (y, report)
+}
+export s = lower
+""")
+    loaded = gradlang.load(m.save(tmp_path / "coupled.gradpkg"))
+    x = np.array([2.5, 0.3], np.float32)
+    np.testing.assert_array_equal(loaded.g(x, A, B)[1]["x"], m.g(x, A, B)[1]["x"])
+    (y, report), (y0, report0) = loaded.s(x), m.s(x)
+    np.testing.assert_array_equal(y, y0)
+    assert int(report["steps"]) == int(report0["steps"]) > 1
