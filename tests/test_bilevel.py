@@ -264,16 +264,8 @@ def test_explain_says_why_a_constrained_problem_uses_value_function():
     assert "constraints coupling" in text
 
 
-def test_coupled_bilevel_example_reaches_the_known_solution(tmp_path, monkeypatch):
-    import sys
-    from pathlib import Path
-
-    examples = Path(__file__).resolve().parents[1] / "examples"
-    monkeypatch.syspath_prepend(str(examples))
-    sys.modules.pop("coupled_bilevel", None)
-    import coupled_bilevel
-
-    out = coupled_bilevel.main(["--n", "8", "--steps", "150", "--out", str(tmp_path)])
+def test_coupled_bilevel_example_reaches_the_known_solution(tmp_path, load_example):
+    out = load_example("coupled_bilevel").main(["--n", "8", "--steps", "150", "--out", str(tmp_path)])
     methods = out["methods"]
     assert methods["value_function"]["max_abs_error_x"] < 1e-3
     assert methods["unrolled"]["max_abs_error_x"] < 1e-3

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -255,15 +254,6 @@ def test_quest_clip_constants_are_gaussian_mse_optimal():
 
 # ---- training (small, fixed seed)
 
-def _example(name: str, monkeypatch):
-    """Import examples/NAME.py as a module (its folder first on sys.path, as when it runs)."""
-    monkeypatch.syspath_prepend(str(EXAMPLES))
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _train(m, variant: str, hidden: int, steps: int, seed: int = 0, lr: float = 1e-2) -> float:
     """Adam on `step_<variant>` for `steps` minibatches of 128 (one jitted scan); returns the
     test accuracy from `accuracy_<variant>`."""
@@ -317,8 +307,8 @@ KEYS = {
 }
 
 
-def _run(name, args, tmp_path, monkeypatch):
-    summary = _example(name, monkeypatch).main([*args, "--out", str(tmp_path)])
+def _run(name, args, tmp_path, load_example):
+    summary = load_example(name).main([*args, "--out", str(tmp_path)])
     assert KEYS[name] <= set(summary)
     written = json.loads((tmp_path / f"{name}.json").read_text())
     assert written["example"] == name and KEYS[name] <= set(written)
@@ -327,8 +317,8 @@ def _run(name, args, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("name", list(KEYS))
-def test_example_runs_with_a_few_steps(name, tmp_path, monkeypatch):
-    s = _run(name, ["--steps", "20", "--eval-every", "10", "--hidden", "64"], tmp_path, monkeypatch)
+def test_example_runs_with_a_few_steps(name, tmp_path, load_example):
+    s = _run(name, ["--steps", "20", "--eval-every", "10", "--hidden", "64"], tmp_path, load_example)
     if name == "binary_mlp":
         d = s["deployment_check"]
         assert d["max_distinct_weights_per_channel"] == 2 and d["hidden_values"] == [-1.0, 1.0]
@@ -340,8 +330,8 @@ def test_example_runs_with_a_few_steps(name, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(KEYS))
-def test_example_learns_with_default_settings(name, tmp_path, monkeypatch):
-    s = _run(name, [], tmp_path, monkeypatch)
+def test_example_learns_with_default_settings(name, tmp_path, load_example):
+    s = _run(name, [], tmp_path, load_example)
     if name == "binary_mlp":
         # Measured (seed 0): float32 0.983, STE 0.978, ReSTE 0.981.
         assert s["test_accuracy_float32"] >= 0.96

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -291,15 +290,6 @@ def test_example_programs_compile_strictly(name):
     assert m.exports
 
 
-def _example(name: str, monkeypatch):
-    """Import examples/NAME.py as a module (its folder first on sys.path, as when it runs)."""
-    monkeypatch.syspath_prepend(str(EXAMPLES))
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 KEYS = {
     "vae_gaussian": {"final_train_elbo", "final_test_elbo", "test_iwae", "steps", "plot"},
     "vae_discrete": {"score_loo_final_test_elbo", "gumbel_final_test_elbo", "results",
@@ -319,8 +309,8 @@ FULL = {  # enough steps to learn something (marked slow)
 }
 
 
-def _run(name, args, tmp_path, monkeypatch):
-    summary = _example(name, monkeypatch).main([*args, "--out", str(tmp_path)])
+def _run(name, args, tmp_path, load_example):
+    summary = load_example(name).main([*args, "--out", str(tmp_path)])
     assert KEYS[name] <= set(summary)
     written = json.loads((tmp_path / f"{name}.json").read_text())
     assert written["example"] == name and KEYS[name] <= set(written)
@@ -329,13 +319,13 @@ def _run(name, args, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("name", list(FAST))
-def test_example_runs_with_a_few_steps(name, tmp_path, monkeypatch):
+def test_example_runs_with_a_few_steps(name, tmp_path, load_example):
     # These runs are dominated by XLA compilation, and XLA:CPU compiles JAX's default
     # (partitionable) threefry random bits about 5x slower than the classic ones: a 10-arm
     # rollout takes 2 s to compile instead of 0.4 s. Scoped to this test; the numbers differ,
     # the plumbing checked here does not.
     with jax.threefry_partitionable(False):
-        summary = _run(name, FAST[name], tmp_path, monkeypatch)
+        summary = _run(name, FAST[name], tmp_path, load_example)
     if name == "vae_discrete":
         v = summary["gradient_variance"]["init"]
         assert v["score_loo"]["total"] > 0 and v["gumbel"]["total"] > 0
@@ -343,8 +333,8 @@ def test_example_runs_with_a_few_steps(name, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(FULL))
-def test_example_learns(name, tmp_path, monkeypatch):
-    s = _run(name, FULL[name], tmp_path, monkeypatch)
+def test_example_learns(name, tmp_path, load_example):
+    s = _run(name, FULL[name], tmp_path, load_example)
     if name == "vae_gaussian":
         assert s["final_test_elbo"] > -24  # nats per 64-pixel image (about -44 untrained)
         assert s["test_iwae"]["100"] >= s["test_iwae"]["1"]
