@@ -45,8 +45,9 @@ def _adjoint(matvec, g, options: dict, lr: float):
 
 
 def build(solver: str, solver_opts: dict, method: str, method_opts: dict,
-          objective, constraints) -> Solve:
-    """The differentiable solve for one inner problem."""
+          objective, constraints, report: bool) -> Solve:
+    """The differentiable solve for one inner problem; its residual is computed (one more
+    gradient evaluation) only when `report`."""
 
     def problem(thetas, shift=None) -> S.Problem:
         def f(x):
@@ -65,11 +66,13 @@ def build(solver: str, solver_opts: dict, method: str, method_opts: dict,
         if not last:
             return S.run(solver, p, state, steps, tol)
         state = jax.lax.stop_gradient(S.run(solver, p, state, steps - last, tol))
-        return S.run(solver, p, state._replace(g=p.lagrangian_grad(state.x, state.lam)), last, 0.0)
+        return S.run(solver, p, S.fresh(p, state), last, 0.0)
 
     def result(p: S.Problem, state: S.State):
-        res = jax.lax.stop_gradient(p.residual(state.x, state.g))
-        return state.x, res, state.k
+        if not report:
+            return state.x, jnp.zeros((), state.x.dtype), state.k
+        done = S.fresh(p, jax.lax.stop_gradient(state))
+        return state.x, p.residual(done.x, done.g), state.k
 
     if method == "unrolled":
         return lambda thetas, x0: result(problem(thetas), forward(thetas, x0))
@@ -115,8 +118,7 @@ def build(solver: str, solver_opts: dict, method: str, method_opts: dict,
 
         def perturbed(sign):
             p = problem(thetas, sign * sigma * d)
-            s = S.run(solver, p, S.State(state.k, state.x, p.lagrangian_grad(state.x, state.lam),
-                                         state.lam, state.aux), n, 0.0)
+            s = S.run(solver, p, S.fresh(p, state), n, 0.0)
             return grad_theta(s.x, s.lam, thetas)
 
         up, down = perturbed(1.0), perturbed(-1.0)

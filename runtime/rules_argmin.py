@@ -58,7 +58,7 @@ def _argmin(ctx, op: Op, init):
         return jnp.concatenate([jnp.ravel(c) for c in evaluate(op.regions[1], x, thetas)])
 
     solve = build(p.solver.name, dict(p.solver.options), p.hyper.name, dict(p.hyper.options),
-                  objective, constraints if len(op.regions) > 1 else None)
+                  objective, constraints if len(op.regions) > 1 else None, len(op.results) > 1)
     x, residual, steps = solve(tuple(ctx.env[f] for f in floats), x0)
     if len(op.results) == 1:
         return unravel(x)

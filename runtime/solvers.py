@@ -157,21 +157,32 @@ def start(name: str, p: Problem, x0: Array, lam0: Array) -> State:
     return State(k, x0, p.lagrangian_grad(x0, lam0), lam0, _aux(name, x0, p.options))
 
 
-def step(name: str, p: Problem, s: State) -> State:
+def step(name: str, p: Problem, s: State, regrad: bool = True) -> State:
+    """One iteration; the gradient at the new iterate is evaluated when `regrad`."""
     x, aux = UPDATES[name](p, s.x, s.g, s.aux, s.k)
     lam = s.lam
     if p.c is not None:
         lam = jnp.maximum(0.0, lam + p.options["rho"] * p.c(x))
-    return State(s.k + 1, x, p.lagrangian_grad(x, lam), lam, aux)
+    return State(s.k + 1, x, p.lagrangian_grad(x, lam) if regrad else s.g, lam, aux)
 
 
 def run(name: str, p: Problem, s: State, steps: int, tol: float) -> State:
-    """`steps` iterations from s; with tol > 0, stop early once the residual is <= tol."""
+    """`steps` iterations from s; with tol > 0, stop early once the residual is <= tol. A
+    fixed-step run skips the gradient at its last iterate (nothing in the loop would use it),
+    so its result's g is stale: `fresh` evaluates it where it is needed."""
     if tol > 0:
         stop = s.k + steps
         return lax.while_loop(lambda t: (t.k < stop) & (p.residual(t.x, t.g) > tol),
                               lambda t: step(name, p, t), s)
-    return lax.fori_loop(0, steps, lambda _, t: step(name, p, t), s)
+    if steps == 0:
+        return s
+    s = lax.fori_loop(0, steps - 1, lambda _, t: step(name, p, t), s)
+    return step(name, p, s, regrad=False)
+
+
+def fresh(p: Problem, s: State) -> State:
+    """s with the gradient at its iterate."""
+    return s._replace(g=p.lagrangian_grad(s.x, s.lam))
 
 
 def multipliers(p: Problem, x: Array) -> Array:
