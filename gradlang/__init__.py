@@ -5,7 +5,8 @@
 """
 
 from .api import CompiledModule, LoadedModule, __version__, compile_file, compile_source, load
+from .binding import batched
 from .diagnostics import CompileError
 
-__all__ = ["CompileError", "CompiledModule", "LoadedModule", "__version__", "compile_file",
-           "compile_source", "load"]
+__all__ = ["CompileError", "CompiledModule", "LoadedModule", "__version__", "batched",
+           "compile_file", "compile_source", "load"]

@@ -54,19 +54,42 @@ class _Exports:
         return self._functions[name]
 
 
-class CompiledModule(_Exports):
-    """A compiled .grad module: `m.NAME(...)` calls an export; `m.ir` is the typed IR."""
+def _unbound(signature, externs: Mapping[str, object]):
+    """The export as a function that says which of its externs are not bound."""
+    from gradlang.runtime.host import ExternError
 
-    def __init__(self, ir: Module):
+    missing = [n for n in signature.externs if n not in externs]
+
+    def refuse(*args, **kwargs):
+        raise ExternError(f"export '{signature.name}' calls extern "
+                          f"{', '.join(repr(n) for n in missing)}, which is not bound: pass "
+                          f"externs={{{', '.join(repr(n) + ': fn' for n in missing)}}}")
+
+    return refuse
+
+
+class CompiledModule(_Exports):
+    """A compiled .grad module: `m.NAME(...)` calls an export; `m.ir` is the typed IR.
+
+    `externs` binds the module's extern functions to Python callables by name; `mesh` (a
+    `jax.sharding.Mesh`) shards black-box estimators' populations over its first axis."""
+
+    def __init__(self, ir: Module, externs: Mapping[str, object] | None = None, mesh=None):
         import jax
 
         from gradlang.runtime.execute import export_function
+        from gradlang.runtime.host import check_bindings
         from gradlang.runtime.signature import CompiledFunction
 
         self.ir = ir
-        self._raw = {e.name: export_function(ir, e) for e in ir.exports}
-        super().__init__({name: CompiledFunction(sig, jax.jit(fn))
-                          for name, (sig, fn) in self._raw.items()})
+        externs = dict(externs or {})
+        check_bindings(externs, {op.params.name for fn in ir.functions for op in fn.body.ops
+                                 if op.name == "host_call"})
+        self._raw = {e.name: export_function(ir, e, externs, mesh) for e in ir.exports}
+        super().__init__({
+            name: CompiledFunction(sig, jax.jit(fn) if set(sig.externs) <= set(externs)
+                                   else _unbound(sig, externs))
+            for name, (sig, fn) in self._raw.items()})
 
     def stablehlo(self, name: str, dims: Mapping[str, int] | None = None,
                   debug_info: bool = False) -> str:
@@ -89,24 +112,38 @@ class CompiledModule(_Exports):
 
 
 class LoadedModule(_Exports):
-    """A module loaded from an artifact; needs neither the source nor the compiler front end."""
+    """A module loaded from an artifact; needs neither the source nor the compiler front end.
 
-    def __init__(self, path: str | Path):
+    `externs` binds the extern functions its exports call (by name, as when compiling)."""
+
+    def __init__(self, path: str | Path, externs: Mapping[str, object] | None = None):
         from gradlang.runtime.artifact import loaded_function, read
+        from gradlang.runtime.host import check_bindings
         from gradlang.runtime.signature import CompiledFunction
 
         self.header, entries = read(path)
+        externs = dict(externs or {})
+        check_bindings(externs, {n for sig, _ in entries.values() for n in sig.externs})
         self._exported = {n: e for n, (_, e) in entries.items()}
-        super().__init__({n: CompiledFunction(sig, loaded_function(sig, exp))
-                          for n, (sig, exp) in entries.items()})
+        super().__init__({
+            n: CompiledFunction(sig, loaded_function(sig, content, externs)
+                                if set(sig.externs) <= set(externs) else _unbound(sig, externs))
+            for n, (sig, content) in entries.items()})
 
     def stablehlo(self, name: str) -> str:
-        return self._exported[name].mlir_module()
+        """StableHLO of export `name` (of each piece, for an export split at extern calls)."""
+        content = self._exported[name]
+        if isinstance(content, tuple):
+            return "\n".join(p.mlir_module() for p in content[1])
+        return content.mlir_module()
 
 
 def compile_source(text: str, name: str = "<source>", root: str | Path | None = None,
-                   strict: bool = False) -> CompiledModule:
-    """Compile .grad source text; `root` is the folder local imports resolve in.
+                   strict: bool = False, externs: Mapping[str, object] | None = None,
+                   mesh=None) -> CompiledModule:
+    """Compile .grad source text; `root` is the folder local imports resolve in; `externs`
+    binds extern functions to Python callables (wrap vectorized ones in `gradlang.batched`);
+    `mesh` shards the populations of black-box estimators (`by=es / eggroll`) over devices.
 
     Raises CompileError (its message is the rendered diagnostics) when the program has errors,
     or, with `strict`, warnings.
@@ -121,15 +158,17 @@ def compile_source(text: str, name: str = "<source>", root: str | Path | None = 
     if diags.has_errors or (strict and diags.items):
         raise CompileError(diags)
     assert module is not None
-    return CompiledModule(module)
+    return CompiledModule(module, externs, mesh)
 
 
-def compile_file(path: str | Path, strict: bool = False) -> CompiledModule:
+def compile_file(path: str | Path, strict: bool = False,
+                 externs: Mapping[str, object] | None = None, mesh=None) -> CompiledModule:
     """Compile a .grad file (local imports resolve beside it)."""
     path = Path(path)
-    return compile_source(path.read_text(), str(path), path.parent, strict)
+    return compile_source(path.read_text(), str(path), path.parent, strict, externs, mesh)
 
 
-def load(path: str | Path) -> LoadedModule:
-    """Load an artifact written by `gradlang compile --emit artifact` or `CompiledModule.save`."""
-    return LoadedModule(path)
+def load(path: str | Path, externs: Mapping[str, object] | None = None) -> LoadedModule:
+    """Load an artifact written by `gradlang compile --emit artifact` or `CompiledModule.save`;
+    `externs` binds the extern functions its exports call."""
+    return LoadedModule(path, externs)

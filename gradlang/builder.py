@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from . import ast
 from .diagnostics import Diagnostics, Span
 from .ir import Export, Function, Op, Param, Region, StructDef, Transform, Value
-from .ops import (ArgminParams, CallParams, CastParams, ConstParams, Estimator, ExpectParams, ForParams,
+from .ops import (ArgminParams, CallParams, HostParams, CastParams, ConstParams, Estimator, ExpectParams, ForParams,
                   GetParams, IndexItem, IndexParams, NameParams, NoParams, SampleParams)
 from .types import DType, NamedType, TensorType, TupleType, Type
 
@@ -125,9 +125,7 @@ def build_unit(program: ast.Program, unit: str, diags: Diagnostics) -> UnitIR:
         elif isinstance(decl, ast.FnDecl) and declare(decl.name, decl.name_span):
             out.functions.append(_FunctionBuilder(unit, diags).build(decl))
         elif isinstance(decl, ast.ExternDecl) and declare(decl.name, decl.span):
-            diags.error("extern functions are not supported yet: black-box estimators arrive "
-                        "with the zeroth-order passes", decl.span)
-            out.functions.append(_extern_stub(decl, unit))
+            out.functions.append(_extern(decl, unit, diags))
     exported: dict[str, Span] = {}
     for decl in program.decls:
         if isinstance(decl, ast.ExportDecl):
@@ -142,14 +140,34 @@ def build_unit(program: ast.Program, unit: str, diags: Diagnostics) -> UnitIR:
     return out
 
 
-def _extern_stub(decl: ast.ExternDecl, unit: str) -> Function:
-    """A function with the extern's signature and a failed body, so that calls to it resolve
-    and type-check against the signature instead of cascading into 'unknown function'."""
+def _extern(decl: ast.ExternDecl, unit: str, diags: Diagnostics) -> Function:
+    """`extern fn name(params) -> T`: a function whose body is one `host_call` into the Python
+    function bound to `name` at compile or load time. Its types are tensors or tuples of them
+    (what a host callback exchanges)."""
     params = tuple(Param(p.name, Value(type_from_ast(p.type), p.name), p.span) for p in decl.params)
-    error = Op("error", (), (Value(),), NoParams(), (), decl.span)
-    body = Region((), (error,), error.results)
-    return Function(qualify(unit, decl.name), unit, params, type_from_ast(decl.result), body,
+    result = type_from_ast(decl.result)
+    ok = True
+    for p in params:
+        if not isinstance(p.value.type, TensorType):
+            diags.error(f"parameter '{p.name}' of extern '{decl.name}' must be a tensor (a host "
+                        f"callback exchanges arrays), got {p.value.type}", p.span)
+            ok = False
+    if not _tensors_only(result):
+        diags.error(f"the result of extern '{decl.name}' must be a tensor or a tuple of tensors "
+                    f"(a host callback exchanges arrays), got {result}", decl.result.span)
+        ok = False
+    value = Value(result, "")
+    call = (Op("host_call", tuple(p.value for p in params), (value,),
+               HostParams(qualify(unit, decl.name), result), (), decl.span) if ok
+            else Op("error", (), (value,), NoParams(), (), decl.span))
+    return Function(qualify(unit, decl.name), unit, params, result, Region((), (call,), (value,)),
                     decl.span, decl.result.span)
+
+
+def _tensors_only(t) -> bool:
+    if isinstance(t, TupleType):
+        return all(_tensors_only(e) for e in t.elems)
+    return isinstance(t, TensorType)
 
 
 def _objective(e: ast.Expr, diags: Diagnostics) -> tuple[ast.Name, int] | None:
@@ -194,9 +212,15 @@ def _build_export(decl: ast.ExportDecl, unit: str, diags: Diagnostics) -> Export
                         f"positional argument", value.span)
         return None
     wrt = [k for k in value.kwargs if k.name == "wrt"]
+    by = None
     for k in value.kwargs:
-        if k.name != "wrt":
-            diags.error(f"unknown option '{k.name}' for {kind}; expected wrt=[...]", k.span)
+        if k.name == "by":
+            by = _estimator_option(k.value, diags)
+            if by is None:
+                return None
+        elif k.name != "wrt":
+            diags.error(f"unknown option '{k.name}' for {kind}; expected wrt=[...] and "
+                        f"optionally by=ESTIMATOR", k.span)
     if not wrt:
         diags.error(f"{kind} needs wrt=[...]: the parameters to differentiate with respect to",
                     value.span)
@@ -209,8 +233,19 @@ def _build_export(decl: ast.ExportDecl, unit: str, diags: Diagnostics) -> Export
     names = tuple(e.id for e in targets.elems)  # type: ignore[attr-defined]
     spans = tuple(e.span for e in targets.elems)
     fn, n = objective
-    return Export(decl.name, Transform(kind, qualify(unit, fn.id), names, spans, n), decl.span,
+    return Export(decl.name, Transform(kind, qualify(unit, fn.id), names, spans, n, by), decl.span,
                   fn.span)
+
+
+def _estimator_option(e: ast.Expr, diags: Diagnostics) -> Estimator | None:
+    """`by=es(sigma=0.1, pop=64)` (or `by=es`) as an Estimator; None after an error."""
+    if isinstance(e, ast.Name):
+        return Estimator(e.id, (), e.span)
+    if isinstance(e, ast.Call) and isinstance(e.func, ast.Name):
+        return estimator_from_ast(ast.Annotation(e.func.id, e.args, e.kwargs, e.span), diags)
+    diags.error("by= names a black-box gradient estimator, e.g. by=spsa(eps=0.001), "
+                "by=es(sigma=0.1, pop=64) or by=eggroll(sigma=0.1, pop=64, rank=1)", e.span)
+    return None
 
 
 class _Block:

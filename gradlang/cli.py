@@ -156,8 +156,15 @@ def _emit_backend(module: Module, stem: str, out: Path, emits: list[str], dims: 
             target.write_text(text)
             print(f"wrote {target}")
     if "artifact" in emits:
+        from gradlang.runtime.split import SplitError
+
         try:
             target = compiled.save(out / f"{stem}.gx", dims)
+        except SplitError as exc:
+            print(f"gradlang: error: {exc}\n  hint: an artifact can cut extern calls out only at "
+                  f"the top level of an export (by=es / eggroll, spsa with samples=1)",
+                  file=sys.stderr)
+            return 1
         except Exception as exc:
             return _backend_error("(artifact)", exc)
         print(f"wrote {target}")

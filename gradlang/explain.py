@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .distributions import DISTRIBUTIONS
-from .ir import Module, walk
+from .ir import Module, reachable, walk
 from .ops import OPS
 
 _NAMES = {"reparam": "pathwise (reparam)", "score": "score function", "enum": "enumeration",
@@ -12,16 +12,6 @@ _NAMES = {"reparam": "pathwise (reparam)", "score": "score function", "enum": "e
           "st_gumbel": "straight-through Gumbel"}
 _BASELINES = {"none": "none", "loo": "leave-one-out (RLOO)", "grpo": "group-normalized (GRPO, biased)",
               "ma": "moving average"}
-
-
-def _reachable(module: Module, fn: str) -> list[str]:
-    """fn and every function it calls, callers first."""
-    out = [fn]
-    for name in out:
-        for op in walk(module.function(name).body):
-            if op.name == "call_fn" and op.params.callee not in out:
-                out.append(op.params.callee)
-    return out
 
 
 def _resolved(site, export: str, resolved: dict) -> list[str]:
@@ -96,7 +86,7 @@ def explain(module: Module) -> str:
         t = export.transform
         fn, samples = objectives.get(export.name, (t.fn, t.samples))
         what = f"expect({fn}, samples={samples})" if samples else fn
-        reach = _reachable(module, fn)
+        reach = reachable(module, fn)
         here = [s for s in sites if s.function in reach]
         nonsmooth = _nonsmooth(module, reach) if t.kind != "fn" else []
         n = max(samples, 1)

@@ -13,6 +13,7 @@ from typing import Any
 
 from .diagnostics import Span
 from .types import UNKNOWN, Type
+from .ops import Estimator
 
 
 @dataclass(frozen=True, eq=False)
@@ -87,6 +88,8 @@ class Transform:
     wrt_spans: tuple[Span, ...] = ()
     samples: int = 0
     """`expect(fn, samples=N)`: the Monte Carlo mean over N draws (0: fn as it is)."""
+    by: Estimator | None = None
+    """`grad(f, wrt=[...], by=spsa(...))`: a black-box (zeroth-order) gradient estimator."""
 
 
 @dataclass(frozen=True)
@@ -136,3 +139,19 @@ def walk(region: Region) -> Iterator[Op]:
         yield op
         for r in op.regions:
             yield from walk(r)
+
+
+def reachable(module: Module, fn: str) -> list[str]:
+    """fn and every function it calls, callers first."""
+    out = [fn]
+    for name in out:
+        for op in walk(module.function(name).body):
+            if op.name == "call_fn" and op.params.callee not in out:
+                out.append(op.params.callee)
+    return out
+
+
+def externs_of(module: Module, fn: str) -> tuple[str, ...]:
+    """The extern functions fn calls, directly or not."""
+    return tuple(op.params.name for name in reachable(module, fn)
+                 for op in module.function(name).body.ops if op.name == "host_call")

@@ -6,6 +6,7 @@ Traits read by passes:
   through it (comparisons, logic, stop_gradient, integer-valued results).
 - `unresolved`: only exists between the builder and the resolve pass.
 - `random`: draws from the function's key (directly or in its region).
+- `blackbox`: a host callback; reverse mode cannot go through it (black-box estimators can).
 - `nonsmooth`: its derivative is zero almost everywhere; gradient flows through it only with a
   backward rule (`params.rule`, e.g. `sign(x) with ste`), else the gradient-flow pass warns.
 """
@@ -67,6 +68,14 @@ class CallParams:
 @dataclass(frozen=True)
 class CalleeParams:
     callee: str
+
+
+@dataclass(frozen=True)
+class HostParams:
+    """The body of `extern fn name(...) -> result`: a call into Python."""
+
+    name: str
+    result: Type
 
 
 @dataclass(frozen=True)
@@ -279,6 +288,8 @@ OPS: dict[str, OpDef] = {
         *_defs("error", NoParams, "", "placeholder for an expression that has a diagnostic"),
         *_defs("dim", NameParams, "zero_grad", "the runtime size of a symbolic dim, as i32"),
         *_defs("call_fn", CalleeParams, "", "call of a user function"),
+        *_defs("host_call", HostParams, "blackbox",
+               "the body of an extern function: its Python binding, through a host callback"),
         *_defs("tuple", NoParams, "", "build a tuple"),
         *_defs("get", GetParams, "", "tuple element"),
         *_defs("struct_new", StructParams, "", "build a struct"),

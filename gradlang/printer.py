@@ -96,5 +96,6 @@ def print_module(module: Module) -> str:
         if t.kind == "fn":
             parts.append(f"export @{e.name} = {fn}")
         else:
-            parts.append(f"export @{e.name} = {t.kind}({fn}, wrt=[{', '.join(t.wrt)}])")
+            by = f", by={t.by}" if t.by is not None else ""
+            parts.append(f"export @{e.name} = {t.kind}({fn}, wrt=[{', '.join(t.wrt)}]{by})")
     return "\n\n".join(parts) + "\n"

@@ -54,7 +54,8 @@ class _Analysis:
 
     def blocks(self, op: Op, value: Value) -> bool:
         traits = OPS[op.name].traits
-        return ("zero_grad" in traits or (not self.optimistic and id(op) in self.rule_less)
+        return ("zero_grad" in traits
+                or (not self.optimistic and (id(op) in self.rule_less or "blackbox" in traits))
                 or (op.name == "argmin" and value is not op.results[0])  # the solver's report
                 or value.type is ERROR or not has_float_leaf(value.type))
 
@@ -195,12 +196,17 @@ class GradFlow:
             if t.kind == "fn" or fn is None:
                 continue
             seeds = {p.value: frozenset({p.name}) for p in fn.params if p.name in t.wrt}
-            taint = analysis.forward(fn, seeds)
-            reach = analysis.backward(fn)
+            # A black-box estimator (by=) needs no derivatives: every dependence carries.
+            flow = optimistic if t.by is not None else analysis
+            taint = flow.forward(fn, seeds)
+            reach = flow.backward(fn)
             carries = {v: taint[v] for v in taint if v in reach and taint[v]}
             result = carries.get(fn.body.results[0], frozenset()) | _into_draws(fn, taint)
             zero = tuple(n for n in t.wrt if n not in result)
-            cut_off = self.warn_nonsmooth(optimistic, fn, seeds, reported, diags)
+            cut_off: set[str] = set()
+            if t.by is None:
+                cut_off = self.warn_nonsmooth(optimistic, fn, seeds, reported, diags)
+                cut_off |= self.reject_externs(optimistic, fn, seeds, export.name, reported, diags)
             for name, span in zip(t.wrt, t.wrt_spans):
                 if name in zero and name not in cut_off and fn.body.results[0].type is not ERROR:
                     diags.warning(f"the gradient of '{fn.name}' with respect to '{name}' is always "
@@ -217,6 +223,27 @@ class GradFlow:
                 notes[v] = "grad: " + ", ".join(sorted(names | _names(notes.get(v))))
         return replace(module, facts=module.facts | {"gradflow": tuple(facts),
                                                      "gradflow_notes": notes})
+
+    @staticmethod
+    def reject_externs(analysis: _Analysis, fn: Function, seeds, export: str, reported: set[int],
+                       diags: Diagnostics) -> set[str]:
+        """An error at each call of an extern that a wrt parameter reaches on its way to the
+        result: reverse mode cannot go through a host callback. Returns the names cut off."""
+        names: set[str] = set()
+        for op, taint in analysis.reached(fn, seeds, set()):
+            callee = analysis.module.function(op.params.callee) if op.name == "call_fn" else None
+            if callee is None or not any(o.name == "host_call" for o in callee.body.ops):
+                continue
+            incoming = frozenset().union(*(taint.get(v, frozenset()) for v in op.operands))
+            names |= incoming
+            if incoming and id(op) not in reported:
+                reported.add(id(op))
+                wrt = ", ".join(f"'{n}'" for n in sorted(incoming))
+                diags.error(f"'{export}' asks for the reverse-mode gradient with respect to {wrt} "
+                            f"through extern '{callee.name}', a black box; use a black-box "
+                            f"estimator: grad(..., by=spsa(eps=0.001)), by=es(sigma=0.1, pop=64) "
+                            f"or by=eggroll(sigma=0.1, pop=64, rank=1)", op.span)
+        return names
 
     @staticmethod
     def warn_nonsmooth(analysis: _Analysis, fn: Function, seeds, reported: set[int],

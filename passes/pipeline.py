@@ -20,6 +20,7 @@ from .resolve import Resolve
 from .straight_through import StraightThrough
 from .surrogate import Surrogate
 from .typecheck import Typecheck
+from .zeroth_order import ZerothOrder
 
 
 class Pass(Protocol):
@@ -30,12 +31,13 @@ class Pass(Protocol):
     def run(self, module: Module, diags: Diagnostics) -> Module: ...
 
 
-PIPELINE: tuple[Pass, ...] = (Resolve(), Typecheck(), GradFlow(), StraightThrough(), Hypergrad(),
-                              Estimators(), Surrogate())
+PIPELINE: tuple[Pass, ...] = (Resolve(), Typecheck(), ZerothOrder(), GradFlow(), StraightThrough(),
+                              Hypergrad(), Estimators(), Surrogate())
 PASSES: dict[str, Pass] = {p.name: p for p in PIPELINE}
 
 _TYPED = {"resolved": True, "typed": True}
-_VERIFY_AFTER = {"resolve": {"resolved": True}, "typecheck": _TYPED, "gradflow": _TYPED,
+_VERIFY_AFTER = {"resolve": {"resolved": True}, "typecheck": _TYPED, "zeroth_order": _TYPED,
+                 "gradflow": _TYPED,
                  "straight_through": _TYPED, "hypergrad": _TYPED, "estimators": _TYPED,
                  "surrogate": _TYPED}
 

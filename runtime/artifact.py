@@ -2,7 +2,9 @@
 
 Layout: the magic bytes `GRADLANG-GX\\0`, a little-endian u32 header length, the UTF-8 JSON
 header, then the serialized exports back to back. The header records the gradlang version,
-the module name and, per export, its signature, offset, size and SHA-256. Never a pickle.
+the module name and, per export, its signature and its blobs' offsets, sizes and SHA-256s:
+one blob, or, for an export that calls extern functions, the pieces between its host
+callbacks and the plan that replays them (`runtime.split`). Never a pickle.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import jax
 from gradlang.types import substitute_dims
 
 from .signature import Signature, casting
+from .split import SplitError, split, stitched
 
 MAGIC = b"GRADLANG-GX\0"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 class ArtifactError(Exception):
@@ -34,14 +38,25 @@ def serialize(module_name: str, version: str,
     """Export each function with `jax.export` (symbolic dims kept unless fixed in `dims`)."""
     blobs: list[bytes] = []
     entries = []
-    offset = 0
-    for signature, fn in exports:
-        exported = jax.export.export(jax.jit(fn))(*signature.specs(dims))
-        blob = bytes(exported.serialize())
-        entries.append({**_fixed(signature, dims).to_json(), "offset": offset, "size": len(blob),
-                        "sha256": hashlib.sha256(blob).hexdigest()})
+
+    def place(blob: bytes) -> dict:
+        offset = sum(len(b) for b in blobs)
         blobs.append(blob)
-        offset += len(blob)
+        return {"offset": offset, "size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+
+    for signature, fn in exports:
+        entry = _fixed(signature, dims).to_json()
+        if signature.externs:
+            try:
+                plan, pieces = split(fn, signature.specs(dims))
+            except SplitError as exc:
+                raise SplitError(f"export '{signature.name}' calls extern "
+                                 f"{', '.join(map(repr, signature.externs))} and cannot be saved "
+                                 f"as an artifact: {exc}") from None
+            entry |= {"plan": plan, "pieces": [place(b) for b in pieces]}
+        else:
+            entry |= place(bytes(jax.export.export(jax.jit(fn))(*signature.specs(dims)).serialize()))
+        entries.append(entry)
     header = json.dumps({"format": "gradlang.gx", "format_version": FORMAT_VERSION,
                          "gradlang_version": version, "jax_version": jax.__version__,
                          "module": module_name, "exports": entries}, indent=1).encode()
@@ -58,8 +73,9 @@ def _fixed(signature: Signature, dims: Mapping[str, int] | None) -> Signature:
                    result=substitute_dims(signature.result, env))
 
 
-def read(path: str | Path) -> tuple[dict, dict[str, tuple[Signature, jax.export.Exported]]]:
-    """The header and, per export name, its signature and deserialized `Exported`."""
+def read(path: str | Path) -> tuple[dict, dict[str, tuple[Signature, object]]]:
+    """The header and, per export name, its signature and its deserialized `Exported` (or, for
+    an export split at extern calls, its plan and pieces)."""
     data = Path(path).read_bytes()
     if not data.startswith(MAGIC):
         raise ArtifactError(f"{path}: not a gradlang artifact (bad magic bytes)")
@@ -73,25 +89,34 @@ def read(path: str | Path) -> tuple[dict, dict[str, tuple[Signature, jax.export.
         raise ArtifactError(f"{path}: corrupt header: {exc}") from None
     if not isinstance(header, dict):
         raise ArtifactError(f"{path}: corrupt header: not a JSON object")
-    if header.get("format_version") != FORMAT_VERSION:
+    if header.get("format_version") not in READABLE_VERSIONS:
         raise ArtifactError(f"{path}: artifact format {header.get('format_version')} is not "
                             f"supported (this gradlang reads format {FORMAT_VERSION})")
     body = data[start + n:]
     out = {}
     try:
         for e in header["exports"]:
-            blob = body[e["offset"]:e["offset"] + e["size"]]
-            if hashlib.sha256(blob).hexdigest() != e["sha256"]:
-                raise ArtifactError(f"{path}: export '{e['name']}' is corrupt (checksum mismatch)")
-            out[e["name"]] = (Signature.from_json(e), jax.export.deserialize(bytearray(blob)))
+            def blob(place: dict) -> jax.export.Exported:
+                data = body[place["offset"]:place["offset"] + place["size"]]
+                if hashlib.sha256(data).hexdigest() != place["sha256"]:
+                    raise ArtifactError(f"{path}: export '{e['name']}' is corrupt (checksum "
+                                        f"mismatch)")
+                return jax.export.deserialize(bytearray(data))
+
+            content = (e["plan"], [blob(p) for p in e["pieces"]]) if "plan" in e else blob(e)
+            out[e["name"]] = (Signature.from_json(e), content)
     except (KeyError, TypeError, AssertionError) as exc:
         raise ArtifactError(f"{path}: corrupt header: bad export entry ({exc!r})") from None
     return header, out
 
 
-def loaded_function(signature: Signature, exported: jax.export.Exported) -> Callable:
+def loaded_function(signature: Signature, content, externs: Mapping[str, object]) -> Callable:
     """A jitted callable of a deserialized export (arguments cast to the declared dtypes)."""
-    return jax.jit(casting(signature, mapped_under_vmap(exported.call)))
+    if isinstance(content, tuple):
+        plan, pieces = content
+        calls = [mapped_under_vmap(p.call) for p in pieces]
+        return jax.jit(casting(signature, stitched(plan, calls, externs)))
+    return jax.jit(casting(signature, mapped_under_vmap(content.call)))
 
 
 def mapped_under_vmap(fn: Callable) -> Callable:

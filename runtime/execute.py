@@ -7,14 +7,15 @@ baseline) also returns the updated state, last.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import jax
 
-from gradlang.ir import Export, Module
+from gradlang.ir import Export, Module, externs_of
 from gradlang.types import KEY
 
 from .lower import Lowering
+from .zeroth_order import black_box
 from .signature import Signature, casting
 
 
@@ -23,19 +24,32 @@ def signature_of(module: Module, export: Export) -> Signature:
     t = export.transform
     fn = module.function(t.fn)
     params = tuple((p.name, p.value.type) for p in fn.params)
-    if fn.name in module.facts.get("random", ()):
+    if fn.name in module.facts.get("random", ()) or t.by is not None:
         params += (("key", KEY),)
     stateful = fn.name in module.facts.get("stateful", ())
-    return Signature(export.name, t.kind, fn.name, params, fn.result_type, t.wrt, stateful)
+    return Signature(export.name, t.kind, fn.name, params, fn.result_type, t.wrt, stateful,
+                     externs_of(module, fn.name))
 
 
-def export_function(module: Module, export: Export) -> tuple[Signature, Callable]:
-    """The signature and a JAX-traceable function of positional arguments for `export`."""
+def export_function(module: Module, export: Export, externs: Mapping[str, object] | None = None,
+                    mesh=None) -> tuple[Signature, Callable]:
+    """The signature and a JAX-traceable function of positional arguments for `export`
+    (`externs`: the Python bindings of the extern functions it calls; `mesh`: the devices a
+    black-box estimator's population is sharded over)."""
     signature = signature_of(module, export)
-    f = Lowering(module).function(signature.function)
+    f = Lowering(module, externs).function(signature.function)
     if signature.kind == "fn":
         return signature, casting(signature, f)
     names = [n for n, _ in signature.params]
+    by = export.transform.by
+    if by is not None:
+        if signature.stateful:
+            raise NotImplementedError("a black-box estimator of a function with a moving-average "
+                                      "baseline state is not supported")
+        draws = signature.function in module.facts.get("random", ())
+        g = black_box(f, names[:-1], signature.wrt, by, draws, signature.kind == "value_and_grad",
+                      mesh)
+        return signature, casting(signature, g)
     wrt = signature.wrt
     argnums = tuple(names.index(w) for w in wrt)
     aux = signature.stateful

@@ -7,6 +7,7 @@ results to the dtypes the type checker assigned. Each op is lowered inside a JAX
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,11 @@ from gradlang.ops import OPS
 from gradlang.types import StructType, TensorType, TupleType, Type
 
 from .rules import JNP_DTYPES, LOWERINGS
+from .zeroth_order import LowRank, dense
+
+
+_FACTORED = frozenset({"matmul", "get", "getfield", "tuple", "struct_new", "call_fn"})
+"""Ops that take a low-rank perturbed matrix (eggroll) as it is; others get it materialized."""
 
 
 class LoweringError(Exception):
@@ -28,7 +34,7 @@ class LoweringError(Exception):
 def bind_dims(t: Type, value: Any, dims: dict[str, Any]) -> None:
     """Record the runtime size of each symbolic dim of `t` found in `value`'s shape."""
     if isinstance(t, TensorType):
-        for d, n in zip(t.shape, jnp.shape(value)):
+        for d, n in zip(t.shape, value.shape if hasattr(value, "shape") else jnp.shape(value)):
             if isinstance(d, str):
                 dims.setdefault(d, n)
     elif isinstance(t, StructType):
@@ -84,6 +90,8 @@ class _Ctx:
 
     def coerce(self, x: Any, t: Type) -> Any:
         """Give a value the dtypes of `t` (weak literals and promoted results)."""
+        if isinstance(x, LowRank):
+            return x
         if isinstance(t, TensorType):
             dtype = JNP_DTYPES[t.dtype]
             if not hasattr(x, "dtype") or x.dtype != dtype:
@@ -109,6 +117,8 @@ class _Ctx:
         if rule is None:
             raise LoweringError(f"no lowering rule for op '{op.name}'")
         args = [self.env[v] for v in op.operands]
+        if op.name not in _FACTORED:
+            args = [dense(a) for a in args]
         scope = f"{self.file}:{op.span.line}:{op.span.col}" if op.span else op.name
         with jax.named_scope(scope):
             out = rule(self, op, *args)
@@ -131,8 +141,10 @@ class _Ctx:
 class Lowering:
     """Turns the functions of one typed module into JAX-traceable callables."""
 
-    def __init__(self, module: Module):
+    def __init__(self, module: Module, externs: Mapping[str, object] | None = None):
         self.module = module
+        self.externs = dict(externs or {})
+        """Python bindings of extern functions, by name."""
         self.random: frozenset[str] = module.facts.get("random", frozenset())
         """Functions that draw (they take a key)."""
         self._key_uses: dict[Region, int] = {}

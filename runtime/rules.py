@@ -22,6 +22,7 @@ from .numerics import softplus
 from .rules_argmin import ARGMIN_LOWERINGS
 from .rules_nonsmooth import NONSMOOTH_LOWERINGS
 from .rules_random import RANDOM_LOWERINGS
+from .zeroth_order import LowRank
 
 JNP_DTYPES = {DType.F32: jnp.float32, DType.F64: jnp.float64, DType.I32: jnp.int32,
               DType.BOOL: jnp.bool_}
@@ -133,8 +134,24 @@ def _for(ctx, op: Op, *inits):
     return out if len(out) > 1 else out[0]
 
 
+def _matmul(ctx, op, a, b):
+    """a @ b; a low-rank perturbed matrix (eggroll) stays factored."""
+    if isinstance(b, LowRank):
+        return b.rmatmul(a.dense() if isinstance(a, LowRank) else a)
+    if isinstance(a, LowRank):
+        return a.matmul(b)
+    return jnp.matmul(a, b)
+
+
+def _host_call(ctx, op, *args):
+    from .host import host_call  # host imports this module's dtype table
+
+    return host_call(ctx, op, *args)
+
+
 LOWERINGS: dict[str, Rule] = {
     **ARGMIN_LOWERINGS,
+    "host_call": _host_call,
     **RANDOM_LOWERINGS,
     **NONSMOOTH_LOWERINGS,
     "const": lambda ctx, op: op.params.value,
@@ -183,7 +200,7 @@ LOWERINGS: dict[str, Rule] = {
     "min": _reduce(jnp.min),
     "logsumexp": _reduce(jax.nn.logsumexp),
     "var": _reduce(jnp.var),
-    "matmul": _elementwise(jnp.matmul),
+    "matmul": _matmul,
     "dot": _elementwise(jnp.dot),
     "outer": _elementwise(jnp.outer),
     "solve": _elementwise(jnp.linalg.solve),

@@ -32,6 +32,8 @@ class Signature:
     stateful: bool = False
     """The function's last parameter is a state (a moving-average baseline) and the export
     also returns its update, last."""
+    externs: tuple[str, ...] = ()
+    """The extern functions it calls (their Python bindings are needed to run it)."""
 
     @property
     def dims(self) -> list[str]:
@@ -44,13 +46,14 @@ class Signature:
         return {"name": self.name, "kind": self.kind, "function": self.function,
                 "params": [{"name": n, "type": type_to_json(t)} for n, t in self.params],
                 "result": type_to_json(self.result), "wrt": list(self.wrt),
-                "stateful": self.stateful}
+                "stateful": self.stateful, "externs": list(self.externs)}
 
     @staticmethod
     def from_json(j: dict) -> Signature:
         return Signature(j["name"], j["kind"], j["function"],
                          tuple((p["name"], type_from_json(p["type"])) for p in j["params"]),
-                         type_from_json(j["result"]), tuple(j["wrt"]), j.get("stateful", False))
+                         type_from_json(j["result"]), tuple(j["wrt"]), j.get("stateful", False),
+                         tuple(j.get("externs", ())))
 
     def describe(self) -> str:
         params = ", ".join(f"{n}: {t}" for n, t in self.params)

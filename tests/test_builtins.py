@@ -637,8 +637,10 @@ QUANTIZERS = {"quantize", "quest", "hadamard", "stochastic_round"}
 """Distribution builtins and ops: tested against closed forms in tests/test_random.py."""
 RANDOM_OPS = {"dist", "sample", "log_prob", "entropy", "kl", "dist_mean", "expect", "samples",
               "surrogate"}
-REWRITTEN = {"straight_through", "quantize", "quest", "hadamard", "stochastic_round", "argmin"}
-"""Ops only passes create, the quantizers (tests/test_nonsmooth.py) and argmin (tests/test_bilevel.py)."""
+REWRITTEN = {"straight_through", "quantize", "quest", "hadamard", "stochastic_round", "argmin",
+             "host_call"}
+"""Ops only passes create, the quantizers (tests/test_nonsmooth.py), argmin
+(tests/test_bilevel.py) and extern bodies (tests/test_blackbox.py)."""
 
 
 def test_every_builtin_is_covered():

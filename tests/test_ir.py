@@ -32,7 +32,8 @@ def typed():
 
 
 def test_pipeline_text_round_trip():
-    assert parse_pipeline("resolve, typecheck,gradflow,straight_through,hypergrad, estimators,surrogate") == PIPELINE
+    assert parse_pipeline("resolve, typecheck,zeroth_order,gradflow,straight_through,hypergrad, "
+                          "estimators,surrogate") == PIPELINE
     with pytest.raises(ValueError, match="unknown pass 'nope'"):
         parse_pipeline("resolve,nope")
 

@@ -1,0 +1,81 @@
+"""Black-box gradients: check and complete each export's `by=` estimator.
+
+`grad(f, wrt=[...], by=ESTIMATOR)` (and `value_and_grad`) estimate the gradient from forward
+evaluations only, so f may call extern functions and non-smooth ops without backward rules:
+
+- `spsa(eps=0.001, samples=1)`: MeZO-style two-point SPSA, (f(x + eps z) - f(x - eps z)) /
+  (2 eps) z per sample, z ~ N(0, I) regenerated from the key, never stored;
+- `es(sigma=0.1, pop=64, antithetic=true)`: evolution strategies over a population (the batch
+  axis the runtime can shard across devices);
+- `eggroll(sigma=0.1, pop=64, rank=1, antithetic=true)`: ES whose perturbation of each matrix
+  parameter is low rank, A B^T / sqrt(rank).
+
+All are unbiased for the gradient of the Gaussian-smoothed objective E f(x + s z). The runtime
+(`runtime.zeroth_order`) builds the estimator; this pass records the completed choice in the
+export and in the `zeroth_order` fact (export name -> estimator).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, replace
+
+from gradlang.diagnostics import Diagnostics
+from gradlang.ir import Module
+from gradlang.ops import Estimator
+
+ESTIMATORS: dict[str, dict[str, object]] = {
+    "spsa": {"eps": 1e-3, "samples": 1},
+    "es": {"sigma": 0.1, "pop": 64, "antithetic": True},
+    "eggroll": {"sigma": 0.1, "pop": 64, "rank": 1, "antithetic": True},
+}
+_COUNTS = ("samples", "pop", "rank")
+
+
+def _problem(e: Estimator) -> str | None:
+    if e.name not in ESTIMATORS:
+        close = difflib.get_close_matches(e.name, ESTIMATORS, n=1)
+        return (f"unknown black-box estimator '{e.name}'" + (f"; did you mean '{close[0]}'?"
+                if close else f" (estimators: {', '.join(ESTIMATORS)})"))
+    table = ESTIMATORS[e.name]
+    for k, v in e.options:
+        if k not in table:
+            return f"estimator '{e.name}' has no option '{k}' (options: {', '.join(table)})"
+        if isinstance(table[k], bool):
+            if not isinstance(v, bool):
+                return f"option '{k}' of '{e.name}' must be true or false, got {v}"
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 or (
+                k in _COUNTS and not isinstance(v, int)):
+            want = "a positive integer" if k in _COUNTS else "a positive number"
+            return f"option '{k}' of '{e.name}' must be {want}, got {v}"
+    done = dict(table) | dict(e.options)
+    if done.get("antithetic") and done.get("pop", 2) % 2:
+        return (f"'{e.name}' with antithetic pairs needs an even pop, got {done['pop']}; "
+                f"write antithetic=false for an odd one")
+    return None
+
+
+@dataclass(frozen=True)
+class ZerothOrder:
+    """The black-box estimator pass (checks and completes `by=`)."""
+
+    name: str = "zeroth_order"
+    checks_only: bool = True
+
+    def run(self, module: Module, diags: Diagnostics) -> Module:
+        exports, chosen = [], {}
+        for export in module.exports:
+            t = export.transform
+            if t.by is not None:
+                problem = _problem(t.by)
+                if problem is not None:
+                    diags.error(problem, t.by.span)
+                else:
+                    given = dict(t.by.options)
+                    by = replace(t.by, options=tuple((k, given.get(k, v))
+                                                     for k, v in ESTIMATORS[t.by.name].items()))
+                    export = replace(export, transform=replace(t, by=by))
+                    chosen[export.name] = by
+            exports.append(export)
+        return replace(module, exports=tuple(exports),
+                       facts=module.facts | {"zeroth_order": chosen})

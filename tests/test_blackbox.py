@@ -1,0 +1,244 @@
+"""Black-box gradients: extern functions, the zeroth-order estimators against closed forms of
+the Gaussian-smoothed objective, EGGROLL's low-rank forward, sharding and artifacts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gradlang
+from gradlang.runtime.host import ExternError
+from gradlang.runtime.split import SplitError
+
+RNG = np.random.default_rng(0)
+THETA = RNG.normal(size=5).astype(np.float32)
+A = RNG.normal(size=(5, 5)).astype(np.float32)
+A = (A @ A.T / 5).astype(np.float32)
+
+# f(t) = sum(sin(t)) + 1/2 t^T A t, whose Gaussian smoothing E f(t + s z) has the gradient
+# cos(t) exp(-s^2 / 2) + A t: what every estimator must match on average.
+SMOOTH = """
+fn f(t: f32[N], a: f32[N, N]) -> f32 {
+  return sum(sin(t)) + 0.5 * sum(t * (a @ t))
+}
+"""
+
+
+def smoothed_grad(s: float) -> np.ndarray:
+    return np.cos(THETA) * np.exp(-s * s / 2) + A @ THETA
+
+
+def estimates(module, name: str, n: int, *args) -> np.ndarray:
+    keys = jax.random.split(jax.random.key(42), n)
+    out = jax.vmap(lambda k: module[name](*args, k))(keys)
+    return np.asarray(out["t"], np.float64)
+
+
+def assert_unbiased(samples: np.ndarray, truth: np.ndarray) -> None:
+    """The mean of many estimates is within 5 standard errors of the truth, per coordinate."""
+    mean = samples.mean(0)
+    se = samples.std(0, ddof=1) / np.sqrt(len(samples))
+    z = np.abs(mean - truth) / se
+    assert np.all(z < 5), (mean, truth, z)
+
+
+@pytest.mark.parametrize("by, s", [("spsa(eps=0.5)", 0.5), ("spsa(eps=0.3, samples=4)", 0.3),
+                                   ("es(sigma=0.5, pop=8)", 0.5),
+                                   ("es(sigma=0.5, pop=7, antithetic=false)", 0.5)])
+def test_estimators_are_unbiased_for_the_smoothed_gradient(by, s):
+    m = gradlang.compile_source(SMOOTH + f"export g = grad(f, wrt=[t], by={by})")
+    samples = estimates(m, "g", 8000, THETA, A)
+    assert_unbiased(samples, smoothed_grad(s))
+    if s >= 0.5:  # the smoothing is visible: the estimate is not of the plain gradient
+        plain = np.cos(THETA) + A @ THETA
+        se = samples.std(0, ddof=1) / np.sqrt(len(samples))
+        assert np.max(np.abs(samples.mean(0) - plain) / se) > 5
+
+
+# A quadratic in a matrix and a vector: EGGROLL's low-rank perturbation has identity
+# covariance and is symmetric, so its estimate is unbiased for the exact gradient.
+QUADRATIC = """
+fn q(w: f32[M, K], b: f32[K], x: f32[B, M], y: f32[B, K]) -> f32 {
+  let r = x @ w + b - y
+  return 0.5 * sum(r * r)
+}
+export g = grad(q, wrt=[w, b])
+export e = grad(q, wrt=[w, b], by=eggroll(sigma=0.1, pop=16, rank=2))
+export e1 = grad(q, wrt=[w, b], by=eggroll(sigma=0.1, pop=15, rank=1, antithetic=false))
+"""
+X = RNG.normal(size=(12, 6)).astype(np.float32)
+Y = RNG.normal(size=(12, 4)).astype(np.float32)
+W = (0.3 * RNG.normal(size=(6, 4))).astype(np.float32)
+BIAS = np.zeros(4, np.float32)
+
+
+@pytest.mark.parametrize("name", ["e", "e1"])
+def test_eggroll_is_unbiased_on_a_quadratic(name):
+    m = gradlang.compile_source(QUADRATIC)
+    exact = m.g(W, BIAS, X, Y)
+    keys = jax.random.split(jax.random.key(7), 3000)
+    out = jax.vmap(lambda k: m[name](W, BIAS, X, Y, k))(keys)
+    for leaf in ("w", "b"):
+        samples = np.asarray(out[leaf], np.float64).reshape(3000, -1)
+        assert_unbiased(samples, np.asarray(exact[leaf], np.float64).ravel())
+
+
+def test_eggroll_low_rank_forward_equals_the_materialized_matrix():
+    from gradlang.runtime.lower import Lowering
+    from gradlang.runtime.zeroth_order import LowRank
+
+    m = gradlang.compile_source("""
+fn f(w: f32[M, K], x: f32[B, M]) -> f32 {
+  return sum(tanh(x @ w)) + sum(w * w) + sum(transpose(w) @ transpose(x))
+}
+export f = f
+""")
+    f = Lowering(m.ir).function("f")
+    a, b = RNG.normal(size=(6, 2)).astype(np.float32), RNG.normal(size=(4, 2)).astype(np.float32)
+    low = LowRank(jnp.asarray(W), jnp.asarray(a), jnp.asarray(b), 0.3)
+    np.testing.assert_allclose(f(low, X), f(W + 0.3 * a @ b.T, X), rtol=1e-5)
+    np.testing.assert_allclose(low.rmatmul(X), X @ (W + 0.3 * a @ b.T), rtol=1e-5, atol=1e-5)
+
+
+def test_eggroll_descends_a_quadratic_to_its_minimum():
+    m = gradlang.compile_source(QUADRATIC)
+    w, b = np.zeros_like(W), np.zeros_like(BIAS)
+    solution, *_ = np.linalg.lstsq(np.c_[X, np.ones(12)], Y, rcond=None)
+    key = jax.random.key(0)
+    for i in range(400):
+        g = m.e(w, b, X, Y, jax.random.fold_in(key, i))
+        w, b = w - 0.02 * np.asarray(g["w"]), b - 0.02 * np.asarray(g["b"])
+    start = np.linalg.norm(solution)
+    assert np.linalg.norm(np.r_[w, b[None]] - solution) < 0.05 * start
+
+
+EXTERN = """
+extern fn score(logits: f32[B, C], labels: i32[B]) -> f32
+fn objective(w: f32[D, C], x: f32[B, D], labels: i32[B]) -> f32 {
+  return score(x @ w, labels) + 0.01 * sum(w * w)
+}
+export value = objective
+export es = value_and_grad(objective, wrt=[w], by=es(sigma=0.1, pop=8))
+export spsa1 = grad(objective, wrt=[w], by=spsa(eps=0.01))
+export spsa4 = grad(objective, wrt=[w], by=spsa(eps=0.01, samples=4))
+"""
+XE = RNG.normal(size=(20, 3)).astype(np.float32)
+LABELS = RNG.integers(0, 2, 20).astype(np.int32)
+WE = RNG.normal(size=(3, 2)).astype(np.float32)
+
+
+def error_rate(logits, labels):
+    return np.mean(np.argmax(logits, -1) != labels)
+
+
+def test_an_extern_runs_with_its_declared_shapes_under_vmap():
+    seen = []
+
+    def score(logits, labels):
+        seen.append(logits.shape)
+        return error_rate(logits, labels)
+
+    m = gradlang.compile_source(EXTERN, externs={"score": score})
+    ws = np.stack([WE, -WE, 2 * WE])
+    values = jax.vmap(m.value, in_axes=(0, None, None))(ws, XE, LABELS)
+    want = [error_rate(XE @ w, LABELS) + 0.01 * np.sum(w * w) for w in ws]
+    np.testing.assert_allclose(values, want, rtol=1e-6)
+    assert set(seen) == {(20, 2)}
+    vectorized = gradlang.compile_source(EXTERN, externs={"score": gradlang.batched(
+        lambda logits, labels: np.mean(np.argmax(logits, -1) != labels, axis=-1))})
+    np.testing.assert_allclose(jax.vmap(vectorized.value, in_axes=(0, None, None))(ws, XE, LABELS),
+                               want, rtol=1e-6)
+
+
+def test_extern_binding_errors_are_clear():
+    unbound = gradlang.compile_source(EXTERN)
+    with pytest.raises(ExternError, match="calls extern 'score', which is not bound"):
+        unbound.value(WE, XE, LABELS)
+    with pytest.raises(ExternError, match="declares no extern 'scor'"):
+        gradlang.compile_source(EXTERN, externs={"scor": error_rate})
+    wrong = gradlang.compile_source(EXTERN, externs={"score": lambda l, y: np.zeros(3)})
+    with pytest.raises(Exception, match="returned shape \\[3\\], declared f32 = \\[\\]"):
+        wrong.value(WE, XE, LABELS)
+
+
+def test_black_box_estimates_through_an_extern_match_the_same_estimate_without_it():
+    """The extern (error rate) replaced by the same computation in gradlang gives the same
+    estimate for the same key: the estimator sees only values."""
+    m = gradlang.compile_source(EXTERN, externs={"score": error_rate})
+    inline = gradlang.compile_source(EXTERN.replace(
+        "extern fn score(logits: f32[B, C], labels: i32[B]) -> f32",
+        "fn score(logits: f32[B, C], labels: i32[B]) -> f32 {\n"
+        "  return mean(f32(argmax(logits, axis=1) @ f32(arange(C)) != f32(labels)))\n}"))
+    key = jax.random.key(3)
+    for name in ("es", "spsa1", "spsa4"):
+        a, b = m[name](WE, XE, LABELS, key), inline[name](WE, XE, LABELS, key)
+        a, b = (a[1], b[1]) if name == "es" else (a, b)
+        np.testing.assert_allclose(a["w"], b["w"], rtol=1e-5, atol=1e-6)
+
+
+def test_artifacts_split_at_extern_calls_and_need_the_bindings(tmp_path):
+    m = gradlang.compile_source(EXTERN.replace("export spsa4", "# export spsa4"),
+                                externs={"score": error_rate})
+    path = m.save(tmp_path / "blackbox.gx")
+    loaded = gradlang.load(path, externs={"score": error_rate})
+    key = jax.random.key(5)
+    np.testing.assert_array_equal(loaded.value(WE, XE, LABELS), m.value(WE, XE, LABELS))
+    np.testing.assert_array_equal(loaded.es(WE, XE, LABELS, key)[1]["w"],
+                                  m.es(WE, XE, LABELS, key)[1]["w"])
+    np.testing.assert_array_equal(loaded.spsa1(WE, XE, LABELS, key)["w"],
+                                  m.spsa1(WE, XE, LABELS, key)["w"])
+    ws = np.stack([WE, -WE])
+    np.testing.assert_array_equal(jax.vmap(loaded.value, in_axes=(0, None, None))(ws, XE, LABELS),
+                                  jax.vmap(m.value, in_axes=(0, None, None))(ws, XE, LABELS))
+    with pytest.raises(ExternError, match="not bound"):
+        gradlang.load(path).value(WE, XE, LABELS)
+
+
+def test_an_extern_in_a_loop_is_refused_when_saving(tmp_path):
+    m = gradlang.compile_source(EXTERN, externs={"score": error_rate})
+    with pytest.raises(SplitError, match="export 'spsa4' calls extern 'score' and cannot be saved"):
+        m.save(tmp_path / "x.gx")
+
+
+def test_the_cli_reports_an_unsplittable_artifact(tmp_path, capsys):
+    from gradlang.cli import main
+
+    (tmp_path / "m.grad").write_text(EXTERN)
+    assert main(["compile", str(tmp_path / "m.grad"), "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "gradlang: error: export 'spsa4' calls extern 'score'" in err
+    assert "Traceback" not in err
+
+
+def test_population_sharding_gives_the_numbers_of_one_device():
+    src = QUADRATIC + "export s = grad(q, wrt=[w, b], by=es(sigma=0.1, pop=32))\n"
+    script = textwrap.dedent(f"""
+        import numpy as np, jax, gradlang
+        from jax.sharding import Mesh
+        src = {src!r}
+        rng = np.random.default_rng(0)
+        args = (rng.normal(size=(6, 4)).astype(np.float32), np.zeros(4, np.float32),
+                rng.normal(size=(12, 6)).astype(np.float32), rng.normal(size=(12, 4)).astype(np.float32),
+                jax.random.key(0))
+        assert len(jax.devices()) == 8
+        mesh = Mesh(np.array(jax.devices()), ("pop",))
+        one, many = gradlang.compile_source(src), gradlang.compile_source(src, mesh=mesh)
+        assert "sharding" in many.s._fn.lower(*args).as_text()
+        for name in ("s", "e"):
+            a, b = one[name](*args), many[name](*args)
+            for leaf in a:
+                # the same numbers up to the float rounding of a reordered reduction
+                np.testing.assert_allclose(a[leaf], b[leaf], atol=1e-5 * np.abs(a[leaf]).max())
+        print("ok")
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
