@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from .diagnostics import Span
-from .types import Dim, DType
+from .types import Dim, DType, Type
 
 
 # ---- params
