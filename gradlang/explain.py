@@ -76,6 +76,36 @@ def _table(rows: list[list[str]], indent: str) -> list[str]:
     return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
 
+_BLACK_BOX = {"spsa": "two-point SPSA (MeZO): (f(w + eps z) - f(w - eps z)) / (2 eps) z, z ~ N(0, I)",
+              "es": "evolution strategies: the population's values against its Gaussian noise",
+              "eggroll": "low-rank evolution strategies (EGGROLL): matrices perturbed by A B^T / "
+                         "sqrt(rank), never materialized in the forward pass"}
+
+
+def _black_box(module: Module, name: str, t, what: str, reach: list[str]) -> list[str]:
+    """The lines of an export whose gradient a black-box estimator (by=) computes."""
+    o = dict(t.by.options)
+    smooth = o.get("eps", o.get("sigma"))
+    if t.by.name == "spsa":
+        evals = 2 * o["samples"]
+    else:
+        evals = o["pop"] + (0 if o["antithetic"] else 1)
+    evals += t.kind == "value_and_grad"
+    externs = [op.params.name for f in reach for op in module.function(f).body.ops
+               if op.name == "host_call"]
+    lines = [f"export {name} = {t.kind}({what}, wrt=[{', '.join(t.wrt)}], by={t.by})"]
+    if t.by.name == "eggroll":
+        target = ("identity-covariance noise: unbiased on quadratics, otherwise O(sigma^2) from "
+                  f"the gradient of the Gaussian-smoothed objective E f(w + {smooth} z)")
+    else:
+        target = f"unbiased for the gradient of the Gaussian-smoothed objective E f(w + {smooth} z)"
+    lines += [f"  {w}: black-box estimate by {_BLACK_BOX[t.by.name]}; {target}" for w in t.wrt]
+    if externs:
+        lines.append(f"  externs called: {', '.join(externs)} (Python, through host callbacks)")
+    lines.append(f"  cost: {evals} forward evaluations, no backward pass")
+    return lines
+
+
 def explain(module: Module) -> str:
     """The report printed by `gradlang explain`."""
     flow = {f.export: f for f in module.facts.get("gradflow", ())}
@@ -92,6 +122,9 @@ def explain(module: Module) -> str:
         n = max(samples, 1)
         if t.kind == "fn":
             lines.append(f"export {export.name} = {what}: no gradient requested")
+        elif t.by is not None:
+            lines += _black_box(module, export.name, t, what, reach)
+            continue
         else:
             lines.append(f"export {export.name} = {t.kind}({what}, wrt=[{', '.join(t.wrt)}])")
             for name in t.wrt:

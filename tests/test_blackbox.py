@@ -242,3 +242,14 @@ def test_population_sharding_gives_the_numbers_of_one_device():
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+def test_explain_names_the_estimator_its_target_the_externs_and_the_cost():
+    from gradlang.explain import explain
+
+    text = explain(gradlang.compile_source(EXTERN).ir)
+    assert "export es = value_and_grad(objective, wrt=[w], by=es(sigma=0.1, pop=8, antithetic=true))" in text
+    assert "unbiased for the gradient of the Gaussian-smoothed objective E f(w + 0.1 z)" in text
+    assert "externs called: score" in text
+    assert "cost: 9 forward evaluations, no backward pass" in text  # 8 + the value
+    assert "cost: 8 forward evaluations" in text  # spsa with 4 samples
