@@ -6,7 +6,8 @@ random numbers) and estimates grad E_z f(theta + s z), the gradient of the Gauss
 objective, without bias:
 
 - `spsa`: per sample, z ~ N(0, I) from fold_in(key, sample), (f(theta + eps z) - f(theta -
-  eps z)) / (2 eps) z; the samples run in a loop, so memory stays that of one sample;
+  eps z)) / (2 eps) z; the samples run in a loop, so memory stays that of one sample, and z is
+  generated in blocks each time it is used (`add_noise`), never stored whole;
 - `es`: a population of pop perturbations (pop / 2 antithetic pairs, or pop one-sided ones
   against the centre value), evaluated with `vmap`;
 - `eggroll`: as `es`, but each matrix parameter W [m, n] is perturbed by E = A B^T / sqrt(r)
@@ -91,17 +92,41 @@ def _shard(x, mesh):
     return lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+BLOCK = 1 << 14
+"""Entries of SPSA noise generated at a time: XLA on CPU materializes the random-bit
+intermediates of `jax.random.normal`, about 4x the array, so noise for a whole parameter
+would cost several copies of it."""
+
+
+def add_noise(t: jax.Array, key, scale) -> jax.Array:
+    """t + scale * z, z ~ N(0, I) a function of key alone, generated BLOCK entries at a time
+    in a loop that updates its carry in place (the last block is shifted back to end at the
+    array's end, its entries already done masked out). Sizes that are symbolic (an artifact's
+    dims) get the noise in one piece."""
+    n = t.size
+    if not isinstance(n, int) or n <= BLOCK:
+        return t + scale * jax.random.normal(key, t.shape, t.dtype)
+
+    def block(i, f):
+        start = jnp.minimum(i * BLOCK, n - BLOCK)
+        fresh = start + jnp.arange(BLOCK) >= i * BLOCK
+        z = jax.random.normal(jax.random.fold_in(key, i), (BLOCK,), t.dtype)
+        part = lax.dynamic_slice(f, (start,), (BLOCK,)) + jnp.where(fresh, scale * z, 0)
+        return lax.dynamic_update_slice(f, part, (start,))
+
+    return lax.fori_loop(0, -(-n // BLOCK), block, t.reshape(-1)).reshape(t.shape)
+
+
 def spsa(objective: Callable, theta, key, o: dict, mesh=None):
     leaves, tree = jax.tree.flatten(theta)
     eps, samples = o["eps"], int(o["samples"])
 
     def sample(s, acc):
-        k = jax.random.fold_in(key, s)
-        z = _normals(k, leaves)
-        plus = objective(tree.unflatten([t + eps * zi for t, zi in zip(leaves, z)]))
-        minus = objective(tree.unflatten([t - eps * zi for t, zi in zip(leaves, z)]))
+        keys = jax.random.split(jax.random.fold_in(key, s), len(leaves))
+        plus = objective(tree.unflatten([add_noise(t, k, eps) for t, k in zip(leaves, keys)]))
+        minus = objective(tree.unflatten([add_noise(t, k, -eps) for t, k in zip(leaves, keys)]))
         proj = (plus - minus) / (2 * eps)
-        return [a + proj * zi for a, zi in zip(acc, _normals(k, leaves))]  # z regenerated
+        return [add_noise(a, k, proj) for a, k in zip(acc, keys)]  # z regenerated, never stored
 
     zeros = [jnp.zeros_like(t) for t in leaves]
     # one sample needs no loop (and leaves extern calls at the top level, where an artifact

@@ -253,3 +253,16 @@ def test_explain_names_the_estimator_its_target_the_externs_and_the_cost():
     assert "externs called: score" in text
     assert "cost: 9 forward evaluations, no backward pass" in text  # 8 + the value
     assert "cost: 8 forward evaluations" in text  # spsa with 4 samples
+
+
+def test_blockwise_spsa_noise_is_standard_normal_and_regenerates_exactly():
+    from gradlang.runtime.zeroth_order import BLOCK, add_noise
+
+    n = 3 * BLOCK + 123  # the last block is shifted back and partly masked
+    key = jax.random.key(11)
+    z = np.asarray(add_noise(jnp.zeros(n), key, 1.0))
+    assert abs(z.mean()) < 5 / np.sqrt(n) and abs(z.std() - 1) < 0.02
+    tail = z[-BLOCK:]
+    assert abs(tail.std() - 1) < 0.05  # entries of the overlap are not perturbed twice
+    t = np.asarray(RNG.normal(size=n), np.float32)
+    np.testing.assert_allclose(add_noise(jnp.asarray(t), key, 0.5), t + 0.5 * z, atol=1e-6)
