@@ -6,8 +6,8 @@ random numbers) and estimates grad E_z f(theta + s z), the gradient of the Gauss
 objective, without bias:
 
 - `spsa`: per sample, z ~ N(0, I) from fold_in(key, sample), (f(theta + eps z) - f(theta -
-  eps z)) / (2 eps) z; the samples run in a loop, so memory stays that of one sample, and z is
-  generated in blocks each time it is used (`add_noise`), never stored whole;
+  eps z)) / (2 eps) z; the samples run in a loop, so memory stays that of one sample, and z
+  (`hashed_normal`, fused into its consumers) is regenerated at each use, never stored;
 - `es`: a population of pop perturbations (pop / 2 antithetic pairs, or pop one-sided ones
   against the centre value), evaluated with `vmap`;
 - `eggroll`: as `es`, but each matrix parameter W [m, n] is perturbed by E = A B^T / sqrt(r)
@@ -20,6 +20,7 @@ With a `mesh`, the population axis of the perturbations is sharded over the mesh
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -92,29 +93,25 @@ def _shard(x, mesh):
     return lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-BLOCK = 1 << 14
-"""Entries of SPSA noise generated at a time: XLA on CPU materializes the random-bit
-intermediates of `jax.random.normal`, about 4x the array, so noise for a whole parameter
-would cost several copies of it."""
+def _mix(x: jax.Array) -> jax.Array:
+    """lowbias32 (C. Wellons): a 32-bit integer hash with full avalanche."""
+    x = (x ^ (x >> 16)) * jnp.uint32(0x7FEB352D)
+    x = (x ^ (x >> 15)) * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
 
 
-def add_noise(t: jax.Array, key, scale) -> jax.Array:
-    """t + scale * z, z ~ N(0, I) a function of key alone, generated BLOCK entries at a time
-    in a loop that updates its carry in place (the last block is shifted back to end at the
-    array's end, its entries already done masked out). Sizes that are symbolic (an artifact's
-    dims) get the noise in one piece."""
-    n = t.size
-    if not isinstance(n, int) or n <= BLOCK:
-        return t + scale * jax.random.normal(key, t.shape, t.dtype)
-
-    def block(i, f):
-        start = jnp.minimum(i * BLOCK, n - BLOCK)
-        fresh = start + jnp.arange(BLOCK) >= i * BLOCK
-        z = jax.random.normal(jax.random.fold_in(key, i), (BLOCK,), t.dtype)
-        part = lax.dynamic_slice(f, (start,), (BLOCK,)) + jnp.where(fresh, scale * z, 0)
-        return lax.dynamic_update_slice(f, part, (start,))
-
-    return lax.fori_loop(0, -(-n // BLOCK), block, t.reshape(-1)).reshape(t.shape)
+def hashed_normal(key, shape: tuple, dtype) -> jax.Array:
+    """N(0, I) noise as a pure elementwise function of (key, index): two hashed 24-bit
+    uniforms per entry through Box-Muller. XLA fuses it into its consumer (t + eps * z is one
+    loop writing one array), where `jax.random.normal` on CPU materializes random-bit
+    intermediates of about 4x the array; SPSA regenerates it at each use instead of storing it."""
+    seed = jax.random.bits(key, (2,), jnp.uint32)
+    index = lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+    a = _mix(_mix(index ^ seed[0]) + seed[1])
+    b = _mix(a ^ jnp.uint32(0x9E3779B9))
+    u1 = ((a >> 8).astype(dtype) + 0.5) / 16777216.0
+    u2 = (b >> 8).astype(dtype) / 16777216.0
+    return jnp.sqrt(-2.0 * jnp.log(u1)) * jnp.cos(2.0 * jnp.pi * u2)
 
 
 def spsa(objective: Callable, theta, key, o: dict, mesh=None):
@@ -123,10 +120,16 @@ def spsa(objective: Callable, theta, key, o: dict, mesh=None):
 
     def sample(s, acc):
         keys = jax.random.split(jax.random.fold_in(key, s), len(leaves))
-        plus = objective(tree.unflatten([add_noise(t, k, eps) for t, k in zip(leaves, keys)]))
-        minus = objective(tree.unflatten([add_noise(t, k, -eps) for t, k in zip(leaves, keys)]))
+
+        def z(t, k):  # regenerated at each use, never stored
+            return hashed_normal(k, t.shape, t.dtype)
+
+        shifted = [t + eps * z(t, k) for t, k in zip(leaves, keys)]
+        plus = objective(tree.unflatten(shifted))
+        # theta - eps z from theta + eps z, as MeZO does in place: it can take its buffer
+        minus = objective(tree.unflatten([t - 2 * eps * z(t, k) for t, k in zip(shifted, keys)]))
         proj = (plus - minus) / (2 * eps)
-        return [add_noise(a, k, proj) for a, k in zip(acc, keys)]  # z regenerated, never stored
+        return [a + proj * z(a, k) for a, k in zip(acc, keys)]
 
     zeros = [jnp.zeros_like(t) for t in leaves]
     # one sample needs no loop (and leaves extern calls at the top level, where an artifact

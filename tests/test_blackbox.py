@@ -255,14 +255,15 @@ def test_explain_names_the_estimator_its_target_the_externs_and_the_cost():
     assert "cost: 8 forward evaluations" in text  # spsa with 4 samples
 
 
-def test_blockwise_spsa_noise_is_standard_normal_and_regenerates_exactly():
-    from gradlang.runtime.zeroth_order import BLOCK, add_noise
+def test_spsa_noise_is_standard_normal_and_independent_across_keys():
+    from gradlang.runtime.zeroth_order import hashed_normal
 
-    n = 3 * BLOCK + 123  # the last block is shifted back and partly masked
-    key = jax.random.key(11)
-    z = np.asarray(add_noise(jnp.zeros(n), key, 1.0))
-    assert abs(z.mean()) < 5 / np.sqrt(n) and abs(z.std() - 1) < 0.02
-    tail = z[-BLOCK:]
-    assert abs(tail.std() - 1) < 0.05  # entries of the overlap are not perturbed twice
-    t = np.asarray(RNG.normal(size=n), np.float32)
-    np.testing.assert_allclose(add_noise(jnp.asarray(t), key, 0.5), t + 0.5 * z, atol=1e-6)
+    n = 400_000
+    z = np.asarray(hashed_normal(jax.random.key(11), (n,), jnp.float32), np.float64)
+    se = 1 / np.sqrt(n)
+    assert abs(z.mean()) < 5 * se and abs(z.var() - 1) < 5 * np.sqrt(2) * se
+    assert abs(np.mean(z ** 3)) < 5 * np.sqrt(15) * se  # symmetric
+    assert abs(np.mean(z ** 4) - 3) < 5 * np.sqrt(96) * se  # Gaussian kurtosis
+    assert abs(np.corrcoef(z[:-1], z[1:])[0, 1]) < 5 * se  # neighbours independent
+    other = np.asarray(hashed_normal(jax.random.key(12), (n,), jnp.float32))
+    assert abs(np.corrcoef(z, other)[0, 1]) < 5 * se
