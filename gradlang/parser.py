@@ -136,7 +136,30 @@ def _syntax_error(exc: lark.exceptions.UnexpectedInput, source: SourceFile, text
             return f"unexpected end of input; expected {expected}", span
         return f"declaration is incomplete {where}; expected {expected}", span
     span = Span(source, token.line, token.column, token.end_line, token.end_column)
+    paren = _continued_call(source, token) if token.type == "RBRACE" else None
+    if paren is not None:
+        return CONTINUED_CALL, paren
     return f"unexpected {_describe_token(token)}; expected {expected}", span
+
+
+CONTINUED_CALL = ("this '(' calls the expression that ends on the line above (statements need no "
+                  "separators); a call's '(' goes on the same line, and a line that starts with "
+                  "'(' needs a ';' at the end of the line before")
+
+
+def _continued_call(source: SourceFile, token: Token) -> Span | None:
+    """The '(' that starts the line before an unexpected '}' when the line above it does not
+    end with ';': the body's last expression was read as a call of the previous one."""
+    lines = [re.sub(r"#.*", "", text).rstrip() for text in source.text.splitlines()[:token.line - 1]]
+    filled = [n for n, text in enumerate(lines, 1) if text.strip()]
+    if len(filled) < 2:
+        return None
+    last, before = filled[-1], filled[-2]
+    text = lines[last - 1]
+    if not text.lstrip().startswith("(") or lines[before - 1].endswith((";", "{", ",", "(")):
+        return None
+    col = len(text) - len(text.lstrip()) + 1
+    return Span(source, last, col, last, col + 1)
 
 
 def _trailing_with(e: ast.Expr) -> tuple[ast.Expr, ast.Annotation | None]:
@@ -322,7 +345,24 @@ class _ToAst(Transformer):
     @v_args(meta=True)
     def call(self, meta, items):
         func, args = items
+        paren = self._next_token_start(func.span)
+        if paren is not None and paren[0] > func.span.end_line:
+            # statements need no separators, so `let a = f(x)` then a line `(b, c)` would
+            # silently be the call f(x)(b, c): refuse it where it happens
+            self.diags.error(CONTINUED_CALL, Span(self.source, *paren, paren[0], paren[1] + 1))
         return self._call(meta, func, args)
+
+    def _next_token_start(self, span: Span) -> tuple[int, int] | None:
+        """(line, col) of the first character after `span` that is not blank or a comment."""
+        lines = self.source.text.split("\n")
+        line, col = span.end_line, span.end_col
+        while line <= len(lines):
+            text = lines[line - 1][col - 1:].split("#", 1)[0]
+            stripped = text.lstrip()
+            if stripped:
+                return line, col + len(text) - len(stripped)
+            line, col = line + 1, 1
+        return None
 
     def _call(self, meta, func, args):
         pos, kws = [], []
