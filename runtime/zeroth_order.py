@@ -121,15 +121,19 @@ def spsa(objective: Callable, theta, key, o: dict, mesh=None):
     def sample(s, acc):
         keys = jax.random.split(jax.random.fold_in(key, s), len(leaves))
 
-        def z(t, k):  # regenerated at each use, never stored
-            return hashed_normal(k, t.shape, t.dtype)
+        def z(t, k, after):
+            """z regenerated at each use, never stored: the barrier ties the key to the value
+            computed before this use, so XLA can neither merge the three generations into one
+            stored array nor run both evaluations (and hold both activations) at once."""
+            return hashed_normal(lax.optimization_barrier((k, after))[0], t.shape, t.dtype)
 
-        shifted = [t + eps * z(t, k) for t, k in zip(leaves, keys)]
+        shifted = [t + eps * z(t, k, s) for t, k in zip(leaves, keys)]
         plus = objective(tree.unflatten(shifted))
         # theta - eps z from theta + eps z, as MeZO does in place: it can take its buffer
-        minus = objective(tree.unflatten([t - 2 * eps * z(t, k) for t, k in zip(shifted, keys)]))
+        minus = objective(tree.unflatten([t - 2 * eps * z(t, k, plus)
+                                          for t, k in zip(shifted, keys)]))
         proj = (plus - minus) / (2 * eps)
-        return [a + proj * z(a, k) for a, k in zip(acc, keys)]
+        return [a + proj * z(a, k, minus) for a, k in zip(acc, keys)]
 
     zeros = [jnp.zeros_like(t) for t in leaves]
     # one sample needs no loop (and leaves extern calls at the top level, where an artifact
@@ -152,15 +156,21 @@ def _population_weights(objective, perturbed, noise, o: dict, theta, mesh):
 
 
 def es(objective: Callable, theta, key, o: dict, mesh=None):
+    """The population is built as one array per parameter, theta + sigma [z; -z], evaluated by
+    one vmap, and the estimate uses the perturbations as applied, (member - theta) / sigma:
+    the noise is drawn once and read back instead of being regenerated at each use."""
     leaves, tree = jax.tree.flatten(theta)
-    n = int(o["pop"]) // 2 if o["antithetic"] else int(o["pop"])
-    noise = _normals(key, leaves, (n,))
-
-    def perturbed(e, s):
-        return tree.unflatten([t + s * ei for t, ei in zip(leaves, e)])
-
-    w = _population_weights(objective, perturbed, noise, o, theta, mesh)
-    return tree.unflatten([jnp.tensordot(w, e, axes=1) for e in noise])
+    sigma, antithetic = o["sigma"], o["antithetic"]
+    n = int(o["pop"]) // 2 if antithetic else int(o["pop"])
+    members = [_shard(t + sigma * (jnp.concatenate([z, -z]) if antithetic else z), mesh)
+               for t, z in zip(leaves, _normals(key, leaves, (n,)))]
+    values = jax.vmap(lambda *m: objective(tree.unflatten(list(m))))(*members)
+    if antithetic:
+        w = (values[:n] - values[n:]) / (2 * sigma * n)
+    else:
+        w = (values - objective(theta)) / (sigma * n)
+    return tree.unflatten([jnp.tensordot(w, (m[:n] - t) / sigma, axes=1)
+                           for m, t in zip(members, leaves)])
 
 
 def eggroll(objective: Callable, theta, key, o: dict, mesh=None):
