@@ -56,12 +56,11 @@ import platform
 import time
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from timing import interleaved
+from timing import interleaved, parse_timing_args, timing_args
 
 N, M, D = 1000, 500, 100
 STEPS, CG_ITERS = 300, 30
@@ -336,14 +335,8 @@ def memory_curve(p: Problem, steps: tuple[int, ...]) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="a few rounds only (smoke test)")
-    ap.add_argument("--rounds", type=int, default=100, help="interleaved rounds (default 100)")
-    ap.add_argument("--calls", type=int, default=5, help="calls per timed sample (default 5)")
-    ap.add_argument("--warmup", type=int, default=5, help="warm-up calls per variant (default 5)")
-    ap.add_argument("--json", type=Path, default=None, help="write the results to this file")
-    a = ap.parse_args(argv)
-    if a.quick:
-        a.rounds, a.calls, a.warmup = 4, 2, 1
+    timing_args(ap, 100, 5, 5, "a few rounds only (smoke test)")
+    a = parse_timing_args(ap, argv)
 
     import jax
 

@@ -60,7 +60,6 @@ import json
 import os
 import platform
 import time
-from pathlib import Path
 from typing import Callable
 
 import jax
@@ -69,7 +68,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 import gradlang
-from timing import interleaved
+from timing import interleaved, parse_timing_args, timing_args
 
 SIGMA, LR, B_ES = 0.05, 0.01, 64
 ERF_INV = "2.81022636e-08"  # a coefficient of XLA's erf_inv polynomial (one per fusion using it)
@@ -376,14 +375,8 @@ def spsa_memory(hidden: list[int], d: int = 512, c: int = 10, b: int = 64) -> li
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes, a few rounds (smoke test)")
-    ap.add_argument("--rounds", type=int, default=20, help="interleaved rounds (default 20)")
-    ap.add_argument("--calls", type=int, default=3, help="calls per timed sample (default 3)")
-    ap.add_argument("--warmup", type=int, default=3, help="warm-up calls per variant (default 3)")
-    ap.add_argument("--json", type=Path, default=None, help="write the results to this file")
-    a = ap.parse_args(argv)
-    if a.quick:
-        a.rounds, a.calls, a.warmup = 4, 2, 1
+    timing_args(ap, 20, 3, 3, "small sizes, a few rounds (smoke test)")
+    a = parse_timing_args(ap, argv)
     models = [(32, 64, 4), (64, 256, 8)] if a.quick else [(32, 64, 4), (64, 256, 8), (128, 512, 16)]
     pops = [64] if a.quick else [64, 256]
     sizes = [64, 128, 256] if a.quick else [64, 128, 256, 512, 1024, 2048, 4096]

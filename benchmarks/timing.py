@@ -37,3 +37,23 @@ def interleaved(variants: dict, args: tuple, ref: str, rounds: int, calls: int, 
                   "ratio_p25": float(np.percentile(ratios, 25)),
                   "ratio_p75": float(np.percentile(ratios, 75))}
     return out
+
+
+def timing_args(ap, rounds: int, calls: int, warmup: int, quick: str) -> None:
+    """The shared flags: --quick (help `quick`), --rounds, --calls, --warmup, --json."""
+    from pathlib import Path
+
+    ap.add_argument("--quick", action="store_true", help=quick)
+    ap.add_argument("--rounds", type=int, default=rounds, help=f"interleaved rounds (default {rounds})")
+    ap.add_argument("--calls", type=int, default=calls, help=f"calls per timed sample (default {calls})")
+    ap.add_argument("--warmup", type=int, default=warmup,
+                    help=f"warm-up calls per variant (default {warmup})")
+    ap.add_argument("--json", type=Path, default=None, help="write the results to this file")
+
+
+def parse_timing_args(ap, argv):
+    """Parse; --quick means 4 rounds of 2 calls after 1 warm-up call."""
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.rounds, a.calls, a.warmup = 4, 2, 1
+    return a
