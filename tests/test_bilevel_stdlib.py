@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -275,18 +274,14 @@ KEYS = {
 }
 
 
-def _run(name, args, tmp_path, load_example) -> dict:
-    summary = load_example(name).main([*args, "--out", str(tmp_path)])
-    assert KEYS[name] <= set(summary)
-    written = json.loads((tmp_path / f"{name}.json").read_text())
-    assert written["example"] == name and KEYS[name] <= set(written)
-    assert (tmp_path / f"{name}_loss.png").stat().st_size > 0
+def _run(name, args, run_example) -> dict:
+    summary, written = run_example(name, args, KEYS[name])
     return summary
 
 
-def test_hyper_ridge_runs_with_a_few_steps(tmp_path, load_example):
+def test_hyper_ridge_runs_with_a_few_steps(run_example):
     s = _run("hyper_ridge", ["--steps", "40", "--d", "20", "--informative", "4", "--n-test", "500",
-                             "--grid", "11"], tmp_path, load_example)
+                             "--grid", "11"], run_example)
     assert s["hypergradient_relative_error_vs_closed_form"] < 1e-3
     assert s["per_feature"]["solver_relative_error"] < 1e-3
     # The learned penalties beat the initial ones on the validation loss, and noise features
@@ -295,8 +290,8 @@ def test_hyper_ridge_runs_with_a_few_steps(tmp_path, load_example):
     assert s["median_log_lam_noise"] > s["median_log_lam_informative"]
 
 
-def test_reweight_runs_with_a_few_steps(tmp_path, load_example):
-    s = _run("reweight", ["--steps", "15", "--n-train", "300", "--n-val", "60"], tmp_path, load_example)
+def test_reweight_runs_with_a_few_steps(run_example):
+    s = _run("reweight", ["--steps", "15", "--n-train", "300", "--n-val", "60"], run_example)
     sep = s["separation"]
     # The learned weights put less weight on the flipped examples than on the clean ones.
     assert sep["mean_weight_flipped"] < sep["mean_weight_clean"]
@@ -305,16 +300,16 @@ def test_reweight_runs_with_a_few_steps(tmp_path, load_example):
 
 
 @pytest.mark.slow
-def test_hyper_ridge_with_default_settings(tmp_path, load_example):
-    s = _run("hyper_ridge", [], tmp_path, load_example)
+def test_hyper_ridge_with_default_settings(run_example):
+    s = _run("hyper_ridge", [], run_example)
     # Measured (seed 0): test MSE shared penalty 2.184, per-feature 1.390, oracle 1.123.
     assert s["per_feature"]["test_mse"] < s["shared_penalty"]["test_mse"] - 0.4
     assert s["per_feature"]["val_mse"] < s["shared_penalty"]["val_mse"]
 
 
 @pytest.mark.slow
-def test_reweight_with_default_settings(tmp_path, load_example):
-    s = _run("reweight", [], tmp_path, load_example)
+def test_reweight_with_default_settings(run_example):
+    s = _run("reweight", [], run_example)
     # Measured (seed 0): test accuracy unweighted 0.753, reweighted 0.855; AUC 0.816.
     assert s["test_accuracy_reweighted"] > s["test_accuracy_unweighted"] + 0.05
     assert s["separation"]["auc_clean_vs_flipped"] > 0.75

@@ -14,7 +14,6 @@ ES, EGGROLL and pathwise gradients (cartpole).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
@@ -163,21 +162,17 @@ METHOD_KEYS = {
 }
 
 
-def _run(name, args, tmp_path, load_example) -> dict:
-    summary = load_example(name).main([*args, "--out", str(tmp_path)])
-    assert KEYS[name] <= set(summary)
-    written = json.loads((tmp_path / f"{name}.json").read_text())
-    assert written["example"] == name and KEYS[name] <= set(written)
+def _run(name, args, run_example) -> dict:
+    summary, written = run_example(name, args, KEYS[name])
     for r in written["methods"].values():
         assert METHOD_KEYS[name] <= set(r)
-    assert (tmp_path / f"{name}_loss.png").stat().st_size > 0
     return summary
 
 
 @pytest.mark.parametrize("method", ["mezo_error", "mezo_error_wide", "mezo_loss", "backprop"])
-def test_mezo_mlp_runs_with_a_few_steps(method, tmp_path, load_example):
+def test_mezo_mlp_runs_with_a_few_steps(method, run_example):
     s = _run("mezo_mlp", ["--steps", "1000", "--eval-every", "500", "--methods", method],
-             tmp_path, load_example)
+             run_example)
     r = s["methods"][method]
     pre = s["pretraining"]
     assert 0.8 < pre["test_accuracy"] < 0.92  # pretrained, with room to fine-tune
@@ -201,10 +196,10 @@ def test_mezo_mlp_runs_with_a_few_steps(method, tmp_path, load_example):
 
 
 @pytest.mark.parametrize("method", ["pathwise", "es", "eggroll"])
-def test_cartpole_runs_with_a_few_steps(method, tmp_path, load_example):
+def test_cartpole_runs_with_a_few_steps(method, run_example):
     s = _run("cartpole", ["--steps", "60", "--seeds", "1", "--horizon", "50", "--eval-horizon", "100",
                           "--n-init", "8", "--n-test", "16", "--eval-every", "20", "--cosine-keys", "0",
-                          "--methods", method], tmp_path, load_example)
+                          "--methods", method], run_example)
     r = s["methods"][method]
     # Measured (seed 0): cost 0.786 -> 0.021 (pathwise), 0.027 (ES), 0.032 (EGGROLL).
     assert r["final_cost_mean"] < 0.1 * s["initial_cost_mean"]
@@ -215,8 +210,8 @@ def test_cartpole_runs_with_a_few_steps(method, tmp_path, load_example):
 
 
 @pytest.mark.slow
-def test_mezo_mlp_with_default_settings(tmp_path, load_example):
-    s = _run("mezo_mlp", [], tmp_path, load_example)
+def test_mezo_mlp_with_default_settings(run_example):
+    s = _run("mezo_mlp", [], run_example)
     r = s["methods"]
     # Measured (seed 0, 10000 steps): test accuracy 0.880 -> 0.883 (SPSA on the error rate,
     # eps 1e-3, 0.2% nonzero estimates), 0.947 (eps 3e-2), 0.967 (SPSA on the loss), 0.978
@@ -229,8 +224,8 @@ def test_mezo_mlp_with_default_settings(tmp_path, load_example):
 
 
 @pytest.mark.slow
-def test_cartpole_with_default_settings(tmp_path, load_example):
-    s = _run("cartpole", [], tmp_path, load_example)
+def test_cartpole_with_default_settings(run_example):
+    s = _run("cartpole", [], run_example)
     r = s["methods"]
     # Measured (seed 0, 3 seeds, 300 steps): final cost 11.25 -> 0.0176 (pathwise), 0.0269
     # (ES), 0.0341 (EGGROLL); training states up for the 2 s horizon 100%, 92%, 83%; fresh

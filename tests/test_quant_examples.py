@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -307,18 +306,14 @@ KEYS = {
 }
 
 
-def _run(name, args, tmp_path, load_example):
-    summary = load_example(name).main([*args, "--out", str(tmp_path)])
-    assert KEYS[name] <= set(summary)
-    written = json.loads((tmp_path / f"{name}.json").read_text())
-    assert written["example"] == name and KEYS[name] <= set(written)
-    assert (tmp_path / f"{name}_loss.png").stat().st_size > 0
+def _run(name, args, run_example) -> dict:
+    summary, written = run_example(name, args, KEYS[name])
     return summary
 
 
 @pytest.mark.parametrize("name", list(KEYS))
-def test_example_runs_with_a_few_steps(name, tmp_path, load_example):
-    s = _run(name, ["--steps", "20", "--eval-every", "10", "--hidden", "64"], tmp_path, load_example)
+def test_example_runs_with_a_few_steps(name, run_example):
+    s = _run(name, ["--steps", "20", "--eval-every", "10", "--hidden", "64"], run_example)
     if name == "binary_mlp":
         d = s["deployment_check"]
         assert d["max_distinct_weights_per_channel"] == 2 and d["hidden_values"] == [-1.0, 1.0]
@@ -330,8 +325,8 @@ def test_example_runs_with_a_few_steps(name, tmp_path, load_example):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(KEYS))
-def test_example_learns_with_default_settings(name, tmp_path, load_example):
-    s = _run(name, [], tmp_path, load_example)
+def test_example_learns_with_default_settings(name, run_example):
+    s = _run(name, [], run_example)
     if name == "binary_mlp":
         # Measured (seed 0): float32 0.983, STE 0.978, ReSTE 0.981.
         assert s["test_accuracy_float32"] >= 0.96

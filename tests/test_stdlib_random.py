@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -309,23 +308,19 @@ FULL = {  # enough steps to learn something (marked slow)
 }
 
 
-def _run(name, args, tmp_path, load_example):
-    summary = load_example(name).main([*args, "--out", str(tmp_path)])
-    assert KEYS[name] <= set(summary)
-    written = json.loads((tmp_path / f"{name}.json").read_text())
-    assert written["example"] == name and KEYS[name] <= set(written)
-    assert (tmp_path / f"{name}_loss.png").stat().st_size > 0
+def _run(name, args, run_example) -> dict:
+    summary, written = run_example(name, args, KEYS[name])
     return summary
 
 
 @pytest.mark.parametrize("name", list(FAST))
-def test_example_runs_with_a_few_steps(name, tmp_path, load_example):
+def test_example_runs_with_a_few_steps(name, run_example):
     # These runs are dominated by XLA compilation, and XLA:CPU compiles JAX's default
     # (partitionable) threefry random bits about 5x slower than the classic ones: a 10-arm
     # rollout takes 2 s to compile instead of 0.4 s. Scoped to this test; the numbers differ,
     # the plumbing checked here does not.
     with jax.threefry_partitionable(False):
-        summary = _run(name, FAST[name], tmp_path, load_example)
+        summary = _run(name, FAST[name], run_example)
     if name == "vae_discrete":
         v = summary["gradient_variance"]["init"]
         assert v["score_loo"]["total"] > 0 and v["gumbel"]["total"] > 0
@@ -333,8 +328,8 @@ def test_example_runs_with_a_few_steps(name, tmp_path, load_example):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(FULL))
-def test_example_learns(name, tmp_path, load_example):
-    s = _run(name, FULL[name], tmp_path, load_example)
+def test_example_learns(name, run_example):
+    s = _run(name, FULL[name], run_example)
     if name == "vae_gaussian":
         assert s["final_test_elbo"] > -24  # nats per 64-pixel image (about -44 untrained)
         assert s["test_iwae"]["100"] >= s["test_iwae"]["1"]
