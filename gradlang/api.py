@@ -87,7 +87,8 @@ class CompiledModule(_Exports):
                                  if op.name == "host_call"})
         self._raw = {e.name: export_function(ir, e, externs, mesh) for e in ir.exports}
         super().__init__({
-            name: CompiledFunction(sig, jax.jit(fn) if set(sig.externs) <= set(externs)
+            name: CompiledFunction(sig, jax.jit(fn, donate_argnums=sig.donated)
+                                   if set(sig.externs) <= set(externs)
                                    else _unbound(sig, externs))
             for name, (sig, fn) in self._raw.items()})
 

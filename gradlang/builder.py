@@ -17,7 +17,7 @@ from .ops import (ArgminParams, CallParams, HostParams, CastParams, ConstParams,
 from .types import DType, NamedType, TensorType, TupleType, Type
 
 I32_MAX = 2**31 - 1
-TRANSFORMS = ("grad", "value_and_grad")
+TRANSFORMS = ("grad", "value_and_grad", "descend")
 
 
 def estimator_from_ast(a: ast.Annotation, diags: Diagnostics,
@@ -199,7 +199,7 @@ def _build_export(decl: ast.ExportDecl, unit: str, diags: Diagnostics) -> Export
         return Export(decl.name, Transform("fn", qualify(unit, _dotted(value))), decl.span,
                       value.span)
     usage = ("an export must name a function or be grad(f, wrt=[...]), value_and_grad(f, "
-             "wrt=[...]) or expect(f, samples=N)")
+             "wrt=[...]), descend(f, wrt=[...], lr=...) or expect(f, samples=N)")
     if not (isinstance(value, ast.Call) and isinstance(value.func, ast.Name)
             and value.func.id in TRANSFORMS):
         diags.error(usage, value.span)
@@ -212,15 +212,24 @@ def _build_export(decl: ast.ExportDecl, unit: str, diags: Diagnostics) -> Export
                         f"positional argument", value.span)
         return None
     wrt = [k for k in value.kwargs if k.name == "wrt"]
-    by = None
+    by, lr = None, None
     for k in value.kwargs:
         if k.name == "by":
             by = _estimator_option(k.value, diags)
             if by is None:
                 return None
+        elif k.name == "lr" and kind == "descend":
+            lr = _literal(k.value)
+            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
+                diags.error("lr must be a positive number literal, e.g. lr=0.001", k.value.span)
+                return None
         elif k.name != "wrt":
-            diags.error(f"unknown option '{k.name}' for {kind}; expected wrt=[...] and "
+            lr_text = ", lr=..." if kind == "descend" else ""
+            diags.error(f"unknown option '{k.name}' for {kind}; expected wrt=[...]{lr_text} and "
                         f"optionally by=ESTIMATOR", k.span)
+    if kind == "descend" and lr is None:
+        diags.error("descend needs lr=...: the step size of theta - lr * gradient", value.span)
+        return None
     if not wrt:
         diags.error(f"{kind} needs wrt=[...]: the parameters to differentiate with respect to",
                     value.span)
@@ -233,8 +242,8 @@ def _build_export(decl: ast.ExportDecl, unit: str, diags: Diagnostics) -> Export
     names = tuple(e.id for e in targets.elems)  # type: ignore[attr-defined]
     spans = tuple(e.span for e in targets.elems)
     fn, n = objective
-    return Export(decl.name, Transform(kind, qualify(unit, fn.id), names, spans, n, by), decl.span,
-                  fn.span)
+    return Export(decl.name, Transform(kind, qualify(unit, fn.id), names, spans, n, by,
+                                       None if lr is None else float(lr)), decl.span, fn.span)
 
 
 def _estimator_option(e: ast.Expr, diags: Diagnostics) -> Estimator | None:

@@ -93,7 +93,7 @@ def _black_box(module: Module, name: str, t, what: str, reach: list[str]) -> lis
     evals += t.kind == "value_and_grad"
     externs = [op.params.name for f in reach for op in module.function(f).body.ops
                if op.name == "host_call"]
-    lines = [f"export {name} = {t.kind}({what}, wrt=[{', '.join(t.wrt)}], by={t.by})"]
+    lines = [f"export {name} = {t.call(what)}"]
     if t.by.name == "eggroll":
         target = ("identity-covariance noise: unbiased on quadratics, otherwise O(sigma^2) from "
                   f"the gradient of the Gaussian-smoothed objective E f(w + {smooth} z)")
@@ -103,7 +103,17 @@ def _black_box(module: Module, name: str, t, what: str, reach: list[str]) -> lis
     if externs:
         lines.append(f"  externs called: {', '.join(externs)} (Python, through host callbacks)")
     lines.append(f"  cost: {evals} forward evaluations, no backward pass")
-    return lines
+    return lines + _descend(t)
+
+
+def _descend(t) -> list[str]:
+    """The update line of a `descend` export."""
+    if t.kind != "descend":
+        return []
+    how = ("; the update regenerates the SPSA noise, so no gradient is stored (MeZO)"
+           if t.by is not None and t.by.name == "spsa" else "")
+    return [f"  update: p <- p - {t.lr:g} * grad p for p in {', '.join(t.wrt)}, written over the "
+            f"arrays passed for them (donated){how}"]
 
 
 def explain(module: Module) -> str:
@@ -126,7 +136,7 @@ def explain(module: Module) -> str:
             lines += _black_box(module, export.name, t, what, reach)
             continue
         else:
-            lines.append(f"export {export.name} = {t.kind}({what}, wrt=[{', '.join(t.wrt)}])")
+            lines.append(f"export {export.name} = {t.call(what)}")
             for name in t.wrt:
                 if name in flow[export.name].zero:
                     lines.append(f"  {name}: gradient is identically zero (no differentiable path "
@@ -168,4 +178,5 @@ def explain(module: Module) -> str:
         if t.kind != "fn":
             lines.append(f"  cost: {n} x (1 forward + 1 backward evaluation)" if here or samples
                          else "  cost: 1 forward + 1 backward evaluation")
+            lines += _descend(t)
     return "\n".join(lines) + ("\n" if lines else "")

@@ -80,9 +80,10 @@ class StructDef:
 
 @dataclass(frozen=True)
 class Transform:
-    """What an export computes: `fn` itself, or grad / value_and_grad of it wrt some params."""
+    """What an export computes: `fn` itself, grad / value_and_grad of it wrt some params, or
+    one step of gradient descent on them (`descend`)."""
 
-    kind: str  # "fn" | "grad" | "value_and_grad"
+    kind: str  # "fn" | "grad" | "value_and_grad" | "descend"
     fn: str
     wrt: tuple[str, ...] = ()
     wrt_spans: tuple[Span, ...] = ()
@@ -90,6 +91,14 @@ class Transform:
     """`expect(fn, samples=N)`: the Monte Carlo mean over N draws (0: fn as it is)."""
     by: Estimator | None = None
     """`grad(f, wrt=[...], by=spsa(...))`: a black-box (zeroth-order) gradient estimator."""
+    lr: float | None = None
+    """`descend(f, wrt=[...], lr=...)`: the step size."""
+
+    def call(self, fn: str) -> str:
+        """`kind(fn, wrt=[...], lr=..., by=...)` as written in source (`fn` as given)."""
+        lr = f", lr={self.lr:g}" if self.lr is not None else ""
+        by = f", by={self.by}" if self.by is not None else ""
+        return f"{self.kind}({fn}, wrt=[{', '.join(self.wrt)}]{lr}{by})"
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,5 @@ def print_module(module: Module) -> str:
         if t.kind == "fn":
             parts.append(f"export @{e.name} = {fn}")
         else:
-            by = f", by={t.by}" if t.by is not None else ""
-            parts.append(f"export @{e.name} = {t.kind}({fn}, wrt=[{', '.join(t.wrt)}]{by})")
+            parts.append(f"export @{e.name} = {t.call(fn)}")
     return "\n\n".join(parts) + "\n"

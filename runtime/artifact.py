@@ -115,8 +115,10 @@ def loaded_function(signature: Signature, content, externs: Mapping[str, object]
     if isinstance(content, tuple):
         plan, pieces = content
         calls = [mapped_under_vmap(p.call) for p in pieces]
-        return jax.jit(casting(signature, stitched(plan, calls, externs)))
-    return jax.jit(casting(signature, mapped_under_vmap(content.call)))
+        return jax.jit(casting(signature, stitched(plan, calls, externs)),
+                       donate_argnums=signature.donated)
+    return jax.jit(casting(signature, mapped_under_vmap(content.call)),
+                   donate_argnums=signature.donated)
 
 
 def mapped_under_vmap(fn: Callable) -> Callable:

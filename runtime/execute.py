@@ -1,7 +1,8 @@
 """Build the JAX function of each export: the lowered function, or its (value and) gradient.
 
 `grad` and `value_and_grad` use JAX's reverse mode on the lowered function; gradients come
-back as a dict keyed by the `wrt` parameter names. A stateful export (a moving-average
+back as a dict keyed by the `wrt` parameter names. `descend` returns the `wrt` parameters after
+one step theta - lr * gradient, in the same dict. A stateful export (a moving-average
 baseline) also returns the updated state, last.
 """
 
@@ -48,11 +49,22 @@ def export_function(module: Module, export: Export, externs: Mapping[str, object
                                       "baseline state is not supported")
         draws = signature.function in module.facts.get("random", ())
         g = black_box(f, names[:-1], signature.wrt, by, draws, signature.kind == "value_and_grad",
-                      mesh)
+                      mesh, export.transform.lr)
         return signature, casting(signature, g)
     wrt = signature.wrt
     argnums = tuple(names.index(w) for w in wrt)
     aux = signature.stateful
+    if signature.kind == "descend":
+        g = jax.grad(f, argnums=argnums, has_aux=aux)
+        lr = export.transform.lr
+
+        def descend_fn(*args):
+            grads, state = g(*args) if aux else (g(*args), None)
+            new = {w: jax.tree.map(lambda t, d: t - lr * d, args[i], d)
+                   for w, i, d in zip(wrt, argnums, grads)}
+            return (new, state) if aux else new
+
+        return signature, casting(signature, descend_fn)
     if signature.kind == "grad":
         g = jax.grad(f, argnums=argnums, has_aux=aux)
 

@@ -20,11 +20,12 @@ from gradlang.ops import OPS
 from gradlang.types import StructType, TensorType, TupleType, Type
 
 from .rules import JNP_DTYPES, LOWERINGS
-from .zeroth_order import LowRank, dense
+from .perturbed import Factored, dense
 
 
 _FACTORED = frozenset({"matmul", "get", "getfield", "tuple", "struct_new", "call_fn"})
-"""Ops that take a low-rank perturbed matrix (eggroll) as it is; others get it materialized."""
+"""Ops that take a factored perturbed matrix (`runtime.perturbed`) as it is; others get it
+materialized."""
 
 
 class LoweringError(Exception):
@@ -90,7 +91,7 @@ class _Ctx:
 
     def coerce(self, x: Any, t: Type) -> Any:
         """Give a value the dtypes of `t` (weak literals and promoted results)."""
-        if isinstance(x, LowRank):
+        if isinstance(x, Factored):
             return x
         if isinstance(t, TensorType):
             dtype = JNP_DTYPES[t.dtype]

@@ -22,7 +22,7 @@ from .numerics import softplus
 from .rules_argmin import ARGMIN_LOWERINGS
 from .rules_nonsmooth import NONSMOOTH_LOWERINGS
 from .rules_random import RANDOM_LOWERINGS
-from .zeroth_order import LowRank
+from .perturbed import Factored
 
 JNP_DTYPES = {DType.F32: jnp.float32, DType.F64: jnp.float64, DType.I32: jnp.int32,
               DType.BOOL: jnp.bool_}
@@ -135,10 +135,10 @@ def _for(ctx, op: Op, *inits):
 
 
 def _matmul(ctx, op, a, b):
-    """a @ b; a low-rank perturbed matrix (eggroll) stays factored."""
-    if isinstance(b, LowRank):
-        return b.rmatmul(a.dense() if isinstance(a, LowRank) else a)
-    if isinstance(a, LowRank):
+    """a @ b; a perturbed matrix (`runtime.perturbed`) stays factored."""
+    if isinstance(b, Factored):
+        return b.rmatmul(a.dense() if isinstance(a, Factored) else a)
+    if isinstance(a, Factored):
         return a.matmul(b)
     return jnp.matmul(a, b)
 

@@ -24,7 +24,7 @@ class Signature:
     """What an export takes and returns; stored in artifact headers as JSON."""
 
     name: str
-    kind: str  # "fn" | "grad" | "value_and_grad"
+    kind: str  # "fn" | "grad" | "value_and_grad" | "descend"
     function: str
     params: tuple[tuple[str, Type], ...]
     result: Type
@@ -34,6 +34,15 @@ class Signature:
     also returns its update, last."""
     externs: tuple[str, ...] = ()
     """The extern functions it calls (their Python bindings are needed to run it)."""
+
+    @property
+    def donated(self) -> tuple[int, ...]:
+        """Positions of the arguments a call consumes: a `descend` export writes the updated
+        parameters over its `wrt` arguments' buffers (in place, as MeZO does)."""
+        if self.kind != "descend":
+            return ()
+        names = [n for n, _ in self.params]
+        return tuple(names.index(w) for w in self.wrt)
 
     @property
     def dims(self) -> list[str]:
@@ -175,7 +184,8 @@ class CompiledFunction:
     """A compiled export: call it with positional or keyword arguments (structs as dicts).
 
     A `grad` export returns a dict of gradients keyed by the `wrt` names; `value_and_grad`
-    returns `(value, grads)`. Composes with `jax.jit` and `jax.vmap`.
+    returns `(value, grads)`; `descend` returns the updated `wrt` parameters in the same dict
+    and consumes (donates) the arrays passed for them. Composes with `jax.jit` and `jax.vmap`.
     """
 
     def __init__(self, signature: Signature, fn: Callable):

@@ -20,9 +20,7 @@ With a `mesh`, the population axis of the perturbations is sharded over the mesh
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -30,53 +28,7 @@ from jax import lax
 
 from gradlang.ops import Estimator
 
-
-@jax.tree_util.register_pytree_node_class
-@dataclass(frozen=True)
-class LowRank:
-    """The matrix w + scale * a @ b.T, kept factored (a: [m, r], b: [n, r])."""
-
-    w: jax.Array
-    a: jax.Array
-    b: jax.Array
-    scale: float
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.w.shape
-
-    @property
-    def dtype(self):
-        return self.w.dtype
-
-    def dense(self) -> jax.Array:
-        return self.w + self.scale * self.a @ self.b.T
-
-    def rmatmul(self, x: jax.Array) -> jax.Array:
-        """x @ (w + s a b^T) = x @ w + s (x @ a) b^T."""
-        return x @ self.w + self.scale * (x @ self.a) @ self.b.T
-
-    def matmul(self, x: jax.Array) -> jax.Array:
-        """(w + s a b^T) @ x = w @ x + s a (b^T @ x)."""
-        return self.w @ x + self.scale * self.a @ (self.b.T @ x)
-
-    def tree_flatten(self):
-        return (self.w, self.a, self.b), self.scale
-
-    @classmethod
-    def tree_unflatten(cls, scale, children):
-        return cls(*children, scale)
-
-
-def dense(x):
-    """x with every LowRank inside it materialized."""
-    if isinstance(x, LowRank):
-        return x.dense()
-    if isinstance(x, dict):
-        return {k: dense(v) for k, v in x.items()}
-    if isinstance(x, tuple):
-        return tuple(dense(v) for v in x)
-    return x
+from .perturbed import LowRank, Seeded, seed_of, seeded_normal
 
 
 def _normals(key, leaves: list, lead: tuple[int, ...] = ()) -> list:
@@ -93,53 +45,59 @@ def _shard(x, mesh):
     return lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def _mix(x: jax.Array) -> jax.Array:
-    """lowbias32 (C. Wellons): a 32-bit integer hash with full avalanche."""
-    x = (x ^ (x >> 16)) * jnp.uint32(0x7FEB352D)
-    x = (x ^ (x >> 15)) * jnp.uint32(0x846CA68B)
-    return x ^ (x >> 16)
+def _seeds(key, sample, n: int, after) -> list:
+    """The noise seeds of one SPSA sample, one per parameter leaf. The barrier ties them to
+    the value computed before this use, so XLA can neither merge the generations of the same
+    noise into one stored array nor run two evaluations (and hold both activations) at once."""
+    keys = jax.random.split(jax.random.fold_in(key, sample), n)
+    return lax.optimization_barrier(([seed_of(k) for k in keys], after))[0]
 
 
-def hashed_normal(key, shape: tuple, dtype) -> jax.Array:
-    """N(0, I) noise as a pure elementwise function of (key, index): two hashed 24-bit
-    uniforms per entry through Box-Muller. XLA fuses it into its consumer (t + eps * z is one
-    loop writing one array), where `jax.random.normal` on CPU materializes random-bit
-    intermediates of about 4x the array; SPSA regenerates it at each use instead of storing it."""
-    seed = jax.random.bits(key, (2,), jnp.uint32)
-    index = lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
-    a = _mix(_mix(index ^ seed[0]) + seed[1])
-    b = _mix(a ^ jnp.uint32(0x9E3779B9))
-    u1 = ((a >> 8).astype(dtype) + 0.5) / 16777216.0
-    u2 = (b >> 8).astype(dtype) / 16777216.0
-    return jnp.sqrt(-2.0 * jnp.log(u1)) * jnp.cos(2.0 * jnp.pi * u2)
+def _perturb(t: jax.Array, seed, scale: float):
+    """t + scale z: a matrix stays `Seeded` (its matmuls regenerate z in tiles)."""
+    if t.ndim == 2:
+        return Seeded(t, seed, scale)
+    return t + scale * seeded_normal(seed, t.shape, t.dtype)
 
 
-def spsa(objective: Callable, theta, key, o: dict, mesh=None):
+def _projections(objective: Callable, leaves: list, tree, key, eps: float, samples: int):
+    """Per sample s, (f(theta + eps z_s) - f(theta - eps z_s)) / (2 eps); theta is only read."""
+
+    def projection(s, after):
+        seeds = _seeds(key, s, len(leaves), after)
+        plus = objective(tree.unflatten([_perturb(t, k, eps) for t, k in zip(leaves, seeds)]))
+        seeds = _seeds(key, s, len(leaves), plus)
+        minus = objective(tree.unflatten([_perturb(t, k, -eps) for t, k in zip(leaves, seeds)]))
+        return (plus - minus) / (2 * eps)
+
+    if samples == 1:  # no loop: extern calls stay at the top level, where artifacts cut them out
+        return projection(0, key)[None]
+    return lax.fori_loop(0, samples, lambda s, p: p.at[s].set(projection(s, p)),
+                         jnp.zeros((samples,), leaves[0].dtype))
+
+
+def _add_noise(base: list, key, coefs: jax.Array) -> list:
+    """base + sum_s coefs[s] z_s, each z_s regenerated from its seed: one fused loop per leaf,
+    written in place over `base` when it is donated."""
+
+    def add(s, acc):
+        seeds = _seeds(key, s, len(acc), coefs)
+        return [a + coefs[s] * seeded_normal(k, a.shape, a.dtype) for a, k in zip(acc, seeds)]
+
+    if coefs.shape[0] == 1:
+        return add(0, base)
+    return lax.fori_loop(0, coefs.shape[0], add, base)
+
+
+def spsa(objective: Callable, theta, key, o: dict, mesh=None, lr: float | None = None):
+    """The SPSA gradient, or with `lr` the SGD step theta - lr * gradient (MeZO), from the
+    projections and the regenerated noise: no copy of theta, perturbed or not, is made."""
     leaves, tree = jax.tree.flatten(theta)
-    eps, samples = o["eps"], int(o["samples"])
-
-    def sample(s, acc):
-        keys = jax.random.split(jax.random.fold_in(key, s), len(leaves))
-
-        def z(t, k, after):
-            """z regenerated at each use, never stored: the barrier ties the key to the value
-            computed before this use, so XLA can neither merge the three generations into one
-            stored array nor run both evaluations (and hold both activations) at once."""
-            return hashed_normal(lax.optimization_barrier((k, after))[0], t.shape, t.dtype)
-
-        shifted = [t + eps * z(t, k, s) for t, k in zip(leaves, keys)]
-        plus = objective(tree.unflatten(shifted))
-        # theta - eps z from theta + eps z, as MeZO does in place: it can take its buffer
-        minus = objective(tree.unflatten([t - 2 * eps * z(t, k, plus)
-                                          for t, k in zip(shifted, keys)]))
-        proj = (plus - minus) / (2 * eps)
-        return [a + proj * z(a, k, minus) for a, k in zip(acc, keys)]
-
-    zeros = [jnp.zeros_like(t) for t in leaves]
-    # one sample needs no loop (and leaves extern calls at the top level, where an artifact
-    # can cut them out)
-    acc = sample(0, zeros) if samples == 1 else lax.fori_loop(0, samples, sample, zeros)
-    return tree.unflatten([a / samples for a in acc])
+    samples = int(o["samples"])
+    proj = _projections(objective, leaves, tree, key, o["eps"], samples) / samples
+    if lr is None:
+        return tree.unflatten(_add_noise([jnp.zeros_like(t) for t in leaves], key, proj))
+    return tree.unflatten(_add_noise(leaves, key, -lr * proj))
 
 
 def _population_weights(objective, perturbed, noise, o: dict, theta, mesh):
@@ -201,9 +159,11 @@ ESTIMATORS = {"spsa": spsa, "es": es, "eggroll": eggroll}
 
 
 def black_box(f: Callable, names: list[str], wrt: tuple[str, ...], by: Estimator, draws: bool,
-              value: bool, mesh=None) -> Callable:
+              value: bool, mesh=None, lr: float | None = None) -> Callable:
     """The export's function of positional arguments (its key last) returning the estimated
-    gradient as a dict keyed by the wrt names, after the value when `value`."""
+    gradient as a dict keyed by the wrt names, after the value when `value`; with `lr`, the
+    descended parameters theta - lr * gradient instead (spsa fuses the update into the noise
+    regeneration, as MeZO does in place)."""
     index = [names.index(w) for w in wrt]
     estimate = ESTIMATORS[by.name]
     options = dict(by.options)
@@ -219,6 +179,12 @@ def black_box(f: Callable, names: list[str], wrt: tuple[str, ...], by: Estimator
             return f(*full, f_key) if draws else f(*full)
 
         theta = [args[i] for i in index]
+        if lr is not None:
+            if by.name == "spsa":
+                return dict(zip(wrt, spsa(objective, theta, key, options, mesh, lr)))
+            grads = estimate(objective, theta, key, options, mesh)
+            return {w: jax.tree.map(lambda t, g: t - lr * g, t, g)
+                    for w, t, g in zip(wrt, theta, grads)}
         grads = dict(zip(wrt, estimate(objective, theta, key, options, mesh)))
         return (objective(theta), grads) if value else grads
 

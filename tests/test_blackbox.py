@@ -92,7 +92,7 @@ def test_eggroll_is_unbiased_on_a_quadratic(name):
 
 def test_eggroll_low_rank_forward_equals_the_materialized_matrix():
     from gradlang.runtime.lower import Lowering
-    from gradlang.runtime.zeroth_order import LowRank
+    from gradlang.runtime.perturbed import LowRank
 
     m = gradlang.compile_source("""
 fn f(w: f32[M, K], x: f32[B, M]) -> f32 {
@@ -256,7 +256,7 @@ def test_explain_names_the_estimator_its_target_the_externs_and_the_cost():
 
 
 def test_spsa_noise_is_standard_normal_and_independent_across_keys():
-    from gradlang.runtime.zeroth_order import hashed_normal
+    from gradlang.runtime.perturbed import hashed_normal
 
     n = 400_000
     z = np.asarray(hashed_normal(jax.random.key(11), (n,), jnp.float32), np.float64)
