@@ -18,13 +18,9 @@ of a variant does the same work).
      (f(+) - f(-)) / (2 sigma pop/2) . z; the benchmark checks that both give the same update
      for the same noise (evosax's `tell` also tracks the best member: O(pop + D) extra);
    - `hand JAX (flat, one vmap)`: the same estimator on the flat vector, one normal draw
-     [pop/2, D], one `vmap` over the stacked [theta + sigma z; theta - sigma z];
-   - `hand JAX (per-leaf, two vmaps)`: diagnostic, gradlang's layout written by hand (one draw
-     per parameter leaf from split keys, a `vmap` for + and one for -); checked equal to
-     gradlang's update for the same key;
-   - `hand JAX (per-leaf, population)`: diagnostic, the same draws, but each consumed once, by
-     the stacked population theta + sigma [z; -z] (one `vmap`), the noise read back as
-     (member - theta) / sigma, as evosax does: a candidate layout for gradlang's `es`;
+     [pop/2, D], one `vmap` over the stacked [theta + sigma z; theta - sigma z]; gradlang's
+     `es` uses this layout, and the benchmark checks that both give the same update for the
+     same key;
    - `gradlang es`: `export g = grad(loss, wrt=[p], by=es(sigma=0.05, pop=P))`, the step
      `p - lr * m.g(p, x, y, key)["p"]` under `jax.jit`.
    Reported: steps/s, throughput relative to evosax (inverse of the median per-round time
@@ -39,14 +35,17 @@ of a variant does the same work).
    evaluates pop perturbed matmuls; EGGROLL draws pop/2 * r * 2m, computes x W once (shared by
    the population) and per member (x A) B^T, and assembles the [m, m] estimate with one
    rank-(pop/2 * r) contraction. Growth exponents d log(cost) / d log(m) are fitted over the
-   last three sizes.
+   last three sizes; times are also given relative to the forward pass (x W and the [m, m]
+   assembly are the only m^2 terms of EGGROLL).
 3. SPSA memory (compile only). A 3-layer MLP (D=512 -> H -> H -> 10, batch 64), H growing:
    the compiled `argument`, `temp`, `output` and `alias` bytes of the forward pass (`export
    forward = loss`), backprop (`grad(loss, wrt=[p])`), the SPSA gradient (`by=spsa(eps=1e-3)`),
-   an SPSA + SGD step with the parameters donated (`donate_argnums=0`, the update written in
-   place), and, as a diagnostic, a hand-written MeZO step (`jax.random.normal` noise; perturb
-   +eps z, then -2 eps z, then (eps - lr g) z; parameters donated).
-   total = argument + temp + output - alias; reported against the forward pass's total.
+   the SPSA gradient followed by an SGD step in one jit with the parameters donated
+   (`donate_argnums=0`), gradlang's MeZO step `descend(loss, wrt=[p], lr=0.01,
+   by=spsa(eps=1e-3))` (its parameters donated: the target's measure), and, as a diagnostic, a
+   hand-written MeZO step (`jax.random.normal` noise; perturb +eps z, then -2 eps z, then
+   (eps - lr g) z; parameters donated). total = argument + temp + output - alias; reported
+   against the forward pass's total.
 
 Timing is INTERLEAVED (benchmarks/timing.py): each round times every variant once, the order
 rotating, a sample being `--calls` consecutive calls each followed by `block_until_ready`.
@@ -178,23 +177,6 @@ def es_steps(pop: int, p, x, y, key) -> dict[str, tuple[Callable, tuple]]:
         fit = evaluate(jnp.concatenate([t + SIGMA * z, t - SIGMA * z]), x, y)
         return t - LR * ((fit[:n] - fit[n:]) / (pop * SIGMA)) @ z
 
-    def hand_leaf(p, x, y, key):
-        leaves, tree = jax.tree.flatten(p)
-        z = [jax.random.normal(k, (n,) + a.shape) for k, a in zip(jax.random.split(key, len(leaves)), leaves)]
-        f = jax.vmap(lambda e, s: mlp_loss(tree.unflatten([a + s * b for a, b in zip(leaves, e)]), x, y),
-                     in_axes=(0, None))
-        w = (f(z, SIGMA) - f(z, -SIGMA)) / (pop * SIGMA)
-        return tree.unflatten([a - LR * jnp.tensordot(w, e, 1) for a, e in zip(leaves, z)])
-
-    def hand_leaf_population(p, x, y, key):
-        leaves, tree = jax.tree.flatten(p)
-        keys = jax.random.split(key, len(leaves))
-        members = [a + SIGMA * jnp.concatenate([z, -z]) for a, z in
-                   ((a, jax.random.normal(k, (n,) + a.shape)) for k, a in zip(keys, leaves))]
-        fit = jax.vmap(lambda e: mlp_loss(tree.unflatten(e), x, y))(members)
-        w = (fit[:n] - fit[n:]) / (pop * SIGMA)
-        return tree.unflatten([a - LR * jnp.tensordot(w, (q[:n] - a) / SIGMA, 1) for a, q in zip(leaves, members)])
-
     m = gradlang.compile_source(MLP2.format(sigma=SIGMA, pop=pop))
 
     def gradlang_step(p, x, y, key):
@@ -202,8 +184,6 @@ def es_steps(pop: int, p, x, y, key) -> dict[str, tuple[Callable, tuple]]:
 
     return {"evosax Open_ES": (evosax_step, (state, x, y, key)),
             "hand JAX (flat, one vmap)": (hand_flat, (flat, x, y, key)),
-            "hand JAX (per-leaf, two vmaps)": (hand_leaf, (p, x, y, key)),
-            "hand JAX (per-leaf, population)": (hand_leaf_population, (p, x, y, key)),
             "gradlang es": (gradlang_step, (p, x, y, key))}
 
 
@@ -233,8 +213,8 @@ def es_throughput(models: list[tuple[int, int, int]], pops: list[int], rounds: i
             flat = steps["hand JAX (flat, one vmap)"][1][0]
             hand = exes["hand JAX (flat, one vmap)"](flat, x, y, jax.random.split(key)[0])  # evosax's ask key
             checks = {"hand flat vs evosax": rel_diff(hand, fns["evosax Open_ES"]().mean, flat),
-                      "gradlang vs hand per-leaf": rel_diff(fns["gradlang es"](),
-                                                            fns["hand JAX (per-leaf, two vmaps)"](), p)}
+                      "gradlang vs hand flat": rel_diff(ravel_pytree(fns["gradlang es"]())[0],
+                                                        fns["hand JAX (flat, one vmap)"](), flat)}
             for name, r in res.items():
                 r.update(erf_inv_fusions=exes[name].as_text().count(ERF_INV),
                          throughput_vs_evosax=1 / r["median_ratio"])
@@ -288,12 +268,17 @@ def eggroll_scaling(sizes: list[int], es_max: int, rounds: int, calls: int, budg
             return f"{r['time_s']['es'] / r['time_s']['eggroll_r1']:.1f}"
         return f"{r['memory']['es']['temp'] / r['memory']['eggroll_r1']['temp']:.0f}"
 
+    def per_forward(r: dict, n: str) -> str:
+        return f"{r['time_s'][n] / r['time_s']['forward']:.1f}" if n in r["time_s"] else "—"
+
     print(f"## 2. EGGROLL vs full-rank ES: W [m, m], x [{b}, m], pop=32, sigma=0.05\n")
     print("| m = n | es ms | eggroll r=1 ms | eggroll r=4 ms | forward ms | es / r=1 time "
+          "| es / forward | r=1 / forward | r=4 / forward "
           "| es temp MiB | r=1 temp MiB | r=4 temp MiB | forward temp MiB | es / r=1 temp | gradient MiB |")
-    print("|---:|" + "---:|" * 11)
+    print("|---:|" + "---:|" * 14)
     for r in rows:
         print(f"| {r['m']} | " + " | ".join(ms(r, n) for n in names) + f" | {ratio(r, 'time')} | "
+              + " | ".join(per_forward(r, n) for n in names[:3]) + " | "
               + " | ".join(tmp(r, n) for n in names)
               + f" | {ratio(r, 'temp')} | {mib(r['memory']['eggroll_r1']['output']):.2f} |")
     fits = {}
@@ -308,8 +293,14 @@ def eggroll_scaling(sizes: list[int], es_max: int, rounds: int, calls: int, budg
                       + (f", temp {f['temp']:.2f}" if f["temp"] is not None else "") for n, f in fits.items()) + "\n")
     if "eggroll_r1" in fits and "es" in fits:
         e, g = fits["es"]["temp"], fits["eggroll_r1"]["temp"]
+        last = rows[-1]
         print(f"Target EGGROLL cost ~ r(m+n), not mn: temp memory exponent {g:.2f} (es {e:.2f}); "
-              f"time exponent {fits['eggroll_r1']['time']:.2f}, the forward pass's {fits['forward']['time']:.2f}\n")
+              f"time exponent {fits['eggroll_r1']['time']:.2f}, the forward pass's "
+              f"{fits['forward']['time']:.2f}. The per-member work is r(m+n); what grows with mn is "
+              f"the forward's x @ W (computed once, shared by the population) and the assembly of "
+              f"the [m, n] estimate (a rank pop/2 * r product), so EGGROLL costs "
+              f"{last['time_s']['eggroll_r1'] / last['time_s']['forward']:.1f}x (r=1) the forward pass "
+              f"at m={last['m']}, where full-rank ES costs ~pop forward passes plus pop/2 * m^2 normals\n")
     return {"batch": b, "pop": 32, "rows": rows, "fits": fits}
 
 

@@ -20,6 +20,7 @@ With a `mesh`, the population axis of the perturbations is sharded over the mesh
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import jax
@@ -114,21 +115,26 @@ def _population_weights(objective, perturbed, noise, o: dict, theta, mesh):
 
 
 def es(objective: Callable, theta, key, o: dict, mesh=None):
-    """The population is built as one array per parameter, theta + sigma [z; -z], evaluated by
-    one vmap, and the estimate uses the perturbations as applied, (member - theta) / sigma:
-    the noise is drawn once and read back instead of being regenerated at each use."""
+    """As evosax's OpenES: the parameters flattened into one vector, one noise draw z [n, D],
+    the population theta + sigma [z; -z] one [pop, D] array whose rows are cut back into the
+    parameters inside one vmap, and the estimate the flat contraction w @ z."""
     leaves, tree = jax.tree.flatten(theta)
     sigma, antithetic = o["sigma"], o["antithetic"]
     n = int(o["pop"]) // 2 if antithetic else int(o["pop"])
-    members = [_shard(t + sigma * (jnp.concatenate([z, -z]) if antithetic else z), mesh)
-               for t, z in zip(leaves, _normals(key, leaves, (n,)))]
-    values = jax.vmap(lambda *m: objective(tree.unflatten(list(m))))(*members)
+    cuts = list(itertools.accumulate(t.size for t in leaves))[:-1]
+
+    def unflatten(flat):
+        return tree.unflatten([p.reshape(t.shape) for p, t in zip(jnp.split(flat, cuts), leaves)])
+
+    center = jnp.concatenate([t.ravel() for t in leaves])
+    z = jax.random.normal(key, (n, center.size), center.dtype)
+    members = _shard(center + sigma * (jnp.concatenate([z, -z]) if antithetic else z), mesh)
+    values = jax.vmap(lambda m: objective(unflatten(m)))(members)
     if antithetic:
         w = (values[:n] - values[n:]) / (2 * sigma * n)
     else:
         w = (values - objective(theta)) / (sigma * n)
-    return tree.unflatten([jnp.tensordot(w, (m[:n] - t) / sigma, axes=1)
-                           for m, t in zip(members, leaves)])
+    return unflatten(w @ z)
 
 
 def eggroll(objective: Callable, theta, key, o: dict, mesh=None):
