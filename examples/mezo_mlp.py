@@ -10,7 +10,8 @@ of only `--pretrain-n` training images), which leaves it at ~88% test accuracy, 
 every method from the same pretrained weights, on the same minibatches and (for SPSA) the same
 random directions:
 
-- `mezo_error`: MeZO's two-point SPSA, `grad(error, wrt=[p], by=spsa(eps=0.001))`, on the
+- `mezo_error`: MeZO's two-point SPSA step, `descend(error, wrt=[p], by=spsa(eps=0.001))`
+  (the update p - lr g written by regenerating the noise, no gradient stored), on the
   error rate computed by a NumPy `extern fn error_rate(...)` (non-differentiable: argmax on the
   host). MeZO's eps = 1e-3 was chosen for language models with hundreds of millions of
   parameters, where a perturbation that small still moves the logits; on this 2,410-parameter
@@ -100,15 +101,16 @@ def make_chunk(m, method: str, lr: float, total: int, x, y):
     def one(p, inp):
         key, idx, t = inp
         xb, yb = x[idx], y[idx]
+        rate = schedule(t)
         if method == "backprop":
             _, g = m.backprop(p, xb, yb)
+            new = jax.tree.map(lambda a, b: a - rate * b, p, g["p"])
         else:
-            g = m[method](p, xb, yb, key)
-        g = g["p"]
-        # an SPSA estimate is (scalar) * z: all zero exactly when the two values were equal
-        moved = jnp.any(jnp.concatenate([jnp.ravel(leaf) for leaf in jax.tree.leaves(g)]) != 0)
-        rate = schedule(t)
-        return jax.tree.map(lambda a, b: a - rate * b, p, g), moved
+            new = m[method](p, xb, yb, rate, key)["p"]
+        # an SPSA step moves along (scalar) * z: not at all exactly when the two values were equal
+        moved = jnp.any(jnp.stack([jnp.any(a != b) for a, b in zip(jax.tree.leaves(new),
+                                                                     jax.tree.leaves(p))]))
+        return new, moved
 
     return jax.jit(lambda p, keys, idx, t: jax.lax.scan(one, p, (keys, idx, t)))
 

@@ -227,9 +227,6 @@ def _build_export(decl: ast.ExportDecl, unit: str, diags: Diagnostics) -> Export
             lr_text = ", lr=..." if kind == "descend" else ""
             diags.error(f"unknown option '{k.name}' for {kind}; expected wrt=[...]{lr_text} and "
                         f"optionally by=ESTIMATOR", k.span)
-    if kind == "descend" and lr is None:
-        diags.error("descend needs lr=...: the step size of theta - lr * gradient", value.span)
-        return None
     if not wrt:
         diags.error(f"{kind} needs wrt=[...]: the parameters to differentiate with respect to",
                     value.span)

@@ -112,8 +112,10 @@ def _descend(t) -> list[str]:
         return []
     how = ("; the update regenerates the SPSA noise, so no gradient is stored (MeZO)"
            if t.by is not None and t.by.name == "spsa" else "")
-    return [f"  update: p <- p - {t.lr:g} * grad p for p in {', '.join(t.wrt)}, written over the "
-            f"arrays passed for them (donated){how}"]
+    lr = "lr" if t.lr is None else f"{t.lr:g}"
+    given = " (lr: an argument of the export, after the function's)" if t.lr is None else ""
+    return [f"  update: p <- p - {lr} * grad p for p in {', '.join(t.wrt)}{given}, written over "
+            f"the arrays passed for them (donated){how}"]
 
 
 def explain(module: Module) -> str:

@@ -92,7 +92,8 @@ class Transform:
     by: Estimator | None = None
     """`grad(f, wrt=[...], by=spsa(...))`: a black-box (zeroth-order) gradient estimator."""
     lr: float | None = None
-    """`descend(f, wrt=[...], lr=...)`: the step size."""
+    """`descend(f, wrt=[...], lr=...)`: the step size (None: the export takes it as an argument
+    `lr`, before the key)."""
 
     def call(self, fn: str) -> str:
         """`kind(fn, wrt=[...], lr=..., by=...)` as written in source (`fn` as given)."""

@@ -282,6 +282,11 @@ def _check_exports(module: Module, diags: Diagnostics) -> Module:
             diags.error(f"{t.kind} needs a function that returns a float scalar; '{fn.name}' "
                         f"returns {r}", export.fn_span)
             continue
+        if t.kind == "descend" and t.lr is None and fn.param("lr") is not None:
+            diags.error(f"descend without lr= takes the step size as an argument 'lr', but "
+                        f"'{fn.name}' has a parameter 'lr'; write lr=VALUE or rename it",
+                        export.fn_span)
+            continue
         seen: set[str] = set()
         wrt = []
         for name, span in zip(t.wrt, t.wrt_spans):

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 import jax
 
 from gradlang.ir import Export, Module, externs_of
-from gradlang.types import KEY
+from gradlang.types import KEY, DType, scalar
 
 from .lower import Lowering
 from .zeroth_order import black_box
@@ -25,6 +25,8 @@ def signature_of(module: Module, export: Export) -> Signature:
     t = export.transform
     fn = module.function(t.fn)
     params = tuple((p.name, p.value.type) for p in fn.params)
+    if t.kind == "descend" and t.lr is None:
+        params += (("lr", scalar(DType.F32)),)
     if fn.name in module.facts.get("random", ()) or t.by is not None:
         params += (("key", KEY),)
     stateful = fn.name in module.facts.get("stateful", ())
@@ -41,24 +43,33 @@ def export_function(module: Module, export: Export, externs: Mapping[str, object
     f = Lowering(module, externs).function(signature.function)
     if signature.kind == "fn":
         return signature, casting(signature, f)
-    names = [n for n, _ in signature.params]
-    by = export.transform.by
-    if by is not None:
+    t = export.transform
+    split = _step_size(t, len(module.function(t.fn).params))
+    runtime_lr = t.kind == "descend" and t.lr is None
+    names = [n for n, _ in signature.params if not (runtime_lr and n == "lr")]
+    if t.by is not None:
         if signature.stateful:
             raise NotImplementedError("a black-box estimator of a function with a moving-average "
                                       "baseline state is not supported")
         draws = signature.function in module.facts.get("random", ())
-        g = black_box(f, names[:-1], signature.wrt, by, draws, signature.kind == "value_and_grad",
-                      mesh, export.transform.lr)
-        return signature, casting(signature, g)
+        est = black_box(f, names[:-1], signature.wrt, t.by, draws, t.kind == "value_and_grad",
+                        mesh)
+        if t.kind != "descend":
+            return signature, casting(signature, est)
+
+        def descend_black_box(*args):
+            rest, lr = split(args)
+            return est(*rest, lr=lr)
+
+        return signature, casting(signature, descend_black_box)
     wrt = signature.wrt
     argnums = tuple(names.index(w) for w in wrt)
     aux = signature.stateful
     if signature.kind == "descend":
         g = jax.grad(f, argnums=argnums, has_aux=aux)
-        lr = export.transform.lr
 
         def descend_fn(*args):
+            args, lr = split(args)
             grads, state = g(*args) if aux else (g(*args), None)
             new = {w: jax.tree.map(lambda t, d: t - lr * d, args[i], d)
                    for w, i, d in zip(wrt, argnums, grads)}
@@ -85,3 +96,11 @@ def export_function(module: Module, export: Export, externs: Mapping[str, object
         return value, dict(zip(wrt, grads))
 
     return signature, casting(signature, value_and_grad_fn)
+
+
+def _step_size(t, at: int) -> Callable[[tuple], tuple[tuple, object]]:
+    """Splits a `descend` export's arguments into the function's (and its key) and the step
+    size: `lr=` as written, or the argument `lr` at position `at` (after the function's)."""
+    if t.lr is not None:
+        return lambda args: (args, t.lr)
+    return lambda args: (args[:at] + args[at + 1:], args[at])

@@ -7,8 +7,9 @@ the factors, and any other op gets it `dense()`:
 
 - `LowRank` (eggroll): E = a b^T, so x @ E = (x @ a) b^T costs r (m + n) per row of x;
 - `Seeded` (spsa): E = z, Gaussian noise that is a pure function of (seed, index)
-  (`normal_at`), regenerated in row tiles of at most `TILE` entries inside the matmul, so the
-  perturbed matrix is never stored: a step's memory stays that of the forward pass.
+  (`normal_at`); a matmul forms w + s z one block of columns (or rows) at a time, regenerating
+  that block's noise, so the perturbed matrix is never stored: a step's memory stays that of
+  the forward pass.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-TILE = 1 << 14
-"""Noise entries generated at once by a `Seeded` matmul (a tile of rows; more when 32 tiles
-of this size do not cover the matrix)."""
+TILE = 1 << 12
+"""Entries of w + s z formed at once by a `Seeded` matmul (a block of columns or rows; more
+when MAX_TILES blocks of this size do not cover the matrix)."""
 MAX_TILES = 128
 
 
@@ -120,52 +121,56 @@ def hashed_normal(key, shape: tuple, dtype) -> jax.Array:
 @dataclass(frozen=True)
 class Seeded(Factored):
     """The matrix w + scale * z, z = seeded_normal(seed, w.shape), never stored whole by a
-    matmul: rows [i t, (i + 1) t) of z are regenerated tile by tile where they are used."""
+    matmul: x @ (w + s z) is computed a block of columns at a time (and (w + s z) @ x a block
+    of rows at a time), each block of w + s z formed where it is used and written nowhere."""
 
     w: jax.Array
     seed: jax.Array
     scale: float
 
-    def _tiles(self) -> tuple[int, int]:
-        """(rows per tile, tiles): a divisor of the row count near the target where there is
-        one (no padding); one tile for symbolic shapes (artifacts for any size)."""
-        m, n = self.w.shape
-        if not (isinstance(m, int) and isinstance(n, int)):
-            return m, 1
-        t = min(m, max(-(-TILE // n), -(-m // MAX_TILES)))
-        t = next((d for d in range(t, (t - 1) // 2, -1) if m % d == 0), t)
-        return t, -(-m // t)
-
-    def rows(self, start, count: int) -> jax.Array:
-        """Rows [start, start + count) of z (rows past the end are noise too, never used
-        unmasked)."""
-        n = self.w.shape[1]
-        first = jnp.asarray(start, jnp.uint32) * jnp.uint32(n)
-        index = first + lax.iota(jnp.uint32, count * n).reshape(count, n)
-        return normal_at(self.seed, index, self.w.dtype)
-
     def noise(self) -> jax.Array:
-        return self.rows(0, self.w.shape[0])
+        return seeded_normal(self.seed, self.w.shape, self.w.dtype)
+
+    def block(self, axis: int, start, size: int) -> jax.Array:
+        """Rows (axis 0) or columns (axis 1) [start, start + size) of w + scale z."""
+        m, n = self.w.shape
+        shape = (size, n) if axis == 0 else (m, size)
+        r, c = (lax.broadcasted_iota(jnp.uint32, shape, d) for d in (0, 1))
+        first = jnp.asarray(start, jnp.uint32)
+        index = (r + first) * jnp.uint32(n) + c if axis == 0 else r * jnp.uint32(n) + c + first
+        z = normal_at(self.seed, index, self.w.dtype)
+        return lax.dynamic_slice_in_dim(self.w, start, size, axis) + self.scale * z
+
+    def _tiled(self, axis: int, product, out_shape: tuple, out_axis: int, dtype) -> jax.Array:
+        """The output whose slices along `out_axis` are product(block) for the blocks of w
+        along `axis`: blocks of at most 1 / MAX_TILES of w (or TILE entries), in a loop."""
+        size, other = self.w.shape[axis], self.w.shape[1 - axis]
+        if not (isinstance(size, int) and isinstance(other, int)):  # symbolic (artifacts)
+            return product(self.dense())
+        t = min(size, max(-(-TILE // other), -(-size // MAX_TILES)))
+        full, rest = divmod(size, t)
+        if full == 1 and not rest:
+            return product(self.dense())
+
+        def tile(i, out):
+            return lax.dynamic_update_slice_in_dim(out, product(self.block(axis, i * t, t)),
+                                                   i * t, out_axis)
+
+        out = lax.fori_loop(0, full, tile, jnp.zeros(out_shape, dtype))
+        if rest:
+            out = lax.dynamic_update_slice_in_dim(
+                out, product(self.block(axis, full * t, rest)), full * t, out_axis)
+        return out
 
     def rmatmul(self, x: jax.Array) -> jax.Array:
-        t, tiles = self._tiles()
-        if tiles == 1:
-            return x @ self.w + self.scale * (x @ self.noise())
-        extra = t * tiles - self.w.shape[0]
-        xp = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)]) if extra else x
-
-        def tile(i, acc):
-            xi = lax.dynamic_slice_in_dim(xp, i * t, t, axis=-1)
-            return acc + self.scale * (xi @ self.rows(i * t, t))
-
-        return lax.fori_loop(0, tiles, tile, x @ self.w)
+        dtype = jnp.result_type(x, self.w)
+        return self._tiled(1, lambda b: x @ b, x.shape[:-1] + self.w.shape[1:], x.ndim - 1, dtype)
 
     def matmul(self, x: jax.Array) -> jax.Array:
-        t, tiles = self._tiles()
-        if tiles == 1 or x.ndim > 2:
-            return self.w @ x + self.scale * (self.noise() @ x)
-        zx = lax.map(lambda i: self.rows(i * t, t) @ x, jnp.arange(tiles))
-        return self.w @ x + self.scale * zx.reshape((tiles * t,) + zx.shape[2:])[: self.w.shape[0]]
+        if x.ndim > 2:
+            return self.dense() @ x
+        dtype = jnp.result_type(x, self.w)
+        return self._tiled(0, lambda b: b @ x, self.w.shape[:1] + x.shape[1:], 0, dtype)
 
     def tree_flatten(self):
         return (self.w, self.seed), self.scale

@@ -165,16 +165,16 @@ ESTIMATORS = {"spsa": spsa, "es": es, "eggroll": eggroll}
 
 
 def black_box(f: Callable, names: list[str], wrt: tuple[str, ...], by: Estimator, draws: bool,
-              value: bool, mesh=None, lr: float | None = None) -> Callable:
+              value: bool, mesh=None) -> Callable:
     """The export's function of positional arguments (its key last) returning the estimated
-    gradient as a dict keyed by the wrt names, after the value when `value`; with `lr`, the
-    descended parameters theta - lr * gradient instead (spsa fuses the update into the noise
-    regeneration, as MeZO does in place)."""
+    gradient as a dict keyed by the wrt names, after the value when `value`; called with
+    `lr=`, the descended parameters theta - lr * gradient instead (spsa fuses the update into
+    the noise regeneration, as MeZO does in place)."""
     index = [names.index(w) for w in wrt]
     estimate = ESTIMATORS[by.name]
     options = dict(by.options)
 
-    def gradient(*args):
+    def gradient(*args, lr=None):
         *args, key = args
         f_key, key = jax.random.split(key) if draws else (None, key)
 

@@ -64,13 +64,14 @@ def test_the_extern_error_rate_is_one_minus_the_accuracy(load_example):
     err = float(m.error(p, x, y))
     assert 0.5 < err < 1.0  # an untrained network
     assert err == pytest.approx(1.0 - float(m.evaluate(p, x, y)), abs=1e-6)
-    # SPSA through the extern: (difference of two error rates) times the direction z drawn
-    # from the key, the same z as SPSA on the loss with the same key
+    # an SPSA step through the extern moves p along (difference of two error rates) times the
+    # direction z drawn from the key: the same z as SPSA on the loss with the same key
+    start = np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(p)])
     nonzero = 0
     for i in range(8):
         key = jax.random.key(i)
-        flat = [np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(f(p, x, y, key)["p"])])
-                for f in (m.mezo_error_wide, m.mezo_loss)]
+        flat = [np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(f(p, x, y, 1.0, key)["p"])])
+                - start for f in (m.mezo_error_wide, m.mezo_loss)]
         if np.linalg.norm(flat[0]) == 0:  # no prediction flipped within +-eps z
             continue
         nonzero += 1

@@ -31,6 +31,8 @@ export grad_exact = grad(loss, wrt=[w, b])
 export step_exact = descend(loss, wrt=[w, b], lr=0.1)
 export grad_es = grad(loss, wrt=[w], by=es(sigma=0.01, pop=8))
 export step_es = descend(loss, wrt=[w], lr=0.1, by=es(sigma=0.01, pop=8))
+export step_spsa_lr = descend(loss, wrt=[w, b], by=spsa(eps=0.001, samples=3))
+export step_exact_lr = descend(loss, wrt=[w, b])
 """
 # 300 x 200 = 60,000 entries: SPSA's tiled noise regeneration runs several tiles
 W = (RNG.normal(size=(300, 200)) / 17).astype(np.float32)
@@ -81,6 +83,18 @@ def test_descend_is_theta_minus_lr_times_the_same_gradient(linear, step, grad):
         if n in g:
             np.testing.assert_allclose(new[n], theta - 0.1 * np.asarray(g[n]), rtol=1e-5,
                                        atol=1e-6)
+
+
+@pytest.mark.parametrize("given, taken", [("step_spsa", "step_spsa_lr"),
+                                          ("step_exact", "step_exact_lr")])
+def test_descend_without_lr_takes_it_as_an_argument_after_the_functions(linear, given, taken):
+    sig = linear[taken].signature
+    assert [n for n, _ in sig.params][4:] == (["lr", "key"] if "spsa" in taken else ["lr"])
+    key = (KEY,) if "spsa" in taken else ()
+    a = linear[taken](jnp.asarray(W), jnp.asarray(B), X, Y, 0.1, *key)
+    e = linear[given](jnp.asarray(W), jnp.asarray(B), X, Y, *key)
+    for n in e:
+        np.testing.assert_allclose(a[n], e[n], rtol=1e-6, atol=1e-7)
 
 
 def test_descend_consumes_the_parameters_passed(linear):
