@@ -7,9 +7,9 @@ the factors, and any other op gets it `dense()`:
 
 - `LowRank` (eggroll): E = a b^T, so x @ E = (x @ a) b^T costs r (m + n) per row of x;
 - `Seeded` (spsa): E = z, Gaussian noise that is a pure function of (seed, index)
-  (`normal_at`); a matmul forms w + s z one block of columns (or rows) at a time, regenerating
-  that block's noise, so the perturbed matrix is never stored: a step's memory stays that of
-  the forward pass.
+  (`normal_at`); a matmul computes x @ w, then adds x @ (s z) one block of columns (or rows)
+  of z at a time, regenerating that block's noise, so neither the perturbed matrix nor z is
+  ever stored: a step's memory stays that of the forward pass.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 TILE = 1 << 12
-"""Entries of w + s z formed at once by a `Seeded` matmul (a block of columns or rows; more
+"""Entries of s z formed at once by a `Seeded` matmul (a block of columns or rows; more
 when MAX_TILES blocks of this size do not cover the matrix)."""
 MAX_TILES = 128
 
@@ -121,8 +121,9 @@ def hashed_normal(key, shape: tuple, dtype) -> jax.Array:
 @dataclass(frozen=True)
 class Seeded(Factored):
     """The matrix w + scale * z, z = seeded_normal(seed, w.shape), never stored whole by a
-    matmul: x @ (w + s z) is computed a block of columns at a time (and (w + s z) @ x a block
-    of rows at a time), each block of w + s z formed where it is used and written nowhere."""
+    matmul: x @ (w + s z) is x @ w plus x @ (s z) a block of columns of z at a time (and
+    (w + s z) @ x is w @ x plus (s z) @ x a block of rows at a time), each block of z formed
+    where it is used and written nowhere."""
 
     w: jax.Array
     seed: jax.Array
@@ -132,18 +133,18 @@ class Seeded(Factored):
         return seeded_normal(self.seed, self.w.shape, self.w.dtype)
 
     def block(self, axis: int, start, size: int) -> jax.Array:
-        """Rows (axis 0) or columns (axis 1) [start, start + size) of w + scale z."""
+        """Rows (axis 0) or columns (axis 1) [start, start + size) of scale z."""
         m, n = self.w.shape
         shape = (size, n) if axis == 0 else (m, size)
         r, c = (lax.broadcasted_iota(jnp.uint32, shape, d) for d in (0, 1))
         first = jnp.asarray(start, jnp.uint32)
         index = (r + first) * jnp.uint32(n) + c if axis == 0 else r * jnp.uint32(n) + c + first
-        z = normal_at(self.seed, index, self.w.dtype)
-        return lax.dynamic_slice_in_dim(self.w, start, size, axis) + self.scale * z
+        return self.scale * normal_at(self.seed, index, self.w.dtype)
 
-    def _tiled(self, axis: int, product, out_shape: tuple, out_axis: int, dtype) -> jax.Array:
-        """The output whose slices along `out_axis` are product(block) for the blocks of w
-        along `axis`: blocks of at most 1 / MAX_TILES of w (or TILE entries), in a loop."""
+    def _tiled(self, axis: int, product, out_axis: int) -> jax.Array:
+        """product(w + s z): product(w), then product(block) added to its slices along
+        `out_axis` for the blocks of s z along `axis` (at most 1 / MAX_TILES of w, or TILE
+        entries, each), in a loop that updates product(w) in place."""
         size, other = self.w.shape[axis], self.w.shape[1 - axis]
         if not (isinstance(size, int) and isinstance(other, int)):  # symbolic (artifacts)
             return product(self.dense())
@@ -152,25 +153,21 @@ class Seeded(Factored):
         if full == 1 and not rest:
             return product(self.dense())
 
-        def tile(i, out):
-            return lax.dynamic_update_slice_in_dim(out, product(self.block(axis, i * t, t)),
-                                                   i * t, out_axis)
+        def add(out, start, n):
+            part = product(self.block(axis, start, n))
+            old = lax.dynamic_slice_in_dim(out, start, n, out_axis)
+            return lax.dynamic_update_slice_in_dim(out, old + part.astype(out.dtype), start, out_axis)
 
-        out = lax.fori_loop(0, full, tile, jnp.zeros(out_shape, dtype))
-        if rest:
-            out = lax.dynamic_update_slice_in_dim(
-                out, product(self.block(axis, full * t, rest)), full * t, out_axis)
-        return out
+        out = lax.fori_loop(0, full, lambda i, out: add(out, i * t, t), product(self.w))
+        return add(out, full * t, rest) if rest else out
 
     def rmatmul(self, x: jax.Array) -> jax.Array:
-        dtype = jnp.result_type(x, self.w)
-        return self._tiled(1, lambda b: x @ b, x.shape[:-1] + self.w.shape[1:], x.ndim - 1, dtype)
+        return self._tiled(1, lambda b: x @ b, x.ndim - 1)
 
     def matmul(self, x: jax.Array) -> jax.Array:
         if x.ndim > 2:
             return self.dense() @ x
-        dtype = jnp.result_type(x, self.w)
-        return self._tiled(0, lambda b: b @ x, self.w.shape[:1] + x.shape[1:], 0, dtype)
+        return self._tiled(0, lambda b: b @ x, 0)
 
     def tree_flatten(self):
         return (self.w, self.seed), self.scale
