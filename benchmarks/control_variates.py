@@ -8,6 +8,11 @@ baseline: the total variance of the gradient estimate, the reduction factor agai
 the relative bias of the mean estimate against the closed-form gradient (with its standard
 error; GRPO's scale bias is by design, see the README), the time per estimate and the variance
 x time product. The moving average is first run for 300 steps so that its state tracks E[v].
+
+Then, for models with several draws, the variance of the default downstream credit (each draw's
+score multiplies only the costs that depend on it) against `score(credit=whole)` (the whole
+objective), with baseline none (S=1) and leave-one-out (S samples), and the downstream
+estimator's relative bias against the closed form.
 """
 
 from __future__ import annotations
@@ -31,9 +36,10 @@ PROBLEMS = {
         args=(np.float32(0.2),),
         truth=lambda t: np.array([5 * _sig(t) * (1 - _sig(t))])),
     "categorical": dict(
-        doc="E[v[k] + 5], k ~ Categorical(logits=t), 4 classes",
+        doc="E[|v[k] + 5|] = E[v[k] + 5], k ~ Categorical(logits=t), 4 classes (abs keeps the offset "
+            "in the one cost term the draw is credited with)",
         params="t: f32[4], v: f32[4]", body="k ~ Categorical(logits=t) with score(baseline=BASE)\n"
-                                            "return v[k] + 5.0",
+                                            "return abs(v[k] + 5.0)",
         args=(np.array([0.3, -1.0, 0.8, 0.1], np.float32), np.array([1.0, -2.0, 0.5, 3.0], np.float32)),
         truth=lambda t, v: _softmax(t) * (v - _softmax(t) @ v)),
     "trajectory": dict(
@@ -46,6 +52,33 @@ PROBLEMS = {
 }
 BASELINES = ("none", "loo", "grpo", "ma")
 
+_T10 = np.linspace(-1.5, 1.5, 10).astype(np.float32)
+_V10 = np.linspace(0.9, -0.6, 10).astype(np.float32)
+CREDIT = {
+    "three sites": dict(
+        doc="E[(a - v0)^2 + (b - v1)^2 + 3 c v2 + a b], a, b, c ~ Bernoulli(logits=t_i)",
+        params="t: f32[3], v: f32[3]",
+        body="a ~ Bernoulli(logits=t[0]) with score(baseline=BASE CREDIT)\n"
+             "b ~ Bernoulli(logits=t[1]) with score(baseline=BASE CREDIT)\n"
+             "c ~ Bernoulli(logits=t[2]) with score(baseline=BASE CREDIT)\n"
+             "return (a - v[0]) ^ 2 + (b - v[1]) ^ 2 + 3.0 * c * v[2] + a * b",
+        args=(np.array([0.4, -0.8, 1.1], np.float32), np.array([0.2, 0.9, -0.5], np.float32)),
+        truth=lambda t, v: np.array([_sig(t[0]) * (1 - _sig(t[0])) * (1 - 2 * v[0] + _sig(t[1])),
+                                     _sig(t[1]) * (1 - _sig(t[1])) * (1 - 2 * v[1] + _sig(t[0])),
+                                     _sig(t[2]) * (1 - _sig(t[2])) * 3 * v[2]])),
+    "ten calls": dict(
+        doc="E[sum_i flip(t_i, v_i)], flip = (a - v)^2 with a ~ Bernoulli(logits=t) drawn in the "
+            "called function (10 sites, independent costs)",
+        prelude="fn flip(t: f32, v: f32) -> f32 {\n"
+                "  a ~ Bernoulli(logits=t) with score(baseline=BASE CREDIT)\n"
+                "  return (a - v) ^ 2\n}\n",
+        params="t: f32[10], v: f32[10]",
+        body="return " + " + ".join(f"flip(t[{i}], v[{i}])" for i in range(10)),
+        args=(_T10, _V10),
+        truth=lambda t, v: np.array([_sig(a) * (1 - _sig(a)) * (1 - 2 * b) for a, b in zip(t, v)])),
+}
+"""Models with several draws: downstream credit (the default) against `credit=whole`."""
+
 
 def _sig(x):
     return 1 / (1 + math.exp(-float(x)))
@@ -56,15 +89,16 @@ def _softmax(x):
     return e / e.sum()
 
 
-def compile_problem(p: dict, baseline: str, samples: int):
+def compile_problem(p: dict, baseline: str, samples: int, credit: str = ""):
     names = [a.split(":")[0] for a in p["params"].split(", ")]
-    src = (f"fn f({p['params']}) -> f32 {{\n{p['body'].replace('BASE', baseline)}\n}}\n"
+    src = (f"{p.get('prelude', '')}fn f({p['params']}) -> f32 {{\n{p['body']}\n}}\n"
            f"export g = grad(expect(f, samples={samples}), wrt=[{names[0]}])\n")
+    src = src.replace("BASE", baseline).replace(" CREDIT", f", credit={credit}" if credit else "")
     return gradlang.compile_source(src), names[0]
 
 
-def measure(p: dict, baseline: str, samples: int, n: int) -> dict:
-    m, wrt = compile_problem(p, baseline, samples)
+def measure(p: dict, baseline: str, samples: int, n: int, credit: str = "") -> dict:
+    m, wrt = compile_problem(p, baseline, samples, credit)
     args = p["args"]
     if baseline == "ma":
         state = jnp.float32(0.0)
@@ -105,6 +139,18 @@ def main(argv=None) -> dict:
             print(f"  {b:9} {r['variance']:11.4g} {rows['none']['variance'] / r['variance']:9.1f}x "
                   f"{r['rel_bias']:10.4f} {r['rel_se']:8.4f} {r['cosine']:7.4f} "
                   f"{r['seconds_per_estimate'] * 1e6:12.2f} {r['variance'] * r['seconds_per_estimate']:11.3g}")
+    print("\ncredit assignment: each draw credited with the costs downstream of it (default) or "
+          "with the whole objective (`score(credit=whole)`)")
+    for name, p in CREDIT.items():
+        print(f"\n{name}: {p['doc']}")
+        print(f"  {'baseline':9} {'S':>2} {'var whole':>11} {'var downstream':>15} {'reduction':>10} "
+              f"{'rel. bias':>10} {'+- s.e.':>8}")
+        for b, s in (("none", 1), ("loo", args.samples)):
+            rows = {c: measure(p, b, s, args.estimates, c) for c in ("whole", "downstream")}
+            results[f"credit: {name}, {b}"] = rows
+            w, d = rows["whole"], rows["downstream"]
+            print(f"  {b:9} {s:>2} {w['variance']:11.4g} {d['variance']:15.4g} "
+                  f"{w['variance'] / d['variance']:9.1f}x {d['rel_bias']:10.4f} {d['rel_se']:8.4f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

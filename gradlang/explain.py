@@ -20,6 +20,13 @@ def _resolved(site, export: str, resolved: dict) -> list[str]:
     return sorted(resolved.get((export, site.span), set()) | resolved.get(("", site.span), set()))
 
 
+def _credited(site, export: str, credit: dict) -> str:
+    """The costs a score site is credited with, in this export's expectation and in the
+    nested ones it is drawn in."""
+    found = sorted(credit.get((export, site.span), set()) | credit.get(("", site.span), set()))
+    return " | ".join(found) or "-"
+
+
 def _control_variate(site, found: list[str]) -> str:
     if site.estimator.name != "score":
         return "-"
@@ -167,6 +174,13 @@ def explain(module: Module) -> str:
             lines += _table(rows, "    ")
             lines.append("  why:")
             lines += [f"    {s.site}: {s.why}" for s in here]
+            credit = module.facts.get("credit", {})
+            scored = [(s.site, _credited(s, export.name, credit)) for s in here
+                      if s.estimator.name == "score"]
+            if scored:
+                lines.append("  credit (the costs each score-function draw's log-probability "
+                             "multiplies; see README, Credit assignment):")
+                lines += [f"    {site}: {what}" for site, what in scored]
         inner = [h for h in module.facts.get("hypergrad", ()) if h.function in reach]
         if inner and t.kind != "fn":
             lines.append(f"  inner problems ({len(inner)}):")

@@ -152,11 +152,11 @@ def walk(region: Region) -> Iterator[Op]:
 
 
 def reachable(module: Module, fn: str) -> list[str]:
-    """fn and every function it calls, callers first."""
+    """fn and every function it calls (or inlines), callers first."""
     out = [fn]
     for name in out:
         for op in walk(module.function(name).body):
-            if op.name == "call_fn" and op.params.callee not in out:
+            if op.name in ("call_fn", "inline") and op.params.callee not in out:
                 out.append(op.params.callee)
     return out
 

@@ -192,10 +192,16 @@ class ExpectParams:
 @dataclass(frozen=True)
 class SurrogateParams:
     baselines: tuple[str, ...]
-    """The control variate of each score-term operand after the value: none | loo | grpo | ma."""
+    """The control variate of each score-term operand after the value and the costs:
+    none | loo | grpo | ma (or enum / mvd_loc / mvd_scale: not score terms)."""
     decay: float = field(default=0.0, metadata={"omit_default": True})
     """For `ma`: the moving average's decay; its state is the last operand and the op has a
     second result, the updated state."""
+    costs: int = field(default=0, metadata={"omit_default": True})
+    """The number of cost operands after the value (they sum to it); 0: the value is the only
+    cost, credited to every score term."""
+    credit: tuple[tuple[int, ...], ...] = field(default=(), metadata={"omit_default": True})
+    """With costs: for each score-term operand, the costs it is credited with (their indices)."""
 
 
 @dataclass(frozen=True)
@@ -288,6 +294,9 @@ OPS: dict[str, OpDef] = {
         *_defs("error", NoParams, "", "placeholder for an expression that has a diagnostic"),
         *_defs("dim", NameParams, "zero_grad", "the runtime size of a symbolic dim, as i32"),
         *_defs("call_fn", CalleeParams, "", "call of a user function"),
+        *_defs("inline", CalleeParams, "",
+               "a call whose callee's body is its region (the operands bind its arguments), "
+               "lowered like the call; results after the callee's are values of the body"),
         *_defs("host_call", HostParams, "blackbox",
                "the body of an extern function: its Python binding, through a host callback"),
         *_defs("tuple", NoParams, "", "build a tuple"),

@@ -27,8 +27,11 @@ from gradlang.ops import OPS, Estimator
 from gradlang.types import DistType, has_float_leaf
 
 BASELINES = ("auto", "none", "loo", "grpo", "ma")
+CREDIT = ("downstream", "whole")
+"""What a score-function draw is credited with: the costs that depend on it, or all of them."""
 OPTIONS: dict[str, dict[str, type]] = {
-    "auto": {"enum_max": int}, "reparam": {}, "score": {"baseline": str, "decay": float},
+    "auto": {"enum_max": int}, "reparam": {},
+    "score": {"baseline": str, "decay": float, "credit": str},
     "gumbel": {"tau": float},
     "st_gumbel": {"tau": float}, "enum": {}, "mvd": {},
 }
@@ -315,6 +318,8 @@ def option_problem(e: Estimator) -> str | None:
             return f"option '{k}' of '{e.name}' must be a positive integer, got {v}"
         if k == "baseline" and v not in BASELINES:
             return f"unknown baseline '{v}' (baselines: {', '.join(BASELINES)})"
+        if k == "credit" and v not in CREDIT:
+            return f"unknown credit '{v}' (credit: {', '.join(CREDIT)})"
         if k == "decay" and not v < 1:
             return f"option 'decay' of '{e.name}' must be below 1, got {v}"
     if e.name == "score" and "decay" in dict(e.options) and e.option("baseline") != "ma":
@@ -330,4 +335,6 @@ def _complete(e: Estimator) -> Estimator:
     if given.get("baseline") == "ma":
         defaults += (("decay", 0.9),)
     options = tuple((k, given.get(k, v)) for k, v in defaults)
+    if "credit" in given:
+        options += (("credit", given["credit"]),)
     return Estimator(e.name, options, e.span)

@@ -40,3 +40,31 @@ def eliminate_dead_code(region: Region) -> Region:
 
 def dce_function(fn: Function) -> Function:
     return replace(fn, body=eliminate_dead_code(fn.body))
+
+
+def clone_region(region: Region) -> Region:
+    """A copy of `region` with fresh values for its arguments and every op result (nested
+    regions included); values it captures from outside stay as they are."""
+    env: dict[Value, Value] = {}
+
+    def fresh(v: Value) -> Value:
+        env[v] = Value(v.type, v.hint)
+        return env[v]
+
+    def copy(r: Region) -> Region:
+        args = tuple(fresh(a) for a in r.args)
+        ops = []
+        for op in r.ops:
+            operands = tuple(env.get(v, v) for v in op.operands)
+            regions = tuple(copy(x) for x in op.regions)
+            ops.append(replace(op, operands=operands, regions=regions,
+                               results=tuple(fresh(v) for v in op.results)))
+        return Region(args, tuple(ops), tuple(env.get(v, v) for v in r.results))
+
+    return copy(region)
+
+
+def inline_body(fn: Function) -> Region:
+    """The body of `fn` as a fresh region whose arguments are its parameters (the region of an
+    `inline` op calling it)."""
+    return clone_region(Region(tuple(p.value for p in fn.params), fn.body.ops, fn.body.results))

@@ -1,38 +1,54 @@
 """Surrogate construction: rewrite expectations so that reverse mode yields the chosen estimators.
 
-Each score-function draw `z` gets its log-probability `sum(log_prob(d, z))` (differentiable in
-the distribution's parameters; the draw itself carries no gradient). These score terms flow to
-the enclosing expectation: a function that draws (directly or through calls) returns them next
-to its value, `if` branches yield them, and each expectation scope (`expect` in a body, or the
-export itself, with `samples=N` or a single draw) becomes
+Each expectation scope (an `expect` in a body, or the export of a drawing function, with
+`samples=N` or a single draw) becomes
 
-    %v, %l... = samples {samples=N} { ...; yield value, score terms }   # stacked on axis 0
-    %e = surrogate %v, %l... {baselines=(...)}
+    %v, %c..., %l... = samples {samples=N} { ...; yield value, costs, score terms }   # axis 0
+    %e = surrogate %v, %c..., %l... {baselines=(...), costs=K, credit=(...)}
 
-where `surrogate` is the DiCE magic-box form  mean_s[ magic(L_s) v_s + sum_g (1 - magic(l_gs)) b_gs ]
-whose value is the Monte Carlo mean and whose derivatives (of any order) are the score-function
-estimators; `b` is the control variate of each baseline group (leave-one-out over the samples,
-or GRPO's group-normalized advantage). Scopes without score terms become `samples` + `mean`.
+Inside a scope, calls of drawing functions are inlined (`inline` ops, lowered like the call), so
+that every draw is visible. A score-function draw `z` contributes its log-probability
+`l = sum(log_prob(d, z))` (differentiable in the distribution's parameters; the draw itself
+carries no gradient); draws in a loop or a branch contribute one summed term per baseline.
+
+Credit assignment (`credit`): the scope's value is split into additive terms (through add, sub,
+neg, sum, mean, scaling and the bodies of the functions it calls, `credit.py`), a dependency
+analysis finds the score terms each depends on, and terms with the same dependencies are summed
+into one cost. The surrogate is DiCE's magic box with per-cost dependencies,
+
+    mean_s[ sum_j magic(sum_{i -> j} l_is) c_js + sum_i (1 - magic(l_is)) b_is ],
+
+whose value is the Monte Carlo mean and whose derivatives of every order are the score-function
+estimators in which each draw is credited only with the costs downstream of it. b_i is its
+control variate, computed from R_i, the sum of the costs credited to it: the mean of the other
+samples' R_i (leave-one-out), GRPO's group-normalized advantage, or the moving average of the
+whole value (`ma`: such draws, and those annotated `score(credit=whole)`, are credited with
+every cost). Scopes without score terms become `samples` + `mean`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from gradlang.diagnostics import Diagnostics, Span
 from gradlang.ir import Export, Function, Module, Op, Param, Region, Value, walk
-from gradlang.ops import (OPS, CalleeParams, ConstParams, ExpectParams, GetParams, NoParams,
-                          ReduceParams, SurrogateParams)
+from gradlang.ops import (OPS, CalleeParams, ConstParams, ExpectParams, NoParams, ReduceParams,
+                          SurrogateParams)
 from gradlang.types import DType, TensorType, TupleType, Type, scalar
 
+from .credit import Terms, influence
+from .rewrite import inline_body
 from .typecheck_random import stacked
 
 GROUPS = ("auto", "none", "loo", "grpo", "ma", "enum", "mvd_loc", "mvd_scale")
-"""Baseline groups, in the order score terms are returned; `enum` holds the log-probabilities
-of enumerated draws (the weights of the enumerated combinations, not score terms);
-`mvd_loc` / `mvd_scale` the parameters of a measure-valued draw (what its weak derivatives
-differentiate)."""
+"""Kinds of score terms, in the order they are passed to `surrogate`; `enum` holds the
+log-probabilities of enumerated draws (the weights of the enumerated combinations, not score
+terms); `mvd_loc` / `mvd_scale` the parameters of a measure-valued draw (what its weak
+derivatives differentiate)."""
+SCORE = GROUPS[:5]
+"""The baseline groups: score terms proper, credited with costs."""
 BRANCHED = ("enum", "mvd")
 """Estimators whose draws are evaluated on several values (combinations of `samples` axis 1)."""
 F32 = scalar(DType.F32)
@@ -40,50 +56,53 @@ F32 = scalar(DType.F32)
 
 def random_functions(module: Module) -> set[str]:
     """Functions that draw, directly or through the functions they call."""
-    own = {fn.name: {"random"} if any("random" in OPS[op.name].traits for op in walk(fn.body))
-           else set() for fn in module.functions}
-    calls = {fn.name: {op.params.callee for op in walk(fn.body) if op.name == "call_fn"}
-             for fn in module.functions}
-    return {name for name, found in _through_calls(module, own, calls).items() if found}
+    own = {fn.name: bool(any("random" in OPS[op.name].traits for op in walk(fn.body)))
+           for fn in module.functions}
+    out: dict[str, bool] = {}
+    for fn in _call_order(module):
+        out[fn.name] = own[fn.name] or any(out[op.params.callee] for op in walk(fn.body)
+                                           if op.name == "call_fn")
+    return {name for name, draws in out.items() if draws}
 
 
 @dataclass
-class _Scores:
-    """Score terms produced in a region, per baseline group, with the sites behind them."""
+class _Unit:
+    """Score terms of the current region: one draw's, or the summed ones of the draws of a
+    loop or branch (per group), with the values through which those draws reach the rest of
+    the program (`sources`)."""
 
-    values: dict[str, list[Value]]
-    sites: dict[str, list[Span]]
+    group: str
+    value: Value
+    spans: list[Span]
+    sources: tuple[Value, ...]
+    whole: bool = False
+    """Credited with every cost (`score(credit=whole)`, or a moving-average baseline)."""
 
-    @staticmethod
-    def empty() -> _Scores:
-        return _Scores({}, {})
 
-    def add(self, group: str, value: Value, sites: list[Span]) -> None:
-        self.values.setdefault(group, []).append(value)
-        self.sites.setdefault(group, []).extend(sites)
+@dataclass
+class _Scope:
+    """What the rewriter tracks per expectation scope."""
 
-    def merge(self, other: _Scores) -> None:
-        for g, vs in other.values.items():
-            for v in vs:
-                self.add(g, v, [])
-            self.sites.setdefault(g, []).extend(other.sites.get(g, []))
+    slots: int = 0
+    """Branched (enumerated / measure-valued) draws numbered so far."""
+    sizes: dict[Span, int] = field(default_factory=dict)
+    """The number of values each branched draw is evaluated on."""
 
 
 class _Rewriter:
-    def __init__(self, module: Module, scored: dict[str, tuple[str, ...]], diags: Diagnostics):
+    def __init__(self, module: Module, random: set[str], diags: Diagnostics):
         self.module = module
-        self.scored = scored
-        """Functions that return score terms -> the groups they return, in GROUPS order."""
-        self.site_spans: dict[str, dict[str, list[Span]]] = {}
+        self.random = random
         self.diags = diags
         self.ops: list[Op] = []
-        self.sizes: dict[Span, int] = {}
-        """The support size of each enumerated draw."""
+        self.scope_state = _Scope()
         self.decays: dict[Span, float] = {}
         """The decay of each moving-average site."""
         self.resolved: dict[tuple[str, Span], set[str]] = {}
         """The control variates each score site ends up with, per expectation it is in: keyed
         by (export name, site) for an export's expectation, ("", site) for a nested one."""
+        self.credit: dict[tuple[str, Span], set[str]] = {}
+        """The costs each score site is credited with (their source text), per expectation."""
         self.label = ""
         """The export whose expectation is being built ("" inside function bodies)."""
 
@@ -96,149 +115,256 @@ class _Rewriter:
     def total(self, values: list[Value], span: Span | None) -> Value:
         acc = values[0]
         for v in values[1:]:
-            acc = self.emit("add", (acc, v), NoParams(), (F32,), span).result
+            acc = self.emit("add", (acc, v), NoParams(), (acc.type,), span).result
         return acc
 
-    def region(self, region: Region) -> tuple[Region, _Scores]:
-        """The region rewritten, and the score terms its ops produce (not yet yielded)."""
-        outer, self.ops = self.ops, []
-        scores = _Scores.empty()
+    def zero(self, span: Span | None) -> Value:
+        return self.emit("const", (), ConstParams(0.0, DType.F32), (F32,), span).result
+
+    # ---- function bodies (outside any expectation scope): only nested expectations change
+
+    def body(self, region: Region) -> Region:
+        ops = []
+        outer, self.ops = self.ops, ops
         try:
             for op in region.ops:
-                self.op(op, scores)
-            return replace(region, ops=tuple(self.ops)), scores
+                if op.name == "expect":
+                    self.expect(op)
+                else:
+                    self.ops.append(replace(op, regions=tuple(self.body(r) for r in op.regions))
+                                    if op.regions else op)
+        finally:
+            self.ops = outer
+        return replace(region, ops=tuple(ops))
+
+    # ---- inside a scope
+
+    def region(self, region: Region) -> tuple[Region, list[_Unit]]:
+        """The region rewritten, and the score terms its ops produce (not yet yielded)."""
+        outer, self.ops = self.ops, []
+        units: list[_Unit] = []
+        try:
+            for op in region.ops:
+                self.op(op, units)
+            return replace(region, ops=tuple(self.ops)), units
         finally:
             self.ops = outer
 
-    def op(self, op: Op, scores: _Scores) -> None:
-        if op.name == "sample" and op.params.estimator.name in BRANCHED:
-            est = op.params.estimator
-            slot = sum(1 for o in self.ops if o.name == "sample"
-                       and o.params.estimator.name in BRANCHED)
-            est = replace(est, options=est.options + (("slot", slot),))
-            op = replace(op, params=replace(op.params, estimator=est))
-            self.ops.append(op)
-            self.sizes[op.span] = est.option("size")
-            if est.name == "enum":
-                lp = self.emit("log_prob", (op.operands[0], op.result), NoParams(), (F32,),
-                               op.span).result
-                scores.add("enum", lp, [op.span])
-            else:
-                dist = next(o for o in self.ops if op.operands[0] in o.results)
-                loc, scale = dist.operands
-                scores.add("mvd_loc", loc, [op.span])
-                scores.add("mvd_scale", scale, [])
-        elif op.name == "sample" and op.params.estimator.name == "score":
+    def op(self, op: Op, units: list[_Unit]) -> None:
+        est = op.params.estimator if op.name == "sample" else None
+        if est is not None and est.name in BRANCHED:
+            self.branched(op, units)
+        elif est is not None and est.name == "score":
             self.ops.append(op)
             dist = op.operands[0].type
             lp = self.emit("log_prob", (op.operands[0], op.result), NoParams(),
                            (TensorType(DType.F32, dist.batch),), op.span).result
             total = self.emit("sum", (lp,), ReduceParams(), (F32,), op.span).result
-            baseline = op.params.estimator.option("baseline")
+            baseline = est.option("baseline")
             if baseline == "ma":
-                self.decays[op.span] = op.params.estimator.option("decay")
-            scores.add(baseline, total, [op.span])
-        elif op.name == "call_fn" and op.params.callee in self.scored:
-            groups = self.scored[op.params.callee]
-            callee = self.module.function(op.params.callee)
-            rtype = TupleType((callee.result_type,) + (F32,) * len(groups))
-            t = self.emit("call_fn", op.operands, op.params, (rtype,), op.span).result
-            self.ops.append(Op("get", (t,), op.results, GetParams(0, len(rtype.elems)), (), op.span))
-            for i, g in enumerate(groups):
-                v = self.emit("get", (t,), GetParams(i + 1, len(rtype.elems)), (F32,), op.span).result
-                scores.add(g, v, self.site_spans.get(callee.name, {}).get(g, []))
+                self.decays[op.span] = est.option("decay")
+            units.append(_Unit(baseline, total, [op.span], (op.result,),
+                               whole=baseline == "ma" or est.option("credit") == "whole"))
+        elif op.name == "call_fn" and op.params.callee in self.random:
+            self.inline(op, units)
         elif op.name == "if":
-            self.if_op(op, scores)
+            self.if_op(op, units)
         elif op.name == "for":
-            self.loop(op, scores)
+            self.loop(op, units)
         elif op.name == "expect":
             self.expect(op)
         else:
             self.ops.append(op)
 
-    def loop(self, op: Op, scores: _Scores) -> None:
+    def branched(self, op: Op, units: list[_Unit]) -> None:
+        """An enumerated or measure-valued draw: numbered (its slot), with the log-probability
+        weighting its values (enum) or its parameters (mvd) as terms."""
+        est = op.params.estimator
+        slot = self.scope_state.slots
+        self.scope_state.slots += 1
+        op = replace(op, params=replace(op.params, estimator=replace(
+            est, options=est.options + (("slot", slot),))))
+        self.ops.append(op)
+        self.scope_state.sizes[op.span] = est.option("size")
+        if est.name == "enum":
+            lp = self.emit("log_prob", (op.operands[0], op.result), NoParams(), (F32,),
+                           op.span).result
+            units.append(_Unit("enum", lp, [op.span], (op.result,)))
+        else:
+            dist = next(o for o in self.ops if op.operands[0] in o.results)
+            loc, scale = dist.operands
+            units.append(_Unit("mvd_loc", loc, [op.span], (op.result,)))
+            units.append(_Unit("mvd_scale", scale, [], (op.result,)))
+
+    def inline(self, op: Op, units: list[_Unit]) -> None:
+        """A call of a drawing function: its body inlined, its score terms yielded each on
+        its own."""
+        body, inner = self.region(inline_body(self.module.function(op.params.callee)))
+        extra = tuple(Value(u.value.type) for u in inner)
+        body = replace(body, results=body.results + tuple(u.value for u in inner))
+        self.ops.append(Op("inline", op.operands, op.results + extra, op.params, (body,), op.span))
+        units += [replace(u, value=v) for u, v in zip(inner, extra)]
+
+    @staticmethod
+    def summed(branches: list[list[_Unit]]) -> list[tuple[str, bool, list[list[_Unit]]]]:
+        """Per group present, whether its terms are credited whole, and each branch's terms."""
+        out = []
+        for g in GROUPS:
+            per = [[u for u in b if u.group == g] for b in branches]
+            if any(per):
+                out.append((g, any(u.whole for b in per for u in b), per))
+        return out
+
+    def loop(self, op: Op, units: list[_Unit]) -> None:
         """Score terms of draws in a loop body are summed over the iterations in extra carries."""
         body, inner = self.region(op.regions[0])
-        groups = [g for g in GROUPS if g in inner.values]
+        groups = self.summed([inner])
         if not groups:
             self.ops.append(replace(op, regions=(body,)))
             return
         outer, self.ops = self.ops, list(body.ops)
-        args = tuple(Value(F32, f"score_{g}") for g in groups)
-        nexts = tuple(self.emit("add", (a, self.total(inner.values[g], op.span)), NoParams(), (F32,),
-                                op.span).result for a, g in zip(args, groups))
+        args = tuple(Value(F32, f"score_{g}") for g, _, _ in groups)
+        nexts = tuple(self.emit("add", (a, self.total([u.value for u in per[0]], op.span)),
+                                NoParams(), (F32,), op.span).result
+                      for a, (_, _, per) in zip(args, groups))
         body = replace(body, args=body.args + args, ops=tuple(self.ops), results=body.results + nexts)
         self.ops = outer
-        inits = tuple(self.emit("const", (), ConstParams(0.0, DType.F32), (F32,), op.span).result
-                      for _ in groups)
-        params = replace(op.params, carries=op.params.carries + tuple(f"score_{g}" for g in groups))
+        inits = tuple(self.zero(op.span) for _ in groups)
+        params = replace(op.params, carries=op.params.carries + tuple(f"score_{g}" for g, _, _ in groups))
         new = Op("for", op.operands + inits, op.results + tuple(Value(F32) for _ in groups), params,
                  (body,), op.span)
         self.ops.append(new)
-        for g, v in zip(groups, new.results[len(op.results):]):
-            scores.add(g, v, inner.sites.get(g, []))
+        for (g, whole, per), v in zip(groups, new.results[len(op.results):]):
+            units.append(_Unit(g, v, [s for u in per[0] for s in u.spans], op.results, whole))
 
-    def if_op(self, op: Op, scores: _Scores) -> None:
+    def if_op(self, op: Op, units: list[_Unit]) -> None:
         branches = [self.region(r) for r in op.regions]
-        groups = [g for g in GROUPS if any(g in s.values for _, s in branches)]
+        groups = self.summed([b for _, b in branches])
         if not groups:
             self.ops.append(replace(op, regions=tuple(r for r, _ in branches)))
             return
         regions = []
-        for region, s in branches:
+        for k, (region, _) in enumerate(branches):
             outer, self.ops = self.ops, list(region.ops)
-            extra = [self.total(s.values[g], op.span) if g in s.values else
-                     self.emit("const", (), ConstParams(0.0, DType.F32), (F32,), op.span).result
-                     for g in groups]
+            extra = [self.total([u.value for u in per[k]], op.span) if per[k] else self.zero(op.span)
+                     for _, _, per in groups]
             regions.append(replace(region, ops=tuple(self.ops), results=region.results + tuple(extra)))
             self.ops = outer
         new = Op("if", op.operands, op.results + tuple(Value(F32) for _ in groups), op.params,
                  tuple(regions), op.span)
         self.ops.append(new)
-        for g, v in zip(groups, new.results[1:]):
-            scores.add(g, v, [span for _, s in branches for span in s.sites.get(g, [])])
+        for (g, whole, per), v in zip(groups, new.results[len(op.results):]):
+            units.append(_Unit(g, v, [s for b in per for u in b for s in u.spans], op.results, whole))
 
     def expect(self, op: Op) -> None:
-        region, scores = self.region(op.regions[0])
-        for span in scores.sites.get("ma", ()):
-            self.diags.error("baseline=ma keeps a running average across calls, which only the "
-                             "export's own expectation can carry (as its 'baseline' argument "
-                             "and result); use loo or grpo inside expect(...)", span)
-        ops = self.scope(region, scores, op.params.samples, op.span)
+        saved, self.scope_state = self.scope_state, _Scope()
+        try:
+            region, units = self.region(op.regions[0])
+            for u in units:
+                if u.group == "ma":
+                    for span in u.spans:
+                        self.diags.error("baseline=ma keeps a running average across calls, which "
+                                         "only the export's own expectation can carry (as its "
+                                         "'baseline' argument and result); use loo or grpo inside "
+                                         "expect(...)", span)
+            label, self.label = self.label, ""
+            ops = self.scope(region, units, op.params.samples, op.span)
+            self.label = label
+        finally:
+            self.scope_state = saved
         self.ops += ops[:-1] + [replace(ops[-1], results=op.results)]
 
-    def scope(self, region: Region, scores: _Scores, n: int, span: Span | None,
+    # ---- the expectation itself
+
+    def scope(self, region: Region, units: list[_Unit], n: int, span: Span | None,
               state: Value | None = None) -> list[Op]:
         """The ops of an expectation over `region` (its value yielded first), n draws. With
         moving-average sites, `state` is the running average and the last op has a second
         result, its update."""
         outer, self.ops = self.ops, list(region.ops)
-        groups = [g for g in GROUPS if g in scores.values]
-        extra = tuple(self.total(scores.values[g], span) for g in groups)
-        inner = replace(region, ops=tuple(self.ops), results=region.results + extra)
-        self.ops = []
+        try:
+            costs, credited = self.credit_costs(region.results[0], units, span)
+            operands: list[Value] = []
+            baselines: list[str] = []
+            credit: list[tuple[int, ...]] = []
+            for g, spans, value, to in credited:
+                operands.append(value)
+                baselines.append(self.baseline(g, n, spans))
+                credit.append(to)
+            for g in GROUPS[5:]:
+                branch = [u.value for u in units if u.group == g]
+                if branch:
+                    operands.append(self.total(branch, span))
+                    baselines.append(g)
+                    credit.append(())
+            inner = replace(region, ops=tuple(self.ops),
+                            results=region.results + tuple(c for c, _ in costs) + tuple(operands))
+        finally:
+            self.ops = []
         vtype = region.results[0].type
-        sizes = tuple(self.sizes[s] for g in ("enum", "mvd_loc") for s in scores.sites.get(g, ()))
+        branch_spans = [s for u in units if u.group in ("enum", "mvd_loc") for s in u.spans]
+        sizes = tuple(self.scope_state.sizes[s] for s in branch_spans)
         combos = math.prod(sizes)
 
         def per_draw(t):
             t = stacked(combos, t) if sizes else t
             return stacked(n, t)
 
-        types = (per_draw(vtype),) + tuple(per_draw(F32) for _ in groups)
+        types = tuple(per_draw(v.type) for v in inner.results)
         draws = self.emit("samples", (), ExpectParams(n, sizes), types, span, (inner,))
-        if not groups:
+        if not operands:
             self.emit("mean", (draws.results[0],), ReduceParams((0,)), (vtype,), span)
-        elif "ma" in groups and state is not None:
-            baselines = tuple(self.baseline(g, n, scores.sites[g]) for g in groups)
-            decay = self.decay(scores.sites["ma"])
-            self.emit("surrogate", draws.results + (state,), SurrogateParams(baselines, decay),
-                      (vtype, F32), span)
         else:
-            baselines = tuple(self.baseline(g, n, scores.sites[g]) for g in groups)
-            self.emit("surrogate", draws.results, SurrogateParams(baselines), (vtype,), span)
+            params = SurrogateParams(tuple(baselines), costs=len(costs), credit=tuple(credit)
+                                     if costs else ())
+            if "ma" in baselines and state is not None:
+                params = replace(params, decay=self.decay([s for u in units if u.group == "ma"
+                                                           for s in u.spans]))
+                self.emit("surrogate", draws.results + (state,), params, (vtype, F32), span)
+            else:
+                self.emit("surrogate", draws.results, params, (vtype,), span)
         out, self.ops = self.ops, outer
         return out
+
+    def credit_costs(self, value: Value, units: list[_Unit], span: Span | None):
+        """The costs of a scope (empty: its value is the only one) and its score terms merged
+        by (group, credited costs): [(group, sites, summed term, cost indices)]. Terms credited
+        with no cost are dropped (their expected contribution is zero)."""
+        scored = [u for u in units if u.group in SCORE]
+        if not scored:
+            return [], []
+        terms = Terms(self.module, self.ops).split(value)
+        deps = influence(self.ops, [u.sources for u in scored], [t for t, _ in terms])
+        classes: dict[frozenset[int], list[int]] = {}
+        for k, d in enumerate(deps):
+            classes.setdefault(d, []).append(k)
+        order = sorted(classes, key=lambda d: min(classes[d]))
+        if len(order) == 1 and order[0] == frozenset(range(len(scored))):
+            costs: list[tuple[Value, list[Span]]] = []
+            reach = [() for _ in scored]
+        else:
+            costs = [(self.total([terms[k][0] for k in classes[d]], span),
+                      [terms[k][1] for k in classes[d]]) for d in order]
+            reach = [tuple(j for j, d in enumerate(order) if i in d) for i in range(len(scored))]
+        merged: dict[tuple[str, tuple[int, ...]], tuple[list[Span], list[Value]]] = {}
+        for u, r in zip(scored, reach):
+            if costs and u.whole:
+                r = tuple(range(len(costs)))
+            elif costs and not r:
+                self.note_credit(u.spans, "no cost (it does not affect the objective)")
+                continue
+            spans, values = merged.setdefault((u.group, r), ([], []))
+            spans += u.spans
+            values.append(u.value)
+            self.note_credit(u.spans, _describe(costs, r))
+        credited = [(g, spans, self.total(values, span), r)
+                    for (g, r), (spans, values) in sorted(merged.items(),
+                                                          key=lambda kv: GROUPS.index(kv[0][0]))]
+        return costs, credited
+
+    def note_credit(self, spans: list[Span], what: str) -> None:
+        for s in spans:
+            self.credit.setdefault((self.label, s), set()).add(what)
 
     def decay(self, sites: list[Span]) -> float:
         decays = sorted({self.decays[s] for s in sites})
@@ -250,8 +376,6 @@ class _Rewriter:
         return decays[0]
 
     def baseline(self, group: str, n: int, sites: list[Span]) -> str:
-        if group in ("enum", "mvd_loc", "mvd_scale"):
-            return group
         resolved = ("loo" if n >= 2 else "none") if group == "auto" else group
         for span in sites:
             self.resolved.setdefault((self.label, span), set()).add(f"{resolved}, samples={n}")
@@ -262,38 +386,28 @@ class _Rewriter:
                                  f"samples=N) with N >= 2", span)
         return resolved
 
-    def function(self, fn: Function) -> Function:
-        body, scores = self.region(fn.body)
-        groups = self.scored.get(fn.name)
-        if groups is None:
-            return replace(fn, body=body)
-        self.site_spans[fn.name] = scores.sites
-        outer, self.ops = self.ops, list(body.ops)
-        extra = tuple(self.total(scores.values[g], fn.span) for g in groups)
-        rtype = TupleType((fn.result_type,) + (F32,) * len(groups))
-        t = self.emit("tuple", body.results + extra, NoParams(), (rtype,), fn.span).result
-        body = replace(body, ops=tuple(self.ops), results=(t,))
-        self.ops = outer
-        return replace(fn, body=body, result_type=rtype)
+    # ---- exports
 
-    def objective(self, export: Export, random: set[str]) -> Function | None:
+    def function(self, fn: Function) -> Function:
+        return replace(fn, body=self.body(fn.body))
+
+    def objective(self, export: Export) -> Function | None:
         """The wrapper function computing an export's expectation (None: not stochastic)."""
         t = export.transform
         fn = self.module.function(t.fn)
-        if t.samples == 0 and fn.name not in random:
+        if t.samples == 0 and fn.name not in self.random:
             return None
         params = tuple(Param(p.name, Value(p.value.type, p.name), p.span) for p in fn.params)
         call = Op("call_fn", tuple(p.value for p in params), (Value(fn.result_type),),
                   CalleeParams(fn.name), (), export.fn_span)
-        branched = {"enum", "mvd_loc"} & set(self.scored.get(fn.name, ()))
-        if t.kind == "fn" and t.samples == 0 and not branched:  # one draw, its value as it is
-            if fn.name not in self.scored:
+        self.scope_state = _Scope()
+        region, units = self.region(Region((), (call,), call.results))
+        groups = {u.group for u in units}
+        if t.kind == "fn" and t.samples == 0 and not groups & {"enum", "mvd_loc"}:
+            if not groups:  # no score terms: the function draws as it is
                 return None
-            self.ops, outer = [], self.ops
-            self.op(call, _Scores.empty())
-            ops, self.ops = self.ops, outer
-            return Function(f"{fn.name}@draw", fn.unit, params, fn.result_type,
-                            Region((), tuple(ops), call.results), fn.span, fn.result_span)
+            return Function(f"{fn.name}@draw", fn.unit, params, fn.result_type,  # one draw
+                            region, fn.span, fn.result_span)
         r = fn.result_type
         if not (isinstance(r, TensorType) and r.dtype.is_float):
             what = f"expect({fn.name}, ...)" if t.samples else f"{t.kind} of a drawing function"
@@ -301,9 +415,8 @@ class _Rewriter:
                              f"mean); it returns {r}", export.fn_span)
             return None
         n = max(t.samples, 1)
-        region, scores = self.region(Region((), (call,), call.results))
-        if "ma" not in scores.values:
-            ops = self.scope(region, scores, n, export.fn_span)
+        if "ma" not in groups:
+            ops = self.scope(region, units, n, export.fn_span)
             return Function(f"{fn.name}@expect{n}", fn.unit, params, fn.result_type,
                             Region((), tuple(ops), ops[-1].results), fn.span, fn.result_span)
         if fn.param("baseline") is not None:
@@ -311,7 +424,7 @@ class _Rewriter:
                              f"the export, but '{fn.name}' already has one; rename it",
                              fn.param("baseline").span)
         state = Param("baseline", Value(F32, "baseline"), export.fn_span)
-        ops = self.scope(region, scores, n, export.fn_span, state.value)
+        ops = self.scope(region, units, n, export.fn_span, state.value)
         rtype = TupleType((fn.result_type, F32))
         self.ops, outer = [], self.ops
         result = self.emit("tuple", ops[-1].results, NoParams(), (rtype,), export.fn_span).result
@@ -321,49 +434,24 @@ class _Rewriter:
                         Region((), tuple(ops), (result,)), fn.span, fn.result_span)
 
 
-def _scored_functions(module: Module) -> dict[str, tuple[str, ...]]:
-    """Functions whose draws (outside nested expectations) have score terms, with their groups."""
-    def own(region: Region) -> set[str]:
-        groups: set[str] = set()
-        for op in region.ops:
-            if op.name == "sample" and op.params.estimator.name == "score":
-                groups.add(op.params.estimator.option("baseline"))
-            if op.name == "sample" and op.params.estimator.name == "enum":
-                groups.add("enum")
-            if op.name == "sample" and op.params.estimator.name == "mvd":
-                groups |= {"mvd_loc", "mvd_scale"}
-            if op.name != "expect":  # an expectation is its own scope
-                for r in op.regions:
-                    groups |= own(r)
-        return groups
-
-    def callees(region: Region) -> set[str]:
-        out: set[str] = set()
-        for op in region.ops:
-            if op.name == "call_fn":
-                out.add(op.params.callee)
-            if op.name != "expect":
-                for r in op.regions:
-                    out |= callees(r)
-        return out
-
-    groups = _through_calls(module, {fn.name: own(fn.body) for fn in module.functions},
-                            {fn.name: callees(fn.body) for fn in module.functions})
-    return {n: tuple(g for g in GROUPS if g in gs) for n, gs in groups.items() if gs}
+def _describe(costs: list[tuple[Value, list[Span | None]]], to: tuple[int, ...]) -> str:
+    """The costs `to` as source text ("the whole objective" when they are all of them)."""
+    if len(to) == len(costs):
+        return "the whole objective"
+    return "; ".join(_source_text(s) for j in to for s in costs[j][1])
 
 
-def _through_calls(module: Module, own: dict[str, set[str]],
-                   calls: dict[str, set[str]]) -> dict[str, set[str]]:
-    """Each function's set joined with those of the functions it calls (one pass in call
-    order: resolve rejects recursion, so the call graph has no cycles)."""
-    out: dict[str, set[str]] = {}
-    for fn in _call_order(module):
-        out[fn.name] = own[fn.name].union(*(out[c] for c in calls[fn.name]))
-    return out
+def _source_text(span: Span | None) -> str:
+    """`file.grad:12: text` of the span's first line (None: a value passed in)."""
+    if span is None:
+        return "an argument"
+    line = span.source.line(span.line)
+    text = line[span.col - 1:span.end_col - 1] if span.end_line == span.line else line[span.col - 1:] + " ..."
+    return f"{Path(span.source.path).name}:{span.line}: {text.strip()}"
 
 
 def _call_order(module: Module) -> list[Function]:
-    """Callees before callers, so that a caller sees its callees' score terms."""
+    """Callees before callers (resolve rejects recursion, so the call graph has no cycles)."""
     done: list[str] = []
 
     def visit(name: str) -> None:
@@ -387,17 +475,16 @@ class Surrogate:
     checks_only: bool = False
 
     def run(self, module: Module, diags: Diagnostics) -> Module:
-        rewriter = _Rewriter(module, _scored_functions(module), diags)
-        rewritten = {fn.name: rewriter.function(fn) for fn in _call_order(module)}
         random = random_functions(module)
-        functions = [rewritten[fn.name] for fn in module.functions]
+        rewriter = _Rewriter(module, random, diags)
+        functions = [rewriter.function(fn) for fn in module.functions]
         exports = []
         objectives = {}
         stateful: set[str] = set()
         for export in module.exports:
             objectives[export.name] = (export.transform.fn, export.transform.samples)
             rewriter.label = export.name
-            wrapper = rewriter.objective(export, random)
+            wrapper = rewriter.objective(export)
             if wrapper is not None:
                 if all(f.name != wrapper.name for f in functions):
                     functions.append(wrapper)
@@ -410,4 +497,4 @@ class Surrogate:
                        facts=module.facts | {"random": frozenset(random_functions(
                            replace(module, functions=tuple(functions)))), "objectives": objectives,
                            "stateful": frozenset(stateful),
-                           "control_variates": rewriter.resolved})
+                           "control_variates": rewriter.resolved, "credit": rewriter.credit})

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from gradlang.ir import Function, Module, Op, Region, Value
+from gradlang.ir import Function, Module, Op, Region, Value, walk
 from gradlang.ops import OPS
 from gradlang.types import StructType, TensorType, TupleType, Type
 
@@ -23,7 +23,7 @@ from .rules import JNP_DTYPES, LOWERINGS
 from .perturbed import Factored, dense
 
 
-_FACTORED = frozenset({"matmul", "get", "getfield", "tuple", "struct_new", "call_fn"})
+_FACTORED = frozenset({"matmul", "get", "getfield", "tuple", "struct_new", "call_fn", "inline"})
 """Ops that take a factored perturbed matrix (`runtime.perturbed`) as it is; others get it
 materialized."""
 
@@ -47,7 +47,8 @@ def bind_dims(t: Type, value: Any, dims: dict[str, Any]) -> None:
 
 
 class _Ctx:
-    def __init__(self, lowering: Lowering, fn: Function, dims: dict[str, Any], key: Any = None):
+    def __init__(self, lowering: Lowering, fn: Function, dims: dict[str, Any], key: Any = None,
+                 body: Region | None = None):
         self.lowering = lowering
         self.fn = fn
         self.dims = dims
@@ -56,7 +57,7 @@ class _Ctx:
         self.key = key
         self.draws = 0
         """How many keys this scope has handed out (each random op folds in its number)."""
-        self.single = key is not None and lowering.key_uses(fn.body) == 1
+        self.single = key is not None and lowering.key_uses(body or fn.body) == 1
         """The scope has one random op: it gets the scope's key itself (no fold_in)."""
 
     def next_key(self) -> Any:
@@ -165,10 +166,17 @@ class Lowering:
             elif op.name == "for":
                 n += min(1, self.key_uses(op.regions[0]))
             elif ("random" in OPS[op.name].traits
-                  or (op.name == "call_fn" and op.params.callee in self.random)):
+                  or (op.name == "call_fn" and op.params.callee in self.random)
+                  or (op.name == "inline" and self.draws(op.regions[0]))):
                 n += 1
         self._key_uses[region] = n
         return n
+
+    @staticmethod
+    def draws(region: Region) -> bool:
+        """Does the region draw (a random op anywhere in it)? Then, as a call of a drawing
+        function, it takes a key."""
+        return any("random" in OPS[op.name].traits for op in walk(region))
 
     def call(self, name: str, args: tuple, key: Any = None) -> Any:
         fn = self.module.function(name)
@@ -180,6 +188,15 @@ class Lowering:
             ctx.env[p.value] = ctx.coerce(a, p.value.type)
         (result,) = ctx.region(fn.body, ())
         return ctx.coerce(result, fn.result_type)
+
+    def inline(self, name: str, body: Region, args: tuple, key: Any = None) -> tuple:
+        """The results of an `inline` op: its region (a copy of `name`'s body, its arguments
+        the parameters) lowered as the call would be, in a scope of its own (dims, key)."""
+        dims: dict[str, Any] = {}
+        for v, a in zip(body.args, args):
+            bind_dims(v.type, a, dims)
+        ctx = _Ctx(self, self.module.function(name), dims, key, body)
+        return ctx.region(body, tuple(ctx.coerce(a, v.type) for v, a in zip(body.args, args)))
 
     def function(self, name: str):
         """`f(*args)` computing function `name` on JAX values (structs are dicts); a function

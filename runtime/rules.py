@@ -94,28 +94,41 @@ def _index(ctx, op: Op, x, *dynamic):
 
 
 def _if(ctx, op: Op, cond):
+    """Both branches' results, selected by `cond`: elementwise for a tensor condition, else
+    `lax.cond` (results after the first are the score terms of draws in the branches)."""
     then, orelse = op.regions
-    rtype = op.result.type
-    if isinstance(rtype, TensorType) and getattr(cond, "ndim", 0) > 0:
-        a = ctx.region(then, ())[0]
-        b = ctx.region(orelse, ())[0]
-        return jnp.where(cond, a, b)
+    types = [r.type for r in op.results]
+    if getattr(cond, "ndim", 0) > 0:
+        out = tuple(jnp.where(cond, a, b) for a, b in zip(ctx.region(then, ()), ctx.region(orelse, ())))
+        return out if len(out) > 1 else out[0]
 
-    shape = ctx.shape(rtype) if isinstance(rtype, TensorType) else None
-    if isinstance(rtype, TensorType) and shape is None:
-        # The type has derived dims (e.g. `B-1` from a slice): trace the branches for the
-        # shapes that the result broadcasts them to.
-        shape = jnp.broadcast_shapes(*(jax.eval_shape(lambda r=r: ctx.region(r, ())[0]).shape
-                                       for r in (then, orelse)))
+    shapes = [ctx.shape(t) if isinstance(t, TensorType) else None for t in types]
+    if any(isinstance(t, TensorType) and s is None for t, s in zip(types, shapes)):
+        # A type has derived dims (e.g. `B-1` from a slice): trace the branches for the
+        # shapes that the results broadcast them to.
+        traced = [jax.eval_shape(lambda r=r: ctx.region(r, ())) for r in (then, orelse)]
+        shapes = [jnp.broadcast_shapes(a.shape, b.shape) if isinstance(t, TensorType) else None
+                  for t, a, b in zip(types, *traced)]
 
     def branch(region):
         def run():
-            x = ctx.coerce(ctx.region(region, ())[0], rtype)
-            return jnp.broadcast_to(x, shape) if isinstance(rtype, TensorType) else x
+            out = []
+            for x, t, shape in zip(ctx.region(region, ()), types, shapes):
+                x = ctx.coerce(x, t)
+                out.append(jnp.broadcast_to(x, shape) if isinstance(t, TensorType) else x)
+            return tuple(out)
 
         return run
 
-    return lax.cond(cond, branch(then), branch(orelse))
+    out = lax.cond(cond, branch(then), branch(orelse))
+    return out if len(out) > 1 else out[0]
+
+
+def _inline(ctx, op: Op, *args):
+    (body,) = op.regions
+    key = ctx.next_key() if ctx.lowering.draws(body) else None
+    out = ctx.lowering.inline(op.params.callee, body, args, key)
+    return out if len(out) > 1 else out[0]
 
 
 def _for(ctx, op: Op, *inits):
@@ -161,6 +174,7 @@ LOWERINGS: dict[str, Rule] = {
     "struct_new": lambda ctx, op, *xs: dict(zip(op.params.fields, xs)),
     "getfield": lambda ctx, op, s: s[op.params.name],
     "call_fn": lambda ctx, op, *xs: ctx.call(op.params.callee, xs),
+    "inline": _inline,
     "exp": _float_elementwise(jnp.exp),
     "log": _float_elementwise(jnp.log),
     "log1p": _float_elementwise(jnp.log1p),

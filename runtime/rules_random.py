@@ -106,46 +106,52 @@ def _magic(l):
     return jnp.exp(l - lax.stop_gradient(l))
 
 
-def _surrogate(ctx, op: Op, v, *scores):
-    """mean_s[ magic(L_s) v_s + sum_g (1 - magic(l_gs)) b_gs ] over the samples axis.
+def _surrogate(ctx, op: Op, v, *rest):
+    """mean_s[ sum_j magic(L_js) c_js + sum_i (1 - magic(l_is)) b_is ] over the samples axis.
 
-    L sums the score terms of the baseline groups none and loo (DiCE, correct at every order);
-    loo's control variate is the mean of the other samples' values (per enumerated
-    combination); grpo adds the first-order
-    term (magic(l) - 1) * A with the group-normalized advantage A = (v - mean) / std; ma's
-    control variate is the running average passed in as the last operand (from earlier calls,
-    so independent of these draws), and the op also returns its update. Enumerated draws
-    (the `enum` operand: log-probabilities of each combination) weight the combinations on
-    axis 1, which are summed exactly.
+    The costs c_j sum to the value v (without cost operands, v is the one cost); L_j sums the
+    score terms credited with c_j whose baseline is none or loo (DiCE, correct at every order).
+    Each score term l_i's control variate comes from R_i, the sum of its credited costs: loo's
+    is the mean of the other samples' R_i (per enumerated combination); grpo adds the
+    first-order term (magic(l) - 1) * A with the group-normalized advantage A = (R - mean) /
+    std; ma's is the running average passed in as the last operand (from earlier calls, so
+    independent of these draws), and the op also returns its update. Enumerated draws (the
+    `enum` operand: log-probabilities of each combination) weight the combinations on axis 1,
+    which are summed exactly.
     """
+    p = op.params
     n = v.shape[0]
-    baselines = op.params.baselines
-    state = scores[-1] if "ma" in baselines else None
-    scores = scores[:len(baselines)]
+    costs, rest = list(rest[:p.costs]), rest[p.costs:]
+    baselines = p.baselines
+    state = rest[-1] if "ma" in baselines else None
+    scores = rest[:len(baselines)]
     weights = scores[baselines.index("enum")] if "enum" in baselines else None
     mvd = ([scores[baselines.index(g)] for g in ("mvd_loc", "mvd_scale")]
            if "mvd_loc" in baselines else None)
     kept = [i for i, b in enumerate(baselines) if b not in ("enum", "mvd_loc", "mvd_scale")]
+    credit = [p.credit[i] for i in kept] if costs else [(0,)] * len(kept)
     scores, baselines = [scores[i] for i in kept], [baselines[i] for i in kept]
     if mvd is not None:  # axis 1 holds the draw's four branches; the value is branch 0's
         branches, v = v, v[:, 0]
         scores = [l[:, 0] for l in scores]
+        costs = [c[:, 0] for c in costs]
         loc, scale = (x[:, 0] for x in mvd)
+    costs = costs or [v]
 
     def per_sample(x):
         return x.reshape(x.shape + (1,) * (v.ndim - x.ndim))
 
-    dice = [l for l, b in zip(scores, baselines) if b != "grpo"]
-    out = per_sample(_magic(sum(dice))) * v if dice else v
-    for l, b in zip(scores, baselines):
+    out = 0
+    for j, c in enumerate(costs):
+        dice = [l for l, b, to in zip(scores, baselines, credit) if b != "grpo" and j in to]
+        out = out + (per_sample(_magic(sum(dice))) * c if dice else c)
+    for l, b, to in zip(scores, baselines, credit):
         m = per_sample(_magic(l))
+        r = lax.stop_gradient(sum(costs[j] for j in to))
         if b == "loo":
-            others = lax.stop_gradient((jnp.sum(v, 0, keepdims=True) - v) / (n - 1))
-            out = out + (1 - m) * others
+            out = out + (1 - m) * (jnp.sum(r, 0, keepdims=True) - r) / (n - 1)
         elif b == "grpo":
-            sv = lax.stop_gradient(v)
-            advantage = (sv - jnp.mean(sv, 0)) / (jnp.std(sv, 0) + 1e-8)
-            out = out + (m - 1) * advantage
+            out = out + (m - 1) * (r - jnp.mean(r, 0)) / (jnp.std(r, 0) + 1e-8)
         elif b == "ma":
             out = out + (1 - m) * lax.stop_gradient(state)
     if mvd is not None:  # weak derivatives: d/dloc and d/dscale from the branches' values
@@ -159,7 +165,7 @@ def _surrogate(ctx, op: Op, v, *scores):
         v = jnp.sum(per_sample(jnp.exp(weights)) * v, 1)
     if state is None:
         return jnp.mean(out, 0)
-    decay = op.params.decay
+    decay = p.decay
     return jnp.mean(out, 0), lax.stop_gradient(decay * state + (1 - decay) * jnp.mean(v))
 
 

@@ -638,9 +638,10 @@ QUANTIZERS = {"quantize", "quest", "hadamard", "stochastic_round"}
 RANDOM_OPS = {"dist", "sample", "log_prob", "entropy", "kl", "dist_mean", "expect", "samples",
               "surrogate"}
 REWRITTEN = {"straight_through", "quantize", "quest", "hadamard", "stochastic_round", "argmin",
-             "host_call"}
+             "host_call", "inline"}
 """Ops only passes create, the quantizers (tests/test_nonsmooth.py), argmin
-(tests/test_bilevel.py) and extern bodies (tests/test_blackbox.py)."""
+(tests/test_bilevel.py), extern bodies (tests/test_blackbox.py) and inlined calls
+(tests/test_credit.py)."""
 
 
 def test_every_builtin_is_covered():
