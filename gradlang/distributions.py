@@ -17,7 +17,7 @@ class DistSpec:
     event: int = 0
     """Trailing axes of every parameter that are not batch axes (categories, components)."""
     onehot: bool = False
-    """A draw has a trailing event axis of the categories' size."""
+    """A draw has a trailing event axis of the categories' size (one-hot or simplex draws)."""
     integer: bool = False
     """Draws are i32 (class indices)."""
     reparam: bool = False
@@ -47,6 +47,7 @@ DISTRIBUTIONS: dict[str, DistSpec] = {d.name: d for d in [
     DistSpec("Exponential", ("rate",), reparam=True),
     DistSpec("Gamma", ("concentration", "rate"), reparam=True),
     DistSpec("Beta", ("concentration1", "concentration0"), reparam=True),
+    DistSpec("Dirichlet", ("concentration",), event=1, onehot=True, reparam=True),
     DistSpec("Gumbel", ("loc", "scale"), reparam=True),
     DistSpec("Bernoulli", ("logits",), _PROBS, finite=True),
     DistSpec("Categorical", ("logits",), _PROBS, event=1, integer=True, finite=True),
@@ -56,6 +57,6 @@ DISTRIBUTIONS: dict[str, DistSpec] = {d.name: d for d in [
 ]}
 
 KL_PAIRS: frozenset[tuple[str, str]] = frozenset((n, n) for n in (
-    "Normal", "LogNormal", "Uniform", "Exponential", "Gamma", "Beta", "Gumbel", "Bernoulli",
-    "Categorical", "OneHotCategorical", "Poisson"))
+    "Normal", "LogNormal", "Uniform", "Exponential", "Gamma", "Beta", "Dirichlet", "Gumbel",
+    "Bernoulli", "Categorical", "OneHotCategorical", "Poisson"))
 """Pairs (p, q) with a closed-form KL(p || q)."""

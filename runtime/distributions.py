@@ -14,8 +14,8 @@ Conventions:
   shape`. Gradients flow from the draw to the parameters exactly when `reparam` is set;
   the other samplers stop them.
 * `log_prob(x, *params)` has the broadcast of x's batch part and the batch shape;
-  `entropy(*params)` the batch shape, `mean(*params)` batch + event shape. Gamma and
-  Beta draws are clipped into the open support (no 0 or 1 from float underflow), so
+  `entropy(*params)` the batch shape, `mean(*params)` batch + event shape. Gamma, Beta
+  and Dirichlet draws are clipped into the open support (no 0 or 1 from float underflow), so
   their log_prob stays finite. Outside the support, log_prob is -inf for
   continuous families and for Poisson (x < 0) and Categorical (index out of range); for
   Bernoulli, OneHotCategorical and non-integer Poisson counts it returns the natural
@@ -178,6 +178,32 @@ def _beta_entropy(concentration1, concentration0) -> Array:
             + (a + b - 2) * digamma(a + b))
 
 
+def _dirichlet_sample(key, concentration, shape=None) -> Array:
+    """Normalized Gamma draws, in log space (softmax of log-Gammas: no 0 / 0); gradients by
+    implicit reparameterization of the Gammas (JAX's gamma sampler)."""
+    shape = _shape(DIRICHLET, (concentration,), shape)
+    k = jnp.shape(concentration)[-1]
+    dtype = _dtype(concentration)
+    conc = jnp.broadcast_to(concentration, shape + (k,))
+    x = jax.nn.softmax(jax.random.loggamma(key, conc, shape + (k,), dtype), -1)
+    return jnp.maximum(x, jnp.finfo(dtype).tiny)
+
+
+def _dirichlet_log_prob(x, concentration) -> Array:
+    a = concentration
+    inside = jnp.all(x >= 0, -1)
+    lp = jnp.sum(xlogy(a - 1, x), -1) + gammaln(jnp.sum(a, -1)) - jnp.sum(gammaln(a), -1)
+    return _support(inside, lp)
+
+
+def _dirichlet_entropy(concentration) -> Array:
+    a = concentration
+    a0 = jnp.sum(a, -1)
+    k = jnp.shape(a)[-1]
+    return (jnp.sum(gammaln(a), -1) - gammaln(a0) + (a0 - k) * digamma(a0)
+            - jnp.sum((a - 1) * digamma(a), -1))
+
+
 def _gumbel_sample(key, loc, scale, shape=None) -> Array:
     shape = _shape(GUMBEL, (loc, scale), shape)
     return loc + scale * jax.random.gumbel(key, shape, _dtype(loc, scale))
@@ -320,6 +346,9 @@ GAMMA = Family(
 BETA = Family(
     "Beta", ("concentration1", "concentration0"), {}, 0, (0, 0), "f32", True, False, None,
     _beta_sample, _beta_log_prob, lambda a, b: a / (a + b), _beta_entropy)
+DIRICHLET = Family(
+    "Dirichlet", ("concentration",), {}, 1, (1,), "f32", True, False, None, _dirichlet_sample,
+    _dirichlet_log_prob, lambda a: a / jnp.sum(a, -1, keepdims=True), _dirichlet_entropy)
 GUMBEL = Family(
     "Gumbel", ("loc", "scale"), {}, 0, (0, 0), "f32", True, False, None, _gumbel_sample,
     _gumbel_log_prob, lambda loc, scale: loc + _EULER * scale,
@@ -349,8 +378,8 @@ MIXTURE_NORMAL = Family(
     None, _mixture_sample, _mixture_log_prob, _mixture_mean, None)
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
-    NORMAL, LOGNORMAL, UNIFORM, EXPONENTIAL, GAMMA, BETA, GUMBEL, BERNOULLI, CATEGORICAL,
-    ONEHOT_CATEGORICAL, POISSON, MIXTURE_NORMAL)}
+    NORMAL, LOGNORMAL, UNIFORM, EXPONENTIAL, GAMMA, BETA, DIRICHLET, GUMBEL, BERNOULLI,
+    CATEGORICAL, ONEHOT_CATEGORICAL, POISSON, MIXTURE_NORMAL)}
 
 
 # -- KL divergences ---------------------------------------------------------------------------
@@ -389,6 +418,13 @@ def _kl_beta(p, q) -> Array:
             + (b1 - b2) * digamma(b1) + (a2 - a1 + b2 - b1) * digamma(a1 + b1))
 
 
+def _kl_dirichlet(p, q) -> Array:
+    (a,), (b,) = p, q
+    a0 = jnp.sum(a, -1)
+    return (gammaln(a0) - jnp.sum(gammaln(a), -1) - gammaln(jnp.sum(b, -1))
+            + jnp.sum(gammaln(b), -1) + jnp.sum((a - b) * (digamma(a) - digamma(a0)[..., None]), -1))
+
+
 def _kl_uniform(p, q) -> Array:
     (l1, h1), (l2, h2) = p, q
     return jnp.where((l2 <= l1) & (h1 <= h2), jnp.log((h2 - l2) / (h1 - l1)), jnp.inf)
@@ -415,6 +451,7 @@ KL: dict[tuple[str, str], Callable] = {
     ("Exponential", "Exponential"): _kl_exponential,
     ("Gamma", "Gamma"): _kl_gamma,
     ("Beta", "Beta"): _kl_beta,
+    ("Dirichlet", "Dirichlet"): _kl_dirichlet,
     ("Uniform", "Uniform"): _kl_uniform,
     ("Poisson", "Poisson"): _kl_poisson,
     ("Gumbel", "Gumbel"): _kl_gumbel,

@@ -90,6 +90,8 @@ REF_LOG_PROB = {
     "Gamma": lambda x, a, r: a * np.log(r) + (a - 1) * np.log(x) - r * x - gammaln(a),
     "Beta": lambda x, a, b: ((a - 1) * np.log(x) + (b - 1) * np.log1p(-x)
                              - gammaln(a) - gammaln(b) + gammaln(a + b)),
+    "Dirichlet": lambda x, a: (np.sum((a - 1) * np.log(x), -1) + gammaln(a.sum(-1))
+                               - gammaln(a).sum(-1)),
     "Gumbel": lambda x, m, s: -((x - m) / s + np.exp(-(x - m) / s)) - np.log(s),
     "Bernoulli": lambda x, l: (x * np.log(np_sigmoid(l)) + (1 - x) * np.log(np_sigmoid(-l))),
     "Categorical": np_categorical_lp,
@@ -105,6 +107,7 @@ REF_MEAN = {
     "Exponential": lambda r: 1 / r,
     "Gamma": lambda a, r: a / r,
     "Beta": lambda a, b: a / (a + b),
+    "Dirichlet": lambda a: a / a.sum(-1, keepdims=True),
     "Gumbel": lambda m, s: m + EULER * s,
     "Bernoulli": np_sigmoid,
     "Categorical": lambda l: np.sum(np.exp(np_log_softmax(l)) * np.arange(np.shape(l)[-1]), -1),
@@ -121,6 +124,9 @@ REF_ENTROPY = {
     "Gamma": lambda a, r: a - np.log(r) + gammaln(a) + (1 - a) * digamma(a),
     "Beta": lambda a, b: (gammaln(a) + gammaln(b) - gammaln(a + b) - (a - 1) * digamma(a)
                           - (b - 1) * digamma(b) + (a + b - 2) * digamma(a + b)),
+    "Dirichlet": lambda a: (gammaln(a).sum(-1) - gammaln(a.sum(-1))
+                            + (a.sum(-1) - a.shape[-1]) * digamma(a.sum(-1))
+                            - np.sum((a - 1) * digamma(a), -1)),
     "Gumbel": lambda m, s: np.log(s) + EULER + 1 + 0 * m,
     "Bernoulli": lambda l: np_entropy_from_probs(np.stack([np_sigmoid(l), np_sigmoid(-l)], -1)),
     "Categorical": lambda l: np_entropy_from_probs(np.exp(np_log_softmax(l))),
@@ -138,6 +144,7 @@ MC_PARAMS = {
     "Exponential": ([0.5, 2.0],),
     "Gamma": ([0.7, 3.0], [1.5, 0.5]),
     "Beta": ([0.8, 2.5], [1.5, 0.6]),
+    "Dirichlet": ([[0.8, 2.0, 1.5], [3.0, 0.5, 1.0]],),
     "Gumbel": ([0.3, -1.0], [1.0, 2.0]),
     "Bernoulli": ([-1.0, 2.0],),
     "Categorical": (LOGITS_2x3,),
@@ -157,6 +164,7 @@ def _broadcast_case(name):
         "Normal": (col, pos_row), "LogNormal": (col, pos_row), "Gumbel": (col, pos_row),
         "Uniform": (col - 2, row + 2), "Gamma": (pos_col, pos_row), "Beta": (pos_col, pos_row),
         "Exponential": (np.exp(rng.normal(size=(3, 4))),),
+        "Dirichlet": (np.exp(0.3 * rng.normal(size=(3, 4, 5))),),
         "Poisson": (np.exp(rng.normal(size=(3, 4))),),
         "Bernoulli": (rng.normal(size=(3, 4)),),
         "Categorical": (rng.normal(size=(3, 4, 5)),),
@@ -189,6 +197,8 @@ def _points(name, params):
         return f32(low + (high - low) * rng.uniform(0.01, 0.99, size=shape))
     if name == "Beta":
         return f32(rng.uniform(0.01, 0.99, size=shape))
+    if name == "Dirichlet":
+        return f32(rng.dirichlet(np.ones(params[0].shape[-1]), size=shape))
     if name in ("Bernoulli", "Poisson"):
         return f32(rng.integers(0, 6 if name == "Poisson" else 2, size=shape))
     k = params[0].shape[-1]
@@ -299,22 +309,27 @@ def test_poisson_entropy_across_switch():
 REPARAM_PARAMS = {
     "Normal": (0.5, 1.5), "LogNormal": (0.2, 0.4), "Uniform": (-1.0, 2.0),
     "Exponential": (1.5,), "Gamma": (1.7, 0.8), "Beta": (1.3, 2.2), "Gumbel": (0.3, 1.2),
+    "Dirichlet": ([0.8, 2.0, 1.5],),
 }
 
 
 @pytest.mark.parametrize("name", REPARAM)
 def test_pathwise_gradient_of_mean(name):
+    """Per-sample Jacobians of the draws (implicit reparameterization for Gamma, Beta and
+    Dirichlet) average to the derivative of the closed-form mean, entry by entry."""
     fam = D.FAMILIES[name]
-    theta = REPARAM_PARAMS[name]
+    theta = tuple(np.asarray(t, np.float64) for t in REPARAM_PARAMS[name])
     argnums = tuple(range(len(theta)))
     per_sample = jax.jacfwd(lambda *ps: fam.sample(key(4), *ps, shape=(N // 2,)),
                             argnums=argnums)(*(f32(t) for t in theta))
     h = 1e-6  # central difference of the float64 closed-form mean
     for i in argnums:
-        up, down = np.array(theta), np.array(theta)
-        up[i] += h
-        down[i] -= h
-        assert_mc(per_sample[i], (REF_MEAN[name](*up) - REF_MEAN[name](*down)) / (2 * h))
+        for j in np.ndindex(theta[i].shape):
+            up, down = [t.copy() for t in theta], [t.copy() for t in theta]
+            up[i][j] += h
+            down[i][j] -= h
+            assert_mc(per_sample[i][(...,) + j],
+                      (REF_MEAN[name](*up) - REF_MEAN[name](*down)) / (2 * h))
 
 
 @pytest.mark.parametrize("name", [n for n in ALL if not D.FAMILIES[n].reparam])
@@ -341,6 +356,7 @@ KL_CASES = {
     "Exponential": (([0.5, 2.0],), ([1.0, 1.5],)),
     "Gamma": (([0.7, 3.0], [1.5, 0.5]), ([1.2, 2.0], [1.0, 0.8])),
     "Beta": (([0.8, 2.5], [1.5, 0.6]), ([1.0, 2.0], [1.0, 1.2])),
+    "Dirichlet": (([[0.8, 2.0, 1.5], [3.0, 0.5, 1.0]],), ([[1.0, 1.0, 1.0], [2.0, 2.0, 0.7]],)),
     "Uniform": (([0.0, -1.0], [1.0, 0.5]), ([-1.0, -1.0], [2.0, 3.0])),
     "Poisson": (([0.7, 3.0],), ([1.5, 5.0],)),
     "Gumbel": (([0.3, -1.0], [1.0, 2.0]), ([-0.5, 0.0], [1.7, 1.5])),

@@ -73,6 +73,20 @@ def test_continuous_families_are_unbiased(case, estimator):
     assert_unbiased(np.stack([grads[n] for n in names], -1), truth(*args))
 
 
+@pytest.mark.parametrize("estimator", ["", "reparam", "score"])
+def test_dirichlet_is_unbiased(estimator):
+    """E[x . w], x ~ Dirichlet(a): d/da_j = (w_j a0 - w . a) / a0^2; pathwise by implicit
+    reparameterization of its Gammas, or the score function."""
+    a, w = np.array([0.8, 2.0, 1.5], np.float32), np.array([1.0, -2.0, 0.5], np.float32)
+    m = compile_objective("x ~ Dirichlet(a) WITH\nreturn sum(x * w)", "a: f32[3], w: f32[3]",
+                          estimator, 4 if estimator == "score" else 1)
+    assert m.ir.facts["estimators"][0].estimator.name == (estimator or "reparam")
+    grads = estimates(m.g, (a, w))
+    a0 = a.sum()
+    assert_unbiased(grads["a"], (w * a0 - w @ a) / a0 ** 2)
+    assert_unbiased(grads["w"], a / a0)
+
+
 # ---- discrete families: score function (the only unbiased choice for them)
 
 DISCRETE = [
