@@ -49,7 +49,7 @@ DISTRIBUTIONS: dict[str, DistSpec] = {d.name: d for d in [
     DistSpec("Beta", ("concentration1", "concentration0"), reparam=True),
     DistSpec("Dirichlet", ("concentration",), event=1, onehot=True, reparam=True),
     DistSpec("Gumbel", ("loc", "scale"), reparam=True),
-    DistSpec("Bernoulli", ("logits",), _PROBS, finite=True),
+    DistSpec("Bernoulli", ("logits",), _PROBS, finite=True, mvd=True),
     DistSpec("Categorical", ("logits",), _PROBS, event=1, integer=True, finite=True),
     DistSpec("OneHotCategorical", ("logits",), _PROBS, event=1, onehot=True, finite=True),
     DistSpec("Poisson", ("rate",)),

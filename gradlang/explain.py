@@ -7,7 +7,8 @@ from .ir import Module, reachable, walk
 from .ops import OPS
 
 _NAMES = {"reparam": "pathwise (reparam)", "score": "score function", "enum": "enumeration",
-          "mvd": "measure-valued derivative",
+          "mvd": "measure-valued derivative", "arm": "ARM (antithetic pair)",
+          "disarm": "DisARM (antithetic pair)",
           "gumbel": "Gumbel-softmax",
           "st_gumbel": "straight-through Gumbel"}
 _BASELINES = {"none": "none", "loo": "leave-one-out (RLOO)", "grpo": "group-normalized (GRPO, biased)",
@@ -39,8 +40,8 @@ def _control_variate(site, found: list[str]) -> str:
 def _cost(estimator) -> str:
     if estimator.name == "enum":
         return f"x{estimator.option('size')} evaluations (exact)"
-    if estimator.name == "mvd":
-        return "x4 evaluations"
+    if estimator.name in ("mvd", "arm", "disarm"):
+        return f"x{estimator.option('size')} evaluations"
     if estimator.name == "score":
         return "1 draw + log_prob"
     if estimator.name in ("gumbel", "st_gumbel"):

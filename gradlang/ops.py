@@ -193,7 +193,9 @@ class ExpectParams:
 class SurrogateParams:
     baselines: tuple[str, ...]
     """The control variate of each score-term operand after the value and the costs:
-    none | loo | grpo | ma (or enum / mvd_loc / mvd_scale: not score terms)."""
+    none | loo | grpo | ma; or what an operand that is not a score term is: enum (the
+    log-probability of an enumerated combination), param / draw / aux (a branched draw's
+    distribution parameters, values and noise)."""
     decay: float = field(default=0.0, metadata={"omit_default": True})
     """For `ma`: the moving average's decay; its state is the last operand and the op has a
     second result, the updated state."""
@@ -202,6 +204,8 @@ class SurrogateParams:
     cost, credited to every score term."""
     credit: tuple[tuple[int, ...], ...] = field(default=(), metadata={"omit_default": True})
     """With costs: for each score-term operand, the costs it is credited with (their indices)."""
+    branched: tuple[str, ...] = field(default=(), metadata={"omit_default": True})
+    """A branched draw: (estimator, family, the names its parameters were given as)."""
 
 
 @dataclass(frozen=True)

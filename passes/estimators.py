@@ -24,7 +24,7 @@ from gradlang.diagnostics import Diagnostics, Span
 from gradlang.distributions import DISTRIBUTIONS, DistSpec
 from gradlang.ir import Function, Module, Op, Region, walk
 from gradlang.ops import OPS, Estimator
-from gradlang.types import DistType, has_float_leaf
+from gradlang.types import DistType, TensorType, has_float_leaf
 
 BASELINES = ("auto", "none", "loo", "grpo", "ma")
 CREDIT = ("downstream", "whole")
@@ -33,10 +33,18 @@ OPTIONS: dict[str, dict[str, type]] = {
     "auto": {"enum_max": int}, "reparam": {},
     "score": {"baseline": str, "decay": float, "credit": str},
     "gumbel": {"tau": float},
-    "st_gumbel": {"tau": float}, "enum": {}, "mvd": {},
+    "st_gumbel": {"tau": float}, "enum": {}, "mvd": {}, "arm": {}, "disarm": {},
 }
 """Every estimator name with its options and their types."""
 RELAXABLE = ("Bernoulli", "OneHotCategorical")
+BRANCHES: dict[tuple[str, str], int] = {("mvd", "Normal"): 4, ("mvd", "Bernoulli"): 3,
+                                        ("arm", "Bernoulli"): 2, ("disarm", "Bernoulli"): 2}
+"""Branched estimators (`runtime.branched`): per (estimator, family), the number of values of
+the draw the objective is evaluated at."""
+BRANCHED = ("enum", "mvd", "arm", "disarm")
+"""Estimators that evaluate the objective at several values of their draw."""
+BATCHED = ("arm", "disarm")
+"""Branched estimators whose draw may have batch axes (their evaluations do not multiply)."""
 
 
 @dataclass(frozen=True)
@@ -191,12 +199,12 @@ class _Chooser:
         return k if isinstance(k, int) else None
 
     def enum_problem(self, op: Op, spec: DistSpec, top: bool, name: str = "enum") -> str | None:
-        """Why this draw cannot be enumerated, or given branches for its measure-valued
-        derivative (`name="mvd"`); None when it can."""
+        """Why the objective cannot be evaluated at several values of this draw, to enumerate
+        it or for a branched estimator `name` (mvd, arm, disarm); None when it can."""
         if name == "enum" and not spec.finite:
             return f"cannot enumerate {spec.name}: its support is not finite"
         batch = op.operands[0].type.batch
-        if batch:
+        if batch and name not in BATCHED:
             what = "enumerates one draw" if name == "enum" else "differentiates one draw"
             return (f"{name} {what}, but this {spec.name} has batch shape "
                     f"[{', '.join(map(str, batch))}] (the evaluations multiply)")
@@ -205,11 +213,15 @@ class _Chooser:
         if not top:
             return (f"{name} works on draws at the top level of an export's objective function "
                     f"(not in a loop, a branch, an expect(...) or a function it calls)")
+        result = self.fn.result_type
+        if name != "enum" and not (isinstance(result, TensorType) and result.rank == 0):
+            return (f"{name} weights differences of the objective's values, so the objective "
+                    f"'{self.fn.name}' must return a scalar; it returns {result}")
         others = [s.estimator.name for s in self.out if s.function == self.fn.name
-                  and s.estimator.name in ("enum", "mvd")]
-        if "mvd" in others or (name == "mvd" and others):
-            return ("an objective can have one mvd draw, and no enum draw beside it (their "
-                    "evaluations would multiply)")
+                  and s.estimator.name in BRANCHED]
+        if any(o != "enum" for o in others) or (name != "enum" and others):
+            return (f"an objective can have one {'/'.join(BRANCHED[1:])} draw, and no enum draw "
+                    f"beside it (their evaluations would multiply)")
         return None
 
     def site(self, op: Op, top: bool) -> Op:
@@ -227,7 +239,7 @@ class _Chooser:
         elif annotation is not None:
             problem = self.problem(annotation, spec) or (
                 self.enum_problem(op, spec, top, annotation.name)
-                if annotation.name in ("enum", "mvd") else None)
+                if annotation.name in BRANCHED else None)
             if problem is not None:
                 self.diags.error(problem, annotation.span)
                 return op
@@ -236,8 +248,9 @@ class _Chooser:
             chosen, why = self.automatic(op, spec, top, None)
         if chosen.name == "enum":
             chosen = Estimator("enum", (("size", self.support_size(op)),), chosen.span)
-        elif chosen.name == "mvd":  # the draw, its two loc branches and its scale branch
-            chosen = Estimator("mvd", (("size", 4),), chosen.span)
+        elif chosen.name in BRANCHED:
+            chosen = Estimator(chosen.name, (("size", BRANCHES[chosen.name, spec.name]),),
+                               chosen.span)
         self.out.append(SiteChoice(self.fn.name, op.params.site, spec.name, op.span, chosen, why,
                                    annotation is not None))
         return replace(op, params=replace(op.params, estimator=chosen))
@@ -255,7 +268,7 @@ class _Chooser:
         pragma = ""
         if self.default is not None and self.default.name != "auto":
             if self.problem(self.default, spec) is None and (
-                    self.default.name not in ("enum", "mvd")
+                    self.default.name not in BRANCHED
                     or self.enum_problem(op, spec, top, self.default.name) is None):
                 return _complete(self.default), f"pragma estimator {self.default}"
             pragma = f"pragma estimator {self.default} does not apply: "
@@ -285,8 +298,10 @@ class _Chooser:
         if problem is not None:
             return problem
         if e.name == "mvd" and not spec.mvd:
-            return (f"measure-valued derivatives are implemented for Normal, not {spec.name}; "
-                    f"use score" + (" or reparam" if spec.reparam else ""))
+            return (f"measure-valued derivatives are implemented for Normal and Bernoulli, not "
+                    f"{spec.name}; use score" + (" or reparam" if spec.reparam else ""))
+        if e.name in ("arm", "disarm") and spec.name != "Bernoulli":
+            return f"'{e.name}' is an estimator for Bernoulli draws, not {spec.name}; use score"
         if e.name == "score" and not spec.fixed_support:
             return (f"cannot use 'score' on {spec.name}: its support depends on its parameters, "
                     f"so the score function misses the boundary terms and is biased; use reparam")

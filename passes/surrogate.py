@@ -39,18 +39,17 @@ from gradlang.ops import (OPS, CalleeParams, ConstParams, ExpectParams, NoParams
 from gradlang.types import DType, TensorType, TupleType, Type, scalar
 
 from .credit import Terms, influence
+from .estimators import BRANCHED
 from .rewrite import inline_body
 from .typecheck_random import stacked
 
-GROUPS = ("auto", "none", "loo", "grpo", "ma", "enum", "mvd_loc", "mvd_scale")
-"""Kinds of score terms, in the order they are passed to `surrogate`; `enum` holds the
-log-probabilities of enumerated draws (the weights of the enumerated combinations, not score
-terms); `mvd_loc` / `mvd_scale` the parameters of a measure-valued draw (what its weak
-derivatives differentiate)."""
+GROUPS = ("auto", "none", "loo", "grpo", "ma", "enum", "param", "draw", "aux")
+"""Kinds of terms, in the order they are passed to `surrogate`: score terms per baseline;
+`enum`, the log-probabilities of enumerated draws (the weights of the enumerated combinations);
+`param` / `draw` / `aux`, a branched draw's distribution parameters (what its weak derivative
+differentiates), its values and its auxiliary noise."""
 SCORE = GROUPS[:5]
 """The baseline groups: score terms proper, credited with costs."""
-BRANCHED = ("enum", "mvd")
-"""Estimators whose draws are evaluated on several values (combinations of `samples` axis 1)."""
 F32 = scalar(DType.F32)
 
 
@@ -87,6 +86,8 @@ class _Scope:
     """Branched (enumerated / measure-valued) draws numbered so far."""
     sizes: dict[Span, int] = field(default_factory=dict)
     """The number of values each branched draw is evaluated on."""
+    branched: tuple[str, ...] = ()
+    """The scope's draw with a weak derivative (`SurrogateParams.branched`), if any."""
 
 
 class _Rewriter:
@@ -177,11 +178,15 @@ class _Rewriter:
             self.ops.append(op)
 
     def branched(self, op: Op, units: list[_Unit]) -> None:
-        """An enumerated or measure-valued draw: numbered (its slot), with the log-probability
-        weighting its values (enum) or its parameters (mvd) as terms."""
+        """A draw evaluated at several values: numbered (its slot), with the log-probability
+        weighting its values (enum), or its distribution's parameters, its values and its
+        noise (`aux`, ARM's uniforms: a second result of the draw) for its weak derivative."""
         est = op.params.estimator
         slot = self.scope_state.slots
         self.scope_state.slots += 1
+        dist = next(o for o in self.ops if op.operands[0] in o.results)
+        if est.name == "arm":
+            op = replace(op, results=(op.result, Value(TensorType(DType.F32, dist.result.type.batch))))
         op = replace(op, params=replace(op.params, estimator=replace(
             est, options=est.options + (("slot", slot),))))
         self.ops.append(op)
@@ -190,11 +195,10 @@ class _Rewriter:
             lp = self.emit("log_prob", (op.operands[0], op.result), NoParams(), (F32,),
                            op.span).result
             units.append(_Unit("enum", lp, [op.span], (op.result,)))
-        else:
-            dist = next(o for o in self.ops if op.operands[0] in o.results)
-            loc, scale = dist.operands
-            units.append(_Unit("mvd_loc", loc, [op.span], (op.result,)))
-            units.append(_Unit("mvd_scale", scale, [], (op.result,)))
+            return
+        self.scope_state.branched = (est.name, dist.params.family) + dist.params.given
+        units += [_Unit("param", x, [], op.results[:1]) for x in dist.operands]
+        units += [_Unit(g, x, [op.span], op.results[:1]) for g, x in zip(("draw", "aux"), op.results)]
 
     def inline(self, op: Op, units: list[_Unit]) -> None:
         """A call of a drawing function: its body inlined, its score terms yielded each on
@@ -291,18 +295,22 @@ class _Rewriter:
                 operands.append(value)
                 baselines.append(self.baseline(g, n, spans))
                 credit.append(to)
-            for g in GROUPS[5:]:
-                branch = [u.value for u in units if u.group == g]
-                if branch:
-                    operands.append(self.total(branch, span))
-                    baselines.append(g)
+            enum = [u.value for u in units if u.group == "enum"]
+            if enum:
+                operands.append(self.total(enum, span))
+                baselines.append("enum")
+                credit.append(())
+            for u in units:
+                if u.group in ("param", "draw", "aux"):
+                    operands.append(u.value)
+                    baselines.append(u.group)
                     credit.append(())
             inner = replace(region, ops=tuple(self.ops),
                             results=region.results + tuple(c for c, _ in costs) + tuple(operands))
         finally:
             self.ops = []
         vtype = region.results[0].type
-        branch_spans = [s for u in units if u.group in ("enum", "mvd_loc") for s in u.spans]
+        branch_spans = [s for u in units if u.group in ("enum", "draw") for s in u.spans]
         sizes = tuple(self.scope_state.sizes[s] for s in branch_spans)
         combos = math.prod(sizes)
 
@@ -316,7 +324,7 @@ class _Rewriter:
             self.emit("mean", (draws.results[0],), ReduceParams((0,)), (vtype,), span)
         else:
             params = SurrogateParams(tuple(baselines), costs=len(costs), credit=tuple(credit)
-                                     if costs else ())
+                                     if costs else (), branched=self.scope_state.branched)
             if "ma" in baselines and state is not None:
                 params = replace(params, decay=self.decay([s for u in units if u.group == "ma"
                                                            for s in u.spans]))
@@ -403,7 +411,7 @@ class _Rewriter:
         self.scope_state = _Scope()
         region, units = self.region(Region((), (call,), call.results))
         groups = {u.group for u in units}
-        if t.kind == "fn" and t.samples == 0 and not groups & {"enum", "mvd_loc"}:
+        if t.kind == "fn" and t.samples == 0 and not groups & {"enum", "draw"}:
             if not groups:  # no score terms: the function draws as it is
                 return None
             return Function(f"{fn.name}@draw", fn.unit, params, fn.result_type,  # one draw

@@ -18,6 +18,7 @@ from jax import lax
 
 from gradlang.ir import Op
 
+from .branched import BRANCHED, weak_derivative
 from .distributions import (FAMILIES, KL, Family, batch_shape, gumbel_softmax_sample,
                             relaxed_bernoulli_sample)
 
@@ -50,30 +51,17 @@ def _sample(ctx, op: Op, d: Dist):
         return d.family.sample(key, *d.params, shape=d.batch)
     if est.name == "enum":  # the value of this draw in the combination being evaluated
         return d.family.enumerate_support(*d.params)[ctx.lowering.enum_index[est.option("slot")]]
-    if est.name == "mvd":
-        return _mvd_branches(key, *d.params)[ctx.lowering.enum_index[est.option("slot")]]
+    if (est.name, d.family.name) in BRANCHED:  # this draw's value in the branch being evaluated
+        params = tuple(lax.stop_gradient(jnp.broadcast_to(p, d.batch)) for p in d.params)
+        values, aux = BRANCHED[est.name, d.family.name].branches(key, *params)
+        value = values[ctx.lowering.enum_index[est.option("slot")]]
+        return (value, aux) if len(op.results) == 2 else value
     if est.name in ("gumbel", "st_gumbel"):
         relaxed = relaxed_bernoulli_sample if d.family.name == "Bernoulli" else gumbel_softmax_sample
         return relaxed(key, d.params[0], est.option("tau"), est.name == "st_gumbel")
     # score function: the draw carries no gradient; its log-probability does (surrogate pass)
     params = tuple(lax.stop_gradient(p) for p in d.params)
     return lax.stop_gradient(d.family.sample(key, *params, shape=d.batch))
-
-
-def _mvd_branches(key, loc, scale):
-    """The four draws of a Normal's measure-valued derivative, none carrying a gradient:
-    the draw itself; loc +/- scale * Rayleigh (the positive and negative parts of d/dloc,
-    each with mass 1 / (scale sqrt(2 pi))); loc + scale * (double-sided Maxwell) (the
-    positive part of d/dscale, mass 1 / scale; its negative part is the Normal itself)."""
-    loc, scale = lax.stop_gradient(loc), lax.stop_gradient(scale)
-    k_eps, k_ray, k_max, k_sign = jax.random.split(key, 4)
-    eps = jax.random.normal(k_eps, jnp.shape(loc), loc.dtype)
-    rayleigh = jnp.sqrt(-2 * jnp.log(jax.random.uniform(k_ray, jnp.shape(loc), loc.dtype,
-                                                         minval=jnp.finfo(loc.dtype).tiny)))
-    maxwell = jnp.linalg.norm(jax.random.normal(k_max, (3,) + jnp.shape(loc), loc.dtype), axis=0)
-    sign = jnp.where(jax.random.bernoulli(k_sign, 0.5, jnp.shape(loc)), 1.0, -1.0).astype(loc.dtype)
-    return jnp.stack([loc + scale * eps, loc + scale * rayleigh, loc - scale * rayleigh,
-                      loc + scale * sign * maxwell])
 
 
 def _samples(ctx, op: Op) -> Any:
@@ -106,36 +94,10 @@ def _magic(l):
     return jnp.exp(l - lax.stop_gradient(l))
 
 
-def _surrogate(ctx, op: Op, v, *rest):
-    """mean_s[ sum_j magic(L_js) c_js + sum_i (1 - magic(l_is)) b_is ] over the samples axis.
-
-    The costs c_j sum to the value v (without cost operands, v is the one cost); L_j sums the
-    score terms credited with c_j whose baseline is none or loo (DiCE, correct at every order).
-    Each score term l_i's control variate comes from R_i, the sum of its credited costs: loo's
-    is the mean of the other samples' R_i (per enumerated combination); grpo adds the
-    first-order term (magic(l) - 1) * A with the group-normalized advantage A = (R - mean) /
-    std; ma's is the running average passed in as the last operand (from earlier calls, so
-    independent of these draws), and the op also returns its update. Enumerated draws (the
-    `enum` operand: log-probabilities of each combination) weight the combinations on axis 1,
-    which are summed exactly.
-    """
-    p = op.params
+def _scored(v, costs: list, scores: list, baselines: list[str], credit: list, state):
+    """sum_j magic(L_j) c_j + sum_i (1 - magic(l_i)) b_i per sample (axis 0), as `_surrogate`
+    describes; without costs, v is the one cost."""
     n = v.shape[0]
-    costs, rest = list(rest[:p.costs]), rest[p.costs:]
-    baselines = p.baselines
-    state = rest[-1] if "ma" in baselines else None
-    scores = rest[:len(baselines)]
-    weights = scores[baselines.index("enum")] if "enum" in baselines else None
-    mvd = ([scores[baselines.index(g)] for g in ("mvd_loc", "mvd_scale")]
-           if "mvd_loc" in baselines else None)
-    kept = [i for i, b in enumerate(baselines) if b not in ("enum", "mvd_loc", "mvd_scale")]
-    credit = [p.credit[i] for i in kept] if costs else [(0,)] * len(kept)
-    scores, baselines = [scores[i] for i in kept], [baselines[i] for i in kept]
-    if mvd is not None:  # axis 1 holds the draw's four branches; the value is branch 0's
-        branches, v = v, v[:, 0]
-        scores = [l[:, 0] for l in scores]
-        costs = [c[:, 0] for c in costs]
-        loc, scale = (x[:, 0] for x in mvd)
     costs = costs or [v]
 
     def per_sample(x):
@@ -154,15 +116,51 @@ def _surrogate(ctx, op: Op, v, *rest):
             out = out + (m - 1) * (r - jnp.mean(r, 0)) / (jnp.std(r, 0) + 1e-8)
         elif b == "ma":
             out = out + (1 - m) * lax.stop_gradient(state)
-    if mvd is not None:  # weak derivatives: d/dloc and d/dscale from the branches' values
-        sv, sscale = lax.stop_gradient(branches), lax.stop_gradient(scale)
-        d_loc = (sv[:, 1] - sv[:, 2]) / per_sample(sscale * jnp.sqrt(2 * jnp.pi))
-        d_scale = (sv[:, 3] - sv[:, 0]) / per_sample(sscale)
-        out = (out + per_sample(loc - lax.stop_gradient(loc)) * d_loc
-               + per_sample(scale - sscale) * d_scale)
-    if weights is not None:  # exact sum over the enumerated combinations (axis 1)
-        out = jnp.sum(per_sample(jnp.exp(weights)) * out, 1)
-        v = jnp.sum(per_sample(jnp.exp(weights)) * v, 1)
+    return out
+
+
+def _surrogate(ctx, op: Op, v, *rest):
+    """mean_s[ sum_j magic(L_js) c_js + sum_i (1 - magic(l_is)) b_is ] over the samples axis.
+
+    The costs c_j sum to the value v (without cost operands, v is the one cost); L_j sums the
+    score terms credited with c_j whose baseline is none or loo (DiCE, correct at every order).
+    Each score term l_i's control variate comes from R_i, the sum of its credited costs: loo's
+    is the mean of the other samples' R_i (per enumerated combination); grpo adds the
+    first-order term (magic(l) - 1) * A with the group-normalized advantage A = (R - mean) /
+    std; ma's is the running average passed in as the last operand (from earlier calls, so
+    independent of these draws), and the op also returns its update. Enumerated draws (the
+    `enum` operand: log-probabilities of each combination) weight the combinations on axis 1,
+    which are summed exactly. A branched draw (`runtime.branched`: its parameters, values and
+    noise are the `param`, `draw` and `aux` operands) has its evaluations on axis 1: the
+    value averages its draw branches, and its weak derivative is added.
+    """
+    p = op.params
+    costs, rest = list(rest[:p.costs]), rest[p.costs:]
+    state = rest[-1] if "ma" in p.baselines else None
+    by = {}
+    for b, x in zip(p.baselines, rest):
+        by.setdefault(b, []).append(x)
+    kept = [i for i, b in enumerate(p.baselines) if b in ("none", "loo", "grpo", "ma")]
+    scores = [rest[i] for i in kept]
+    baselines = [p.baselines[i] for i in kept]
+    credit = [p.credit[i] for i in kept] if costs else [(0,)] * len(kept)
+    if p.branched:
+        name, family, *given = p.branched
+        est = BRANCHED[name, family]
+        aliases = FAMILIES[family].aliases
+        params = [aliases[g][1](x[:, 0]) if g in aliases else x[:, 0]
+                  for g, x in zip(given, by["param"])]
+        aux = by["aux"][0][:, 0] if "aux" in by else None
+        outs = [_scored(v[:, b], [c[:, b] for c in costs], [l[:, b] for l in scores], baselines,
+                        credit, state) for b in est.draws]
+        f, v = v, sum(v[:, b] for b in est.draws) / len(est.draws)
+        out = sum(outs) / len(outs) + weak_derivative(f, by["draw"][0], aux, params, est)
+    else:
+        out = _scored(v, costs, scores, baselines, credit, state)
+    if "enum" in by:  # exact sum over the enumerated combinations (axis 1)
+        weights = jnp.exp(by["enum"][0]).reshape(by["enum"][0].shape + (1,) * (v.ndim - 2))
+        out = jnp.sum(weights * out, 1)
+        v = jnp.sum(weights * v, 1)
     if state is None:
         return jnp.mean(out, 0)
     decay = p.decay

@@ -492,6 +492,55 @@ def test_measure_valued_derivative_has_lower_variance_than_the_score_function_he
     assert var["score"] / var["mvd"] > 1.5, var
 
 
+# ---- binary draws: ARM, DisARM and measure-valued derivatives
+
+T3 = np.array([0.4, -0.8, 1.1], np.float32)
+
+
+def _enumerated_gradient(t, f):
+    """d/dt E f(z), z_i ~ Bernoulli(sigmoid(t_i)) independent, by summing over the 2^n values."""
+    import itertools
+    p = 1 / (1 + np.exp(-np.asarray(t, np.float64)))
+    g = np.zeros_like(p)
+    for z in itertools.product([0.0, 1.0], repeat=len(p)):
+        z = np.array(z)
+        g += np.prod(np.where(z == 1, p, 1 - p)) * f(z) * (z - p)
+    return g
+
+
+@pytest.mark.parametrize("estimator", ["arm", "disarm", "mvd"])
+def test_binary_estimators_are_unbiased(estimator):
+    """E[(sum z - 1.3)^2] over a batch of 3 Bernoulli draws (ARM / DisARM: one pair of
+    evaluations for the whole batch); MVD on one draw next to a pathwise Normal."""
+    if estimator == "mvd":
+        m = compile_objective("z ~ Bernoulli(logits=t) with mvd\nx ~ Normal(t, 1.0)\n"
+                              "return (z - 0.3) ^ 2 * x * x", "t: f32", samples=2)
+        s = sigmoid(0.7)  # E = (0.49 s + 0.09 (1 - s)) (1 + t^2)
+        truth = s * (1 - s) * 0.4 * (1 + 0.49) + (0.49 * s + 0.09 * (1 - s)) * 2 * 0.7
+        assert_unbiased(estimates(m.g, (0.7,))["t"], truth)
+        return
+    m = compile_objective(f"z ~ Bernoulli(logits=t) with {estimator}\nreturn (sum(z) - 1.3) ^ 2",
+                          "t: f32[3]")
+    assert_unbiased(estimates(m.g, (T3,))["t"], _enumerated_gradient(T3, lambda z: (z.sum() - 1.3) ** 2))
+
+
+def test_the_branch_counts_of_the_front_end_are_the_runtimes():
+    from gradlang.passes.estimators import BRANCHES
+    from gradlang.runtime.branched import BRANCHED
+    assert {k: b.size for k, b in BRANCHED.items()} == BRANCHES
+
+
+def test_disarm_has_lower_variance_than_arm_and_both_than_the_score_function():
+    """Measured (N = 10^4): total variance 1.01 (score, no baseline) > 0.37 (ARM) > 0.31
+    (DisARM: ARM with the uniform integrated out). Each variance has a 1.4% relative standard
+    error, so the margins below are tens of standard errors."""
+    body = "z ~ Bernoulli(logits=t) WITH\nreturn (sum(z) - 1.3) ^ 2"
+    var = {e: _variance(compile_objective(body, "t: f32[3]", e), (T3,))
+           for e in ("score(baseline=none)", "arm", "disarm")}
+    print(var)
+    assert var["score(baseline=none)"] > 2 * var["arm"] and var["arm"] > 1.1 * var["disarm"]
+
+
 def test_score_function_draws_inside_a_loop():
     """A 3-step trajectory of coin flips: E[number of heads^2] = 3s(1-s) + 9s^2, s = sigmoid(t)."""
     src = """

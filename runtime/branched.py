@@ -1,0 +1,119 @@
+"""Branched estimators: the objective is evaluated at several values of one draw (its
+branches, on axis 1 of the `samples` region's results), and the draw's gradient is a weighted
+difference of those evaluations, added to the surrogate as sum (p - stop(p)) * coefficient
+for each parameter p of the draw's distribution.
+
+Each estimator gives `branches(key, *params) -> (values [size, *batch], aux)`, the draw's value
+in every branch (all from the draw's own key, so every branch sees the same noise), and
+`coefficients(f, z, aux, *params) -> one array per parameter` from the objective's values f
+[n, size], the draw's values z [n, size, *batch] and the auxiliary noise (per sample). The
+value's estimate averages the branches listed in `draws` (each is a draw of the
+distribution).
+
+- `mvd` (measure-valued derivatives, first order): Normal(loc, scale): the draw, loc +/- scale
+  Rayleigh (the positive and negative parts of d/dloc, each of mass 1 / (scale sqrt(2 pi))),
+  loc + scale * double-sided Maxwell (the positive part of d/dscale, mass 1 / scale; its
+  negative part is the Normal itself). Bernoulli(logits): the draw, 1 and 0 (d/dp = f(1) -
+  f(0), times dp/dlogits = p (1 - p)).
+- `arm` (Yin & Zhou 2019, "ARM: Augment-REINFORCE-Merge"): u ~ U(0, 1) per entry, the
+  antithetic draws 1[u > sigmoid(-logits)] and 1[u < sigmoid(logits)]; the gradient
+  (f(z1) - f(z2)) (u - 1/2) per entry.
+- `disarm` (Dong, Mnih & Tucker 2020, "DisARM"): b = 1[u < sigmoid(logits)] and
+  b' = 1[1 - u < sigmoid(logits)]; the gradient 1/2 (f(b) - f(b')) (-1)^b' 1[b != b']
+  sigmoid(|logits|) per entry (ARM with u integrated out given (b, b')).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+@dataclass(frozen=True)
+class Branched:
+    size: int
+    draws: tuple[int, ...]
+    branches: Callable
+    coefficients: Callable
+    aux: bool = False
+    """The draw also yields auxiliary noise (the sample op has a second result)."""
+
+
+def _normal_branches(key, loc, scale):
+    k_eps, k_ray, k_max, k_sign = jax.random.split(key, 4)
+    shape = jnp.broadcast_shapes(jnp.shape(loc), jnp.shape(scale))
+    dtype = jnp.result_type(loc, scale)
+    eps = jax.random.normal(k_eps, shape, dtype)
+    rayleigh = jnp.sqrt(-2 * jnp.log(jax.random.uniform(k_ray, shape, dtype,
+                                                         minval=jnp.finfo(dtype).tiny)))
+    maxwell = jnp.linalg.norm(jax.random.normal(k_max, (3,) + shape, dtype), axis=0)
+    sign = jnp.where(jax.random.bernoulli(k_sign, 0.5, shape), 1.0, -1.0).astype(dtype)
+    return jnp.stack([loc + scale * eps, loc + scale * rayleigh, loc - scale * rayleigh,
+                      loc + scale * sign * maxwell]), None
+
+
+def _normal_coefficients(f, z, aux, loc, scale):
+    return (f[:, 1] - f[:, 2]) / (scale * jnp.sqrt(2 * jnp.pi)), (f[:, 3] - f[:, 0]) / scale
+
+
+def _bernoulli_branches(key, logits):
+    u = jax.random.uniform(key, jnp.shape(logits), logits.dtype)
+    z = (u < jax.nn.sigmoid(logits)).astype(logits.dtype)
+    return jnp.stack([z, jnp.ones_like(z), jnp.zeros_like(z)]), None
+
+
+def _bernoulli_coefficients(f, z, aux, logits):
+    p = jax.nn.sigmoid(logits)
+    return (p * (1 - p) * (f[:, 1] - f[:, 2]),)
+
+
+def _antithetic(key, logits):
+    """u ~ U(0, 1) per entry and the two antithetic draws 1[u < p] (= 1[u > 1 - p] for ARM's
+    first) as ARM writes them."""
+    u = jax.random.uniform(key, jnp.shape(logits), logits.dtype)
+    return u, jax.nn.sigmoid(logits)
+
+
+def _arm_branches(key, logits):
+    u, p = _antithetic(key, logits)
+    return jnp.stack([(u > 1 - p).astype(u.dtype), (u < p).astype(u.dtype)]), u
+
+
+def _arm_coefficients(f, z, u, logits):
+    return ((f[:, 0] - f[:, 1]) * (u - 0.5),)
+
+
+def _disarm_branches(key, logits):
+    u, p = _antithetic(key, logits)
+    return jnp.stack([(u < p).astype(u.dtype), (1 - u < p).astype(u.dtype)]), None
+
+
+def _disarm_coefficients(f, z, aux, logits):
+    b, b2 = z[:, 0], z[:, 1]
+    sign = 1 - 2 * b2
+    return (0.5 * (f[:, 0] - f[:, 1]) * sign * (b != b2) * jax.nn.sigmoid(jnp.abs(logits)),)
+
+
+BRANCHED: dict[tuple[str, str], Branched] = {
+    ("mvd", "Normal"): Branched(4, (0,), _normal_branches, _normal_coefficients),
+    ("mvd", "Bernoulli"): Branched(3, (0,), _bernoulli_branches, _bernoulli_coefficients),
+    ("arm", "Bernoulli"): Branched(2, (0, 1), _arm_branches, _arm_coefficients, aux=True),
+    ("disarm", "Bernoulli"): Branched(2, (0, 1), _disarm_branches, _disarm_coefficients),
+}
+"""Per (estimator, family): how the draw branches and how its gradient is formed."""
+
+
+def weak_derivative(f, z, aux, params: list, est: Branched):
+    """Per sample, the sum over the draw's parameters p (and their entries) of (p - stop(p))
+    * coefficient: its value is 0, its derivative the estimator (first order)."""
+    f, z, aux = lax.stop_gradient((f, z, aux))
+    coefs = est.coefficients(f, z, aux, *(lax.stop_gradient(p) for p in params))
+    out = 0
+    for p, c in zip(params, coefs):
+        term = (p - lax.stop_gradient(p)) * c
+        out = out + jnp.sum(term.reshape(term.shape[0], -1), -1)
+    return out
