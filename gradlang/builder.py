@@ -63,15 +63,27 @@ def _literal(e: ast.Expr) -> bool | int | float | str | None:
     return None
 
 
+SCOPES = ("expect", "logmeanexp")
+"""Monte Carlo scopes: the mean of N draws of a value, or the log of the mean of their exp."""
+
+
+def _scope(e: ast.Expr) -> str | None:
+    """The scope a call opens (`expect(...)`, `logmeanexp(...)`), or None."""
+    if isinstance(e, ast.Call) and isinstance(e.func, ast.Name) and e.func.id in SCOPES:
+        return e.func.id
+    return None
+
+
 def _samples_option(call: ast.Call, diags: Diagnostics) -> int | None:
     """The N of `expect(..., samples=N)` (a positive integer literal); None after an error."""
+    what = call.func.id  # type: ignore[attr-defined]
     opts = {k.name: k for k in call.kwargs}
     for k in call.kwargs:
         if k.name != "samples":
-            diags.error(f"unknown option '{k.name}' for expect; expected samples=N", k.span)
+            diags.error(f"unknown option '{k.name}' for {what}; expected samples=N", k.span)
             return None
     if "samples" not in opts:
-        diags.error("expect needs samples=N: the number of Monte Carlo draws", call.span)
+        diags.error(f"{what} needs samples=N: the number of Monte Carlo draws", call.span)
         return None
     v = opts["samples"].value
     if not (isinstance(v, ast.IntLit) and 1 <= v.value <= I32_MAX):
@@ -170,36 +182,39 @@ def _tensors_only(t) -> bool:
     return isinstance(t, TensorType)
 
 
-def _objective(e: ast.Expr, diags: Diagnostics) -> tuple[ast.Name, int] | None:
-    """`f` (or `nn.f`) or `expect(f, samples=N)`: the function's name and N (0 without expect)."""
+def _objective(e: ast.Expr, diags: Diagnostics) -> tuple[ast.Name, int, str] | None:
+    """`f` (or `nn.f`), `expect(f, samples=N)` or `logmeanexp(f, samples=N)`: the function's
+    name, N (0 without a scope) and the scope."""
     name = _dotted(e)
     if name is not None:
-        return ast.Name(e.span, name), 0
-    if isinstance(e, ast.Call) and isinstance(e.func, ast.Name) and e.func.id == "expect":
+        return ast.Name(e.span, name), 0, "expect"
+    scope = _scope(e)
+    if scope is not None:
         name = _dotted(e.args[0]) if len(e.args) == 1 else None
         if name is None:
-            diags.error("expect in an export takes one function name, e.g. expect(f, samples=8)",
-                        e.span)
+            diags.error(f"{scope} in an export takes one function name, e.g. {scope}(f, "
+                        f"samples=8)", e.span)
             return None
         n = _samples_option(e, diags)
-        return None if n is None else (ast.Name(e.args[0].span, name), n)
+        return None if n is None else (ast.Name(e.args[0].span, name), n, scope)
     return None
 
 
 def _build_export(decl: ast.ExportDecl, unit: str, diags: Diagnostics) -> Export | None:
     value = decl.value
-    if isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == "expect":
+    if _scope(value) is not None:
         found = _objective(value, diags)
         if found is None:
             return None
-        fn, n = found
-        return Export(decl.name, Transform("fn", qualify(unit, fn.id), samples=n), decl.span,
-                      fn.span)
+        fn, n, scope = found
+        return Export(decl.name, Transform("fn", qualify(unit, fn.id), samples=n, scope=scope),
+                      decl.span, fn.span)
     if _dotted(value) is not None:
         return Export(decl.name, Transform("fn", qualify(unit, _dotted(value))), decl.span,
                       value.span)
     usage = ("an export must name a function or be grad(f, wrt=[...]), value_and_grad(f, "
-             "wrt=[...]), descend(f, wrt=[...], lr=...) or expect(f, samples=N)")
+             "wrt=[...]), descend(f, wrt=[...], lr=...), expect(f, samples=N) or "
+             "logmeanexp(f, samples=N)")
     if not (isinstance(value, ast.Call) and isinstance(value.func, ast.Name)
             and value.func.id in TRANSFORMS):
         diags.error(usage, value.span)
@@ -208,8 +223,8 @@ def _build_export(decl: ast.ExportDecl, unit: str, diags: Diagnostics) -> Export
     objective = _objective(value.args[0], diags) if len(value.args) == 1 else None
     if objective is None:
         if not diags.has_errors or len(value.args) != 1:
-            diags.error(f"{kind} takes one function name (or expect(f, samples=N)) as its "
-                        f"positional argument", value.span)
+            diags.error(f"{kind} takes one function name (or expect(f, samples=N), "
+                        f"logmeanexp(f, samples=N)) as its positional argument", value.span)
         return None
     wrt = [k for k in value.kwargs if k.name == "wrt"]
     by, lr = None, None
@@ -238,9 +253,9 @@ def _build_export(decl: ast.ExportDecl, unit: str, diags: Diagnostics) -> Export
         return None
     names = tuple(e.id for e in targets.elems)  # type: ignore[attr-defined]
     spans = tuple(e.span for e in targets.elems)
-    fn, n = objective
+    fn, n, scope = objective
     return Export(decl.name, Transform(kind, qualify(unit, fn.id), names, spans, n, by,
-                                       None if lr is None else float(lr)), decl.span, fn.span)
+                                       None if lr is None else float(lr), scope), decl.span, fn.span)
 
 
 def _estimator_option(e: ast.Expr, diags: Diagnostics) -> Estimator | None:
@@ -415,7 +430,7 @@ class _FunctionBuilder:
                                     e.func.span)
         if callee in TRANSFORMS:
             return self.error_value(f"{callee}(...) can only be used in an export", e.span)
-        if callee == "expect":
+        if callee in SCOPES:
             return self.expect(e)
         seen: set[str] = set()
         for k in e.kwargs:
@@ -427,15 +442,17 @@ class _FunctionBuilder:
         return self.emit("call", operands, CallParams(callee, kwnames), e.span).result
 
     def expect(self, e: ast.Call) -> Value:
-        """`expect(expr, samples=N)`: expr is evaluated N times, in a region, on fresh draws."""
+        """`expect(expr, samples=N)` / `logmeanexp(expr, samples=N)`: expr is evaluated N
+        times, in a region, on fresh draws."""
+        scope = e.func.id  # type: ignore[attr-defined]
         if len(e.args) != 1:
-            return self.error_value("expect takes one expression and samples=N, e.g. "
-                                    "expect(f(x), samples=8)", e.span)
+            return self.error_value(f"{scope} takes one expression and samples=N, e.g. "
+                                    f"{scope}(f(x), samples=8)", e.span)
         n = _samples_option(e, self.diags)
         region = self.region({}, lambda: (self.expr(e.args[0]),))
         if n is None:
             return self.emit("error", (), NoParams(), e.span).result
-        return self.emit("expect", (), ExpectParams(n), e.span, regions=(region,)).result
+        return self.emit("expect", (), ExpectParams(n, kind=scope), e.span, regions=(region,)).result
 
     def expr_With(self, e: ast.With) -> Value:
         """`f(...) with rule(...)`: the rule rides on the call until resolve checks it. (The

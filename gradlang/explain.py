@@ -8,11 +8,11 @@ from .ops import OPS
 
 _NAMES = {"reparam": "pathwise (reparam)", "score": "score function", "enum": "enumeration",
           "mvd": "measure-valued derivative", "arm": "ARM (antithetic pair)",
-          "disarm": "DisARM (antithetic pair)",
+          "disarm": "DisARM (antithetic pair)", "dreg": "pathwise, doubly reparameterized (DReG)",
           "gumbel": "Gumbel-softmax",
           "st_gumbel": "straight-through Gumbel"}
 _BASELINES = {"none": "none", "loo": "leave-one-out (RLOO)", "grpo": "group-normalized (GRPO, biased)",
-              "ma": "moving average"}
+              "ma": "moving average", "vimco": "VIMCO"}
 
 
 def _resolved(site, export: str, resolved: dict) -> list[str]:
@@ -134,8 +134,8 @@ def explain(module: Module) -> str:
     lines: list[str] = []
     for export in module.exports:
         t = export.transform
-        fn, samples = objectives.get(export.name, (t.fn, t.samples))
-        what = f"expect({fn}, samples={samples})" if samples else fn
+        fn, samples, scope = objectives.get(export.name, (t.fn, t.samples, t.scope))
+        what = f"{scope}({fn}, samples={samples})" if samples else fn
         reach = reachable(module, fn)
         here = [s for s in sites if s.function in reach]
         nonsmooth = _nonsmooth(module, reach) if t.kind != "fn" else []

@@ -94,6 +94,9 @@ class Transform:
     lr: float | None = None
     """`descend(f, wrt=[...], lr=...)`: the step size (None: the export takes it as an argument
     `lr`, before the key)."""
+    scope: str = "expect"
+    """With samples: `expect` (the mean of the draws) or `logmeanexp` (the log of the mean of
+    their exp, e.g. an importance-weighted bound)."""
 
     def call(self, fn: str) -> str:
         """`kind(fn, wrt=[...], lr=..., by=...)` as written in source (`fn` as given)."""

@@ -187,6 +187,12 @@ class ExpectParams:
     enum: tuple[int, ...] = field(default=(), metadata={"omit_default": True})
     """`samples` only: the support sizes of the enumerated draws (slot order); the region is
     evaluated on every combination of their values, results stacked on a second axis."""
+    kind: str = field(default="expect", metadata={"omit_default": True})
+    """`expect` only: `expect` (the mean over the draws) or `logmeanexp` (the log of the mean
+    of their exp)."""
+    dreg: int = field(default=0, metadata={"omit_default": True})
+    """`samples` only: the region's last `dreg` results are draws with doubly reparameterized
+    gradients; the op has as many more results, d value / d draw per sample."""
 
 
 @dataclass(frozen=True)
@@ -206,6 +212,9 @@ class SurrogateParams:
     """With costs: for each score-term operand, the costs it is credited with (their indices)."""
     branched: tuple[str, ...] = field(default=(), metadata={"omit_default": True})
     """A branched draw: (estimator, family, the names its parameters were given as)."""
+    kind: str = field(default="expect", metadata={"omit_default": True})
+    """`expect` or `logmeanexp` (then the score terms' baselines are none or vimco, and the
+    operands after them are the DReG draws and their d value / d draw)."""
 
 
 @dataclass(frozen=True)

@@ -92,7 +92,7 @@ def print_module(module: Module) -> str:
         parts.append(print_function(fn, notes))
     for e in module.exports:
         t = e.transform
-        fn = f"expect(@{t.fn}, samples={t.samples})" if t.samples else f"@{t.fn}"
+        fn = f"{t.scope}(@{t.fn}, samples={t.samples})" if t.samples else f"@{t.fn}"
         if t.kind == "fn":
             parts.append(f"export @{e.name} = {fn}")
         else:

@@ -26,14 +26,14 @@ from gradlang.ir import Function, Module, Op, Region, walk
 from gradlang.ops import OPS, Estimator
 from gradlang.types import DistType, TensorType, has_float_leaf
 
-BASELINES = ("auto", "none", "loo", "grpo", "ma")
+BASELINES = ("auto", "none", "loo", "grpo", "ma", "vimco")
 CREDIT = ("downstream", "whole")
 """What a score-function draw is credited with: the costs that depend on it, or all of them."""
 OPTIONS: dict[str, dict[str, type]] = {
     "auto": {"enum_max": int}, "reparam": {},
     "score": {"baseline": str, "decay": float, "credit": str},
     "gumbel": {"tau": float},
-    "st_gumbel": {"tau": float}, "enum": {}, "mvd": {}, "arm": {}, "disarm": {},
+    "st_gumbel": {"tau": float}, "enum": {}, "mvd": {}, "arm": {}, "disarm": {}, "dreg": {},
 }
 """Every estimator name with its options and their types."""
 RELAXABLE = ("Bernoulli", "OneHotCategorical")
@@ -305,9 +305,9 @@ class _Chooser:
         if e.name == "score" and not spec.fixed_support:
             return (f"cannot use 'score' on {spec.name}: its support depends on its parameters, "
                     f"so the score function misses the boundary terms and is biased; use reparam")
-        if e.name == "reparam" and not spec.reparam:
+        if e.name in ("reparam", "dreg") and not spec.reparam:
             alts = "score, gumbel or st_gumbel" if spec.name in RELAXABLE else "score"
-            return f"cannot use 'reparam' on {spec.name}: {_why_not_pathwise(spec)}; use {alts}"
+            return f"cannot use '{e.name}' on {spec.name}: {_why_not_pathwise(spec)}; use {alts}"
         if e.name in ("gumbel", "st_gumbel") and spec.name not in RELAXABLE:
             hint = "; draw a OneHotCategorical instead" if spec.name == "Categorical" else ""
             return (f"'{e.name}' relaxes Bernoulli and OneHotCategorical draws, not "

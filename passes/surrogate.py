@@ -43,12 +43,13 @@ from .estimators import BRANCHED
 from .rewrite import inline_body
 from .typecheck_random import stacked
 
-GROUPS = ("auto", "none", "loo", "grpo", "ma", "enum", "param", "draw", "aux")
+GROUPS = ("auto", "none", "loo", "grpo", "ma", "vimco", "enum", "param", "draw", "aux", "dreg")
 """Kinds of terms, in the order they are passed to `surrogate`: score terms per baseline;
 `enum`, the log-probabilities of enumerated draws (the weights of the enumerated combinations);
 `param` / `draw` / `aux`, a branched draw's distribution parameters (what its weak derivative
-differentiates), its values and its auxiliary noise."""
-SCORE = GROUPS[:5]
+differentiates), its values and its auxiliary noise; `dreg`, draws with doubly reparameterized
+gradients."""
+SCORE = GROUPS[:6]
 """The baseline groups: score terms proper, credited with costs."""
 F32 = scalar(DType.F32)
 
@@ -88,6 +89,10 @@ class _Scope:
     """The number of values each branched draw is evaluated on."""
     branched: tuple[str, ...] = ()
     """The scope's draw with a weak derivative (`SurrogateParams.branched`), if any."""
+    kind: str = "expect"
+    """`expect` or `logmeanexp`."""
+    dreg: dict[Value, tuple[Op, list[Span]]] = field(default_factory=dict)
+    """Each DReG draw: its distribution op, and the log_prob ops of it found (their spans)."""
 
 
 class _Rewriter:
@@ -106,6 +111,8 @@ class _Rewriter:
         """The costs each score site is credited with (their source text), per expectation."""
         self.label = ""
         """The export whose expectation is being built ("" inside function bodies)."""
+        self.alias: dict[Value, Value] = {}
+        """The arguments of inlined bodies, as the values passed for them."""
 
     def emit(self, name: str, operands: tuple[Value, ...], params: object, types: tuple[Type, ...],
              span: Span | None, regions: tuple[Region, ...] = ()) -> Op:
@@ -166,6 +173,10 @@ class _Rewriter:
                 self.decays[op.span] = est.option("decay")
             units.append(_Unit(baseline, total, [op.span], (op.result,),
                                whole=baseline == "ma" or est.option("credit") == "whole"))
+        elif est is not None and est.name == "dreg":
+            self.dreg(op, units)
+        elif op.name == "log_prob" and self.own_density(op):
+            self.stopped_density(op)
         elif op.name == "call_fn" and op.params.callee in self.random:
             self.inline(op, units)
         elif op.name == "if":
@@ -200,20 +211,65 @@ class _Rewriter:
         units += [_Unit("param", x, [], op.results[:1]) for x in dist.operands]
         units += [_Unit(g, x, [op.span], op.results[:1]) for g, x in zip(("draw", "aux"), op.results)]
 
+    def dreg(self, op: Op, units: list[_Unit]) -> None:
+        """A pathwise draw with doubly reparameterized gradients (in a logmeanexp scope): drawn
+        as reparam plus a zero shift (`samples` differentiates the value with respect to it),
+        its own log-density with its parameters stopped."""
+        state = self.scope_state
+        if state.kind != "logmeanexp":
+            self.diags.error("dreg (doubly reparameterized gradients) applies to draws in a "
+                             "logmeanexp(...) scope, whose value is an importance-weighted "
+                             "bound; use reparam here", op.params.estimator.span or op.span)
+        est = op.params.estimator
+        op = replace(op, params=replace(op.params, estimator=replace(
+            est, options=est.options + (("slot", len(state.dreg)),))))
+        self.ops.append(op)
+        state.dreg[op.result] = (next(o for o in self.ops if op.operands[0] in o.results), [])
+        units.append(_Unit("dreg", op.result, [op.span], (op.result,)))
+
+    def own_density(self, op: Op) -> bool:
+        """Is this `log_prob(d, z)` the density of a DReG draw z under its own distribution (the
+        same value, or the same family built from the same values)?"""
+        d, z = (self.alias.get(v, v) for v in op.operands)
+        found = self.scope_state.dreg.get(z)
+        if found is None:
+            return False
+        site = found[0]
+        dist = next((o for o in self.ops if op.operands[0] in o.results), None)
+        same = dist is not None and dist.params == site.params and all(
+            self.alias.get(a, a) is self.alias.get(b, b) for a, b in zip(dist.operands, site.operands))
+        if same or d is site.result:
+            found[1].append(op.span)
+        return same or d is site.result
+
+    def stopped_density(self, op: Op) -> None:
+        """log_prob(d, z) with d's parameters stopped: only the path through z is
+        differentiated (DReG drops the draw's direct score term)."""
+        dist = next(o for o in self.ops if op.operands[0] in o.results)
+        stopped = tuple(self.emit("stop_gradient", (x,), NoParams(), (x.type,), op.span).result
+                        for x in dist.operands)
+        d = self.emit("dist", stopped, dist.params, (dist.result.type,), op.span).result
+        self.ops.append(replace(op, operands=(d, op.operands[1])))
+
     def inline(self, op: Op, units: list[_Unit]) -> None:
         """A call of a drawing function: its body inlined, its score terms yielded each on
         its own."""
-        body, inner = self.region(inline_body(self.module.function(op.params.callee)))
+        body = inline_body(self.module.function(op.params.callee))
+        self.alias.update({a: self.alias.get(x, x) for a, x in zip(body.args, op.operands)})
+        body, inner = self.region(body)
         extra = tuple(Value(u.value.type) for u in inner)
         body = replace(body, results=body.results + tuple(u.value for u in inner))
         self.ops.append(Op("inline", op.operands, op.results + extra, op.params, (body,), op.span))
         units += [replace(u, value=v) for u, v in zip(inner, extra)]
 
-    @staticmethod
-    def summed(branches: list[list[_Unit]]) -> list[tuple[str, bool, list[list[_Unit]]]]:
-        """Per group present, whether its terms are credited whole, and each branch's terms."""
+    def summed(self, branches: list[list[_Unit]]) -> list[tuple[str, bool, list[list[_Unit]]]]:
+        """Per score group present, whether its terms are credited whole, and each branch's
+        terms (of a loop body, or of the branches of an if)."""
+        for u in (u for b in branches for u in b if u.group == "dreg"):
+            self.diags.error("dreg draws must be at the top level of the logmeanexp(...) scope "
+                             "(not in a loop or a branch)", u.spans[0])
         out = []
-        for g in GROUPS:
+        for g in SCORE:
             per = [[u for u in b if u.group == g] for b in branches]
             if any(per):
                 out.append((g, any(u.whole for b in per for u in b), per))
@@ -261,7 +317,7 @@ class _Rewriter:
             units.append(_Unit(g, v, [s for b in per for u in b for s in u.spans], op.results, whole))
 
     def expect(self, op: Op) -> None:
-        saved, self.scope_state = self.scope_state, _Scope()
+        saved, self.scope_state = self.scope_state, _Scope(kind=op.params.kind)
         try:
             region, units = self.region(op.regions[0])
             for u in units:
@@ -285,6 +341,8 @@ class _Rewriter:
         """The ops of an expectation over `region` (its value yielded first), n draws. With
         moving-average sites, `state` is the running average and the last op has a second
         result, its update."""
+        if self.scope_state.kind == "logmeanexp":
+            return self.importance(region, units, n, span)
         outer, self.ops = self.ops, list(region.ops)
         try:
             costs, credited = self.credit_costs(region.results[0], units, span)
@@ -331,6 +389,55 @@ class _Rewriter:
                 self.emit("surrogate", draws.results + (state,), params, (vtype, F32), span)
             else:
                 self.emit("surrogate", draws.results, params, (vtype,), span)
+        out, self.ops = self.ops, outer
+        return out
+
+    def importance(self, region: Region, units: list[_Unit], n: int, span: Span | None) -> list[Op]:
+        """The ops of `logmeanexp(..., samples=n)`: log(mean_k exp(v_k)) over n draws (an
+        importance-weighted bound when v_k = log w_k). Score terms get VIMCO's per-sample
+        baselines (or none); DReG draws are yielded (`samples` adds d v / d draw)."""
+        for u in units:
+            if u.group in ("loo", "grpo", "ma"):
+                for site in u.spans:
+                    self.diags.error(f"baseline={u.group} does not apply in a logmeanexp(...) "
+                                     f"scope; use vimco (leave-one-out for importance-weighted "
+                                     f"bounds) or none", site)
+            elif u.group in ("enum", "draw"):
+                for site in u.spans:
+                    self.diags.error("enum, mvd, arm and disarm do not apply in a "
+                                     "logmeanexp(...) scope", site)
+        for z, (dist, found) in self.scope_state.dreg.items():
+            if not found:
+                self.diags.error("dreg drops the direct derivative of the draw's own log-density, "
+                                 "but the objective has no log_prob(d, z) of this draw under its "
+                                 "distribution (in the function that draws it)", dist.span)
+        value = region.results[0]
+        dregs = [u.value for u in units if u.group == "dreg"]
+        if dregs and not (isinstance(value.type, TensorType) and value.type.rank == 0):
+            self.diags.error(f"dreg needs a scalar log-weight; logmeanexp(...) averages "
+                             f"{value.type} values", span)
+        outer, self.ops = self.ops, list(region.ops)
+        try:
+            scored = [(g, [u for u in units if u.group == g]) for g in SCORE]
+            scored = [(g, us) for g, us in scored if us]
+            baselines = [self.baseline(g, n, [s for u in us for s in u.spans]) for g, us in scored]
+            operands = [self.total([u.value for u in us], span) for _, us in scored]
+            inner = replace(region, ops=tuple(self.ops),
+                            results=region.results + tuple(operands) + tuple(dregs))
+        finally:
+            self.ops = []
+        types = tuple(stacked(n, v.type) for v in inner.results)
+        types += tuple(stacked(n, z.type) for z in dregs)
+        draws = self.emit("samples", (), ExpectParams(n, dreg=len(dregs)), types, span, (inner,))
+        if operands or dregs:
+            params = SurrogateParams(tuple(baselines) + ("dreg",) * len(dregs)
+                                     + ("dreg_grad",) * len(dregs), kind="logmeanexp")
+            self.emit("surrogate", draws.results, params, (value.type,), span)
+        else:
+            lse = self.emit("logsumexp", (draws.results[0],), ReduceParams((0,)), (value.type,),
+                            span).result
+            log_n = self.emit("const", (), ConstParams(math.log(n), DType.F32), (F32,), span).result
+            self.emit("sub", (lse, log_n), NoParams(), (value.type,), span)
         out, self.ops = self.ops, outer
         return out
 
@@ -384,10 +491,18 @@ class _Rewriter:
         return decays[0]
 
     def baseline(self, group: str, n: int, sites: list[Span]) -> str:
-        resolved = ("loo" if n >= 2 else "none") if group == "auto" else group
+        """The baseline a group of score terms gets (auto: leave-one-out, or VIMCO in a
+        logmeanexp scope, with 2 samples or more)."""
+        mean = self.scope_state.kind == "expect"
+        resolved = (("loo" if mean else "vimco") if n >= 2 else "none") if group == "auto" else group
+        if group == "vimco" and mean:
+            for span in sites:
+                self.diags.error("baseline=vimco is the leave-one-out baseline of "
+                                 "logmeanexp(...) scopes (importance-weighted bounds); use loo "
+                                 "in expect(...)", span)
         for span in sites:
             self.resolved.setdefault((self.label, span), set()).add(f"{resolved}, samples={n}")
-        if group in ("loo", "grpo") and n < 2:
+        if group in ("loo", "grpo", "vimco") and n < 2:
             for span in sites:
                 self.diags.error(f"baseline={group} compares the samples of an expectation, but "
                                  f"this draw's expectation has 1 sample; use expect(f, "
@@ -408,7 +523,7 @@ class _Rewriter:
         params = tuple(Param(p.name, Value(p.value.type, p.name), p.span) for p in fn.params)
         call = Op("call_fn", tuple(p.value for p in params), (Value(fn.result_type),),
                   CalleeParams(fn.name), (), export.fn_span)
-        self.scope_state = _Scope()
+        self.scope_state = _Scope(kind=t.scope)
         region, units = self.region(Region((), (call,), call.results))
         groups = {u.group for u in units}
         if t.kind == "fn" and t.samples == 0 and not groups & {"enum", "draw"}:
@@ -425,7 +540,7 @@ class _Rewriter:
         n = max(t.samples, 1)
         if "ma" not in groups:
             ops = self.scope(region, units, n, export.fn_span)
-            return Function(f"{fn.name}@expect{n}", fn.unit, params, fn.result_type,
+            return Function(f"{fn.name}@{t.scope}{n}", fn.unit, params, fn.result_type,
                             Region((), tuple(ops), ops[-1].results), fn.span, fn.result_span)
         if fn.param("baseline") is not None:
             self.diags.error(f"baseline=ma adds a parameter 'baseline' (the running average) to "
@@ -490,7 +605,8 @@ class Surrogate:
         objectives = {}
         stateful: set[str] = set()
         for export in module.exports:
-            objectives[export.name] = (export.transform.fn, export.transform.samples)
+            objectives[export.name] = (export.transform.fn, export.transform.samples,
+                                       export.transform.scope)
             rewriter.label = export.name
             wrapper = rewriter.objective(export)
             if wrapper is not None:

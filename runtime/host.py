@@ -18,7 +18,7 @@ import numpy as np
 from gradlang.binding import batched
 from gradlang.types import TensorType, TupleType, Type
 
-from .rules import JNP_DTYPES
+from .dtypes import JNP_DTYPES
 
 
 class ExternError(RuntimeError):

@@ -19,7 +19,8 @@ from gradlang.ir import Function, Module, Op, Region, Value, walk
 from gradlang.ops import OPS
 from gradlang.types import StructType, TensorType, TupleType, Type
 
-from .rules import JNP_DTYPES, LOWERINGS
+from .dtypes import JNP_DTYPES
+from .rules import LOWERINGS
 from .perturbed import Factored, dense
 
 
@@ -153,6 +154,9 @@ class Lowering:
         self.enum_index: Any = None
         """While lowering an enumerating `samples` region: the value index of each enumerated
         draw (by slot) in the combination being traced."""
+        self.dreg_shift: tuple = ()
+        """While lowering a `samples` region with DReG draws: the zero shift added to each (by
+        slot), which the region is differentiated against."""
 
     def key_uses(self, region: Region) -> int:
         """How many keys the ops of a scope take: each random op, loop and call of a drawing

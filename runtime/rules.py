@@ -21,11 +21,10 @@ from gradlang.types import DType, TensorType
 from .numerics import softplus
 from .rules_argmin import ARGMIN_LOWERINGS
 from .rules_nonsmooth import NONSMOOTH_LOWERINGS
+from .dtypes import JNP_DTYPES
 from .rules_random import RANDOM_LOWERINGS
 from .perturbed import Factored
 
-JNP_DTYPES = {DType.F32: jnp.float32, DType.F64: jnp.float64, DType.I32: jnp.int32,
-              DType.BOOL: jnp.bool_}
 
 Rule = Callable[..., Any]
 

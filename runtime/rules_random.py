@@ -18,6 +18,8 @@ from jax import lax
 
 from gradlang.ir import Op
 
+from .dtypes import JNP_DTYPES
+
 from .branched import BRANCHED, weak_derivative
 from .distributions import (FAMILIES, KL, Family, batch_shape, gumbel_softmax_sample,
                             relaxed_bernoulli_sample)
@@ -49,6 +51,8 @@ def _sample(ctx, op: Op, d: Dist):
     key = ctx.next_key()
     if est.name == "reparam":
         return d.family.sample(key, *d.params, shape=d.batch)
+    if est.name == "dreg":  # pathwise, plus the zero shift `samples` differentiates against
+        return d.family.sample(key, *d.params, shape=d.batch) + ctx.lowering.dreg_shift[est.option("slot")]
     if est.name == "enum":  # the value of this draw in the combination being evaluated
         return d.family.enumerate_support(*d.params)[ctx.lowering.enum_index[est.option("slot")]]
     if (est.name, d.family.name) in BRANCHED:  # this draw's value in the branch being evaluated
@@ -84,9 +88,30 @@ def _samples(ctx, op: Op) -> Any:
             return draw(key)
 
         out = jax.vmap(lambda k: jax.vmap(lambda c: combination(k, c))(combos))(keys)
+    elif op.params.dreg:
+        out = jax.vmap(lambda k: _with_draw_gradients(ctx, op, lambda: draw(k)))(keys)
     else:
         out = jax.vmap(draw)(keys)
     return out if len(out) > 1 else out[0]
+
+
+def _with_draw_gradients(ctx, op: Op, draw) -> tuple:
+    """One draw's results, then d value / d z for each of its DReG draws z: the region is
+    differentiated with respect to a zero shift added to each (`_sample`)."""
+    m = op.params.dreg
+    types = [r.type for r in op.results[-m:]]
+    zeros = [jnp.zeros(ctx.shape(t)[1:], JNP_DTYPES[t.dtype]) for t in types]
+
+    def run(*shifts):
+        saved, ctx.lowering.dreg_shift = ctx.lowering.dreg_shift, shifts
+        try:
+            return draw()
+        finally:
+            ctx.lowering.dreg_shift = saved
+
+    out, pullback = jax.vjp(run, *zeros)
+    grads = pullback((jnp.ones_like(out[0]),) + tuple(jnp.zeros_like(o) for o in out[1:]))
+    return tuple(out) + tuple(grads)
 
 
 def _magic(l):
@@ -119,6 +144,41 @@ def _scored(v, costs: list, scores: list, baselines: list[str], credit: list, st
     return out
 
 
+def _vimco_signal(v):
+    """L - L_-k per sample k: L = log mean exp(v), L_-k the same with v_k replaced by the mean
+    of the other samples' v (the geometric mean of their weights; Mnih & Rezende 2016)."""
+    n = v.shape[0]
+    others = (jnp.sum(v, 0, keepdims=True) - v) / (n - 1)
+    eye = jnp.eye(n, dtype=bool).reshape((n, n) + (1,) * (v.ndim - 1))
+    loo = jax.nn.logsumexp(jnp.where(eye, others[:, None], v[None]), axis=1)
+    return jax.nn.logsumexp(v, 0) - loo
+
+
+def _importance(v, rest, baselines):
+    """log mean_k exp(v_k) over axis 0, with sum_k (magic(l_k) - 1) * signal_k for each score
+    term (signal: VIMCO's L - L_-k, or L for none) and, for each DReG draw z with d v / d z
+    = g, sum_k stop(w_k^2 - w_k) <stop(g_k), z_k - stop(z_k)> (w: the normalized weights), so
+    that the pathwise derivative through z is weighted by w^2 instead of w (Tucker et al. 2018)."""
+    n = v.shape[0]
+    value = jax.nn.logsumexp(v, 0) - jnp.log(n).astype(v.dtype)
+    sv = lax.stop_gradient(v)
+    out = value
+    scores = [(l, b) for l, b in zip(rest, baselines) if b not in ("dreg", "dreg_grad")]
+    for l, b in scores:
+        signal = _vimco_signal(sv) if b == "vimco" else jnp.broadcast_to(lax.stop_gradient(value), sv.shape)
+        m = (_magic(l) - 1).reshape(l.shape + (1,) * (v.ndim - 1))
+        out = out + jnp.sum(m * signal, 0)
+    zs = [x for x, b in zip(rest, baselines) if b == "dreg"]
+    gs = [x for x, b in zip(rest, baselines) if b == "dreg_grad"]
+    if zs:
+        w = jax.nn.softmax(sv, 0)
+        c = lax.stop_gradient(w * w - w)
+        for z, g in zip(zs, gs):
+            path = jnp.sum((lax.stop_gradient(g) * (z - lax.stop_gradient(z))).reshape(n, -1), -1)
+            out = out + jnp.sum(c * path)
+    return out
+
+
 def _surrogate(ctx, op: Op, v, *rest):
     """mean_s[ sum_j magic(L_js) c_js + sum_i (1 - magic(l_is)) b_is ] over the samples axis.
 
@@ -135,6 +195,8 @@ def _surrogate(ctx, op: Op, v, *rest):
     value averages its draw branches, and its weak derivative is added.
     """
     p = op.params
+    if p.kind == "logmeanexp":
+        return _importance(v, rest, p.baselines)
     costs, rest = list(rest[:p.costs]), rest[p.costs:]
     state = rest[-1] if "ma" in p.baselines else None
     by = {}

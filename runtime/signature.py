@@ -12,7 +12,7 @@ import numpy as np
 from gradlang.types import (KEY, DType, StructType, TensorType, TupleType, Type, type_dims,
                             type_from_json, type_to_json)
 
-from .rules import JNP_DTYPES
+from .dtypes import JNP_DTYPES
 
 
 class ArgumentError(TypeError):
