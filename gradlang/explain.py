@@ -9,6 +9,7 @@ from .ops import OPS
 _NAMES = {"reparam": "pathwise (reparam)", "score": "score function", "enum": "enumeration",
           "mvd": "measure-valued derivative", "arm": "ARM (antithetic pair)",
           "disarm": "DisARM (antithetic pair)", "dreg": "pathwise, doubly reparameterized (DReG)",
+          "rebar": "REBAR", "relax": "RELAX (learned control variate)",
           "gumbel": "Gumbel-softmax",
           "st_gumbel": "straight-through Gumbel"}
 _BASELINES = {"none": "none", "loo": "leave-one-out (RLOO)", "grpo": "group-normalized (GRPO, biased)",
@@ -40,7 +41,7 @@ def _control_variate(site, found: list[str]) -> str:
 def _cost(estimator) -> str:
     if estimator.name == "enum":
         return f"x{estimator.option('size')} evaluations (exact)"
-    if estimator.name in ("mvd", "arm", "disarm"):
+    if estimator.option("size") is not None:
         return f"x{estimator.option('size')} evaluations"
     if estimator.name == "score":
         return "1 draw + log_prob"

@@ -190,9 +190,10 @@ class ExpectParams:
     kind: str = field(default="expect", metadata={"omit_default": True})
     """`expect` only: `expect` (the mean over the draws) or `logmeanexp` (the log of the mean
     of their exp)."""
-    dreg: int = field(default=0, metadata={"omit_default": True})
-    """`samples` only: the region's last `dreg` results are draws with doubly reparameterized
-    gradients; the op has as many more results, d value / d draw per sample."""
+    shifts: int = field(default=0, metadata={"omit_default": True})
+    """`samples` only: the number of draws whose value (DReG) or parameters (RELAX) get a zero
+    shift that the region's value is differentiated against; the op has as many more
+    results, d value / d shift per evaluation (stacked like the others)."""
 
 
 @dataclass(frozen=True)
@@ -210,11 +211,16 @@ class SurrogateParams:
     cost, credited to every score term."""
     credit: tuple[tuple[int, ...], ...] = field(default=(), metadata={"omit_default": True})
     """With costs: for each score-term operand, the costs it is credited with (their indices)."""
-    branched: tuple[str, ...] = field(default=(), metadata={"omit_default": True})
-    """A branched draw: (estimator, family, the names its parameters were given as)."""
+    branched: Estimator | None = field(default=None, metadata={"omit_default": True})
+    """A branched draw's estimator (with its options)."""
+    family: tuple[str, ...] = field(default=(), metadata={"omit_default": True})
+    """A branched draw's distribution: (family, the names its parameters were given as)."""
     kind: str = field(default="expect", metadata={"omit_default": True})
     """`expect` or `logmeanexp` (then the score terms' baselines are none or vimco, and the
     operands after them are the DReG draws and their d value / d draw)."""
+    control: str = field(default="", metadata={"omit_default": True})
+    """RELAX: the function r(psi, relaxed draw) of its learned control variate; psi is the
+    last operand, and the op has a second result, psi after one step on the variance."""
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,8 @@ from gradlang.ir import Function, Module, Op, Region, walk
 from gradlang.ops import OPS, Estimator
 from gradlang.types import DistType, TensorType, has_float_leaf
 
+from .callgraph import random_functions
+
 BASELINES = ("auto", "none", "loo", "grpo", "ma", "vimco")
 CREDIT = ("downstream", "whole")
 """What a score-function draw is credited with: the costs that depend on it, or all of them."""
@@ -34,16 +36,19 @@ OPTIONS: dict[str, dict[str, type]] = {
     "score": {"baseline": str, "decay": float, "credit": str},
     "gumbel": {"tau": float},
     "st_gumbel": {"tau": float}, "enum": {}, "mvd": {}, "arm": {}, "disarm": {}, "dreg": {},
+    "rebar": {"eta": float, "tau": float},
+    "relax": {"control": str, "eta": float, "tau": float, "lr": float},
 }
 """Every estimator name with its options and their types."""
 RELAXABLE = ("Bernoulli", "OneHotCategorical")
 BRANCHES: dict[tuple[str, str], int] = {("mvd", "Normal"): 4, ("mvd", "Bernoulli"): 3,
-                                        ("arm", "Bernoulli"): 2, ("disarm", "Bernoulli"): 2}
+                                        ("arm", "Bernoulli"): 2, ("disarm", "Bernoulli"): 2,
+                                        ("rebar", "Bernoulli"): 3, ("relax", "Bernoulli"): 3}
 """Branched estimators (`runtime.branched`): per (estimator, family), the number of values of
 the draw the objective is evaluated at."""
-BRANCHED = ("enum", "mvd", "arm", "disarm")
+BRANCHED = ("enum", "mvd", "arm", "disarm", "rebar", "relax")
 """Estimators that evaluate the objective at several values of their draw."""
-BATCHED = ("arm", "disarm")
+BATCHED = ("arm", "disarm", "rebar", "relax")
 """Branched estimators whose draw may have batch axes (their evaluations do not multiply)."""
 
 
@@ -244,16 +249,45 @@ class _Chooser:
                 self.diags.error(problem, annotation.span)
                 return op
             chosen, why = _complete(annotation), "annotated in the source"
+            problem = self.control_problem(chosen, op) if chosen.name == "relax" else None
+            if problem is not None:
+                self.diags.error(problem, annotation.span)
+                return op
         else:
             chosen, why = self.automatic(op, spec, top, None)
         if chosen.name == "enum":
             chosen = Estimator("enum", (("size", self.support_size(op)),), chosen.span)
         elif chosen.name in BRANCHED:
-            chosen = Estimator(chosen.name, (("size", BRANCHES[chosen.name, spec.name]),),
-                               chosen.span)
+            chosen = Estimator(chosen.name, chosen.options
+                               + (("size", BRANCHES[chosen.name, spec.name]),), chosen.span)
         self.out.append(SiteChoice(self.fn.name, op.params.site, spec.name, op.span, chosen, why,
                                    annotation is not None))
         return replace(op, params=replace(op.params, estimator=chosen))
+
+    def control_problem(self, e: Estimator, op: Op) -> str | None:
+        """Why relax's control=NAME is not a function r(psi, s) -> f32 of parameters psi and a
+        relaxed draw s shaped as this draw (None when it is)."""
+        name = e.option("control")
+        if not name:
+            return "relax needs control=NAME: the function r(psi, s) of its learned control variate"
+        module = self.flow.module
+        fn = module.function(name) or module.function(f"{self.fn.unit}.{name}")
+        if fn is None:
+            return f"relax's control '{name}' is not a function"
+        draw = op.result.type
+        problems = []
+        if len(fn.params) != 2:
+            problems.append(f"takes {len(fn.params)} parameters, not 2 (psi, s)")
+        elif not _fits(fn.params[1].value.type, draw):
+            problems.append(f"takes s as {fn.params[1].value.type}, but the draw is {draw}")
+        r = fn.result_type
+        if not (isinstance(r, TensorType) and r.rank == 0 and r.dtype.is_float):
+            problems.append(f"returns {r}, not a float scalar")
+        if fn.name in random_functions(module):
+            problems.append("draws (its value must be a function of psi and s)")
+        if problems:
+            return f"relax's control '{name}' " + "; ".join(problems)
+        return None
 
     def automatic(self, op: Op, spec: DistSpec, top: bool,
                   auto: Estimator | None) -> tuple[Estimator, str]:
@@ -300,7 +334,7 @@ class _Chooser:
         if e.name == "mvd" and not spec.mvd:
             return (f"measure-valued derivatives are implemented for Normal and Bernoulli, not "
                     f"{spec.name}; use score" + (" or reparam" if spec.reparam else ""))
-        if e.name in ("arm", "disarm") and spec.name != "Bernoulli":
+        if e.name in BATCHED and spec.name != "Bernoulli":
             return f"'{e.name}' is an estimator for Bernoulli draws, not {spec.name}; use score"
         if e.name == "score" and not spec.fixed_support:
             return (f"cannot use 'score' on {spec.name}: its support depends on its parameters, "
@@ -342,11 +376,21 @@ def option_problem(e: Estimator) -> str | None:
     return None
 
 
+def _fits(t, draw) -> bool:
+    """A parameter type that takes the draw's values: a float tensor of its rank, dims equal
+    where both are numbers."""
+    return (isinstance(t, TensorType) and t.dtype.is_float and t.rank == len(draw.shape)
+            and all(a == b or isinstance(a, str) or isinstance(b, str)
+                    for a, b in zip(t.shape, draw.shape)))
+
+
 def _complete(e: Estimator) -> Estimator:
     """The estimator with its defaults filled in (baseline=auto, decay=0.9, tau=1.0)."""
     given = dict(e.options)
     defaults = {"score": (("baseline", "auto"),), "gumbel": (("tau", 1.0),),
-                "st_gumbel": (("tau", 1.0),)}.get(e.name, ())
+                "st_gumbel": (("tau", 1.0),), "rebar": (("eta", 1.0), ("tau", 0.5)),
+                "relax": (("control", ""), ("eta", 1.0), ("tau", 0.5), ("lr", 0.01))
+                }.get(e.name, ())
     if given.get("baseline") == "ma":
         defaults += (("decay", 0.9),)
     options = tuple((k, given.get(k, v)) for k, v in defaults)

@@ -33,11 +33,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from gradlang.diagnostics import Diagnostics, Span
-from gradlang.ir import Export, Function, Module, Op, Param, Region, Value, walk
-from gradlang.ops import (OPS, CalleeParams, ConstParams, ExpectParams, NoParams, ReduceParams,
-                          SurrogateParams)
+from gradlang.ir import Export, Function, Module, Op, Param, Region, Value
+from gradlang.ops import (CalleeParams, ConstParams, Estimator, ExpectParams, NoParams,
+                          ReduceParams, SurrogateParams)
 from gradlang.types import DType, TensorType, TupleType, Type, scalar
 
+from .callgraph import random_functions
 from .credit import Terms, influence
 from .estimators import BRANCHED
 from .rewrite import inline_body
@@ -50,19 +51,11 @@ GROUPS = ("auto", "none", "loo", "grpo", "ma", "vimco", "enum", "param", "draw",
 differentiates), its values and its auxiliary noise; `dreg`, draws with doubly reparameterized
 gradients."""
 SCORE = GROUPS[:6]
+AUX = {"arm": (), "rebar": (2,), "relax": (2,)}
+"""Branched estimators whose draw also yields its noise, and the leading shape of it (ARM's
+uniforms, REBAR's and RELAX's two uniforms)."""
 """The baseline groups: score terms proper, credited with costs."""
 F32 = scalar(DType.F32)
-
-
-def random_functions(module: Module) -> set[str]:
-    """Functions that draw, directly or through the functions they call."""
-    own = {fn.name: bool(any("random" in OPS[op.name].traits for op in walk(fn.body)))
-           for fn in module.functions}
-    out: dict[str, bool] = {}
-    for fn in _call_order(module):
-        out[fn.name] = own[fn.name] or any(out[op.params.callee] for op in walk(fn.body)
-                                           if op.name == "call_fn")
-    return {name for name, draws in out.items() if draws}
 
 
 @dataclass
@@ -87,12 +80,15 @@ class _Scope:
     """Branched (enumerated / measure-valued) draws numbered so far."""
     sizes: dict[Span, int] = field(default_factory=dict)
     """The number of values each branched draw is evaluated on."""
-    branched: tuple[str, ...] = ()
-    """The scope's draw with a weak derivative (`SurrogateParams.branched`), if any."""
+    branched: tuple[Estimator, tuple[str, ...]] | None = None
+    """The scope's draw with a weak derivative: its estimator and (family, parameter names)
+    (`SurrogateParams.branched` and `family`), if any."""
     kind: str = "expect"
     """`expect` or `logmeanexp`."""
     dreg: dict[Value, tuple[Op, list[Span]]] = field(default_factory=dict)
     """Each DReG draw: its distribution op, and the log_prob ops of it found (their spans)."""
+    shifts: int = 0
+    """Draws shifted so far (DReG and RELAX draws: `ExpectParams.shifts`)."""
 
 
 class _Rewriter:
@@ -196,10 +192,14 @@ class _Rewriter:
         slot = self.scope_state.slots
         self.scope_state.slots += 1
         dist = next(o for o in self.ops if op.operands[0] in o.results)
-        if est.name == "arm":
-            op = replace(op, results=(op.result, Value(TensorType(DType.F32, dist.result.type.batch))))
-        op = replace(op, params=replace(op.params, estimator=replace(
-            est, options=est.options + (("slot", slot),))))
+        batch = dist.result.type.batch
+        if est.name in AUX:
+            op = replace(op, results=(op.result, Value(TensorType(DType.F32, AUX[est.name] + batch))))
+        extra = (("slot", slot),)
+        if est.name == "relax":
+            extra += (("shift", self.scope_state.shifts),)
+            self.scope_state.shifts += 1
+        op = replace(op, params=replace(op.params, estimator=replace(est, options=est.options + extra)))
         self.ops.append(op)
         self.scope_state.sizes[op.span] = est.option("size")
         if est.name == "enum":
@@ -207,7 +207,7 @@ class _Rewriter:
                            op.span).result
             units.append(_Unit("enum", lp, [op.span], (op.result,)))
             return
-        self.scope_state.branched = (est.name, dist.params.family) + dist.params.given
+        self.scope_state.branched = (op.params.estimator, (dist.params.family,) + dist.params.given)
         units += [_Unit("param", x, [], op.results[:1]) for x in dist.operands]
         units += [_Unit(g, x, [op.span], op.results[:1]) for g, x in zip(("draw", "aux"), op.results)]
 
@@ -222,7 +222,8 @@ class _Rewriter:
                              "bound; use reparam here", op.params.estimator.span or op.span)
         est = op.params.estimator
         op = replace(op, params=replace(op.params, estimator=replace(
-            est, options=est.options + (("slot", len(state.dreg)),))))
+            est, options=est.options + (("shift", state.shifts),))))
+        state.shifts += 1
         self.ops.append(op)
         state.dreg[op.result] = (next(o for o in self.ops if op.operands[0] in o.results), [])
         units.append(_Unit("dreg", op.result, [op.span], (op.result,)))
@@ -377,18 +378,28 @@ class _Rewriter:
             return stacked(n, t)
 
         types = tuple(per_draw(v.type) for v in inner.results)
-        draws = self.emit("samples", (), ExpectParams(n, sizes), types, span, (inner,))
+        branched, family = self.scope_state.branched or (None, ())
+        relax = branched is not None and branched.name == "relax"
+        if relax:  # d value / d logits per evaluation, shaped as the draw
+            types += (per_draw(next(u.value.type for u in units if u.group == "draw")),)
+            baselines.append("shift_grad")
+        draws = self.emit("samples", (), ExpectParams(n, sizes, shifts=int(relax)), types, span,
+                          (inner,))
         if not operands:
             self.emit("mean", (draws.results[0],), ReduceParams((0,)), (vtype,), span)
-        else:
-            params = SurrogateParams(tuple(baselines), costs=len(costs), credit=tuple(credit)
-                                     if costs else (), branched=self.scope_state.branched)
-            if "ma" in baselines and state is not None:
+            out, self.ops = self.ops, outer
+            return out
+        params = SurrogateParams(tuple(baselines), costs=len(costs), credit=tuple(credit)
+                                 if costs else (), branched=branched, family=family)
+        if relax:
+            params = replace(params, control=branched.option("control"))
+        if state is not None and ("ma" in baselines or params.control):
+            if params.control == "":
                 params = replace(params, decay=self.decay([s for u in units if u.group == "ma"
                                                            for s in u.spans]))
-                self.emit("surrogate", draws.results + (state,), params, (vtype, F32), span)
-            else:
-                self.emit("surrogate", draws.results, params, (vtype,), span)
+            self.emit("surrogate", draws.results + (state,), params, (vtype, state.type), span)
+        else:
+            self.emit("surrogate", draws.results, params, (vtype,), span)
         out, self.ops = self.ops, outer
         return out
 
@@ -428,7 +439,7 @@ class _Rewriter:
             self.ops = []
         types = tuple(stacked(n, v.type) for v in inner.results)
         types += tuple(stacked(n, z.type) for z in dregs)
-        draws = self.emit("samples", (), ExpectParams(n, dreg=len(dregs)), types, span, (inner,))
+        draws = self.emit("samples", (), ExpectParams(n, shifts=len(dregs)), types, span, (inner,))
         if operands or dregs:
             params = SurrogateParams(tuple(baselines) + ("dreg",) * len(dregs)
                                      + ("dreg_grad",) * len(dregs), kind="logmeanexp")
@@ -538,23 +549,42 @@ class _Rewriter:
                              f"mean); it returns {r}", export.fn_span)
             return None
         n = max(t.samples, 1)
-        if "ma" not in groups:
+        name = f"{fn.name}@{t.scope}{n}"
+        state = self.state(fn, groups, export.fn_span)
+        if state is None:
             ops = self.scope(region, units, n, export.fn_span)
-            return Function(f"{fn.name}@{t.scope}{n}", fn.unit, params, fn.result_type,
+            return Function(name, fn.unit, params, fn.result_type,
                             Region((), tuple(ops), ops[-1].results), fn.span, fn.result_span)
-        if fn.param("baseline") is not None:
-            self.diags.error(f"baseline=ma adds a parameter 'baseline' (the running average) to "
-                             f"the export, but '{fn.name}' already has one; rename it",
-                             fn.param("baseline").span)
-        state = Param("baseline", Value(F32, "baseline"), export.fn_span)
         ops = self.scope(region, units, n, export.fn_span, state.value)
-        rtype = TupleType((fn.result_type, F32))
+        rtype = TupleType((fn.result_type, state.value.type))
         self.ops, outer = [], self.ops
         result = self.emit("tuple", ops[-1].results, NoParams(), (rtype,), export.fn_span).result
         ops += self.ops
         self.ops = outer
-        return Function(f"{fn.name}@expect{n}", fn.unit, params + (state,), rtype,
+        return Function(name, fn.unit, params + (state,), rtype,
                         Region((), tuple(ops), (result,)), fn.span, fn.result_span)
+
+    def state(self, fn: Function, groups: set[str], span: Span) -> Param | None:
+        """The state an export's expectation threads through calls (None: none): a moving
+        average (`baseline`, f32) or RELAX's control-variate parameters (`control`, typed as
+        the first parameter of its function)."""
+        relax = self.scope_state.branched and self.scope_state.branched[0].name == "relax"
+        if "ma" in groups and relax:
+            self.diags.error("an expectation carries one state across calls: a moving-average "
+                             "baseline or a RELAX control variate, not both", span)
+            return None
+        if not ("ma" in groups or relax):
+            return None
+        name = "baseline" if "ma" in groups else "control"
+        what = "the running average" if name == "baseline" else "the control variate's parameters"
+        if fn.param(name) is not None:
+            self.diags.error(f"{'baseline=ma' if name == 'baseline' else 'relax'} adds a parameter "
+                             f"'{name}' ({what}) to the export, but '{fn.name}' already has one; "
+                             f"rename it", fn.param(name).span)
+        if name == "baseline":
+            return Param(name, Value(F32, name), span)
+        control = self.module.function(self.scope_state.branched[0].option("control"))
+        return Param(name, Value(control.params[0].value.type, name), span)
 
 
 def _describe(costs: list[tuple[Value, list[Span | None]]], to: tuple[int, ...]) -> str:
@@ -571,23 +601,6 @@ def _source_text(span: Span | None) -> str:
     line = span.source.line(span.line)
     text = line[span.col - 1:span.end_col - 1] if span.end_line == span.line else line[span.col - 1:] + " ..."
     return f"{Path(span.source.path).name}:{span.line}: {text.strip()}"
-
-
-def _call_order(module: Module) -> list[Function]:
-    """Callees before callers (resolve rejects recursion, so the call graph has no cycles)."""
-    done: list[str] = []
-
-    def visit(name: str) -> None:
-        if name in done:
-            return
-        for op in walk(module.function(name).body):
-            if op.name == "call_fn":
-                visit(op.params.callee)
-        done.append(name)
-
-    for fn in module.functions:
-        visit(fn.name)
-    return [module.function(n) for n in done]
 
 
 @dataclass(frozen=True)
@@ -614,7 +627,8 @@ class Surrogate:
                     functions.append(wrapper)
                 export = replace(export, transform=replace(export.transform, fn=wrapper.name,
                                                            samples=0))
-                if wrapper.params[-1].name == "baseline" and isinstance(wrapper.result_type, TupleType):
+                if (wrapper.params[-1].name in ("baseline", "control")
+                        and isinstance(wrapper.result_type, TupleType)):
                     stateful.add(wrapper.name)
             exports.append(export)
         return replace(module, functions=tuple(functions), exports=tuple(exports),

@@ -154,9 +154,9 @@ class Lowering:
         self.enum_index: Any = None
         """While lowering an enumerating `samples` region: the value index of each enumerated
         draw (by slot) in the combination being traced."""
-        self.dreg_shift: tuple = ()
-        """While lowering a `samples` region with DReG draws: the zero shift added to each (by
-        slot), which the region is differentiated against."""
+        self.shifts: tuple = ()
+        """While lowering a `samples` region with shifted draws (DReG, RELAX): the zero shift
+        of each (by its `shift` option), which the region is differentiated against."""
 
     def key_uses(self, region: Region) -> int:
         """How many keys the ops of a scope take: each random op, loop and call of a drawing

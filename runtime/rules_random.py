@@ -21,6 +21,7 @@ from gradlang.ir import Op
 from .dtypes import JNP_DTYPES
 
 from .branched import BRANCHED, weak_derivative
+from .relax import relax
 from .distributions import (FAMILIES, KL, Family, batch_shape, gumbel_softmax_sample,
                             relaxed_bernoulli_sample)
 
@@ -52,12 +53,17 @@ def _sample(ctx, op: Op, d: Dist):
     if est.name == "reparam":
         return d.family.sample(key, *d.params, shape=d.batch)
     if est.name == "dreg":  # pathwise, plus the zero shift `samples` differentiates against
-        return d.family.sample(key, *d.params, shape=d.batch) + ctx.lowering.dreg_shift[est.option("slot")]
+        return d.family.sample(key, *d.params, shape=d.batch) + ctx.lowering.shifts[est.option("shift")]
     if est.name == "enum":  # the value of this draw in the combination being evaluated
         return d.family.enumerate_support(*d.params)[ctx.lowering.enum_index[est.option("slot")]]
     if (est.name, d.family.name) in BRANCHED:  # this draw's value in the branch being evaluated
-        params = tuple(lax.stop_gradient(jnp.broadcast_to(p, d.batch)) for p in d.params)
-        values, aux = BRANCHED[est.name, d.family.name].branches(key, *params)
+        branched = BRANCHED[est.name, d.family.name]
+        params = tuple(jnp.broadcast_to(p, d.batch) for p in d.params)
+        if est.option("shift") is not None:  # RELAX: the parameters' zero shift
+            params = tuple(p + ctx.lowering.shifts[est.option("shift")] for p in params)
+        if not branched.live:
+            params = lax.stop_gradient(params)
+        values, aux = branched.branches(key, dict(est.options), *params)
         value = values[ctx.lowering.enum_index[est.option("slot")]]
         return (value, aux) if len(op.results) == 2 else value
     if est.name in ("gumbel", "st_gumbel"):
@@ -85,10 +91,12 @@ def _samples(ctx, op: Op) -> Any:
 
         def combination(key, index):
             ctx.lowering.enum_index = index
+            if op.params.shifts:
+                return _with_draw_gradients(ctx, op, lambda: draw(key))
             return draw(key)
 
         out = jax.vmap(lambda k: jax.vmap(lambda c: combination(k, c))(combos))(keys)
-    elif op.params.dreg:
+    elif op.params.shifts:
         out = jax.vmap(lambda k: _with_draw_gradients(ctx, op, lambda: draw(k)))(keys)
     else:
         out = jax.vmap(draw)(keys)
@@ -96,18 +104,20 @@ def _samples(ctx, op: Op) -> Any:
 
 
 def _with_draw_gradients(ctx, op: Op, draw) -> tuple:
-    """One draw's results, then d value / d z for each of its DReG draws z: the region is
-    differentiated with respect to a zero shift added to each (`_sample`)."""
-    m = op.params.dreg
+    """One evaluation's results, then d value / d shift for each of its shifted draws: the
+    region is differentiated with respect to a zero shift added to the draw (DReG) or to its
+    parameters (RELAX) by `_sample`."""
+    m = op.params.shifts
+    lead = 1 + (1 if op.params.enum else 0)  # the samples axis, and the combinations axis
     types = [r.type for r in op.results[-m:]]
-    zeros = [jnp.zeros(ctx.shape(t)[1:], JNP_DTYPES[t.dtype]) for t in types]
+    zeros = [jnp.zeros(ctx.shape(t)[lead:], JNP_DTYPES[t.dtype]) for t in types]
 
     def run(*shifts):
-        saved, ctx.lowering.dreg_shift = ctx.lowering.dreg_shift, shifts
+        saved, ctx.lowering.shifts = ctx.lowering.shifts, shifts
         try:
             return draw()
         finally:
-            ctx.lowering.dreg_shift = saved
+            ctx.lowering.shifts = saved
 
     out, pullback = jax.vjp(run, *zeros)
     grads = pullback((jnp.ones_like(out[0]),) + tuple(jnp.zeros_like(o) for o in out[1:]))
@@ -206,9 +216,9 @@ def _surrogate(ctx, op: Op, v, *rest):
     scores = [rest[i] for i in kept]
     baselines = [p.baselines[i] for i in kept]
     credit = [p.credit[i] for i in kept] if costs else [(0,)] * len(kept)
-    if p.branched:
-        name, family, *given = p.branched
-        est = BRANCHED[name, family]
+    if p.branched is not None:
+        family, *given = p.family
+        est, opts = BRANCHED[p.branched.name, family], dict(p.branched.options)
         aliases = FAMILIES[family].aliases
         params = [aliases[g][1](x[:, 0]) if g in aliases else x[:, 0]
                   for g, x in zip(given, by["param"])]
@@ -216,7 +226,12 @@ def _surrogate(ctx, op: Op, v, *rest):
         outs = [_scored(v[:, b], [c[:, b] for c in costs], [l[:, b] for l in scores], baselines,
                         credit, state) for b in est.draws]
         f, v = v, sum(v[:, b] for b in est.draws) / len(est.draws)
-        out = sum(outs) / len(outs) + weak_derivative(f, by["draw"][0], aux, params, est)
+        out = sum(outs) / len(outs)
+        if p.control:  # RELAX: its own term, and its control variate's step
+            term, psi = relax(lambda psi, s: ctx.call(p.control, (psi, s)), rest[-1], f,
+                              by["draw"][0], aux, params[0], by["shift_grad"][0], opts)
+            return jnp.mean(out + term, 0), psi
+        out = out + weak_derivative(f, by["draw"][0], aux, params, est, opts)
     else:
         out = _scored(v, costs, scores, baselines, credit, state)
     if "enum" in by:  # exact sum over the enumerated combinations (axis 1)

@@ -19,7 +19,7 @@ import pytest
 
 import gradlang
 from gradlang.runtime.signature import ArgumentError
-from stats import N, assert_unbiased, estimates, sigmoid, softmax
+from stats import N, assert_unbiased, estimates, sigmoid, softmax, total_variance
 
 EULER = 0.5772156649015329
 
@@ -508,7 +508,7 @@ def _enumerated_gradient(t, f):
     return g
 
 
-@pytest.mark.parametrize("estimator", ["arm", "disarm", "mvd"])
+@pytest.mark.parametrize("estimator", ["arm", "disarm", "mvd", "rebar", "rebar(eta=0.5, tau=1.0)"])
 def test_binary_estimators_are_unbiased(estimator):
     """E[(sum z - 1.3)^2] over a batch of 3 Bernoulli draws (ARM / DisARM: one pair of
     evaluations for the whole batch); MVD on one draw next to a pathwise Normal."""
@@ -522,6 +522,56 @@ def test_binary_estimators_are_unbiased(estimator):
     m = compile_objective(f"z ~ Bernoulli(logits=t) with {estimator}\nreturn (sum(z) - 1.3) ^ 2",
                           "t: f32[3]")
     assert_unbiased(estimates(m.g, (T3,))["t"], _enumerated_gradient(T3, lambda z: (z.sum() - 1.3) ** 2))
+
+
+RELAX = """
+struct CV { w: f32[3], a: f32 }
+fn net(psi: CV, s: f32[3]) -> f32 {
+  return psi.a * (sum(psi.w * s) - 1.3) ^ 2
+}
+fn f(t: f32[3]) -> f32 {
+  z ~ Bernoulli(logits=t) with relax(control=net, lr=0.05)
+  return (sum(z) - 1.3) ^ 2
+}
+export g = value_and_grad(expect(f, samples=2), wrt=[t])
+"""
+
+
+def test_relax_is_unbiased_for_any_control_and_learning_it_cuts_the_variance():
+    """RELAX with r(psi, s) = a (w . s - 1.3)^2: at psi = 0 it is REBAR (eta = 1); 2,000 calls,
+    each stepping psi against the estimate's second moment, take the total variance from 0.357
+    to 0.287 (measured), and the estimate stays unbiased. The bound 0.9 is 5 standard errors
+    (of the two variances' ratio, 2% each) above the measured 0.80."""
+    m = gradlang.compile_source(RELAX)
+    truth = _enumerated_gradient(T3, lambda z: (z.sum() - 1.3) ** 2)
+
+    def estimate(key, psi):
+        _, grads, new = m.g(T3, psi, key)
+        return grads["t"], new
+
+    keys = jax.random.split(jax.random.key(0), N)
+    many = jax.jit(jax.vmap(estimate, in_axes=(0, None)))
+    psi = {"w": jnp.zeros(3), "a": jnp.float32(0.0)}
+    before, _ = many(keys, psi)
+    assert_unbiased(before, truth)
+    step = jax.jit(estimate)
+    for i in range(2000):
+        _, psi = step(jax.random.key(100 + i), psi)
+    after, _ = many(keys, psi)
+    assert_unbiased(after, truth)
+    ratio = total_variance(after) / total_variance(before)
+    print(f"RELAX: variance x{ratio:.2f} after learning its control variate")
+    assert ratio < 0.9
+
+
+def test_relax_round_trips_through_an_artifact(tmp_path):
+    m = gradlang.compile_source(RELAX)
+    psi = {"w": jnp.ones(3), "a": jnp.float32(0.5)}
+    m.save(tmp_path / "relax.gx")
+    loaded = gradlang.load(tmp_path / "relax.gx")
+    for a, b in zip(jax.tree.leaves(m.g(T3, psi, jax.random.key(3))),
+                    jax.tree.leaves(loaded.g(T3, psi, jax.random.key(3)))):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_the_branch_counts_of_the_front_end_are_the_runtimes():
