@@ -10,6 +10,7 @@ _NAMES = {"reparam": "pathwise (reparam)", "score": "score function", "enum": "e
           "mvd": "measure-valued derivative", "arm": "ARM (antithetic pair)",
           "disarm": "DisARM (antithetic pair)", "dreg": "pathwise, doubly reparameterized (DReG)",
           "rebar": "REBAR", "relax": "RELAX (learned control variate)",
+          "swor": "score function without replacement", "unordered": "unordered set estimator",
           "gumbel": "Gumbel-softmax",
           "st_gumbel": "straight-through Gumbel"}
 _BASELINES = {"none": "none", "loo": "leave-one-out (RLOO)", "grpo": "group-normalized (GRPO, biased)",

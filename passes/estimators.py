@@ -38,6 +38,7 @@ OPTIONS: dict[str, dict[str, type]] = {
     "st_gumbel": {"tau": float}, "enum": {}, "mvd": {}, "arm": {}, "disarm": {}, "dreg": {},
     "rebar": {"eta": float, "tau": float},
     "relax": {"control": str, "eta": float, "tau": float, "lr": float},
+    "swor": {"k": int, "baseline": str}, "unordered": {"k": int},
 }
 """Every estimator name with its options and their types."""
 RELAXABLE = ("Bernoulli", "OneHotCategorical")
@@ -46,8 +47,13 @@ BRANCHES: dict[tuple[str, str], int] = {("mvd", "Normal"): 4, ("mvd", "Bernoulli
                                         ("rebar", "Bernoulli"): 3, ("relax", "Bernoulli"): 3}
 """Branched estimators (`runtime.branched`): per (estimator, family), the number of values of
 the draw the objective is evaluated at."""
-BRANCHED = ("enum", "mvd", "arm", "disarm", "rebar", "relax")
+BRANCHED = ("enum", "mvd", "arm", "disarm", "rebar", "relax", "swor", "unordered")
 """Estimators that evaluate the objective at several values of their draw."""
+WOR = ("swor", "unordered")
+"""Estimators that evaluate the objective at k categories drawn without replacement."""
+WOR_BASELINES = ("none", "normalized")
+MAX_UNORDERED = 5
+"""The largest k of the unordered set estimator (its set probabilities sum k! orderings)."""
 BATCHED = ("arm", "disarm", "rebar", "relax")
 """Branched estimators whose draw may have batch axes (their evaluations do not multiply)."""
 
@@ -213,8 +219,9 @@ class _Chooser:
             what = "enumerates one draw" if name == "enum" else "differentiates one draw"
             return (f"{name} {what}, but this {spec.name} has batch shape "
                     f"[{', '.join(map(str, batch))}] (the evaluations multiply)")
-        if name == "enum" and self.support_size(op) is None:
-            return "enum needs a static number of categories (the last axis of the logits is symbolic)"
+        if name in ("enum",) + WOR and self.support_size(op) is None:
+            return (f"{name} needs a static number of categories (the last axis of the logits is "
+                    f"symbolic)")
         if not top:
             return (f"{name} works on draws at the top level of an export's objective function "
                     f"(not in a loop, a branch, an expect(...) or a function it calls)")
@@ -249,7 +256,8 @@ class _Chooser:
                 self.diags.error(problem, annotation.span)
                 return op
             chosen, why = _complete(annotation), "annotated in the source"
-            problem = self.control_problem(chosen, op) if chosen.name == "relax" else None
+            problem = (self.control_problem(chosen, op) if chosen.name == "relax"
+                       else self.wor_problem(chosen, op) if chosen.name in WOR else None)
             if problem is not None:
                 self.diags.error(problem, annotation.span)
                 return op
@@ -257,12 +265,25 @@ class _Chooser:
             chosen, why = self.automatic(op, spec, top, None)
         if chosen.name == "enum":
             chosen = Estimator("enum", (("size", self.support_size(op)),), chosen.span)
+        elif chosen.name in WOR:
+            chosen = Estimator(chosen.name, chosen.options + (("size", chosen.option("k")),),
+                               chosen.span)
         elif chosen.name in BRANCHED:
             chosen = Estimator(chosen.name, chosen.options
                                + (("size", BRANCHES[chosen.name, spec.name]),), chosen.span)
         self.out.append(SiteChoice(self.fn.name, op.params.site, spec.name, op.span, chosen, why,
                                    annotation is not None))
         return replace(op, params=replace(op.params, estimator=chosen))
+
+    def wor_problem(self, e: Estimator, op: Op) -> str | None:
+        """Why k categories cannot be drawn without replacement here (None when they can)."""
+        k, size = e.option("k"), self.support_size(op)
+        if k < 2 or k > size:
+            return f"{e.name}(k={k}) needs 2 <= k <= {size} (the number of categories)"
+        if e.name == "unordered" and k > MAX_UNORDERED:
+            return (f"unordered(k={k}): the unordered set estimator sums over the k! orderings "
+                    f"of its sample, so k is at most {MAX_UNORDERED}; use swor for larger k")
+        return None
 
     def control_problem(self, e: Estimator, op: Op) -> str | None:
         """Why relax's control=NAME is not a function r(psi, s) -> f32 of parameters psi and a
@@ -334,6 +355,9 @@ class _Chooser:
         if e.name == "mvd" and not spec.mvd:
             return (f"measure-valued derivatives are implemented for Normal and Bernoulli, not "
                     f"{spec.name}; use score" + (" or reparam" if spec.reparam else ""))
+        if e.name in WOR and spec.name not in ("Categorical", "OneHotCategorical"):
+            return (f"'{e.name}' draws categories without replacement: it is for Categorical "
+                    f"and OneHotCategorical draws, not {spec.name}; use score")
         if e.name in BATCHED and spec.name != "Bernoulli":
             return f"'{e.name}' is an estimator for Bernoulli draws, not {spec.name}; use score"
         if e.name == "score" and not spec.fixed_support:
@@ -365,7 +389,9 @@ def option_problem(e: Estimator) -> str | None:
             return f"option '{k}' of '{e.name}' must be a positive number, got {v}"
         if allowed[k] is int and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
             return f"option '{k}' of '{e.name}' must be a positive integer, got {v}"
-        if k == "baseline" and v not in BASELINES:
+        if k == "baseline" and e.name == "swor" and v not in WOR_BASELINES:
+            return f"unknown baseline '{v}' for swor (baselines: {', '.join(WOR_BASELINES)})"
+        if k == "baseline" and e.name != "swor" and v not in BASELINES:
             return f"unknown baseline '{v}' (baselines: {', '.join(BASELINES)})"
         if k == "credit" and v not in CREDIT:
             return f"unknown credit '{v}' (credit: {', '.join(CREDIT)})"
@@ -389,7 +415,8 @@ def _complete(e: Estimator) -> Estimator:
     given = dict(e.options)
     defaults = {"score": (("baseline", "auto"),), "gumbel": (("tau", 1.0),),
                 "st_gumbel": (("tau", 1.0),), "rebar": (("eta", 1.0), ("tau", 0.5)),
-                "relax": (("control", ""), ("eta", 1.0), ("tau", 0.5), ("lr", 0.01))
+                "relax": (("control", ""), ("eta", 1.0), ("tau", 0.5), ("lr", 0.01)),
+                "swor": (("k", 4), ("baseline", "none")), "unordered": (("k", 4),)
                 }.get(e.name, ())
     if given.get("baseline") == "ma":
         defaults += (("decay", 0.9),)

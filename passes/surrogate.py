@@ -42,7 +42,6 @@ from .callgraph import random_functions
 from .credit import Terms, influence
 from .estimators import BRANCHED
 from .rewrite import inline_body
-from .typecheck_random import stacked
 
 GROUPS = ("auto", "none", "loo", "grpo", "ma", "vimco", "enum", "param", "draw", "aux", "dreg")
 """Kinds of terms, in the order they are passed to `surrogate`: score terms per baseline;
@@ -51,9 +50,9 @@ GROUPS = ("auto", "none", "loo", "grpo", "ma", "vimco", "enum", "param", "draw",
 differentiates), its values and its auxiliary noise; `dreg`, draws with doubly reparameterized
 gradients."""
 SCORE = GROUPS[:6]
-AUX = {"arm": (), "rebar": (2,), "relax": (2,)}
+AUX = {"arm": (), "rebar": (2,), "relax": (2,), "swor": (), "unordered": ()}
 """Branched estimators whose draw also yields its noise, and the leading shape of it (ARM's
-uniforms, REBAR's and RELAX's two uniforms)."""
+uniforms, REBAR's and RELAX's two uniforms, the Gumbel-top-k threshold kappa)."""
 """The baseline groups: score terms proper, credited with costs."""
 F32 = scalar(DType.F32)
 
@@ -374,8 +373,8 @@ class _Rewriter:
         combos = math.prod(sizes)
 
         def per_draw(t):
-            t = stacked(combos, t) if sizes else t
-            return stacked(n, t)
+            t = _stacked(combos, t) if sizes else t
+            return _stacked(n, t)
 
         types = tuple(per_draw(v.type) for v in inner.results)
         branched, family = self.scope_state.branched or (None, ())
@@ -437,8 +436,8 @@ class _Rewriter:
                             results=region.results + tuple(operands) + tuple(dregs))
         finally:
             self.ops = []
-        types = tuple(stacked(n, v.type) for v in inner.results)
-        types += tuple(stacked(n, z.type) for z in dregs)
+        types = tuple(_stacked(n, v.type) for v in inner.results)
+        types += tuple(_stacked(n, z.type) for z in dregs)
         draws = self.emit("samples", (), ExpectParams(n, shifts=len(dregs)), types, span, (inner,))
         if operands or dregs:
             params = SurrogateParams(tuple(baselines) + ("dreg",) * len(dregs)
@@ -585,6 +584,11 @@ class _Rewriter:
             return Param(name, Value(F32, name), span)
         control = self.module.function(self.scope_state.branched[0].option("control"))
         return Param(name, Value(control.params[0].value.type, name), span)
+
+
+def _stacked(n: int, t: Type) -> TensorType:
+    """The type of a value evaluated n times, stacked on a new axis 0."""
+    return t.with_shape((n,) + t.shape)
 
 
 def _describe(costs: list[tuple[Value, list[Span | None]]], to: tuple[int, ...]) -> str:

@@ -42,7 +42,8 @@ from jax import lax
 
 @dataclass(frozen=True)
 class Branched:
-    size: int
+    size: int | None
+    """Evaluations per sample (None: the estimator's option `k`)."""
     draws: tuple[int, ...]
     branches: Callable
     coefficients: Callable
@@ -51,6 +52,16 @@ class Branched:
     live: bool = False
     """The branches are differentiable functions of the parameters (relaxations)."""
     pathwise: Callable | None = None
+    weights: Callable | None = None
+    """`weights(f, z, aux, opts, *params) -> [n, size]`: how the branches' values make the
+    value's estimate (None: the mean of the `draws` branches)."""
+
+    def weighting(self, f, z, aux, opts: dict, params) -> jax.Array:
+        """The weight of each branch in the value's estimate, per sample (no gradient)."""
+        if self.weights is not None:
+            return lax.stop_gradient(self.weights(*lax.stop_gradient((f, z, aux)), opts, *params))
+        w = jnp.zeros(f.shape[1], f.dtype).at[jnp.array(self.draws)].set(1 / len(self.draws))
+        return jnp.broadcast_to(w, f.shape[:2])
 
 
 def per_entry(x, like):

@@ -20,7 +20,8 @@ from gradlang.ir import Op
 
 from .dtypes import JNP_DTYPES
 
-from .branched import BRANCHED, weak_derivative
+from . import branched, wor
+from .branched import weak_derivative
 from .relax import relax
 from .distributions import (FAMILIES, KL, Family, batch_shape, gumbel_softmax_sample,
                             relaxed_bernoulli_sample)
@@ -58,7 +59,8 @@ def _sample(ctx, op: Op, d: Dist):
         return d.family.enumerate_support(*d.params)[ctx.lowering.enum_index[est.option("slot")]]
     if (est.name, d.family.name) in BRANCHED:  # this draw's value in the branch being evaluated
         branched = BRANCHED[est.name, d.family.name]
-        params = tuple(jnp.broadcast_to(p, d.batch) for p in d.params)
+        params = tuple(jnp.broadcast_to(p, d.batch + jnp.shape(p)[jnp.ndim(p) - r:])
+                       for p, r in zip(d.params, d.family.param_event_ranks))
         if est.option("shift") is not None:  # RELAX: the parameters' zero shift
             params = tuple(p + ctx.lowering.shifts[est.option("shift")] for p in params)
         if not branched.live:
@@ -223,10 +225,10 @@ def _surrogate(ctx, op: Op, v, *rest):
         params = [aliases[g][1](x[:, 0]) if g in aliases else x[:, 0]
                   for g, x in zip(given, by["param"])]
         aux = by["aux"][0][:, 0] if "aux" in by else None
-        outs = [_scored(v[:, b], [c[:, b] for c in costs], [l[:, b] for l in scores], baselines,
-                        credit, state) for b in est.draws]
-        f, v = v, sum(v[:, b] for b in est.draws) / len(est.draws)
-        out = sum(outs) / len(outs)
+        weights = est.weighting(v, by["draw"][0], aux, opts, params)
+        f, v = v, jnp.sum(weights * v, 1)
+        out = sum(weights[:, b] * _scored(f[:, b], [c[:, b] for c in costs], [l[:, b] for l in scores],
+                                          baselines, credit, state) for b in range(f.shape[1]))
         if p.control:  # RELAX: its own term, and its control variate's step
             term, psi = relax(lambda psi, s: ctx.call(p.control, (psi, s)), rest[-1], f,
                               by["draw"][0], aux, params[0], by["shift_grad"][0], opts)
@@ -243,6 +245,9 @@ def _surrogate(ctx, op: Op, v, *rest):
     decay = p.decay
     return jnp.mean(out, 0), lax.stop_gradient(decay * state + (1 - decay) * jnp.mean(v))
 
+
+BRANCHED = branched.BRANCHED | wor.BRANCHED
+"""Every branched estimator, per (estimator, family)."""
 
 RANDOM_LOWERINGS = {
     "dist": _dist,

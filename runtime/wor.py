@@ -1,0 +1,138 @@
+"""Estimators that evaluate the objective at k distinct values of a categorical draw, sampled
+without replacement (branched estimators, `runtime.branched`).
+
+The k values are the top k of the perturbed log-probabilities G = log p + Gumbel noise (the
+Gumbel-top-k trick: a sample of k categories without replacement, in order); kappa, the
+(k+1)-th largest G (-inf when k is the number of categories), is the draw's auxiliary value.
+
+- `swor` (Kool, van Hoof & Welling 2019, "Buy 4 REINFORCE Samples, Get a Baseline for Free!",
+  sampling without replacement): each sampled s gets the Horvitz-Thompson weight w_s = p(s) /
+  q(s), q(s) = P(G_s > kappa) = 1 - exp(-exp(log p(s) - kappa)) (priority sampling: unbiased
+  for sums over all categories). Value sum_s w_s f(s), gradient sum_s w_s f(s) d log p(s):
+  unbiased. With `baseline=normalized`, the weights are normalized, W = sum_s w_s, and the
+  gradient is sum_s (w_s / W) (f(s) - B) d log p(s), B = sum_s (w_s / W) f(s): lower variance,
+  biased by design (as the self-normalized estimator of the paper).
+- `unordered` (Kool, van Hoof & Welling 2020, "Estimating Gradients for Discrete Random
+  Variables by Sampling without Replacement"): the unordered set estimator with its built-in
+  baseline. With p(S) the probability of drawing the set S (in any order), R(S, s) =
+  p_{D \\ s}(S \\ {s}) / p(S): value sum_s p(s) R(S, s) f(s); gradient
+  sum_s p(s) R(S, s) d log p(s) (f(s) - b_s), b_s = p(s) f(s) + sum_{s' != s} p(s')
+  R_{D \\ s}(S \\ {s}, s') f(s'), an estimate of E f whose mean given that s was drawn first
+  is E f for every s. Unbiased. Set probabilities sum over the orderings of a set, so k is at
+  most 5 (120 orderings).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+
+from .branched import Branched
+
+def _top_k(key, logits, k: int):
+    """The indices of the top k of log p + Gumbel (in order) and kappa, the next value."""
+    logp = jax.nn.log_softmax(logits)
+    g = logp + jax.random.gumbel(key, logp.shape, logp.dtype)
+    top = jnp.argsort(-g)
+    kappa = g[top[k]] if k < logp.shape[-1] else jnp.array(-jnp.inf, logp.dtype)
+    return top[:k], kappa
+
+
+def _branches(onehot: bool):
+    def branches(key, opts, logits):
+        index, kappa = _top_k(key, logits, opts["k"])
+        values = jax.nn.one_hot(index, logits.shape[-1], dtype=logits.dtype) if onehot else index
+        return values, kappa
+    return branches
+
+
+def _indices(z):
+    """The sampled categories [n, k] from the draw's values (indices, or one-hot vectors)."""
+    return jnp.argmax(z, -1) if z.ndim == 3 else z
+
+
+def _picked(logits, z):
+    """log p of each sampled category [n, k], and d log p(s) / d logits [n, k, K]."""
+    logp = jax.nn.log_softmax(logits)
+    index = _indices(z)
+    picked = jnp.take_along_axis(logp, index, -1)
+    return picked, jax.nn.one_hot(index, logp.shape[-1], dtype=logp.dtype) - jnp.exp(logp)[:, None]
+
+
+def _ht_weights(f, z, kappa, opts, logits):
+    """w_s = p(s) / q_kappa(s), normalized to sum to 1 with `baseline=normalized`."""
+    logq = jnp.log(-jnp.expm1(-jnp.exp(_picked(logits, z)[0] - kappa[:, None])))
+    w = jnp.exp(_picked(logits, z)[0] - logq)
+    return w / jnp.sum(w, 1, keepdims=True) if opts.get("baseline") == "normalized" else w
+
+
+def _swor_coefficients(f, z, kappa, opts, logits):
+    w = _ht_weights(f, z, kappa, opts, logits)
+    signal = f
+    if opts.get("baseline") == "normalized":
+        signal = f - jnp.sum(w * f, 1, keepdims=True)
+    return (jnp.sum((w * signal)[..., None] * _picked(logits, z)[1], 1),)
+
+
+def _log_set_probability(logp, excluded):
+    """log P(drawing the categories with log-probabilities `logp` [..., m], in any order,
+    without replacement, when the categories with log-probabilities `excluded` [..., e] are
+    out of the draw): the sum over orderings of prod_i p_i / (1 - p(excluded) - sum_{j<i} p_j)."""
+    m = logp.shape[-1]
+    if m == 0:
+        return jnp.zeros(logp.shape[:-1], logp.dtype)
+    gone = jnp.sum(jnp.exp(excluded), -1) if excluded.shape[-1] else 0.0
+    terms = []
+    for order in itertools.permutations(range(m)):
+        lp = logp[..., list(order)]
+        before = gone + jnp.cumsum(jnp.exp(lp), -1) - jnp.exp(lp)
+        terms.append(jnp.sum(lp - jnp.log1p(-before), -1))
+    return jax.nn.logsumexp(jnp.stack(terms), 0)
+
+
+def _unordered_parts(z, logits):
+    """Per sample: p(s) R(S, s) [n, k] and, for each first element s, the weights of
+    b_s = p(s) f(s) + sum_{s' != s} p(s') R_{D \\ s}(S, s') f(s') [n, k, k]: an unbiased
+    estimate of E f given that s was drawn first (its conditional mean is E f whatever s is,
+    which is what makes it a baseline)."""
+    picked = _picked(logits, z)[0]
+    k = picked.shape[-1]
+    whole = _log_set_probability(picked, picked[..., :0])
+    first = []
+    second = []
+    for i in range(k):
+        rest = [j for j in range(k) if j != i]
+        without = _log_set_probability(picked[..., rest], picked[..., [i]])
+        first.append(picked[..., i] + without - whole)
+        row = []
+        for j in range(k):
+            if j == i:
+                row.append(jnp.exp(picked[..., i]))
+                continue
+            others = [r for r in rest if r != j]
+            lp = picked[..., j] + _log_set_probability(picked[..., others], picked[..., [i, j]]) - without
+            row.append(jnp.exp(lp))
+        second.append(jnp.stack(row, -1))
+    return jnp.exp(jnp.stack(first, -1)), jnp.stack(second, -2)
+
+
+def _unordered_weights(f, z, kappa, opts, logits):
+    return _unordered_parts(z, logits)[0]
+
+
+def _unordered_coefficients(f, z, kappa, opts, logits):
+    weight, given_first = _unordered_parts(z, logits)
+    baseline = jnp.sum(given_first * f[:, None, :], -1)
+    return (jnp.sum((weight * (f - baseline))[..., None] * _picked(logits, z)[1], 1),)
+
+
+BRANCHED: dict[tuple[str, str], Branched] = {
+    (name, family): Branched(None, (), _branches(family == "OneHotCategorical"), coefficients,
+                            aux=True, weights=weights)
+    for family in ("Categorical", "OneHotCategorical")
+    for name, coefficients, weights in (("swor", _swor_coefficients, _ht_weights),
+                                        ("unordered", _unordered_coefficients, _unordered_weights))
+}
+"""Sampling without replacement, per (estimator, family)."""
