@@ -1,0 +1,207 @@
+"""One export as `verify` runs it: its gradient (every form called as `grad`), its objective's
+value, and the measurements of its estimates (samples, time, compiled memory)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gradlang.ir import Export, Module
+from gradlang.runtime.execute import export_function
+from gradlang.runtime.lower import Lowering
+from gradlang.runtime.signature import ArgumentError, CompiledFunction, Signature
+from gradlang.types import KEY
+
+from .inputs import STATE, VerifyError
+
+CHUNK_BYTES = 1 << 28
+"""Estimates are vmapped in chunks whose compiled memory stays about this size."""
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def leaf_names(tree) -> list[str]:
+    """`enc.w1`-style names of a pytree's leaves, in flattening order."""
+    paths, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+            for path, _ in paths]
+
+
+@dataclass(frozen=True)
+class Memory:
+    """XLA's compiled memory analysis of one estimate, in bytes."""
+
+    temp: int
+    argument: int
+    output: int
+    alias: int
+
+    @property
+    def peak(self) -> int:
+        return self.temp + self.argument + self.output - self.alias
+
+
+@dataclass
+class Program:
+    module: Module
+    export: Export
+    signature: Signature
+    """The signature of the export as a `grad` (a `descend` loses its `lr`); key last."""
+    gradient: Callable
+    value: Callable
+    """The export's objective as computed (a Monte Carlo mean for `expect`), with the same
+    arguments (the key only when `value_draws`)."""
+    value_draws: bool
+
+    @property
+    def draws(self) -> bool:
+        return self.signature.params[-1][1] is KEY
+
+    @property
+    def params(self) -> tuple:
+        """The parameters the caller gives (the key comes from the seed)."""
+        return self.signature.params[:-1] if self.draws else self.signature.params
+
+    def arguments(self, named: Mapping[str, object]) -> list:
+        """The arguments in parameter order from `named` (by name), checked against the
+        declared types (a VerifyError otherwise); the moving-average state defaults to 0."""
+        state = self.signature.stateful
+        args = [named.get(n, 0.0) if state and n == STATE else named[n] for n, _ in self.params]
+        probe = [*args, jax.random.key(0)] if self.draws else list(args)
+        try:
+            CompiledFunction(self.signature, self.gradient).bind(tuple(probe), {})
+        except ArgumentError as exc:
+            raise VerifyError(str(exc).replace(f"{self.signature.name}(): ", "")) from None
+        return [jax.tree.map(jnp.asarray, a) for a in args]
+
+    def estimate(self, args: list) -> Callable:
+        """key -> the gradient estimate at `args` (a dict by wrt name)."""
+        def one(key=None):
+            out = self.gradient(*args, key) if self.draws else self.gradient(*args)
+            return out[0] if self.signature.stateful else out
+
+        return one
+
+    def objective(self, args: list) -> tuple[Callable, list]:
+        """(f(leaves, key) -> the objective's value with the wrt parameters' leaves replaced,
+        the leaves at `args`), leaves in the order of the gradient's leaves."""
+        names = [n for n, _ in self.params]
+        wrt = self.signature.wrt
+        theta, tree = jax.tree.flatten({w: args[names.index(w)] for w in wrt})
+
+        def f(leaves: list, key=None):
+            """A function that draws but whose draws are all enumerated ignores its key."""
+            key = jax.random.key(0) if key is None else key
+            full = list(args)
+            given = tree.unflatten(leaves)
+            for w in wrt:
+                full[names.index(w)] = given[w]
+            out = self.value(*full, key) if self.value_draws else self.value(*full)
+            return out[0] if self.signature.stateful else out
+
+        return f, theta
+
+
+def load(module: Module, name: str, externs: Mapping[str, object], mesh=None) -> Program:
+    export = next((e for e in module.exports if e.name == name), None)
+    if export is None:
+        grads = [e.name for e in module.exports if e.transform.kind != "fn"]
+        raise VerifyError(f"no export '{name}' (exports with a gradient: "
+                          f"{', '.join(grads) or 'none'})")
+    t = export.transform
+    if t.kind == "fn":
+        raise VerifyError(f"export '{name}' computes no gradient ({t.fn} itself); verify checks "
+                          f"grad, value_and_grad and descend exports")
+    as_grad = replace(export, transform=replace(t, kind="grad", lr=None))
+    signature, gradient = export_function(module, as_grad, externs, mesh)
+    unbound = [n for n in signature.externs if n not in externs]
+    if unbound:
+        raise VerifyError(f"export '{name}' calls extern {', '.join(map(repr, unbound))}, which "
+                          f"is not bound; bind it from Python: gradlang.compile_file(path, "
+                          f"externs={{...}}).verify('{name}', ...)")
+    return Program(module, export, signature, gradient, Lowering(module, externs).function(t.fn),
+                   t.fn in module.facts.get("random", ()))
+
+
+def compiled(fn: Callable, *args):
+    """fn jitted and compiled for `args` as a user's call would be (default XLA options)."""
+    return jax.jit(fn).lower(*args).compile()
+
+
+def memory(executable) -> Memory:
+    """XLA's memory analysis of a compiled executable (zeros where the backend has none)."""
+    stats = executable.memory_analysis()
+    if stats is None:
+        return Memory(0, 0, 0, 0)
+    return Memory(stats.temp_size_in_bytes, stats.argument_size_in_bytes,
+                  stats.output_size_in_bytes, stats.alias_size_in_bytes)
+
+
+def seconds_per_call(executable, *args, budget: float = 0.1) -> float:
+    """Wall time of one call of a compiled executable: calls are repeated, doubling, until
+    they take `budget` seconds (at most 1024 calls)."""
+    jax.block_until_ready(executable(*args))
+    calls = 1
+    while True:
+        start = time.perf_counter()
+        for _ in range(calls):
+            out = executable(*args)
+        jax.block_until_ready(out)
+        elapsed = time.perf_counter() - start
+        if elapsed >= budget or calls >= 1024:
+            return elapsed / calls
+        calls *= 2
+
+
+def batched(fn: Callable, xs: tuple, n: int, chunk: int):
+    """fn(*xs) vmapped over the leading axis of the arrays xs (n entries) in chunks of
+    `chunk`, stacked; the last chunk is padded so one compilation serves all. It is compiled
+    with XLA's backend optimization level 0: about 5x faster to compile and 1.5x slower to run
+    on CPU, the right trade for many small programs run once."""
+    chunk = max(1, min(chunk, n))
+    run = None
+    outs = []
+    for start in range(0, n, chunk):
+        part = jax.tree.map(lambda x: x[start:start + chunk], xs)
+        size = jax.tree.leaves(part)[0].shape[0]
+        if size < chunk:
+            part = jax.tree.map(lambda x: jnp.concatenate([x, x[:chunk - size]]), part)
+        if run is None:
+            run = jax.jit(jax.vmap(lambda p: fn(*p))).lower(part).compile(FAST_COMPILE)
+        outs.append(jax.tree.map(lambda y: np.asarray(y)[:size], run(part)))
+    return jax.tree.map(lambda *ys: np.concatenate(ys), *outs)
+
+
+def chunk_for(peak: int) -> int:
+    return int(max(1, min(1024, CHUNK_BYTES // max(peak, 1))))
+
+
+def flat_leaves(tree, n: int) -> list[np.ndarray]:
+    """The leaves of a pytree of n stacked estimates, as float64 [n, size]."""
+    return [np.asarray(x, np.float64).reshape(n, -1) for x in jax.tree.leaves(tree)]
+
+
+def draw_estimates(program: Program, args: list, n: int, key, chunk: int) -> list[np.ndarray]:
+    """n independent estimates of an export that draws (keys split from `key`), per leaf as
+    float64 [n, size]. A moving-average baseline is carried from one estimate to the next, as
+    in training (it starts at the argument given)."""
+    if program.signature.stateful:
+        names = [p for p, _ in program.params]
+        at = names.index(STATE)
+
+        def step(state, k):
+            full = list(args)
+            full[at] = state
+            grads, state = program.gradient(*full, k)
+            return state, grads
+
+        keys = jax.random.split(key, n)
+        run = jax.jit(lambda ks: jax.lax.scan(step, args[at], ks)).lower(keys).compile(FAST_COMPILE)
+        _, stacked = run(keys)
+    else:
+        stacked = batched(program.estimate(args), (jax.random.split(key, n),), n, chunk)
+    return flat_leaves(stacked, n)
