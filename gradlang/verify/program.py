@@ -141,20 +141,23 @@ def memory(executable) -> Memory:
                   stats.output_size_in_bytes, stats.alias_size_in_bytes)
 
 
-def seconds_per_call(executable, *args, budget: float = 0.1) -> float:
-    """Wall time of one call of a compiled executable: calls are repeated, doubling, until
-    they take `budget` seconds (at most 1024 calls)."""
+def seconds_per_call(executable, *args, budget: float = 0.1, rounds: int = 5) -> float:
+    """Wall time of one call of a compiled executable: the fastest of `rounds` rounds of
+    calls (as `timeit` reports), each round long enough (calls doubling, at most 1024) to
+    take budget / rounds seconds, so scheduling noise of a few microseconds averages out."""
     jax.block_until_ready(executable(*args))
-    calls = 1
-    while True:
+
+    def round_of(calls: int) -> float:
         start = time.perf_counter()
         for _ in range(calls):
             out = executable(*args)
         jax.block_until_ready(out)
-        elapsed = time.perf_counter() - start
-        if elapsed >= budget or calls >= 1024:
-            return elapsed / calls
+        return time.perf_counter() - start
+
+    calls = 1
+    while round_of(calls) < budget / rounds and calls < 1024:
         calls *= 2
+    return min(round_of(calls) for _ in range(rounds)) / calls
 
 
 def batched(fn: Callable, xs: tuple, n: int, chunk: int):

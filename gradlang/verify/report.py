@@ -61,9 +61,13 @@ class Row:
         return None if self.report is None else self.variance * self.report.cost.seconds
 
     def rank_key(self) -> tuple:
-        if self.report is None:
-            return (2, 0.0, 0.0)
-        return (self.report.verdict in (BIASED, ZERO), self.score, self.report.cost.seconds)
+        """Unbiased estimators that pass first, then those biased by design, then failing
+        ones, then those that do not apply; within a group by variance x time."""
+        rep = self.report
+        if rep is None:
+            return (3, 0.0, 0.0)
+        group = 2 if rep.exit_code else 1 if rep.biased_by_design else 0
+        return (group, self.score, rep.cost.seconds)
 
 
 @dataclass(frozen=True)
@@ -144,7 +148,7 @@ def row_json(r: Row) -> dict:
     rep = r.report
     return {"annotation": r.annotation, "current": r.current, "applicable": rep is not None,
             "reason": r.reason, "variance": _num(r.variance),
-            "relative_bias": None if rep is None else _num(_max_bias(rep)),
+            "relative_bias": None if rep is None else _num(overall_bias(rep)),
             "seconds_per_estimate": None if rep is None else rep.cost.seconds,
             "evaluations": None if rep is None else {"forward": rep.cost.forward,
                                                      "backward": rep.cost.backward},
@@ -210,9 +214,10 @@ def _bias(l: LeafStats) -> str:
     return f"{_g(l.relative_bias)}{ci}"
 
 
-def _max_bias(r: ExportReport) -> float | None:
-    found = [l.relative_bias for l in r.leaves if l.relative_bias is not None]
-    return max(found) if found else None
+def overall_bias(r: ExportReport) -> float | None:
+    """||mean - reference|| / ||reference|| over every leaf's compared coordinates."""
+    norm = math.sqrt(sum(float(l.reference @ l.reference) for l in r.leaves))
+    return math.sqrt(sum(l.absolute_bias ** 2 for l in r.leaves)) / norm if norm > 0 else None
 
 
 def render(r: ExportReport) -> str:
@@ -266,10 +271,11 @@ def render_comparison(c: Comparison) -> list[str]:
                          f"not applicable: {row.reason}"])
             continue
         rank += 1
-        rows.append([str(rank), row.annotation + mark, _g(row.variance), _g(_max_bias(rep)),
+        rows.append([str(rank), row.annotation + mark, _g(row.variance), _g(overall_bias(rep)),
                      _time(rep.cost.seconds), f"{rep.cost.forward}+{rep.cost.backward}",
                      _g(row.score), rep.verdict])
     what = {"random": "estimators of the random choice", "inner": "hypergradients of the",
             "black_box": "gradient estimators of"}[c.kind]
-    return [f"  compare the {what} {c.site}, ranked by variance x time (failing rows last):",
+    return [f"  compare the {what} {c.site}, ranked by variance x time (unbiased first, then "
+            f"biased by design, then failing):",
             *table(rows, "    ")]

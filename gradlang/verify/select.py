@@ -107,7 +107,9 @@ def _random(origin: Origin, program: Program, case: Case, named: Mapping, settin
             if exact:
                 return mean_gradient(variant, variant.arguments(named), 1, key, chunk,
                                      "enumeration", f"the exact expectation's gradient ({how})")
-            return mean_gradient(variant, variant.arguments(named), m, key, chunk, "pathwise",
+            names = {s.estimator.name for s in chosen.values()}
+            method = "pathwise" if names == {"reparam"} else "enumeration and pathwise"
+            return mean_gradient(variant, variant.arguments(named), m, key, chunk, method,
                                  f"the mean of {m} gradients with {how}: unbiased, and not the "
                                  f"estimator under test")
     plain_edits = [annotate_site(s, "score(baseline=none)") for s in editable
