@@ -33,10 +33,10 @@ def sample(program: Program, named: Mapping, settings: Settings) -> Sampled:
     """The estimates of `program` at `named` (keys from the seed), their time and memory."""
     args = program.arguments(named)
     key = jax.random.fold_in(jax.random.key(settings.seed), 1)
-    probe = (key,) if program.draws else ()
-    executable = compiled(program.estimate(args), *probe)
+    call = (args, key) if program.draws else (args,)
+    executable = compiled(program.estimate, *call)
     mem = memory(executable)
-    grads = executable(*probe)
+    grads = executable(*call)
     names, shapes = leaf_names(grads), [np.shape(x) for x in jax.tree.leaves(grads)]
     if program.draws:
         samples = draw_estimates(program, args, settings.samples, key, chunk_for(mem.peak))
@@ -46,7 +46,7 @@ def sample(program: Program, named: Mapping, settings: Settings) -> Sampled:
     if bad:
         raise VerifyError(f"export '{program.export.name}': the gradient is not finite at these "
                           f"inputs ({', '.join(bad)}); give other inputs (--at FILE.npz)")
-    return Sampled(names, shapes, samples, mem, seconds_per_call(executable, *probe))
+    return Sampled(names, shapes, samples, mem, seconds_per_call(executable, *call))
 
 
 def assemble(program: Program, case: Case, sampled: Sampled, ref: Reference,

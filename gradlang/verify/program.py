@@ -45,8 +45,12 @@ class Memory:
         return self.temp + self.argument + self.output - self.alias
 
 
-@dataclass
+@dataclass(frozen=True)
 class Program:
+    """An export ready to estimate: arguments are always passed to the functions jitted
+    here, never closed over (XLA would embed them as constants, and its memory analysis would
+    not see them)."""
+
     module: Module
     export: Export
     signature: Signature
@@ -78,35 +82,34 @@ class Program:
             raise VerifyError(str(exc).replace(f"{self.signature.name}(): ", "")) from None
         return [jax.tree.map(jnp.asarray, a) for a in args]
 
-    def estimate(self, args: list) -> Callable:
-        """key -> the gradient estimate at `args` (a dict by wrt name)."""
-        def one(key=None):
-            out = self.gradient(*args, key) if self.draws else self.gradient(*args)
-            return out[0] if self.signature.stateful else out
-
-        return one
+    def estimate(self, args: list, key=None):
+        """The gradient estimate at `args` (a dict by wrt name)."""
+        out = self.gradient(*args, key) if self.draws else self.gradient(*args)
+        return out[0] if self.signature.stateful else out
 
     def objective(self, args: list) -> tuple[Callable, list]:
-        """(f(leaves, key) -> the objective's value with the wrt parameters' leaves replaced,
-        the leaves at `args`), leaves in the order of the gradient's leaves."""
+        """(f(leaves, args, key=None) -> the objective's value at `args` with the wrt
+        parameters' leaves replaced, the leaves at `args`), leaves in the order of the
+        gradient's. The key may be left out when every draw is enumerated."""
         names = [n for n, _ in self.params]
         wrt = self.signature.wrt
         theta, tree = jax.tree.flatten({w: args[names.index(w)] for w in wrt})
 
-        def f(leaves: list, key=None):
-            """A function that draws but whose draws are all enumerated ignores its key."""
-            key = jax.random.key(0) if key is None else key
+        def f(leaves: list, args: list, key=None):
             full = list(args)
             given = tree.unflatten(leaves)
             for w in wrt:
                 full[names.index(w)] = given[w]
-            out = self.value(*full, key) if self.value_draws else self.value(*full)
+            if self.value_draws:
+                full.append(jax.random.key(0) if key is None else key)
+            out = self.value(*full)
             return out[0] if self.signature.stateful else out
 
         return f, theta
 
 
 def load(module: Module, name: str, externs: Mapping[str, object], mesh=None) -> Program:
+    """Export `name` of a compiled IR, with the Python bindings of its externs."""
     export = next((e for e in module.exports if e.name == name), None)
     if export is None:
         grads = [e.name for e in module.exports if e.transform.kind != "fn"]
@@ -160,11 +163,11 @@ def seconds_per_call(executable, *args, budget: float = 0.1, rounds: int = 5) ->
     return min(round_of(calls) for _ in range(rounds)) / calls
 
 
-def batched(fn: Callable, xs: tuple, n: int, chunk: int):
-    """fn(*xs) vmapped over the leading axis of the arrays xs (n entries) in chunks of
-    `chunk`, stacked; the last chunk is padded so one compilation serves all. It is compiled
-    with XLA's backend optimization level 0: about 5x faster to compile and 1.5x slower to run
-    on CPU, the right trade for many small programs run once."""
+def batched(fn: Callable, xs: tuple, n: int, chunk: int, fixed: tuple = ()):
+    """fn(*xs, *fixed) vmapped over the leading axis of the arrays xs (n entries), not over
+    `fixed`, in chunks of `chunk`, stacked; the last chunk is padded so one compilation serves
+    all. It is compiled with XLA's backend optimization level 0: about 5x faster to compile and
+    1.5x slower to run on CPU, the right trade for many small programs run once."""
     chunk = max(1, min(chunk, n))
     run = None
     outs = []
@@ -174,8 +177,9 @@ def batched(fn: Callable, xs: tuple, n: int, chunk: int):
         if size < chunk:
             part = jax.tree.map(lambda x: jnp.concatenate([x, x[:chunk - size]]), part)
         if run is None:
-            run = jax.jit(jax.vmap(lambda p: fn(*p))).lower(part).compile(FAST_COMPILE)
-        outs.append(jax.tree.map(lambda y: np.asarray(y)[:size], run(part)))
+            mapped = jax.vmap(lambda p, c: fn(*p, *c), in_axes=(0, None))
+            run = jax.jit(mapped).lower(part, fixed).compile(FAST_COMPILE)
+        outs.append(jax.tree.map(lambda y: np.asarray(y)[:size], run(part, fixed)))
     return jax.tree.map(lambda *ys: np.concatenate(ys), *outs)
 
 
@@ -196,15 +200,18 @@ def draw_estimates(program: Program, args: list, n: int, key, chunk: int) -> lis
         names = [p for p, _ in program.params]
         at = names.index(STATE)
 
-        def step(state, k):
-            full = list(args)
-            full[at] = state
-            grads, state = program.gradient(*full, k)
-            return state, grads
+        def run(keys, args):
+            def step(state, k):
+                full = list(args)
+                full[at] = state
+                grads, state = program.gradient(*full, k)
+                return state, grads
+
+            return jax.lax.scan(step, args[at], keys)[1]
 
         keys = jax.random.split(key, n)
-        run = jax.jit(lambda ks: jax.lax.scan(step, args[at], ks)).lower(keys).compile(FAST_COMPILE)
-        _, stacked = run(keys)
+        stacked = jax.jit(run).lower(keys, args).compile(FAST_COMPILE)(keys, args)
     else:
-        stacked = batched(program.estimate(args), (jax.random.split(key, n),), n, chunk)
+        stacked = batched(lambda k, a: program.estimate(a, k), (jax.random.split(key, n),), n,
+                          chunk, (args,))
     return flat_leaves(stacked, n)

@@ -61,11 +61,11 @@ def pick_coordinates(sizes: list[int], limit: int, seed: int) -> list[np.ndarray
             for size in sizes]
 
 
-def finite_differences(f: Callable, theta: list, coords: list[np.ndarray | None], keys,
-                       chunk: int, description: str) -> Reference:
-    """Central differences of f (a function of the leaves, and of a key unless `keys` is None)
-    at the chosen coordinates, averaged over `keys` (common random numbers). All leaves are
-    perturbed through one flat vector, so one compilation serves every coordinate."""
+def finite_differences(f: Callable, theta: list, args: list, coords: list[np.ndarray | None],
+                       keys, chunk: int, description: str) -> Reference:
+    """Central differences of f(leaves, args, key) at the chosen coordinates, averaged over
+    `keys` (common random numbers; None: f does not draw, or enumerates every draw). All
+    leaves are perturbed through one flat vector, so one compilation serves every coordinate."""
     start = time.perf_counter()
     m = 1 if keys is None else keys.shape[0]
     step = DETERMINISTIC_STEP if keys is None else STOCHASTIC_STEP
@@ -77,20 +77,22 @@ def finite_differences(f: Callable, theta: list, coords: list[np.ndarray | None]
     base = flat[idx]
     h = (step * np.maximum(np.abs(base), 1)).astype(np.float32)
     points = np.stack([base + h, base - h, base + 2 * h, base - 2 * h], -1).astype(np.float32)
-    center = jnp.asarray(flat)
 
-    def at(i, v, key=None):
+    def at(i, v, *rest):
+        *key, center, args = rest
+
         def one(x):
             moved = center.at[i].set(x)
             leaves = [moved[a:b].reshape(s) for a, b, s in zip(cuts[:-1], cuts[1:], shapes)]
-            return f(leaves) if key is None else f(leaves, key)
+            return f(leaves, args, *key)
         return jax.vmap(one)(v)
 
     k = len(idx)
     xs = (np.repeat(idx, m), np.repeat(points, m, 0))
     if keys is not None:
         xs += (keys[np.tile(np.arange(m), k)],)
-    out = np.asarray(batched(at, xs, k * m, chunk), np.float64).reshape(k, m, 4)
+    out = batched(at, xs, k * m, chunk, (jnp.asarray(flat), args))
+    out = np.asarray(out, np.float64).reshape(k, m, 4)
     p = points.astype(np.float64)
     d1 = (out[..., 0] - out[..., 1]) / (p[:, None, 0] - p[:, None, 1])
     d2 = (out[..., 2] - out[..., 3]) / (p[:, None, 2] - p[:, None, 3])
@@ -104,18 +106,21 @@ def finite_differences(f: Callable, theta: list, coords: list[np.ndarray | None]
                      time.perf_counter() - start)
 
 
-def smoothed(f: Callable, theta: list, sigmas: list[float], n: int, key, draws: bool,
-             differentiable: bool, chunk: int, description: str) -> Reference:
+def smoothed(f: Callable, theta: list, args: list, sigmas: list[float], n: int, key,
+             draws: bool, differentiable: bool, chunk: int, description: str) -> Reference:
     """The gradient of E f(theta + sigma z) (z ~ N(0, I); sigma per leaf) from n antithetic
     pairs: pathwise when f is differentiable, evolution strategies otherwise; a function that
     draws gets a fresh key per pair (the same for both members)."""
     start = time.perf_counter()
 
-    def pair(key):
+    def pair(key, theta, args):
         kz, kf = jax.random.split(key)
         zs = [jax.random.normal(k, t.shape, t.dtype) for k, t in
               zip(jax.random.split(kz, len(theta)), theta)]
-        g = (lambda ls: f(ls, kf)) if draws else f
+
+        def g(leaves):
+            return f(leaves, args, kf) if draws else f(leaves, args)
+
         plus = [t + s * z for t, s, z in zip(theta, sigmas, zs)]
         minus = [t - s * z for t, s, z in zip(theta, sigmas, zs)]
         if differentiable:
@@ -123,7 +128,7 @@ def smoothed(f: Callable, theta: list, sigmas: list[float], n: int, key, draws: 
         d = (g(plus) - g(minus)) / 2
         return [d * z / s for z, s in zip(zs, sigmas)]
 
-    out = batched(pair, (jax.random.split(key, n),), n, chunk)
+    out = batched(pair, (jax.random.split(key, n),), n, chunk, (theta, args))
     samples = [np.asarray(x, np.float64).reshape(n, -1) for x in out]
     values, errors = _moments(samples)
     method = "smoothed (pathwise)" if differentiable else "smoothed (evolution strategies)"
@@ -136,7 +141,7 @@ def mean_gradient(program: Program, args: list, n: int, key, chunk: int, method:
     """The mean of n gradients of `program` (of one when n is 1)."""
     start = time.perf_counter()
     if n == 1:
-        samples = flat_leaves(jax.jit(program.estimate(args))(key), 1)
+        samples = flat_leaves(jax.jit(program.estimate)(args, key), 1)
     else:
         samples = draw_estimates(program, args, n, key, chunk)
     values, errors = _moments(samples)

@@ -13,7 +13,7 @@ where a better reference needs one, a variant of its source:
   value of a `straight_through` op is the op's), Gaussian-smoothed at `smoothing` x the RMS of
   each parameter leaf;
 - inner: finite differences of the outer objective with every inner problem of this file
-  solved with 10x its solver's steps.
+  solved with 10x its solver's steps (and a 100x smaller `tol`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from .inputs import VerifyError
 from .program import Program, load
 from .reference import Reference, finite_differences, mean_gradient, pick_coordinates, smoothed
 from .report import Settings
-from .variants import Origin, annotate_site, solver_steps
+from .variants import Origin, annotate_site, tighter_solver
 
 ENUM_MAX = 64
 TIGHTER = 10
@@ -43,6 +43,17 @@ def _variant(origin: Origin, edits: list, name: str) -> Program | str:
     return load(compiled.ir, name, origin.externs, origin.mesh)
 
 
+def _plain(origin: Origin, program: Program, case: Case) -> Program:
+    """The program whose forward is the model's: its `gumbel` (relaxed) and `mvd` (branched)
+    draws of this file made plain `score(baseline=none)` draws."""
+    edits = [annotate_site(s, "score(baseline=none)") for s in case.sites
+             if origin.owns(s.span) and s.estimator.name in ("gumbel", "mvd")]
+    plain = _variant(origin, edits, program.export.name) if edits else program
+    if isinstance(plain, str):
+        raise VerifyError(f"the variant without relaxed draws does not compile: {plain}")
+    return plain
+
+
 def _site_key(site) -> tuple:
     return site.function, site.span.line, site.span.col
 
@@ -50,7 +61,8 @@ def _site_key(site) -> tuple:
 def reference(origin: Origin, program: Program, case: Case, named: Mapping, settings: Settings,
               chunk: int) -> Reference:
     key = jax.random.fold_in(jax.random.key(settings.seed), 2)
-    f, theta = program.objective(program.arguments(named))
+    args = program.arguments(named)
+    f, theta = program.objective(args)
     sizes = [int(np.size(t)) for t in theta]
     coords = pick_coordinates(sizes, settings.coordinates, settings.seed)
     m = settings.reference_samples
@@ -60,31 +72,36 @@ def reference(origin: Origin, program: Program, case: Case, named: Mapping, sett
         s = o.get("eps", o.get("sigma"))
         differentiable = not (program.value_draws or case.nonsmooth
                               or externs_of(program.module, case.objective))
-        how = "antithetic pathwise pairs" if differentiable else "antithetic ES pairs"
-        return smoothed(f, theta, [s] * len(theta), m, key, program.value_draws, differentiable,
-                        chunk, f"the gradient of the Gaussian-smoothed objective E f(w + {s} z), "
-                               f"which {case.by.name} estimates, from {m} {how}")
+        how = (f"the gradient of the Gaussian-smoothed objective E f(w + {s} z), which "
+               f"{case.by.name} estimates, from {m} antithetic "
+               f"{'pathwise' if differentiable else 'ES'} pairs")
+        return smoothed(f, theta, args, [s] * len(theta), m, key, program.value_draws,
+                        differentiable, chunk, how)
     if case.kind == "non_smooth":
+        plain = _plain(origin, program, case)
+        plain_args = plain.arguments(named)
+        g, _ = plain.objective(plain_args)
         sigmas = [settings.smoothing * (float(np.sqrt(np.mean(np.square(t)))) or 1.0) for t in theta]
-        return smoothed(f, theta, sigmas, m, key, program.value_draws, False, chunk,
+        return smoothed(g, theta, plain_args, sigmas, m, key, plain.value_draws, False, chunk,
                         f"the gradient of the plain non-smooth forward (no backward rule used), "
                         f"Gaussian-smoothed at {settings.smoothing} x the RMS of each parameter, "
                         f"from {m} antithetic ES pairs")
     if case.kind == "random":
         return _random(origin, program, case, named, settings, chunk, key, coords, theta)
     if case.kind == "inner":
-        edits = [solver_steps(h, TIGHTER) for h in case.inner if origin.owns(h.solver.span)]
+        edits = [tighter_solver(h, TIGHTER) for h in case.inner if origin.owns(h.solver.span)]
         tight = _variant(origin, edits, name) if edits else program
         if isinstance(tight, str):
-            raise VerifyError(f"the variant with {TIGHTER}x the solver steps does not compile: "
-                              f"{tight}")
-        g, _ = tight.objective(tight.arguments(named))
-        how = (f"every inner problem of this file solved with {TIGHTER}x its solver's steps"
-               if edits else "the inner problems as compiled (they are in imported files)")
-        return finite_differences(g, theta, coords, None, chunk,
+            raise VerifyError(f"the variant with tighter solvers does not compile: {tight}")
+        tight_args = tight.arguments(named)
+        g, _ = tight.objective(tight_args)
+        how = (f"every inner problem of this file solved with {TIGHTER}x its solver's steps "
+               f"(and a {TIGHTER ** 2}x smaller tol)" if edits
+               else "the inner problems as compiled (they are in imported files)")
+        return finite_differences(g, theta, tight_args, coords, None, chunk,
                                   f"central differences of the outer objective in float32, with "
                                   f"{how}")
-    return finite_differences(f, theta, coords, None, chunk,
+    return finite_differences(f, theta, args, coords, None, chunk,
                               "central differences of the objective in float32: reverse mode is "
                               "exact here, so only rounding may differ")
 
@@ -112,15 +129,12 @@ def _random(origin: Origin, program: Program, case: Case, named: Mapping, settin
             return mean_gradient(variant, variant.arguments(named), m, key, chunk, method,
                                  f"the mean of {m} gradients with {how}: unbiased, and not the "
                                  f"estimator under test")
-    plain_edits = [annotate_site(s, "score(baseline=none)") for s in editable
-                   if s.estimator.name in ("gumbel", "mvd")]
-    plain = _variant(origin, plain_edits, name) if plain_edits else program
-    if isinstance(plain, str):
-        raise VerifyError(f"the variant without relaxed draws does not compile: {plain}")
-    g, _ = plain.objective(plain.arguments(named))
+    plain = _plain(origin, program, case)
+    plain_args = plain.arguments(named)
+    g, _ = plain.objective(plain_args)
     if not stochastic_ops(plain.module, plain.export.transform.fn):
-        return finite_differences(g, theta, coords, None, chunk,
+        return finite_differences(g, theta, plain_args, coords, None, chunk,
                                   "central differences of the exact (enumerated) expectation")
-    return finite_differences(g, theta, coords, jax.random.split(key, m), chunk,
+    return finite_differences(g, theta, plain_args, coords, jax.random.split(key, m), chunk,
                               f"central differences of the expectation over {m} keys, the same "
                               f"keys for +h and -h (common random numbers)")
