@@ -11,6 +11,7 @@ verdict does not depend on the draw.
 from __future__ import annotations
 
 import json
+import sys
 
 import jax
 import numpy as np
@@ -377,6 +378,12 @@ def test_cli_bad_input_is_a_diagnostic_not_a_traceback(folder, capsys, argv, mes
     captured = capsys.readouterr()
     assert message in captured.err and "Traceback" not in captured.err
     assert captured.err.startswith("gradlang: error: ")
+
+
+def test_cli_plot_without_matplotlib_is_a_diagnostic(folder, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    assert main(["verify", "ok.grad", "--at", "at.npz", "--plot", "r.png"]) == 2
+    assert "gradlang: error: --plot needs matplotlib" in capsys.readouterr().err
 
 
 def test_cli_program_errors_are_diagnostics(folder, capsys):

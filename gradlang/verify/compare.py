@@ -5,7 +5,7 @@ it, measured on the same inputs against the same reference."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gradlang.passes.estimators import BASELINES, OPTIONS, SiteChoice
 from gradlang.passes.hypergrad import LINEAR_SOLVERS, METHODS, InnerProblem
@@ -13,8 +13,8 @@ from gradlang.passes.zeroth_order import ESTIMATORS
 
 from .case import Case, classify
 from .inputs import VerifyError
-from .measure import measure
-from .program import Program, load
+from .measure import assemble, sample
+from .program import Program, interleaved_seconds, load
 from .reference import Reference
 from .report import Comparison, ExportReport, Row, Settings
 from .variants import Edit, Origin, annotate_argmin, annotate_site, black_box
@@ -73,14 +73,17 @@ class _Bench:
     ref: Reference
     settings: Settings
     base: ExportReport
-    """The export as compiled, measured already."""
+    """The export as compiled, measured already..."""
+    base_run: tuple
+    """... and its compiled estimate with its arguments, to time it beside the variants."""
 
     def rows(self, edits: list[tuple[str, Edit]], chosen: Callable[[Case], str | None],
              current: str, spelled: str) -> list[Row]:
         """One row per edit: the variant measured, or why it does not apply. `chosen` reads
         what a variant selects at the compared place, to mark the current choice (`current`,
-        written `spelled` in the source)."""
-        rows, found = [], False
+        written `spelled` in the source). The measured rows are timed again together, their
+        rounds interleaved."""
+        rows, runs, found = [], [], False
         for label, edit in edits:
             compiled = self.origin.compile([edit])
             if isinstance(compiled, str):
@@ -92,18 +95,29 @@ class _Bench:
             if not found and chosen(case) == current:
                 found = True
                 rows.append(Row(label, True, self.base))
+                runs.append(self.base_run)
                 continue
             try:
-                rows.append(Row(label, False, measure(variant, case, self.named, self.ref,
-                                                      self.settings)))
+                sampled = sample(variant, self.named, self.settings)
             except VerifyError as exc:
                 rows.append(Row(label, False, None, str(exc)))
-        return rows if found else rows + [Row(spelled, True, self.base)]
+                continue
+            rows.append(Row(label, False, assemble(variant, case, sampled, self.ref,
+                                                   self.settings)))
+            runs.append(sampled.run)
+        if not found:
+            rows.append(Row(spelled, True, self.base))
+            runs.append(self.base_run)
+        seconds = iter(interleaved_seconds(runs))
+        return [r if r.report is None else
+                replace(r, report=replace(r.report, cost=replace(r.report.cost,
+                                                                 seconds=next(seconds))))
+                for r in rows]
 
 
 def comparisons(origin: Origin, program: Program, case: Case, named: Mapping, ref: Reference,
-                base: ExportReport, settings: Settings) -> list[Comparison]:
-    bench = _Bench(origin, program, named, ref, settings, base)
+                base: ExportReport, base_run: tuple, settings: Settings) -> list[Comparison]:
+    bench = _Bench(origin, program, named, ref, settings, base, base_run)
     out = []
     if case.by is not None:
         edits = [(f"by={c}" if c else "reverse mode (no by=)", black_box(program.export, c))

@@ -10,8 +10,8 @@ import numpy as np
 
 from .case import Case
 from .inputs import VerifyError
-from .program import (Memory, Program, chunk_for, compiled, draw_estimates, flat_leaves, leaf_names,
-                      memory, seconds_per_call)
+from .program import (Memory, Program, chunk_for, compiled, draw_estimates, flat_leaves,
+                      interleaved_seconds, leaf_names, memory)
 from .reference import Reference
 from .report import CostReport, ExportReport, Settings
 from .stats import leaf_stats
@@ -27,6 +27,8 @@ class Sampled:
     """Per leaf, float64 [N, size]."""
     memory: Memory
     seconds: float
+    run: tuple
+    """(the compiled estimate, its arguments), to time it again beside others."""
 
 
 def sample(program: Program, named: Mapping, settings: Settings) -> Sampled:
@@ -46,7 +48,8 @@ def sample(program: Program, named: Mapping, settings: Settings) -> Sampled:
     if bad:
         raise VerifyError(f"export '{program.export.name}': the gradient is not finite at these "
                           f"inputs ({', '.join(bad)}); give other inputs (--at FILE.npz)")
-    return Sampled(names, shapes, samples, mem, seconds_per_call(executable, *call))
+    (seconds,) = interleaved_seconds([(executable, call)])
+    return Sampled(names, shapes, samples, mem, seconds, (executable, call))
 
 
 def assemble(program: Program, case: Case, sampled: Sampled, ref: Reference,
@@ -64,8 +67,3 @@ def assemble(program: Program, case: Case, sampled: Sampled, ref: Reference,
                         settings.seed, ref, leaves,
                         CostReport(cost.forward, cost.backward, cost.detail, sampled.seconds,
                                    sampled.memory))
-
-
-def measure(program: Program, case: Case, named: Mapping, ref: Reference,
-            settings: Settings) -> ExportReport:
-    return assemble(program, case, sample(program, named, settings), ref, settings)

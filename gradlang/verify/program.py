@@ -144,23 +144,31 @@ def memory(executable) -> Memory:
                   stats.output_size_in_bytes, stats.alias_size_in_bytes)
 
 
-def seconds_per_call(executable, *args, budget: float = 0.1, rounds: int = 5) -> float:
-    """Wall time of one call of a compiled executable: the fastest of `rounds` rounds of
-    calls (as `timeit` reports), each round long enough (calls doubling, at most 1024) to
-    take budget / rounds seconds, so scheduling noise of a few microseconds averages out."""
-    jax.block_until_ready(executable(*args))
+def _timed(executable, args: tuple, calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        out = executable(*args)
+    jax.block_until_ready(out)
+    return time.perf_counter() - start
 
-    def round_of(calls: int) -> float:
-        start = time.perf_counter()
-        for _ in range(calls):
-            out = executable(*args)
-        jax.block_until_ready(out)
-        return time.perf_counter() - start
 
-    calls = 1
-    while round_of(calls) < budget / rounds and calls < 1024:
-        calls *= 2
-    return min(round_of(calls) for _ in range(rounds)) / calls
+def interleaved_seconds(runs: list[tuple], budget: float = 0.2, rounds: int = 20) -> list[float]:
+    """Wall time of one call of each compiled executable in `runs` ((executable, args)
+    pairs): the fastest of `rounds` rounds (as `timeit` reports), each round long enough
+    (calls doubling, at most 1024) to take budget / rounds seconds; the rounds of the
+    executables are interleaved, so a drift in the machine's speed falls on all alike."""
+    calls = []
+    for executable, args in runs:
+        jax.block_until_ready(executable(*args))
+        n = 1
+        while _timed(executable, args, n) < budget / rounds and n < 1024:
+            n *= 2
+        calls.append(n)
+    best = [float("inf")] * len(runs)
+    for _ in range(rounds):
+        for i, ((executable, args), n) in enumerate(zip(runs, calls)):
+            best[i] = min(best[i], _timed(executable, args, n) / n)
+    return best
 
 
 def batched(fn: Callable, xs: tuple, n: int, chunk: int, fixed: tuple = ()):

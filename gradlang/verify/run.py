@@ -37,5 +37,5 @@ def verify_export(origin: Origin, module, name: str, args: Mapping | Sequence | 
     report = assemble(program, case, sampled, ref, settings)
     if compare:
         report = replace(report, compare=comparisons(origin, program, case, named, ref, report,
-                                                     settings))
+                                                     sampled.run, settings))
     return report
