@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from gradlang.explain import _table as table
+from gradlang.explain import _table
 
 from .program import Memory
 from .reference import Reference
@@ -82,6 +82,9 @@ class Comparison:
 
 @dataclass(frozen=True)
 class ExportReport:
+    """What `verify` found for one export: `print(report)` shows the table, `verdict` and
+    `exit_code` sum it up, `leaf(name)` gives one `wrt` leaf's statistics."""
+
     export: str
     call: str
     case: str
@@ -93,7 +96,7 @@ class ExportReport:
     reference: Reference
     leaves: list[LeafStats]
     cost: CostReport
-    compare: list[Comparison] | None = field(default=None)
+    compare: list[Comparison] | None = None
 
     @property
     def verdict(self) -> str:
@@ -104,7 +107,10 @@ class ExportReport:
         return int(self.verdict in (BIASED, ZERO))
 
     def leaf(self, name: str) -> LeafStats:
-        return next(l for l in self.leaves if l.name == name)
+        found = [l for l in self.leaves if l.name == name]
+        if not found:
+            raise KeyError(f"no leaf '{name}' (leaves: {', '.join(l.name for l in self.leaves)})")
+        return found[0]
 
     def to_json(self, file: str = "") -> dict:
         """The JSON document of this report alone."""
@@ -239,7 +245,7 @@ def render(r: ExportReport) -> str:
         rows.append([l.name, f"[{', '.join(map(str, l.shape))}]", compared, _bias(l),
                      _g(l.total_variance), _g(l.cosine, 4), _g(l.ess), _g(l.max_z, 2),
                      l.verdict])
-    lines += table(rows, "  ")
+    lines += _table(rows, "  ")
     lines.append(f"  cost per estimate: {cost.forward} forward + {cost.backward} backward "
                  f"evaluations ({cost.detail}), {_time(cost.seconds)}, peak memory "
                  f"{_bytes(cost.memory.peak)} (XLA: temp {_bytes(cost.memory.temp)})")
@@ -278,4 +284,4 @@ def render_comparison(c: Comparison) -> list[str]:
             "black_box": "gradient estimators of"}[c.kind]
     return [f"  compare the {what} {c.site}, ranked by variance x time (unbiased first, then "
             f"biased by design, then failing):",
-            *table(rows, "    ")]
+            *_table(rows, "    ")]
