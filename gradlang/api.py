@@ -72,9 +72,11 @@ class CompiledModule(_Exports):
     """A compiled .grad module: `m.NAME(...)` calls an export; `m.ir` is the typed IR.
 
     `externs` binds the module's extern functions to Python callables by name; `mesh` (a
-    `jax.sharding.Mesh`) shards black-box estimators' populations over its first axis."""
+    `jax.sharding.Mesh`) shards black-box estimators' populations over its first axis; `root`
+    is the folder the source's local imports resolve in (for `verify`'s variants)."""
 
-    def __init__(self, ir: Module, externs: Mapping[str, object] | None = None, mesh=None):
+    def __init__(self, ir: Module, externs: Mapping[str, object] | None = None, mesh=None,
+                 root: str | Path | None = None):
         import jax
 
         from gradlang.runtime.execute import export_function
@@ -83,6 +85,7 @@ class CompiledModule(_Exports):
 
         self.ir = ir
         externs = dict(externs or {})
+        self._origin = (externs, mesh, None if root is None else Path(root))
         check_bindings(externs, {op.params.name for fn in ir.functions for op in fn.body.ops
                                  if op.name == "host_call"})
         self._raw = {e.name: export_function(ir, e, externs, mesh) for e in ir.exports}
@@ -99,6 +102,22 @@ class CompiledModule(_Exports):
 
         signature, fn = self._raw[name]
         return module_text(lower_to_stablehlo(signature, fn, dims), debug_info)
+
+    def verify(self, name: str, args=None, *, dims: Mapping[str, int] | None = None,
+               samples: int = 1000, seed: int = 0, reference_samples: int = 4096,
+               coordinates: int = 32, smoothing: float = 0.05, compare: bool = False):
+        """Check export `name`'s gradient against a reference (see the README's *Verifying
+        gradients*): `args` by parameter name (structs as dicts) or in order, without the key
+        (None: generated from the declared types, symbolic dims from `dims`). Returns a
+        `gradlang.verify.ExportReport` (`.verdict`, `.leaves`, `.to_json()`, `print(...)`);
+        raises `gradlang.verify.VerifyError` on bad input."""
+        from gradlang.verify import Origin, Settings, verify_export
+
+        externs, mesh, root = self._origin
+        source = next((e.span.source for e in self.ir.exports), SourceFile("<source>", ""))
+        settings = Settings(samples, seed, reference_samples, coordinates, smoothing)
+        return verify_export(Origin(source, root, externs, mesh), self.ir, name, args, dims,
+                             settings, compare)
 
     def artifact(self, dims: Mapping[str, int] | None = None) -> bytes:
         """The portable artifact of every export (see `gradlang.load`)."""
@@ -159,7 +178,7 @@ def compile_source(text: str, name: str = "<source>", root: str | Path | None = 
     if diags.has_errors or (strict and diags.items):
         raise CompileError(diags)
     assert module is not None
-    return CompiledModule(module, externs, mesh)
+    return CompiledModule(module, externs, mesh, root)
 
 
 def compile_file(path: str | Path, strict: bool = False,

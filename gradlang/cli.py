@@ -1,7 +1,8 @@
-"""The `gradlang` command line: check, explain, compile.
+"""The `gradlang` command line: check, explain, compile, verify.
 
-Exit codes: 0 success, 1 errors in the program (or warnings under --strict), 2 internal
-compiler error or bad command-line usage.
+Exit codes: 0 success, 1 errors in the program (or warnings under --strict; for verify, a
+gradient biased beyond tolerance or zero), 2 internal compiler error or bad command-line
+usage (verify: bad inputs).
 """
 
 from __future__ import annotations
@@ -48,6 +49,30 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--debug-info", action="store_true",
                       help="keep source locations in emitted StableHLO")
     comp.add_argument("--strict", action="store_true", help="treat warnings as errors")
+
+    ver = sub.add_parser("verify", help="check gradients against references: bias, variance, cost")
+    ver.add_argument("file")
+    ver.add_argument("--export", action="append", default=[], metavar="NAME",
+                     help="the export to verify (repeatable; default: every export with a gradient)")
+    ver.add_argument("--at", metavar="FILE.npz",
+                     help="the arguments by parameter name (struct fields as name.field keys); "
+                          "default: generated from the declared types")
+    ver.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE",
+                     help="the size of a symbolic dim, for generated arguments")
+    ver.add_argument("--samples", type=int, default=1000, help="estimates drawn (default 1000)")
+    ver.add_argument("--seed", type=int, default=0, help="seed of the keys and inputs (default 0)")
+    ver.add_argument("--reference-samples", type=int, default=4096, metavar="M",
+                     help="samples of a statistical reference (default 4096)")
+    ver.add_argument("--coordinates", type=int, default=32, metavar="K",
+                     help="coordinates per leaf checked by finite differences (default 32)")
+    ver.add_argument("--smoothing", type=float, default=0.05,
+                     help="Gaussian smoothing of non-smooth references, relative to each "
+                          "parameter's RMS (default 0.05)")
+    ver.add_argument("--compare", action="store_true",
+                     help="also measure every estimator applicable at each site, ranked")
+    ver.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                     help="write the JSON report to PATH (no PATH: to stdout, instead of the table)")
+    ver.add_argument("--plot", metavar="PNG", help="plot variance against time per estimate")
     return p
 
 
@@ -178,7 +203,34 @@ def _backend_error(name: str, exc: Exception) -> int:
     return 1
 
 
-COMMANDS = {"check": cmd_check, "explain": cmd_explain, "compile": cmd_compile}
+def cmd_verify(args) -> int:
+    from .verify import VerifyError
+    from .verify.command import check_options, run
+
+    problem = check_options(args)
+    dims = _parse_dims(args.dim)
+    if problem is not None or dims is None:
+        if problem is not None:
+            print(f"gradlang: error: {problem}", file=sys.stderr)
+        return 2
+    path = Path(args.file)
+    if not path.is_file():
+        print(f"gradlang: error: cannot read {path}: no such file", file=sys.stderr)
+        return 2
+    diags = Diagnostics()
+    module = _front_end(path, diags)
+    status = _report(diags, False)
+    if module is None:
+        return status or 1
+    try:
+        return run(module, path, dims, args)
+    except VerifyError as exc:
+        print(f"gradlang: error: {exc}", file=sys.stderr)
+        return 2
+
+
+COMMANDS = {"check": cmd_check, "explain": cmd_explain, "compile": cmd_compile,
+            "verify": cmd_verify}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,7 +81,7 @@ def _nonsmooth(module: Module, functions: list[str]) -> list[list[str]]:
     return rows
 
 
-def _table(rows: list[list[str]], indent: str) -> list[str]:
+def table(rows: list[list[str]], indent: str) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
@@ -174,7 +174,7 @@ def explain(module: Module) -> str:
                              _overrides(s.family, s.estimator, found)])
             lines.append(f"  random choices ({len(here)}), {n} sample{'s' * (n != 1)} of the "
                          f"objective per call:")
-            lines += _table(rows, "    ")
+            lines += table(rows, "    ")
             lines.append("  why:")
             lines += [f"    {s.site}: {s.why}" for s in here]
             credit = module.facts.get("credit", {})
@@ -190,10 +190,10 @@ def explain(module: Module) -> str:
             rows = [["argmin", "solver", "hypergradient", "why"]]
             rows += [[f"{h.function}, line {h.span.line}", str(h.solver), str(h.method), h.why]
                      for h in inner]
-            lines += _table(rows, "    ")
+            lines += table(rows, "    ")
         if nonsmooth:
             lines.append(f"  non-smooth operations ({len(nonsmooth)}), with their backward rules:")
-            lines += _table([["op", "where", "backward rule"]] + nonsmooth, "    ")
+            lines += table([["op", "where", "backward rule"]] + nonsmooth, "    ")
         if t.kind != "fn":
             lines.append(f"  cost: {n} x (1 forward + 1 backward evaluation)" if here or samples
                          else "  cost: 1 forward + 1 backward evaluation")

@@ -83,7 +83,7 @@ def _log_set_probability(logp, excluded):
     m = logp.shape[-1]
     if m == 0:
         return jnp.zeros(logp.shape[:-1], logp.dtype)
-    gone = jnp.sum(jnp.exp(excluded), -1) if excluded.shape[-1] else 0.0
+    gone = jnp.sum(jnp.exp(excluded), -1, keepdims=True) if excluded.shape[-1] else 0.0
     terms = []
     for order in itertools.permutations(range(m)):
         lp = logp[..., list(order)]

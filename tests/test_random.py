@@ -520,7 +520,7 @@ def test_binary_estimators_are_unbiased(estimator):
         assert_unbiased(estimates(m.g, (0.7,))["t"], truth)
         return
     m = compile_objective(f"z ~ Bernoulli(logits=t) with {estimator}\nreturn (sum(z) - 1.3) ^ 2",
-                          "t: f32[3]")
+                          "t: f32[3]", samples=4)
     assert_unbiased(estimates(m.g, (T3,))["t"], _enumerated_gradient(T3, lambda z: (z.sum() - 1.3) ** 2))
 
 
@@ -600,13 +600,14 @@ def _without_replacement(estimator: str, draw: str = "k ~ Categorical(logits=t)"
     ("swor(k=6)", "k ~ Categorical(logits=t)", "v[k] * v[k]"),
 ])
 def test_sampling_without_replacement_is_unbiased(estimator, draw, value):
-    """E[v_k^2] over 6 categories: the value and the gradient (k = 6 is exact)."""
+    """E[v_k^2] over 6 categories: the value and the gradient (k = 6 is exact), two samples
+    of the set per estimate."""
     m = gradlang.compile_source(f"""
 fn f(t: f32[6], v: f32[6]) -> f32 {{
   {draw} with {estimator}
   return {value}
 }}
-export g = value_and_grad(f, wrt=[t])
+export g = value_and_grad(expect(f, samples=2), wrt=[t])
 """)
     values, grads = estimates(m.g, (THETA6, V6))
     p = softmax(THETA6)

@@ -1,0 +1,175 @@
+"""What computes an export's gradient, read from the compiler's facts: the case `verify`
+picks its reference by, the estimator described, whether it is biased by design, its cost.
+
+Cases, by priority: `black_box` (`by=spsa/es/eggroll`), `non_smooth` (a non-smooth op that a
+`wrt` parameter reaches: with a backward rule, or without one and so a zero derivative),
+`random` (random choices), `inner` (an `argmin`), `exact` (a smooth deterministic program:
+reverse mode is exact).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gradlang.ir import Export, Function, Module, Op, Region, reachable, walk
+from gradlang.ops import OPS, Estimator
+from gradlang.passes.estimators import SiteChoice
+from gradlang.passes.hypergrad import InnerProblem
+
+BIASED_SITES = {"gumbel": "the Gumbel-softmax relaxation", "st_gumbel": "straight-through Gumbel"}
+
+
+@dataclass(frozen=True)
+class NonSmooth:
+    """A non-smooth op that a `wrt` parameter reaches, and its backward rule (None: none)."""
+
+    function: str
+    op: Op
+    rule: Estimator | None
+
+    @property
+    def name(self) -> str:
+        return self.op.params.op if self.op.name == "straight_through" else self.op.name
+
+    def describe(self) -> str:
+        where = f"{self.name} ({self.function}, line {self.op.span.line})"
+        return f"{self.rule} at {where}" if self.rule else f"no backward rule at {where}"
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Evaluations of the objective per estimate, and what they are."""
+
+    forward: int
+    backward: int
+    detail: str
+
+
+@dataclass(frozen=True)
+class Case:
+    kind: str  # "black_box" | "non_smooth" | "random" | "inner" | "exact"
+    objective: str
+    """The export's objective function as written (before the surrogate pass)."""
+    samples: int
+    sites: tuple[SiteChoice, ...]
+    nonsmooth: tuple[NonSmooth, ...]
+    inner: tuple[InnerProblem, ...]
+    by: Estimator | None
+    draws: bool
+    """The export takes a key (its estimates are random)."""
+
+    @property
+    def estimator(self) -> str:
+        """What computes the gradient, as the source would select it."""
+        if self.by is not None:
+            return f"by={self.by}"
+        parts = [f"{s.estimator} at {s.site} ({s.function}, line {s.span.line})" for s in self.sites]
+        parts += [n.describe() for n in self.nonsmooth]
+        parts += [f"{h.solver} with {h.method} ({h.function}, line {h.span.line})"
+                  for h in self.inner]
+        return "; ".join(parts) or "reverse mode (exact)"
+
+    @property
+    def biased_by_design(self) -> str | None:
+        """Why the estimator is biased by design (None: it is meant to be unbiased)."""
+        why = []
+        for s in self.sites:
+            if s.estimator.name in BIASED_SITES:
+                why.append(f"{BIASED_SITES[s.estimator.name]} at {s.site} (tau="
+                           f"{s.estimator.option('tau')}) differentiates a relaxed draw")
+            elif s.estimator.option("baseline") == "grpo":
+                why.append(f"the GRPO baseline at {s.site} scales the gradient by about 1/std")
+        for n in self.nonsmooth:
+            if n.rule is not None:
+                why.append(f"the backward rule {n.rule.name} of {n.name} (line {n.op.span.line}) "
+                           f"stands in for its derivative, which is zero almost everywhere")
+        return "; ".join(why) or None
+
+    @property
+    def notes(self) -> list[str]:
+        out = []
+        if self.by is not None and self.by.name == "eggroll":
+            out.append("eggroll's low-rank noise matches a Gaussian's covariance, not its higher "
+                       "moments: unbiased on quadratics, O(sigma^2) from the smoothed gradient "
+                       "elsewhere (a smaller sigma shrinks it)")
+        out += [f"{n.name} (line {n.op.span.line}) has no backward rule: reverse mode gives it a "
+                f"zero derivative" for n in self.nonsmooth if n.rule is None]
+        return out
+
+    def cost(self) -> Cost:
+        if self.by is not None:
+            o = dict(self.by.options)
+            evals = 2 * o["samples"] if self.by.name == "spsa" else o["pop"] + (not o["antithetic"])
+            return Cost(evals, 0, f"{self.by.name}: forward evaluations only")
+        branches = 1
+        for s in self.sites:
+            branches *= s.estimator.option("size", 1)
+        n = max(self.samples, 1) * branches
+        detail = [f"{max(self.samples, 1)} sample{'s' * (self.samples > 1)}"
+                  + (f" x {branches} evaluations of a draw's values" if branches > 1 else "")
+                  ] if self.draws else ["reverse mode"]
+        detail += [f"inner {h.solver} + {h.method}" for h in self.inner]
+        return Cost(n, n, "; ".join(detail))
+
+
+def classify(module: Module, export: Export) -> Case:
+    t = export.transform
+    objective, samples, _ = module.facts.get("objectives", {}).get(export.name,
+                                                                   (t.fn, t.samples, t.scope))
+    reach = reachable(module, objective)
+    sites = tuple(s for s in module.facts.get("estimators", ()) if s.function in reach)
+    inner = tuple(h for h in module.facts.get("hypergrad", ()) if h.function in reach)
+    nonsmooth = tuple(_reached_nonsmooth(module, module.function(objective), t.wrt))
+    draws = t.fn in module.facts.get("random", ()) or t.by is not None
+    if t.by is not None:
+        kind = "black_box"
+    elif nonsmooth:
+        kind = "non_smooth"
+    elif sites or draws:
+        kind = "random"
+    elif inner:
+        kind = "inner"
+    else:
+        kind = "exact"
+    return Case(kind, objective, samples, sites, nonsmooth, inner, t.by, draws)
+
+
+def _reached_nonsmooth(module: Module, fn: Function, wrt: tuple[str, ...]) -> list[NonSmooth]:
+    """Non-smooth ops whose operand depends on a `wrt` parameter (through any op, calls
+    included): those whose backward rule (or lack of one) the gradient goes through."""
+    found: dict[int, NonSmooth] = {}
+    seen: set[tuple[str, frozenset[int]]] = set()
+
+    def function(f: Function, seeds: frozenset[int]) -> None:
+        if (f.name, seeds) in seen:
+            return
+        seen.add((f.name, seeds))
+        region(f, f.body, {f.params[i].value for i in seeds})
+
+    def region(f: Function, r: Region, dep: set) -> None:
+        for op in r.ops:
+            reached = any(v in dep for v in op.operands)
+            for inner in op.regions:
+                if reached:
+                    dep.update(inner.args)
+                for _ in range(2):  # a loop carries dependence into its next iteration
+                    region(f, inner, dep)
+            if reached and op.name == "call_fn":
+                function(module.function(op.params.callee),
+                         frozenset(i for i, v in enumerate(op.operands) if v in dep))
+            if reached and (op.name == "straight_through" or "nonsmooth" in OPS[op.name].traits):
+                rule = op.params.rule if op.name == "straight_through" else None
+                found.setdefault(id(op), NonSmooth(f.name, op, rule))
+            if reached or any(v in dep for inner in op.regions for v in inner.results):
+                dep.update(op.results)
+
+    function(fn, frozenset(i for i, p in enumerate(fn.params) if p.name in wrt))
+    return list(found.values())
+
+
+def stochastic_ops(module: Module, fn: str) -> list[Op]:
+    """The draws that make `fn` random once enumerated draws are summed exactly: sample ops
+    not enumerated, and stochastic rounding."""
+    return [op for name in reachable(module, fn) for op in walk(module.function(name).body)
+            if op.name == "stochastic_round"
+            or (op.name == "sample" and op.params.estimator.name != "enum")]

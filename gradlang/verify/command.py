@@ -1,0 +1,76 @@
+"""`gradlang verify FILE`: the command line's side of verify (inputs, output, exit code)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from gradlang.ir import Module
+
+from .inputs import VerifyError, read_npz
+from .program import load
+from .report import document, dumps, render
+
+
+def check_options(args) -> str | None:
+    """Why the numeric options are unusable (None when they are fine)."""
+    if args.samples < 2:
+        return f"--samples must be at least 2 (the variance needs two estimates), got {args.samples}"
+    if args.reference_samples < 2:
+        return f"--reference-samples must be at least 2, got {args.reference_samples}"
+    if args.coordinates < 1:
+        return f"--coordinates must be at least 1, got {args.coordinates}"
+    if not args.smoothing > 0:
+        return f"--smoothing must be positive, got {args.smoothing}"
+    return None
+
+
+def _arguments(module: Module, names: list[str], at: str | None) -> dict[str, dict | None]:
+    """Per export, its arguments from the .npz file (None: generate them); a key that no
+    verified export has as a parameter is an error."""
+    if at is None:
+        return {n: None for n in names}
+    given = read_npz(at)
+    out, used = {}, set()
+    for name in names:
+        params = [p for p, _ in load(module, name, {}).params]
+        out[name] = {k: v for k, v in given.items() if k in params}
+        used.update(params)
+    unknown = [k for k in given if k not in used]
+    if unknown:
+        raise VerifyError(f"{at}: {', '.join(repr(k) for k in unknown)} "
+                          f"{'is not a parameter' if len(unknown) == 1 else 'are not parameters'}"
+                          f" of {', '.join(names)}")
+    return out
+
+
+def run(module: Module, path: Path, dims: dict[str, int], args) -> int:
+    import jax
+
+    from gradlang.api import CompiledModule, _uses_f64
+
+    if any(_uses_f64(p.value.type) for fn in module.functions for p in fn.params):
+        jax.config.update("jax_enable_x64", True)
+    names = args.export or [e.name for e in module.exports if e.transform.kind != "fn"]
+    if not names:
+        raise VerifyError(f"{path} has no export with a gradient (grad, value_and_grad or "
+                          f"descend) to verify")
+    inputs = _arguments(module, names, args.at)
+    compiled = CompiledModule(module, root=path.parent)
+    reports = [compiled.verify(n, inputs[n], dims=dims, samples=args.samples, seed=args.seed,
+                               reference_samples=args.reference_samples,
+                               coordinates=args.coordinates, smoothing=args.smoothing,
+                               compare=args.compare) for n in names]
+    doc = document(str(path), reports)
+    if args.json == "-":
+        print(dumps(doc))
+    else:
+        print("\n".join(render(r) for r in reports), end="")
+        if args.json is not None:
+            Path(args.json).write_text(dumps(doc) + "\n")
+            print(f"wrote {args.json}")
+    if args.plot is not None:
+        from .plot import plot
+
+        print(f"wrote {plot(reports, args.plot)}", file=sys.stderr if args.json == "-" else sys.stdout)
+    return doc["exit_code"]

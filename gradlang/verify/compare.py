@@ -1,0 +1,141 @@
+"""`verify --compare`: every estimator the compiler knows for each random choice, inner
+problem and black-box export, each selected by editing the source where a user would write
+it, measured on the same inputs against the same reference."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+
+from gradlang.passes.estimators import BASELINES, OPTIONS, SiteChoice
+from gradlang.passes.hypergrad import LINEAR_SOLVERS, METHODS, InnerProblem
+from gradlang.passes.zeroth_order import ESTIMATORS
+
+from .case import Case, classify
+from .inputs import VerifyError
+from .measure import assemble, sample
+from .program import Program, interleaved_seconds, load
+from .reference import Reference
+from .report import Comparison, ExportReport, Row, Settings
+from .variants import Edit, Origin, annotate_argmin, annotate_site, black_box
+
+SCORE_BASELINES = tuple(b for b in BASELINES if b != "auto")
+
+
+def site_candidates() -> list[str]:
+    """Every estimator of a random choice, with each baseline of the score function."""
+    out = []
+    for name in OPTIONS:
+        out += [f"score(baseline={b})" for b in SCORE_BASELINES] if name == "score" else [name]
+    return out
+
+
+def argmin_candidates() -> list[str]:
+    return [f"implicit({s})" for s in LINEAR_SOLVERS] + [m for m in METHODS if m != "implicit"]
+
+
+def black_box_candidates(by) -> list[str | None]:
+    """Each black-box estimator at the export's smoothing scale (and population), and plain
+    reverse mode (None: no `by=`)."""
+    o = dict(by.options)
+    scale = o.get("eps", o.get("sigma"))
+    pop = o.get("pop", 64) + o.get("pop", 64) % 2
+    out: list[str | None] = []
+    for name, options in ESTIMATORS.items():
+        size = f"eps={scale}" if "eps" in options else f"sigma={scale}, pop={pop}"
+        out.append(f"{name}({size})")
+    return out + [None]
+
+
+def _key(x) -> tuple:
+    return x.function, x.span.line, x.span.col
+
+
+def _title(place: SiteChoice | InnerProblem) -> str:
+    if isinstance(place, SiteChoice):
+        return f"{place.site} ({place.function}, line {place.span.line}, {place.family})"
+    return f"argmin ({place.function}, line {place.span.line})"
+
+
+PLACES = (("random", lambda c: c.sites, annotate_site, site_candidates, "estimator"),
+          ("inner", lambda c: c.inner, annotate_argmin, argmin_candidates, "method"))
+"""The places of a program that are compared: where they are in a case, how an annotation
+is written there, the candidates, and the attribute holding what the compiler chose."""
+
+
+@dataclass(frozen=True)
+class _Bench:
+    """What every variant is measured with: the same inputs, reference and settings."""
+
+    origin: Origin
+    program: Program
+    named: Mapping
+    ref: Reference
+    settings: Settings
+    base: ExportReport
+    """The export as compiled, measured already..."""
+    base_run: tuple
+    """... and its compiled estimate with its arguments, to time it beside the variants."""
+
+    def rows(self, edits: list[tuple[str, Edit]], chosen: Callable[[Case], str | None],
+             current: str, spelled: str) -> list[Row]:
+        """One row per edit: the variant measured, or why it does not apply. `chosen` reads
+        what a variant selects at the compared place, to mark the current choice (`current`,
+        written `spelled` in the source). The measured rows are timed again together, their
+        rounds interleaved."""
+        rows, runs, found = [], [], False
+        for label, edit in edits:
+            compiled = self.origin.compile([edit])
+            if isinstance(compiled, str):
+                rows.append(Row(label, False, None, compiled))
+                continue
+            variant = load(compiled.ir, self.program.export.name, self.origin.externs,
+                           self.origin.mesh)
+            case = classify(variant.module, variant.export)
+            if not found and chosen(case) == current:
+                found = True
+                rows.append(Row(label, True, self.base))
+                runs.append(self.base_run)
+                continue
+            try:
+                sampled = sample(variant, self.named, self.settings)
+            except VerifyError as exc:
+                rows.append(Row(label, False, None, str(exc)))
+                continue
+            rows.append(Row(label, False, assemble(variant, case, sampled, self.ref,
+                                                   self.settings)))
+            runs.append(sampled.run)
+        if not found:
+            rows.append(Row(spelled, True, self.base))
+            runs.append(self.base_run)
+        seconds = iter(interleaved_seconds(runs))
+        return [r if r.report is None else
+                replace(r, report=replace(r.report, cost=replace(r.report.cost,
+                                                                 seconds=next(seconds))))
+                for r in rows]
+
+
+def comparisons(origin: Origin, program: Program, case: Case, named: Mapping, ref: Reference,
+                base: ExportReport, base_run: tuple, settings: Settings) -> list[Comparison]:
+    bench = _Bench(origin, program, named, ref, settings, base, base_run)
+    out = []
+    if case.by is not None:
+        edits = [(f"by={c}" if c else "reverse mode (no by=)", black_box(program.export, c))
+                 for c in black_box_candidates(case.by)]
+        rows = bench.rows(edits, lambda c: str(c.by) if c.by else None, str(case.by),
+                          f"by={case.by}")
+        out.append(Comparison(f"export {program.export.name}", "black_box", rows))
+    for kind, found, annotate, candidates, attr in PLACES:
+        for place in found(case):
+            if not origin.owns(place.span):
+                continue
+            current = getattr(place, attr)
+
+            def chosen(c: Case, place=place, found=found, attr=attr) -> str | None:
+                return next((str(getattr(x, attr)) for x in found(c) if _key(x) == _key(place)),
+                            None)
+
+            edits = [(f"with {c}", annotate(place, c)) for c in candidates()]
+            rows = bench.rows(edits, chosen, str(current), f"with {current}")
+            out.append(Comparison(_title(place), kind, rows))
+    return out

@@ -1,0 +1,69 @@
+"""One export's estimates measured (time, compiled memory) and set against a reference."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+
+from .case import Case
+from .inputs import VerifyError
+from .program import (Memory, Program, chunk_for, compiled, draw_estimates, flat_leaves,
+                      interleaved_seconds, leaf_names, memory)
+from .reference import Reference
+from .report import CostReport, ExportReport, Settings
+from .stats import leaf_stats
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """N estimates of an export at given arguments, per leaf, and the cost of one."""
+
+    names: list[str]
+    shapes: list[tuple[int, ...]]
+    samples: list[np.ndarray]
+    """Per leaf, float64 [N, size]."""
+    memory: Memory
+    seconds: float
+    run: tuple
+    """(the compiled estimate, its arguments), to time it again beside others."""
+
+
+def sample(program: Program, named: Mapping, settings: Settings) -> Sampled:
+    """The estimates of `program` at `named` (keys from the seed), their time and memory."""
+    args = program.arguments(named)
+    key = jax.random.fold_in(jax.random.key(settings.seed), 1)
+    call = (args, key) if program.draws else (args,)
+    executable = compiled(program.estimate, *call)
+    mem = memory(executable)
+    grads = executable(*call)
+    names, shapes = leaf_names(grads), [np.shape(x) for x in jax.tree.leaves(grads)]
+    if program.draws:
+        samples = draw_estimates(program, args, settings.samples, key, chunk_for(mem.peak))
+    else:
+        samples = flat_leaves(grads, 1)
+    bad = [name for name, s in zip(names, samples) if not np.isfinite(s).all()]
+    if bad:
+        raise VerifyError(f"export '{program.export.name}': the gradient is not finite at these "
+                          f"inputs ({', '.join(bad)}); give other inputs (--at FILE.npz)")
+    (seconds,) = interleaved_seconds([(executable, call)])
+    return Sampled(names, shapes, samples, mem, seconds, (executable, call))
+
+
+def assemble(program: Program, case: Case, sampled: Sampled, ref: Reference,
+             settings: Settings) -> ExportReport:
+    """The report of `sampled` against `ref`."""
+    by_design = case.biased_by_design is not None
+    leaves = [leaf_stats(*leaf, by_design, settings.z)
+              for leaf in zip(sampled.names, sampled.shapes, sampled.samples, ref.values,
+                              ref.errors, ref.bounds, ref.coords)]
+    cost = case.cost()
+    t = program.export.transform
+    what = f"expect({case.objective}, samples={case.samples})" if case.samples else case.objective
+    return ExportReport(program.export.name, t.call(what), case.kind, case.estimator,
+                        case.biased_by_design, case.notes, sampled.samples[0].shape[0],
+                        settings.seed, ref, leaves,
+                        CostReport(cost.forward, cost.backward, cost.detail, sampled.seconds,
+                                   sampled.memory))

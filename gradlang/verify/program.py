@@ -1,0 +1,225 @@
+"""One export as `verify` runs it: its gradient (every form called as `grad`), its objective's
+value, and the measurements of its estimates (samples, time, compiled memory)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gradlang.ir import Export, Module
+from gradlang.runtime.execute import export_function
+from gradlang.runtime.lower import Lowering
+from gradlang.runtime.signature import ArgumentError, CompiledFunction, Signature
+from gradlang.types import KEY
+
+from .inputs import STATE, VerifyError
+
+CHUNK_BYTES = 1 << 28
+"""Estimates are vmapped in chunks whose compiled memory stays about this size."""
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def leaf_names(tree) -> list[str]:
+    """`enc.w1`-style names of a pytree's leaves, in flattening order."""
+    paths, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+            for path, _ in paths]
+
+
+@dataclass(frozen=True)
+class Memory:
+    """XLA's compiled memory analysis of one estimate, in bytes."""
+
+    temp: int
+    argument: int
+    output: int
+    alias: int
+
+    @property
+    def peak(self) -> int:
+        return self.temp + self.argument + self.output - self.alias
+
+
+@dataclass(frozen=True)
+class Program:
+    """An export ready to estimate: arguments are always passed to the functions jitted
+    here, never closed over (XLA would embed them as constants, and its memory analysis would
+    not see them)."""
+
+    module: Module
+    export: Export
+    signature: Signature
+    """The signature of the export as a `grad` (a `descend` loses its `lr`); key last."""
+    gradient: Callable
+    value: Callable
+    """The export's objective as computed (a Monte Carlo mean for `expect`), with the same
+    arguments (the key only when `value_draws`)."""
+    value_draws: bool
+
+    @property
+    def draws(self) -> bool:
+        return self.signature.params[-1][1] is KEY
+
+    @property
+    def params(self) -> tuple:
+        """The parameters the caller gives (the key comes from the seed)."""
+        return self.signature.params[:-1] if self.draws else self.signature.params
+
+    def arguments(self, named: Mapping[str, object]) -> list:
+        """The arguments in parameter order from `named` (by name), checked against the
+        declared types (a VerifyError otherwise); the moving-average state defaults to 0."""
+        state = self.signature.stateful
+        args = [named.get(n, 0.0) if state and n == STATE else named[n] for n, _ in self.params]
+        probe = [*args, jax.random.key(0)] if self.draws else list(args)
+        try:
+            CompiledFunction(self.signature, self.gradient).bind(tuple(probe), {})
+        except ArgumentError as exc:
+            raise VerifyError(str(exc).replace(f"{self.signature.name}(): ", "")) from None
+        return [jax.tree.map(jnp.asarray, a) for a in args]
+
+    def estimate(self, args: list, key=None):
+        """The gradient estimate at `args` (a dict by wrt name)."""
+        out = self.gradient(*args, key) if self.draws else self.gradient(*args)
+        return out[0] if self.signature.stateful else out
+
+    def objective(self, args: list) -> tuple[Callable, list]:
+        """(f(leaves, args, key=None) -> the objective's value at `args` with the wrt
+        parameters' leaves replaced, the leaves at `args`), leaves in the order of the
+        gradient's. The key may be left out when every draw is enumerated."""
+        names = [n for n, _ in self.params]
+        wrt = self.signature.wrt
+        theta, tree = jax.tree.flatten({w: args[names.index(w)] for w in wrt})
+
+        def f(leaves: list, args: list, key=None):
+            full = list(args)
+            given = tree.unflatten(leaves)
+            for w in wrt:
+                full[names.index(w)] = given[w]
+            if self.value_draws:
+                full.append(jax.random.key(0) if key is None else key)
+            out = self.value(*full)
+            return out[0] if self.signature.stateful else out
+
+        return f, theta
+
+
+def load(module: Module, name: str, externs: Mapping[str, object], mesh=None) -> Program:
+    """Export `name` of a compiled IR, with the Python bindings of its externs."""
+    export = next((e for e in module.exports if e.name == name), None)
+    if export is None:
+        grads = [e.name for e in module.exports if e.transform.kind != "fn"]
+        raise VerifyError(f"no export '{name}' (exports with a gradient: "
+                          f"{', '.join(grads) or 'none'})")
+    t = export.transform
+    if t.kind == "fn":
+        raise VerifyError(f"export '{name}' computes no gradient ({t.fn} itself); verify checks "
+                          f"grad, value_and_grad and descend exports")
+    as_grad = replace(export, transform=replace(t, kind="grad", lr=None))
+    signature, gradient = export_function(module, as_grad, externs, mesh)
+    unbound = [n for n in signature.externs if n not in externs]
+    if unbound:
+        raise VerifyError(f"export '{name}' calls extern {', '.join(map(repr, unbound))}, which "
+                          f"is not bound; bind it from Python: gradlang.compile_file(path, "
+                          f"externs={{...}}).verify('{name}', ...)")
+    return Program(module, export, signature, gradient, Lowering(module, externs).function(t.fn),
+                   t.fn in module.facts.get("random", ()))
+
+
+def compiled(fn: Callable, *args):
+    """fn jitted and compiled for `args` as a user's call would be (default XLA options)."""
+    return jax.jit(fn).lower(*args).compile()
+
+
+def memory(executable) -> Memory:
+    """XLA's memory analysis of a compiled executable (zeros where the backend has none)."""
+    stats = executable.memory_analysis()
+    if stats is None:
+        return Memory(0, 0, 0, 0)
+    return Memory(stats.temp_size_in_bytes, stats.argument_size_in_bytes,
+                  stats.output_size_in_bytes, stats.alias_size_in_bytes)
+
+
+def _timed(executable, args: tuple, calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        out = executable(*args)
+    jax.block_until_ready(out)
+    return time.perf_counter() - start
+
+
+def interleaved_seconds(runs: list[tuple], budget: float = 0.2, rounds: int = 20) -> list[float]:
+    """Wall time of one call of each compiled executable in `runs` ((executable, args)
+    pairs): the fastest of `rounds` rounds (as `timeit` reports), each round long enough
+    (calls doubling, at most 1024) to take budget / rounds seconds; the rounds of the
+    executables are interleaved, so a drift in the machine's speed falls on all alike."""
+    calls = []
+    for executable, args in runs:
+        jax.block_until_ready(executable(*args))
+        n = 1
+        while _timed(executable, args, n) < budget / rounds and n < 1024:
+            n *= 2
+        calls.append(n)
+    best = [float("inf")] * len(runs)
+    for _ in range(rounds):
+        for i, ((executable, args), n) in enumerate(zip(runs, calls)):
+            best[i] = min(best[i], _timed(executable, args, n) / n)
+    return best
+
+
+def batched(fn: Callable, xs: tuple, n: int, chunk: int, fixed: tuple = ()):
+    """fn(*xs, *fixed) vmapped over the leading axis of the arrays xs (n entries), not over
+    `fixed`, in chunks of `chunk`, stacked; the last chunk is padded so one compilation serves
+    all. It is compiled with XLA's backend optimization level 0: about 5x faster to compile and
+    1.5x slower to run on CPU, the right trade for many small programs run once."""
+    chunk = max(1, min(chunk, n))
+    run = None
+    outs = []
+    for start in range(0, n, chunk):
+        part = jax.tree.map(lambda x: x[start:start + chunk], xs)
+        size = jax.tree.leaves(part)[0].shape[0]
+        if size < chunk:
+            part = jax.tree.map(lambda x: jnp.concatenate([x, x[:chunk - size]]), part)
+        if run is None:
+            mapped = jax.vmap(lambda p, c: fn(*p, *c), in_axes=(0, None))
+            run = jax.jit(mapped).lower(part, fixed).compile(FAST_COMPILE)
+        outs.append(jax.tree.map(lambda y: np.asarray(y)[:size], run(part, fixed)))
+    return jax.tree.map(lambda *ys: np.concatenate(ys), *outs)
+
+
+def chunk_for(peak: int) -> int:
+    return int(max(1, min(1024, CHUNK_BYTES // max(peak, 1))))
+
+
+def flat_leaves(tree, n: int) -> list[np.ndarray]:
+    """The leaves of a pytree of n stacked estimates, as float64 [n, size]."""
+    return [np.asarray(x, np.float64).reshape(n, -1) for x in jax.tree.leaves(tree)]
+
+
+def draw_estimates(program: Program, args: list, n: int, key, chunk: int) -> list[np.ndarray]:
+    """n independent estimates of an export that draws (keys split from `key`), per leaf as
+    float64 [n, size]. A moving-average baseline is carried from one estimate to the next, as
+    in training (it starts at the argument given)."""
+    if program.signature.stateful:
+        names = [p for p, _ in program.params]
+        at = names.index(STATE)
+
+        def run(keys, args):
+            def step(state, k):
+                full = list(args)
+                full[at] = state
+                grads, state = program.gradient(*full, k)
+                return state, grads
+
+            return jax.lax.scan(step, args[at], keys)[1]
+
+        keys = jax.random.split(key, n)
+        stacked = jax.jit(run).lower(keys, args).compile(FAST_COMPILE)(keys, args)
+    else:
+        stacked = batched(lambda k, a: program.estimate(a, k), (jax.random.split(key, n),), n,
+                          chunk, (args,))
+    return flat_leaves(stacked, n)

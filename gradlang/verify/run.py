@@ -1,0 +1,41 @@
+"""`verify`: one export's gradient estimates against its reference, measured."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
+from .case import classify
+from .compare import comparisons
+from .inputs import generated_arguments, given_arguments
+from .measure import assemble, sample
+from .program import Program, chunk_for, load
+from .report import ExportReport, Settings
+from .select import reference
+from .variants import Origin
+
+
+def named_arguments(program: Program, args: Mapping | Sequence | None,
+                    dims: Mapping[str, int] | None, seed: int) -> dict:
+    """The arguments by name: as given (by name or in order, without the key), or generated
+    from the declared types (symbolic dims from `dims`)."""
+    stateful = program.signature.stateful
+    if args is None:
+        return generated_arguments(program.params, dims or {}, seed, stateful)
+    return given_arguments(program.params, args, stateful)
+
+
+def verify_export(origin: Origin, module, name: str, args: Mapping | Sequence | None = None,
+                  dims: Mapping[str, int] | None = None, settings: Settings = Settings(),
+                  compare: bool = False) -> ExportReport:
+    """Verify export `name` of the compiled IR `module` (compiled from `origin`)."""
+    program = load(module, name, origin.externs, origin.mesh)
+    named = named_arguments(program, args, dims, settings.seed)
+    case = classify(module, program.export)
+    sampled = sample(program, named, settings)
+    ref = reference(origin, program, case, named, settings, chunk_for(sampled.memory.peak))
+    report = assemble(program, case, sampled, ref, settings)
+    if compare:
+        report = replace(report, compare=comparisons(origin, program, case, named, ref, report,
+                                                     sampled.run, settings))
+    return report
