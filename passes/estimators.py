@@ -17,6 +17,7 @@ The choice is written into each `sample` op's `estimator` param; `explain` reads
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, replace
 from functools import cache
 
@@ -215,7 +216,8 @@ class _Chooser:
         if name == "enum" and not spec.finite:
             return f"cannot enumerate {spec.name}: its support is not finite"
         batch = op.operands[0].type.batch
-        if batch and name not in BATCHED:
+        single = all(isinstance(d, int) for d in batch) and math.prod(batch) == 1
+        if batch and not single and name not in BATCHED:
             what = "enumerates one draw" if name == "enum" else "differentiates one draw"
             return (f"{name} {what}, but this {spec.name} has batch shape "
                     f"[{', '.join(map(str, batch))}] (the evaluations multiply)")

@@ -201,9 +201,10 @@ class _Rewriter:
         op = replace(op, params=replace(op.params, estimator=replace(est, options=est.options + extra)))
         self.ops.append(op)
         self.scope_state.sizes[op.span] = est.option("size")
-        if est.name == "enum":
-            lp = self.emit("log_prob", (op.operands[0], op.result), NoParams(), (F32,),
-                           op.span).result
+        if est.name == "enum":  # unbatched, or a batch of one
+            lp = self.emit("log_prob", (op.operands[0], op.result), NoParams(),
+                           (TensorType(DType.F32, batch),), op.span).result
+            lp = self.emit("sum", (lp,), ReduceParams(), (F32,), op.span).result
             units.append(_Unit("enum", lp, [op.span], (op.result,)))
             return
         self.scope_state.branched = (op.params.estimator, (dist.params.family,) + dist.params.given)

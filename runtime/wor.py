@@ -41,30 +41,40 @@ def _top_k(key, logits, k: int):
 
 
 def _branches(onehot: bool):
+    """The draw's k values: category indices, or one-hot vectors (shaped as the draw, whose
+    batch has one element)."""
     def branches(key, opts, logits):
-        index, kappa = _top_k(key, logits, opts["k"])
-        values = jax.nn.one_hot(index, logits.shape[-1], dtype=logits.dtype) if onehot else index
-        return values, kappa
+        batch, c = logits.shape[:-1], logits.shape[-1]
+        index, kappa = _top_k(key, logits.reshape(c), opts["k"])
+        kappa = kappa.reshape(batch)
+        if onehot:
+            return jax.nn.one_hot(index, c, dtype=logits.dtype).reshape((-1,) + batch + (c,)), kappa
+        return index.reshape((-1,) + batch), kappa
     return branches
 
 
-def _indices(z):
-    """The sampled categories [n, k] from the draw's values (indices, or one-hot vectors)."""
-    return jnp.argmax(z, -1) if z.ndim == 3 else z
+def _flat(f):
+    """A branched estimator's function of (f [n, k], z, aux, opts, logits) on the draw's values
+    and logits flattened to [n, k] category indices and [n, C] (their batch has one element)."""
+    def flat(values, z, aux, opts, logits):
+        n, c = logits.shape[0], logits.shape[-1]
+        index = z.reshape(n, -1, c).argmax(-1) if z.size == values.size * c else z.reshape(n, -1)
+        out = f(values, index, aux.reshape(n), opts, logits.reshape(n, c))
+        return tuple(o.reshape(logits.shape) for o in out) if isinstance(out, tuple) else out
+    return flat
 
 
-def _picked(logits, z):
-    """log p of each sampled category [n, k], and d log p(s) / d logits [n, k, K]."""
+def _picked(logits, index):
+    """log p of each sampled category [n, k], and d log p(s) / d logits [n, k, C]."""
     logp = jax.nn.log_softmax(logits)
-    index = _indices(z)
     picked = jnp.take_along_axis(logp, index, -1)
     return picked, jax.nn.one_hot(index, logp.shape[-1], dtype=logp.dtype) - jnp.exp(logp)[:, None]
 
 
 def _ht_weights(f, z, kappa, opts, logits):
     """w_s = p(s) / q_kappa(s), normalized to sum to 1 with `baseline=normalized`."""
-    logq = jnp.log(-jnp.expm1(-jnp.exp(_picked(logits, z)[0] - kappa[:, None])))
-    w = jnp.exp(_picked(logits, z)[0] - logq)
+    picked = _picked(logits, z)[0]
+    w = jnp.exp(picked - jnp.log(-jnp.expm1(-jnp.exp(picked - kappa[:, None]))))
     return w / jnp.sum(w, 1, keepdims=True) if opts.get("baseline") == "normalized" else w
 
 
@@ -129,8 +139,8 @@ def _unordered_coefficients(f, z, kappa, opts, logits):
 
 
 BRANCHED: dict[tuple[str, str], Branched] = {
-    (name, family): Branched(None, (), _branches(family == "OneHotCategorical"), coefficients,
-                            aux=True, weights=weights)
+    (name, family): Branched(None, (), _branches(family == "OneHotCategorical"), _flat(coefficients),
+                            aux=True, weights=_flat(weights))
     for family in ("Categorical", "OneHotCategorical")
     for name, coefficients, weights in (("swor", _swor_coefficients, _ht_weights),
                                         ("unordered", _unordered_coefficients, _unordered_weights))

@@ -615,6 +615,21 @@ export g = value_and_grad(expect(f, samples=2), wrt=[t])
     assert_unbiased(grads["t"], p * (V6 ** 2 - p @ V6 ** 2))
 
 
+@pytest.mark.parametrize("estimator", ["unordered(k=3)", "swor(k=3)", "enum"])
+def test_a_draw_whose_batch_has_one_element_branches_like_an_unbatched_one(estimator):
+    """As in a per-data-point model vmapped over the data (logits [1, 1, C])."""
+    m = gradlang.compile_source(f"""
+fn f(t: f32[1, 1, 6], v: f32[6]) -> f32 {{
+  e ~ OneHotCategorical(logits=t) with {estimator}
+  return sum(e * v) * sum(e * v)
+}}
+export g = grad(expect(f, samples=2), wrt=[t])
+""")
+    p = softmax(THETA6)
+    grads = np.asarray(estimates(m.g, (THETA6.reshape(1, 1, 6), V6))["t"]).reshape(-1, 6)
+    assert_unbiased(grads, p * (V6 ** 2 - p @ V6 ** 2))
+
+
 def test_the_normalized_swor_estimator_is_biased_as_documented_and_the_set_estimator_wins():
     """Measured (N = 10^4, 6 categories): total variance 3.21 (swor, k = 3), 2.07 (unordered,
     k = 3), 0.80 (unordered, k = 4), against 3.62 for 3 samples with replacement and the
