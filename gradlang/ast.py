@@ -170,6 +170,14 @@ class For(Expr):
 
 
 @dataclass(frozen=True)
+class Checkpoint(Expr):
+    """`checkpoint { ...; value }`: a block whose intermediates are recomputed for the backward
+    pass instead of stored."""
+    body: tuple[Stmt, ...]
+    result: Expr
+
+
+@dataclass(frozen=True)
 class Argmin(Expr):
     """`argmin v: T = init { ...; objective } via solver(options) [subject to c <= 0, ...]
     [with method(options)]` (or argmax). Constraints are kept as `lhs - rhs` (<= 0)."""

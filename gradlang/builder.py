@@ -464,12 +464,44 @@ class _FunctionBuilder:
         if last is not None and last.results == (value,) and last.name == "argmin":
             return self.error_value("this inner problem already has a hypergradient method",
                                     e.annotation.span)
+        loop = self.loop_of(value)
+        if loop is not None:
+            return self.truncated(loop, value, e.annotation)
         if last is None or last.results != (value,) or last.name != "call":
             return self.error_value("'with' gives a backward rule to a call of a non-smooth "
-                                    "builtin, e.g. sign(w) with ste, or an estimator to a draw, "
-                                    "z ~ Normal(m, s) with reparam", e.annotation.span)
+                                    "builtin, e.g. sign(w) with ste, an estimator to a draw, "
+                                    "z ~ Normal(m, s) with reparam, or truncated(k=K) to a loop",
+                                    e.annotation.span)
         rule = estimator_from_ast(e.annotation, self.diags)
         self.block.ops[-1] = replace(last, params=replace(last.params, annotation=rule))
+        return value
+
+    def loop_of(self, value: Value) -> int | None:
+        """The index in the block of the `for` op whose results are `value` (directly, or
+        through the tuple of a multi-carry loop), or None."""
+        ops = self.block.ops
+        for i in (len(ops) - 1, len(ops) - 2):
+            if i >= 0 and ops[i].name == "for" and (
+                    ops[i].results == (value,) or (i == len(ops) - 2 and ops[-1].name == "tuple"
+                                                   and ops[-1].results == (value,)
+                                                   and ops[-1].operands == ops[i].results)):
+                return i
+        return None
+
+    def truncated(self, index: int, value: Value, annotation: ast.Annotation) -> Value:
+        """`for ... { } with truncated(k=K)`: truncated backpropagation through the loop."""
+        rule = estimator_from_ast(annotation, self.diags, positional="k")
+        if rule is None:
+            return value
+        k = rule.option("k")
+        if rule.name != "truncated" or set(dict(rule.options)) != {"k"}:
+            return self.error_value("a loop takes 'with truncated(k=K)': reverse mode through "
+                                    "its last K iterations only", annotation.span)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            return self.error_value(f"truncated(k=...) needs a positive integer, got {k}",
+                                    annotation.span)
+        op = self.block.ops[index]
+        self.block.ops[index] = replace(op, params=replace(op.params, truncate=k), span=op.span)
         return value
 
     def expr_FieldAccess(self, e: ast.FieldAccess) -> Value:
@@ -524,14 +556,7 @@ class _FunctionBuilder:
         args = {e.var: Value(hint=e.var)} | {c.name: Value(hint=c.name) for c in e.carries}
 
         def body() -> tuple[Value, ...]:
-            for stmt in e.body:
-                if isinstance(stmt, ast.Return):
-                    self.diags.error("return is not allowed inside a loop body; the body's last "
-                                     "expression is the next carry", stmt.span)
-                elif isinstance(stmt, ast.Sample):
-                    self.sample(stmt)
-                else:
-                    self.let(stmt.pattern, self.expr(stmt.value))
+            self.block_statements(e.body, "a loop body; the body's last expression is the next carry")
             if len(names) == 1:
                 return (self.expr(e.result),)
             if isinstance(e.result, ast.TupleLit) and len(e.result.elems) == len(names):
@@ -553,6 +578,23 @@ class _FunctionBuilder:
         if len(names) == 1:
             return op.result
         return self.emit("tuple", op.results, NoParams(), e.span).result
+
+    def block_statements(self, stmts: tuple[ast.Stmt, ...], where: str) -> None:
+        """The `let` and sampling statements of a block (a loop body, a checkpoint)."""
+        for stmt in stmts:
+            if isinstance(stmt, ast.Return):
+                self.diags.error(f"return is not allowed inside {where}", stmt.span)
+            elif isinstance(stmt, ast.Sample):
+                self.sample(stmt)
+            else:
+                self.let(stmt.pattern, self.expr(stmt.value))
+
+    def expr_Checkpoint(self, e: ast.Checkpoint) -> Value:
+        def body() -> tuple[Value, ...]:
+            self.block_statements(e.body, "a checkpoint block; its last expression is its value")
+            return (self.expr(e.result),)
+
+        return self.emit("checkpoint", (), NoParams(), e.span, regions=(self.region({}, body),)).result
 
     def expr_Argmin(self, e: ast.Argmin, report: bool = False) -> Value:
         """An `argmin` op: its objective region, a constraint region when `subject to` is

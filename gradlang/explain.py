@@ -81,6 +81,21 @@ def _nonsmooth(module: Module, functions: list[str]) -> list[list[str]]:
     return rows
 
 
+def _memory(module: Module, functions: list[str]) -> list[list[str]]:
+    """Rows (what, where, backward pass) for the checkpoint blocks and truncated loops."""
+    rows = []
+    for name in functions:
+        for op in walk(module.function(name).body):
+            if op.name == "checkpoint":
+                rows.append(["checkpoint block", f"{name}, line {op.span.line}",
+                             "recomputes the block's values instead of storing them (same gradient)"])
+            elif op.name == "for" and op.params.truncate:
+                rows.append([f"truncated(k={op.params.truncate}) loop", f"{name}, line {op.span.line}",
+                             f"differentiates the last {op.params.truncate} iterations only "
+                             f"(biased by design; stores nothing of the earlier ones)"])
+    return rows
+
+
 def table(rows: list[list[str]], indent: str) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
@@ -194,6 +209,10 @@ def explain(module: Module) -> str:
         if nonsmooth:
             lines.append(f"  non-smooth operations ({len(nonsmooth)}), with their backward rules:")
             lines += table([["op", "where", "backward rule"]] + nonsmooth, "    ")
+        memory = _memory(module, reach) if t.kind != "fn" else []
+        if memory:
+            lines.append(f"  memory ({len(memory)}):")
+            lines += table([["what", "where", "backward pass"]] + memory, "    ")
         if t.kind != "fn":
             lines.append(f"  cost: {n} x (1 forward + 1 backward evaluation)" if here or samples
                          else "  cost: 1 forward + 1 backward evaluation")

@@ -154,6 +154,28 @@ def walk(region: Region) -> Iterator[Op]:
             yield from walk(r)
 
 
+def free_values(region: Region) -> list[Value]:
+    """The values a region uses but does not define (it captures them), in first-use order."""
+    defined: set[Value] = set()
+    found: dict[Value, None] = {}
+
+    def visit(r: Region) -> None:
+        defined.update(r.args)
+        for op in r.ops:
+            for v in op.operands:
+                if v not in defined:
+                    found.setdefault(v)
+            for inner in op.regions:
+                visit(inner)
+            defined.update(op.results)
+        for v in r.results:
+            if v not in defined:
+                found.setdefault(v)
+
+    visit(region)
+    return list(found)
+
+
 def reachable(module: Module, fn: str) -> list[str]:
     """fn and every function it calls (or inlines), callers first."""
     out = [fn]

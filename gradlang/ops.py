@@ -162,6 +162,8 @@ class ForParams:
     carries: tuple[str, ...]
     start: Dim = 0
     stop: Dim = 0
+    truncate: int = field(default=0, metadata={"omit_default": True})
+    """`with truncated(k=K)`: reverse mode goes through the last K iterations only (0: all)."""
 
 
 @dataclass(frozen=True)
@@ -345,6 +347,8 @@ OPS: dict[str, OpDef] = {
         *_defs("index", IndexParams, "", "indexing and slicing"),
         *_defs("if", NoParams, "", "two-way conditional with a region per branch"),
         *_defs("for", ForParams, "", "bounded loop with carried state"),
+        *_defs("checkpoint", NoParams, "",
+               "its region's values, recomputed in the backward pass instead of stored"),
         *_defs(NONSMOOTH, RuleParams, "elementwise nonsmooth",
                "piecewise-constant elementwise op (zero derivative almost everywhere)"),
         *_defs("argmax", ArgmaxParams, "nonsmooth", "one-hot of the largest entry along an axis"),

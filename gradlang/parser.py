@@ -63,7 +63,7 @@ def _describe_expected(expected: set[str]) -> str:
 
 
 _EXPR_START = {"NAME", "INT", "FLOAT", "LPAR", "LSQB", "MINUS", "NOT", "IF", "FOR", "TRUE", "FALSE",
-               "ARGMIN", "ARGMAX",
+               "ARGMIN", "ARGMAX", "CHECKPOINT",
                "F32", "F64", "I32", "BOOL"}
 
 
@@ -431,6 +431,11 @@ class _ToAst(Transformer):
         carries = tuple(c for c in rest[:-1] if c is not None)
         start, stop = (None, lo) if hi is None else (lo, hi)
         return ast.For(self._span(meta), str(var), start, stop, carries, body[0], body[1])
+
+    @v_args(meta=True)
+    def checkpoint_expr(self, meta, items):
+        (body,) = items
+        return ast.Checkpoint(self._span(meta), body[0], body[1])
 
     @v_args(meta=True)
     def argmin_expr(self, meta, items):

@@ -641,7 +641,7 @@ class _FunctionResolver:
         except _Fail:
             return self.failed(op)
         self.reject_lists(op, inits)
-        return replace(op, operands=tuple(inits), params=ForParams(op.params.carries, lo, hi))
+        return replace(op, operands=tuple(inits), params=replace(op.params, start=lo, stop=hi))
 
     # ---- static arguments
     def tensor_list(self, v: Value, a: Arg, b: Builtin) -> tuple[Value, ...]:

@@ -174,6 +174,8 @@ class _Rewriter:
             self.stopped_density(op)
         elif op.name == "call_fn" and op.params.callee in self.random:
             self.inline(op, units)
+        elif op.name == "checkpoint":
+            self.hoisted(op, op.regions[0], units)
         elif op.name == "if":
             self.if_op(op, units)
         elif op.name == "for":
@@ -257,10 +259,15 @@ class _Rewriter:
         its own."""
         body = inline_body(self.module.function(op.params.callee))
         self.alias.update({a: self.alias.get(x, x) for a, x in zip(body.args, op.operands)})
+        self.hoisted(Op("inline", op.operands, op.results, op.params, (), op.span), body, units)
+
+    def hoisted(self, op: Op, body: Region, units: list[_Unit]) -> None:
+        """`op` with `body` as its region, rewritten, the score terms of its draws yielded each
+        on its own as more results (an inlined call, a checkpoint block)."""
         body, inner = self.region(body)
         extra = tuple(Value(u.value.type) for u in inner)
         body = replace(body, results=body.results + tuple(u.value for u in inner))
-        self.ops.append(Op("inline", op.operands, op.results + extra, op.params, (body,), op.span))
+        self.ops.append(replace(op, results=op.results + extra, regions=(body,)))
         units += [replace(u, value=v) for u, v in zip(inner, extra)]
 
     def summed(self, branches: list[list[_Unit]]) -> list[tuple[str, bool, list[list[_Unit]]]]:

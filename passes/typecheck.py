@@ -521,6 +521,10 @@ class _FunctionChecker:
             return self.for_op(op, args)
         if op.name in ("expect", "samples"):
             return self.expect_op(op)
+        if op.name == "checkpoint":
+            body = self.region(op.regions[0], ())
+            results = tuple(self.new(r, v.type) for r, v in zip(op.results, body.results))
+            return replace(op, results=results, regions=(body,))
         if op.name == "argmin":
             return self.argmin_op(op, args)
         types: tuple[Type, ...]

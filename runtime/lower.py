@@ -171,7 +171,7 @@ class Lowering:
                 n += min(1, self.key_uses(op.regions[0]))
             elif ("random" in OPS[op.name].traits
                   or (op.name == "call_fn" and op.params.callee in self.random)
-                  or (op.name == "inline" and self.draws(op.regions[0]))):
+                  or (op.name in ("inline", "checkpoint") and self.draws(op.regions[0]))):
                 n += 1
         self._key_uses[region] = n
         return n

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from gradlang import ops as O
-from gradlang.ir import Op
+from gradlang.ir import Op, free_values
 from gradlang.types import DType, TensorType
 
 from .numerics import softplus
@@ -131,6 +131,8 @@ def _inline(ctx, op: Op, *args):
 
 
 def _for(ctx, op: Op, *inits):
+    """The loop; with `truncate=K`, the iterations before the last K run on values that carry
+    no gradient (truncated backpropagation: nothing of them is stored for the backward pass)."""
     p: O.ForParams = op.params
     (body,) = op.regions
     init = tuple(ctx.coerce(x, r.type) for x, r in zip(inits, op.results))
@@ -142,7 +144,32 @@ def _for(ctx, op: Op, *inits):
             out = ctx.region(body, (i, *carry))
         return tuple(ctx.coerce(x, r.type) for x, r in zip(out, op.results))
 
-    out = lax.fori_loop(ctx.dim(p.start), ctx.dim(p.stop), step, init)
+    start, stop = ctx.dim(p.start), ctx.dim(p.stop)
+    if p.truncate:
+        cut = max(start, stop - p.truncate)
+        init = lax.stop_gradient(lax.fori_loop(start, cut, step, lax.stop_gradient(init)))
+        start = cut
+    out = lax.fori_loop(start, stop, step, init)
+    return out if len(out) > 1 else out[0]
+
+
+def _checkpoint(ctx, op: Op):
+    """The region under `jax.checkpoint`: its values are recomputed in the backward pass. The
+    values it captures and its key are explicit arguments of the checkpointed function."""
+    (body,) = op.regions
+    captured = free_values(body)
+    key = ctx.next_key() if ctx.lowering.draws(body) else None
+
+    def run(key, *xs):
+        saved = {v: ctx.env[v] for v in captured}
+        ctx.env.update(zip(captured, xs))
+        try:
+            with ctx.scope(key, body):
+                return ctx.region(body, ())
+        finally:
+            ctx.env.update(saved)
+
+    out = jax.checkpoint(run)(key, *(ctx.env[v] for v in captured))
     return out if len(out) > 1 else out[0]
 
 
@@ -238,4 +265,5 @@ LOWERINGS: dict[str, Rule] = {
     "index": _index,
     "if": _if,
     "for": _for,
+    "checkpoint": _checkpoint,
 }
