@@ -13,7 +13,7 @@ from . import ast
 from .diagnostics import Diagnostics, Span
 from .ir import Export, Function, Op, Param, Region, StructDef, Transform, Value
 from .ops import (ArgminParams, CallParams, HostParams, CastParams, ConstParams, Estimator, ExpectParams, ForParams,
-                  GetParams, IndexItem, IndexParams, NameParams, NoParams, SampleParams)
+                  GetParams, IndexItem, IndexParams, NameParams, NoParams, SampledParams, SampleParams)
 from .types import DType, NamedType, TensorType, TupleType, Type
 
 I32_MAX = 2**31 - 1
@@ -467,10 +467,13 @@ class _FunctionBuilder:
         loop = self.loop_of(value)
         if loop is not None:
             return self.truncated(loop, value, e.annotation)
+        if last is not None and last.results == (value,) and last.name == "matmul":
+            return self.sampled(last, e.annotation)
         if last is None or last.results != (value,) or last.name != "call":
             return self.error_value("'with' gives a backward rule to a call of a non-smooth "
                                     "builtin, e.g. sign(w) with ste, an estimator to a draw, "
-                                    "z ~ Normal(m, s) with reparam, or truncated(k=K) to a loop",
+                                    "z ~ Normal(m, s) with reparam, truncated(k=K) to a loop, or "
+                                    "wta_crs(keep=K) to a matmul",
                                     e.annotation.span)
         rule = estimator_from_ast(e.annotation, self.diags)
         self.block.ops[-1] = replace(last, params=replace(last.params, annotation=rule))
@@ -487,6 +490,22 @@ class _FunctionBuilder:
                                                    and ops[-1].operands == ops[i].results)):
                 return i
         return None
+
+    def sampled(self, op: Op, annotation: ast.Annotation) -> Value:
+        """`(x @ w) with wta_crs(keep=K)`: the product whose backward samples K rows of x."""
+        rule = estimator_from_ast(annotation, self.diags, positional="keep")
+        if rule is None:
+            return op.result
+        keep = rule.option("keep")
+        if rule.name != "wta_crs" or set(dict(rule.options)) != {"keep"}:
+            return self.error_value("a matmul takes 'with wta_crs(keep=K)': its backward for the "
+                                    "right operand from K sampled rows of the left one",
+                                    annotation.span)
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 2:
+            return self.error_value(f"wta_crs(keep=...) needs an integer of at least 2, got {keep}",
+                                    annotation.span)
+        self.block.ops[-1] = replace(op, name="sampled_matmul", params=SampledParams(keep))
+        return op.result
 
     def truncated(self, index: int, value: Value, annotation: ast.Annotation) -> Value:
         """`for ... { } with truncated(k=K)`: truncated backpropagation through the loop."""

@@ -82,13 +82,18 @@ def _nonsmooth(module: Module, functions: list[str]) -> list[list[str]]:
 
 
 def _memory(module: Module, functions: list[str]) -> list[list[str]]:
-    """Rows (what, where, backward pass) for the checkpoint blocks and truncated loops."""
+    """Rows (what, where, backward pass) for the checkpoint blocks, sampled matmuls and
+    truncated loops."""
     rows = []
     for name in functions:
         for op in walk(module.function(name).body):
             if op.name == "checkpoint":
                 rows.append(["checkpoint block", f"{name}, line {op.span.line}",
                              "recomputes the block's values instead of storing them (same gradient)"])
+            elif op.name == "sampled_matmul":
+                rows.append([f"wta_crs(keep={op.params.keep}) matmul", f"{name}, line {op.span.line}",
+                             f"the right operand's gradient from {op.params.keep} sampled rows of "
+                             f"the left one, stored instead of all (unbiased)"])
             elif op.name == "for" and op.params.truncate:
                 rows.append([f"truncated(k={op.params.truncate}) loop", f"{name}, line {op.span.line}",
                              f"differentiates the last {op.params.truncate} iterations only "

@@ -259,6 +259,13 @@ class QuantizeParams:
 
 
 @dataclass(frozen=True)
+class SampledParams:
+    """`(x @ w) with wta_crs(keep=K)`: rows of x kept for w's backward."""
+
+    keep: int
+
+
+@dataclass(frozen=True)
 class ArgminParams:
     """An inner problem: its solver (`via gd(steps=, lr=)`), the hypergradient method (`with
     implicit(cg, iters=)`; None before the hypergradient pass picks one) and the sense."""
@@ -335,6 +342,8 @@ OPS: dict[str, OpDef] = {
         *_defs("cast", CastParams, "", "dtype conversion"),
         *_defs(REDUCE, ReduceParams, "", "reduction over axes"),
         *_defs("matmul dot outer solve cholesky", NoParams, "", "linear algebra"),
+        *_defs("sampled_matmul", SampledParams, "random",
+               "x @ w whose backward for w is estimated from `keep` sampled rows of x (WTA-CRS)"),
         *_defs("reshape broadcast_to", ShapeParams, "", "shape op"),
         *_defs("transpose", PermParams, "", "axis permutation"),
         *_defs("concat stack", AxisParams, "", "join tensors along an axis"),

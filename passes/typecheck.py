@@ -145,6 +145,16 @@ def _contract(a: TensorType, b: TensorType, da, db) -> None:
         raise ShapeError(f"contracted dimensions differ: {a} and {b} ({da} vs {db})")
 
 
+def _sampled_matmul(ctx, op, args):
+    """x @ w with x's rows sampled for w's backward: x [..., N, D] (at least 2-D), w [D, O]."""
+    x, w = args
+    if not (isinstance(x.type, TensorType) and x.type.rank >= 2 and isinstance(w.type, TensorType)
+            and w.type.rank == 2 and x.type.dtype.is_float and w.type.dtype.is_float):
+        raise ShapeError(f"wta_crs samples rows of the left operand for the gradient of the right "
+                         f"one: it needs float x [..., N, D] @ w [D, O], got {x.type} @ {w.type}")
+    return _matmul(ctx, op, args)
+
+
 def _matmul(ctx, op, args):
     a, b = _numeric(args[0], "left operand of @"), _numeric(args[1], "right operand of @")
     if a.rank == 0 or b.rank == 0:
@@ -438,7 +448,7 @@ RULES: dict[str, Rule] = {
     **{n: _logic for n in O.LOGIC.split()},
     "where": _where, "clip": _clip, "stop_gradient": _same, "cast": _cast,
     **{n: _reduce for n in O.REDUCE.split()},
-    "matmul": _matmul, "dot": _dot, "outer": _outer, "solve": _solve, "cholesky": _cholesky,
+    "matmul": _matmul, "sampled_matmul": _sampled_matmul, "dot": _dot, "outer": _outer, "solve": _solve, "cholesky": _cholesky,
     "reshape": _reshape, "broadcast_to": _broadcast_to, "transpose": _transpose,
     "concat": _join, "stack": _join, "zeros": _filled, "ones": _filled, "full": _filled,
     "arange": _arange, "eye": _eye, "softmax": _softmax, "log_softmax": _softmax,

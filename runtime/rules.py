@@ -23,6 +23,7 @@ from .rules_argmin import ARGMIN_LOWERINGS
 from .rules_nonsmooth import NONSMOOTH_LOWERINGS
 from .dtypes import JNP_DTYPES
 from .rules_random import RANDOM_LOWERINGS
+from .sampled import wta_crs_matmul
 from .perturbed import Factored
 
 
@@ -241,6 +242,7 @@ LOWERINGS: dict[str, Rule] = {
     "logsumexp": _reduce(jax.nn.logsumexp),
     "var": _reduce(jnp.var),
     "matmul": _matmul,
+    "sampled_matmul": lambda ctx, op, x, w: wta_crs_matmul(x, w, ctx.next_key(), op.params.keep),
     "dot": _elementwise(jnp.dot),
     "outer": _elementwise(jnp.outer),
     "solve": _elementwise(jnp.linalg.solve),
