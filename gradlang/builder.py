@@ -475,7 +475,8 @@ class _FunctionBuilder:
                                     "z ~ Normal(m, s) with reparam, truncated(k=K) to a loop, or "
                                     "wta_crs(keep=K) to a matmul",
                                     e.annotation.span)
-        rule = estimator_from_ast(e.annotation, self.diags)
+        positional = "kind" if e.annotation.name == "control_variate" else None
+        rule = estimator_from_ast(e.annotation, self.diags, positional)
         self.block.ops[-1] = replace(last, params=replace(last.params, annotation=rule))
         return value
 

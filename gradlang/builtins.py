@@ -124,6 +124,10 @@ BUILTINS: dict[str, Builtin] = {
            "for Gaussian inputs (per row), rotate back (non-smooth)"),
         _b("hadamard", "x:tensor", "orthonormal fast Walsh-Hadamard transform of the last axis "
            "(a power of two)"),
+        _b("sliced_wasserstein", "x:tensor y:tensor projections:dim p:dim=2",
+           "SW_p^p of the point clouds x [N, D] and y [N, D]: the mean over `projections` random "
+           "directions of the 1-D Wasserstein distance W_p^p of the projections (draws; "
+           "`with control_variate(gaussian_lower | gaussian_upper | none)`)"),
         _b("stochastic_round", "x:tensor", "floor(x + u), u ~ Uniform[0, 1): unbiased rounding "
            "(draws; its backward is the identity, exact for the expectation)"),
         _b("log_prob", "d:tensor x:tensor", "log density (or mass) of `x` under distribution `d`, "

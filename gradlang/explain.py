@@ -179,6 +179,10 @@ def explain(module: Module) -> str:
                 elif any(not r[2].startswith("none") for r in nonsmooth):
                     lines.append(f"  {name}: reverse mode, with the backward rules of the "
                                  f"non-smooth operations below")
+                elif t.fn in module.facts.get("random", ()):
+                    lines.append(f"  {name}: reverse mode of a Monte Carlo objective (its draws, "
+                                 f"below, carry no estimator: the estimate is differentiated as "
+                                 f"it is)")
                 else:
                     lines.append(f"  {name}: exact reverse-mode gradient; the program is smooth on "
                                  f"every path from '{name}' to the result, so no estimator is needed")
@@ -214,6 +218,13 @@ def explain(module: Module) -> str:
         if nonsmooth:
             lines.append(f"  non-smooth operations ({len(nonsmooth)}), with their backward rules:")
             lines += table([["op", "where", "backward rule"]] + nonsmooth, "    ")
+        sliced = [c for c in module.facts.get("sliced", ()) if c.function in reach]
+        if sliced:
+            lines.append(f"  sliced Wasserstein estimates ({len(sliced)}):")
+            rows = [["where", "directions", "p", "control variate", "why"]]
+            rows += [[f"{c.function}, line {c.span.line}", str(c.projections), str(c.p), c.kind, c.why]
+                     for c in sliced]
+            lines += table(rows, "    ")
         memory = _memory(module, reach) if t.kind != "fn" else []
         if memory:
             lines.append(f"  memory ({len(memory)}):")

@@ -246,6 +246,17 @@ class TopkParams:
 
 
 @dataclass(frozen=True)
+class SlicedParams:
+    """`sliced_wasserstein(x, y, projections=L, p=2) with control_variate(kind)`."""
+
+    projections: Dim
+    p: Dim = 2
+    control: Estimator | None = field(default=None, metadata={"omit_default": True})
+    """`control_variate(gaussian_lower | gaussian_upper | none)`; None before the estimators
+    pass chooses."""
+
+
+@dataclass(frozen=True)
 class QuantizeParams:
     """`quantize`: b-bit uniform quantization, symmetric (or with a zero point), per tensor or
     per channel along `axis`; `scale` says whether a scale operand was given. `quest`: QuEST's
@@ -365,6 +376,8 @@ OPS: dict[str, OpDef] = {
         *_defs("sort", AxisParams, "", "sorted along an axis"),
         *_defs("quantize quest", QuantizeParams, "nonsmooth", "b-bit uniform quantization"),
         *_defs("hadamard", NoParams, "", "orthonormal fast Walsh-Hadamard transform, last axis"),
+        *_defs("sliced_wasserstein", SlicedParams, "random",
+               "Monte Carlo sliced Wasserstein distance SW_p^p over random directions"),
         *_defs("stochastic_round", NoParams, "random",
                "floor(x + u), u ~ U[0, 1): unbiased rounding; identity backward"),
         *_defs("argmin", ArgminParams, "",

@@ -72,6 +72,23 @@ class SiteChoice:
     annotated: bool
 
 
+CONTROL_VARIATES = ("gaussian_lower", "gaussian_upper", "none")
+"""The control variates of sliced_wasserstein (`runtime.ot`)."""
+
+
+@dataclass(frozen=True)
+class SlicedChoice:
+    """The control variate of one sliced Wasserstein estimate, for `explain`."""
+
+    function: str
+    span: Span
+    projections: object
+    p: object
+    kind: str
+    why: str
+    annotated: bool
+
+
 def _why_not_pathwise(spec: DistSpec) -> str:
     if spec.discrete:
         return f"{spec.name} is discrete: there is no pathwise derivative"
@@ -158,7 +175,8 @@ class Estimators:
 
     name: str = "estimators"
     checks_only: bool = True
-    """It only annotates `sample` ops, so it runs (and reports) after earlier errors too."""
+    """It only annotates `sample` and `sliced_wasserstein` ops, so it runs (and reports) after
+    earlier errors too."""
 
     def run(self, module: Module, diags: Diagnostics) -> Module:
         for unit in module.units:
@@ -168,6 +186,7 @@ class Estimators:
         flow = _Flow(module)
         dirty_callers = flow.callers_use_dirty()
         choices: list[SiteChoice] = []
+        sliced: list[SlicedChoice] = []
         functions = []
         called = {op.params.callee for fn in module.functions for op in walk(fn.body)
                   if op.name == "call_fn"}
@@ -177,9 +196,10 @@ class Estimators:
             default = module.unit(fn.unit).estimator
             chooser = _Chooser(fn, flow, fn.name in dirty_callers, default, diags, choices)
             chooser.enumerable = fn.name in objectives
+            chooser.sliced_out = sliced
             functions.append(replace(fn, body=chooser.region(fn.body, top=True)))
         return replace(module, functions=tuple(functions),
-                       facts=module.facts | {"estimators": tuple(choices)})
+                       facts=module.facts | {"estimators": tuple(choices), "sliced": tuple(sliced)})
 
 
 class _Chooser:
@@ -188,6 +208,8 @@ class _Chooser:
         self.fn, self.flow, self.used_dirty = fn, flow, used_dirty
         self.default, self.diags, self.out = default, diags, out
         self.defs = {r: op for op in walk(fn.body) for r in op.results}
+        self.sliced_out: list[SlicedChoice] = []
+        """The control variates chosen for the sliced Wasserstein estimates (for explain)."""
         self.enumerable = False
         """Draws at the top level of this function can be enumerated: it is an export's
         objective and no function calls it (so each such draw happens once per sample)."""
@@ -199,8 +221,42 @@ class _Chooser:
                 op = replace(op, regions=tuple(self.region(r) for r in op.regions))
             if op.name == "sample":
                 op = self.site(op, top and self.enumerable)
+            elif op.name == "sliced_wasserstein":
+                op = self.sliced(op)
             ops.append(op)
         return replace(region, ops=tuple(ops))
+
+    def sliced(self, op: Op) -> Op:
+        """The control variate of a sliced Wasserstein estimate (`runtime.ot`): as annotated,
+        else the Gaussian lower bound for p = 2 (none otherwise)."""
+        given, p, count = op.params.control, op.params.p, op.params.projections
+        if count == 0:
+            self.diags.error("sliced_wasserstein averages over random directions: it needs "
+                             "projections >= 1", op.span)
+            return op
+        if given is None:
+            kind = "gaussian_lower" if p == 2 else "none"
+            why = ("the mean-gap term (theta . dm)^2 carries most of the variance over directions "
+                   "when the clouds' means differ, and is about 0 when they agree (no harm)"
+                   if p == 2 else f"the Gaussian control variates are for p = 2, not {p}")
+        else:
+            kind, why = given.option("kind"), "annotated in the source"
+            problem = None
+            if set(dict(given.options)) != {"kind"} or kind not in CONTROL_VARIATES:
+                problem = (f"control_variate takes one of {', '.join(CONTROL_VARIATES)}, e.g. "
+                           f"with control_variate(gaussian_lower)")
+            elif kind != "none" and p != 2:
+                problem = f"the Gaussian control variates bound W_2^2: they need p=2, not p={p}"
+            elif kind == "gaussian_upper" and isinstance(count, int) and count < 3:
+                problem = (f"gaussian_upper fits its coefficient on the other directions (leave "
+                           f"one out): it needs projections >= 3, not {count}")
+            if problem is not None:
+                self.diags.error(problem, given.span)
+                return op
+        self.sliced_out.append(SlicedChoice(self.fn.name, op.span, count, p, kind, why,
+                                            given is not None))
+        control = Estimator("control_variate", (("kind", kind),), op.span)
+        return replace(op, params=replace(op.params, control=control))
 
     def support_size(self, op: Op) -> int | None:
         """The number of values a finite-support draw can take (None: not static)."""

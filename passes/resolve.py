@@ -617,7 +617,13 @@ class _FunctionResolver:
         except _Fail:
             return self.failed(op)
         rule = op.params.annotation
-        if rule is not None:
+        if rule is not None and b.op == "sliced_wasserstein":
+            if rule.name != "control_variate":
+                return self.error_op(op, f"sliced_wasserstein takes 'with control_variate(kind)' "
+                                         f"(gaussian_lower, gaussian_upper or none), not "
+                                         f"'{rule.name}'", rule.span)
+            static["control"] = rule
+        elif rule is not None:
             if "rule" not in {f.name for f in fields(OPS[b.op].params)}:
                 return self.error_op(op, f"'{b.name}' is differentiable: it takes no backward rule "
                                          f"('with {rule.name}'); rules are for non-smooth builtins "

@@ -145,6 +145,19 @@ def _contract(a: TensorType, b: TensorType, da, db) -> None:
         raise ShapeError(f"contracted dimensions differ: {a} and {b} ({da} vs {db})")
 
 
+def _sliced_wasserstein(ctx, op, args):
+    """Two point clouds of the same shape [N, D]; a scalar."""
+    x, y = (a.type for a in args)
+    if not (isinstance(x, TensorType) and isinstance(y, TensorType) and x.rank == 2
+            and x.dtype.is_float and y.dtype.is_float):
+        raise ShapeError(f"sliced_wasserstein compares two point clouds x [N, D] and y [N, D], "
+                         f"got {x} and {y}")
+    if x.shape != y.shape:
+        raise ShapeError(f"sliced_wasserstein needs point clouds of the same shape (as many "
+                         f"points, of the same dimension), got {x} and {y}")
+    return TensorType(x.dtype, ())
+
+
 def _sampled_matmul(ctx, op, args):
     """x @ w with x's rows sampled for w's backward: x [..., N, D] (at least 2-D), w [D, O]."""
     x, w = args
@@ -448,7 +461,7 @@ RULES: dict[str, Rule] = {
     **{n: _logic for n in O.LOGIC.split()},
     "where": _where, "clip": _clip, "stop_gradient": _same, "cast": _cast,
     **{n: _reduce for n in O.REDUCE.split()},
-    "matmul": _matmul, "sampled_matmul": _sampled_matmul, "dot": _dot, "outer": _outer, "solve": _solve, "cholesky": _cholesky,
+    "matmul": _matmul, "sampled_matmul": _sampled_matmul, "sliced_wasserstein": _sliced_wasserstein, "dot": _dot, "outer": _outer, "solve": _solve, "cholesky": _cholesky,
     "reshape": _reshape, "broadcast_to": _broadcast_to, "transpose": _transpose,
     "concat": _join, "stack": _join, "zeros": _filled, "ones": _filled, "full": _filled,
     "arange": _arange, "eye": _eye, "softmax": _softmax, "log_softmax": _softmax,

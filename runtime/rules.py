@@ -23,6 +23,7 @@ from .rules_argmin import ARGMIN_LOWERINGS
 from .rules_nonsmooth import NONSMOOTH_LOWERINGS
 from .dtypes import JNP_DTYPES
 from .rules_random import RANDOM_LOWERINGS
+from .ot import sliced_wasserstein
 from .sampled import wta_crs_matmul
 from .perturbed import Factored
 
@@ -243,6 +244,9 @@ LOWERINGS: dict[str, Rule] = {
     "var": _reduce(jnp.var),
     "matmul": _matmul,
     "sampled_matmul": lambda ctx, op, x, w: wta_crs_matmul(x, w, ctx.next_key(), op.params.keep),
+    "sliced_wasserstein": lambda ctx, op, x, y: sliced_wasserstein(
+        ctx.next_key(), x, y, ctx.dim(op.params.projections), ctx.dim(op.params.p),
+        op.params.control.option("kind") if op.params.control else "none"),
     "dot": _elementwise(jnp.dot),
     "outer": _elementwise(jnp.outer),
     "solve": _elementwise(jnp.linalg.solve),
