@@ -77,7 +77,7 @@ Every loss is a negative ELBO in nats per data point (a mean over the batch); ev
 
 `--quick` is a smoke test (about a minute on 2 idle cores; XLA compiles dominate): section 3 on
 the single-categorical model only, 4 rounds of 2 calls, 20 keys, 20 RELAX steps. Section 3 at
-the defaults (`--sections compare`) takes about 4 minutes there.
+the defaults (`--sections compare`) takes 4-5 minutes there.
 
 Random bits: the benchmark sets `jax_threefry_partitionable=False` (`--partitionable-threefry`
 keeps JAX's default, True). With jax 0.10.2's default on this CPU, draws of rank >= 3 compile and
