@@ -1,6 +1,8 @@
 """Variational-inference steps: gradlang against hand-written JAX and NumPyro.
 
-    python benchmarks/vi.py [--rounds 100] [--calls 10] [--json results.json]
+    python benchmarks/vi.py [--quick] [--sections gaussian,discrete,compare] [--rounds 100]
+                            [--calls 10] [--compare-rounds 40] [--compare-calls 5]
+                            [--var-keys 200] [--relax-steps 1000] [--json results.json]
 
 Data: 128 binarized 8x8 digits (sklearn.datasets.load_digits, pixel > 7; a fixed-seed synthetic
 binary batch of the same shape when sklearn is missing). Parameters: fixed-seed, untrained.
@@ -39,6 +41,51 @@ Every loss is a negative ELBO in nats per data point (a mean over the batch); ev
    fixed parameters over `--var-keys` independent keys, and variance x time: the variance left
    after averaging estimates for one second of compute (lower is better).
 
+3. Estimator comparison (`gradlang verify --compare` on the discrete VAE, against Storchastic's
+   estimator list and NumPyro): three discrete VAEs on the same data, each with one draw left to
+   the automatic rule in benchmarks/vi_models/estimators_*.grad (categorical.grad holds the
+   categorical parts, shared with vae_discrete.grad):
+   - categorical: the VAE of section 2 (L=4 OneHotCategorical latents x C=10),
+   - binary: K=16 Bernoulli latents, a Bernoulli(1/2) prior (closed-form KL), tanh MLP encoder
+     and decoder, and RELAX's control variate r(psi, s), a tanh MLP of the relaxed latents,
+   - single categorical: one OneHotCategorical latent x C=10 per data point (the categorical
+     model with L=1), written for a batch of one so that its draw has one element and enum,
+     swor and unordered apply.
+   Every estimator name `gradlang verify --compare` tries (`gradlang.verify.compare
+   .site_candidates`: each score-function baseline, default options; without `auto`, which is
+   score(loo) here), plus `relax(control=r)` where the file has r and `swor(k=4,
+   baseline=normalized)`, is written on the draw as its `with ...` annotation by verify's source
+   edits (`gradlang.verify.variants`) and compiled; what the compiler rejects is listed with its
+   one-line reason. Each compiled export is `jax.vmap`-ed over the B data points (a batch of one
+   each, one key each: per-data-point credit, as NumPyro's plate gives TraceGraph_ELBO; section 2
+   shows what batch credit costs), S=4 samples per step; enum, swor(k=4) and unordered(k=4) at
+   one sample (exact for enum; 4 evaluations for the others, as S=4 for the score function).
+   NumPyro `TraceGraph_ELBO(num_particles=4)` runs on each model (per-point credit, Monte Carlo
+   KL, no baseline; categorical latents as class indices).
+   Measured at fixed parameters: the encoder gradient's total variance over `--var-keys` keys,
+   a state threaded from call to call as in training (a moving-average baseline, per data point,
+   after 50 warm-up calls; RELAX's psi, shared, trained `--relax-steps` calls first, starting at
+   r = 0, i.e. REBAR with eta = 1, each call one SGD step of the compiler's on the estimate's
+   second moment); agreement with the EXACT gradient, the -ELBO with its reconstruction term
+   summed over every latent value (10^4, 2^16 and 10 values per data point) in float64,
+   differentiated by JAX: the largest per-coordinate z (gradlang verify's statistic, z = 5) and
+   |mean - exact| / |exact| beside its noise level; the mean loss against the exact -ELBO;
+   interleaved time per step (`--compare-rounds` x `--compare-calls`) against NumPyro; variance x
+   time. Estimators biased by design (gumbel, st_gumbel, grpo, swor baseline=normalized) are
+   marked. Last, Storchastic's estimators (`storch.method`) with the gradlang annotation of each
+   (or "not in gradlang") and what was measured here.
+
+`--quick` is a smoke test (about a minute on 2 idle cores; XLA compiles dominate): section 3 on
+the single-categorical model only, 4 rounds of 2 calls, 20 keys, 20 RELAX steps. Section 3 at
+the defaults (`--sections compare`) takes 4-5 minutes there.
+
+Random bits: the benchmark sets `jax_threefry_partitionable=False` (`--partitionable-threefry`
+keeps JAX's default, True). With jax 0.10.2's default on this CPU, draws of rank >= 3 compile and
+run far slower: `jax.random.normal(key, (8, 4, 128, 10))` takes 21 s to compile and 6.2 ms to
+run, against 0.5 s and 0.7 ms with False (rank 1, 40960 values: 1.0 s and 0.8 ms either way);
+every VAE step here draws [S, L, B, C]-shaped noise, and the discrete steps then take 20-30 s
+each to compile. Estimates are statistically the same either way.
+
 Timing is INTERLEAVED as in benchmarks/overhead.py: each round times every variant once (the
 order rotates every round), a sample being `--calls` consecutive calls, each followed by
 `block_until_ready`; reported: median time per call and the median over rounds of the per-round
@@ -62,9 +109,11 @@ import os
 import platform
 import re
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from timing import interleaved
+from timing import interleaved, parse_timing_args, timing_args
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = Path(__file__).resolve().parent / "vi_models"
@@ -113,13 +162,14 @@ def init_gaussian(x, seed: int = 1):
     return enc, dec
 
 
-def init_discrete(x, seed: int = 2):
+def init_discrete(x, seed: int = 2, latents: int = L):
+    """The categorical VAE's parameters (categorical.grad) with `latents` latents of C classes."""
     import numpy as np
     rng = np.random.default_rng(seed)
     enc = {"hidden": _dense(rng, D, H),
-           "w": (rng.normal(size=(L, H, C)) * 2.0 / np.sqrt(H)).astype(np.float32),
-           "b": (0.1 * rng.normal(size=(L, 1, C))).astype(np.float32)}
-    dec = {"w": (rng.normal(size=(L, C, H)) * np.sqrt(1.0 / L)).astype(np.float32),
+           "w": (rng.normal(size=(latents, H, C)) * 2.0 / np.sqrt(H)).astype(np.float32),
+           "b": (0.1 * rng.normal(size=(latents, 1, C))).astype(np.float32)}
+    dec = {"w": (rng.normal(size=(latents, C, H)) * np.sqrt(1.0 / latents)).astype(np.float32),
            "b": (0.01 * rng.normal(size=H)).astype(np.float32),
            "logits": _dense(rng, H, D)}
     dec["logits"]["b"] = _decoder_logits_bias(x)
@@ -127,6 +177,13 @@ def init_discrete(x, seed: int = 2):
 
 
 # ----------------------------------------------------------------------------- hand-written JAX
+
+def jit_step(loss):
+    """`loss(p, x, key)` with p = {"enc", "dec"} -> jitted (enc, dec, x, key) -> (loss, grads)."""
+    import jax
+    vg = jax.value_and_grad(loss)
+    return jax.jit(lambda enc, dec, x, key: vg({"enc": enc, "dec": dec}, x, key))
+
 
 def _lin(p, x):
     return x @ p["w"] + p["b"]
@@ -138,9 +195,11 @@ def gauss_encode(enc, x):
     return _lin(enc["loc"], h), jnp.exp(_lin(enc["log_scale"], h))
 
 
-def gauss_decode(dec, z):
+def mlp(p, x):
+    """A tanh MLP with layers "hidden" and "logits": the Gaussian and binary VAEs' decoder (pixel
+    logits from latents) and the binary VAE's encoder (latent logits from pixels)."""
     import jax.numpy as jnp
-    return _lin(dec["logits"], jnp.tanh(_lin(dec["hidden"], z)))
+    return _lin(p["logits"], jnp.tanh(_lin(p["hidden"], x)))
 
 
 def bernoulli_log_lik(logits, x):
@@ -160,7 +219,7 @@ def hand_gauss_loss_at(p, x, eps, closed_kl: bool = False):
     import jax.numpy as jnp
     loc, scale = gauss_encode(p["enc"], x)
     z = loc + scale * eps
-    log_lik = bernoulli_log_lik(gauss_decode(p["dec"], z), x)
+    log_lik = bernoulli_log_lik(mlp(p["dec"], z), x)
     if closed_kl:
         kl = jnp.sum(-jnp.log(scale) + 0.5 * (scale ** 2 + loc ** 2) - 0.5, axis=-1)
         return -jnp.mean(log_lik - kl)
@@ -177,8 +236,7 @@ def hand_gauss_step(samples: int, closed_kl: bool):
         eps = jax.random.normal(key, (samples,) + x.shape[:1] + (Z,))
         return jnp.mean(jax.vmap(lambda e: hand_gauss_loss_at(p, x, e, closed_kl))(eps))
 
-    vg = jax.value_and_grad(loss)
-    return jax.jit(lambda enc, dec, x, key: vg({"enc": enc, "dec": dec}, x, key))
+    return jit_step(loss)
 
 
 def disc_encode(enc, x):
@@ -230,11 +288,28 @@ def hand_disc_step(samples: int, credit: str):
         score = jnp.mean(log_q * sg(v - others))  # per point: also averaged over the batch
         return jnp.mean(v) + score - sg(score)
 
-    vg = jax.value_and_grad(loss)
-    return jax.jit(lambda enc, dec, x, key: vg({"enc": enc, "dec": dec}, x, key))
+    return jit_step(loss)
 
 
 # ----------------------------------------------------------------------------- NumPyro
+
+def numpyro_step(elbo, model, guide):
+    """Jitted (enc, dec, x, key) -> (loss, grads) of `elbo.loss / B` for model/guide(enc, dec, x)."""
+    def loss(p, x, key):
+        return elbo.loss(key, {}, model, guide, p["enc"], p["dec"], x) / x.shape[0]
+
+    return jit_step(loss)
+
+
+def numpyro_loss_at(model, guide, p, x, latents: dict):
+    """-(log p(x, z) - log q(z|x)) / B at given latents, from the model/guide log densities."""
+    from numpyro.infer.util import log_density
+
+    args = (p["enc"], p["dec"], x)
+    log_joint, _ = log_density(model, args, {}, latents)
+    log_q, _ = log_density(guide, args, {}, latents)
+    return -(log_joint - log_q) / x.shape[0]
+
 
 def numpyro_gaussian(samples: int, closed_kl: bool):
     """(step, loss_at_eps): jitted value_and_grad of Trace_ELBO / TraceMeanField_ELBO .loss / B."""
@@ -243,12 +318,11 @@ def numpyro_gaussian(samples: int, closed_kl: bool):
     import numpyro
     import numpyro.distributions as dist
     from numpyro.infer import Trace_ELBO, TraceMeanField_ELBO
-    from numpyro.infer.util import log_density
 
     def model(enc, dec, x):
         with numpyro.plate("data", x.shape[0]):
             z = numpyro.sample("z", dist.Normal(jnp.zeros(Z), 1.0).to_event(1))
-            numpyro.sample("x", dist.Bernoulli(logits=gauss_decode(dec, z)).to_event(1), obs=x)
+            numpyro.sample("x", dist.Bernoulli(logits=mlp(dec, z)).to_event(1), obs=x)
 
     def guide(enc, dec, x):
         loc, scale = gauss_encode(enc, x)
@@ -258,37 +332,29 @@ def numpyro_gaussian(samples: int, closed_kl: bool):
     elbo = (TraceMeanField_ELBO if closed_kl else Trace_ELBO)(num_particles=samples,
                                                               vectorize_particles=True)
 
-    def loss(p, x, key):
-        return elbo.loss(key, {}, model, guide, p["enc"], p["dec"], x) / x.shape[0]
-
     def loss_at_eps(p, x, eps):  # what Trace_ELBO computes for one particle, at given noise
         loc, scale = gauss_encode(p["enc"], x)
-        z = loc + scale * eps
-        args = (p["enc"], p["dec"], x)
-        log_joint, _ = log_density(model, args, {}, {"z": z})
-        log_q, _ = log_density(guide, args, {}, {"z": z})
-        return -(log_joint - log_q) / x.shape[0]
+        return numpyro_loss_at(model, guide, p, x, {"z": loc + scale * eps})
 
-    vg = jax.value_and_grad(loss)
-    step = jax.jit(lambda enc, dec, x, key: vg({"enc": enc, "dec": dec}, x, key))
-    return step, jax.jit(jax.value_and_grad(loss_at_eps))
+    return numpyro_step(elbo, model, guide), jax.jit(jax.value_and_grad(loss_at_eps))
 
 
 def numpyro_discrete(samples: int):
     """(step, loss_at): TraceGraph_ELBO(num_particles=samples).loss / B, and the (Monte Carlo KL)
-    loss at fixed one-hot latents z [L, B, C] from the model/guide log densities."""
+    loss at fixed one-hot latents z [L, B, C] from the model/guide log densities. L and C are
+    read from the encoder's shapes."""
     import jax
     import jax.numpy as jnp
     import numpyro
     import numpyro.distributions as dist
     from numpyro.infer import TraceGraph_ELBO
-    from numpyro.infer.util import log_density
 
     def model(enc, dec, x):
+        latents, _, classes = enc["w"].shape
         with numpyro.plate("data", x.shape[0]):
-            z = numpyro.sample("z", dist.Categorical(logits=jnp.zeros((L, C)))
-                               .expand([x.shape[0], L]).to_event(1))          # [B, L] classes
-            logits = disc_decode_blc(dec, jax.nn.one_hot(z, C))
+            z = numpyro.sample("z", dist.Categorical(logits=jnp.zeros((latents, classes)))
+                               .expand([x.shape[0], latents]).to_event(1))    # [B, L] classes
+            logits = disc_decode_blc(dec, jax.nn.one_hot(z, classes))
             numpyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
 
     def guide(enc, dec, x):
@@ -298,19 +364,11 @@ def numpyro_discrete(samples: int):
 
     elbo = TraceGraph_ELBO(num_particles=samples, vectorize_particles=True)
 
-    def loss(p, x, key):
-        return elbo.loss(key, {}, model, guide, p["enc"], p["dec"], x) / x.shape[0]
-
     def loss_at(p, x, z):
-        args = (p["enc"], p["dec"], x)
         zb = jnp.argmax(jnp.transpose(z, (1, 0, 2)), -1)  # one-hot [L, B, C] -> classes [B, L]
-        log_joint, _ = log_density(model, args, {}, {"z": zb})
-        log_q, _ = log_density(guide, args, {}, {"z": zb})
-        return -(log_joint - log_q) / x.shape[0]
+        return numpyro_loss_at(model, guide, p, x, {"z": zb})
 
-    vg = jax.value_and_grad(loss)
-    step = jax.jit(lambda enc, dec, x, key: vg({"enc": enc, "dec": dec}, x, key))
-    return step, jax.jit(jax.value_and_grad(loss_at))
+    return numpyro_step(elbo, model, guide), jax.jit(jax.value_and_grad(loss_at))
 
 
 def disc_decode_blc(dec, z):
@@ -332,27 +390,38 @@ def hand_disc_mc_loss_at(p, x, z):
 
 # ----------------------------------------------------------------------------- measurement
 
-def moments(step, args: tuple, n: int, seed: int) -> dict:
-    """Loss mean/SE and per-coordinate mean/variance of the flattened gradients over n keys."""
+def flat(tree):
+    """The leaves of a pytree raveled into one float64 vector."""
+    import jax
+    import numpy as np
+    return np.concatenate([np.ravel(a) for a in jax.tree.leaves(tree)]).astype(np.float64)
+
+
+def estimates(call, n: int, seed: int, state=()):
+    """Losses [n] and the flattened gradients of each part ("enc", "dec": float64 [n, size]) of
+    `call(key, state) -> (loss, grads, state)` over n independent keys; the state (a baseline or
+    control variate, `()` when none) is threaded from one call to the next, as in training."""
     import jax
     import numpy as np
 
-    keys = jax.random.split(jax.random.PRNGKey(seed), n)
-    losses, acc = [], {}
-    for i in range(n):
-        v, grads = jax.device_get(step(*args, keys[i]))  # the timed (already compiled) function
+    losses, parts = [], {"enc": [], "dec": []}
+    for key in jax.random.split(jax.random.PRNGKey(seed), n):
+        v, grads, state = call(key, state)
+        v, grads = jax.device_get((v, grads))
         losses.append(float(v))
-        for name in ("enc", "dec"):
-            g = np.concatenate([np.ravel(a) for a in jax.tree.leaves(grads[name])]).astype(np.float64)
-            s, s2 = acc.get(name, (0.0, 0.0))
-            acc[name] = (s + g, s2 + g * g)
-    losses = np.asarray(losses)
+        for name, rows in parts.items():
+            rows.append(flat(grads[name]))
+    return np.asarray(losses), {k: np.stack(r) for k, r in parts.items()}
+
+
+def moments(step, args: tuple, n: int, seed: int) -> dict:
+    """Loss mean/SE and per-coordinate mean/variance of the flattened gradients of
+    `step(*args, key) -> (loss, grads)` (the timed, already compiled function) over n keys."""
+    losses, parts = estimates(lambda key, state: (*step(*args, key), state), n, seed)
     out = {"n": n, "loss_mean": float(losses.mean()),
            "loss_se": float(losses.std(ddof=1) / math.sqrt(n))}
-    for name, (s, s2) in acc.items():
-        mean = s / n
-        var = np.maximum(s2 / n - mean * mean, 0.0) * n / (n - 1)
-        out[f"{name}_mean"], out[f"{name}_var"] = mean, var
+    for name, g in parts.items():
+        out[f"{name}_mean"], out[f"{name}_var"] = g.mean(0), g.var(0, ddof=1)
     return out
 
 
@@ -505,7 +574,470 @@ def run_discrete(x, rounds, calls, warmup, var_keys) -> dict:
     for n in variants:
         timing[n]["var_reduction_vs_none_S1"] = base["enc_grad_total_var"] / timing[n]["enc_grad_total_var"]
         timing[n]["var_x_time_vs_ref"] = timing[n]["var_x_time"] / timing[ref]["var_x_time"]
-    return {"variants": timing, "exact": exact, "var_keys": var_keys, "reference": ref}
+    none8, loo8 = timing["gradlang score(none), S=8"], timing["gradlang score(loo), S=8"]
+    pp = timing["gradlang score(loo), S=8, vmap per point"]
+    summary = {
+        "loo_variance_reduction_at_equal_samples": none8["enc_grad_total_var"] / loo8["enc_grad_total_var"],
+        "per_point_vs_batch_credit_variance_reduction": loo8["enc_grad_total_var"] / pp["enc_grad_total_var"]}
+    return {"variants": timing, "exact": exact, "var_keys": var_keys, "reference": ref,
+            "summary": summary}
+
+
+# ----------------------------------------------------------------------------- estimator comparison
+
+CMP_S = 4          # samples per step of the comparison models (estimators_*.grad), as written there
+BIN_K, CTRL_G = 16, 32  # binary latents; hidden units of RELAX's control variate r
+SET_ESTIMATORS = ("enum", "swor", "unordered")
+"""Estimators that evaluate several distinct values of the draw per sample: measured at one sample
+per step (enum is then exact; swor and unordered take k = 4 values, as many evaluations as the
+CMP_S samples of the others)."""
+BASELINE_WARMUP = 50  # calls that start a moving-average baseline before it is measured
+FLOAT32_FLOOR = 1e-5
+"""Differences from the (float64) exact gradient below FLOAT32_FLOOR x its RMS, per coordinate,
+are float32 rounding, not bias: what decides for an estimator without variance (enum differs
+by at most 4e-6 x RMS on the single-categorical model)."""
+NUMPYRO = f"NumPyro TraceGraph_ELBO, S={CMP_S}"
+
+
+def init_binary(x, seed: int = 3):
+    """The binary VAE's parameters (estimators_binary.grad): BIN_K Bernoulli latents."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    enc = {"hidden": _dense(rng, D, H), "logits": _dense(rng, H, BIN_K)}
+    dec = {"hidden": _dense(rng, BIN_K, H), "logits": _dense(rng, H, D)}
+    dec["logits"]["b"] = _decoder_logits_bias(x)
+    return enc, dec
+
+
+def init_control(seed: int = 4) -> dict:
+    """psi of estimators_binary.grad's r: a random hidden layer and a zero output layer, so that
+    r = 0 at the start (RELAX starts as REBAR with eta = 1)."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    return {"hidden": _dense(rng, BIN_K, CTRL_G),
+            "out": {"w": np.zeros((CTRL_G, 1), np.float32), "b": np.zeros(1, np.float32)}}
+
+
+def kl_half(q):
+    """KL(Bernoulli(logits=q) || Bernoulli(1/2)), summed over the latents, per data point."""
+    import jax
+    import jax.numpy as jnp
+    p = jax.nn.sigmoid(q)
+    return jnp.sum(p * jax.nn.log_sigmoid(q) + (1 - p) * jax.nn.log_sigmoid(-q) + math.log(2.0), -1)
+
+
+def pairwise_log_lik(logits, x):
+    """log p(x_b | pixel logits_n) for every data point b and latent value n: [B, N]."""
+    import jax
+    import jax.numpy as jnp
+    return x @ logits.T - jnp.sum(jax.nn.softplus(logits), -1)
+
+
+def expected_neg_elbo(log_w, log_lik, kl):
+    """-mean_b (sum_n q(n|x_b) log p(x_b|n) - KL_b): the -ELBO summed over every latent value n."""
+    import jax.numpy as jnp
+    return -jnp.mean(jnp.sum(jnp.exp(log_w) * log_lik, 1) - kl)
+
+
+def exact_categorical(enc, dec, x):
+    """The categorical VAE's -ELBO (closed-form KL) with the reconstruction term summed over all
+    C^L joint values of the latents: exact, differentiable."""
+    import itertools
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    latents, _, classes = enc["w"].shape
+    z = jax.nn.one_hot(np.array(list(itertools.product(range(classes), repeat=latents))), classes)
+    q = disc_encode(enc, x)                                            # [L, B, C]
+    log_w = jnp.einsum("lbc,nlc->bn", jax.nn.log_softmax(q, -1), z)     # [B, C^L]
+    return expected_neg_elbo(log_w, pairwise_log_lik(disc_decode_blc(dec, z), x), kl_uniform(q))
+
+
+def exact_binary(enc, dec, x):
+    """The binary VAE's -ELBO (closed-form KL) summed over all 2^K latent values: exact."""
+    import jax
+    import numpy as np
+    k = enc["logits"]["w"].shape[1]
+    z = ((np.arange(2 ** k)[:, None] >> np.arange(k)) & 1).astype(x.dtype)  # [2^K, K]
+    q = mlp(enc, x)                                                           # [B, K]
+    log_w = jax.nn.log_sigmoid(q) @ z.T + jax.nn.log_sigmoid(-q) @ (1 - z).T  # [B, 2^K]
+    return expected_neg_elbo(log_w, pairwise_log_lik(mlp(dec, z), x), kl_half(q))
+
+
+def numpyro_binary(samples: int):
+    """TraceGraph_ELBO(num_particles=samples).loss / B of the binary VAE (Bernoulli latents under
+    the data plate: per-data-point credit, a Monte Carlo KL)."""
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as dist
+    from numpyro.infer import TraceGraph_ELBO
+
+    def model(enc, dec, x):
+        k = enc["logits"]["w"].shape[1]
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Bernoulli(logits=jnp.zeros(k)).expand([x.shape[0], k])
+                               .to_event(1))
+            numpyro.sample("x", dist.Bernoulli(logits=mlp(dec, z)).to_event(1), obs=x)
+
+    def guide(enc, dec, x):
+        with numpyro.plate("data", x.shape[0]):
+            numpyro.sample("z", dist.Bernoulli(logits=mlp(enc, x)).to_event(1))
+
+    return numpyro_step(TraceGraph_ELBO(num_particles=samples, vectorize_particles=True), model, guide)
+
+
+@dataclass(frozen=True)
+class CompareModel:
+    """A discrete VAE of the comparison: its source, parameters, exact loss and NumPyro step."""
+
+    key: str
+    title: str
+    src: Path
+    init: Callable
+    exact: Callable
+    numpyro: Callable
+
+
+COMPARE_MODELS = (
+    CompareModel("categorical", f"categorical VAE: L={L} OneHotCategorical latents x C={C} classes",
+                 MODELS / "estimators_categorical.grad", init_discrete, exact_categorical,
+                 lambda s: numpyro_discrete(s)[0]),
+    CompareModel("binary", f"binary VAE: K={BIN_K} Bernoulli latents",
+                 MODELS / "estimators_binary.grad", init_binary, exact_binary, numpyro_binary),
+    CompareModel("single", f"single categorical: one OneHotCategorical latent x C={C} classes",
+                 MODELS / "estimators_onehot.grad", lambda x: init_discrete(x, latents=1),
+                 exact_categorical, lambda s: numpyro_discrete(s)[0]),
+)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One estimator of a model's draw: a jitted per-data-point step
+    `call(enc, dec, x, key, state) -> (loss, grads, state)` with its initial state, or why it
+    does not apply (the compiler's message)."""
+
+    label: str
+    call: Callable | None = None
+    state: object = ()
+    kind: str | None = None
+    """What the state is: "baseline" (a moving average), "control" (RELAX's psi) or None."""
+    evals: int = 0
+    """Evaluations of the objective per data point and step."""
+    biased: str | None = None
+    """Why it is biased by design (None: meant to be unbiased)."""
+    reason: str | None = None
+
+
+def candidates(text: str) -> list[str]:
+    """`gradlang verify --compare`'s candidates (every estimator, the score function with each
+    baseline, default options) without `auto` (the automatic rule: score with leave-one-out
+    here); RELAX with the file's control variate `r` where it has one; and swor's normalized
+    variant."""
+    from gradlang.verify.compare import site_candidates
+
+    out = []
+    for c in site_candidates():
+        if c == "relax" and re.search(r"^fn r\(", text, re.M):
+            c = "relax(control=r)"
+        out += [] if c == "auto" else [c]
+        out += ["swor(k=4, baseline=normalized)"] if c == "swor" else []
+    return out
+
+
+def samples_edit(source, n: int):
+    """The edit that sets the `samples=` of the file's export to n."""
+    from gradlang.verify.variants import Edit
+
+    for i, line in enumerate(source.text.splitlines(), 1):
+        found = re.search(r"samples=\d+", line) if line.startswith("export ") else None
+        if found:
+            return Edit(i, found.start() + 1, i, found.end() + 1, f"samples={n}")
+    raise ValueError(f"{source.path}: no export with samples=")
+
+
+def per_point(step, kind: str | None):
+    """`step` vmapped over single data points (a batch of one each, one key each), the loss and
+    gradients averaged: per-data-point credit. A moving-average baseline is kept per data point
+    ([B]); a RELAX control variate's psi is shared, its per-point steps averaged (one step on
+    the mean of the per-point second moments)."""
+    import jax
+    import jax.numpy as jnp
+
+    def mean0(tree):
+        return jax.tree.map(lambda a: jnp.mean(a, 0), tree)
+
+    def call(enc, dec, x, key, s):
+        keys = jax.random.split(key, x.shape[0])
+        if kind is None:
+            v, g = jax.vmap(step, in_axes=(None, None, 0, 0))(enc, dec, x[:, None], keys)
+            return jnp.mean(v), mean0(g), s
+        shared = kind == "control"
+        v, g, new = jax.vmap(step, in_axes=(None, None, 0, None if shared else 0, 0))(
+            enc, dec, x[:, None], s, keys)
+        return jnp.mean(v), mean0(g), mean0(new) if shared else new
+
+    return jax.jit(call)
+
+
+def initial_state(kind: str | None):
+    """A moving average of 0 per data point, RELAX's init_control(), or no state."""
+    import numpy as np
+    if kind == "baseline":
+        return np.zeros(B, np.float32)
+    return init_control() if kind == "control" else ()
+
+
+def biased_by_design(case, site) -> str | None:
+    """What `gradlang verify` says (gumbel, st_gumbel, grpo), and swor's normalized weights."""
+    if case.biased_by_design:
+        return case.biased_by_design
+    if site.estimator.name == "swor" and site.estimator.option("baseline") == "normalized":
+        return "swor's normalized weights (self-normalized importance sampling)"
+    return None
+
+
+def compile_variants(src: Path) -> list[Variant]:
+    """Every candidate estimator written on the draw of `src` (one `with ...` edit, as `gradlang
+    verify --compare` does; set estimators also at one sample): compiled and vmapped per data
+    point, or not applicable with the compiler's message."""
+    import gradlang
+    from gradlang.diagnostics import SourceFile
+    from gradlang.verify.case import classify
+    from gradlang.verify.variants import Origin, annotate_site
+
+    source = SourceFile(str(src), src.read_text())
+    origin = Origin(source, src.parent, {})
+    (site,) = gradlang.compile_file(src).ir.facts["estimators"]
+    out = []
+    for c in candidates(source.text):
+        edits = [annotate_site(site, c)]
+        edits += [samples_edit(source, 1)] if c.split("(")[0] in SET_ESTIMATORS else []
+        compiled = origin.compile(edits)
+        if isinstance(compiled, str):
+            out.append(Variant(f"with {c}", reason=compiled))
+            continue
+        (export,), (chosen,) = compiled.ir.exports, compiled.ir.facts["estimators"]
+        case, step = classify(compiled.ir, export), getattr(compiled, export.name)
+        kind = step.signature.params[-2][0] if step.signature.stateful else None
+        out.append(Variant(f"with {c}", per_point(step, kind), initial_state(kind), kind,
+                           case.cost().forward, biased_by_design(case, chosen)))
+    return out
+
+
+def numpyro_variant(model: CompareModel) -> Variant:
+    """NumPyro's TraceGraph_ELBO on the model, in the variants' calling convention."""
+    import jax
+    step = model.numpyro(CMP_S)
+    return Variant(NUMPYRO, jax.jit(lambda enc, dec, x, key, s: (*step(enc, dec, x, key), s)),
+                   evals=CMP_S)
+
+
+def warm(v: Variant, args: tuple, relax_steps: int, seed: int) -> Variant:
+    """The variant with its state after calls at the fixed parameters: BASELINE_WARMUP for a
+    moving-average baseline (it settles), `relax_steps` for RELAX (its control variate is
+    trained); stateless variants as they are."""
+    import dataclasses
+
+    import jax
+    if v.kind is None:
+        return v
+    state = v.state
+    calls = relax_steps if v.kind == "control" else BASELINE_WARMUP
+    for key in jax.random.split(jax.random.PRNGKey(seed), calls):
+        state = v.call(*args, key, state)[2]
+    return dataclasses.replace(v, state=state)
+
+
+def exact_reference(model: CompareModel, args: tuple) -> tuple[float, object]:
+    """The exact -ELBO and flattened encoder gradient, computed in float64."""
+    import jax
+    import numpy as np
+    with jax.enable_x64(True):
+        args64 = jax.tree.map(lambda a: np.asarray(a, np.float64), args)
+        loss, grad = jax.jit(jax.value_and_grad(model.exact))(*args64)
+        return float(loss), flat(grad)
+
+
+def against_exact(v: Variant, losses, enc_grads, exact_loss: float, exact_grad) -> dict:
+    """Variance, and agreement with the exact gradient in standard errors (gradlang verify's
+    per-coordinate statistics: |mean - exact| beyond a float32 floor over its standard error,
+    z = 5). Not verify's chi-square test: the coordinates of one gradient are strongly
+    correlated, so their chi-square has far fewer than K degrees of freedom and that test
+    rejects unbiased estimators here."""
+    import numpy as np
+    from gradlang.verify.stats import BIASED, BY_DESIGN, CONSISTENT, Z, leaf_stats
+
+    floor = np.full_like(exact_grad, FLOAT32_FLOOR * np.sqrt(np.mean(exact_grad ** 2)))
+    st = leaf_stats("enc", exact_grad.shape, enc_grads, exact_grad, np.zeros_like(exact_grad),
+                    floor, None, v.biased is not None)
+    se = float(losses.std(ddof=1) / math.sqrt(len(losses)))
+    verdict = CONSISTENT if st.max_z <= Z else BY_DESIGN if v.biased else BIASED
+    return {"enc_grad_total_var": st.total_variance, "relative_diff": st.relative_bias,
+            "noise_floor": st.noise_floor, "max_z": st.max_z, "cosine": st.cosine,
+            "verdict": verdict, "loss_mean": float(losses.mean()), "loss_se": se,
+            "loss_z_vs_exact": (float(losses.mean()) - exact_loss) / se if se > 0 else 0.0}
+
+
+def rank_key(row: dict) -> tuple:
+    """verify --compare's order: consistent first, then biased by design, then failing; by
+    variance x time within each."""
+    from gradlang.verify.stats import VERDICTS
+    return VERDICTS.index(row["verdict"]), row["var_x_time"]
+
+
+def run_compare_model(model: CompareModel, x, a) -> dict:
+    """Every estimator of `model`'s draw and NumPyro: variance, bias against the exact gradient,
+    interleaved time per step, variance x time."""
+    import jax
+    import numpy as np
+
+    enc, dec = model.init(x)
+    args = jax.device_put((enc, dec, x))
+    exact_loss, exact_grad = exact_reference(model, args)
+    variants = compile_variants(model.src) + [numpyro_variant(model)]
+    measured = [warm(v, args, a.relax_steps, seed=3000 + i)
+                for i, v in enumerate(variants) if v.call is not None]
+    rows = {}
+    for i, v in enumerate(measured):
+        losses, parts = estimates(lambda key, s, v=v: v.call(*args, key, s), a.var_keys,
+                                  seed=4000 + i, state=v.state)
+        rows[v.label] = {"evals_per_point": v.evals, "biased_by_design": v.biased,
+                         **against_exact(v, losses, parts["enc"], exact_loss, exact_grad)}
+    timed = {v.label: (lambda *xs, v=v: v.call(*xs, v.state)) for v in measured}
+    timing = interleaved(timed, (*args, jax.random.PRNGKey(0)), NUMPYRO, a.compare_rounds,
+                         a.compare_calls, a.warmup)
+    ref = rows[NUMPYRO]
+    for n, r in rows.items():
+        r.update(timing[n], var_x_time=r["enc_grad_total_var"] * timing[n]["median_s"])
+    for r in rows.values():
+        r["var_x_time_vs_numpyro"] = r["var_x_time"] / ref["var_x_time"]
+    ranked = dict(sorted(rows.items(), key=lambda kv: rank_key(kv[1])))
+    return {"title": model.title, "source": str(model.src.relative_to(ROOT)),
+            "exact_loss": exact_loss, "exact_grad_norm": float(np.linalg.norm(exact_grad)),
+            "rows": ranked, "not_applicable": {v.label: v.reason for v in variants if v.call is None}}
+
+
+STORCHASTIC = (
+    # (Storchastic's method, the paper, the gradlang annotation or None, a note)
+    ("Reparameterization", "Kingma & Welling 2014", "reparam", "continuous draws only"),
+    ("ScoreFunction", "Williams 1992", "score(baseline=none)", ""),
+    ("ScoreFunction + MovingAverageBaseline", "Williams 1992", "score(baseline=ma)",
+     "Storchastic's decay 0.95, gradlang's default 0.9 (measured)"),
+    ("ScoreFunction + BatchAverageBaseline", "Kool et al. 2019; Mnih & Rezende 2016",
+     "score(baseline=loo)", "the mean of the other samples: leave-one-out"),
+    ("Infer", "(automatic choice)", "score(baseline=loo)",
+     "gradlang's automatic rule at S = 4; Storchastic's Infer takes GumbelSoftmax for these draws"),
+    ("Expect", "(exact enumeration)", "enum", ""),
+    ("GumbelSoftmax", "Jang et al. 2017; Maddison et al. 2017", "gumbel", "biased by design"),
+    ("GumbelSoftmax(straight_through=True)", "Bengio et al. 2013; Jang et al. 2017", "st_gumbel",
+     "biased by design"),
+    ("GumbelSparseMax", "Paulus et al. 2020", None, ""),
+    ("GumbelEntmax", "Paulus et al. 2020; Peters et al. 2019", None, ""),
+    ("REBAR", "Tucker et al. 2017", "rebar", "eta and tau fixed (the paper tunes them)"),
+    ("RELAX", "Grathwohl et al. 2018", "relax(control=r)", "r: a tanh MLP of the relaxed draw"),
+    ("LAX", "Grathwohl et al. 2018", None,
+     "RELAX's estimator for continuous draws (a learned control variate without relaxation)"),
+    ("ARM", "Yin & Zhou 2019", "arm", ""),
+    ("DisARM", "Dong, Mnih & Tucker 2020", "disarm", ""),
+    ("ScoreFunctionWOR(use_baseline=False, biased=False)", "Kool et al. 2019 (eq. 9)", "swor",
+     "k = 4 distinct categories, Horvitz-Thompson weights p/q"),
+    ("ScoreFunctionWOR(biased=True) (the default)", "Kool et al. 2019 (eq. 11)",
+     "swor(k=4, baseline=normalized)",
+     "close, not equal: gradlang normalizes by W = sum w, eq. 11 by W - w_s + p(s); biased"),
+    ("ScoreFunctionWOR(biased=False)", "Kool et al. 2019 (eq. 10)", None,
+     "the unbiased built-in baseline"),
+    ("UnorderedSetEstimator", "Kool et al. 2020", "unordered", "k = 4, its built-in baseline"),
+    ("UnorderedSetGumbelSoftmax", "Kool et al. 2020", None, ""),
+    ("RaoBlackwellSF", "Liu et al. 2019 (sum and sample)", None, ""),
+)
+"""The gradient estimators of Storchastic (van Krieken et al. 2021), as `storch.method` exports
+them (MovingAverageBaseline and BatchAverageBaseline from `storch.method.baseline`)."""
+NOT_IN_STORCHASTIC = ("score(baseline=grpo)", "mvd", "score(baseline=vimco)", "dreg")
+
+
+def storchastic_rows(models: dict) -> list[dict]:
+    """Storchastic's estimators against gradlang's, with what this run measured for each model:
+    var x time relative to NumPyro, 'n/a' (the compiler rejects it here) or 'not in gradlang'."""
+    out = []
+    for method, paper, annotation, note in STORCHASTIC:
+        cells = {}
+        for key, m in models.items():
+            label = f"with {annotation}"
+            if annotation is None:
+                cells[key] = "not in gradlang"
+            elif label in m["rows"]:
+                r = m["rows"][label]
+                cells[key] = ("exact" if r["enc_grad_total_var"] == 0 else
+                              f"{r['var_x_time_vs_numpyro']:.3g}x"
+                              + (" (biased)" if r["biased_by_design"] else ""))
+            else:
+                cells[key] = "n/a"
+        out.append({"method": method, "paper": paper, "gradlang": annotation, "note": note,
+                    "measured": cells})
+    return out
+
+
+def _g(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3g}"
+
+
+def print_compare_model(m: dict) -> None:
+    print(f"\n#### {m['title']} ({m['source']}; exact -ELBO {m['exact_loss']:.4f}, "
+          f"|exact encoder gradient| {m['exact_grad_norm']:.4g})\n")
+    print("| rank | estimator | evals/point | total var | time/step | time vs NumPyro | var x time "
+          "| vs NumPyro | rel. diff | noise | max z | E[loss] z | verdict |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for i, (n, r) in enumerate(m["rows"].items(), 1):
+        print(f"| {i} | {n} | {r['evals_per_point']} | {r['enc_grad_total_var']:.4g} | "
+              f"{r['median_s'] * 1e3:.2f} ms | {r['median_ratio']:.2f} | {r['var_x_time']:.3g} | "
+              f"{r['var_x_time_vs_numpyro']:.3g} | {_g(r['relative_diff'])} | "
+              f"{_g(r['noise_floor'])} | {r['max_z']:.2f} | {r['loss_z_vs_exact']:+.2f} | "
+              f"{r['verdict']} |")
+    print("\nnot applicable (the compiler's reason):")
+    for n, why in m["not_applicable"].items():
+        print(f"- `{n}`: {why}")
+
+
+def print_compare(cmp: dict) -> None:
+    print(f"\n3. Estimator comparison on discrete VAEs: every estimator the compiler accepts at the "
+          f"draw, each step\n   vmapped over the {B} data points (per-data-point credit), S={CMP_S} "
+          f"samples (enum, swor, unordered: one); encoder-gradient\n   variance over "
+          f"{cmp['var_keys']} keys at fixed parameters; agreement with the exact gradient (summed "
+          f"over every latent value);\n   time per step interleaved ({cmp['rounds']} rounds x "
+          f"{cmp['calls']} calls); RELAX's control variate trained {cmp['relax_steps']} steps "
+          f"first, moving averages {BASELINE_WARMUP}.\n   rel. diff: |mean - exact| / |exact|; "
+          f"noise: the standard error of that difference, sqrt(sum var / keys) / |exact| (rel. diff\n"
+          f"   about noise: unbiased); max z: the largest per-coordinate |mean - exact| / SE "
+          f"(verdict: consistent when <= 5); E[loss] z:\n   the mean loss against the exact "
+          f"-ELBO, in standard errors (gumbel's forward is relaxed). vs NumPyro: ratios to its row.")
+    if cmp["var_keys"] < 100:
+        print(f"   (only {cmp['var_keys']} keys: the per-coordinate z of heavy-tailed estimators "
+              f"exceeds 5 by chance; the verdicts need about 200)")
+    for m in cmp["models"].values():
+        print_compare_model(m)
+    print("\n#### Storchastic's estimators (var x time relative to NumPyro TraceGraph_ELBO, "
+          "measured above)\n")
+    keys = list(cmp["models"])
+    print(f"| Storchastic | paper | gradlang | {' | '.join(keys)} | note |")
+    print("|---|---|---|" + "---|" * len(keys) + "---|")
+    for r in cmp["storchastic"]:
+        cells = " | ".join(r["measured"][k] for k in keys)
+        print(f"| {r['method']} | {r['paper']} | {r['gradlang'] and '`' + r['gradlang'] + '`' or '-'} "
+              f"| {cells} | {r['note']} |")
+    print(f"\ngradlang estimators not in Storchastic: {', '.join(NOT_IN_STORCHASTIC)} "
+          f"(grpo: biased by design; mvd: Normal and a Bernoulli draw with one element; vimco: "
+          f"logmeanexp scopes; dreg: pathwise draws).")
+
+
+def run_compare(x, a) -> dict:
+    """Section 3 on every comparison model (`--quick`: the single-categorical one only)."""
+    models = {m.key: run_compare_model(m, x, a) for m in COMPARE_MODELS
+              if not a.quick or m.key == "single"}
+    return {"samples": CMP_S, "var_keys": a.var_keys, "relax_steps": a.relax_steps,
+            "rounds": a.compare_rounds, "calls": a.compare_calls,
+            "baseline_warmup": BASELINE_WARMUP, "models": models,
+            "storchastic": storchastic_rows(models)}
 
 
 # ----------------------------------------------------------------------------- report
@@ -519,31 +1051,7 @@ def _time_table(rows: dict) -> None:
         print(f"  {n:<{w}}{r['median_s'] * 1e6:>11.0f} us{iqr:>22}{r['median_ratio']:>15.3f}{riqr:>16}")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=100, help="interleaved rounds (default 100)")
-    ap.add_argument("--calls", type=int, default=10, help="calls per timed sample (default 10)")
-    ap.add_argument("--warmup", type=int, default=20, help="warm-up calls per variant")
-    ap.add_argument("--var-keys", type=int, default=200,
-                    help="independent keys for the discrete gradient variance (default 200)")
-    ap.add_argument("--check-keys", type=int, default=400,
-                    help="independent keys for the Gaussian expectation checks (default 400)")
-    ap.add_argument("--json", type=Path, default=None, help="write the results to this file")
-    args = ap.parse_args(argv)
-
-    import jax
-    import numpyro
-
-    t_start = time.perf_counter()
-    dev = jax.devices()[0]
-    x, data_source = load_data()
-    print(f"gradlang VI benchmark: VAE steps (loss and gradient, no optimizer update), B={B} D={D}")
-    print(f"jax {jax.__version__}, numpyro {numpyro.__version__}, device {dev.platform}:"
-          f"{dev.device_kind}, {os.cpu_count()} CPUs, python {platform.python_version()}")
-    print(f"data: {data_source}; interleaved timing: {args.rounds} rounds x {args.calls} calls "
-          f"per variant, {args.warmup} warm-up calls\n")
-
-    gauss = run_gaussian(x, args.rounds, args.calls, args.warmup, args.check_keys)
+def print_gaussian(gauss: dict) -> None:
     print(f"1. Gaussian VAE (H={H}, Z={Z}), pathwise, S={GAUSS_S} samples per step")
     for g, rows in gauss["groups"].items():
         print(f" {g}:")
@@ -569,7 +1077,8 @@ def main(argv: list[str] | None = None) -> dict:
                 bad.append(tag)
     print(f"  expected losses agree within 5 standard errors: {'yes' if not bad else 'NO: ' + ', '.join(bad)}")
 
-    disc = run_discrete(x, args.rounds, args.calls, args.warmup, args.var_keys)
+
+def print_discrete(disc: dict) -> None:
     rows = disc["variants"]
     print(f"\n2. Discrete VAE (L={L} OneHotCategorical latents x C={C} classes, H={H}), score function")
     _time_table(rows)
@@ -585,7 +1094,6 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {n:<{w}}{r['enc_grad_total_var']:>11.4g}{r['var_reduction_vs_none_S1']:>12.4g}x"
               f"{r['var_x_time']:>12.3g}{r['var_x_time_vs_ref']:>9.3g}"
               f"{r['loss_mean']:>11.3f} +-{r['loss_se']:.3f}{z:>7}{chi2:>12}")
-    none8 = rows["gradlang score(none), S=8"]
     loo8, pp = rows["gradlang score(loo), S=8"], rows["gradlang score(loo), S=8, vmap per point"]
     print("  (vs none,S=1: total variance of gradlang score(none), S=1 / this row's. vs ref: var x time\n"
           "   / the reference's, lower is better. z: expected loss vs the reference's, in standard\n"
@@ -593,27 +1101,81 @@ def main(argv: list[str] | None = None) -> dict:
           "   per coordinate, in units of its variance: about 1 when both are unbiased. NumPyro's loss\n"
           "   uses a Monte Carlo KL: same expectation.)")
     print(f"  gradlang leave-one-out at S={DISC_S}: variance / "
-          f"{none8['enc_grad_total_var'] / loo8['enc_grad_total_var']:.4g} vs no baseline at the same S;\n"
-          f"  gradlang per-point credit (vmap) vs batch credit: variance / "
-          f"{loo8['enc_grad_total_var'] / pp['enc_grad_total_var']:.4g}, var x time / "
+          f"{disc['summary']['loo_variance_reduction_at_equal_samples']:.4g} vs no baseline at the "
+          f"same S;\n  gradlang per-point credit (vmap) vs batch credit: variance / "
+          f"{disc['summary']['per_point_vs_batch_credit_variance_reduction']:.4g}, var x time / "
           f"{loo8['var_x_time'] / pp['var_x_time']:.4g}")
-    disc["summary"] = {
-        "loo_variance_reduction_at_equal_samples": none8["enc_grad_total_var"] / loo8["enc_grad_total_var"],
-        "per_point_vs_batch_credit_variance_reduction": loo8["enc_grad_total_var"] / pp["enc_grad_total_var"]}
     for n, c in disc["exact"].items():
         print(f"  ok at fixed one-hot latents: {n} vs hand-written: |loss diff| "
               f"{c['loss_abs_diff']:.1e}, max |grad diff| {c['grad_max_abs_diff']:.1e}")
     bad = [n for n, r in rows.items() if abs(r["loss_z_vs_ref"]) > 5]
     print(f"  expected losses agree within 5 standard errors: {'yes' if not bad else 'NO: ' + ', '.join(bad)}")
-    total = time.perf_counter() - t_start
-    print(f"\ntotal wall time {total:.0f} s")
 
-    result = {"dims": {"B": B, "D": D, "H": H, "Z": Z, "L": L, "C": C},
-              "samples": {"gaussian": GAUSS_S, "discrete": DISC_S},
+
+SECTIONS = ("gaussian", "discrete", "compare")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    timing_args(ap, 100, 10, 20, "a smoke test (about a minute): the comparison on the "
+                                 "single-categorical model only (unless --sections says otherwise), "
+                                 "4 rounds of 2 calls, 20 keys, 20 RELAX steps")
+    ap.add_argument("--compare-rounds", type=int, default=40,
+                    help="interleaved rounds of the comparison (section 3; default 40)")
+    ap.add_argument("--compare-calls", type=int, default=5,
+                    help="calls per timed sample in the comparison (default 5)")
+    ap.add_argument("--var-keys", type=int, default=200,
+                    help="independent keys for the discrete gradient variance (default 200)")
+    ap.add_argument("--check-keys", type=int, default=400,
+                    help="independent keys for the Gaussian expectation checks (default 400)")
+    ap.add_argument("--relax-steps", type=int, default=1000,
+                    help="steps that train RELAX's control variate before it is measured (default 1000)")
+    ap.add_argument("--sections", default=None,
+                    help=f"comma-separated sections to run (default {','.join(SECTIONS)}; with "
+                         f"--quick, compare)")
+    ap.add_argument("--partitionable-threefry", action="store_true",
+                    help="keep JAX's default jax_threefry_partitionable=True (on CPU, draws of rank "
+                         ">= 3 then compile and run 5-20x slower; see the docstring)")
+    args = parse_timing_args(ap, argv)
+    if args.quick:
+        args.var_keys, args.check_keys, args.relax_steps = 20, 20, 20
+        args.compare_rounds, args.compare_calls = args.rounds, args.calls
+    sections = (args.sections or ("compare" if args.quick else ",".join(SECTIONS))).split(",")
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        ap.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+
+    import jax
+    import numpyro
+
+    jax.config.update("jax_threefry_partitionable", args.partitionable_threefry)
+    t_start = time.perf_counter()
+    dev = jax.devices()[0]
+    x, data_source = load_data()
+    print(f"gradlang VI benchmark: VAE steps (loss and gradient, no optimizer update), B={B} D={D}")
+    print(f"jax {jax.__version__}, numpyro {numpyro.__version__}, device {dev.platform}:"
+          f"{dev.device_kind}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
+          f"jax_threefry_partitionable={args.partitionable_threefry}")
+    print(f"data: {data_source}; interleaved timing: {args.rounds} rounds x {args.calls} calls "
+          f"per variant (section 3: {args.compare_rounds} x {args.compare_calls}), {args.warmup} "
+          f"warm-up calls\n")
+    result = {"dims": {"B": B, "D": D, "H": H, "Z": Z, "L": L, "C": C, "K": BIN_K},
+              "samples": {"gaussian": GAUSS_S, "discrete": DISC_S, "compare": CMP_S},
               "rounds": args.rounds, "calls": args.calls, "jax": jax.__version__,
               "numpyro": numpyro.__version__, "device": f"{dev.platform}:{dev.device_kind}",
               "cpu_count": os.cpu_count(), "data": data_source,
-              "gaussian": gauss, "discrete": disc, "wall_s": total}
+              "threefry_partitionable": args.partitionable_threefry}
+    if "gaussian" in sections:
+        result["gaussian"] = run_gaussian(x, args.rounds, args.calls, args.warmup, args.check_keys)
+        print_gaussian(result["gaussian"])
+    if "discrete" in sections:
+        result["discrete"] = run_discrete(x, args.rounds, args.calls, args.warmup, args.var_keys)
+        print_discrete(result["discrete"])
+    if "compare" in sections:
+        result["compare"] = run_compare(x, args)
+        print_compare(result["compare"])
+    result["wall_s"] = time.perf_counter() - t_start
+    print(f"\ntotal wall time {result['wall_s']:.0f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
