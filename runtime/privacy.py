@@ -89,8 +89,9 @@ def private_gradient(f: Callable, names: list[str], wrt: tuple[str, ...], plan: 
         noise_key, f_key = jax.random.split(key) if draws else (key, None)
         losses, summed, _ = clipped_sum(f, args, names, plan, wrt, f_key)
         n = losses.shape[0]
-        noisy = jax.tree.map(lambda s, z: (s + z) / n, summed,
-                             _noise(noise_key, summed, plan.noise * plan.clip))
+        if plan.noise:
+            summed = jax.tree.map(jnp.add, summed, _noise(noise_key, summed, plan.noise * plan.clip))
+        noisy = jax.tree.map(lambda s: s / n, summed)
         if lr is not None:
             return {w: jax.tree.map(lambda t, g: t - lr * g, args[names.index(w)], noisy[w])
                     for w in wrt}

@@ -271,3 +271,20 @@ export per_example = grad(loss, wrt=[p], by=dp(clip=1.0, noise=1.0, clipping=per
 
     # per-example gradients hold 64 x 256 x 256 floats (16 MiB) for the first layer alone
     assert temp("ghost") < temp("per_example") / 8
+
+
+def test_verify_reports_clipping_as_biased_by_design():
+    src = """
+fn loss(w: f32[D], x: f32[B, D], y: f32[B]) -> f32 { return mean((x @ w - y) ^ 2) }
+export loose = grad(loss, wrt=[w], by=dp(clip=1000.0, noise=0.5))
+export tight = grad(loss, wrt=[w], by=dp(clip=0.01, noise=0.5))
+"""
+    m = gradlang.compile_source(src)
+    rng = np.random.default_rng(4)
+    args = {"w": rng.normal(size=3).astype(np.float32), "x": rng.normal(size=(8, 3)).astype(np.float32),
+            "y": rng.normal(size=8).astype(np.float32)}
+    loose = m.verify("loose", args, samples=200)
+    tight = m.verify("tight", args, samples=200)
+    assert loose.case == "exact" and loose.verdict == "consistent"
+    assert tight.verdict == "biased by design" and "clips each example" in tight.biased_by_design
+    assert any("noise" in note for note in tight.notes)
