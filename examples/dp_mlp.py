@@ -43,24 +43,14 @@ import numpy as np
 import optax
 
 import gradlang
-from binary_mlp import load_digits_01
 from gradlang.privacy_accountant import epsilon
+from binary_mlp import load_digits_01
+from mezo_mlp import init_params
 from progress import ProgressBar
 
 HERE = Path(__file__).resolve().parent
 METHODS = ("private", "plain")
 LABELS = {"private": "DP-SGD (by=dp, ghost clipping)", "plain": "non-private SGD"}
-
-
-def init_params(d: int, h: int, c: int, seed: int) -> dict:
-    """Glorot-initialised layers (tanh hidden), zero biases; the MLP struct as a dict."""
-    rng = np.random.default_rng(seed)
-
-    def dense(i: int, o: int) -> dict:
-        return {"w": (rng.normal(size=(i, o)) * np.sqrt(2.0 / (i + o))).astype(np.float32),
-                "b": np.zeros(o, np.float32)}
-
-    return {"l1": dense(d, h), "l2": dense(h, c)}
 
 
 def padded_size(expected: float, q: float) -> int:
