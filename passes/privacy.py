@@ -57,7 +57,7 @@ class PrivatePlan:
 
 def _option_problem(e: Estimator) -> str | None:
     given = dict(e.options)
-    for k, v in e.options:
+    for k, _ in e.options:
         if k not in OPTIONS:
             close = difflib.get_close_matches(k, OPTIONS, n=1)
             return (f"dp has no option '{k}'" + (f"; did you mean '{close[0]}'?" if close
@@ -171,10 +171,12 @@ class Privacy:
                     diags.error(problem, t.by.span)
                 else:
                     given = dict(t.by.options)
-                    by = replace(t.by, options=tuple((k, given.get(k, v)) for k, v in OPTIONS.items()))
+                    by = replace(t.by, options=tuple((k, given.get(k, v))
+                                                     for k, v in OPTIONS.items()))
                     if by.option("noise") == 0:
                         diags.warning("dp with noise=0 clips each example's gradient but adds no "
-                                      "noise: the gradient is not differentially private", t.by.span)
+                                      "noise: the gradient is not differentially private",
+                                      t.by.span)
                     export = replace(export, transform=replace(t, by=by))
                     found = plan(module, export, diags)
                     if found is not None:

@@ -3,8 +3,8 @@
 `grad` and `value_and_grad` use JAX's reverse mode on the lowered function (`by=dp`: made
 private, `runtime.privacy`; another `by=`: a black-box estimate, `runtime.zeroth_order`);
 gradients come back as a dict keyed by the `wrt` parameter names. `descend` returns the `wrt`
-parameters after one step theta - lr * gradient, in the same dict. A stateful export (a moving-average
-baseline) also returns the updated state, last.
+parameters after one step theta - lr * gradient, in the same dict. A stateful export (a
+moving-average baseline) also returns the updated state, last.
 """
 
 from __future__ import annotations

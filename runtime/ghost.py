@@ -71,14 +71,15 @@ class Tapped(Factored):
         raise LoweringError("a ghost-clipped weight was used outside a matmul x @ w")
 
 
-def clip_factors(sq_norms: jax.Array, clip: float) -> jax.Array:
+def _clip_factors(sq_norms: jax.Array, clip: float) -> jax.Array:
     """min(1, C / ||g_i||) per example, from the squared norms (1 for a zero gradient)."""
     return clip / jnp.maximum(jnp.sqrt(sq_norms), clip)
 
 
 def _sq_norms(grads) -> jax.Array:
     """Per example, the squared norm of per-example gradients stacked on axis 0."""
-    return sum(jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), axis=1) for g in jax.tree.leaves(grads))
+    return sum(jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), axis=1)
+               for g in jax.tree.leaves(grads))
 
 
 def _weighted_sum(c: jax.Array, grads):
@@ -86,11 +87,10 @@ def _weighted_sum(c: jax.Array, grads):
 
 
 def per_example(loss: Callable, theta, examples: tuple, in_axes: tuple, clip: float):
-    """(per-example losses, the clipped sum, squared norms) from vmapped per-example gradients
-    of `loss(theta, *example)`."""
+    """(per-example losses, the clipped sum) from vmapped per-example gradients of
+    `loss(theta, *example)`."""
     losses, grads = jax.vmap(jax.value_and_grad(loss), in_axes=(None, *in_axes))(theta, *examples)
-    sq = _sq_norms(grads)
-    return losses, _weighted_sum(clip_factors(sq, clip), grads), sq
+    return losses, _weighted_sum(_clip_factors(_sq_norms(grads), clip), grads)
 
 
 def _layer_sq_norm(x: jax.Array, g: jax.Array) -> jax.Array:
@@ -143,10 +143,10 @@ def ghost(loss: Callable, theta, tapped: frozenset[int], examples: tuple, in_axe
     if set(layers) != tapped:
         raise LoweringError("a ghost-clipped weight was not multiplied by any x @ w")
     sq = _sq_norms(plain_grads) + sum(_layer_sq_norm(x, g) for x, g in layers.values())
-    c = clip_factors(sq, clip)
+    c = _clip_factors(sq, clip)
     summed = list(leaves)
     for j, s in zip(plain_at, _weighted_sum(c, plain_grads)):
         summed[j] = s
     for j, (x, g) in layers.items():
         summed[j] = jnp.einsum("ntd,nth->dh", x, g * c[:, None, None]).astype(leaves[j].dtype)
-    return losses, tree.unflatten(summed), sq
+    return losses, tree.unflatten(summed)

@@ -49,9 +49,8 @@ def _noise(key, tree, std: float):
 
 def clipped_sum(f: Callable, args: list, names: list[str], plan: PrivatePlan, wrt: tuple[str, ...],
                 key=None):
-    """(per-example losses, the sum of the clipped per-example gradients {wrt name: ...},
-    the squared per-example norms) of f at `args` (positional, without the key); `key`: the
-    objective's key when it draws."""
+    """(per-example losses, the sum of the clipped per-example gradients {wrt name: ...}) of f
+    at `args` (positional, without the key); `key`: the objective's key when it draws."""
     index = {w: names.index(w) for w in wrt}
     batched = [names.index(b) for b in plan.batched]
     axis = plan.axis
@@ -87,10 +86,11 @@ def private_gradient(f: Callable, names: list[str], wrt: tuple[str, ...], plan: 
     def gradient(*args, lr=None):
         *args, key = args
         noise_key, f_key = jax.random.split(key) if draws else (key, None)
-        losses, summed, _ = clipped_sum(f, args, names, plan, wrt, f_key)
+        losses, summed = clipped_sum(f, args, names, plan, wrt, f_key)
         n = losses.shape[0]
         if plan.noise:
-            summed = jax.tree.map(jnp.add, summed, _noise(noise_key, summed, plan.noise * plan.clip))
+            noise = _noise(noise_key, summed, plan.noise * plan.clip)
+            summed = jax.tree.map(jnp.add, summed, noise)
         noisy = jax.tree.map(lambda s: s / n, summed)
         if lr is not None:
             return {w: jax.tree.map(lambda t, g: t - lr * g, args[names.index(w)], noisy[w])
