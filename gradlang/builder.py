@@ -259,13 +259,15 @@ def _build_export(decl: ast.ExportDecl, unit: str, diags: Diagnostics) -> Export
 
 
 def _estimator_option(e: ast.Expr, diags: Diagnostics) -> Estimator | None:
-    """`by=es(sigma=0.1, pop=64)` (or `by=es`) as an Estimator; None after an error."""
+    """`by=es(sigma=0.1, pop=64)` (or `by=es`, `by=dp(clip=1.0, noise=1.1)`) as an Estimator;
+    None after an error."""
     if isinstance(e, ast.Name):
         return Estimator(e.id, (), e.span)
     if isinstance(e, ast.Call) and isinstance(e.func, ast.Name):
         return estimator_from_ast(ast.Annotation(e.func.id, e.args, e.kwargs, e.span), diags)
-    diags.error("by= names a black-box gradient estimator, e.g. by=spsa(eps=0.001), "
-                "by=es(sigma=0.1, pop=64) or by=eggroll(sigma=0.1, pop=64, rank=1)", e.span)
+    diags.error("by= names a gradient estimator, e.g. by=spsa(eps=0.001), by=es(sigma=0.1, "
+                "pop=64), by=eggroll(sigma=0.1, pop=64, rank=1) or by=dp(clip=1.0, noise=1.0)",
+                e.span)
     return None
 
 

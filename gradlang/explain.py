@@ -114,9 +114,9 @@ _BLACK_BOX = {"spsa": "two-point SPSA (MeZO): (f(w + eps z) - f(w - eps z)) / (2
 
 def _black_box(module: Module, name: str, t, what: str, reach: list[str]) -> list[str]:
     """The lines of an export whose gradient a black-box estimator (by=) computes."""
-    o = dict(t.by.options)
+    o = dict(t.black_box.options)
     smooth = o.get("eps", o.get("sigma"))
-    if t.by.name == "spsa":
+    if t.black_box.name == "spsa":
         evals = 2 * o["samples"]
     else:
         evals = o["pop"] + (0 if o["antithetic"] else 1)
@@ -134,6 +134,59 @@ def _black_box(module: Module, name: str, t, what: str, reach: list[str]) -> lis
         lines.append(f"  externs called: {', '.join(externs)} (Python, through host callbacks)")
     lines.append(f"  cost: {evals} forward evaluations, no backward pass")
     return lines + _descend(t)
+
+
+def _reverse_mode(wrt: tuple[str, ...], zero: tuple[str, ...], sites: bool,
+                  nonsmooth: list[list[str]], random: bool) -> list[str]:
+    """How each wrt parameter's reverse-mode gradient is computed."""
+    lines = []
+    for name in wrt:
+        if name in zero:
+            lines.append(f"  {name}: gradient is identically zero (no differentiable path "
+                         f"to the result)")
+        elif sites:
+            lines.append(f"  {name}: exact reverse mode through the surrogate, with the "
+                         f"estimators of the random choices below")
+        elif any(not r[2].startswith("none") for r in nonsmooth):
+            lines.append(f"  {name}: reverse mode, with the backward rules of the "
+                         f"non-smooth operations below")
+        elif random:
+            lines.append(f"  {name}: reverse mode of a Monte Carlo objective (its draws, below, "
+                         f"carry no estimator: the estimate is differentiated as it is)")
+        else:
+            lines.append(f"  {name}: exact reverse-mode gradient; the program is smooth on "
+                         f"every path from '{name}' to the result, so no estimator is needed")
+    return lines
+
+
+def _private(plan, samples: int) -> list[str]:
+    """The lines of an export whose gradient is made private (by=dp): what is clipped, the
+    noise, the examples, and how each leaf's per-example norm is computed."""
+    shared = f"; shared by every example: {', '.join(plan.shared)}" if plan.shared else ""
+    lines = [f"  {', '.join(dict.fromkeys(n.leaf.split('.')[0] for n in plan.leaves))}: "
+             f"differentially private reverse mode (DP-SGD): the gradient of each example's "
+             f"loss ('{plan.function}' on that example alone), clipped to norm {plan.clip:g} "
+             f"over all leaves together, summed, plus Gaussian noise of standard deviation "
+             f"{plan.noise:g} x {plan.clip:g} = {plan.noise * plan.clip:g} per coordinate, "
+             f"divided by the number of examples",
+             f"  examples: {', '.join(plan.batched)} split along axis {plan.axis} (batch dim "
+             f"{plan.batch_dim}){shared}",
+             f"  per-example gradient norms ({len(plan.leaves)} leaves):"]
+    rows = [["leaf", "norm", "why"]]
+    rows += [[n.leaf, "ghost (linear layer)" if n.ghost else "per-example gradient", n.why]
+             for n in plan.leaves]
+    lines += table(rows, "    ")
+    stored = [n.leaf for n in plan.leaves if not n.ghost]
+    if not stored:
+        what = "no per-example gradient is formed"
+    elif len(stored) == len(plan.leaves):
+        what = "per-example gradients are formed for every leaf"
+    else:
+        what = f"per-example gradients are formed for {', '.join(stored)} only"
+    evals = "1 forward + 1 backward evaluation"
+    evals = f"{samples} x ({evals})" if samples > 1 else evals
+    return lines + [f"  cost: {evals} per example, vectorized over the {plan.batch_dim} "
+                    f"examples; {what}"]
 
 
 def _descend(t) -> list[str]:
@@ -164,28 +217,14 @@ def explain(module: Module) -> str:
         n = max(samples, 1)
         if t.kind == "fn":
             lines.append(f"export {export.name} = {what}: no gradient requested")
-        elif t.by is not None:
+        elif t.black_box is not None:
             lines += _black_box(module, export.name, t, what, reach)
             continue
         else:
             lines.append(f"export {export.name} = {t.call(what)}")
-            for name in t.wrt:
-                if name in flow[export.name].zero:
-                    lines.append(f"  {name}: gradient is identically zero (no differentiable path "
-                                 f"to the result)")
-                elif here:
-                    lines.append(f"  {name}: exact reverse mode through the surrogate, with the "
-                                 f"estimators of the random choices below")
-                elif any(not r[2].startswith("none") for r in nonsmooth):
-                    lines.append(f"  {name}: reverse mode, with the backward rules of the "
-                                 f"non-smooth operations below")
-                elif t.fn in module.facts.get("random", ()):
-                    lines.append(f"  {name}: reverse mode of a Monte Carlo objective (its draws, "
-                                 f"below, carry no estimator: the estimate is differentiated as "
-                                 f"it is)")
-                else:
-                    lines.append(f"  {name}: exact reverse-mode gradient; the program is smooth on "
-                                 f"every path from '{name}' to the result, so no estimator is needed")
+            lines += (_private(module.facts["privacy"][export.name], n) if t.private is not None
+                      else _reverse_mode(t.wrt, flow[export.name].zero, bool(here), nonsmooth,
+                                         t.fn in module.facts.get("random", ())))
         if here:
             rows = [["site", "distribution", "estimator", "control variate", "cost per sample",
                      "override"]]
@@ -229,8 +268,9 @@ def explain(module: Module) -> str:
         if memory:
             lines.append(f"  memory ({len(memory)}):")
             lines += table([["what", "where", "backward pass"]] + memory, "    ")
-        if t.kind != "fn":
+        if t.kind != "fn" and t.private is None:
             lines.append(f"  cost: {n} x (1 forward + 1 backward evaluation)" if here or samples
                          else "  cost: 1 forward + 1 backward evaluation")
+        if t.kind != "fn":
             lines += _descend(t)
     return "\n".join(lines) + ("\n" if lines else "")

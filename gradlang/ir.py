@@ -15,6 +15,8 @@ from .diagnostics import Span
 from .types import UNKNOWN, Type
 from .ops import Estimator
 
+PRIVATE = "dp"
+"""The `by=` name of differentially private gradients; every other name is a black-box estimator."""
 
 @dataclass(frozen=True, eq=False)
 class Value:
@@ -90,13 +92,24 @@ class Transform:
     samples: int = 0
     """`expect(fn, samples=N)`: the Monte Carlo mean over N draws (0: fn as it is)."""
     by: Estimator | None = None
-    """`grad(f, wrt=[...], by=spsa(...))`: a black-box (zeroth-order) gradient estimator."""
+    """`grad(f, wrt=[...], by=spsa(...))`: a black-box (zeroth-order) gradient estimator, or
+    `by=dp(...)`: differentially private reverse mode."""
     lr: float | None = None
     """`descend(f, wrt=[...], lr=...)`: the step size (None: the export takes it as an argument
     `lr`, before the key)."""
     scope: str = "expect"
     """With samples: `expect` (the mean of the draws) or `logmeanexp` (the log of the mean of
     their exp, e.g. an importance-weighted bound)."""
+
+    @property
+    def black_box(self) -> Estimator | None:
+        """The black-box (zeroth-order) estimator of `by=`; None for reverse mode and `by=dp`."""
+        return self.by if self.by is not None and self.by.name != PRIVATE else None
+
+    @property
+    def private(self) -> Estimator | None:
+        """`by=dp(...)`: reverse mode with per-example clipping and Gaussian noise (DP-SGD)."""
+        return self.by if self.by is not None and self.by.name == PRIVATE else None
 
     def call(self, fn: str) -> str:
         """`kind(fn, wrt=[...], lr=..., by=...)` as written in source (`fn` as given)."""

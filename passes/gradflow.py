@@ -197,14 +197,15 @@ class GradFlow:
                 continue
             seeds = {p.value: frozenset({p.name}) for p in fn.params if p.name in t.wrt}
             # A black-box estimator (by=) needs no derivatives: every dependence carries.
-            flow = optimistic if t.by is not None else analysis
+            # by=dp is reverse mode: its gradient flows as without it.
+            flow = optimistic if t.black_box is not None else analysis
             taint = flow.forward(fn, seeds)
             reach = flow.backward(fn)
             carries = {v: taint[v] for v in taint if v in reach and taint[v]}
             result = carries.get(fn.body.results[0], frozenset()) | _into_draws(fn, taint)
             zero = tuple(n for n in t.wrt if n not in result)
             cut_off: set[str] = set()
-            if t.by is None:
+            if t.black_box is None:
                 cut_off = self.warn_nonsmooth(optimistic, fn, seeds, reported, diags)
                 cut_off |= self.reject_externs(optimistic, fn, seeds, export.name, reported, diags)
             for name, span in zip(t.wrt, t.wrt_spans):

@@ -16,6 +16,7 @@ from gradlang.verifier import verify_module
 from .estimators import Estimators
 from .gradflow import GradFlow
 from .hypergrad import Hypergrad
+from .privacy import Privacy
 from .resolve import Resolve
 from .straight_through import StraightThrough
 from .surrogate import Surrogate
@@ -32,14 +33,14 @@ class Pass(Protocol):
 
 
 PIPELINE: tuple[Pass, ...] = (Resolve(), Typecheck(), ZerothOrder(), GradFlow(), StraightThrough(),
-                              Hypergrad(), Estimators(), Surrogate())
+                              Hypergrad(), Estimators(), Surrogate(), Privacy())
 PASSES: dict[str, Pass] = {p.name: p for p in PIPELINE}
 
 _TYPED = {"resolved": True, "typed": True}
 _VERIFY_AFTER = {"resolve": {"resolved": True}, "typecheck": _TYPED, "zeroth_order": _TYPED,
                  "gradflow": _TYPED,
                  "straight_through": _TYPED, "hypergrad": _TYPED, "estimators": _TYPED,
-                 "surrogate": _TYPED}
+                 "surrogate": _TYPED, "privacy": _TYPED}
 
 
 def parse_pipeline(text: str) -> tuple[Pass, ...]:
@@ -62,7 +63,7 @@ def run_pipeline(module: Module, diags: Diagnostics, passes: tuple[Pass, ...] = 
     """
     for p in passes:
         if diags.has_errors and not p.checks_only:
-            break
+            continue
         module = p.run(module, diags)
         if diags.has_errors:
             continue

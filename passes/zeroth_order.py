@@ -12,7 +12,8 @@ evaluations only, so f may call extern functions and non-smooth ops without back
 
 All are unbiased for the gradient of the Gaussian-smoothed objective E f(x + s z). The runtime
 (`runtime.zeroth_order`) builds the estimator; this pass records the completed choice in the
-export and in the `zeroth_order` fact (export name -> estimator).
+export and in the `zeroth_order` fact (export name -> estimator). `by=dp(...)` is not a
+black-box estimator (it is reverse mode, made private): the `privacy` pass checks it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import difflib
 from dataclasses import dataclass, replace
 
 from gradlang.diagnostics import Diagnostics
-from gradlang.ir import Module
+from gradlang.ir import PRIVATE, Module
 from gradlang.ops import Estimator
 
 ESTIMATORS: dict[str, dict[str, object]] = {
@@ -34,9 +35,10 @@ _COUNTS = ("samples", "pop", "rank")
 
 def _problem(e: Estimator) -> str | None:
     if e.name not in ESTIMATORS:
-        close = difflib.get_close_matches(e.name, ESTIMATORS, n=1)
-        return (f"unknown black-box estimator '{e.name}'" + (f"; did you mean '{close[0]}'?"
-                if close else f" (estimators: {', '.join(ESTIMATORS)})"))
+        names = [*ESTIMATORS, PRIVATE]
+        close = difflib.get_close_matches(e.name, names, n=1)
+        return (f"unknown gradient estimator '{e.name}' for by=" + (f"; did you mean '{close[0]}'?"
+                if close else f" (by= takes {', '.join(names)})"))
     table = ESTIMATORS[e.name]
     for k, v in e.options:
         if k not in table:
@@ -66,7 +68,7 @@ class ZerothOrder:
         exports, chosen = [], {}
         for export in module.exports:
             t = export.transform
-            if t.by is not None:
+            if t.by is not None and t.private is None:  # by=dp: the privacy pass
                 problem = _problem(t.by)
                 if problem is not None:
                     diags.error(problem, t.by.span)

@@ -1,9 +1,10 @@
 """Build the JAX function of each export: the lowered function, or its (value and) gradient.
 
-`grad` and `value_and_grad` use JAX's reverse mode on the lowered function; gradients come
-back as a dict keyed by the `wrt` parameter names. `descend` returns the `wrt` parameters after
-one step theta - lr * gradient, in the same dict. A stateful export (a moving-average
-baseline) also returns the updated state, last.
+`grad` and `value_and_grad` use JAX's reverse mode on the lowered function (`by=dp`: made
+private, `runtime.privacy`; another `by=`: a black-box estimate, `runtime.zeroth_order`);
+gradients come back as a dict keyed by the `wrt` parameter names. `descend` returns the `wrt`
+parameters after one step theta - lr * gradient, in the same dict. A stateful export (a
+moving-average baseline) also returns the updated state, last.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from gradlang.ir import Export, Module, externs_of
 from gradlang.types import KEY, DType, scalar
 
 from .lower import Lowering
+from .privacy import private_gradient
 from .zeroth_order import black_box
 from .signature import Signature, casting
 
@@ -48,20 +50,18 @@ def export_function(module: Module, export: Export, externs: Mapping[str, object
     runtime_lr = t.kind == "descend" and t.lr is None
     names = [n for n, _ in signature.params if not (runtime_lr and n == "lr")]
     if t.by is not None:
-        if signature.stateful:
+        draws = signature.function in module.facts.get("random", ())
+        value = t.kind == "value_and_grad"
+        if t.private is not None:
+            est = private_gradient(f, names[:-1], signature.wrt,
+                                   module.facts["privacy"][export.name], draws, value)
+        elif signature.stateful:
             raise NotImplementedError("a black-box estimator of a function with a moving-average "
                                       "baseline state is not supported")
-        draws = signature.function in module.facts.get("random", ())
-        est = black_box(f, names[:-1], signature.wrt, t.by, draws, t.kind == "value_and_grad",
-                        mesh)
-        if t.kind != "descend":
-            return signature, casting(signature, est)
-
-        def descend_black_box(*args):
-            rest, lr = split(args)
-            return est(*rest, lr=lr)
-
-        return signature, casting(signature, descend_black_box)
+        else:
+            est = black_box(f, names[:-1], signature.wrt, t.by, draws, value, mesh)
+        return signature, casting(signature, _descending(est, split) if t.kind == "descend"
+                                  else est)
     wrt = signature.wrt
     argnums = tuple(names.index(w) for w in wrt)
     aux = signature.stateful
@@ -96,6 +96,16 @@ def export_function(module: Module, export: Export, externs: Mapping[str, object
         return value, dict(zip(wrt, grads))
 
     return signature, casting(signature, value_and_grad_fn)
+
+
+def _descending(estimate: Callable, split: Callable) -> Callable:
+    """A `descend` export from an estimate that takes the step size as `lr=`."""
+
+    def descend_fn(*args):
+        rest, lr = split(args)
+        return estimate(*rest, lr=lr)
+
+    return descend_fn
 
 
 def _step_size(t, at: int) -> Callable[[tuple], tuple[tuple, object]]:

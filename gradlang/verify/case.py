@@ -4,7 +4,8 @@ picks its reference by, the estimator described, whether it is biased by design,
 Cases, by priority: `black_box` (`by=spsa/es/eggroll`), `non_smooth` (a non-smooth op that a
 `wrt` parameter reaches: with a backward rule, or without one and so a zero derivative),
 `random` (random choices), `inner` (an `argmin`), `exact` (a smooth deterministic program:
-reverse mode is exact).
+reverse mode is exact). `by=dp` is reverse mode made private: its case is that of the program
+without it, and its per-example clipping is biased by design.
 """
 
 from __future__ import annotations
@@ -55,15 +56,19 @@ class Case:
     nonsmooth: tuple[NonSmooth, ...]
     inner: tuple[InnerProblem, ...]
     by: Estimator | None
+    """The black-box estimator (`by=` other than `dp`)."""
     draws: bool
     """The export takes a key (its estimates are random)."""
+    private: Estimator | None = None
+    """`by=dp(...)`: per-example clipping and Gaussian noise."""
 
     @property
     def estimator(self) -> str:
         """What computes the gradient, as the source would select it."""
         if self.by is not None:
             return f"by={self.by}"
-        parts = [f"{s.estimator} at {s.site} ({s.function}, line {s.span.line})" for s in self.sites]
+        parts = [f"by={self.private}"] if self.private else []
+        parts += [f"{s.estimator} at {s.site} ({s.function}, line {s.span.line})" for s in self.sites]
         parts += [n.describe() for n in self.nonsmooth]
         parts += [f"{h.solver} with {h.method} ({h.function}, line {h.span.line})"
                   for h in self.inner]
@@ -73,6 +78,10 @@ class Case:
     def biased_by_design(self) -> str | None:
         """Why the estimator is biased by design (None: it is meant to be unbiased)."""
         why = []
+        if self.private is not None:
+            why.append(f"by=dp clips each example's gradient to norm {self.private.option('clip')}"
+                       f": the estimate is the mean of the clipped gradients (plus noise), not "
+                       f"the objective's gradient, wherever an example's norm exceeds it")
         for s in self.sites:
             if s.estimator.name in BIASED_SITES:
                 why.append(f"{BIASED_SITES[s.estimator.name]} at {s.site} (tau="
@@ -94,6 +103,10 @@ class Case:
                        "elsewhere (a smaller sigma shrinks it)")
         out += [f"{n.name} (line {n.op.span.line}) has no backward rule: reverse mode gives it a "
                 f"zero derivative" for n in self.nonsmooth if n.rule is None]
+        if self.private is not None:
+            o = dict(self.private.options)
+            out.append(f"by=dp's noise, N(0, ({o['noise']} x {o['clip']})^2) / (number of "
+                       f"examples) per coordinate, is part of the variance")
         return out
 
     def cost(self) -> Cost:
@@ -107,8 +120,9 @@ class Case:
         n = max(self.samples, 1) * branches
         detail = [f"{max(self.samples, 1)} sample{'s' * (self.samples > 1)}"
                   + (f" x {branches} evaluations of a draw's values" if branches > 1 else "")
-                  ] if self.draws else ["reverse mode"]
+                  ] if self.draws and (self.sites or not self.private) else ["reverse mode"]
         detail += [f"inner {h.solver} + {h.method}" for h in self.inner]
+        detail += ["by=dp: vectorized over the examples"] if self.private else []
         return Cost(n, n, "; ".join(detail))
 
 
@@ -120,18 +134,19 @@ def classify(module: Module, export: Export) -> Case:
     sites = tuple(s for s in module.facts.get("estimators", ()) if s.function in reach)
     inner = tuple(h for h in module.facts.get("hypergrad", ()) if h.function in reach)
     nonsmooth = tuple(_reached_nonsmooth(module, module.function(objective), t.wrt))
-    draws = t.fn in module.facts.get("random", ()) or t.by is not None
-    if t.by is not None:
+    random = t.fn in module.facts.get("random", ())
+    if t.black_box is not None:
         kind = "black_box"
     elif nonsmooth:
         kind = "non_smooth"
-    elif sites or draws:
+    elif sites or random:
         kind = "random"
     elif inner:
         kind = "inner"
     else:
         kind = "exact"
-    return Case(kind, objective, samples, sites, nonsmooth, inner, t.by, draws)
+    return Case(kind, objective, samples, sites, nonsmooth, inner, t.black_box,
+                random or t.by is not None, t.private)
 
 
 def _reached_nonsmooth(module: Module, fn: Function, wrt: tuple[str, ...]) -> list[NonSmooth]:

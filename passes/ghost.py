@@ -1,0 +1,119 @@
+"""Linear layers of the differentiated parameters: where per-example gradient norms can be
+computed without forming per-example gradients (ghost clipping, for `by=dp`).
+
+A `wrt` leaf (a float parameter, or a field of a struct parameter, named `p.l1.w`) is a
+*linear layer* of an objective when it is a matrix and every use of it is as the right operand
+of a matmul, `x @ w`, at the top level of a function body, reached from the parameter through
+field accesses and calls only. Its per-example gradient is then x_i^T g_i (g_i the example's
+cotangent of x @ w), whose norm the runtime (`runtime.ghost`) gets from x_i and g_i alone.
+
+Anything else makes the leaf fall back to per-example gradients: a use by any other op (an
+elementwise op, a reduction, `w @ x`, a struct or tuple built from it, a return), a use inside
+a region (a loop, a branch, an expectation, an inner problem: its activations would have to be
+collected across iterations), or no use at all. The analysis follows each call with its own
+bindings, so a function called with two layers (`dense(p.l1, x)`, `dense(p.l2, h)`) sees each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from gradlang.ir import Function, Module, Op, Region, Value
+from gradlang.types import StructType, TensorType, Type
+
+
+@dataclass(frozen=True)
+class LeafNorm:
+    """How the per-example gradient norm of one `wrt` leaf is computed."""
+
+    leaf: str
+    """`p` for a tensor parameter, `p.l1.w` for a field of a struct parameter."""
+    ghost: bool
+    """True: from the linear layer's inputs and output cotangents (no per-example gradient)."""
+    why: str
+    """The matmuls of a linear layer, or the first use that needs per-example gradients."""
+
+
+def leaf_types(name: str, t: Type) -> dict[str, Type]:
+    """The leaves of a parameter of type t by name (`p.l1.w`), in field order."""
+    if isinstance(t, StructType):
+        out: dict[str, Type] = {}
+        for field, ft in t.fields:
+            out |= leaf_types(f"{name}.{field}", ft)
+        return out
+    return {name: t}
+
+
+def _where(op: Op, fn: Function) -> str:
+    return f"{fn.name} ({Path(op.span.source.path).name}:{op.span.line})" if op.span else fn.name
+
+
+class _Uses:
+    """Every use of the wrt leaves in an objective and the functions it calls."""
+
+    def __init__(self, module: Module, types: dict[str, Type]):
+        self.module = module
+        self.types = types
+        self.found: dict[str, list[tuple[bool, str]]] = {leaf: [] for leaf in types}
+
+    def under(self, path: str) -> list[str]:
+        """The leaves at or below `path` (a leaf, or a struct holding leaves)."""
+        return [leaf for leaf in self.types if leaf == path or leaf.startswith(path + ".")]
+
+    def other(self, path: str, what: str) -> None:
+        for leaf in self.under(path):
+            self.found[leaf].append((False, what))
+
+    def function(self, fn: Function, bound: dict[Value, str], inside: str | None) -> None:
+        self.region(fn, fn.body, bound, inside)
+        for v in fn.body.results:
+            if v in bound:
+                self.other(bound[v], f"returned from {fn.name}")
+
+    def region(self, fn: Function, region: Region, bound: dict[Value, str],
+               inside: str | None) -> None:
+        for op in region.ops:
+            self.op(fn, op, bound, inside)
+            for r in op.regions:
+                self.region(fn, r, bound, inside or f"inside {op.name} in {_where(op, fn)}")
+
+    def op(self, fn: Function, op: Op, bound: dict[Value, str], inside: str | None) -> None:
+        used = [(i, bound[v]) for i, v in enumerate(op.operands) if v in bound]
+        if not used:
+            return
+        if op.name == "getfield":
+            bound[op.result] = f"{used[0][1]}.{op.params.name}"
+        elif op.name == "call_fn":
+            callee = self.module.function(op.params.callee)
+            self.function(callee, {callee.params[i].value: path for i, path in used}, inside)
+        else:
+            for i, path in used:
+                linear = (op.name == "matmul" and i == 1 and inside is None
+                          and isinstance(self.types.get(path), TensorType)
+                          and self.types[path].rank == 2)
+                if linear:
+                    self.found[path].append((True, f"x @ w in {_where(op, fn)}"))
+                else:
+                    role = " (its left operand)" if op.name == "matmul" and i == 0 else ""
+                    self.other(path, f"used by {op.name}{role} {inside or 'in ' + _where(op, fn)}")
+
+
+def linear_layers(module: Module, fn: Function, wrt: tuple[str, ...]) -> tuple[LeafNorm, ...]:
+    """For each leaf of fn's `wrt` parameters, whether it is a linear layer, and why."""
+    params = [p for p in fn.params if p.name in wrt]
+    types: dict[str, Type] = {}
+    for p in params:
+        types |= leaf_types(p.name, p.value.type)
+    uses = _Uses(module, types)
+    uses.function(fn, {p.value: p.name for p in params}, None)
+    out = []
+    for leaf, found in uses.found.items():
+        bad = [what for ok, what in found if not ok]
+        if bad:
+            out.append(LeafNorm(leaf, False, bad[0]))
+        elif not found:
+            out.append(LeafNorm(leaf, False, "not used (its gradient is zero)"))
+        else:
+            out.append(LeafNorm(leaf, True, "; ".join(dict.fromkeys(w for _, w in found))))
+    return tuple(out)

@@ -1,0 +1,185 @@
+"""Differentially private gradients: check and complete each export's `by=dp(...)`.
+
+`grad(f, wrt=[...], by=dp(clip=C, noise=SIGMA, per_example_axis=0, clipping=ghost))` (and
+`value_and_grad`, `descend`) is DP-SGD's gradient: f evaluated on each example alone, each
+example's gradient clipped to norm at most C, the clipped gradients summed, Gaussian noise
+N(0, (SIGMA C)^2) added to every coordinate, the sum divided by the number of examples.
+
+The examples: the *batched* arguments are f's parameters outside `wrt` whose dim at
+`per_example_axis` is the batch dim, the named dim found there in the first such parameter
+(`x: f32[B, D]` and `y: i32[B]`: B). Example i is every batched argument's slice i along that
+axis (kept as an axis of size 1); the other arguments are shared by all examples. A parameter
+holding the batch dim elsewhere, or a `wrt` parameter holding it, is an error.
+
+This pass records a `PrivatePlan` per export in the `privacy` fact (read by the runtime and
+`explain`): the completed options, the batched and shared arguments, and for each `wrt` leaf
+whether its norm comes from ghost clipping (a linear layer, `passes.ghost`) or from its
+per-example gradients. It runs after the surrogate pass: the objective it analyses is the one
+that is lowered.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, replace
+
+from gradlang.diagnostics import Diagnostics
+from gradlang.ir import Export, Function, Module
+from gradlang.ops import Estimator
+from gradlang.types import ERROR, UNKNOWN, TensorType, type_dims
+
+from .ghost import LeafNorm, linear_layers
+
+OPTIONS: dict[str, object] = {"clip": None, "noise": None, "per_example_axis": 0,
+                              "clipping": "ghost"}
+"""dp's options and their defaults (None: required)."""
+CLIPPING = ("ghost", "per_example")
+
+
+@dataclass(frozen=True)
+class PrivatePlan:
+    """How one export's private gradient is computed."""
+
+    export: str
+    function: str
+    """The objective as lowered."""
+    clip: float
+    noise: float
+    axis: int
+    clipping: str
+    batch_dim: str
+    batched: tuple[str, ...]
+    """Parameters split into examples along `axis`."""
+    shared: tuple[str, ...]
+    """Parameters outside `wrt` that every example sees whole."""
+    leaves: tuple[LeafNorm, ...]
+
+
+def _option_problem(e: Estimator) -> str | None:
+    given = dict(e.options)
+    for k, _ in e.options:
+        if k not in OPTIONS:
+            close = difflib.get_close_matches(k, OPTIONS, n=1)
+            return (f"dp has no option '{k}'" + (f"; did you mean '{close[0]}'?" if close
+                                                 else f" (options: {', '.join(OPTIONS)})"))
+    missing = [k for k, v in OPTIONS.items() if v is None and k not in given]
+    if missing:
+        return (f"dp needs {' and '.join(missing)}: clip=C bounds each example's gradient norm, "
+                f"noise=SIGMA is the noise multiplier (the noise's standard deviation is "
+                f"SIGMA * C), e.g. by=dp(clip=1.0, noise=1.1)")
+    number = {k: v for k, v in given.items() if k in ("clip", "noise")}
+    for k, v in number.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return f"option '{k}' of dp must be a number, got {v}"
+    if number["clip"] <= 0:
+        return f"option 'clip' of dp must be positive, got {number['clip']}"
+    if number["noise"] < 0:
+        return f"option 'noise' of dp must be non-negative, got {number['noise']}"
+    axis = given.get("per_example_axis", 0)
+    if isinstance(axis, bool) or not isinstance(axis, int) or axis < 0:
+        return f"option 'per_example_axis' of dp must be a non-negative integer, got {axis}"
+    if given.get("clipping", "ghost") not in CLIPPING:
+        return (f"option 'clipping' of dp must be {' or '.join(CLIPPING)}, got "
+                f"{given['clipping']}")
+    return None
+
+
+def _examples(export: str, fn: Function, wrt: tuple[str, ...], axis: int, span,
+              diags: Diagnostics) -> tuple[str, tuple[str, ...], tuple[str, ...]] | None:
+    """(the batch dim, the batched parameters, the shared ones); None after an error."""
+    others = [p for p in fn.params if p.name not in wrt]
+    if any(p.value.type in (ERROR, UNKNOWN) for p in fn.params):
+        return None
+    data = [p for p in others if isinstance(p.value.type, TensorType) and p.value.type.rank]
+    if not data:
+        diags.error(f"by=dp splits the arguments of '{fn.name}' into examples, but it has no "
+                    f"array argument besides wrt=[{', '.join(wrt)}]: pass the batch as one, "
+                    f"e.g. x: f32[B, D]", span)
+        return None
+    ranked = [p for p in data if p.value.type.rank > axis]
+    if not ranked:
+        have = ", ".join(f"{p.name}: {p.value.type}" for p in data)
+        diags.error(f"per_example_axis={axis} is out of range: the arguments of '{fn.name}' "
+                    f"outside wrt have at most {max(p.value.type.rank for p in data)} axes "
+                    f"({have})", span)
+        return None
+    first = ranked[0]
+    dim = first.value.type.shape[axis]
+    if not (isinstance(dim, str) and dim.isidentifier()):
+        diags.error(f"by=dp of '{export}' splits the examples along a named dim: the dim at "
+                    f"per_example_axis={axis} of '{first.name}' is {dim}; declare it with a "
+                    f"name, e.g. {first.name}: f32[B, ...]", first.span)
+        return None
+    batched = [p for p in data if p.value.type.rank > axis and p.value.type.shape[axis] == dim]
+    ok = True
+    for p in others:
+        if p in batched or dim not in type_dims(p.value.type):
+            continue
+        ok = False
+        where = (f"at axis {p.value.type.shape.index(dim)}" if isinstance(p.value.type, TensorType)
+                 else "inside a struct or tuple")
+        diags.error(f"'{p.name}' has the batch dim {dim} {where}, not at per_example_axis="
+                    f"{axis}: by=dp of '{export}' would not split it into examples; put {dim} "
+                    f"at axis {axis}", p.span)
+    for p in fn.params:
+        if p.name in wrt and dim in type_dims(p.value.type):
+            ok = False
+            diags.error(f"'{p.name}' is differentiated but has the batch dim {dim}: by=dp of "
+                        f"'{export}' shares the parameters between the examples, so they "
+                        f"cannot have one", p.span)
+    if not ok:
+        return None
+    return (dim, tuple(p.name for p in batched),
+            tuple(p.name for p in others if p not in batched))
+
+
+def plan(module: Module, export: Export, diags: Diagnostics) -> PrivatePlan | None:
+    """The plan of an export with a checked, completed `by=dp(...)`; None after an error."""
+    t = export.transform
+    fn = module.function(t.fn)
+    o = dict(t.by.options)
+    if fn is None:
+        return None
+    if fn.name in module.facts.get("stateful", ()):
+        diags.error("by=dp cannot thread a moving-average baseline or a RELAX control variate "
+                    "through the examples; use another baseline", t.by.span)
+        return None
+    found = _examples(export.name, fn, t.wrt, o["per_example_axis"], t.by.span, diags)
+    if found is None or diags.has_errors:  # the IR may be half built: no plan is needed
+        return None
+    leaves = linear_layers(module, fn, t.wrt)
+    if o["clipping"] == "per_example":
+        leaves = tuple(LeafNorm(n.leaf, False, "clipping=per_example") for n in leaves)
+    return PrivatePlan(export.name, fn.name, float(o["clip"]), float(o["noise"]),
+                       o["per_example_axis"], o["clipping"], *found, leaves)
+
+
+@dataclass(frozen=True)
+class Privacy:
+    """The differential-privacy pass (checks and completes `by=dp`, plans its clipping)."""
+
+    name: str = "privacy"
+    checks_only: bool = True
+
+    def run(self, module: Module, diags: Diagnostics) -> Module:
+        exports, plans = [], {}
+        for export in module.exports:
+            t = export.transform
+            if t.private is not None:
+                problem = _option_problem(t.by)
+                if problem is not None:
+                    diags.error(problem, t.by.span)
+                else:
+                    given = dict(t.by.options)
+                    by = replace(t.by, options=tuple((k, given.get(k, v))
+                                                     for k, v in OPTIONS.items()))
+                    if by.option("noise") == 0:
+                        diags.warning("dp with noise=0 clips each example's gradient but adds no "
+                                      "noise: the gradient is not differentially private",
+                                      t.by.span)
+                    export = replace(export, transform=replace(t, by=by))
+                    found = plan(module, export, diags)
+                    if found is not None:
+                        plans[export.name] = found
+            exports.append(export)
+        return replace(module, exports=tuple(exports), facts=module.facts | {"privacy": plans})
