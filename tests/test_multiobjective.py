@@ -368,3 +368,19 @@ export dwa = minimize([plain, path], wrt=[x], by=dynamic)
     assert "PCGrad (Yu et al. 2020)" in text and "in the objectives' order" in text
     assert "Dynamic Weight Average (Liu, Johns & Davison 2019)" in text
     assert "returns: (values f32[2], direction {x}, weights f32[2], history)" in text
+
+
+def test_pareto_example(run_example):
+    """A short run of examples/pareto.py: MGDA and PCGrad reach the front from every start, at
+    several points of it, MGDA without raising either objective; fixed weights reach only its
+    ends (the front is concave): at most two points, in the outer eighths of the set."""
+    summary, _ = run_example("pareto", ["--steps", "150", "--starts", "6"],
+                             {"rules", "front_hypervolume", "steps"}, plot="pareto_front.png")
+    rules = summary["rules"]
+    for name in ("mgda", "pcgrad"):
+        assert rules[name]["on_front"] == 6 and rules[name]["distinct_front_points"] >= 3
+    assert rules["mgda"]["monotone_steps"] == 1.0
+    for name in ("w10", "w30", "w50", "w70", "w90"):  # Pareto set: |t| <= 0.577
+        assert rules[name]["distinct_front_points"] <= 2
+        assert all(abs(t) > 0.45 for t in rules[name]["final_t"])
+    assert rules["mgda"]["hypervolume_share"] > 2 * rules["w50"]["hypervolume_share"]
