@@ -57,9 +57,10 @@ def min_norm_faces(gram: jax.Array) -> jax.Array:
 
 
 def min_norm_frank_wolfe(gram: jax.Array, iters: int) -> jax.Array:
-    """MGDA's min-norm point by Frank-Wolfe with exact line search (Jaggi 2013; the solver of
-    Sener & Koltun 2018), from the gradient of least norm: each step moves towards the vertex
-    e_t, t = argmin (G c)_t, by the step minimizing the norm on the segment."""
+    """MGDA's min-norm point by Frank-Wolfe with exact line search (Jaggi 2013; as in Sener &
+    Koltun 2018, who start from the best pair), from the gradient of least norm: each step
+    moves towards the vertex e_t, t = argmin (G c)_t, by the step minimizing the norm on the
+    segment."""
     k = gram.shape[0]
 
     def step(_, c):
