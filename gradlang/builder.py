@@ -11,13 +11,14 @@ from dataclasses import dataclass, field, replace
 
 from . import ast
 from .diagnostics import Diagnostics, Span
-from .ir import Export, Function, Op, Param, Region, StructDef, Transform, Value
+from .ir import (Combination, Export, Function, Objective, Op, Param, Region, StructDef, Transform,
+                 Value)
 from .ops import (ArgminParams, CallParams, HostParams, CastParams, ConstParams, Estimator, ExpectParams, ForParams,
                   GetParams, IndexItem, IndexParams, NameParams, NoParams, SampledParams, SampleParams)
 from .types import DType, NamedType, TensorType, TupleType, Type
 
 I32_MAX = 2**31 - 1
-TRANSFORMS = ("grad", "value_and_grad", "descend")
+TRANSFORMS = ("grad", "value_and_grad", "descend", "minimize")
 
 
 def estimator_from_ast(a: ast.Annotation, diags: Diagnostics,
@@ -213,20 +214,21 @@ def _build_export(decl: ast.ExportDecl, unit: str, diags: Diagnostics) -> Export
         return Export(decl.name, Transform("fn", qualify(unit, _dotted(value))), decl.span,
                       value.span)
     usage = ("an export must name a function or be grad(f, wrt=[...]), value_and_grad(f, "
-             "wrt=[...]), descend(f, wrt=[...], lr=...), expect(f, samples=N) or "
-             "logmeanexp(f, samples=N)")
+             "wrt=[...]), descend(f, wrt=[...], lr=...), minimize([f1, f2], wrt=[...], by=RULE), "
+             "expect(f, samples=N) or logmeanexp(f, samples=N)")
     if not (isinstance(value, ast.Call) and isinstance(value.func, ast.Name)
             and value.func.id in TRANSFORMS):
         diags.error(usage, value.span)
         return None
     kind = value.func.id
+    if kind == "minimize":
+        return _build_minimize(decl, value, unit, diags)
     objective = _objective(value.args[0], diags) if len(value.args) == 1 else None
     if objective is None:
         if not diags.has_errors or len(value.args) != 1:
             diags.error(f"{kind} takes one function name (or expect(f, samples=N), "
                         f"logmeanexp(f, samples=N)) as its positional argument", value.span)
         return None
-    wrt = [k for k in value.kwargs if k.name == "wrt"]
     by, lr = None, None
     for k in value.kwargs:
         if k.name == "by":
@@ -242,6 +244,17 @@ def _build_export(decl: ast.ExportDecl, unit: str, diags: Diagnostics) -> Export
             lr_text = ", lr=..." if kind == "descend" else ""
             diags.error(f"unknown option '{k.name}' for {kind}; expected wrt=[...]{lr_text} and "
                         f"optionally by=ESTIMATOR", k.span)
+    wrt = _wrt(value, kind, diags)
+    if wrt is None:
+        return None
+    fn, n, scope = objective
+    return Export(decl.name, Transform(kind, qualify(unit, fn.id), *wrt, n, by,
+                                       None if lr is None else float(lr), scope), decl.span, fn.span)
+
+
+def _wrt(value: ast.Call, kind: str, diags: Diagnostics) -> tuple[tuple[str, ...], tuple[Span, ...]] | None:
+    """The names in `wrt=[a, b]` and their spans; None after an error."""
+    wrt = [k for k in value.kwargs if k.name == "wrt"]
     if not wrt:
         diags.error(f"{kind} needs wrt=[...]: the parameters to differentiate with respect to",
                     value.span)
@@ -251,11 +264,73 @@ def _build_export(decl: ast.ExportDecl, unit: str, diags: Diagnostics) -> Export
             and all(isinstance(e, ast.Name) for e in targets.elems)):
         diags.error("wrt must be a non-empty list of parameter names, e.g. wrt=[w, b]", targets.span)
         return None
-    names = tuple(e.id for e in targets.elems)  # type: ignore[attr-defined]
-    spans = tuple(e.span for e in targets.elems)
-    fn, n, scope = objective
-    return Export(decl.name, Transform(kind, qualify(unit, fn.id), names, spans, n, by,
-                                       None if lr is None else float(lr), scope), decl.span, fn.span)
+    return (tuple(e.id for e in targets.elems),  # type: ignore[attr-defined]
+            tuple(e.span for e in targets.elems))
+
+
+def _build_minimize(decl: ast.ExportDecl, value: ast.Call, unit: str,
+                    diags: Diagnostics) -> Export | None:
+    """`minimize([f1, expect(f2, samples=N), ...], wrt=[...], by=RULE)`."""
+    listed = value.args[0] if len(value.args) == 1 else None
+    if not isinstance(listed, ast.ListLit):
+        diags.error("minimize takes one list of objectives, e.g. minimize([f1, f2], wrt=[theta], "
+                    "by=mgda)", value.span)
+        return None
+    if len(listed.elems) < 2:
+        diags.error("minimize needs two objectives or more; for one, use value_and_grad(f, "
+                    "wrt=[...])", listed.span)
+        return None
+    objectives = []
+    for e in listed.elems:
+        errors = len(diags.errors)
+        found = _objective(e, diags)
+        if found is None:
+            if len(diags.errors) == errors:
+                diags.error("an objective of minimize is a function name, expect(f, samples=N) "
+                            "or logmeanexp(f, samples=N)", e.span)
+            return None
+        fn, n, scope = found
+        objectives.append(Objective(qualify(unit, fn.id), fn.span, n, scope))
+    rule = None
+    for k in value.kwargs:
+        if k.name == "by":
+            rule = _combination(k.value, diags)
+            if rule is None:
+                return None
+        elif k.name != "wrt":
+            diags.error(f"unknown option '{k.name}' for minimize; expected wrt=[...] and "
+                        f"by=RULE", k.span)
+    wrt = _wrt(value, "minimize", diags)
+    if wrt is None:
+        return None
+    if rule is None:
+        diags.error("minimize needs by=RULE: how to combine the objectives' gradients (mgda, "
+                    "pcgrad, weights(w1, w2, ...) or dynamic(temperature=2))", value.span)
+        return None
+    return Export(decl.name, Transform("minimize", "", *wrt, objectives=tuple(objectives),
+                                       rule=rule), decl.span, listed.span)
+
+
+def _combination(e: ast.Expr, diags: Diagnostics) -> Combination | None:
+    """`by=mgda`, `by=weights(0.3, 0.7)` or `by=dynamic(temperature=2)` as a Combination:
+    positional number literals (the weights) and named literal options; None after an error."""
+    if isinstance(e, ast.Name):
+        return Combination(e.id, span=e.span)
+    if not (isinstance(e, ast.Call) and isinstance(e.func, ast.Name)):
+        diags.error("by= names how minimize combines the gradients: mgda, pcgrad, weights(w1, "
+                    "w2, ...) or dynamic(temperature=2)", e.span)
+        return None
+    weights = []
+    for a in e.args:
+        w = _literal(a)
+        if isinstance(w, bool) or not isinstance(w, (int, float)):
+            diags.error(f"the values of '{e.func.id}(...)' must be number literals", a.span)
+            return None
+        weights.append(float(w))
+    options = estimator_from_ast(ast.Annotation(e.func.id, (), e.kwargs, e.span), diags)
+    if options is None:
+        return None
+    return Combination(e.func.id, tuple(weights), options.options, e.span)
 
 
 def _estimator_option(e: ast.Expr, diags: Diagnostics) -> Estimator | None:

@@ -203,74 +203,156 @@ def _descend(t) -> list[str]:
 
 def explain(module: Module) -> str:
     """The report printed by `gradlang explain`."""
-    flow = {f.export: f for f in module.facts.get("gradflow", ())}
-    sites = module.facts.get("estimators", ())
-    objectives = module.facts.get("objectives", {})
     lines: list[str] = []
     for export in module.exports:
-        t = export.transform
-        fn, samples, scope = objectives.get(export.name, (t.fn, t.samples, t.scope))
-        what = f"{scope}({fn}, samples={samples})" if samples else fn
-        reach = reachable(module, fn)
-        here = [s for s in sites if s.function in reach]
-        nonsmooth = _nonsmooth(module, reach) if t.kind != "fn" else []
-        n = max(samples, 1)
-        if t.kind == "fn":
-            lines.append(f"export {export.name} = {what}: no gradient requested")
-        elif t.black_box is not None:
-            lines += _black_box(module, export.name, t, what, reach)
-            continue
+        if export.transform.kind == "minimize":
+            lines += _minimize(module, export)
         else:
-            lines.append(f"export {export.name} = {t.call(what)}")
-            lines += (_private(module.facts["privacy"][export.name], n) if t.private is not None
-                      else _reverse_mode(t.wrt, flow[export.name].zero, bool(here), nonsmooth,
-                                         t.fn in module.facts.get("random", ())))
-        if here:
-            rows = [["site", "distribution", "estimator", "control variate", "cost per sample",
-                     "override"]]
-            for s in here:
-                found = _resolved(s, export.name, module.facts.get("control_variates", {}))
-                rows.append([f"{s.site} ({s.function}, line {s.span.line})", s.family,
-                             _NAMES.get(s.estimator.name, s.estimator.name)
-                             + (f" tau={s.estimator.option('tau')}" if s.estimator.option("tau") else ""),
-                             _control_variate(s, found), _cost(s.estimator),
-                             _overrides(s.family, s.estimator, found)])
-            lines.append(f"  random choices ({len(here)}), {n} sample{'s' * (n != 1)} of the "
-                         f"objective per call:")
-            lines += table(rows, "    ")
-            lines.append("  why:")
-            lines += [f"    {s.site}: {s.why}" for s in here]
-            credit = module.facts.get("credit", {})
-            scored = [(s.site, _credited(s, export.name, credit)) for s in here
-                      if s.estimator.name == "score"]
-            if scored:
-                lines.append("  credit (the costs each score-function draw's log-probability "
-                             "multiplies; see README, Credit assignment):")
-                lines += [f"    {site}: {what}" for site, what in scored]
-        inner = [h for h in module.facts.get("hypergrad", ()) if h.function in reach]
-        if inner and t.kind != "fn":
-            lines.append(f"  inner problems ({len(inner)}):")
-            rows = [["argmin", "solver", "hypergradient", "why"]]
-            rows += [[f"{h.function}, line {h.span.line}", str(h.solver), str(h.method), h.why]
-                     for h in inner]
-            lines += table(rows, "    ")
-        if nonsmooth:
-            lines.append(f"  non-smooth operations ({len(nonsmooth)}), with their backward rules:")
-            lines += table([["op", "where", "backward rule"]] + nonsmooth, "    ")
-        sliced = [c for c in module.facts.get("sliced", ()) if c.function in reach]
-        if sliced:
-            lines.append(f"  sliced Wasserstein estimates ({len(sliced)}):")
-            rows = [["where", "directions", "p", "control variate", "why"]]
-            rows += [[f"{c.function}, line {c.span.line}", str(c.projections), str(c.p), c.kind, c.why]
-                     for c in sliced]
-            lines += table(rows, "    ")
-        memory = _memory(module, reach) if t.kind != "fn" else []
-        if memory:
-            lines.append(f"  memory ({len(memory)}):")
-            lines += table([["what", "where", "backward pass"]] + memory, "    ")
-        if t.kind != "fn" and t.private is None:
-            lines.append(f"  cost: {n} x (1 forward + 1 backward evaluation)" if here or samples
-                         else "  cost: 1 forward + 1 backward evaluation")
-        if t.kind != "fn":
-            lines += _descend(t)
+            lines += _export(module, export)
     return "\n".join(lines) + ("\n" if lines else "")
+
+
+def _objective(module: Module, export) -> tuple[str, int, str]:
+    """The function an export (or an objective of `minimize`) differentiates, as written
+    (before the surrogate pass wrapped it), its samples and its scope."""
+    t = export.transform
+    return module.facts.get("objectives", {}).get(export.name, (t.fn, t.samples, t.scope))
+
+
+def _export(module: Module, export) -> list[str]:
+    """The lines of one export (or one objective of `minimize`, its first line the header)."""
+    flow = {f.export: f for f in module.facts.get("gradflow", ())}
+    sites = module.facts.get("estimators", ())
+    t = export.transform
+    fn, samples, scope = _objective(module, export)
+    what = f"{scope}({fn}, samples={samples})" if samples else fn
+    reach = reachable(module, fn)
+    here = [s for s in sites if s.function in reach]
+    nonsmooth = _nonsmooth(module, reach) if t.kind != "fn" else []
+    n = max(samples, 1)
+    lines: list[str] = []
+    if t.kind == "fn":
+        lines.append(f"export {export.name} = {what}: no gradient requested")
+    elif t.black_box is not None:
+        return _black_box(module, export.name, t, what, reach)
+    else:
+        lines.append(f"export {export.name} = {t.call(what)}")
+        lines += (_private(module.facts["privacy"][export.name], n) if t.private is not None
+                  else _reverse_mode(t.wrt, flow[export.name].zero, bool(here), nonsmooth,
+                                     t.fn in module.facts.get("random", ())))
+    if here:
+        rows = [["site", "distribution", "estimator", "control variate", "cost per sample",
+                 "override"]]
+        for s in here:
+            found = _resolved(s, export.name, module.facts.get("control_variates", {}))
+            rows.append([f"{s.site} ({s.function}, line {s.span.line})", s.family,
+                         _NAMES.get(s.estimator.name, s.estimator.name)
+                         + (f" tau={s.estimator.option('tau')}" if s.estimator.option("tau") else ""),
+                         _control_variate(s, found), _cost(s.estimator),
+                         _overrides(s.family, s.estimator, found)])
+        lines.append(f"  random choices ({len(here)}), {n} sample{'s' * (n != 1)} of the "
+                     f"objective per call:")
+        lines += table(rows, "    ")
+        lines.append("  why:")
+        lines += [f"    {s.site}: {s.why}" for s in here]
+        credit = module.facts.get("credit", {})
+        scored = [(s.site, _credited(s, export.name, credit)) for s in here
+                  if s.estimator.name == "score"]
+        if scored:
+            lines.append("  credit (the costs each score-function draw's log-probability "
+                         "multiplies; see README, Credit assignment):")
+            lines += [f"    {site}: {what}" for site, what in scored]
+    inner = [h for h in module.facts.get("hypergrad", ()) if h.function in reach]
+    if inner and t.kind != "fn":
+        lines.append(f"  inner problems ({len(inner)}):")
+        rows = [["argmin", "solver", "hypergradient", "why"]]
+        rows += [[f"{h.function}, line {h.span.line}", str(h.solver), str(h.method), h.why]
+                 for h in inner]
+        lines += table(rows, "    ")
+    if nonsmooth:
+        lines.append(f"  non-smooth operations ({len(nonsmooth)}), with their backward rules:")
+        lines += table([["op", "where", "backward rule"]] + nonsmooth, "    ")
+    sliced = [c for c in module.facts.get("sliced", ()) if c.function in reach]
+    if sliced:
+        lines.append(f"  sliced Wasserstein estimates ({len(sliced)}):")
+        rows = [["where", "directions", "p", "control variate", "why"]]
+        rows += [[f"{c.function}, line {c.span.line}", str(c.projections), str(c.p), c.kind, c.why]
+                 for c in sliced]
+        lines += table(rows, "    ")
+    memory = _memory(module, reach) if t.kind != "fn" else []
+    if memory:
+        lines.append(f"  memory ({len(memory)}):")
+        lines += table([["what", "where", "backward pass"]] + memory, "    ")
+    if t.kind != "fn" and t.private is None:
+        lines.append(f"  cost: {n} x (1 forward + 1 backward evaluation)" if here or samples
+                     else "  cost: 1 forward + 1 backward evaluation")
+    if t.kind != "fn":
+        lines += _descend(t)
+    return lines
+
+
+def _minimize(module: Module, export) -> list[str]:
+    """The lines of a `minimize` export: its rule, what it guarantees, then each objective."""
+    t = export.transform
+    parts = export.parts()
+    whats = []
+    for part in parts:
+        fn, samples, scope = _objective(module, part)
+        whats.append(f"{scope}({fn}, samples={samples})" if samples else fn)
+    k = len(parts)
+    lines = [f"export {export.name} = {t.call('[' + ', '.join(whats) + ']')}"]
+    lines += [f"  {line}" for line in rule_lines(t.rule, k)]
+    state = ", history" if t.rule.name == "dynamic" else ""
+    lines.append(f"  returns: (values f32[{k}], direction {{{', '.join(t.wrt)}}}, weights "
+                 f"f32[{k}]{state}), direction = sum_i weights_i * grad f_i; step with "
+                 f"p - lr * direction")
+    for i, (part, what) in enumerate(zip(parts, whats)):
+        lines.append(f"  objective {i + 1}: {what}")
+        lines += [f"  {line}" for line in _export(module, part)[1:]]
+    if t.rule.name in ("weights", "dynamic"):
+        lines.append(f"  cost: the objectives' forward and backward evaluations above, the "
+                     f"backward passes seeded with the weights (one backward pass of the "
+                     f"weighted sum; the {k} gradients are never held apart)")
+    else:
+        lines.append(f"  cost: the objectives' forward and backward evaluations above (one "
+                     f"backward pass per objective, the {k} gradients held at once), their "
+                     f"{k} x {k} Gram matrix and the combination")
+    return lines
+
+
+def rule_lines(rule, k: int) -> list[str]:
+    """What a `minimize` rule computes and what it guarantees, for k objectives."""
+    if rule.name == "mgda":
+        if rule.option("solver") == "frank_wolfe":
+            how = f"by {rule.option('iters')} Frank-Wolfe iterations with exact line search"
+        elif k == 2:
+            how = "in closed form (2 objectives)"
+        else:
+            how = f"exactly, from the minimizers on the {2 ** k - 1} faces of the simplex"
+        return [f"rule: MGDA (Desideri 2012; Sener & Koltun 2018): the min-norm element of the "
+                f"convex hull of the objectives' gradients, {how}",
+                "guarantees: a common descent direction when one exists: <direction, grad f_i> "
+                ">= |direction|^2 for every objective, so no objective increases to first order; "
+                "the direction is zero exactly at Pareto-stationary points (a convex combination "
+                "of the gradients is zero)"]
+    if rule.name == "pcgrad":
+        order = ("in a random order per gradient, from the key" if rule.option("shuffle")
+                 else "in the objectives' order")
+        return [f"rule: PCGrad (Yu et al. 2020): each gradient, projected onto the normal plane "
+                f"of every other gradient it conflicts with (negative inner product), {order}; "
+                f"the direction is their sum",
+                "guarantees: the projections remove the pairwise conflicts; with two objectives "
+                "<direction, grad f_i> >= 0 for both, and the direction is zero at "
+                "Pareto-stationary points; with more, no common descent in general"]
+    if rule.name == "weights":
+        terms = " + ".join(f"{w:g} f{i + 1}" for i, w in enumerate(rule.weights))
+        return [f"rule: fixed weights: the gradient of the weighted sum {terms}",
+                "guarantees: exactly that gradient; its minima are Pareto optimal, but fixed "
+                "weights reach only the convex part of the Pareto front"]
+    return [f"rule: Dynamic Weight Average (Liu, Johns & Davison 2019): weights k softmax(r / T), "
+            f"T = {rule.option('temperature'):g}, r_i = f_i(t-1) / f_i(t-2), the ratio of "
+            f"objective i's values at the previous two calls (the state 'history', f32[2, {k}]; "
+            f"r = 1 on the first two calls); the gradient of the weighted sum",
+            "guarantees: the gradient of the weighted sum at this call's weights; objectives "
+            "whose values fall more slowly get more weight; the ratios assume positive "
+            "objectives"]

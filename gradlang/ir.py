@@ -8,7 +8,7 @@ results; it may use values defined outside it (implicit capture).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .diagnostics import Span
@@ -81,11 +81,47 @@ class StructDef:
 
 
 @dataclass(frozen=True)
-class Transform:
-    """What an export computes: `fn` itself, grad / value_and_grad of it wrt some params, or
-    one step of gradient descent on them (`descend`)."""
+class Combination:
+    """How a `minimize` export combines its objectives' gradients (`by=mgda`, `pcgrad`,
+    `weights(0.3, 0.7)`, `dynamic(temperature=2)`): the rule's name, its positional weights and
+    its options (static literals)."""
 
-    kind: str  # "fn" | "grad" | "value_and_grad" | "descend"
+    name: str
+    weights: tuple[float, ...] = ()
+    options: tuple[tuple[str, bool | int | float | str], ...] = ()
+    span: Span | None = None
+
+    def option(self, key: str, default: object = None) -> object:
+        return dict(self.options).get(key, default)
+
+    def __str__(self) -> str:
+        args = [f"{w:g}" for w in self.weights]
+        args += [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in self.options]
+        return f"{self.name}({', '.join(args)})" if args else self.name
+
+
+HISTORY = "history"
+"""The state parameter of a `minimize` export with `dynamic` weights: its objectives' values at
+the previous two calls."""
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One objective of a `minimize` export: `f`, `expect(f, samples=N)` or `logmeanexp(...)`."""
+
+    fn: str
+    span: Span
+    samples: int = 0
+    scope: str = "expect"
+
+
+@dataclass(frozen=True)
+class Transform:
+    """What an export computes: `fn` itself, grad / value_and_grad of it wrt some params, one
+    step of gradient descent on them (`descend`), or the combined gradient of several
+    objectives (`minimize`: `objectives` and `rule`; `fn` is empty)."""
+
+    kind: str  # "fn" | "grad" | "value_and_grad" | "descend" | "minimize"
     fn: str
     wrt: tuple[str, ...] = ()
     wrt_spans: tuple[Span, ...] = ()
@@ -100,6 +136,10 @@ class Transform:
     scope: str = "expect"
     """With samples: `expect` (the mean of the draws) or `logmeanexp` (the log of the mean of
     their exp, e.g. an importance-weighted bound)."""
+    objectives: tuple[Objective, ...] = ()
+    """`minimize([f1, f2, ...], wrt=[...], by=RULE)`: the objectives, in source order."""
+    rule: Combination | None = None
+    """`minimize`'s combination rule."""
 
     @property
     def black_box(self) -> Estimator | None:
@@ -112,9 +152,11 @@ class Transform:
         return self.by if self.by is not None and self.by.name == PRIVATE else None
 
     def call(self, fn: str) -> str:
-        """`kind(fn, wrt=[...], lr=..., by=...)` as written in source (`fn` as given)."""
+        """`kind(fn, wrt=[...], lr=..., by=...)` as written in source (`fn` as given; for
+        `minimize`, the list of objectives)."""
         lr = f", lr={self.lr:g}" if self.lr is not None else ""
-        by = f", by={self.by}" if self.by is not None else ""
+        by = self.by if self.by is not None else self.rule
+        by = f", by={by}" if by is not None else ""
         return f"{self.kind}({fn}, wrt=[{', '.join(self.wrt)}]{lr}{by})"
 
 
@@ -124,6 +166,33 @@ class Export:
     transform: Transform
     span: Span
     fn_span: Span
+
+    def parts(self) -> tuple[Export, ...]:
+        """The gradients this export asks for, each of one function: the export itself, or,
+        for `minimize`, one export `name[i]` of kind minimize per objective (no objectives of
+        its own), which passes check and rewrite like a `value_and_grad` export."""
+        t = self.transform
+        if t.kind != "minimize":
+            return (self,)
+        return tuple(Export(f"{self.name}[{i}]", Transform("minimize", o.fn, t.wrt, t.wrt_spans,
+                                                           o.samples, scope=o.scope),
+                            self.span, o.span)
+                     for i, o in enumerate(t.objectives))
+
+    def joined(self, parts: tuple[Export, ...]) -> Export:
+        """This export with its parts replaced (as `parts()` made them, then rewritten); the
+        `wrt` names that every part kept."""
+        t = self.transform
+        if t.kind != "minimize":
+            (part,) = parts
+            return part
+        kept = [(n, s) for n, s in zip(parts[0].transform.wrt, parts[0].transform.wrt_spans)
+                if all(n in p.transform.wrt for p in parts)]
+        objectives = tuple(Objective(p.transform.fn, p.fn_span, p.transform.samples,
+                                     p.transform.scope) for p in parts)
+        return replace(self, transform=replace(t, objectives=objectives,
+                                               wrt=tuple(n for n, _ in kept),
+                                               wrt_spans=tuple(s for _, s in kept)))
 
 
 @dataclass(frozen=True)

@@ -92,9 +92,16 @@ def print_module(module: Module) -> str:
         parts.append(print_function(fn, notes))
     for e in module.exports:
         t = e.transform
-        fn = f"{t.scope}(@{t.fn}, samples={t.samples})" if t.samples else f"@{t.fn}"
+        fn = _objective_text(t.fn, t.samples, t.scope)
+        if t.kind == "minimize":
+            fn = "[" + ", ".join(_objective_text(o.fn, o.samples, o.scope)
+                                 for o in t.objectives) + "]"
         if t.kind == "fn":
             parts.append(f"export @{e.name} = {fn}")
         else:
             parts.append(f"export @{e.name} = {t.call(fn)}")
     return "\n\n".join(parts) + "\n"
+
+
+def _objective_text(fn: str, samples: int, scope: str) -> str:
+    return f"{scope}(@{fn}, samples={samples})" if samples else f"@{fn}"

@@ -190,8 +190,8 @@ class Estimators:
         functions = []
         called = {op.params.callee for fn in module.functions for op in walk(fn.body)
                   if op.name == "call_fn"}
-        objectives = {e.transform.fn for e in module.exports
-                      if e.transform.kind != "fn" or e.transform.samples} - called
+        objectives = {p.transform.fn for e in module.exports for p in e.parts()
+                      if p.transform.kind != "fn" or p.transform.samples} - called
         for fn in module.functions:
             default = module.unit(fn.unit).estimator
             chooser = _Chooser(fn, flow, fn.name in dirty_callers, default, diags, choices)

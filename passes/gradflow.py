@@ -190,7 +190,7 @@ class GradFlow:
         reported: set[int] = set()
         facts: list[GradFlowFacts] = []
         notes: dict[Value, str] = {}
-        for export in module.exports:
+        for export in (part for e in module.exports for part in e.parts()):
             t = export.transform
             fn = module.function(t.fn)
             if t.kind == "fn" or fn is None:

@@ -16,6 +16,7 @@ from gradlang.verifier import verify_module
 from .estimators import Estimators
 from .gradflow import GradFlow
 from .hypergrad import Hypergrad
+from .multiobjective import Multiobjective
 from .privacy import Privacy
 from .resolve import Resolve
 from .straight_through import StraightThrough
@@ -32,13 +33,13 @@ class Pass(Protocol):
     def run(self, module: Module, diags: Diagnostics) -> Module: ...
 
 
-PIPELINE: tuple[Pass, ...] = (Resolve(), Typecheck(), ZerothOrder(), GradFlow(), StraightThrough(),
-                              Hypergrad(), Estimators(), Surrogate(), Privacy())
+PIPELINE: tuple[Pass, ...] = (Resolve(), Typecheck(), ZerothOrder(), Multiobjective(), GradFlow(),
+                              StraightThrough(), Hypergrad(), Estimators(), Surrogate(), Privacy())
 PASSES: dict[str, Pass] = {p.name: p for p in PIPELINE}
 
 _TYPED = {"resolved": True, "typed": True}
 _VERIFY_AFTER = {"resolve": {"resolved": True}, "typecheck": _TYPED, "zeroth_order": _TYPED,
-                 "gradflow": _TYPED,
+                 "multiobjective": _TYPED, "gradflow": _TYPED,
                  "straight_through": _TYPED, "hypergrad": _TYPED, "estimators": _TYPED,
                  "surrogate": _TYPED, "privacy": _TYPED}
 

@@ -21,7 +21,7 @@ from gradlang.builtins import BUILTINS, REQUIRED, Arg, Builtin
 from gradlang.builder import qualify
 from gradlang.diagnostics import Diagnostics, Span
 from gradlang.distributions import DISTRIBUTIONS, DistSpec
-from gradlang.ir import Function, Module, Op, Param, Region, StructDef, Value, walk
+from gradlang.ir import Export, Function, Module, Op, Param, Region, StructDef, Value, walk
 from gradlang.ops import (OPS, CalleeParams, CallParams, DistParams, ForParams, NoParams,
                           StructParams)
 from gradlang.types import (ERROR, SOLVER_REPORT, DType, NamedType, StructType, TensorType, TupleType, Type,
@@ -251,14 +251,15 @@ def _bind_export_names(module: Module, structs: dict[str, StructType]) -> Module
     """Exports name functions as the main file sees them: its own, or imported ones
     (unqualified, `l2`, or through their module, `nn.l2`)."""
     scope = _Scope(module, module.units[0].name, structs)
-    exports = []
-    for export in module.exports:
+    def bind(export: Export) -> Export:
         t = export.transform
         found = scope.lookup(t.fn) if module.function(t.fn) is None else None
         if isinstance(found, tuple) and found[0] == "fn":
-            export = replace(export, transform=replace(t, fn=found[1].name))
-        exports.append(export)
-    return replace(module, exports=tuple(exports))
+            return replace(export, transform=replace(t, fn=found[1].name))
+        return export
+
+    return replace(module, exports=tuple(e.joined(tuple(map(bind, e.parts())))
+                                         for e in module.exports))
 
 
 def _check_exports(module: Module, diags: Diagnostics) -> Module:
@@ -268,47 +269,53 @@ def _check_exports(module: Module, diags: Diagnostics) -> Module:
     warnings about them."""
     exports = []
     for export in module.exports:
-        t = export.transform
-        fn = module.function(t.fn)
-        if fn is None:
-            names = [f.name for f in module.functions]
-            diags.error(f"unknown function '{t.fn}'" + _did_you_mean(t.fn, names), export.fn_span)
-            exports.append(export)
-            continue
-        if _broken(fn):
-            continue
-        r = fn.result_type
-        if t.kind != "fn" and not (isinstance(r, TensorType) and r.rank == 0 and r.dtype.is_float):
-            diags.error(f"{t.kind} needs a function that returns a float scalar; '{fn.name}' "
-                        f"returns {r}", export.fn_span)
-            continue
-        if t.kind == "descend" and t.lr is None and fn.param("lr") is not None:
-            diags.error(f"descend without lr= takes the step size as an argument 'lr', but "
-                        f"'{fn.name}' has a parameter 'lr'; write lr=VALUE or rename it",
-                        export.fn_span)
-            continue
-        seen: set[str] = set()
-        wrt = []
-        for name, span in zip(t.wrt, t.wrt_spans):
-            p = fn.param(name)
-            if p is None:
-                params = ", ".join(p.name for p in fn.params) or "none"
-                diags.error(f"'{name}' is not a parameter of '{fn.name}' (parameters: {params})"
-                            + _did_you_mean(name, [p.name for p in fn.params]), span)
-            elif name in seen:
-                diags.error(f"'{name}' appears twice in wrt", span)
-            elif not is_float_tree(p.value.type):
-                diags.error(f"cannot differentiate with respect to '{name}' of type "
-                            f"{p.value.type}: only float tensors (or structs of them) have "
-                            f"gradients", span)
-            else:
-                wrt.append((name, span))
-            seen.add(name)
-        if len(wrt) != len(t.wrt):
-            t = replace(t, wrt=tuple(n for n, _ in wrt), wrt_spans=tuple(s for _, s in wrt))
-            export = replace(export, transform=t)
-        exports.append(export)
+        parts = [_check_export(module, part, diags) for part in export.parts()]
+        if all(p is not None for p in parts):
+            exports.append(export.joined(tuple(parts)))
     return replace(module, exports=tuple(exports))
+
+
+def _check_export(module: Module, export: Export, diags: Diagnostics) -> Export | None:
+    """One export (or one objective of a `minimize` export) checked; None when dropped."""
+    t = export.transform
+    fn = module.function(t.fn)
+    if fn is None:
+        names = [f.name for f in module.functions]
+        diags.error(f"unknown function '{t.fn}'" + _did_you_mean(t.fn, names), export.fn_span)
+        return export
+    if _broken(fn):
+        return None
+    r = fn.result_type
+    if t.kind != "fn" and not (isinstance(r, TensorType) and r.rank == 0 and r.dtype.is_float):
+        diags.error(f"{t.kind} needs a function that returns a float scalar; '{fn.name}' "
+                    f"returns {r}", export.fn_span)
+        return None
+    if t.kind == "descend" and t.lr is None and fn.param("lr") is not None:
+        diags.error(f"descend without lr= takes the step size as an argument 'lr', but "
+                    f"'{fn.name}' has a parameter 'lr'; write lr=VALUE or rename it",
+                    export.fn_span)
+        return None
+    seen: set[str] = set()
+    wrt = []
+    for name, span in zip(t.wrt, t.wrt_spans):
+        p = fn.param(name)
+        if p is None:
+            params = ", ".join(p.name for p in fn.params) or "none"
+            diags.error(f"'{name}' is not a parameter of '{fn.name}' (parameters: {params})"
+                        + _did_you_mean(name, [p.name for p in fn.params]), span)
+        elif name in seen:
+            diags.error(f"'{name}' appears twice in wrt", span)
+        elif not is_float_tree(p.value.type):
+            diags.error(f"cannot differentiate with respect to '{name}' of type "
+                        f"{p.value.type}: only float tensors (or structs of them) have "
+                        f"gradients", span)
+        else:
+            wrt.append((name, span))
+        seen.add(name)
+    if len(wrt) != len(t.wrt):
+        t = replace(t, wrt=tuple(n for n, _ in wrt), wrt_spans=tuple(s for _, s in wrt))
+        export = replace(export, transform=t)
+    return export
 
 
 def _map_ops(region: Region, f) -> Region:

@@ -594,6 +594,16 @@ class _Rewriter:
         return Param(name, Value(control.params[0].value.type, name), span)
 
 
+def _stateless(whole: Export, part: Export, wrapper: Function, diags: Diagnostics) -> None:
+    """An objective of `minimize` carries no state across calls (the export threads only its
+    combination rule's)."""
+    if whole.transform.kind == "minimize":
+        what = "a moving-average baseline" if wrapper.params[-1].name == "baseline" else "RELAX"
+        diags.error(f"this objective of minimize uses {what}, whose state minimize does not "
+                    f"thread through calls; use baseline=loo (or another stateless estimator)",
+                    part.fn_span)
+
+
 def _stacked(n: int, t: Type) -> TensorType:
     """The type of a value evaluated n times, stacked on a new axis 0."""
     return t.with_shape((n,) + t.shape)
@@ -629,20 +639,24 @@ class Surrogate:
         exports = []
         objectives = {}
         stateful: set[str] = set()
-        for export in module.exports:
-            objectives[export.name] = (export.transform.fn, export.transform.samples,
-                                       export.transform.scope)
-            rewriter.label = export.name
-            wrapper = rewriter.objective(export)
-            if wrapper is not None:
-                if all(f.name != wrapper.name for f in functions):
-                    functions.append(wrapper)
-                export = replace(export, transform=replace(export.transform, fn=wrapper.name,
-                                                           samples=0))
-                if (wrapper.params[-1].name in ("baseline", "control")
-                        and isinstance(wrapper.result_type, TupleType)):
-                    stateful.add(wrapper.name)
-            exports.append(export)
+        for whole in module.exports:
+            parts = []
+            for export in whole.parts():
+                objectives[export.name] = (export.transform.fn, export.transform.samples,
+                                           export.transform.scope)
+                rewriter.label = export.name
+                wrapper = rewriter.objective(export)
+                if wrapper is not None:
+                    if all(f.name != wrapper.name for f in functions):
+                        functions.append(wrapper)
+                    export = replace(export, transform=replace(export.transform, fn=wrapper.name,
+                                                               samples=0))
+                    if (wrapper.params[-1].name in ("baseline", "control")
+                            and isinstance(wrapper.result_type, TupleType)):
+                        stateful.add(wrapper.name)
+                        _stateless(whole, export, wrapper, diags)
+                parts.append(export)
+            exports.append(whole.joined(tuple(parts)))
         return replace(module, functions=tuple(functions), exports=tuple(exports),
                        facts=module.facts | {"random": frozenset(random_functions(
                            replace(module, functions=tuple(functions)))), "objectives": objectives,

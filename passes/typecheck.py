@@ -491,7 +491,7 @@ class Typecheck:
 
 
 def _check_exports(module: Module, diags: Diagnostics) -> None:
-    for export in module.exports:
+    for export in (part for e in module.exports for part in e.parts()):
         t = export.transform
         fn = module.function(t.fn)
         if fn is None or t.kind == "fn":

@@ -4,7 +4,8 @@
 private, `runtime.privacy`; another `by=`: a black-box estimate, `runtime.zeroth_order`);
 gradients come back as a dict keyed by the `wrt` parameter names. `descend` returns the `wrt`
 parameters after one step theta - lr * gradient, in the same dict. A stateful export (a
-moving-average baseline) also returns the updated state, last.
+moving-average baseline, `dynamic` weights) also returns the updated state, last. `minimize`
+combines its objectives' gradients (`runtime.multiobjective`).
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from collections.abc import Callable, Mapping
 
 import jax
 
-from gradlang.ir import Export, Module, externs_of
-from gradlang.types import KEY, DType, scalar
+from gradlang.ir import HISTORY, Export, Module, externs_of
+from gradlang.types import KEY, DType, TensorType, scalar
 
 from .lower import Lowering
+from .multiobjective import minimize, takes_key
 from .privacy import private_gradient
 from .zeroth_order import black_box
 from .signature import Signature, casting
@@ -25,6 +27,8 @@ from .signature import Signature, casting
 def signature_of(module: Module, export: Export) -> Signature:
     """The export's parameters (with a last `key` parameter when it draws) and result."""
     t = export.transform
+    if t.kind == "minimize":
+        return _minimize_signature(module, export)
     fn = module.function(t.fn)
     params = tuple((p.name, p.value.type) for p in fn.params)
     if t.kind == "descend" and t.lr is None:
@@ -36,16 +40,45 @@ def signature_of(module: Module, export: Export) -> Signature:
                      externs_of(module, fn.name))
 
 
+def _minimize_signature(module: Module, export: Export) -> Signature:
+    """A `minimize` export takes its objectives' common parameters, then `history` (f32[2, k],
+    for `dynamic`), then a key when an objective draws or PCGrad shuffles; its result type is
+    that of the values, f32[k]."""
+    t = export.transform
+    fns = [module.function(o.fn) for o in t.objectives]
+    k = len(fns)
+    params = tuple((p.name, p.value.type) for p in fns[0].params)
+    stateful = t.rule.name == "dynamic"
+    if stateful:
+        params += ((HISTORY, TensorType(DType.F32, (2, k))),)
+    if takes_key(t.rule, _draws(module, export)):
+        params += (("key", KEY),)
+    externs = tuple(dict.fromkeys(n for fn in fns for n in externs_of(module, fn.name)))
+    return Signature(export.name, t.kind, ", ".join(fn.name for fn in fns), params,
+                     TensorType(DType.F32, (k,)), t.wrt, stateful, externs)
+
+
+def _draws(module: Module, export: Export) -> list[bool]:
+    """Whether each objective of a `minimize` export draws (takes a key)."""
+    return [o.fn in module.facts.get("random", ()) for o in export.transform.objectives]
+
+
 def export_function(module: Module, export: Export, externs: Mapping[str, object] | None = None,
                     mesh=None) -> tuple[Signature, Callable]:
     """The signature and a JAX-traceable function of positional arguments for `export`
     (`externs`: the Python bindings of the extern functions it calls; `mesh`: the devices a
     black-box estimator's population is sharded over)."""
     signature = signature_of(module, export)
+    t = export.transform
+    if t.kind == "minimize":
+        lowering = Lowering(module, externs)
+        names = [p.name for p in module.function(t.objectives[0].fn).params]
+        step = minimize([lowering.function(o.fn) for o in t.objectives], _draws(module, export),
+                        names, t.wrt, t.rule)
+        return signature, casting(signature, step)
     f = Lowering(module, externs).function(signature.function)
     if signature.kind == "fn":
         return signature, casting(signature, f)
-    t = export.transform
     split = _step_size(t, len(module.function(t.fn).params))
     runtime_lr = t.kind == "descend" and t.lr is None
     names = [n for n, _ in signature.params if not (runtime_lr and n == "lr")]

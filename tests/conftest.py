@@ -29,14 +29,16 @@ def load_example(monkeypatch):
 @pytest.fixture
 def run_example(load_example, tmp_path):
     """A runner of examples/NAME.py's main(args) writing into tmp_path: checks that its summary
-    and its JSON file have `keys` and that it wrote its plot; returns (summary, the JSON)."""
+    and its JSON file have `keys` and that it wrote its plot (NAME_loss.png unless `plot`
+    names it); returns (summary, the JSON)."""
 
-    def run(name: str, args: list[str], keys: set[str]) -> tuple[dict, dict]:
+    def run(name: str, args: list[str], keys: set[str],
+            plot: str | None = None) -> tuple[dict, dict]:
         summary = load_example(name).main([*args, "--out", str(tmp_path)])
         assert keys <= set(summary)
         written = json.loads((tmp_path / f"{name}.json").read_text())
         assert written["example"] == name and keys <= set(written)
-        assert (tmp_path / f"{name}_loss.png").stat().st_size > 0
+        assert (tmp_path / (plot or f"{name}_loss.png")).stat().st_size > 0
         return summary, written
 
     return run

@@ -51,7 +51,8 @@ def run(module: Module, path: Path, dims: dict[str, int], args) -> int:
 
     if any(_uses_f64(p.value.type) for fn in module.functions for p in fn.params):
         jax.config.update("jax_enable_x64", True)
-    names = args.export or [e.name for e in module.exports if e.transform.kind != "fn"]
+    names = args.export or [e.name for e in module.exports
+                            if e.transform.kind not in ("fn", "minimize")]
     if not names:
         raise VerifyError(f"{path} has no export with a gradient (grad, value_and_grad or "
                           f"descend) to verify")

@@ -112,13 +112,17 @@ def load(module: Module, name: str, externs: Mapping[str, object], mesh=None) ->
     """Export `name` of a compiled IR, with the Python bindings of its externs."""
     export = next((e for e in module.exports if e.name == name), None)
     if export is None:
-        grads = [e.name for e in module.exports if e.transform.kind != "fn"]
+        grads = [e.name for e in module.exports if e.transform.kind not in ("fn", "minimize")]
         raise VerifyError(f"no export '{name}' (exports with a gradient: "
                           f"{', '.join(grads) or 'none'})")
     t = export.transform
     if t.kind == "fn":
         raise VerifyError(f"export '{name}' computes no gradient ({t.fn} itself); verify checks "
                           f"grad, value_and_grad and descend exports")
+    if t.kind == "minimize":
+        raise VerifyError(f"export '{name}' combines several gradients (minimize); verify checks "
+                          f"grad, value_and_grad and descend exports: verify each objective's "
+                          f"gradient with an export value_and_grad(f, wrt=[...]) of its own")
     as_grad = replace(export, transform=replace(t, kind="grad", lr=None))
     signature, gradient = export_function(module, as_grad, externs, mesh)
     unbound = [n for n in signature.externs if n not in externs]

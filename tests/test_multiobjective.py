@@ -1,0 +1,386 @@
+"""`minimize([f1, f2, ...], wrt=[...], by=RULE)`: the combination rules against NumPy formulas
+(MGDA's min-norm point against a brute-force QP, PCGrad against the paper's algorithm, weights
+against the gradient of the weighted sum, Dynamic Weight Average against its formula), MGDA's
+guarantees, stochastic objectives, artifacts and explain."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.optimize import minimize as scipy_minimize
+
+import gradlang
+from gradlang.explain import explain
+from gradlang.ir import Combination
+from gradlang.runtime import multiobjective as mo
+from stats import assert_unbiased, estimates, sigmoid
+
+RNG = np.random.default_rng(11)
+
+
+def min_norm_brute_force(g: np.ndarray) -> np.ndarray:
+    """The min-norm point of the convex hull of the rows of g (float64), by brute force: the
+    best of a grid on the simplex (k <= 3) or of its vertices, centre and random points, each
+    refined by SLSQP."""
+    k = g.shape[0]
+    gram = g @ g.T
+    if k <= 3:
+        steps = 1_000_000 if k == 2 else 400
+        grid = np.array([c for c in itertools.product(range(steps + 1), repeat=k - 1)
+                         if sum(c) <= steps], np.float64) / steps
+        starts = np.concatenate([grid, 1 - grid.sum(1, keepdims=True)], 1)
+    else:
+        starts = np.concatenate([np.eye(k), np.full((1, k), 1 / k),
+                                 np.random.default_rng(0).dirichlet(np.ones(k), 20)])
+    value = np.einsum("ni,ij,nj->n", starts, gram, starts)
+    candidates = [starts[np.argmin(value)]] if k <= 3 else list(starts)
+    best = min(candidates, key=lambda c: c @ gram @ c)
+    for start in candidates:
+        res = scipy_minimize(lambda c: c @ gram @ c, start, jac=lambda c: 2 * gram @ c,
+                             bounds=[(0, 1)] * k, method="SLSQP", tol=1e-15,
+                             constraints=[{"type": "eq", "fun": lambda c: c.sum() - 1}],
+                             options={"maxiter": 1000})
+        c = np.clip(res.x, 0, None) / np.clip(res.x, 0, None).sum()
+        if c @ gram @ c < best @ gram @ best:
+            best = c
+    return best @ g
+
+
+def combined(c, g) -> np.ndarray:
+    return np.asarray(c, np.float64) @ g
+
+
+def gram32(g: np.ndarray) -> jax.Array:
+    return mo.gram_matrix(jnp.asarray(g, jnp.float32))
+
+
+MGDA = Combination("mgda", options=(("solver", "exact"), ("iters", 100)))
+
+CASES = {
+    "conflicting": np.array([[1.0, 0.2, -0.3, 0.5], [-0.8, 0.4, 0.1, -0.2]]),
+    "aligned": np.array([[1.0, 1.0, 0.0, 0.5], [2.0, 1.5, 0.3, 0.4]]),
+    "dominated": np.array([[0.1, 0.0, 0.0, 0.0], [1.0, 3.0, 0.0, 0.0]]),
+    "equal": np.array([[0.5, -1.0, 2.0, 0.0], [0.5, -1.0, 2.0, 0.0]]),
+    "three": RNG.normal(size=(3, 4)),
+    "three_dependent": np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]) * [[1.0], [2.0], [-0.3]],
+    "three_opposed": np.array([[1.0, 0.0], [-0.5, 0.9], [-0.5, -0.9]]),
+    "five": RNG.normal(size=(5, 7)) + [1.0, 0, 0, 0, 0, 0, 0],
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_mgda_matches_brute_force_min_norm(name):
+    g = CASES[name]
+    c = np.asarray(mo.mgda(gram32(g), MGDA), np.float64)
+    assert np.all(c >= 0) and abs(c.sum() - 1) < 1e-6
+    scale = np.abs(g).max()
+    np.testing.assert_allclose(combined(c, g), min_norm_brute_force(g), atol=2e-5 * scale)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_mgda_direction_is_a_common_descent_direction(name):
+    """KKT of the min-norm point: <d, g_i> >= |d|^2 for every gradient."""
+    g = CASES[name]
+    d = combined(mo.mgda(gram32(g), MGDA), g)
+    tol = 1e-5 * np.abs(g).max() ** 2
+    assert np.all(g @ d >= d @ d - tol), (g @ d, d @ d)
+
+
+def test_mgda_is_zero_at_pareto_stationary_points():
+    g1, g2 = RNG.normal(size=(2, 6))
+    for g in (np.stack([g1, -2.5 * g1]),                           # two opposed gradients
+              np.stack([g1, g2, -(0.3 * g1 + 0.2 * g2) / 0.5])):   # a zero convex combination
+        d = combined(mo.mgda(gram32(g), MGDA), g)
+        assert np.linalg.norm(d) < 1e-5 * np.abs(g).max()
+    d = combined(mo.mgda(gram32(np.stack([g1, g2])), MGDA), np.stack([g1, g2]))
+    assert np.linalg.norm(d) > 1e-2  # two random gradients in 6 dims have a common descent
+
+
+def test_frank_wolfe_converges_to_the_min_norm_point():
+    """Frank-Wolfe with exact line search: f(c_t) - f* <= 2 C / (t + 2), C = max |g_i - g_j|^2
+    (Jaggi 2013, the curvature constant of |J^T c|^2 on the simplex)."""
+    g = RNG.normal(size=(12, 20)) * 0.5 + 0.3
+    best = min_norm_brute_force(g)
+    curvature = max(np.sum((a - b) ** 2) for a in g for b in g)
+    for iters in (10, 100, 1000):
+        d = combined(mo.min_norm_frank_wolfe(gram32(g), iters), g)
+        gap = d @ d - best @ best
+        assert -1e-5 <= gap <= 2 * curvature / (iters + 2), (iters, gap)
+    np.testing.assert_allclose(d, best, atol=2e-3)
+
+
+def pcgrad_paper(g: np.ndarray, orders) -> np.ndarray:
+    """Yu et al. 2020, Algorithm 1 (float64): each g_i projected, in its order, onto the normal
+    plane of every g_j it conflicts with; the sum of the projected gradients."""
+    out = np.zeros(g.shape[1])
+    for i, order in enumerate(orders):
+        gi = g[i].copy()
+        for j in order:
+            if j != i and gi @ g[j] < 0:
+                gi -= (gi @ g[j]) / (g[j] @ g[j]) * g[j]
+        out += gi
+    return out
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_pcgrad_matches_the_paper_in_source_order(k):
+    for seed in range(5):
+        g = np.random.default_rng(seed).normal(size=(k, 6))
+        c = mo.pcgrad(gram32(g), mo.pcgrad_orders(None, k))
+        want = pcgrad_paper(g, [range(k)] * k)
+        np.testing.assert_allclose(combined(c, g), want, atol=1e-5 * np.abs(want).max())
+
+
+def test_pcgrad_random_orders_follow_the_paper():
+    """With the key, each gradient's order is a random permutation: every result is the paper's
+    algorithm for some choice of orders, and several choices occur."""
+    g = np.array([[1.0, 0.3, 0.0], [-0.9, 0.5, 0.2], [0.1, -1.0, 0.4]])
+    k = len(g)
+    choices = list(itertools.product(*[list(itertools.permutations([j for j in range(k) if j != i]))
+                                       for i in range(k)]))
+    results = np.stack([pcgrad_paper(g, orders) for orders in choices])
+    gram = gram32(g)
+    coefficients = jax.jit(jax.vmap(lambda key: mo.pcgrad(gram, mo.pcgrad_orders(key, k))))(
+        jax.random.split(jax.random.key(0), 40))
+    seen = set()
+    for c in coefficients:
+        d = combined(c, g)
+        errors = np.abs(results - d).max(1)
+        assert errors.min() < 1e-5
+        seen.add(tuple(np.round(results[errors.argmin()], 5)))
+    assert len(seen) >= 3
+
+
+def test_dwa_matches_the_formula():
+    history = jnp.asarray([[0.5, 2.0, 1.0], [1.0, 1.0, 4.0]])
+    r = np.array([0.5, 2.0, 0.25])
+    want = 3 * np.exp(r / 2) / np.exp(r / 2).sum()
+    np.testing.assert_allclose(mo.dwa(history, 2.0), want, rtol=1e-6)
+    np.testing.assert_allclose(mo.dwa(jnp.zeros((2, 3)), 2.0), np.ones(3), rtol=1e-6)
+
+
+# ---- compiled exports
+
+SOURCE = """
+struct P { w: f32[D], b: f32 }
+
+fn f1(p: P, v: f32[2], x: f32[N, D]) -> f32 {
+  return mean((x @ p.w + p.b - 1.0) ^ 2) + sum((v - 1.0) ^ 2)
+}
+fn f2(p: P, v: f32[2], x: f32[N, D]) -> f32 {
+  return mean(tanh(x @ p.w - p.b) ^ 2) + sum(v * v) * 0.5
+}
+fn f3(p: P, v: f32[2], x: f32[N, D]) -> f32 {
+  return sum(p.w * p.w) + exp(p.b) + sum(v)
+}
+fn weighted(p: P, v: f32[2], x: f32[N, D]) -> f32 {
+  return 0.3 * f1(p, v, x) + 0.7 * f2(p, v, x)
+}
+
+export v1 = f1
+export v2 = f2
+export g1 = grad(f1, wrt=[p, v])
+export g2 = grad(f2, wrt=[p, v])
+export g3 = grad(f3, wrt=[p, v])
+export weighted = value_and_grad(weighted, wrt=[p, v])
+export mgda = minimize([f1, f2], wrt=[p, v], by=mgda)
+export mgda3 = minimize([f1, f2, f3], wrt=[p, v], by=mgda)
+export frank_wolfe = minimize([f1, f2, f3], wrt=[p, v], by=mgda(solver=frank_wolfe, iters=2000))
+export pcgrad = minimize([f1, f2, f3], wrt=[p, v], by=pcgrad(shuffle=false))
+export shuffled = minimize([f1, f2, f3], wrt=[p, v], by=pcgrad)
+export weights = minimize([f1, f2], wrt=[p, v], by=weights(0.3, 0.7))
+export dwa = minimize([f1, f2, f3], wrt=[p, v], by=dynamic(temperature=2))
+export only_v = minimize([f1, f2], wrt=[v], by=mgda)
+"""
+
+
+@pytest.fixture(scope="module")
+def m():
+    return gradlang.compile_source(SOURCE)
+
+
+ARGS = ({"w": RNG.normal(size=3).astype(np.float32), "b": np.float32(0.2)},
+        np.array([0.3, -0.4], np.float32), RNG.normal(size=(8, 3)).astype(np.float32))
+
+
+def flat(tree) -> np.ndarray:
+    return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
+
+
+def jacobian(m, names=("g1", "g2", "g3")) -> np.ndarray:
+    return np.stack([flat(m[n](*ARGS)) for n in names])
+
+
+def test_minimize_returns_values_direction_and_weights(m):
+    values, direction, weights = m.mgda(*ARGS)
+    assert values.shape == (2,) and weights.shape == (2,) and set(direction) == {"p", "v"}
+    assert set(direction["p"]) == {"w", "b"}
+    np.testing.assert_allclose(values, [m.v1(*ARGS), m.v2(*ARGS)], rtol=1e-6)
+    assert m.mgda.signature.kind == "minimize"
+    assert [n for n, _ in m.mgda.signature.params] == ["p", "v", "x"]
+
+
+@pytest.mark.parametrize("name,k", [("mgda", 2), ("mgda3", 3), ("frank_wolfe", 3)])
+def test_compiled_mgda_is_the_min_norm_point_of_the_gradients(m, name, k):
+    g = jacobian(m)[:k]
+    _, direction, weights = m[name](*ARGS)
+    atol = (2e-5 if name != "frank_wolfe" else 1e-3) * np.abs(g).max()
+    np.testing.assert_allclose(flat(direction), min_norm_brute_force(g), atol=atol)
+    np.testing.assert_allclose(flat(direction), combined(weights, g), atol=1e-5 * np.abs(g).max())
+
+
+def test_compiled_pcgrad_matches_the_paper(m):
+    g = jacobian(m)
+    _, direction, weights = m.pcgrad(*ARGS)
+    want = pcgrad_paper(g, [range(3)] * 3)
+    np.testing.assert_allclose(flat(direction), want, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_allclose(flat(direction), combined(weights, g), atol=1e-5 * np.abs(want).max())
+    a = m.shuffled(*ARGS, jax.random.key(0))
+    b = m.shuffled(*ARGS, jax.random.key(0))
+    np.testing.assert_array_equal(flat(a[1]), flat(b[1]))
+
+
+def test_weights_is_the_gradient_of_the_weighted_sum(m):
+    values, direction, weights = m.weights(*ARGS)
+    value, grads = m.weighted(*ARGS)
+    np.testing.assert_allclose(flat(direction), flat(grads), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(0.3 * values[0] + 0.7 * values[1], value, rtol=1e-6)
+    np.testing.assert_allclose(weights, [0.3, 0.7])
+
+
+def test_dynamic_weight_average_threads_its_history(m):
+    params, v, x = ARGS
+    history = jnp.zeros((2, 3))
+    seen = []
+    for step in range(4):
+        values, direction, weights, history = m.dwa(params, v, x, history)
+        g = np.stack([flat(m[n](params, v, x)) for n in ("g1", "g2", "g3")])
+        if step < 2:
+            want = np.ones(3)
+        else:
+            r = np.asarray(seen[-1], np.float64) / np.asarray(seen[-2], np.float64)
+            want = 3 * np.exp(r / 2) / np.exp(r / 2).sum()
+        np.testing.assert_allclose(weights, want, rtol=1e-5)
+        np.testing.assert_allclose(flat(direction), want @ g, rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(history[0], values)
+        seen.append(values)
+        params = jax.tree.map(lambda p, d: p - 0.1 * d, params, direction["p"])
+        v = v - 0.1 * direction["v"]
+
+
+def test_minimize_composes_with_jit_and_vmap(m):
+    params, v, x = ARGS
+    vs = jnp.stack([v, -v, 2 * v])
+    _, direction, _ = jax.jit(jax.vmap(m.mgda, in_axes=(None, 0, None)))(params, vs, x)
+    for i in range(3):
+        np.testing.assert_allclose(direction["v"][i], m.mgda(params, vs[i], x)[1]["v"],
+                                   rtol=1e-5, atol=1e-6)
+    _, only, _ = m.only_v(*ARGS)
+    assert set(only) == {"v"}
+
+
+def test_mgda_picks_frank_wolfe_above_eight_objectives():
+    names = ", ".join(["f"] * 9)
+    m = gradlang.compile_source(f"""
+fn f(x: f32[2]) -> f32 {{ return sum(x * x) }}
+export a = minimize([{names}], wrt=[x], by=mgda)
+export b = minimize([f, f], wrt=[x], by=mgda)
+""")
+    rules = {e.name: str(e.transform.rule) for e in m.ir.exports}
+    assert rules == {"a": "mgda(solver=frank_wolfe, iters=100)", "b": "mgda(solver=exact, iters=100)"}
+    values, direction, weights = m.a(np.array([1.0, 2.0], np.float32))
+    np.testing.assert_allclose(direction["x"], [2.0, 4.0], rtol=1e-6)
+    assert "Frank-Wolfe" in explain(m.ir)
+
+
+# ---- objectives with random choices
+
+RANDOM = """
+fn score(x: f32[3]) -> f32 {
+  let b ~ Bernoulli(logits = x)
+  return sum((b - 0.3) ^ 2)
+}
+fn path(x: f32[3]) -> f32 {
+  z ~ Normal(x, 1.0)
+  return sum(z * z)
+}
+export weights = minimize([expect(score, samples=4), path], wrt=[x], by=weights(0.3, 0.7))
+export mgda = minimize([expect(score, samples=4), path], wrt=[x], by=mgda)
+export same = minimize([expect(score, samples=4), expect(score, samples=4)], wrt=[x], by=pcgrad(shuffle=false))
+"""
+
+
+def test_random_objectives_take_a_key_and_independent_draws():
+    m = gradlang.compile_source(RANDOM)
+    x = np.array([0.2, -0.5, 1.0], np.float32)
+    assert [n for n, _ in m.mgda.signature.params] == ["x", "key"]
+    a = m.same(x, jax.random.key(0))
+    b = m.same(x, jax.random.key(1))
+    assert a[0][0] != a[0][1]  # each objective draws with its own key
+    assert not np.array_equal(a[0], b[0])
+
+
+def test_weights_of_random_objectives_is_unbiased():
+    """E direction = 0.3 d/dx E f1 + 0.7 d/dx E f2, closed forms: per coordinate,
+    E (b - 0.3)^2 = 0.09 + 0.4 p (p = sigmoid(x)), E z^2 = x^2 + 1."""
+    m = gradlang.compile_source(RANDOM)
+    x = np.array([0.2, -0.5, 1.0], np.float32)
+    p = np.array([sigmoid(v) for v in x])
+    truth = 0.3 * 0.4 * p * (1 - p) + 0.7 * 2 * x
+    _, direction, _ = estimates(m.weights, (x,))
+    assert_unbiased(direction["x"], truth)
+
+
+# ---- artifacts, explain
+
+
+def test_artifact_round_trip(m, tmp_path):
+    path = m.save(tmp_path / "mo.gx", dims={"D": 3, "N": 8})
+    loaded = gradlang.load(path)
+    key = jax.random.key(3)
+    history = jnp.asarray([[1.0, 2.0, 3.0], [2.0, 2.0, 2.0]])
+    for name, extra in [("mgda", ()), ("mgda3", ()), ("pcgrad", ()), ("shuffled", (key,)),
+                        ("weights", ()), ("dwa", (history,))]:
+        want, got = m[name](*ARGS, *extra), loaded[name](*ARGS, *extra)
+        for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert loaded.dwa.signature.stateful and loaded.dwa.signature.kind == "minimize"
+    assert [n for n, _ in loaded.dwa.signature.params] == ["p", "v", "x", "history"]
+
+
+def test_explain_shows_rule_guarantee_objectives_and_cost():
+    m = gradlang.compile_source(RANDOM + """
+fn plain(x: f32[3]) -> f32 { return sum(x * x) }
+export dwa = minimize([plain, path], wrt=[x], by=dynamic)
+""")
+    text = explain(m.ir)
+    assert "export mgda = minimize([expect(score, samples=4), path], wrt=[x], by=mgda(solver=exact, iters=100))" in text
+    assert "MGDA (Desideri 2012; Sener & Koltun 2018)" in text and "closed form" in text
+    assert "Pareto-stationary" in text
+    assert "objective 1: expect(score, samples=4)" in text and "objective 2: path" in text
+    assert "score function" in text and "pathwise (reparam)" in text
+    assert "one backward pass per objective" in text
+    assert "gradient of the weighted sum 0.3 f1 + 0.7 f2" in text
+    assert "PCGrad (Yu et al. 2020)" in text and "in the objectives' order" in text
+    assert "Dynamic Weight Average (Liu, Johns & Davison 2019)" in text
+    assert "returns: (values f32[2], direction {x}, weights f32[2], history)" in text
+
+
+def test_pareto_example(run_example):
+    """A short run of examples/pareto.py: MGDA and PCGrad reach the front from every start, at
+    several points of it, MGDA without raising either objective; fixed weights reach only its
+    ends (the front is concave): at most two points, in the outer eighths of the set."""
+    summary, _ = run_example("pareto", ["--steps", "150", "--starts", "6"],
+                             {"rules", "front_hypervolume", "steps"}, plot="pareto_front.png")
+    rules = summary["rules"]
+    for name in ("mgda", "pcgrad"):
+        assert rules[name]["on_front"] == 6 and rules[name]["distinct_front_points"] >= 3
+    assert rules["mgda"]["monotone_steps"] == 1.0
+    for name in ("w10", "w30", "w50", "w70", "w90"):  # Pareto set: |t| <= 0.577
+        assert rules[name]["distinct_front_points"] <= 2
+        assert all(abs(t) > 0.45 for t in rules[name]["final_t"])
+    assert rules["mgda"]["hypervolume_share"] > 2 * rules["w50"]["hypervolume_share"]
