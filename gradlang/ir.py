@@ -79,6 +79,21 @@ class StructDef:
 
 
 @dataclass(frozen=True)
+class Composition:
+    """`compose(f, expect(g, samples=N), by=...)`: the export's objective is f(E[g], ...);
+    the Transform's `fn` and `samples` are g's, `outer` is f."""
+
+    outer: str
+    by: Estimator | None
+    """`scgd(beta=...)` or `plugin`; None before the compose pass picks the default."""
+    span: Span
+    """The whole `compose(...)` call."""
+    outer_span: Span
+    inner_span: Span
+    """The `expect(g, samples=N)` argument."""
+
+
+@dataclass(frozen=True)
 class Transform:
     """What an export computes: `fn` itself, grad / value_and_grad of it wrt some params, or
     one step of gradient descent on them (`descend`)."""
@@ -97,6 +112,8 @@ class Transform:
     scope: str = "expect"
     """With samples: `expect` (the mean of the draws) or `logmeanexp` (the log of the mean of
     their exp, e.g. an importance-weighted bound)."""
+    compose: Composition | None = None
+    """`compose(f, expect(fn, samples=N))`: f of the expectation (the compose pass builds it)."""
 
     def call(self, fn: str) -> str:
         """`kind(fn, wrt=[...], lr=..., by=...)` as written in source (`fn` as given)."""

@@ -257,6 +257,11 @@ def _bind_export_names(module: Module, structs: dict[str, StructType]) -> Module
         found = scope.lookup(t.fn) if module.function(t.fn) is None else None
         if isinstance(found, tuple) and found[0] == "fn":
             export = replace(export, transform=replace(t, fn=found[1].name))
+        c = t.compose
+        found = scope.lookup(c.outer) if c is not None and module.function(c.outer) is None else None
+        if isinstance(found, tuple) and found[0] == "fn":
+            export = replace(export, transform=replace(export.transform,
+                                                       compose=replace(c, outer=found[1].name)))
         exports.append(export)
     return replace(module, exports=tuple(exports))
 
@@ -276,6 +281,9 @@ def _check_exports(module: Module, diags: Diagnostics) -> Module:
             exports.append(export)
             continue
         if _broken(fn):
+            continue
+        if t.compose is not None:  # the compose pass checks both functions and wrt
+            exports.append(export)
             continue
         r = fn.result_type
         if t.kind != "fn" and not (isinstance(r, TensorType) and r.rank == 0 and r.dtype.is_float):

@@ -23,6 +23,7 @@ from .rules_argmin import ARGMIN_LOWERINGS
 from .rules_nonsmooth import NONSMOOTH_LOWERINGS
 from .dtypes import JNP_DTYPES
 from .rules_random import RANDOM_LOWERINGS
+from .compose import compose_rule
 from .sampled import wta_crs_matmul
 from .perturbed import Factored
 
@@ -268,4 +269,5 @@ LOWERINGS: dict[str, Rule] = {
     "if": _if,
     "for": _for,
     "checkpoint": _checkpoint,
+    "compose": compose_rule,
 }

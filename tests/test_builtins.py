@@ -638,11 +638,11 @@ QUANTIZERS = {"quantize", "quest", "hadamard", "stochastic_round"}
 RANDOM_OPS = {"dist", "sample", "log_prob", "entropy", "kl", "dist_mean", "expect", "samples",
               "surrogate"}
 REWRITTEN = {"straight_through", "quantize", "quest", "hadamard", "stochastic_round", "argmin",
-             "host_call", "inline", "checkpoint", "sampled_matmul"}
+             "host_call", "inline", "checkpoint", "sampled_matmul", "compose"}
 """Ops only passes create, the quantizers (tests/test_nonsmooth.py), argmin
 (tests/test_bilevel.py), extern bodies (tests/test_blackbox.py), inlined calls
-(tests/test_credit.py), checkpoint blocks (tests/test_checkpoint.py) and sampled matmuls
-(tests/test_sampled.py)."""
+(tests/test_credit.py), checkpoint blocks (tests/test_checkpoint.py), sampled matmuls
+(tests/test_sampled.py) and compositions (tests/test_compose.py)."""
 
 
 def test_every_builtin_is_covered():

@@ -32,7 +32,7 @@ def typed():
 
 
 def test_pipeline_text_round_trip():
-    assert parse_pipeline("resolve, typecheck,zeroth_order,gradflow,straight_through,hypergrad, "
+    assert parse_pipeline("resolve, typecheck,compose,zeroth_order,gradflow,straight_through,hypergrad, "
                           "estimators,surrogate") == PIPELINE
     with pytest.raises(ValueError, match="unknown pass 'nope'"):
         parse_pipeline("resolve,nope")

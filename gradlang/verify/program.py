@@ -119,6 +119,9 @@ def load(module: Module, name: str, externs: Mapping[str, object], mesh=None) ->
     if t.kind == "fn":
         raise VerifyError(f"export '{name}' computes no gradient ({t.fn} itself); verify checks "
                           f"grad, value_and_grad and descend exports")
+    if t.compose is not None:
+        raise VerifyError(f"export '{name}' is a composition f(E[g]) (compose): verify has no "
+                          f"reference for it yet")
     as_grad = replace(export, transform=replace(t, kind="grad", lr=None))
     signature, gradient = export_function(module, as_grad, externs, mesh)
     unbound = [n for n in signature.externs if n not in externs]
