@@ -68,6 +68,15 @@ def model():
     return gradlang.compile_source(SRC, name="compose.grad")
 
 
+CHAINS, STEPS = 6000, 30
+
+
+@pytest.fixture(scope="module")
+def scgd_chains(model):
+    """The gradient and u at the last of STEPS calls of CHAINS independent SCGD chains."""
+    return chains(model.scgd, True, CHAINS, STEPS, seed=1)
+
+
 def test_deterministic_inner_is_exact():
     """With no draws in g, SCGD (any beta: its first call, and beta=1 at every call) and the
     plug-in are the exact gradient of f(g(w), a)."""
@@ -106,26 +115,25 @@ export plug = grad(compose(f, expect(g, samples=3), by=plugin), wrt=[w, a])
         np.testing.assert_allclose(plug(w, x, a, key)["w"], want[0], rtol=1e-5, atol=1e-6)
 
 
-def test_moving_average_tracks_the_inner_expectation(model):
+def test_moving_average_tracks_the_inner_expectation(scgd_chains):
     """At fixed t, u is a weighted mean of unbiased estimates: its mean is E g = t and its
     variance Var(g_hat) * sum w_i^2 (0.053 of one estimate's after 30 calls at beta = 0.1)."""
-    steps, m = 30, 4000
-    _, u = chains(model.scgd, True, m, steps)
-    se = u.std(ddof=1) / np.sqrt(m)
+    _, u = scgd_chains
+    se = u.std(ddof=1) / np.sqrt(CHAINS)
     assert abs(u.mean() - THETA) < Z * se
-    var = THETA**2 / N * np.sum(weights(BETA, steps) ** 2)
-    assert abs(u.var(ddof=1) / var - 1) < Z * np.sqrt(2 / (m - 1))
+    var = THETA**2 / N * np.sum(weights(BETA, STEPS) ** 2)
+    assert abs(u.var(ddof=1) / var - 1) < Z * np.sqrt(2 / (CHAINS - 1))
     assert u.var() < 0.1 * THETA**2 / N  # an order of magnitude below one estimate's
 
 
-def test_gradient_bias_scgd_against_plugin(model):
+def test_gradient_bias_scgd_against_plugin(model, scgd_chains):
     """d/dt (E g)^2 = 2t. The gradient at call T is J_T 2 u_T, J_T = 1 + mean(z_T): its mean is
     2t (1 + w_T / N), w_T the weight of the last estimate in u (beta at T >= 10); the plug-in's
     is 2t (1 + 1/N). Both closed forms hold within 5 standard errors, and the plug-in is
     measurably biased."""
-    steps, m = 20, 6000
-    g, _ = chains(model.scgd, True, m, steps, seed=1)
-    want = 2 * THETA * (1 + weights(BETA, steps)[-1] / N)
+    m = CHAINS
+    g, _ = scgd_chains
+    want = 2 * THETA * (1 + weights(BETA, STEPS)[-1] / N)
     se = g.std(ddof=1) / np.sqrt(m)
     assert abs(g.mean() - want) < Z * se
     p, _ = chains(model.plugin, False, m, 1, seed=2)
