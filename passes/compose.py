@@ -207,6 +207,8 @@ class Compose:
             if t.compose is None:
                 exports.append(export)
                 continue
+            if module.function(t.fn) is None:  # reported by resolve
+                continue
             checker = _Checker(module, export, random, diags)
             by = _estimator(t.compose.by, diags)
             f = checker.outer()

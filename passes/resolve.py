@@ -283,7 +283,9 @@ def _check_exports(module: Module, diags: Diagnostics) -> Module:
         if _broken(fn):
             continue
         if t.compose is not None:  # the compose pass checks both functions and wrt
-            exports.append(export)
+            outer = module.function(t.compose.outer)
+            if outer is None or not _broken(outer):
+                exports.append(export)
             continue
         r = fn.result_type
         if t.kind != "fn" and not (isinstance(r, TensorType) and r.rank == 0 and r.dtype.is_float):

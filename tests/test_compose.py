@@ -243,3 +243,10 @@ def test_unnormalized_density_example_runs(run_example):
         r = summary["methods"][name]
         assert -2.0 < r["held_out_log_likelihood"][0] < summary["ceiling"]
         assert np.isfinite(r["log_z_error"][0])
+
+
+def test_verify_says_compose_is_not_supported_yet(model):
+    from gradlang.verify import VerifyError
+
+    with pytest.raises(VerifyError, match="composition f\\(E\\[g\\]\\)"):
+        model.verify("scgd")
