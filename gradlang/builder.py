@@ -11,8 +11,8 @@ from dataclasses import dataclass, field, replace
 
 from . import ast
 from .diagnostics import Diagnostics, Span
-from .ir import (Combination, Export, Function, Objective, Op, Param, Region, StructDef, Transform,
-                 Value)
+from .ir import (Combination, Composition, Export, Function, Objective, Op, Param, Region,
+                 StructDef, Transform, Value)
 from .ops import (ArgminParams, CallParams, HostParams, CastParams, ConstParams, Estimator, ExpectParams, ForParams,
                   GetParams, IndexItem, IndexParams, NameParams, NoParams, SampledParams, SampleParams)
 from .types import DType, NamedType, TensorType, TupleType, Type
@@ -183,12 +183,16 @@ def _tensors_only(t) -> bool:
     return isinstance(t, TensorType)
 
 
-def _objective(e: ast.Expr, diags: Diagnostics) -> tuple[ast.Name, int, str] | None:
-    """`f` (or `nn.f`), `expect(f, samples=N)` or `logmeanexp(f, samples=N)`: the function's
-    name, N (0 without a scope) and the scope."""
+def _objective(e: ast.Expr, unit: str, diags: Diagnostics
+               ) -> tuple[ast.Name, int, str, Composition | None] | None:
+    """`f` (or `nn.f`), `expect(f, samples=N)`, `logmeanexp(f, samples=N)` or `compose(h,
+    expect(f, samples=N), by=...)`: the function's name, N (0 without a scope), the scope and
+    the composition."""
     name = _dotted(e)
     if name is not None:
-        return ast.Name(e.span, name), 0, "expect"
+        return ast.Name(e.span, name), 0, "expect", None
+    if isinstance(e, ast.Call) and isinstance(e.func, ast.Name) and e.func.id == "compose":
+        return _composition(e, unit, diags)
     scope = _scope(e)
     if scope is not None:
         name = _dotted(e.args[0]) if len(e.args) == 1 else None
@@ -197,25 +201,68 @@ def _objective(e: ast.Expr, diags: Diagnostics) -> tuple[ast.Name, int, str] | N
                         f"samples=8)", e.span)
             return None
         n = _samples_option(e, diags)
-        return None if n is None else (ast.Name(e.args[0].span, name), n, scope)
+        return None if n is None else (ast.Name(e.args[0].span, name), n, scope, None)
     return None
+
+
+def _composition(call: ast.Call, unit: str, diags: Diagnostics
+                 ) -> tuple[ast.Name, int, str, Composition] | None:
+    """`compose(f, expect(g, samples=N), by=scgd(beta=B) | plugin)`: f of g's expectation
+    (the compose pass checks the functions and the estimator)."""
+    if len(call.args) != 2:
+        diags.error("compose takes the outer function and the inner expectation, e.g. "
+                    "compose(f, expect(g, samples=16), by=scgd(beta=0.1))", call.span)
+        return None
+    outer = _dotted(call.args[0])
+    if outer is None:
+        diags.error("compose's first argument names the outer function f, applied to the inner "
+                    "expectation, e.g. compose(f, expect(g, samples=16))", call.args[0].span)
+        return None
+    inner = call.args[1]
+    if _scope(inner) != "expect":
+        diags.error("compose's second argument is the inner expectation expect(g, samples=N): "
+                    "f is applied to the mean of g's draws", inner.span)
+        return None
+    found = _objective(inner, unit, diags)
+    if found is None:
+        return None
+    by = None
+    for k in call.kwargs:
+        if k.name != "by":
+            diags.error(f"unknown option '{k.name}' for compose; expected by=scgd(beta=...) or "
+                        f"by=plugin", k.span)
+            return None
+        if isinstance(k.value, ast.Name):
+            by = Estimator(k.value.id, (), k.value.span)
+        elif isinstance(k.value, ast.Call) and isinstance(k.value.func, ast.Name):
+            v = k.value
+            by = estimator_from_ast(ast.Annotation(v.func.id, v.args, v.kwargs, v.span), diags)
+            if by is None:
+                return None
+        else:
+            diags.error("by= names the estimator of the composition: scgd(beta=...) or plugin",
+                        k.value.span)
+            return None
+    g, n, _, _ = found
+    return g, n, "expect", Composition(qualify(unit, outer), by, call.span, call.args[0].span,
+                                       inner.span)
 
 
 def _build_export(decl: ast.ExportDecl, unit: str, diags: Diagnostics) -> Export | None:
     value = decl.value
-    if _scope(value) is not None:
-        found = _objective(value, diags)
+    if _scope(value) is not None or (isinstance(value, ast.Call) and _dotted(value.func) == "compose"):
+        found = _objective(value, unit, diags)
         if found is None:
             return None
-        fn, n, scope = found
-        return Export(decl.name, Transform("fn", qualify(unit, fn.id), samples=n, scope=scope),
-                      decl.span, fn.span)
+        fn, n, scope, composition = found
+        return Export(decl.name, Transform("fn", qualify(unit, fn.id), samples=n, scope=scope,
+                                           compose=composition), decl.span, fn.span)
     if _dotted(value) is not None:
         return Export(decl.name, Transform("fn", qualify(unit, _dotted(value))), decl.span,
                       value.span)
     usage = ("an export must name a function or be grad(f, wrt=[...]), value_and_grad(f, "
              "wrt=[...]), descend(f, wrt=[...], lr=...), minimize([f1, f2], wrt=[...], by=RULE), "
-             "expect(f, samples=N) or logmeanexp(f, samples=N)")
+             "expect(f, samples=N), logmeanexp(f, samples=N) or compose(f, expect(g, samples=N))")
     if not (isinstance(value, ast.Call) and isinstance(value.func, ast.Name)
             and value.func.id in TRANSFORMS):
         diags.error(usage, value.span)
@@ -223,7 +270,7 @@ def _build_export(decl: ast.ExportDecl, unit: str, diags: Diagnostics) -> Export
     kind = value.func.id
     if kind == "minimize":
         return _build_minimize(decl, value, unit, diags)
-    objective = _objective(value.args[0], diags) if len(value.args) == 1 else None
+    objective = _objective(value.args[0], unit, diags) if len(value.args) == 1 else None
     if objective is None:
         if not diags.has_errors or len(value.args) != 1:
             diags.error(f"{kind} takes one function name (or expect(f, samples=N), "
@@ -247,9 +294,10 @@ def _build_export(decl: ast.ExportDecl, unit: str, diags: Diagnostics) -> Export
     wrt = _wrt(value, kind, diags)
     if wrt is None:
         return None
-    fn, n, scope = objective
+    fn, n, scope, composition = objective
     return Export(decl.name, Transform(kind, qualify(unit, fn.id), *wrt, n, by,
-                                       None if lr is None else float(lr), scope), decl.span, fn.span)
+                                       None if lr is None else float(lr), scope,
+                                       compose=composition), decl.span, fn.span)
 
 
 def _wrt(value: ast.Call, kind: str, diags: Diagnostics) -> tuple[tuple[str, ...], tuple[Span, ...]] | None:
@@ -283,13 +331,13 @@ def _build_minimize(decl: ast.ExportDecl, value: ast.Call, unit: str,
     objectives = []
     for e in listed.elems:
         errors = len(diags.errors)
-        found = _objective(e, diags)
-        if found is None:
+        found = _objective(e, unit, diags)
+        if found is None or found[3] is not None:
             if len(diags.errors) == errors:
                 diags.error("an objective of minimize is a function name, expect(f, samples=N) "
                             "or logmeanexp(f, samples=N)", e.span)
             return None
-        fn, n, scope = found
+        fn, n, scope, _ = found
         objectives.append(Objective(qualify(unit, fn.id), fn.span, n, scope))
     rule = None
     for k in value.kwargs:
@@ -505,7 +553,7 @@ class _FunctionBuilder:
         if callee is None:
             return self.error_value("only functions can be called, by name (e.g. f(x))",
                                     e.func.span)
-        if callee in TRANSFORMS:
+        if callee in TRANSFORMS + ("compose",):
             return self.error_value(f"{callee}(...) can only be used in an export", e.span)
         if callee in SCOPES:
             return self.expect(e)

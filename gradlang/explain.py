@@ -201,6 +201,22 @@ def _descend(t) -> list[str]:
             f"the arrays passed for them (donated){how}"]
 
 
+def _compose(c) -> list[str]:
+    """The line of a composition's estimator (a `passes.compose.ComposeFact`)."""
+    inner = f"the mean of {c.samples} draws of {c.inner}"
+    if c.by.name == "plugin":
+        return [f"  compose: plug-in {c.outer}(g_hat), g_hat = {inner}, no state; gradient J^T grad "
+                f"{c.outer}(g_hat): biased for a nonlinear {c.outer} (E {c.outer}(g_hat) != "
+                f"{c.outer}(E g_hat)); by=scgd(beta=0.1) tracks the inner expectation instead"]
+    beta = c.by.option("beta")
+    why = " (the default; by=plugin for the plug-in)" if c.default else ""
+    return [f"  compose: moving-average inner estimate u <- (1 - b) u + b g_hat, g_hat = {inner}, "
+            f"b = max(beta={beta:g}, 1/n) at the n-th call{why}",
+            f"    state 'inner' = (u, n): an argument and the last result (start from zeros and "
+            f"0); gradient J^T grad {c.outer}(u) (SCGD): biased at finite beta, the iterates "
+            f"converge"]
+
+
 def explain(module: Module) -> str:
     """The report printed by `gradlang explain`."""
     lines: list[str] = []
@@ -226,6 +242,11 @@ def _export(module: Module, export) -> list[str]:
     t = export.transform
     fn, samples, scope = _objective(module, export)
     what = f"{scope}({fn}, samples={samples})" if samples else fn
+    composed = module.facts.get("compose", {}).get(export.name)
+    if composed is not None:
+        samples = composed.samples
+        what = (f"compose({composed.outer}, expect({composed.inner}, samples={samples}), "
+                f"by={composed.by})")
     reach = reachable(module, fn)
     here = [s for s in sites if s.function in reach]
     nonsmooth = _nonsmooth(module, reach) if t.kind != "fn" else []
@@ -233,10 +254,12 @@ def _export(module: Module, export) -> list[str]:
     lines: list[str] = []
     if t.kind == "fn":
         lines.append(f"export {export.name} = {what}: no gradient requested")
+        lines += _compose(composed) if composed is not None else []
     elif t.black_box is not None:
         return _black_box(module, export.name, t, what, reach)
     else:
         lines.append(f"export {export.name} = {t.call(what)}")
+        lines += _compose(composed) if composed is not None else []
         lines += (_private(module.facts["privacy"][export.name], n) if t.private is not None
                   else _reverse_mode(t.wrt, flow[export.name].zero, bool(here), nonsmooth,
                                      t.fn in module.facts.get("random", ())))

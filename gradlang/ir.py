@@ -81,6 +81,21 @@ class StructDef:
 
 
 @dataclass(frozen=True)
+class Composition:
+    """`compose(f, expect(g, samples=N), by=...)`: the export's objective is f(E[g], ...);
+    the Transform's `fn` and `samples` are g's, `outer` is f."""
+
+    outer: str
+    by: Estimator | None
+    """`scgd(beta=...)` or `plugin`; None before the compose pass picks the default."""
+    span: Span
+    """The whole `compose(...)` call."""
+    outer_span: Span
+    inner_span: Span
+    """The `expect(g, samples=N)` argument."""
+
+
+@dataclass(frozen=True)
 class Combination:
     """How a `minimize` export combines its objectives' gradients (`by=mgda`, `pcgrad`,
     `weights(0.3, 0.7)`, `dynamic(temperature=2)`): the rule's name, its positional weights and
@@ -140,6 +155,9 @@ class Transform:
     """`minimize([f1, f2, ...], wrt=[...], by=RULE)`: the objectives, in source order."""
     rule: Combination | None = None
     """`minimize`'s combination rule."""
+
+    compose: Composition | None = None
+    """`compose(f, expect(fn, samples=N))`: f of the expectation (the compose pass builds it)."""
 
     @property
     def black_box(self) -> Estimator | None:

@@ -277,6 +277,15 @@ class SampledParams:
 
 
 @dataclass(frozen=True)
+class ComposeParams:
+    """`compose(f, expect(g, ...), by=...)`: `by` is `scgd(beta=...)` (a moving average of the
+    inner estimate, threaded as state: the op's second operand and second result) or
+    `plugin` (f of this call's estimate)."""
+
+    by: Estimator
+
+
+@dataclass(frozen=True)
 class ArgminParams:
     """An inner problem: its solver (`via gd(steps=, lr=)`), the hypergradient method (`with
     implicit(cg, iters=)`; None before the hypergradient pass picks one) and the sense."""
@@ -380,6 +389,9 @@ OPS: dict[str, OpDef] = {
                "Monte Carlo sliced Wasserstein distance SW_p^p over random directions"),
         *_defs("stochastic_round", NoParams, "random",
                "floor(x + u), u ~ U[0, 1): unbiased rounding; identity backward"),
+        *_defs("compose", ComposeParams, "",
+               "its region (f of its first operand, the inner estimate) evaluated with that "
+               "operand replaced by the tracked estimate u, differentiated as J^T grad f(u)"),
         *_defs("argmin", ArgminParams, "",
                "the minimizer of its region's scalar objective over the region's argument, "
                "started at the operand"),

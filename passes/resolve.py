@@ -255,7 +255,12 @@ def _bind_export_names(module: Module, structs: dict[str, StructType]) -> Module
         t = export.transform
         found = scope.lookup(t.fn) if module.function(t.fn) is None else None
         if isinstance(found, tuple) and found[0] == "fn":
-            return replace(export, transform=replace(t, fn=found[1].name))
+            export = replace(export, transform=replace(t, fn=found[1].name))
+        c = t.compose
+        found = scope.lookup(c.outer) if c is not None and module.function(c.outer) is None else None
+        if isinstance(found, tuple) and found[0] == "fn":
+            export = replace(export, transform=replace(export.transform,
+                                                       compose=replace(c, outer=found[1].name)))
         return export
 
     return replace(module, exports=tuple(e.joined(tuple(map(bind, e.parts())))
@@ -285,6 +290,9 @@ def _check_export(module: Module, export: Export, diags: Diagnostics) -> Export 
         return export
     if _broken(fn):
         return None
+    if t.compose is not None:  # the compose pass checks both functions and wrt
+        outer = module.function(t.compose.outer)
+        return export if outer is None or not _broken(outer) else None
     r = fn.result_type
     if t.kind != "fn" and not (isinstance(r, TensorType) and r.rank == 0 and r.dtype.is_float):
         diags.error(f"{t.kind} needs a function that returns a float scalar; '{fn.name}' "

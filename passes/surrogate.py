@@ -536,8 +536,8 @@ class _Rewriter:
         """The wrapper function computing an export's expectation (None: not stochastic)."""
         t = export.transform
         fn = self.module.function(t.fn)
-        if t.samples == 0 and fn.name not in self.random:
-            return None
+        if (t.samples == 0 and fn.name not in self.random) or t.compose is not None:
+            return None  # a composition's inner expectation is a nested one
         params = tuple(Param(p.name, Value(p.value.type, p.name), p.span) for p in fn.params)
         call = Op("call_fn", tuple(p.value for p in params), (Value(fn.result_type),),
                   CalleeParams(fn.name), (), export.fn_span)
@@ -660,5 +660,5 @@ class Surrogate:
         return replace(module, functions=tuple(functions), exports=tuple(exports),
                        facts=module.facts | {"random": frozenset(random_functions(
                            replace(module, functions=tuple(functions)))), "objectives": objectives,
-                           "stateful": frozenset(stateful),
+                           "stateful": frozenset(stateful) | module.facts.get("stateful", frozenset()),
                            "control_variates": rewriter.resolved, "credit": rewriter.credit})

@@ -494,7 +494,7 @@ def _check_exports(module: Module, diags: Diagnostics) -> None:
     for export in (part for e in module.exports for part in e.parts()):
         t = export.transform
         fn = module.function(t.fn)
-        if fn is None or t.kind == "fn":
+        if fn is None or t.kind == "fn" or t.compose is not None:
             continue
         r = fn.result_type
         if not (isinstance(r, TensorType) and r.rank == 0 and r.dtype.is_float):

@@ -24,6 +24,7 @@ from .rules_nonsmooth import NONSMOOTH_LOWERINGS
 from .dtypes import JNP_DTYPES
 from .rules_random import RANDOM_LOWERINGS
 from .ot import sliced_wasserstein
+from .compose import compose_rule
 from .sampled import wta_crs_matmul
 from .perturbed import Factored
 
@@ -272,4 +273,5 @@ LOWERINGS: dict[str, Rule] = {
     "if": _if,
     "for": _for,
     "checkpoint": _checkpoint,
+    "compose": compose_rule,
 }

@@ -123,6 +123,9 @@ def load(module: Module, name: str, externs: Mapping[str, object], mesh=None) ->
         raise VerifyError(f"export '{name}' combines several gradients (minimize); verify checks "
                           f"grad, value_and_grad and descend exports: verify each objective's "
                           f"gradient with an export value_and_grad(f, wrt=[...]) of its own")
+    if t.compose is not None:
+        raise VerifyError(f"export '{name}' is a composition f(E[g]) (compose): verify has no "
+                          f"reference for it yet")
     as_grad = replace(export, transform=replace(t, kind="grad", lr=None))
     signature, gradient = export_function(module, as_grad, externs, mesh)
     unbound = [n for n in signature.externs if n not in externs]
