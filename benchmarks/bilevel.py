@@ -50,7 +50,6 @@ rounds only (a smoke test; its ratios are noisy).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -60,7 +59,7 @@ from typing import Callable
 
 import numpy as np
 
-from timing import interleaved, parse_timing_args, timing_args
+from timing import interleaved, parse_timing_args, timing_args, write_json
 
 N, M, D = 1000, 500, 100
 STEPS, CG_ITERS = 300, 30
@@ -360,10 +359,7 @@ def main(argv: list[str] | None = None) -> dict:
            "rounds": a.rounds, "calls": a.calls, "jax": jax.__version__,
            "device": f"{dev.platform}:{dev.device_kind}", "cpu_count": os.cpu_count(),
            "problems": results, "methods": methods, "memory": memory, "wall_s": total}
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(out, indent=2) + "\n")
-        print(f"wrote {a.json}")
+    write_json(out, a.json)
     return out
 
 

@@ -55,7 +55,6 @@ rotating, a sample being `--calls` consecutive calls each followed by `block_unt
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -67,7 +66,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 import gradlang
-from timing import interleaved, parse_timing_args, timing_args
+from timing import interleaved, parse_timing_args, timing_args, write_json
 
 SIGMA, LR, B_ES = 0.05, 0.01, 64
 ERF_INV = "2.81022636e-08"  # a coefficient of XLA's erf_inv polynomial (one per fusion using it)
@@ -390,10 +389,7 @@ def main(argv: list[str] | None = None) -> dict:
            "spsa_memory": spsa_memory(hidden)}
     out["wall_s"] = time.perf_counter() - t0
     print(f"total wall time {out['wall_s']:.0f} s")
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(out, indent=2) + "\n")
-        print(f"wrote {a.json}")
+    write_json(out, a.json)
     return out
 
 

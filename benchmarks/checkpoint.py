@@ -15,7 +15,6 @@ truncation is biased by design).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import gradlang
-from timing import interleaved, parse_timing_args, timing_args
+from timing import interleaved, parse_timing_args, timing_args, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
@@ -73,8 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['cosine']['truncated']:.4f} |")
     assert all(abs(r["cosine"]["checkpointed"] - 1) < 1e-5 for r in rows), "checkpointing changed a gradient"
     out = {"jax": jax.__version__, "rows": rows}
-    if a.json:
-        a.json.write_text(json.dumps(out, indent=1))
+    write_json(out, a.json)
     return out
 
 

@@ -17,14 +17,13 @@ per call of SCGD relative to the plug-in (interleaved rounds, benchmarks/timing.
 from __future__ import annotations
 
 import argparse
-import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import gradlang
-from timing import interleaved, parse_timing_args, timing_args
+from timing import interleaved, parse_timing_args, timing_args, write_json
 
 SRC = """
 fn g(t: f32[4]) -> f32 {{
@@ -100,8 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"benchmark": "compose", "theta": THETA.tolist(), "beta": args.beta,
               "estimates": args.estimates, "calls_per_chain": CALLS,
               "rows": {str(n): r for n, r in rows.items()}}
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
+    write_json(result, args.json)
     return result
 
 

@@ -18,15 +18,16 @@ estimator's relative bias against the closed form.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import gradlang
+from timing import write_json
 
 PROBLEMS = {
     "bernoulli": dict(
@@ -124,7 +125,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--estimates", type=int, default=20_000)
     ap.add_argument("--samples", type=int, default=8, help="S, samples per estimate")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=Path, default=None, help="write the results to this file")
     args = ap.parse_args(argv)
     print(f"gradlang control variates: {args.estimates} estimates per row, S={args.samples} samples "
           f"per estimate; jax {jax.__version__}, {jax.devices()[0].platform}")
@@ -151,9 +152,7 @@ def main(argv=None) -> dict:
             w, d = rows["whole"], rows["downstream"]
             print(f"  {b:9} {s:>2} {w['variance']:11.4g} {d['variance']:15.4g} "
                   f"{w['variance'] / d['variance']:9.1f}x {d['rel_bias']:10.4f} {d['rel_se']:8.4f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    write_json(results, args.json)
     return results
 
 

@@ -33,7 +33,6 @@ the noise a parameter-sized vector).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -42,7 +41,7 @@ import jax
 import numpy as np
 
 import gradlang
-from timing import interleaved, parse_timing_args, timing_args
+from timing import interleaved, parse_timing_args, timing_args, write_json
 
 D, C, B = 256, 10, 64
 MLP3 = """
@@ -161,10 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
            "widths": width_sweep(widths, a.rounds, a.calls, a.warmup)}
     out["wall_s"] = time.perf_counter() - t0
     print(f"total wall time {out['wall_s']:.0f} s")
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(out, indent=2) + "\n")
-        print(f"wrote {a.json}")
+    write_json(out, a.json)
     return out
 
 

@@ -19,7 +19,6 @@ hypervolume as a share of the whole front's, and the share of steps that raised 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import gradlang
-from timing import interleaved, parse_timing_args, timing_args
+from timing import interleaved, parse_timing_args, timing_args, write_json
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 RULES = ("mgda", "pcgrad", "weights", "dynamic")
@@ -120,8 +119,7 @@ def main(argv=None) -> dict:
     print(table(cost, quality, args))
     results = {"cost": cost, "quality": quality, "settings": {
         k: getattr(args, k) for k in ("d", "h", "batch", "steps", "starts", "rounds", "calls")}}
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    write_json(results, args.json)
     return results
 
 

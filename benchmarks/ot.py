@@ -18,7 +18,6 @@ to it (interleaved timing, benchmarks/timing.py). The pairs:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 
 import jax
@@ -26,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import gradlang
-from timing import interleaved, parse_timing_args, timing_args
+from timing import interleaved, parse_timing_args, timing_args, write_json
 
 N, D = 256, 10
 CONTROLS = ("none", "gaussian_lower", "gaussian_upper")
@@ -80,8 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
                       f"{s['grad_var']:.3e} | {stats['none']['grad_var'] / s['grad_var']:.1f}x | "
                       f"{s['time_ratio']:.2f} |")
             rows.append({"clouds": pair, "projections": projections, "stats": stats})
-    if a.json:
-        a.json.write_text(json.dumps({"jax": jax.__version__, "rows": rows}, indent=1))
+    write_json({"jax": jax.__version__, "rows": rows}, a.json)
     return {"rows": rows}
 
 

@@ -42,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-from timing import interleaved
+from timing import interleaved, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 MLP = ROOT / "examples" / "mlp.grad"
@@ -319,10 +319,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     result = {"dims": dict(zip("BDHC", dims)), "rounds": args.rounds, "calls": args.calls,
               "jax": jax.__version__, "device": f"{dev.platform}:{dev.device_kind}",
               "cpu_count": os.cpu_count(), "steady": steady, "latency": latency}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nwrote {args.json}")
+    write_json(result, args.json)
     return result
 
 

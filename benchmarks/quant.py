@@ -36,14 +36,13 @@ a zero (2 bits: ternary), QuEST's midrise grid 2^b levels.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import time
 from pathlib import Path
 
-from timing import interleaved
+from timing import interleaved, write_json
 
 import numpy as np
 
@@ -335,10 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{b:>4}  " + "".join(f"{c['mean']:>10.4f} +-{c['std']:.3f}" for c in row))
         result["accuracy"] = acc
 
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nwrote {args.json}")
+    write_json(result, args.json)
     return result
 
 

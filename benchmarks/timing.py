@@ -1,11 +1,14 @@
 """Interleaved timing shared by the benchmarks: each round times every variant once, in an
 order that rotates from round to round, a sample being `calls` consecutive calls each followed
-by `block_until_ready`; reported against a reference variant."""
+by `block_until_ready`; reported against a reference variant. Also the benchmarks' common
+command-line options and their JSON output."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
+from pathlib import Path
 
 
 def interleaved(variants: dict, args: tuple, ref: str, rounds: int, calls: int, warmup: int) -> dict:
@@ -57,3 +60,12 @@ def parse_timing_args(ap, argv):
     if a.quick:
         a.rounds, a.calls, a.warmup = 4, 2, 1
     return a
+
+
+def write_json(result: dict, path: Path | None) -> None:
+    """Write a benchmark's results to `path` (the `--json` option), when given."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")

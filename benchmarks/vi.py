@@ -103,7 +103,6 @@ difference of means, about 1 when both estimators are unbiased for the same grad
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -113,7 +112,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from timing import interleaved, parse_timing_args, timing_args
+from timing import interleaved, parse_timing_args, timing_args, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = Path(__file__).resolve().parent / "vi_models"
@@ -1176,10 +1175,7 @@ def main(argv: list[str] | None = None) -> dict:
         print_compare(result["compare"])
     result["wall_s"] = time.perf_counter() - t_start
     print(f"\ntotal wall time {result['wall_s']:.0f} s")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_json(result, args.json)
     return result
 
 

@@ -17,14 +17,13 @@ divided by the squared norm of the exact gradient).
 from __future__ import annotations
 
 import argparse
-import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import gradlang
-from timing import interleaved, parse_timing_args, timing_args
+from timing import interleaved, parse_timing_args, timing_args, write_json
 
 N, D, R, KEEP = 4096, 512, 8, 128
 PRODUCTS = {"exact": "h{i} @ a{i}.a", "sampled": f"(h{{i}} @ a{{i}}.a) with wta_crs(keep={KEEP})",
@@ -91,8 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nrelative variance of the sampled gradient of A_0 at L={depths[0]}: "
           f"{rows[0]['relative_variance']:.3f}")
     out = {"jax": jax.__version__, "rows": rows}
-    if a.json:
-        a.json.write_text(json.dumps(out, indent=1))
+    write_json(out, a.json)
     return out
 
 
