@@ -332,7 +332,12 @@ def _build_minimize(decl: ast.ExportDecl, value: ast.Call, unit: str,
     for e in listed.elems:
         errors = len(diags.errors)
         found = _objective(e, unit, diags)
-        if found is None or found[3] is not None:
+        if found is not None and found[3] is not None:
+            diags.error("an objective of minimize cannot be a composition: compose(...) keeps "
+                        "its own state; export it with value_and_grad(compose(...), wrt=[...])",
+                        e.span)
+            return None
+        if found is None:
             if len(diags.errors) == errors:
                 diags.error("an objective of minimize is a function name, expect(f, samples=N) "
                             "or logmeanexp(f, samples=N)", e.span)
