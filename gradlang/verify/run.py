@@ -8,7 +8,9 @@ from dataclasses import replace
 from .case import classify
 from .compare import comparisons
 from .inputs import generated_arguments, given_arguments
+from .inputs import VerifyError
 from .measure import assemble, sample
+from .minimize import verify_minimize
 from .program import Program, chunk_for, load
 from .report import ExportReport, Settings
 from .select import reference
@@ -30,6 +32,13 @@ def verify_export(origin: Origin, module, name: str, args: Mapping | Sequence | 
     """Verify export `name` of the compiled IR `module` (compiled from `origin`)."""
     program = load(module, name, origin.externs, origin.mesh)
     named = named_arguments(program, args, dims, settings.seed)
+    if program.export.transform.kind == "minimize" and program.value is None:
+        if compare:
+            raise VerifyError(f"--compare takes one objective of '{name}' at a time: "
+                              f"verify {name}[i] --compare")
+        return verify_minimize(origin, module, name, named, settings,
+                               lambda part, args, s: verify_export(origin, module, part, args,
+                                                                   None, s))
     case = classify(module, program.export, program.warmup)
     sampled = sample(program, named, settings)
     ref = reference(origin, program, case, named, settings, chunk_for(sampled.memory.peak))
