@@ -13,7 +13,7 @@ direction checked against the rule applied in NumPy (`combination.py`):
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import replace
 
 import jax
@@ -85,7 +85,7 @@ def check(program: Program, parts: list[Program], named: Mapping, seed: int) -> 
 
 
 def _reference(program: Program, reports: list[ExportReport], named: Mapping,
-               seed: int) -> tuple[Reference, np.ndarray]:
+               seed: int) -> Reference:
     """The rule applied to the objectives' references (flat over every leaf), its standard
     error and bound propagated with the coefficients held fixed."""
     rule = program.export.transform.rule
@@ -106,13 +106,12 @@ def _reference(program: Program, reports: list[ExportReport], named: Mapping,
     error = np.sqrt((c[:, None] ** 2 * errors ** 2).sum(0) + spread ** 2)
     bound = np.abs(c) @ bounds
     methods = ", ".join(sorted({r.reference.method for r in reports}))
-    ref = Reference(f"by={rule} of the references", f"the rule applied to each objective's "
+    return Reference(f"by={rule} of the references", f"the rule applied to each objective's "
                     f"reference ({methods}){' ' + how if how else ''}, coefficients "
                     f"{', '.join(f'{x:.3g}' for x in c)}", [c @ values], [error], [bound],
                     [None], sum(r.reference.samples for r in reports),
                     sum(r.reference.evaluations for r in reports),
                     sum(r.reference.seconds for r in reports))
-    return ref, c
 
 
 def verify_minimize(origin, module, name: str, named: Mapping, settings: Settings,
@@ -130,7 +129,7 @@ def verify_minimize(origin, module, name: str, named: Mapping, settings: Setting
                for p in parts]
     combination = check(program, parts, named, settings.seed)
     sampled = sample(program, named, settings)
-    ref, _ = _reference(program, reports, named, settings.seed)
+    ref = _reference(program, reports, named, settings.seed)
     draws = any(p.draws for p in parts)
     why = [f"{r.export}: {r.biased_by_design}" for r in reports if r.biased_by_design]
     if draws and t.rule.name in ("mgda", "pcgrad"):
