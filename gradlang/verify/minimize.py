@@ -24,7 +24,7 @@ from gradlang.runtime.multiobjective import pcgrad_orders
 
 from .combination import coefficients, random_orders
 from .measure import sample
-from .program import Program, leaf_names, load
+from .program import Program, load
 from .reference import Reference
 from .report import CombinationCheck, CostReport, ExportReport, Settings
 from .stats import BIASED, BY_DESIGN, CONSISTENT, leaf_stats
