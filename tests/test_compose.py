@@ -245,8 +245,10 @@ def test_unnormalized_density_example_runs(run_example):
         assert np.isfinite(r["log_z_error"][0])
 
 
-def test_verify_says_compose_is_not_supported_yet(model):
-    from gradlang.verify import VerifyError
-
-    with pytest.raises(VerifyError, match="composition f\\(E\\[g\\]\\)"):
-        model.verify("scgd")
+def test_verify_reports_compose_as_biased_by_design(model):
+    """verify takes compose exports: the case, the plug-in reference and why each estimator is
+    biased (tests/test_verify.py checks the measured biases)."""
+    for name in ("scgd", "plugin"):
+        report = model.verify(name, {"t": 0.7}, samples=200, reference_samples=512)
+        assert report.case == "compose" and report.reference.method == "plug-in at large M"
+        assert report.biased_by_design and report.exit_code == 0

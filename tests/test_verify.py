@@ -249,6 +249,19 @@ def test_compare_ranks_every_applicable_estimator(compared):
     assert "compare the estimators of the random choice c (f, line 3, Bernoulli)" in compared.table()
 
 
+def test_compare_labels_a_consistent_row_biased_by_design(compared):
+    """Ranked among the biased by design, a row whose bias is within the noise says both."""
+    from dataclasses import replace
+
+    from gradlang.verify.report import Comparison, Row, render_comparison
+
+    assert compared.verdict == CONSISTENT
+    row = Row("with score(baseline=grpo)", False, replace(compared, biased_by_design="scaled"))
+    (line,) = [l for l in render_comparison(Comparison("c", "random", [row])) if "grpo" in l]
+    assert line.rstrip().endswith("consistent (biased by design)")
+    assert document("m.grad", [row.report])["exports"][0]["verdict"] == CONSISTENT
+
+
 def test_python_api_takes_arguments_by_name_or_in_order(families):
     by_name = families.verify("pathwise", SCALES, **FAST)
     in_order = families.verify("pathwise", (0.7, 1.3), **FAST)
@@ -295,6 +308,7 @@ GOLDEN = {
             "variance": "float", "relative_bias": "float", "seconds_per_estimate": "float",
             "evaluations": {"forward": "int", "backward": "int"}, "score": "float",
             "verdict": "str"}]}],
+        "parts": "null", "combination": "null",
         "verdict": "str",
     }],
 }
@@ -414,3 +428,140 @@ def test_verify_demo_example(load_example, tmp_path):
     assert summary["verdict"] == CONSISTENT
     assert summary["best"]["c (objective, line 10, OneHotCategorical)"] == "with enum"
     assert (tmp_path / "verify_demo_variance.png").stat().st_size > 0
+
+
+# ---- minimize: each objective, then the combination
+
+
+MULTI = """
+fn f1(w: f32[3]) -> f32 { return sum((w - 1.0) ^ 2) }
+fn f2(w: f32[3]) -> f32 { return sum(tanh(w) * w) }
+fn f3(w: f32[3]) -> f32 { return sum(w * w * w) }
+fn noisy(w: f32[3]) -> f32 {
+  z ~ Normal(0.0, 1.0)
+  return sum((w - z) ^ 2)
+}
+export mgda = minimize([f1, f2, f3], wrt=[w], by=mgda)
+export pcgrad = minimize([f1, f2], wrt=[w], by=pcgrad(shuffle=false))
+export weights = minimize([f1, f2], wrt=[w], by=weights(0.3, 0.7))
+export dynamic = minimize([f1, f2], wrt=[w], by=dynamic(temperature=2))
+export random_mgda = minimize([expect(noisy, samples=2), f2], wrt=[w], by=mgda)
+export random_weights = minimize([expect(noisy, samples=2), f2], wrt=[w], by=weights(1, 2))
+"""
+
+
+@pytest.fixture(scope="module")
+def multi():
+    return gradlang.compile_source(MULTI, name="multi.grad")
+
+
+@pytest.mark.parametrize("export", ["mgda", "pcgrad", "weights", "dynamic"])
+def test_minimize_deterministic_objectives_and_exact_combination(multi, export):
+    args = {"w": [0.3, -0.8, 1.2]} | ({"history": [[1.0, 2.0], [2.0, 1.0]]}
+                                      if export == "dynamic" else {})
+    report = multi.verify(export, args)
+    assert [p.export for p in report.parts][:2] == [f"{export}[0]", f"{export}[1]"]
+    assert all(p.case == "exact" and p.verdict == CONSISTENT for p in report.parts)
+    assert report.combination.calls == 1 and report.combination.max_relative_error < 1e-5
+    assert report.verdict == CONSISTENT and report.biased_by_design is None, report.table()
+
+
+def test_mgda_reference_is_the_min_norm_point():
+    """The NumPy min-norm point: the KKT conditions <d, g_i> >= |d|^2 hold, with equality on
+    the support."""
+    from gradlang.verify.combination import min_norm
+
+    g = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
+    c = min_norm(g @ g.T)
+    d = c @ g
+    assert np.isclose(c.sum(), 1) and c.min() >= 0
+    assert np.all(g @ d >= d @ d - 1e-12) and np.allclose((g @ d)[c > 0], d @ d)
+
+
+def test_a_wrong_combination_is_flagged(multi, monkeypatch):
+    from gradlang.runtime import multiobjective
+
+    monkeypatch.setattr(multiobjective, "min_norm_faces", lambda gram: _wrong(gram))
+    report = multi.verify("mgda", {"w": [0.3, -0.8, 1.2]})
+    assert all(p.verdict == CONSISTENT for p in report.parts)
+    assert report.combination.verdict == BIASED and report.exit_code == 1
+    assert "the combination" in report.table()
+
+
+def _wrong(gram):
+    """Equal weights: a convex combination, but not the min-norm one."""
+    import jax.numpy as jnp
+
+    return jnp.full(gram.shape[0], 1.0 / gram.shape[0], gram.dtype)
+
+
+def test_minimize_random_objectives(multi):
+    args = {"w": [0.3, -0.8, 1.2]}
+    mgda = multi.verify("random_mgda", args, **FAST)
+    assert mgda.parts[0].case == "random" and mgda.combination.calls > 1
+    assert mgda.combination.verdict == CONSISTENT  # per call, at the same keys
+    assert "nonlinear in the gradients" in mgda.biased_by_design
+    assert mgda.verdict in (CONSISTENT, BY_DESIGN)
+    weights = multi.verify("random_weights", args, **FAST)
+    assert weights.biased_by_design is None and weights.verdict == CONSISTENT, weights.table()
+
+
+# ---- compose: f(E g) against the plug-in at many inner samples
+
+
+COMPOSE = """
+fn g(t: f32) -> f32 {
+  z ~ Normal(0.0, 1.0)
+  return exp(t * z)
+}
+fn lg(u: f32) -> f32 { return log(u) }
+export plugin = grad(compose(lg, expect(g, samples=4), by=plugin), wrt=[t])
+export scgd = grad(compose(lg, expect(g, samples=4), by=scgd(beta=0.1)), wrt=[t])
+"""
+
+
+@pytest.fixture(scope="module")
+def composed():
+    return gradlang.compile_source(COMPOSE, name="compose.grad")
+
+
+def test_compose_plugin_is_biased_by_design_by_jensens_gap(composed):
+    """d/dt log E exp(t z) = t; the plug-in of N draws has mean d/dt E log g_hat, which the
+    delta method puts at t - t e^(t^2) / N + O(1/N^2)."""
+    t, n = 0.5, 4
+    report = composed.verify("plugin", {"t": t}, samples=4000, reference_samples=2048)
+    leaf = report.leaf("t")
+    assert report.case == "compose" and "Jensen" in report.biased_by_design
+    assert leaf.verdict == BY_DESIGN and report.exit_code == 0
+    assert abs(leaf.reference[0] - t) <= 5 * leaf.reference_error[0] + leaf.reference_bound[0]
+    rng = np.random.default_rng(0)  # the plug-in's own mean, by NumPy
+    z = rng.standard_normal((400_000, n))
+    e = np.exp(t * z)
+    exact = np.mean((z * e).sum(1) / e.sum(1))
+    assert abs(leaf.mean[0] - exact) <= 5 * np.sqrt(leaf.variance[0] / report.samples) + 0.003
+    assert abs((exact - t) + t * np.exp(t * t) / n) < 0.05  # first order: -0.16
+
+
+def test_compose_scgd_after_warm_up_is_close_to_the_reference(composed):
+    report = composed.verify("scgd", {"t": 0.5}, samples=4000, reference_samples=2048)
+    leaf = report.leaf("t")
+    assert "scgd(beta=0.1)" in report.biased_by_design and any("call 51" in n for n in report.notes)
+    assert leaf.relative_bias < 0.06 and leaf.verdict in (CONSISTENT, BY_DESIGN), report.table()
+
+
+def test_cli_verifies_minimize_and_compose(folder, w_npz, capsys):
+    (folder / "multi.grad").write_text(MULTI)
+    assert main(["verify", "multi.grad", "--export", "mgda", "--at", "w.npz"]) == 0
+    assert "combination: by=mgda" in capsys.readouterr().out
+    (folder / "compose.grad").write_text(COMPOSE)
+    assert main(["verify", "compose.grad", "--samples", "200", "--reference-samples", "512",
+                 "--json", "-"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [e["case"] for e in doc["exports"]] == ["compose", "compose"]
+    assert main(["verify", "multi.grad", "--export", "mgda[7]", "--at", "w.npz"]) == 2
+    assert "no objective 7 in export 'mgda'" in capsys.readouterr().err
+
+
+@pytest.fixture
+def w_npz(folder):
+    np.savez(folder / "w.npz", w=np.array([0.3, -0.8, 1.2], np.float32))

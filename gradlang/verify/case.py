@@ -1,7 +1,8 @@
 """What computes an export's gradient, read from the compiler's facts: the case `verify`
 picks its reference by, the estimator described, whether it is biased by design, its cost.
 
-Cases, by priority: `black_box` (`by=spsa/es/eggroll`), `non_smooth` (a non-smooth op that a
+Cases, by priority: `black_box` (`by=spsa/es/eggroll`), `compose` (f(E[g]) by `plugin` or
+`scgd`: both biased by design), `non_smooth` (a non-smooth op that a
 `wrt` parameter reaches: with a backward rule, or without one and so a zero derivative),
 `random` (random choices), `inner` (an `argmin`), `exact` (a smooth deterministic program:
 reverse mode is exact). `by=dp` is reverse mode made private: its case is that of the program
@@ -14,8 +15,11 @@ from dataclasses import dataclass
 
 from gradlang.ir import Export, Function, Module, Op, Region, reachable, walk
 from gradlang.ops import OPS, Estimator
+from gradlang.passes.compose import ComposeFact
 from gradlang.passes.estimators import SiteChoice
 from gradlang.passes.hypergrad import InnerProblem
+
+from .inputs import COMPOSE_STATE
 
 BIASED_SITES = {"gumbel": "the Gumbel-softmax relaxation", "st_gumbel": "straight-through Gumbel"}
 
@@ -48,7 +52,7 @@ class Cost:
 
 @dataclass(frozen=True)
 class Case:
-    kind: str  # "black_box" | "non_smooth" | "random" | "inner" | "exact"
+    kind: str  # "black_box" | "compose" | "non_smooth" | "random" | "inner" | "exact"
     objective: str
     """The export's objective function as written (before the surrogate pass)."""
     samples: int
@@ -61,6 +65,10 @@ class Case:
     """The export takes a key (its estimates are random)."""
     private: Estimator | None = None
     """`by=dp(...)`: per-example clipping and Gaussian noise."""
+    compose: ComposeFact | None = None
+    """`compose(f, expect(g, samples=N), by=...)`: f, g, N and the estimator."""
+    warmup: int = 0
+    """SCGD's warm-up calls before each measured estimate."""
 
     @property
     def estimator(self) -> str:
@@ -68,6 +76,10 @@ class Case:
         if self.by is not None:
             return f"by={self.by}"
         parts = [f"by={self.private}"] if self.private else []
+        if self.compose is not None:
+            c = self.compose
+            parts.append(f"compose by={c.by} of {c.outer} at expect({c.inner}, "
+                         f"samples={c.samples})")
         parts += [f"{s.estimator} at {s.site} ({s.function}, line {s.span.line})" for s in self.sites]
         parts += [n.describe() for n in self.nonsmooth]
         parts += [f"{h.solver} with {h.method} ({h.function}, line {h.span.line})"
@@ -78,6 +90,15 @@ class Case:
     def biased_by_design(self) -> str | None:
         """Why the estimator is biased by design (None: it is meant to be unbiased)."""
         why = []
+        c = self.compose
+        if c is not None and c.by.name == "plugin":
+            why.append(f"the plug-in {c.outer}(g_hat) of {c.samples} inner samples: E f(g_hat) "
+                       f"!= f(E g) (Jensen), a bias O(1/N)")
+        elif c is not None:
+            why.append(f"scgd(beta={c.by.option('beta')}) differentiates {c.outer} at a moving "
+                       f"average u of the inner estimates: grad f(u) != grad f(E g) for a random "
+                       f"u (O(beta Var g_hat)), and u holds this call's g_hat, correlated with "
+                       f"its Jacobian (O(beta / N))")
         if self.private is not None:
             why.append(f"by=dp clips each example's gradient to norm {self.private.option('clip')}"
                        f": the estimate is the mean of the clipped gradients (plus noise), not "
@@ -97,6 +118,10 @@ class Case:
     @property
     def notes(self) -> list[str]:
         out = []
+        if self.warmup:
+            out.append(f"each estimate is call {self.warmup + 1} of its own chain at these "
+                       f"arguments, the state '{COMPOSE_STATE}' threaded from the one given "
+                       f"(zeros by default), so that u tracks E g as in training")
         if self.by is not None and self.by.name == "eggroll":
             out.append("eggroll's low-rank noise matches a Gaussian's covariance, not its higher "
                        "moments: unbiased on quadratics, O(sigma^2) from the smoothed gradient "
@@ -126,10 +151,12 @@ class Case:
         return Cost(n, n, "; ".join(detail))
 
 
-def classify(module: Module, export: Export) -> Case:
+def classify(module: Module, export: Export, warmup: int = 0) -> Case:
+    """The case of `export` (`warmup`: the calls before each SCGD estimate, for its notes)."""
     t = export.transform
     objective, samples, _ = module.facts.get("objectives", {}).get(export.name,
                                                                    (t.fn, t.samples, t.scope))
+    compose = module.facts.get("compose", {}).get(export.name) if t.compose else None
     reach = reachable(module, objective)
     sites = tuple(s for s in module.facts.get("estimators", ()) if s.function in reach)
     inner = tuple(h for h in module.facts.get("hypergrad", ()) if h.function in reach)
@@ -137,6 +164,8 @@ def classify(module: Module, export: Export) -> Case:
     random = t.fn in module.facts.get("random", ())
     if t.black_box is not None:
         kind = "black_box"
+    elif compose is not None:
+        kind, samples = "compose", compose.samples
     elif nonsmooth:
         kind = "non_smooth"
     elif sites or random:
@@ -146,7 +175,7 @@ def classify(module: Module, export: Export) -> Case:
     else:
         kind = "exact"
     return Case(kind, objective, samples, sites, nonsmooth, inner, t.black_box,
-                random or t.by is not None, t.private)
+                random or t.by is not None, t.private, compose, warmup if compose else 0)
 
 
 def _reached_nonsmooth(module: Module, fn: Function, wrt: tuple[str, ...]) -> list[NonSmooth]:

@@ -51,11 +51,10 @@ def run(module: Module, path: Path, dims: dict[str, int], args) -> int:
 
     if any(_uses_f64(p.value.type) for fn in module.functions for p in fn.params):
         jax.config.update("jax_enable_x64", True)
-    names = args.export or [e.name for e in module.exports
-                            if e.transform.kind not in ("fn", "minimize")]
+    names = args.export or [e.name for e in module.exports if e.transform.kind != "fn"]
     if not names:
-        raise VerifyError(f"{path} has no export with a gradient (grad, value_and_grad or "
-                          f"descend) to verify")
+        raise VerifyError(f"{path} has no export with a gradient (grad, value_and_grad, "
+                          f"descend, minimize or compose) to verify")
     inputs = _arguments(module, names, args.at)
     compiled = CompiledModule(module, root=path.parent)
     reports = [compiled.verify(n, inputs[n], dims=dims, samples=args.samples, seed=args.seed,

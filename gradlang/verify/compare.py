@@ -91,7 +91,7 @@ class _Bench:
                 continue
             variant = load(compiled.ir, self.program.export.name, self.origin.externs,
                            self.origin.mesh)
-            case = classify(variant.module, variant.export)
+            case = classify(variant.module, variant.export, variant.warmup)
             if not found and chosen(case) == current:
                 found = True
                 rows.append(Row(label, True, self.base))

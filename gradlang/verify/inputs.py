@@ -20,6 +20,8 @@ class VerifyError(Exception):
 NP_DTYPES = {DType.F32: np.float32, DType.F64: np.float64, DType.I32: np.int32, DType.BOOL: np.bool_}
 STATE = "baseline"
 """The state parameter of an export with a moving-average baseline; 0 unless given."""
+COMPOSE_STATE = "inner"
+"""The state (u, n) of a `compose(..., by=scgd)` export; zeros unless given."""
 
 
 def read_npz(path: str | Path) -> dict[str, object]:
@@ -80,12 +82,12 @@ def _convert(t: Type, x: object, where: str) -> object:
 
 
 def given_arguments(params: Sequence[tuple[str, Type]], given: Mapping | Sequence,
-                    stateful: bool) -> dict:
+                    state: str | None) -> dict:
     """The arguments by name from a mapping by name (or a sequence in parameter order); the
-    moving-average state of a `stateful` export may be left out (it starts at 0)."""
+    moving-average parameter `state` may be left out (it starts at zeros)."""
     names = [n for n, _ in params]
     given = dict(given) if isinstance(given, Mapping) else dict(zip(names, given))
-    missing = [n for n in names if n not in given and not (stateful and n == STATE)]
+    missing = [n for n in names if n not in given and n != state]
     extra = [k for k in given if k not in names]
     if missing:
         raise VerifyError(f"missing argument{'s' * (len(missing) > 1)} "
@@ -97,11 +99,11 @@ def given_arguments(params: Sequence[tuple[str, Type]], given: Mapping | Sequenc
 
 
 def generated_arguments(params: Sequence[tuple[str, Type]], dims: Mapping[str, int],
-                        seed: int, stateful: bool) -> dict:
+                        seed: int, state: str | None) -> dict:
     """Deterministic arguments by name from the declared types: floats uniform in [-1, 1],
-    integers in {0, 1}, bools fair coins (from `seed`); the moving-average state is left out
-    (it starts at 0)."""
-    needed = [d for _, t in params for d in type_dims(t)]
+    integers in {0, 1}, bools fair coins (from `seed`); the moving-average parameter `state`
+    is left out (it starts at zeros)."""
+    needed = [d for n, t in params if n != state for d in type_dims(t)]
     missing = list(dict.fromkeys(d for d in needed if d not in dims))
     if missing:
         flags = " ".join(f"--dim {d}=SIZE" for d in missing)
@@ -122,4 +124,4 @@ def generated_arguments(params: Sequence[tuple[str, Type]], dims: Mapping[str, i
         assert isinstance(t, TupleType)
         return tuple(make(e) for e in t.elems)
 
-    return {n: make(t) for n, t in params if not (stateful and n == STATE)}
+    return {n: make(t) for n, t in params if n != state}

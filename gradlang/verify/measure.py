@@ -61,7 +61,10 @@ def assemble(program: Program, case: Case, sampled: Sampled, ref: Reference,
                               ref.errors, ref.bounds, ref.coords)]
     cost = case.cost()
     t = program.export.transform
-    what = f"expect({case.objective}, samples={case.samples})" if case.samples else case.objective
+    c = case.compose
+    what = (f"compose({c.outer}, expect({c.inner}, samples={c.samples}), by={c.by})" if c
+            else f"expect({case.objective}, samples={case.samples})" if case.samples
+            else case.objective)
     return ExportReport(program.export.name, t.call(what), case.kind, case.estimator,
                         case.biased_by_design, case.notes, sampled.samples[0].shape[0],
                         settings.seed, ref, leaves,

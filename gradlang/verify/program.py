@@ -3,6 +3,8 @@ value, and the measurements of its estimates (samples, time, compiled memory).""
 
 from __future__ import annotations
 
+import math
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -15,9 +17,9 @@ from gradlang.ir import Export, Module
 from gradlang.runtime.execute import export_function
 from gradlang.runtime.lower import Lowering
 from gradlang.runtime.signature import ArgumentError, CompiledFunction, Signature
-from gradlang.types import KEY
+from gradlang.types import KEY, TupleType, Type
 
-from .inputs import STATE, VerifyError
+from .inputs import COMPOSE_STATE, NP_DTYPES, STATE, VerifyError
 
 CHUNK_BYTES = 1 << 28
 """Estimates are vmapped in chunks whose compiled memory stays about this size."""
@@ -54,12 +56,26 @@ class Program:
     module: Module
     export: Export
     signature: Signature
-    """The signature of the export as a `grad` (a `descend` loses its `lr`); key last."""
+    """The signature of the export as a `grad` (a `descend` loses its `lr`); key last. A
+    `minimize` export keeps its own; one of its objectives (`name[i]`) is a `grad`."""
     gradient: Callable
-    value: Callable
+    value: Callable | None
     """The export's objective as computed (a Monte Carlo mean for `expect`), with the same
-    arguments (the key only when `value_draws`)."""
+    arguments (the key only when `value_draws`); None for a whole `minimize` export."""
     value_draws: bool
+    warmup: int = 0
+    """Calls at fixed arguments before each measured estimate, the state threaded (SCGD: so
+    that the moving average tracks the inner expectation, as in training)."""
+
+    @property
+    def state(self) -> str | None:
+        """The parameter carrying a moving average from call to call (`baseline=ma`'s
+        baseline, compose's `inner`), zeros unless given; None when there is none (a
+        `minimize` export's `history` is an argument like the others)."""
+        t = self.export.transform
+        if not self.signature.stateful or t.kind == "minimize":
+            return None
+        return COMPOSE_STATE if t.compose is not None else STATE
 
     @property
     def draws(self) -> bool:
@@ -72,9 +88,8 @@ class Program:
 
     def arguments(self, named: Mapping[str, object]) -> list:
         """The arguments in parameter order from `named` (by name), checked against the
-        declared types (a VerifyError otherwise); the moving-average state defaults to 0."""
-        state = self.signature.stateful
-        args = [named.get(n, 0.0) if state and n == STATE else named[n] for n, _ in self.params]
+        declared types (a VerifyError otherwise); the moving-average state defaults to zeros."""
+        args = [named.get(n, zeros(t)) if n == self.state else named[n] for n, t in self.params]
         probe = [*args, jax.random.key(0)] if self.draws else list(args)
         try:
             CompiledFunction(self.signature, self.gradient).bind(tuple(probe), {})
@@ -83,8 +98,10 @@ class Program:
         return [jax.tree.map(jnp.asarray, a) for a in args]
 
     def estimate(self, args: list, key=None):
-        """The gradient estimate at `args` (a dict by wrt name)."""
+        """The gradient estimate at `args` (a dict by wrt name; `minimize`: the direction)."""
         out = self.gradient(*args, key) if self.draws else self.gradient(*args)
+        if self.export.transform.kind == "minimize":
+            return out[1]
         return out[0] if self.signature.stateful else out
 
     def objective(self, args: list) -> tuple[Callable, list]:
@@ -108,33 +125,62 @@ class Program:
         return f, theta
 
 
-def load(module: Module, name: str, externs: Mapping[str, object], mesh=None) -> Program:
-    """Export `name` of a compiled IR, with the Python bindings of its externs."""
-    export = next((e for e in module.exports if e.name == name), None)
+def zeros(t: Type):
+    """Zeros of a declared tensor or tuple type (static dims)."""
+    if isinstance(t, TupleType):
+        return tuple(zeros(e) for e in t.elems)
+    return np.zeros(tuple(t.shape), NP_DTYPES[t.dtype])
+
+
+PART = re.compile(r"(.+)\[(\d+)\]")
+WARMUP = 5
+"""SCGD is measured after ceil(WARMUP / beta) calls: its moving average forgets its start as
+(1 - beta)^calls, e^-5 < 1% here."""
+
+
+def _find(module: Module, name: str) -> tuple[Export, int | None]:
+    """The export `name`, or the objective `i` of the `minimize` export `name[i]`."""
+    part = PART.fullmatch(name)
+    base, index = (part.group(1), int(part.group(2))) if part else (name, None)
+    export = next((e for e in module.exports if e.name == base), None)
     if export is None:
-        grads = [e.name for e in module.exports if e.transform.kind not in ("fn", "minimize")]
+        grads = [e.name for e in module.exports if e.transform.kind != "fn"]
         raise VerifyError(f"no export '{name}' (exports with a gradient: "
                           f"{', '.join(grads) or 'none'})")
+    if index is not None and (export.transform.kind != "minimize"
+                              or index >= len(export.transform.objectives)):
+        raise VerifyError(f"no objective {index} in export '{base}'")
+    return export, index
+
+
+def load(module: Module, name: str, externs: Mapping[str, object], mesh=None) -> Program:
+    """Export `name` of a compiled IR, with the Python bindings of its externs; `name[i]` is
+    the gradient of objective i of a `minimize` export, as that export computes it."""
+    export, index = _find(module, name)
     t = export.transform
     if t.kind == "fn":
         raise VerifyError(f"export '{name}' computes no gradient ({t.fn} itself); verify checks "
-                          f"grad, value_and_grad and descend exports")
-    if t.kind == "minimize":
-        raise VerifyError(f"export '{name}' combines several gradients (minimize); verify checks "
-                          f"grad, value_and_grad and descend exports: verify each objective's "
-                          f"gradient with an export value_and_grad(f, wrt=[...]) of its own")
-    if t.compose is not None:
-        raise VerifyError(f"export '{name}' is a composition f(E[g]) (compose): verify has no "
-                          f"reference for it yet")
-    as_grad = replace(export, transform=replace(t, kind="grad", lr=None))
-    signature, gradient = export_function(module, as_grad, externs, mesh)
-    unbound = [n for n in signature.externs if n not in externs]
+                          f"grad, value_and_grad, descend, minimize and compose exports")
+    if t.kind == "minimize" and index is None:
+        signature, step = export_function(module, export, externs, mesh)
+        program = Program(module, export, signature, step, None, False)
+    else:
+        part = export.parts()[index] if index is not None else export
+        pt = part.transform
+        as_grad = replace(part, transform=replace(pt, kind="grad", lr=None))
+        signature, gradient = export_function(module, as_grad, externs, mesh)
+        warmup = 0
+        if pt.compose is not None and pt.compose.by.name == "scgd":
+            warmup = math.ceil(WARMUP / pt.compose.by.option("beta"))
+        program = Program(module, as_grad if index is not None else export, signature, gradient,
+                          Lowering(module, externs).function(pt.fn),
+                          pt.fn in module.facts.get("random", ()), warmup)
+    unbound = [n for n in program.signature.externs if n not in externs]
     if unbound:
         raise VerifyError(f"export '{name}' calls extern {', '.join(map(repr, unbound))}, which "
                           f"is not bound; bind it from Python: gradlang.compile_file(path, "
                           f"externs={{...}}).verify('{name}', ...)")
-    return Program(module, export, signature, gradient, Lowering(module, externs).function(t.fn),
-                   t.fn in module.facts.get("random", ()))
+    return program
 
 
 def compiled(fn: Callable, *args):
@@ -208,25 +254,35 @@ def flat_leaves(tree, n: int) -> list[np.ndarray]:
 
 
 def draw_estimates(program: Program, args: list, n: int, key, chunk: int) -> list[np.ndarray]:
-    """n independent estimates of an export that draws (keys split from `key`), per leaf as
-    float64 [n, size]. A moving-average baseline is carried from one estimate to the next, as
-    in training (it starts at the argument given)."""
-    if program.signature.stateful:
-        names = [p for p, _ in program.params]
-        at = names.index(STATE)
+    """n estimates of an export that draws (keys split from `key`), per leaf as float64
+    [n, size]. A moving-average baseline is carried from one estimate to the next, as in
+    training (it starts at the argument given); with `warmup`, each estimate is instead the
+    last of its own chain of warmup + 1 calls (independent estimates, each after warm-up)."""
+    keys = jax.random.split(key, n)
+    if program.state is not None:
+        at = [p for p, _ in program.params].index(program.state)
 
-        def run(keys, args):
+        def calls(keys, args):
             def step(state, k):
                 full = list(args)
                 full[at] = state
                 grads, state = program.gradient(*full, k)
                 return state, grads
 
-            return jax.lax.scan(step, args[at], keys)[1]
+            return jax.lax.scan(step, args[at], keys)
 
-        keys = jax.random.split(key, n)
-        stacked = jax.jit(run).lower(keys, args).compile(FAST_COMPILE)(keys, args)
+        if program.warmup:
+            def chain(k, args):
+                ks = jax.random.split(k, program.warmup + 1)
+                state, _ = calls(ks[:-1], args)
+                full = list(args)
+                full[at] = state
+                return program.gradient(*full, ks[-1])[0]
+
+            stacked = batched(chain, (keys,), n, chunk, (args,))
+        else:
+            stacked = jax.jit(lambda k, a: calls(k, a)[1]).lower(keys, args).compile(
+                FAST_COMPILE)(keys, args)
     else:
-        stacked = batched(lambda k, a: program.estimate(a, k), (jax.random.split(key, n),), n,
-                          chunk, (args,))
+        stacked = batched(lambda k, a: program.estimate(a, k), (keys,), n, chunk, (args,))
     return flat_leaves(stacked, n)

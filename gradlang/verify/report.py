@@ -81,6 +81,20 @@ class Comparison:
 
 
 @dataclass(frozen=True)
+class CombinationCheck:
+    """A `minimize` export's direction against its rule applied (in NumPy) to its objectives'
+    gradients at the same keys: the largest error over `calls` calls, relative to the largest
+    gradient's norm."""
+
+    rule: str
+    description: str
+    calls: int
+    max_relative_error: float
+    tolerance: float
+    verdict: str
+
+
+@dataclass(frozen=True)
 class ExportReport:
     """What `verify` found for one export: `print(report)` shows the table, `verdict` and
     `exit_code` sum it up, `leaf(name)` gives one `wrt` leaf's statistics."""
@@ -97,10 +111,17 @@ class ExportReport:
     leaves: list[LeafStats]
     cost: CostReport
     compare: list[Comparison] | None = None
+    parts: list[ExportReport] | None = None
+    """`minimize`: each objective's gradient verified as its own export `name[i]`."""
+    combination: CombinationCheck | None = None
+    """`minimize`: the direction against the rule applied to the objectives' gradients."""
 
     @property
     def verdict(self) -> str:
-        return worst([l.verdict for l in self.leaves])
+        """The worst of the leaves' (and, for `minimize`, the objectives' and the
+        combination's) verdicts."""
+        return worst([l.verdict for l in self.leaves] + [p.verdict for p in self.parts or ()]
+                     + ([self.combination.verdict] if self.combination else []))
 
     @property
     def exit_code(self) -> int:
@@ -179,6 +200,12 @@ def export_json(r: ExportReport) -> dict:
         "compare": None if r.compare is None else [
             {"site": c.site, "kind": c.kind, "rows": [row_json(row) for row in c.ranked()]}
             for c in r.compare],
+        "parts": None if r.parts is None else [export_json(p) for p in r.parts],
+        "combination": None if r.combination is None else {
+            "rule": r.combination.rule, "description": r.combination.description,
+            "calls": r.combination.calls,
+            "max_relative_error": _num(r.combination.max_relative_error),
+            "tolerance": r.combination.tolerance, "verdict": r.combination.verdict},
         "verdict": r.verdict,
     }
 
@@ -228,6 +255,7 @@ def overall_bias(r: ExportReport) -> float | None:
 
 def render(r: ExportReport) -> str:
     ref, cost = r.reference, r.cost
+    parts = "".join(render(p) + "\n" for p in r.parts or ())
     n = "1 estimate (deterministic)" if r.samples == 1 else f"{r.samples} estimates"
     lines = [f"export {r.export} = {r.call}",
              f"  case: {r.case}; estimator: {r.estimator}",
@@ -251,18 +279,33 @@ def render(r: ExportReport) -> str:
                  f"{_bytes(cost.memory.peak)} (XLA: temp {_bytes(cost.memory.temp)})")
     for c in r.compare or ():
         lines += render_comparison(c)
+    if r.combination is not None:
+        c = r.combination
+        lines.append(f"  combination: {c.description}: largest error {_g(c.max_relative_error)} "
+                     f"of the largest gradient's norm over {c.calls} call{'s' * (c.calls > 1)} "
+                     f"(tolerance {_g(c.tolerance)}): {c.verdict}")
     lines.append(f"  verdict: {r.verdict}" + _why(r))
-    return "\n".join(lines) + "\n"
+    return parts + "\n".join(lines) + "\n"
 
 
 def _why(r: ExportReport) -> str:
     if r.verdict == ZERO:
         zero = [l.name for l in r.leaves if l.verdict == ZERO]
         return (f" ({', '.join(zero)}: every estimate is exactly zero, the reference is not)")
-    bad = [l for l in r.leaves if l.verdict == r.verdict and l.verdict != VERDICTS[0]]
-    if not bad:
-        return ""
-    return f" ({', '.join(f'{l.name}: relative bias {_bias(l)}' for l in bad)})"
+    bad = [f"{l.name}: relative bias {_bias(l)}" for l in r.leaves
+           if l.verdict == r.verdict and l.verdict != VERDICTS[0]]
+    bad += [f"objective {p.export}" for p in r.parts or () if p.verdict == r.verdict != VERDICTS[0]]
+    if r.combination is not None and r.combination.verdict == r.verdict != VERDICTS[0]:
+        bad.append("the combination")
+    return f" ({', '.join(bad)})" if bad else ""
+
+
+def _label(rep: ExportReport) -> str:
+    """A comparison row's verdict; one biased by design whose bias is within the noise here
+    is ranked with those biased by design, and says so."""
+    if rep.verdict == VERDICTS[0] and rep.biased_by_design:
+        return f"{rep.verdict} (biased by design)"
+    return rep.verdict
 
 
 def render_comparison(c: Comparison) -> list[str]:
@@ -279,7 +322,7 @@ def render_comparison(c: Comparison) -> list[str]:
         rank += 1
         rows.append([str(rank), row.annotation + mark, _g(row.variance), _g(overall_bias(rep)),
                      _time(rep.cost.seconds), f"{rep.cost.forward}+{rep.cost.backward}",
-                     _g(row.score), rep.verdict])
+                     _g(row.score), _label(rep)])
     what = {"random": "estimators of the random choice", "inner": "hypergradients of the",
             "black_box": "gradient estimators of"}[c.kind]
     return [f"  compare the {what} {c.site}, ranked by variance x time (unbiased first, then "

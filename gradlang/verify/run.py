@@ -8,7 +8,9 @@ from dataclasses import replace
 from .case import classify
 from .compare import comparisons
 from .inputs import generated_arguments, given_arguments
+from .inputs import VerifyError
 from .measure import assemble, sample
+from .minimize import verify_minimize
 from .program import Program, chunk_for, load
 from .report import ExportReport, Settings
 from .select import reference
@@ -19,10 +21,9 @@ def named_arguments(program: Program, args: Mapping | Sequence | None,
                     dims: Mapping[str, int] | None, seed: int) -> dict:
     """The arguments by name: as given (by name or in order, without the key), or generated
     from the declared types (symbolic dims from `dims`)."""
-    stateful = program.signature.stateful
     if args is None:
-        return generated_arguments(program.params, dims or {}, seed, stateful)
-    return given_arguments(program.params, args, stateful)
+        return generated_arguments(program.params, dims or {}, seed, program.state)
+    return given_arguments(program.params, args, program.state)
 
 
 def verify_export(origin: Origin, module, name: str, args: Mapping | Sequence | None = None,
@@ -31,7 +32,14 @@ def verify_export(origin: Origin, module, name: str, args: Mapping | Sequence | 
     """Verify export `name` of the compiled IR `module` (compiled from `origin`)."""
     program = load(module, name, origin.externs, origin.mesh)
     named = named_arguments(program, args, dims, settings.seed)
-    case = classify(module, program.export)
+    if program.export.transform.kind == "minimize" and program.value is None:
+        if compare:
+            raise VerifyError(f"--compare takes one objective of '{name}' at a time: "
+                              f"verify {name}[i] --compare")
+        return verify_minimize(origin, module, name, named, settings,
+                               lambda part, args, s: verify_export(origin, module, part, args,
+                                                                   None, s))
+    case = classify(module, program.export, program.warmup)
     sampled = sample(program, named, settings)
     ref = reference(origin, program, case, named, settings, chunk_for(sampled.memory.peak))
     report = assemble(program, case, sampled, ref, settings)

@@ -8,6 +8,7 @@ where a better reference needs one, a variant of its source:
   objective is differentiable), unless that is the estimator under test; otherwise finite
   differences of the expectation with common random numbers (relaxed `gumbel` and `mvd`
   draws replaced by plain ones, so that the forward is the model's);
+- compose: the plug-in gradient with many inner samples (`composition.py`);
 - black box: the gradient of the Gaussian-smoothed objective at the estimator's own scale;
 - non-smooth: the gradient of the plain forward (the rules are never called: the forward
   value of a `straight_through` op is the op's), Gaussian-smoothed at `smoothing` x the RMS of
@@ -25,6 +26,7 @@ import numpy as np
 
 from gradlang.ir import externs_of
 
+from . import composition
 from .case import Case, classify, stochastic_ops
 from .inputs import VerifyError
 from .program import Program, load
@@ -77,6 +79,8 @@ def reference(origin: Origin, program: Program, case: Case, named: Mapping, sett
                f"{'pathwise' if differentiable else 'ES'} pairs")
         return smoothed(f, theta, args, [s] * len(theta), m, key, program.value_draws,
                         differentiable, chunk, how)
+    if case.kind == "compose":
+        return composition.reference(origin, program, case, named, settings, key)
     if case.kind == "non_smooth":
         plain = _plain(origin, program, case)
         plain_args = plain.arguments(named)
