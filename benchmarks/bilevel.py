@@ -50,8 +50,6 @@ rounds only (a smoke test; its ratios are noisy).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -59,7 +57,7 @@ from typing import Callable
 
 import numpy as np
 
-from timing import interleaved, parse_timing_args, timing_args, write_json
+from timing import interleaved, machine, parse_timing_args, timing_args, write_json
 
 N, M, D = 1000, 500, 100
 STEPS, CG_ITERS = 300, 30
@@ -337,14 +335,11 @@ def main(argv: list[str] | None = None) -> dict:
     timing_args(ap, 100, 5, 5, "a few rounds only (smoke test)")
     a = parse_timing_args(ap, argv)
 
-    import jax
-
     t0 = time.perf_counter()
-    dev = jax.devices()[0]
+    info, line = machine()
     print(f"# gradlang bilevel benchmark: N={N} M={M} D={D}, gd {STEPS} steps, CG {CG_ITERS} "
           f"iterations (tol=0)\n")
-    print(f"jax {jax.__version__}, device {dev.platform}:{dev.device_kind}, {os.cpu_count()} CPUs, "
-          f"python {platform.python_version()}; {a.rounds} rounds x {a.calls} calls per variant, "
+    print(f"{line}; {a.rounds} rounds x {a.calls} calls per variant, "
           f"{a.warmup} warm-up calls\n")
     results = []
     for p in make_problems():
@@ -356,8 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
     total = time.perf_counter() - t0
     print(f"total wall time {total:.0f} s")
     out = {"dims": {"N": N, "M": M, "D": D}, "steps": STEPS, "cg_iters": CG_ITERS,
-           "rounds": a.rounds, "calls": a.calls, "jax": jax.__version__,
-           "device": f"{dev.platform}:{dev.device_kind}", "cpu_count": os.cpu_count(),
+           "rounds": a.rounds, "calls": a.calls, **info,
            "problems": results, "methods": methods, "memory": memory, "wall_s": total}
     write_json(out, a.json)
     return out

@@ -55,8 +55,6 @@ rotating, a sample being `--calls` consecutive calls each followed by `block_unt
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 from typing import Callable
 
@@ -66,7 +64,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 import gradlang
-from timing import interleaved, parse_timing_args, timing_args, write_json
+from timing import interleaved, machine, parse_timing_args, timing_args, write_json
 
 SIGMA, LR, B_ES = 0.05, 0.01, 64
 ERF_INV = "2.81022636e-08"  # a coefficient of XLA's erf_inv polynomial (one per fusion using it)
@@ -378,12 +376,10 @@ def main(argv: list[str] | None = None) -> dict:
     hidden = [256, 512, 1024] if a.quick else [256, 512, 1024, 2048, 4096]
 
     t0 = time.perf_counter()
-    dev = jax.devices()[0]
+    info, line = machine()
     print("# gradlang black-box gradient benchmark\n")
-    print(f"jax {jax.__version__}, device {dev.platform}:{dev.device_kind}, {os.cpu_count()} CPUs, "
-          f"python {platform.python_version()}; {a.rounds} rounds x {a.calls} calls per variant\n")
-    out = {"jax": jax.__version__, "device": f"{dev.platform}:{dev.device_kind}", "cpu_count": os.cpu_count(),
-           "rounds": a.rounds, "calls": a.calls,
+    print(f"{line}; {a.rounds} rounds x {a.calls} calls per variant\n")
+    out = {**info, "rounds": a.rounds, "calls": a.calls,
            "es_throughput": es_throughput(models, pops, a.rounds, a.calls, a.warmup),
            "eggroll": eggroll_scaling(sizes, es_max, a.rounds, a.calls, budget),
            "spsa_memory": spsa_memory(hidden)}

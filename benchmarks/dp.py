@@ -33,15 +33,13 @@ the noise a parameter-sized vector).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 
 import jax
 import numpy as np
 
 import gradlang
-from timing import interleaved, parse_timing_args, timing_args, write_json
+from timing import interleaved, machine, parse_timing_args, timing_args, write_json
 
 D, C, B = 256, 10, 64
 MLP3 = """
@@ -151,12 +149,10 @@ def main(argv: list[str] | None = None) -> dict:
     a = parse_timing_args(ap, argv)
     widths = [64, 128, 256] if a.quick else [64, 128, 256, 512, 1024, 2048]
     t0 = time.perf_counter()
-    dev = jax.devices()[0]
+    info, line = machine()
     print("# gradlang differential-privacy benchmark\n")
-    print(f"jax {jax.__version__}, device {dev.platform}:{dev.device_kind}, {os.cpu_count()} CPUs, "
-          f"python {platform.python_version()}; {a.rounds} rounds x {a.calls} calls per variant\n")
-    out = {"jax": jax.__version__, "device": f"{dev.platform}:{dev.device_kind}",
-           "cpu_count": os.cpu_count(), "rounds": a.rounds, "calls": a.calls,
+    print(f"{line}; {a.rounds} rounds x {a.calls} calls per variant\n")
+    out = {**info, "rounds": a.rounds, "calls": a.calls,
            "widths": width_sweep(widths, a.rounds, a.calls, a.warmup)}
     out["wall_s"] = time.perf_counter() - t0
     print(f"total wall time {out['wall_s']:.0f} s")

@@ -6,6 +6,8 @@ command-line options and their JSON output."""
 from __future__ import annotations
 
 import json
+import os
+import platform
 import statistics
 import time
 from pathlib import Path
@@ -69,3 +71,14 @@ def write_json(result: dict, path: Path | None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
+
+
+def machine() -> tuple[dict, str]:
+    """The JAX version, device and CPU count (for a benchmark's JSON) and a line saying them."""
+    import jax
+
+    dev = jax.devices()[0]
+    info = {"jax": jax.__version__, "device": f"{dev.platform}:{dev.device_kind}",
+            "cpu_count": os.cpu_count()}
+    return info, (f"jax {info['jax']}, device {info['device']}, {info['cpu_count']} CPUs, "
+                  f"python {platform.python_version()}")
