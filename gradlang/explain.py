@@ -219,12 +219,13 @@ def _compose(c) -> list[str]:
 
 def explain(module: Module) -> str:
     """The report printed by `gradlang explain`."""
+    flow = {f.export: f for f in module.facts.get("gradflow", ())}
     lines: list[str] = []
     for export in module.exports:
         if export.transform.kind == "minimize":
-            lines += _minimize(module, export)
+            lines += _minimize(module, export, flow)
         else:
-            lines += _export(module, export)
+            lines += _export(module, export, flow)
     return "\n".join(lines) + ("\n" if lines else "")
 
 
@@ -235,13 +236,18 @@ def _objective(module: Module, export) -> tuple[str, int, str]:
     return module.facts.get("objectives", {}).get(export.name, (t.fn, t.samples, t.scope))
 
 
-def _export(module: Module, export) -> list[str]:
-    """The lines of one export (or one objective of `minimize`, its first line the header)."""
-    flow = {f.export: f for f in module.facts.get("gradflow", ())}
+def _written(fn: str, samples: int, scope: str) -> str:
+    """An objective as written in an export: `fn` or `scope(fn, samples=N)`."""
+    return f"{scope}({fn}, samples={samples})" if samples else fn
+
+
+def _export(module: Module, export, flow: dict) -> list[str]:
+    """The lines of one export (or one objective of `minimize`, its first line the header);
+    `flow`: the gradflow facts by export name."""
     sites = module.facts.get("estimators", ())
     t = export.transform
     fn, samples, scope = _objective(module, export)
-    what = f"{scope}({fn}, samples={samples})" if samples else fn
+    what = _written(fn, samples, scope)
     composed = module.facts.get("compose", {}).get(export.name)
     if composed is not None:
         samples = composed.samples
@@ -314,14 +320,11 @@ def _export(module: Module, export) -> list[str]:
     return lines
 
 
-def _minimize(module: Module, export) -> list[str]:
+def _minimize(module: Module, export, flow: dict) -> list[str]:
     """The lines of a `minimize` export: its rule, what it guarantees, then each objective."""
     t = export.transform
     parts = export.parts()
-    whats = []
-    for part in parts:
-        fn, samples, scope = _objective(module, part)
-        whats.append(f"{scope}({fn}, samples={samples})" if samples else fn)
+    whats = [_written(*_objective(module, part)) for part in parts]
     k = len(parts)
     lines = [f"export {export.name} = {t.call('[' + ', '.join(whats) + ']')}"]
     lines += [f"  {line}" for line in rule_lines(t.rule, k)]
@@ -331,7 +334,7 @@ def _minimize(module: Module, export) -> list[str]:
                  f"p - lr * direction")
     for i, (part, what) in enumerate(zip(parts, whats)):
         lines.append(f"  objective {i + 1}: {what}")
-        lines += [f"  {line}" for line in _export(module, part)[1:]]
+        lines += [f"  {line}" for line in _export(module, part, flow)[1:]]
     if t.rule.name in ("weights", "dynamic"):
         lines.append(f"  cost: the objectives' forward and backward evaluations above, the "
                      f"backward passes seeded with the weights (one backward pass of the "

@@ -194,9 +194,8 @@ class Estimators:
                       if p.transform.kind != "fn" or p.transform.samples} - called
         for fn in module.functions:
             default = module.unit(fn.unit).estimator
-            chooser = _Chooser(fn, flow, fn.name in dirty_callers, default, diags, choices)
+            chooser = _Chooser(fn, flow, fn.name in dirty_callers, default, diags, choices, sliced)
             chooser.enumerable = fn.name in objectives
-            chooser.sliced_out = sliced
             functions.append(replace(fn, body=chooser.region(fn.body, top=True)))
         return replace(module, functions=tuple(functions),
                        facts=module.facts | {"estimators": tuple(choices), "sliced": tuple(sliced)})
@@ -204,12 +203,12 @@ class Estimators:
 
 class _Chooser:
     def __init__(self, fn: Function, flow: _Flow, used_dirty: bool, default: Estimator | None,
-                 diags: Diagnostics, out: list[SiteChoice]):
+                 diags: Diagnostics, out: list[SiteChoice], sliced_out: list[SlicedChoice]):
         self.fn, self.flow, self.used_dirty = fn, flow, used_dirty
         self.default, self.diags, self.out = default, diags, out
-        self.defs = {r: op for op in walk(fn.body) for r in op.results}
-        self.sliced_out: list[SlicedChoice] = []
+        self.sliced_out = sliced_out
         """The control variates chosen for the sliced Wasserstein estimates (for explain)."""
+        self.defs = {r: op for op in walk(fn.body) for r in op.results}
         self.enumerable = False
         """Draws at the top level of this function can be enumerated: it is an export's
         objective and no function calls it (so each such draw happens once per sample)."""

@@ -50,10 +50,10 @@ GROUPS = ("auto", "none", "loo", "grpo", "ma", "vimco", "enum", "param", "draw",
 differentiates), its values and its auxiliary noise; `dreg`, draws with doubly reparameterized
 gradients."""
 SCORE = GROUPS[:6]
+"""The baseline groups: score terms proper, credited with costs."""
 AUX = {"arm": (), "rebar": (2,), "relax": (2,), "swor": (), "unordered": ()}
 """Branched estimators whose draw also yields its noise, and the leading shape of it (ARM's
 uniforms, REBAR's and RELAX's two uniforms, the Gumbel-top-k threshold kappa)."""
-"""The baseline groups: score terms proper, credited with costs."""
 F32 = scalar(DType.F32)
 
 
@@ -88,6 +88,11 @@ class _Scope:
     """Each DReG draw: its distribution op, and the log_prob ops of it found (their spans)."""
     shifts: int = 0
     """Draws shifted so far (DReG and RELAX draws: `ExpectParams.shifts`)."""
+
+    @property
+    def relax(self) -> bool:
+        """The scope's branched draw is RELAX's (its control's parameters are state)."""
+        return self.branched is not None and self.branched[0].name == "relax"
 
 
 class _Rewriter:
@@ -386,7 +391,7 @@ class _Rewriter:
 
         types = tuple(per_draw(v.type) for v in inner.results)
         branched, family = self.scope_state.branched or (None, ())
-        relax = branched is not None and branched.name == "relax"
+        relax = self.scope_state.relax
         if relax:  # d value / d logits per evaluation, shaped as the draw
             types += (per_draw(next(u.value.type for u in units if u.group == "draw")),)
             baselines.append("shift_grad")
@@ -575,7 +580,7 @@ class _Rewriter:
         """The state an export's expectation threads through calls (None: none): a moving
         average (`baseline`, f32) or RELAX's control-variate parameters (`control`, typed as
         the first parameter of its function)."""
-        relax = self.scope_state.branched and self.scope_state.branched[0].name == "relax"
+        relax = self.scope_state.relax
         if "ma" in groups and relax:
             self.diags.error("an expectation carries one state across calls: a moving-average "
                              "baseline or a RELAX control variate, not both", span)

@@ -68,14 +68,15 @@ class ZerothOrder:
         exports, chosen = [], {}
         for export in module.exports:
             t = export.transform
-            if t.by is not None and t.private is None:  # by=dp: the privacy pass
-                problem = _problem(t.by)
+            black_box = t.black_box  # by=dp is the privacy pass's
+            if black_box is not None:
+                problem = _problem(black_box)
                 if problem is not None:
-                    diags.error(problem, t.by.span)
+                    diags.error(problem, black_box.span)
                 else:
-                    given = dict(t.by.options)
-                    by = replace(t.by, options=tuple((k, given.get(k, v))
-                                                     for k, v in ESTIMATORS[t.by.name].items()))
+                    given = dict(black_box.options)
+                    by = replace(black_box, options=tuple((k, given.get(k, v))
+                                                          for k, v in ESTIMATORS[black_box.name].items()))
                     export = replace(export, transform=replace(t, by=by))
                     chosen[export.name] = by
             exports.append(export)
