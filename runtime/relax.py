@@ -47,13 +47,14 @@ def relax(control: Callable, psi, f, z, aux, logits, df, opts: dict):
     def estimate(psi):
         """g, d/dlogits per entry and sample, as a function of psi."""
         def r_difference(lg):
+            """sum r(psi, s) - r(psi, s~), and r(psi, s~) per sample."""
             _, s, s_tilde = relaxations(lg, u, v, tau)
-            return jnp.sum(r(psi, s) - r(psi, s_tilde))
+            r_tilde = r(psi, s_tilde)
+            return jnp.sum(r(psi, s) - r_tilde), r_tilde
 
-        _, _, s_tilde = relaxations(lg, u, v, tau)
-        c_tilde = eta * f[:, 2] + r(psi, s_tilde)
-        return (per_entry(f[:, 0] - c_tilde, b) * (b - p) + eta * (df[:, 1] - df[:, 2])
-                + jax.grad(r_difference)(lg))
+        d_r, r_tilde = jax.grad(r_difference, has_aux=True)(lg)
+        c_tilde = eta * f[:, 2] + r_tilde
+        return per_entry(f[:, 0] - c_tilde, b) * (b - p) + eta * (df[:, 1] - df[:, 2]) + d_r
 
     step = jax.grad(lambda psi: jnp.mean(entries_sum(estimate(psi) ** 2)))(fixed)
     return term, jax.tree.map(lambda a, g: a - lr * g, fixed, step)

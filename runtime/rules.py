@@ -16,7 +16,7 @@ from jax import lax
 
 from gradlang import ops as O
 from gradlang.ir import Op, free_values
-from gradlang.types import DType, TensorType
+from gradlang.types import TensorType
 
 from .numerics import softplus
 from .rules_argmin import ARGMIN_LOWERINGS

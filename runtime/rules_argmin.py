@@ -12,26 +12,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from gradlang.ir import Op, Region, Value, walk
+from gradlang.ir import Op, Region, free_values
 
 from .hypergrads import build
-
-
-def free_values(region: Region) -> list[Value]:
-    """Values the region uses but does not define (its captures), in first-use order."""
-    defined = set(region.args) | {r for op in walk(region) for r in op.results}
-    for op in walk(region):
-        for inner in op.regions:
-            defined |= set(inner.args)
-    out: list[Value] = []
-    for op in walk(region):
-        for v in op.operands:
-            if v not in defined and v not in out:
-                out.append(v)
-    for v in region.results:
-        if v not in defined and v not in out:
-            out.append(v)
-    return out
 
 
 def _argmin(ctx, op: Op, init):

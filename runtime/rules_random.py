@@ -58,14 +58,14 @@ def _sample(ctx, op: Op, d: Dist):
     if est.name == "enum":  # the value of this draw in the combination being evaluated
         return d.family.enumerate_support(*d.params)[ctx.lowering.enum_index[est.option("slot")]]
     if (est.name, d.family.name) in BRANCHED:  # this draw's value in the branch being evaluated
-        branched = BRANCHED[est.name, d.family.name]
+        spec = BRANCHED[est.name, d.family.name]
         params = tuple(jnp.broadcast_to(p, d.batch + jnp.shape(p)[jnp.ndim(p) - r:])
                        for p, r in zip(d.params, d.family.param_event_ranks))
         if est.option("shift") is not None:  # RELAX: the parameters' zero shift
             params = tuple(p + ctx.lowering.shifts[est.option("shift")] for p in params)
-        if not branched.live:
+        if not spec.live:
             params = lax.stop_gradient(params)
-        values, aux = branched.branches(key, dict(est.options), *params)
+        values, aux = spec.branches(key, dict(est.options), *params)
         value = values[ctx.lowering.enum_index[est.option("slot")]]
         return (value, aux) if len(op.results) == 2 else value
     if est.name in ("gumbel", "st_gumbel"):
@@ -227,8 +227,9 @@ def _surrogate(ctx, op: Op, v, *rest):
         aux = by["aux"][0][:, 0] if "aux" in by else None
         weights = est.weighting(v, by["draw"][0], aux, opts, params)
         f, v = v, jnp.sum(weights * v, 1)
+        weighted = range(f.shape[1]) if est.weights is not None else est.draws  # the rest weigh 0
         out = sum(weights[:, b] * _scored(f[:, b], [c[:, b] for c in costs], [l[:, b] for l in scores],
-                                          baselines, credit, state) for b in range(f.shape[1]))
+                                          baselines, credit, state) for b in weighted)
         if p.control:  # RELAX: its own term, and its control variate's step
             term, psi = relax(lambda psi, s: ctx.call(p.control, (psi, s)), rest[-1], f,
                               by["draw"][0], aux, params[0], by["shift_grad"][0], opts)
