@@ -151,6 +151,11 @@ class Case:
         return Cost(n, n, "; ".join(detail))
 
 
+def place_key(place: SiteChoice | InnerProblem) -> tuple:
+    """Where a random choice or an inner problem is, comparable across compiled variants."""
+    return place.function, place.span.line, place.span.col
+
+
 def classify(module: Module, export: Export, warmup: int = 0) -> Case:
     """The case of `export` (`warmup`: the calls before each SCGD estimate, for its notes)."""
     t = export.transform

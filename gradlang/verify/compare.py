@@ -11,7 +11,7 @@ from gradlang.passes.estimators import BASELINES, OPTIONS, SiteChoice
 from gradlang.passes.hypergrad import LINEAR_SOLVERS, METHODS, InnerProblem
 from gradlang.passes.zeroth_order import ESTIMATORS
 
-from .case import Case, classify
+from .case import Case, classify, place_key
 from .inputs import VerifyError
 from .measure import assemble, sample
 from .program import Program, interleaved_seconds, load
@@ -45,10 +45,6 @@ def black_box_candidates(by) -> list[str | None]:
         size = f"eps={scale}" if "eps" in options else f"sigma={scale}, pop={pop}"
         out.append(f"{name}({size})")
     return out + [None]
-
-
-def _key(x) -> tuple:
-    return x.function, x.span.line, x.span.col
 
 
 def _title(place: SiteChoice | InnerProblem) -> str:
@@ -132,7 +128,7 @@ def comparisons(origin: Origin, program: Program, case: Case, named: Mapping, re
             current = getattr(place, attr)
 
             def chosen(c: Case, place=place, found=found, attr=attr) -> str | None:
-                return next((str(getattr(x, attr)) for x in found(c) if _key(x) == _key(place)),
+                return next((str(getattr(x, attr)) for x in found(c) if place_key(x) == place_key(place)),
                             None)
 
             edits = [(f"with {c}", annotate(place, c)) for c in candidates()]

@@ -114,11 +114,11 @@ def _reference(program: Program, reports: list[ExportReport], named: Mapping,
                     sum(r.reference.seconds for r in reports))
 
 
-def verify_minimize(origin, module, name: str, named: Mapping, settings: Settings,
+def verify_minimize(origin, module, program: Program, named: Mapping, settings: Settings,
                     verify_part) -> ExportReport:
-    """The report of `minimize` export `name` at the arguments `named`; `verify_part(name,
-    args, settings)` verifies one objective's gradient."""
-    program = load(module, name, origin.externs, origin.mesh)
+    """The report of the `minimize` export `program` (loaded from `module`) at the arguments
+    `named`; `verify_part(name, args, settings)` verifies one objective's gradient."""
+    name = program.export.name
     t = program.export.transform
     k = len(t.objectives)
     parts = [load(module, f"{name}[{i}]", origin.externs, origin.mesh) for i in range(k)]
@@ -135,11 +135,10 @@ def verify_minimize(origin, module, name: str, named: Mapping, settings: Setting
     if draws and t.rule.name in ("mgda", "pcgrad"):
         why.append(f"{t.rule.name} is nonlinear in the gradients: applied to unbiased estimates, "
                    f"its mean is not the rule applied to their expectations")
-    samples = np.concatenate(sampled.samples, axis=1)
     cuts = np.cumsum([int(np.prod(s, dtype=int)) for s in sampled.shapes])[:-1]
     leaves = [leaf_stats(nm, shape, x, v, e, b, None, bool(why), settings.z)
               for nm, shape, x, v, e, b in zip(
-                  sampled.names, sampled.shapes, np.split(samples, cuts, axis=1),
+                  sampled.names, sampled.shapes, sampled.samples,
                   *(np.split(a[0], cuts) for a in (ref.values, ref.errors, ref.bounds)))]
     objectives = [module.facts.get("objectives", {}).get(p.export.name, (p.export.transform.fn,))[0]
                   for p in parts]

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .program import Program, batched, draw_estimates, flat_leaves
+from .stats import EPS32
 
-EPS32 = float(np.finfo(np.float32).eps)
 DETERMINISTIC_STEP = EPS32 ** (1 / 3)
 STOCHASTIC_STEP = 0.05
 

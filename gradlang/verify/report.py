@@ -13,7 +13,7 @@ from gradlang.explain import table
 
 from .program import Memory
 from .reference import Reference
-from .stats import BIASED, VERDICTS, ZERO, LeafStats, worst
+from .stats import BIASED, VERDICTS, Z, ZERO, LeafStats, worst
 
 SCHEMA = "gradlang.verify/1"
 
@@ -28,7 +28,7 @@ class Settings:
     reference_samples: int = 4096
     coordinates: int = 32
     smoothing: float = 0.05
-    z: float = 5.0
+    z: float = Z
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ def verify_export(origin: Origin, module, name: str, args: Mapping | Sequence | 
         if compare:
             raise VerifyError(f"--compare takes one objective of '{name}' at a time: "
                               f"verify {name}[i] --compare")
-        return verify_minimize(origin, module, name, named, settings,
+        return verify_minimize(origin, module, program, named, settings,
                                lambda part, args, s: verify_export(origin, module, part, args,
                                                                    None, s))
     case = classify(module, program.export, program.warmup)

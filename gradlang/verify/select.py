@@ -27,7 +27,7 @@ import numpy as np
 from gradlang.ir import externs_of
 
 from . import composition
-from .case import Case, classify, stochastic_ops
+from .case import Case, classify, place_key, stochastic_ops
 from .inputs import VerifyError
 from .program import Program, load
 from .reference import Reference, finite_differences, mean_gradient, pick_coordinates, smoothed
@@ -54,10 +54,6 @@ def _plain(origin: Origin, program: Program, case: Case) -> Program:
     if isinstance(plain, str):
         raise VerifyError(f"the variant without relaxed draws does not compile: {plain}")
     return plain
-
-
-def _site_key(site) -> tuple:
-    return site.function, site.span.line, site.span.col
 
 
 def reference(origin: Origin, program: Program, case: Case, named: Mapping, settings: Settings,
@@ -117,10 +113,10 @@ def _random(origin: Origin, program: Program, case: Case, named: Mapping, settin
     variant = _variant(origin, [annotate_site(s, f"auto(enum_max={ENUM_MAX})") for s in editable],
                        name) if editable else None
     if isinstance(variant, Program):
-        chosen = {_site_key(s): s for s in classify(variant.module, variant.export).sites}
+        chosen = {place_key(s): s for s in classify(variant.module, variant.export).sites}
         usable = all(s.estimator.name in ("enum", "reparam") for s in chosen.values())
-        same = all(chosen[_site_key(s)].estimator.name == s.estimator.name
-                   for s in case.sites if _site_key(s) in chosen)
+        same = all(chosen[place_key(s)].estimator.name == s.estimator.name
+                   for s in case.sites if place_key(s) in chosen)
         if usable and not same:
             exact = not stochastic_ops(variant.module, variant.export.transform.fn)
             how = ", ".join(f"{s.estimator.name} at {s.site} (line {s.span.line})"
