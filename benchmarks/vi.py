@@ -31,12 +31,19 @@ Every loss is a negative ELBO in nats per data point (a mean over the batch); ev
    - gradlang, the same export `jax.vmap`-ed over the data points (a batch of one each, one key
      each): per-data-point credit, as stdlib/vi.grad suggests,
    - gradlang `with score(baseline=none)`, 1 and 8 samples,
+   - gradlang `with score(baseline=none)`, 8 samples, the KL by Monte Carlo at the draw (log q -
+     log p, as TraceGraph_ELBO estimates it; `step_plain8_mc`), batch credit and `jax.vmap`-ed
+     per point: the vmapped row is NumPyro's estimator, the LIKE-FOR-LIKE row,
    - NumPyro `TraceGraph_ELBO(num_particles=8)` (vectorized particles). NumPyro 0.22's
      TraceGraph_ELBO has NO baselines (Pyro's decaying-average baselines are not in NumPyro): it
      is REINFORCE with Rao-Blackwellized, per-data-point credit from the `plate`, and a Monte
-     Carlo KL (the gradlang and hand-written rows use the closed-form KL). NumPyro has no
+     Carlo KL (the other gradlang and hand-written rows use the closed-form KL). NumPyro has no
      OneHotCategorical: its latents are `Categorical` class indices, one-hot encoded by the
      decoder (the same distribution and score).
+   Which rows compare what: gradlang's like-for-like row against NumPyro compares the libraries
+   (the same estimator; its time ratio is the libraries' cost, its variance ratio about 1); the
+   hand-written rows against gradlang's closed-form-KL rows compare the compiler with the same
+   estimator written by hand; every other pair compares estimators (KL, baseline, credit, S).
    Reported: time per step, the total variance (sum over coordinates) of the encoder gradient at
    fixed parameters over `--var-keys` independent keys, and variance x time: the variance left
    after averaging estimates for one second of compute (lower is better).
@@ -61,12 +68,17 @@ Every loss is a negative ELBO in nats per data point (a mean over the batch); ev
    shows what batch credit costs), S=4 samples per step; enum, swor(k=4) and unordered(k=4) at
    one sample (exact for enum; 4 evaluations for the others, as S=4 for the score function).
    NumPyro `TraceGraph_ELBO(num_particles=4)` runs on each model (per-point credit, Monte Carlo
-   KL, no baseline; categorical latents as class indices).
+   KL, no baseline; categorical latents as class indices), and so does its estimator compiled by
+   gradlang, the LIKE-FOR-LIKE row `with score(baseline=none), Monte Carlo KL`
+   (estimators_categorical_mc.grad, estimators_binary_mc.grad): that row compares the libraries;
+   every other gradlang row uses the closed-form KL and compares gradlang's estimators with
+   NumPyro's only one.
    Measured at fixed parameters: the encoder gradient's total variance over `--var-keys` keys,
    a state threaded from call to call as in training (a moving-average baseline, per data point,
    after 50 warm-up calls; RELAX's psi, shared, trained `--relax-steps` calls first, starting at
    r = 0, i.e. REBAR with eta = 1, each call one SGD step of the compiler's on the estimate's
-   second moment); agreement with the EXACT gradient, the -ELBO with its reconstruction term
+   second moment; both warm-ups run at OTHER parameters, the model's init with seed WARM_SEED,
+   so that the state is not fitted to the parameters where it is measured); agreement with the EXACT gradient, the -ELBO with its reconstruction term
    summed over every latent value (10^4, 2^16 and 10 values per data point) in float64,
    differentiated by JAX: the largest per-coordinate z (gradlang verify's statistic, z = 5) and
    |mean - exact| / |exact| beside its noise level; the mean loss against the exact -ELBO;
@@ -94,7 +106,8 @@ ratio to the group's reference. All inputs are device-resident; the key is fixed
 Numerics: (a) deterministic: gradlang's `step_eps` (the loss at given noise eps) equals the
 hand-written loss and gradient at the same eps, and NumPyro's model/guide log densities
 (`numpyro.infer.util.log_density`) at the same latents give the same loss and gradient; the
-discrete loss at fixed one-hot latents likewise (gradlang `loss_at`); (b) stochastic: over
+discrete loss at fixed one-hot latents likewise (gradlang `loss_at`, closed-form KL, and
+`loss_at_mc`, Monte Carlo KL as NumPyro's); (b) stochastic: over
 `--check-keys` independent keys, every variant's expected loss agrees with the reference's within
 5 standard errors, and the mean gradients agree coordinate-wise (chi^2 per coordinate of the
 difference of means, about 1 when both estimators are unbiased for the same gradient).
@@ -463,6 +476,12 @@ def _source_samples(path: Path, export: str) -> int:
 
 # ----------------------------------------------------------------------------- the two studies
 
+NUMPYRO_DISC = f"NumPyro TraceGraph_ELBO, S={DISC_S}"
+LIKE_FOR_LIKE_DISC = f"gradlang score(none), S={DISC_S}, Monte Carlo KL, vmap per point"
+"""Section 2's like-for-like row: NumPyro TraceGraph_ELBO's estimator (no baseline, the KL by Monte
+Carlo at the draw, per-data-point credit) compiled by gradlang; the other gradlang rows differ
+from NumPyro's in the estimator too (closed-form KL, baselines, batch credit)."""
+
 def run_gaussian(x, rounds, calls, warmup, check_keys) -> dict:
     import jax
     import numpy as np
@@ -519,32 +538,32 @@ def run_gaussian(x, rounds, calls, warmup, check_keys) -> dict:
 
 def run_discrete(x, rounds, calls, warmup, var_keys) -> dict:
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     import gradlang
 
-    assert _source_samples(DISC_SRC, "step") == DISC_S == _source_samples(DISC_SRC, "step_plain8")
+    assert all(_source_samples(DISC_SRC, e) == DISC_S for e in ("step", "step_plain8", "step_plain8_mc"))
     m = gradlang.compile_file(DISC_SRC)
     enc, dec = init_discrete(x)
     args = jax.device_put((enc, dec, x))
     key = jax.random.PRNGKey(0)
     np_step, np_at = numpyro_discrete(DISC_S)
 
-    def per_point(enc, dec, x, key):  # batch-of-one steps vmapped over the data points
-        v, g = jax.vmap(m.step, in_axes=(None, None, 0, 0))(
-            enc, dec, x[:, None, :], jax.random.split(key, x.shape[0]))
-        return jnp.mean(v), jax.tree.map(lambda a: jnp.mean(a, 0), g)
+    def point_credit(step):  # batch-of-one steps vmapped over the data points, without state
+        call = per_point(step, None)
+        return jax.jit(lambda enc, dec, x, key: call(enc, dec, x, key, ())[:2])
 
     ref = "hand-written RLOO, per-point credit"
     variants = {
         ref: hand_disc_step(DISC_S, "datapoint"),
         "hand-written RLOO, batch credit": hand_disc_step(DISC_S, "batch"),
         "gradlang score(loo), S=8": jax.jit(m.step),
-        "gradlang score(loo), S=8, vmap per point": jax.jit(per_point),
+        "gradlang score(loo), S=8, vmap per point": point_credit(m.step),
         "gradlang score(none), S=1": jax.jit(m.step_plain1),
         "gradlang score(none), S=8": jax.jit(m.step_plain8),
-        "NumPyro TraceGraph_ELBO, S=8": np_step,
+        "gradlang score(none), S=8, Monte Carlo KL": jax.jit(m.step_plain8_mc),
+        LIKE_FOR_LIKE_DISC: point_credit(m.step_plain8_mc),
+        NUMPYRO_DISC: np_step,
     }
     samples_of = {n: (1 if "S=1" in n else DISC_S) for n in variants}
 
@@ -554,9 +573,11 @@ def run_discrete(x, rounds, calls, warmup, var_keys) -> dict:
     exact = {"gradlang loss_at": check_close(
         "gradlang loss_at", jax.jit(m.loss_at)(*args, z),
         jax.jit(jax.value_and_grad(hand_disc_loss_at))(p, args[2], z))}
+    want_mc = jax.jit(jax.value_and_grad(hand_disc_mc_loss_at))(p, args[2], z)
+    exact["gradlang loss_at_mc (Monte Carlo KL)"] = check_close(
+        "gradlang loss_at_mc", jax.jit(m.loss_at_mc)(*args, z), want_mc)
     exact["NumPyro log_density (Monte Carlo KL)"] = check_close(
-        "NumPyro loss_at", np_at(p, args[2], z),
-        jax.jit(jax.value_and_grad(hand_disc_mc_loss_at))(p, args[2], z))
+        "NumPyro loss_at", np_at(p, args[2], z), want_mc)
 
     stats = {n: moments(f, args, var_keys, seed=2000 + i) for i, (n, f) in enumerate(variants.items())}
     timing = interleaved(variants, (*args, key), ref, rounds, calls, warmup)
@@ -575,9 +596,12 @@ def run_discrete(x, rounds, calls, warmup, var_keys) -> dict:
         timing[n]["var_x_time_vs_ref"] = timing[n]["var_x_time"] / timing[ref]["var_x_time"]
     none8, loo8 = timing["gradlang score(none), S=8"], timing["gradlang score(loo), S=8"]
     pp = timing["gradlang score(loo), S=8, vmap per point"]
+    same, numpyro = timing[LIKE_FOR_LIKE_DISC], timing[NUMPYRO_DISC]
     summary = {
         "loo_variance_reduction_at_equal_samples": none8["enc_grad_total_var"] / loo8["enc_grad_total_var"],
-        "per_point_vs_batch_credit_variance_reduction": loo8["enc_grad_total_var"] / pp["enc_grad_total_var"]}
+        "per_point_vs_batch_credit_variance_reduction": loo8["enc_grad_total_var"] / pp["enc_grad_total_var"],
+        "like_for_like_time_vs_numpyro": same["median_s"] / numpyro["median_s"],
+        "like_for_like_variance_vs_numpyro": same["enc_grad_total_var"] / numpyro["enc_grad_total_var"]}
     return {"variants": timing, "exact": exact, "var_keys": var_keys, "reference": ref,
             "summary": summary}
 
@@ -596,6 +620,14 @@ FLOAT32_FLOOR = 1e-5
 are float32 rounding, not bias: what decides for an estimator without variance (enum differs
 by at most 4e-6 x RMS on the single-categorical model)."""
 NUMPYRO = f"NumPyro TraceGraph_ELBO, S={CMP_S}"
+LIKE_FOR_LIKE = "with score(baseline=none), Monte Carlo KL"
+"""The comparison's like-for-like row: NumPyro's estimator compiled by gradlang (CompareModel.mc_src).
+Every other gradlang row differs from NumPyro's in the estimator as well: the KL in closed form,
+a baseline or another estimator."""
+WARM_SEED = 10
+"""Parameters (the models' init with this seed) on which the moving averages and RELAX's control
+variate are warmed before the variance is measured at the models' own parameters: in training
+the state lags the parameters; warmed where it is measured, it would be fitted to them."""
 
 
 def init_binary(x, seed: int = 3):
@@ -688,11 +720,13 @@ def numpyro_binary(samples: int):
 
 @dataclass(frozen=True)
 class CompareModel:
-    """A discrete VAE of the comparison: its source, parameters, exact loss and NumPyro step."""
+    """A discrete VAE of the comparison: its source, the source of NumPyro's estimator in gradlang
+    (the like-for-like row), parameters `init(x, seed=...)`, exact loss and NumPyro step."""
 
     key: str
     title: str
     src: Path
+    mc_src: Path
     init: Callable
     exact: Callable
     numpyro: Callable
@@ -700,13 +734,15 @@ class CompareModel:
 
 COMPARE_MODELS = (
     CompareModel("categorical", f"categorical VAE: L={L} OneHotCategorical latents x C={C} classes",
-                 MODELS / "estimators_categorical.grad", init_discrete, exact_categorical,
-                 lambda s: numpyro_discrete(s)[0]),
+                 MODELS / "estimators_categorical.grad", MODELS / "estimators_categorical_mc.grad",
+                 init_discrete, exact_categorical, lambda s: numpyro_discrete(s)[0]),
     CompareModel("binary", f"binary VAE: K={BIN_K} Bernoulli latents",
-                 MODELS / "estimators_binary.grad", init_binary, exact_binary, numpyro_binary),
+                 MODELS / "estimators_binary.grad", MODELS / "estimators_binary_mc.grad",
+                 init_binary, exact_binary, numpyro_binary),
     CompareModel("single", f"single categorical: one OneHotCategorical latent x C={C} classes",
-                 MODELS / "estimators_onehot.grad", lambda x: init_discrete(x, latents=1),
-                 exact_categorical, lambda s: numpyro_discrete(s)[0]),
+                 MODELS / "estimators_onehot.grad", MODELS / "estimators_categorical_mc.grad",
+                 lambda x, seed=2: init_discrete(x, seed, latents=1), exact_categorical,
+                 lambda s: numpyro_discrete(s)[0]),
 )
 
 
@@ -802,7 +838,6 @@ def compile_variants(src: Path) -> list[Variant]:
     point, or not applicable with the compiler's message."""
     import gradlang
     from gradlang.diagnostics import SourceFile
-    from gradlang.verify.case import classify
     from gradlang.verify.variants import Origin, annotate_site
 
     source = SourceFile(str(src), src.read_text())
@@ -813,15 +848,30 @@ def compile_variants(src: Path) -> list[Variant]:
         edits = [annotate_site(site, c)]
         edits += [samples_edit(source, 1)] if c.split("(")[0] in SET_ESTIMATORS else []
         compiled = origin.compile(edits)
-        if isinstance(compiled, str):
-            out.append(Variant(f"with {c}", reason=compiled))
-            continue
-        (export,), (chosen,) = compiled.ir.exports, compiled.ir.facts["estimators"]
-        case, step = classify(compiled.ir, export), getattr(compiled, export.name)
-        kind = step.signature.params[-2][0] if step.signature.stateful else None
-        out.append(Variant(f"with {c}", per_point(step, kind), initial_state(kind), kind,
-                           case.cost().forward, biased_by_design(case, chosen)))
+        out.append(Variant(f"with {c}", reason=compiled) if isinstance(compiled, str)
+                   else measured_variant(compiled, f"with {c}"))
     return out
+
+
+def measured_variant(compiled, label: str) -> Variant:
+    """The variant of a compiled file with one export and one draw: its step vmapped per data
+    point, its initial state, cost and bias by design."""
+    from gradlang.verify.case import classify
+
+    (export,), (chosen,) = compiled.ir.exports, compiled.ir.facts["estimators"]
+    case, step = classify(compiled.ir, export), getattr(compiled, export.name)
+    kind = step.signature.params[-2][0] if step.signature.stateful else None
+    return Variant(label, per_point(step, kind), initial_state(kind), kind, case.cost().forward,
+                   biased_by_design(case, chosen))
+
+
+def like_for_like_variant(model: CompareModel) -> Variant:
+    """NumPyro TraceGraph_ELBO's estimator written in gradlang (model.mc_src): no baseline, the KL
+    by Monte Carlo at the draw, per-data-point credit: the row that compares the libraries."""
+    import gradlang
+
+    assert _source_samples(model.mc_src, "step") == CMP_S
+    return measured_variant(gradlang.compile_file(model.mc_src), LIKE_FOR_LIKE)
 
 
 def numpyro_variant(model: CompareModel) -> Variant:
@@ -833,9 +883,10 @@ def numpyro_variant(model: CompareModel) -> Variant:
 
 
 def warm(v: Variant, args: tuple, relax_steps: int, seed: int) -> Variant:
-    """The variant with its state after calls at the fixed parameters: BASELINE_WARMUP for a
-    moving-average baseline (it settles), `relax_steps` for RELAX (its control variate is
-    trained); stateless variants as they are."""
+    """The variant with its state after calls at `args`: BASELINE_WARMUP for a moving-average
+    baseline (it settles), `relax_steps` for RELAX (its control variate is trained); stateless
+    variants as they are. The caller passes parameters other than those where the variance is
+    measured (WARM_SEED's), so that the state is not fitted to them."""
     import dataclasses
 
     import jax
@@ -894,8 +945,9 @@ def run_compare_model(model: CompareModel, x, a) -> dict:
     enc, dec = model.init(x)
     args = jax.device_put((enc, dec, x))
     exact_loss, exact_grad = exact_reference(model, args)
-    variants = compile_variants(model.src) + [numpyro_variant(model)]
-    measured = [warm(v, args, a.relax_steps, seed=3000 + i)
+    variants = compile_variants(model.src) + [like_for_like_variant(model), numpyro_variant(model)]
+    warm_args = jax.device_put((*model.init(x, seed=WARM_SEED), x))
+    measured = [warm(v, warm_args, a.relax_steps, seed=3000 + i)
                 for i, v in enumerate(variants) if v.call is not None]
     rows = {}
     for i, v in enumerate(measured):
@@ -1005,7 +1057,9 @@ def print_compare(cmp: dict) -> None:
           f"{cmp['var_keys']} keys at fixed parameters; agreement with the exact gradient (summed "
           f"over every latent value);\n   time per step interleaved ({cmp['rounds']} rounds x "
           f"{cmp['calls']} calls); RELAX's control variate trained {cmp['relax_steps']} steps "
-          f"first, moving averages {BASELINE_WARMUP}.\n   rel. diff: |mean - exact| / |exact|; "
+          f"first, moving averages {BASELINE_WARMUP},\n   both on other parameters (seed "
+          f"{cmp['warm_seed']}'s). `{LIKE_FOR_LIKE}`: NumPyro's estimator in gradlang, the row "
+          f"that compares the libraries;\n   the other rows compare estimators.\n   rel. diff: |mean - exact| / |exact|; "
           f"noise: the standard error of that difference, sqrt(sum var / keys) / |exact| (rel. diff\n"
           f"   about noise: unbiased); max z: the largest per-coordinate |mean - exact| / SE "
           f"(verdict: consistent when <= 5); E[loss] z:\n   the mean loss against the exact "
@@ -1035,7 +1089,7 @@ def run_compare(x, a) -> dict:
               if not a.quick or m.key == "single"}
     return {"samples": CMP_S, "var_keys": a.var_keys, "relax_steps": a.relax_steps,
             "rounds": a.compare_rounds, "calls": a.compare_calls,
-            "baseline_warmup": BASELINE_WARMUP, "models": models,
+            "baseline_warmup": BASELINE_WARMUP, "warm_seed": WARM_SEED, "models": models,
             "storchastic": storchastic_rows(models)}
 
 
@@ -1099,6 +1153,10 @@ def print_discrete(disc: dict) -> None:
           "   errors. chi2/coord: squared difference of the mean encoder gradient from the reference's,\n"
           "   per coordinate, in units of its variance: about 1 when both are unbiased. NumPyro's loss\n"
           "   uses a Monte Carlo KL: same expectation.)")
+    s = disc["summary"]
+    print(f"  like for like, {LIKE_FOR_LIKE_DISC} against {NUMPYRO_DISC} (the same\n"
+          f"   estimator: no baseline, Monte Carlo KL, per-point credit): time x "
+          f"{s['like_for_like_time_vs_numpyro']:.3g}, variance x {s['like_for_like_variance_vs_numpyro']:.3g}")
     print(f"  gradlang leave-one-out at S={DISC_S}: variance / "
           f"{disc['summary']['loo_variance_reduction_at_equal_samples']:.4g} vs no baseline at the "
           f"same S;\n  gradlang per-point credit (vmap) vs batch credit: variance / "
