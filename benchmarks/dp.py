@@ -4,8 +4,8 @@ the non-private gradient, as the model widens.
     python benchmarks/dp.py [--quick] [--rounds 20] [--calls 3] [--json out.json]
 
 Float32, fixed numpy seed and PRNG key. The model: a 3-layer MLP regressor, D=256 -> H -> H ->
-10 (tanh), loss = mean((f(x) - y)^2), batch B=64 examples, H growing. Three gradlang exports
-of the same objective, each jitted:
+10 (tanh), loss = mean((f(x) - y)^2), batch B=64 examples, H growing. Four gradlang exports
+of the same objective, each jitted, and one hand-written JAX DP-SGD step:
 
 - `non-private`: `grad(loss, wrt=[p])`, reverse mode (the reference of the ratios);
 - `dp ghost`: `grad(loss, wrt=[p], by=dp(clip=1.0, noise=1.0))`: the three weight matrices are
@@ -14,12 +14,21 @@ of the same objective, each jitted:
 - `dp per-example`: the same with `clipping=per_example`: `vmap` of the gradient over the
   examples, [B, ...] per leaf (the textbook DP-SGD implementation, as Opacus and JAX
   tutorials write it), clipped and summed;
+- `hand-written jit(vmap(grad)) (dp)`: that textbook implementation written directly in JAX,
+  without gradlang: `jax.jit` of `jax.vmap(jax.grad(loss of one example))`, each example's
+  gradient clipped by its global norm (all leaves together), summed, Gaussian noise of std
+  noise x clip added, divided by B. It draws its noise as gradlang does (one
+  `jax.random.normal` over all parameters, in the order of the flattened parameters, from the
+  key), so the same key gives the same noise: the row that compares gradlang's per-example
+  clipping with the same algorithm written by hand (the other private rows compare clipping
+  algorithms);
 - `dp ghost, noise=0`: ghost clipping without the noise, to separate the cost of the clipping
   from that of drawing a parameter-sized Gaussian vector (`jax.random.normal`, whose random
   bits XLA on CPU materializes at several times the vector's size).
 
-Both private exports get the same key, so they draw the same noise: the benchmark checks that
-their gradients agree (max relative difference). Reported per H: the parameter count, step time
+Every private variant gets the same key, so they draw the same noise: the benchmark reports
+how closely their gradients agree (max relative difference): ghost against gradlang's
+per-example clipping, and the hand-written step against both. Reported per H: the parameter count, step time
 (interleaved, `benchmarks/timing.py`), XLA's compiled memory (`jax.jit(f).lower(...).compile()
 .memory_analysis()`: temp bytes, and total = argument + temp + output - alias), and each
 private variant's ratios to the non-private gradient; then the growth exponents
@@ -33,16 +42,20 @@ the noise a parameter-sized vector).
 from __future__ import annotations
 
 import argparse
+import itertools
+import string
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import gradlang
 from timing import interleaved, machine, parse_timing_args, timing_args, write_json
 
 D, C, B = 256, 10, 64
-MLP3 = """
+CLIP, NOISE = 1.0, 1.0
+MLP3 = string.Template("""
 use std.nn
 struct MLP { l1: Dense[I=D, O=H], l2: Dense[I=H, O=H], l3: Dense[I=H, O=C] }
 fn loss(p: MLP, x: f32[B, D], y: f32[B, C]) -> f32 {
@@ -50,19 +63,55 @@ fn loss(p: MLP, x: f32[B, D], y: f32[B, C]) -> f32 {
   return mean(r * r)
 }
 export plain = grad(loss, wrt=[p])
-export ghost = grad(loss, wrt=[p], by=dp(clip=1.0, noise=1.0))
-export per_example = grad(loss, wrt=[p], by=dp(clip=1.0, noise=1.0, clipping=per_example))
-export ghost_noiseless = grad(loss, wrt=[p], by=dp(clip=1.0, noise=0))
-"""
-VARIANTS = {"non-private": "plain", "dp ghost": "ghost", "dp per-example": "per_example",
-            "dp ghost, noise=0": "ghost_noiseless"}
-COMPARED = ("dp ghost", "dp per-example")
+export ghost = grad(loss, wrt=[p], by=dp(clip=$clip, noise=$noise))
+export per_example = grad(loss, wrt=[p], by=dp(clip=$clip, noise=$noise, clipping=per_example))
+export ghost_noiseless = grad(loss, wrt=[p], by=dp(clip=$clip, noise=0))
+""").substitute(clip=CLIP, noise=NOISE)
+EXPORTS = {"non-private": "plain", "dp ghost": "ghost", "dp per-example": "per_example",
+           "dp ghost, noise=0": "ghost_noiseless"}
+HAND = "hand-written jit(vmap(grad)) (dp)"
+VARIANTS = (*EXPORTS, HAND)
+PRIVATE = ("dp ghost", "dp per-example", HAND)
+AGREEMENT = {"ghost_vs_per_example_max_rel_diff": ("dp ghost", "dp per-example"),
+             "hand_written_vs_per_example_max_rel_diff": (HAND, "dp per-example"),
+             "hand_written_vs_ghost_max_rel_diff": (HAND, "dp ghost")}
+"""JSON key: the two private variants whose gradients (same key, same noise) are compared."""
 TIME_LIMIT_BYTES = 3 << 30
 """Variants whose compiled total memory is above this are measured but not timed."""
 
 
 def mib(n: float) -> float:
     return n / 2**20
+
+
+def mlp_loss(p: dict, x, y):
+    """MLP3's loss, hand-written: mean((f(x) - y)^2) over the batch and the outputs."""
+    h = jnp.tanh(x @ p["l1"]["w"] + p["l1"]["b"])
+    h = jnp.tanh(h @ p["l2"]["w"] + p["l2"]["b"])
+    r = h @ p["l3"]["w"] + p["l3"]["b"] - y
+    return jnp.mean(r * r)
+
+
+def hand_written_dp(p: dict, x, y, key) -> dict:
+    """DP-SGD by hand (not jitted here): the per-example gradients jax.vmap(jax.grad) of the loss
+    on a batch of one (as gradlang's per-example loss), each clipped to global norm CLIP, summed,
+    plus N(0, (NOISE CLIP)^2) noise drawn as gradlang draws it (one normal vector over the
+    flattened parameters), divided by B."""
+    one = jax.grad(lambda p, xi, yi: mlp_loss(p, xi[None], yi[None]))
+    leaves, tree = jax.tree.flatten(jax.vmap(one, in_axes=(None, 0, 0))(p, x, y))
+    norms = jnp.sqrt(sum(jnp.sum(g.reshape(g.shape[0], -1) ** 2, 1) for g in leaves))
+    scale = jnp.minimum(1.0, CLIP / norms)
+    summed = [jnp.tensordot(scale, g, axes=1) for g in leaves]
+    z = NOISE * CLIP * jax.random.normal(key, (sum(s.size for s in summed),), summed[0].dtype)
+    cuts = list(itertools.accumulate(s.size for s in summed))[:-1]
+    return tree.unflatten([(s + n.reshape(s.shape)) / x.shape[0]
+                           for s, n in zip(summed, jnp.split(z, cuts))])
+
+
+def max_rel_diff(a, b) -> float:
+    """The largest |a - b| of a leaf relative to that leaf's largest |b|, over the leaves."""
+    return max(float(np.max(np.abs(u - v)) / (np.max(np.abs(v)) + 1e-30))
+               for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def params(h: int, rng) -> dict:
@@ -85,26 +134,22 @@ def width_sweep(widths: list[int], rounds: int, calls: int, warmup: int) -> list
           "| temp / non-private | total / non-private |")
     print("|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     rows = []
+    fns = {**{name: m[export] for name, export in EXPORTS.items()}, HAND: hand_written_dp}
     for h in widths:
         p = params(h, rng)
-        args = {name: (p, x, y) if export == "plain" else (p, x, y, key)
-                for name, export in VARIANTS.items()}
+        args = {name: (p, x, y) if name == "non-private" else (p, x, y, key) for name in VARIANTS}
         exe, mem = {}, {}
-        for name, export in VARIANTS.items():
-            exe[name] = jax.jit(m[export]).lower(*args[name]).compile()
+        for name in VARIANTS:
+            exe[name] = jax.jit(fns[name]).lower(*args[name]).compile()
             ma = exe[name].memory_analysis()
             mem[name] = {"argument": ma.argument_size_in_bytes, "temp": ma.temp_size_in_bytes,
                          "output": ma.output_size_in_bytes, "alias": ma.alias_size_in_bytes}
             mem[name]["total"] = (mem[name]["argument"] + mem[name]["temp"] + mem[name]["output"]
                                   - mem[name]["alias"])
         timed = [n for n in VARIANTS if mem[n]["total"] <= TIME_LIMIT_BYTES]
-        grads = {n: exe[n](*args[n]) for n in timed if n in COMPARED}
-        if len(grads) == 2:
-            a, b = (jax.tree.leaves(g) for g in grads.values())
-            agree = max(float(np.max(np.abs(u - v)) / (np.max(np.abs(v)) + 1e-30))
-                        for u, v in zip(a, b))
-        else:
-            agree = None
+        grads = {n: exe[n](*args[n]) for n in timed if n in PRIVATE}
+        agree = {k: max_rel_diff(grads[u], grads[v]) if u in grads and v in grads else None
+                 for k, (u, v) in AGREEMENT.items()}
         times = interleaved({n: (lambda n=n: exe[n](*args[n])) for n in timed}, (), "non-private",
                             rounds, calls, warmup)
         nparams = sum(int(np.size(leaf)) for leaf in jax.tree.leaves(p))
@@ -116,13 +161,13 @@ def width_sweep(widths: list[int], rounds: int, calls: int, warmup: int) -> list
             print(f"| {h} | {nparams:,} | {name} | {ms} | {ratio} | {mib(mem[name]['temp']):.2f} "
                   f"| {mib(mem[name]['total']):.2f} | {mem[name]['temp'] / max(ref['temp'], 1):.2f} "
                   f"| {mem[name]['total'] / ref['total']:.2f} |")
-        rows.append({"hidden": h, "params": nparams, "bytes": mem, "times": times,
-                     "ghost_vs_per_example_max_rel_diff": agree})
+        rows.append({"hidden": h, "params": nparams, "bytes": mem, "times": times, **agree})
     print()
     for row in rows:
-        if row["ghost_vs_per_example_max_rel_diff"] is not None:
-            print(f"H={row['hidden']}: ghost and per-example gradients (same key, same noise) "
-                  f"agree to a relative {row['ghost_vs_per_example_max_rel_diff']:.1e}")
+        for k, (u, v) in AGREEMENT.items():
+            if row[k] is not None:
+                print(f"H={row['hidden']}: {u} and {v} gradients (same key, same noise) agree to "
+                      f"a relative {row[k]:.1e}")
     tail = rows[-3:] if len(rows) >= 3 else rows
     for name in VARIANTS:
         hs = np.log([r["hidden"] for r in tail])
@@ -134,11 +179,19 @@ def width_sweep(widths: list[int], rounds: int, calls: int, warmup: int) -> list
             r.setdefault("temp_growth_exponent", {})[name] = slope
     last = rows[-1]
     ghost_t = last["times"].get("dp ghost")
-    per_t = last["times"].get("dp per-example")
-    if ghost_t and per_t:
-        print(f"at H={last['hidden']}: ghost clipping takes {per_t['median_s'] / ghost_t['median_s']:.1f}x "
-              f"less time and {last['bytes']['dp per-example']['temp'] / last['bytes']['dp ghost']['temp']:.1f}x "
-              f"less temp memory than per-example clipping")
+    for other in ("dp per-example", HAND):
+        other_t = last["times"].get(other)
+        if ghost_t and other_t:
+            print(f"at H={last['hidden']}: ghost clipping takes "
+                  f"{other_t['median_s'] / ghost_t['median_s']:.1f}x less time and "
+                  f"{last['bytes'][other]['temp'] / last['bytes']['dp ghost']['temp']:.1f}x less "
+                  f"temp memory than {other}")
+    hand_t, per_t = last["times"].get(HAND), last["times"].get("dp per-example")
+    if hand_t and per_t:
+        print(f"at H={last['hidden']}: gradlang's per-example clipping takes "
+              f"{per_t['median_s'] / hand_t['median_s']:.2f}x the time and "
+              f"{last['bytes']['dp per-example']['total'] / last['bytes'][HAND]['total']:.2f}x the "
+              f"total memory of the hand-written jit(vmap(grad))")
     print()
     return rows
 
