@@ -5,12 +5,16 @@ command-line options and their JSON output."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def interleaved(variants: dict, args: tuple, ref: str, rounds: int, calls: int, warmup: int) -> dict:
@@ -46,8 +50,6 @@ def interleaved(variants: dict, args: tuple, ref: str, rounds: int, calls: int, 
 
 def timing_args(ap, rounds: int, calls: int, warmup: int, quick: str) -> None:
     """The shared flags: --quick (help `quick`), --rounds, --calls, --warmup, --json."""
-    from pathlib import Path
-
     ap.add_argument("--quick", action="store_true", help=quick)
     ap.add_argument("--rounds", type=int, default=rounds, help=f"interleaved rounds (default {rounds})")
     ap.add_argument("--calls", type=int, default=calls, help=f"calls per timed sample (default {calls})")
@@ -73,12 +75,39 @@ def write_json(result: dict, path: Path | None) -> None:
     print(f"wrote {path}")
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), or the architecture where there is none."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def commit() -> str | None:
+    """The checkout's commit, with "+modified" when tracked files differ from it; None outside git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        return head + ("+modified" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def machine() -> tuple[dict, str]:
-    """The JAX version, device and CPU count (for a benchmark's JSON) and a line saying them."""
+    """The run's provenance for a benchmark's JSON: JAX version, device, CPU model and count,
+    date (UTC) and commit; and a line saying them, for the figures quoted from it."""
     import jax
 
     dev = jax.devices()[0]
     info = {"jax": jax.__version__, "device": f"{dev.platform}:{dev.device_kind}",
-            "cpu_count": os.cpu_count()}
-    return info, (f"jax {info['jax']}, device {info['device']}, {info['cpu_count']} CPUs, "
-                  f"python {platform.python_version()}")
+            "cpu_count": os.cpu_count(), "cpu": cpu_name(),
+            "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
+            "commit": commit()}
+    return info, (f"jax {info['jax']}, device {info['device']}, {info['cpu_count']} CPUs "
+                  f"({info['cpu']}), python {platform.python_version()}, {info['date']}, "
+                  f"commit {info['commit']}")

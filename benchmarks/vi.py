@@ -117,15 +117,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from timing import interleaved, parse_timing_args, timing_args, write_json
+from timing import interleaved, machine, parse_timing_args, timing_args, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = Path(__file__).resolve().parent / "vi_models"
@@ -1207,20 +1205,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     jax.config.update("jax_threefry_partitionable", args.partitionable_threefry)
     t_start = time.perf_counter()
-    dev = jax.devices()[0]
+    info, line = machine()
     x, data_source = load_data()
     print(f"gradlang VI benchmark: VAE steps (loss and gradient, no optimizer update), B={B} D={D}")
-    print(f"jax {jax.__version__}, numpyro {numpyro.__version__}, device {dev.platform}:"
-          f"{dev.device_kind}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
+    print(f"{line}, numpyro {numpyro.__version__}, "
           f"jax_threefry_partitionable={args.partitionable_threefry}")
     print(f"data: {data_source}; interleaved timing: {args.rounds} rounds x {args.calls} calls "
           f"per variant (section 3: {args.compare_rounds} x {args.compare_calls}), {args.warmup} "
           f"warm-up calls\n")
     result = {"dims": {"B": B, "D": D, "H": H, "Z": Z, "L": L, "C": C, "K": BIN_K},
               "samples": {"gaussian": GAUSS_S, "discrete": DISC_S, "compare": CMP_S},
-              "rounds": args.rounds, "calls": args.calls, "jax": jax.__version__,
-              "numpyro": numpyro.__version__, "device": f"{dev.platform}:{dev.device_kind}",
-              "cpu_count": os.cpu_count(), "data": data_source,
+              "rounds": args.rounds, "calls": args.calls, **info,
+              "numpyro": numpyro.__version__, "data": data_source,
               "threefry_partitionable": args.partitionable_threefry}
     if "gaussian" in sections:
         result["gaussian"] = run_gaussian(x, args.rounds, args.calls, args.warmup, args.check_keys)
