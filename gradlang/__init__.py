@@ -4,9 +4,22 @@
     loss, grads = m.step(params, x, y)
 """
 
+from importlib import import_module
+
 from .api import CompiledModule, LoadedModule, __version__, compile_file, compile_source, load
 from .binding import batched
 from .diagnostics import CompileError
 
-__all__ = ["CompileError", "CompiledModule", "LoadedModule", "__version__", "batched",
-           "compile_file", "compile_source", "load"]
+_RUNTIME_ERRORS = {"ArgumentError": "signature", "ArtifactError": "artifact", "ExternError": "host"}
+"""Errors raised when running or loading a module, imported on first use (they live beside
+JAX code, which `gradlang check` never imports)."""
+
+
+def __getattr__(name: str):
+    if name in _RUNTIME_ERRORS:
+        return getattr(import_module(f"gradlang.runtime.{_RUNTIME_ERRORS[name]}"), name)
+    raise AttributeError(f"module 'gradlang' has no attribute '{name}'")
+
+
+__all__ = ["ArgumentError", "ArtifactError", "CompileError", "CompiledModule", "ExternError",
+           "LoadedModule", "__version__", "batched", "compile_file", "compile_source", "load"]

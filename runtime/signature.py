@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -99,7 +101,55 @@ def _is_key(x: Any) -> bool:
     return np.dtype(dtype) == np.uint32 and tuple(x.shape) == (2,)
 
 
-def _check(t: Type, x: Any, dims: dict[str, int], where: str) -> None:
+Ranged = list[tuple[tuple, TensorType, str]]
+"""The integer leaves of a call whose values, not just their types, decide whether they fit:
+(path from the argument list, declared type, the argument's name in messages)."""
+
+
+def _describe(x: bool | int | float) -> str:
+    return f"{type(x).__name__} {x}"
+
+
+def _check_scalar(t: TensorType, x: bool | int | float, where: str) -> None:
+    """A Python scalar for a scalar parameter: a bool for `bool`, an int for `i32`, an int or a
+    float for `f32` / `f64`; anything else would be silently converted (2.7 -> 2, nan -> 0)."""
+    if t.dtype is DType.BOOL:
+        ok = isinstance(x, bool)
+    elif isinstance(x, bool):
+        ok = False
+    else:
+        ok = isinstance(x, int) or t.dtype is not DType.I32
+    if not ok:
+        raise ArgumentError(f"{where}: expected {t}, got {_describe(x)}")
+
+
+def _is_wide_int(dtype: Any) -> bool:
+    """Integer dtypes whose values need not fit in i32 (int64, uint32, uint64)."""
+    return any(dtype == d for d in (np.int64, np.uint32, np.uint64))
+
+
+def _check_range(t: TensorType, x: Any, where: str) -> None:
+    """The integers in `x` fit: in i32 for an `i32` parameter; for a float parameter given a
+    Python int, in JAX's default integer type (int32 unless 64-bit mode), which parses it."""
+    if isinstance(x, jax.core.Tracer) or not np.size(x):
+        return
+    lo, hi = (x, x) if isinstance(x, int) else (int(x.min()), int(x.max()))
+    limits = np.iinfo(np.int32 if t.dtype is DType.I32 else jax.dtypes.canonicalize_dtype(np.int64))
+    if limits.min <= lo and hi <= limits.max:
+        return
+    if t.dtype is not DType.I32:
+        raise ArgumentError(f"{where}: expected {t}, got {_describe(x)}, which JAX reads as "
+                            f"{limits.dtype} and cannot hold; pass a float")
+    got = _describe(x) if isinstance(x, int) else \
+        f"an array of dtype {x.dtype} holding {hi if hi > limits.max else lo}"
+    raise ArgumentError(f"{where}: expected {t}, got {got}, outside the i32 range "
+                        f"[{limits.min}, {limits.max}]")
+
+
+def _check(t: Type, x: Any, dims: dict[str, int], where: str, path: tuple,
+           ranged: Ranged) -> None:
+    """Raise ArgumentError unless `x` has type `t` (dims bound in `dims`). Integer leaves whose
+    range must be checked on every call are added to `ranged` (at `path`) after checking."""
     if t is KEY:
         if not _is_key(x):
             raise ArgumentError(f"{where}: expected a random key, jax.random.key(seed) (or "
@@ -108,6 +158,10 @@ def _check(t: Type, x: Any, dims: dict[str, int], where: str) -> None:
         return
     if isinstance(t, TensorType):
         if isinstance(x, (bool, int, float)) and not t.shape:
+            _check_scalar(t, x, where)
+            if isinstance(x, int) and not isinstance(x, bool):
+                _check_range(t, x, where)
+                ranged.append((path, t, where))
             return
         if not (hasattr(x, "shape") and hasattr(x, "dtype")):
             raise ArgumentError(f"{where}: expected a {t} array, got {type(x).__name__}")
@@ -126,6 +180,9 @@ def _check(t: Type, x: Any, dims: dict[str, int], where: str) -> None:
                     raise ArgumentError(f"{where}: expected {t} with {d} = {dims[d]} (from an "
                                         f"earlier argument), got shape {list(shape)}")
                 dims.setdefault(d, n)
+        if t.dtype is DType.I32 and _is_wide_int(x.dtype):
+            _check_range(t, x, where)
+            ranged.append((path, t, where))
     elif isinstance(t, StructType):
         if not isinstance(x, Mapping):
             raise ArgumentError(f"{where}: expected a dict for struct {t.name}, got {type(x).__name__}")
@@ -136,12 +193,12 @@ def _check(t: Type, x: Any, dims: dict[str, int], where: str) -> None:
             raise ArgumentError(f"{where}: struct {t.name} needs keys {names}; "
                                 + (f"missing {missing}" if missing else f"unexpected {extra}"))
         for n, f in t.fields:
-            _check(f, x[n], dims, f"{where}.{n}")
+            _check(f, x[n], dims, f"{where}.{n}", (*path, n), ranged)
     elif isinstance(t, TupleType):
         if not isinstance(x, Sequence) or len(x) != len(t.elems):
             raise ArgumentError(f"{where}: expected a tuple of {len(t.elems)} values")
         for i, (e, v) in enumerate(zip(t.elems, x)):
-            _check(e, v, dims, f"{where}[{i}]")
+            _check(e, v, dims, f"{where}[{i}]", (*path, i), ranged)
 
 
 def _cast(t: Type, x: Any) -> Any:
@@ -191,12 +248,17 @@ class CompiledFunction:
     def __init__(self, signature: Signature, fn: Callable):
         self.signature = signature
         self._fn = fn
-        self._checked: set = set()
-        """Layouts (tree structure, shapes, dtypes) of positional calls already checked."""
+        self._checked: dict = {}
+        """Layouts (tree structure, shapes, dtypes) of positional calls already checked, each
+        with the integer leaves whose range is checked again on every call."""
         self.__name__ = signature.name
         self.__doc__ = f"gradlang export {signature.describe()} ({signature.kind})"
 
     def bind(self, args: tuple, kwargs: dict) -> list:
+        """The arguments in parameter order, checked against the declared types."""
+        return self._bind(args, kwargs)[0]
+
+    def _bind(self, args: tuple, kwargs: dict) -> tuple[list, Ranged]:
         names = [n for n, _ in self.signature.params]
         if len(args) > len(names):
             raise ArgumentError(f"{self.signature.name}() takes {len(names)} arguments but "
@@ -213,17 +275,22 @@ class CompiledFunction:
         if missing:
             raise ArgumentError(f"{self.signature.name}() is missing {', '.join(map(repr, missing))}")
         dims: dict[str, int] = {}
-        for n, t in self.signature.params:
-            _check(t, bound[n], dims, f"{self.signature.name}(): argument '{n}'")
-        return [bound[n] for n in names]
+        ranged: Ranged = []
+        for i, (n, t) in enumerate(self.signature.params):
+            _check(t, bound[n], dims, f"{self.signature.name}(): argument '{n}'", (i,), ranged)
+        return [bound[n] for n in names], ranged
 
     def __call__(self, *args, **kwargs):
         if not kwargs:
             key = _layout(args)
-            if key not in self._checked:
-                args = self.bind(args, {})
+            ranged = self._checked.get(key)
+            if ranged is None:
+                args, ranged = self._bind(args, {})
                 if key is not None:
-                    self._checked.add(key)
+                    self._checked[key] = ranged
+            else:
+                for path, t, where in ranged:
+                    _check_range(t, functools.reduce(operator.getitem, path, args), where)
             return self._fn(*args)
         return self._fn(*self.bind(args, kwargs))
 
