@@ -1,31 +1,43 @@
 """The `gradlang` command line: check, explain, compile, verify.
 
-Exit codes: 0 success, 1 errors in the program (or warnings under --strict; for verify, a
-gradient biased beyond tolerance or zero), 2 internal compiler error or bad command-line
-usage (verify: bad inputs).
+Exit codes: 0 success; 1 the program has errors (or warnings under --strict), an export cannot
+be lowered (compile), or a gradient is biased beyond tolerance or zero (verify); 2 bad input: a
+command line argparse or the options' checks refuse, an input file that cannot be read, an
+output that cannot be written, verify's arguments; 3 an internal compiler error (a bug).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
 
-from .diagnostics import Diagnostics, SourceFile
+from .diagnostics import Diagnostic, Diagnostics, Severity, SourceFile
 from .driver import compile_module
 from .explain import explain
-from .ir import Module
+from .ir import Export, Module
 from .printer import print_module
 
 EMITS = ("artifact", "stablehlo", "ir")
+EXIT_OK, EXIT_ERRORS, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+"""The exit codes (see the module's docstring); argparse's usage errors exit with 2 too."""
+TRACEBACK_HELP = "on an internal compiler error, also print the Python traceback"
+MAX_DIM = 2**31 - 1
+"""The largest size `--dim` accepts: a dim's size is an i32 value in programs (`range(T)`,
+`f32(T)`)."""
+
+
+class InputError(Exception):
+    """Bad input (a command-line value, an unreadable or unwritable file): its message is
+    printed as `gradlang: error: ...` and the command exits with EXIT_INPUT."""
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gradlang", description="Compile gradients of .grad programs.")
-    p.add_argument("--traceback", action="store_true",
-                   help="on an internal compiler error, also print the Python traceback")
+    p.add_argument("--traceback", action="store_true", help=TRACEBACK_HELP)
     sub = p.add_subparsers(dest="command", required=True)
 
     check = sub.add_parser("check", help="report errors and warnings")
@@ -48,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="fix a symbolic dim to a size (else it stays symbolic)")
     comp.add_argument("--debug-info", action="store_true",
                       help="keep source locations in emitted StableHLO")
+    comp.add_argument("--platforms", type=_platforms, default=None, metavar="P[,P...]",
+                      help="platforms the artifact runs on, from cpu, cuda, rocm, tpu "
+                           "(default: cpu,cuda)")
     comp.add_argument("--strict", action="store_true", help="treat warnings as errors")
 
     ver = sub.add_parser("verify", help="check gradients against references: bias, variance, cost")
@@ -73,35 +88,77 @@ def _parser() -> argparse.ArgumentParser:
     ver.add_argument("--json", nargs="?", const="-", metavar="PATH",
                      help="write the JSON report to PATH (no PATH: to stdout, instead of the table)")
     ver.add_argument("--plot", metavar="PNG", help="plot variance against time per estimate")
+    for command in sub.choices.values():  # also after the command (SUPPRESS: keeps one before)
+        command.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS,
+                             help=TRACEBACK_HELP)
     return p
 
 
-def _front_end(path: Path, diags: Diagnostics, after=None) -> Module | None:
+def _read(path: Path) -> str:
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        diags.error(f"cannot read {path}: {exc.strerror if isinstance(exc, OSError) else exc}", None)
-        return None
-    return compile_module(SourceFile(str(path), text), path.parent, diags, after=after)
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"cannot read {path}: it is not UTF-8 text (byte {exc.start} is "
+                         f"{exc.object[exc.start]:#04x})") from None
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _front_end(path: Path, diags: Diagnostics, after=None) -> Module | None:
+    return compile_module(SourceFile(str(path), _read(path)), path.parent, diags, after=after)
 
 
 def _report(diags: Diagnostics, strict: bool) -> int:
     if diags.items:  # imported files are found by absolute path; show them as relative
         print(diags.render(relative_to=os.getcwd()), file=sys.stderr)
-    return 1 if diags.has_errors or (strict and diags.items) else 0
+    return EXIT_ERRORS if diags.has_errors or (strict and diags.items) else EXIT_OK
 
 
-def _parse_dims(items: list[str]) -> dict[str, int] | None:
-    """`["B=32"]` -> {"B": 32}; None (after a message) when an item is malformed."""
-    dims = {}
+def _parse_dims(items: list[str]) -> dict[str, int]:
+    """`["B=32"]` -> {"B": 32}."""
+    dims: dict[str, int] = {}
     for item in items:
-        name, _, size = item.partition("=")
-        if not name.isidentifier() or not size.isdigit():
-            print(f"gradlang: error: --dim expects NAME=SIZE, e.g. --dim B=32; got {item!r}",
-                  file=sys.stderr)
-            return None
-        dims[name] = int(size)
+        name, eq, size = item.partition("=")
+        if not (eq and name.isidentifier() and re.fullmatch(r"[+-]?[0-9]+", size.strip())):
+            raise InputError(f"--dim expects NAME=SIZE, e.g. --dim B=32; got {item!r}")
+        n = int(size)
+        if not 1 <= n <= MAX_DIM:
+            raise InputError(f"--dim {item}: a size must be from 1 to {MAX_DIM} (2^31 - 1)")
+        if dims.setdefault(name, n) != n:
+            raise InputError(f"--dim {name} is given twice, as {dims[name]} and {n}")
     return dims
+
+
+def _check_dim_names(dims: dict[str, int], module: Module, path: Path) -> None:
+    """Every `--dim` names a symbolic dim of an export's parameters."""
+    if not dims:
+        return
+    from gradlang.runtime.execute import signature_of
+
+    known = list(dict.fromkeys(d for e in module.exports for d in signature_of(module, e).dims))
+    for name in dims:
+        if name not in known:
+            raise InputError(f"--dim {name}={dims[name]}: no export of {path} has a symbolic dim "
+                             f"'{name}' ({'its dims: ' + ', '.join(known) if known else 'none has any'})")
+
+
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create the output folder {folder}: {exc.strerror or exc} "
+                         f"(-o names a folder)") from None
+
+
+def _write(target: Path, data: str | bytes) -> None:
+    try:
+        if isinstance(data, bytes):
+            target.write_bytes(data)
+        else:
+            target.write_text(data, encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"cannot write {target}: {exc.strerror or exc}") from None
+    print(f"wrote {target}")
 
 
 def cmd_check(args) -> int:
@@ -123,20 +180,14 @@ def cmd_compile(args) -> int:
     emits = [e.strip() for item in (args.emit or ["artifact"]) for e in item.split(",") if e.strip()]
     bad = [e for e in emits if e not in EMITS]
     if bad:
-        print(f"gradlang: error: unknown --emit {bad[0]!r}; choose from {', '.join(EMITS)}",
-              file=sys.stderr)
-        return 2
+        raise InputError(f"unknown --emit {bad[0]!r}; choose from {', '.join(EMITS)}")
     from gradlang.passes.pipeline import PASSES
 
     known = ["build", *PASSES]
     for name in args.print_after:
         if name not in known:
-            print(f"gradlang: error: unknown pass {name!r} for --print-after; passes: "
-                  f"{', '.join(known)}", file=sys.stderr)
-            return 2
+            raise InputError(f"unknown pass {name!r} for --print-after; passes: {', '.join(known)}")
     dims = _parse_dims(args.dim)
-    if dims is None:
-        return 2
     path = Path(args.file)
     out = Path(args.out)
     snapshots: dict[str, str] = {}
@@ -150,20 +201,32 @@ def cmd_compile(args) -> int:
     module = _front_end(path, diags, after)
     status = _report(diags, args.strict)  # once: errors, or warnings that --strict fails on
     if module is None or status:
-        return status or 1
-    out.mkdir(parents=True, exist_ok=True)
+        return status or EXIT_ERRORS
+    _check_dim_names(dims, module, path)
+    _make_folder(out)
     stem = path.stem
     if "ir" in emits:
         for name, text in snapshots.items():
-            (out / f"{stem}.{name}.ir").write_text(text)
-            print(f"wrote {out / f'{stem}.{name}.ir'}")
+            _write(out / f"{stem}.{name}.ir", text)
     if "stablehlo" in emits or "artifact" in emits:
-        return _emit_backend(module, stem, out, emits, dims, args.debug_info)
-    return 0
+        return _emit_backend(module, stem, out, emits, dims, args.debug_info, args.platforms)
+    return EXIT_OK
+
+
+def _platforms(text: str) -> tuple[str, ...]:
+    """The value of --platforms (a comma-separated list), checked."""
+    from gradlang.runtime.artifact import ArtifactError, platform_list
+
+    try:
+        return platform_list([p.strip() for p in text.split(",")])
+    except ArtifactError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _emit_backend(module: Module, stem: str, out: Path, emits: list[str], dims: dict[str, int],
-                  debug_info: bool) -> int:
+                  debug_info: bool, platforms: tuple[str, ...] | None) -> int:
+    """Write the StableHLO of each export and the artifact; exports that cannot be lowered get
+    a diagnostic each (the others are still written)."""
     import jax
 
     from .api import CompiledModule, _uses_f64
@@ -171,36 +234,103 @@ def _emit_backend(module: Module, stem: str, out: Path, emits: list[str], dims: 
     if any(_uses_f64(p.value.type) for fn in module.functions for p in fn.params):
         jax.config.update("jax_enable_x64", True)
     compiled = CompiledModule(module)
-    for export in module.exports:
-        if "stablehlo" in emits:
-            try:
-                text = compiled.stablehlo(export.name, dims, debug_info)
-            except Exception as exc:  # JAX refuses some programs with symbolic dims
-                return _backend_error(export.name, exc)
-            target = out / f"{stem}.{export.name}.mlir"
-            target.write_text(text)
-            print(f"wrote {target}")
-    if "artifact" in emits:
-        from gradlang.runtime.split import SplitError
-
+    failures: list[tuple[Diagnostic, ...]] = []
+    for export in module.exports if "stablehlo" in emits else ():
         try:
-            target = compiled.save(out / f"{stem}.gx", dims)
-        except SplitError as exc:
-            print(f"gradlang: error: {exc}\n  hint: an artifact can cut extern calls out only at "
-                  f"the top level of an export (by=es / eggroll, spsa with samples=1)",
-                  file=sys.stderr)
-            return 1
+            text = compiled.stablehlo(export.name, dims, debug_info)
+        except Exception as exc:  # a limit of symbolic dims gets a diagnostic; a bug, raised again
+            failures.append(_cannot_lower(module, export, dims, exc, stablehlo=True))
+            continue
+        _write(out / f"{stem}.{export.name}.mlir", text)
+    if "artifact" in emits:
+        try:
+            artifact = compiled.artifact(dims, platforms)
         except Exception as exc:
-            return _backend_error("(artifact)", exc)
-        print(f"wrote {target}")
-    return 0
+            failures += _artifact_failures(module, dims, exc)
+        else:
+            _write(out / f"{stem}.gx", artifact)
+    for group in dict.fromkeys(failures):  # an export failing both emits is reported once
+        print("\n".join(d.render(relative_to=os.getcwd()) for d in group), file=sys.stderr)
+    return EXIT_ERRORS if failures else EXIT_OK
 
 
-def _backend_error(name: str, exc: Exception) -> int:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    print(f"gradlang: error: export {name} could not be lowered: {first}\n"
-          f"  hint: fix symbolic dims to sizes with --dim NAME=SIZE", file=sys.stderr)
-    return 1
+def _artifact_failures(module: Module, dims: dict[str, int],
+                       exc: Exception) -> list[tuple[Diagnostic, ...]]:
+    """The artifact holds every export: which of them cannot be saved, and why (`exc` raised
+    again when each can be on its own)."""
+    from gradlang.runtime.artifact import serialize
+    from gradlang.runtime.execute import export_function
+
+    failures = []
+    for export in module.exports:
+        try:
+            serialize(module.name, "", [export_function(module, export)], dims)
+        except Exception as one:
+            failures.append(_cannot_lower(module, export, dims, one, stablehlo=False))
+    if not failures:
+        raise exc
+    return failures
+
+
+def _cannot_lower(module: Module, export: Export, dims: dict[str, int], exc: Exception,
+                  stablehlo: bool) -> tuple[Diagnostic, ...]:
+    """The diagnostic (and notes) for an export that could not be lowered (to StableHLO, whose
+    host callbacks need static shapes, or into an artifact, which cuts them out), when the
+    program asks for what lowering cannot do: dims that must be fixed, an extern an artifact
+    cannot cut out. Sizes from --dim that the program refuses are an InputError; anything else
+    (a bug) is raised again."""
+    import jax
+
+    from gradlang.runtime.execute import export_function
+    from gradlang.runtime.signature import ArgumentError
+    from gradlang.runtime.split import SplitError
+    from gradlang.runtime.symbolic import SymbolicDimError, inconclusive, symbolic_callback
+
+    if isinstance(exc, ArgumentError):
+        raise InputError(f"the sizes given with --dim do not fit export '{export.name}': {exc}") from None
+    if isinstance(exc, SplitError):
+        return (Diagnostic(Severity.ERROR, f"{exc}; an artifact can cut extern calls out only at "
+                                           f"the top level of an export (by=es / eggroll, spsa "
+                                           f"with samples=1)", export.span),)
+    if isinstance(exc, jax.errors.InconclusiveDimensionOperation):
+        exc = inconclusive(exc)
+    if isinstance(exc, SymbolicDimError):
+        return _needs_dims(export, exc, _where(export, exc.spans))
+    signature, fn = export_function(module, export)
+    symbolic = [d for d in signature.dims if d not in dims]
+    if not symbolic:
+        raise exc
+    found = symbolic_callback(fn, signature.specs(dims)) if stablehlo and signature.externs else None
+    if found is not None:
+        name, error = found
+        note = Diagnostic(Severity.NOTE, f"extern '{name}' is declared here",
+                          module.function(name).span)
+        return _needs_dims(export, error, (note,))
+    first = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
+    return (Diagnostic(Severity.ERROR, f"export '{export.name}' could not be lowered while its "
+                                       f"dims {', '.join(symbolic)} are symbolic ({first}); fix "
+                                       f"those it needs with --dim NAME=SIZE", export.span),)
+
+
+def _needs_dims(export: Export, error, notes: tuple[Diagnostic, ...]) -> tuple[Diagnostic, ...]:
+    """`export 'E' needs dim 'B' fixed to lower: why; pass --dim B=SIZE`, at the export."""
+    names = ", ".join(f"'{d}'" for d in error.dims)
+    flags = " ".join(f"--dim {d}=SIZE" for d in error.dims)
+    message = (f"export '{export.name}' needs {'dims' if len(error.dims) > 1 else 'dim'} {names} "
+               f"fixed to lower: {error.why}; pass {flags}")
+    return (Diagnostic(Severity.ERROR, message, export.span), *notes)
+
+
+def _where(export: Export, spans) -> tuple[Diagnostic, ...]:
+    """Notes at the op that needs the dims (innermost first in `spans`) and, when it is in
+    another file (the standard library), at the op of the export's file it is reached from."""
+    if not spans:
+        return ()
+    notes = [Diagnostic(Severity.NOTE, "in this operation", spans[0])]
+    own = next((s for s in spans if s.source.path == export.span.source.path), None)
+    if own is not None and own is not spans[0]:
+        notes.append(Diagnostic(Severity.NOTE, "reached from here", own))
+    return tuple(notes)
 
 
 def cmd_verify(args) -> int:
@@ -208,25 +338,20 @@ def cmd_verify(args) -> int:
     from .verify.command import check_options, run
 
     problem = check_options(args)
+    if problem is not None:
+        raise InputError(problem)
     dims = _parse_dims(args.dim)
-    if problem is not None or dims is None:
-        if problem is not None:
-            print(f"gradlang: error: {problem}", file=sys.stderr)
-        return 2
     path = Path(args.file)
-    if not path.is_file():
-        print(f"gradlang: error: cannot read {path}: no such file", file=sys.stderr)
-        return 2
     diags = Diagnostics()
     module = _front_end(path, diags)
     status = _report(diags, False)
     if module is None:
-        return status or 1
+        return status or EXIT_ERRORS
+    _check_dim_names(dims, module, path)
     try:
         return run(module, path, dims, args)
     except VerifyError as exc:
-        print(f"gradlang: error: {exc}", file=sys.stderr)
-        return 2
+        raise InputError(str(exc)) from None
 
 
 COMMANDS = {"check": cmd_check, "explain": cmd_explain, "compile": cmd_compile,
@@ -239,13 +364,16 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         return 130
+    except InputError as exc:
+        print(f"gradlang: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
     except Exception as exc:  # never a bare traceback for users
         print(f"gradlang: internal compiler error: {type(exc).__name__}: {exc}\n"
               f"This is a bug in gradlang. Please report it with the .grad file that triggered "
               f"it (run with --traceback for details).", file=sys.stderr)
         if args.traceback:
             traceback.print_exc()
-        return 2
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

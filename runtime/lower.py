@@ -2,7 +2,8 @@
 
 The lowering never decides anything: it runs each op's rule from `LOWERINGS` and coerces
 results to the dtypes the type checker assigned. Each op is lowered inside a JAX name scope
-`file.grad:line:col`, so StableHLO locations point back at the source.
+`file.grad:line:col`, so StableHLO locations point back at the source. An op that JAX cannot
+trace while a dim stays symbolic raises `SymbolicDimError` with the spans of the ops it is in.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from gradlang.types import StructType, TensorType, TupleType, Type
 from .dtypes import JNP_DTYPES
 from .rules import LOWERINGS
 from .perturbed import Factored, dense
+from .symbolic import SymbolicDimError, inconclusive
 
 
 _FACTORED = frozenset({"matmul", "get", "getfield", "tuple", "struct_new", "call_fn", "inline"})
@@ -124,7 +126,12 @@ class _Ctx:
             args = [dense(a) for a in args]
         scope = f"{self.file}:{op.span.line}:{op.span.col}" if op.span else op.name
         with jax.named_scope(scope):
-            out = rule(self, op, *args)
+            try:
+                out = rule(self, op, *args)
+            except jax.errors.InconclusiveDimensionOperation as exc:
+                raise inconclusive(exc).within(op.span) from None
+            except SymbolicDimError as exc:
+                raise exc.within(op.span) from None
         outs = out if len(op.results) > 1 else (out,)
         for v, x in zip(op.results, outs):
             if op.name != "const":

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from gradlang.ir import Module
@@ -22,7 +25,34 @@ def check_options(args) -> str | None:
         return f"--coordinates must be at least 1, got {args.coordinates}"
     if not args.smoothing > 0:
         return f"--smoothing must be positive, got {args.smoothing}"
+    outputs = [("--json", args.json)] if args.json not in (None, "-") else []
+    outputs += [("--plot", args.plot)] if args.plot is not None else []
+    for flag, path in outputs:
+        problem = _unwritable(Path(path))
+        if problem is not None:
+            return f"{flag} {path}: cannot write there: {problem}"
     return None
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why a file cannot be written at `path`, as far as can be told before writing it (the
+    report is written after the measurements, which take a while)."""
+    if path.is_dir():
+        return "it is a folder"
+    if not path.parent.is_dir():
+        return f"there is no folder {path.parent}"
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        return "permission denied"
+    return None
+
+
+@contextmanager
+def _writing(path: str) -> Iterator[Path]:
+    """The path to write; an OSError while writing it becomes a VerifyError naming it."""
+    try:
+        yield Path(path)
+    except OSError as exc:
+        raise VerifyError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def _arguments(module: Module, names: list[str], at: str | None) -> dict[str, dict | None]:
@@ -67,10 +97,13 @@ def run(module: Module, path: Path, dims: dict[str, int], args) -> int:
     else:
         print("\n".join(render(r) for r in reports), end="")
         if args.json is not None:
-            Path(args.json).write_text(dumps(doc) + "\n")
-            print(f"wrote {args.json}")
+            with _writing(args.json) as target:
+                target.write_text(dumps(doc) + "\n")
+            print(f"wrote {target}")
     if args.plot is not None:
         from .plot import plot
 
-        print(f"wrote {plot(reports, args.plot)}", file=sys.stderr if args.json == "-" else sys.stdout)
+        with _writing(args.plot) as target:
+            plot(reports, target)
+        print(f"wrote {target}", file=sys.stderr if args.json == "-" else sys.stdout)
     return doc["exit_code"]
