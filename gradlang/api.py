@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .diagnostics import CompileError, Diagnostics, SourceFile
@@ -119,22 +119,28 @@ class CompiledModule(_Exports):
         return verify_export(Origin(source, root, externs, mesh), self.ir, name, args, dims,
                              settings, compare)
 
-    def artifact(self, dims: Mapping[str, int] | None = None) -> bytes:
-        """The portable artifact of every export (see `gradlang.load`)."""
-        from gradlang.runtime.artifact import serialize
+    def artifact(self, dims: Mapping[str, int] | None = None,
+                 platforms: Sequence[str] | None = None) -> bytes:
+        """The portable artifact of every export (see `gradlang.load`), lowered for each of
+        `platforms` (default `gradlang.runtime.artifact.DEFAULT_PLATFORMS`: cpu and cuda)."""
+        from gradlang.runtime.artifact import DEFAULT_PLATFORMS, serialize
 
-        return serialize(self.ir.name, __version__, list(self._raw.values()), dims)
+        return serialize(self.ir.name, __version__, list(self._raw.values()), dims,
+                         DEFAULT_PLATFORMS if platforms is None else platforms)
 
-    def save(self, path: str | Path, dims: Mapping[str, int] | None = None) -> Path:
+    def save(self, path: str | Path, dims: Mapping[str, int] | None = None,
+             platforms: Sequence[str] | None = None) -> Path:
+        """Write `artifact(dims, platforms)` to `path`."""
         path = Path(path)
-        path.write_bytes(self.artifact(dims))
+        path.write_bytes(self.artifact(dims, platforms))
         return path
 
 
 class LoadedModule(_Exports):
     """A module loaded from an artifact; needs neither the source nor the compiler front end.
 
-    `externs` binds the extern functions its exports call (by name, as when compiling)."""
+    `externs` binds the extern functions its exports call (by name, as when compiling).
+    `header` is the artifact's checked JSON header (`header["platforms"]`: those it runs on)."""
 
     def __init__(self, path: str | Path, externs: Mapping[str, object] | None = None):
         from gradlang.runtime.artifact import loaded_function, read
@@ -150,12 +156,15 @@ class LoadedModule(_Exports):
                                 if set(sig.externs) <= set(externs) else _unbound(sig, externs))
             for n, (sig, content) in entries.items()})
 
+    def exported(self, name: str) -> list:
+        """The `jax.export.Exported` objects of export `name`: one, or for an export split at
+        extern calls, its pieces (`.platforms`, `.in_avals`, `.mlir_module()`)."""
+        content = self._exported[name]
+        return list(content[1]) if isinstance(content, tuple) else [content]
+
     def stablehlo(self, name: str) -> str:
         """StableHLO of export `name` (of each piece, for an export split at extern calls)."""
-        content = self._exported[name]
-        if isinstance(content, tuple):
-            return "\n".join(p.mlir_module() for p in content[1])
-        return content.mlir_module()
+        return "\n".join(p.mlir_module() for p in self.exported(name))
 
 
 def compile_source(text: str, name: str = "<source>", root: str | Path | None = None,
@@ -190,5 +199,6 @@ def compile_file(path: str | Path, strict: bool = False,
 
 def load(path: str | Path, externs: Mapping[str, object] | None = None) -> LoadedModule:
     """Load an artifact written by `gradlang compile --emit artifact` or `CompiledModule.save`;
-    `externs` binds the extern functions its exports call."""
+    `externs` binds the extern functions its exports call. Raises `gradlang.ArtifactError`
+    when the file is damaged or edited, or was not lowered for this machine's platform."""
     return LoadedModule(path, externs)

@@ -60,8 +60,10 @@ def _rebuild(skeleton, leaves: list):
     return tuple(_rebuild(v, leaves) for v in skeleton["tuple"])
 
 
-def split(fn: Callable, specs: tuple) -> tuple[dict, list[bytes]]:
-    """The plan and the serialized pieces of `fn` (traced at `specs`)."""
+def split(fn: Callable, specs: tuple,
+          export: Callable[[Callable, tuple], jax.export.Exported]) -> tuple[dict, list[bytes]]:
+    """The plan and the serialized pieces of `fn` (traced at `specs`); `export(f, specs)`
+    exports each piece (for the artifact's platforms)."""
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*specs)
     jaxpr = closed.jaxpr
     ids: dict = {}
@@ -114,8 +116,8 @@ def split(fn: Callable, specs: tuple) -> tuple[dict, list[bytes]]:
                               tuple(f"v{ident(v)}" for v in outputs))
         piece = core.ClosedJaxpr(core.Jaxpr(cvars, inputs, outputs, part, debug_info=info),
                                  [consts[v] for v in cvars])
-        exported = jax.export.export(jax.jit(core.jaxpr_as_fun(piece)))(
-            *(jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in inputs))
+        exported = export(jax.jit(core.jaxpr_as_fun(piece)),
+                          tuple(jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in inputs))
         steps.append({"run": len(blobs), "in": [ident(v) for v in inputs],
                       "out": [ident(v) for v in outputs]})
         blobs.append(bytes(exported.serialize()))

@@ -6,7 +6,9 @@ its outputs come back through another .npz and are compared with the in-process 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import pickle
 import re
 import struct
 import subprocess
@@ -14,12 +16,15 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import gradlang
-from gradlang.runtime.artifact import MAGIC, ArtifactError
-from gradlang.runtime.signature import ArgumentError
+from gradlang.cli import main
+from gradlang.runtime.artifact import DEFAULT_PLATFORMS, MAGIC, MAX_DEPTH, ArtifactError, serialize
+from gradlang.runtime.signature import ArgumentError, Signature, casting
+from gradlang.types import DType, TensorType
 
 SOURCE = """
 struct Net { w1: f32[D, H], b1: f32[H], w2: f32[H, C] }
@@ -357,3 +362,365 @@ fn f(w: f32[D], x: f32[B, D]) -> f32 {
 export g = grad(f, wrt=[w])
 """)
     m.save(tmp_path / "loop.gx")
+
+
+# ---- tampered artifacts: every edit is an ArtifactError at load, saying what is wrong
+
+TAMPER = """
+extern fn score(z: f32[B]) -> f32
+fn loss(w: f32[D], x: f32[B, D]) -> f32 { return sum(tanh(x @ w)) }
+fn predict(w: f32[D], x: f32[B, D]) -> f32[B] { return tanh(x @ w) }
+fn scored(w: f32[D], x: f32[B, D]) -> f32 { return score(tanh(x @ w)) + sum(w * w) }
+export predict = predict
+export fit = descend(loss, wrt=[w], lr=0.1)
+export g = grad(loss, wrt=[w])
+export es = grad(scored, wrt=[w], by=es(sigma=0.1, pop=4))
+"""
+
+
+def score(z):
+    return np.float32(np.mean(z))
+
+
+@pytest.fixture(scope="module")
+def tamper_module():
+    return gradlang.compile_source(TAMPER, "tamper.grad", externs={"score": score})
+
+
+@pytest.fixture(scope="module")
+def tamper_file(tamper_module):
+    """The artifact as (header, blobs by export name), to edit and lay out again."""
+    good = tamper_module.artifact()
+    n = struct.unpack_from("<I", good, len(MAGIC))[0]
+    start = len(MAGIC) + 4
+    header = json.loads(good[start:start + n])
+    body = good[start + n:]
+    blobs = {e["name"]: [body[p["offset"]:p["offset"] + p["size"]] for p in e.get("pieces", [e])]
+             for e in header["exports"]}
+    return header, blobs
+
+
+def laid_out(header: dict, blobs: dict[str, list[bytes]]) -> bytes:
+    """The file of `header` with `blobs` written after it, offsets and checksums made to match
+    (an edit that only a schema or signature check can catch, not the checksums). The blobs
+    go by export position: `blobs` in the order the unedited header names them."""
+    header, body = json.loads(json.dumps(header)), b""
+    for e, pieces in zip(header["exports"], blobs.values()):
+        for place, blob in zip(e.get("pieces", [e]), pieces):
+            place |= {"offset": len(body), "size": len(blob),
+                      "sha256": hashlib.sha256(blob).hexdigest()}
+            body += blob
+    return written(header, body)
+
+
+def written(header: dict, body: bytes) -> bytes:
+    text = json.dumps(header).encode()
+    return MAGIC + struct.pack("<I", len(text)) + text + body
+
+
+def edited(header: dict, name: str, edit) -> dict:
+    """A copy of `header` with `edit(entry)` applied to export `name`'s entry."""
+    header = json.loads(json.dumps(header))
+    edit(next(e for e in header["exports"] if e["name"] == name))
+    return header
+
+
+def nested(depth: int) -> bytes:
+    text = b"[" * depth + b"]" * depth
+    return MAGIC + struct.pack("<I", len(text)) + text
+
+
+def tampered(header: dict, blobs: dict[str, list[bytes]]) -> dict[str, tuple[bytes, str]]:
+    """Each edit of the artifact, and a fragment of the ArtifactError it must raise."""
+    def entry(name: str, edit) -> bytes:
+        return laid_out(edited(header, name, edit), blobs)
+
+    body = b"".join(b for pieces in blobs.values() for b in pieces)
+
+    def place(name: str, **fields) -> bytes:
+        """`fields` of the blob's place edited after laying out."""
+        return written(edited(header, name, lambda e: e.update(fields)), body)
+
+    def param(i: int, **fields):
+        return lambda e: e["params"][i]["type"].update(fields)
+
+    def step(k: int, **fields):
+        return lambda e: e["plan"]["steps"][k].update(fields)
+
+    def plan(**fields):
+        return lambda e: e["plan"].update(fields)
+
+    extern_step = next(k for k, s in enumerate(header["exports"][3]["plan"]["steps"])
+                       if "extern" in s)
+    swapped = {**blobs, "predict": blobs["g"], "g": blobs["predict"]}
+    es_pieces = blobs["es"]
+    rng = np.random.default_rng(0)
+    size = len(blobs["predict"][0])
+    return {
+        # the JSON itself
+        "deeply-nested-json": (nested(200_000), "nested too deeply"),
+        "nested-json": (nested(MAX_DEPTH + 1), f"nested more than {MAX_DEPTH} levels"),
+        "header-length-beyond-file": (MAGIC + struct.pack("<I", 10**6) + b"{}",
+                                      "the header is 1000000 bytes"),
+        "wrong-format-name": (laid_out({**header, "format": "onnx"}, blobs), "format"),
+        "format-version-as-string": (laid_out({**header, "format_version": "3"}, blobs),
+                                     "format '3' is not supported"),
+        "module-not-string": (laid_out({**header, "module": 7}, blobs), "module: expected a string"),
+        "exports-not-list": (laid_out({**header, "exports": {}}, blobs), "exports: expected a list"),
+        # export entries
+        "non-string-export-name": (entry("predict", lambda e: e.update(name=5)),
+                                   "name: expected an identifier, got 5"),
+        "export-name-not-identifier": (entry("predict", lambda e: e.update(name="a b")),
+                                       "expected an identifier, got 'a b'"),
+        "duplicate-export-name": (entry("g", lambda e: e.update(name="predict")),
+                                  "a second export named 'predict'"),
+        "unknown-kind": (entry("g", lambda e: e.update(kind="hessian")),
+                         "kind: expected one of fn, grad"),
+        "unknown-dtype": (entry("predict", param(0, dtype="f16")), "unknown dtype 'f16'"),
+        "dtype-not-string": (entry("predict", param(0, dtype=["f32"])), "unknown dtype ['f32']"),
+        "negative-dim": (entry("predict", param(0, shape=[-3])), "bad shape [-3]"),
+        "dim-not-a-name": (entry("predict", param(0, shape=["D + 1"])), "bad shape ['D + 1']"),
+        "bool-dim": (entry("predict", param(0, shape=[True])), "bad shape [True]"),
+        "type-not-a-type": (entry("predict", lambda e: e["params"][0].update(type=[1])),
+                            "expected a type, got [1]"),
+        "param-name-not-identifier": (entry("g", lambda e: e["params"][0].update(name="w.x")),
+                                      "expected {name, type}"),
+        "duplicate-param": (entry("g", lambda e: e["params"][1].update(name="w")),
+                            "a second parameter named 'w'"),
+        "unknown-wrt-in-descend": (entry("fit", lambda e: e.update(wrt=["v"])),
+                                   "export 'fit'.wrt: 'v' is not a parameter (parameters: w, x)"),
+        "wrt-not-names": (entry("g", lambda e: e.update(wrt="w")), "expected a list of parameter"),
+        "stateful-not-bool": (entry("g", lambda e: e.update(stateful="no")),
+                              "stateful: expected true or false"),
+        "externs-not-names": (entry("es", lambda e: e.update(externs=[1])),
+                              "externs: expected a list of names"),
+        "sha256-not-hex": (place("g", sha256="xyz"), "sha256: expected 64 hex digits"),
+        "size-not-int": (place("g", size="12"), "size: expected a byte count"),
+        "blob-beyond-the-end": (laid_out(header, blobs)[:-100], "truncated?"),
+        # platforms
+        "unknown-platform": (laid_out({**header, "platforms": ["cpu", "gpu"]}, blobs),
+                             "unknown platform 'gpu'"),
+        "no-platforms": (laid_out({k: v for k, v in header.items() if k != "platforms"}, blobs),
+                         "platforms: platforms must be a non-empty list"),
+        "platforms-not-those-of-the-blobs": (laid_out({**header, "platforms": ["cpu"]}, blobs),
+                                             "was lowered for cpu, cuda, but the header lists cpu"),
+        # blobs (checksums made to match)
+        "blob-replaced-by-a-pickle": (
+            laid_out(header, {**blobs, "g": [pickle.dumps({"fn": "g"})]}),
+            "export 'g' is not a jax.export serialization"),
+        "blob-of-random-bytes": (
+            laid_out(header, {**blobs, "g": [rng.integers(0, 256, size, np.uint8).tobytes()]}),
+            "export 'g' is not a jax.export serialization"),
+        "blob-of-zeros": (laid_out(header, {**blobs, "g": [bytes(size)]}),
+                          "export 'g' is not a jax.export serialization"),
+        "empty-blob": (laid_out(header, {**blobs, "g": [b""]}),
+                       "export 'g' is not a jax.export serialization"),
+        "blobs-of-two-exports-swapped": (laid_out(header, swapped),
+                                         "export 'predict': its blob holds the function 'g'"),
+        "export-renamed": (entry("predict", lambda e: e.update(name="predicts")),
+                           "export 'predicts': its blob holds the function 'predict'"),
+        "param-type-edited": (entry("predict", param(1, shape=["B"])),
+                              "its blob takes (float32[D], float32[B, D]), but the header declares "
+                              "predict(w: f32[D], x: f32[B])"),
+        "param-dtype-edited": (entry("predict", param(0, dtype="f64")),
+                               "but the header declares predict(w: f64[D], x: f32[B, D])"),
+        "param-dropped": (entry("g", lambda e: e["params"].pop()), "its blob takes"),
+        # split plans (export 'es' calls extern 'score')
+        "plan-not-object": (entry("es", lambda e: e.update(plan=[])),
+                            "expected {inputs, outputs, out_tree, steps}"),
+        "plan-reads-undefined-value": (entry("es", step(0, **{"in": [999]})),
+                                       "reads value 999 before it is defined"),
+        "plan-runs-missing-piece": (entry("es", step(0, run=7)), "runs piece 7, but there are"),
+        "plan-calls-undeclared-extern": (entry("es", step(extern_step, extern="system")),
+                                         "calls 'system', which the export does not declare"),
+        "plan-extern-dtype-unknown": (entry("es", step(extern_step, result={"dtype": "c64",
+                                                                             "shape": []})),
+                                      "unknown dtype 'c64'"),
+        "plan-output-undefined": (entry("es", plan(outputs=[12345])),
+                                  "returns a value no step defines"),
+        "plan-out-tree-beyond-outputs": (entry("es", plan(out_tree={"dict": {"w": 9}})),
+                                         "names output 9, but there are"),
+        "plan-out-tree-not-a-tree": (entry("es", plan(out_tree={"list": []})),
+                                     "expected an output number"),
+        "plan-input-added": (entry("es", lambda e: e["plan"]["inputs"].append(999)),
+                             "its plan takes 4 values, but the header declares es(w: f32[D], "
+                             "x: f32[B, D], key: key) (3 arrays)"),
+        "plan-extern-arguments-edited": (
+            entry("es", lambda e: e["plan"]["steps"][extern_step].update(
+                {"in": e["plan"]["inputs"][:2]})),
+            f"plan step {extern_step} passes"),
+        "plan-pieces-swapped": (laid_out(header, {**blobs, "es": es_pieces[::-1]}), "passes ("),
+    }
+
+
+TAMPERS = ["deeply-nested-json", "nested-json", "header-length-beyond-file", "wrong-format-name",
+           "format-version-as-string", "module-not-string", "exports-not-list",
+           "non-string-export-name", "export-name-not-identifier", "duplicate-export-name",
+           "unknown-kind", "unknown-dtype", "dtype-not-string", "negative-dim", "dim-not-a-name",
+           "bool-dim", "type-not-a-type", "param-name-not-identifier", "duplicate-param",
+           "unknown-wrt-in-descend", "wrt-not-names", "stateful-not-bool", "externs-not-names",
+           "sha256-not-hex", "size-not-int", "blob-beyond-the-end", "unknown-platform",
+           "no-platforms", "platforms-not-those-of-the-blobs", "blob-replaced-by-a-pickle",
+           "blob-of-random-bytes", "blob-of-zeros", "empty-blob", "blobs-of-two-exports-swapped",
+           "export-renamed", "param-type-edited", "param-dtype-edited",
+           "param-dropped", "plan-not-object", "plan-reads-undefined-value",
+           "plan-runs-missing-piece", "plan-calls-undeclared-extern", "plan-extern-dtype-unknown",
+           "plan-output-undefined", "plan-out-tree-beyond-outputs", "plan-out-tree-not-a-tree",
+           "plan-input-added", "plan-extern-arguments-edited", "plan-pieces-swapped"]
+
+
+def test_tamper_list_is_complete(tamper_file):
+    assert sorted(tampered(*tamper_file)) == sorted(TAMPERS)
+
+
+def test_the_untampered_layout_loads_and_runs(tamper_module, tamper_file, tmp_path):
+    """The re-laid-out file is sound, so each tampered case fails for its edit alone."""
+    path = tmp_path / "tamper.gx"
+    path.write_bytes(laid_out(*tamper_file))
+    loaded = gradlang.load(path, externs={"score": score})
+    w, x = np.ones(3, np.float32), np.eye(2, 3, dtype=np.float32)
+    np.testing.assert_allclose(loaded.predict(w, x), tamper_module.predict(w, x), rtol=1e-6)
+    key = jax.random.key(0)
+    np.testing.assert_allclose(loaded.es(w, x, key)["w"], tamper_module.es(w, x, key)["w"],
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", TAMPERS)
+def test_tampered_artifacts_raise_artifact_error_at_load(tamper_file, tmp_path, case):
+    data, message = tampered(*tamper_file)[case]
+    path = tmp_path / "tampered.gx"
+    path.write_bytes(data)
+    with pytest.raises(gradlang.ArtifactError) as info:
+        gradlang.load(path, externs={"score": score})
+    assert str(info.value).startswith(f"{path}: "), info.value
+    assert message in str(info.value), info.value
+
+
+# ---- platforms
+
+
+def test_artifacts_are_lowered_for_cpu_and_cuda_by_default(tamper_module, tmp_path):
+    loaded = gradlang.load(tamper_module.save(tmp_path / "m.gx"), externs={"score": score})
+    assert loaded.header["platforms"] == list(DEFAULT_PLATFORMS) == ["cpu", "cuda"]
+    for name in loaded.exports:
+        pieces = loaded.exported(name)
+        assert [p.platforms for p in pieces] == [("cpu", "cuda")] * len(pieces), name
+    assert len(loaded.exported("es")) == 2  # split at its extern call
+
+
+def test_artifacts_lowered_for_several_platforms_run_here(tamper_module, tmp_path):
+    path = tamper_module.save(tmp_path / "m.gx", platforms=("cpu", "cuda", "rocm"))
+    loaded = gradlang.load(path, externs={"score": score})
+    assert loaded.header["platforms"] == ["cpu", "cuda", "rocm"]
+    assert loaded.exported("g")[0].platforms == ("cpu", "cuda", "rocm")
+    assert all(p.platforms == ("cpu", "cuda", "rocm") for p in loaded.exported("es"))
+    w, x = np.ones(3, np.float32), np.eye(2, 3, dtype=np.float32)
+    np.testing.assert_allclose(loaded.g(w, x)["w"], tamper_module.g(w, x)["w"], rtol=1e-6)
+
+
+def test_loading_on_a_platform_the_artifact_was_not_lowered_for(tamper_module, tmp_path):
+    here = jax.export.default_export_platform()
+    other = next(p for p in ("cuda", "rocm") if p != here)
+    path = tamper_module.save(tmp_path / "m.gx", platforms=(other,))
+    with pytest.raises(gradlang.ArtifactError,
+                       match=f"the artifact was lowered for {other}, not for {here}, the "
+                             f"platform JAX runs on here"):
+        gradlang.load(path, externs={"score": score})
+
+
+@pytest.mark.parametrize("platforms, message", [
+    (("cpu", "gpu"), "unknown platform 'gpu': choose from cpu, cuda, rocm, tpu"),
+    ((), "platforms must be a non-empty list"),
+    ("cpu", "platforms must be a non-empty list"),
+    (("cpu", "cpu"), "name one twice"),
+])
+def test_bad_platform_lists(tamper_module, platforms, message):
+    with pytest.raises(gradlang.ArtifactError, match=message):
+        tamper_module.artifact(platforms=platforms)
+
+
+def test_an_op_that_lowers_for_cpu_only_is_named():
+    """Nonsymmetric eig has no CUDA lowering with a compatibility guarantee (gradlang has no
+    such builtin today, so the export is written by hand)."""
+    sig = Signature("spectrum", "fn", "spectrum", (("a", TensorType(DType.F32, (3, 3))),),
+                    TensorType(DType.F32, (3,)))
+    fn = casting(sig, lambda a: jnp.linalg.eig(a)[0].real)
+    assert serialize("m", "0", [(sig, fn)], platforms=("cpu",))
+    with pytest.raises(gradlang.ArtifactError,
+                       match=r"export 'spectrum' cannot be lowered for cuda \(custom call "
+                             r"cuhybrid_eig_real\).*\n  hint: save it for cpu only"):
+        serialize("m", "0", [(sig, fn)], platforms=("cpu", "cuda"))
+
+
+def test_cli_platforms_option(tmp_path, capsys):
+    source = tmp_path / "m.grad"
+    source.write_text("fn f(x: f32[B]) -> f32 { return sum(x * x) }\nexport g = grad(f, wrt=[x])\n")
+    assert main(["compile", str(source), "-o", str(tmp_path), "--platforms", "cpu,rocm"]) == 0
+    loaded = gradlang.load(tmp_path / "m.gx")
+    assert loaded.header["platforms"] == ["cpu", "rocm"]
+    assert loaded.exported("g")[0].platforms == ("cpu", "rocm")
+    with pytest.raises(SystemExit) as info:
+        main(["compile", str(source), "-o", str(tmp_path), "--platforms", "cpu,gpu"])
+    assert info.value.code == 2
+    assert "argument --platforms: unknown platform 'gpu'" in capsys.readouterr().err
+
+
+# ---- StableHLO free of JAX-only constructs, where it can be
+
+
+def test_stablehlo_of_a_drawing_export_has_no_shardy_ops():
+    """A key parameter is lowered as raw uint32[2] data; a typed key would add a Shardy
+    sharding constraint."""
+    m = gradlang.compile_source("""
+fn f(mu: f32[D]) -> f32 { z ~ Normal(mu, 1.0); return sum(z * z) }
+export g = grad(expect(f, samples=4), wrt=[mu])
+""")
+    text = m.stablehlo("g", dims={"D": 3})
+    assert "sdy." not in text and "custom_call" not in text
+    assert "tensor<2xui32>" in text  # the key
+    key = jax.random.key(1)
+    assert float(m.g(np.ones(3, np.float32), key)["mu"].sum()) != 0.0
+
+
+def test_stablehlo_of_solve_keeps_lapack_custom_calls():
+    """What remains (documented in the README): JAX lowers solve and cholesky on CPU to LAPACK
+    custom calls, which carry Shardy sharding rules as attributes."""
+    m = gradlang.compile_source(f"fn f({SYMBOLIC['solve'][0]}) -> {SYMBOLIC['solve'][1]} "
+                                f"{{ return {SYMBOLIC['solve'][2]} }}\nexport f = f\n")
+    text = m.stablehlo("f", dims={"N": 3})
+    assert sorted(set(re.findall(r"custom_call @(\w+)", text))) == [
+        "lapack_sgetrf_ffi", "lapack_spotrf_ffi", "lapack_strsm_ffi"]
+    assert "sdy.sharding_rule" in text and "sdy.sharding_constraint" not in text
+
+
+
+def test_format_2_artifacts_still_load(tamper_module, tmp_path):
+    """Format 2 listed no platforms (its blobs were lowered for the machine's, cpu here); the
+    loader reads them from the blobs."""
+    good = tamper_module.artifact(platforms=("cpu",))
+    n = struct.unpack_from("<I", good, len(MAGIC))[0]
+    start = len(MAGIC) + 4
+    header = json.loads(good[start:start + n])
+    assert header["format_version"] == 3 and header.pop("platforms") == ["cpu"]
+    path = tmp_path / "old.gx"
+    path.write_bytes(written({**header, "format_version": 2}, good[start + n:]))
+    loaded = gradlang.load(path, externs={"score": score})
+    assert loaded.header["platforms"] == ["cpu"]
+    w, x = np.ones(3, np.float32), np.eye(2, 3, dtype=np.float32)
+    np.testing.assert_allclose(loaded.fit(w.copy(), x)["w"], tamper_module.fit(w.copy(), x)["w"],
+                               rtol=1e-6)
+
+
+def test_f64_artifacts_need_64_bit_mode_to_load(tmp_path):
+    before = jax.config.jax_enable_x64
+    try:
+        jax.config.update("jax_enable_x64", True)
+        m = gradlang.compile_source("fn f(x: f64[B]) -> f64 { return sum(x * x) }\nexport f = f\n")
+        path = m.save(tmp_path / "f64.gx")
+        assert float(gradlang.load(path).f(np.ones(3))) == 3.0
+        jax.config.update("jax_enable_x64", False)
+        with pytest.raises(gradlang.ArtifactError, match="export 'f' takes or returns float64 "
+                                                         "values, which need JAX's 64-bit mode"):
+            gradlang.load(path)
+    finally:
+        jax.config.update("jax_enable_x64", before)
