@@ -9,6 +9,8 @@ Traits read by passes:
 - `blackbox`: a host callback; reverse mode cannot go through it (black-box estimators can).
 - `nonsmooth`: its derivative is zero almost everywhere; gradient flows through it only with a
   backward rule (`params.rule`, e.g. `sign(x) with ste`), else the gradient-flow pass warns.
+- `power_of_two_axis`: Hadamard-transforms its operand's last axis, whose size must be a power
+  of two.
 """
 
 from __future__ import annotations
@@ -383,8 +385,11 @@ OPS: dict[str, OpDef] = {
         *_defs("argmax", ArgmaxParams, "nonsmooth", "one-hot of the largest entry along an axis"),
         *_defs("topk", TopkParams, "nonsmooth", "0/1 mask of the k largest entries along an axis"),
         *_defs("sort", AxisParams, "", "sorted along an axis"),
-        *_defs("quantize quest", QuantizeParams, "nonsmooth", "b-bit uniform quantization"),
-        *_defs("hadamard", NoParams, "", "orthonormal fast Walsh-Hadamard transform, last axis"),
+        *_defs("quantize", QuantizeParams, "nonsmooth", "b-bit uniform quantization"),
+        *_defs("quest", QuantizeParams, "nonsmooth power_of_two_axis",
+               "b-bit uniform quantization of the Hadamard-rotated last axis"),
+        *_defs("hadamard", NoParams, "power_of_two_axis",
+               "orthonormal fast Walsh-Hadamard transform, last axis"),
         *_defs("sliced_wasserstein", SlicedParams, "random",
                "Monte Carlo sliced Wasserstein distance SW_p^p over random directions"),
         *_defs("stochastic_round", NoParams, "random",

@@ -36,6 +36,10 @@ def broadcast(*shapes: tuple[Dim, ...]) -> tuple[Dim, ...]:
     return tuple(out)
 
 
+def is_power_of_two(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
 def normalize_axis(axis: int, rank: int) -> int:
     if not -rank <= axis < rank:
         raise ShapeError(f"axis {axis} is out of range for a tensor of rank {rank}")

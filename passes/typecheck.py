@@ -15,12 +15,13 @@ from typing import Callable
 from gradlang import ops as O
 from gradlang.diagnostics import Diagnostics
 from gradlang.ir import Function, Module, Op, Region, Value
-from gradlang.shapes import (ShapeError, add_dims, broadcast, normalize_axis, reshape, show,
-                             sub_dims, unify)
+from gradlang.shapes import (ShapeError, add_dims, broadcast, is_power_of_two, normalize_axis,
+                             reshape, show, sub_dims, unify)
 from gradlang.types import (ERROR, SOLVER_REPORT, DistType, DType, StructType, TensorType, TupleType, Type,
                             promote, is_float_tree, scalar, substitute_dims)
 
 from . import typecheck_random as R
+from .typecheck_dims import check_power_of_two_dims
 
 
 class _Ctx:
@@ -306,7 +307,7 @@ def _along_axis(ctx, op, args):
 
 def _last_axis_power_of_two(t: TensorType, what: str) -> None:
     n = t.shape[-1] if t.rank else 1
-    if t.rank == 0 or (isinstance(n, int) and (n < 1 or n & (n - 1))):
+    if t.rank == 0 or (isinstance(n, int) and not is_power_of_two(n)):
         raise ShapeError(f"{what} transforms the last axis, whose size must be a power of two, "
                          f"got {t}")
 
@@ -487,6 +488,7 @@ class Typecheck:
         functions = tuple(_FunctionChecker(ctx, fn, diags).run() for fn in module.functions)
         module = replace(module, functions=functions)
         _check_exports(module, diags)
+        check_power_of_two_dims(module, diags)
         return module
 
 

@@ -20,7 +20,7 @@ from gradlang.types import TensorType
 
 from .numerics import softplus
 from .rules_argmin import ARGMIN_LOWERINGS
-from .rules_nonsmooth import NONSMOOTH_LOWERINGS
+from .rules_nonsmooth import NONSMOOTH_LOWERINGS, as_result_dtype
 from .dtypes import JNP_DTYPES
 from .rules_random import RANDOM_LOWERINGS
 from .ot import sliced_wasserstein
@@ -36,21 +36,16 @@ def _elementwise(fn: Callable) -> Rule:
     return lambda ctx, op, *xs: fn(*xs)
 
 
-def _as_result_dtype(op: Op, x):
-    """x converted to the dtype of op's result (integer inputs of float-valued ops)."""
-    return jnp.asarray(x, JNP_DTYPES[op.result.type.dtype])
-
-
 def _float_elementwise(fn: Callable) -> Rule:
     """An elementwise op with a floating-point result: integer operands are promoted first
     (some jax functions, e.g. jax.nn.sigmoid, reject integer inputs)."""
-    return lambda ctx, op, x: fn(_as_result_dtype(op, x))
+    return lambda ctx, op, x: fn(as_result_dtype(op, x))
 
 
 def _reduce(fn: Callable) -> Rule:
     def rule(ctx, op: Op, x):
         p: O.ReduceParams = op.params
-        return fn(_as_result_dtype(op, x), axis=p.axis, keepdims=p.keepdims)
+        return fn(as_result_dtype(op, x), axis=p.axis, keepdims=p.keepdims)
 
     return rule
 
@@ -262,8 +257,8 @@ LOWERINGS: dict[str, Rule] = {
     "full": _full,
     "arange": _arange,
     "eye": lambda ctx, op: jnp.eye(ctx.dim(op.params.n), dtype=jnp.float32),
-    "softmax": lambda ctx, op, x: jax.nn.softmax(_as_result_dtype(op, x), axis=op.params.axis),
-    "log_softmax": lambda ctx, op, x: jax.nn.log_softmax(_as_result_dtype(op, x),
+    "softmax": lambda ctx, op, x: jax.nn.softmax(as_result_dtype(op, x), axis=op.params.axis),
+    "log_softmax": lambda ctx, op, x: jax.nn.log_softmax(as_result_dtype(op, x),
                                                          axis=op.params.axis),
     "one_hot": lambda ctx, op, y: jax.nn.one_hot(y, ctx.dim(op.params.num_classes),
                                                  dtype=jnp.float32),

@@ -9,6 +9,7 @@ residual and steps taken).
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
@@ -18,16 +19,20 @@ from .hypergrads import build
 
 
 def _argmin(ctx, op: Op, init):
+    """The solution (and report). The captured values may be structs (a parameter's field read
+    in the objective, another problem's report): their float leaves are the thetas."""
     p = op.params
-    captured = [v for r in op.regions for v in free_values(r)]
-    floats = list(dict.fromkeys(v for v in captured
-                                if jnp.issubdtype(jnp.result_type(ctx.env[v]), jnp.floating)))
+    captured = list(dict.fromkeys(v for r in op.regions for v in free_values(r)))
+    leaves, tree = jax.tree.flatten([ctx.env[v] for v in captured])
+    is_theta = [jnp.issubdtype(jnp.result_type(leaf), jnp.floating) for leaf in leaves]
     sign = -1.0 if p.maximize else 1.0
-    x0, unravel = ravel_pytree(init)
+    x0, unravel = ravel_pytree(ctx.coerce(init, op.results[0].type))
 
     def evaluate(region: Region, x, thetas):
-        saved = {f: ctx.env[f] for f in floats}
-        ctx.env.update(zip(floats, thetas))
+        it = iter(thetas)
+        values = jax.tree.unflatten(tree, [next(it) if t else leaf for leaf, t in zip(leaves, is_theta)])
+        saved = {v: ctx.env[v] for v in captured}
+        ctx.env.update(zip(captured, values))
         try:
             return ctx.region(region, (unravel(x),))
         finally:
@@ -42,7 +47,7 @@ def _argmin(ctx, op: Op, init):
 
     solve = build(p.solver.name, dict(p.solver.options), p.hyper.name, dict(p.hyper.options),
                   objective, constraints if len(op.regions) > 1 else None, len(op.results) > 1)
-    x, residual, steps = solve(tuple(ctx.env[f] for f in floats), x0)
+    x, residual, steps = solve(tuple(leaf for leaf, t in zip(leaves, is_theta) if t), x0)
     if len(op.results) == 1:
         return unravel(x)
     return unravel(x), {"residual": residual, "steps": steps}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from functools import cache
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,23 @@ import numpy as np
 from jax import lax
 
 from gradlang.ir import Op
+from gradlang.ops import OPS
+from gradlang.shapes import is_power_of_two
+
+from .dtypes import JNP_DTYPES
+from .signature import ArgumentError
+
+
+def as_result_dtype(op: Op, x):
+    """x as an array of the dtype of op's result: a weak literal (lowered as a Python scalar)
+    or an integer operand of a float-valued op."""
+    return jnp.asarray(x, JNP_DTYPES[op.result.type.dtype])
+
+
+def _on_array(rule):
+    """`rule` with its first operand x given by `as_result_dtype` (these rules read x.shape,
+    x.dtype, call x.astype: a scalar literal is a Python number)."""
+    return lambda ctx, op, x, *rest: rule(ctx, op, as_result_dtype(op, x), *rest)
 
 
 def _argmax(ctx, op: Op, x):
@@ -187,7 +205,25 @@ def _straight_through(ctx, op: Op, x, *rest):
     return f(x, *rest)
 
 
-NONSMOOTH_LOWERINGS = {**PRIMALS, "sort": lambda ctx, op, x: jnp.sort(x, axis=op.params.axis),
-                       "hadamard": lambda ctx, op, x: hadamard(x),
-                       "stochastic_round": _stochastic_round,
-                       "straight_through": _straight_through}
+def _power_of_two_axis(rule):
+    """`rule` of an op that Hadamard-transforms its operand's last axis, whose size is a
+    symbolic dim the type checker could not check: checked here, where the call fixes it."""
+
+    def checked(ctx, op: Op, x, *rest):
+        name = op.params.op if op.name == "straight_through" else op.name
+        n = x.shape[-1] if "power_of_two_axis" in OPS[name].traits else 1
+        if isinstance(n, int) and not is_power_of_two(n):
+            span = op.span
+            raise ArgumentError(f"{name} at {Path(span.source.path).name}:{span.line}:{span.col} "
+                                f"transforms the last axis, whose size must be a power of two, "
+                                f"but the arguments make {op.operands[0].type.shape[-1]} = {n}")
+        return rule(ctx, op, x, *rest)
+
+    return checked
+
+
+NONSMOOTH_LOWERINGS = {name: _on_array(_power_of_two_axis(rule)) for name, rule in {
+    **PRIMALS, "sort": lambda ctx, op, x: jnp.sort(x, axis=op.params.axis),
+    "hadamard": lambda ctx, op, x: hadamard(x),
+    "stochastic_round": _stochastic_round,
+    "straight_through": _straight_through}.items()}
