@@ -195,6 +195,11 @@ class _Rewriter:
         weighting its values (enum), or its distribution's parameters, its values and its
         noise (`aux`, ARM's uniforms: a second result of the draw) for its weak derivative."""
         est = op.params.estimator
+        if self.scope_state.kind == "logmeanexp":
+            self.diags.error(f"{est.name} evaluates the objective at several values of its draw, "
+                             f"which does not apply in a logmeanexp(...) scope (nor do "
+                             f"{', '.join(b for b in BRANCHED if b != est.name)}); use score or "
+                             f"a pathwise estimator", op.span)
         slot = self.scope_state.slots
         self.scope_state.slots += 1
         dist = next(o for o in self.ops if op.operands[0] in o.results)
@@ -425,10 +430,6 @@ class _Rewriter:
                     self.diags.error(f"baseline={u.group} does not apply in a logmeanexp(...) "
                                      f"scope; use vimco (leave-one-out for importance-weighted "
                                      f"bounds) or none", site)
-            elif u.group in ("enum", "draw"):
-                for site in u.spans:
-                    self.diags.error("enum, mvd, arm and disarm do not apply in a "
-                                     "logmeanexp(...) scope", site)
         for z, (dist, found) in self.scope_state.dreg.items():
             if not found:
                 self.diags.error("dreg drops the direct derivative of the draw's own log-density, "
@@ -601,12 +602,41 @@ class _Rewriter:
 
 def _stateless(whole: Export, part: Export, wrapper: Function, diags: Diagnostics) -> None:
     """An objective of `minimize` carries no state across calls (the export threads only its
-    combination rule's)."""
+    combination rule's), nor does a black-box gradient (its perturbed evaluations would each
+    update it)."""
+    ma = wrapper.params[-1].name == "baseline"
+    black_box = whole.transform.black_box
     if whole.transform.kind == "minimize":
-        what = "a moving-average baseline" if wrapper.params[-1].name == "baseline" else "RELAX"
+        what = "a moving-average baseline" if ma else "RELAX"
         diags.error(f"this objective of minimize uses {what}, whose state minimize does not "
                     f"thread through calls; use baseline=loo (or another stateless estimator)",
                     part.fn_span)
+    elif black_box is not None:
+        what, fix = (("a moving-average baseline", "baseline=loo") if ma
+                     else ("a RELAX control variate", "rebar"))
+        diags.error(f"by={black_box.name} cannot thread {what} through its perturbed "
+                    f"evaluations; use another estimator, e.g. {fix}", black_box.span)
+
+
+def _key_free(module: Module, export: Export, random: set[str], diags: Diagnostics) -> None:
+    """An export that draws takes its random key as a last parameter `key` (its function, or
+    the first objective of `minimize`, whose parameters the export takes, must not have one):
+    when a function it differentiates draws, with a black-box or private gradient (`by=`), or
+    with PCGrad's shuffled orders."""
+    t = export.transform
+    parts = [part.transform.fn for part in export.parts()]
+    if any(fn in random for fn in parts):
+        why = f"'{next(fn for fn in parts if fn in random)}' draws, which"
+    elif t.by is not None:
+        why = f"by={t.by.name}"
+    elif t.kind == "minimize" and t.rule.name == "pcgrad" and t.rule.option("shuffle"):
+        why = "pcgrad(shuffle=true)"
+    else:
+        return
+    first = module.function(parts[0])
+    if first.param("key") is not None:
+        diags.error(f"{why} adds a parameter 'key' (the random key) to the export, but "
+                    f"'{first.name}' already has one; rename it", first.param("key").span)
 
 
 def _stacked(n: int, t: Type) -> TensorType:
@@ -639,6 +669,8 @@ class Surrogate:
 
     def run(self, module: Module, diags: Diagnostics) -> Module:
         random = random_functions(module)
+        for export in module.exports:
+            _key_free(module, export, random, diags)
         rewriter = _Rewriter(module, random, diags)
         functions = [rewriter.function(fn) for fn in module.functions]
         exports = []
