@@ -24,6 +24,7 @@ from gradlang.ops import CalleeParams, ComposeParams, Estimator, ExpectParams, N
 from gradlang.types import DType, TensorType, TupleType, Type, is_float_tree, scalar
 
 from .callgraph import random_functions
+from .options import number_problem
 
 ESTIMATORS: dict[str, dict[str, float]] = {"scgd": {"beta": 0.1}, "plugin": {}}
 """Estimators of a composition and their options' defaults."""
@@ -66,6 +67,10 @@ def _estimator(by: Estimator | None, diags: Diagnostics) -> Estimator | None:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
             diags.error(f"scgd(beta=...) is the moving average's step: a number in (0, 1], got "
                         f"{str(v).lower()}", by.span)
+            return None
+        want = number_problem(v, "positive")
+        if want is not None:
+            diags.error(f"option '{k}' of {by.name} must be {want}, got {v}", by.span)
             return None
     return replace(by, options=tuple((k, float(given.get(k, d)))
                                      for k, d in ESTIMATORS[by.name].items()))

@@ -28,6 +28,7 @@ from gradlang.ops import OPS, Estimator
 from gradlang.types import DistType, TensorType, has_float_leaf
 
 from .callgraph import random_functions
+from .options import number_problem
 
 BASELINES = ("auto", "none", "loo", "grpo", "ma", "vimco")
 CREDIT = ("downstream", "whole")
@@ -430,6 +431,10 @@ class _Chooser:
         return None
 
 
+_NUMBER_KINDS = {float: "positive", int: "count"}
+"""How options of each type in `OPTIONS` are checked (`options.number_problem`)."""
+
+
 def option_problem(e: Estimator) -> str | None:
     """Why `e` is not a known estimator with valid options (None when it is)."""
     if e.name not in OPTIONS:
@@ -441,19 +446,17 @@ def option_problem(e: Estimator) -> str | None:
         if k not in allowed:
             return (f"estimator '{e.name}' has no option '{k}'"
                     + (f" (options: {', '.join(allowed)})" if allowed else " (it takes none)"))
-        if allowed[k] is float and (isinstance(v, bool) or not isinstance(v, (int, float))
-                                    or v <= 0):
-            return f"option '{k}' of '{e.name}' must be a positive number, got {v}"
-        if allowed[k] is int and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
-            return f"option '{k}' of '{e.name}' must be a positive integer, got {v}"
+        if k == "decay" and isinstance(v, (int, float)) and not v < 1:
+            return f"option 'decay' of '{e.name}' must be below 1, got {v}"
+        want = number_problem(v, _NUMBER_KINDS[allowed[k]]) if allowed[k] in _NUMBER_KINDS else None
+        if want is not None:
+            return f"option '{k}' of '{e.name}' must be {want}, got {v}"
         if k == "baseline" and e.name == "swor" and v not in WOR_BASELINES:
             return f"unknown baseline '{v}' for swor (baselines: {', '.join(WOR_BASELINES)})"
         if k == "baseline" and e.name != "swor" and v not in BASELINES:
             return f"unknown baseline '{v}' (baselines: {', '.join(BASELINES)})"
         if k == "credit" and v not in CREDIT:
             return f"unknown credit '{v}' (credit: {', '.join(CREDIT)})"
-        if k == "decay" and not v < 1:
-            return f"option 'decay' of '{e.name}' must be below 1, got {v}"
     if e.name == "score" and "decay" in dict(e.options) and e.option("baseline") != "ma":
         return "option 'decay' of 'score' needs baseline=ma (a moving average)"
     return None

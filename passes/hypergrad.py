@@ -18,6 +18,8 @@ from gradlang.diagnostics import Diagnostics, Span
 from gradlang.ir import Module, Op, Region, walk
 from gradlang.ops import OPS, Estimator
 
+from .options import number_problem
+
 REQUIRED = None
 SOLVERS: dict[str, dict[str, object]] = {
     "gd": {"steps": 100, "lr": 0.1, "tol": 0.0},
@@ -57,21 +59,17 @@ class InnerProblem:
 
 
 def _option_problem(what: str, name: str, k: str, v: object) -> str | None:
-    number = isinstance(v, (int, float)) and not isinstance(v, bool)
     if k == "method":
         return None if v in LINEAR_SOLVERS else \
             f"unknown linear solver '{v}' (solvers: {', '.join(LINEAR_SOLVERS)})"
-    if k in _COUNTS:
-        ok, want = number and isinstance(v, int) and v >= 1, "a positive integer"
-    elif k in _REALS:
-        ok, want = number, "a number"
-    elif k in _NON_NEGATIVE:
-        ok, want = number and v >= 0, "a non-negative number"
-    elif k in _FRACTIONS:
-        ok, want = number and 0 <= v < 1, "a number in [0, 1)"
+    if k in _FRACTIONS:
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        want = None if number and 0 <= v < 1 else "a number in [0, 1)"
     else:
-        ok, want = number and v > 0, "a positive number"
-    return None if ok else f"option '{k}' of {what} '{name}' must be {want}, got {v}"
+        kind = ("count" if k in _COUNTS else "real" if k in _REALS
+                else "non-negative" if k in _NON_NEGATIVE else "positive")
+        want = number_problem(v, kind)
+    return None if want is None else f"option '{k}' of {what} '{name}' must be {want}, got {v}"
 
 
 def _problem(e: Estimator, table: dict, what: str) -> str | None:

@@ -26,6 +26,8 @@ from dataclasses import dataclass, replace
 from gradlang.diagnostics import Diagnostics
 from gradlang.ir import HISTORY, Combination, Export, Module
 
+from .options import number_problem
+
 RULES: dict[str, dict[str, object]] = {
     "mgda": {"solver": "auto", "iters": 100},
     "pcgrad": {"shuffle": True},
@@ -50,6 +52,10 @@ def _problem(rule: Combination, k: int) -> str | None:
                     f"{len(rule.weights)}")
         if min(rule.weights) < 0 or max(rule.weights) == 0:
             return "the weights must be non-negative and not all zero"
+        for w in rule.weights:
+            want = number_problem(w, "non-negative")
+            if want is not None:
+                return f"each weight must be {want}, got {w}"
     elif rule.weights:
         return f"'{rule.name}' takes options by name, e.g. {rule.name}(option=value)"
     table = RULES[rule.name]
@@ -67,10 +73,10 @@ def _problem(rule: Combination, k: int) -> str | None:
         elif isinstance(default, bool):
             if not isinstance(v, bool):
                 return f"option '{key}' of '{rule.name}' must be true or false, got {v}"
-        elif isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 or (
-                isinstance(default, int) and not isinstance(v, int)):
-            want = "a positive integer" if isinstance(default, int) else "a positive number"
-            return f"option '{key}' of '{rule.name}' must be {want}, got {v}"
+        else:
+            want = number_problem(v, "count" if isinstance(default, int) else "positive")
+            if want is not None:
+                return f"option '{key}' of '{rule.name}' must be {want}, got {v}"
     return None
 
 

@@ -29,6 +29,7 @@ from gradlang.ops import Estimator
 from gradlang.types import ERROR, UNKNOWN, TensorType, type_dims
 
 from .ghost import LeafNorm, linear_layers
+from .options import number_problem
 
 OPTIONS: dict[str, object] = {"clip": None, "noise": None, "per_example_axis": 0,
                               "clipping": "ghost"}
@@ -75,6 +76,10 @@ def _option_problem(e: Estimator) -> str | None:
         return f"option 'clip' of dp must be positive, got {number['clip']}"
     if number["noise"] < 0:
         return f"option 'noise' of dp must be non-negative, got {number['noise']}"
+    for k, kind in (("clip", "positive"), ("noise", "non-negative")):
+        want = number_problem(number[k], kind)
+        if want is not None:
+            return f"option '{k}' of dp must be {want}, got {number[k]}"
     axis = given.get("per_example_axis", 0)
     if isinstance(axis, bool) or not isinstance(axis, int) or axis < 0:
         return f"option 'per_example_axis' of dp must be a non-negative integer, got {axis}"

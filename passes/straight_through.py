@@ -15,6 +15,8 @@ from gradlang.diagnostics import Diagnostics
 from gradlang.ir import Module, Op, Region
 from gradlang.ops import OPS, Estimator, STParams
 
+from .options import number_problem
+
 SIGNS = ("sign", "binarize")
 ELEMENTWISE = ("sign", "binarize", "round", "floor", "ceil", "step")
 QUANTIZERS = ("quantize", "quest")
@@ -46,8 +48,9 @@ def rule_problem(rule: Estimator, op: str) -> str | None:
         if k not in defaults:
             return (f"rule '{rule.name}' has no option '{k}'"
                     + (f" (options: {', '.join(defaults)})" if defaults else " (it takes none)"))
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-            return f"option '{k}' of '{rule.name}' must be a positive number, got {v}"
+        want = number_problem(v, "positive")
+        if want is not None:
+            return f"option '{k}' of '{rule.name}' must be {want}, got {v}"
     if rule.name == "reste" and rule.option("power", 3.0) < 1:
         return "option 'power' of 'reste' must be at least 1"
     if op not in ops:

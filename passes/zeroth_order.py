@@ -25,6 +25,8 @@ from gradlang.diagnostics import Diagnostics
 from gradlang.ir import PRIVATE, Module
 from gradlang.ops import Estimator
 
+from .options import number_problem
+
 ESTIMATORS: dict[str, dict[str, object]] = {
     "spsa": {"eps": 1e-3, "samples": 1},
     "es": {"sigma": 0.1, "pop": 64, "antithetic": True},
@@ -44,11 +46,10 @@ def _problem(e: Estimator) -> str | None:
         if k not in table:
             return f"estimator '{e.name}' has no option '{k}' (options: {', '.join(table)})"
         if isinstance(table[k], bool):
-            if not isinstance(v, bool):
-                return f"option '{k}' of '{e.name}' must be true or false, got {v}"
-        elif isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 or (
-                k in _COUNTS and not isinstance(v, int)):
-            want = "a positive integer" if k in _COUNTS else "a positive number"
+            want = None if isinstance(v, bool) else "true or false"
+        else:
+            want = number_problem(v, "count" if k in _COUNTS else "positive")
+        if want is not None:
             return f"option '{k}' of '{e.name}' must be {want}, got {v}"
     done = dict(table) | dict(e.options)
     if done.get("antithetic") and done.get("pop", 2) % 2:
