@@ -9,6 +9,7 @@ output that cannot be written, verify's arguments; 3 an internal compiler error 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import sys
@@ -246,7 +247,7 @@ def _emit_backend(module: Module, stem: str, out: Path, emits: list[str], dims: 
         try:
             artifact = compiled.artifact(dims, platforms)
         except Exception as exc:
-            failures += _artifact_failures(module, dims, exc)
+            failures += _artifact_failures(module, dims, platforms, exc)
         else:
             _write(out / f"{stem}.gx", artifact)
     for group in dict.fromkeys(failures):  # an export failing both emits is reported once
@@ -254,17 +255,16 @@ def _emit_backend(module: Module, stem: str, out: Path, emits: list[str], dims: 
     return EXIT_ERRORS if failures else EXIT_OK
 
 
-def _artifact_failures(module: Module, dims: dict[str, int],
+def _artifact_failures(module: Module, dims: dict[str, int], platforms: tuple[str, ...] | None,
                        exc: Exception) -> list[tuple[Diagnostic, ...]]:
     """The artifact holds every export: which of them cannot be saved, and why (`exc` raised
     again when each can be on its own)."""
-    from gradlang.runtime.artifact import serialize
-    from gradlang.runtime.execute import export_function
+    from .api import CompiledModule
 
     failures = []
     for export in module.exports:
         try:
-            serialize(module.name, "", [export_function(module, export)], dims)
+            CompiledModule(dataclasses.replace(module, exports=(export,))).artifact(dims, platforms)
         except Exception as one:
             failures.append(_cannot_lower(module, export, dims, one, stablehlo=False))
     if not failures:
