@@ -38,15 +38,20 @@ _QUOTED = re.compile(r"'([^']*)'")
 _NAME = re.compile(r"\b[A-Za-z_]\w*\b(?!\s*\()")  # not a function of dims: max(...), mod(...)
 
 
+_COMPARISON = re.compile(r"Symbolic dimension comparison (.+) is inconclusive\.?$")
+
+
 def inconclusive(exc: jax.errors.InconclusiveDimensionOperation) -> SymbolicDimError:
-    """The error for JAX's "Symbolic dimension comparison 'B' <= '64' is inconclusive": the
-    dims are the names in its quoted dim expressions."""
+    """The error for JAX's "Symbolic dimension comparison 'B' <= '64' is inconclusive" (or
+    "Symbolic dimension 'T' used in a context that requires a constant"): the dims are the
+    names in its quoted dim expressions."""
     first = str(exc).strip().splitlines()[0]
-    terms = _QUOTED.findall(first)
-    dims = tuple(dict.fromkeys(n for t in terms for n in _NAME.findall(t)))
-    test = first.removeprefix("Symbolic dimension comparison ").removesuffix(" is inconclusive.")
-    return SymbolicDimError(dims, f"an operation compares sizes ({test}), which JAX cannot "
-                                  f"decide for every value of a symbolic dim")
+    dims = tuple(dict.fromkeys(n for t in _QUOTED.findall(first) for n in _NAME.findall(t)))
+    comparison = _COMPARISON.match(first)
+    if comparison is not None:
+        return SymbolicDimError(dims, f"an operation compares sizes ({comparison.group(1)}), "
+                                      f"which JAX cannot decide for every value of a symbolic dim")
+    return SymbolicDimError(dims, f"an operation needs a size as a constant ({first.rstrip('.')})")
 
 
 def symbolic_callback(fn: Callable, specs: tuple) -> tuple[str, SymbolicDimError] | None:

@@ -418,3 +418,20 @@ def test_examples_lower_with_symbolic_dims_or_say_which_to_fix(name, tmp_path, c
     reported = {e: (named or every).replace("'", "") for e, named, every in REPORTED.findall(err)}
     assert reported == NEED_DIMS.get(name, {}), err
     assert status == (EXIT_ERRORS if reported else 0) and "internal compiler error" not in err
+
+
+@pytest.mark.parametrize("message, dims, why", [
+    ("Symbolic dimension comparison 'S - 10' > '0' is inconclusive.\nThis error arises ...",
+     ("S",), "an operation compares sizes ('S - 10' > '0'), which JAX cannot decide for every "
+             "value of a symbolic dim"),
+    ("Symbolic dimension 'max(0, T - K)' used in a context that requires a constant\nThis ...",
+     ("T", "K"), "an operation needs a size as a constant (Symbolic dimension 'max(0, T - K)' "
+                 "used in a context that requires a constant)"),
+])
+def test_the_dims_of_jax_inconclusive_operations(message, dims, why):
+    import jax
+
+    from gradlang.runtime.symbolic import inconclusive
+
+    error = inconclusive(jax.errors.InconclusiveDimensionOperation(message))
+    assert (error.dims, error.why, error.spans) == (dims, why, ())
