@@ -15,12 +15,16 @@ import re
 import sys
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .diagnostics import Diagnostic, Diagnostics, Severity, SourceFile
+from .diagnostics import Diagnostic, Diagnostics, Severity, SourceFile, Span
 from .driver import compile_module
 from .explain import explain
 from .ir import Export, Module
 from .printer import print_module
+
+if TYPE_CHECKING:
+    from gradlang.runtime.symbolic import SymbolicDimError
 
 EMITS = ("artifact", "stablehlo", "ir")
 EXIT_OK, EXIT_ERRORS, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
@@ -312,7 +316,8 @@ def _cannot_lower(module: Module, export: Export, dims: dict[str, int], exc: Exc
                                        f"those it needs with --dim NAME=SIZE", export.span),)
 
 
-def _needs_dims(export: Export, error, notes: tuple[Diagnostic, ...]) -> tuple[Diagnostic, ...]:
+def _needs_dims(export: Export, error: SymbolicDimError,
+                notes: tuple[Diagnostic, ...]) -> tuple[Diagnostic, ...]:
     """`export 'E' needs dim 'B' fixed to lower: why; pass --dim B=SIZE`, at the export."""
     names = ", ".join(f"'{d}'" for d in error.dims)
     flags = " ".join(f"--dim {d}=SIZE" for d in error.dims)
@@ -321,7 +326,7 @@ def _needs_dims(export: Export, error, notes: tuple[Diagnostic, ...]) -> tuple[D
     return (Diagnostic(Severity.ERROR, message, export.span), *notes)
 
 
-def _where(export: Export, spans) -> tuple[Diagnostic, ...]:
+def _where(export: Export, spans: tuple[Span, ...]) -> tuple[Diagnostic, ...]:
     """Notes at the op that needs the dims (innermost first in `spans`) and, when it is in
     another file (the standard library), at the op of the export's file it is reached from."""
     if not spans:
