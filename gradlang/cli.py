@@ -285,6 +285,7 @@ def _cannot_lower(module: Module, export: Export, dims: dict[str, int], exc: Exc
     (a bug) is raised again."""
     import jax
 
+    from gradlang.runtime.artifact import ArtifactError
     from gradlang.runtime.execute import export_function
     from gradlang.runtime.signature import ArgumentError
     from gradlang.runtime.split import SplitError
@@ -292,6 +293,8 @@ def _cannot_lower(module: Module, export: Export, dims: dict[str, int], exc: Exc
 
     if isinstance(exc, ArgumentError):
         raise InputError(f"the sizes given with --dim do not fit export '{export.name}': {exc}") from None
+    if isinstance(exc, ArtifactError):  # an op that lowers for some of the --platforms only
+        return (Diagnostic(Severity.ERROR, str(exc), export.span),)
     if isinstance(exc, SplitError):
         return (Diagnostic(Severity.ERROR, f"{exc}; an artifact can cut extern calls out only at "
                                            f"the top level of an export (by=es / eggroll, spsa "

@@ -376,6 +376,25 @@ def test_sizes_the_program_refuses_are_input_errors(folder, capsys, monkeypatch)
         "model.grad:2:11 wants D even, but the arguments make D = 3\n")
 
 
+def test_an_op_that_lowers_for_some_platforms_only(folder, capsys, monkeypatch):
+    """The artifact's refusal (an op with no lowering for one of --platforms) is an error at
+    each export it names, with its hint, not an internal error or a --dim hint."""
+    from gradlang.runtime.artifact import ArtifactError
+    from gradlang.runtime.rules import LOWERINGS
+
+    def refuse(ctx, op, x):
+        raise ArtifactError("tanh has no lowering for cuda\n  hint: save it for cpu only")
+
+    monkeypatch.setitem(LOWERINGS, "tanh", refuse)
+    argv = ["compile", "model.grad", "-o", "out", "--emit", "artifact", "--dim", "B=2", "--dim",
+            "D=3", "--platforms", "cpu,cuda"]
+    assert main(argv) == EXIT_ERRORS
+    err = capsys.readouterr().err
+    assert err.count("error: tanh has no lowering for cuda") == 2, err
+    assert "model.grad:6:1: error: tanh" in err and "hint: save it for cpu only" in err
+    assert "--dim" not in err and not (folder / "out" / "model.gx").exists()
+
+
 def test_an_extern_in_a_loop_cannot_be_cut_out_of_an_artifact(folder, capsys):
     (folder / "loop.grad").write_text(
         "extern fn score(w: f32[3]) -> f32\n"
