@@ -30,7 +30,8 @@ def _argmin(ctx, op: Op, init):
 
     def evaluate(region: Region, x, thetas):
         it = iter(thetas)
-        values = jax.tree.unflatten(tree, [next(it) if t else leaf for leaf, t in zip(leaves, is_theta)])
+        values = jax.tree.unflatten(tree, [next(it) if t else leaf
+                                           for leaf, t in zip(leaves, is_theta)])
         saved = {v: ctx.env[v] for v in captured}
         ctx.env.update(zip(captured, values))
         try:

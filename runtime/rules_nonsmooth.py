@@ -206,8 +206,9 @@ def _straight_through(ctx, op: Op, x, *rest):
 
 
 def _power_of_two_axis(rule):
-    """`rule` of an op that Hadamard-transforms its operand's last axis, whose size is a
-    symbolic dim the type checker could not check: checked here, where the call fixes it."""
+    """`rule`, after checking the operand of a `power_of_two_axis` op (or of its straight-through
+    form): its last axis is a symbolic dim the type checker could not check, which the call
+    fixes to a size that must be a power of two."""
 
     def checked(ctx, op: Op, x, *rest):
         name = op.params.op if op.name == "straight_through" else op.name
