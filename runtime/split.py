@@ -60,6 +60,12 @@ def _rebuild(skeleton, leaves: list):
     return tuple(_rebuild(v, leaves) for v in skeleton["tuple"])
 
 
+def _dim_vars(variables) -> set[str]:
+    """The symbolic dims named in the shapes of `variables`."""
+    return {name for v in variables for d in v.aval.shape if not isinstance(d, int)
+            for name in d.get_vars()}
+
+
 def split(fn: Callable, specs: tuple,
           export: Callable[[Callable, tuple], jax.export.Exported]) -> tuple[dict, list[bytes]]:
     """The plan and the serialized pieces of `fn` (traced at `specs`); `export(f, specs)`
@@ -109,6 +115,11 @@ def split(fn: Callable, specs: tuple,
         used = [v for eqn in part for v in eqn.invars
                 if not isinstance(v, core.Literal) and v not in defined]
         inputs = [v for v in dict.fromkeys(used) if v not in consts]
+        for name in _dim_vars(v for eqn in part for v in (*eqn.invars, *eqn.outvars)
+                              if not isinstance(v, core.Literal)) - _dim_vars(inputs):
+            # a dim only the piece's own values have (a draw of shape [D] after the extern
+            # call) is bound by an argument that has it, passed in but unused
+            inputs.append(next(v for v in jaxpr.invars if name in _dim_vars([v])))
         cvars = [v for v in dict.fromkeys(used) if v in consts]
         outputs = [v for v in dict.fromkeys(v for eqn in part for v in eqn.outvars) if v in after]
         info = core.DebugInfo(f"piece {len(blobs)}", "gradlang.runtime.split",

@@ -364,6 +364,26 @@ export g = grad(f, wrt=[w])
     m.save(tmp_path / "loop.gx")
 
 
+def test_a_piece_after_an_extern_call_keeps_the_dims_only_its_own_values_have(tmp_path):
+    """SPSA's noise of shape [D] is drawn after the extern returns a scalar: the piece that
+    draws it gets an argument of shape [D] too, so D stays symbolic in the artifact."""
+    m = gradlang.compile_source("""
+extern fn score(y: f32[B]) -> f32
+fn f(w: f32[D], x: f32[B, D]) -> f32 { return score(x @ w) }
+export g = grad(f, wrt=[w], by=spsa(eps=0.01))
+""", externs={"score": lambda y: np.float32(np.sum(np.sin(y)))})
+    loaded = gradlang.load(m.save(tmp_path / "m.gx"), externs={"score": lambda y: np.float32(
+        np.sum(np.sin(y)))})
+    for b, d in [(2, 3), (4, 5)]:
+        w, x = np.ones(d, np.float32), np.linspace(-1, 1, b * d, dtype=np.float32).reshape(b, d)
+        key = jax.random.key(b)
+        # the same noise: only f's float32 rounding differs between the fused and the split
+        # program, B sines of scale 1 (<= B eps32), divided by 2 eps and times |z| <= 4
+        atol = b * np.finfo(np.float32).eps / (2 * 0.01) * 4
+        np.testing.assert_allclose(loaded.g(w, x, key=key)["w"], m.g(w, x, key=key)["w"],
+                                   rtol=0, atol=atol)
+
+
 # ---- tampered artifacts: every edit is an ArtifactError at load, saying what is wrong
 
 TAMPER = """
