@@ -143,11 +143,24 @@ def _for(ctx, op: Op, *inits):
         return tuple(ctx.coerce(x, r.type) for x, r in zip(out, op.results))
 
     start, stop = ctx.dim(p.start), ctx.dim(p.stop)
-    if p.truncate:
-        cut = max(start, stop - p.truncate)
+    if not any(jax.export.is_symbolic_dim(b) for b in (start, stop)):
+        if p.truncate:
+            cut = max(start, stop - p.truncate)
+            init = lax.stop_gradient(lax.fori_loop(start, cut, step, lax.stop_gradient(init)))
+            start = cut
+        out = lax.fori_loop(start, stop, step, init)
+    elif p.truncate:
+        # a symbolic trip count: fori_loop would be a while loop, which reverse mode cannot
+        # differentiate; the last K indices as a scan, those before `start` (a loop shorter
+        # than K) skipped
+        cut = stop - p.truncate
         init = lax.stop_gradient(lax.fori_loop(start, cut, step, lax.stop_gradient(init)))
-        start = cut
-    out = lax.fori_loop(start, stop, step, init)
+        skip = lambda i, c: c  # noqa: E731
+        out = lax.scan(lambda c, i: (lax.cond(i >= start, step, skip, i, c), None), init,
+                       cut + lax.iota(jnp.int32, p.truncate))[0]
+    else:
+        out = lax.scan(lambda c, i: (step(i, c), None), init,
+                       start + lax.iota(jnp.int32, stop - start))[0]
     return out if len(out) > 1 else out[0]
 
 

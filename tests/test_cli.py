@@ -412,8 +412,6 @@ def test_an_extern_in_a_loop_cannot_be_cut_out_of_an_artifact(folder, capsys):
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 NEED_DIMS = {
-    "alignprop": {"full": "H, N, S", "checkpointed": "H, N, S", "truncated": "S"},
-    "cartpole": {"pathwise": "H, K, T"},
     "mezo_mlp": {e: "B, C" for e in ("mezo_error", "mezo_error_wide", "error")},
     "qat_mlp": {e: "D" for e in ("step_q4", "step_q1", "step_q4_in", "step_q1_in", "accuracy_q4",
                                  "accuracy_q1", "accuracy_q4_in", "accuracy_q1_in", "logits_q4",
@@ -421,8 +419,8 @@ NEED_DIMS = {
     "wta_crs": {"sampled": "B"},
 }
 """Per example, the exports whose StableHLO needs dims fixed, with the dims the report names
-(for the loops of alignprop's full and checkpointed and cartpole's pathwise, reverse-mode
-through a while loop of symbolic length: every symbolic dim of the export)."""
+(alignprop's and cartpole's loops of symbolic length lower as scans, which reverse mode
+differentiates)."""
 REPORTED = re.compile(r"^\S+: error: export '(\w+)' (?:needs dims? (.+?) fixed to lower|could "
                       r"not be lowered while its dims (.+?) are symbolic)", re.M)
 
