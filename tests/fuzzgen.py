@@ -224,7 +224,8 @@ class Gen:
         return self.rng.choice(list(seq))
 
     def fresh(self, prefix: str = "v") -> str:
-        return f"{prefix}{next(self.counter)}"
+        name = f"{prefix}{next(self.counter)}"
+        return name if name not in ("i32", "f32", "f64") else self.fresh(prefix)
 
     def note(self, *tags: str) -> None:
         for t in tags:
@@ -298,6 +299,9 @@ class Gen:
         names = [n for n, v in s.vars.items() if v == t]
         if names and self.chance(0.7):
             return self.pick(names)
+        if d > 0 and self.chance(0.15):
+            self.note("op:if-struct")
+            return f"(if {self.bexpr(BOOL, s, d - 1)} then {self.struct_expr(t, s, d - 1)} else {self.struct_expr(t, s, d - 1)})"
         ctor = t.name.split("[")[0]
         self.note("struct:constructor")
         return f"{ctor}(" + ", ".join(f"{n}={self.expr(f, s, d - 1)}" for n, f in t.fields) + ")"
@@ -673,6 +677,8 @@ class Gen:
         self.note("builtin:sliced_wasserstein")
         if p != ", p=1" and self.chance(0.6):
             cv = self.pick(("none", "gaussian_lower", "gaussian_upper"))
+            if cv == "gaussian_upper":
+                proj = max(proj, 3)
             self.note(f"control_variate:{cv}")
             return f"(sliced_wasserstein({x}, {y}, projections={proj}{p}) with control_variate({cv}))"
         return f"sliced_wasserstein({x}, {y}, projections={proj}{p})"
@@ -851,7 +857,7 @@ class Gen:
         options = ["auto", "auto(enum_max=4)"]
         if family in PATHWISE:
             options += ["reparam"] * 3
-            if s.lme and family in ("Normal", "LogNormal", "Gumbel", "Exponential"):
+            if s.lme and s.top and family in ("Normal", "LogNormal", "Gumbel", "Exponential"):
                 options += ["dreg"] * 3
         if family != "Uniform":
             baselines = ["auto", "none"]
@@ -867,7 +873,7 @@ class Gen:
             options += [f"score(baseline={b}{extra})"] * 3 + ["score"]
         if family in ("Bernoulli", "OneHotCategorical"):
             options += ["gumbel", "gumbel(tau=0.5)", "st_gumbel", "st_gumbel(tau=2.0)"]
-        if s.top and s.samples <= 4:
+        if s.top and s.samples <= 4 and not s.lme:
             unbatched = not batch
             if family in ("Bernoulli", "Categorical", "OneHotCategorical") and unbatched and static \
                     and s.fn.branched in (None, "enum"):
@@ -900,14 +906,23 @@ class Gen:
         family = self.pick(FAMILIES)
         batch = () if self.chance(0.6) else self.tensor(s.dims, rank=self.pick((1, 1, 2))).shape
         static = self.chance(0.7)
-        text, dt = self.dist(family, batch, s, d, static)
-        name = self.fresh("z")
         est = self.estimator(family, batch, static, s)
+        if est == "dreg" and family in PATHWISE and s.pre is not None:
+            # the parameters as variables, so that the objective's log_prob(d, z) is of this d
+            params = [self.fresh("d") for _ in range(2)]
+            inner = s.child(draw=False, pre=None)
+            self.hoist(s, f"let {params[0]} = {self.fexpr(Tensor('f32', batch), inner, d)}")
+            self.hoist(s, f"let {params[1]} = {self.positive(Tensor('f32', batch), inner, d)}")
+            text = f"{family}({params[1]})" if family == "Exponential" else f"{family}({', '.join(params)})"
+            dt = Tensor("f32", batch)
+        else:
+            text, dt = self.dist(family, batch, s, d, static)
+        name = self.fresh("z")
         s.vars[name] = dt
         s.fn.draws.append(name)
         s.fn.draws_any = True
         self.note(f"family:{family}", f"estimator:{(est or 'default').split('(')[0]}")
-        if est and est.startswith("dreg"):
+        if est == "dreg":
             s.fn.dreg.append((text, name))
         head = self.pick((f"{name} ~", f"let {name} ~"))
         return f"{head} {text}" + (f" with {est}" if est else "")
@@ -1204,6 +1219,7 @@ class Gen:
         """Generate `fn name(params) -> ret { ... }` and add it to the program."""
         dims = frozenset().union(*(dims_of(t) for _, t in params)) if params else frozenset()
         fn = FnState()
+        flags["top"] = flags.get("top", False) and ret == F32  # branched estimators need a scalar
         s = Scope(vars=dict(params), dims=dims, fn=fn, indent=0, pre=[], **flags)
         stmts = []
         for pname, pt in params:
@@ -1389,8 +1405,11 @@ class Gen:
         return self.function(self.fresh("f"), params, ret, self.body_depth(), deep=deep, **flags)
 
     def maybe_plain(self, f: FnInfo) -> None:
+        """Sometimes export the objective itself, or its gradient by a black-box estimator, too."""
         if self.chance(0.25):
             self.export(f.name, "fn")
+        if self.chance(0.1) and any(all_float(t) for _, t in f.params):
+            self.export(self.transform("grad", f.name, self.wrt(f.params), self.black_box()), "grad(by=black-box)")
 
     def plan_fn(self, dims):
         params = self.params(self.rng.randrange(1, 4), dims)
@@ -1517,7 +1536,7 @@ class Gen:
 
     def plan_compose(self, dims):
         n = self.pick((1, 2, 4))
-        g_params = self.params(self.rng.randrange(1, 3), dims)
+        g_params = self.params(self.rng.randrange(1, 3), dims, exclude=("u",))
         gdims = frozenset().union(*(dims_of(t) for _, t in g_params))
         g = self.objective(dims, ret=self.tensor(gdims), params=g_params, draw=True, top=True, samples=n)
         others = []
@@ -1722,10 +1741,20 @@ def run(program: Program, folder: Path, execute: bool | None = True, vmap: bool 
             outcome.calls += 1
         if cli:
             phase = "gradlang compile"
-            status, err = command(["compile", str(path), "-o", str(folder / "build"),
-                                   "--emit", "stablehlo,artifact"])
+            build = folder / "build"
+            status, err = command(["compile", str(path), "-o", str(build), "--emit", "stablehlo,artifact"])
             if status not in (0, 1, 2):
                 raise RuntimeError(f"gradlang compile exited with status {status}: {err}")
+            artifact = build / f"{path.stem}.gx"
+            if status == 0 and artifact.exists():
+                loaded = gradlang.load(artifact, externs=program.externs)
+                artifact.unlink()
+                for name, fn in loaded.exports.items():
+                    phase = f"load {name}"
+                    try:
+                        jax.jit(fn).lower(*arguments(fn.signature, program.sizes, program.seed))
+                    except ArgumentError:
+                        pass
     except Exception as exc:  # noqa: BLE001 - every other exception is a finding
         outcome.status, outcome.phase = "finding", phase
         outcome.error = f"{type(exc).__name__}: {exc}"
@@ -1823,6 +1852,24 @@ def _group(source: str, pos: int) -> tuple[int, int] | None:
 # ---- campaigns
 
 
+PASS_EVIDENCE: dict[str, tuple[str, Callable[[str], bool]]] = {
+    "resolve, typecheck, gradflow": ("every accepted program", lambda k: True),
+    "compose": ("a compose export", lambda k: k.endswith("/compose")),
+    "zeroth_order": ("a by=spsa / es / eggroll export",
+                     lambda k: k.startswith("transform:") and k.split("/")[1:2] in (["spsa"], ["es"], ["eggroll"])),
+    "multiobjective": ("a minimize export", lambda k: k.startswith("transform:minimize")),
+    "straight_through": ("a straight_through op", lambda k: k == "ir:straight_through"),
+    "hypergrad": ("an argmin op", lambda k: k == "ir:argmin"),
+    "estimators": ("a sample op with its estimator", lambda k: k.startswith("chosen:")),
+    "surrogate": ("a surrogate or samples op", lambda k: k in ("ir:surrogate", "ir:samples")),
+    "privacy": ("a by=dp export", lambda k: k.startswith("transform:") and "/dp" in k),
+    "(runtime) externs": ("a host_call op", lambda k: k == "ir:host_call"),
+    "(runtime) memory": ("checkpoint or wta_crs", lambda k: k in ("ir:checkpoint", "ir:sampled_matmul")),
+    "(runtime) optimal transport": ("sliced_wasserstein", lambda k: k == "ir:sliced_wasserstein"),
+}
+"""Per pass (and runtime feature): what in a compiled module shows that it had work."""
+
+
 class Slow(Exception):
     """A program ran past the campaign's time limit."""
 
@@ -1841,6 +1888,8 @@ class Campaign:
     features: Counter = field(default_factory=Counter)
     coverage: Counter = field(default_factory=Counter)
     diagnostics: Counter = field(default_factory=Counter)
+    passes: Counter = field(default_factory=Counter)
+    """Accepted programs in which each pass had work (PASS_EVIDENCE)."""
     findings: dict = field(default_factory=dict)
     """Finding class (str of the key) -> {"count", "seeds", "error", "phase", "source", "trace"}."""
     seconds: float = 0.0
@@ -1855,6 +1904,8 @@ class Campaign:
         self.max_depth = max(self.max_depth, program.depth)
         self.features.update(program.features)
         self.coverage.update(outcome.coverage)
+        for name, (_, reached) in PASS_EVIDENCE.items():
+            self.passes[name] += outcome.compiled and any(reached(k) for k in outcome.coverage)
         if outcome.status == "compile_error":
             first = outcome.error.splitlines()[0] if outcome.error else ""
             self.diagnostics[re.sub(r"\d+", "N", first.split("error: ", 1)[-1])[:100]] += 1
@@ -1886,7 +1937,10 @@ class Campaign:
                       e.get("reduced", "(not reduced)").rstrip(), "```", "", "Smallest program:", "", "```",
                       e["source"].rstrip(), "```", "", "<details><summary>traceback</summary>", "", "```", e["trace"][-2500:], "```",
                       "", "</details>", ""]
-        lines += ["## Coverage", "", "Generated features:", "", "```"]
+        lines += ["## Coverage", "", "Accepted programs in which each pass had work (from their IR after the "
+                  "pipeline):", "", "| pass | programs | evidence |", "|---|---:|---|"]
+        lines += [f"| {name} | {self.passes[name]} | {why} |" for name, (why, _) in PASS_EVIDENCE.items()]
+        lines += ["", "Generated features:", "", "```"]
         lines += [f"{v:7d} {k}" for k, v in sorted(self.features.items())]
         lines += ["```", "", "Compiled IR ops, chosen estimators and transforms:", "", "```"]
         lines += [f"{v:7d} {k}" for k, v in sorted(self.coverage.items())]
@@ -1895,10 +1949,12 @@ class Campaign:
         return "\n".join(lines + ["```", ""])
 
 
-def campaign(start: int, count: int, execute_every: int, limit: float, out: Path,
-             every: int = 25) -> Campaign:
-    """Run programs start .. start + count - 1 (each traced; every `execute_every`-th one also
-    executed), writing the report to `out` every `every` programs."""
+def campaign(start: int, count: int, out: Path, execute_every: int = 20, vmap_every: int = 10,
+             cli_every: int = 20, limit: float = 300.0, every: int = 25) -> Campaign:
+    """Run programs start .. start + count - 1: each compiled, explained and its exports
+    lowered; every `execute_every`-th one's exports also executed, every `vmap_every`-th one's
+    lowered under `jax.vmap`, every `cli_every`-th one through `gradlang compile` and its
+    artifact loaded; the report goes to `out` every `every` programs."""
     import signal
 
     def alarm(signum, frame):
@@ -1910,10 +1966,11 @@ def campaign(start: int, count: int, execute_every: int, limit: float, out: Path
     folder = Path(tempfile.mkdtemp(prefix="gradlang-fuzz-"))
     for seed in range(start, start + count):
         program = generate(seed)
-        execute = execute_every > 0 and seed % execute_every == 0
+        execute = bool(execute_every) and seed % execute_every == 0
         signal.setitimer(signal.ITIMER_REAL, limit)
         try:
-            outcome = run(program, folder, execute, vmap=seed % 4 == 1, cli=seed % 10 == 3)
+            outcome = run(program, folder, execute, vmap=bool(vmap_every) and seed % vmap_every == 1,
+                          cli=bool(cli_every) and seed % cli_every == 3)
         except Slow as exc:
             outcome = Outcome("slow", "", f"Slow: {exc}", traceback.format_exc())
         finally:
@@ -1945,8 +2002,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--start", type=int, default=0)
     p.add_argument("--programs", type=int, default=10_000)
-    p.add_argument("--execute-every", type=int, default=5,
-                   help="also execute every N-th program with XLA (0: trace only)")
+    p.add_argument("--execute-every", type=int, default=20,
+                   help="also execute every N-th program with XLA (0: never)")
+    p.add_argument("--vmap-every", type=int, default=10, help="also lower every N-th program under vmap")
+    p.add_argument("--cli-every", type=int, default=20,
+                   help="also run every N-th program through 'gradlang compile' and load its artifact")
     p.add_argument("--limit", type=float, default=300.0, help="seconds per program")
     p.add_argument("--out", type=Path, default=Path("/tmp/fuzz_campaign.md"))
     p.add_argument("--show", type=int, help="print program SEED and run it")
@@ -1957,7 +2017,8 @@ def main(argv: list[str] | None = None) -> int:
         outcome = run(program, Path(tempfile.mkdtemp()), execute=True)
         print(outcome.status, outcome.phase, outcome.error, outcome.trace, sep="\n")
         return 0
-    result = campaign(args.start, args.programs, args.execute_every, args.limit, args.out)
+    result = campaign(args.start, args.programs, args.out, args.execute_every, args.vmap_every,
+                      args.cli_every, args.limit)
     print(f"{result.programs} programs: {dict(result.statuses)}; {len(result.findings)} finding classes")
     return 0
 
