@@ -26,15 +26,15 @@ of the same objective, each jitted, and one hand-written JAX DP-SGD step:
   from that of drawing a parameter-sized Gaussian vector (`jax.random.normal`, whose random
   bits XLA on CPU materializes at several times the vector's size).
 
-Every private variant gets the same key, so they draw the same noise: the benchmark reports
-how closely their gradients agree (max relative difference): ghost against gradlang's
-per-example clipping, and the hand-written step against both. Reported per H: the parameter count, step time
-(interleaved, `benchmarks/timing.py`), XLA's compiled memory (`jax.jit(f).lower(...).compile()
-.memory_analysis()`: temp bytes, and total = argument + temp + output - alias), and each
-private variant's ratios to the non-private gradient; then the growth exponents
-d log(temp) / d log(H) over the last three sizes (per-example gradients store B (D H + H^2 +
-10 H) floats; ghost clipping stores activation-sized arrays, B (D + 2 H) per layer input, and
-the noise a parameter-sized vector).
+Every private variant gets the same key, so they draw the same noise: the benchmark reports how
+closely their gradients agree (max relative difference, against AGREE_RTOL): ghost against
+gradlang's per-example clipping, and the hand-written step against both. Reported per H: the
+parameter count, step time (interleaved, `benchmarks/timing.py`), XLA's compiled memory
+(`jax.jit(f).lower(...).compile().memory_analysis()`: temp bytes, and total = argument + temp
++ output - alias), and each private variant's ratios to the non-private gradient; then the
+growth exponents d log(temp) / d log(H) over the last three sizes (per-example gradients store
+B (D H + H^2 + 10 H) floats; ghost clipping stores activation-sized arrays, B (D + 2 H) per
+layer input, and the noise a parameter-sized vector).
 
 `--quick` runs smaller widths and a few rounds (a smoke test; its ratios are noisy).
 """
@@ -76,6 +76,10 @@ AGREEMENT = {"ghost_vs_per_example_max_rel_diff": ("dp ghost", "dp per-example")
              "hand_written_vs_per_example_max_rel_diff": (HAND, "dp per-example"),
              "hand_written_vs_ghost_max_rel_diff": (HAND, "dp ghost")}
 """JSON key: the two private variants whose gradients (same key, same noise) are compared."""
+AGREE_RTOL = B * float(np.finfo(np.float32).eps)
+"""Bound on the max relative difference of two private gradients with the same noise: each sums
+B clipped per-example gradients, every entry at most CLIP, in float32 (rounding at most B eps
+CLIP whatever the order), against a leaf maximum of about NOISE CLIP or more (the noise)."""
 TIME_LIMIT_BYTES = 3 << 30
 """Variants whose compiled total memory is above this are measured but not timed."""
 
@@ -166,8 +170,9 @@ def width_sweep(widths: list[int], rounds: int, calls: int, warmup: int) -> list
     for row in rows:
         for k, (u, v) in AGREEMENT.items():
             if row[k] is not None:
-                print(f"H={row['hidden']}: {u} and {v} gradients (same key, same noise) agree to "
-                      f"a relative {row[k]:.1e}")
+                ok = "yes" if row[k] <= AGREE_RTOL else "NO"
+                print(f"H={row['hidden']}: {u} and {v} gradients (same key, same noise) differ by "
+                      f"a relative {row[k]:.1e}; within B x float32 eps = {AGREE_RTOL:.1e}: {ok}")
     tail = rows[-3:] if len(rows) >= 3 else rows
     for name in VARIANTS:
         hs = np.log([r["hidden"] for r in tail])
