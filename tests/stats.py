@@ -1,5 +1,5 @@
-"""Statistical helpers shared by the estimator tests: independent fixed-seed estimates and the
-5-standard-error unbiasedness check."""
+"""Numeric helpers shared by the tests: the float32 comparison of deterministic results
+(`assert_close`), independent fixed-seed estimates and the 5-standard-error unbiasedness check."""
 
 from __future__ import annotations
 
@@ -8,8 +8,36 @@ import math
 import jax
 import numpy as np
 
+from gradlang.verify.stats import EPS32
+
 N = 10_000
 """Estimates per statistical test."""
+
+
+def assert_close(actual, expected, ops: float, scale=None) -> None:
+    """Every leaf of `actual` equals `expected`'s up to float32 rounding:
+    |actual - expected| <= ops * eps32 * scale elementwise (the pytrees' structures must match).
+
+    `ops` is the rounding error's growth, derived at the call site: 1 per float32 arithmetic
+    step on the longest dependency chain, 4 per transcendental (XLA's CPU approximations are
+    within a few ulp), n for a sum of n terms (the worst case: reductions are reordered across
+    CPUs and thread counts), the steps of both sides added when both are float32, times any
+    amplification (a condition number, a loop's Lipschitz constant). `scale` is the magnitude the
+    error is relative to: by default max |expected| per leaf, since an entry produced by
+    cancellation carries the rounding of the larger terms it came from; pass |expected| for
+    elementwise results computed independently of each other."""
+    leaves_a, tree_a = jax.tree.flatten(actual)
+    leaves_e, tree_e = jax.tree.flatten(expected)
+    assert tree_a == tree_e, f"{tree_a} != {tree_e}"
+    for a, e in zip(leaves_a, leaves_e):
+        a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
+        assert e.ndim == 0 or a.shape == e.shape, f"shape {a.shape} != {e.shape}"
+        s = np.abs(e).max(initial=0.0) if scale is None else np.asarray(scale, np.float64)
+        bound = ops * EPS32 * s
+        err = np.abs(a - e)
+        assert np.all(err <= bound), (
+            f"|actual - expected| up to {err.max():.3g} (at {np.unravel_index(np.argmax(err - bound), err.shape)}) "
+            f"> {ops} eps32 x scale = {np.max(bound):.3g}:\nactual {a}\nexpected {e}")
 
 
 def sigmoid(x):

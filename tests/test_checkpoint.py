@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import gradlang
-from stats import assert_unbiased, estimates, sigmoid
+from stats import assert_close, assert_unbiased, estimates, sigmoid
 
 CHAIN = """
 fn f(w: f32[H, H], x: f32[N, H], s: f32[S]) -> f32 {
@@ -45,6 +45,15 @@ def hand(w, x, s: int, k: int | None):
     return jnp.mean(y * y)
 
 
+def rounding(h: int, n: int, s: int, grad: bool = True) -> int:
+    """The chain's float32 roundings, for `assert_close`: a step sums h products and rounds
+    ~6 more times (tanh, the adds), forward and (grad) backward; the value then sums n h
+    squares, the gradient n s outer-product terms; both sides float32."""
+    if grad:
+        return 2 * (2 * s * (h + 6) + n * s)
+    return 2 * (s * (h + 6) + n * h)
+
+
 def temp_bytes(export, *a) -> int:
     return jax.jit(export).lower(*a).compile().memory_analysis().temp_size_in_bytes
 
@@ -53,10 +62,10 @@ def test_a_checkpoint_block_gives_the_same_numbers_and_stores_less():
     a = args(h=64, n=64, s=40)
     plain, checkpointed = chain(), chain(CHECKPOINTED)
     (v1, g1), (v2, g2) = plain.g(*a), checkpointed.g(*a)
-    np.testing.assert_allclose(v1, v2, rtol=1e-6)
-    np.testing.assert_allclose(g1["w"], g2["w"], rtol=1e-5, atol=1e-7)
+    assert_close(v1, v2, ops=rounding(64, 64, 40, grad=False))
+    assert_close(g1["w"], g2["w"], ops=rounding(64, 64, 40))
     want = jax.value_and_grad(lambda w: hand(w, a[1], 40, None))(a[0])
-    np.testing.assert_allclose(g1["w"], want[1], rtol=2e-5, atol=1e-7)
+    assert_close(g1["w"], want[1], ops=rounding(64, 64, 40))
     full, remat = temp_bytes(plain.g, *a), temp_bytes(checkpointed.g, *a)
     print(f"temp memory: {full} -> {remat} bytes with checkpoint")
     assert remat < 0.6 * full  # the tanh activations of the 40 steps are not stored
@@ -67,10 +76,10 @@ def test_truncated_backpropagation_is_the_hand_written_one(k):
     a = args()
     value, grads = chain(truncate=f"with truncated(k={k})").g(*a)
     want_value, want = jax.value_and_grad(lambda w: hand(w, a[1], 12, min(k, 12)))(a[0])
-    np.testing.assert_allclose(value, want_value, rtol=1e-6)
-    np.testing.assert_allclose(grads["w"], want, rtol=2e-5, atol=1e-7)
+    assert_close(value, want_value, ops=rounding(16, 8, 12, grad=False))
+    assert_close(grads["w"], want, ops=rounding(16, 8, 12))
     if k >= 12:  # the whole loop: plain backpropagation
-        np.testing.assert_allclose(grads["w"], chain().g(*a)[1]["w"], rtol=1e-6)
+        assert_close(grads["w"], chain().g(*a)[1]["w"], ops=rounding(16, 8, 12))
 
 
 def test_truncation_bounds_the_memory_by_k_not_the_length():

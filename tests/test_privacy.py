@@ -162,13 +162,19 @@ def test_sequences_split_along_axis_1(t, d):
 # ---- the noise
 
 
-def test_the_noise_is_gaussian_with_standard_deviation_sigma_clip_over_n(mlp, data):
+@pytest.mark.parametrize("clip, sigma", [(1.0, 1.3), (2.5, 0.6)])
+def test_the_noise_is_gaussian_with_standard_deviation_sigma_clip_over_n(mlp, data, clip, sigma):
+    """At clip = 2.5 a standard deviation of sigma / n instead of sigma clip / n would give z a
+    variance of 0.16, hundreds of standard errors from 1."""
     p, x, y = data
+    if clip != 1.0:
+        mlp = gradlang.compile_source(MLP.replace("clip=1.0", f"clip={clip}")
+                                      .replace("noise=1.3", f"noise={sigma}"))
     keys = jax.random.split(jax.random.key(7), 100)
     noisy = jax.jit(jax.vmap(lambda k: mlp.noisy(p, x, y, k)[1]["p"]))(keys)
     clean = mlp.ghost(p, x, y, jax.random.key(0))["p"]
     z = np.concatenate([np.asarray(a - b).reshape(100, -1) for a, b in
-                        zip(jax.tree.leaves(noisy), jax.tree.leaves(clean))], 1) * B / 1.3
+                        zip(jax.tree.leaves(noisy), jax.tree.leaves(clean))], 1) * B / (sigma * clip)
     n = z.size
     assert abs(z.mean()) < 5 / np.sqrt(n)
     assert abs(z.var() - 1.0) < 5 * np.sqrt(2.0 / n)

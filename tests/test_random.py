@@ -19,7 +19,7 @@ import pytest
 
 import gradlang
 from gradlang.runtime.signature import ArgumentError
-from stats import N, assert_unbiased, estimates, sigmoid, softmax, total_variance
+from stats import N, assert_close, assert_unbiased, estimates, sigmoid, softmax, total_variance
 
 EULER = 0.5772156649015329
 
@@ -248,6 +248,18 @@ def test_leave_one_out_baseline_reduces_variance(case):
     assert ratio > 1.5, ratio
 
 
+def test_a_leave_one_out_baseline_cancels_a_cost_that_does_not_vary():
+    """c^2 - c = 0 for c in {0, 1}: every sample's cost is e (a nonlinear function of the draw,
+    so no credit assignment separates it), so is the mean of the others', and each score term
+    is multiplied by e - e = 0. A baseline off by a factor, e.g. the others' sum over n, would
+    leave e/4 times the mean score, at least 0.68 |k - 4 sigmoid(0.4)| / 4 = 0.067 here."""
+    m = compile_objective("c ~ Bernoulli(logits=t) WITH\nreturn exp(sum(c * c - c) + 1.0)",
+                          "t: f32[3]", "score(baseline=loo)", samples=4)
+    # the baseline sums 4 costs, subtracts one and divides: 6 roundings of e, times a score
+    # of at most 1
+    assert_close(estimates(m.g, (T3,), n=100)["t"], np.zeros((100, 3)), ops=6, scale=math.e)
+
+
 def test_grpo_advantages_point_the_right_way_and_cut_variance():
     """GRPO normalizes advantages by the group's std: biased in scale by design (README), but
     the direction of the expected gradient is kept on this problem."""
@@ -327,9 +339,15 @@ fn f(m: f32[3, 1], s: f32[4]) -> f32[3, 4] {
 export e = expect(f, samples=1)
 """
     m = gradlang.compile_source(src)
-    out = m.e(np.zeros((3, 1), np.float32), np.ones(4, np.float32), jax.random.key(0))
-    assert out.shape == (3, 4)
-    assert len(np.unique(np.asarray(out))) == 12  # independent draws across the batch
+    loc = np.array([[-2.0], [0.5], [3.0]], np.float32)
+    scale = np.array([0.5, 1.0, 2.0, 4.0], np.float32)
+    assert m.e(loc, scale, jax.random.key(0)).shape == (3, 4)
+    draws = np.asarray(estimates(m.e, (loc, scale)), np.float64)
+    assert len(np.unique(draws[0])) == 12  # independent draws across the batch
+    # each entry's mean and standard deviation are its own loc_i and scale_j, within 5
+    # standard errors: scale_j / sqrt(N) for the mean, scale_j / sqrt(2 N) for the std
+    assert np.all(np.abs(draws.mean(0) - loc) <= 5 * scale / math.sqrt(N))
+    assert np.all(np.abs(draws.std(0) - scale) <= 5 * scale / math.sqrt(2 * N))
 
 
 # ---- relaxations are biased by design (documented): check what they promise
@@ -647,6 +665,21 @@ def test_the_normalized_swor_estimator_is_biased_as_documented_and_the_set_estim
             assert np.abs(grads.mean(0) - truth).max() > 0.1 * np.abs(truth).max()
     print(var)
     assert var["loo"] > var["set"] and var["swor"] > var["set"] and var["swor"] > var["normalized"]
+
+
+@pytest.mark.parametrize("t", [-0.8, 1.1])
+def test_disarm_gives_zero_or_its_one_weighted_difference(t):
+    """One draw, one sample: b != b' has probability 2 min(p, 1 - p), and then both orders give
+    1/2 (f(1) - f(0)) sigmoid(|t|); otherwise the estimate is 0. Its mean is p (1 - p) (f(1) -
+    f(0)), the gradient."""
+    m = compile_objective("z ~ Bernoulli(logits=t) with disarm\nreturn (z - 0.3) ^ 2", "t: f32")
+    g = np.asarray(estimates(m.g, (t,))["t"], np.float64)
+    weighted = 0.5 * (0.49 - 0.09) * sigmoid(abs(t))
+    # 0.49 - 0.09 and the product: a few roundings of O(1) values
+    nonzero = np.abs(g) > 0
+    assert_close(g[nonzero], np.full(nonzero.sum(), weighted), ops=8)
+    q = 2 * min(sigmoid(t), 1 - sigmoid(t))
+    assert abs(nonzero.mean() - q) <= 5 * math.sqrt(q * (1 - q) / N)  # 5 binomial standard errors
 
 
 def test_disarm_has_lower_variance_than_arm_and_both_than_the_score_function():
