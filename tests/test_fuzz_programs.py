@@ -1,5 +1,5 @@
 """Fuzzing the whole compiler: type-directed random programs (tests/fuzzgen.py) are compiled,
-explained and called with arguments of their declared types.
+explained and called with arguments of their declared types (tests/fuzzrun.py).
 
 A program is either rejected with a diagnostic (CompileError) or accepted; an accepted program's
 exports raise nothing but ArgumentError. Anything else (an internal error of a pass, a lowering
@@ -7,7 +7,7 @@ rule that fails, a crash inside JAX) is a finding. The default run checks a fixe
 derandomized programs (every one through the front end, the passes and `explain`; every
 CALL_EVERY-th one's exports traced and lowered to StableHLO, every EXECUTE_EVERY-th one's
 compiled by XLA and run); `-m slow` runs a campaign of 10^4 programs (hours on 2 cores), as
-`python tests/fuzzgen.py --programs 10000` does with a Markdown report of its findings.
+`python tests/fuzzrun.py --programs 10000` does with a Markdown report of its findings.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import fuzzgen
+import fuzzrun
 
 BUDGET = 120
 """Programs of the default run (seeds 0 .. BUDGET - 1): about 30 s in one process."""
@@ -27,11 +28,6 @@ EXECUTE_EVERY = 15
 VMAP_EVERY = 9
 CLI_EVERY = 30
 
-KNOWN: dict[str, tuple[str, str]] = {
-}
-"""Crash classes of issue 19 being fixed by other changes (name -> exception type and a
-message fragment); a program that hits one is an expected failure until the fix lands."""
-
 
 @pytest.fixture(scope="module")
 def folder():
@@ -39,12 +35,7 @@ def folder():
         yield Path(name)
 
 
-def known(outcome: fuzzgen.Outcome) -> str | None:
-    kind = outcome.error.partition(":")[0]
-    return next((name for name, (k, text) in KNOWN.items() if kind == k and text in outcome.error), None)
-
-
-def report(program: fuzzgen.Program, outcome: fuzzgen.Outcome) -> str:
+def report(program: fuzzgen.Program, outcome: fuzzrun.Outcome) -> str:
     return (f"seed {program.seed}: {outcome.error[:1000]} at {outcome.phase}\n"
             f"{program.source}\n{outcome.trace[-3000:]}")
 
@@ -53,11 +44,17 @@ def report(program: fuzzgen.Program, outcome: fuzzgen.Outcome) -> str:
 def test_accepted_programs_never_crash(seed, folder):
     program = fuzzgen.generate(seed)
     execute = None if seed % CALL_EVERY else seed % EXECUTE_EVERY == 0
-    outcome = fuzzgen.run(program, folder, execute, vmap=seed % VMAP_EVERY == 3,
+    outcome = fuzzrun.run(program, folder, execute, vmap=seed % VMAP_EVERY == 3,
                           cli=seed % CLI_EVERY == 6)
-    if outcome.status == "finding" and known(outcome):
-        pytest.xfail(f"known crash class '{known(outcome)}' (issue 19)")
     assert outcome.status in ("ok", "compile_error", "argument_error"), report(program, outcome)
+
+
+def test_most_generated_programs_are_accepted(folder):
+    """The fuzz test means something only if the generator's programs get past the front end:
+    most are well typed by construction (measured: about 90%; the rest break rules on purpose)."""
+    statuses = Counter(fuzzrun.run(fuzzgen.generate(seed), folder, execute=None).status
+                       for seed in range(1000, 1040))
+    assert statuses["ok"] >= 30, statuses
 
 
 def test_generation_is_deterministic():
@@ -109,10 +106,5 @@ def test_the_generator_writes_every_feature():
 def test_ten_thousand_programs(tmp_path):
     """The long campaign: 10^4 programs, each compiled and its exports lowered; every 20th
     executed, every 10th vmapped, every 20th through `gradlang compile` and its artifact."""
-    result = fuzzgen.campaign(0, 10_000, tmp_path / "campaign.md")
-    unknown = {k: e for k, e in result.findings.items()
-               if not any(e["error"].startswith(kind) and text in e["error"] for kind, text in KNOWN.values())}
-    assert not unknown, "\n\n".join(f"{k}: {e['count']} programs, seeds {e['seeds']}\n{e['source']}"
-                                    for k, e in unknown.items())
-    if result.findings:
-        pytest.xfail(f"known crash classes (issue 19): {sorted(result.findings)}")
+    result = fuzzrun.campaign(0, 10_000, tmp_path / "campaign.md")
+    assert not result.findings, (tmp_path / "campaign.md").read_text()
