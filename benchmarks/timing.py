@@ -87,7 +87,7 @@ def cpu_name() -> str:
 
 
 def commit() -> str | None:
-    """The checkout's commit, with "+modified" when tracked files differ from it; None outside git."""
+    """The checkout's commit, "+modified" when tracked files differ from it; None outside git."""
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
                               check=True).stdout.strip()

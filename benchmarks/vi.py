@@ -51,7 +51,7 @@ Every loss is a negative ELBO in nats per data point (a mean over the batch); ev
 3. Estimator comparison (`gradlang verify --compare` on the discrete VAE, against Storchastic's
    estimator list and NumPyro): three discrete VAEs on the same data, each with one draw left to
    the automatic rule in benchmarks/vi_models/estimators_*.grad (categorical.grad holds the
-   categorical parts, shared with vae_discrete.grad):
+   categorical parts, shared with vae_discrete.grad; binary.grad the binary ones):
    - categorical: the VAE of section 2 (L=4 OneHotCategorical latents x C=10),
    - binary: K=16 Bernoulli latents, a Bernoulli(1/2) prior (closed-form KL), tanh MLP encoder
      and decoder, and RELAX's control variate r(psi, s), a tanh MLP of the relaxed latents,
@@ -74,18 +74,19 @@ Every loss is a negative ELBO in nats per data point (a mean over the batch); ev
    every other gradlang row uses the closed-form KL and compares gradlang's estimators with
    NumPyro's only one.
    Measured at fixed parameters: the encoder gradient's total variance over `--var-keys` keys,
-   a state threaded from call to call as in training (a moving-average baseline, per data point,
-   after 50 warm-up calls; RELAX's psi, shared, trained `--relax-steps` calls first, starting at
-   r = 0, i.e. REBAR with eta = 1, each call one SGD step of the compiler's on the estimate's
-   second moment; both warm-ups run at OTHER parameters, the model's init with seed WARM_SEED,
-   so that the state is not fitted to the parameters where it is measured); agreement with the EXACT gradient, the -ELBO with its reconstruction term
-   summed over every latent value (10^4, 2^16 and 10 values per data point) in float64,
-   differentiated by JAX: the largest per-coordinate z (gradlang verify's statistic, z = 5) and
-   |mean - exact| / |exact| beside its noise level; the mean loss against the exact -ELBO;
-   interleaved time per step (`--compare-rounds` x `--compare-calls`) against NumPyro; variance x
-   time. Estimators biased by design (gumbel, st_gumbel, grpo, swor baseline=normalized) are
-   marked. Last, Storchastic's estimators (`storch.method`) with the gradlang annotation of each
-   (or "not in gradlang") and what was measured here.
+   a state threaded from call to call as in training (a moving-average baseline, per data
+   point, after 50 warm-up calls; RELAX's psi, shared, trained `--relax-steps` calls first,
+   starting at r = 0, i.e. REBAR with eta = 1, each call one SGD step of the compiler's on the
+   estimate's second moment; both warm-ups run at OTHER parameters, the model's init with seed
+   WARM_SEED, so that the state is not fitted to the parameters where it is measured);
+   agreement with the EXACT gradient, the -ELBO with its reconstruction term summed over every
+   latent value (10^4, 2^16 and 10 values per data point) in float64, differentiated by JAX:
+   the largest per-coordinate z (gradlang verify's statistic, z = 5) and |mean - exact| /
+   |exact| beside its noise level; the mean loss against the exact -ELBO; interleaved time per
+   step (`--compare-rounds` x `--compare-calls`) against NumPyro; variance x time. Estimators
+   biased by design (gumbel, st_gumbel, grpo, swor baseline=normalized) are marked. Last,
+   Storchastic's estimators (`storch.method`) with the gradlang annotation of each (or "not in
+   gradlang") and what was measured here.
 
 `--quick` is a smoke test (about a minute on 2 idle cores; XLA compiles dominate): section 3 on
 the single-categorical model only, 4 rounds of 2 calls, 20 keys, 20 RELAX steps. Section 3 at
@@ -540,7 +541,8 @@ def run_discrete(x, rounds, calls, warmup, var_keys) -> dict:
 
     import gradlang
 
-    assert all(_source_samples(DISC_SRC, e) == DISC_S for e in ("step", "step_plain8", "step_plain8_mc"))
+    exports = ("step", "step_plain8", "step_plain8_mc")
+    assert all(_source_samples(DISC_SRC, e) == DISC_S for e in exports)
     m = gradlang.compile_file(DISC_SRC)
     enc, dec = init_discrete(x)
     args = jax.device_put((enc, dec, x))
@@ -599,7 +601,8 @@ def run_discrete(x, rounds, calls, warmup, var_keys) -> dict:
         "loo_variance_reduction_at_equal_samples": none8["enc_grad_total_var"] / loo8["enc_grad_total_var"],
         "per_point_vs_batch_credit_variance_reduction": loo8["enc_grad_total_var"] / pp["enc_grad_total_var"],
         "like_for_like_time_vs_numpyro": same["median_s"] / numpyro["median_s"],
-        "like_for_like_variance_vs_numpyro": same["enc_grad_total_var"] / numpyro["enc_grad_total_var"]}
+        "like_for_like_variance_vs_numpyro":
+            same["enc_grad_total_var"] / numpyro["enc_grad_total_var"]}
     return {"variants": timing, "exact": exact, "var_keys": var_keys, "reference": ref,
             "summary": summary}
 
@@ -619,9 +622,9 @@ are float32 rounding, not bias: what decides for an estimator without variance (
 by at most 4e-6 x RMS on the single-categorical model)."""
 NUMPYRO = f"NumPyro TraceGraph_ELBO, S={CMP_S}"
 LIKE_FOR_LIKE = "with score(baseline=none), Monte Carlo KL"
-"""The comparison's like-for-like row: NumPyro's estimator compiled by gradlang (CompareModel.mc_src).
-Every other gradlang row differs from NumPyro's in the estimator as well: the KL in closed form,
-a baseline or another estimator."""
+"""The comparison's like-for-like row: NumPyro's estimator compiled by gradlang
+(CompareModel.mc_src). Every other gradlang row differs from NumPyro's in the estimator as well:
+the KL in closed form, a baseline or another estimator."""
 WARM_SEED = 10
 """Parameters (the models' init with this seed) on which the moving averages and RELAX's control
 variate are warmed before the variance is measured at the models' own parameters: in training
@@ -1057,7 +1060,8 @@ def print_compare(cmp: dict) -> None:
           f"{cmp['calls']} calls); RELAX's control variate trained {cmp['relax_steps']} steps "
           f"first, moving averages {BASELINE_WARMUP},\n   both on other parameters (seed "
           f"{cmp['warm_seed']}'s). `{LIKE_FOR_LIKE}`: NumPyro's estimator in gradlang, the row "
-          f"that compares the libraries;\n   the other rows compare estimators.\n   rel. diff: |mean - exact| / |exact|; "
+          f"that compares the libraries;\n   the other rows compare estimators.\n"
+          f"   rel. diff: |mean - exact| / |exact|; "
           f"noise: the standard error of that difference, sqrt(sum var / keys) / |exact| (rel. diff\n"
           f"   about noise: unbiased); max z: the largest per-coordinate |mean - exact| / SE "
           f"(verdict: consistent when <= 5); E[loss] z:\n   the mean loss against the exact "
@@ -1154,7 +1158,8 @@ def print_discrete(disc: dict) -> None:
     s = disc["summary"]
     print(f"  like for like, {LIKE_FOR_LIKE_DISC} against {NUMPYRO_DISC} (the same\n"
           f"   estimator: no baseline, Monte Carlo KL, per-point credit): time x "
-          f"{s['like_for_like_time_vs_numpyro']:.3g}, variance x {s['like_for_like_variance_vs_numpyro']:.3g}")
+          f"{s['like_for_like_time_vs_numpyro']:.3g}, "
+          f"variance x {s['like_for_like_variance_vs_numpyro']:.3g}")
     print(f"  gradlang leave-one-out at S={DISC_S}: variance / "
           f"{disc['summary']['loo_variance_reduction_at_equal_samples']:.4g} vs no baseline at the "
           f"same S;\n  gradlang per-point credit (vmap) vs batch credit: variance / "
