@@ -1,8 +1,9 @@
 """Hypergradient methods: how the solution of an inner problem is differentiated.
 
-An inner problem is given on a flat variable as `objective(x, thetas)` and optionally
-`constraints(x, thetas)` (c <= 0), where thetas are the float values the problem captures.
-Each method returns `solve(thetas, x0) -> (x, residual, steps)`, differentiable in thetas:
+An inner problem is given on a flat variable as `objective(x, thetas, fixed)` and optionally
+`constraints(x, thetas, fixed)` (c <= 0), where thetas are the float values the problem
+captures and fixed the others (integers). Each method returns
+`solve(thetas, fixed, x0) -> (x, residual, steps)`, differentiable in thetas:
 
 - `implicit`: a `custom_vjp` whose backward solves (H + damping I) u = g at the solution, H the
   Hessian in x, with Hessian-vector products only (forward-over-reverse), by CG, GMRES or a
@@ -49,19 +50,19 @@ def build(solver: str, solver_opts: dict, method: str, method_opts: dict,
     """The differentiable solve for one inner problem; its residual is computed (one more
     gradient evaluation) only when `report`."""
 
-    def problem(thetas, shift=None) -> S.Problem:
+    def problem(thetas, fixed, shift=None) -> S.Problem:
         def f(x):
-            value = objective(x, thetas)
+            value = objective(x, thetas, fixed)
             return value if shift is None else value + jnp.vdot(shift, x)
 
-        c = None if constraints is None else (lambda x: constraints(x, thetas))
+        c = None if constraints is None else (lambda x: constraints(x, thetas, fixed))
         return S.Problem(f, c, solver_opts)
 
     steps, tol = int(solver_opts["steps"]), solver_opts["tol"]
 
-    def forward(thetas, x0, last: int = 0):
+    def forward(thetas, fixed, x0, last: int = 0):
         """The solve; with last > 0, reverse mode sees only its last `last` steps."""
-        p = problem(thetas)
+        p = problem(thetas, fixed)
         state = S.start(solver, p, x0, S.multipliers(p, x0))
         if not last:
             return S.run(solver, p, state, steps, tol)
@@ -74,26 +75,25 @@ def build(solver: str, solver_opts: dict, method: str, method_opts: dict,
         done = S.fresh(p, jax.lax.stop_gradient(state))
         return state.x, p.residual(done.x, done.g), state.k
 
-    if method == "unrolled":
-        return lambda thetas, x0: result(problem(thetas), forward(thetas, x0))
-    if method == "truncated":
-        k = int(method_opts["k"])
-        return lambda thetas, x0: result(problem(thetas), forward(thetas, x0, k))
+    if method in ("unrolled", "truncated"):
+        last = int(method_opts["k"]) if method == "truncated" else 0
+        return lambda thetas, fixed, x0: result(problem(thetas, fixed),
+                                                forward(thetas, fixed, x0, last))
 
     @jax.custom_vjp
-    def solve(thetas, x0):
-        return result(problem(thetas), forward(thetas, x0))
+    def solve(thetas, fixed, x0):
+        return result(problem(thetas, fixed), forward(thetas, fixed, x0))
 
-    def fwd(thetas, x0):
-        state = forward(thetas, x0)
-        return result(problem(thetas), state), (state, thetas, x0)
+    def fwd(thetas, fixed, x0):
+        state = forward(thetas, fixed, x0)
+        return result(problem(thetas, fixed), state), (state, thetas, fixed, x0)
 
-    def lagrangian(x, lam, thetas):
-        value = objective(x, thetas)
-        return value if constraints is None else value + jnp.vdot(lam, constraints(x, thetas))
+    def lagrangian(x, lam, thetas, fixed):
+        value = objective(x, thetas, fixed)
+        return value if constraints is None else value + jnp.vdot(lam, constraints(x, thetas, fixed))
 
     def implicit_bwd(saved, cts):
-        state, thetas, x0 = saved
+        state, thetas, fixed, x0 = saved
         x, g = state.x, cts[0]
         grad_x = jax.grad(objective)
         free = jnp.ones_like(x)
@@ -101,15 +101,15 @@ def build(solver: str, solver_opts: dict, method: str, method_opts: dict,
             free = ((x > solver_opts["lower"]) & (x < solver_opts["upper"])).astype(x.dtype)
 
         def matvec(u):
-            hu = jax.jvp(lambda w: grad_x(w, thetas), (x,), (free * u,))[1]
+            hu = jax.jvp(lambda w: grad_x(w, thetas, fixed), (x,), (free * u,))[1]
             return free * hu + (1 - free) * u + method_opts["damping"] * u
 
         u = _adjoint(matvec, free * g, method_opts, solver_opts.get("lr", 1.0))
-        (theta_bar,) = jax.vjp(lambda th: grad_x(x, th), thetas)[1](u)
-        return jax.tree.map(jnp.negative, theta_bar), jnp.zeros_like(x0)
+        (theta_bar,) = jax.vjp(lambda th: grad_x(x, th, fixed), thetas)[1](u)
+        return jax.tree.map(jnp.negative, theta_bar), None, jnp.zeros_like(x0)
 
     def value_function_bwd(saved, cts):
-        state, thetas, x0 = saved
+        state, thetas, fixed, x0 = saved
         g = cts[0]
         norm = jnp.linalg.norm(g)
         d = g / jnp.where(norm > 0, norm, 1.0)
@@ -117,13 +117,13 @@ def build(solver: str, solver_opts: dict, method: str, method_opts: dict,
         grad_theta = jax.grad(lagrangian, argnums=2)
 
         def perturbed(sign):
-            p = problem(thetas, sign * sigma * d)
+            p = problem(thetas, fixed, sign * sigma * d)
             s = S.run(solver, p, S.fresh(p, state), n, 0.0)
-            return grad_theta(s.x, s.lam, thetas)
+            return grad_theta(s.x, s.lam, thetas, fixed)
 
         up, down = perturbed(1.0), perturbed(-1.0)
         theta_bar = jax.tree.map(lambda a, b: norm * (a - b) / (2 * sigma), up, down)
-        return theta_bar, jnp.zeros_like(x0)
+        return theta_bar, None, jnp.zeros_like(x0)
 
     solve.defvjp(fwd, implicit_bwd if method == "implicit" else value_function_bwd)
     return solve

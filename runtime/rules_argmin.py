@@ -1,7 +1,7 @@
 """Lowering of `argmin`: the inner problem as functions of the flattened inner variable.
 
 The first region computes the objective f(v, theta) from the inner variable v (its argument)
-and the float values it uses from outside (theta); an optional second region computes the
+and the float values it uses from outside (theta; the others, integers, are held fixed); an optional second region computes the
 `subject to` constraints (each <= 0). `runtime.hypergrads` builds the solver loop and its
 hypergradient. The op has one result (the solution) or two (and the solver's report: final
 residual and steps taken).
@@ -28,10 +28,9 @@ def _argmin(ctx, op: Op, init):
     sign = -1.0 if p.maximize else 1.0
     x0, unravel = ravel_pytree(ctx.coerce(init, op.results[0].type))
 
-    def evaluate(region: Region, x, thetas):
-        it = iter(thetas)
-        values = jax.tree.unflatten(tree, [next(it) if t else leaf
-                                           for leaf, t in zip(leaves, is_theta)])
+    def evaluate(region: Region, x, thetas, fixed):
+        floats, others = iter(thetas), iter(fixed)
+        values = jax.tree.unflatten(tree, [next(floats) if t else next(others) for t in is_theta])
         saved = {v: ctx.env[v] for v in captured}
         ctx.env.update(zip(captured, values))
         try:
@@ -39,16 +38,19 @@ def _argmin(ctx, op: Op, init):
         finally:
             ctx.env.update(saved)
 
-    def objective(x, thetas):
-        (value,) = evaluate(op.regions[0], x, thetas)
+    def objective(x, thetas, fixed):
+        (value,) = evaluate(op.regions[0], x, thetas, fixed)
         return sign * value
 
-    def constraints(x, thetas):
-        return jnp.concatenate([jnp.ravel(c) for c in evaluate(op.regions[1], x, thetas)])
+    def constraints(x, thetas, fixed):
+        return jnp.concatenate([jnp.ravel(c) for c in evaluate(op.regions[1], x, thetas, fixed)])
 
     solve = build(p.solver.name, dict(p.solver.options), p.hyper.name, dict(p.hyper.options),
                   objective, constraints if len(op.regions) > 1 else None, len(op.results) > 1)
-    x, residual, steps = solve(tuple(leaf for leaf, t in zip(leaves, is_theta) if t), x0)
+    # the other leaves (integers: a loop index, a report's steps) are arguments too, never
+    # closed over: the backward pass is traced outside the region that made them
+    x, residual, steps = solve(tuple(leaf for leaf, t in zip(leaves, is_theta) if t),
+                               tuple(leaf for leaf, t in zip(leaves, is_theta) if not t), x0)
     if len(op.results) == 1:
         return unravel(x)
     return unravel(x), {"residual": residual, "steps": steps}
