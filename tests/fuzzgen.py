@@ -561,13 +561,16 @@ class Gen:
     def f_call(self, t, s, d):
         return self.call(t, s, d)
 
+    def callable_in(self, s: Scope) -> list[FnInfo]:
+        """User functions a body with scope `s` may call."""
+        return [f for f in self.functions.values() if dims_of_params(f) <= s.dims
+                and (s.draw or not f.draws) and (s.extern or not f.externs)]
+
     def call(self, t: Type, s: Scope, d: int) -> str | None:
         """A call of a user function returning `t`, or of one returning a tuple or struct
         holding `t`, whose parameter dims are all in scope."""
         direct, via = [], []
-        for f in self.functions.values():
-            if not dims_of_params(f) <= s.dims or (f.draws and not s.draw) or (f.externs and not s.extern):
-                continue
+        for f in self.callable_in(s):
             if f.ret == t:
                 direct.append(f)
             elif isinstance(f.ret, Tup) and t in f.ret.elems:
@@ -926,6 +929,7 @@ class Gen:
         if not s.draw:
             return None
         n = self.pick((1, 2, 3))
+        s.fn.draws_any = True  # an expectation makes its function random (it takes a key)
         lme = not t.shape and self.chance(0.3)
         inner = self.enter(s, samples=n, lme=lme, own=False, top=False, pre=None)
         body = self.fexpr(t, inner, d - 1)
@@ -953,6 +957,14 @@ class Gen:
                     s.vars[name] = t
             elif r < 0.45:
                 stmt = self.report_stmt(s, d)
+            elif r < 0.55 and self.callable_in(s):  # bind the result of a user function
+                f = self.pick(self.callable_in(s))
+                name = self.fresh()
+                stmt = f"let {name} = {f.name}({', '.join(self.expr(t, s, d - 1) for _, t in f.params)})"
+                s.vars[name] = f.ret
+                s.fn.draws_any |= f.draws
+                s.fn.calls_externs |= f.externs
+                self.note("call:user")
             elif r < 0.5 and s.vars:  # rebind a name with a value of its type
                 name, t = self.pick(list(s.vars.items()))
                 if name in s.fn.draws or "." in name:

@@ -63,9 +63,9 @@ def finding_key(error: str, trace: str) -> tuple:
     return kind, pattern, tuple(f"{d}/{f}:{fn}" for d, f, fn in frames[-3:])
 
 
-def arguments(signature, sizes: dict, seed: int) -> list:
+def arguments(signature, sizes: dict, seed: int, python_scalars: bool = False) -> list:
     """Arguments of the export's declared types: floats in [-1, 1], integers in {0, 1}, coins;
-    a compose state `inner` at zeros."""
+    a compose state `inner` at zeros; with `python_scalars`, scalars as Python numbers."""
     import jax
 
     from gradlang.types import KEY, StructType, TensorType, TupleType
@@ -81,9 +81,8 @@ def arguments(signature, sizes: dict, seed: int) -> list:
             dtype = dtypes[t.dtype.value]
             if zero:
                 return np.zeros(shape, dtype)
-            if t.dtype.is_float:
-                return rng.uniform(-1, 1, shape).astype(dtype)
-            return rng.integers(0, 2, shape).astype(dtype)
+            value = (rng.uniform(-1, 1, shape) if t.dtype.is_float else rng.integers(0, 2, shape)).astype(dtype)
+            return value.item() if python_scalars and not shape else value
         if isinstance(t, StructType):
             return {n: make(f, zero) for n, f in t.fields}
         assert isinstance(t, TupleType)
@@ -141,6 +140,9 @@ def run(program: Program, folder: Path, execute: bool | None = True, vmap: bool 
             try:
                 if execute:
                     jax.block_until_ready(fn(*args))
+                    phase = f"call {name} again"  # other values, by keyword, scalars from Python
+                    again = arguments(fn.signature, program.sizes, program.seed + 2, python_scalars=True)
+                    jax.block_until_ready(fn(**{n: a for (n, _), a in zip(fn.signature.params, again)}))
                 else:
                     jax.jit(fn).lower(*args)
                 if vmap:
