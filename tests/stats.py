@@ -14,7 +14,7 @@ N = 10_000
 """Estimates per statistical test."""
 
 
-def assert_close(actual, expected, ops: float, scale=None) -> None:
+def assert_close(actual, expected, ops: float, scale=None, where: str = "") -> None:
     """Every leaf of `actual` equals `expected`'s up to float32 rounding:
     |actual - expected| <= ops * eps32 * scale elementwise (the pytrees' structures must match).
 
@@ -28,16 +28,17 @@ def assert_close(actual, expected, ops: float, scale=None) -> None:
     elementwise results computed independently of each other."""
     leaves_a, tree_a = jax.tree.flatten(actual)
     leaves_e, tree_e = jax.tree.flatten(expected)
-    assert tree_a == tree_e, f"{tree_a} != {tree_e}"
+    assert tree_a == tree_e, f"{where} {tree_a} != {tree_e}"
     for a, e in zip(leaves_a, leaves_e):
         a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
-        assert e.ndim == 0 or a.shape == e.shape, f"shape {a.shape} != {e.shape}"
+        assert e.ndim == 0 or a.shape == e.shape, f"{where} shape {a.shape} != {e.shape}"
         s = np.abs(e).max(initial=0.0) if scale is None else np.asarray(scale, np.float64)
         bound = ops * EPS32 * s
         err = np.abs(a - e)
+        worst = tuple(int(i) for i in np.unravel_index(np.argmax(err - bound), err.shape))
         assert np.all(err <= bound), (
-            f"|actual - expected| up to {err.max():.3g} (at {np.unravel_index(np.argmax(err - bound), err.shape)}) "
-            f"> {ops} eps32 x scale = {np.max(bound):.3g}:\nactual {a}\nexpected {e}")
+            f"{where} |actual - expected| = {err[worst]:.3g} at {worst} > {ops:.4g} eps32 x scale "
+            f"= {np.broadcast_to(bound, err.shape)[worst]:.3g}\nactual {a}\nexpected {e}")
 
 
 def sigmoid(x):
