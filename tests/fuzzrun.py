@@ -297,8 +297,12 @@ class Campaign:
     compiled: int = 0
     called: int = 0
     executed: int = 0
+    vmapped: int = 0
+    through_cli: int = 0
     deep: int = 0
+    deep_accepted: int = 0
     max_depth: int = 0
+    max_depth_accepted: int = 0
     features: Counter = field(default_factory=Counter)
     coverage: Counter = field(default_factory=Counter)
     diagnostics: Counter = field(default_factory=Counter)
@@ -308,14 +312,19 @@ class Campaign:
     """Finding class (str of the key) -> {"count", "seeds", "error", "phase", "source", "trace"}."""
     seconds: float = 0.0
 
-    def add(self, program: Program, outcome: Outcome, executed: bool) -> None:
+    def add(self, program: Program, outcome: Outcome, executed: bool, vmapped: bool, cli: bool) -> None:
         self.programs += 1
         self.statuses[outcome.status] += 1
         self.compiled += outcome.compiled
         self.called += outcome.calls > 0
         self.executed += executed and outcome.calls > 0
+        self.vmapped += vmapped and outcome.calls > 0
+        self.through_cli += cli and outcome.calls > 0
         self.deep += program.deep
+        self.deep_accepted += program.deep and outcome.compiled
         self.max_depth = max(self.max_depth, program.depth)
+        if outcome.compiled:
+            self.max_depth_accepted = max(self.max_depth_accepted, program.depth)
         self.features.update(program.features)
         self.coverage.update(outcome.coverage)
         for name, (_, reached) in PASS_EVIDENCE.items():
@@ -338,11 +347,13 @@ class Campaign:
         s = self.statuses
         lines = [f"# Fuzz campaign: {self.programs} programs ({self.seconds / 3600:.2f} h)", "",
                  f"- compiled (accepted): {self.compiled}; rejected with a diagnostic: {s['compile_error']}",
-                 f"- called (every export traced with its declared types): {self.called}; "
-                 f"executed by XLA too: {self.executed}",
+                 f"- called (every export traced and lowered with arguments of its declared types): "
+                 f"{self.called}; also compiled by XLA and run: {self.executed}; also lowered under "
+                 f"jax.vmap: {self.vmapped}; also through 'gradlang compile' and its artifact: {self.through_cli}",
                  f"- argument errors: {s['argument_error']}; findings (other exceptions): {s['finding']}; "
                  f"past the time limit: {s['slow']}",
-                 f"- deep programs: {self.deep}; deepest nesting: {self.max_depth}", "",
+                 f"- deep programs: {self.deep} ({self.deep_accepted} accepted); deepest nesting generated: "
+                 f"{self.max_depth}, accepted: {self.max_depth_accepted}", "",
                  f"## Findings ({len(self.findings)} classes)", ""]
         for i, (key, e) in enumerate(sorted(self.findings.items(), key=lambda kv: -kv[1]["count"])):
             lines += [f"### {i + 1}. {key}", "",
@@ -376,20 +387,27 @@ def campaign(start: int, count: int, out: Path, execute_every: int = 20, vmap_ev
     result = Campaign()
     t0 = time.time()
     folder = Path(tempfile.mkdtemp(prefix="gradlang-fuzz-"))
+    log = out.with_suffix(".jsonl").open("w")
     for seed in range(start, start + count):
         program = generate(seed)
         execute = bool(execute_every) and seed % execute_every == 0
+        vmap = bool(vmap_every) and seed % vmap_every == 1
+        cli = bool(cli_every) and seed % cli_every == 3
         signal.setitimer(signal.ITIMER_REAL, limit)
+        started = time.time()
         try:
-            outcome = run(program, folder, execute, vmap=bool(vmap_every) and seed % vmap_every == 1,
-                          cli=bool(cli_every) and seed % cli_every == 3)
+            outcome = run(program, folder, execute, vmap=vmap, cli=cli)
         except Slow as exc:
             outcome = Outcome("slow", "", f"Slow: {exc}", traceback.format_exc())
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
+        log.write(json.dumps({"seed": seed, "status": outcome.status, "phase": outcome.phase,
+                              "calls": outcome.calls, "depth": program.depth, "deep": program.deep,
+                              "seconds": round(time.time() - started, 2)}) + "\n")
+        log.flush()
         key = str(outcome.key())
         new = outcome.status == "finding" and key not in result.findings
-        result.add(program, outcome, execute)
+        result.add(program, outcome, execute, vmap, cli)
         if new:  # reduce each new class once, within three time limits
             signal.setitimer(signal.ITIMER_REAL, 3 * limit)
             try:
@@ -403,10 +421,13 @@ def campaign(start: int, count: int, out: Path, execute_every: int = 20, vmap_ev
             out.write_text(result.markdown())
             (out.with_suffix(".json")).write_text(json.dumps(
                 {"programs": result.programs, "statuses": result.statuses, "compiled": result.compiled,
-                 "called": result.called, "executed": result.executed, "max_depth": result.max_depth,
-                 "deep": result.deep, "last_seed": seed, "seconds": result.seconds,
+                 "called": result.called, "executed": result.executed, "vmapped": result.vmapped,
+                 "through_cli": result.through_cli, "max_depth": result.max_depth,
+                 "max_depth_accepted": result.max_depth_accepted, "deep": result.deep,
+                 "deep_accepted": result.deep_accepted, "last_seed": seed, "seconds": result.seconds,
                  "findings": {k: {x: v[x] for x in ("count", "seeds", "error", "phase")}
                               for k, v in result.findings.items()}}, indent=1))
+    log.close()
     return result
 
 
