@@ -109,11 +109,13 @@ class ListType(Type):
 @dataclass(frozen=True)
 class DistType(Type):
     """A distribution (a batch of them): its family, batch shape and the type of one draw of
-    the whole batch. Distributions live inside function bodies only."""
+    the whole batch, and its event axes (categories / components; a Categorical's draw, an
+    index, has none of them). Distributions live inside function bodies only."""
 
     family: str
     batch: tuple[Dim, ...]
     value: TensorType
+    event: tuple[Dim, ...] = ()
 
     def __str__(self) -> str:
         batch = f"[{', '.join(str(d) for d in self.batch)}]" if self.batch else ""

@@ -41,7 +41,7 @@ def dist(ctx, op, args) -> DistType:
     if spec.event and event == (1,) and any(e != (1,) for e in events):
         raise ShapeError(f"the parameters of {spec.name} disagree on the number of components")
     value = TensorType(DType.I32 if spec.integer else dtype, batch + (event if spec.onehot else ()))
-    return DistType(spec.name, batch, value)
+    return DistType(spec.name, batch, value, event)
 
 
 def _categories(t: DistType) -> tuple:
@@ -84,9 +84,9 @@ def kl(ctx, op, args) -> TensorType:
         pairs = ", ".join(sorted({a for a, _ in KL_PAIRS}))
         raise ShapeError(f"no closed-form kl({p.family}, {q.family}); closed forms exist for "
                          f"two distributions of the same family among {pairs}")
-    if _categories(p) != _categories(q):
+    if p.event != q.event:
         raise ShapeError(f"kl of distributions over different category axes: "
-                         f"{list(_categories(p))} and {list(_categories(q))}")
+                         f"{list(p.event)} and {list(q.event)}")
     return TensorType(_real(p), broadcast(p.batch, q.batch))
 
 
