@@ -290,6 +290,7 @@ class ExternDecl(Decl):
 class ExportDecl(Decl):
     name: str
     value: Expr
+    name_span: Span
 
 
 @dataclass(frozen=True)

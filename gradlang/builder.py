@@ -11,14 +11,19 @@ from dataclasses import dataclass, field, replace
 
 from . import ast
 from .diagnostics import Diagnostics, Span
+from .limits import I32_MAX
 from .ir import (Combination, Composition, Export, Function, Objective, Op, Param, Region,
                  StructDef, Transform, Value)
 from .ops import (ArgminParams, CallParams, HostParams, CastParams, ConstParams, Estimator, ExpectParams, ForParams,
                   GetParams, IndexItem, IndexParams, NameParams, NoParams, SampledParams, SampleParams)
 from .types import DType, NamedType, TensorType, TupleType, Type
 
-I32_MAX = 2**31 - 1
 TRANSFORMS = ("grad", "value_and_grad", "descend", "minimize")
+MODULE_ATTRIBUTES = ("artifact", "exported", "exports", "header", "ir", "save", "stablehlo",
+                     "verify")
+"""The public attributes of the Python modules that hold the exports (`gradlang.api`'s
+CompiledModule and LoadedModule; a test keeps this list equal to theirs): an export by one of
+these names, or by a name starting with '_' (their private attributes), would be hidden by it."""
 
 
 def estimator_from_ast(a: ast.Annotation, diags: Diagnostics,
@@ -130,8 +135,8 @@ def build_unit(program: ast.Program, unit: str, diags: Diagnostics) -> UnitIR:
     for decl in program.decls:
         if isinstance(decl, ast.StructDecl) and declare(decl.name, decl.span):
             names = [f.name for f in decl.fields]
-            for f in decl.fields:
-                if names.count(f.name) > 1 and names.index(f.name) != decl.fields.index(f):
+            for i, f in enumerate(decl.fields):
+                if names.index(f.name) != i:
                     diags.error(f"duplicate field '{f.name}' in struct '{decl.name}'", f.span)
             fields = tuple((f.name, type_from_ast(f.type)) for f in decl.fields)
             out.structs.append(StructDef(qualify(unit, decl.name), unit, fields, decl.span))
@@ -147,6 +152,12 @@ def build_unit(program: ast.Program, unit: str, diags: Diagnostics) -> UnitIR:
                             f"{exported[decl.name].line}", decl.span)
                 continue
             exported[decl.name] = decl.span
+            if decl.name in MODULE_ATTRIBUTES or decl.name.startswith("_"):
+                taken = (f"a name starting with '_' is kept for the compiled module's own "
+                         f"attributes" if decl.name.startswith("_") else
+                         f"the compiled module's attribute m.{decl.name} would hide it (its "
+                         f"attributes: {', '.join(MODULE_ATTRIBUTES)})")
+                diags.error(f"export '{decl.name}' needs another name: {taken}", decl.name_span)
             export = _build_export(decl, unit, diags)
             if export is not None:
                 out.exports.append(export)
@@ -546,7 +557,14 @@ class _FunctionBuilder:
         return self.emit(e.op, (self.expr(e.operand),), NoParams(), e.span).result
 
     def expr_Binary(self, e: ast.Binary) -> Value:
-        return self.emit(e.op, (self.expr(e.lhs), self.expr(e.rhs)), NoParams(), e.span).result
+        chain = []  # `a + b + c` nests on the left: built in a loop, however long
+        while isinstance(e, ast.Binary):
+            chain.append(e)
+            e = e.lhs
+        value = self.expr(e)
+        for b in reversed(chain):
+            value = self.emit(b.op, (value, self.expr(b.rhs)), NoParams(), b.span).result
+        return value
 
     def expr_Call(self, e: ast.Call) -> Value:
         callee = _dotted(e.func)
@@ -693,8 +711,8 @@ class _FunctionBuilder:
 
     def expr_For(self, e: ast.For) -> Value:
         names = [c.name for c in e.carries]
-        for c in e.carries:
-            if names.count(c.name) > 1 and names.index(c.name) != e.carries.index(c):
+        for i, c in enumerate(e.carries):
+            if names.index(c.name) != i:
                 return self.error_value(f"carry '{c.name}' is declared twice", c.span)
             if c.name == e.var:
                 return self.error_value(f"carry '{c.name}' has the name of the loop variable; "

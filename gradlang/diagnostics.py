@@ -3,20 +3,35 @@
 from __future__ import annotations
 
 import os
+import unicodedata
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import cached_property
 
 
 @dataclass(frozen=True, eq=False)
 class SourceFile:
-    """A source text and the path it is reported under."""
+    """A source text and the path it is reported under.
+
+    The text is normalized once, here, so that the parser and the renderer count lines alike:
+    a leading byte order mark is dropped and every line ends with "\n" (CRLF and a lone CR
+    become "\n"). Other separators ("\x0b", "\x0c", U+2028, ...) are ordinary characters."""
 
     path: str
     text: str
 
+    def __post_init__(self) -> None:
+        text = self.text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+        object.__setattr__(self, "text", text)
+
+    @cached_property
+    def lines(self) -> tuple[str, ...]:
+        """The lines without their "\n" (a final "\n" does not start an empty line)."""
+        lines = self.text.split("\n")
+        return tuple(lines[:-1] if lines[-1] == "" else lines)
+
     def line(self, lineno: int) -> str:
-        lines = self.text.splitlines()
-        return lines[lineno - 1] if 1 <= lineno <= len(lines) else ""
+        return self.lines[lineno - 1] if 1 <= lineno <= len(self.lines) else ""
 
 
 @dataclass(frozen=True)
@@ -58,11 +73,39 @@ class Diagnostic:
         head = f"{_show_path(s.source.path, relative_to)}:{s.line}:{s.col}: " \
                f"{self.severity.value}: {self.message}"
         text = s.source.line(s.line)
-        if not text and s.line > len(s.source.text.splitlines()):
+        if not text and s.line > len(s.source.lines):
             return head
-        width = (s.end_col - s.col) if s.end_line == s.line else len(text) - s.col + 1
-        caret = " " * (s.col - 1) + "^" * max(1, width)
-        return f"{head}\n  {text}\n  {caret}"
+        end = s.end_col - 1 if s.end_line == s.line else len(text)
+        before, under = text[:s.col - 1], text[s.col - 1:end]
+        # The caret is aligned under the echoed line: tabs stay tabs, escapes and wide
+        # characters take their width.
+        indent = "".join("\t" if c == "\t" else " " * _width(c) for c in before)
+        indent += " " * (s.col - 1 - len(before))  # a span just past the end of the line
+        beyond = max(0, end - max(len(text), s.col - 1))  # columns past the end of the line
+        caret = "^" * max(1, sum(_width(c) for c in under) + beyond)
+        return f"{head}\n  {printable(text)}\n  {indent}{caret}"
+
+
+def printable(text: str) -> str:
+    """`text` with characters that would not show (control and format characters, NUL,
+    zero-width and combining marks, separators other than space) escaped as \\xNN or \\uNNNN;
+    tabs are kept."""
+    return "".join(_show(c) for c in text)
+
+
+def _show(c: str) -> str:
+    if c == "\t" or (c.isprintable() and unicodedata.category(c) not in ("Mn", "Me")):
+        return c
+    o = ord(c)
+    return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
+
+
+def _width(c: str) -> int:
+    """The columns `c` takes when echoed (East Asian wide characters take two)."""
+    shown = _show(c)
+    if shown != c:
+        return len(shown)
+    return 2 if unicodedata.east_asian_width(c) in ("W", "F") else 1
 
 
 def _show_path(path: str, relative_to: str | None) -> str:

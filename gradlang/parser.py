@@ -1,21 +1,26 @@
 """Parse .grad text into an AST with spans; syntax errors become diagnostics.
 
 The Lark LALR parser runs once per top-level declaration chunk, so that a syntax error in one
-declaration does not hide the errors in the next ones.
+declaration does not hide the errors in the next ones. Parsing and building the AST take time
+linear in the text and no Python recursion, however deep the nesting; declarations nested
+deeper than the later, recursive stages take (see `limits`) are refused here.
 """
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import replace
+from dataclasses import fields, replace
 from functools import cache
 from importlib import resources
 
 import lark
-from lark import Token, Transformer, v_args
+from lark import Token, v_args
+from lark.visitors import Transformer_NonRecursive
 
 from . import ast
-from .diagnostics import Diagnostics, SourceFile, Span
+from .diagnostics import Diagnostics, SourceFile, Span, printable
+from .limits import I64_MAX, MAX_DEPTH
 
 _DECL_START = re.compile(r"^(use|struct|fn|extern|export|pragma)\b")
 
@@ -67,9 +72,9 @@ _EXPR_START = {"NAME", "INT", "FLOAT", "LPAR", "LSQB", "MINUS", "NOT", "IF", "FO
                "F32", "F64", "I32", "BOOL"}
 
 
-def _chunks(text: str) -> list[tuple[int, str]]:
-    """Split `text` at lines that start a declaration; returns (first line number, text)."""
-    lines = text.split("\n")
+def _chunks(source: SourceFile) -> list[tuple[int, str]]:
+    """Split the text at lines that start a declaration; returns (first line number, text)."""
+    lines = source.text.split("\n")
     starts = [i for i, line in enumerate(lines) if _DECL_START.match(line)]
     if not starts or starts[0] != 0:
         starts = [0] + starts
@@ -80,16 +85,17 @@ def _chunks(text: str) -> list[tuple[int, str]]:
 def parse(source: SourceFile, diags: Diagnostics) -> ast.Program:
     """Parse a whole file; every syntax error is reported, one per declaration at most."""
     decls: list[ast.Decl] = []
-    chunks = _chunks(source.text)
+    chunks = _chunks(source)
     for k, (first_line, chunk) in enumerate(chunks):
-        padded = "\n" * (first_line - 1) + chunk
         try:
-            tree = _parser().parse(padded)
+            tree = _parser().parse(chunk)
         except lark.exceptions.UnexpectedInput as exc:
             next_line = chunks[k + 1][0] if k + 1 < len(chunks) else None
-            diags.error(*_syntax_error(exc, source, padded, next_line))
+            diags.error(*_syntax_error(exc, source, chunk, first_line - 1, next_line))
             continue
-        decls.extend(_ToAst(source, diags).transform(tree))
+        for decl in _ToAst(source, diags, first_line - 1).transform(tree):
+            check_depth(decl, diags)
+            decls.append(decl)
     return ast.Program(source, tuple(decls))
 
 
@@ -104,30 +110,33 @@ def _describe_token(token: Token) -> str:
     return f"'{text}'"
 
 
-def _end_of_text(source: SourceFile, text: str) -> Span:
-    """The position just after the last token of `text` (comments and blank lines skipped)."""
+def _end_of_text(source: SourceFile, text: str, offset: int) -> Span:
+    """The position just after the last token of `text`, which starts after line `offset` of
+    `source` (comments and blank lines skipped)."""
     lines = [re.sub(r"#.*", "", line).rstrip() for line in text.split("\n")]
     while len(lines) > 1 and not lines[-1]:
         lines.pop()
-    line, col = len(lines), len(lines[-1]) + 1
+    line, col = offset + len(lines), len(lines[-1]) + 1
     return Span(source, line, col, line, col + 1)
 
 
 def _syntax_error(exc: lark.exceptions.UnexpectedInput, source: SourceFile, text: str,
-                  next_line: int | None) -> tuple[str, Span]:
-    """The message and span of a syntax error in `text`, one declaration of `source`;
-    `next_line` is where the next declaration starts (None for the last one)."""
+                  offset: int, next_line: int | None) -> tuple[str, Span]:
+    """The message and span of a syntax error in `text`, one declaration of `source` that
+    starts after its line `offset`; `next_line` is where the next declaration starts (None for
+    the last one)."""
     if isinstance(exc, lark.exceptions.UnexpectedCharacters):
-        char = source.line(exc.line)[exc.column - 1: exc.column] or "?"
-        span = Span(source, exc.line, exc.column, exc.line, exc.column + 1)
-        return f"unexpected character '{char}'", span
+        line = exc.line + offset
+        char = source.line(line)[exc.column - 1: exc.column] or "?"
+        span = Span(source, line, exc.column, line, exc.column + 1)
+        return f"unexpected character '{printable(char)}'", span
     assert isinstance(exc, (lark.exceptions.UnexpectedToken, lark.exceptions.UnexpectedEOF))
     # `accepts` (the terminals the parser can really shift here) is sharper than `expected`.
     terms = set(getattr(exc, "accepts", None) or exc.expected)
     expected = _describe_expected(terms)
     token = getattr(exc, "token", None)
     if token is None or token.type == "$END":
-        span = _end_of_text(source, text)
+        span = _end_of_text(source, text, offset)
         where = "at the end of input" if next_line is None else \
             f"before the next declaration at line {next_line}"
         if "RBRACE" in terms:  # everything else is complete: a block or struct is still open
@@ -135,8 +144,8 @@ def _syntax_error(exc: lark.exceptions.UnexpectedInput, source: SourceFile, text
         if next_line is None:
             return f"unexpected end of input; expected {expected}", span
         return f"declaration is incomplete {where}; expected {expected}", span
-    span = Span(source, token.line, token.column, token.end_line, token.end_column)
-    paren = _continued_call(source, token) if token.type == "RBRACE" else None
+    span = Span(source, token.line + offset, token.column, token.end_line + offset, token.end_column)
+    paren = _continued_call(source, span.line) if token.type == "RBRACE" else None
     if paren is not None:
         return CONTINUED_CALL, paren
     return f"unexpected {_describe_token(token)}; expected {expected}", span
@@ -147,10 +156,11 @@ CONTINUED_CALL = ("this '(' calls the expression that ends on the line above (st
                   "'(' needs a ';' at the end of the line before")
 
 
-def _continued_call(source: SourceFile, token: Token) -> Span | None:
-    """The '(' that starts the line before an unexpected '}' when the line above it does not
-    end with ';': the body's last expression was read as a call of the previous one."""
-    lines = [re.sub(r"#.*", "", text).rstrip() for text in source.text.splitlines()[:token.line - 1]]
+def _continued_call(source: SourceFile, brace_line: int) -> Span | None:
+    """The '(' that starts the line before an unexpected '}' (on `brace_line`) when the line
+    above it does not end with ';': the body's last expression was read as a call of the
+    previous one."""
+    lines = [re.sub(r"#.*", "", text).rstrip() for text in source.lines[:brace_line - 1]]
     filled = [n for n, text in enumerate(lines, 1) if text.strip()]
     if len(filled) < 2:
         return None
@@ -164,28 +174,71 @@ def _continued_call(source: SourceFile, token: Token) -> Span | None:
 
 def _trailing_with(e: ast.Expr) -> tuple[ast.Expr, ast.Annotation | None]:
     """Take a `with` annotation off the rightmost operand of e, where the grammar put it."""
-    if isinstance(e, ast.With):
-        return e.value, e.annotation
-    if isinstance(e, (ast.Binary, ast.Unary)):
-        field = "rhs" if isinstance(e, ast.Binary) else "operand"
-        inner, annotation = _trailing_with(getattr(e, field))
-        return replace(e, **{field: inner}), annotation
-    return e, None
+    path: list[ast.Expr] = []  # the operators from e down to the rightmost operand
+    while isinstance(e, (ast.Binary, ast.Unary)):
+        path.append(e)
+        e = e.rhs if isinstance(e, ast.Binary) else e.operand
+    if not isinstance(e, ast.With):
+        return path[0] if path else e, None
+    inner, annotation = e.value, e.annotation
+    for op in reversed(path):
+        inner = replace(op, rhs=inner) if isinstance(op, ast.Binary) else replace(op, operand=inner)
+    return inner, annotation
 
 
-class _ToAst(Transformer):
-    """Lark tree -> AST. Each rule method receives the node's meta for its span."""
+_BLANK = re.compile(r"[ \t\f]*(#.*)?")
+"""What the lexer skips within a line: blanks and a comment."""
 
-    def __init__(self, source: SourceFile, diags: Diagnostics):
-        super().__init__()
+
+def _int(tok: Token) -> int | None:
+    """The value of an integer literal, or None when it does not fit in i64 (too many digits
+    to convert cheaply, too)."""
+    digits = str(tok).lstrip("0") or "0"
+    if len(digits) > len(str(I64_MAX)) or int(digits) > I64_MAX:
+        return None
+    return int(digits)
+
+
+def _describe_int(tok: Token) -> str:
+    text = str(tok)
+    return text if len(text) <= 24 else f"{text[:10]}...{text[-10:]} ({len(text)} digits)"
+
+
+def _float(text: str) -> float | None:
+    """The value of a number literal, or None when it is out of float64's range (it would
+    round to infinity, or a nonzero literal to zero)."""
+    value = float(text)
+    mantissa = text.lower().partition("e")[0]
+    if math.isinf(value) or (value == 0.0 and mantissa.strip("0.")):
+        return None
+    return value
+
+
+class _ToAst(Transformer_NonRecursive):
+    """Lark tree -> AST. Each rule method receives the node's meta for its span. The tree is
+    one declaration chunk that starts after line `offset` of the source."""
+
+    def __init__(self, source: SourceFile, diags: Diagnostics, offset: int):
+        super().__init__(visit_tokens=False)
         self.source = source
         self.diags = diags
+        self.offset = offset
 
     def _span(self, meta) -> Span:
-        return Span(self.source, meta.line, meta.column, meta.end_line, meta.end_column)
+        return Span(self.source, meta.line + self.offset, meta.column,
+                    meta.end_line + self.offset, meta.end_column)
 
     def _tok_span(self, tok: Token) -> Span:
-        return Span(self.source, tok.line, tok.column, tok.end_line, tok.end_column)
+        return Span(self.source, tok.line + self.offset, tok.column, tok.end_line + self.offset,
+                    tok.end_column)
+
+    def _int_value(self, tok: Token) -> int:
+        value = _int(tok)
+        if value is None:
+            self.diags.error(f"integer literal {_describe_int(tok)} does not fit in i64 (at most "
+                             f"{I64_MAX})", self._tok_span(tok))
+            return 0  # a program with errors is not built
+        return value
 
     def start(self, items):
         return list(items)
@@ -221,7 +274,8 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def export_decl(self, meta, items):
-        return ast.ExportDecl(self._span(meta), str(items[0]), items[1])
+        name, value = items
+        return ast.ExportDecl(self._span(meta), str(name), value, self._tok_span(name))
 
     # ---- types
     def dtype(self, items):
@@ -237,7 +291,7 @@ class _ToAst(Transformer):
 
     def dim(self, items):
         tok = items[0]
-        return int(tok) if tok.type == "INT" else str(tok)
+        return self._int_value(tok) if tok.type == "INT" else str(tok)
 
     @v_args(meta=True)
     def named_type(self, meta, items):
@@ -354,13 +408,12 @@ class _ToAst(Transformer):
 
     def _next_token_start(self, span: Span) -> tuple[int, int] | None:
         """(line, col) of the first character after `span` that is not blank or a comment."""
-        lines = self.source.text.split("\n")
+        lines = self.source.lines
         line, col = span.end_line, span.end_col
         while line <= len(lines):
-            text = lines[line - 1][col - 1:].split("#", 1)[0]
-            stripped = text.lstrip()
-            if stripped:
-                return line, col + len(text) - len(stripped)
+            end = _BLANK.match(lines[line - 1], col - 1).end()
+            if end < len(lines[line - 1]):
+                return line, end + 1
             line, col = line + 1, 1
         return None
 
@@ -398,11 +451,17 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def int_lit(self, meta, items):
-        return ast.IntLit(self._span(meta), int(items[0]))
+        return ast.IntLit(self._span(meta), self._int_value(items[0]))
 
     @v_args(meta=True)
     def float_lit(self, meta, items):
-        return ast.FloatLit(self._span(meta), float(items[0]))
+        value = _float(str(items[0]))
+        if value is None:
+            self.diags.error(f"number {items[0]} is out of range: it would round to "
+                             f"{'zero' if float(items[0]) == 0.0 else 'infinity'} (float64 "
+                             f"numbers are from about 4.9e-324 to 1.8e+308)", self._span(meta))
+            return ast.FloatLit(self._span(meta), 0.0)  # a program with errors is not built
+        return ast.FloatLit(self._span(meta), value)
 
     @v_args(meta=True)
     def true_lit(self, meta, items):
@@ -469,3 +528,68 @@ class _ToAst(Transformer):
     def body(self, items):
         *stmts, result = items
         return tuple(s for s in stmts if isinstance(s, ast.Stmt)), result
+
+
+_LEVELS = ((ast.Expr, "expression"), (ast.TypeExpr, "type"), (ast.Pattern, "pattern"))
+"""The nodes that are a level of nesting, and what a diagnostic calls them."""
+_NODES = (ast.Expr, ast.TypeExpr, ast.Pattern, ast.Stmt, ast.Decl, ast.Keyword, ast.Annotation,
+          ast.Carry, ast.Param)
+
+
+@cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
+
+
+def _children(node: object) -> list[object]:
+    """The AST nodes directly inside `node` (in fields and tuples of them)."""
+    out = []
+    for name in _field_names(type(node)):
+        value = getattr(node, name)
+        for item in value if isinstance(value, tuple) else (value,):
+            if isinstance(item, _NODES):
+                out.append(item)
+    return out
+
+
+def _kind(node: object) -> str | None:
+    return next((name for cls, name in _LEVELS if isinstance(node, cls)), None)
+
+
+def nesting(decl: ast.Decl) -> dict[int, int]:
+    """The nesting depth of every node under `decl` (by id), computed without recursion: the
+    most levels (expressions, types, patterns) on a path from the node down. The left operand
+    of a binary operator is not a level below it: `a + b + c` is as deep as its deepest
+    operand plus one, as the builder evaluates such chains in a loop."""
+    depth: dict[int, int] = {}
+    stack: list[tuple[object, bool]] = [(decl, False)]
+    while stack:
+        node, ready = stack.pop()
+        if not ready:
+            stack.append((node, True))
+            stack.extend((child, False) for child in _children(node) if id(child) not in depth)
+            continue
+        own = 1 if _kind(node) else 0
+        if isinstance(node, ast.Binary):
+            depth[id(node)] = max(depth[id(node.lhs)], own + depth[id(node.rhs)])
+        else:
+            depth[id(node)] = own + max((depth[id(c)] for c in _children(node)), default=0)
+    return depth
+
+
+def check_depth(decl: ast.Decl, diags: Diagnostics) -> None:
+    """Report each outermost expression, type or pattern of `decl` nested more than MAX_DEPTH
+    levels deep, at the node where the excess starts."""
+    depth = nesting(decl)
+    todo: list[object] = [decl]
+    while todo:
+        node = todo.pop()
+        kind = _kind(node)
+        through = [c for c in _children(node) if depth[id(c)] > MAX_DEPTH]
+        if isinstance(node, ast.Binary) and depth[id(node.lhs)] == depth[id(node)]:
+            through = [node.lhs]  # the excess is in the chain's left operand, not a level here
+        elif kind is not None:
+            diags.error(f"{kind} nested too deeply ({depth[id(node)]} levels; the limit is "
+                        f"{MAX_DEPTH})", node.span)  # type: ignore[attr-defined]
+            continue
+        todo.extend(through)

@@ -5,6 +5,9 @@
 - Struct names in types are expanded to `StructType`s; loop bounds are folded into `for`.
 - Exports are checked: the function exists and each `wrt` names one of its parameters.
 - Recursive calls (cycles in the call graph) are errors at the call site.
+- Nesting beyond the limits of `gradlang.limits` is an error where it starts: structs and
+  tuples in a struct's fields (MAX_DEPTH), blocks nested through calls (MAX_BLOCKS) and chains
+  of calls (MAX_CALLS); the later stages, recursive, never see such a program.
 
 After an error, values that cannot be trusted become `error` ops or the ERROR type (unknown
 types, calls to functions whose signature failed to resolve, bad list literals), so that later
@@ -21,6 +24,7 @@ from gradlang.builtins import BUILTINS, REQUIRED, Arg, Builtin
 from gradlang.builder import qualify
 from gradlang.diagnostics import Diagnostics, Span
 from gradlang.distributions import DISTRIBUTIONS, DistSpec
+from gradlang.limits import MAX_BLOCKS, MAX_CALLS, MAX_DEPTH
 from gradlang.ir import Export, Function, Module, Op, Param, Region, StructDef, Value, walk
 from gradlang.ops import (OPS, CalleeParams, CallParams, DistParams, ForParams, NoParams,
                           StructParams)
@@ -103,7 +107,7 @@ def _did_you_mean(name: str, options: list[str]) -> str:
 def _field_span(sdef: StructDef, name: str) -> Span:
     """The span of `name: type` in a struct declaration (the IR keeps only the struct's)."""
     span = sdef.span
-    lines = span.source.text.split("\n")[span.line - 1:span.end_line]
+    lines = span.source.lines[span.line - 1:span.end_line]
     text = "\n".join(lines)
     start = text.find("{", span.col - 1)
     match = re.compile(rf"\b{re.escape(name)}\s*:").search(text, start + 1) if start >= 0 else None
@@ -124,9 +128,61 @@ def _field_span(sdef: StructDef, name: str) -> Span:
     return Span(span.source, line, col, end_line, end_col)
 
 
+def _struct_def(t: NamedType, unit: str, defs: dict[str, StructDef]) -> StructDef | None:
+    """The struct a type names in `unit`: its own, else one of another unit by that name."""
+    return defs.get(qualify(unit, t.name)) or next(
+        (d for d in defs.values() if d.name.rpartition(".")[2] == t.name and d.unit != unit), None)
+
+
+def _struct_depths(defs: dict[str, StructDef]) -> dict[str, int]:
+    """The levels of structs and tuples in each struct's fields, the struct itself included,
+    computed without recursion (a struct on a cycle, reported elsewhere, counts once)."""
+    depth: dict[str, int] = {}
+
+    def level(t: Type, unit: str) -> int | str:
+        """The levels of `t`, or the name of a struct whose depth is still needed."""
+        todo, deepest = [(t, 0)], 0
+        while todo:
+            x, above = todo.pop()
+            if isinstance(x, TupleType):
+                todo.extend((e, above + 1) for e in x.elems)
+            elif isinstance(x, NamedType) and (sdef := _struct_def(x, unit, defs)) is not None:
+                if sdef.name not in depth:
+                    return sdef.name
+                deepest = max(deepest, above + depth[sdef.name])
+        return deepest
+
+    for name in defs:
+        stack, open_ = [name], set()
+        while stack:
+            sdef = defs[stack[-1]]
+            if sdef.name in depth:
+                stack.pop()
+                continue
+            open_.add(sdef.name)
+            levels = [level(t, sdef.unit) for _, t in sdef.fields]
+            needed = next((x for x in levels if isinstance(x, str) and x not in open_), None)
+            if needed is not None:
+                stack.append(needed)
+                continue
+            depth[sdef.name] = 1 + max((x for x in levels if isinstance(x, int)), default=0)
+            stack.pop()
+    return depth
+
+
 def _resolve_structs(module: Module, diags: Diagnostics) -> dict[str, StructType]:
     defs = {s.name: s for s in module.structs}
     done: dict[str, StructType] = {}
+    depths = _struct_depths(defs)
+    for sdef in module.structs:  # too deep: reported where the excess starts, then not expanded
+        if depths[sdef.name] <= MAX_DEPTH:
+            continue
+        done[sdef.name] = StructType(sdef.name, tuple((n, ERROR) for n, _ in sdef.fields))
+        inner = [d for _, t in sdef.fields for x in _named_types(t)
+                 if (d := _struct_def(x, sdef.unit, defs)) is not None]
+        if all(depths[d.name] <= MAX_DEPTH for d in inner):
+            diags.error(f"struct '{sdef.name}' is nested too deeply ({depths[sdef.name]} levels "
+                        f"of structs and tuples; the limit is {MAX_DEPTH})", sdef.span)
 
     def resolve(sdef: StructDef, stack: tuple[str, ...], span: Span | None = None) -> Type:
         if sdef.name in done:
@@ -147,12 +203,17 @@ def _resolve_structs(module: Module, diags: Diagnostics) -> dict[str, StructType
     return done
 
 
+def _named_types(t: Type) -> list[NamedType]:
+    """The struct names in a declared type (in its tuples)."""
+    if isinstance(t, TupleType):
+        return [n for e in t.elems for n in _named_types(e)]
+    return [t] if isinstance(t, NamedType) else []
+
+
 def _resolve_type(t: Type, unit: str, defs: dict[str, StructDef], resolve_struct, stack,
                   span: Span, diags: Diagnostics) -> Type:
     if isinstance(t, NamedType):
-        sdef = defs.get(qualify(unit, t.name)) or next(
-            (d for d in defs.values() if d.name.rpartition(".")[2] == t.name and d.unit != unit),
-            None)
+        sdef = _struct_def(t, unit, defs)
         if sdef is None and t.name == SOLVER_REPORT.name and not t.bindings:
             return SOLVER_REPORT
         if sdef is None:
@@ -234,7 +295,7 @@ class Resolve:
             resolver.resolve_type = lambda t, span, unit=fn.unit: resolve_type(t, unit, span)
             functions.append(resolver.run())
         module = replace(module, functions=tuple(_silence_result(f) for f in functions))
-        module = _reject_recursion(module, diags)
+        module = _cut_deep_nesting(_reject_recursion(module, diags), diags)
         return _check_exports(_bind_export_names(module, structs), diags)
 
 
@@ -377,6 +438,104 @@ def _reject_recursion(module: Module, diags: Diagnostics) -> Module:
 
         functions.append(replace(fn, body=_map_ops(fn.body, check)))
     return replace(module, functions=tuple(functions))
+
+
+def _leveled(region: Region) -> list[tuple[Op, int]]:
+    """Every op of a region with the number of blocks (ops with regions) around it."""
+    out, todo = [], [(region, 0)]
+    while todo:
+        r, level = todo.pop()
+        for op in r.ops:
+            out.append((op, level))
+            todo.extend((inner, level + 1) for inner in op.regions)
+    return out
+
+
+@dataclass(frozen=True)
+class _Nesting:
+    """How deep a function nests when the lowering inlines its calls: `blocks` (if, for, ...,
+    through its callees) and `calls` (the longest chain of calls it starts, `chain`)."""
+
+    blocks: int
+    calls: int
+    chain: tuple[str, ...]
+
+
+def _nesting(module: Module) -> dict[str, _Nesting]:
+    """Each function's nesting, callees first, without recursion (the call graph is acyclic:
+    recursive calls are errors by now)."""
+    out: dict[str, _Nesting] = {}
+    functions = {fn.name: fn for fn in module.functions}
+    for fn in module.functions:
+        stack = [fn.name]
+        while stack:
+            name = stack[-1]
+            if name in out:
+                stack.pop()
+                continue
+            ops = _leveled(functions[name].body)
+            todo = [op.params.callee for op, _ in ops
+                    if op.name == "call_fn" and op.params.callee not in out]
+            if todo:
+                stack.extend(todo)
+                continue
+            blocks, calls, chain = 0, 0, (name,)
+            for op, level in ops:
+                if op.regions:
+                    blocks = max(blocks, level + 1)
+                if op.name == "call_fn":
+                    inner = out[op.params.callee]
+                    blocks = max(blocks, level + inner.blocks)
+                    if 1 + inner.calls > calls:
+                        calls, chain = 1 + inner.calls, (name, *inner.chain)
+            out[name] = _Nesting(blocks, calls, chain)
+            stack.pop()
+    return out
+
+
+def _cut_deep_nesting(module: Module, diags: Diagnostics) -> Module:
+    """Blocks nested deeper than MAX_BLOCKS (through calls) and chains of more than MAX_CALLS
+    calls are reported where the excess starts; every op that goes past a limit becomes an
+    error op, so that the later, recursive stages never see it."""
+    nesting = _nesting(module)
+    limit = (f"the limit is {MAX_BLOCKS} levels of if, for, checkpoint, argmin and expect, "
+             f"counted through calls")
+
+    def cut(op: Op, level: int, fn: Function) -> Op | None:
+        """The error op that replaces `op` (reported when the excess starts here), or None."""
+        if op.regions and level + 1 > MAX_BLOCKS:
+            diags.error(f"blocks nested too deeply: this '{op.name}' is level {level + 1} "
+                        f"({limit})", op.span)
+        elif op.name == "call_fn":
+            inner = nesting[op.params.callee]
+            if level + inner.blocks > MAX_BLOCKS:
+                if inner.blocks <= MAX_BLOCKS:
+                    diags.error(f"blocks nested too deeply: the blocks of '{inner.chain[0]}' "
+                                f"are at levels up to {level + inner.blocks} here ({limit})",
+                                op.span)
+            elif 1 + inner.calls > MAX_CALLS:
+                if inner.calls == MAX_CALLS:
+                    chain = [f"'{n}'" for n in (fn.name, *inner.chain)]
+                    shown = chain if len(chain) <= 6 else [*chain[:3], "...", *chain[-2:]]
+                    diags.error(f"calls nested too deeply: {' -> '.join(shown)} is a chain of "
+                                f"{len(chain) - 1} calls (the limit is {MAX_CALLS})", op.span)
+            else:
+                return None
+        else:
+            return None
+        return Op("error", op.operands, op.results, NoParams(), (), op.span)
+
+    def region(r: Region, level: int, fn: Function) -> Region:
+        ops = []
+        for op in r.ops:
+            new = cut(op, level, fn)
+            if new is None and op.regions:
+                new = replace(op, regions=tuple(region(x, level + 1, fn) for x in op.regions))
+            ops.append(op if new is None else new)
+        return replace(r, ops=tuple(ops))
+
+    return replace(module, functions=tuple(replace(fn, body=region(fn.body, 0, fn))
+                                           for fn in module.functions))
 
 
 class _FunctionResolver:
