@@ -36,9 +36,11 @@ from fuzzgen import Program, generate
 @dataclass
 class Outcome:
     status: str
-    """"ok", "compile_error" (a diagnostic), "argument_error" or "finding"."""
+    """"ok", "compile_error" (a diagnostic), "argument_error", "finding", or (in a campaign)
+    "slow": past the time limit."""
     phase: str = ""
-    """Where it ended: "compile", "explain" or "call NAME"."""
+    """Where it ended: "compile", "explain", "call NAME", "call NAME again", "vmap NAME",
+    "gradlang compile" or "load NAME"."""
     error: str = ""
     trace: str = ""
     compiled: bool = False
