@@ -401,7 +401,7 @@ OPS: dict[str, OpDef] = {
                "the minimizer of its region's scalar objective over the region's argument, "
                "started at the operand"),
         *_defs("straight_through", STParams, "",
-               "a non-smooth op's exact value with the backward of its rule (custom_vjp)"),
+               "a non-smooth op's exact value with the derivative of its rule (custom_jvp)"),
         *_defs("dist", DistParams, "", "a distribution (batch) from its parameters"),
         *_defs("sample", SampleParams, "random", "a random choice from a distribution"),
         *_defs("log_prob", NoParams, "", "log density / mass of a value"),

@@ -2,7 +2,7 @@
 
 Each non-smooth op with a rule (`sign(w) with reste(power=3)`, or the file's `pragma backward
 ...`) becomes a `straight_through` op whose forward value is exactly the original op and whose
-backward is the rule (lowered as a `jax.custom_vjp`). Rules that do not apply to the op, unknown
+backward is the rule (lowered as a `jax.custom_jvp`). Rules that do not apply to the op, unknown
 rules and bad options are errors at the annotation.
 """
 

@@ -2,7 +2,7 @@
 
 A non-smooth op without a rule lowers to its plain JAX function (JAX's derivative: zero almost
 everywhere). `straight_through` computes exactly the same forward value and replaces the
-backward by its rule, through `jax.custom_vjp`.
+derivative by its rule, through `jax.custom_jvp`.
 """
 
 from __future__ import annotations
@@ -153,55 +153,57 @@ PRIMALS = {
 }
 
 
-def _backward(rule, op: str, params, x, g, scale=None):
-    """The cotangent of x under `rule` (options all given) for upstream cotangent g."""
+def _tangent(rule, op: str, params, x, t, scale=None):
+    """The derivative of the op in x under `rule` (options all given), applied to t. Every
+    rule's Jacobian is symmetric (elementwise; H M H for QuEST's trust mask, H the Hadamard
+    transform; softmax's for st_gumbel), so this is also the map of cotangents: the rule's
+    backward pass."""
     o = dict(rule.options)
     if rule.name == "trust":
         if op == "quest":
             y = hadamard(x)
             q, step = quest_rotated(y, params.bits)
-            return hadamard(hadamard(g) * (jnp.abs(y - q) <= o["bound"] * step / 2))
+            return hadamard(hadamard(t) * (jnp.abs(y - q) <= o["bound"] * step / 2))
         q, step = quantize_levels(x, params, scale)
-        return g * (jnp.abs(x - q) <= o["bound"] * step / 2)
+        return t * (jnp.abs(x - q) <= o["bound"] * step / 2)
     a = jnp.abs(x)
     if rule.name == "ste":
-        return g if o["clip"] == 0 else g * (a <= o["clip"])
+        return t if o["clip"] == 0 else t * (a <= o["clip"])
     if rule.name == "reste":
         p = o["power"]
         slope = jnp.minimum(jnp.power(jnp.maximum(a, 1e-12), 1 / p - 1) / p, o["max_grad"])
-        return g * slope * (a <= o["clip"])
+        return t * slope * (a <= o["clip"])
     if rule.name == "approx_sign":
-        return g * (2 - 2 * a) * (a <= 1)
+        return t * (2 - 2 * a) * (a <= 1)
     if rule.name == "swish_sign":
         b = o["beta"]
-        return g * b * (2 - b * x * jnp.tanh(b * x / 2)) / (1 + jnp.cosh(b * x))
+        return t * b * (2 - b * x * jnp.tanh(b * x / 2)) / (1 + jnp.cosh(b * x))
     assert rule.name == "st_gumbel"
-    _, vjp = jax.vjp(lambda v: jax.nn.softmax(v / o["tau"], axis=params.axis), x)
-    return vjp(g)[0]
+    return jax.jvp(lambda v: jax.nn.softmax(v / o["tau"], axis=params.axis), (x,), (t,))[1]
 
 
 def _straight_through(ctx, op: Op, x, *rest):
-    """x's cotangent is the rule's; other operands (a quantizer's given scale) get the
-    derivative of the op with its rounding held fixed (autodiff of the forward)."""
+    """x's derivative is the rule's; other operands (a quantizer's given scale) get the
+    derivative of the op with its rounding held fixed (autodiff of the forward). A
+    `jax.custom_jvp`: reverse mode transposes it, and forward mode (Hessian-vector products of
+    an inner problem, `jax.jvp` of an export) goes through it too."""
     p = op.params
     primal = replace(op, name=p.op, params=p.params)
 
-    @jax.custom_vjp
+    @jax.custom_jvp
     def f(x, *rest):
         return PRIMALS[p.op](ctx, primal, x, *rest)
 
-    def fwd(x, *rest):
-        return f(x, *rest), (x, rest)
+    @f.defjvp
+    def f_jvp(primals, tangents):
+        (x, *rest), (tx, *trest) = primals, tangents
+        t = _tangent(p.rule, p.op, p.params, x, tx, *rest).astype(x.dtype)
+        if rest:
+            held = lax.stop_gradient(x)
+            t = t + jax.jvp(lambda *r: PRIMALS[p.op](ctx, primal, held, *r), tuple(rest),
+                            tuple(trest))[1]
+        return f(x, *rest), t
 
-    def bwd(saved, g):
-        x, rest = saved
-        gx = _backward(p.rule, p.op, p.params, x, g, *rest).astype(x.dtype)
-        if not rest:
-            return (gx,)
-        _, vjp = jax.vjp(lambda *r: PRIMALS[p.op](ctx, primal, lax.stop_gradient(x), *r), *rest)
-        return (gx, *vjp(g))
-
-    f.defvjp(fwd, bwd)
     return f(x, *rest)
 
 

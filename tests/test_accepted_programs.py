@@ -137,6 +137,56 @@ export e = grad(f, wrt=[m])
     np.testing.assert_allclose(m.e(np.float32(2.0))["m"], 3.0, rtol=0, atol=64 * 4 * EPS)
 
 
+@pytest.mark.parametrize("op, solver, method", [
+    ("sign(v) with ste", "gd(steps=5)", ""),
+    ("sign(v) with ste", "gd(steps=5)", "with implicit(gmres)"),
+    ("quantize(v, 4) with trust", "gd(steps=5)", ""),
+])
+def test_a_backward_rule_inside_an_inner_problem_with_forward_mode(op, solver, method):
+    """Hessian-vector products (implicit CG / GMRES, Newton-CG) are forward-over-reverse: the
+    straight-through op's rule is a JVP, so they go through it (they failed on a custom VJP)."""
+    m = gradlang.compile_source(f"""
+fn f(x: f32[3]) -> f32 {{
+  let w = argmin v: f32[3] = zeros([3]) {{ 0.5 * sum((v - x) ^ 2) + 0.1 * sum({op}) }}
+      via {solver} {method}
+  return sum(w)
+}}
+export e = grad(f, wrt=[x])
+""")
+    # The rule's derivative of the penalty is constant in v (STE: 0.1; trust: 0.1 inside the
+    # range), so the Hessian is I and dv*/dx = I: the gradient of sum(v*) is all ones, up to
+    # a few float32 roundings of values of scale 1 per solver step.
+    np.testing.assert_allclose(m.e(np.array([1, 2, 3], np.float32))["x"], np.ones(3), rtol=0,
+                               atol=32 * EPS)
+
+
+def test_newton_steps_go_through_a_backward_rule():
+    """Newton-CG's Hessian-vector products see the rule's derivative (0.1 for the penalty):
+    from 0, one Newton step reaches v* = x - 0.1 (the Hessian is I)."""
+    m = gradlang.compile_source("""
+fn f(x: f32[3]) -> f32[3] {
+  return argmin v: f32[3] = zeros([3]) { 0.5 * sum((v - x) ^ 2) + 0.1 * sum(sign(v) with ste) }
+      via newton_cg(steps=3)
+}
+export f = f
+""")
+    x = np.array([1, 2, 3], np.float32)
+    np.testing.assert_allclose(m.f(x), x - 0.1, rtol=0, atol=8 * 3 * EPS)  # a few roundings of 3
+
+
+def test_forward_mode_through_a_backward_rule():
+    """`jax.jvp` of an export with a straight-through op gives the rule's derivative."""
+    m = gradlang.compile_source("""
+fn f(x: f32[3]) -> f32 { return sum(round(x) with ste) + sum(sign(x) with ste(clip=1.0)) }
+export f = f
+""")
+    x, t = np.array([0.5, -2.0, 0.25], np.float32), np.array([1.0, 1.0, -2.0], np.float32)
+    _, tangent = jax.jvp(m.f, (x,), (t,))
+    # ste passes the tangent through: sum(t) for round, plus the tangent where |x| <= 1 for
+    # the clipped sign; sums of three small integers, exact in float32
+    assert float(tangent) == t.sum() + t[[0, 2]].sum()
+
+
 def test_a_hadamard_dim_that_is_not_a_power_of_two_is_an_argument_error():
     m = gradlang.compile_source("""
 fn rotate(x: f32[N, D]) -> f32[N, D] { return hadamard(x) }
