@@ -18,6 +18,7 @@ from gradlang.diagnostics import Diagnostics, Span
 from gradlang.ir import Module, Op, Region, walk
 from gradlang.ops import OPS, Estimator
 
+from .callgraph import random_functions
 from .options import number_problem
 
 REQUIRED = None
@@ -108,21 +109,52 @@ class Hypergrad:
     def run(self, module: Module, diags: Diagnostics) -> Module:
         found: list[InnerProblem] = []
         functions = []
+        random = random_functions(module)
         for fn in module.functions:
-            functions.append(replace(fn, body=_region(fn.name, fn.body, diags, found)))
+            functions.append(replace(fn, body=_region(fn.name, fn.body, diags, found, random)))
         return replace(module, functions=tuple(functions),
                        facts=module.facts | {"hypergrad": tuple(found)})
 
 
-def _region(fn: str, region: Region, diags: Diagnostics, found: list) -> Region:
+def _region(fn: str, region: Region, diags: Diagnostics, found: list, random: set[str]) -> Region:
     ops = []
     for op in region.ops:
         if op.regions:
-            op = replace(op, regions=tuple(_region(fn, r, diags, found) for r in op.regions))
+            op = replace(op, regions=tuple(_region(fn, r, diags, found, random)
+                                           for r in op.regions))
         if op.name == "argmin":
+            _check_deterministic(op, random, diags)
             op = _choose(fn, op, diags, found)
         ops.append(op)
     return replace(region, ops=tuple(ops))
+
+
+def _own_ops(region: Region):
+    """The ops of an inner problem's region, those of problems nested in it excluded (each is
+    checked on its own)."""
+    for op in region.ops:
+        yield op
+        if op.name != "argmin":
+            for r in op.regions:
+                yield from _own_ops(r)
+
+
+def _check_deterministic(op: Op, random: set[str], diags: Diagnostics) -> None:
+    """An inner problem's objective and constraints draw nothing (stochastic inner problems are
+    not supported yet): the first draw, expectation or call of a drawing function is an error."""
+    for inner in (o for r in op.regions for o in _own_ops(r)):
+        if inner.name == "call_fn" and inner.params.callee in random:
+            what = f"'{inner.params.callee}' draws (itself or in a function it calls), which"
+        elif "random" not in OPS[inner.name].traits:
+            continue
+        elif inner.name in ("expect", "samples"):
+            what = f"'{inner.params.kind}' (a Monte Carlo estimate)"
+        else:
+            what = f"'{inner.name}' draws at random, which"
+        diags.error(f"{what} is not supported inside an inner problem: its solver and "
+                    f"hypergradient need a deterministic objective; draw outside the argmin "
+                    f"and pass the values in", inner.span)
+        return
 
 
 def _choose(fn: str, op: Op, diags: Diagnostics, found: list) -> Op:
