@@ -131,6 +131,9 @@ def run(program: Program, folder: Path, execute: bool | None = True, vmap: bool 
         try:
             m = gradlang.compile_file(path, externs=program.externs)
         except gradlang.CompileError as exc:
+            bad = unlocated(str(exc))
+            if bad is not None:
+                raise AssertionError(f"a diagnostic without 'file:line:col', source line and caret: {bad}")
             return Outcome("compile_error", phase, f"CompileError: {exc}")
         outcome.compiled = True
         outcome.coverage = coverage(m.ir)
@@ -178,6 +181,19 @@ def run(program: Program, folder: Path, execute: bool | None = True, vmap: bool 
     finally:
         path.unlink(missing_ok=True)
     return outcome
+
+
+def unlocated(rendered: str) -> str | None:
+    """The first diagnostic of a rendered CompileError that is not `file:line:col: severity:
+    message` followed by the source line and a caret line (None if all are)."""
+    lines = rendered.splitlines()
+    for i, line in enumerate(lines):
+        if line[:1].isspace() or not line:
+            continue
+        if not re.match(r"\S+:\d+:\d+: (error|warning|note): ", line) or i + 2 >= len(lines) \
+                or not lines[i + 2].strip() or set(lines[i + 2].strip()) != {"^"}:
+            return line
+    return None
 
 
 def command(argv: list[str]) -> tuple[int, str]:

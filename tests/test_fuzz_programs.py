@@ -1,9 +1,10 @@
 """Fuzzing the whole compiler: type-directed random programs (tests/fuzzgen.py) are compiled,
 explained and called with arguments of their declared types (tests/fuzzrun.py).
 
-A program is either rejected with a diagnostic (CompileError) or accepted; an accepted program's
-exports raise nothing but ArgumentError. Anything else (an internal error of a pass, a lowering
-rule that fails, a crash inside JAX) is a finding. The default run checks a fixed budget of
+A program is either rejected with located diagnostics (CompileError: `file:line:col`, the line
+and a caret, for each) or accepted; an accepted program's exports raise nothing but
+ArgumentError. Anything else (an internal error of a pass, a lowering rule that fails, a crash
+inside JAX) is a finding. The default run checks a fixed budget of
 derandomized programs (every one through the front end, the passes and `explain`; every
 CALL_EVERY-th one's exports traced and lowered to StableHLO, every EXECUTE_EVERY-th one's
 compiled by XLA and run); `-m slow` runs a campaign of 10^4 programs (hours on 2 cores), as
