@@ -16,7 +16,7 @@ import pytest
 
 import gradlang
 from gradlang.explain import explain
-from stats import N, assert_unbiased, estimates, sigmoid, total_variance
+from stats import N, assert_close, assert_unbiased, estimates, sigmoid, total_variance
 
 T = np.array([0.4, -0.8, 1.1], np.float32)
 V = np.array([0.2, 0.9, -0.5], np.float32)
@@ -123,7 +123,9 @@ export g = grad(f, wrt=[t])
     no_offset = gradlang.compile_source(src.replace(" OFFSET", "").replace(" + 5.0", ""))
     whole = gradlang.compile_source(src.replace("none) OFFSET", "none, credit=whole)"))
     a, b, c = (np.asarray(estimates(m.g, (t, v))["t"]) for m in (down, no_offset, whole))
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)  # same keys, same draws
+    # same keys, same draws: the offset is not credited to k's score; 4 logits' score times a
+    # cost of at most 3, a few roundings
+    assert_close(a, b, ops=8, scale=3.0)
     assert total_variance(c) > 10 * total_variance(a)
 
 
