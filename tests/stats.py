@@ -21,11 +21,13 @@ def assert_close(actual, expected, ops: float, scale=None, where: str = "") -> N
     `ops` is the rounding error's growth, derived at the call site: 1 per float32 arithmetic
     step on the longest dependency chain, 4 per transcendental (XLA's CPU approximations are
     within a few ulp), n for a sum of n terms (the worst case: reductions are reordered across
-    CPUs and thread counts), the steps of both sides added when both are float32, times any
-    amplification (a condition number, a loop's Lipschitz constant). `scale` is the magnitude the
-    error is relative to: by default max |expected| per leaf, since an entry produced by
-    cancellation carries the rounding of the larger terms it came from; pass |expected| for
-    elementwise results computed independently of each other."""
+    CPUs and thread counts) or, for long sums, 5 sqrt(n) relative to the sum of the terms'
+    magnitudes (Higham and Mary's probabilistic bound, 2019: rounding errors independent and of
+    mean zero), the steps of both sides added when both are float32, times any amplification
+    (a condition number, a loop's Lipschitz constant, 1 / h for a difference quotient). `scale`
+    is the magnitude the error is relative to: by default max |expected| per leaf, since an
+    entry produced by cancellation carries the rounding of the larger terms it came from; pass
+    |expected| for elementwise results computed independently of each other."""
     leaves_a, tree_a = jax.tree.flatten(actual)
     leaves_e, tree_e = jax.tree.flatten(expected)
     assert tree_a == tree_e, f"{where} {tree_a} != {tree_e}"
