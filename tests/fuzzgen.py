@@ -605,7 +605,7 @@ class Gen:
         elif r < 0.85 and t.shape:
             op = "topk"
             last = t.shape[-1]
-            k = self.rng.randrange(1, last + 1) if isinstance(last, int) else 1
+            k = self.rng.randrange(1, last + 1) if isinstance(last, int) else self.pick((1, 1, 2, 3))
             text = f"topk({x}, {k}, axis=-1)"
         elif t.shape:
             op = "sort"
