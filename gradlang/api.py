@@ -192,9 +192,16 @@ def compile_source(text: str, name: str = "<source>", root: str | Path | None = 
 
 def compile_file(path: str | Path, strict: bool = False,
                  externs: Mapping[str, object] | None = None, mesh=None) -> CompiledModule:
-    """Compile a .grad file (local imports resolve beside it)."""
+    """Compile a .grad file (local imports resolve beside it). A file that cannot be read or is
+    not UTF-8 text raises CompileError, as bad source does."""
+    from .driver import read_source
+
     path = Path(path)
-    return compile_source(path.read_text(), str(path), path.parent, strict, externs, mesh)
+    diags = Diagnostics()
+    source = read_source(path, diags, None)
+    if source is None:
+        raise CompileError(diags)
+    return compile_source(source.text, str(path), path.parent, strict, externs, mesh)
 
 
 def load(path: str | Path, externs: Mapping[str, object] | None = None) -> LoadedModule:

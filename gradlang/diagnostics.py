@@ -47,6 +47,14 @@ class Span:
     def __repr__(self) -> str:
         return f"{self.source.path}:{self.line}:{self.col}"
 
+    @property
+    def text(self) -> str:
+        """The source text the span covers."""
+        lines = list(self.source.lines[self.line - 1:self.end_line])
+        lines[-1] = lines[-1][:self.end_col - 1]
+        lines[0] = lines[0][self.col - 1:]
+        return "\n".join(lines)
+
     def to(self, other: Span) -> Span:
         """The span from the start of self to the end of other."""
         return Span(self.source, self.line, self.col, other.end_line, other.end_col)

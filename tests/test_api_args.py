@@ -104,3 +104,12 @@ def test_integer_ranges_under_jit_and_vmap(m):
     labels = np.array([[1, 2], [3, 4]], np.int64)
     np.testing.assert_array_equal(jax.vmap(m.g)(labels), [3, 7])
     assert int(jax.jit(m.g)(labels[0])) == 3
+
+
+def test_compile_file_refuses_a_file_that_is_not_utf8(tmp_path):
+    """A compile error at the first byte that is not UTF-8, not a UnicodeDecodeError."""
+    path = tmp_path / "latin.grad"
+    path.write_bytes(b"fn f(x: f32) -> f32 { return x }\n# caf\xe9\n")
+    with pytest.raises(gradlang.CompileError, match=r"latin.grad:2:6: error: this file is not "
+                                                    r"UTF-8 text: byte 38 is 0xe9"):
+        gradlang.compile_file(path)

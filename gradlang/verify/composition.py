@@ -31,10 +31,7 @@ def plugin_edits(program: Program, samples: int) -> list[Edit]:
     """The export's composition with `samples` inner samples and `by=plugin`."""
     c = program.export.transform.compose
     span = c.inner_span
-    lines = span.source.text.splitlines()[span.line - 1:span.end_line]
-    lines[-1] = lines[-1][:span.end_col - 1]
-    lines[0] = lines[0][span.col - 1:]
-    inner = re.sub(r"\bsamples\s*=\s*\d+", f"samples={samples}", "\n".join(lines))
+    inner = re.sub(r"\bsamples\s*=\s*\d+", f"samples={samples}", span.text)
     edits = [Edit.at(span, inner)]
     if c.by.span is not None:
         edits.append(Edit.at(c.by.span, "plugin"))

@@ -48,10 +48,9 @@ class Origin:
         return span is not None and span.source.path == self.source.path
 
     def edited(self, edits: Sequence[Edit]) -> str:
-        lines = self.source.text.splitlines(keepends=True)
         starts = [0]
-        for line in lines:
-            starts.append(starts[-1] + len(line))
+        for line in self.source.lines:  # each ends with "\n" (SourceFile's line model)
+            starts.append(starts[-1] + len(line) + 1)
 
         def offset(line: int, col: int) -> int:
             return starts[line - 1] + col - 1
@@ -73,13 +72,6 @@ class Origin:
             return errors[0].message if errors else str(exc)
 
 
-def _statement_text(span: Span) -> str:
-    lines = span.source.text.splitlines()[span.line - 1:span.end_line]
-    lines[-1] = lines[-1][:span.end_col - 1]
-    lines[0] = lines[0][span.col - 1:]
-    return "\n".join(lines)
-
-
 def annotate(span: Span, annotated: bool, annotation: Span | None, body: str) -> Edit:
     """Give the statement or expression at `span` the annotation `with body`, replacing the
     one it ends with when it has one."""
@@ -87,7 +79,7 @@ def annotate(span: Span, annotated: bool, annotation: Span | None, body: str) ->
         if annotation is not None and (annotation.end_line, annotation.end_col) == \
                 (span.end_line, span.end_col):
             return Edit.at(annotation, body)
-        text = _statement_text(span)
+        text = span.text
         found = list(re.finditer(r"\bwith\b\s*", text))
         if found:  # the annotation's own span is not kept (`with auto(...)`): find its text
             prefix = text[:found[-1].end()].split("\n")
@@ -110,7 +102,7 @@ def tighter_solver(problem: InnerProblem, factor: int) -> Edit:
     """The argmin's solver with `factor` times its steps and, when it stops at a tolerance,
     a factor^2 smaller one (other options as written)."""
     span = problem.solver.span
-    text = _statement_text(span)
+    text = span.text
     options = {"steps": str(int(problem.solver.option("steps")) * factor)}
     if problem.solver.option("tol"):
         options["tol"] = repr(float(problem.solver.option("tol")) / factor ** 2)
@@ -132,8 +124,8 @@ def black_box(export: Export, by: str | None) -> Edit:
     span = export.transform.by.span
     if by is not None:
         return Edit.at(span, by)
-    before = span.source.text.splitlines(keepends=True)[:span.line - 1]
-    head = "".join(before) + span.source.line(span.line)[:span.col - 1]
+    head = "".join(line + "\n" for line in span.source.lines[:span.line - 1]) + \
+        span.source.line(span.line)[:span.col - 1]
     found = re.search(r",\s*by\s*=\s*$", head)
     assert found is not None, "the grammar puts by= after the function and wrt="
     start = len(head) - (found.end() - found.start())
