@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 from .diagnostics import Span
@@ -236,8 +237,16 @@ class Module:
     facts: dict[str, Any] = field(default_factory=dict, compare=False)
     """Analysis results keyed by analysis name (e.g. "gradflow")."""
 
+    @cached_property
+    def _by_name(self) -> dict[str, Function]:
+        """The functions by name (the first of each name: resolve reports the others)."""
+        found: dict[str, Function] = {}
+        for f in self.functions:
+            found.setdefault(f.name, f)
+        return found
+
     def function(self, name: str) -> Function | None:
-        return next((f for f in self.functions if f.name == name), None)
+        return self._by_name.get(name)
 
     def struct(self, name: str) -> StructDef | None:
         return next((s for s in self.structs if s.name == name), None)

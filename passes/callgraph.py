@@ -8,7 +8,7 @@ from gradlang.ops import OPS
 
 def call_order(module: Module) -> list[Function]:
     """Callees before callers (resolve rejects recursion, so the call graph has no cycles)."""
-    done: list[str] = []
+    done: dict[str, None] = {}  # insertion-ordered
 
     def visit(name: str) -> None:
         if name in done:
@@ -16,7 +16,7 @@ def call_order(module: Module) -> list[Function]:
         for op in walk(module.function(name).body):
             if op.name == "call_fn":
                 visit(op.params.callee)
-        done.append(name)
+        done[name] = None
 
     for fn in module.functions:
         visit(fn.name)
