@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from . import ast
 from .diagnostics import Diagnostics, Span
 from .limits import I32_MAX
+from .options import number_problem
 from .ir import (Combination, Composition, Export, Function, Objective, Op, Param, Region,
                  StructDef, Transform, Value)
 from .ops import (ArgminParams, CallParams, HostParams, CastParams, ConstParams, Estimator, ExpectParams, ForParams,
@@ -153,8 +154,8 @@ def build_unit(program: ast.Program, unit: str, diags: Diagnostics) -> UnitIR:
                 continue
             exported[decl.name] = decl.span
             if decl.name in MODULE_ATTRIBUTES or decl.name.startswith("_"):
-                taken = (f"a name starting with '_' is kept for the compiled module's own "
-                         f"attributes" if decl.name.startswith("_") else
+                taken = ("a name starting with '_' is kept for the compiled module's own "
+                         "attributes" if decl.name.startswith("_") else
                          f"the compiled module's attribute m.{decl.name} would hide it (its "
                          f"attributes: {', '.join(MODULE_ATTRIBUTES)})")
                 diags.error(f"export '{decl.name}' needs another name: {taken}", decl.name_span)
@@ -295,8 +296,11 @@ def _build_export(decl: ast.ExportDecl, unit: str, diags: Diagnostics) -> Export
                 return None
         elif k.name == "lr" and kind == "descend":
             lr = _literal(k.value)
+            problem = number_problem(lr, "positive")  # also out of float32's range
             if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
                 diags.error("lr must be a positive number literal, e.g. lr=0.001", k.value.span)
+            elif problem is not None:
+                diags.error(f"lr must be {problem}, got {k.value.span.text}", k.value.span)
                 return None
         elif k.name != "wrt":
             lr_text = ", lr=..." if kind == "descend" else ""

@@ -24,7 +24,7 @@ from gradlang.ops import CalleeParams, ComposeParams, Estimator, ExpectParams, N
 from gradlang.types import DType, TensorType, TupleType, Type, is_float_tree, scalar
 
 from .callgraph import random_functions
-from .options import number_problem
+from gradlang.options import number_problem
 
 ESTIMATORS: dict[str, dict[str, float]] = {"scgd": {"beta": 0.1}, "plugin": {}}
 """Estimators of a composition and their options' defaults."""

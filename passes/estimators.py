@@ -28,7 +28,7 @@ from gradlang.ops import OPS, Estimator
 from gradlang.types import DistType, TensorType, has_float_leaf
 
 from .callgraph import random_functions
-from .options import number_problem
+from gradlang.options import number_problem
 
 BASELINES = ("auto", "none", "loo", "grpo", "ma", "vimco")
 CREDIT = ("downstream", "whole")
@@ -432,7 +432,7 @@ class _Chooser:
 
 
 _NUMBER_KINDS = {float: "positive", int: "count"}
-"""How options of each type in `OPTIONS` are checked (`options.number_problem`)."""
+"""How options of each type in `OPTIONS` are checked (`gradlang.options.number_problem`)."""
 
 
 def option_problem(e: Estimator) -> str | None:

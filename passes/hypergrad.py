@@ -19,7 +19,7 @@ from gradlang.ir import Module, Op, Region, walk
 from gradlang.ops import OPS, Estimator
 
 from .callgraph import random_functions
-from .options import number_problem
+from gradlang.options import number_problem
 
 REQUIRED = None
 SOLVERS: dict[str, dict[str, object]] = {

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from gradlang.diagnostics import Diagnostics
 from gradlang.ir import HISTORY, Combination, Export, Module
 
-from .options import number_problem
+from gradlang.options import number_problem
 
 RULES: dict[str, dict[str, object]] = {
     "mgda": {"solver": "auto", "iters": 100},

@@ -29,7 +29,7 @@ from gradlang.ops import Estimator
 from gradlang.types import ERROR, UNKNOWN, TensorType, type_dims
 
 from .ghost import LeafNorm, linear_layers
-from .options import number_problem
+from gradlang.options import number_problem
 
 OPTIONS: dict[str, object] = {"clip": None, "noise": None, "per_example_axis": 0,
                               "clipping": "ghost"}

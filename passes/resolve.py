@@ -26,8 +26,7 @@ from gradlang.diagnostics import Diagnostics, Span
 from gradlang.distributions import DISTRIBUTIONS, DistSpec
 from gradlang.limits import MAX_BLOCKS, MAX_CALLS, MAX_DEPTH
 from gradlang.ir import Export, Function, Module, Op, Param, Region, StructDef, Value, walk
-from gradlang.ops import (OPS, CalleeParams, CallParams, DistParams, ForParams, NoParams,
-                          StructParams)
+from gradlang.ops import OPS, CalleeParams, CallParams, DistParams, NoParams, StructParams
 from gradlang.types import (ERROR, SOLVER_REPORT, DType, NamedType, StructType, TensorType, TupleType, Type,
                             is_float_tree, substitute_dims, type_dims)
 

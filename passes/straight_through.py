@@ -15,7 +15,7 @@ from gradlang.diagnostics import Diagnostics
 from gradlang.ir import Module, Op, Region
 from gradlang.ops import OPS, Estimator, STParams
 
-from .options import number_problem
+from gradlang.options import number_problem
 
 SIGNS = ("sign", "binarize")
 ELEMENTWISE = ("sign", "binarize", "round", "floor", "ceil", "step")

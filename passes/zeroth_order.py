@@ -25,7 +25,7 @@ from gradlang.diagnostics import Diagnostics
 from gradlang.ir import PRIVATE, Module
 from gradlang.ops import Estimator
 
-from .options import number_problem
+from gradlang.options import number_problem
 
 ESTIMATORS: dict[str, dict[str, object]] = {
     "spsa": {"eps": 1e-3, "samples": 1},
