@@ -17,7 +17,7 @@ import pytest
 import gradlang
 from gradlang.runtime.host import ExternError
 from gradlang.runtime.split import SplitError
-from stats import EPS32, assert_close
+from stats import EPS32, assert_close, assert_unbiased
 
 RNG = np.random.default_rng(0)
 THETA = RNG.normal(size=5).astype(np.float32)
@@ -41,14 +41,6 @@ def estimates(module, name: str, n: int, *args) -> np.ndarray:
     keys = jax.random.split(jax.random.key(42), n)
     out = jax.vmap(lambda k: module[name](*args, k))(keys)
     return np.asarray(out["t"], np.float64)
-
-
-def assert_unbiased(samples: np.ndarray, truth: np.ndarray) -> None:
-    """The mean of many estimates is within 5 standard errors of the truth, per coordinate."""
-    mean = samples.mean(0)
-    se = samples.std(0, ddof=1) / np.sqrt(len(samples))
-    z = np.abs(mean - truth) / se
-    assert np.all(z < 5), (mean, truth, z)
 
 
 @pytest.mark.parametrize("by, s", [("spsa(eps=0.5)", 0.5), ("spsa(eps=0.3, samples=4)", 0.3),
