@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import gradlang
+from stats import assert_close
 
 X = np.random.default_rng(0).uniform(-2.0, 2.0, size=(6, 5)).astype(np.float32)
 X[0, :3] = [0.0, 0.5, -1.0]  # ties and boundaries
@@ -60,15 +61,17 @@ def test_backward_rule_matches_its_formula_and_forward_is_exact(op, rule, deriva
     np.testing.assert_array_equal(m.v(X), plain.v(X))  # bit for bit
     x = X.copy()
     x[np.abs(x) < 1e-6] = 0.3  # the power rule's slope is capped at 0 anyway; keep it finite
-    np.testing.assert_allclose(m.g(x, C)["x"], C * derivative(x.astype(np.float64)), rtol=2e-5,
-                               atol=1e-6)
+    # per entry: a power (log and exp, 8 roundings) or tanh and cosh, a cap, a mask, the
+    # product with C, against float64: 16, relative to the largest (swish_sign's derivative
+    # decays like e^(-beta |x|), whose relative rounding grows with beta |x|)
+    assert_close(m.g(x, C)["x"], C * derivative(x.astype(np.float64)), ops=16)
 
 
 def test_argmax_with_straight_through_gumbel_uses_the_softmax_jacobian():
     m, plain = program("argmax", "st_gumbel(tau=0.5)"), program("argmax", "")
     np.testing.assert_array_equal(m.v(X), plain.v(X))
     _, vjp = jax.vjp(lambda v: jax.nn.softmax(v / 0.5, axis=-1), X)
-    np.testing.assert_allclose(m.g(X, C)["x"], vjp(C)[0], rtol=1e-5, atol=1e-6)
+    assert_close(m.g(X, C)["x"], vjp(C)[0], ops=2 * (5 + 4 + 5))  # softmax's vjp over 5, both sides
     np.testing.assert_array_equal(program("argmax", "ste").g(X, C)["x"], C)
 
 
@@ -104,8 +107,8 @@ export g = grad(f, wrt=[w])
 """
     m = gradlang.compile_source(src)  # round gets no rule: approx_sign is for signs
     grad = m.g(X, C)["w"]
-    np.testing.assert_allclose(grad, C * (2 - 2 * np.abs(X)) * (np.abs(X) <= 1), rtol=1e-5,
-                               atol=1e-6)
+    want = C * (2 - 2 * np.abs(X)) * (np.abs(X) <= 1)
+    assert_close(grad, want, ops=4, scale=np.abs(want))  # per entry: 2 - 2|x|, the mask, C
     with pytest.raises(gradlang.CompileError, match="'round' has a zero derivative"):
         gradlang.compile_source(src, strict=True)
 
@@ -146,8 +149,9 @@ def np_quantize(x, bits, axis=None, symmetric=True, scale=None):
 ])
 def test_quantize_matches_numpy(call, kwargs):
     m = gradlang.compile_source(f"fn f(x: f32[6, 5]) -> f32[6, 5] {{ return {call} }}\nexport f = f")
-    np.testing.assert_allclose(m.f(X), np_quantize(X.astype(np.float64), **kwargs), rtol=1e-5,
-                               atol=1e-6)
+    # the scale (a 30-term mean or a max), x / s, round, clip and * s against float64; no
+    # entry of X sits within rounding of a rounding boundary
+    assert_close(m.f(X), np_quantize(X.astype(np.float64), **kwargs), ops=32)
 
 
 def test_hadamard_is_the_orthonormal_walsh_matrix_and_quest_quantizes_in_its_basis():
@@ -159,11 +163,13 @@ export h = h
 export q = q
 """)
     hm = hadamard_matrix(16)
-    np.testing.assert_allclose(m.h(x), x @ hm.T, rtol=1e-5, atol=1e-6)
+    assert_close(m.h(x), x @ hm.T, ops=16 + 2)  # 16-term products and the 1/4 normalization
     y = x @ hm.T  # QuEST: rotated rows, 4 levels at the Gaussian MSE-optimal spacing
-    step = 2 * 1.9912 * np.sqrt(np.mean(y * y, -1, keepdims=True)) / 4
+    step = 2 * 1.9911701 * np.sqrt(np.mean(y * y, -1, keepdims=True)) / 4  # test_quant_examples' clip
     levels = np.clip((np.floor(y / step) + 0.5) * step, -1.5 * step, 1.5 * step)
-    np.testing.assert_allclose(m.q(x), levels @ hm, rtol=1e-4, atol=1e-5)
+    # the rotation there and back (16-term products), the rows' rms (16 terms, sqrt) and the
+    # level's few steps, against float64
+    assert_close(m.q(x), levels @ hm, ops=2 * 16 + 16 + 8)
     err = {"quest": np.mean((np.asarray(m.q(x)) - x) ** 2),
            "absmax": np.mean((np_quantize(x.astype(np.float64), 2, axis=0) - x) ** 2)}
     assert err["quest"] < err["absmax"], err  # the point of QuEST at low bit widths
@@ -177,8 +183,9 @@ export g = grad(f, wrt=[x, s])
     s = np.float32(0.5)  # levels -0.5, 0, 0.5: entries beyond 0.75 in magnitude are clipped
     g = m.g(X, C, s)
     q = np_quantize(X.astype(np.float64), 2, scale=0.5)
-    np.testing.assert_allclose(g["x"], C * (np.abs(X - q) <= 0.25), rtol=1e-6)
-    np.testing.assert_allclose(g["s"], np.sum(C * np.clip(np.round(X / 0.5), -1, 1)), rtol=1e-5)
+    np.testing.assert_array_equal(g["x"], C * (np.abs(X - q) <= 0.25))  # C times a 0/1 mask
+    levels = C * np.clip(np.round(X / 0.5), -1, 1)
+    assert_close(g["s"], np.sum(levels), ops=30, scale=np.sum(np.abs(levels)))  # a 30-term sum
 
 
 def test_stochastic_round_is_unbiased_with_an_identity_backward():
