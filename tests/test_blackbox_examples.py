@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 import gradlang
-from stats import EPS32, assert_close
 from gradlang.cli import main as cli
+from stats import EPS32, assert_close
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
