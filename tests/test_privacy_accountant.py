@@ -33,11 +33,15 @@ def test_rdp_equals_the_renyi_divergence_by_quadrature(q, noise, order):
     base = np.exp(-x**2 / (2 * noise**2)) / (noise * math.sqrt(2 * math.pi))
     ratio = (1 - q) + q * np.exp((2 * x - 1) / (2 * noise**2))  # mixture density / base
     integral = np.trapezoid(base * ratio**order, x)
-    assert rdp(q, noise, order) == pytest.approx(math.log(integral) / (order - 1), rel=1e-6)
+    # the trapezoid rule is exact to rounding for a smooth integrand decaying this fast (its
+    # error falls like exp(-2 pi^2 noise^2 / h^2)); its 4e5-term sum rounds by ~4e5 eps64
+    # relative, which the log of an integral near 1 amplifies by integral / log(integral)
+    rel = len(x) * np.finfo(np.float64).eps * integral / abs(math.log(integral))
+    assert rdp(q, noise, order) == pytest.approx(math.log(integral) / (order - 1), rel=rel)
 
 
 def test_without_subsampling_it_is_the_gaussian_mechanism():
-    assert rdp(1.0, 2.0, 7) == pytest.approx(7 / 8)
+    assert rdp(1.0, 2.0, 7) == pytest.approx(7 / 8, rel=1e-12)  # float64: ~10 roundings
     assert rdp(0.0, 2.0, 7) == 0.0
 
 
@@ -45,6 +49,9 @@ def test_without_subsampling_it_is_the_gaussian_mechanism():
                                                                  (1.2, 10, 1.20, 0.005),
                                                                  (0.6, 30, 9.74, 0.04)])
 def test_tensorflow_privacy_mnist_table(noise, epochs, published, tolerance):
+    """The published values are rounded to 0.01 (+-0.005). At noise 0.6 the best order of our
+    integer grid is 3 (epsilon 9.767), while TF Privacy's grid also has fractional orders
+    between 2 and 4, which can only lower it: that difference of grids is what 0.04 allows."""
     got = epsilon(Q, noise, epochs * STEPS_PER_EPOCH, 1e-5, conversion="classic")
     assert got.epsilon == pytest.approx(published, abs=tolerance)
 
