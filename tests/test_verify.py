@@ -22,6 +22,7 @@ from gradlang.cli import main
 from gradlang.runtime.rules import LOWERINGS
 from gradlang.verify import (BIASED, BY_DESIGN, CONSISTENT, SCHEMA, ZERO, VerifyError, document,
                              dumps)
+from stats import EPS32
 
 FAST = {"samples": 400, "reference_samples": 2048}
 
@@ -462,7 +463,9 @@ def test_minimize_deterministic_objectives_and_exact_combination(multi, export):
     report = multi.verify(export, args)
     assert [p.export for p in report.parts][:2] == [f"{export}[0]", f"{export}[1]"]
     assert all(p.case == "exact" and p.verdict == CONSISTENT for p in report.parts)
-    assert report.combination.calls == 1 and report.combination.max_relative_error < 1e-5
+    # the rule's rounding relative to the largest gradient: ~16 roundings (3-term Gram entries,
+    # a small solve or PCGrad's projections) amplified by the Gram's condition number, 28 at w
+    assert report.combination.calls == 1 and report.combination.max_relative_error <= 16 * 28 * EPS32
     assert report.verdict == CONSISTENT and report.biased_by_design is None, report.table()
 
 
@@ -475,7 +478,8 @@ def test_mgda_reference_is_the_min_norm_point():
     c = min_norm(g @ g.T)
     d = c @ g
     assert np.isclose(c.sum(), 1) and c.min() >= 0
-    assert np.all(g @ d >= d @ d - 1e-12) and np.allclose((g @ d)[c > 0], d @ d)
+    tol = 64 * np.finfo(np.float64).eps * np.abs(g).max() ** 2  # float64: 2-term products, a 3 x 3 solve
+    assert np.all(g @ d >= d @ d - tol) and np.allclose((g @ d)[c > 0], d @ d, rtol=0, atol=tol)
 
 
 def test_a_wrong_combination_is_flagged(multi, monkeypatch):
