@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 import gradlang
+from stats import assert_close
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -158,22 +159,34 @@ def test_vi_closed_forms_match_numpy(vi, gaussian_model):
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(B, D)).astype(np.float32)
     want = (x * np.log(_sigmoid(logits)) + (1 - x) * np.log(1 - _sigmoid(logits))).sum(1)
-    np.testing.assert_allclose(vi.log_lik(logits, x), want, rtol=1e-5)
+    # against float64: log-sigmoids (8 roundings) summed over D = 12
+    assert_close(vi.log_lik(logits, x), want, ops=D + 8 + 4)
 
     loc, scale = vi.encode(enc, x)
     h = np.tanh(x @ enc["hidden"]["w"] + enc["hidden"]["b"])
-    np.testing.assert_allclose(loc, h @ enc["loc"]["w"] + enc["loc"]["b"], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(scale, np.exp(h @ enc["log_scale"]["w"] + enc["log_scale"]["b"]),
-                               rtol=1e-5)
+    # both float32: D- and H-term products, tanh (4), exp (4): 2 * (12 + 10 + 8)
+    assert_close(loc, h @ enc["loc"]["w"] + enc["loc"]["b"], ops=60)
+    assert_close(scale, np.exp(h @ enc["log_scale"]["w"] + enc["log_scale"]["b"]), ops=60)
     loc, scale = np.asarray(loc, np.float64), np.asarray(scale, np.float64)
-    kl = (0.5 * (loc ** 2 + scale ** 2 - 1) - np.log(scale)).sum(1)
-    np.testing.assert_allclose(vi.kl_normal(loc, scale), kl, rtol=1e-5)
+    terms = 0.5 * (loc ** 2 + scale ** 2 - 1) - np.log(scale)
+    # ~8 roundings a term (log: 4) over Z = 3 terms that cancel: relative to their magnitudes
+    assert_close(vi.kl_normal(loc.astype(np.float32), scale.astype(np.float32)), terms.sum(1), ops=8 + Z,
+                 scale=np.abs(terms).sum(1) + 0.5 * (loc ** 2 + scale ** 2 + 1).sum(1))
 
     q = rng.normal(size=(4, B, 6)).astype(np.float32)  # L = 4 latents, C = 6 classes
     lq = _log_softmax(q)
-    kl_u = (np.exp(lq) * (lq + np.log(6))).sum(-1).sum(0)
-    np.testing.assert_allclose(vi.kl_uniform(q), kl_u, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(vi.terms(q, logits, x), want - kl_u, rtol=1e-5)
+    terms = np.exp(lq) * (lq + np.log(6))
+    # a log_softmax over 6 (~16 roundings), exp, the 24 terms of each sum; their magnitudes
+    kl_u = terms.sum(-1).sum(0)
+    magnitude = (np.exp(lq) * (np.abs(lq) + np.log(6))).sum(-1).sum(0)
+    assert_close(vi.kl_uniform(q), kl_u, ops=16 + 4 + 24, scale=magnitude)
+    assert_close(vi.terms(q, logits, x), want - kl_u, ops=16 + 4 + 24 + D + 12, scale=magnitude + np.abs(want))
+
+
+VI_OPS = 100
+"""Two float32 evaluations of the same bound of the Gaussian VAE on the same draws: the encoder's
+and decoder's D-, H- and Z-term products, tanh, exp, the log-densities' sums over D and Z
+(~50 roundings a side), relative to the bound."""
 
 
 def test_iwae_with_one_sample_is_the_monte_carlo_elbo_on_the_same_key(vi, gaussian_model):
@@ -181,8 +194,7 @@ def test_iwae_with_one_sample_is_the_monte_carlo_elbo_on_the_same_key(vi, gaussi
     one = np.zeros(1, np.float32)
     for seed in range(3):
         key = jax.random.key(seed)
-        np.testing.assert_allclose(vi.iwae_value(enc, dec, x, one, key),
-                                   vi.elbo_mc_value(enc, dec, x, key), rtol=1e-5)
+        assert_close(vi.iwae_value(enc, dec, x, one, key), vi.elbo_mc_value(enc, dec, x, key), ops=VI_OPS)
 
 
 def test_elbo_estimates_agree_and_iwae_tightens_with_k(vi, gaussian_model):
@@ -231,14 +243,19 @@ def test_renyi_and_rws_surrogates_match_numpy(vi):
         a = (1 - alpha) * log_w.astype(np.float64)
         lse = np.log(np.exp(a - a.max(0)).sum(0)) + a.max(0)
         value, grads = vi.renyi_bound(log_w, alpha)
-        np.testing.assert_allclose(value, np.mean(lse - np.log(6)) / (1 - alpha), rtol=1e-5)
-        np.testing.assert_allclose(grads["log_w"], np.exp(a - lse) / B, rtol=1e-5, atol=1e-7)
+        # a logsumexp over 6 (~16 roundings) and a mean over B, relative to the log-weights'
+        # size; its gradient a softmax over 6
+        assert_close(value, np.mean(lse - np.log(6)) / (1 - alpha), ops=16 + B + 2,
+                     scale=np.abs(lse).max() + np.log(6))
+        assert_close(grads["log_w"], np.exp(a - lse) / B, ops=16)
     log_p, log_q = rng.normal(size=(6, B)).astype(np.float32), rng.normal(size=(6, B)).astype(np.float32)
     w = np.exp(_log_softmax(log_p - log_q, axis=0))
     value, grads = vi.rws_surrogate(log_p, log_q)
-    np.testing.assert_allclose(value, np.mean((w * (log_p + log_q)).sum(0)), rtol=1e-5)
+    # softmax weights over 6 (~16 roundings), 6-term sums, a mean over B
+    assert_close(value, np.mean((w * (log_p + log_q)).sum(0)), ops=16 + 6 + B,
+                 scale=np.abs(log_p + log_q).max())
     for name in ("log_p", "log_q"):  # the weights are held fixed
-        np.testing.assert_allclose(grads[name], w / B, rtol=1e-5, atol=1e-7)
+        assert_close(grads[name], w / B, ops=16)
 
 
 def test_renyi_with_alpha_zero_is_iwae_on_the_same_key(vi, gaussian_model):
@@ -246,8 +263,8 @@ def test_renyi_with_alpha_zero_is_iwae_on_the_same_key(vi, gaussian_model):
     k4 = np.zeros(4, np.float32)
     for seed in range(3):
         key = jax.random.key(seed)
-        np.testing.assert_allclose(vi.renyi_value(enc, dec, x, k4, 0.0, key),
-                                   vi.iwae_value(enc, dec, x, k4, key), rtol=1e-5)
+        assert_close(vi.renyi_value(enc, dec, x, k4, 0.0, key), vi.iwae_value(enc, dec, x, k4, key),
+                     ops=VI_OPS + 16)  # and a logsumexp over 4 each
 
 
 def _jax_dense(layer, x):
@@ -276,8 +293,8 @@ def test_rws_step_is_the_wake_phase_update(vi, gaussian_model):
 
     want = jax.grad(surrogate, argnums=(0, 1))(enc, dec)
     got = vi.rws_step(enc, dec, x, np.zeros(k, np.float32), key)
-    for a, b in zip(jax.tree.leaves((got["enc"], got["dec"])), jax.tree.leaves(want)):
-        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+    # VI_OPS's forward, its backward and the weights' softmax over k = 5, both sides
+    assert_close((got["enc"], got["dec"]), want, ops=2 * VI_OPS + 16)
 
 
 def _hierarchical_encoder(rng, e, mix):
@@ -340,15 +357,19 @@ def test_rloo_and_grpo_advantages_match_numpy(rl):
     rng = np.random.default_rng(3)
     r1 = rng.normal(size=6).astype(np.float32)
     r2 = rng.normal(size=(6, 4)).astype(np.float32)
-    np.testing.assert_allclose(rl.rloo(r1), _rloo(r1), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(rl.rloo_batched(r2), _rloo(r2), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(rl.grpo(r1), _grpo(r1), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(rl.grpo_batched(r2), _grpo(r2), rtol=1e-5, atol=1e-6)
+    # both float32: RLOO a 6-term sum, a difference, a division (9 roundings a side) of
+    # rewards <= max |r|; GRPO also a std over 6 (squares, a sum, sqrt: ~12 more), and a
+    # division by it that scales to the advantages' size
+    assert_close(rl.rloo(r1), _rloo(r1), ops=18, scale=np.abs(r1).max())
+    assert_close(rl.rloo_batched(r2), _rloo(r2), ops=18, scale=np.abs(r2).max())
+    assert_close(rl.grpo(r1), _grpo(r1), ops=42)
+    assert_close(rl.grpo_batched(r2), _grpo(r2), ops=42)
     # a group of G: the columns of [G, B] are independent groups
-    np.testing.assert_allclose(rl.rloo_batched(r2)[:, 1], rl.rloo(r2[:, 1]), rtol=1e-5, atol=1e-6)
-    # RLOO advantages sum to zero in each group; GRPO's have mean 0 and std 1
-    np.testing.assert_allclose(np.asarray(rl.rloo_batched(r2)).sum(0), 0, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(rl.grpo_batched(r2)).std(0), 1, rtol=1e-4)
+    assert_close(rl.rloo_batched(r2)[:, 1], rl.rloo(r2[:, 1]), ops=18, scale=np.abs(r2).max())
+    # RLOO advantages sum to zero in each group: 6 advantages of 9 roundings each, summed;
+    # GRPO's have std 1 (less 1e-8 / std, below one rounding)
+    assert_close(np.asarray(rl.rloo_batched(r2), np.float64).sum(0), 0.0, ops=6 * 9 + 6, scale=np.abs(r2).max())
+    assert_close(np.asarray(rl.grpo_batched(r2), np.float64).std(0), 1.0, ops=42, scale=1.0)
 
 
 def test_clipped_surrogate_matches_numpy(rl):
@@ -358,20 +379,23 @@ def test_clipped_surrogate_matches_numpy(rl):
     adv = rng.normal(size=(5, 3)).astype(np.float32)
     eps = 0.2
     ratio = np.exp(logp.astype(np.float64) - ref)
-    np.testing.assert_allclose(rl.ratio(logp, ref), ratio, rtol=1e-5)
+    # exp (4 roundings) of a difference whose rounding, eps32 (|logp| + |ref|), exp turns into
+    # that much relative error
+    assert_close(rl.ratio(logp, ref), ratio, ops=1, scale=ratio * (5 + np.abs(logp) + np.abs(ref)))
     obj = np.minimum(ratio * adv, np.clip(ratio, 1 - eps, 1 + eps) * adv)
-    np.testing.assert_allclose(rl.clipped(ratio.astype(np.float32), adv, eps), obj, rtol=1e-5, atol=1e-6)
+    assert_close(rl.clipped(ratio.astype(np.float32), adv, eps), obj, ops=2)  # a product per entry
     value, grads = rl.pg(logp, ref, adv, eps)
-    np.testing.assert_allclose(value, obj.mean(), rtol=1e-5)
+    ops = 5 + 2 * np.abs(logp).max() + 2 + logp.size  # the ratio, the product, a mean of 15
+    assert_close(value, obj.mean(), ops=ops, scale=np.abs(obj).max())
     # d/dlogp: ratio * adv where the unclipped term is the minimum (or the ratio is inside
     # the clip range), else 0
     active = (ratio * adv <= np.clip(ratio, 1 - eps, 1 + eps) * adv) | (np.abs(ratio - 1) < eps)
     want = np.where(active, ratio * adv, 0.0) / logp.size
     assert not active.all()  # the case exercises the clipping
-    np.testing.assert_allclose(grads["logp"], want, rtol=1e-4, atol=1e-7)
+    assert_close(grads["logp"], want, ops=ops)
     loss, loss_grads = rl.pg_loss(logp, ref, adv, eps)
-    np.testing.assert_allclose(loss, -value, rtol=1e-6)
-    np.testing.assert_allclose(loss_grads["logp"], -np.asarray(grads["logp"]), rtol=1e-6)
+    assert_close(loss, -value, ops=2 * ops, scale=np.abs(obj).max())  # computed again
+    assert_close(loss_grads["logp"], -np.asarray(grads["logp"]), ops=2 * ops)
 
 
 def test_on_policy_surrogates_are_reinforce(rl):
@@ -381,17 +405,18 @@ def test_on_policy_surrogates_are_reinforce(rl):
     adv = _rloo(r).astype(np.float32)
     n = logp.size
     value, grads = rl.reinforce(logp, adv)
-    np.testing.assert_allclose(value, adv.mean(), atol=1e-6)
-    np.testing.assert_allclose(grads["logp"], adv / n, rtol=1e-5, atol=1e-7)
-    # with logp_ref = logp the ratio is 1: clipping is inactive, the gradient is REINFORCE's
+    assert_close(value, adv.mean(), ops=n + 1, scale=np.abs(adv).max())  # a mean of n = 12
+    assert_close(grads["logp"], adv / n, ops=2)
+    # with logp_ref = logp the ratio is exp(0) = 1 exactly: clipping is inactive, the gradient
+    # is REINFORCE's
     _, grads = rl.pg(logp, logp, adv, 0.2)
-    np.testing.assert_allclose(grads["logp"], adv / n, rtol=1e-5, atol=1e-7)
+    assert_close(grads["logp"], adv / n, ops=2)
     _, grads = rl.rloo_surrogate(logp, r)
-    np.testing.assert_allclose(grads["logp"], adv / n, rtol=1e-5, atol=1e-7)
+    assert_close(grads["logp"], adv / n, ops=18 + 2, scale=np.abs(r).max() / n)  # RLOO's, above
     _, grads = rl.grpo_surrogate(logp, logp, r, 0.2)
-    np.testing.assert_allclose(grads["logp"], _grpo(r) / n, rtol=1e-4, atol=1e-6)
-    value, grads = rl.kl_k3(logp, logp)
-    assert abs(float(value)) < 1e-6 and np.allclose(grads["logp"], 0, atol=1e-7)
+    assert_close(grads["logp"], _grpo(r) / n, ops=42 + 2)  # GRPO's, above
+    value, grads = rl.kl_k3(logp, logp)  # exp(0) - 0 - 1 and its derivative: exactly 0
+    assert float(value) == 0.0 and not np.any(np.asarray(grads["logp"]))
 
 
 # ---- the examples
