@@ -7,7 +7,6 @@ relative, which only matters where the per-sample quantity is constant.
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
