@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import re
-import signal
 import sys
 import tempfile
 import time
@@ -302,10 +302,6 @@ PASS_EVIDENCE: dict[str, tuple[str, Callable[[str], bool]]] = {
 """Per pass (and runtime feature): what in a compiled module shows that it had work."""
 
 
-class Slow(Exception):
-    """A program ran past the campaign's time limit."""
-
-
 @dataclass
 class Campaign:
     """Counts and findings of many runs."""
@@ -392,33 +388,64 @@ class Campaign:
         return "\n".join(lines + ["```", ""])
 
 
+def _serve(conn, folder: str) -> None:
+    """A campaign's worker: runs `("run", seed, execute, vmap, cli)` and
+    `("reduce", seed, outcome)` requests until it receives None."""
+    while (request := conn.recv()) is not None:
+        kind, seed, *rest = request
+        program = generate(seed)
+        conn.send(run(program, Path(folder), *rest) if kind == "run"
+                  else reduce(program, rest[0], Path(folder)))
+
+
+class Worker:
+    """A process that runs a campaign's programs, replaced when one runs past the time limit
+    (a hung XLA computation cannot be interrupted from Python)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.start()
+
+    def start(self) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_serve, args=(child, str(self.folder)), daemon=True)
+        self.process.start()
+
+    def ask(self, request: tuple, limit: float):
+        """The answer, or None (and a fresh worker) past `limit` seconds."""
+        self.conn.send(request)
+        if self.conn.poll(limit):
+            return self.conn.recv()
+        self.process.kill()
+        self.process.join()
+        self.start()
+        return None
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.process.join()
+
+
 def campaign(start: int, count: int, out: Path, execute_every: int = 20, vmap_every: int = 10,
              cli_every: int = 20, limit: float = 300.0, every: int = 25) -> Campaign:
-    """Run programs start .. start + count - 1: each compiled, explained and its exports
-    lowered; every `execute_every`-th one's exports also executed, every `vmap_every`-th one's
-    lowered under `jax.vmap`, every `cli_every`-th one through `gradlang compile` and its
-    artifact loaded; the report goes to `out` every `every` programs."""
-    def alarm(signum, frame):
-        raise Slow(f"past the limit of {limit:.0f} s")
-
-    signal.signal(signal.SIGALRM, alarm)
+    """Run programs start .. start + count - 1 in a worker process: each compiled, explained
+    and its exports lowered; every `execute_every`-th one's exports also executed, every
+    `vmap_every`-th one's lowered under `jax.vmap`, every `cli_every`-th one through `gradlang
+    compile` and its artifact loaded; a program past `limit` seconds is "slow". The report goes
+    to `out` every `every` programs, a line per program to `out` with suffix .jsonl."""
     result = Campaign()
     t0 = time.time()
-    folder = Path(tempfile.mkdtemp(prefix="gradlang-fuzz-"))
+    worker = Worker(Path(tempfile.mkdtemp(prefix="gradlang-fuzz-")))
     log = out.with_suffix(".jsonl").open("w")
     for seed in range(start, start + count):
         program = generate(seed)
         execute = bool(execute_every) and seed % execute_every == 0
         vmap = bool(vmap_every) and seed % vmap_every == 1
         cli = bool(cli_every) and seed % cli_every == 3
-        signal.setitimer(signal.ITIMER_REAL, limit)
         started = time.time()
-        try:
-            outcome = run(program, folder, execute, vmap=vmap, cli=cli)
-        except Slow as exc:
-            outcome = Outcome("slow", "", f"Slow: {exc}", traceback.format_exc())
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
+        outcome = worker.ask(("run", seed, execute, vmap, cli), limit) \
+            or Outcome("slow", "run (stopped)", f"Slow: past the limit of {limit:.0f} s")
         log.write(json.dumps({"seed": seed, "status": outcome.status, "phase": outcome.phase,
                               "calls": outcome.calls, "depth": program.depth, "deep": program.deep,
                               "seconds": round(time.time() - started, 2)}) + "\n")
@@ -427,13 +454,9 @@ def campaign(start: int, count: int, out: Path, execute_every: int = 20, vmap_ev
         new = outcome.status == "finding" and key not in result.findings
         result.add(program, outcome, execute, vmap, cli)
         if new:  # reduce each new class once, within three time limits
-            signal.setitimer(signal.ITIMER_REAL, 3 * limit)
-            try:
-                result.findings[key]["reduced"] = reduce(program, outcome, folder)
-            except Slow:
-                pass
-            finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
+            reduced = worker.ask(("reduce", seed, outcome), 3 * limit)
+            if reduced is not None:
+                result.findings[key]["reduced"] = reduced
         result.seconds = time.time() - t0
         if result.programs % every == 0 or seed == start + count - 1:
             out.write_text(result.markdown())
@@ -446,6 +469,7 @@ def campaign(start: int, count: int, out: Path, execute_every: int = 20, vmap_ev
                  "findings": {k: {x: v[x] for x in ("count", "seeds", "error", "phase")}
                               for k, v in result.findings.items()}}, indent=1))
     log.close()
+    worker.close()
     return result
 
 
