@@ -149,18 +149,22 @@ def _for(ctx, op: Op, *inits):
             init = lax.stop_gradient(lax.fori_loop(start, cut, step, lax.stop_gradient(init)))
             start = cut
         out = lax.fori_loop(start, stop, step, init)
-    elif p.truncate:
-        # a symbolic trip count: fori_loop would be a while loop, which reverse mode cannot
-        # differentiate; the last K indices as a scan, those before `start` (a loop shorter
-        # than K) skipped
-        cut = stop - p.truncate
-        init = lax.stop_gradient(lax.fori_loop(start, cut, step, lax.stop_gradient(init)))
-        skip = lambda i, c: c  # noqa: E731
-        out = lax.scan(lambda c, i: (lax.cond(i >= start, step, skip, i, c), None), init,
-                       cut + lax.iota(jnp.int32, p.truncate))[0]
     else:
-        out = lax.scan(lambda c, i: (step(i, c), None), init,
-                       start + lax.iota(jnp.int32, stop - start))[0]
+        # a symbolic trip count: fori_loop would be a while loop, which reverse mode cannot
+        # differentiate. A scan over indices of a length JAX can prove non-negative (stop, or
+        # the last K), skipping those before `start`
+        if p.truncate:
+            cut = stop - p.truncate
+            init = lax.stop_gradient(lax.fori_loop(start, cut, step, lax.stop_gradient(init)))
+            indices = cut + lax.iota(jnp.int32, p.truncate)
+        else:
+            indices = lax.iota(jnp.int32, stop)
+        every = not p.truncate and isinstance(start, int) and start == 0
+
+        def from_start(c, i):
+            return (step(i, c) if every else lax.cond(i >= start, step, lambda i, c: c, i, c)), None
+
+        out = lax.scan(from_start, init, indices)[0]
     return out if len(out) > 1 else out[0]
 
 

@@ -222,7 +222,9 @@ def test_the_cli_reports_an_unsplittable_artifact(tmp_path, capsys):
     (tmp_path / "m.grad").write_text(EXTERN)
     assert main(["compile", str(tmp_path / "m.grad"), "-o", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
-    assert "gradlang: error: export 'spsa4' calls extern 'score'" in err
+    # a diagnostic at the export, with its line and caret
+    assert "m.grad:9:1: error: export 'spsa4' calls extern 'score'" in err
+    assert "\n  export spsa4 = grad(" in err and "\n  ^^^^" in err
     assert "Traceback" not in err
 
 
