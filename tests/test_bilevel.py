@@ -191,10 +191,11 @@ def ridge_by_hand(lam, steps: int, k: int):
     return 0.5 * jnp.mean((XV @ v - YV) ** 2)
 
 
-@pytest.mark.parametrize("k", [1, 3, 8])
+@pytest.mark.parametrize("k", [1, 3, 8, 40])
 def test_truncated_backprop_is_the_hand_written_one(k):
     """k and k + 1 steps differ by 0.5% of the hypergradient at k = 8 (measured; the iteration
-    contracts by 1 - 0.3 * 0.88 = 0.74 a step), 40 times the tolerance below."""
+    contracts by 1 - 0.3 * 0.88 = 0.74 a step), 40 times the tolerance below; k = 40 is every
+    step: plain unrolled reverse mode."""
     value, grads = ridge_with("gd(steps=40, lr=0.3)", f"with truncated({k})").g(*ARGS)
     want_value, want = jax.jit(jax.value_and_grad(ridge_by_hand), static_argnums=(1, 2))(ARGS[0], 40, k)
     # one gd step rounds ~70 times (a 60-term and a 5-term product, exp, the update); the
@@ -202,13 +203,6 @@ def test_truncated_backprop_is_the_hand_written_one(k):
     # and backward, both sides float32: 4 * 270
     assert_close(value, want_value, ops=1080)
     assert_close(grads["lam"], want, ops=1080)
-
-
-def test_truncated_backprop_converges_to_unrolled_as_k_grows():
-    errors = [lam_grad_error(ridge_with("gd(steps=200, lr=0.3)", f"with truncated({k})"))
-              for k in (1, 5, 20, 200)]
-    assert errors[0] > errors[1] > errors[2] > errors[3], errors
-    assert errors[3] < RIDGE_OPS * EPS32
 
 
 def test_the_solver_report_gives_the_residual_and_steps_and_tol_stops_early():
