@@ -26,7 +26,7 @@ from .rules_random import RANDOM_LOWERINGS
 from .ot import sliced_wasserstein
 from .compose import compose_rule
 from .sampled import wta_crs_matmul
-from .perturbed import Factored
+from .perturbed import Factored, dense
 
 
 Rule = Callable[..., Any]
@@ -133,14 +133,16 @@ def _for(ctx, op: Op, *inits):
     no gradient (truncated backpropagation: nothing of them is stored for the backward pass)."""
     p: O.ForParams = op.params
     (body,) = op.regions
-    init = tuple(ctx.coerce(x, r.type) for x, r in zip(inits, op.results))
+    # a loop's carry is plain arrays: a perturbed matrix (`runtime.perturbed`) entering or
+    # leaving it is materialized, as the loop's pytree structure cannot change
+    init = tuple(dense(ctx.coerce(x, r.type)) for x, r in zip(inits, op.results))
 
     loop_key = ctx.next_key() if ctx.key is not None and ctx.lowering.key_uses(body) else None
 
     def step(i, carry):
         with ctx.scope(None if loop_key is None else jax.random.fold_in(loop_key, i), body):
             out = ctx.region(body, (i, *carry))
-        return tuple(ctx.coerce(x, r.type) for x, r in zip(out, op.results))
+        return tuple(dense(ctx.coerce(x, r.type)) for x, r in zip(out, op.results))
 
     start, stop = ctx.dim(p.start), ctx.dim(p.stop)
     if not any(jax.export.is_symbolic_dim(b) for b in (start, stop)):
