@@ -350,6 +350,11 @@ def _check_export(module: Module, export: Export, diags: Diagnostics) -> Export 
         return export
     if _broken(fn):
         return None
+    if t.kind == "descend" and t.lr is None and fn.param("lr") is not None:
+        diags.error(f"descend without lr= takes the step size as an argument 'lr', but "
+                    f"'{fn.name}' has a parameter 'lr'; write lr=VALUE or rename it",
+                    export.fn_span)
+        return None
     if t.compose is not None:  # the compose pass checks both functions and wrt
         outer = module.function(t.compose.outer)
         return export if outer is None or not _broken(outer) else None
@@ -357,11 +362,6 @@ def _check_export(module: Module, export: Export, diags: Diagnostics) -> Export 
     if t.kind != "fn" and not (isinstance(r, TensorType) and r.rank == 0 and r.dtype.is_float):
         diags.error(f"{t.kind} needs a function that returns a float scalar; '{fn.name}' "
                     f"returns {r}", export.fn_span)
-        return None
-    if t.kind == "descend" and t.lr is None and fn.param("lr") is not None:
-        diags.error(f"descend without lr= takes the step size as an argument 'lr', but "
-                    f"'{fn.name}' has a parameter 'lr'; write lr=VALUE or rename it",
-                    export.fn_span)
         return None
     seen: set[str] = set()
     wrt = []
