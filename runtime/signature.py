@@ -165,6 +165,8 @@ def _check(t: Type, x: Any, dims: dict[str, int], where: str, path: tuple,
             return
         if not (hasattr(x, "shape") and hasattr(x, "dtype")):
             raise ArgumentError(f"{where}: expected a {t} array, got {type(x).__name__}")
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            raise ArgumentError(f"{where}: expected {t}, got a random key")
         kind = np.dtype(x.dtype).kind
         ok = {DType.BOOL: "b", DType.I32: "iu", DType.F32: "fiu", DType.F64: "fiu"}[t.dtype]
         if kind not in ok:

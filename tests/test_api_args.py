@@ -113,3 +113,10 @@ def test_compile_file_refuses_a_file_that_is_not_utf8(tmp_path):
     with pytest.raises(gradlang.CompileError, match=r"latin.grad:2:6: error: this file is not "
                                                     r"UTF-8 text: byte 38 is 0xe9"):
         gradlang.compile_file(path)
+
+
+def test_a_random_key_for_an_array_parameter():
+    m = gradlang.compile_source("fn f(key: f32) -> f32 { return key * 2.0 }\nexport f = f\n")
+    with pytest.raises(gradlang.ArgumentError, match=r"argument 'key': expected f32, got a "
+                                                     r"random key"):
+        m.f(key=jax.random.key(0))
