@@ -45,7 +45,13 @@ def _argmax(ctx, op: Op, x):
 def _topk(ctx, op: Op, x):
     axis = op.params.axis
     moved = jnp.moveaxis(x, axis, -1)
-    _, index = lax.top_k(moved, ctx.dim(op.params.k))
+    k, n = ctx.dim(op.params.k), moved.shape[-1]
+    if isinstance(k, int) and isinstance(n, int) and not 1 <= k <= n:  # a dim the call bound
+        span = op.span
+        raise ArgumentError(f"topk at {Path(span.source.path).name}:{span.line}:{span.col} needs "
+                            f"1 <= k <= the size of axis {axis}, but the arguments make k = {k} "
+                            f"and that size {n}")
+    _, index = lax.top_k(moved, k)
     mask = jnp.sum(jax.nn.one_hot(index, moved.shape[-1], dtype=jnp.float32), axis=-2)
     return jnp.moveaxis(mask, -1, axis)
 

@@ -249,3 +249,14 @@ export plain = grad(plain, wrt=[w], by=spsa(eps=0.01, samples=2))
     # sums of scale 1, divided by 2 eps = 0.02 and times |z| <= 4
     np.testing.assert_allclose(m.looped(w, x, key=KEY)["w"], m.plain(w, x, key=KEY)["w"],
                                rtol=0, atol=8 * EPS / 0.02 * 4)
+
+
+def test_topk_of_more_entries_than_a_symbolic_axis_binds_is_an_argument_error():
+    m = gradlang.compile_source("fn f(x: f32[4, H]) -> f32 { return sum(topk(x, 2) * x) }\n"
+                                "export f = f\n")
+    x = np.arange(8, dtype=np.float32).reshape(4, 2)
+    np.testing.assert_array_equal(m.f(x), np.sum(x))  # k = H = 2: every entry
+    with pytest.raises(gradlang.ArgumentError, match=r"topk at <source>:1:40 needs 1 <= k <= the "
+                                                     r"size of axis -1, but the arguments make "
+                                                     r"k = 2 and that size 1"):
+        m.f(np.ones((4, 1), np.float32))
