@@ -4,7 +4,7 @@ Inputs are token soup drawn from the language's vocabulary (keywords, punctuatio
 names, numbers, newlines), declaration-shaped soup, and valid programs mutated by deleting,
 duplicating, swapping, replacing or inserting tokens, or by replacing names, numbers, operators
 and dtypes with others of their kind (these mostly parse, so they reach the later passes).
-Every one must give exit status 0 or 1 (never 2, an internal compiler error) and never raise.
+Every one must give exit status 0 or 1 (never 3, an internal compiler error) and never raise.
 The examples are derandomized, so every run checks the same inputs.
 """
 
