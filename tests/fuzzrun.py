@@ -137,6 +137,11 @@ def run(program: Program, folder: Path, execute: bool | None = True, vmap: bool 
             return Outcome("compile_error", phase, f"CompileError: {exc}")
         outcome.compiled = True
         outcome.coverage = coverage(m.ir)
+        for name, fn in m.exports.items():  # a parameter name taken twice cannot be bound
+            names = [n for n, _ in fn.signature.params]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise AssertionError(f"export '{name}' has two parameters named {twice[0]!r}: {names}")
         phase = "explain"
         explain(m.ir)
         for name, fn in m.exports.items() if execute is not None else ():
