@@ -116,7 +116,11 @@ def run(program: Program, folder: Path, execute: bool | None = True, vmap: bool 
     each call to StableHLO, all but XLA's compilation and the run; None: no calls); with
     `vmap`, also lower each export vmapped over two argument sets; with `cli`, also run
     `gradlang compile --emit stablehlo,artifact` on it (symbolic dims stay symbolic), whose
-    exit status must not be 3 (an internal compiler error)."""
+    exit status must not be 3 (an internal compiler error), and call the artifact's exports.
+
+    A finding is any exception but CompileError (whose every diagnostic must be located: file,
+    line, column, the source line and a caret) and ArgumentError, and an accepted export that
+    has two parameters of one name."""
     import jax
 
     import gradlang
