@@ -51,8 +51,8 @@ class Outcome:
     """IR ops and chosen estimators of the compiled module."""
 
     def key(self) -> tuple:
-        """The finding's class: exception type, message pattern and the innermost frames of
-        the compiler (gradlang, passes, runtime)."""
+        """The finding's class: exception type, message pattern (names, numbers, shapes and
+        tuples blanked) and the two innermost frames of the compiler (gradlang, passes, runtime)."""
         return finding_key(self.error, self.trace)
 
 
@@ -60,9 +60,10 @@ def finding_key(error: str, trace: str) -> tuple:
     kind, _, message = error.partition(": ")
     first = message.splitlines()[0] if message else ""
     pattern = re.sub(r"'[^']*'|\"[^\"]*\"", "'X'", first)
+    pattern = re.sub(r"\[[^\]]*\]|\([^)]*\)", "[...]", pattern)  # shapes and tuples
     pattern = re.sub(r"\d+(\.\d+)?(e[-+]?\d+)?", "N", pattern)[:120]
     frames = re.findall(r'File "[^"]*/(gradlang|passes|runtime)/([^"/]+)", line \d+, in (\w+)', trace)
-    return kind, pattern, tuple(f"{d}/{f}:{fn}" for d, f, fn in frames[-3:])
+    return kind, pattern, tuple(f"{d}/{f}:{fn}" for d, f, fn in frames[-2:])
 
 
 def arguments(signature, sizes: dict, seed: int, python_scalars: bool = False) -> list:
