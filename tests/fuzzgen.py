@@ -1380,7 +1380,7 @@ class Gen:
         if self.odd and self.chance(0.6):
             source = self.odd_options(source)
         return Program(self.seed, source, dict(self.sizes), dict(self.externs), self.features,
-                       self.depth, deep is not None)
+                       self.depth, getattr(self, "_deep_used", False))
 
     def odd_options(self, source: str) -> str:
         """One or two `name=number` options (of builtins, estimators, solvers, exports) set to
