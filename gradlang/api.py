@@ -86,14 +86,17 @@ class CompiledModule(_Exports):
         self.ir = ir
         externs = dict(externs or {})
         self._origin = (externs, mesh, None if root is None else Path(root))
-        check_bindings(externs, {op.params.name for fn in ir.functions for op in fn.body.ops
-                                 if op.name == "host_call"})
+        check_bindings(externs, self._declared_externs())
         self._raw = {e.name: export_function(ir, e, externs, mesh) for e in ir.exports}
         super().__init__({
             name: CompiledFunction(sig, jax.jit(fn, donate_argnums=sig.donated)
                                    if set(sig.externs) <= set(externs)
                                    else _unbound(sig, externs))
             for name, (sig, fn) in self._raw.items()})
+
+    def _declared_externs(self) -> set[str]:
+        return {op.params.name for fn in self.ir.functions for op in fn.body.ops
+                if op.name == "host_call"}
 
     def stablehlo(self, name: str, dims: Mapping[str, int] | None = None,
                   debug_info: bool = False) -> str:
@@ -126,7 +129,8 @@ class CompiledModule(_Exports):
         from gradlang.runtime.artifact import DEFAULT_PLATFORMS, serialize
 
         return serialize(self.ir.name, __version__, list(self._raw.values()), dims,
-                         DEFAULT_PLATFORMS if platforms is None else platforms)
+                         DEFAULT_PLATFORMS if platforms is None else platforms,
+                         sorted(self._declared_externs()))
 
     def save(self, path: str | Path, dims: Mapping[str, int] | None = None,
              platforms: Sequence[str] | None = None) -> Path:
@@ -149,7 +153,8 @@ class LoadedModule(_Exports):
 
         self.header, entries = read(path)
         externs = dict(externs or {})
-        check_bindings(externs, {n for sig, _ in entries.values() for n in sig.externs})
+        check_bindings(externs, {*self.header.get("externs", ()),
+                                 *(n for sig, _ in entries.values() for n in sig.externs)})
         self._exported = {n: e for n, (_, e) in entries.items()}
         super().__init__({
             n: CompiledFunction(sig, loaded_function(sig, content, externs)

@@ -2,10 +2,10 @@
 
 Layout: the magic bytes `GRADLANG-GX\\0`, a little-endian u32 header length, the UTF-8 JSON
 header, then the serialized exports back to back. The header records the gradlang version,
-the module name, the platforms every export was lowered for and, per export, its signature
-and its blobs' offsets, sizes and SHA-256s: one blob, or, for an export that calls extern
-functions, the pieces between its host callbacks and the plan that replays them
-(`runtime.split`). Never a pickle.
+the module name, the platforms every export was lowered for, the extern functions the module
+declares and, per export, its signature and its blobs' offsets, sizes and SHA-256s: one blob,
+or, for an export that calls extern functions, the pieces between its host callbacks and the
+plan that replays them (`runtime.split`). Never a pickle.
 
 Loading trusts nothing in the file: the header is checked against a schema (the type of every
 field, known dtypes and platforms, export and parameter names that are identifiers, `wrt`
@@ -69,9 +69,10 @@ def platform_list(platforms: Sequence[str]) -> tuple[str, ...]:
 def serialize(module_name: str, version: str,
               exports: list[tuple[Signature, Callable]],
               dims: Mapping[str, int] | None = None,
-              platforms: Sequence[str] = DEFAULT_PLATFORMS) -> bytes:
+              platforms: Sequence[str] = DEFAULT_PLATFORMS, externs: Sequence[str] = ()) -> bytes:
     """Export each function with `jax.export` for `platforms` (symbolic dims kept unless fixed
-    in `dims`)."""
+    in `dims`). `externs` are the module's declared externs: a loaded module accepts bindings
+    for them even where no export calls them, as the compiled module does."""
     platforms = platform_list(platforms)
     blobs: list[bytes] = []
     entries = []
@@ -101,7 +102,7 @@ def serialize(module_name: str, version: str,
     header = json.dumps({"format": "gradlang.gx", "format_version": FORMAT_VERSION,
                          "gradlang_version": version, "jax_version": jax.__version__,
                          "module": module_name, "platforms": list(platforms),
-                         "exports": entries}, indent=1).encode()
+                         "externs": list(externs), "exports": entries}, indent=1).encode()
     return MAGIC + struct.pack("<I", len(header)) + header + b"".join(blobs)
 
 
@@ -249,6 +250,9 @@ def _check_header(h: object) -> None:
             platform_list(h.get("platforms"))
         except ArtifactError as exc:
             raise _bad("platforms", str(exc)) from None
+    if "externs" in h and not (isinstance(h["externs"], list)
+                               and all(_identifier(n) for n in h["externs"])):
+        raise _bad("externs", f"expected a list of names, got {h['externs']!r}")
     exports = h.get("exports")
     if not isinstance(exports, list):
         raise _bad("exports", f"expected a list, got {type(exports).__name__}")

@@ -543,6 +543,8 @@ def tampered(header: dict, blobs: dict[str, list[bytes]]) -> dict[str, tuple[byt
         # platforms
         "unknown-platform": (laid_out({**header, "platforms": ["cpu", "gpu"]}, blobs),
                              "unknown platform 'gpu'"),
+        "module-externs-not-names": (laid_out({**header, "externs": ["score", "1x"]}, blobs),
+                                     "externs: expected a list of names"),
         "no-platforms": (laid_out({k: v for k, v in header.items() if k != "platforms"}, blobs),
                          "platforms: platforms must be a non-empty list"),
         "platforms-not-those-of-the-blobs": (laid_out({**header, "platforms": ["cpu"]}, blobs),
@@ -602,6 +604,7 @@ TAMPERS = ["deeply-nested-json", "nested-json", "header-length-beyond-file", "wr
            "unknown-kind", "unknown-dtype", "dtype-not-string", "negative-dim", "dim-not-a-name",
            "bool-dim", "type-not-a-type", "param-name-not-identifier", "duplicate-param",
            "unknown-wrt-in-descend", "wrt-not-names", "stateful-not-bool", "externs-not-names",
+           "module-externs-not-names",
            "sha256-not-hex", "size-not-int", "blob-beyond-the-end", "unknown-platform",
            "no-platforms", "platforms-not-those-of-the-blobs", "blob-replaced-by-a-pickle",
            "blob-of-random-bytes", "blob-of-zeros", "empty-blob", "blobs-of-two-exports-swapped",

@@ -210,6 +210,20 @@ def test_artifacts_split_at_extern_calls_and_need_the_bindings(tmp_path):
         gradlang.load(path).value(WE, XE, LABELS)
 
 
+def test_an_artifact_takes_the_bindings_its_module_took(tmp_path):
+    """An extern that no export calls is still declared: the externs that compiled the module
+    load its artifact, and a misspelled one is refused at load as at compile."""
+    source = "extern fn unused(x: f32) -> f32\n" + EXTERN.split("export es")[0]
+    bindings = {"score": error_rate, "unused": np.sin}
+    m = gradlang.compile_source(source, externs=bindings)
+    path = m.save(tmp_path / "unused.gx")
+    loaded = gradlang.load(path, externs=bindings)
+    assert loaded.header["externs"] == ["score", "unused"]
+    np.testing.assert_array_equal(loaded.value(WE, XE, LABELS), m.value(WE, XE, LABELS))
+    with pytest.raises(ExternError, match="declares no extern 'unusd'"):
+        gradlang.load(path, externs={"score": error_rate, "unusd": np.sin})
+
+
 def test_an_extern_in_a_loop_is_refused_when_saving(tmp_path):
     m = gradlang.compile_source(EXTERN, externs={"score": error_rate})
     with pytest.raises(SplitError, match="export 'spsa4' calls extern 'score' and cannot be saved"):
