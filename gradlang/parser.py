@@ -12,13 +12,12 @@ import math
 import re
 from dataclasses import fields, replace
 from functools import cache
-from importlib import resources
 
 import lark
 from lark import Token, v_args
 from lark.visitors import Transformer_NonRecursive
 
-from . import ast
+from . import ast, parse_table
 from .diagnostics import Diagnostics, SourceFile, Span, printable
 from .limits import I64_MAX, MAX_DEPTH
 
@@ -38,11 +37,7 @@ _TOKEN_TEXT = {
 
 @cache
 def _parser() -> lark.Lark:
-    grammar = resources.files("gradlang").joinpath("grammar.lark").read_text()
-    # The basic lexer makes keywords reserved everywhere: with Lark's contextual lexer, a
-    # keyword where the parser cannot take it (`let y = return x`) would lex as a name.
-    return lark.Lark(grammar, parser="lalr", lexer="basic", propagate_positions=True,
-                     maybe_placeholders=True)
+    return parse_table.parser()
 
 
 def _describe(term: str) -> str:
