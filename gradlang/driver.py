@@ -206,7 +206,3 @@ def compile_module(source: SourceFile, folder: Path | None, diags: Diagnostics,
         after("build", module)
     module = run_pipeline(module, diags, PIPELINE if passes is None else passes, after)
     return None if diags.has_errors else module
-
-
-def span_of_line(source: SourceFile, line: int) -> Span:
-    return Span(source, line, 1, line, len(source.line(line)) + 1)

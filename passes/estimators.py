@@ -28,6 +28,7 @@ from gradlang.ops import OPS, Estimator
 from gradlang.types import DistType, TensorType, has_float_leaf
 
 from .callgraph import random_functions
+from .rewrite import defining_ops
 from gradlang.options import number_problem
 
 BASELINES = ("auto", "none", "loo", "grpo", "ma", "vimco")
@@ -209,7 +210,7 @@ class _Chooser:
         self.default, self.diags, self.out = default, diags, out
         self.sliced_out = sliced_out
         """The control variates chosen for the sliced Wasserstein estimates (for explain)."""
-        self.defs = {r: op for op in walk(fn.body) for r in op.results}
+        self.defs = defining_ops(fn.body)
         self.enumerable = False
         """Draws at the top level of this function can be enumerated: it is an export's
         objective and no function calls it (so each such draw happens once per sample)."""

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field, replace
 from functools import cache
 
 from gradlang.diagnostics import Diagnostics
-from gradlang.ops import Estimator
 from gradlang.ir import Function, Module, Op, Region, Value, walk
-from gradlang.ops import OPS
+from gradlang.ops import OPS, Estimator
 from gradlang.types import ERROR, has_float_leaf
 
+from .rewrite import defining_ops
 from .straight_through import backward_rule_names, rule_problem
 
 RULE_EXAMPLES = {"ste": "ste | ste(clip=1.0)", "reste": "reste(power=3)",
@@ -102,7 +102,7 @@ class _Analysis:
         return tuple(p.name in reached for p in fn.params)
 
     def forward(self, fn: Function, seeds: dict[Value, frozenset[str]]) -> dict[Value, frozenset[str]]:
-        defs = {r: op for op in walk(fn.body) for r in op.results}
+        defs = defining_ops(fn.body)
         taint = dict(seeds)
         self._forward_region(fn.body, taint, defs)
         return taint
@@ -278,13 +278,3 @@ def _into_draws(fn: Function, taint: dict[Value, frozenset[str]]) -> frozenset[s
 
 def _names(note: str | None) -> frozenset[str]:
     return frozenset(note.removeprefix("grad: ").split(", ")) if note else frozenset()
-
-
-def values_of(fn: Function) -> list[Value]:
-    """Every value of fn (parameters, op results, region arguments), for tests and tools."""
-    out = [p.value for p in fn.params]
-    for op in walk(fn.body):
-        out.extend(op.results)
-        for r in op.regions:
-            out.extend(r.args)
-    return out

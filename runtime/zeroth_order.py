@@ -34,11 +34,6 @@ from gradlang.ops import Estimator
 from .perturbed import LowRank, Seeded, seed_of, seeded_normal
 
 
-def _normals(key, leaves: list, lead: tuple[int, ...] = ()) -> list:
-    keys = jax.random.split(key, len(leaves))
-    return [jax.random.normal(k, lead + l.shape, l.dtype) for k, l in zip(keys, leaves)]
-
-
 def _shard(x, mesh):
     if mesh is None:
         return x
