@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import ast
 from .builder import build_unit, estimator_from_ast
@@ -21,6 +22,9 @@ from .diagnostics import Diagnostics, SourceFile, Span
 from .ir import Module, Unit
 from .ops import Estimator
 from .parser import parse
+
+if TYPE_CHECKING:
+    from gradlang.passes.overrides import Overrides
 
 
 PRAGMAS = ("estimator", "backward")
@@ -195,8 +199,12 @@ def build_module(source: SourceFile, folder: Path | None, diags: Diagnostics) ->
 
 
 def compile_module(source: SourceFile, folder: Path | None, diags: Diagnostics,
-                   passes=None, after: Callable[[str, Module], None] | None = None) -> Module | None:
-    """Front end and pass pipeline; returns None when the program has errors."""
+                   passes=None, after: Callable[[str, Module], None] | None = None,
+                   overrides: Overrides | None = None) -> Module | None:
+    """Front end and pass pipeline; returns None when the program has errors. `overrides`
+    (spans of this `source`'s IR -> annotations) are compiled as though the source had them
+    written (`passes.overrides`: they run before the pipeline)."""
+    from gradlang.passes.overrides import ApplyOverrides
     from gradlang.passes.pipeline import PIPELINE, run_pipeline
 
     module = build_module(source, folder, diags)
@@ -204,5 +212,8 @@ def compile_module(source: SourceFile, folder: Path | None, diags: Diagnostics,
         return None
     if after is not None:
         after("build", module)
-    module = run_pipeline(module, diags, PIPELINE if passes is None else passes, after)
+    passes = PIPELINE if passes is None else passes
+    if overrides is not None:
+        passes = (ApplyOverrides(overrides), *passes)
+    module = run_pipeline(module, diags, passes, after)
     return None if diags.has_errors else module

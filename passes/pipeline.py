@@ -1,7 +1,8 @@
 """The pass pipeline: one list, a registry by name, and a runner that stops on errors.
 
 A pipeline can be written as text, `resolve,typecheck,gradflow`. Each pass is a frozen
-dataclass with a `name` and `run(module, diags) -> module`.
+dataclass with a `name` and `run(module, diags) -> module`. A compile given overrides
+(`overrides.py`, for `gradlang verify`'s variants) runs `ApplyOverrides` before the pipeline.
 """
 
 from __future__ import annotations
