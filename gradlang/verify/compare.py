@@ -1,14 +1,18 @@
 """`verify --compare`: every estimator the compiler knows for each random choice, inner
-problem and black-box export, each selected by editing the source where a user would write
-it, measured on the same inputs against the same reference."""
+problem and black-box export, each compiled as the annotation a user would write there (an
+override, `passes.overrides`), measured on the same inputs against the same reference."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
-from gradlang.passes.estimators import BASELINES, OPTIONS, SiteChoice
+from gradlang.ops import Estimator
+from gradlang.estimators import REGISTRY
+from gradlang.estimators.score import BASELINES
+from gradlang.passes.estimators import SiteChoice
 from gradlang.passes.hypergrad import LINEAR_SOLVERS, METHODS, InnerProblem
+from gradlang.passes.overrides import Overrides
 from gradlang.passes.zeroth_order import ESTIMATORS
 
 from .case import Case, classify, place_key
@@ -17,34 +21,34 @@ from .measure import assemble, sample
 from .program import Program, interleaved_seconds, load
 from .reference import Reference
 from .report import Comparison, ExportReport, Row, Settings
-from .variants import Edit, Origin, annotate_argmin, annotate_site, black_box
+from .variants import Origin
 
 SCORE_BASELINES = tuple(b for b in BASELINES if b != "auto")
 
 
-def site_candidates() -> list[str]:
+def site_candidates() -> list[Estimator]:
     """Every estimator of a random choice, with each baseline of the score function."""
     out = []
-    for name in OPTIONS:
-        out += [f"score(baseline={b})" for b in SCORE_BASELINES] if name == "score" else [name]
+    for name in ["auto", *REGISTRY]:
+        out += [Estimator(name, (("baseline", b),)) for b in SCORE_BASELINES] \
+            if name == "score" else [Estimator(name)]
     return out
 
 
-def argmin_candidates() -> list[str]:
-    return [f"implicit({s})" for s in LINEAR_SOLVERS] + [m for m in METHODS if m != "implicit"]
+def argmin_candidates() -> list[Estimator]:
+    return [Estimator("implicit", (("method", s),)) for s in LINEAR_SOLVERS] + \
+        [Estimator(m) for m in METHODS if m != "implicit"]
 
 
-def black_box_candidates(by) -> list[str | None]:
+def black_box_candidates(by: Estimator) -> list[Estimator | None]:
     """Each black-box estimator at the export's smoothing scale (and population), and plain
     reverse mode (None: no `by=`)."""
     o = dict(by.options)
     scale = o.get("eps", o.get("sigma"))
     pop = o.get("pop", 64) + o.get("pop", 64) % 2
-    out: list[str | None] = []
-    for name, options in ESTIMATORS.items():
-        size = f"eps={scale}" if "eps" in options else f"sigma={scale}, pop={pop}"
-        out.append(f"{name}({size})")
-    return out + [None]
+    return [Estimator(name, (("eps", scale),) if "eps" in options
+                      else (("sigma", scale), ("pop", pop)))
+            for name, options in ESTIMATORS.items()] + [None]
 
 
 def _title(place: SiteChoice | InnerProblem) -> str:
@@ -53,10 +57,12 @@ def _title(place: SiteChoice | InnerProblem) -> str:
     return f"argmin ({place.function}, line {place.span.line})"
 
 
-PLACES = (("random", lambda c: c.sites, annotate_site, site_candidates, "estimator"),
-          ("inner", lambda c: c.inner, annotate_argmin, argmin_candidates, "method"))
-"""The places of a program that are compared: where they are in a case, how an annotation
-is written there, the candidates, and the attribute holding what the compiler chose."""
+PLACES = (("random", lambda c: c.sites, lambda span, e: Overrides(draws={span: e}),
+           site_candidates, "estimator"),
+          ("inner", lambda c: c.inner, lambda span, e: Overrides(methods={span: e}),
+           argmin_candidates, "method"))
+"""The places of a program that are compared: where they are in a case, the override of
+their annotation, the candidates, and the attribute holding what the compiler chose."""
 
 
 @dataclass(frozen=True)
@@ -73,19 +79,20 @@ class _Bench:
     base_run: tuple
     """... and its compiled estimate with its arguments, to time it beside the variants."""
 
-    def rows(self, edits: list[tuple[str, Edit]], chosen: Callable[[Case], str | None],
+    def rows(self, variants: list[tuple[str, Overrides]], chosen: Callable[[Case], str | None],
              current: str, spelled: str) -> list[Row]:
-        """One row per edit: the variant measured, or why it does not apply. `chosen` reads
+        """One row per variant (its label and overrides): the variant measured, or why it does
+        not apply. `chosen` reads
         what a variant selects at the compared place, to mark the current choice (`current`,
         written `spelled` in the source). The measured rows are timed again together, their
         rounds interleaved."""
         rows, runs, found = [], [], False
-        for label, edit in edits:
-            compiled = self.origin.compile([edit])
+        for label, overrides in variants:
+            compiled = self.origin.compile(overrides)
             if isinstance(compiled, str):
                 rows.append(Row(label, False, None, compiled))
                 continue
-            variant = load(compiled.ir, self.program.export.name, self.origin.externs,
+            variant = load(compiled, self.program.export.name, self.origin.externs,
                            self.origin.mesh)
             case = classify(variant.module, variant.export, variant.warmup)
             if not found and chosen(case) == current:
@@ -116,12 +123,12 @@ def comparisons(origin: Origin, program: Program, case: Case, named: Mapping, re
     bench = _Bench(origin, program, named, ref, settings, base, base_run)
     out = []
     if case.by is not None:
-        edits = [(f"by={c}" if c else "reverse mode (no by=)", black_box(program.export, c))
-                 for c in black_box_candidates(case.by)]
-        rows = bench.rows(edits, lambda c: str(c.by) if c.by else None, str(case.by),
+        variants = [(f"by={c}" if c else "reverse mode (no by=)",
+                     Overrides(by={program.export.span: c})) for c in black_box_candidates(case.by)]
+        rows = bench.rows(variants, lambda c: str(c.by) if c.by else None, str(case.by),
                           f"by={case.by}")
         out.append(Comparison(f"export {program.export.name}", "black_box", rows))
-    for kind, found, annotate, candidates, attr in PLACES:
+    for kind, found, override, candidates, attr in PLACES:
         for place in found(case):
             if not origin.owns(place.span):
                 continue
@@ -131,7 +138,7 @@ def comparisons(origin: Origin, program: Program, case: Case, named: Mapping, re
                 return next((str(getattr(x, attr)) for x in found(c) if place_key(x) == place_key(place)),
                             None)
 
-            edits = [(f"with {c}", annotate(place, c)) for c in candidates()]
-            rows = bench.rows(edits, chosen, str(current), f"with {current}")
+            variants = [(f"with {c}", override(place.span, c)) for c in candidates()]
+            rows = bench.rows(variants, chosen, str(current), f"with {current}")
             out.append(Comparison(_title(place), kind, rows))
     return out

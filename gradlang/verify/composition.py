@@ -1,6 +1,6 @@
 """The reference of a `compose(f, expect(g, samples=N), by=...)` export: the gradient of
 f(E g), estimated by the plug-in gradient J^T grad f(g_hat) with M inner samples (a variant of
-the source: `samples=M`, `by=plugin`), averaged over independent calls.
+the program: `samples=M`, `by=plugin`), averaged over independent calls.
 
 Its bias is O(1/M) (Jensen: E f(g_hat_M) = f(E g) + f'' Var g / (2M) + O(1/M^2)); the plug-in
 at M/2 has about twice it, so |mean(M) - mean(M/2)| stands as its deterministic bound (as
@@ -8,7 +8,6 @@ at M/2 has about twice it, so |mean(M) - mean(M/2)| stands as its deterministic 
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import replace
@@ -16,36 +15,29 @@ from dataclasses import replace
 import jax
 import numpy as np
 
+from gradlang.ops import Estimator
+from gradlang.passes.overrides import Overrides
+
 from .case import Case
 from .inputs import VerifyError
 from .program import Program, chunk_for, compiled, load, memory
 from .reference import Reference, mean_gradient
 from .report import Settings
-from .variants import Edit, Origin
+from .variants import Origin
 
 CALLS = 32
 """Independent plug-in gradients averaged at each of M and M/2 inner samples."""
 
 
-def plugin_edits(program: Program, samples: int) -> list[Edit]:
-    """The export's composition with `samples` inner samples and `by=plugin`."""
-    c = program.export.transform.compose
-    span = c.inner_span
-    inner = re.sub(r"\bsamples\s*=\s*\d+", f"samples={samples}", span.text)
-    edits = [Edit.at(span, inner)]
-    if c.by.span is not None:
-        edits.append(Edit.at(c.by.span, "plugin"))
-    else:
-        edits.append(Edit.after(span, ", by=plugin"))
-    return edits
-
-
 def _plugin(origin: Origin, program: Program, samples: int) -> Program:
-    found = origin.compile(plugin_edits(program, samples))
+    """The export with `samples` inner samples and `by=plugin`."""
+    export = program.export
+    found = origin.compile(Overrides(by={export.transform.compose.span: Estimator("plugin")},
+                                     samples={export.span: samples}))
     if isinstance(found, str):
         raise VerifyError(f"the plug-in variant with {samples} inner samples does not compile: "
                           f"{found}")
-    return load(found.ir, program.export.name, origin.externs, origin.mesh)
+    return load(found, program.export.name, origin.externs, origin.mesh)
 
 
 def reference(origin: Origin, program: Program, case: Case, named: Mapping,

@@ -1,5 +1,5 @@
 """The reference of each case (see `case.py`), built from the program, its objective and,
-where a better reference needs one, a variant of its source:
+where a better reference needs one, a variant of it (`variants.py`):
 
 - exact: finite differences of the objective (float32, the step and bound of `reference.py`);
 - random: the mean of many gradients of the variant with `auto(enum_max=64)` at every site,
@@ -20,11 +20,14 @@ where a better reference needs one, a variant of its source:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import jax
 import numpy as np
 
 from gradlang.ir import externs_of
+from gradlang.ops import Estimator
+from gradlang.passes.overrides import Overrides
 
 from . import composition
 from .case import Case, classify, place_key, stochastic_ops
@@ -32,25 +35,37 @@ from .inputs import VerifyError
 from .program import Program, load
 from .reference import Reference, finite_differences, mean_gradient, pick_coordinates, smoothed
 from .report import Settings
-from .variants import Origin, annotate_site, tighter_solver
+from .variants import Origin
 
 ENUM_MAX = 64
 TIGHTER = 10
+PLAIN = Estimator("score", (("baseline", "none"),))
+"""The estimator of a draw in the program whose forward is the model's."""
 
 
-def _variant(origin: Origin, edits: list, name: str) -> Program | str:
-    compiled = origin.compile(edits)
+def _variant(origin: Origin, overrides: Overrides, name: str) -> Program | str:
+    compiled = origin.compile(overrides)
     if isinstance(compiled, str):
         return compiled
-    return load(compiled.ir, name, origin.externs, origin.mesh)
+    return load(compiled, name, origin.externs, origin.mesh)
+
+
+def tighter(solver: Estimator, factor: int) -> Estimator:
+    """The solver with `factor` times its steps and, when it stops at a tolerance, a factor^2
+    smaller one (its other options as they are)."""
+    options = dict(solver.options)
+    options["steps"] = int(options["steps"]) * factor
+    if options.get("tol"):
+        options["tol"] = float(options["tol"]) / factor ** 2
+    return replace(solver, options=tuple(options.items()))
 
 
 def _plain(origin: Origin, program: Program, case: Case) -> Program:
     """The program whose forward is the model's: its `gumbel` (relaxed) and `mvd` (branched)
     draws of this file made plain `score(baseline=none)` draws."""
-    edits = [annotate_site(s, "score(baseline=none)") for s in case.sites
-             if origin.owns(s.span) and s.estimator.name in ("gumbel", "mvd")]
-    plain = _variant(origin, edits, program.export.name) if edits else program
+    draws = {s.span: PLAIN for s in case.sites
+             if origin.owns(s.span) and s.estimator.name in ("gumbel", "mvd")}
+    plain = _variant(origin, Overrides(draws=draws), program.export.name) if draws else program
     if isinstance(plain, str):
         raise VerifyError(f"the variant without relaxed draws does not compile: {plain}")
     return plain
@@ -89,14 +104,14 @@ def reference(origin: Origin, program: Program, case: Case, named: Mapping, sett
     if case.kind == "random":
         return _random(origin, program, case, named, settings, chunk, key, coords, theta)
     if case.kind == "inner":
-        edits = [tighter_solver(h, TIGHTER) for h in case.inner if origin.owns(h.solver.span)]
-        tight = _variant(origin, edits, name) if edits else program
+        solvers = {h.span: tighter(h.solver, TIGHTER) for h in case.inner if origin.owns(h.span)}
+        tight = _variant(origin, Overrides(solvers=solvers), name) if solvers else program
         if isinstance(tight, str):
             raise VerifyError(f"the variant with tighter solvers does not compile: {tight}")
         tight_args = tight.arguments(named)
         g, _ = tight.objective(tight_args)
         how = (f"every inner problem of this file solved with {TIGHTER}x its solver's steps "
-               f"(and a {TIGHTER ** 2}x smaller tol)" if edits
+               f"(and a {TIGHTER ** 2}x smaller tol)" if solvers
                else "the inner problems as compiled (they are in imported files)")
         return finite_differences(g, theta, tight_args, coords, None, chunk,
                                   f"central differences of the outer objective in float32, with "
@@ -109,9 +124,9 @@ def reference(origin: Origin, program: Program, case: Case, named: Mapping, sett
 def _random(origin: Origin, program: Program, case: Case, named: Mapping, settings: Settings,
             chunk: int, key, coords, theta) -> Reference:
     name, m = program.export.name, settings.reference_samples
-    editable = [s for s in case.sites if origin.owns(s.span)]
-    variant = _variant(origin, [annotate_site(s, f"auto(enum_max={ENUM_MAX})") for s in editable],
-                       name) if editable else None
+    auto = Estimator("auto", (("enum_max", ENUM_MAX),))
+    draws = {s.span: auto for s in case.sites if origin.owns(s.span)}
+    variant = _variant(origin, Overrides(draws=draws), name) if draws else None
     if isinstance(variant, Program):
         chosen = {place_key(s): s for s in classify(variant.module, variant.export).sites}
         usable = all(s.estimator.name in ("enum", "reparam") for s in chosen.values())
