@@ -7,28 +7,27 @@ from pathlib import Path
 
 from .diagnostics import CompileError, Diagnostics, SourceFile
 from .ir import Module
-from .types import DType, TensorType, Type, StructType, TupleType
+from .types import Type
 
 __version__ = "0.1.0"
 
 
 def _uses_f64(t: Type) -> bool:
-    if isinstance(t, TensorType):
-        return t.dtype is DType.F64
-    if isinstance(t, StructType):
-        return any(_uses_f64(f) for _, f in t.fields)
-    if isinstance(t, TupleType):
-        return any(_uses_f64(e) for e in t.elems)
-    return False
+    """`driver.uses_f64`, for cli.py (which imports it from here)."""
+    from .driver import uses_f64
+
+    return uses_f64(t)
 
 
 def _check_x64(module: Module, diags: Diagnostics) -> None:
     import jax
 
+    from .driver import uses_f64
+
     if jax.config.jax_enable_x64:
         return
     for fn in module.functions:
-        if any(_uses_f64(p.value.type) for p in fn.params) or _uses_f64(fn.result_type):
+        if any(uses_f64(p.value.type) for p in fn.params) or uses_f64(fn.result_type):
             diags.error("f64 needs JAX's 64-bit mode: set JAX_ENABLE_X64=1 or call "
                         "jax.config.update('jax_enable_x64', True) before compiling", fn.span)
             return

@@ -1,7 +1,11 @@
 """Overrides (`passes.overrides`): a compile with an override is the compile of the source with
-the annotation written."""
+the annotation written, and `gradlang verify` builds its variants with them, never by editing
+source text or through the Python API."""
 
 from __future__ import annotations
+
+import ast
+from pathlib import Path
 
 import pytest
 
@@ -127,3 +131,28 @@ def test_an_override_that_cannot_apply_is_the_written_annotations_error(base):
 def test_an_override_of_nothing_is_a_bug_of_its_caller(base, overrides):
     with pytest.raises(ValueError, match="overrides that match nothing"):
         _compile(SOURCE, overrides(base))
+
+
+def _imports(path: Path, package: str) -> set[str]:
+    """The modules a Python file imports (relative imports resolved in `package`)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(p for p in (base, node.module) if p)
+            found.add(module)
+            found.update(f"{module}.{a.name}" for a in node.names)
+    return found
+
+
+def test_verify_does_not_import_the_api():
+    """The API is the facade on top: it imports verify, and verify compiles through the driver."""
+    import gradlang.verify
+
+    folder = Path(gradlang.verify.__file__).parent
+    imported = {p.name: _imports(p, "gradlang.verify") for p in sorted(folder.glob("*.py"))}
+    assert "gradlang.driver.compile_module" in imported["variants.py"]
+    assert {name: [m for m in found if m == "gradlang.api" or m.startswith("gradlang.api.")]
+            for name, found in imported.items()} == {name: [] for name in imported}

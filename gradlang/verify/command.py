@@ -8,11 +8,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from gradlang.driver import uses_f64
 from gradlang.ir import Module
 
 from .inputs import VerifyError, read_npz
 from .program import load
-from .report import document, dumps, render
+from .report import Settings, document, dumps, render
+from .run import verify_export
+from .variants import Origin
 
 
 def check_options(args) -> str | None:
@@ -75,22 +78,22 @@ def _arguments(module: Module, names: list[str], at: str | None) -> dict[str, di
 
 
 def run(module: Module, path: Path, dims: dict[str, int], args) -> int:
+    """Verify the exports of `module`, compiled from the file at `path` (`args`: the command
+    line's options); returns the exit code."""
     import jax
 
-    from gradlang.api import CompiledModule, _uses_f64
-
-    if any(_uses_f64(p.value.type) for fn in module.functions for p in fn.params):
+    if any(uses_f64(p.value.type) for fn in module.functions for p in fn.params):
         jax.config.update("jax_enable_x64", True)
     names = args.export or [e.name for e in module.exports if e.transform.kind != "fn"]
     if not names:
         raise VerifyError(f"{path} has no export with a gradient (grad, value_and_grad, "
                           f"descend, minimize or compose) to verify")
     inputs = _arguments(module, names, args.at)
-    compiled = CompiledModule(module, root=path.parent)
-    reports = [compiled.verify(n, inputs[n], dims=dims, samples=args.samples, seed=args.seed,
-                               reference_samples=args.reference_samples,
-                               coordinates=args.coordinates, smoothing=args.smoothing,
-                               compare=args.compare) for n in names]
+    origin = Origin(module.exports[0].span.source, path.parent, {})
+    settings = Settings(args.samples, args.seed, args.reference_samples, args.coordinates,
+                        args.smoothing)
+    reports = [verify_export(origin, module, n, inputs[n], dims, settings, args.compare)
+               for n in names]
     doc = document(str(path), reports)
     if args.json == "-":
         print(dumps(doc))
