@@ -23,8 +23,8 @@ class DistSpec:
     reparam: bool = False
     finite: bool = False
     """Finite support: enumeration is possible."""
-    mvd: bool = False
-    """Has a measure-valued derivative (a weak derivative for each parameter)."""
+    relaxable: bool = False
+    """Has a continuous relaxation (binary Concrete, Gumbel-softmax)."""
     fixed_support: bool = True
     """The support does not depend on the parameters (else the score function is biased:
     it misses the boundary terms of d/dθ ∫_{a(θ)}^{b(θ)})."""
@@ -41,7 +41,7 @@ class DistSpec:
 _PROBS = (("probs", "logits"),)
 
 DISTRIBUTIONS: dict[str, DistSpec] = {d.name: d for d in [
-    DistSpec("Normal", ("loc", "scale"), reparam=True, mvd=True),
+    DistSpec("Normal", ("loc", "scale"), reparam=True),
     DistSpec("LogNormal", ("loc", "scale"), reparam=True),
     DistSpec("Uniform", ("low", "high"), reparam=True, fixed_support=False),
     DistSpec("Exponential", ("rate",), reparam=True),
@@ -49,9 +49,10 @@ DISTRIBUTIONS: dict[str, DistSpec] = {d.name: d for d in [
     DistSpec("Beta", ("concentration1", "concentration0"), reparam=True),
     DistSpec("Dirichlet", ("concentration",), event=1, onehot=True, reparam=True),
     DistSpec("Gumbel", ("loc", "scale"), reparam=True),
-    DistSpec("Bernoulli", ("logits",), _PROBS, finite=True, mvd=True),
+    DistSpec("Bernoulli", ("logits",), _PROBS, finite=True, relaxable=True),
     DistSpec("Categorical", ("logits",), _PROBS, event=1, integer=True, finite=True),
-    DistSpec("OneHotCategorical", ("logits",), _PROBS, event=1, onehot=True, finite=True),
+    DistSpec("OneHotCategorical", ("logits",), _PROBS, event=1, onehot=True, finite=True,
+             relaxable=True),
     DistSpec("Poisson", ("rate",)),
     DistSpec("MixtureNormal", ("logits", "locs", "scales"), event=1),
 ]}

@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 from .distributions import DISTRIBUTIONS
+from .estimators import REGISTRY
 from .ir import Module, reachable, walk
 from .ops import OPS
 
-_NAMES = {"reparam": "pathwise (reparam)", "score": "score function", "enum": "enumeration",
-          "mvd": "measure-valued derivative", "arm": "ARM (antithetic pair)",
-          "disarm": "DisARM (antithetic pair)", "dreg": "pathwise, doubly reparameterized (DReG)",
-          "rebar": "REBAR", "relax": "RELAX (learned control variate)",
-          "swor": "score function without replacement", "unordered": "unordered set estimator",
-          "gumbel": "Gumbel-softmax",
-          "st_gumbel": "straight-through Gumbel"}
 _BASELINES = {"none": "none", "loo": "leave-one-out (RLOO)", "grpo": "group-normalized (GRPO, biased)",
               "ma": "moving average", "vimco": "VIMCO"}
 
@@ -39,18 +33,6 @@ def _control_variate(site, found: list[str]) -> str:
     return "; ".join(f"{_BASELINES[r.split(',')[0]]}{auto} [{r.split(', ')[1]}]" for r in found) or "-"
 
 
-def _cost(estimator) -> str:
-    if estimator.name == "enum":
-        return f"x{estimator.option('size')} evaluations (exact)"
-    if estimator.option("size") is not None:
-        return f"x{estimator.option('size')} evaluations"
-    if estimator.name == "score":
-        return "1 draw + log_prob"
-    if estimator.name in ("gumbel", "st_gumbel"):
-        return "1 relaxed draw"
-    return "1 draw"
-
-
 def _overrides(family: str, estimator, found: list[str]) -> str:
     spec = DISTRIBUTIONS[family]
     options = []
@@ -61,7 +43,7 @@ def _overrides(family: str, estimator, found: list[str]) -> str:
     if estimator.name == "score":
         other = "loo" if all(f.startswith("none") for f in found) else "none"
         options.append(f"with score(baseline={other})")
-    if family in ("Bernoulli", "OneHotCategorical") and estimator.name not in ("gumbel", "st_gumbel"):
+    if spec.relaxable and not REGISTRY[estimator.name].relaxed:
         options.append("with gumbel(tau=0.5)")
     return ", ".join(options) or "-"
 
@@ -275,9 +257,9 @@ def _export(module: Module, export, flow: dict) -> list[str]:
         for s in here:
             found = _resolved(s, export.name, module.facts.get("control_variates", {}))
             rows.append([f"{s.site} ({s.function}, line {s.span.line})", s.family,
-                         _NAMES.get(s.estimator.name, s.estimator.name)
+                         REGISTRY[s.estimator.name].label
                          + (f" tau={s.estimator.option('tau')}" if s.estimator.option("tau") else ""),
-                         _control_variate(s, found), _cost(s.estimator),
+                         _control_variate(s, found), REGISTRY[s.estimator.name].cost(s.estimator, s.size),
                          _overrides(s.family, s.estimator, found)])
         lines.append(f"  random choices ({len(here)}), {n} sample{'s' * (n != 1)} of the "
                      f"objective per call:")

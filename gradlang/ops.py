@@ -183,6 +183,15 @@ class SampleParams:
     """What the source asked for on this site (None: the default)."""
     estimator: Estimator | None = field(default=None, metadata={"omit_default": True})
     """What the estimators pass chose."""
+    size: int | None = field(default=None, metadata={"omit_default": True})
+    """A branched estimator's number of evaluations of the objective per sample (estimators
+    pass)."""
+    slot: int | None = field(default=None, metadata={"omit_default": True})
+    """A branched draw's number in its expectation: its axis among the enumerated
+    combinations (surrogate pass)."""
+    shift: int | None = field(default=None, metadata={"omit_default": True})
+    """A shifted draw's number in its expectation: which zero shift `samples`
+    differentiates against is its own (surrogate pass)."""
 
 
 @dataclass(frozen=True)

@@ -16,49 +16,28 @@ The choice is written into each `sample` op's `estimator` param; `explain` reads
 
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass, replace
 from functools import cache
 
 from gradlang.diagnostics import Diagnostics, Span
 from gradlang.distributions import DISTRIBUTIONS, DistSpec
+from gradlang.estimators import REGISTRY, OptionError, SiteEstimator, lookup
+from gradlang.estimators.pathwise import why_not_pathwise
 from gradlang.ir import Function, Module, Op, Region, walk
 from gradlang.ops import OPS, Estimator
+from gradlang.options import option, parse
 from gradlang.types import DistType, TensorType, has_float_leaf
 
 from .callgraph import random_functions
 from .rewrite import defining_ops
-from gradlang.options import number_problem
 
-BASELINES = ("auto", "none", "loo", "grpo", "ma", "vimco")
-CREDIT = ("downstream", "whole")
-"""What a score-function draw is credited with: the costs that depend on it, or all of them."""
-OPTIONS: dict[str, dict[str, type]] = {
-    "auto": {"enum_max": int}, "reparam": {},
-    "score": {"baseline": str, "decay": float, "credit": str},
-    "gumbel": {"tau": float},
-    "st_gumbel": {"tau": float}, "enum": {}, "mvd": {}, "arm": {}, "disarm": {}, "dreg": {},
-    "rebar": {"eta": float, "tau": float},
-    "relax": {"control": str, "eta": float, "tau": float, "lr": float},
-    "swor": {"k": int, "baseline": str}, "unordered": {"k": int},
-}
-"""Every estimator name with its options and their types."""
-RELAXABLE = ("Bernoulli", "OneHotCategorical")
-BRANCHES: dict[tuple[str, str], int] = {("mvd", "Normal"): 4, ("mvd", "Bernoulli"): 3,
-                                        ("arm", "Bernoulli"): 2, ("disarm", "Bernoulli"): 2,
-                                        ("rebar", "Bernoulli"): 3, ("relax", "Bernoulli"): 3}
-"""Branched estimators (`runtime.branched`): per (estimator, family), the number of values of
-the draw the objective is evaluated at."""
-BRANCHED = ("enum", "mvd", "arm", "disarm", "rebar", "relax", "swor", "unordered")
-"""Estimators that evaluate the objective at several values of their draw."""
-WOR = ("swor", "unordered")
-"""Estimators that evaluate the objective at k categories drawn without replacement."""
-WOR_BASELINES = ("none", "normalized")
-MAX_UNORDERED = 5
-"""The largest k of the unordered set estimator (its set probabilities sum k! orderings)."""
-BATCHED = ("arm", "disarm", "rebar", "relax")
-"""Branched estimators whose draw may have batch axes (their evaluations do not multiply)."""
+
+@dataclass(frozen=True)
+class AutoOptions:
+    """`auto(enum_max=N)`: the automatic rule, enumerating finite draws of at most N values."""
+
+    enum_max: int | None = option(None, "count")
 
 
 @dataclass(frozen=True)
@@ -72,6 +51,8 @@ class SiteChoice:
     estimator: Estimator
     why: str
     annotated: bool
+    size: int | None = None
+    """A branched estimator's evaluations of the objective per sample."""
 
 
 CONTROL_VARIATES = ("gaussian_lower", "gaussian_upper", "none")
@@ -89,12 +70,6 @@ class SlicedChoice:
     kind: str
     why: str
     annotated: bool
-
-
-def _why_not_pathwise(spec: DistSpec) -> str:
-    if spec.discrete:
-        return f"{spec.name} is discrete: there is no pathwise derivative"
-    return f"{spec.name} has no reparameterized sampler"
 
 
 class _Flow:
@@ -267,18 +242,21 @@ class _Chooser:
         k = dist.operands[0].type.shape[-1]
         return k if isinstance(k, int) else None
 
-    def enum_problem(self, op: Op, spec: DistSpec, top: bool, name: str = "enum") -> str | None:
+    def enum_problem(self, op: Op, spec: DistSpec, top: bool,
+                     est: SiteEstimator = REGISTRY["enum"]) -> str | None:
         """Why the objective cannot be evaluated at several values of this draw, to enumerate
-        it or for a branched estimator `name` (mvd, arm, disarm); None when it can."""
-        if name == "enum" and not spec.finite:
-            return f"cannot enumerate {spec.name}: its support is not finite"
+        it or for the branched estimator `est`; None when it can."""
+        name = est.name
+        problem = est.problem(spec)
+        if problem is not None:
+            return problem
         batch = op.operands[0].type.batch
         single = all(isinstance(d, int) for d in batch) and math.prod(batch) == 1
-        if batch and not single and name not in BATCHED:
+        if batch and not single and not est.batched:
             what = "enumerates one draw" if name == "enum" else "differentiates one draw"
             return (f"{name} {what}, but this {spec.name} has batch shape "
                     f"[{', '.join(map(str, batch))}] (the evaluations multiply)")
-        if name in ("enum",) + WOR and self.support_size(op) is None:
+        if est.static_support and self.support_size(op) is None:
             return (f"{name} needs a static number of categories (the last axis of the logits is "
                     f"symbolic)")
         if not top:
@@ -289,10 +267,11 @@ class _Chooser:
             return (f"{name} weights differences of the objective's values, so the objective "
                     f"'{self.fn.name}' must return a scalar; it returns {result}")
         others = [s.estimator.name for s in self.out if s.function == self.fn.name
-                  and s.estimator.name in BRANCHED]
+                  and REGISTRY[s.estimator.name].branched]
         if any(o != "enum" for o in others) or (name != "enum" and others):
-            return (f"an objective can have one {'/'.join(BRANCHED[1:])} draw, and no enum draw "
-                    f"beside it (their evaluations would multiply)")
+            weak = [e.name for e in REGISTRY.values() if e.role == "branched"]
+            return (f"an objective can have one {'/'.join(weak)} draw, and no enum draw beside "
+                    f"it (their evaluations would multiply)")
         return None
 
     def site(self, op: Op, top: bool) -> Op:
@@ -308,41 +287,26 @@ class _Chooser:
                 return op
             chosen, why = self.automatic(op, spec, top, annotation)
         elif annotation is not None:
-            problem = self.problem(annotation, spec) or (
-                self.enum_problem(op, spec, top, annotation.name)
-                if annotation.name in BRANCHED else None)
-            if problem is not None:
-                self.diags.error(problem, annotation.span)
-                return op
-            chosen, why = _complete(annotation), "annotated in the source"
-            problem = (self.control_problem(chosen, op) if chosen.name == "relax"
-                       else self.wor_problem(chosen, op) if chosen.name in WOR else None)
+            problem = self.problem(annotation, spec)
+            est = None if problem is not None else REGISTRY[annotation.name]
+            if est is not None and est.branched:
+                problem = self.enum_problem(op, spec, top, est)
+            if problem is None:
+                chosen, why = est.complete(annotation), "annotated in the source"
+                problem = (self.control_problem(chosen, op) if est.control
+                           else est.fits(chosen, self.support_size(op)) if est.static_support
+                           else None)
             if problem is not None:
                 self.diags.error(problem, annotation.span)
                 return op
         else:
             chosen, why = self.automatic(op, spec, top, None)
-        if chosen.name == "enum":
-            chosen = Estimator("enum", (("size", self.support_size(op)),), chosen.span)
-        elif chosen.name in WOR:
-            chosen = Estimator(chosen.name, chosen.options + (("size", chosen.option("k")),),
-                               chosen.span)
-        elif chosen.name in BRANCHED:
-            chosen = Estimator(chosen.name, chosen.options
-                               + (("size", BRANCHES[chosen.name, spec.name]),), chosen.span)
+        est = REGISTRY[chosen.name]
+        size = (est.size(chosen, spec, self.support_size(op) if est.static_support else None)
+                if est.branched else None)
         self.out.append(SiteChoice(self.fn.name, op.params.site, spec.name, op.span, chosen, why,
-                                   annotation is not None))
-        return replace(op, params=replace(op.params, estimator=chosen))
-
-    def wor_problem(self, e: Estimator, op: Op) -> str | None:
-        """Why k categories cannot be drawn without replacement here (None when they can)."""
-        k, size = e.option("k"), self.support_size(op)
-        if k < 2 or k > size:
-            return f"{e.name}(k={k}) needs 2 <= k <= {size} (the number of categories)"
-        if e.name == "unordered" and k > MAX_UNORDERED:
-            return (f"unordered(k={k}): the unordered set estimator sums over the k! orderings "
-                    f"of its sample, so k is at most {MAX_UNORDERED}; use swor for larger k")
-        return None
+                                   annotation is not None, size))
+        return replace(op, params=replace(op.params, estimator=chosen, size=size))
 
     def control_problem(self, e: Estimator, op: Op) -> str | None:
         """Why relax's control=NAME is not a function r(psi, s) -> f32 of parameters psi and a
@@ -382,12 +346,12 @@ class _Chooser:
         pragma = ""
         if self.default is not None and self.default.name != "auto":
             if self.problem(self.default, spec) is None and (
-                    self.default.name not in BRANCHED
-                    or self.enum_problem(op, spec, top, self.default.name) is None):
+                    not REGISTRY[self.default.name].branched
+                    or self.enum_problem(op, spec, top, REGISTRY[self.default.name]) is None):
                 return _complete(self.default), f"pragma estimator {self.default}"
             pragma = f"pragma estimator {self.default} does not apply: "
         if not spec.reparam:
-            return _complete(Estimator("score")), pragma + _why_not_pathwise(spec)
+            return _complete(Estimator("score")), pragma + why_not_pathwise(spec)
         flow = self.flow.result_flow(self.fn, op.result)
         if flow == "dirty" or (flow != "none" and self.used_dirty):
             if not spec.fixed_support:
@@ -408,58 +372,18 @@ class _Chooser:
     def problem(self, e: Estimator, spec: DistSpec) -> str | None:
         """Why estimator `e` cannot be used on a `spec` site (None when it can); where a draw
         is enumerable is checked by `enum_problem`."""
-        problem = option_problem(e)
-        if problem is not None:
-            return problem
-        if e.name == "mvd" and not spec.mvd:
-            return (f"measure-valued derivatives are implemented for Normal and Bernoulli, not "
-                    f"{spec.name}; use score" + (" or reparam" if spec.reparam else ""))
-        if e.name in WOR and spec.name not in ("Categorical", "OneHotCategorical"):
-            return (f"'{e.name}' draws categories without replacement: it is for Categorical "
-                    f"and OneHotCategorical draws, not {spec.name}; use score")
-        if e.name in BATCHED and spec.name != "Bernoulli":
-            return f"'{e.name}' is an estimator for Bernoulli draws, not {spec.name}; use score"
-        if e.name == "score" and not spec.fixed_support:
-            return (f"cannot use 'score' on {spec.name}: its support depends on its parameters, "
-                    f"so the score function misses the boundary terms and is biased; use reparam")
-        if e.name in ("reparam", "dreg") and not spec.reparam:
-            alts = "score, gumbel or st_gumbel" if spec.name in RELAXABLE else "score"
-            return f"cannot use '{e.name}' on {spec.name}: {_why_not_pathwise(spec)}; use {alts}"
-        if e.name in ("gumbel", "st_gumbel") and spec.name not in RELAXABLE:
-            hint = "; draw a OneHotCategorical instead" if spec.name == "Categorical" else ""
-            return (f"'{e.name}' relaxes Bernoulli and OneHotCategorical draws, not "
-                    f"{spec.name}" + hint)
-        return None
-
-
-_NUMBER_KINDS = {float: "positive", int: "count"}
-"""How options of each type in `OPTIONS` are checked (`gradlang.options.number_problem`)."""
+        return option_problem(e) or REGISTRY[e.name].problem(spec)
 
 
 def option_problem(e: Estimator) -> str | None:
-    """Why `e` is not a known estimator with valid options (None when it is)."""
-    if e.name not in OPTIONS:
-        close = difflib.get_close_matches(e.name, OPTIONS, n=1)
-        return (f"unknown estimator '{e.name}'" + (f"; did you mean '{close[0]}'?" if close
-                                                   else f" (estimators: {', '.join(OPTIONS)})"))
-    allowed = OPTIONS[e.name]
-    for k, v in e.options:
-        if k not in allowed:
-            return (f"estimator '{e.name}' has no option '{k}'"
-                    + (f" (options: {', '.join(allowed)})" if allowed else " (it takes none)"))
-        if k == "decay" and isinstance(v, (int, float)) and not v < 1:
-            return f"option 'decay' of '{e.name}' must be below 1, got {v}"
-        want = number_problem(v, _NUMBER_KINDS[allowed[k]]) if allowed[k] in _NUMBER_KINDS else None
-        if want is not None:
-            return f"option '{k}' of '{e.name}' must be {want}, got {v}"
-        if k == "baseline" and e.name == "swor" and v not in WOR_BASELINES:
-            return f"unknown baseline '{v}' for swor (baselines: {', '.join(WOR_BASELINES)})"
-        if k == "baseline" and e.name != "swor" and v not in BASELINES:
-            return f"unknown baseline '{v}' (baselines: {', '.join(BASELINES)})"
-        if k == "credit" and v not in CREDIT:
-            return f"unknown credit '{v}' (credit: {', '.join(CREDIT)})"
-    if e.name == "score" and "decay" in dict(e.options) and e.option("baseline") != "ma":
-        return "option 'decay' of 'score' needs baseline=ma (a moving average)"
+    """Why `e` is not a known estimator (or `auto`) with valid options (None when it is)."""
+    try:
+        if e.name == "auto":
+            parse(AutoOptions, e.options, "estimator 'auto'", "auto")
+        else:
+            lookup(e.name).options(e)
+    except OptionError as exc:
+        return str(exc)
     return None
 
 
@@ -472,16 +396,5 @@ def _fits(t, draw) -> bool:
 
 
 def _complete(e: Estimator) -> Estimator:
-    """The estimator with its defaults filled in (baseline=auto, decay=0.9, tau=1.0)."""
-    given = dict(e.options)
-    defaults = {"score": (("baseline", "auto"),), "gumbel": (("tau", 1.0),),
-                "st_gumbel": (("tau", 1.0),), "rebar": (("eta", 1.0), ("tau", 0.5)),
-                "relax": (("control", ""), ("eta", 1.0), ("tau", 0.5), ("lr", 0.01)),
-                "swor": (("k", 4), ("baseline", "none")), "unordered": (("k", 4),)
-                }.get(e.name, ())
-    if given.get("baseline") == "ma":
-        defaults += (("decay", 0.9),)
-    options = tuple((k, given.get(k, v)) for k, v in defaults)
-    if "credit" in given:
-        options += (("credit", given["credit"]),)
-    return Estimator(e.name, options, e.span)
+    """The estimator with its defaults filled in."""
+    return REGISTRY[e.name].complete(e)

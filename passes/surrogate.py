@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from gradlang.diagnostics import Diagnostics, Span
+from gradlang.estimators import REGISTRY
 from gradlang.ir import Export, Function, Module, Op, Param, Region, Value
 from gradlang.ops import (CalleeParams, ConstParams, Estimator, ExpectParams, NoParams,
                           ReduceParams, SurrogateParams)
@@ -40,7 +41,6 @@ from gradlang.types import DType, TensorType, TupleType, Type, scalar
 
 from .callgraph import random_functions
 from .credit import Terms, influence
-from .estimators import BRANCHED
 from .rewrite import inline_body
 
 GROUPS = ("auto", "none", "loo", "grpo", "ma", "vimco", "enum", "param", "draw", "aux", "dreg")
@@ -51,9 +51,6 @@ differentiates), its values and its auxiliary noise; `dreg`, draws with doubly r
 gradients."""
 SCORE = GROUPS[:6]
 """The baseline groups: score terms proper, credited with costs."""
-AUX = {"arm": (), "rebar": (2,), "relax": (2,), "swor": (), "unordered": ()}
-"""Branched estimators whose draw also yields its noise, and the leading shape of it (ARM's
-uniforms, REBAR's and RELAX's two uniforms, the Gumbel-top-k threshold kappa)."""
 F32 = scalar(DType.F32)
 
 
@@ -92,7 +89,7 @@ class _Scope:
     @property
     def relax(self) -> bool:
         """The scope's branched draw is RELAX's (its control's parameters are state)."""
-        return self.branched is not None and self.branched[0].name == "relax"
+        return self.branched is not None and REGISTRY[self.branched[0].name].control
 
 
 class _Rewriter:
@@ -159,10 +156,12 @@ class _Rewriter:
             self.ops = outer
 
     def op(self, op: Op, units: list[_Unit]) -> None:
-        est = op.params.estimator if op.name == "sample" else None
-        if est is not None and est.name in BRANCHED:
+        estimator = REGISTRY[op.params.estimator.name] if op.name == "sample" else None
+        role = estimator.role if estimator is not None else None
+        if estimator is not None and estimator.branched:
             self.branched(op, units)
-        elif est is not None and est.name == "score":
+        elif role == "score":
+            est = op.params.estimator
             self.ops.append(op)
             dist = op.operands[0].type
             lp = self.emit("log_prob", (op.operands[0], op.result), NoParams(),
@@ -173,7 +172,7 @@ class _Rewriter:
                 self.decays[op.span] = est.option("decay")
             units.append(_Unit(baseline, total, [op.span], (op.result,),
                                whole=baseline == "ma" or est.option("credit") == "whole"))
-        elif est is not None and est.name == "dreg":
+        elif role == "dreg":
             self.dreg(op, units)
         elif op.name == "log_prob" and self.own_density(op):
             self.stopped_density(op)
@@ -195,25 +194,26 @@ class _Rewriter:
         weighting its values (enum), or its distribution's parameters, its values and its
         noise (`aux`, ARM's uniforms: a second result of the draw) for its weak derivative."""
         est = op.params.estimator
+        estimator = REGISTRY[est.name]
         if self.scope_state.kind == "logmeanexp":
+            others = [e.name for e in REGISTRY.values() if e.branched and e is not estimator]
             self.diags.error(f"{est.name} evaluates the objective at several values of its draw, "
                              f"which does not apply in a logmeanexp(...) scope (nor do "
-                             f"{', '.join(b for b in BRANCHED if b != est.name)}); use score or "
-                             f"a pathwise estimator", op.span)
+                             f"{', '.join(others)}); use score or a pathwise estimator", op.span)
         slot = self.scope_state.slots
         self.scope_state.slots += 1
         dist = next(o for o in self.ops if op.operands[0] in o.results)
         batch = dist.result.type.batch
-        if est.name in AUX:
-            op = replace(op, results=(op.result, Value(TensorType(DType.F32, AUX[est.name] + batch))))
-        extra = (("slot", slot),)
-        if est.name == "relax":
-            extra += (("shift", self.scope_state.shifts),)
+        if estimator.aux is not None:
+            op = replace(op, results=(op.result, Value(TensorType(DType.F32, estimator.aux + batch))))
+        shift = None
+        if estimator.shifted:
+            shift = self.scope_state.shifts
             self.scope_state.shifts += 1
-        op = replace(op, params=replace(op.params, estimator=replace(est, options=est.options + extra)))
+        op = replace(op, params=replace(op.params, slot=slot, shift=shift))
         self.ops.append(op)
-        self.scope_state.sizes[op.span] = est.option("size")
-        if est.name == "enum":  # unbatched, or a batch of one
+        self.scope_state.sizes[op.span] = op.params.size
+        if estimator.role == "enum":  # unbatched, or a batch of one
             lp = self.emit("log_prob", (op.operands[0], op.result), NoParams(),
                            (TensorType(DType.F32, batch),), op.span).result
             lp = self.emit("sum", (lp,), ReduceParams(), (F32,), op.span).result
@@ -232,9 +232,7 @@ class _Rewriter:
             self.diags.error("dreg (doubly reparameterized gradients) applies to draws in a "
                              "logmeanexp(...) scope, whose value is an importance-weighted "
                              "bound; use reparam here", op.params.estimator.span or op.span)
-        est = op.params.estimator
-        op = replace(op, params=replace(op.params, estimator=replace(
-            est, options=est.options + (("shift", state.shifts),))))
+        op = replace(op, params=replace(op.params, shift=state.shifts))
         state.shifts += 1
         self.ops.append(op)
         state.dreg[op.result] = (next(o for o in self.ops if op.operands[0] in o.results), [])

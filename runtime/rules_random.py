@@ -20,11 +20,11 @@ from gradlang.ir import Op
 
 from .dtypes import JNP_DTYPES
 
-from . import branched, wor
+from gradlang.estimators import REGISTRY
+from gradlang.estimators.rebar import relax_term
+
 from .branched import weak_derivative
-from .relax import relax
-from .distributions import (FAMILIES, KL, Family, batch_shape, gumbel_softmax_sample,
-                            relaxed_bernoulli_sample)
+from .distributions import FAMILIES, KL, Family, batch_shape
 
 
 @dataclass(frozen=True)
@@ -49,31 +49,8 @@ def _dist(ctx, op: Op, *args) -> Dist:
 
 
 def _sample(ctx, op: Op, d: Dist):
-    est = op.params.estimator
-    key = ctx.next_key()
-    if est.name == "reparam":
-        return d.family.sample(key, *d.params, shape=d.batch)
-    if est.name == "dreg":  # pathwise, plus the zero shift `samples` differentiates against
-        return d.family.sample(key, *d.params, shape=d.batch) + ctx.lowering.shifts[est.option("shift")]
-    if est.name == "enum":  # the value of this draw in the combination being evaluated
-        return d.family.enumerate_support(*d.params)[ctx.lowering.enum_index[est.option("slot")]]
-    if (est.name, d.family.name) in BRANCHED:  # this draw's value in the branch being evaluated
-        spec = BRANCHED[est.name, d.family.name]
-        params = tuple(jnp.broadcast_to(p, d.batch + jnp.shape(p)[jnp.ndim(p) - r:])
-                       for p, r in zip(d.params, d.family.param_event_ranks))
-        if est.option("shift") is not None:  # RELAX: the parameters' zero shift
-            params = tuple(p + ctx.lowering.shifts[est.option("shift")] for p in params)
-        if not spec.live:
-            params = lax.stop_gradient(params)
-        values, aux = spec.branches(key, dict(est.options), *params)
-        value = values[ctx.lowering.enum_index[est.option("slot")]]
-        return (value, aux) if len(op.results) == 2 else value
-    if est.name in ("gumbel", "st_gumbel"):
-        relaxed = relaxed_bernoulli_sample if d.family.name == "Bernoulli" else gumbel_softmax_sample
-        return relaxed(key, d.params[0], est.option("tau"), est.name == "st_gumbel")
-    # score function: the draw carries no gradient; its log-probability does (surrogate pass)
-    params = tuple(lax.stop_gradient(p) for p in d.params)
-    return lax.stop_gradient(d.family.sample(key, *params, shape=d.batch))
+    """The draw, as the estimator the estimators pass chose draws it (`estimators`)."""
+    return REGISTRY[op.params.estimator.name].sample(ctx.next_key(), d, op.params, ctx.lowering)
 
 
 def _samples(ctx, op: Op) -> Any:
@@ -220,7 +197,7 @@ def _surrogate(ctx, op: Op, v, *rest):
     credit = [p.credit[i] for i in kept] if costs else [(0,)] * len(kept)
     if p.branched is not None:
         family, *given = p.family
-        est, opts = BRANCHED[p.branched.name, family], dict(p.branched.options)
+        est, opts = REGISTRY[p.branched.name].families[family], dict(p.branched.options)
         aliases = FAMILIES[family].aliases
         params = [aliases[g][1](x[:, 0]) if g in aliases else x[:, 0]
                   for g, x in zip(given, by["param"])]
@@ -231,7 +208,7 @@ def _surrogate(ctx, op: Op, v, *rest):
         out = sum(weights[:, b] * _scored(f[:, b], [c[:, b] for c in costs], [l[:, b] for l in scores],
                                           baselines, credit, state) for b in weighted)
         if p.control:  # RELAX: its own term, and its control variate's step
-            term, psi = relax(lambda psi, s: ctx.call(p.control, (psi, s)), rest[-1], f,
+            term, psi = relax_term(lambda psi, s: ctx.call(p.control, (psi, s)), rest[-1], f,
                               by["draw"][0], aux, params[0], by["shift_grad"][0], opts)
             return jnp.mean(out + term, 0), psi
         out = out + weak_derivative(f, by["draw"][0], aux, params, est, opts)
@@ -245,10 +222,6 @@ def _surrogate(ctx, op: Op, v, *rest):
         return jnp.mean(out, 0)
     decay = p.decay
     return jnp.mean(out, 0), lax.stop_gradient(decay * state + (1 - decay) * jnp.mean(v))
-
-
-BRANCHED = branched.BRANCHED | wor.BRANCHED
-"""Every branched estimator, per (estimator, family)."""
 
 RANDOM_LOWERINGS = {
     "dist": _dist,

@@ -21,9 +21,9 @@ def test_every_pass_and_command_is_documented():
 
 def test_every_distribution_and_estimator_is_documented():
     from gradlang.distributions import DISTRIBUTIONS
-    from gradlang.passes.estimators import OPTIONS
+    from gradlang.estimators import REGISTRY
 
     for spec in DISTRIBUTIONS.values():
         assert f"`{spec.name}(" in README, spec.name
-    for name in OPTIONS:
+    for name in ["auto", *REGISTRY]:
         assert f"`with {name}" in README, name

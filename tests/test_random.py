@@ -597,13 +597,6 @@ def test_relax_round_trips_through_an_artifact(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_the_branch_counts_of_the_front_end_are_the_runtimes():
-    from gradlang.passes.estimators import BRANCHES, WOR
-    from gradlang.runtime.rules_random import BRANCHED
-    assert {k: b.size for k, b in BRANCHED.items() if b.size is not None} == BRANCHES
-    assert {name for (name, _), b in BRANCHED.items() if b.size is None} == set(WOR)
-
-
 # ---- categorical draws without replacement
 
 THETA6 = np.array([0.3, -1.0, 0.8, 0.1, 0.5, -0.2], np.float32)

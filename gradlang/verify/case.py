@@ -15,14 +15,12 @@ from dataclasses import dataclass
 
 from gradlang.ir import Export, Function, Module, Op, Region, reachable, walk
 from gradlang.ops import OPS, Estimator
+from gradlang.estimators import REGISTRY
 from gradlang.passes.compose import ComposeFact
 from gradlang.passes.estimators import SiteChoice
 from gradlang.passes.hypergrad import InnerProblem
 
 from .inputs import COMPOSE_STATE
-
-BIASED_SITES = {"gumbel": "the Gumbel-softmax relaxation", "st_gumbel": "straight-through Gumbel"}
-
 
 @dataclass(frozen=True)
 class NonSmooth:
@@ -104,11 +102,9 @@ class Case:
                        f": the estimate is the mean of the clipped gradients (plus noise), not "
                        f"the objective's gradient, wherever an example's norm exceeds it")
         for s in self.sites:
-            if s.estimator.name in BIASED_SITES:
-                why.append(f"{BIASED_SITES[s.estimator.name]} at {s.site} (tau="
-                           f"{s.estimator.option('tau')}) differentiates a relaxed draw")
-            elif s.estimator.option("baseline") == "grpo":
-                why.append(f"the GRPO baseline at {s.site} scales the gradient by about 1/std")
+            bias = REGISTRY[s.estimator.name].bias(s.estimator, s.site)
+            if bias is not None:
+                why.append(bias)
         for n in self.nonsmooth:
             if n.rule is not None:
                 why.append(f"the backward rule {n.rule.name} of {n.name} (line {n.op.span.line}) "
@@ -141,7 +137,7 @@ class Case:
             return Cost(evals, 0, f"{self.by.name}: forward evaluations only")
         branches = 1
         for s in self.sites:
-            branches *= s.estimator.option("size", 1)
+            branches *= s.size or 1
         n = max(self.samples, 1) * branches
         detail = [f"{max(self.samples, 1)} sample{'s' * (self.samples > 1)}"
                   + (f" x {branches} evaluations of a draw's values" if branches > 1 else "")

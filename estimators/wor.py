@@ -1,5 +1,5 @@
 """Estimators that evaluate the objective at k distinct values of a categorical draw, sampled
-without replacement (branched estimators, `runtime.branched`).
+without replacement (branched estimators).
 
 The k values are the top k of the perturbed log-probabilities G = log p + Gumbel noise (the
 Gumbel-top-k trick: a sample of k categories without replacement, in order); kappa, the
@@ -25,11 +25,20 @@ Gumbel-top-k trick: a sample of k categories without replacement, in order); kap
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 
-from .branched import Branched
+from gradlang.distributions import DistSpec
+from gradlang.ops import Estimator
+from gradlang.options import option
+
+from .base import Branched, BranchedEstimator, listed
+
+WOR_BASELINES = ("none", "normalized")
+MAX_UNORDERED = 5
+"""The largest k of the unordered set estimator (its set probabilities sum k! orderings)."""
 
 def _top_k(key, logits, k: int):
     """The indices of the top k of log p + Gumbel (in order) and kappa, the next value."""
@@ -138,11 +147,59 @@ def _unordered_coefficients(f, z, kappa, opts, logits):
     return (jnp.sum((weight * (f - baseline))[..., None] * _picked(logits, z)[1], 1),)
 
 
-BRANCHED: dict[tuple[str, str], Branched] = {
-    (name, family): Branched(None, (), _branches(family == "OneHotCategorical"), _flat(coefficients),
-                            aux=True, weights=_flat(weights))
-    for family in ("Categorical", "OneHotCategorical")
-    for name, coefficients, weights in (("swor", _swor_coefficients, _ht_weights),
-                                        ("unordered", _unordered_coefficients, _unordered_weights))
-}
-"""Sampling without replacement, per (estimator, family)."""
+@dataclass(frozen=True)
+class SworOptions:
+    k: int = option(4)
+    baseline: str = option("none", choices=WOR_BASELINES)
+
+
+class WithoutReplacement(BranchedEstimator):
+    """k categories drawn without replacement (Gumbel-top-k); kappa is the auxiliary value."""
+
+    aux = ()
+    static_support = True
+
+    def problem(self, spec: DistSpec) -> str | None:
+        if spec.name in self.families:
+            return None
+        return (f"'{self.name}' draws categories without replacement: it is for "
+                f"{listed(self.families)} draws, not {spec.name}; use score")
+
+    def size(self, e: Estimator, spec: DistSpec, support: int | None) -> int | None:
+        return e.option("k")
+
+    def fits(self, e: Estimator, support: int | None) -> str | None:
+        k = e.option("k")
+        if k < 2 or k > support:
+            return f"{self.name}(k={k}) needs 2 <= k <= {support} (the number of categories)"
+        return None
+
+
+class Swor(WithoutReplacement):
+    name = "swor"
+    label = "score function without replacement"
+    Options = SworOptions
+    families = {family: Branched(None, (), _branches(family == "OneHotCategorical"),
+                                 _flat(_swor_coefficients), weights=_flat(_ht_weights))
+                for family in ("Categorical", "OneHotCategorical")}
+
+
+@dataclass(frozen=True)
+class UnorderedOptions:
+    k: int = option(4)
+
+
+class Unordered(WithoutReplacement):
+    name = "unordered"
+    label = "unordered set estimator"
+    Options = UnorderedOptions
+
+    def fits(self, e: Estimator, support: int | None) -> str | None:
+        k = e.option("k")
+        if k > MAX_UNORDERED and super().fits(e, support) is None:
+            return (f"unordered(k={k}): the unordered set estimator sums over the k! orderings "
+                    f"of its sample, so k is at most {MAX_UNORDERED}; use swor for larger k")
+        return super().fits(e, support)
+    families = {family: Branched(None, (), _branches(family == "OneHotCategorical"),
+                                 _flat(_unordered_coefficients), weights=_flat(_unordered_weights))
+                for family in ("Categorical", "OneHotCategorical")}

@@ -1,0 +1,35 @@
+"""Gradient estimators for random choices, one class each (`estimators.base.SiteEstimator`);
+`REGISTRY` maps each name to its estimator. The choice of estimator per draw is the estimators
+pass (`gradlang.passes.estimators`), which also takes `auto(enum_max=N)`."""
+
+from __future__ import annotations
+
+import difflib
+
+from .arm import Arm, Disarm
+from .base import Branched, BranchedEstimator, OptionError, SiteEstimator
+from .enum import Enum
+from .mvd import MeasureValued
+from .pathwise import Dreg, Reparam
+from .rebar import Rebar, Relax
+from .relaxed import Gumbel, StraightThroughGumbel
+from .score import Score
+from .wor import Swor, Unordered
+
+REGISTRY: dict[str, SiteEstimator] = {e.name: e for e in (
+    Reparam(), Score(), Gumbel(), StraightThroughGumbel(), Enum(), MeasureValued(), Arm(),
+    Disarm(), Dreg(), Rebar(), Relax(), Swor(), Unordered())}
+"""Every estimator of a random choice, by name (in the order `explain` and messages list them)."""
+
+
+def lookup(name: str) -> SiteEstimator:
+    """The estimator called `name`; OptionError (with a did-you-mean) if there is none."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    close = difflib.get_close_matches(name, [*REGISTRY, "auto"], n=1)
+    raise OptionError(f"unknown estimator '{name}'" + (
+        f"; did you mean '{close[0]}'?" if close
+        else f" (estimators: {', '.join(['auto', *REGISTRY])})"))
+
+
+__all__ = ["REGISTRY", "Branched", "BranchedEstimator", "OptionError", "SiteEstimator", "lookup"]
