@@ -7,22 +7,14 @@ from pathlib import Path
 
 from .diagnostics import CompileError, Diagnostics, SourceFile
 from .ir import Module
-from .types import Type
 
 __version__ = "0.1.0"
-
-
-def _uses_f64(t: Type) -> bool:
-    """`driver.uses_f64`, for cli.py (which imports it from here)."""
-    from .driver import uses_f64
-
-    return uses_f64(t)
 
 
 def _check_x64(module: Module, diags: Diagnostics) -> None:
     import jax
 
-    from .driver import uses_f64
+    from .types import uses_f64
 
     if jax.config.jax_enable_x64:
         return

@@ -234,9 +234,10 @@ def _emit_backend(module: Module, stem: str, out: Path, emits: list[str], dims: 
     a diagnostic each (the others are still written)."""
     import jax
 
-    from .api import CompiledModule, _uses_f64
+    from .api import CompiledModule
+    from .types import uses_f64
 
-    if any(_uses_f64(p.value.type) for fn in module.functions for p in fn.params):
+    if any(uses_f64(p.value.type) for fn in module.functions for p in fn.params):
         jax.config.update("jax_enable_x64", True)
     compiled = CompiledModule(module)
     failures: list[tuple[Diagnostic, ...]] = []

@@ -22,24 +22,12 @@ from .diagnostics import Diagnostics, SourceFile, Span
 from .ir import Module, Unit
 from .ops import Estimator
 from .parser import parse
-from .types import DType, StructType, TensorType, TupleType, Type
 
 if TYPE_CHECKING:
     from gradlang.passes.overrides import Overrides
 
 
 PRAGMAS = ("estimator", "backward")
-
-
-def uses_f64(t: Type) -> bool:
-    """Some leaf of `t` is an f64 tensor: running it needs JAX's 64-bit mode."""
-    if isinstance(t, TensorType):
-        return t.dtype is DType.F64
-    if isinstance(t, StructType):
-        return any(uses_f64(f) for _, f in t.fields)
-    if isinstance(t, TupleType):
-        return any(uses_f64(e) for e in t.elems)
-    return False
 
 
 def stdlib_root() -> Path:

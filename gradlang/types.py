@@ -194,6 +194,17 @@ def is_float_tree(t: Type) -> bool:
     return False
 
 
+def uses_f64(t: Type) -> bool:
+    """Some leaf of `t` is an f64 tensor: running it needs JAX's 64-bit mode."""
+    if isinstance(t, TensorType):
+        return t.dtype is DType.F64
+    if isinstance(t, StructType):
+        return any(uses_f64(f) for _, f in t.fields)
+    if isinstance(t, TupleType):
+        return any(uses_f64(e) for e in t.elems)
+    return False
+
+
 def has_float_leaf(t: Type) -> bool:
     """True when some leaf of `t` is a floating-point tensor (it can carry a gradient)."""
     if isinstance(t, TensorType):

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from gradlang.driver import uses_f64
+from gradlang.types import uses_f64
 from gradlang.ir import Module
 
 from .inputs import VerifyError, read_npz
