@@ -20,7 +20,7 @@ from gradlang.diagnostics import Diagnostics, Span
 from gradlang.ir import Export, Module, Op
 from gradlang.ops import Estimator
 
-from .resolve import _map_ops
+from .rewrite import map_ops
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class ApplyOverrides:
 
     def run(self, module: Module, diags: Diagnostics) -> Module:
         used: set[tuple[str, Span]] = set()
-        functions = tuple(replace(f, body=_map_ops(f.body, lambda op: self.op(op, used)))
+        functions = tuple(replace(f, body=map_ops(f.body, lambda op: self.op(op, used)))
                           for f in module.functions)
         exports = tuple(self.export(e, used) for e in module.exports)
         unused = [(kind, span) for kind in ("draws", "methods", "solvers", "by", "samples")

@@ -30,7 +30,7 @@ from gradlang.ops import OPS, CalleeParams, CallParams, DistParams, NoParams, St
 from gradlang.types import (ERROR, SOLVER_REPORT, DType, NamedType, StructType, TensorType, TupleType, Type,
                             is_float_tree, substitute_dims, type_dims)
 
-from .rewrite import dce_function
+from .rewrite import dce_function, map_ops
 
 
 class _Fail(Exception):
@@ -386,16 +386,6 @@ def _check_export(module: Module, export: Export, diags: Diagnostics) -> Export 
     return export
 
 
-def _map_ops(region: Region, f) -> Region:
-    """The region with every op (nested ones first) replaced by f(op)."""
-    ops = []
-    for op in region.ops:
-        if op.regions:
-            op = replace(op, regions=tuple(_map_ops(r, f) for r in op.regions))
-        ops.append(f(op))
-    return replace(region, ops=tuple(ops))
-
-
 def _reject_recursion(module: Module, diags: Diagnostics) -> Module:
     """Calls that are part of a cycle of the call graph become errors at the call site."""
     calls: dict[str, list[str]] = {
@@ -435,7 +425,7 @@ def _reject_recursion(module: Module, diags: Diagnostics) -> Module:
                         f"loop)", op.span)
             return Op("error", op.operands, op.results, NoParams(), (), op.span)
 
-        functions.append(replace(fn, body=_map_ops(fn.body, check)))
+        functions.append(replace(fn, body=map_ops(fn.body, check)))
     return replace(module, functions=tuple(functions))
 
 
@@ -555,7 +545,7 @@ class _FunctionResolver:
 
     def run(self) -> Function:
         fn = dce_function(replace(self.fn, body=self.region(self.fn.body)))
-        return replace(fn, body=_map_ops(fn.body, self.reject_list_values))
+        return replace(fn, body=map_ops(fn.body, self.reject_list_values))
 
     def reject_list_values(self, op: Op) -> Op:
         """A list literal still used after folding is used as a value: an error."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 from gradlang.ir import Function, Op, Region, Value, walk
@@ -10,6 +11,16 @@ from gradlang.ir import Function, Op, Region, Value, walk
 def defining_ops(region: Region) -> dict[Value, Op]:
     """Map each value defined by an op in `region` (nested regions included) to that op."""
     return {r: op for op in walk(region) for r in op.results}
+
+
+def map_ops(region: Region, f: Callable[[Op], Op]) -> Region:
+    """The region with every op (nested ones first) replaced by f(op)."""
+    ops = []
+    for op in region.ops:
+        if op.regions:
+            op = replace(op, regions=tuple(map_ops(r, f) for r in op.regions))
+        ops.append(f(op))
+    return replace(region, ops=tuple(ops))
 
 
 def region_uses(region: Region) -> set[Value]:
