@@ -765,31 +765,22 @@ class Variant:
     reason: str | None = None
 
 
-def candidates(text: str) -> list[str]:
+def candidates(text: str) -> list:
     """`gradlang verify --compare`'s candidates (every estimator, the score function with each
     baseline, default options) without `auto` (the automatic rule: score with leave-one-out
     here); RELAX with the file's control variate `r` where it has one; and swor's normalized
     variant."""
+    from gradlang.ops import Estimator
     from gradlang.verify.compare import site_candidates
 
     out = []
     for c in site_candidates():
-        if c == "relax" and re.search(r"^fn r\(", text, re.M):
-            c = "relax(control=r)"
-        out += [] if c == "auto" else [c]
-        out += ["swor(k=4, baseline=normalized)"] if c == "swor" else []
+        if c.name == "relax" and re.search(r"^fn r\(", text, re.M):
+            c = Estimator("relax", (("control", "r"),))
+        out += [] if c.name == "auto" else [c]
+        if c.name == "swor":
+            out.append(Estimator("swor", (("k", 4), ("baseline", "normalized"))))
     return out
-
-
-def samples_edit(source, n: int):
-    """The edit that sets the `samples=` of the file's export to n."""
-    from gradlang.verify.variants import Edit
-
-    for i, line in enumerate(source.text.splitlines(), 1):
-        found = re.search(r"samples=\d+", line) if line.startswith("export ") else None
-        if found:
-            return Edit(i, found.start() + 1, i, found.end() + 1, f"samples={n}")
-    raise ValueError(f"{source.path}: no export with samples=")
 
 
 def per_point(step, kind: str | None):
@@ -834,23 +825,25 @@ def biased_by_design(case, site) -> str | None:
 
 
 def compile_variants(src: Path) -> list[Variant]:
-    """Every candidate estimator written on the draw of `src` (one `with ...` edit, as `gradlang
-    verify --compare` does; set estimators also at one sample): compiled and vmapped per data
-    point, or not applicable with the compiler's message."""
+    """Every candidate estimator written on the draw of `src` (an override of its annotation,
+    as `gradlang verify --compare` does; set estimators also at one sample): compiled and
+    vmapped per data point, or not applicable with the compiler's message."""
     import gradlang
     from gradlang.diagnostics import SourceFile
-    from gradlang.verify.variants import Origin, annotate_site
+    from gradlang.passes.overrides import Overrides
+    from gradlang.verify.variants import Origin
 
     source = SourceFile(str(src), src.read_text())
     origin = Origin(source, src.parent, {})
-    (site,) = gradlang.compile_file(src).ir.facts["estimators"]
+    found = origin.compile(Overrides())
+    assert not isinstance(found, str), found
+    (site,), (export,) = found.facts["estimators"], found.exports
     out = []
     for c in candidates(source.text):
-        edits = [annotate_site(site, c)]
-        edits += [samples_edit(source, 1)] if c.split("(")[0] in SET_ESTIMATORS else []
-        compiled = origin.compile(edits)
+        one = {export.span: 1} if c.name in SET_ESTIMATORS else {}
+        compiled = origin.compile(Overrides(draws={site.span: c}, samples=one))
         out.append(Variant(f"with {c}", reason=compiled) if isinstance(compiled, str)
-                   else measured_variant(compiled, f"with {c}"))
+                   else measured_variant(gradlang.CompiledModule(compiled), f"with {c}"))
     return out
 
 
