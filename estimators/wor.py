@@ -8,10 +8,15 @@ Gumbel-top-k trick: a sample of k categories without replacement, in order); kap
 - `swor` (Kool, van Hoof & Welling 2019, "Buy 4 REINFORCE Samples, Get a Baseline for Free!",
   sampling without replacement): each sampled s gets the Horvitz-Thompson weight w_s = p(s) /
   q(s), q(s) = P(G_s > kappa) = 1 - exp(-exp(log p(s) - kappa)) (priority sampling: unbiased
-  for sums over all categories). Value sum_s w_s f(s), gradient sum_s w_s f(s) d log p(s):
-  unbiased. With `baseline=normalized`, the weights are normalized, W = sum_s w_s, and the
-  gradient is sum_s (w_s / W) (f(s) - B) d log p(s), B = sum_s (w_s / W) f(s): lower variance,
-  biased by design (as the self-normalized estimator of the paper).
+  for sums over all categories). Value sum_s w_s f(s), gradient sum_s w_s f(s) d log p(s) (the
+  paper's eq. 9): unbiased. With `baseline=builtin` (eq. 10), each sample's baseline is b_s =
+  p(s) f(s) + sum_{s' != s} w_s' f(s'), built from the other samples: the gradient is sum_s w_s
+  (f(s) - b_s) d log p(s), still unbiased because priority sampling's weights of distinct
+  categories are uncorrelated (E[w_s w_s' 1[s, s' in S]] = p(s) p(s')), so the baseline terms'
+  mean, sum_s p(s) f(s) d p(s) - sum_s' p(s') f(s') d p(s'), is zero. With
+  `baseline=normalized` (eq. 11), the weights are normalized, W = sum_s w_s, and the gradient
+  is sum_s (w_s / W) (f(s) - B) d log p(s), B = sum_s (w_s / W) f(s): lower variance, biased by
+  design (as the self-normalized estimator of the paper).
 - `unordered` (Kool, van Hoof & Welling 2020, "Estimating Gradients for Discrete Random
   Variables by Sampling without Replacement"): the unordered set estimator with its built-in
   baseline. With p(S) the probability of drawing the set S (in any order), R(S, s) =
@@ -36,7 +41,7 @@ from gradlang.options import option
 
 from .base import Branched, BranchedEstimator, listed
 
-WOR_BASELINES = ("none", "normalized")
+WOR_BASELINES = ("none", "normalized", "builtin")
 MAX_UNORDERED = 5
 """The largest k of the unordered set estimator (its set probabilities sum k! orderings)."""
 
@@ -92,6 +97,9 @@ def _swor_coefficients(f, z, kappa, opts, logits):
     signal = f
     if opts.get("baseline") == "normalized":
         signal = f - jnp.sum(w * f, 1, keepdims=True)
+    elif opts.get("baseline") == "builtin":  # f(s) - b_s, b_s = p(s) f(s) + sum_{s' != s} w_s' f(s')
+        p = jnp.exp(_picked(logits, z)[0])
+        signal = f * (1 - p + w) - jnp.sum(w * f, 1, keepdims=True)
     return (jnp.sum((w * signal)[..., None] * _picked(logits, z)[1], 1),)
 
 
@@ -179,6 +187,12 @@ class Swor(WithoutReplacement):
     name = "swor"
     label = "score function without replacement"
     Options = SworOptions
+
+    def bias(self, e: Estimator, where: str) -> str | None:
+        if e.option("baseline") != "normalized":
+            return None
+        return (f"swor's normalized weights at {where} (self-normalized importance sampling) "
+                f"shrink the gradient")
     families = {family: Branched(None, (), _branches(family == "OneHotCategorical"),
                                  _flat(_swor_coefficients), weights=_flat(_ht_weights))
                 for family in ("Categorical", "OneHotCategorical")}

@@ -611,6 +611,8 @@ def _without_replacement(estimator: str, draw: str = "k ~ Categorical(logits=t)"
 
 @pytest.mark.parametrize("estimator, draw, value", [
     ("swor(k=3)", "k ~ Categorical(logits=t)", "v[k] * v[k]"),
+    ("swor(k=3, baseline=builtin)", "k ~ Categorical(logits=t)", "v[k] * v[k]"),
+    ("swor(k=2, baseline=builtin)", "e ~ OneHotCategorical(logits=t)", "sum(e * v) * sum(e * v)"),
     ("unordered(k=3)", "k ~ Categorical(logits=t)", "v[k] * v[k]"),
     ("unordered(k=4)", "e ~ OneHotCategorical(logits=t)", "sum(e * v) * sum(e * v)"),
     ("swor(k=6)", "k ~ Categorical(logits=t)", "v[k] * v[k]"),
@@ -663,6 +665,19 @@ def test_the_normalized_swor_estimator_is_biased_as_documented_and_the_set_estim
             assert np.abs(grads.mean(0) - truth).max() > 0.1 * np.abs(truth).max()
     print(var)
     assert var["loo"] > var["set"] and var["swor"] > var["set"] and var["swor"] > var["normalized"]
+
+
+def test_swor_with_every_category_and_its_built_in_baseline_is_exact():
+    """k = 6 of 6 categories: kappa = -inf, w_s = p(s), and b_s = E f for every s, so every
+    estimate is the exact gradient sum_s p(s) (f(s) - E f) d log p(s)."""
+    p = softmax(THETA6)
+    grads = np.asarray(estimates(_without_replacement("swor(k=6, baseline=builtin)").g,
+                                 (THETA6, V6))["t"])
+    # both sides float32, relative to the largest term |f(s)| <= 9: log_softmax and exp (8),
+    # the weight's exp / expm1 / log (12), b_s's 6-term sum and products (8), the gradient's
+    # 6-term sum (6), the reference's softmax and 6-term sums (14): 48, rounded up to 64
+    assert_close(grads, np.broadcast_to(p * (V6 ** 2 - p @ V6 ** 2), grads.shape), ops=64,
+                 scale=9.0)
 
 
 @pytest.mark.parametrize("t", [-0.8, 1.1])
