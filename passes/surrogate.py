@@ -619,12 +619,15 @@ def _stateless(whole: Export, part: Export, wrapper: Function, diags: Diagnostic
 def _key_free(module: Module, export: Export, random: set[str], diags: Diagnostics) -> None:
     """An export that draws takes its random key as a last parameter `key` (its function, or
     the first objective of `minimize`, whose parameters the export takes, must not have one):
-    when a function it differentiates draws, with a black-box or private gradient (`by=`), or
-    with PCGrad's shuffled orders."""
+    when a function it differentiates draws or is averaged over samples, with a black-box or
+    private gradient (`by=`), or with PCGrad's shuffled orders."""
     t = export.transform
     parts = [part.transform.fn for part in export.parts()]
+    sampled = [part.transform for part in export.parts() if part.transform.samples]
     if any(fn in random for fn in parts):
         why = f"'{next(fn for fn in parts if fn in random)}' draws, which"
+    elif sampled:  # its draws may all be unused (and removed), but the samples take keys
+        why = f"{sampled[0].scope}({sampled[0].fn}, samples={sampled[0].samples})"
     elif t.by is not None:
         why = f"by={t.by.name}"
     elif t.kind == "minimize" and t.rule.name == "pcgrad" and t.rule.option("shuffle"):
