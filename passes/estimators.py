@@ -309,15 +309,16 @@ class _Chooser:
         return replace(op, params=replace(op.params, estimator=chosen, size=size))
 
     def control_problem(self, e: Estimator, op: Op) -> str | None:
-        """Why relax's control=NAME is not a function r(psi, s) -> f32 of parameters psi and a
-        relaxed draw s shaped as this draw (None when it is)."""
+        """Why the control=NAME of `e` (relax) is not a function r(psi, s) -> f32 of
+        parameters psi and a (relaxed) draw s shaped as this draw (None when it is)."""
         name = e.option("control")
         if not name:
-            return "relax needs control=NAME: the function r(psi, s) of its learned control variate"
+            return (f"{e.name} needs control=NAME: the function r(psi, s) of its learned "
+                    f"control variate")
         module = self.flow.module
         fn = module.function(name) or module.function(f"{self.fn.unit}.{name}")
         if fn is None:
-            return f"relax's control '{name}' is not a function"
+            return f"{e.name}'s control '{name}' is not a function"
         draw = op.result.type
         problems = []
         if len(fn.params) != 2:
@@ -330,7 +331,7 @@ class _Chooser:
         if fn.name in random_functions(module):
             problems.append("draws (its value must be a function of psi and s)")
         if problems:
-            return f"relax's control '{name}' " + "; ".join(problems)
+            return f"{e.name}'s control '{name}' " + "; ".join(problems)
         return None
 
     def automatic(self, op: Op, spec: DistSpec, top: bool,
