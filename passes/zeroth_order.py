@@ -18,44 +18,73 @@ black-box estimator (it is reverse mode, made private): the `privacy` pass check
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 from gradlang.diagnostics import Diagnostics
 from gradlang.ir import PRIVATE, Module
 from gradlang.ops import Estimator
-
-from gradlang.options import number_problem
-
-ESTIMATORS: dict[str, dict[str, object]] = {
-    "spsa": {"eps": 1e-3, "samples": 1},
-    "es": {"sigma": 0.1, "pop": 64, "antithetic": True},
-    "eggroll": {"sigma": 0.1, "pop": 64, "rank": 1, "antithetic": True},
-}
-_COUNTS = ("samples", "pop", "rank")
+from gradlang.options import OptionError, option, parse, rendered, unknown
 
 
-def _problem(e: Estimator) -> str | None:
-    if e.name not in ESTIMATORS:
-        names = [*ESTIMATORS, PRIVATE]
-        close = difflib.get_close_matches(e.name, names, n=1)
-        return (f"unknown gradient estimator '{e.name}' for by=" + (f"; did you mean '{close[0]}'?"
-                if close else f" (by= takes {', '.join(names)})"))
-    table = ESTIMATORS[e.name]
-    for k, v in e.options:
-        if k not in table:
-            return f"estimator '{e.name}' has no option '{k}' (options: {', '.join(table)})"
-        if isinstance(table[k], bool):
-            want = None if isinstance(v, bool) else "true or false"
-        else:
-            want = number_problem(v, "count" if k in _COUNTS else "positive")
-        if want is not None:
-            return f"option '{k}' of '{e.name}' must be {want}, got {v}"
-    done = dict(table) | dict(e.options)
-    if done.get("antithetic") and done.get("pop", 2) % 2:
-        return (f"'{e.name}' with antithetic pairs needs an even pop, got {done['pop']}; "
-                f"write antithetic=false for an odd one")
-    return None
+@dataclass(frozen=True)
+class Spsa:
+    """Two-point SPSA."""
+
+    name: ClassVar[str] = "spsa"
+    eps: float = option(1e-3)
+    """The difference step."""
+    samples: int = option(1)
+
+
+class _Population:
+    """Antithetic pairs (z and -z) split the population in two halves."""
+
+    name: ClassVar[str]
+    pop: int
+    antithetic: bool
+
+    def check(self) -> str | None:
+        if self.antithetic and self.pop % 2:
+            return (f"'{self.name}' with antithetic pairs needs an even pop, got {self.pop}; "
+                    f"write antithetic=false for an odd one")
+        return None
+
+
+@dataclass(frozen=True)
+class Es(_Population):
+    """Evolution strategies."""
+
+    name: ClassVar[str] = "es"
+    sigma: float = option(0.1)
+    pop: int = option(64)
+    antithetic: bool = option(True)
+
+
+@dataclass(frozen=True)
+class Eggroll(_Population):
+    """Evolution strategies with low-rank perturbations of matrices."""
+
+    name: ClassVar[str] = "eggroll"
+    sigma: float = option(0.1)
+    pop: int = option(64)
+    rank: int = option(1)
+    antithetic: bool = option(True)
+
+
+BLACK_BOX: dict[str, type] = {c.name: c for c in (Spsa, Es, Eggroll)}
+"""Each black-box estimator's options, by name."""
+ESTIMATORS: dict[str, dict[str, object]] = {n: dict(rendered(c())) for n, c in BLACK_BOX.items()}
+"""Each black-box estimator's default options (what `verify --compare` reads)."""
+
+
+def complete(e: Estimator) -> Estimator:
+    """`by=` checked and with its defaults filled in; raises OptionError."""
+    if e.name not in BLACK_BOX:
+        names = [*BLACK_BOX, PRIVATE]
+        raise OptionError(unknown("gradient estimator", e.name, names, " for by="))
+    options = parse(BLACK_BOX[e.name], e.options, f"estimator '{e.name}'", e.name)
+    return replace(e, options=rendered(options))
 
 
 @dataclass(frozen=True)
@@ -71,13 +100,11 @@ class ZerothOrder:
             t = export.transform
             black_box = t.black_box  # by=dp is the privacy pass's
             if black_box is not None:
-                problem = _problem(black_box)
-                if problem is not None:
-                    diags.error(problem, black_box.span)
+                try:
+                    by = complete(black_box)
+                except OptionError as exc:
+                    diags.error(str(exc), black_box.span)
                 else:
-                    given = dict(black_box.options)
-                    by = replace(black_box, options=tuple((k, given.get(k, v))
-                                                          for k, v in ESTIMATORS[black_box.name].items()))
                     export = replace(export, transform=replace(t, by=by))
                     chosen[export.name] = by
             exports.append(export)
