@@ -20,21 +20,37 @@ that is lowered.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, replace
 
 from gradlang.diagnostics import Diagnostics
-from gradlang.ir import Export, Function, Module
+from gradlang.ir import PRIVATE, Export, Function, Module
 from gradlang.ops import Estimator
+from gradlang.options import OptionError, option, parse, rendered
 from gradlang.types import ERROR, UNKNOWN, TensorType, type_dims
 
 from .ghost import LeafNorm, linear_layers
-from gradlang.options import number_problem
 
-OPTIONS: dict[str, object] = {"clip": None, "noise": None, "per_example_axis": 0,
-                              "clipping": "ghost"}
-"""dp's options and their defaults (None: required)."""
 CLIPPING = ("ghost", "per_example")
+
+
+@dataclass(frozen=True)
+class DpOptions:
+    """dp's options; clip and noise are required."""
+
+    clip: float | None = option(None, "positive")
+    """C, the bound on each example's gradient norm."""
+    noise: float | None = option(None, "non-negative")
+    """SIGMA, the noise multiplier."""
+    per_example_axis: int = option(0, "index")
+    clipping: str = option("ghost", choices=CLIPPING, plural="clipping modes")
+
+    def check(self) -> str | None:
+        missing = [k for k in ("clip", "noise") if getattr(self, k) is None]
+        if missing:
+            return (f"dp needs {' and '.join(missing)}: clip=C bounds each example's gradient "
+                    f"norm, noise=SIGMA is the noise multiplier (the noise's standard deviation "
+                    f"is SIGMA * C), e.g. by=dp(clip=1.0, noise=1.1)")
+        return None
 
 
 @dataclass(frozen=True)
@@ -56,37 +72,9 @@ class PrivatePlan:
     leaves: tuple[LeafNorm, ...]
 
 
-def _option_problem(e: Estimator) -> str | None:
-    given = dict(e.options)
-    for k, _ in e.options:
-        if k not in OPTIONS:
-            close = difflib.get_close_matches(k, OPTIONS, n=1)
-            return (f"dp has no option '{k}'" + (f"; did you mean '{close[0]}'?" if close
-                                                 else f" (options: {', '.join(OPTIONS)})"))
-    missing = [k for k, v in OPTIONS.items() if v is None and k not in given]
-    if missing:
-        return (f"dp needs {' and '.join(missing)}: clip=C bounds each example's gradient norm, "
-                f"noise=SIGMA is the noise multiplier (the noise's standard deviation is "
-                f"SIGMA * C), e.g. by=dp(clip=1.0, noise=1.1)")
-    number = {k: v for k, v in given.items() if k in ("clip", "noise")}
-    for k, v in number.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            return f"option '{k}' of dp must be a number, got {v}"
-    if number["clip"] <= 0:
-        return f"option 'clip' of dp must be positive, got {number['clip']}"
-    if number["noise"] < 0:
-        return f"option 'noise' of dp must be non-negative, got {number['noise']}"
-    for k, kind in (("clip", "positive"), ("noise", "non-negative")):
-        want = number_problem(number[k], kind)
-        if want is not None:
-            return f"option '{k}' of dp must be {want}, got {number[k]}"
-    axis = given.get("per_example_axis", 0)
-    if isinstance(axis, bool) or not isinstance(axis, int) or axis < 0:
-        return f"option 'per_example_axis' of dp must be a non-negative integer, got {axis}"
-    if given.get("clipping", "ghost") not in CLIPPING:
-        return (f"option 'clipping' of dp must be {' or '.join(CLIPPING)}, got "
-                f"{given['clipping']}")
-    return None
+def complete(e: Estimator) -> Estimator:
+    """`by=dp(...)` checked and with its defaults filled in; raises OptionError."""
+    return replace(e, options=rendered(parse(DpOptions, e.options, PRIVATE, PRIVATE)))
 
 
 def _examples(export: str, fn: Function, wrt: tuple[str, ...], axis: int, span,
@@ -171,13 +159,11 @@ class Privacy:
         for export in module.exports:
             t = export.transform
             if t.private is not None:
-                problem = _option_problem(t.by)
-                if problem is not None:
-                    diags.error(problem, t.by.span)
+                try:
+                    by = complete(t.by)
+                except OptionError as exc:
+                    diags.error(str(exc), t.by.span)
                 else:
-                    given = dict(t.by.options)
-                    by = replace(t.by, options=tuple((k, given.get(k, v))
-                                                     for k, v in OPTIONS.items()))
                     if by.option("noise") == 0:
                         diags.warning("dp with noise=0 clips each example's gradient but adds no "
                                       "noise: the gradient is not differentially private",
