@@ -11,41 +11,148 @@ The choice, completed with every option's value, is written into the op; `explai
 
 from __future__ import annotations
 
-import difflib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, make_dataclass, replace
+from typing import Any, ClassVar
 
 from gradlang.diagnostics import Diagnostics, Span
 from gradlang.ir import Module, Op, Region, walk
 from gradlang.ops import OPS, Estimator
+from gradlang.options import OptionError, option, parse, rendered, unknown
 
 from .callgraph import random_functions
-from gradlang.options import number_problem
 
-REQUIRED = None
-SOLVERS: dict[str, dict[str, object]] = {
-    "gd": {"steps": 100, "lr": 0.1, "tol": 0.0},
-    "momentum": {"steps": 100, "lr": 0.1, "beta": 0.9, "tol": 0.0},
-    "adam": {"steps": 200, "lr": 0.01, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "tol": 0.0},
-    "lbfgs": {"steps": 50, "memory": 10, "tol": 0.0},
-    "newton_cg": {"steps": 10, "iters": 20, "tol": 0.0},
-    "projected": {"steps": 100, "lr": 0.1, "lower": REQUIRED, "upper": REQUIRED, "tol": 0.0},
-}
-CONSTRAINED = ("gd", "momentum", "adam")
+# ---- solvers: `tol` > 0 stops at that residual; a fraction (a momentum) is in [0, 1)
+
+
+@dataclass(frozen=True)
+class Gd:
+    """Gradient descent."""
+
+    name: ClassVar[str] = "gd"
+    steps: int = option(100)
+    lr: float = option(0.1)
+    tol: float = option(0.0, "non-negative")
+
+
+@dataclass(frozen=True)
+class Momentum:
+    """Gradient descent with heavy-ball momentum."""
+
+    name: ClassVar[str] = "momentum"
+    steps: int = option(100)
+    lr: float = option(0.1)
+    beta: float = option(0.9, "non-negative", below=1)
+    tol: float = option(0.0, "non-negative")
+
+
+@dataclass(frozen=True)
+class Adam:
+    """Adam."""
+
+    name: ClassVar[str] = "adam"
+    steps: int = option(200)
+    lr: float = option(0.01)
+    b1: float = option(0.9, "non-negative", below=1)
+    b2: float = option(0.999, "non-negative", below=1)
+    eps: float = option(1e-8)
+    tol: float = option(0.0, "non-negative")
+
+
+@dataclass(frozen=True)
+class Lbfgs:
+    """L-BFGS (its line search is a while loop)."""
+
+    name: ClassVar[str] = "lbfgs"
+    steps: int = option(50)
+    memory: int = option(10)
+    tol: float = option(0.0, "non-negative")
+
+
+@dataclass(frozen=True)
+class NewtonCg:
+    """Newton steps solved by conjugate gradients."""
+
+    name: ClassVar[str] = "newton_cg"
+    steps: int = option(10)
+    iters: int = option(20)
+    """Conjugate-gradient iterations per step."""
+    tol: float = option(0.0, "non-negative")
+
+
+@dataclass(frozen=True)
+class Projected:
+    """Projected gradient descent onto the box [lower, upper] (both required)."""
+
+    name: ClassVar[str] = "projected"
+    steps: int = option(100)
+    lr: float = option(0.1)
+    lower: float | None = option(None, "real")
+    upper: float | None = option(None, "real")
+    tol: float = option(0.0, "non-negative")
+
+    def check(self) -> str | None:
+        missing = [k for k in ("lower", "upper") if getattr(self, k) is None]
+        if missing:
+            return (f"solver 'projected' needs option{'s' * (len(missing) > 1)} "
+                    + " and ".join(f"'{k}'" for k in missing))
+        return None if self.lower < self.upper else "solver 'projected' needs lower < upper"
+
+
+def _primal_dual(solver: type) -> type:
+    """`solver`'s options for a problem with `subject to`: the multipliers' step `rho` last."""
+    return make_dataclass(f"PrimalDual{solver.__name__}", [("rho", float, option(1.0))],
+                          bases=(solver,), frozen=True, namespace={"__module__": __name__})
+
+
+SOLVERS: dict[str, type] = {s.name: s for s in (Gd, Momentum, Adam, Lbfgs, NewtonCg, Projected)}
+CONSTRAINED: dict[str, type] = {s.name: _primal_dual(s) for s in (Gd, Momentum, Adam)}
 """Solvers that take `subject to` (primal-dual, with the multipliers' step `rho`)."""
 DIFFERENTIABLE = ("gd", "momentum", "adam", "projected")
 """Solvers reverse mode can go through (the others' line search is a while loop)."""
-METHODS: dict[str, dict[str, object]] = {
-    "implicit": {"method": "cg", "iters": 30, "tol": 0.0, "damping": 0.0},
-    "value_function": {"sigma": 0.01, "steps": REQUIRED},
-    "unrolled": {},
-    "truncated": {"k": 10},
-}
+
+# ---- hypergradient methods
+
 LINEAR_SOLVERS = ("cg", "gmres", "neumann")
+
+
+@dataclass(frozen=True)
+class Implicit:
+    """Implicit differentiation: one linear solve (`method`) at the solution."""
+
+    name: ClassVar[str] = "implicit"
+    method: str = option("cg", choices=LINEAR_SOLVERS, plural="linear solvers")
+    iters: int = option(30)
+    tol: float = option(0.0, "non-negative")
+    damping: float = option(0.0, "non-negative")
+
+
+@dataclass(frozen=True)
+class ValueFunction:
+    """The value-function method: first-order, it accounts for constraints."""
+
+    name: ClassVar[str] = "value_function"
+    sigma: float = option(0.01)
+    steps: int | None = option(None, "count")
+    """The steps of its solves (the solver's by default)."""
+
+
+@dataclass(frozen=True)
+class Unrolled:
+    """Reverse mode through every step of the solver's loop."""
+
+    name: ClassVar[str] = "unrolled"
+
+
+@dataclass(frozen=True)
+class Truncated:
+    """Reverse mode through the last k steps of the solver's loop."""
+
+    name: ClassVar[str] = "truncated"
+    k: int = option(10)
+
+
+METHODS: dict[str, type] = {m.name: m for m in (Implicit, ValueFunction, Unrolled, Truncated)}
 KINKED = frozenset({"abs", "relu", "maximum", "minimum", "clip", "max", "min", "straight_through"})
-_COUNTS = ("steps", "iters", "memory", "k")
-_REALS = ("lower", "upper")
-_NON_NEGATIVE = ("tol", "damping")
-_FRACTIONS = ("beta", "b1", "b2")
 
 
 @dataclass(frozen=True)
@@ -59,44 +166,34 @@ class InnerProblem:
     why: str
 
 
-def _option_problem(what: str, name: str, k: str, v: object) -> str | None:
-    if k == "method":
-        return None if v in LINEAR_SOLVERS else \
-            f"unknown linear solver '{v}' (solvers: {', '.join(LINEAR_SOLVERS)})"
-    if k in _FRACTIONS:
-        number = isinstance(v, (int, float)) and not isinstance(v, bool)
-        want = None if number and 0 <= v < 1 else "a number in [0, 1)"
-    else:
-        kind = ("count" if k in _COUNTS else "real" if k in _REALS
-                else "non-negative" if k in _NON_NEGATIVE else "positive")
-        want = number_problem(v, kind)
-    return None if want is None else f"option '{k}' of {what} '{name}' must be {want}, got {v}"
-
-
-def _problem(e: Estimator, table: dict, what: str) -> str | None:
+def _parsed(e: Estimator, table: dict[str, type], what: str) -> Any:
+    """The options of `e`, a `what` ("solver") of `table`, checked (raises OptionError)."""
     if e.name not in table:
-        close = difflib.get_close_matches(e.name, table, n=1)
-        return (f"unknown {what} '{e.name}'" + (f"; did you mean '{close[0]}'?" if close
-                                                else f" ({what}s: {', '.join(table)})"))
-    for k, v in e.options:
-        if k not in table[e.name]:
-            opts = ", ".join(table[e.name]) or "none"
-            return f"{what} '{e.name}' has no option '{k}' (options: {opts})"
-        problem = _option_problem(what, e.name, k, v)
-        if problem:
-            return problem
-    return None
+        raise OptionError(unknown(what, e.name, list(table)))
+    return parse(table[e.name], e.options, f"{what} '{e.name}'", e.name)
 
 
-def complete(e: Estimator, table: dict) -> Estimator:
-    given = dict(e.options)
-    return replace(e, options=tuple((k, given.get(k, v)) for k, v in table[e.name].items()))
+def _solver(e: Estimator, constrained: bool) -> Estimator:
+    """The solver checked and with its defaults filled in (raises OptionError)."""
+    options = _parsed(e, SOLVERS | CONSTRAINED if constrained else SOLVERS, "solver")
+    if constrained and e.name not in CONSTRAINED:
+        raise OptionError(f"solver '{e.name}' cannot take 'subject to' constraints; use "
+                          f"{', '.join(CONSTRAINED)} (or projected, without 'subject to', for "
+                          f"a box)")
+    return replace(e, options=rendered(options))
 
 
-def _solver_table(constrained: bool) -> dict:
-    if not constrained:
-        return SOLVERS
-    return {n: o | {"rho": 1.0} if n in CONSTRAINED else o for n, o in SOLVERS.items()}
+def _method(e: Estimator, solver: Estimator, constrained: bool) -> Estimator:
+    """The hypergradient method checked against the completed solver and with its defaults
+    filled in (raises OptionError)."""
+    options = _parsed(e, METHODS, "hypergradient method")
+    if isinstance(options, ValueFunction) and options.steps is None:
+        options = replace(options, steps=solver.option("steps"))
+    method = replace(e, options=rendered(options))
+    problem = _method_problem(solver, method, constrained)
+    if problem is not None:
+        raise OptionError(problem)
+    return method
 
 
 @dataclass(frozen=True)
@@ -160,30 +257,12 @@ def _check_deterministic(op: Op, random: set[str], diags: Diagnostics) -> None:
 def _choose(fn: str, op: Op, diags: Diagnostics, found: list) -> Op:
     p = op.params
     constrained = len(op.regions) > 1
-    table = _solver_table(constrained)
-    problem = _problem(p.solver, table, "solver")
-    missing = [k for k, v in table.get(p.solver.name, {}).items()
-               if v is REQUIRED and k not in dict(p.solver.options)]
-    if problem is None and missing:
-        problem = f"solver '{p.solver.name}' needs option{'s' * (len(missing) > 1)} " + \
-                  " and ".join(f"'{k}'" for k in missing)
-    if problem is None and constrained and p.solver.name not in CONSTRAINED:
-        problem = (f"solver '{p.solver.name}' cannot take 'subject to' constraints; use "
-                   f"{', '.join(CONSTRAINED)} (or projected, without 'subject to', for a box)")
-    if problem is None and p.solver.name == "projected" and \
-            not p.solver.option("lower") < p.solver.option("upper"):
-        problem = "solver 'projected' needs lower < upper"
-    if problem is not None:
-        diags.error(problem, p.solver.span)
+    try:
+        solver = _solver(p.solver, constrained)
+    except OptionError as exc:
+        diags.error(str(exc), p.solver.span)
         return op
-    solver = complete(p.solver, table)
     if p.hyper is not None:
-        problem = _problem(p.hyper, METHODS, "hypergradient method")
-        if problem is None:
-            problem = _method_problem(solver, p.hyper, constrained)
-        if problem is not None:
-            diags.error(problem, p.hyper.span)
-            return op
         method, why = p.hyper, "annotated in the source"
     elif constrained:
         method, why = Estimator("value_function"), (
@@ -195,10 +274,11 @@ def _choose(fn: str, op: Op, diags: Diagnostics, found: list) -> Op:
             "the default: implicit differentiation needs no storage of the solver's iterates "
             "(memory flat in its steps) and only Hessian-vector products; write "
             "'with unrolled' to differentiate through the loop instead")
-    method = complete(method, METHODS)
-    if method.name == "value_function" and method.option("steps") is REQUIRED:
-        method = replace(method, options=tuple((k, solver.option("steps") if k == "steps" else v)
-                                               for k, v in method.options))
+    try:
+        method = _method(method, solver, constrained)
+    except OptionError as exc:
+        diags.error(str(exc), method.span)
+        return op
     _warn_kinks(op, method, diags)
     _check_nested(op, solver, method, diags)
     found.append(InnerProblem(fn, op.span, solver, method, why))
@@ -216,8 +296,8 @@ def _method_problem(solver: Estimator, method: Estimator, constrained: bool) -> 
     if method.name == "unrolled" and solver.option("tol"):
         return ("'unrolled' differentiates through a fixed number of steps; remove the solver's "
                 "tol, or use truncated(k) or implicit")
-    if method.name == "truncated" and method.option("k", 10) > solver.option("steps"):
-        return (f"truncated(k={method.option('k', 10)}) needs k <= the solver's steps "
+    if method.name == "truncated" and method.option("k") > solver.option("steps"):
+        return (f"truncated(k={method.option('k')}) needs k <= the solver's steps "
                 f"({solver.option('steps')})")
     return None
 
