@@ -20,64 +20,87 @@ in the export and in the `multiobjective` fact (export name -> rule).
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 from gradlang.diagnostics import Diagnostics
 from gradlang.ir import HISTORY, Combination, Export, Module
+from gradlang.options import OptionError, number_problem, option, parse, rendered, unknown
 
-from gradlang.options import number_problem
-
-RULES: dict[str, dict[str, object]] = {
-    "mgda": {"solver": "auto", "iters": 100},
-    "pcgrad": {"shuffle": True},
-    "weights": {},
-    "dynamic": {"temperature": 2.0},
-}
 SOLVERS = ("auto", "exact", "frank_wolfe")
 EXACT_MAX = 8
 """MGDA's `exact` solver enumerates the 2^k - 1 faces of the simplex (closed form for k = 2):
 at most this many objectives; `auto` picks it up to there and Frank-Wolfe above."""
 
 
-def _problem(rule: Combination, k: int) -> str | None:
-    """What is wrong with `rule` for k objectives, or None."""
-    if rule.name not in RULES:
-        close = difflib.get_close_matches(rule.name, RULES, n=1)
-        return (f"unknown combination rule '{rule.name}'" + (f"; did you mean '{close[0]}'?"
-                if close else f" (rules: {', '.join(RULES)})"))
-    if rule.name == "weights":
-        if len(rule.weights) != k:
-            return (f"weights(...) needs one weight per objective: {k} values, got "
-                    f"{len(rule.weights)}")
-        if min(rule.weights) < 0 or max(rule.weights) == 0:
-            return "the weights must be non-negative and not all zero"
-        for w in rule.weights:
-            want = number_problem(w, "non-negative")
-            if want is not None:
-                return f"each weight must be {want}, got {w}"
-    elif rule.weights:
-        return f"'{rule.name}' takes options by name, e.g. {rule.name}(option=value)"
-    table = RULES[rule.name]
-    for key, v in rule.options:
-        if key not in table:
-            return (f"'{rule.name}' has no option '{key}'"
-                    + (f" (options: {', '.join(table)})" if table else " (it takes none)"))
-        default = table[key]
-        if isinstance(default, str):
-            if v not in SOLVERS:
-                return f"option '{key}' of '{rule.name}' is one of {', '.join(SOLVERS)}, got {v}"
-            if v == "exact" and k > EXACT_MAX:
-                return (f"exact MGDA enumerates the 2^k - 1 faces of the simplex: at most "
-                        f"{EXACT_MAX} objectives, got {k}; use solver=frank_wolfe")
-        elif isinstance(default, bool):
-            if not isinstance(v, bool):
-                return f"option '{key}' of '{rule.name}' must be true or false, got {v}"
-        else:
-            want = number_problem(v, "count" if isinstance(default, int) else "positive")
-            if want is not None:
-                return f"option '{key}' of '{rule.name}' must be {want}, got {v}"
+@dataclass(frozen=True)
+class Mgda:
+    """The min-norm element of the gradients' convex hull."""
+
+    name: ClassVar[str] = "mgda"
+    solver: str = option("auto", choices=SOLVERS)
+    iters: int = option(100)
+    """Frank-Wolfe's steps."""
+
+
+@dataclass(frozen=True)
+class Pcgrad:
+    """Gradient surgery."""
+
+    name: ClassVar[str] = "pcgrad"
+    shuffle: bool = option(True)
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Its weights are positional (`Combination.weights`), one per objective."""
+
+    name: ClassVar[str] = "weights"
+
+
+@dataclass(frozen=True)
+class Dynamic:
+    """Dynamic Weight Average."""
+
+    name: ClassVar[str] = "dynamic"
+    temperature: float = option(2.0)
+
+
+RULES: dict[str, type] = {r.name: r for r in (Mgda, Pcgrad, Weights, Dynamic)}
+"""Combination rules by name."""
+
+
+def _weights_problem(rule: Combination, k: int) -> str | None:
+    """What is wrong with the positional weights of `rule` for k objectives, or None."""
+    if rule.name != "weights":
+        return (f"'{rule.name}' takes options by name, e.g. {rule.name}(option=value)"
+                if rule.weights else None)
+    if len(rule.weights) != k:
+        return f"weights(...) needs one weight per objective: {k} values, got {len(rule.weights)}"
+    if min(rule.weights) < 0 or max(rule.weights) == 0:
+        return "the weights must be non-negative and not all zero"
+    for w in rule.weights:
+        want = number_problem(w, "non-negative")
+        if want is not None:
+            return f"each weight must be {want}, got {w}"
     return None
+
+
+def complete(rule: Combination, k: int) -> Combination:
+    """`rule` checked for k objectives, with its defaults filled in and `solver=auto`
+    resolved; raises OptionError."""
+    if rule.name not in RULES:
+        raise OptionError(unknown("combination rule", rule.name, list(RULES), listing="rules"))
+    problem = _weights_problem(rule, k)
+    if problem is not None:
+        raise OptionError(problem)
+    options = parse(RULES[rule.name], rule.options, f"rule '{rule.name}'", rule.name)
+    if isinstance(options, Mgda) and options.solver == "exact" and k > EXACT_MAX:
+        raise OptionError(f"exact MGDA enumerates the 2^k - 1 faces of the simplex: at most "
+                          f"{EXACT_MAX} objectives, got {k}; use solver=frank_wolfe")
+    if isinstance(options, Mgda) and options.solver == "auto":
+        options = replace(options, solver="exact" if k <= EXACT_MAX else "frank_wolfe")
+    return replace(rule, options=rendered(options))
 
 
 def _signature_problems(module: Module, export: Export, diags: Diagnostics) -> bool:
@@ -116,10 +139,12 @@ class Multiobjective:
             if t.kind != "minimize" or any(module.function(o.fn) is None for o in t.objectives):
                 exports.append(export)
                 continue
-            problem = _problem(t.rule, len(t.objectives))
-            if problem is not None:
-                diags.error(problem, t.rule.span)
-            if _signature_problems(module, export, diags) or problem is not None:
+            try:
+                rule = complete(t.rule, len(t.objectives))
+            except OptionError as exc:
+                diags.error(str(exc), t.rule.span)
+                rule = None
+            if _signature_problems(module, export, diags) or rule is None:
                 exports.append(export)
                 continue
             first = module.function(t.objectives[0].fn)
@@ -127,10 +152,6 @@ class Multiobjective:
                 diags.error(f"dynamic(...) adds a parameter '{HISTORY}' (the objectives' previous "
                             f"values) to the export, but '{first.name}' already has one; rename "
                             f"it", first.param(HISTORY).span)
-            done = RULES[t.rule.name] | dict(t.rule.options)
-            if done.get("solver") == "auto":
-                done["solver"] = "exact" if len(t.objectives) <= EXACT_MAX else "frank_wolfe"
-            rule = replace(t.rule, options=tuple(done.items()))
             exports.append(replace(export, transform=replace(t, rule=rule)))
             chosen[export.name] = rule
         return replace(module, exports=tuple(exports),
