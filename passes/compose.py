@@ -21,14 +21,23 @@ from gradlang.builtins import BUILTINS
 from gradlang.diagnostics import Diagnostics, Span
 from gradlang.ir import Composition, Export, Function, Module, Op, Param, Region, Value
 from gradlang.ops import CalleeParams, ComposeParams, Estimator, ExpectParams, NoParams
+from gradlang.options import NoOptions, OptionError, option, parse, rendered
 from gradlang.types import DType, TensorType, TupleType, Type, is_float_tree, scalar
 
 from .callgraph import random_functions
-from gradlang.options import number_problem
 
-ESTIMATORS: dict[str, dict[str, float]] = {"scgd": {"beta": 0.1}, "plugin": {}}
-"""Estimators of a composition and their options' defaults."""
-DEFAULT = Estimator("scgd", (("beta", 0.1),))
+
+@dataclass(frozen=True)
+class ScgdOptions:
+    """scgd's options (`plugin` takes none)."""
+
+    beta: float = option(0.1, most=1)
+    """The moving average's step, in (0, 1]."""
+
+
+ESTIMATORS: dict[str, type] = {"scgd": ScgdOptions, "plugin": NoOptions}
+"""Estimators of a composition and their options."""
+DEFAULT = Estimator("scgd", rendered(ScgdOptions()))
 STATE = "inner"
 """The parameter (and last result) through which an `scgd` export threads (u, n)."""
 
@@ -58,22 +67,13 @@ def _estimator(by: Estimator | None, diags: Diagnostics) -> Estimator | None:
         diags.error(f"unknown estimator '{by.name}' for compose; expected scgd(beta=...) (a "
                     f"moving average of the inner expectation) or plugin", by.span)
         return None
-    given = dict(by.options)
-    for k, v in by.options:
-        if k not in ESTIMATORS[by.name]:
-            known = ", ".join(ESTIMATORS[by.name]) or "none"
-            diags.error(f"unknown option '{k}' for {by.name} (options: {known})", by.span)
-            return None
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
-            diags.error(f"scgd(beta=...) is the moving average's step: a number in (0, 1], got "
-                        f"{str(v).lower()}", by.span)
-            return None
-        want = number_problem(v, "positive")
-        if want is not None:
-            diags.error(f"option '{k}' of {by.name} must be {want}, got {v}", by.span)
-            return None
-    return replace(by, options=tuple((k, float(given.get(k, d)))
-                                     for k, d in ESTIMATORS[by.name].items()))
+    try:
+        options = parse(ESTIMATORS[by.name], by.options, f"estimator '{by.name}'", by.name)
+    except OptionError as exc:
+        diags.error(str(exc), by.span)
+        return None
+    # as floats: beta=1 is 1.0
+    return replace(by, options=tuple((k, float(v)) for k, v in rendered(options)))
 
 
 class _Checker:
