@@ -8,61 +8,106 @@ rules and bad options are errors at the annotation.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 from gradlang.diagnostics import Diagnostics
 from gradlang.ir import Module, Op, Region
 from gradlang.ops import OPS, Estimator, STParams
-
-from gradlang.options import number_problem
+from gradlang.options import OptionError, option, parse, rendered, unknown
 
 SIGNS = ("sign", "binarize")
 ELEMENTWISE = ("sign", "binarize", "round", "floor", "ceil", "step")
 QUANTIZERS = ("quantize", "quest")
 
-RULES: dict[str, tuple[dict[str, float], tuple[str, ...], str]] = {
-    "ste": ({"clip": 0.0}, ELEMENTWISE + QUANTIZERS + ("argmax", "topk"),
-            "identity (clip=c: zero where |x| > c, hardtanh-style)"),
-    "reste": ({"power": 3.0, "clip": 1.0, "max_grad": 10.0}, SIGNS,
-              "ReSTE: derivative of sign(x)|x|^(1/power), capped at max_grad, zero where |x| > clip"),
-    "approx_sign": ({}, SIGNS, "Larq's ApproxSign: 2 - 2|x| on |x| <= 1, else 0"),
-    "swish_sign": ({"beta": 5.0}, SIGNS, "Larq's SwishSign: derivative of 2 sigmoid(beta x)(1 + beta x (1 - sigmoid(beta x))) - 1"),
-    "st_gumbel": ({"tau": 1.0}, ("argmax",), "straight-through softmax: the Jacobian of softmax(x / tau)"),
-    "trust": ({"bound": 1.0}, QUANTIZERS,
-              "QuEST's trust estimator: identity where the quantization error is at most bound "
-              "half-steps, else 0 (for quest, in the Hadamard-rotated space)"),
-}
-"""Backward rules: their options with defaults (clip=0: no clipping), the ops they apply to, and
-what their backward computes."""
+# Backward rules: each one's options, the ops it applies to (`ops`) and, in its docstring, what
+# its backward computes.
 
 
-def rule_problem(rule: Estimator, op: str) -> str | None:
-    """Why `rule` cannot be the backward rule of `op` (None when it can)."""
+@dataclass(frozen=True)
+class Ste:
+    """Identity (clip=c: zero where |x| > c, hardtanh-style; clip=0: no clipping)."""
+
+    name: ClassVar[str] = "ste"
+    ops: ClassVar[tuple[str, ...]] = ELEMENTWISE + QUANTIZERS + ("argmax", "topk")
+    clip: float = option(0.0, "non-negative")
+
+
+@dataclass(frozen=True)
+class Reste:
+    """ReSTE: the derivative of sign(x)|x|^(1/power), capped at max_grad, zero where |x| > clip."""
+
+    name: ClassVar[str] = "reste"
+    ops: ClassVar[tuple[str, ...]] = SIGNS
+    power: float = option(3.0, least=1)
+    clip: float = option(1.0)
+    max_grad: float = option(10.0)
+
+
+@dataclass(frozen=True)
+class ApproxSign:
+    """Larq's ApproxSign: 2 - 2|x| on |x| <= 1, else 0."""
+
+    name: ClassVar[str] = "approx_sign"
+    ops: ClassVar[tuple[str, ...]] = SIGNS
+
+
+@dataclass(frozen=True)
+class SwishSign:
+    """Larq's SwishSign: the derivative of 2 sigmoid(beta x)(1 + beta x (1 - sigmoid(beta x)))
+    - 1."""
+
+    name: ClassVar[str] = "swish_sign"
+    ops: ClassVar[tuple[str, ...]] = SIGNS
+    beta: float = option(5.0)
+
+
+@dataclass(frozen=True)
+class StGumbel:
+    """Straight-through softmax: the Jacobian of softmax(x / tau)."""
+
+    name: ClassVar[str] = "st_gumbel"
+    ops: ClassVar[tuple[str, ...]] = ("argmax",)
+    tau: float = option(1.0)
+
+
+@dataclass(frozen=True)
+class Trust:
+    """QuEST's trust estimator: identity where the quantization error is at most bound
+    half-steps, else 0 (for quest, in the Hadamard-rotated space)."""
+
+    name: ClassVar[str] = "trust"
+    ops: ClassVar[tuple[str, ...]] = QUANTIZERS
+    bound: float = option(1.0)
+
+
+RULES: dict[str, type] = {r.name: r for r in (Ste, Reste, ApproxSign, SwishSign, StGumbel, Trust)}
+"""Backward rules by name."""
+
+
+def _options(rule: Estimator):
+    """The rule's options, checked (raises OptionError)."""
     if rule.name not in RULES:
-        close = difflib.get_close_matches(rule.name, RULES, n=1)
-        return (f"unknown backward rule '{rule.name}'" + (f"; did you mean '{close[0]}'?" if close
-                                                          else f" (rules: {', '.join(RULES)})"))
-    defaults, ops, _ = RULES[rule.name]
-    for k, v in rule.options:
-        if k not in defaults:
-            return (f"rule '{rule.name}' has no option '{k}'"
-                    + (f" (options: {', '.join(defaults)})" if defaults else " (it takes none)"))
-        want = number_problem(v, "positive")
-        if want is not None:
-            return f"option '{k}' of '{rule.name}' must be {want}, got {v}"
-    if rule.name == "reste" and rule.option("power", 3.0) < 1:
-        return "option 'power' of 'reste' must be at least 1"
-    if op not in ops:
-        fits = [r for r, (_, o, _) in RULES.items() if op in o]
-        return f"rule '{rule.name}' does not apply to {op}; rules for {op}: {', '.join(fits)}"
+        raise OptionError(unknown("backward rule", rule.name, list(RULES), listing="rules"))
+    return parse(RULES[rule.name], rule.options, f"rule '{rule.name}'", rule.name)
+
+
+def rule_problem(rule: Estimator, op: str | None) -> str | None:
+    """Why `rule` cannot be the backward rule of `op` (None when it can; with `op` None, why
+    it is not a known rule with valid options)."""
+    try:
+        _options(rule)
+    except OptionError as exc:
+        return str(exc)
+    if op is not None and op not in RULES[rule.name].ops:
+        return (f"rule '{rule.name}' does not apply to {op}; rules for {op}: "
+                f"{', '.join(backward_rule_names(op))}")
     return None
 
 
 def complete(rule: Estimator) -> Estimator:
-    """The rule with every option given (defaults filled in)."""
-    given = dict(rule.options)
-    return replace(rule, options=tuple((k, float(given.get(k, v))) for k, v in RULES[rule.name][0].items()))
+    """The rule with every option given (defaults filled in, as floats)."""
+    return replace(rule, options=tuple((k, float(v)) for k, v in rendered(_options(rule))))
 
 
 @dataclass(frozen=True)
@@ -76,8 +121,7 @@ class StraightThrough:
     def run(self, module: Module, diags: Diagnostics) -> Module:
         for unit in module.units:
             if unit.backward is not None:
-                ops = RULES.get(unit.backward.name, ((), ("sign",)))[1]
-                problem = rule_problem(unit.backward, ops[0])
+                problem = rule_problem(unit.backward, None)
                 if problem is not None:
                     diags.error(problem, unit.backward.span)
         functions = []
@@ -114,4 +158,4 @@ def _rewrite(op: Op, default: Estimator | None, diags: Diagnostics) -> Op:
 
 def backward_rule_names(op: str) -> list[str]:
     """The rules that apply to a non-smooth op, for messages."""
-    return [r for r, (_, ops, _) in RULES.items() if op in ops]
+    return [name for name, rule in RULES.items() if op in rule.ops]
