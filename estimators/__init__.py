@@ -9,16 +9,19 @@ import difflib
 from .arm import Arm, Disarm
 from .base import Branched, BranchedEstimator, OptionError, SiteEstimator
 from .enum import Enum
+from .lax import Lax
 from .mvd import MeasureValued
 from .pathwise import Dreg, Reparam
 from .rebar import Rebar, Relax
 from .relaxed import Gumbel, StraightThroughGumbel
 from .score import Score
+from .sparse import GumbelEntmax, GumbelSparsemax
 from .wor import Swor, Unordered
 
 REGISTRY: dict[str, SiteEstimator] = {e.name: e for e in (
-    Reparam(), Score(), Gumbel(), StraightThroughGumbel(), Enum(), MeasureValued(), Arm(),
-    Disarm(), Dreg(), Rebar(), Relax(), Swor(), Unordered())}
+    Reparam(), Score(), Gumbel(), StraightThroughGumbel(), GumbelSparsemax(), GumbelEntmax(),
+    Enum(), MeasureValued(), Arm(), Disarm(), Dreg(), Rebar(), Relax(), Lax(), Swor(),
+    Unordered())}
 """Every estimator of a random choice, by name (in the order `explain` and messages list them)."""
 
 
