@@ -85,7 +85,11 @@ class SiteEstimator:
     """It needs the number of categories of its draw at compile time."""
     control: ClassVar[bool] = False
     """It takes a learned control variate, the function named by its option `control`
-    (checked by the estimators pass: r(psi, s) -> f32 of parameters and a relaxed draw)."""
+    (checked by the estimators pass: r(psi, s) -> f32 of parameters and a draw shaped as
+    its own, relaxed or not), whose parameters psi are state of the export; the surrogate
+    adds its `control_term`."""
+    stateless: ClassVar[str] = ""
+    """With `control`: the estimator to suggest where psi cannot be threaded through calls."""
     relaxed: ClassVar[bool] = False
     """It differentiates a continuous relaxation of a discrete draw."""
 
@@ -160,6 +164,16 @@ class BranchedEstimator(SiteEstimator):
         values, aux = how.branches(key, dict(site.estimator.options), *params)
         value = values[lowering.enum_index[site.slot]]
         return value if self.aux is None else (value, aux)
+
+    def control_term(self, family: str, control: Callable, psi, f, z, aux, params: list, df,
+                     opts: dict) -> tuple[jax.Array, Any]:
+        """With `control`: the surrogate's term per sample, of value 0 and whose derivative
+        is the estimate of the gradient through the draw, and psi after one step against
+        the estimate's variance. `family` names the draw's distribution, f [n, size] are the
+        objective's values, z [n, size, *batch] the draw's, aux its noise and params its
+        distribution's parameters (per sample), df d f / d shift per branch when `shifted`
+        (else None), `control(psi, s)` the user's r."""
+        raise NotImplementedError(f"{self.name} has no learned control variate")
 
 
 def per_entry(x, like):

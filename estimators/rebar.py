@@ -97,6 +97,10 @@ class Relax(Rebar):
     families = {"Bernoulli": Branched(3, (0,), _branches, _coefficients, live=True)}
     shifted = True
     control = True
+    stateless = "rebar"
+
+    def control_term(self, family, control, psi, f, z, aux, params, df, opts):
+        return relax_term(control, psi, f, z, aux, params[0], df, opts)
 
 
 def relax_term(control: Callable, psi, f, z, aux, logits, df, opts: dict):

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from gradlang.diagnostics import Diagnostics, Span
-from gradlang.estimators import REGISTRY
+from gradlang.estimators import REGISTRY, SiteEstimator
 from gradlang.ir import Export, Function, Module, Op, Param, Region, Value
 from gradlang.ops import (CalleeParams, ConstParams, Estimator, ExpectParams, NoParams,
                           ReduceParams, SurrogateParams)
@@ -84,12 +84,17 @@ class _Scope:
     dreg: dict[Value, tuple[Op, list[Span]]] = field(default_factory=dict)
     """Each DReG draw: its distribution op, and the log_prob ops of it found (their spans)."""
     shifts: int = 0
-    """Draws shifted so far (DReG and RELAX draws: `ExpectParams.shifts`)."""
+    """Draws shifted so far (DReG draws and `shifted` branched ones: `ExpectParams.shifts`)."""
 
     @property
-    def relax(self) -> bool:
-        """The scope's branched draw is RELAX's (its control's parameters are state)."""
-        return self.branched is not None and REGISTRY[self.branched[0].name].control
+    def estimator(self) -> SiteEstimator | None:
+        """The estimator of the scope's branched draw with a weak derivative, if any."""
+        return None if self.branched is None else REGISTRY[self.branched[0].name]
+
+    @property
+    def controlled(self) -> bool:
+        """The scope's branched draw has a learned control variate (its parameters are state)."""
+        return self.estimator is not None and self.estimator.control
 
 
 class _Rewriter:
@@ -394,11 +399,11 @@ class _Rewriter:
 
         types = tuple(per_draw(v.type) for v in inner.results)
         branched, family = self.scope_state.branched or (None, ())
-        relax = self.scope_state.relax
-        if relax:  # d value / d logits per evaluation, shaped as the draw
+        shifted = self.scope_state.estimator is not None and self.scope_state.estimator.shifted
+        if shifted:  # d value / d parameters per evaluation, shaped as the draw
             types += (per_draw(next(u.value.type for u in units if u.group == "draw")),)
             baselines.append("shift_grad")
-        draws = self.emit("samples", (), ExpectParams(n, sizes, shifts=int(relax)), types, span,
+        draws = self.emit("samples", (), ExpectParams(n, sizes, shifts=int(shifted)), types, span,
                           (inner,))
         if not operands:
             self.emit("mean", (draws.results[0],), ReduceParams((0,)), (vtype,), span)
@@ -406,7 +411,7 @@ class _Rewriter:
             return out
         params = SurrogateParams(tuple(baselines), costs=len(costs), credit=tuple(credit)
                                  if costs else (), branched=branched, family=family)
-        if relax:
+        if self.scope_state.controlled:
             params = replace(params, control=branched.option("control"))
         if state is not None and ("ma" in baselines or params.control):
             if params.control == "":
@@ -577,19 +582,20 @@ class _Rewriter:
 
     def state(self, fn: Function, groups: set[str], span: Span) -> Param | None:
         """The state an export's expectation threads through calls (None: none): a moving
-        average (`baseline`, f32) or RELAX's control-variate parameters (`control`, typed as
-        the first parameter of its function)."""
-        relax = self.scope_state.relax
-        if "ma" in groups and relax:
-            self.diags.error("an expectation carries one state across calls: a moving-average "
-                             "baseline or a RELAX control variate, not both", span)
+        average (`baseline`, f32) or a learned control variate's parameters (`control`, typed
+        as the first parameter of its function)."""
+        est = self.scope_state.estimator
+        controlled = self.scope_state.controlled
+        if "ma" in groups and controlled:
+            self.diags.error(f"an expectation carries one state across calls: a moving-average "
+                             f"baseline or a {_acronym(est)} control variate, not both", span)
             return None
-        if not ("ma" in groups or relax):
+        if not ("ma" in groups or controlled):
             return None
         name = "baseline" if "ma" in groups else "control"
         what = "the running average" if name == "baseline" else "the control variate's parameters"
         if fn.param(name) is not None:
-            self.diags.error(f"{'baseline=ma' if name == 'baseline' else 'relax'} adds a parameter "
+            self.diags.error(f"{'baseline=ma' if name == 'baseline' else est.name} adds a parameter "
                              f"'{name}' ({what}) to the export, but '{fn.name}' already has one; "
                              f"rename it", fn.param(name).span)
         if name == "baseline":
@@ -602,18 +608,31 @@ def _stateless(whole: Export, part: Export, wrapper: Function, diags: Diagnostic
     """An objective of `minimize` carries no state across calls (the export threads only its
     combination rule's), nor does a black-box gradient (its perturbed evaluations would each
     update it)."""
-    ma = wrapper.params[-1].name == "baseline"
+    est = _controlled_by(wrapper)
     black_box = whole.transform.black_box
     if whole.transform.kind == "minimize":
-        what = "a moving-average baseline" if ma else "RELAX"
+        what = "a moving-average baseline" if est is None else _acronym(est)
         diags.error(f"this objective of minimize uses {what}, whose state minimize does not "
                     f"thread through calls; use baseline=loo (or another stateless estimator)",
                     part.fn_span)
     elif black_box is not None:
-        what, fix = (("a moving-average baseline", "baseline=loo") if ma
-                     else ("a RELAX control variate", "rebar"))
+        what, fix = (("a moving-average baseline", "baseline=loo") if est is None
+                     else (f"a {_acronym(est)} control variate", est.stateless))
         diags.error(f"by={black_box.name} cannot thread {what} through its perturbed "
                     f"evaluations; use another estimator, e.g. {fix}", black_box.span)
+
+
+def _controlled_by(wrapper: Function) -> SiteEstimator | None:
+    """The estimator whose learned control variate a stateful objective's wrapper threads
+    (None: it threads a moving-average baseline)."""
+    found = [op.params.branched for op in wrapper.body.ops
+             if op.name == "surrogate" and op.params.control]
+    return REGISTRY[found[0].name] if found else None
+
+
+def _acronym(est: SiteEstimator) -> str:
+    """How messages name an estimator with a learned control variate (RELAX, LAX)."""
+    return est.name.upper()
 
 
 def _key_free(module: Module, export: Export, random: set[str], diags: Diagnostics) -> None:

@@ -21,7 +21,6 @@ from gradlang.ir import Op
 from .dtypes import JNP_DTYPES
 
 from gradlang.estimators import REGISTRY
-from gradlang.estimators.rebar import relax_term
 
 from .branched import weak_derivative
 from .distributions import FAMILIES, KL, Family, batch_shape
@@ -85,7 +84,7 @@ def _samples(ctx, op: Op) -> Any:
 def _with_draw_gradients(ctx, op: Op, draw) -> tuple:
     """One evaluation's results, then d value / d shift for each of its shifted draws: the
     region is differentiated with respect to a zero shift added to the draw (DReG) or to its
-    parameters (RELAX) by `_sample`."""
+    parameters (a `shifted` branched estimator: RELAX) by `_sample`."""
     m = op.params.shifts
     lead = 1 + (1 if op.params.enum else 0)  # the samples axis, and the combinations axis
     types = [r.type for r in op.results[-m:]]
@@ -207,9 +206,11 @@ def _surrogate(ctx, op: Op, v, *rest):
         weighted = range(f.shape[1]) if est.weights is not None else est.draws  # the rest weigh 0
         out = sum(weights[:, b] * _scored(f[:, b], [c[:, b] for c in costs], [l[:, b] for l in scores],
                                           baselines, credit, state) for b in weighted)
-        if p.control:  # RELAX: its own term, and its control variate's step
-            term, psi = relax_term(lambda psi, s: ctx.call(p.control, (psi, s)), rest[-1], f,
-                              by["draw"][0], aux, params[0], by["shift_grad"][0], opts)
+        if p.control:  # a learned control variate: the estimator's own term, and psi's step
+            df = by["shift_grad"][0] if "shift_grad" in by else None
+            term, psi = REGISTRY[p.branched.name].control_term(
+                family, lambda psi, s: ctx.call(p.control, (psi, s)), rest[-1], f,
+                by["draw"][0], aux, params, df, opts)
             return jnp.mean(out + term, 0), psi
         out = out + weak_derivative(f, by["draw"][0], aux, params, est, opts)
     else:
