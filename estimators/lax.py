@@ -126,18 +126,18 @@ class Lax(BranchedEstimator):
         if spec.name in self.families:
             return None
         if spec.discrete:
-            why, use = f"{spec.name} is discrete", "relax (Bernoulli) or score"
+            why = "it is discrete; use relax (Bernoulli) or score"
         elif not spec.fixed_support:
-            why, use = (f"{spec.name}'s support depends on its parameters (the score term "
-                        f"would miss the boundary terms)"), "reparam"
+            why = ("its support depends on its parameters, so the score term would miss the "
+                   "boundary terms; use reparam")
         elif not spec.reparam:
-            why, use = f"{spec.name} has no reparameterized sampler", "score"
+            why = "it has no reparameterized sampler; use score"
         else:
-            why, use = (f"{spec.name}'s draw is not rebuilt from standard noise here (Gamma, "
-                        f"Beta and Dirichlet are reparameterized implicitly, without such "
-                        f"noise)"), "reparam, or score for an objective that is not differentiable"
-        return (f"'lax' rebuilds its draw from standard noise, for {listed(self.families)} "
-                f"draws; {why}; use {use}")
+            why = ("lax does not rebuild it (Gamma, Beta and Dirichlet are reparameterized "
+                   "implicitly, without such noise); use reparam, or score for an objective "
+                   "that is not differentiable")
+        return (f"'lax' applies to draws rebuilt from standard noise "
+                f"({listed(sorted(self.families))}), not {spec.name}: {why}")
 
     def cost(self, e: Estimator, size: int | None) -> str:
         return "1 draw + r(psi, z) and its derivatives"
