@@ -837,7 +837,7 @@ def compile_variants(src: Path) -> list[Variant]:
     origin = Origin(source, src.parent, {})
     found = origin.compile(Overrides())
     assert not isinstance(found, str), found
-    (site,), (export,) = found.facts["estimators"], found.exports
+    (site,), (export,) = found.facts.estimators, found.exports
     out = []
     for c in candidates(source.text):
         one = {export.span: 1} if c.name in SET_ESTIMATORS else {}
@@ -852,7 +852,7 @@ def measured_variant(compiled, label: str) -> Variant:
     point, its initial state, cost and bias by design."""
     from gradlang.verify.case import classify
 
-    (export,), (chosen,) = compiled.ir.exports, compiled.ir.facts["estimators"]
+    (export,), (chosen,) = compiled.ir.exports, compiled.ir.facts.estimators
     case, step = classify(compiled.ir, export), getattr(compiled, export.name)
     kind = step.signature.params[-2][0] if step.signature.stateful else None
     return Variant(label, per_point(step, kind), initial_state(kind), kind, case.cost().forward,

@@ -201,7 +201,7 @@ def _compose(c) -> list[str]:
 
 def explain(module: Module) -> str:
     """The report printed by `gradlang explain`."""
-    flow = {f.export: f for f in module.facts.get("gradflow", ())}
+    flow = {f.export: f for f in module.facts.gradflow}
     lines: list[str] = []
     for export in module.exports:
         if export.transform.kind == "minimize":
@@ -215,7 +215,7 @@ def _objective(module: Module, export) -> tuple[str, int, str]:
     """The function an export (or an objective of `minimize`) differentiates, as written
     (before the surrogate pass wrapped it), its samples and its scope."""
     t = export.transform
-    return module.facts.get("objectives", {}).get(export.name, (t.fn, t.samples, t.scope))
+    return module.facts.objectives.get(export.name, (t.fn, t.samples, t.scope))
 
 
 def _written(fn: str, samples: int, scope: str) -> str:
@@ -226,11 +226,11 @@ def _written(fn: str, samples: int, scope: str) -> str:
 def _export(module: Module, export, flow: dict) -> list[str]:
     """The lines of one export (or one objective of `minimize`, its first line the header);
     `flow`: the gradflow facts by export name."""
-    sites = module.facts.get("estimators", ())
+    sites = module.facts.estimators
     t = export.transform
     fn, samples, scope = _objective(module, export)
     what = _written(fn, samples, scope)
-    composed = module.facts.get("compose", {}).get(export.name)
+    composed = module.facts.compose.get(export.name)
     if composed is not None:
         samples = composed.samples
         what = (f"compose({composed.outer}, expect({composed.inner}, samples={samples}), "
@@ -248,14 +248,14 @@ def _export(module: Module, export, flow: dict) -> list[str]:
     else:
         lines.append(f"export {export.name} = {t.call(what)}")
         lines += _compose(composed) if composed is not None else []
-        lines += (_private(module.facts["privacy"][export.name], n) if t.private is not None
+        lines += (_private(module.facts.privacy[export.name], n) if t.private is not None
                   else _reverse_mode(t.wrt, flow[export.name].zero, bool(here), nonsmooth,
-                                     t.fn in module.facts.get("random", ())))
+                                     t.fn in module.facts.random))
     if here:
         rows = [["site", "distribution", "estimator", "control variate", "cost per sample",
                  "override"]]
         for s in here:
-            found = _resolved(s, export.name, module.facts.get("control_variates", {}))
+            found = _resolved(s, export.name, module.facts.control_variates)
             rows.append([f"{s.site} ({s.function}, line {s.span.line})", s.family,
                          REGISTRY[s.estimator.name].label
                          + (f" tau={s.estimator.option('tau')}" if s.estimator.option("tau") else ""),
@@ -266,14 +266,14 @@ def _export(module: Module, export, flow: dict) -> list[str]:
         lines += table(rows, "    ")
         lines.append("  why:")
         lines += [f"    {s.site}: {s.why}" for s in here]
-        credit = module.facts.get("credit", {})
+        credit = module.facts.credit
         scored = [(s.site, _credited(s, export.name, credit)) for s in here
                   if s.estimator.name == "score"]
         if scored:
             lines.append("  credit (the costs each score-function draw's log-probability "
                          "multiplies; see README, Credit assignment):")
             lines += [f"    {site}: {what}" for site, what in scored]
-    inner = [h for h in module.facts.get("hypergrad", ()) if h.function in reach]
+    inner = [h for h in module.facts.hypergrad if h.function in reach]
     if inner and t.kind != "fn":
         lines.append(f"  inner problems ({len(inner)}):")
         rows = [["argmin", "solver", "hypergradient", "why"]]
@@ -283,7 +283,7 @@ def _export(module: Module, export, flow: dict) -> list[str]:
     if nonsmooth:
         lines.append(f"  non-smooth operations ({len(nonsmooth)}), with their backward rules:")
         lines += table([["op", "where", "backward rule"]] + nonsmooth, "    ")
-    sliced = [c for c in module.facts.get("sliced", ()) if c.function in reach]
+    sliced = [c for c in module.facts.sliced if c.function in reach]
     if sliced:
         lines.append(f"  sliced Wasserstein estimates ({len(sliced)}):")
         rows = [["where", "directions", "p", "control variate", "why"]]

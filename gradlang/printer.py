@@ -83,7 +83,7 @@ def print_function(fn: Function, notes: dict[Value, str] | None = None) -> str:
 
 def print_module(module: Module) -> str:
     """The whole module: structs, functions (with analysis notes), exports."""
-    notes: dict[Value, str] = module.facts.get("gradflow_notes", {})
+    notes: dict[Value, str] = module.facts.gradflow_notes
     parts = []
     for s in module.structs:
         fields = ", ".join(f"{n}: {t}" for n, t in s.fields)

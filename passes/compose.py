@@ -199,14 +199,16 @@ class Compose:
     """The composition pass (checks `compose(...)` exports and builds what they compute)."""
 
     name: str = "compose"
-    checks_only: bool = True
+    after_errors: bool = True
     """Its checks run after earlier errors too; it builds functions only without errors."""
+    requires: tuple[str, ...] = ()
+    provides: tuple[str, ...] = ("compose", "stateful")
 
     def run(self, module: Module, diags: Diagnostics) -> Module:
         random = random_functions(module)
         clean = not diags.has_errors
         exports, built, facts = [], [], {}
-        stateful = set(module.facts.get("stateful", ()))
+        stateful = set(module.facts.stateful)
         for export in module.exports:
             t = export.transform
             if t.compose is None:
@@ -231,4 +233,4 @@ class Compose:
         if diags.has_errors:
             exports, built = [e for e in exports if e.transform.compose is None], []
         return replace(module, functions=module.functions + tuple(built), exports=tuple(exports),
-                       facts=module.facts | {"compose": facts, "stateful": frozenset(stateful)})
+                       facts=replace(module.facts, compose=facts, stateful=frozenset(stateful)))

@@ -151,9 +151,11 @@ class Estimators:
     """The estimator-choice pass."""
 
     name: str = "estimators"
-    checks_only: bool = True
+    after_errors: bool = True
     """It only annotates `sample` and `sliced_wasserstein` ops, so it runs (and reports) after
     earlier errors too."""
+    requires: tuple[str, ...] = ()
+    provides: tuple[str, ...] = ("estimators", "sliced")
 
     def run(self, module: Module, diags: Diagnostics) -> Module:
         for unit in module.units:
@@ -175,7 +177,7 @@ class Estimators:
             chooser.enumerable = fn.name in objectives
             functions.append(replace(fn, body=chooser.region(fn.body, top=True)))
         return replace(module, functions=tuple(functions),
-                       facts=module.facts | {"estimators": tuple(choices), "sliced": tuple(sliced)})
+                       facts=replace(module.facts, estimators=tuple(choices), sliced=tuple(sliced)))
 
 
 class _Chooser:

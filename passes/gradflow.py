@@ -182,7 +182,9 @@ class GradFlow:
     """The gradient-flow analysis pass (adds facts, leaves the IR unchanged)."""
 
     name: str = "gradflow"
-    checks_only: bool = True
+    after_errors: bool = True
+    requires: tuple[str, ...] = ()
+    provides: tuple[str, ...] = ("gradflow", "gradflow_notes")
 
     def run(self, module: Module, diags: Diagnostics) -> Module:
         analysis = _Analysis(module)
@@ -222,8 +224,8 @@ class GradFlow:
             facts.append(GradFlowFacts(export.name, fn.name, t.wrt, carries, zero))
             for v, names in carries.items():
                 notes[v] = "grad: " + ", ".join(sorted(names | _names(notes.get(v))))
-        return replace(module, facts=module.facts | {"gradflow": tuple(facts),
-                                                     "gradflow_notes": notes})
+        return replace(module, facts=replace(module.facts, gradflow=tuple(facts),
+                                             gradflow_notes=notes))
 
     @staticmethod
     def reject_externs(analysis: _Analysis, fn: Function, seeds, export: str, reported: set[int],

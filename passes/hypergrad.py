@@ -201,7 +201,9 @@ class Hypergrad:
     """The hypergradient pass (checks and annotates `argmin` ops)."""
 
     name: str = "hypergrad"
-    checks_only: bool = True
+    after_errors: bool = True
+    requires: tuple[str, ...] = ()
+    provides: tuple[str, ...] = ("hypergrad",)
 
     def run(self, module: Module, diags: Diagnostics) -> Module:
         found: list[InnerProblem] = []
@@ -210,7 +212,7 @@ class Hypergrad:
         for fn in module.functions:
             functions.append(replace(fn, body=_region(fn.name, fn.body, diags, found, random)))
         return replace(module, functions=tuple(functions),
-                       facts=module.facts | {"hypergrad": tuple(found)})
+                       facts=replace(module.facts, hypergrad=tuple(found)))
 
 
 def _region(fn: str, region: Region, diags: Diagnostics, found: list, random: set[str]) -> Region:

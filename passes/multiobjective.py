@@ -15,7 +15,7 @@ respect to the same parameters and combines them into one update direction:
 
 Every objective takes the same parameters (the export passes the same arguments to each). The
 runtime (`runtime.multiobjective`) builds the combination; this pass records the completed rule
-in the export and in the `multiobjective` fact (export name -> rule).
+in the export.
 """
 
 from __future__ import annotations
@@ -130,10 +130,12 @@ class Multiobjective:
     """The multi-objective pass (checks `minimize` exports, completes their rules)."""
 
     name: str = "multiobjective"
-    checks_only: bool = True
+    after_errors: bool = True
+    requires: tuple[str, ...] = ()
+    provides: tuple[str, ...] = ()
 
     def run(self, module: Module, diags: Diagnostics) -> Module:
-        exports, chosen = [], {}
+        exports = []
         for export in module.exports:
             t = export.transform
             if t.kind != "minimize" or any(module.function(o.fn) is None for o in t.objectives):
@@ -153,6 +155,4 @@ class Multiobjective:
                             f"values) to the export, but '{first.name}' already has one; rename "
                             f"it", first.param(HISTORY).span)
             exports.append(replace(export, transform=replace(t, rule=rule)))
-            chosen[export.name] = rule
-        return replace(module, exports=tuple(exports),
-                       facts=module.facts | {"multiobjective": chosen})
+        return replace(module, exports=tuple(exports))

@@ -47,7 +47,9 @@ class ApplyOverrides:
 
     overrides: Overrides
     name: str = "overrides"
-    checks_only: bool = False
+    after_errors: bool = False
+    requires: tuple[str, ...] = ()
+    provides: tuple[str, ...] = ()
 
     def run(self, module: Module, diags: Diagnostics) -> Module:
         used: set[tuple[str, Span]] = set()

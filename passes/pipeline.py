@@ -29,8 +29,13 @@ from .zeroth_order import ZerothOrder
 
 class Pass(Protocol):
     name: str
-    checks_only: bool
-    """True for passes that only check and annotate; they still run after earlier errors."""
+    after_errors: bool
+    """It still runs after earlier errors: it only checks and annotates, so that one run
+    reports (for instance) resolution and type errors together."""
+    requires: tuple[str, ...]
+    """The `Facts` fields it reads, which an earlier pass of the pipeline must provide."""
+    provides: tuple[str, ...]
+    """The `Facts` fields it writes."""
 
     def run(self, module: Module, diags: Diagnostics) -> Module: ...
 
@@ -48,12 +53,27 @@ _VERIFY_AFTER = {"resolve": {"resolved": True}, "typecheck": _TYPED, "compose": 
 
 
 def parse_pipeline(text: str) -> tuple[Pass, ...]:
-    """`"resolve,typecheck"` -> the passes; unknown names raise ValueError."""
+    """`"resolve,typecheck"` -> the passes; unknown names, and a pass before the passes that
+    provide the facts it requires, raise ValueError."""
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in PASSES]
     if unknown:
         raise ValueError(f"unknown pass {unknown[0]!r}; passes: {', '.join(PASSES)}")
-    return tuple(PASSES[n] for n in names)
+    passes = tuple(PASSES[n] for n in names)
+    check_order(passes)
+    return passes
+
+
+def check_order(passes: tuple[Pass, ...]) -> None:
+    """Every fact a pass requires is provided by a pass before it (else ValueError)."""
+    provided: set[str] = set()
+    for p in passes:
+        missing = [f for f in p.requires if f not in provided]
+        if missing:
+            by = {f: q.name for q in PIPELINE for f in q.provides}
+            raise ValueError(f"pass {p.name!r} requires the fact {missing[0]!r}, which the "
+                             f"{by[missing[0]]!r} pass provides: run that pass before it")
+        provided.update(p.provides)
 
 
 def run_pipeline(module: Module, diags: Diagnostics, passes: tuple[Pass, ...] = PIPELINE,
@@ -66,7 +86,7 @@ def run_pipeline(module: Module, diags: Diagnostics, passes: tuple[Pass, ...] = 
     runs after each error-free pass when `verify` is set.
     """
     for p in passes:
-        if diags.has_errors and not p.checks_only:
+        if diags.has_errors and not p.after_errors:
             continue
         module = p.run(module, diags)
         if diags.has_errors:

@@ -133,7 +133,7 @@ def plan(module: Module, export: Export, diags: Diagnostics) -> PrivatePlan | No
     o = dict(t.by.options)
     if fn is None:
         return None
-    if fn.name in module.facts.get("stateful", ()):
+    if fn.name in module.facts.stateful:
         diags.error("by=dp cannot thread a moving-average baseline or a RELAX control variate "
                     "through the examples; use another baseline", t.by.span)
         return None
@@ -152,7 +152,9 @@ class Privacy:
     """The differential-privacy pass (checks and completes `by=dp`, plans its clipping)."""
 
     name: str = "privacy"
-    checks_only: bool = True
+    after_errors: bool = True
+    requires: tuple[str, ...] = ("stateful",)
+    provides: tuple[str, ...] = ("privacy",)
 
     def run(self, module: Module, diags: Diagnostics) -> Module:
         exports, plans = [], {}
@@ -173,4 +175,4 @@ class Privacy:
                     if found is not None:
                         plans[export.name] = found
             exports.append(export)
-        return replace(module, exports=tuple(exports), facts=module.facts | {"privacy": plans})
+        return replace(module, exports=tuple(exports), facts=replace(module.facts, privacy=plans))

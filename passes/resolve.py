@@ -267,7 +267,9 @@ class Resolve:
     """The name-resolution pass."""
 
     name: str = "resolve"
-    checks_only: bool = True
+    after_errors: bool = True
+    requires: tuple[str, ...] = ()
+    provides: tuple[str, ...] = ()
 
     def run(self, module: Module, diags: Diagnostics) -> Module:
         module_before = module

@@ -115,8 +115,10 @@ class StraightThrough:
     """The straight-through pass."""
 
     name: str = "straight_through"
-    checks_only: bool = True
+    after_errors: bool = True
     """It reports bad rules together with the other checks (it only renames annotated ops)."""
+    requires: tuple[str, ...] = ()
+    provides: tuple[str, ...] = ()
 
     def run(self, module: Module, diags: Diagnostics) -> Module:
         for unit in module.units:

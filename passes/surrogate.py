@@ -685,7 +685,9 @@ class Surrogate:
     """The surrogate-construction pass (score terms, expectation scopes, control variates)."""
 
     name: str = "surrogate"
-    checks_only: bool = False
+    after_errors: bool = False
+    requires: tuple[str, ...] = ("stateful",)
+    provides: tuple[str, ...] = ("random", "objectives", "stateful", "control_variates", "credit")
 
     def run(self, module: Module, diags: Diagnostics) -> Module:
         random = random_functions(module)
@@ -715,7 +717,7 @@ class Surrogate:
                 parts.append(export)
             exports.append(whole.joined(tuple(parts)))
         return replace(module, functions=tuple(functions), exports=tuple(exports),
-                       facts=module.facts | {"random": frozenset(random_functions(
-                           replace(module, functions=tuple(functions)))), "objectives": objectives,
-                           "stateful": frozenset(stateful) | module.facts.get("stateful", frozenset()),
-                           "control_variates": rewriter.resolved, "credit": rewriter.credit})
+                       facts=replace(module.facts, random=frozenset(random_functions(
+                           replace(module, functions=tuple(functions)))), objectives=objectives,
+                           stateful=frozenset(stateful) | module.facts.stateful,
+                           control_variates=rewriter.resolved, credit=rewriter.credit))

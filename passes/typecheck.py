@@ -481,7 +481,9 @@ class Typecheck:
     """The type and shape checking pass."""
 
     name: str = "typecheck"
-    checks_only: bool = True
+    after_errors: bool = True
+    requires: tuple[str, ...] = ()
+    provides: tuple[str, ...] = ()
 
     def run(self, module: Module, diags: Diagnostics) -> Module:
         ctx = _Ctx(module)

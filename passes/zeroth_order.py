@@ -12,7 +12,7 @@ evaluations only, so f may call extern functions and non-smooth ops without back
 
 All are unbiased for the gradient of the Gaussian-smoothed objective E f(x + s z). The runtime
 (`runtime.zeroth_order`) builds the estimator; this pass records the completed choice in the
-export and in the `zeroth_order` fact (export name -> estimator). `by=dp(...)` is not a
+export. `by=dp(...)` is not a
 black-box estimator (it is reverse mode, made private): the `privacy` pass checks it.
 """
 
@@ -92,10 +92,12 @@ class ZerothOrder:
     """The black-box estimator pass (checks and completes `by=`)."""
 
     name: str = "zeroth_order"
-    checks_only: bool = True
+    after_errors: bool = True
+    requires: tuple[str, ...] = ()
+    provides: tuple[str, ...] = ()
 
     def run(self, module: Module, diags: Diagnostics) -> Module:
-        exports, chosen = [], {}
+        exports = []
         for export in module.exports:
             t = export.transform
             black_box = t.black_box  # by=dp is the privacy pass's
@@ -106,7 +108,5 @@ class ZerothOrder:
                     diags.error(str(exc), black_box.span)
                 else:
                     export = replace(export, transform=replace(t, by=by))
-                    chosen[export.name] = by
             exports.append(export)
-        return replace(module, exports=tuple(exports),
-                       facts=module.facts | {"zeroth_order": chosen})
+        return replace(module, exports=tuple(exports))

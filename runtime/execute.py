@@ -33,9 +33,9 @@ def signature_of(module: Module, export: Export) -> Signature:
     params = tuple((p.name, p.value.type) for p in fn.params)
     if t.kind == "descend" and t.lr is None:
         params += (("lr", scalar(DType.F32)),)
-    if fn.name in module.facts.get("random", ()) or t.by is not None:
+    if fn.name in module.facts.random or t.by is not None:
         params += (("key", KEY),)
-    stateful = fn.name in module.facts.get("stateful", ())
+    stateful = fn.name in module.facts.stateful
     return Signature(export.name, t.kind, fn.name, params, fn.result_type, t.wrt, stateful,
                      externs_of(module, fn.name))
 
@@ -60,7 +60,7 @@ def _minimize_signature(module: Module, export: Export) -> Signature:
 
 def _draws(module: Module, export: Export) -> list[bool]:
     """Whether each objective of a `minimize` export draws (takes a key)."""
-    return [o.fn in module.facts.get("random", ()) for o in export.transform.objectives]
+    return [o.fn in module.facts.random for o in export.transform.objectives]
 
 
 def export_function(module: Module, export: Export, externs: Mapping[str, object] | None = None,
@@ -83,11 +83,11 @@ def export_function(module: Module, export: Export, externs: Mapping[str, object
     runtime_lr = t.kind == "descend" and t.lr is None
     names = [n for n, _ in signature.params if not (runtime_lr and n == "lr")]
     if t.by is not None:
-        draws = signature.function in module.facts.get("random", ())
+        draws = signature.function in module.facts.random
         value = t.kind == "value_and_grad"
         if t.private is not None:
             est = private_gradient(f, names[:-1], signature.wrt,
-                                   module.facts["privacy"][export.name], draws, value)
+                                   module.facts.privacy[export.name], draws, value)
         elif signature.stateful:
             raise NotImplementedError("a black-box estimator of a function with a moving-average "
                                       "baseline state is not supported")

@@ -155,7 +155,7 @@ class Lowering:
         self.module = module
         self.externs = dict(externs or {})
         """Python bindings of extern functions, by name."""
-        self.random: frozenset[str] = module.facts.get("random", frozenset())
+        self.random: frozenset[str] = module.facts.random
         """Functions that draw (they take a key)."""
         self._key_uses: dict[Region, int] = {}
         self.enum_index: Any = None

@@ -8,7 +8,7 @@ def analyse(src: str):
     diags = Diagnostics()
     module = compile_module(SourceFile("t.grad", src), None, diags)
     assert module is not None, diags.render()
-    facts = {f.export: f for f in module.facts["gradflow"]}
+    facts = {f.export: f for f in module.facts.gradflow}
     return module, facts, diags
 
 

@@ -1,14 +1,14 @@
 """IR infrastructure: verifier, pipeline text, dead-code elimination, printer naming."""
 
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import pytest
 
 from gradlang.diagnostics import Diagnostics, SourceFile
 from gradlang.driver import build_module, compile_module
-from gradlang.ir import Op, Value
+from gradlang.ir import Facts, Op, Value
 from gradlang.ops import NoParams
-from gradlang.passes.pipeline import PIPELINE, parse_pipeline
+from gradlang.passes.pipeline import PIPELINE, check_order, parse_pipeline
 from gradlang.passes.rewrite import dce_function
 from gradlang.printer import print_function
 from gradlang.verifier import VerifyError, verify_function, verify_module
@@ -36,6 +36,16 @@ def test_pipeline_text_round_trip():
                           "straight_through,hypergrad,estimators,surrogate,privacy") == PIPELINE
     with pytest.raises(ValueError, match="unknown pass 'nope'"):
         parse_pipeline("resolve,nope")
+
+
+def test_each_pass_runs_after_the_passes_that_provide_the_facts_it_reads():
+    check_order(PIPELINE)
+    with pytest.raises(ValueError, match="pass 'privacy' requires the fact 'stateful', which "
+                                         "the 'compose' pass provides"):
+        parse_pipeline("resolve,typecheck,privacy")
+    provided = [f for p in PIPELINE for f in p.provides]
+    assert sorted(set(provided)) == sorted(f.name for f in fields(Facts)), \
+        "every fact is provided by a pass of the pipeline"
 
 
 def test_verifier_accepts_every_stage():

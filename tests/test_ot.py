@@ -119,7 +119,7 @@ def test_the_lower_bound_removes_most_of_the_variance_when_the_means_differ():
 
 def test_the_pass_picks_the_lower_bound_for_p_2_and_explains_it():
     m = compile_sw("")
-    (choice,) = m.ir.facts["sliced"]
+    (choice,) = m.ir.facts.sliced
     assert choice.kind == "gaussian_lower" and not choice.annotated
     text = explain(m.ir)
     assert "sliced Wasserstein estimates (1)" in text and "gaussian_lower" in text
@@ -127,7 +127,7 @@ def test_the_pass_picks_the_lower_bound_for_p_2_and_explains_it():
 fn f(x: f32[N, D], y: f32[N, D]) -> f32 { return sliced_wasserstein(x, y, projections=8, p=1) }
 export g = value_and_grad(f, wrt=[x])
 """)
-    assert p1.ir.facts["sliced"][0].kind == "none"
+    assert p1.ir.facts.sliced[0].kind == "none"
 
 
 def test_std_ot_matches_numpy():

@@ -56,11 +56,11 @@ def base() -> Module:
 
 
 def _site(m: Module, name: str) -> Span:
-    return next(s.span for s in m.facts["estimators"] if s.site == name)
+    return next(s.span for s in m.facts.estimators if s.site == name)
 
 
 def _argmin(m: Module) -> Span:
-    (problem,) = m.facts["hypergrad"]
+    (problem,) = m.facts.hypergrad
     return problem.span
 
 
@@ -71,9 +71,9 @@ def _export(m: Module, name: str):
 def _choices(m: Module) -> list[tuple]:
     """What the passes chose, as they report it (spans left out: written text moves them)."""
     return ([(s.function, s.site, str(s.estimator), s.why, s.annotated)
-             for s in m.facts["estimators"]]
-            + [(h.function, str(h.solver), str(h.method), h.why) for h in m.facts["hypergrad"]]
-            + sorted((n, c.samples, str(c.by)) for n, c in m.facts["compose"].items()))
+             for s in m.facts.estimators]
+            + [(h.function, str(h.solver), str(h.method), h.why) for h in m.facts.hypergrad]
+            + sorted((n, c.samples, str(c.by)) for n, c in m.facts.compose.items()))
 
 
 VARIANTS = [  # the edit of the source text, and the override that stands for it

@@ -127,12 +127,12 @@ def test_clipped_gradients_equal_a_direct_per_example_computation_mlp(mlp, data,
 
 def test_ghost_and_fallback_leaves_in_a_model_that_is_not_all_linear_layers():
     m = gradlang.compile_source(MIXED)
-    leaves = {n.leaf: n for n in m.ir.facts["privacy"]["dp"].leaves}
+    leaves = {n.leaf: n for n in m.ir.facts.privacy["dp"].leaves}
     assert leaves["p.l1.w"].ghost
     assert not leaves["p.l1.b"].ghost and "add" in leaves["p.l1.b"].why
     assert not leaves["p.s"].ghost and "mul" in leaves["p.s"].why
     assert not leaves["p.w2"].ghost and "mul" in leaves["p.w2"].why  # the weight decay term
-    tied = {n.leaf: n for n in m.ir.facts["privacy"]["dp_tied"].leaves}
+    tied = {n.leaf: n for n in m.ir.facts.privacy["dp_tied"].leaves}
     assert tied["p.w2"].ghost and tied["p.l1.w"].ghost  # tied: two products, one leaf
     rng = np.random.default_rng(1)
     p = {"l1": mlp_params(rng, 4, 6, 3)["l1"], "s": rng.normal(size=6).astype(np.float32),
@@ -150,7 +150,7 @@ def test_ghost_and_fallback_leaves_in_a_model_that_is_not_all_linear_layers():
 def test_sequences_split_along_axis_1(t, d):
     """T rows per example: the Gram form <x x^T, g g^T> (T^2 <= D^2) or x^T g (T^2 > D^2)."""
     m = gradlang.compile_source(SEQUENCE)
-    assert all(n.ghost for n in m.ir.facts["privacy"]["dp"].leaves)
+    assert all(n.ghost for n in m.ir.facts.privacy["dp"].leaves)
     rng = np.random.default_rng(t)
     w = (0.5 * rng.normal(size=(d, d))).astype(np.float32)
     v = rng.normal(size=(d, 2)).astype(np.float32)
@@ -250,7 +250,7 @@ export es = grad(loss, wrt=[w], by=es(sigma=0.1, pop=8))
     with pytest.raises(gradlang.CompileError, match="'sign' has a zero derivative"):
         gradlang.compile_source(src, strict=True)
     ok = src.replace("sign(x @ w)", "sign(x @ w) with ste")
-    assert gradlang.compile_source(ok, strict=True).ir.facts["privacy"]["dp"].batched == ("x",)
+    assert gradlang.compile_source(ok, strict=True).ir.facts.privacy["dp"].batched == ("x",)
 
 
 # ---- the benefit

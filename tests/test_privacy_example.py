@@ -21,7 +21,7 @@ KEYS = {"example", "methods", "privacy", "curves", "epsilon_curve", "sampling", 
 
 def test_compiles_strictly_with_ghost_norms_for_the_weights():
     m = gradlang.compile_file(EXAMPLE, strict=True)
-    plan = m.ir.facts["privacy"]["private"]
+    plan = m.ir.facts.privacy["private"]
     assert {n.leaf: n.ghost for n in plan.leaves} == {"p.l1.w": True, "p.l1.b": False,
                                                       "p.l2.w": True, "p.l2.b": False}
     assert plan.batched == ("x", "y", "w") and (plan.clip, plan.noise) == (1.0, 1.5)

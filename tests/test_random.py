@@ -66,7 +66,7 @@ def test_continuous_families_are_unbiased(case, estimator):
     name, params, args, body, truth = case
     samples = 4 if estimator == "score" else 1  # auto baseline: leave-one-out over 4 samples
     m = compile_objective(body, params, estimator, samples)
-    chosen = m.ir.facts["estimators"][0].estimator.name
+    chosen = m.ir.facts.estimators[0].estimator.name
     assert chosen == (estimator.split("(")[0] or "reparam")
     grads = estimates(m.g, args)
     names = [p.split(":")[0] for p in params.split(", ")]
@@ -80,7 +80,7 @@ def test_dirichlet_is_unbiased(estimator):
     a, w = np.array([0.8, 2.0, 1.5], np.float32), np.array([1.0, -2.0, 0.5], np.float32)
     m = compile_objective("x ~ Dirichlet(a) WITH\nreturn sum(x * w)", "a: f32[3], w: f32[3]",
                           estimator, 4 if estimator == "score" else 1)
-    assert m.ir.facts["estimators"][0].estimator.name == (estimator or "reparam")
+    assert m.ir.facts.estimators[0].estimator.name == (estimator or "reparam")
     grads = estimates(m.g, (a, w))
     a0 = a.sum()
     assert_unbiased(grads["a"], (w * a0 - w @ a) / a0 ** 2)
@@ -104,7 +104,7 @@ def test_discrete_families_are_unbiased(case, estimator):
     name, params, args, body, truth = case
     samples = 1 if estimator else 4
     m = compile_objective(body, params, estimator, samples)
-    assert m.ir.facts["estimators"][0].estimator.name == "score"
+    assert m.ir.facts.estimators[0].estimator.name == "score"
     grads = estimates(m.g, args)
     names = [p.split(":")[0] for p in params.split(", ")]
     assert_unbiased(np.stack([grads[n] for n in names], -1), truth(*args))
@@ -146,7 +146,7 @@ def test_a_draw_reaching_an_if_condition_gets_the_score_function():
     """d/dm P(z > 0) for z ~ Normal(m, 1) is the density phi(m); a pathwise gradient is 0."""
     m = compile_objective("z ~ Normal(m, 1.0)\nreturn if z > 0.0 then 1.0 else 0.0", "m: f32",
                           samples=4)
-    site = m.ir.facts["estimators"][0]
+    site = m.ir.facts.estimators[0]
     assert site.estimator.name == "score" and "non-differentiable" in site.why
     grads = estimates(m.g, (0.4,))
     assert_unbiased(grads["m"], math.exp(-0.4 ** 2 / 2) / math.sqrt(2 * math.pi))
@@ -162,7 +162,7 @@ fn f(m: f32) -> f32 { return f32(noise(m) > 0.0) }
 export g = grad(expect(f, samples=4), wrt=[m])
 """
     m = gradlang.compile_source(src)
-    assert m.ir.facts["estimators"][0].estimator.name == "score"
+    assert m.ir.facts.estimators[0].estimator.name == "score"
     assert_unbiased(estimates(m.g, (-0.3,))["m"], math.exp(-0.3 ** 2 / 2) / math.sqrt(2 * math.pi))
 
 
@@ -181,7 +181,7 @@ fn f(m: f32, l: f32) -> f32 {
 export g = grad(expect(f, samples=2), wrt=[m, l])
 """
     m = gradlang.compile_source(src)
-    chosen = {s.site: s.estimator.name for s in m.ir.facts["estimators"]}
+    chosen = {s.site: s.estimator.name for s in m.ir.facts.estimators}
     assert chosen == {"b": "score", "z": "reparam"}
     mv, lv = 0.6, -0.5
     grads = estimates(m.g, (mv, lv))
@@ -469,7 +469,7 @@ fn f(t: f32[3], l: f32[8]) -> f32 {
 export g = grad(expect(f, samples=2), wrt=[t, l])
 """
     m = gradlang.compile_source(src)
-    chosen = {s.site: (s.estimator.name, s.why) for s in m.ir.facts["estimators"]}
+    chosen = {s.site: (s.estimator.name, s.why) for s in m.ir.facts.estimators}
     assert chosen["k"][0] == "enum" and "3 values (<= enum_max=4)" in chosen["k"][1]
     assert chosen["j"][0] == "score"
     t, l = np.array([0.1, -0.3, 0.5], np.float32), np.zeros(8, np.float32)
@@ -719,7 +719,7 @@ fn f(t: f32) -> f32 {
 export g = grad(expect(f, samples=4), wrt=[t])
 """
     m = gradlang.compile_source(src)
-    assert m.ir.facts["estimators"][0].estimator.name == "score"
+    assert m.ir.facts.estimators[0].estimator.name == "score"
     s = sigmoid(0.3)
     # d/dt of 3 s (1 - s) + 9 s^2 = (3 (1 - 2s) + 18 s) s (1 - s)
     assert_unbiased(estimates(m.g, (0.3,))["t"], (3 * (1 - 2 * s) + 18 * s) * s * (1 - s))

@@ -148,7 +148,7 @@ def _log_softmax(x, axis=-1):
 
 def test_vi_compiles_with_every_export(vi):
     assert set(vi.exports) >= {"elbo_value", "elbo_step", "iwae_value", "discrete_step"}
-    chosen = {(s.function, s.site): s.estimator.name for s in vi.ir.facts["estimators"]}
+    chosen = {(s.function, s.site): s.estimator.name for s in vi.ir.facts.estimators}
     assert chosen[("std.vi.elbo", "z")] == "reparam"
     assert chosen[("std.vi.iwae", "z")] == "reparam"
     assert chosen[("std.vi.elbo_discrete", "z")] == "score"

@@ -155,14 +155,14 @@ def place_key(place: SiteChoice | InnerProblem) -> tuple:
 def classify(module: Module, export: Export, warmup: int = 0) -> Case:
     """The case of `export` (`warmup`: the calls before each SCGD estimate, for its notes)."""
     t = export.transform
-    objective, samples, _ = module.facts.get("objectives", {}).get(export.name,
+    objective, samples, _ = module.facts.objectives.get(export.name,
                                                                    (t.fn, t.samples, t.scope))
-    compose = module.facts.get("compose", {}).get(export.name) if t.compose else None
+    compose = module.facts.compose.get(export.name) if t.compose else None
     reach = reachable(module, objective)
-    sites = tuple(s for s in module.facts.get("estimators", ()) if s.function in reach)
-    inner = tuple(h for h in module.facts.get("hypergrad", ()) if h.function in reach)
+    sites = tuple(s for s in module.facts.estimators if s.function in reach)
+    inner = tuple(h for h in module.facts.hypergrad if h.function in reach)
     nonsmooth = tuple(_reached_nonsmooth(module, module.function(objective), t.wrt))
-    random = t.fn in module.facts.get("random", ())
+    random = t.fn in module.facts.random
     if t.black_box is not None:
         kind = "black_box"
     elif compose is not None:

@@ -140,7 +140,7 @@ def verify_minimize(origin, module, program: Program, named: Mapping, settings: 
               for nm, shape, x, v, e, b in zip(
                   sampled.names, sampled.shapes, sampled.samples,
                   *(np.split(a[0], cuts) for a in (ref.values, ref.errors, ref.bounds)))]
-    objectives = [module.facts.get("objectives", {}).get(p.export.name, (p.export.transform.fn,))[0]
+    objectives = [module.facts.objectives.get(p.export.name, (p.export.transform.fn,))[0]
                   for p in parts]
     notes = [] if not draws else [f"objective i draws with fold_in(key, i); the direction's "
                                   f"statistics are over {sampled.samples[0].shape[0]} calls"]

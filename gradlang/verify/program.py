@@ -174,7 +174,7 @@ def load(module: Module, name: str, externs: Mapping[str, object], mesh=None) ->
             warmup = math.ceil(WARMUP / pt.compose.by.option("beta"))
         program = Program(module, as_grad if index is not None else export, signature, gradient,
                           Lowering(module, externs).function(pt.fn),
-                          pt.fn in module.facts.get("random", ()), warmup)
+                          pt.fn in module.facts.random, warmup)
     unbound = [n for n in program.signature.externs if n not in externs]
     if unbound:
         raise VerifyError(f"export '{name}' calls extern {', '.join(map(repr, unbound))}, which "
