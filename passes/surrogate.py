@@ -595,9 +595,9 @@ class _Rewriter:
         name = "baseline" if "ma" in groups else "control"
         what = "the running average" if name == "baseline" else "the control variate's parameters"
         if fn.param(name) is not None:
-            self.diags.error(f"{'baseline=ma' if name == 'baseline' else est.name} adds a parameter "
-                             f"'{name}' ({what}) to the export, but '{fn.name}' already has one; "
-                             f"rename it", fn.param(name).span)
+            who = "baseline=ma" if name == "baseline" else est.name
+            self.diags.error(f"{who} adds a parameter '{name}' ({what}) to the export, but "
+                             f"'{fn.name}' already has one; rename it", fn.param(name).span)
         if name == "baseline":
             return Param(name, Value(F32, name), span)
         control = self.module.function(self.scope_state.branched[0].option("control"))

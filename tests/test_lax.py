@@ -17,7 +17,8 @@ import gradlang
 from gradlang.explain import explain
 from stats import N, assert_unbiased, estimates
 
-QUADRATIC = "struct CV { a: f32, b: f32 }\nfn r(psi: CV, z: f32) -> f32 { return psi.a * (z - 0.3) ^ 2 + psi.b * z }"
+QUADRATIC = ("struct CV { a: f32, b: f32 }\n"
+             "fn r(psi: CV, z: f32) -> f32 { return psi.a * (z - 0.3) ^ 2 + psi.b * z }")
 SIGMOID = ("struct CV { a: f32, b: f32, c: f32, w: f32 }\n"
            "fn r(psi: CV, z: f32) -> f32 { return psi.a + psi.b * sigmoid(psi.w * (z - psi.c)) }")
 STEP = "if z > 0.3 then 1.0 else 0.0"
@@ -127,15 +128,15 @@ def test_learning_the_control_of_a_smooth_objective_beats_the_score_function_and
     args = (0.7, 1.3)
     before, _ = estimates(m.g, (*args, psi(a=0, b=0)))
     after, _ = estimates(m.g, (*args, train(m, args, psi(a=0, b=0), 2000)))
-    reparam = gradlang.compile_source(
-        "fn f(m: f32, s: f32) -> f32 {\n  z ~ Normal(m, s) with reparam\n  return (z - 0.3) ^ 2\n}\n"
-        "export g = grad(f, wrt=[m, s])")
+    reparam = gradlang.compile_source("fn f(m: f32, s: f32) -> f32 {\n  z ~ Normal(m, s) with "
+                                      "reparam\n  return (z - 0.3) ^ 2\n}\n"
+                                      "export g = grad(f, wrt=[m, s])")
     pathwise = estimates(reparam.g, args)
     assert_unbiased(after["m"], 2 * (0.7 - 0.3))
     assert_unbiased(after["s"], 2 * 1.3)
     for baseline in (before, pathwise):
         ratio, se = cut(baseline, after)
-        print(f"LAX on a quadratic: variance x{ratio:.3f} (+/- {se:.3f}) after learning its control")
+        print(f"LAX on a quadratic: variance x{ratio:.3f} (+/- {se:.3f}) after learning")
         assert ratio + 5 * se < 1
 
 
