@@ -33,6 +33,14 @@ def _control_variate(site, found: list[str]) -> str:
     return "; ".join(f"{_BASELINES[r.split(',')[0]]}{auto} [{r.split(', ')[1]}]" for r in found) or "-"
 
 
+def _label(estimator) -> str:
+    """The estimator's label with its options (a score function's are in the control variate
+    column)."""
+    est = REGISTRY[estimator.name]
+    options = ", ".join(f"{k}={v}" for k, v in estimator.options) if est.role != "score" else ""
+    return f"{est.label} {options}" if options else est.label
+
+
 def _overrides(family: str, estimator, found: list[str]) -> str:
     spec = DISTRIBUTIONS[family]
     options = []
@@ -257,8 +265,7 @@ def _export(module: Module, export, flow: dict) -> list[str]:
         for s in here:
             found = _resolved(s, export.name, module.facts.control_variates)
             rows.append([f"{s.site} ({s.function}, line {s.span.line})", s.family,
-                         REGISTRY[s.estimator.name].label
-                         + (f" tau={s.estimator.option('tau')}" if s.estimator.option("tau") else ""),
+                         _label(s.estimator),
                          _control_variate(s, found), REGISTRY[s.estimator.name].cost(s.estimator, s.size),
                          _overrides(s.family, s.estimator, found)])
         lines.append(f"  random choices ({len(here)}), {n} sample{'s' * (n != 1)} of the "

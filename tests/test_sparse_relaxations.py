@@ -151,7 +151,7 @@ def test_compiles_gives_finite_gradients_and_explain_names_the_estimators():
     assert all(np.all(np.isfinite(g)) for g in grads.values())
     text = explain(m.ir)
     assert "z (f, line 3)  OneHotCategorical  Gumbel-sparsemax tau=0.5" in text
-    assert "b (f, line 4)  Bernoulli          Gumbel-entmax tau=0.5" in text
+    assert "b (f, line 4)  Bernoulli          Gumbel-entmax tau=0.5, alpha=1.25" in text
     assert text.count("1 relaxed draw") == 2
 
 
