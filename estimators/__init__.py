@@ -4,7 +4,7 @@ pass (`gradlang.passes.estimators`), which also takes `auto(enum_max=N)`."""
 
 from __future__ import annotations
 
-import difflib
+from gradlang.options import unknown
 
 from .arm import Arm, Disarm
 from .base import Branched, BranchedEstimator, OptionError, SiteEstimator
@@ -29,10 +29,7 @@ def lookup(name: str) -> SiteEstimator:
     """The estimator called `name`; OptionError (with a did-you-mean) if there is none."""
     if name in REGISTRY:
         return REGISTRY[name]
-    close = difflib.get_close_matches(name, [*REGISTRY, "auto"], n=1)
-    raise OptionError(f"unknown estimator '{name}'" + (
-        f"; did you mean '{close[0]}'?" if close
-        else f" (estimators: {', '.join(['auto', *REGISTRY])})"))
+    raise OptionError(unknown("estimator", name, ["auto", *REGISTRY]))
 
 
 __all__ = ["REGISTRY", "Branched", "BranchedEstimator", "OptionError", "SiteEstimator", "lookup"]
