@@ -121,23 +121,64 @@ export step = descend(f, wrt=[p], lr=0.1)
             assert leaf.relative_bias <= bound and leaf.cosine > 1 - 1e-6
 
 
+@pytest.mark.parametrize("draw", ["z ~ Bernoulli(logits=t) with relax(control=net, lr=0.05)",
+                                  "z ~ Normal(t, 1.0) with lax(control=net, lr=0.001)"])
+def test_an_export_with_a_learned_control_variate_is_verified_at_zero_control(draw):
+    """Its state, the control's parameters psi (here a struct), starts at zeros and is
+    carried from one estimate to the next, as in training (a linear control, whose step on
+    the estimate's second moment stays stable at this lr)."""
+    m = gradlang.compile_source(f"""
+struct CV {{ w: f32[3], a: f32 }}
+fn net(psi: CV, s: f32[3]) -> f32 {{
+  return psi.a + sum(psi.w * s)
+}}
+fn f(t: f32[3]) -> f32 {{
+  {draw}
+  return (sum(z) - 1.3) ^ 2
+}}
+export g = value_and_grad(expect(f, samples=2), wrt=[t])
+""")
+    report = m.verify("g", {"t": [0.2, -0.4, 0.9]}, **FAST)
+    assert report.verdict == CONSISTENT
+
+
 # ---- biased by design: reported as such, with the measured bias
 
 
-def test_gumbel_is_biased_by_design(families):
-    m = gradlang.compile_source("""
-fn f(t: f32[3], c: f32[3]) -> f32 {
-  z ~ OneHotCategorical(logits=t) with gumbel(tau=0.5)
+@pytest.mark.parametrize("estimator, named", [("gumbel(tau=0.5)", "Gumbel-softmax"),
+                                              ("gumbel_sparsemax(tau=1.0)", "sparsemax")])
+def test_relaxations_are_biased_by_design(estimator, named):
+    """The reference is the model's (the relaxed draw made a plain one), so the relaxation's
+    bias shows."""
+    m = gradlang.compile_source(f"""
+fn f(t: f32[3], c: f32[3]) -> f32 {{
+  z ~ OneHotCategorical(logits=t) with {estimator}
   return sum(z * c) ^ 2
-}
+}}
 export g = grad(expect(f, samples=1), wrt=[t, c])
 """)
     report = m.verify("g", {"t": [0.2, -0.4, 0.9], "c": [1.0, -2.0, 0.5]}, **FAST)
     assert report.reference.method == "enumeration"
-    assert "Gumbel-softmax" in report.biased_by_design
+    assert named in report.biased_by_design
     assert report.verdict == BY_DESIGN and report.exit_code == 0
     c = report.leaf("c")  # the relaxed draw's E[z_i z_j] differs from the one-hot draw's
     assert c.verdict == BY_DESIGN and c.ci95[0] > 0
+
+
+@pytest.mark.parametrize("estimator", ["gumbel(tau=1.0)", "gumbel_sparsemax(tau=1.0)"])
+def test_a_relaxed_batched_draw_is_differenced_as_a_plain_draw(estimator):
+    """Not enumerable (a batch of 4): the reference differences the model's expectation, the
+    relaxed draws made plain score-function ones (`model_forward`), so the bias shows."""
+    m = gradlang.compile_source(f"""
+fn f(t: f32[4], c: f32[4]) -> f32 {{
+  z ~ Bernoulli(logits=t) with {estimator}
+  return sum(z * c) ^ 2
+}}
+export g = grad(expect(f, samples=1), wrt=[t, c])
+""")
+    report = m.verify("g", {"t": [0.2, -0.4, 0.9, 0.1], "c": [1.0, -2.0, 0.5, 1.5]}, **FAST)
+    assert report.reference.method == "finite differences"
+    assert report.verdict == BY_DESIGN and report.leaf("c").verdict == BY_DESIGN
 
 
 @pytest.mark.parametrize("rule", ["ste", "reste"])

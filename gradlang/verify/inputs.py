@@ -22,6 +22,8 @@ STATE = "baseline"
 """The state parameter of an export with a moving-average baseline; 0 unless given."""
 COMPOSE_STATE = "inner"
 """The state (u, n) of a `compose(..., by=scgd)` export; zeros unless given."""
+CONTROL_STATE = "control"
+"""The parameters psi of a learned control variate (RELAX, LAX); zeros unless given."""
 
 
 def read_npz(path: str | Path) -> dict[str, object]:

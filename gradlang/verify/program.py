@@ -17,9 +17,9 @@ from gradlang.ir import Export, Module
 from gradlang.runtime.execute import export_function
 from gradlang.runtime.lower import Lowering
 from gradlang.runtime.signature import ArgumentError, CompiledFunction, Signature
-from gradlang.types import KEY, TupleType, Type
+from gradlang.types import KEY, StructType, TupleType, Type
 
-from .inputs import COMPOSE_STATE, NP_DTYPES, STATE, VerifyError
+from .inputs import COMPOSE_STATE, CONTROL_STATE, NP_DTYPES, STATE, VerifyError
 
 CHUNK_BYTES = 1 << 28
 """Estimates are vmapped in chunks whose compiled memory stays about this size."""
@@ -69,13 +69,14 @@ class Program:
 
     @property
     def state(self) -> str | None:
-        """The parameter carrying a moving average from call to call (`baseline=ma`'s
-        baseline, compose's `inner`), zeros unless given; None when there is none (a
-        `minimize` export's `history` is an argument like the others)."""
+        """The parameter carrying state from call to call (`baseline=ma`'s baseline,
+        compose's `inner`, a learned control variate's `control`), zeros unless given; None
+        when there is none (a `minimize` export's `history` is an argument like the others)."""
         t = self.export.transform
         if not self.signature.stateful or t.kind == "minimize":
             return None
-        return COMPOSE_STATE if t.compose is not None else STATE
+        names = {n for n, _ in self.signature.params}
+        return next(n for n in (COMPOSE_STATE, STATE, CONTROL_STATE) if n in names)
 
     @property
     def draws(self) -> bool:
@@ -126,9 +127,12 @@ class Program:
 
 
 def zeros(t: Type):
-    """Zeros of a declared tensor or tuple type (static dims)."""
+    """Zeros of a declared tensor, tuple or struct type (static dims; a struct as a dict of
+    its fields, as arguments are given)."""
     if isinstance(t, TupleType):
         return tuple(zeros(e) for e in t.elems)
+    if isinstance(t, StructType):
+        return {n: zeros(f) for n, f in t.fields}
     return np.zeros(tuple(t.shape), NP_DTYPES[t.dtype])
 
 
