@@ -92,6 +92,10 @@ class SiteEstimator:
     """With `control`: the estimator to suggest where psi cannot be threaded through calls."""
     relaxed: ClassVar[bool] = False
     """It differentiates a continuous relaxation of a discrete draw."""
+    model_forward: ClassVar[bool] = True
+    """The program as compiled computes the model's value, so that `verify` may difference
+    it for a reference (False: a relaxed draw's forward, or branches whose evaluations it
+    must not difference; verify swaps the draw for a plain score-function one)."""
 
     def __repr__(self) -> str:
         return f"<estimator {self.name}>"

@@ -50,6 +50,7 @@ def _bernoulli_coefficients(f, z, aux, opts, logits):
 class MeasureValued(BranchedEstimator):
     name = "mvd"
     label = "measure-valued derivative"
+    model_forward = False
     families = {"Normal": Branched(4, (0,), _normal_branches, _normal_coefficients),
                 "Bernoulli": Branched(3, (0,), _bernoulli_branches, _bernoulli_coefficients)}
 

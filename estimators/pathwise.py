@@ -30,7 +30,12 @@ class Reparam(SiteEstimator):
     def problem(self, spec: DistSpec) -> str | None:
         if spec.reparam:
             return None
-        alts = "score, gumbel or st_gumbel" if spec.relaxable else "score"
+        alts = "score"
+        if spec.relaxable:
+            from . import REGISTRY  # the registry imports this module
+
+            relaxations = [e.name for e in REGISTRY.values() if e.relaxed]
+            alts = f"score, {', '.join(relaxations[:-1])} or {relaxations[-1]}"
         return f"cannot use '{self.name}' on {spec.name}: {why_not_pathwise(spec)}; use {alts}"
 
 

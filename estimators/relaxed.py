@@ -29,6 +29,7 @@ class Gumbel(SiteEstimator):
     label = "Gumbel-softmax"
     Options = Temperature
     relaxed = True
+    model_forward = False
     hard = False
     relaxation = "the Gumbel-softmax relaxation"
 
@@ -55,3 +56,4 @@ class StraightThroughGumbel(Gumbel):
     label = "straight-through Gumbel"
     relaxation = "straight-through Gumbel"
     hard = True
+    model_forward = True

@@ -25,6 +25,7 @@ from dataclasses import replace
 import jax
 import numpy as np
 
+from gradlang.estimators import REGISTRY
 from gradlang.ir import externs_of
 from gradlang.ops import Estimator
 from gradlang.passes.overrides import Overrides
@@ -61,10 +62,11 @@ def tighter(solver: Estimator, factor: int) -> Estimator:
 
 
 def _plain(origin: Origin, program: Program, case: Case) -> Program:
-    """The program whose forward is the model's: its `gumbel` (relaxed) and `mvd` (branched)
-    draws of this file made plain `score(baseline=none)` draws."""
+    """The program whose forward is the model's: its draws of this file whose estimator's
+    forward is not (`model_forward`: relaxed draws, measure-valued branches) made plain
+    `score(baseline=none)` draws."""
     draws = {s.span: PLAIN for s in case.sites
-             if origin.owns(s.span) and s.estimator.name in ("gumbel", "mvd")}
+             if origin.owns(s.span) and not REGISTRY[s.estimator.name].model_forward}
     plain = _variant(origin, Overrides(draws=draws), program.export.name) if draws else program
     if isinstance(plain, str):
         raise VerifyError(f"the variant without relaxed draws does not compile: {plain}")
