@@ -204,9 +204,10 @@ class ExpectParams:
     """`expect` only: `expect` (the mean over the draws) or `logmeanexp` (the log of the mean
     of their exp)."""
     shifts: int = field(default=0, metadata={"omit_default": True})
-    """`samples` only: the number of draws whose value (DReG) or parameters (RELAX) get a zero
-    shift that the region's value is differentiated against; the op has as many more
-    results, d value / d shift per evaluation (stacked like the others)."""
+    """`samples` only: the number of draws whose value (DReG) or parameters (`shifted`
+    branched estimators: RELAX) get a zero shift that the region's value is differentiated
+    against; the op has as many more results, d value / d shift per evaluation (stacked like
+    the others)."""
 
 
 @dataclass(frozen=True)
@@ -232,7 +233,7 @@ class SurrogateParams:
     """`expect` or `logmeanexp` (then the score terms' baselines are none or vimco, and the
     operands after them are the DReG draws and their d value / d draw)."""
     control: str = field(default="", metadata={"omit_default": True})
-    """RELAX: the function r(psi, relaxed draw) of its learned control variate; psi is the
+    """RELAX, LAX: the function r(psi, draw) of the learned control variate; psi is the
     last operand, and the op has a second result, psi after one step on the variance."""
 
 

@@ -134,8 +134,9 @@ def plan(module: Module, export: Export, diags: Diagnostics) -> PrivatePlan | No
     if fn is None:
         return None
     if fn.name in module.facts.stateful:
-        diags.error("by=dp cannot thread a moving-average baseline or a RELAX control variate "
-                    "through the examples; use another baseline", t.by.span)
+        diags.error("by=dp cannot thread a moving-average baseline or a learned control "
+                    "variate (RELAX, LAX) through the examples; use another baseline",
+                    t.by.span)
         return None
     found = _examples(export.name, fn, t.wrt, o["per_example_axis"], t.by.span, diags)
     if found is None or diags.has_errors:  # the IR may be half built: no plan is needed
