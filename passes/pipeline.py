@@ -70,9 +70,9 @@ def check_order(passes: tuple[Pass, ...]) -> None:
     for p in passes:
         missing = [f for f in p.requires if f not in provided]
         if missing:
-            by = {f: q.name for q in PIPELINE for f in q.provides}
+            by = next(q.name for q in PIPELINE if missing[0] in q.provides)
             raise ValueError(f"pass {p.name!r} requires the fact {missing[0]!r}, which the "
-                             f"{by[missing[0]]!r} pass provides: run that pass before it")
+                             f"{by!r} pass provides: run that pass before it")
         provided.update(p.provides)
 
 
