@@ -770,16 +770,16 @@ def candidates(text: str) -> list:
     baseline, default options) without `auto` (the automatic rule: score with leave-one-out
     here); RELAX with the file's control variate `r` where it has one; and swor's normalized
     variant."""
-    from gradlang.ops import Estimator
+    from gradlang.ops import Annotation
     from gradlang.verify.compare import site_candidates
 
     out = []
     for c in site_candidates():
         if c.name == "relax" and re.search(r"^fn r\(", text, re.M):
-            c = Estimator("relax", (("control", "r"),))
+            c = Annotation("relax", (("control", "r"),))
         out += [] if c.name == "auto" else [c]
         if c.name == "swor":
-            out.append(Estimator("swor", (("k", 4), ("baseline", "normalized"))))
+            out.append(Annotation("swor", (("k", 4), ("baseline", "normalized"))))
     return out
 
 

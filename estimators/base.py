@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from gradlang.distributions import DistSpec
-from gradlang.ops import Estimator, SampleParams
+from gradlang.ops import Annotation, SampleParams
 from gradlang.options import NoOptions, OptionError, parse, rendered
 
 
@@ -107,13 +107,13 @@ class SiteEstimator:
 
     # ---- compile time
 
-    def options(self, e: Estimator) -> Any:
+    def options(self, e: Annotation) -> Any:
         """The annotation's options, checked, as `Options` (raises OptionError)."""
         return parse(self.Options, e.options, f"estimator '{self.name}'", self.name)
 
-    def complete(self, e: Estimator) -> Estimator:
+    def complete(self, e: Annotation) -> Annotation:
         """The annotation with its defaults filled in (options already checked)."""
-        return Estimator(self.name, rendered(self.options(e)), e.span)
+        return Annotation(self.name, rendered(self.options(e)), e.span)
 
     def problem(self, spec: DistSpec) -> str | None:
         """Why it cannot estimate gradients through a `spec` draw (None when it can)."""
@@ -122,31 +122,31 @@ class SiteEstimator:
                     f"{spec.name}; use score")
         return None
 
-    def size(self, e: Estimator, spec: DistSpec, support: int | None) -> int | None:
+    def size(self, e: Annotation, spec: DistSpec, support: int | None) -> int | None:
         """The number of values of the draw the objective is evaluated at (branched ones)."""
         branched = self.families.get(spec.name)
         return None if branched is None else branched.size
 
-    def fits(self, e: Estimator, support: int | None) -> str | None:
+    def fits(self, e: Annotation, support: int | None) -> str | None:
         """Why its options do not fit a draw with `support` values (None when they do)."""
         return None
 
-    def bias(self, e: Estimator, where: str) -> str | None:
+    def bias(self, e: Annotation, where: str) -> str | None:
         """Why it is biased by design at the draw `where` (for `verify`), None if it is
         meant to be unbiased."""
         return None
 
-    def cost(self, e: Estimator, size: int | None) -> str:
+    def cost(self, e: Annotation, size: int | None) -> str:
         """The evaluations it costs per sample (`size` for a branched one), for `explain`."""
         return f"x{size} evaluations" if size is not None else "1 draw"
 
     # ---- run time
 
-    def sample(self, key, d, site: SampleParams, lowering) -> Any:
+    def sample(self, key, d, site: SampleParams, sampling) -> Any:
         """The draw's value (and its auxiliary noise when `aux`) from distribution `d`
         (`runtime.rules_random.Dist`) at `key`, for the sample op's `site` params (its
-        estimator, slot and shift); `lowering` holds the enumeration index and the shifts of
-        the `samples` op being lowered."""
+        estimator, slot and shift); `sampling` (`runtime.lower.Sampling`) holds the
+        enumeration index and the shifts of the `samples` op being lowered."""
         return d.family.sample(key, *d.params, shape=d.batch)
 
 
@@ -156,17 +156,17 @@ class BranchedEstimator(SiteEstimator):
 
     role = "branched"
 
-    def sample(self, key, d, site: SampleParams, lowering):
+    def sample(self, key, d, site: SampleParams, sampling):
         """The draw's value in the branch being evaluated (and its noise when `aux`)."""
         how = self.families[d.family.name]
         params = tuple(jnp.broadcast_to(p, d.batch + jnp.shape(p)[jnp.ndim(p) - r:])
                        for p, r in zip(d.params, d.family.param_event_ranks))
         if self.shifted:  # RELAX: the parameters' zero shift
-            params = tuple(p + lowering.shifts[site.shift] for p in params)
+            params = tuple(p + sampling.shifts[site.shift] for p in params)
         if not how.live:
             params = lax.stop_gradient(params)
         values, aux = how.branches(key, dict(site.estimator.options), *params)
-        value = values[lowering.enum_index[site.slot]]
+        value = values[sampling.enum_index[site.slot]]
         return value if self.aux is None else (value, aux)
 
     def control_term(self, family: str, control: Callable, psi, f, z, aux, params: list, df,

@@ -5,7 +5,7 @@ probability: the exact expectation over those draws, and so its exact gradient."
 from __future__ import annotations
 
 from gradlang.distributions import DistSpec
-from gradlang.ops import Estimator, SampleParams
+from gradlang.ops import Annotation, SampleParams
 
 from .base import SiteEstimator
 
@@ -19,11 +19,11 @@ class Enum(SiteEstimator):
     def problem(self, spec: DistSpec) -> str | None:
         return None if spec.finite else f"cannot enumerate {spec.name}: its support is not finite"
 
-    def size(self, e: Estimator, spec: DistSpec, support: int | None) -> int | None:
+    def size(self, e: Annotation, spec: DistSpec, support: int | None) -> int | None:
         return support
 
-    def cost(self, e: Estimator, size: int | None) -> str:
+    def cost(self, e: Annotation, size: int | None) -> str:
         return f"x{size} evaluations (exact)"
 
-    def sample(self, key, d, site: SampleParams, lowering):
-        return d.family.enumerate_support(*d.params)[lowering.enum_index[site.slot]]
+    def sample(self, key, d, site: SampleParams, sampling):
+        return d.family.enumerate_support(*d.params)[sampling.enum_index[site.slot]]

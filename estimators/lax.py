@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from gradlang.distributions import DistSpec
-from gradlang.ops import Estimator
+from gradlang.ops import Annotation
 from gradlang.options import option
 from gradlang.runtime.distributions import FAMILIES
 
@@ -139,7 +139,7 @@ class Lax(BranchedEstimator):
         return (f"'lax' applies to draws rebuilt from standard noise "
                 f"({listed(sorted(self.families))}), not {spec.name}: {why}")
 
-    def cost(self, e: Estimator, size: int | None) -> str:
+    def cost(self, e: Annotation, size: int | None) -> str:
         return "1 draw + r(psi, z) and its derivatives"
 
     def control_term(self, family, control, psi, f, z, aux, params, df, opts):

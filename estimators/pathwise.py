@@ -45,5 +45,5 @@ class Dreg(Reparam):
     role = "dreg"
     shifted = True
 
-    def sample(self, key, d, site: SampleParams, lowering):
-        return super().sample(key, d, site, lowering) + lowering.shifts[site.shift]
+    def sample(self, key, d, site: SampleParams, sampling):
+        return super().sample(key, d, site, sampling) + sampling.shifts[site.shift]

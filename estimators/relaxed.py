@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gradlang.distributions import DistSpec
-from gradlang.ops import Estimator, SampleParams
+from gradlang.ops import Annotation, SampleParams
 from gradlang.options import option
 from gradlang.runtime.distributions import gumbel_softmax_sample, relaxed_bernoulli_sample
 
@@ -40,13 +40,13 @@ class Gumbel(SiteEstimator):
         return (f"'{self.name}' relaxes Bernoulli and OneHotCategorical draws, not "
                 f"{spec.name}" + hint)
 
-    def bias(self, e: Estimator, where: str) -> str | None:
+    def bias(self, e: Annotation, where: str) -> str | None:
         return f"{self.relaxation} at {where} (tau={e.option('tau')}) differentiates a relaxed draw"
 
-    def cost(self, e: Estimator, size: int | None) -> str:
+    def cost(self, e: Annotation, size: int | None) -> str:
         return "1 relaxed draw"
 
-    def sample(self, key, d, site: SampleParams, lowering):
+    def sample(self, key, d, site: SampleParams, sampling):
         relaxed = relaxed_bernoulli_sample if d.family.name == "Bernoulli" else gumbel_softmax_sample
         return relaxed(key, d.params[0], site.estimator.option("tau"), self.hard)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from jax import lax
 
 from gradlang.distributions import DistSpec
-from gradlang.ops import Estimator, SampleParams
+from gradlang.ops import Annotation, SampleParams
 from gradlang.options import option
 
 from .base import SiteEstimator
@@ -53,14 +53,14 @@ class Score(SiteEstimator):
         return (f"cannot use 'score' on {spec.name}: its support depends on its parameters, "
                 f"so the score function misses the boundary terms and is biased; use reparam")
 
-    def bias(self, e: Estimator, where: str) -> str | None:
+    def bias(self, e: Annotation, where: str) -> str | None:
         if e.option("baseline") == "grpo":
             return f"the GRPO baseline at {where} scales the gradient by about 1/std"
         return None
 
-    def cost(self, e: Estimator, size: int | None) -> str:
+    def cost(self, e: Annotation, size: int | None) -> str:
         return "1 draw + log_prob"
 
-    def sample(self, key, d, site: SampleParams, lowering):
+    def sample(self, key, d, site: SampleParams, sampling):
         params = tuple(lax.stop_gradient(p) for p in d.params)
         return lax.stop_gradient(d.family.sample(key, *params, shape=d.batch))

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array, lax
 
-from gradlang.ops import Estimator, SampleParams
+from gradlang.ops import Annotation, SampleParams
 from gradlang.options import option
 
 from .relaxed import Gumbel, Temperature
@@ -170,14 +170,14 @@ class GumbelSparsemax(Gumbel):
     Options = Temperature
     relaxation = "the Gumbel-sparsemax relaxation"
 
-    def alpha(self, e: Estimator) -> float:
+    def alpha(self, e: Annotation) -> float:
         return SPARSEMAX
 
-    def bias(self, e: Estimator, where: str) -> str | None:
+    def bias(self, e: Annotation, where: str) -> str | None:
         options = ", ".join(f"{k}={v}" for k, v in e.options)
         return f"{self.relaxation} at {where} ({options}) differentiates a relaxed draw"
 
-    def sample(self, key, d, site: SampleParams, lowering):
+    def sample(self, key, d, site: SampleParams, sampling):
         e = site.estimator
         return relaxed_sample(key, d.params[0], d.family.name == "Bernoulli",
                               self.options(e).tau, self.alpha(e))
@@ -189,5 +189,5 @@ class GumbelEntmax(GumbelSparsemax):
     Options = EntmaxOptions
     relaxation = "the Gumbel-entmax relaxation"
 
-    def alpha(self, e: Estimator) -> float:
+    def alpha(self, e: Annotation) -> float:
         return self.options(e).alpha

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from gradlang.distributions import DistSpec
-from gradlang.ops import Estimator
+from gradlang.ops import Annotation
 from gradlang.options import option
 
 from .base import Branched, BranchedEstimator, listed
@@ -173,10 +173,10 @@ class WithoutReplacement(BranchedEstimator):
         return (f"'{self.name}' draws categories without replacement: it is for "
                 f"{listed(self.families)} draws, not {spec.name}; use score")
 
-    def size(self, e: Estimator, spec: DistSpec, support: int | None) -> int | None:
+    def size(self, e: Annotation, spec: DistSpec, support: int | None) -> int | None:
         return e.option("k")
 
-    def fits(self, e: Estimator, support: int | None) -> str | None:
+    def fits(self, e: Annotation, support: int | None) -> str | None:
         k = e.option("k")
         if k < 2 or k > support:
             return f"{self.name}(k={k}) needs 2 <= k <= {support} (the number of categories)"
@@ -188,7 +188,7 @@ class Swor(WithoutReplacement):
     label = "score function without replacement"
     Options = SworOptions
 
-    def bias(self, e: Estimator, where: str) -> str | None:
+    def bias(self, e: Annotation, where: str) -> str | None:
         if e.option("baseline") != "normalized":
             return None
         return (f"swor's normalized weights at {where} (self-normalized importance sampling) "
@@ -208,7 +208,7 @@ class Unordered(WithoutReplacement):
     label = "unordered set estimator"
     Options = UnorderedOptions
 
-    def fits(self, e: Estimator, support: int | None) -> str | None:
+    def fits(self, e: Annotation, support: int | None) -> str | None:
         k = e.option("k")
         if k > MAX_UNORDERED and super().fits(e, support) is None:
             return (f"unordered(k={k}): the unordered set estimator sums over the k! orderings "

@@ -15,7 +15,7 @@ from .limits import I32_MAX
 from .options import number_problem
 from .ir import (Combination, Composition, Export, Function, Objective, Op, Param, Region,
                  StructDef, Transform, Value)
-from .ops import (ArgminParams, CallParams, HostParams, CastParams, ConstParams, Estimator, ExpectParams, ForParams,
+from .ops import (ArgminParams, CallParams, HostParams, CastParams, ConstParams, Annotation, ExpectParams, ForParams,
                   GetParams, IndexItem, IndexParams, NameParams, NoParams, SampledParams, SampleParams)
 from .types import DType, NamedType, TensorType, TupleType, Type
 
@@ -27,9 +27,9 @@ CompiledModule and LoadedModule; a test keeps this list equal to theirs): an exp
 these names, or by a name starting with '_' (their private attributes), would be hidden by it."""
 
 
-def estimator_from_ast(a: ast.Annotation, diags: Diagnostics,
-                       positional: str | None = None) -> Estimator | None:
-    """`with name(k=v, ...)` as an Estimator; options must be literals or names. One leading
+def annotation_from_ast(a: ast.Annotation, diags: Diagnostics,
+                       positional: str | None = None) -> Annotation | None:
+    """`with name(k=v, ...)` as an Annotation; options must be literals or names. One leading
     positional option is allowed where `positional` names it (`implicit(cg)`: method=cg)."""
     if len(a.args) > (1 if positional else 0):
         extra = a.args[1 if positional else 0]
@@ -57,7 +57,7 @@ def estimator_from_ast(a: ast.Annotation, diags: Diagnostics,
                         k.value.span)
             return None
         options.append((k.name, v))
-    return Estimator(a.name, tuple(options), a.span)
+    return Annotation(a.name, tuple(options), a.span)
 
 
 def _literal(e: ast.Expr) -> bool | int | float | str | None:
@@ -245,10 +245,10 @@ def _composition(call: ast.Call, unit: str, diags: Diagnostics
                         f"by=plugin", k.span)
             return None
         if isinstance(k.value, ast.Name):
-            by = Estimator(k.value.id, (), k.value.span)
+            by = Annotation(k.value.id, (), k.value.span)
         elif isinstance(k.value, ast.Call) and isinstance(k.value.func, ast.Name):
             v = k.value
-            by = estimator_from_ast(ast.Annotation(v.func.id, v.args, v.kwargs, v.span), diags)
+            by = annotation_from_ast(ast.Annotation(v.func.id, v.args, v.kwargs, v.span), diags)
             if by is None:
                 return None
         else:
@@ -395,19 +395,19 @@ def _combination(e: ast.Expr, diags: Diagnostics) -> Combination | None:
             diags.error(f"the values of '{e.func.id}(...)' must be number literals", a.span)
             return None
         weights.append(float(w))
-    options = estimator_from_ast(ast.Annotation(e.func.id, (), e.kwargs, e.span), diags)
+    options = annotation_from_ast(ast.Annotation(e.func.id, (), e.kwargs, e.span), diags)
     if options is None:
         return None
     return Combination(e.func.id, tuple(weights), options.options, e.span)
 
 
-def _estimator_option(e: ast.Expr, diags: Diagnostics) -> Estimator | None:
-    """`by=es(sigma=0.1, pop=64)` (or `by=es`, `by=dp(clip=1.0, noise=1.1)`) as an Estimator;
+def _estimator_option(e: ast.Expr, diags: Diagnostics) -> Annotation | None:
+    """`by=es(sigma=0.1, pop=64)` (or `by=es`, `by=dp(clip=1.0, noise=1.1)`) as an Annotation;
     None after an error."""
     if isinstance(e, ast.Name):
-        return Estimator(e.id, (), e.span)
+        return Annotation(e.id, (), e.span)
     if isinstance(e, ast.Call) and isinstance(e.func, ast.Name):
-        return estimator_from_ast(ast.Annotation(e.func.id, e.args, e.kwargs, e.span), diags)
+        return annotation_from_ast(ast.Annotation(e.func.id, e.args, e.kwargs, e.span), diags)
     diags.error("by= names a gradient estimator, e.g. by=spsa(eps=0.001), by=es(sigma=0.1, "
                 "pop=64), by=eggroll(sigma=0.1, pop=64, rank=1) or by=dp(clip=1.0, noise=1.0)",
                 e.span)
@@ -498,7 +498,7 @@ class _FunctionBuilder:
         dist = self.expr(stmt.dist)
         annotation = None
         if stmt.annotation is not None:
-            annotation = estimator_from_ast(stmt.annotation, self.diags)
+            annotation = annotation_from_ast(stmt.annotation, self.diags)
         op = self.emit("sample", (dist,), SampleParams(stmt.name, annotation), stmt.span)
         self.bind(stmt.name, op.result)
 
@@ -628,7 +628,7 @@ class _FunctionBuilder:
                                     "wta_crs(keep=K) to a matmul",
                                     e.annotation.span)
         positional = "kind" if e.annotation.name == "control_variate" else None
-        rule = estimator_from_ast(e.annotation, self.diags, positional)
+        rule = annotation_from_ast(e.annotation, self.diags, positional)
         self.block.ops[-1] = replace(last, params=replace(last.params, annotation=rule))
         return value
 
@@ -646,7 +646,7 @@ class _FunctionBuilder:
 
     def sampled(self, op: Op, annotation: ast.Annotation) -> Value:
         """`(x @ w) with wta_crs(keep=K)`: the product whose backward samples K rows of x."""
-        rule = estimator_from_ast(annotation, self.diags, positional="keep")
+        rule = annotation_from_ast(annotation, self.diags, positional="keep")
         if rule is None:
             return op.result
         keep = rule.option("keep")
@@ -662,7 +662,7 @@ class _FunctionBuilder:
 
     def truncated(self, index: int, value: Value, annotation: ast.Annotation) -> Value:
         """`for ... { } with truncated(k=K)`: truncated backpropagation through the loop."""
-        rule = estimator_from_ast(annotation, self.diags, positional="k")
+        rule = annotation_from_ast(annotation, self.diags, positional="k")
         if rule is None:
             return value
         k = rule.option("k")
@@ -772,8 +772,8 @@ class _FunctionBuilder:
         """An `argmin` op: its objective region, a constraint region when `subject to` is
         given, and a second result (the solver's report) when `report`."""
         init = self.expr(e.init)
-        solver = estimator_from_ast(e.solver, self.diags)
-        hyper = None if e.hyper is None else estimator_from_ast(
+        solver = annotation_from_ast(e.solver, self.diags)
+        hyper = None if e.hyper is None else annotation_from_ast(
             e.hyper, self.diags, positional={"implicit": "method", "truncated": "k"}.get(e.hyper.name))
         arg = Value(type_from_ast(e.type), e.var)
 

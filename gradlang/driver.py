@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import ast
-from .builder import build_unit, estimator_from_ast
+from .builder import build_unit, annotation_from_ast
 from .diagnostics import Diagnostics, SourceFile, Span
 from .ir import Module, Unit
-from .ops import Estimator
+from .ops import Annotation
 from .parser import parse
 
 if TYPE_CHECKING:
@@ -135,9 +135,9 @@ class _Loader:
                 return ".".join(parts if prefix is None else (prefix, *parts))
         return ".".join(decl.path)  # not reached: an import stays inside its importer's folder
 
-    def pragmas(self, program: ast.Program) -> dict[str, Estimator | None]:
+    def pragmas(self, program: ast.Program) -> dict[str, Annotation | None]:
         """The unit's `pragma estimator ...` and `pragma backward ...` (at most one each)."""
-        found: dict[str, Estimator | None] = {}
+        found: dict[str, Annotation | None] = {}
         lines: dict[str, int] = {}
         for decl in program.decls:
             if not isinstance(decl, ast.Pragma):
@@ -150,7 +150,7 @@ class _Loader:
                 self.diags.error(f"a second 'pragma {decl.key}' (the first is at line "
                                  f"{lines[decl.key]})", decl.span)
             else:
-                found[decl.key] = estimator_from_ast(decl.value, self.diags)
+                found[decl.key] = annotation_from_ast(decl.value, self.diags)
                 lines[decl.key] = decl.span.line
         return found
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from .diagnostics import Span
 from .types import UNKNOWN, Type
-from .ops import Estimator
+from .ops import Annotation
 
 if TYPE_CHECKING:  # the passes' records (types only: the IR does not import the passes)
     from gradlang.passes.compose import ComposeFact
@@ -94,7 +94,7 @@ class Composition:
     the Transform's `fn` and `samples` are g's, `outer` is f."""
 
     outer: str
-    by: Estimator | None
+    by: Annotation | None
     """`scgd(beta=...)` or `plugin`; None before the compose pass picks the default."""
     span: Span
     """The whole `compose(...)` call."""
@@ -150,7 +150,7 @@ class Transform:
     wrt_spans: tuple[Span, ...] = ()
     samples: int = 0
     """`expect(fn, samples=N)`: the Monte Carlo mean over N draws (0: fn as it is)."""
-    by: Estimator | None = None
+    by: Annotation | None = None
     """`grad(f, wrt=[...], by=spsa(...))`: a black-box (zeroth-order) gradient estimator, or
     `by=dp(...)`: differentially private reverse mode."""
     lr: float | None = None
@@ -168,12 +168,12 @@ class Transform:
     """`compose(f, expect(fn, samples=N))`: f of the expectation (the compose pass builds it)."""
 
     @property
-    def black_box(self) -> Estimator | None:
+    def black_box(self) -> Annotation | None:
         """The black-box (zeroth-order) estimator of `by=`; None for reverse mode and `by=dp`."""
         return self.by if self.by is not None and self.by.name != PRIVATE else None
 
     @property
-    def private(self) -> Estimator | None:
+    def private(self) -> Annotation | None:
         """`by=dp(...)`: reverse mode with per-example clipping and Gaussian noise (DP-SGD)."""
         return self.by if self.by is not None and self.by.name == PRIVATE else None
 
@@ -229,7 +229,7 @@ class Unit:
     path: str
     imports: tuple[tuple[str, str], ...] = ()
     estimator: Any = None
-    """The unit's default estimator (`pragma estimator ...`), an `ops.Estimator`."""
+    """The unit's default estimator (`pragma estimator ...`), an `ops.Annotation`."""
     backward: Any = None
     """The unit's default backward rule of non-smooth ops (`pragma backward ...`)."""
 

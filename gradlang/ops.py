@@ -30,9 +30,12 @@ class NoParams:
 
 
 @dataclass(frozen=True)
-class Estimator:
-    """An estimator named in the source (`with score(baseline=loo)`, `pragma estimator ...`)
-    or chosen by the estimators pass; options are static literals (names become strings)."""
+class Annotation:
+    """A name with options, as written in the source or chosen by a pass: a draw's estimator
+    (`with score(baseline=loo)`, `pragma estimator ...`), a non-smooth op's backward rule, an
+    argmin's solver and hypergradient method, an export's `by=` (black-box estimator, `dp`,
+    combination rule, composition estimator). Options are static literals (names become
+    strings)."""
 
     name: str
     options: tuple[tuple[str, bool | int | float | str], ...] = ()
@@ -63,7 +66,7 @@ class CallParams:
     callee: str
     kwnames: tuple[str, ...] = ()
     """Names of the trailing keyword operands, in order."""
-    annotation: Estimator | None = field(default=None, metadata={"omit_default": True})
+    annotation: Annotation | None = field(default=None, metadata={"omit_default": True})
     """`f(...) with rule(...)`: the backward rule asked for (resolve moves it into the op)."""
 
 
@@ -179,9 +182,9 @@ class DistParams:
 class SampleParams:
     site: str
     """The name the draw is bound to, for messages and `explain`."""
-    annotation: Estimator | None = field(default=None, metadata={"omit_default": True})
+    annotation: Annotation | None = field(default=None, metadata={"omit_default": True})
     """What the source asked for on this site (None: the default)."""
-    estimator: Estimator | None = field(default=None, metadata={"omit_default": True})
+    estimator: Annotation | None = field(default=None, metadata={"omit_default": True})
     """What the estimators pass chose."""
     size: int | None = field(default=None, metadata={"omit_default": True})
     """A branched estimator's number of evaluations of the objective per sample (estimators
@@ -225,7 +228,7 @@ class SurrogateParams:
     cost, credited to every score term."""
     credit: tuple[tuple[int, ...], ...] = field(default=(), metadata={"omit_default": True})
     """With costs: for each score-term operand, the costs it is credited with (their indices)."""
-    branched: Estimator | None = field(default=None, metadata={"omit_default": True})
+    branched: Annotation | None = field(default=None, metadata={"omit_default": True})
     """A branched draw's estimator (with its options)."""
     family: tuple[str, ...] = field(default=(), metadata={"omit_default": True})
     """A branched draw's distribution: (family, the names its parameters were given as)."""
@@ -241,20 +244,20 @@ class SurrogateParams:
 class RuleParams:
     """A non-smooth op: `rule` is its backward rule (`with ste`), None for none (zero)."""
 
-    rule: Estimator | None = field(default=None, metadata={"omit_default": True})
+    rule: Annotation | None = field(default=None, metadata={"omit_default": True})
 
 
 @dataclass(frozen=True)
 class ArgmaxParams:
     axis: int = -1
-    rule: Estimator | None = field(default=None, metadata={"omit_default": True})
+    rule: Annotation | None = field(default=None, metadata={"omit_default": True})
 
 
 @dataclass(frozen=True)
 class TopkParams:
     k: Dim
     axis: int = -1
-    rule: Estimator | None = field(default=None, metadata={"omit_default": True})
+    rule: Annotation | None = field(default=None, metadata={"omit_default": True})
 
 
 @dataclass(frozen=True)
@@ -263,7 +266,7 @@ class SlicedParams:
 
     projections: Dim
     p: Dim = 2
-    control: Estimator | None = field(default=None, metadata={"omit_default": True})
+    control: Annotation | None = field(default=None, metadata={"omit_default": True})
     """`control_variate(gaussian_lower | gaussian_upper | none)`; None before the estimators
     pass chooses."""
 
@@ -278,7 +281,7 @@ class QuantizeParams:
     axis: tuple[int, ...] | None = None
     symmetric: bool = True
     scale: bool = False
-    rule: Estimator | None = field(default=None, metadata={"omit_default": True})
+    rule: Annotation | None = field(default=None, metadata={"omit_default": True})
 
 
 @dataclass(frozen=True)
@@ -294,7 +297,7 @@ class ComposeParams:
     inner estimate, threaded as state: the op's second operand and second result) or
     `plugin` (f of this call's estimate)."""
 
-    by: Estimator
+    by: Annotation
 
 
 @dataclass(frozen=True)
@@ -302,8 +305,8 @@ class ArgminParams:
     """An inner problem: its solver (`via gd(steps=, lr=)`), the hypergradient method (`with
     implicit(cg, iters=)`; None before the hypergradient pass picks one) and the sense."""
 
-    solver: Estimator
-    hyper: Estimator | None = field(default=None, metadata={"omit_default": True})
+    solver: Annotation
+    hyper: Annotation | None = field(default=None, metadata={"omit_default": True})
     maximize: bool = field(default=False, metadata={"omit_default": True})
 
 
@@ -313,7 +316,7 @@ class STParams:
 
     op: str
     params: object
-    rule: Estimator
+    rule: Annotation
 
 
 # ---- op definitions
@@ -434,7 +437,7 @@ def params_text(params: object) -> str:
         v = getattr(params, f.name)
         if f.metadata.get("omit_default") and v == f.default:
             continue
-        if isinstance(v, Estimator):
+        if isinstance(v, Annotation):
             v = str(v)
         elif f.name == "params" and not isinstance(v, tuple):
             v = params_text(v) or "{}"

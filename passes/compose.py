@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from gradlang.builtins import BUILTINS
 from gradlang.diagnostics import Diagnostics, Span
 from gradlang.ir import Composition, Export, Function, Module, Op, Param, Region, Value
-from gradlang.ops import CalleeParams, ComposeParams, Estimator, ExpectParams, NoParams
+from gradlang.ops import CalleeParams, ComposeParams, Annotation, ExpectParams, NoParams
 from gradlang.options import NoOptions, OptionError, option, parse, rendered
 from gradlang.types import DType, TensorType, TupleType, Type, is_float_tree, scalar
 
@@ -37,7 +37,7 @@ class ScgdOptions:
 
 ESTIMATORS: dict[str, type] = {"scgd": ScgdOptions, "plugin": NoOptions}
 """Estimators of a composition and their options."""
-DEFAULT = Estimator("scgd", rendered(ScgdOptions()))
+DEFAULT = Annotation("scgd", rendered(ScgdOptions()))
 STATE = "inner"
 """The parameter (and last result) through which an `scgd` export threads (u, n)."""
 
@@ -49,7 +49,7 @@ class ComposeFact:
     outer: str
     inner: str
     samples: int
-    by: Estimator
+    by: Annotation
     default: bool
     """`by=` was not written: the pass chose it."""
 
@@ -59,7 +59,7 @@ def state_type(inner: Type) -> TupleType:
     return TupleType((inner, scalar(DType.F32)))
 
 
-def _estimator(by: Estimator | None, diags: Diagnostics) -> Estimator | None:
+def _estimator(by: Annotation | None, diags: Diagnostics) -> Annotation | None:
     """`by=` checked and completed with its defaults (None after an error)."""
     if by is None:
         return DEFAULT
@@ -147,7 +147,7 @@ class _Checker:
             out.append(Param(STATE, Value(state_type(g.result_type), STATE), self.c.span))
         return out
 
-    def wrt(self, params: list[Param], by: Estimator) -> bool:
+    def wrt(self, params: list[Param], by: Annotation) -> bool:
         ok = True
         names = [p.name for p in params]
         for name, span in zip(self.t.wrt, self.t.wrt_spans):
@@ -168,7 +168,7 @@ class _Checker:
         return ok
 
 
-def _build(export: Export, f: Function, g: Function, params: list[Param], by: Estimator) -> Function:
+def _build(export: Export, f: Function, g: Function, params: list[Param], by: Annotation) -> Function:
     """The function computing the composition (see the module docstring)."""
     c, t = export.transform.compose, export.transform
     env = {p.name: p.value for p in params}

@@ -25,7 +25,7 @@ from gradlang.distributions import DISTRIBUTIONS, DistSpec
 from gradlang.estimators import REGISTRY, OptionError, SiteEstimator, lookup
 from gradlang.estimators.pathwise import why_not_pathwise
 from gradlang.ir import Function, Module, Op, Region, walk
-from gradlang.ops import OPS, Estimator
+from gradlang.ops import OPS, Annotation
 from gradlang.options import option, parse
 from gradlang.types import DistType, TensorType, has_float_leaf
 
@@ -48,7 +48,7 @@ class SiteChoice:
     site: str
     family: str
     span: Span
-    estimator: Estimator
+    estimator: Annotation
     why: str
     annotated: bool
     size: int | None = None
@@ -181,7 +181,7 @@ class Estimators:
 
 
 class _Chooser:
-    def __init__(self, fn: Function, flow: _Flow, used_dirty: bool, default: Estimator | None,
+    def __init__(self, fn: Function, flow: _Flow, used_dirty: bool, default: Annotation | None,
                  diags: Diagnostics, out: list[SiteChoice], sliced_out: list[SlicedChoice]):
         self.fn, self.flow, self.used_dirty = fn, flow, used_dirty
         self.default, self.diags, self.out = default, diags, out
@@ -233,7 +233,7 @@ class _Chooser:
                 return op
         self.sliced_out.append(SlicedChoice(self.fn.name, op.span, count, p, kind, why,
                                             given is not None))
-        control = Estimator("control_variate", (("kind", kind),), op.span)
+        control = Annotation("control_variate", (("kind", kind),), op.span)
         return replace(op, params=replace(op.params, control=control))
 
     def support_size(self, op: Op) -> int | None:
@@ -310,7 +310,7 @@ class _Chooser:
                                    annotation is not None, size))
         return replace(op, params=replace(op.params, estimator=chosen, size=size))
 
-    def control_problem(self, e: Estimator, op: Op) -> str | None:
+    def control_problem(self, e: Annotation, op: Op) -> str | None:
         """Why the control=NAME of `e` (relax) is not a function r(psi, s) -> f32 of
         parameters psi and a (relaxed) draw s shaped as this draw (None when it is)."""
         name = e.option("control")
@@ -337,14 +337,14 @@ class _Chooser:
         return None
 
     def automatic(self, op: Op, spec: DistSpec, top: bool,
-                  auto: Estimator | None) -> tuple[Estimator, str]:
+                  auto: Annotation | None) -> tuple[Annotation, str]:
         if auto is None and self.default is not None and self.default.name == "auto":
             auto = self.default
         limit = auto.option("enum_max") if auto is not None else None
         if limit is not None and self.enum_problem(op, spec, top) is None:
             size = self.support_size(op)
             if size <= limit:
-                return (Estimator("enum"), f"{spec.name} has {size} values (<= enum_max={limit}): "
+                return (Annotation("enum"), f"{spec.name} has {size} values (<= enum_max={limit}): "
                                            f"enumerating them gives the exact expectation")
         pragma = ""
         if self.default is not None and self.default.name != "auto":
@@ -354,7 +354,7 @@ class _Chooser:
                 return _complete(self.default), f"pragma estimator {self.default}"
             pragma = f"pragma estimator {self.default} does not apply: "
         if not spec.reparam:
-            return _complete(Estimator("score")), pragma + why_not_pathwise(spec)
+            return _complete(Annotation("score")), pragma + why_not_pathwise(spec)
         flow = self.flow.result_flow(self.fn, op.result)
         if flow == "dirty" or (flow != "none" and self.used_dirty):
             if not spec.fixed_support:
@@ -363,22 +363,22 @@ class _Chooser:
                                    f"a pathwise gradient misses, and its support depends on its "
                                    f"parameters, which biases the score function; using reparam",
                                    op.span)
-                return _complete(Estimator("reparam")), pragma + "no unbiased estimator (warned)"
-            return (_complete(Estimator("score")),
+                return _complete(Annotation("reparam")), pragma + "no unbiased estimator (warned)"
+            return (_complete(Annotation("score")),
                     pragma + "the draw reaches the objective through a non-differentiable "
                              "operation (comparison, integer cast, if condition, "
                              "stop_gradient), which a pathwise gradient would miss")
-        return (_complete(Estimator("reparam")),
+        return (_complete(Annotation("reparam")),
                 pragma + f"{spec.name} is reparameterizable and every path from the draw to "
                          f"the objective is differentiable")
 
-    def problem(self, e: Estimator, spec: DistSpec) -> str | None:
+    def problem(self, e: Annotation, spec: DistSpec) -> str | None:
         """Why estimator `e` cannot be used on a `spec` site (None when it can); where a draw
         is enumerable is checked by `enum_problem`."""
         return option_problem(e) or REGISTRY[e.name].problem(spec)
 
 
-def option_problem(e: Estimator) -> str | None:
+def option_problem(e: Annotation) -> str | None:
     """Why `e` is not a known estimator (or `auto`) with valid options (None when it is)."""
     try:
         if e.name == "auto":
@@ -398,6 +398,6 @@ def _fits(t, draw) -> bool:
                     for a, b in zip(t.shape, draw.shape)))
 
 
-def _complete(e: Estimator) -> Estimator:
+def _complete(e: Annotation) -> Annotation:
     """The estimator with its defaults filled in."""
     return REGISTRY[e.name].complete(e)

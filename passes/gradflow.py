@@ -14,7 +14,7 @@ from functools import cache
 
 from gradlang.diagnostics import Diagnostics
 from gradlang.ir import Function, Module, Op, Region, Value, walk
-from gradlang.ops import OPS, Estimator
+from gradlang.ops import OPS, Annotation
 from gradlang.types import ERROR, has_float_leaf
 
 from .rewrite import defining_ops
@@ -35,7 +35,7 @@ class GradFlowFacts:
     """wrt names whose gradient is identically zero."""
 
 
-def _has_rule(op: Op, default: Estimator | None) -> bool:
+def _has_rule(op: Op, default: Annotation | None) -> bool:
     """A non-smooth op that will get a backward rule (its own, or the file's applicable one)."""
     return op.params.rule is not None or (default is not None
                                           and rule_problem(default, op.name) is None)

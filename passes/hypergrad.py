@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from gradlang.diagnostics import Diagnostics, Span
 from gradlang.ir import Module, Op, Region, walk
-from gradlang.ops import OPS, Estimator
+from gradlang.ops import OPS, Annotation
 from gradlang.options import OptionError, option, parse, rendered, unknown
 
 from .callgraph import random_functions
@@ -161,19 +161,19 @@ class InnerProblem:
 
     function: str
     span: Span
-    solver: Estimator
-    method: Estimator
+    solver: Annotation
+    method: Annotation
     why: str
 
 
-def _parsed(e: Estimator, table: dict[str, type], what: str) -> Any:
+def _parsed(e: Annotation, table: dict[str, type], what: str) -> Any:
     """The options of `e`, a `what` ("solver") of `table`, checked (raises OptionError)."""
     if e.name not in table:
         raise OptionError(unknown(what, e.name, list(table)))
     return parse(table[e.name], e.options, f"{what} '{e.name}'", e.name)
 
 
-def _solver(e: Estimator, constrained: bool) -> Estimator:
+def _solver(e: Annotation, constrained: bool) -> Annotation:
     """The solver checked and with its defaults filled in (raises OptionError)."""
     options = _parsed(e, SOLVERS | CONSTRAINED if constrained else SOLVERS, "solver")
     if constrained and e.name not in CONSTRAINED:
@@ -183,7 +183,7 @@ def _solver(e: Estimator, constrained: bool) -> Estimator:
     return replace(e, options=rendered(options))
 
 
-def _method(e: Estimator, solver: Estimator, constrained: bool) -> Estimator:
+def _method(e: Annotation, solver: Annotation, constrained: bool) -> Annotation:
     """The hypergradient method checked against the completed solver and with its defaults
     filled in (raises OptionError)."""
     options = _parsed(e, METHODS, "hypergradient method")
@@ -267,12 +267,12 @@ def _choose(fn: str, op: Op, diags: Diagnostics, found: list) -> Op:
     if p.hyper is not None:
         method, why = p.hyper, "annotated in the source"
     elif constrained:
-        method, why = Estimator("value_function"), (
+        method, why = Annotation("value_function"), (
             "the default for a problem with 'subject to': a first-order, Hessian-free "
             "value-function method that accounts for constraints coupling the inner variable "
             "and the outer parameters (implicit differentiation assumes no constraints)")
     else:
-        method, why = Estimator("implicit"), (
+        method, why = Annotation("implicit"), (
             "the default: implicit differentiation needs no storage of the solver's iterates "
             "(memory flat in its steps) and only Hessian-vector products; write "
             "'with unrolled' to differentiate through the loop instead")
@@ -287,7 +287,7 @@ def _choose(fn: str, op: Op, diags: Diagnostics, found: list) -> Op:
     return replace(op, params=replace(p, solver=solver, hyper=method))
 
 
-def _method_problem(solver: Estimator, method: Estimator, constrained: bool) -> str | None:
+def _method_problem(solver: Annotation, method: Annotation, constrained: bool) -> str | None:
     if method.name == "implicit" and constrained:
         return ("implicit differentiation assumes an unconstrained inner problem (its gradient "
                 "is zero at the solution); with 'subject to' use value_function or unrolled")
@@ -304,7 +304,7 @@ def _method_problem(solver: Estimator, method: Estimator, constrained: bool) -> 
     return None
 
 
-def _warn_kinks(op: Op, method: Estimator, diags: Diagnostics) -> None:
+def _warn_kinks(op: Op, method: Annotation, diags: Diagnostics) -> None:
     if method.name != "implicit":
         return
     kinks = sorted({o.params.op if o.name == "straight_through" else o.name
@@ -318,7 +318,7 @@ def _warn_kinks(op: Op, method: Estimator, diags: Diagnostics) -> None:
                       f"'with value_function' or 'with unrolled'", op.span)
 
 
-def _check_nested(op: Op, solver: Estimator, method: Estimator, diags: Diagnostics) -> None:
+def _check_nested(op: Op, solver: Annotation, method: Annotation, diags: Diagnostics) -> None:
     """Implicit differentiation (and Newton-CG) take forward-mode derivatives of the inner
     objective, which a nested inner problem with a custom backward (implicit, value_function)
     does not have."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 
 from gradlang.diagnostics import Diagnostics, Span
 from gradlang.ir import Export, Module, Op
-from gradlang.ops import Estimator
+from gradlang.ops import Annotation
 
 from .rewrite import map_ops
 
@@ -27,13 +27,13 @@ from .rewrite import map_ops
 class Overrides:
     """The annotations to compile with, by the span of what each annotates."""
 
-    draws: Mapping[Span, Estimator] = field(default_factory=dict)
+    draws: Mapping[Span, Annotation] = field(default_factory=dict)
     """A random choice (the span of its `x ~ D` statement) -> `with ESTIMATOR`."""
-    methods: Mapping[Span, Estimator] = field(default_factory=dict)
+    methods: Mapping[Span, Annotation] = field(default_factory=dict)
     """An argmin -> its hypergradient method, `with METHOD`."""
-    solvers: Mapping[Span, Estimator] = field(default_factory=dict)
+    solvers: Mapping[Span, Annotation] = field(default_factory=dict)
     """An argmin -> its solver, `via SOLVER`."""
-    by: Mapping[Span, Estimator | None] = field(default_factory=dict)
+    by: Mapping[Span, Annotation | None] = field(default_factory=dict)
     """An export, or a composition (the span of its `compose(...)` call) -> its `by=`; None:
     without `by=` (reverse mode; the composition's default)."""
     samples: Mapping[Span, int] = field(default_factory=dict)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 
 from gradlang.diagnostics import Diagnostics
 from gradlang.ir import PRIVATE, Export, Function, Module
-from gradlang.ops import Estimator
+from gradlang.ops import Annotation
 from gradlang.options import OptionError, option, parse, rendered
 from gradlang.types import ERROR, UNKNOWN, TensorType, type_dims
 
@@ -72,7 +72,7 @@ class PrivatePlan:
     leaves: tuple[LeafNorm, ...]
 
 
-def complete(e: Estimator) -> Estimator:
+def complete(e: Annotation) -> Annotation:
     """`by=dp(...)` checked and with its defaults filled in; raises OptionError."""
     return replace(e, options=rendered(parse(DpOptions, e.options, PRIVATE, PRIVATE)))
 

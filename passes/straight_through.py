@@ -13,7 +13,7 @@ from typing import ClassVar
 
 from gradlang.diagnostics import Diagnostics
 from gradlang.ir import Module, Op, Region
-from gradlang.ops import OPS, Estimator, STParams
+from gradlang.ops import OPS, Annotation, STParams
 from gradlang.options import OptionError, option, parse, rendered, unknown
 
 SIGNS = ("sign", "binarize")
@@ -85,14 +85,14 @@ RULES: dict[str, type] = {r.name: r for r in (Ste, Reste, ApproxSign, SwishSign,
 """Backward rules by name."""
 
 
-def _options(rule: Estimator):
+def _options(rule: Annotation):
     """The rule's options, checked (raises OptionError)."""
     if rule.name not in RULES:
         raise OptionError(unknown("backward rule", rule.name, list(RULES), listing="rules"))
     return parse(RULES[rule.name], rule.options, f"rule '{rule.name}'", rule.name)
 
 
-def rule_problem(rule: Estimator, op: str | None) -> str | None:
+def rule_problem(rule: Annotation, op: str | None) -> str | None:
     """Why `rule` cannot be the backward rule of `op` (None when it can; with `op` None, why
     it is not a known rule with valid options)."""
     try:
@@ -105,7 +105,7 @@ def rule_problem(rule: Estimator, op: str | None) -> str | None:
     return None
 
 
-def complete(rule: Estimator) -> Estimator:
+def complete(rule: Annotation) -> Annotation:
     """The rule with every option given (defaults filled in, as floats)."""
     return replace(rule, options=tuple((k, float(v)) for k, v in rendered(_options(rule))))
 
@@ -133,7 +133,7 @@ class StraightThrough:
         return replace(module, functions=tuple(functions))
 
 
-def _region(region: Region, default: Estimator | None, diags: Diagnostics) -> Region:
+def _region(region: Region, default: Annotation | None, diags: Diagnostics) -> Region:
     ops = []
     for op in region.ops:
         if op.regions:
@@ -144,7 +144,7 @@ def _region(region: Region, default: Estimator | None, diags: Diagnostics) -> Re
     return replace(region, ops=tuple(ops))
 
 
-def _rewrite(op: Op, default: Estimator | None, diags: Diagnostics) -> Op:
+def _rewrite(op: Op, default: Annotation | None, diags: Diagnostics) -> Op:
     rule = op.params.rule
     if rule is None and default is not None and rule_problem(default, op.name) is None:
         rule = default

@@ -35,7 +35,7 @@ from pathlib import Path
 from gradlang.diagnostics import Diagnostics, Span
 from gradlang.estimators import REGISTRY, SiteEstimator
 from gradlang.ir import Export, Function, Module, Op, Param, Region, Value
-from gradlang.ops import (CalleeParams, ConstParams, Estimator, ExpectParams, NoParams,
+from gradlang.ops import (CalleeParams, ConstParams, Annotation, ExpectParams, NoParams,
                           ReduceParams, SurrogateParams)
 from gradlang.types import DType, TensorType, TupleType, Type, scalar
 
@@ -76,7 +76,7 @@ class _Scope:
     """Branched (enumerated / measure-valued) draws numbered so far."""
     sizes: dict[Span, int] = field(default_factory=dict)
     """The number of values each branched draw is evaluated on."""
-    branched: tuple[Estimator, tuple[str, ...]] | None = None
+    branched: tuple[Annotation, tuple[str, ...]] | None = None
     """The scope's draw with a weak derivative: its estimator and (family, parameter names)
     (`SurrogateParams.branched` and `family`), if any."""
     kind: str = "expect"

@@ -23,7 +23,7 @@ from typing import ClassVar
 
 from gradlang.diagnostics import Diagnostics
 from gradlang.ir import PRIVATE, Module
-from gradlang.ops import Estimator
+from gradlang.ops import Annotation
 from gradlang.options import OptionError, option, parse, rendered, unknown
 
 
@@ -78,7 +78,7 @@ ESTIMATORS: dict[str, dict[str, object]] = {n: dict(rendered(c())) for n, c in B
 """Each black-box estimator's default options (what `verify --compare` reads)."""
 
 
-def complete(e: Estimator) -> Estimator:
+def complete(e: Annotation) -> Annotation:
     """`by=` checked and with its defaults filled in; raises OptionError."""
     if e.name not in BLACK_BOX:
         names = [*BLACK_BOX, PRIVATE]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,18 @@ class _Ctx:
                                     f"but lowering produced shape {tuple(x.shape)}")
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """What a `samples` op tells the draws of its region while it is lowered."""
+
+    enum_index: Any = None
+    """Enumerating: the value index of each enumerated draw (by slot) in the combination
+    being traced."""
+    shifts: tuple = ()
+    """With shifted draws (DReG, RELAX, LAX): the zero shift of each (by its `shift`), which
+    the region is differentiated against."""
+
+
 class Lowering:
     """Turns the functions of one typed module into JAX-traceable callables."""
 
@@ -158,12 +171,19 @@ class Lowering:
         self.random: frozenset[str] = module.facts.random
         """Functions that draw (they take a key)."""
         self._key_uses: dict[Region, int] = {}
-        self.enum_index: Any = None
-        """While lowering an enumerating `samples` region: the value index of each enumerated
-        draw (by slot) in the combination being traced."""
-        self.shifts: tuple = ()
-        """While lowering a `samples` region with shifted draws (DReG, RELAX): the zero shift
-        of each (by its `shift` option), which the region is differentiated against."""
+        self.sampling = Sampling()
+        """What the `samples` op being lowered tells the draws of its region (`sampling_as`)."""
+
+    @contextmanager
+    def sampling_as(self, **changes):
+        """Lower with `sampling` changed, restored afterwards (a nested `samples` op, the
+        next combination, the caller)."""
+        saved = self.sampling
+        self.sampling = replace(saved, **changes)
+        try:
+            yield self.sampling
+        finally:
+            self.sampling = saved
 
     def key_uses(self, region: Region) -> int:
         """How many keys the ops of a scope take: each random op, loop and call of a drawing

@@ -49,7 +49,8 @@ def _dist(ctx, op: Op, *args) -> Dist:
 
 def _sample(ctx, op: Op, d: Dist):
     """The draw, as the estimator the estimators pass chose draws it (`estimators`)."""
-    return REGISTRY[op.params.estimator.name].sample(ctx.next_key(), d, op.params, ctx.lowering)
+    return REGISTRY[op.params.estimator.name].sample(ctx.next_key(), d, op.params,
+                                                     ctx.lowering.sampling)
 
 
 def _samples(ctx, op: Op) -> Any:
@@ -68,10 +69,10 @@ def _samples(ctx, op: Op) -> Any:
         combos = jnp.array(list(itertools.product(*(range(k) for k in sizes))), jnp.int32)
 
         def combination(key, index):
-            ctx.lowering.enum_index = index
-            if op.params.shifts:
-                return _with_draw_gradients(ctx, op, lambda: draw(key))
-            return draw(key)
+            with ctx.lowering.sampling_as(enum_index=index):
+                if op.params.shifts:
+                    return _with_draw_gradients(ctx, op, lambda: draw(key))
+                return draw(key)
 
         out = jax.vmap(lambda k: jax.vmap(lambda c: combination(k, c))(combos))(keys)
     elif op.params.shifts:
@@ -91,11 +92,8 @@ def _with_draw_gradients(ctx, op: Op, draw) -> tuple:
     zeros = [jnp.zeros(ctx.shape(t)[lead:], JNP_DTYPES[t.dtype]) for t in types]
 
     def run(*shifts):
-        saved, ctx.lowering.shifts = ctx.lowering.shifts, shifts
-        try:
+        with ctx.lowering.sampling_as(shifts=shifts):
             return draw()
-        finally:
-            ctx.lowering.shifts = saved
 
     out, pullback = jax.vjp(run, *zeros)
     grads = pullback((jnp.ones_like(out[0]),) + tuple(jnp.zeros_like(o) for o in out[1:]))

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from gradlang.ops import Estimator
+from gradlang.ops import Annotation
 
 from .perturbed import LowRank, Seeded, seed_of, seeded_normal
 
@@ -163,7 +163,7 @@ def eggroll(objective: Callable, theta, key, o: dict, mesh=None):
 ESTIMATORS = {"spsa": spsa, "es": es, "eggroll": eggroll}
 
 
-def black_box(f: Callable, names: list[str], wrt: tuple[str, ...], by: Estimator, draws: bool,
+def black_box(f: Callable, names: list[str], wrt: tuple[str, ...], by: Annotation, draws: bool,
               value: bool, mesh=None) -> Callable:
     """The export's function of positional arguments (its key last) returning the estimated
     gradient as a dict keyed by the wrt names, after the value when `value`; called with

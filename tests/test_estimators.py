@@ -11,7 +11,7 @@ import pytest
 from gradlang.distributions import DISTRIBUTIONS
 from gradlang.estimators import REGISTRY, OptionError, lookup
 from gradlang.estimators.score import ScoreOptions
-from gradlang.ops import Estimator
+from gradlang.ops import Annotation
 from gradlang.options import parse, rendered
 
 BRANCHED = [(e, family) for e in REGISTRY.values() if e.role == "branched" for family in e.families]
@@ -21,7 +21,7 @@ BRANCHED = [(e, family) for e in REGISTRY.values() if e.role == "branched" for f
 def test_every_estimator_declares_frozen_options_whose_defaults_are_valid(estimator):
     assert dataclasses.is_dataclass(estimator.Options)
     assert estimator.Options.__dataclass_params__.frozen
-    done = estimator.complete(Estimator(estimator.name))
+    done = estimator.complete(Annotation(estimator.name))
     assert done == estimator.complete(done), "completing is idempotent"
     assert estimator.label and estimator.role in ("pathwise", "score", "enum", "branched", "dreg")
 
@@ -31,7 +31,7 @@ def test_branches_have_the_declared_count_and_noise(estimator, family):
     """Each branched estimator's draw yields its declared number of values (k for those
     drawn without replacement) and auxiliary noise exactly when it declares its shape."""
     spec, how = DISTRIBUTIONS[family], estimator.families[family]
-    opts = dict(estimator.complete(Estimator(estimator.name, (("k", 3),) if how.size is None else ())).options)
+    opts = dict(estimator.complete(Annotation(estimator.name, (("k", 3),) if how.size is None else ())).options)
     batch = () if spec.event else (5,)
     params = ([jnp.zeros(5), jnp.ones(5)] if family == "Normal"  # loc, scale
               else [jnp.linspace(-1.0, 1.0, 4 if spec.event else 5)])  # logits
@@ -60,11 +60,11 @@ def test_an_unknown_estimator_or_option_gets_a_did_you_mean():
         lookup("scor")
     with pytest.raises(OptionError, match="estimator 'score' has no option 'basline'; did you "
                                           "mean 'baseline'"):
-        REGISTRY["score"].options(Estimator("score", (("basline", "loo"),)))
+        REGISTRY["score"].options(Annotation("score", (("basline", "loo"),)))
     with pytest.raises(OptionError, match=r"has no option 'x' \(options: tau\)"):
-        REGISTRY["gumbel"].options(Estimator("gumbel", (("x", 1.0),)))
+        REGISTRY["gumbel"].options(Annotation("gumbel", (("x", 1.0),)))
     with pytest.raises(OptionError, match=r"has no option 'tau' \(it takes none\)"):
-        REGISTRY["reparam"].options(Estimator("reparam", (("tau", 1.0),)))
+        REGISTRY["reparam"].options(Annotation("reparam", (("tau", 1.0),)))
 
 
 @pytest.mark.parametrize("given, message", [
@@ -84,5 +84,5 @@ def test_defaults_fill_in_and_absent_options_are_not_rendered():
     assert rendered(parse(ScoreOptions, (), "", "score")) == (("baseline", "auto"),)
     assert rendered(parse(ScoreOptions, (("baseline", "ma"),), "", "score")) == \
         (("baseline", "ma"), ("decay", 0.9))
-    assert str(REGISTRY["relax"].complete(Estimator("relax", (("control", "r"),)))) == \
+    assert str(REGISTRY["relax"].complete(Annotation("relax", (("control", "r"),)))) == \
         "relax(control=r, eta=1.0, tau=0.5, lr=0.01)"

@@ -11,7 +11,7 @@ import pytest
 
 import gradlang
 from gradlang.ir import Combination
-from gradlang.ops import Estimator
+from gradlang.ops import Annotation
 from gradlang.options import OptionError, parse, rendered, unknown
 from gradlang.passes import (compose, hypergrad, multiobjective, privacy, straight_through,
                              zeroth_order)
@@ -117,15 +117,15 @@ def test_completed_annotations_keep_their_rendered_form():
     resolved for the number of objectives."""
     assert rendered(hypergrad.CONSTRAINED["gd"]()) == (
         ("steps", 100), ("lr", 0.1), ("tol", 0.0), ("rho", 1.0))
-    assert str(straight_through.complete(Estimator("reste", (("power", 3),)))) == \
+    assert str(straight_through.complete(Annotation("reste", (("power", 3),)))) == \
         "reste(power=3.0, clip=1.0, max_grad=10.0)"
-    assert str(zeroth_order.complete(Estimator("eggroll", (("rank", 2),)))) == \
+    assert str(zeroth_order.complete(Annotation("eggroll", (("rank", 2),)))) == \
         "eggroll(sigma=0.1, pop=64, rank=2, antithetic=true)"
-    assert str(privacy.complete(Estimator("dp", (("noise", 2), ("clip", 0.5))))) == \
+    assert str(privacy.complete(Annotation("dp", (("noise", 2), ("clip", 0.5))))) == \
         "dp(clip=0.5, noise=2, per_example_axis=0, clipping=ghost)"
     assert str(multiobjective.complete(Combination("mgda"), 2)) == "mgda(solver=exact, iters=100)"
     assert multiobjective.complete(Combination("mgda"), 9).option("solver") == "frank_wolfe"
-    assert compose.DEFAULT == Estimator("scgd", (("beta", 0.1),))
+    assert compose.DEFAULT == Annotation("scgd", (("beta", 0.1),))
 
 
 def test_unknown_names_get_a_did_you_mean_or_the_list():
@@ -135,4 +135,4 @@ def test_unknown_names_get_a_did_you_mean_or_the_list():
         "unknown backward rule 'zzz' (rules: ste, reste)"
     with pytest.raises(OptionError, match=r"unknown gradient estimator 'eggrol' for by=; did "
                                           r"you mean 'eggroll'\?"):
-        zeroth_order.complete(Estimator("eggrol"))
+        zeroth_order.complete(Annotation("eggrol"))

@@ -12,7 +12,7 @@ import pytest
 from gradlang.diagnostics import Diagnostics, SourceFile, Span
 from gradlang.driver import compile_module
 from gradlang.ir import Module
-from gradlang.ops import Estimator
+from gradlang.ops import Annotation
 from gradlang.passes.overrides import Overrides
 from gradlang.printer import print_module
 
@@ -78,22 +78,22 @@ def _choices(m: Module) -> list[tuple]:
 
 VARIANTS = [  # the edit of the source text, and the override that stands for it
     ("c ~ Bernoulli(logits=t)", "c ~ Bernoulli(logits=t) with enum",
-     lambda m: Overrides(draws={_site(m, "c"): Estimator("enum")})),
+     lambda m: Overrides(draws={_site(m, "c"): Annotation("enum")})),
     ("with score(baseline=loo)", "with score(baseline=ma, credit=whole)",
-     lambda m: Overrides(draws={_site(m, "x"): Estimator("score", (("baseline", "ma"),
+     lambda m: Overrides(draws={_site(m, "x"): Annotation("score", (("baseline", "ma"),
                                                                    ("credit", "whole")))})),
     ("} via gd(steps=100, lr=0.1)", "} via gd(steps=100, lr=0.1) with unrolled",
-     lambda m: Overrides(methods={_argmin(m): Estimator("unrolled")})),
+     lambda m: Overrides(methods={_argmin(m): Annotation("unrolled")})),
     ("via gd(steps=100, lr=0.1)", "via adam(steps=300, tol=0.001) with implicit(gmres)",
-     lambda m: Overrides(solvers={_argmin(m): Estimator("adam", (("steps", 300), ("tol", 0.001)))},
-                         methods={_argmin(m): Estimator("implicit", (("method", "gmres"),))})),
+     lambda m: Overrides(solvers={_argmin(m): Annotation("adam", (("steps", 300), ("tol", 0.001)))},
+                         methods={_argmin(m): Annotation("implicit", (("method", "gmres"),))})),
     ("by=spsa(eps=0.01)", "by=es(sigma=0.01, pop=8)",
-     lambda m: Overrides(by={_export(m, "bb").span: Estimator("es", (("sigma", 0.01),
+     lambda m: Overrides(by={_export(m, "bb").span: Annotation("es", (("sigma", 0.01),
                                                                       ("pop", 8)))})),
     (", by=spsa(eps=0.01)", "",
      lambda m: Overrides(by={_export(m, "bb").span: None})),
     ("expect(g, samples=4), by=scgd(beta=0.1)", "expect(g, samples=16), by=plugin",
-     lambda m: Overrides(by={_export(m, "composed").transform.compose.span: Estimator("plugin")},
+     lambda m: Overrides(by={_export(m, "composed").transform.compose.span: Annotation("plugin")},
                          samples={_export(m, "composed").span: 16})),
     ("expect(f, samples=4)", "expect(f, samples=2)",
      lambda m: Overrides(samples={_export(m, "sites").span: 2})),
@@ -116,17 +116,17 @@ def test_an_override_compiles_as_the_written_annotation(base, old, new, override
 def test_an_override_that_cannot_apply_is_the_written_annotations_error(base):
     written, expected = _compile(SourceFile("t.grad", SRC.replace(
         "c ~ Bernoulli(logits=t)", "c ~ Bernoulli(logits=t) with reparam")))
-    overridden, got = _compile(SOURCE, Overrides(draws={_site(base, "c"): Estimator("reparam")}))
+    overridden, got = _compile(SOURCE, Overrides(draws={_site(base, "c"): Annotation("reparam")}))
     assert written is None and overridden is None
     assert [d.message for d in got.errors] == [d.message for d in expected.errors]
 
 
 @pytest.mark.parametrize("overrides", [
-    lambda m: Overrides(methods={_site(m, "c"): Estimator("unrolled")}),  # a draw is no argmin
+    lambda m: Overrides(methods={_site(m, "c"): Annotation("unrolled")}),  # a draw is no argmin
     lambda m: Overrides(by={_argmin(m): None}),  # an argmin is no export
     lambda m: Overrides(samples={_export(m, "bb").span: 8}),  # bb is no expectation
     # the same place in another read of the file
-    lambda m: Overrides(draws={Span(SourceFile("t.grad", SRC), 2, 3, 2, 26): Estimator("enum")}),
+    lambda m: Overrides(draws={Span(SourceFile("t.grad", SRC), 2, 3, 2, 26): Annotation("enum")}),
 ])
 def test_an_override_of_nothing_is_a_bug_of_its_caller(base, overrides):
     with pytest.raises(ValueError, match="overrides that match nothing"):

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gradlang.ir import Export, Function, Module, Op, Region, reachable, walk
-from gradlang.ops import OPS, Estimator
+from gradlang.ops import OPS, Annotation
 from gradlang.estimators import REGISTRY
 from gradlang.passes.compose import ComposeFact
 from gradlang.passes.estimators import SiteChoice
@@ -28,7 +28,7 @@ class NonSmooth:
 
     function: str
     op: Op
-    rule: Estimator | None
+    rule: Annotation | None
 
     @property
     def name(self) -> str:
@@ -57,11 +57,11 @@ class Case:
     sites: tuple[SiteChoice, ...]
     nonsmooth: tuple[NonSmooth, ...]
     inner: tuple[InnerProblem, ...]
-    by: Estimator | None
+    by: Annotation | None
     """The black-box estimator (`by=` other than `dp`)."""
     draws: bool
     """The export takes a key (its estimates are random)."""
-    private: Estimator | None = None
+    private: Annotation | None = None
     """`by=dp(...)`: per-example clipping and Gaussian noise."""
     compose: ComposeFact | None = None
     """`compose(f, expect(g, samples=N), by=...)`: f, g, N and the estimator."""

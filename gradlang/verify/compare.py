@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
-from gradlang.ops import Estimator
+from gradlang.ops import Annotation
 from gradlang.estimators import REGISTRY
 from gradlang.estimators.score import BASELINES
 from gradlang.passes.estimators import SiteChoice
@@ -26,27 +26,27 @@ from .variants import Origin
 SCORE_BASELINES = tuple(b for b in BASELINES if b != "auto")
 
 
-def site_candidates() -> list[Estimator]:
+def site_candidates() -> list[Annotation]:
     """Every estimator of a random choice, with each baseline of the score function."""
     out = []
     for name in ["auto", *REGISTRY]:
-        out += [Estimator(name, (("baseline", b),)) for b in SCORE_BASELINES] \
-            if name == "score" else [Estimator(name)]
+        out += [Annotation(name, (("baseline", b),)) for b in SCORE_BASELINES] \
+            if name == "score" else [Annotation(name)]
     return out
 
 
-def argmin_candidates() -> list[Estimator]:
-    return [Estimator("implicit", (("method", s),)) for s in LINEAR_SOLVERS] + \
-        [Estimator(m) for m in METHODS if m != "implicit"]
+def argmin_candidates() -> list[Annotation]:
+    return [Annotation("implicit", (("method", s),)) for s in LINEAR_SOLVERS] + \
+        [Annotation(m) for m in METHODS if m != "implicit"]
 
 
-def black_box_candidates(by: Estimator) -> list[Estimator | None]:
+def black_box_candidates(by: Annotation) -> list[Annotation | None]:
     """Each black-box estimator at the export's smoothing scale (and population), and plain
     reverse mode (None: no `by=`)."""
     o = dict(by.options)
     scale = o.get("eps", o.get("sigma"))
     pop = o.get("pop", 64) + o.get("pop", 64) % 2
-    return [Estimator(name, (("eps", scale),) if "eps" in options
+    return [Annotation(name, (("eps", scale),) if "eps" in options
                       else (("sigma", scale), ("pop", pop)))
             for name, options in ESTIMATORS.items()] + [None]
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from gradlang.estimators import REGISTRY
 from gradlang.ir import externs_of
-from gradlang.ops import Estimator
+from gradlang.ops import Annotation
 from gradlang.passes.overrides import Overrides
 
 from . import composition
@@ -40,7 +40,7 @@ from .variants import Origin
 
 ENUM_MAX = 64
 TIGHTER = 10
-PLAIN = Estimator("score", (("baseline", "none"),))
+PLAIN = Annotation("score", (("baseline", "none"),))
 """The estimator of a draw in the program whose forward is the model's."""
 
 
@@ -51,7 +51,7 @@ def _variant(origin: Origin, overrides: Overrides, name: str) -> Program | str:
     return load(compiled, name, origin.externs, origin.mesh)
 
 
-def tighter(solver: Estimator, factor: int) -> Estimator:
+def tighter(solver: Annotation, factor: int) -> Annotation:
     """The solver with `factor` times its steps and, when it stops at a tolerance, a factor^2
     smaller one (its other options as they are)."""
     options = dict(solver.options)
@@ -126,7 +126,7 @@ def reference(origin: Origin, program: Program, case: Case, named: Mapping, sett
 def _random(origin: Origin, program: Program, case: Case, named: Mapping, settings: Settings,
             chunk: int, key, coords, theta) -> Reference:
     name, m = program.export.name, settings.reference_samples
-    auto = Estimator("auto", (("enum_max", ENUM_MAX),))
+    auto = Annotation("auto", (("enum_max", ENUM_MAX),))
     draws = {s.span: auto for s in case.sites if origin.owns(s.span)}
     variant = _variant(origin, Overrides(draws=draws), name) if draws else None
     if isinstance(variant, Program):
