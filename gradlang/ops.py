@@ -15,7 +15,9 @@ Traits read by passes:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from .diagnostics import Span
 from .types import Dim, DType, Type
@@ -328,14 +330,49 @@ class OpDef:
     params: type = NoParams
     traits: frozenset[str] = frozenset()
     doc: str = ""
+    verify: Callable[[Any], str | None] | None = None
+    """The op's own invariants (operand and result counts its params imply): what is wrong
+    with an op, or None (`gradlang.verifier` calls it after every pass)."""
 
     def check_params(self, params: object) -> bool:
         return isinstance(params, self.params)
 
 
-def _defs(names: str, params: type = NoParams, traits: str = "", doc: str = "") -> list[OpDef]:
+def _defs(names: str, params: type = NoParams, traits: str = "", doc: str = "",
+          verify: Callable[[Any], str | None] | None = None) -> list[OpDef]:
     t = frozenset(traits.split())
-    return [OpDef(n, params, t, doc) for n in names.split()]
+    return [OpDef(n, params, t, doc, verify) for n in names.split()]
+
+
+def _verify_samples(op) -> str | None:
+    """Results: the region's, stacked, then d value / d shift for each shifted draw."""
+    want = len(op.regions[0].results) + op.params.shifts if len(op.regions) == 1 else None
+    if want is None:
+        return f"has {len(op.regions)} regions, not 1"
+    if len(op.results) != want:
+        return (f"has {len(op.results)} results; its region yields "
+                f"{len(op.regions[0].results)} and it has {op.params.shifts} shifts")
+    return None
+
+
+def _verify_surrogate(op) -> str | None:
+    """Operands: the value, `costs` costs, one term per entry of `baselines`, then the state
+    (a moving average's, or a learned control's psi) if any; results: the estimate, then the
+    updated state if any."""
+    p = op.params
+    state = int("ma" in p.baselines or bool(p.control))
+    want = 1 + p.costs + len(p.baselines) + state
+    if len(op.operands) != want:
+        return (f"has {len(op.operands)} operands; its params describe {want} (the value, "
+                f"{p.costs} costs, {len(p.baselines)} terms" + (", the state)" if state else ")"))
+    if len(op.results) != 1 + state:
+        return f"has {len(op.results)} results, not {1 + state}"
+    if p.costs and (len(p.credit) != len(p.baselines)
+                    or any(j >= p.costs for to in p.credit for j in to)):
+        return f"credits {p.credit} do not index its {p.costs} costs per term"
+    if p.branched is None and {"param", "draw", "aux"} & set(p.baselines):
+        return "has a branched draw's operands but no branched estimator"
+    return None
 
 
 UNARY_FLOAT = "exp log log1p expm1 sqrt tanh sigmoid softplus relu sin cos"
@@ -423,9 +460,11 @@ OPS: dict[str, OpDef] = {
         *_defs("dist_mean", NoParams, "", "mean of a distribution"),
         *_defs("expect", ExpectParams, "random", "Monte Carlo mean of its region over independent draws"),
         *_defs("samples", ExpectParams, "random",
-               "its region evaluated on independent draws, results stacked on a new axis 0"),
+               "its region evaluated on independent draws, results stacked on a new axis 0",
+               _verify_samples),
         *_defs("surrogate", SurrogateParams, "",
-               "mean over samples of the score-function surrogate (magic box and baselines)"),
+               "mean over samples of the score-function surrogate (magic box and baselines)",
+               _verify_surrogate),
     ]
 }
 

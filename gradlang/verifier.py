@@ -38,6 +38,8 @@ def verify_function(fn: Function, *, resolved: bool = False, typed: bool = False
             if not opdef.check_params(op.params):
                 problems.append(f"op '{op.name}' has params {type(op.params).__name__}, "
                                 f"expected {opdef.params.__name__}")
+            elif opdef.verify is not None and opdef.verify(op) is not None:
+                problems.append(f"op '{op.name}' {opdef.verify(op)}")
             if resolved and "unresolved" in opdef.traits:
                 problems.append(f"unresolved op '{op.name}' after resolution")
             for v in op.operands:

@@ -71,6 +71,35 @@ def test_verifier_rejects_untyped_values_after_typecheck():
     assert any("has type ?" in p for p in verify_function(bad, typed=True))
 
 
+SCORED = """
+fn f(t: f32[3]) -> f32 {
+  z ~ Bernoulli(logits=t) with score(baseline=loo)
+  return (sum(z) - 1.3) ^ 2
+}
+export g = grad(expect(f, samples=4), wrt=[t])
+"""
+
+
+def test_the_surrogate_and_samples_ops_check_their_operand_segments():
+    """Each op's own invariants (`OpDef.verify`) run with the structural checks: dropping a
+    score term, or a result of `samples`, is caught."""
+    diags = Diagnostics()
+    module = compile_module(SourceFile("t.grad", SCORED), None, diags)
+    assert module is not None, diags.render()
+    fn = next(f for f in module.functions if any(op.name == "surrogate" for op in f.body.ops))
+    assert verify_function(fn, resolved=True, typed=True) == []
+    i, sur = next((i, op) for i, op in enumerate(fn.body.ops) if op.name == "surrogate")
+    ops = list(fn.body.ops)
+    ops[i] = replace(sur, operands=sur.operands[:-1])
+    bad = replace(fn, body=replace(fn.body, ops=tuple(ops)))
+    assert any("its params describe" in p for p in verify_function(bad))
+    j, samples = next((j, op) for j, op in enumerate(fn.body.ops) if op.name == "samples")
+    ops = list(fn.body.ops)
+    ops[j] = replace(samples, params=replace(samples.params, shifts=1))
+    bad = replace(fn, body=replace(fn.body, ops=tuple(ops)))
+    assert any("shifts" in p for p in verify_function(bad))
+
+
 def test_verify_module_error_shows_the_function():
     module = typed()
     fn = module.functions[0]
