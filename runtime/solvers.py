@@ -147,8 +147,6 @@ def _aux(name: str, x: Array, options: dict):
 
 UPDATES = {"gd": _gd, "momentum": _momentum, "adam": _adam, "projected": _projected,
            "lbfgs": _lbfgs, "newton_cg": _newton_cg}
-DIFFERENTIABLE = ("gd", "momentum", "adam", "projected")
-"""Solvers whose loop reverse mode can go through (no while-loop line search)."""
 
 
 def start(name: str, p: Problem, x0: Array, lam0: Array) -> State:
