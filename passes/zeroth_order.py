@@ -74,8 +74,6 @@ class Eggroll(_Population):
 
 BLACK_BOX: dict[str, type] = {c.name: c for c in (Spsa, Es, Eggroll)}
 """Each black-box estimator's options, by name."""
-ESTIMATORS: dict[str, dict[str, object]] = {n: dict(rendered(c())) for n, c in BLACK_BOX.items()}
-"""Each black-box estimator's default options (what `verify --compare` reads)."""
 
 
 def complete(e: Annotation) -> Annotation:

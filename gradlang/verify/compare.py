@@ -13,7 +13,7 @@ from gradlang.estimators.score import BASELINES
 from gradlang.passes.estimators import SiteChoice
 from gradlang.passes.hypergrad import LINEAR_SOLVERS, METHODS, InnerProblem
 from gradlang.passes.overrides import Overrides
-from gradlang.passes.zeroth_order import ESTIMATORS
+from gradlang.passes.zeroth_order import BLACK_BOX
 
 from .case import Case, classify, place_key
 from .inputs import VerifyError
@@ -46,9 +46,9 @@ def black_box_candidates(by: Annotation) -> list[Annotation | None]:
     o = dict(by.options)
     scale = o.get("eps", o.get("sigma"))
     pop = o.get("pop", 64) + o.get("pop", 64) % 2
-    return [Annotation(name, (("eps", scale),) if "eps" in options
-                      else (("sigma", scale), ("pop", pop)))
-            for name, options in ESTIMATORS.items()] + [None]
+    return [Annotation(name, (("eps", scale),) if hasattr(options, "eps")
+                       else (("sigma", scale), ("pop", pop)))
+            for name, options in BLACK_BOX.items()] + [None]
 
 
 def _title(place: SiteChoice | InnerProblem) -> str:
