@@ -95,7 +95,7 @@ PAST_THE_LIMITS = {
     "expression": (fn("f", "sin(" * MAX_DEPTH + "x" + ")" * MAX_DEPTH),
                    f"expression nested too deeply ({MAX_DEPTH + 1} levels; the limit is {MAX_DEPTH})"),
     "blocks": (fn("f", argmins(MAX_BLOCKS + 1)), "blocks nested too deeply: this 'argmin' is level"),
-    "blocks in calls": (call_chain(1, argmins(MAX_BLOCKS)) + fn("g", f"if x > 0.0 then h1(x) else x"),
+    "blocks in calls": (call_chain(1, argmins(MAX_BLOCKS)) + fn("g", "if x > 0.0 then h1(x) else x"),
                         "blocks nested too deeply: the blocks of 'h1' are at levels up to"),
     "calls": (call_chain(MAX_CALLS + 1, "x"), "calls nested too deeply"),
     "tuple type": (fn("f", "x", "x: f32, t: " + "(" * MAX_DEPTH + "f32" + ", f32)" * MAX_DEPTH),
@@ -116,7 +116,7 @@ def test_nesting_past_the_limits_is_a_diagnostic(kind, tmp_path, default_recursi
     text, message = PAST_THE_LIMITS[kind]
     for command in (("check",), compile_args(tmp_path)):
         assert run(tmp_path, text, *command) == 1
-        assert f"main.grad:" in (err := capsys.readouterr().err) and message in err, err
+        assert "main.grad:" in (err := capsys.readouterr().err) and message in err, err
 
 
 @pytest.mark.parametrize("n", [10, 300, 3000])
