@@ -20,6 +20,7 @@ from gradlang.ops import OPS, Annotation
 from gradlang.options import OptionError, option, parse, rendered, unknown
 
 from .callgraph import random_functions
+from .rewrite import map_ops
 
 # ---- solvers: `tol` > 0 stops at that residual; a fraction (a momentum) is in [0, 1)
 
@@ -210,22 +211,16 @@ class Hypergrad:
         functions = []
         random = random_functions(module)
         for fn in module.functions:
-            functions.append(replace(fn, body=_region(fn.name, fn.body, diags, found, random)))
+            functions.append(replace(fn, body=map_ops(fn.body, lambda op, fn=fn: _argmin(
+                fn.name, op, diags, found, random) if op.name == "argmin" else op)))
         return replace(module, functions=tuple(functions),
                        facts=replace(module.facts, hypergrad=tuple(found)))
 
 
-def _region(fn: str, region: Region, diags: Diagnostics, found: list, random: set[str]) -> Region:
-    ops = []
-    for op in region.ops:
-        if op.regions:
-            op = replace(op, regions=tuple(_region(fn, r, diags, found, random)
-                                           for r in op.regions))
-        if op.name == "argmin":
-            _check_deterministic(op, random, diags)
-            op = _choose(fn, op, diags, found)
-        ops.append(op)
-    return replace(region, ops=tuple(ops))
+def _argmin(fn: str, op: Op, diags: Diagnostics, found: list, random: set[str]) -> Op:
+    """An argmin (its nested ones already done) checked, with its solver and method chosen."""
+    _check_deterministic(op, random, diags)
+    return _choose(fn, op, diags, found)
 
 
 def _own_ops(region: Region):

@@ -12,9 +12,11 @@ from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from gradlang.diagnostics import Diagnostics
-from gradlang.ir import Module, Op, Region
+from gradlang.ir import Module, Op
 from gradlang.ops import OPS, Annotation, STParams
 from gradlang.options import OptionError, option, parse, rendered, unknown
+
+from .rewrite import map_ops
 
 SIGNS = ("sign", "binarize")
 ELEMENTWISE = ("sign", "binarize", "round", "floor", "ceil", "step")
@@ -129,19 +131,9 @@ class StraightThrough:
         functions = []
         for fn in module.functions:
             default = module.unit(fn.unit).backward
-            functions.append(replace(fn, body=_region(fn.body, default, diags)))
+            functions.append(replace(fn, body=map_ops(fn.body, lambda op, d=default: _rewrite(
+                op, d, diags) if "nonsmooth" in OPS[op.name].traits else op)))
         return replace(module, functions=tuple(functions))
-
-
-def _region(region: Region, default: Annotation | None, diags: Diagnostics) -> Region:
-    ops = []
-    for op in region.ops:
-        if op.regions:
-            op = replace(op, regions=tuple(_region(r, default, diags) for r in op.regions))
-        if "nonsmooth" in OPS[op.name].traits:
-            op = _rewrite(op, default, diags)
-        ops.append(op)
-    return replace(region, ops=tuple(ops))
 
 
 def _rewrite(op: Op, default: Annotation | None, diags: Diagnostics) -> Op:
