@@ -95,8 +95,9 @@ class _Parser:
 
     def fail(self, message: str, pos: int | None = None) -> typing.NoReturn:
         line, col = self.where(self.pos if pos is None else pos)
-        found = self.text[self.pos:].split("\n", 1)[0][:20]
-        raise IRSyntaxError(message + (f", found {found!r}" if pos is None else ""),
+        rest = self.text[self.pos:self.pos + 20].split("\n", 1)[0]
+        found = repr(rest) if rest else "the end of the text" if self.at_end() else "the line's end"
+        raise IRSyntaxError(message + (f", found {found}" if pos is None else ""),
                             self.source.path, line, col)
 
     def at_end(self) -> bool:
