@@ -118,7 +118,7 @@ class Combination:
         return dict(self.options).get(key, default)
 
     def __str__(self) -> str:
-        args = [f"{w:g}" for w in self.weights]
+        args = [repr(w) for w in self.weights]
         args += [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in self.options]
         return f"{self.name}({', '.join(args)})" if args else self.name
 
@@ -180,7 +180,7 @@ class Transform:
     def call(self, fn: str) -> str:
         """`kind(fn, wrt=[...], lr=..., by=...)` as written in source (`fn` as given; for
         `minimize`, the list of objectives)."""
-        lr = f", lr={self.lr:g}" if self.lr is not None else ""
+        lr = f", lr={self.lr!r}" if self.lr is not None else ""
         by = self.by if self.by is not None else self.rule
         by = f", by={by}" if by is not None else ""
         return f"{self.kind}({fn}, wrt=[{', '.join(self.wrt)}]{lr}{by})"
