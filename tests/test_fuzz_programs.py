@@ -13,6 +13,8 @@ compiled by XLA and run); `-m slow` runs a campaign of 10^4 programs (hours on 2
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -48,6 +50,26 @@ def test_accepted_programs_never_crash(seed, folder):
     outcome = fuzzrun.run(program, folder, execute, vmap=seed % VMAP_EVERY == 3,
                           cli=seed % CLI_EVERY == 6)
     assert outcome.status in ("ok", "compile_error", "argument_error"), report(program, outcome)
+
+
+FOUND = {3880: "newton_cg's backtracking while_loop in an argmin in a scan under vmap never "
+               "ended in XLA's optimized CPU code (now a loop of fixed trip count)"}
+"""Programs that campaigns found slow or failing, rerun (compiled and executed) each time."""
+
+
+@pytest.mark.parametrize("seed", sorted(FOUND))
+def test_programs_campaigns_found_run_to_the_end(seed):
+    """In a child process with a time limit, since XLA computations cannot be interrupted."""
+    code = (f"import sys, tempfile, pathlib; sys.path.insert(0, {str(Path(__file__).parent)!r});"
+            f"import fuzzgen, fuzzrun; o = fuzzrun.run(fuzzgen.generate({seed}), "
+            f"pathlib.Path(tempfile.mkdtemp()), execute=True); print(o.status, o.error)")
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"seed {seed} ran past 240 s: {FOUND[seed]}")
+    assert done.returncode == 0 and done.stdout.split()[0] in ("ok", "compile_error",
+                                                               "argument_error"), done.stdout + done.stderr
 
 
 def test_most_generated_programs_are_accepted(folder):
