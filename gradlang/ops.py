@@ -367,9 +367,10 @@ def _verify_surrogate(op) -> str | None:
                 f"{p.costs} costs, {len(p.baselines)} terms" + (", the state)" if state else ")"))
     if len(op.results) != 1 + state:
         return f"has {len(op.results)} results, not {1 + state}"
-    if p.costs and (len(p.credit) != len(p.baselines)
+    scored = [i for i, b in enumerate(p.baselines) if b in ("none", "loo", "grpo", "ma")]
+    if p.costs and (any(i >= len(p.credit) for i in scored)
                     or any(j >= p.costs for to in p.credit for j in to)):
-        return f"credits {p.credit} do not index its {p.costs} costs per term"
+        return f"credits {p.credit} do not give each score term some of its {p.costs} costs"
     if p.branched is None and {"param", "draw", "aux"} & set(p.baselines):
         return "has a branched draw's operands but no branched estimator"
     return None

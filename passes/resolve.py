@@ -352,13 +352,14 @@ def _check_export(module: Module, export: Export, diags: Diagnostics) -> Export 
         return export
     if _broken(fn):
         return None
-    if t.kind == "descend" and t.lr is None and fn.param("lr") is not None:
+    outer = module.function(t.compose.outer) if t.compose is not None else None
+    clash = next((f for f in (fn, outer) if f is not None and f.param("lr") is not None), None)
+    if t.kind == "descend" and t.lr is None and clash is not None:  # a composition's outer too
         diags.error(f"descend without lr= takes the step size as an argument 'lr', but "
-                    f"'{fn.name}' has a parameter 'lr'; write lr=VALUE or rename it",
+                    f"'{clash.name}' has a parameter 'lr'; write lr=VALUE or rename it",
                     export.fn_span)
         return None
     if t.compose is not None:  # the compose pass checks both functions and wrt
-        outer = module.function(t.compose.outer)
         return export if outer is None or not _broken(outer) else None
     r = fn.result_type
     if t.kind != "fn" and not (isinstance(r, TensorType) and r.rank == 0 and r.dtype.is_float):
