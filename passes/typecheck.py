@@ -17,6 +17,7 @@ from gradlang.diagnostics import Diagnostics
 from gradlang.ir import Function, Module, Op, Region, Value
 from gradlang.shapes import (ShapeError, add_dims, broadcast, is_power_of_two, normalize_axis,
                              reshape, show, sub_dims, unify)
+from gradlang.options import F32_MAX
 from gradlang.types import (ERROR, SOLVER_REPORT, DistType, DType, StructType, TensorType, TupleType, Type,
                             promote, is_float_tree, scalar, substitute_dims)
 
@@ -520,6 +521,8 @@ class _FunctionChecker:
         self.env: dict[Value, Value] = {p.value: p.value for p in fn.params}
 
     def run(self) -> Function:
+        self.literals: dict[Value, Op] = {}
+        """Float literals (their const ops) by value, to check where they are used."""
         body = self.region(self.fn.body, ())
         (result,) = body.results
         if result.type is not ERROR:
@@ -572,7 +575,23 @@ class _FunctionChecker:
         if op.name == "const" or (op.name in _WEAK_PROPAGATING and args
                                   and all(a in self.ctx.weak for a in args)):
             self.ctx.weak.update(results)
+        if op.name == "const" and isinstance(op.params.value, float):
+            self.literals[results[0]] = op
+        self._f32_overflow(op, args, results)
         return replace(op, operands=tuple(args), results=results)
+
+    def _f32_overflow(self, op: Op, args: list[Value], results: tuple[Value, ...]) -> None:
+        """A float literal beyond float32's range used in an f32 computation would be inf."""
+        if not any(isinstance(r.type, TensorType) and r.type.dtype is DType.F32 for r in results):
+            return
+        for a in args:
+            lit = self.literals.get(a)
+            if lit is not None and not abs(lit.params.value) <= F32_MAX:
+                self.diags.error(f"the literal {lit.params.value:g} is beyond float32's range "
+                                 f"(largest {F32_MAX:.3g}) in this f32 computation, where it "
+                                 f"would be inf; use a smaller value, or f64 operands",
+                                 lit.span or op.span)
+                del self.literals[a]
 
     def if_op(self, op: Op, args: list[Value]) -> Op:
         then, orelse = (self.region(r, ()) for r in op.regions)
