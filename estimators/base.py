@@ -190,9 +190,10 @@ def entries_sum(x):
     return jnp.sum(x.reshape(x.shape[0], -1), -1)
 
 
-def listed(names) -> str:
+def listed(names, last: str = "and") -> str:
+    """"a, b and c" (or `last` before the last name)."""
     names = list(names)
-    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} {last} {names[-1]}"
 
 
 __all__ = ["Branched", "BranchedEstimator", "OptionError", "SiteEstimator"]

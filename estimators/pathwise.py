@@ -14,7 +14,7 @@ from __future__ import annotations
 from gradlang.distributions import DistSpec
 from gradlang.ops import SampleParams
 
-from .base import SiteEstimator
+from .base import SiteEstimator, listed
 
 
 def why_not_pathwise(spec: DistSpec) -> str:
@@ -34,8 +34,7 @@ class Reparam(SiteEstimator):
         if spec.relaxable:
             from . import REGISTRY  # the registry imports this module
 
-            relaxations = [e.name for e in REGISTRY.values() if e.relaxed]
-            alts = f"score, {', '.join(relaxations[:-1])} or {relaxations[-1]}"
+            alts = listed(["score", *(e.name for e in REGISTRY.values() if e.relaxed)], "or")
         return f"cannot use '{self.name}' on {spec.name}: {why_not_pathwise(spec)}; use {alts}"
 
 
