@@ -215,6 +215,11 @@ class ExpectParams:
     the others)."""
 
 
+SCORED = ("none", "loo", "grpo", "ma")
+"""The `SurrogateParams.baselines` of score terms proper (credited with costs), once `auto` is
+resolved; the other entries are other operands' roles."""
+
+
 @dataclass(frozen=True)
 class SurrogateParams:
     baselines: tuple[str, ...]
@@ -367,7 +372,7 @@ def _verify_surrogate(op) -> str | None:
                 f"{p.costs} costs, {len(p.baselines)} terms" + (", the state)" if state else ")"))
     if len(op.results) != 1 + state:
         return f"has {len(op.results)} results, not {1 + state}"
-    scored = [i for i, b in enumerate(p.baselines) if b in ("none", "loo", "grpo", "ma")]
+    scored = [i for i, b in enumerate(p.baselines) if b in SCORED]
     if p.costs and (any(i >= len(p.credit) for i in scored)
                     or any(j >= p.costs for to in p.credit for j in to)):
         return f"credits {p.credit} do not give each score term some of its {p.costs} costs"

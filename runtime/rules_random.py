@@ -16,14 +16,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from gradlang.ir import Op
-
-from .dtypes import JNP_DTYPES
-
 from gradlang.estimators import REGISTRY
+from gradlang.ir import Op
+from gradlang.ops import SCORED
 
 from .branched import weak_derivative
 from .distributions import FAMILIES, KL, Family, batch_shape
+from .dtypes import JNP_DTYPES
 
 
 @dataclass(frozen=True)
@@ -188,7 +187,7 @@ def _surrogate(ctx, op: Op, v, *rest):
     by = {}
     for b, x in zip(p.baselines, rest):
         by.setdefault(b, []).append(x)
-    kept = [i for i, b in enumerate(p.baselines) if b in ("none", "loo", "grpo", "ma")]
+    kept = [i for i, b in enumerate(p.baselines) if b in SCORED]
     scores = [rest[i] for i in kept]
     baselines = [p.baselines[i] for i in kept]
     credit = [p.credit[i] for i in kept] if costs else [(0,)] * len(kept)
@@ -221,6 +220,7 @@ def _surrogate(ctx, op: Op, v, *rest):
         return jnp.mean(out, 0)
     decay = p.decay
     return jnp.mean(out, 0), lax.stop_gradient(decay * state + (1 - decay) * jnp.mean(v))
+
 
 RANDOM_LOWERINGS = {
     "dist": _dist,
