@@ -96,10 +96,8 @@ def parse(cls: type[T], given: Sequence[tuple[str, object]], owner: str, name: s
     specs = {f.name: f.metadata["spec"] for f in fields(cls)}
     for k, v in given:
         if k not in specs:
-            close = difflib.get_close_matches(k, specs, n=1)
-            raise OptionError(f"{owner} has no option '{k}'" + (
-                f"; did you mean '{close[0]}'?" if close
-                else f" (options: {', '.join(specs)})" if specs else " (it takes none)"))
+            raise OptionError(f"{owner} has no option '{k}'" + _hint(
+                k, list(specs), f"options: {', '.join(specs)}" if specs else "it takes none"))
         problem = value_problem(specs[k], v)
         if problem is not None:
             raise OptionError(problem.format(k=k, name=name, v=_shown(v)))
@@ -115,10 +113,14 @@ def unknown(what: str, name: str, known: Sequence[str], where: str = "",
     """The message for an unknown annotation `name` (a solver, a rule, an estimator), "unknown
     {what} 'name'{where}", with a did-you-mean among `known`, else the list of them (introduced
     by `listing`, "{what}s" by default)."""
+    return f"unknown {what} '{name}'{where}" + _hint(
+        name, known, f"{listing or what + 's'}: {', '.join(known)}")
+
+
+def _hint(name: str, known: Sequence[str], listing: str) -> str:
+    """"; did you mean 'x'?" when a name in `known` is close to `name`, else " (listing)"."""
     close = difflib.get_close_matches(name, known, n=1)
-    return f"unknown {what} '{name}'{where}" + (
-        f"; did you mean '{close[0]}'?" if close
-        else f" ({listing or what + 's'}: {', '.join(known)})")
+    return f"; did you mean '{close[0]}'?" if close else f" ({listing})"
 
 
 def value_problem(spec: Spec, v: object) -> str | None:
