@@ -311,8 +311,9 @@ class _Chooser:
         return replace(op, params=replace(op.params, estimator=chosen, size=size))
 
     def control_problem(self, e: Annotation, op: Op) -> str | None:
-        """Why the control=NAME of `e` (relax) is not a function r(psi, s) -> f32 of
-        parameters psi and a (relaxed) draw s shaped as this draw (None when it is)."""
+        """Why the control=NAME of `e` (an estimator with a learned control variate: relax,
+        lax) is not a function r(psi, s) -> f32 of parameters psi and a draw s shaped as this
+        one, relaxed or not (None when it is)."""
         name = e.option("control")
         if not name:
             return (f"{e.name} needs control=NAME: the function r(psi, s) of its learned "
