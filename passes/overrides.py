@@ -14,7 +14,7 @@ matches nothing is a bug of its caller: ValueError.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 from gradlang.diagnostics import Diagnostics, Span
 from gradlang.ir import Export, Module, Op
@@ -56,8 +56,8 @@ class ApplyOverrides:
         functions = tuple(replace(f, body=map_ops(f.body, lambda op: self.op(op, used)))
                           for f in module.functions)
         exports = tuple(self.export(e, used) for e in module.exports)
-        unused = [(kind, span) for kind in ("draws", "methods", "solvers", "by", "samples")
-                  for span in getattr(self.overrides, kind) if (kind, span) not in used]
+        unused = [(f.name, span) for f in fields(self.overrides)
+                  for span in getattr(self.overrides, f.name) if (f.name, span) not in used]
         if unused:
             raise ValueError("overrides that match nothing: " +
                              ", ".join(f"{kind} at {span!r}" for kind, span in unused))
