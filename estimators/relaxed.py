@@ -41,7 +41,8 @@ class Gumbel(SiteEstimator):
                 f"{spec.name}" + hint)
 
     def bias(self, e: Annotation, where: str) -> str | None:
-        return f"{self.relaxation} at {where} (tau={e.option('tau')}) differentiates a relaxed draw"
+        options = ", ".join(f"{k}={v}" for k, v in e.options)
+        return f"{self.relaxation} at {where} ({options}) differentiates a relaxed draw"
 
     def cost(self, e: Annotation, size: int | None) -> str:
         return "1 relaxed draw"

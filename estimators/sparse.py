@@ -173,10 +173,6 @@ class GumbelSparsemax(Gumbel):
     def alpha(self, e: Annotation) -> float:
         return SPARSEMAX
 
-    def bias(self, e: Annotation, where: str) -> str | None:
-        options = ", ".join(f"{k}={v}" for k, v in e.options)
-        return f"{self.relaxation} at {where} ({options}) differentiates a relaxed draw"
-
     def sample(self, key, d, site: SampleParams, sampling):
         e = site.estimator
         return relaxed_sample(key, d.params[0], d.family.name == "Bernoulli",
