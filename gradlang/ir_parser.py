@@ -400,14 +400,7 @@ class _Parser:
         result = self.type()
         result_span = self.span(at)
         unit = self.match(_IN_UNIT, 'in "UNIT"').group(1) if self.peek(" in ") else unit_of(name)
-        self.expect(" {")
-        self.end_line()
-        ops = self.ops("return")
-        results = self.values() if self.peek("%") else ()
-        self.end_line()
-        self.spaces()
-        self.expect("}")
-        self.end_line()
+        ops, results = self.block("return")
         return Function(name, unit, params, result, Region((), ops, results),
                         self.span(start, start + 5 + len(name)), result_span)
 
@@ -427,15 +420,19 @@ class _Parser:
         self.spaces()
         self.expect("^(")
         args = tuple(v for _, v, _ in self.typed_args(")"))
+        return Region(args, *self.block("yield"))
+
+    def block(self, closer: str) -> tuple[tuple[Op, ...], tuple[Value, ...]]:
+        """` {`, op lines, the `closer` line (`return` / `yield`) with its values, `}`."""
         self.expect(" {")
         self.end_line()
-        ops = self.ops("yield")
+        ops = self.ops(closer)
         results = self.values() if self.peek("%") else ()
         self.end_line()
         self.spaces()
         self.expect("}")
         self.end_line()
-        return Region(args, ops, results)
+        return ops, results
 
     def op(self) -> Op:
         start = self.pos
