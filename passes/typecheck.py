@@ -519,10 +519,10 @@ class _FunctionChecker:
         self.fn = fn
         self.diags = diags
         self.env: dict[Value, Value] = {p.value: p.value for p in fn.params}
-
-    def run(self) -> Function:
         self.literals: dict[Value, Op] = {}
         """Float literals (their const ops) by value, to check where they are used."""
+
+    def run(self) -> Function:
         body = self.region(self.fn.body, ())
         (result,) = body.results
         if result.type is not ERROR:
