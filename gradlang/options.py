@@ -13,7 +13,7 @@ sigma, a difference step eps) it makes inf and then NaN.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
@@ -106,6 +106,16 @@ def parse(cls: type[T], given: Sequence[tuple[str, object]], owner: str, name: s
     if problem is not None:
         raise OptionError(problem)
     return out
+
+
+def chosen(table: Mapping[str, type[T]], name: str, given: Sequence[tuple[str, object]],
+           what: str, owner: str = "", listing: str = "") -> T:
+    """The options of `name`, a `what` ("solver") among `table`'s, parsed as its class
+    (`parse`); an unknown name is an OptionError with a did-you-mean (`unknown`). `owner`
+    names it in option messages ("{what} 'name'" by default)."""
+    if name not in table:
+        raise OptionError(unknown(what, name, list(table), listing=listing))
+    return parse(table[name], given, owner or f"{what} '{name}'", name)
 
 
 def unknown(what: str, name: str, known: Sequence[str], where: str = "",

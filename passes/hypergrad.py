@@ -12,12 +12,12 @@ The choice, completed with every option's value, is written into the op; `explai
 from __future__ import annotations
 
 from dataclasses import dataclass, make_dataclass, replace
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from gradlang.diagnostics import Diagnostics, Span
 from gradlang.ir import Module, Op, Region, walk
 from gradlang.ops import OPS, Annotation
-from gradlang.options import OptionError, option, parse, rendered, unknown
+from gradlang.options import OptionError, chosen, option, rendered
 
 from .callgraph import random_functions
 from .rewrite import map_ops
@@ -167,16 +167,9 @@ class InnerProblem:
     why: str
 
 
-def _parsed(e: Annotation, table: dict[str, type], what: str) -> Any:
-    """The options of `e`, a `what` ("solver") of `table`, checked (raises OptionError)."""
-    if e.name not in table:
-        raise OptionError(unknown(what, e.name, list(table)))
-    return parse(table[e.name], e.options, f"{what} '{e.name}'", e.name)
-
-
 def _solver(e: Annotation, constrained: bool) -> Annotation:
     """The solver checked and with its defaults filled in (raises OptionError)."""
-    options = _parsed(e, SOLVERS | CONSTRAINED if constrained else SOLVERS, "solver")
+    options = chosen(SOLVERS | CONSTRAINED if constrained else SOLVERS, e.name, e.options, "solver")
     if constrained and e.name not in CONSTRAINED:
         raise OptionError(f"solver '{e.name}' cannot take 'subject to' constraints; use "
                           f"{', '.join(CONSTRAINED)} (or projected, without 'subject to', for "
@@ -187,7 +180,7 @@ def _solver(e: Annotation, constrained: bool) -> Annotation:
 def _method(e: Annotation, solver: Annotation, constrained: bool) -> Annotation:
     """The hypergradient method checked against the completed solver and with its defaults
     filled in (raises OptionError)."""
-    options = _parsed(e, METHODS, "hypergradient method")
+    options = chosen(METHODS, e.name, e.options, "hypergradient method")
     if isinstance(options, ValueFunction) and options.steps is None:
         options = replace(options, steps=solver.option("steps"))
     method = replace(e, options=rendered(options))

@@ -25,7 +25,7 @@ from typing import ClassVar
 
 from gradlang.diagnostics import Diagnostics
 from gradlang.ir import HISTORY, Combination, Export, Module
-from gradlang.options import OptionError, number_problem, option, parse, rendered, unknown
+from gradlang.options import OptionError, chosen, number_problem, option, rendered
 
 SOLVERS = ("auto", "exact", "frank_wolfe")
 EXACT_MAX = 8
@@ -89,12 +89,11 @@ def _weights_problem(rule: Combination, k: int) -> str | None:
 def complete(rule: Combination, k: int) -> Combination:
     """`rule` checked for k objectives, with its defaults filled in and `solver=auto`
     resolved; raises OptionError."""
-    if rule.name not in RULES:
-        raise OptionError(unknown("combination rule", rule.name, list(RULES), listing="rules"))
+    options = chosen(RULES, rule.name, rule.options, "combination rule", f"rule '{rule.name}'",
+                     "rules")
     problem = _weights_problem(rule, k)
     if problem is not None:
         raise OptionError(problem)
-    options = parse(RULES[rule.name], rule.options, f"rule '{rule.name}'", rule.name)
     if isinstance(options, Mgda) and options.solver == "exact" and k > EXACT_MAX:
         raise OptionError(f"exact MGDA enumerates the 2^k - 1 faces of the simplex: at most "
                           f"{EXACT_MAX} objectives, got {k}; use solver=frank_wolfe")

@@ -14,7 +14,7 @@ from typing import ClassVar
 from gradlang.diagnostics import Diagnostics
 from gradlang.ir import Module, Op
 from gradlang.ops import OPS, Annotation, STParams
-from gradlang.options import OptionError, option, parse, rendered, unknown
+from gradlang.options import OptionError, chosen, option, rendered
 
 from .rewrite import map_ops
 
@@ -89,9 +89,8 @@ RULES: dict[str, type] = {r.name: r for r in (Ste, Reste, ApproxSign, SwishSign,
 
 def _options(rule: Annotation):
     """The rule's options, checked (raises OptionError)."""
-    if rule.name not in RULES:
-        raise OptionError(unknown("backward rule", rule.name, list(RULES), listing="rules"))
-    return parse(RULES[rule.name], rule.options, f"rule '{rule.name}'", rule.name)
+    return chosen(RULES, rule.name, rule.options, "backward rule", f"rule '{rule.name}'",
+                  "rules")
 
 
 def rule_problem(rule: Annotation, op: str | None) -> str | None:
