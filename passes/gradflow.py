@@ -13,15 +13,13 @@ from dataclasses import dataclass, field, replace
 from functools import cache
 
 from gradlang.diagnostics import Diagnostics
+from gradlang.estimators.backward import rules_for
 from gradlang.ir import Function, Module, Op, Region, Value, walk
 from gradlang.ops import OPS, Annotation
 from gradlang.types import ERROR, has_float_leaf
 
 from .rewrite import defining_ops
-from .straight_through import backward_rule_names, rule_problem
-
-RULE_EXAMPLES = {"ste": "ste | ste(clip=1.0)", "reste": "reste(power=3)",
-                 "swish_sign": "swish_sign(beta=5.0)", "st_gumbel": "st_gumbel(tau=1.0)"}
+from .straight_through import rule_problem
 
 
 @dataclass(frozen=True)
@@ -260,7 +258,7 @@ class GradFlow:
             if key in reported:
                 continue
             reported.add(key)
-            rules = " | ".join(RULE_EXAMPLES.get(r, r) for r in backward_rule_names(op.name))
+            rules = " | ".join(r.example for r in rules_for(op.name))
             wrt = ", ".join(f"'{n}'" for n in sorted(cut))
             diags.warning(f"'{op.name}' has a zero derivative almost everywhere: the gradient "
                           f"with respect to {wrt} does not flow through it; give it a backward "

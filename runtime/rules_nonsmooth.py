@@ -2,25 +2,25 @@
 
 A non-smooth op without a rule lowers to its plain JAX function (JAX's derivative: zero almost
 everywhere). `straight_through` computes exactly the same forward value and replaces the
-derivative by its rule, through `jax.custom_jvp`.
+derivative by its rule's (`gradlang.estimators.backward`), through `jax.custom_jvp`.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
-from functools import cache
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
+from gradlang.estimators.backward import rule_of
 from gradlang.ir import Op
 from gradlang.ops import OPS
 from gradlang.shapes import is_power_of_two
 
 from .dtypes import JNP_DTYPES
+from .quantizers import hadamard, quantize_levels, quest_rotated
 from .signature import ArgumentError
 
 
@@ -56,82 +56,6 @@ def _topk(ctx, op: Op, x):
     return jnp.moveaxis(mask, -1, axis)
 
 
-def hadamard(x):
-    """Orthonormal Walsh-Hadamard transform of the last axis (size n = 2^k) in O(n log n): k
-    butterfly stages, each pairing the two halves of blocks of width 2h; no n x n matrix.
-    Symmetric and its own inverse."""
-    n = x.shape[-1]
-    y, h = x, 1
-    while h < n:
-        y = y.reshape(x.shape[:-1] + (n // (2 * h), 2, h))
-        a, b = y[..., 0, :], y[..., 1, :]
-        y = jnp.stack([a + b, a - b], axis=-2).reshape(x.shape)
-        h *= 2
-    return y * np.float32(1 / np.sqrt(n))
-
-
-def _reduce_axes(x, axis: tuple[int, ...] | None) -> tuple[int, ...]:
-    """The axes a data-derived scale is computed over: all, or all but the channel axes."""
-    if axis is None:
-        return tuple(range(x.ndim))
-    keep = {a % x.ndim for a in axis}
-    return tuple(i for i in range(x.ndim) if i not in keep)
-
-
-def quantize_levels(x, p, scale=None):
-    """(q, step, error bound): symmetric b-bit quantization to integers in [-n, n] times the
-    scale (n = 2^(b-1) - 1; 1 bit: +-scale), or with a zero point to [0, 2^b - 1]. A scale
-    computed from x carries no gradient."""
-    red = _reduce_axes(x, p.axis)
-
-    def data_scale(s):
-        return lax.stop_gradient(jnp.where(s > 0, s, 1.0))
-
-    if p.bits == 1:
-        s = scale if scale is not None else data_scale(jnp.mean(jnp.abs(x), red, keepdims=True))
-        return s * jnp.where(x >= 0, 1.0, -1.0).astype(x.dtype), 2 * s
-    if p.symmetric:
-        n = 2 ** (p.bits - 1) - 1
-        s = scale if scale is not None else data_scale(jnp.max(jnp.abs(x), red, keepdims=True) / n)
-        return jnp.clip(jnp.round(x / s), -n, n) * s, s
-    top = 2 ** p.bits - 1
-    lo = jnp.min(x, red, keepdims=True)
-    s = scale if scale is not None else data_scale((jnp.max(x, red, keepdims=True) - lo) / top)
-    zero = lax.stop_gradient(jnp.round(-lo / s))
-    return (jnp.clip(jnp.round(x / s) + zero, 0, top) - zero) * s, s
-
-
-@cache
-def gaussian_clip(bits: int) -> float:
-    """The clipping level c (in standard deviations) of the uniform midrise quantizer with
-    2^bits levels on [-c, c] that minimizes E[(y - Q(y))^2] for y ~ N(0, 1), found numerically
-    (1 bit: levels +-c/2 = +-sqrt(2/pi))."""
-    y = np.linspace(-8, 8, 16001)
-    w = np.exp(-y * y / 2)
-    w /= w.sum()
-    levels = 2 ** bits
-
-    def mse(c):
-        step = 2 * c / levels
-        q = np.clip((np.floor(y / step) + 0.5) * step, -c + step / 2, c - step / 2)
-        return float(np.sum(w * (y - q) ** 2))
-
-    lo, hi = 0.1, 8.0
-    for _ in range(100):  # golden-section search (mse is unimodal in c)
-        a, b = hi - 0.618 * (hi - lo), lo + 0.618 * (hi - lo)
-        lo, hi = (lo, b) if mse(a) < mse(b) else (a, hi)
-    return (lo + hi) / 2
-
-
-def quest_rotated(y, bits: int):
-    """(q, step) of QuEST's quantizer on Hadamard-rotated rows y: midrise levels on
-    [-c sigma, c sigma], sigma the row's RMS, c the Gaussian MSE-optimal clip."""
-    sigma = lax.stop_gradient(jnp.sqrt(jnp.mean(y * y, -1, keepdims=True)) + 1e-12)
-    c = gaussian_clip(bits) * sigma
-    step = 2 * c / 2 ** bits
-    return jnp.clip((jnp.floor(y / step) + 0.5) * step, -c + step / 2, c - step / 2), step
-
-
 def _quantize(ctx, op: Op, x, scale=None):
     return quantize_levels(x, op.params, scale)[0]
 
@@ -159,35 +83,6 @@ PRIMALS = {
 }
 
 
-def _tangent(rule, op: str, params, x, t, scale=None):
-    """The derivative of the op in x under `rule` (options all given), applied to t. Every
-    rule's Jacobian is symmetric (elementwise; H M H for QuEST's trust mask, H the Hadamard
-    transform; softmax's for st_gumbel), so this is also the map of cotangents: the rule's
-    backward pass."""
-    o = dict(rule.options)
-    if rule.name == "trust":
-        if op == "quest":
-            y = hadamard(x)
-            q, step = quest_rotated(y, params.bits)
-            return hadamard(hadamard(t) * (jnp.abs(y - q) <= o["bound"] * step / 2))
-        q, step = quantize_levels(x, params, scale)
-        return t * (jnp.abs(x - q) <= o["bound"] * step / 2)
-    a = jnp.abs(x)
-    if rule.name == "ste":
-        return t if o["clip"] == 0 else t * (a <= o["clip"])
-    if rule.name == "reste":
-        p = o["power"]
-        slope = jnp.minimum(jnp.power(jnp.maximum(a, 1e-12), 1 / p - 1) / p, o["max_grad"])
-        return t * slope * (a <= o["clip"])
-    if rule.name == "approx_sign":
-        return t * (2 - 2 * a) * (a <= 1)
-    if rule.name == "swish_sign":
-        b = o["beta"]
-        return t * b * (2 - b * x * jnp.tanh(b * x / 2)) / (1 + jnp.cosh(b * x))
-    assert rule.name == "st_gumbel"
-    return jax.jvp(lambda v: jax.nn.softmax(v / o["tau"], axis=params.axis), (x,), (t,))[1]
-
-
 def _straight_through(ctx, op: Op, x, *rest):
     """x's derivative is the rule's; other operands (a quantizer's given scale) get the
     derivative of the op with its rounding held fixed (autodiff of the forward). A
@@ -195,6 +90,7 @@ def _straight_through(ctx, op: Op, x, *rest):
     an inner problem, `jax.jvp` of an export) goes through it too."""
     p = op.params
     primal = replace(op, name=p.op, params=p.params)
+    rule = rule_of(p.rule)
 
     @jax.custom_jvp
     def f(x, *rest):
@@ -203,7 +99,7 @@ def _straight_through(ctx, op: Op, x, *rest):
     @f.defjvp
     def f_jvp(primals, tangents):
         (x, *rest), (tx, *trest) = primals, tangents
-        t = _tangent(p.rule, p.op, p.params, x, tx, *rest).astype(x.dtype)
+        t = rule.tangent(p.op, p.params, x, tx, *rest).astype(x.dtype)
         if rest:
             held = lax.stop_gradient(x)
             t = t + jax.jvp(lambda *r: PRIMALS[p.op](ctx, primal, held, *r), tuple(rest),

@@ -10,6 +10,7 @@ import dataclasses
 import pytest
 
 import gradlang
+from gradlang.estimators import backward
 from gradlang.ir import Combination
 from gradlang.ops import Annotation
 from gradlang.options import OptionError, parse, rendered, unknown
@@ -19,7 +20,7 @@ from gradlang.passes import (compose, hypergrad, multiobjective, privacy, straig
 CLASSES = [*zeroth_order.BLACK_BOX.values(), privacy.DpOptions, *hypergrad.SOLVERS.values(),
            *hypergrad.CONSTRAINED.values(), *hypergrad.METHODS.values(),
            *multiobjective.RULES.values(), *compose.ESTIMATORS.values(),
-           *straight_through.RULES.values()]
+           *backward.RULES.values()]
 REQUIRED = {privacy.DpOptions: (("clip", 1.0), ("noise", 1.1)),
             hypergrad.Projected: (("lower", -1.0), ("upper", 1.0))}
 """The options an annotation needs written."""
@@ -78,7 +79,7 @@ def test_an_unknown_option_gets_a_did_you_mean_in_every_pass(source, message):
 
 
 @pytest.mark.parametrize("cls, given, message", [
-    (straight_through.Reste, (("power", 0.5),),
+    (backward.Reste, (("power", 0.5),),
      "option 'power' of 'x' must be at least 1, got 0.5"),
     (compose.ScgdOptions, (("beta", 1.5),), "option 'beta' of 'x' must be at most 1, got 1.5"),
     (compose.ScgdOptions, (("beta", 0),), "must be a positive number, got 0"),
@@ -101,8 +102,8 @@ def test_option_values_are_checked_against_their_declared_ranges(cls, given, mes
 
 @pytest.mark.parametrize("cls, given", [
     (compose.ScgdOptions, (("beta", 1),)),
-    (straight_through.Reste, (("power", 1),)),
-    (straight_through.Ste, (("clip", 0),)),  # clip=0 is the default: no clipping
+    (backward.Reste, (("power", 1),)),
+    (backward.Ste, (("clip", 0),)),  # clip=0 is the default: no clipping
     (hypergrad.Momentum, (("beta", 0.0),)),
     (zeroth_order.Es, (("pop", 63), ("antithetic", False))),
     (privacy.DpOptions, REQUIRED[privacy.DpOptions] + (("noise", 0.0), ("per_example_axis", 2))),

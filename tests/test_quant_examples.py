@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import gradlang
-from gradlang.runtime.rules_nonsmooth import gaussian_clip
+from gradlang.runtime.quantizers import gaussian_clip
 from stats import EPS32, assert_close
 
 ROOT = Path(__file__).resolve().parent.parent
