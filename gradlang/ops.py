@@ -15,9 +15,9 @@ Traits read by passes:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 from .diagnostics import Span
 from .types import Dim, DType, Type
@@ -215,36 +215,83 @@ class ExpectParams:
     the others)."""
 
 
-SCORED = ("none", "loo", "grpo", "ma")
-"""The `SurrogateParams.baselines` of score terms proper (credited with costs), once `auto` is
-resolved; the other entries are other operands' roles."""
+class SurrogateOperands(NamedTuple):
+    """A `surrogate` op's operands by role (`SurrogateParams.split`)."""
+
+    value: Any
+    costs: tuple
+    scores: tuple
+    """The score terms' log-probabilities, one per entry of `baselines`."""
+    enum: tuple
+    """The log-probability of each enumerated combination (one operand or none)."""
+    params: tuple
+    """A branched draw's distribution parameters."""
+    draw: tuple
+    """A branched draw's values on every branch (one operand or none)."""
+    aux: tuple
+    """A branched draw's auxiliary noise (one operand or none)."""
+    shift_grad: tuple
+    """d value / d shift of a shifted branched draw (one operand or none)."""
+    dregs: tuple
+    """DReG draws."""
+    dreg_grads: tuple
+    """d value / d draw of each DReG draw."""
+    state: Any
+    """The moving average's state or the learned control's psi (None if none)."""
 
 
 @dataclass(frozen=True)
 class SurrogateParams:
-    baselines: tuple[str, ...]
-    """The control variate of each score-term operand after the value and the costs:
-    none | loo | grpo | ma; or what an operand that is not a score term is: enum (the
-    log-probability of an enumerated combination), param / draw / aux (a branched draw's
-    distribution parameters, values and noise)."""
-    decay: float = field(default=0.0, metadata={"omit_default": True})
-    """For `ma`: the moving average's decay; its state is the last operand and the op has a
-    second result, the updated state."""
+    """Operands in segments (as MLIR's operand segment sizes): the value; `costs` costs; one
+    score term per entry of `baselines`; then `enum`, `params`, `draw`, `aux`, `shift_grad`,
+    `dregs` operands of those roles (`SurrogateOperands`), as many d value / d draw as `dregs`,
+    and the state if any (`stateful`)."""
+
+    baselines: tuple[str, ...] = field(default=(), metadata={"omit_default": True})
+    """The control variate of each score term: none | loo | grpo | ma (in `expect`), none |
+    vimco (in `logmeanexp`)."""
     costs: int = field(default=0, metadata={"omit_default": True})
     """The number of cost operands after the value (they sum to it); 0: the value is the only
     cost, credited to every score term."""
     credit: tuple[tuple[int, ...], ...] = field(default=(), metadata={"omit_default": True})
-    """With costs: for each score-term operand, the costs it is credited with (their indices)."""
+    """With costs: for each score term, the costs it is credited with (their indices)."""
+    enum: int = field(default=0, metadata={"omit_default": True})
+    params: int = field(default=0, metadata={"omit_default": True})
+    draw: int = field(default=0, metadata={"omit_default": True})
+    aux: int = field(default=0, metadata={"omit_default": True})
+    shift_grad: int = field(default=0, metadata={"omit_default": True})
+    dregs: int = field(default=0, metadata={"omit_default": True})
+    decay: float = field(default=0.0, metadata={"omit_default": True})
+    """For `ma`: the moving average's decay; its state is the last operand and the op has a
+    second result, the updated state."""
     branched: Annotation | None = field(default=None, metadata={"omit_default": True})
     """A branched draw's estimator (with its options)."""
     family: tuple[str, ...] = field(default=(), metadata={"omit_default": True})
     """A branched draw's distribution: (family, the names its parameters were given as)."""
     kind: str = field(default="expect", metadata={"omit_default": True})
-    """`expect` or `logmeanexp` (then the score terms' baselines are none or vimco, and the
-    operands after them are the DReG draws and their d value / d draw)."""
+    """`expect` or `logmeanexp` (its score terms' baselines are none or vimco)."""
     control: str = field(default="", metadata={"omit_default": True})
     """RELAX, LAX: the function r(psi, draw) of the learned control variate; psi is the
     last operand, and the op has a second result, psi after one step on the variance."""
+
+    @property
+    def stateful(self) -> bool:
+        """The op takes a state as its last operand and returns its update."""
+        return "ma" in self.baselines or bool(self.control)
+
+    def segments(self) -> tuple[int, ...]:
+        """The number of operands of each role, in `SurrogateOperands` order."""
+        return (1, self.costs, len(self.baselines), self.enum, self.params, self.draw,
+                self.aux, self.shift_grad, self.dregs, self.dregs, int(self.stateful))
+
+    def split(self, operands: Sequence) -> SurrogateOperands:
+        """The operands by role."""
+        groups, at = [], 0
+        for n in self.segments():
+            groups.append(tuple(operands[at:at + n]))
+            at += n
+        value, *middle, state = groups
+        return SurrogateOperands(value[0], *middle, state[0] if state else None)
 
 
 @dataclass(frozen=True)
@@ -361,22 +408,21 @@ def _verify_samples(op) -> str | None:
 
 
 def _verify_surrogate(op) -> str | None:
-    """Operands: the value, `costs` costs, one term per entry of `baselines`, then the state
-    (a moving average's, or a learned control's psi) if any; results: the estimate, then the
+    """Operands: the segments of `SurrogateParams.segments`; results: the estimate, then the
     updated state if any."""
     p = op.params
-    state = int("ma" in p.baselines or bool(p.control))
-    want = 1 + p.costs + len(p.baselines) + state
+    want = sum(p.segments())
     if len(op.operands) != want:
-        return (f"has {len(op.operands)} operands; its params describe {want} (the value, "
-                f"{p.costs} costs, {len(p.baselines)} terms" + (", the state)" if state else ")"))
-    if len(op.results) != 1 + state:
-        return f"has {len(op.results)} results, not {1 + state}"
-    scored = [i for i, b in enumerate(p.baselines) if b in SCORED]
-    if p.costs and (any(i >= len(p.credit) for i in scored)
+        return (f"has {len(op.operands)} operands; its params describe {want} (segments "
+                f"{p.segments()})")
+    if len(op.results) != 1 + p.stateful:
+        return f"has {len(op.results)} results, not {1 + p.stateful}"
+    if p.costs and (len(p.credit) != len(p.baselines)
                     or any(j >= p.costs for to in p.credit for j in to)):
         return f"credits {p.credit} do not give each score term some of its {p.costs} costs"
-    if p.branched is None and {"param", "draw", "aux"} & set(p.baselines):
+    if any(n > 1 for n in (p.enum, p.draw, p.aux, p.shift_grad)):
+        return "has more than one operand of a role that has at most one (enum, draw, aux, shift_grad)"
+    if p.branched is None and p.params + p.draw + p.aux:
         return "has a branched draw's operands but no branched estimator"
     return None
 

@@ -367,23 +367,14 @@ class _Rewriter:
         outer, self.ops = self.ops, list(region.ops)
         try:
             costs, credited = self.credit_costs(region.results[0], units, span)
-            operands: list[Value] = []
-            baselines: list[str] = []
-            credit: list[tuple[int, ...]] = []
-            for g, spans, value, to in credited:
-                operands.append(value)
-                baselines.append(self.baseline(g, n, spans))
-                credit.append(to)
+            operands = [value for _, _, value, _ in credited]
+            baselines = tuple(self.baseline(g, n, spans) for g, spans, _, _ in credited)
+            credit = tuple(to for _, _, _, to in credited)
             enum = [u.value for u in units if u.group == "enum"]
             if enum:
                 operands.append(self.total(enum, span))
-                baselines.append("enum")
-                credit.append(())
-            for u in units:
-                if u.group in ("param", "draw", "aux"):
-                    operands.append(u.value)
-                    baselines.append(u.group)
-                    credit.append(())
+            roles = {g: [u.value for u in units if u.group == g] for g in ("param", "draw", "aux")}
+            operands += roles["param"] + roles["draw"] + roles["aux"]
             inner = replace(region, ops=tuple(self.ops),
                             results=region.results + tuple(c for c, _ in costs) + tuple(operands))
         finally:
@@ -402,18 +393,19 @@ class _Rewriter:
         shifted = self.scope_state.estimator is not None and self.scope_state.estimator.shifted
         if shifted:  # d value / d parameters per evaluation, shaped as the draw
             types += (per_draw(next(u.value.type for u in units if u.group == "draw")),)
-            baselines.append("shift_grad")
         draws = self.emit("samples", (), ExpectParams(n, sizes, shifts=int(shifted)), types, span,
                           (inner,))
         if not operands:
             self.emit("mean", (draws.results[0],), ReduceParams((0,)), (vtype,), span)
             out, self.ops = self.ops, outer
             return out
-        params = SurrogateParams(tuple(baselines), costs=len(costs), credit=tuple(credit)
-                                 if costs else (), branched=branched, family=family)
+        params = SurrogateParams(baselines, costs=len(costs), credit=credit if costs else (),
+                                 enum=int(bool(enum)), params=len(roles["param"]),
+                                 draw=len(roles["draw"]), aux=len(roles["aux"]),
+                                 shift_grad=int(shifted), branched=branched, family=family)
         if self.scope_state.controlled:
             params = replace(params, control=branched.option("control"))
-        if state is not None and ("ma" in baselines or params.control):
+        if state is not None and params.stateful:
             if params.control == "":
                 params = replace(params, decay=self.decay([s for u in units if u.group == "ma"
                                                            for s in u.spans]))
@@ -457,8 +449,7 @@ class _Rewriter:
         types += tuple(_stacked(n, z.type) for z in dregs)
         draws = self.emit("samples", (), ExpectParams(n, shifts=len(dregs)), types, span, (inner,))
         if operands or dregs:
-            params = SurrogateParams(tuple(baselines) + ("dreg",) * len(dregs)
-                                     + ("dreg_grad",) * len(dregs), kind="logmeanexp")
+            params = SurrogateParams(tuple(baselines), dregs=len(dregs), kind="logmeanexp")
             self.emit("surrogate", draws.results, params, (value.type,), span)
         else:
             lse = self.emit("logsumexp", (draws.results[0],), ReduceParams((0,)), (value.type,),

@@ -18,7 +18,7 @@ from jax import lax
 
 from gradlang.estimators import REGISTRY
 from gradlang.ir import Op
-from gradlang.ops import SCORED
+from gradlang.ops import SurrogateOperands
 
 from .branched import weak_derivative
 from .distributions import FAMILIES, KL, Family, batch_shape
@@ -139,32 +139,30 @@ def _vimco_signal(v):
     return jax.nn.logsumexp(v, 0) - loo
 
 
-def _importance(v, rest, baselines):
+def _importance(o: SurrogateOperands, baselines):
     """log mean_k exp(v_k) over axis 0, with sum_k (magic(l_k) - 1) * signal_k for each score
     term (signal: VIMCO's L - L_-k, or L for none) and, for each DReG draw z with d v / d z
     = g, sum_k stop(w_k^2 - w_k) <stop(g_k), z_k - stop(z_k)> (w: the normalized weights), so
     that the pathwise derivative through z is weighted by w^2 instead of w (Tucker et al. 2018)."""
+    v = o.value
     n = v.shape[0]
     value = jax.nn.logsumexp(v, 0) - jnp.log(n).astype(v.dtype)
     sv = lax.stop_gradient(v)
     out = value
-    scores = [(l, b) for l, b in zip(rest, baselines) if b not in ("dreg", "dreg_grad")]
-    for l, b in scores:
+    for l, b in zip(o.scores, baselines):
         signal = _vimco_signal(sv) if b == "vimco" else jnp.broadcast_to(lax.stop_gradient(value), sv.shape)
         m = (_magic(l) - 1).reshape(l.shape + (1,) * (v.ndim - 1))
         out = out + jnp.sum(m * signal, 0)
-    zs = [x for x, b in zip(rest, baselines) if b == "dreg"]
-    gs = [x for x, b in zip(rest, baselines) if b == "dreg_grad"]
-    if zs:
+    if o.dregs:
         w = jax.nn.softmax(sv, 0)
         c = lax.stop_gradient(w * w - w)
-        for z, g in zip(zs, gs):
+        for z, g in zip(o.dregs, o.dreg_grads):
             path = jnp.sum((lax.stop_gradient(g) * (z - lax.stop_gradient(z))).reshape(n, -1), -1)
             out = out + jnp.sum(c * path)
     return out
 
 
-def _surrogate(ctx, op: Op, v, *rest):
+def _surrogate(ctx, op: Op, *operands):
     """mean_s[ sum_j magic(L_js) c_js + sum_i (1 - magic(l_is)) b_is ] over the samples axis.
 
     The costs c_j sum to the value v (without cost operands, v is the one cost); L_j sums the
@@ -176,44 +174,40 @@ def _surrogate(ctx, op: Op, v, *rest):
     independent of these draws), and the op also returns its update. Enumerated draws (the
     `enum` operand: log-probabilities of each combination) weight the combinations on axis 1,
     which are summed exactly. A branched draw (`runtime.branched`: its parameters, values and
-    noise are the `param`, `draw` and `aux` operands) has its evaluations on axis 1: the
+    noise are the `params`, `draw` and `aux` operands) has its evaluations on axis 1: the
     value averages its draw branches, and its weak derivative is added.
     """
     p = op.params
+    o = p.split(operands)
     if p.kind == "logmeanexp":
-        return _importance(v, rest, p.baselines)
-    costs, rest = list(rest[:p.costs]), rest[p.costs:]
-    state = rest[-1] if "ma" in p.baselines else None
-    by = {}
-    for b, x in zip(p.baselines, rest):
-        by.setdefault(b, []).append(x)
-    kept = [i for i, b in enumerate(p.baselines) if b in SCORED]
-    scores = [rest[i] for i in kept]
-    baselines = [p.baselines[i] for i in kept]
-    credit = [p.credit[i] for i in kept] if costs else [(0,)] * len(kept)
+        return _importance(o, p.baselines)
+    v, costs, scores = o.value, list(o.costs), list(o.scores)
+    state = None if p.control else o.state  # a moving average's (psi is the control's)
+    credit = list(p.credit) if costs else [(0,)] * len(scores)
     if p.branched is not None:
         family, *given = p.family
         est, opts = REGISTRY[p.branched.name].families[family], dict(p.branched.options)
         aliases = FAMILIES[family].aliases
         params = [aliases[g][1](x[:, 0]) if g in aliases else x[:, 0]
-                  for g, x in zip(given, by["param"])]
-        aux = by["aux"][0][:, 0] if "aux" in by else None
-        weights = est.weighting(v, by["draw"][0], aux, opts, params)
+                  for g, x in zip(given, o.params)]
+        (draw,) = o.draw
+        aux = o.aux[0][:, 0] if o.aux else None
+        weights = est.weighting(v, draw, aux, opts, params)
         f, v = v, jnp.sum(weights * v, 1)
         weighted = range(f.shape[1]) if est.weights is not None else est.draws  # the rest weigh 0
         out = sum(weights[:, b] * _scored(f[:, b], [c[:, b] for c in costs], [l[:, b] for l in scores],
-                                          baselines, credit, state) for b in weighted)
+                                          p.baselines, credit, state) for b in weighted)
         if p.control:  # a learned control variate: the estimator's own term, and psi's step
-            df = by["shift_grad"][0] if "shift_grad" in by else None
+            df = o.shift_grad[0] if o.shift_grad else None
             term, psi = REGISTRY[p.branched.name].control_term(
-                family, lambda psi, s: ctx.call(p.control, (psi, s)), rest[-1], f,
-                by["draw"][0], aux, params, df, opts)
+                family, lambda psi, s: ctx.call(p.control, (psi, s)), o.state, f, draw, aux,
+                params, df, opts)
             return jnp.mean(out + term, 0), psi
-        out = out + weak_derivative(f, by["draw"][0], aux, params, est, opts)
+        out = out + weak_derivative(f, draw, aux, params, est, opts)
     else:
-        out = _scored(v, costs, scores, baselines, credit, state)
-    if "enum" in by:  # exact sum over the enumerated combinations (axis 1)
-        weights = jnp.exp(by["enum"][0]).reshape(by["enum"][0].shape + (1,) * (v.ndim - 2))
+        out = _scored(v, costs, scores, p.baselines, credit, state)
+    if o.enum:  # exact sum over the enumerated combinations (axis 1)
+        weights = jnp.exp(o.enum[0]).reshape(o.enum[0].shape + (1,) * (v.ndim - 2))
         out = jnp.sum(weights * out, 1)
         v = jnp.sum(weights * v, 1)
     if state is None:
