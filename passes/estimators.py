@@ -30,7 +30,7 @@ from gradlang.options import option, parse
 from gradlang.types import DistType, TensorType, has_float_leaf
 
 from .callgraph import random_functions
-from .rewrite import defining_ops
+from .rewrite import defining_ops, map_ops
 
 
 @dataclass(frozen=True)
@@ -174,8 +174,7 @@ class Estimators:
         for fn in module.functions:
             default = module.unit(fn.unit).estimator
             chooser = _Chooser(fn, flow, fn.name in dirty_callers, default, diags, choices, sliced)
-            chooser.enumerable = fn.name in objectives
-            functions.append(replace(fn, body=chooser.region(fn.body, top=True)))
+            functions.append(replace(fn, body=chooser.choose(fn.name in objectives)))
         return replace(module, functions=tuple(functions),
                        facts=replace(module.facts, estimators=tuple(choices), sliced=tuple(sliced)))
 
@@ -188,21 +187,19 @@ class _Chooser:
         self.sliced_out = sliced_out
         """The control variates chosen for the sliced Wasserstein estimates (for explain)."""
         self.defs = defining_ops(fn.body)
-        self.enumerable = False
-        """Draws at the top level of this function can be enumerated: it is an export's
-        objective and no function calls it (so each such draw happens once per sample)."""
 
-    def region(self, region: Region, top: bool = False) -> Region:
-        ops = []
-        for op in region.ops:
-            if op.regions:
-                op = replace(op, regions=tuple(self.region(r) for r in op.regions))
+    def choose(self, enumerable: bool) -> Region:
+        """The function's body with an estimator chosen for every draw and a control variate
+        for every sliced Wasserstein estimate. With `enumerable` (the function is an export's
+        objective and no function calls it, so each draw at its top level happens once per
+        sample), the top-level draws may be enumerated."""
+        top = {id(op) for op in self.fn.body.ops} if enumerable else set()
+
+        def choose(op: Op) -> Op:
             if op.name == "sample":
-                op = self.site(op, top and self.enumerable)
-            elif op.name == "sliced_wasserstein":
-                op = self.sliced(op)
-            ops.append(op)
-        return replace(region, ops=tuple(ops))
+                return self.site(op, id(op) in top)
+            return self.sliced(op) if op.name == "sliced_wasserstein" else op
+        return map_ops(self.fn.body, choose)
 
     def sliced(self, op: Op) -> Op:
         """The control variate of a sliced Wasserstein estimate (`runtime.ot`): as annotated,
