@@ -61,7 +61,7 @@ def hand_networks():
     from jax import lax
 
     # QuEST's clipping constant for 4 bits (a number, computed once; not timed).
-    from gradlang.runtime.rules_nonsmooth import gaussian_clip
+    from gradlang.runtime.quantizers import gaussian_clip
 
     def fwht(x):
         """Orthonormal fast Walsh-Hadamard transform of the last axis (Sylvester order)."""

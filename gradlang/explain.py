@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .distributions import DISTRIBUTIONS
 from .estimators import REGISTRY
+from .estimators.backward import rule_of
 from .ir import Module, reachable, walk
 from .ops import OPS
 
@@ -62,9 +63,8 @@ def _nonsmooth(module: Module, functions: list[str]) -> list[list[str]]:
     for name in functions:
         for op in walk(module.function(name).body):
             if op.name == "straight_through":
-                rule = op.params.rule
-                shown = rule.name if rule.name == "ste" and rule.option("clip") == 0 else str(rule)
-                rows.append([op.params.op, f"{name}, line {op.span.line}", shown])
+                rows.append([op.params.op, f"{name}, line {op.span.line}",
+                             rule_of(op.params.rule).shown()])
             elif "nonsmooth" in OPS[op.name].traits:
                 rows.append([op.name, f"{name}, line {op.span.line}",
                              "none: no gradient flows through it"])

@@ -8,9 +8,9 @@ estimator and builds the function they compute, f of g's expectation through a `
       return %t
     }
 
-With `scgd` the export threads the state `inner` = (u, n): the moving average u of the inner
-estimates and the number n of estimates averaged (start from zeros and 0). `plugin` has no
-state. The inner `expect` keeps its random choices' estimators (chosen by later passes).
+The estimator (`estimators.compose`: `scgd` or `plugin`) says whether the export threads a
+state, as the parameter `inner` and the last result (`scgd`: the moving average u of the inner
+estimates and the number n of estimates averaged, from zeros and 0). The inner `expect` keeps its random choices' estimators (chosen by later passes).
 """
 
 from __future__ import annotations
@@ -19,27 +19,16 @@ from dataclasses import dataclass, replace
 
 from gradlang.builtins import BUILTINS
 from gradlang.diagnostics import Diagnostics, Span
+from gradlang.estimators.compose import STATE, CompositionEstimator, Scgd, estimator_of
 from gradlang.ir import Composition, Export, Function, Module, Op, Param, Region, Value
 from gradlang.ops import CalleeParams, ComposeParams, Annotation, ExpectParams, NoParams
-from gradlang.options import NoOptions, OptionError, option, parse, rendered
-from gradlang.types import DType, TensorType, TupleType, Type, is_float_tree, scalar
+from gradlang.options import OptionError, rendered
+from gradlang.types import TensorType, TupleType, is_float_tree
 
 from .callgraph import random_functions
 
-
-@dataclass(frozen=True)
-class ScgdOptions:
-    """scgd's options (`plugin` takes none)."""
-
-    beta: float = option(0.1, most=1)
-    """The moving average's step, in (0, 1]."""
-
-
-ESTIMATORS: dict[str, type] = {"scgd": ScgdOptions, "plugin": NoOptions}
-"""Estimators of a composition and their options."""
-DEFAULT = Annotation("scgd", rendered(ScgdOptions()))
-STATE = "inner"
-"""The parameter (and last result) through which an `scgd` export threads (u, n)."""
+DEFAULT = Annotation(Scgd.name, rendered(Scgd()))
+"""The estimator of a composition whose `by=` is not written."""
 
 
 @dataclass(frozen=True)
@@ -54,26 +43,17 @@ class ComposeFact:
     """`by=` was not written: the pass chose it."""
 
 
-def state_type(inner: Type) -> TupleType:
-    """(u, n): the moving average, typed as g's result, and how many estimates it averages."""
-    return TupleType((inner, scalar(DType.F32)))
-
-
 def _estimator(by: Annotation | None, diags: Diagnostics) -> Annotation | None:
     """`by=` checked and completed with its defaults (None after an error)."""
     if by is None:
         return DEFAULT
-    if by.name not in ESTIMATORS:
-        diags.error(f"unknown estimator '{by.name}' for compose; expected scgd(beta=...) (a "
-                    f"moving average of the inner expectation) or plugin", by.span)
-        return None
     try:
-        options = parse(ESTIMATORS[by.name], by.options, f"estimator '{by.name}'", by.name)
+        how = estimator_of(by)
     except OptionError as exc:
         diags.error(str(exc), by.span)
         return None
     # as floats: beta=1 is 1.0
-    return replace(by, options=tuple((k, float(v)) for k, v in rendered(options)))
+    return replace(by, options=tuple((k, float(v)) for k, v in rendered(how)))
 
 
 class _Checker:
@@ -125,8 +105,9 @@ class _Checker:
             return None
         return g
 
-    def params(self, f: Function, g: Function, stateful: bool) -> list[Param] | None:
-        """g's parameters, then f's others not among them, then the state."""
+    def params(self, f: Function, g: Function,
+               by: CompositionEstimator) -> list[Param] | None:
+        """g's parameters, then f's others not among them, then the state of a stateful `by`."""
         out = [Param(p.name, Value(p.value.type, p.name), p.span) for p in g.params]
         for p in f.params[1:]:
             same = next((q for q in g.params if q.name == p.name), None)
@@ -137,17 +118,17 @@ class _Checker:
                            f"'{g.name}' ({same.value.type}): compose passes one argument to "
                            f"both, so the types must agree", self.c.outer_span)
                 return None
-        if stateful:
+        if by.stateful:
             owner = next((h for h in (g, f) if h.param(STATE) is not None), None)
             if owner is not None:
-                self.error(f"compose with scgd adds a parameter '{STATE}' (the moving average "
-                           f"and its count) to the export, but '{owner.name}' already has one; "
-                           f"rename it", self.c.span)
+                self.error(f"compose with {by.name} adds a parameter '{STATE}' (the moving "
+                           f"average and its count) to the export, but '{owner.name}' already "
+                           f"has one; rename it", self.c.span)
                 return None
-            out.append(Param(STATE, Value(state_type(g.result_type), STATE), self.c.span))
+            out.append(Param(STATE, Value(by.state_type(g.result_type), STATE), self.c.span))
         return out
 
-    def wrt(self, params: list[Param], by: Annotation) -> bool:
+    def wrt(self, params: list[Param], by: CompositionEstimator) -> bool:
         ok = True
         names = [p.name for p in params]
         for name, span in zip(self.t.wrt, self.t.wrt_spans):
@@ -161,14 +142,15 @@ class _Checker:
                            f"{p.value.type}: only float tensors (or structs of them) have "
                            f"gradients", span)
                 ok = False
-        if self.t.by is not None and by.name == "scgd":
+        if self.t.by is not None and by.stateful:
             self.error("a black-box estimator (by=) cannot carry compose's moving average; use "
                        "compose(..., by=plugin) or reverse mode", self.t.by.span)
             ok = False
         return ok
 
 
-def _build(export: Export, f: Function, g: Function, params: list[Param], by: Annotation) -> Function:
+def _build(export: Export, f: Function, g: Function, params: list[Param], by: Annotation,
+           stateful: bool) -> Function:
     """The function computing the composition (see the module docstring)."""
     c, t = export.transform.compose, export.transform
     env = {p.name: p.value for p in params}
@@ -181,7 +163,6 @@ def _build(export: Export, f: Function, g: Function, params: list[Param], by: An
     y = Value(f.result_type)
     call_f = Op("call_fn", (e,) + tuple(env[p.name] for p in f.params[1:]), (y,),
                 CalleeParams(f.name), (), c.outer_span)
-    stateful = by.name == "scgd"
     results = (Value(f.result_type),) + ((Value(env[STATE].type),) if stateful else ())
     op = Op("compose", (e,) + ((env[STATE],) if stateful else ()), results, ComposeParams(by),
             (Region((), (call_f,), (y,)),), c.span)
@@ -218,14 +199,15 @@ class Compose:
                 continue
             checker = _Checker(module, export, random, diags)
             by = _estimator(t.compose.by, diags)
+            how = by and estimator_of(by)
             f = checker.outer()
             g = f and checker.inner(f)
-            params = by and g and checker.params(f, g, by.name == "scgd")
-            if not (params and checker.wrt(params, by)) or not clean:
+            params = how and g and checker.params(f, g, how)
+            if not (params and checker.wrt(params, how)) or not clean:
                 continue
-            fn = _build(export, f, g, params, by)
+            fn = _build(export, f, g, params, by, how.stateful)
             built.append(fn)
-            if by.name == "scgd":
+            if how.stateful:
                 stateful.add(fn.name)
             facts[export.name] = ComposeFact(f.name, g.name, t.samples, by, t.compose.by is None)
             exports.append(replace(export, transform=replace(

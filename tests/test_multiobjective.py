@@ -15,8 +15,8 @@ from scipy.optimize import minimize as scipy_minimize
 
 import gradlang
 from gradlang.explain import explain
-from gradlang.ir import Combination
-from gradlang.runtime import multiobjective as mo
+from gradlang.estimators import combine as mo
+from gradlang.runtime.multiobjective import gram_matrix
 from stats import EPS32, assert_close, assert_unbiased, estimates, sigmoid
 
 RNG = np.random.default_rng(11)
@@ -61,10 +61,10 @@ def combined(c, g) -> np.ndarray:
 
 
 def gram32(g: np.ndarray) -> jax.Array:
-    return mo.gram_matrix(jnp.asarray(g, jnp.float32))
+    return gram_matrix(jnp.asarray(g, jnp.float32))
 
 
-MGDA = Combination("mgda", options=(("solver", "exact"), ("iters", 100)))
+MGDA = mo.Mgda(solver="exact", iters=100)
 
 CASES = {
     "conflicting": np.array([[1.0, 0.2, -0.3, 0.5], [-0.8, 0.4, 0.1, -0.2]]),
@@ -81,7 +81,7 @@ CASES = {
 @pytest.mark.parametrize("name", CASES)
 def test_mgda_matches_brute_force_min_norm(name):
     g = CASES[name]
-    c = np.asarray(mo.mgda(gram32(g), MGDA), np.float64)
+    c = np.asarray(MGDA.combine(gram32(g)), np.float64)
     assert np.all(c >= 0) and abs(c.sum() - 1) <= 2 * len(c) * EPS32  # normalized: k roundings
     assert_close(combined(c, g), min_norm_brute_force(g), ops=1,
                  scale=np.sqrt(GRAM_ROUNDING) * np.abs(g).max() / EPS32)
@@ -91,7 +91,7 @@ def test_mgda_matches_brute_force_min_norm(name):
 def test_mgda_direction_is_a_common_descent_direction(name):
     """KKT of the min-norm point: <d, g_i> >= |d|^2 for every gradient."""
     g = CASES[name]
-    d = combined(mo.mgda(gram32(g), MGDA), g)
+    d = combined(MGDA.combine(gram32(g)), g)
     # exact for the rounded Gram: (G c)_i >= c^T G c there; the rounding moves each side by
     # max |dG| = 8 eps32 max |g|^2, plus the k-term products
     tol = (GRAM_ROUNDING + len(g) * EPS32) * np.abs(g).max() ** 2
@@ -102,10 +102,10 @@ def test_mgda_is_zero_at_pareto_stationary_points():
     g1, g2 = RNG.normal(size=(2, 6))
     for g in (np.stack([g1, -2.5 * g1]),                           # two opposed gradients
               np.stack([g1, g2, -(0.3 * g1 + 0.2 * g2) / 0.5])):   # a zero convex combination
-        d = combined(mo.mgda(gram32(g), MGDA), g)
+        d = combined(MGDA.combine(gram32(g)), g)
         assert np.linalg.norm(d) <= np.sqrt(GRAM_ROUNDING) * np.abs(g).max()  # d* = 0
     g = np.stack([g1, g2])
-    d = combined(mo.mgda(gram32(g), MGDA), g)
+    d = combined(MGDA.combine(gram32(g)), g)
     # two random gradients in 6 dims have a common descent direction, far above that bound
     assert np.linalg.norm(d) > 0.5 * np.linalg.norm(min_norm_brute_force(g)) > 0.1
 

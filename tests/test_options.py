@@ -11,6 +11,7 @@ import pytest
 
 import gradlang
 from gradlang.estimators import backward
+from gradlang.estimators import combine, compose as composition
 from gradlang.ir import Combination
 from gradlang.ops import Annotation
 from gradlang.options import OptionError, parse, rendered, unknown
@@ -19,7 +20,7 @@ from gradlang.passes import (compose, hypergrad, multiobjective, privacy, straig
 
 CLASSES = [*zeroth_order.BLACK_BOX.values(), privacy.DpOptions, *hypergrad.SOLVERS.values(),
            *hypergrad.CONSTRAINED.values(), *hypergrad.METHODS.values(),
-           *multiobjective.RULES.values(), *compose.ESTIMATORS.values(),
+           *combine.RULES.values(), *composition.ESTIMATORS.values(),
            *backward.RULES.values()]
 REQUIRED = {privacy.DpOptions: (("clip", 1.0), ("noise", 1.1)),
             hypergrad.Projected: (("lower", -1.0), ("upper", 1.0))}
@@ -81,8 +82,8 @@ def test_an_unknown_option_gets_a_did_you_mean_in_every_pass(source, message):
 @pytest.mark.parametrize("cls, given, message", [
     (backward.Reste, (("power", 0.5),),
      "option 'power' of 'x' must be at least 1, got 0.5"),
-    (compose.ScgdOptions, (("beta", 1.5),), "option 'beta' of 'x' must be at most 1, got 1.5"),
-    (compose.ScgdOptions, (("beta", 0),), "must be a positive number, got 0"),
+    (composition.Scgd, (("beta", 1.5),), "option 'beta' of 'x' must be at most 1, got 1.5"),
+    (composition.Scgd, (("beta", 0),), "must be a positive number, got 0"),
     (hypergrad.Adam, (("b1", 1.0),), "option 'b1' of 'x' must be below 1, got 1.0"),
     (hypergrad.Adam, (("b2", -0.5),), "must be a non-negative number, got -0.5"),
     (privacy.DpOptions, REQUIRED[privacy.DpOptions] + (("per_example_axis", -1),),
@@ -92,7 +93,7 @@ def test_an_unknown_option_gets_a_did_you_mean_in_every_pass(source, message):
     (zeroth_order.Es, (("pop", 63),), "'es' with antithetic pairs needs an even pop, got 63"),
     (zeroth_order.Eggroll, (("antithetic", 1),), "must be true or false, got 1"),
     (hypergrad.Projected, (("lower", 1.0), ("upper", 1.0)), "needs lower < upper"),
-    (multiobjective.Mgda, (("solver", "newton"),),
+    (combine.Mgda, (("solver", "newton"),),
      r"unknown solver 'newton' for x \(solvers: auto, exact, frank_wolfe\)"),
 ])
 def test_option_values_are_checked_against_their_declared_ranges(cls, given, message):
@@ -101,7 +102,7 @@ def test_option_values_are_checked_against_their_declared_ranges(cls, given, mes
 
 
 @pytest.mark.parametrize("cls, given", [
-    (compose.ScgdOptions, (("beta", 1),)),
+    (composition.Scgd, (("beta", 1),)),
     (backward.Reste, (("power", 1),)),
     (backward.Ste, (("clip", 0),)),  # clip=0 is the default: no clipping
     (hypergrad.Momentum, (("beta", 0.0),)),

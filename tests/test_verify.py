@@ -524,9 +524,9 @@ def test_mgda_reference_is_the_min_norm_point():
 
 
 def test_a_wrong_combination_is_flagged(multi, monkeypatch):
-    from gradlang.runtime import multiobjective
+    from gradlang.estimators import combine
 
-    monkeypatch.setattr(multiobjective, "min_norm_faces", lambda gram: _wrong(gram))
+    monkeypatch.setattr(combine, "min_norm_faces", lambda gram: _wrong(gram))
     report = multi.verify("mgda", {"w": [0.3, -0.8, 1.2]})
     assert all(p.verdict == CONSISTENT for p in report.parts)
     assert report.combination.verdict == BIASED and report.exit_code == 1

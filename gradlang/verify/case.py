@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from gradlang.ir import Export, Function, Module, Op, Region, reachable, walk
 from gradlang.ops import OPS, Annotation
 from gradlang.estimators import REGISTRY
+from gradlang.estimators.backward import rule_of
 from gradlang.passes.compose import ComposeFact
 from gradlang.passes.estimators import SiteChoice
 from gradlang.passes.hypergrad import InnerProblem
@@ -107,8 +108,7 @@ class Case:
                 why.append(bias)
         for n in self.nonsmooth:
             if n.rule is not None:
-                why.append(f"the backward rule {n.rule.name} of {n.name} (line {n.op.span.line}) "
-                           f"stands in for its derivative, which is zero almost everywhere")
+                why.append(rule_of(n.rule).bias(n.name, n.op.span.line))
         return "; ".join(why) or None
 
     @property
