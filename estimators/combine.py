@@ -72,7 +72,8 @@ class CombinationRule:
         """The options for k objectives, resolved (`mgda`'s `auto`); raises OptionError when the
         rule or its positional weights do not fit."""
         if weights:
-            raise OptionError(f"'{self.name}' takes options by name, e.g. {self.name}(option=value)")
+            raise OptionError(f"'{self.name}' takes options by name, e.g. "
+                              f"{self.name}(option=value)")
         return self
 
     def describe(self, weights: tuple[float, ...], k: int) -> list[str]:
@@ -340,7 +341,7 @@ RULES: dict[str, type[CombinationRule]] = {r.name: r for r in (Mgda, Pcgrad, Wei
 """Combination rules by name."""
 
 
-def rule_of(rule: Combination) -> CombinationRule:
+def combination_rule(rule: Combination) -> CombinationRule:
     """The rule `by=` names, with its options (unknown names and bad options raise
     OptionError, with a did-you-mean)."""
     return chosen(RULES, rule.name, rule.options, "combination rule", f"rule '{rule.name}'",

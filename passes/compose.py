@@ -10,7 +10,8 @@ estimator and builds the function they compute, f of g's expectation through a `
 
 The estimator (`estimators.compose`: `scgd` or `plugin`) says whether the export threads a
 state, as the parameter `inner` and the last result (`scgd`: the moving average u of the inner
-estimates and the number n of estimates averaged, from zeros and 0). The inner `expect` keeps its random choices' estimators (chosen by later passes).
+estimates and the number n of estimates averaged, from zeros and 0). The inner `expect` keeps
+its random choices' estimators (chosen by later passes).
 """
 
 from __future__ import annotations

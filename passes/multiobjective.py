@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from gradlang.diagnostics import Diagnostics
-from gradlang.estimators.combine import rule_of
+from gradlang.estimators.combine import combination_rule
 from gradlang.ir import HISTORY, Combination, Export, Module
 from gradlang.options import OptionError, rendered
 
@@ -21,7 +21,7 @@ from gradlang.options import OptionError, rendered
 def complete(rule: Combination, k: int) -> Combination:
     """`rule` checked for k objectives, with its defaults filled in and its options resolved
     for k (`mgda`'s `solver=auto`); raises OptionError."""
-    return replace(rule, options=rendered(rule_of(rule).fit(rule.weights, k)))
+    return replace(rule, options=rendered(combination_rule(rule).fit(rule.weights, k)))
 
 
 def _signature_problems(module: Module, export: Export, diags: Diagnostics) -> bool:
@@ -71,7 +71,7 @@ class Multiobjective:
                 exports.append(export)
                 continue
             first = module.function(t.objectives[0].fn)
-            if rule_of(rule).stateful and first.param(HISTORY) is not None:
+            if combination_rule(rule).stateful and first.param(HISTORY) is not None:
                 diags.error(f"{rule.name}(...) adds a parameter '{HISTORY}' (the objectives' "
                             f"previous values) to the export, but '{first.name}' already has "
                             f"one; rename it", first.param(HISTORY).span)

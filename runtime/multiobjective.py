@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from gradlang.estimators.combine import pcgrad_orders, rule_of
+from gradlang.estimators.combine import combination_rule, pcgrad_orders
 from gradlang.ir import Combination
 
 
@@ -23,7 +23,7 @@ def gram_matrix(grads) -> jax.Array:
 
 def takes_key(rule: Combination, draws: Sequence[bool]) -> bool:
     """Whether a `minimize` export takes a key: an objective draws, or the rule does."""
-    return any(draws) or rule_of(rule).stochastic
+    return any(draws) or combination_rule(rule).stochastic
 
 
 def minimize(objectives: Sequence[Callable], draws: Sequence[bool], names: Sequence[str],
@@ -36,7 +36,7 @@ def minimize(objectives: Sequence[Callable], draws: Sequence[bool], names: Seque
     k = len(objectives)
     argnums = [names.index(w) for w in wrt]
     keyed = takes_key(rule, draws)
-    how = rule_of(rule)
+    how = combination_rule(rule)
 
     def step(*args):
         params, key = list(args[:len(names)]), args[-1] if keyed else None
