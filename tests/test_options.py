@@ -12,13 +12,14 @@ import pytest
 import gradlang
 from gradlang.estimators import backward
 from gradlang.estimators import combine, compose as composition
+from gradlang.estimators.black_box import BLACK_BOX, Eggroll, Es
 from gradlang.ir import Combination
 from gradlang.ops import Annotation
 from gradlang.options import OptionError, parse, rendered, unknown
 from gradlang.passes import (compose, hypergrad, multiobjective, privacy, straight_through,
                              zeroth_order)
 
-CLASSES = [*zeroth_order.BLACK_BOX.values(), privacy.DpOptions, *hypergrad.SOLVERS.values(),
+CLASSES = [*BLACK_BOX.values(), privacy.DpOptions, *hypergrad.SOLVERS.values(),
            *hypergrad.CONSTRAINED.values(), *hypergrad.METHODS.values(),
            *combine.RULES.values(), *composition.ESTIMATORS.values(),
            *backward.RULES.values()]
@@ -90,8 +91,8 @@ def test_an_unknown_option_gets_a_did_you_mean_in_every_pass(source, message):
      "must be a non-negative integer, got -1"),
     (privacy.DpOptions, REQUIRED[privacy.DpOptions] + (("per_example_axis", True),),
      "must be a non-negative integer, got true"),
-    (zeroth_order.Es, (("pop", 63),), "'es' with antithetic pairs needs an even pop, got 63"),
-    (zeroth_order.Eggroll, (("antithetic", 1),), "must be true or false, got 1"),
+    (Es, (("pop", 63),), "'es' with antithetic pairs needs an even pop, got 63"),
+    (Eggroll, (("antithetic", 1),), "must be true or false, got 1"),
     (hypergrad.Projected, (("lower", 1.0), ("upper", 1.0)), "needs lower < upper"),
     (combine.Mgda, (("solver", "newton"),),
      r"unknown solver 'newton' for x \(solvers: auto, exact, frank_wolfe\)"),
@@ -106,7 +107,7 @@ def test_option_values_are_checked_against_their_declared_ranges(cls, given, mes
     (backward.Reste, (("power", 1),)),
     (backward.Ste, (("clip", 0),)),  # clip=0 is the default: no clipping
     (hypergrad.Momentum, (("beta", 0.0),)),
-    (zeroth_order.Es, (("pop", 63), ("antithetic", False))),
+    (Es, (("pop", 63), ("antithetic", False))),
     (privacy.DpOptions, REQUIRED[privacy.DpOptions] + (("noise", 0.0), ("per_example_axis", 2))),
 ])
 def test_values_at_the_ends_of_their_ranges_are_accepted(cls, given):
