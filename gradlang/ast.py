@@ -287,6 +287,15 @@ class ExternDecl(Decl):
 
 
 @dataclass(frozen=True)
+class JaxDecl(Decl):
+    """`jax fn name(params) -> T`: a JAX function bound from Python, traced inline."""
+
+    name: str
+    params: tuple[Param, ...]
+    result: TypeExpr
+
+
+@dataclass(frozen=True)
 class ExportDecl(Decl):
     name: str
     value: Expr

@@ -145,6 +145,8 @@ def build_unit(program: ast.Program, unit: str, diags: Diagnostics) -> UnitIR:
             out.functions.append(_FunctionBuilder(unit, diags).build(decl))
         elif isinstance(decl, ast.ExternDecl) and declare(decl.name, decl.span):
             out.functions.append(_extern(decl, unit, diags))
+        elif isinstance(decl, ast.JaxDecl) and declare(decl.name, decl.span):
+            out.functions.append(_jax_fn(decl, unit))
     exported: dict[str, Span] = {}
     for decl in program.decls:
         if isinstance(decl, ast.ExportDecl):
@@ -185,6 +187,19 @@ def _extern(decl: ast.ExternDecl, unit: str, diags: Diagnostics) -> Function:
     call = (Op("host_call", tuple(p.value for p in params), (value,),
                HostParams(qualify(unit, decl.name), result), (), decl.span) if ok
             else Op("error", (), (value,), NoParams(), (), decl.span))
+    return Function(qualify(unit, decl.name), unit, params, result, Region((), (call,), (value,)),
+                    decl.span, decl.result.span)
+
+
+def _jax_fn(decl: ast.JaxDecl, unit: str) -> Function:
+    """`jax fn name(params) -> T`: a function whose body is one `call_jax` of the JAX function
+    bound to `name` when compiling, traced inline into the exports. Its types are any the
+    language has: the JAX function gets arrays, structs as dicts and tuples."""
+    params = tuple(Param(p.name, Value(type_from_ast(p.type), p.name), p.span) for p in decl.params)
+    result = type_from_ast(decl.result)
+    value = Value(result, "")
+    call = Op("call_jax", tuple(p.value for p in params), (value,),
+              NameParams(qualify(unit, decl.name)), (), decl.span)
     return Function(qualify(unit, decl.name), unit, params, result, Region((), (call,), (value,)),
                     decl.span, decl.result.span)
 

@@ -335,7 +335,17 @@ def reachable(module: Module, fn: str) -> list[str]:
     return out
 
 
+def _bound_in(module: Module, fn: str, op: str) -> tuple[str, ...]:
+    """The functions bound from Python (their body an `op`) that fn calls, directly or not."""
+    return tuple(o.params.name for name in reachable(module, fn)
+                 for o in module.function(name).body.ops if o.name == op)
+
+
 def externs_of(module: Module, fn: str) -> tuple[str, ...]:
     """The extern functions fn calls, directly or not."""
-    return tuple(op.params.name for name in reachable(module, fn)
-                 for op in module.function(name).body.ops if op.name == "host_call")
+    return _bound_in(module, fn, "host_call")
+
+
+def jax_functions_of(module: Module, fn: str) -> tuple[str, ...]:
+    """The jax functions fn calls (traced inline), directly or not."""
+    return _bound_in(module, fn, "call_jax")

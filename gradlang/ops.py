@@ -451,6 +451,9 @@ OPS: dict[str, OpDef] = {
                "lowered like the call; results after the callee's are values of the body"),
         *_defs("host_call", HostParams, "blackbox",
                "the body of an extern function: its Python binding, through a host callback"),
+        *_defs("call_jax", NameParams, "",
+               "the body of a jax fn: the JAX function bound to its name, traced inline "
+               "(differentiable; passes cannot see inside it)"),
         *_defs("tuple", NoParams, "", "build a tuple"),
         *_defs("get", GetParams, "", "tuple element"),
         *_defs("struct_new", StructParams, "", "build a struct"),

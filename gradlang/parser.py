@@ -21,7 +21,7 @@ from . import ast, parse_table
 from .diagnostics import Diagnostics, SourceFile, Span, printable
 from .limits import I64_MAX, MAX_DEPTH
 
-_DECL_START = re.compile(r"^(use|struct|fn|extern|export|pragma)\b")
+_DECL_START = re.compile(r"^(use|struct|fn|extern|jax|export|pragma)\b")
 
 _TOKEN_TEXT = {
     "NAME": "a name",
@@ -266,6 +266,11 @@ class _ToAst(Transformer_NonRecursive):
     def extern_decl(self, meta, items):
         name, params, result = items
         return ast.ExternDecl(self._span(meta), str(name), params, result)
+
+    @v_args(meta=True)
+    def jax_decl(self, meta, items):
+        name, params, result = items
+        return ast.JaxDecl(self._span(meta), str(name), params, result)
 
     @v_args(meta=True)
     def export_decl(self, meta, items):

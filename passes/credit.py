@@ -77,8 +77,9 @@ class Terms:
         return [(v, op.span)]
 
     def splittable(self, callee: str) -> bool:
-        """A user function (not an extern, whose body is a host call)."""
-        return not any(o.name == "host_call" for o in self.module.function(callee).body.ops)
+        """A user function (not an extern or a jax fn, whose body is one call into Python)."""
+        return not any(o.name in ("host_call", "call_jax")
+                       for o in self.module.function(callee).body.ops)
 
     def split_inline(self, i: int, op: Op, v: Value) -> list[tuple[Value, Span | None]]:
         """The terms of an inlined body's result, yielded as extra results of the op."""

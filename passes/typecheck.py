@@ -19,7 +19,7 @@ from gradlang.shapes import (ShapeError, add_dims, broadcast, is_power_of_two, n
                              reshape, show, sub_dims, unify)
 from gradlang.options import F32_MAX
 from gradlang.types import (ERROR, SOLVER_REPORT, DistType, DType, StructType, TensorType, TupleType, Type,
-                            promote, is_float_tree, scalar, substitute_dims)
+                            promote, is_float_tree, scalar, substitute_dims, type_dims)
 
 from . import typecheck_random as R
 from .typecheck_dims import check_power_of_two_dims
@@ -440,6 +440,20 @@ def _call_fn(ctx, op, args):
     return substitute_dims(fn.result_type, env)
 
 
+def _call_jax(ctx, op, args):
+    """A jax fn's body: its declared result, whose dims its parameters must fix (the result's
+    shape is known only once the function is traced)."""
+    fn = ctx.module.function(op.params.name)
+    known = {d for p in fn.params for d in type_dims(p.value.type)}
+    free = [d for d in type_dims(fn.result_type) if d not in known]
+    if free:
+        dims = ", ".join(f"'{d}'" for d in free)
+        raise ShapeError(f"jax fn '{fn.name}' returns {fn.result_type}, but no parameter has "
+                         f"dim{'s' * (len(free) > 1)} {dims}: its size would be unknown to the "
+                         f"type checker; write a number or a dim of a parameter")
+    return fn.result_type
+
+
 def _dim(ctx, op, args):
     return scalar(DType.I32)
 
@@ -455,6 +469,7 @@ def _weak_as(ctx: _Ctx, v: Value, expected: Type) -> Type:
 RULES: dict[str, Rule] = {
     "const": _const, "dim": _dim, "tuple": _tuple, "get": _get, "getfield": _getfield,
     "struct_new": _struct_new, "call_fn": _call_fn, "host_call": lambda ctx, op, args: op.params.result,
+    "call_jax": _call_jax,
     **{n: _unary_float for n in O.UNARY_FLOAT.split()},
     **{n: _unary_same for n in O.UNARY_SAME.split()},
     "not": _not,
