@@ -62,23 +62,30 @@ def _unbound(signature, externs: Mapping[str, object]):
 class CompiledModule(_Exports):
     """A compiled .grad module: `m.NAME(...)` calls an export; `m.ir` is the typed IR.
 
-    `externs` binds the module's extern functions to Python callables by name; `mesh` (a
-    `jax.sharding.Mesh`) shards black-box estimators' populations over its first axis; `root`
-    is the folder the source's local imports resolve in (for `verify`'s variants)."""
+    `externs` binds the module's extern functions to Python callables by name; `functions`
+    binds its `jax fn` declarations to JAX functions by name (traced inline; a missing or
+    mismatched binding raises CompileError); `mesh` (a `jax.sharding.Mesh`) shards black-box
+    estimators' populations over its first axis; `root` is the folder the source's local
+    imports resolve in (for `verify`'s variants)."""
 
     def __init__(self, ir: Module, externs: Mapping[str, object] | None = None, mesh=None,
-                 root: str | Path | None = None):
+                 root: str | Path | None = None, functions: Mapping[str, object] | None = None):
         import jax
 
         from gradlang.runtime.execute import export_function
         from gradlang.runtime.host import check_bindings
+        from gradlang.runtime.jax_functions import check_bindings as check_functions
         from gradlang.runtime.signature import CompiledFunction
 
         self.ir = ir
-        externs = dict(externs or {})
-        self._origin = (externs, mesh, None if root is None else Path(root))
+        externs, functions = dict(externs or {}), dict(functions or {})
+        diags = check_functions(ir, functions, externs)
+        if diags.has_errors:
+            raise CompileError(diags)
         check_bindings(externs, self._declared_externs())
-        self._raw = {e.name: export_function(ir, e, externs, mesh) for e in ir.exports}
+        bindings = {**externs, **functions}
+        self._origin = (bindings, mesh, None if root is None else Path(root))
+        self._raw = {e.name: export_function(ir, e, bindings, mesh) for e in ir.exports}
         super().__init__({
             name: CompiledFunction(sig, jax.jit(fn, donate_argnums=sig.donated)
                                    if set(sig.externs) <= set(externs)
@@ -165,13 +172,14 @@ class LoadedModule(_Exports):
 
 def compile_source(text: str, name: str = "<source>", root: str | Path | None = None,
                    strict: bool = False, externs: Mapping[str, object] | None = None,
-                   mesh=None) -> CompiledModule:
+                   mesh=None, functions: Mapping[str, object] | None = None) -> CompiledModule:
     """Compile .grad source text; `root` is the folder local imports resolve in; `externs`
     binds extern functions to Python callables (wrap vectorized ones in `gradlang.batched`);
-    `mesh` shards the populations of black-box estimators (`by=es / eggroll`) over devices.
+    `functions` binds `jax fn` declarations to JAX functions, traced inline; `mesh` shards the
+    populations of black-box estimators (`by=es / eggroll`) over devices.
 
     Raises CompileError (its message is the rendered diagnostics) when the program has errors,
-    or, with `strict`, warnings.
+    or, with `strict`, warnings, or a `jax fn` is not bound or does not match its binding.
     """
     from .driver import compile_module  # the front end (and lark) only when compiling
 
@@ -183,13 +191,14 @@ def compile_source(text: str, name: str = "<source>", root: str | Path | None = 
     if diags.has_errors or (strict and diags.items):
         raise CompileError(diags)
     assert module is not None
-    return CompiledModule(module, externs, mesh, root)
+    return CompiledModule(module, externs, mesh, root, functions)
 
 
 def compile_file(path: str | Path, strict: bool = False,
-                 externs: Mapping[str, object] | None = None, mesh=None) -> CompiledModule:
-    """Compile a .grad file (local imports resolve beside it). A file that cannot be read or is
-    not UTF-8 text raises CompileError, as bad source does."""
+                 externs: Mapping[str, object] | None = None, mesh=None,
+                 functions: Mapping[str, object] | None = None) -> CompiledModule:
+    """Compile a .grad file (local imports resolve beside it; bindings as in `compile_source`).
+    A file that cannot be read or is not UTF-8 text raises CompileError, as bad source does."""
     from .driver import read_source
 
     path = Path(path)
@@ -197,7 +206,7 @@ def compile_file(path: str | Path, strict: bool = False,
     source = read_source(path, diags, None)
     if source is None:
         raise CompileError(diags)
-    return compile_source(source.text, str(path), path.parent, strict, externs, mesh)
+    return compile_source(source.text, str(path), path.parent, strict, externs, mesh, functions)
 
 
 def load(path: str | Path, externs: Mapping[str, object] | None = None) -> LoadedModule:

@@ -3,7 +3,8 @@
 Layout: the magic bytes `GRADLANG-GX\\0`, a little-endian u32 header length, the UTF-8 JSON
 header, then the serialized exports back to back. The header records the gradlang version,
 the module name, the platforms every export was lowered for, the extern functions the module
-declares and, per export, its signature and its blobs' offsets, sizes and SHA-256s: one blob,
+declares, the jax functions traced into its exports (held whole: loading needs no binding for
+them) and, per export, its signature and its blobs' offsets, sizes and SHA-256s: one blob,
 or, for an export that calls extern functions, the pieces between its host callbacks and the
 plan that replays them (`runtime.split`). Never a pickle.
 
@@ -102,7 +103,9 @@ def serialize(module_name: str, version: str,
     header = json.dumps({"format": "gradlang.gx", "format_version": FORMAT_VERSION,
                          "gradlang_version": version, "jax_version": jax.__version__,
                          "module": module_name, "platforms": list(platforms),
-                         "externs": list(externs), "exports": entries}, indent=1).encode()
+                         "externs": list(externs),
+                         "jax_functions": sorted({n for sig, _ in exports for n in sig.jax_functions}),
+                         "exports": entries}, indent=1).encode()
     return MAGIC + struct.pack("<I", len(header)) + header + b"".join(blobs)
 
 
@@ -227,6 +230,11 @@ def _identifier(x: object) -> bool:
     return isinstance(x, str) and x.isidentifier()
 
 
+def _dotted(x: object) -> bool:
+    """A declared function's name: an identifier, qualified by its module's (`nn.net`)."""
+    return isinstance(x, str) and all(part.isidentifier() for part in x.split("."))
+
+
 def _ids(x: object, where: str) -> list[int]:
     if not (isinstance(x, list) and all(_is_int(i) for i in x)):
         raise _bad(where, f"expected a list of value numbers, got {x!r}")
@@ -250,9 +258,9 @@ def _check_header(h: object) -> None:
             platform_list(h.get("platforms"))
         except ArtifactError as exc:
             raise _bad("platforms", str(exc)) from None
-    if "externs" in h and not (isinstance(h["externs"], list)
-                               and all(_identifier(n) for n in h["externs"])):
-        raise _bad("externs", f"expected a list of names, got {h['externs']!r}")
+    for key in ("externs", "jax_functions"):
+        if key in h and not (isinstance(h[key], list) and all(_dotted(n) for n in h[key])):
+            raise _bad(key, f"expected a list of names, got {h[key]!r}")
     exports = h.get("exports")
     if not isinstance(exports, list):
         raise _bad("exports", f"expected a list, got {type(exports).__name__}")
@@ -295,9 +303,10 @@ def _check_export(e: object, where: str) -> None:
                                    f"{', '.join(names)})")
     if type(e.get("stateful", False)) is not bool:
         raise _bad(f"{where}.stateful", f"expected true or false, got {e.get('stateful')!r}")
+    for key in ("externs", "jax_functions"):
+        if not (isinstance(e.get(key, []), list) and all(_dotted(n) for n in e.get(key, []))):
+            raise _bad(f"{where}.{key}", f"expected a list of names, got {e[key]!r}")
     externs = e.get("externs", [])
-    if not (isinstance(externs, list) and all(_identifier(n) for n in externs)):
-        raise _bad(f"{where}.externs", f"expected a list of names, got {externs!r}")
     if "plan" in e:
         pieces = e.get("pieces")
         if not isinstance(pieces, list):

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 
 import jax
 
-from gradlang.ir import HISTORY, Export, Module, externs_of
+from gradlang.ir import HISTORY, Export, Module, externs_of, jax_functions_of
 from gradlang.types import KEY, DType, TensorType, scalar
 
 from .lower import Lowering
@@ -37,7 +37,7 @@ def signature_of(module: Module, export: Export) -> Signature:
         params += (("key", KEY),)
     stateful = fn.name in module.facts.stateful
     return Signature(export.name, t.kind, fn.name, params, fn.result_type, t.wrt, stateful,
-                     externs_of(module, fn.name))
+                     externs_of(module, fn.name), jax_functions_of(module, fn.name))
 
 
 def _minimize_signature(module: Module, export: Export) -> Signature:
@@ -54,8 +54,9 @@ def _minimize_signature(module: Module, export: Export) -> Signature:
     if takes_key(t.rule, _draws(module, export)):
         params += (("key", KEY),)
     externs = tuple(dict.fromkeys(n for fn in fns for n in externs_of(module, fn.name)))
+    traced = tuple(dict.fromkeys(n for fn in fns for n in jax_functions_of(module, fn.name)))
     return Signature(export.name, t.kind, ", ".join(fn.name for fn in fns), params,
-                     TensorType(DType.F32, (k,)), t.wrt, stateful, externs)
+                     TensorType(DType.F32, (k,)), t.wrt, stateful, externs, traced)
 
 
 def _draws(module: Module, export: Export) -> list[bool]:

@@ -22,6 +22,7 @@ from gradlang.ops import OPS
 from gradlang.types import StructType, TensorType, TupleType, Type
 
 from .dtypes import JNP_DTYPES
+from .jax_functions import call_jax
 from .rules import LOWERINGS
 from .perturbed import Factored, dense
 from .symbolic import SymbolicDimError, inconclusive
@@ -119,7 +120,7 @@ class _Ctx:
         return tuple(self.env[v] for v in region.results)
 
     def op(self, op: Op) -> None:
-        rule = LOWERINGS.get(op.name)
+        rule = call_jax if op.name == "call_jax" else LOWERINGS.get(op.name)
         if rule is None:
             raise LoweringError(f"no lowering rule for op '{op.name}'")
         args = [self.env[v] for v in op.operands]
@@ -167,7 +168,8 @@ class Lowering:
     def __init__(self, module: Module, externs: Mapping[str, object] | None = None):
         self.module = module
         self.externs = dict(externs or {})
-        """Python bindings of extern functions, by name."""
+        """Python bindings by name: of extern functions (host callbacks) and of jax functions
+        (traced inline)."""
         self.random: frozenset[str] = module.facts.random
         """Functions that draw (they take a key)."""
         self._key_uses: dict[Region, int] = {}

@@ -36,6 +36,8 @@ class Signature:
     also returns its update, last."""
     externs: tuple[str, ...] = ()
     """The extern functions it calls (their Python bindings are needed to run it)."""
+    jax_functions: tuple[str, ...] = ()
+    """The jax functions it calls: traced into it, so it runs without their bindings."""
 
     @property
     def donated(self) -> tuple[int, ...]:
@@ -57,14 +59,15 @@ class Signature:
         return {"name": self.name, "kind": self.kind, "function": self.function,
                 "params": [{"name": n, "type": type_to_json(t)} for n, t in self.params],
                 "result": type_to_json(self.result), "wrt": list(self.wrt),
-                "stateful": self.stateful, "externs": list(self.externs)}
+                "stateful": self.stateful, "externs": list(self.externs),
+                "jax_functions": list(self.jax_functions)}
 
     @staticmethod
     def from_json(j: dict) -> Signature:
         return Signature(j["name"], j["kind"], j["function"],
                          tuple((p["name"], type_from_json(p["type"])) for p in j["params"]),
                          type_from_json(j["result"]), tuple(j["wrt"]), j.get("stateful", False),
-                         tuple(j.get("externs", ())))
+                         tuple(j.get("externs", ())), tuple(j.get("jax_functions", ())))
 
     def describe(self) -> str:
         params = ", ".join(f"{n}: {t}" for n, t in self.params)
@@ -76,19 +79,21 @@ class Signature:
         symbolic = [d for d in self.dims if d not in concrete]
         syms = dict(zip(symbolic, jax.export.symbolic_shape(", ".join(symbolic)))) if symbolic else {}
         env = {**syms, **concrete}
+        return tuple(spec(t, env) for _, t in self.params)
 
-        def spec(t: Type):
-            if t is KEY:
-                return jax.eval_shape(lambda: jax.random.key(0))
-            if isinstance(t, TensorType):
-                shape = tuple(env[d] if isinstance(d, str) else d for d in t.shape)
-                return jax.ShapeDtypeStruct(shape, JNP_DTYPES[t.dtype])
-            if isinstance(t, StructType):
-                return {n: spec(f) for n, f in t.fields}
-            assert isinstance(t, TupleType)
-            return tuple(spec(e) for e in t.elems)
 
-        return tuple(spec(t) for _, t in self.params)
+def spec(t: Type, env: Mapping[str, Any]) -> Any:
+    """The abstract value of type `t` (ShapeDtypeStructs; structs as dicts), its symbolic dims
+    sized by `env` (ints or `jax.export` symbolic dims)."""
+    if t is KEY:
+        return jax.eval_shape(lambda: jax.random.key(0))
+    if isinstance(t, TensorType):
+        shape = tuple(env[d] if isinstance(d, str) else d for d in t.shape)
+        return jax.ShapeDtypeStruct(shape, JNP_DTYPES[t.dtype])
+    if isinstance(t, StructType):
+        return {n: spec(f, env) for n, f in t.fields}
+    assert isinstance(t, TupleType)
+    return tuple(spec(e, env) for e in t.elems)
 
 
 def _is_key(x: Any) -> bool:
