@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import traceback
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -69,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="platforms the artifact runs on, from cpu, cuda, rocm, tpu "
                            "(default: cpu,cuda)")
     comp.add_argument("--strict", action="store_true", help="treat warnings as errors")
+    comp.add_argument("--functions", metavar="MODULE:ATTR",
+                      help="bind the file's jax fn declarations to the JAX functions in the "
+                           "dict ATTR of the Python module MODULE (imported from the current "
+                           "folder)")
 
     ver = sub.add_parser("verify", help="check gradients against references: bias, variance, cost")
     ver.add_argument("file")
@@ -166,6 +171,48 @@ def _write(target: Path, data: str | bytes) -> None:
     print(f"wrote {target}")
 
 
+def _functions(spec: str) -> dict[str, object]:
+    """The dict of JAX functions `--functions MODULE:ATTR` names, imported from the current
+    folder as `python -m` would."""
+    import importlib
+
+    name, colon, attr = spec.partition(":")
+    if not (colon and all(p.isidentifier() for p in name.split(".")) and attr.isidentifier()):
+        raise InputError(f"--functions expects MODULE:ATTR, e.g. --functions models:FUNCTIONS; "
+                         f"got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(name)
+    except Exception as exc:  # noqa: BLE001 - the user's module: any failure is bad input
+        raise InputError(f"--functions {spec}: cannot import {name}: {type(exc).__name__}: "
+                         f"{exc}") from None
+    found = getattr(module, attr, None)
+    if not isinstance(found, Mapping):
+        raise InputError(f"--functions {spec}: {name}.{attr} must be a dict of JAX functions by "
+                         f"jax fn name, got " + ("nothing" if found is None else type(found).__name__))
+    return dict(found)
+
+
+def _unbindable(module: Module, command: str) -> Diagnostics:
+    """An error at each jax fn declaration: `command` cannot bind Python functions."""
+    from gradlang.runtime.jax_functions import declared
+
+    diags = Diagnostics()
+    for fn in declared(module):
+        diags.error(f"jax fn '{fn.name}' needs a JAX function from Python, which gradlang "
+                    f"{command} cannot bind: {_BIND_HINT[command].format(name=fn.name)}", fn.span)
+    return diags
+
+
+_BIND_HINT = {
+    "compile": "pass --functions MODULE:ATTR (a dict of functions by name), or compile from "
+               "Python: gradlang.compile_file(path, functions={{'{name}': fn}}).save(...)",
+    "verify": "verify from Python: gradlang.compile_file(path, functions={{'{name}': fn}})"
+              ".verify(export)",
+}
+
+
 def cmd_check(args) -> int:
     diags = Diagnostics()
     _front_end(Path(args.file), diags)
@@ -208,13 +255,19 @@ def cmd_compile(args) -> int:
     if module is None or status:
         return status or EXIT_ERRORS
     _check_dim_names(dims, module, path)
+    backend = "stablehlo" in emits or "artifact" in emits
+    functions = _functions(args.functions) if args.functions else {}
+    unbound = _unbindable(module, "compile") if backend and not args.functions else Diagnostics()
+    if unbound.items:
+        return _report(unbound, False)
     _make_folder(out)
     stem = path.stem
     if "ir" in emits:
         for name, text in snapshots.items():
             _write(out / f"{stem}.{name}.ir", text)
-    if "stablehlo" in emits or "artifact" in emits:
-        return _emit_backend(module, stem, out, emits, dims, args.debug_info, args.platforms)
+    if backend:
+        return _emit_backend(module, stem, out, emits, dims, args.debug_info, args.platforms,
+                             functions)
     return EXIT_OK
 
 
@@ -229,30 +282,35 @@ def _platforms(text: str) -> tuple[str, ...]:
 
 
 def _emit_backend(module: Module, stem: str, out: Path, emits: list[str], dims: dict[str, int],
-                  debug_info: bool, platforms: tuple[str, ...] | None) -> int:
+                  debug_info: bool, platforms: tuple[str, ...] | None,
+                  functions: dict[str, object]) -> int:
     """Write the StableHLO of each export and the artifact; exports that cannot be lowered get
-    a diagnostic each (the others are still written)."""
+    a diagnostic each (the others are still written). `functions` binds the jax fns."""
     import jax
 
     from .api import CompiledModule
+    from .diagnostics import CompileError
     from .types import uses_f64
 
     if any(uses_f64(p.value.type) for fn in module.functions for p in fn.params):
         jax.config.update("jax_enable_x64", True)
-    compiled = CompiledModule(module)
+    try:
+        compiled = CompiledModule(module, functions=functions)
+    except CompileError as exc:  # the bindings of --functions do not fit the declarations
+        return _report(exc.diagnostics, False)
     failures: list[tuple[Diagnostic, ...]] = []
     for export in module.exports if "stablehlo" in emits else ():
         try:
             text = compiled.stablehlo(export.name, dims, debug_info)
         except Exception as exc:  # a limit of symbolic dims gets a diagnostic; a bug, raised again
-            failures.append(_cannot_lower(module, export, dims, exc, stablehlo=True))
+            failures.append(_cannot_lower(module, export, dims, exc, functions, stablehlo=True))
             continue
         _write(out / f"{stem}.{export.name}.mlir", text)
     if "artifact" in emits:
         try:
             artifact = compiled.artifact(dims, platforms)
         except Exception as exc:
-            failures += _artifact_failures(module, dims, platforms, exc)
+            failures += _artifact_failures(module, dims, platforms, exc, functions)
         else:
             _write(out / f"{stem}.gx", artifact)
     for group in dict.fromkeys(failures):  # an export failing both emits is reported once
@@ -261,7 +319,7 @@ def _emit_backend(module: Module, stem: str, out: Path, emits: list[str], dims: 
 
 
 def _artifact_failures(module: Module, dims: dict[str, int], platforms: tuple[str, ...] | None,
-                       exc: Exception) -> list[tuple[Diagnostic, ...]]:
+                       exc: Exception, functions: dict[str, object]) -> list[tuple[Diagnostic, ...]]:
     """The artifact holds every export: which of them cannot be saved, and why (`exc` raised
     again when each can be on its own)."""
     from .api import CompiledModule
@@ -269,16 +327,17 @@ def _artifact_failures(module: Module, dims: dict[str, int], platforms: tuple[st
     failures = []
     for export in module.exports:
         try:
-            CompiledModule(dataclasses.replace(module, exports=(export,))).artifact(dims, platforms)
+            CompiledModule(dataclasses.replace(module, exports=(export,)),
+                           functions=functions).artifact(dims, platforms)
         except Exception as one:
-            failures.append(_cannot_lower(module, export, dims, one, stablehlo=False))
+            failures.append(_cannot_lower(module, export, dims, one, functions, stablehlo=False))
     if not failures:
         raise exc
     return failures
 
 
 def _cannot_lower(module: Module, export: Export, dims: dict[str, int], exc: Exception,
-                  stablehlo: bool) -> tuple[Diagnostic, ...]:
+                  functions: dict[str, object], stablehlo: bool) -> tuple[Diagnostic, ...]:
     """The diagnostic (and notes) for an export that could not be lowered (to StableHLO, whose
     host callbacks need static shapes, or into an artifact, which cuts them out), when the
     program asks for what lowering cannot do: dims that must be fixed, an extern an artifact
@@ -288,10 +347,13 @@ def _cannot_lower(module: Module, export: Export, dims: dict[str, int], exc: Exc
 
     from gradlang.runtime.artifact import ArtifactError
     from gradlang.runtime.execute import export_function
+    from gradlang.runtime.jax_functions import JaxFunctionError
     from gradlang.runtime.signature import ArgumentError
     from gradlang.runtime.split import SplitError
     from gradlang.runtime.symbolic import SymbolicDimError, inconclusive, symbolic_callback
 
+    if isinstance(exc, JaxFunctionError):  # found once the dims were sized
+        return (Diagnostic(Severity.ERROR, f"export '{export.name}': {exc}", export.span),)
     if isinstance(exc, ArgumentError):
         raise InputError(f"the sizes given with --dim do not fit export '{export.name}': {exc}") from None
     if isinstance(exc, ArtifactError):  # an op that lowers for some of the --platforms only
@@ -304,7 +366,7 @@ def _cannot_lower(module: Module, export: Export, dims: dict[str, int], exc: Exc
         exc = inconclusive(exc)
     if isinstance(exc, SymbolicDimError):
         return _needs_dims(export, exc, _where(export, exc.spans))
-    signature, fn = export_function(module, export)
+    signature, fn = export_function(module, export, functions)
     symbolic = [d for d in signature.dims if d not in dims]
     if not symbolic:
         raise exc
@@ -357,6 +419,9 @@ def cmd_verify(args) -> int:
     if module is None:
         return status or EXIT_ERRORS
     _check_dim_names(dims, module, path)
+    unbound = _unbindable(module, "verify")
+    if unbound.items:
+        return _report(unbound, False)
     try:
         return run(module, path, dims, args)
     except VerifyError as exc:
