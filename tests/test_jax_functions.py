@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -292,3 +293,16 @@ def test_the_command_line_says_how_to_bind_and_binds_with_functions(tmp_path, mo
     w, x = np.ones((3, 4), np.float32), np.ones((2, 3), np.float32)
     # each entry: 1 - tanh(3)^2 summed over the 2 rows (tanh and its square: 4 + 2 roundings)
     assert_close(loaded.g(w, x)["w"], jax.grad(lambda w: jnp.sum(jnp.tanh(x @ w)))(w), ops=12)
+
+
+def test_the_example_trains_a_jax_model_and_its_artifact_runs_alone(tmp_path):
+    """examples/jax_model/classifier.py, shortened: it checks itself that the artifact (loaded
+    without the function) gives the compiled module's accuracy, and exits non-zero if not."""
+    script = Path(__file__).parent.parent / "examples" / "jax_model" / "classifier.py"
+    proc = subprocess.run([sys.executable, str(script), "--steps", "100", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "jax_model.json").read_text())
+    assert summary["artifact_jax_functions"] == ["mlp"]
+    assert summary["artifact_test_accuracy"] == summary["test_accuracy"] > 1 / 3  # above chance
+    assert (tmp_path / "jax_model_loss.png").is_file()
