@@ -5,6 +5,7 @@ from __future__ import annotations
 from .distributions import DISTRIBUTIONS
 from .estimators import REGISTRY
 from .estimators.backward import rule_of
+from .estimators.black_box import estimator
 from .ir import Module, reachable, walk
 from .ops import OPS
 
@@ -96,46 +97,18 @@ def table(rows: list[list[str]], indent: str) -> list[str]:
     return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
 
-_BLACK_BOX = {"spsa": "two-point SPSA (MeZO): (f(w + eps z) - f(w - eps z)) / (2 eps) z, z ~ N(0, I)",
-              "es": "evolution strategies: the population's values against its Gaussian noise",
-              "eggroll": "low-rank evolution strategies (EGGROLL): matrices perturbed by A B^T / "
-                         "sqrt(rank), never materialized in the forward pass"}
-
-
 def _black_box(module: Module, name: str, t, what: str, reach: list[str]) -> list[str]:
     """The lines of an export whose gradient a black-box estimator (by=) computes."""
-    o = dict(t.black_box.options)
-    smooth = o.get("eps", o.get("sigma"))
-    if t.black_box.name == "spsa":
-        evals = 2 * o["samples"]
-    else:
-        evals = o["pop"] + (0 if o["antithetic"] else 1)
-    evals += t.kind == "value_and_grad"
+    est = estimator(t.black_box)
+    evals = est.evaluations + (t.kind == "value_and_grad")
     externs = [op.params.name for f in reach for op in module.function(f).body.ops
                if op.name == "host_call"]
     lines = [f"export {name} = {t.call(what)}"]
-    if t.by.name == "eggroll":
-        target = ("identity-covariance noise: unbiased on quadratics, otherwise O(sigma^2) from "
-                  f"the gradient of the Gaussian-smoothed objective E f(w + {smooth} z)")
-    else:
-        target = f"unbiased for the gradient of the Gaussian-smoothed objective E f(w + {smooth} z)"
-    lines += [f"  {w}: black-box estimate by {_BLACK_BOX[t.by.name]}; {target}" for w in t.wrt]
+    lines += [f"  {w}: black-box estimate by {est.description}; {est.target()}" for w in t.wrt]
     if externs:
         lines.append(f"  externs called: {', '.join(externs)} (Python, through host callbacks)")
-    lines += _traced(module, reach)
     lines.append(f"  cost: {evals} forward evaluations, no backward pass")
     return lines + _descend(t)
-
-
-def _traced(module: Module, reach: list[str]) -> list[str]:
-    """The line naming the jax functions called, which the analyses cannot see inside."""
-    names = [op.params.name for f in reach for op in module.function(f).body.ops
-             if op.name == "call_jax"]
-    if not names:
-        return []
-    return [f"  JAX functions called: {', '.join(names)} (traced inline, differentiated by "
-            f"JAX; gradflow could not analyse them: each call's result is taken to depend "
-            f"on all its arguments, differentiably)"]
 
 
 def _reverse_mode(wrt: tuple[str, ...], zero: tuple[str, ...], sites: bool,
@@ -195,8 +168,8 @@ def _descend(t) -> list[str]:
     """The update line of a `descend` export."""
     if t.kind != "descend":
         return []
-    how = ("; the update regenerates the SPSA noise, so no gradient is stored (MeZO)"
-           if t.by is not None and t.by.name == "spsa" else "")
+    descent = estimator(t.black_box).descent if t.black_box is not None else ""
+    how = f"; {descent}" if descent else ""
     lr = "lr" if t.lr is None else f"{t.lr:g}"
     given = " (lr: an argument of the export, after the function's)" if t.lr is None else ""
     return [f"  update: p <- p - {lr} * grad p for p in {', '.join(t.wrt)}{given}, written over "
@@ -271,7 +244,6 @@ def _export(module: Module, export, flow: dict) -> list[str]:
         lines += (_private(module.facts.privacy[export.name], n) if t.private is not None
                   else _reverse_mode(t.wrt, flow[export.name].zero, bool(here), nonsmooth,
                                      t.fn in module.facts.random))
-        lines += _traced(module, reach)
     if here:
         rows = [["site", "distribution", "estimator", "control variate", "cost per sample",
                  "override"]]

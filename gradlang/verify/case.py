@@ -17,6 +17,7 @@ from gradlang.ir import Export, Function, Module, Op, Region, reachable, walk
 from gradlang.ops import OPS, Annotation
 from gradlang.estimators import REGISTRY
 from gradlang.estimators.backward import rule_of
+from gradlang.estimators.black_box import estimator
 from gradlang.passes.compose import ComposeFact
 from gradlang.passes.estimators import SiteChoice
 from gradlang.passes.hypergrad import InnerProblem
@@ -118,10 +119,9 @@ class Case:
             out.append(f"each estimate is call {self.warmup + 1} of its own chain at these "
                        f"arguments, the state '{COMPOSE_STATE}' threaded from the one given "
                        f"(zeros by default), so that u tracks E g as in training")
-        if self.by is not None and self.by.name == "eggroll":
-            out.append("eggroll's low-rank noise matches a Gaussian's covariance, not its higher "
-                       "moments: unbiased on quadratics, O(sigma^2) from the smoothed gradient "
-                       "elsewhere (a smaller sigma shrinks it)")
+        note = estimator(self.by).note if self.by is not None else None
+        if note is not None:
+            out.append(note)
         out += [f"{n.name} (line {n.op.span.line}) has no backward rule: reverse mode gives it a "
                 f"zero derivative" for n in self.nonsmooth if n.rule is None]
         if self.private is not None:
@@ -132,8 +132,7 @@ class Case:
 
     def cost(self) -> Cost:
         if self.by is not None:
-            o = dict(self.by.options)
-            evals = 2 * o["samples"] if self.by.name == "spsa" else o["pop"] + (not o["antithetic"])
+            evals = estimator(self.by).evaluations
             return Cost(evals, 0, f"{self.by.name}: forward evaluations only")
         branches = 1
         for s in self.sites:

@@ -9,11 +9,11 @@ from dataclasses import dataclass, replace
 
 from gradlang.ops import Annotation
 from gradlang.estimators import REGISTRY
+from gradlang.estimators.black_box import compared
 from gradlang.estimators.score import BASELINES
 from gradlang.passes.estimators import SiteChoice
 from gradlang.passes.hypergrad import LINEAR_SOLVERS, METHODS, InnerProblem
 from gradlang.passes.overrides import Overrides
-from gradlang.passes.zeroth_order import BLACK_BOX
 
 from .case import Case, classify, place_key
 from .inputs import VerifyError
@@ -43,12 +43,7 @@ def argmin_candidates() -> list[Annotation]:
 def black_box_candidates(by: Annotation) -> list[Annotation | None]:
     """Each black-box estimator at the export's smoothing scale (and population), and plain
     reverse mode (None: no `by=`)."""
-    o = dict(by.options)
-    scale = o.get("eps", o.get("sigma"))
-    pop = o.get("pop", 64) + o.get("pop", 64) % 2
-    return [Annotation(name, (("eps", scale),) if hasattr(options, "eps")
-                       else (("sigma", scale), ("pop", pop)))
-            for name, options in BLACK_BOX.items()] + [None]
+    return [*compared(by), None]
 
 
 def _title(place: SiteChoice | InnerProblem) -> str:

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from gradlang.estimators import REGISTRY
+from gradlang.estimators.black_box import estimator
 from gradlang.ir import externs_of
 from gradlang.ops import Annotation
 from gradlang.passes.overrides import Overrides
@@ -83,8 +84,7 @@ def reference(origin: Origin, program: Program, case: Case, named: Mapping, sett
     m = settings.reference_samples
     name = program.export.name
     if case.kind == "black_box":
-        o = dict(case.by.options)
-        s = o.get("eps", o.get("sigma"))
+        s = estimator(case.by).scale
         differentiable = not (program.value_draws or case.nonsmooth
                               or externs_of(program.module, case.objective))
         how = (f"the gradient of the Gaussian-smoothed objective E f(w + {s} z), which "
