@@ -115,8 +115,11 @@ def _shown(x: Any) -> str:
 
 def _sized(t: Type, dims: Mapping[str, Any]) -> str:
     """`t`, then its shape with the sizes `dims` gives its dims (when that reads otherwise)."""
-    sized = str(substitute_dims(t, {d: dims[d] for d in type_dims(t) if d in dims}))
-    return str(t) if sized == str(t) else f"{t}, i.e. {sized} for these arguments"
+    sized = substitute_dims(t, {d: dims[d] for d in type_dims(t) if d in dims})
+    text = str(t) if str(sized) == str(t) else f"{t}, i.e. {sized} for these arguments"
+    if isinstance(sized, StructType):
+        text += f" (a dict {{{', '.join(f'{n}: {f}' for n, f in sized.fields)}}})"
+    return text
 
 
 def mismatch(t: Type, x: Any, dims: Mapping[str, Any]) -> str | None:

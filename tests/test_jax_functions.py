@@ -7,6 +7,7 @@ is a clear error."""
 
 from __future__ import annotations
 
+import collections
 import json
 import subprocess
 import sys
@@ -229,6 +230,34 @@ def boom(w, x):
 ])
 def test_a_bad_binding_is_an_error_at_the_declaration(functions, message):
     assert bind_error(functions) == message
+
+
+STRUCT = """
+struct Out { a: f32[2], s: f32 }
+jax fn stats(x: f32[2, 3]) -> Out
+fn f(x: f32[2, 3]) -> f32 {
+  let o = stats(x)
+  return sum(o.a) * o.s
+}
+export g = grad(f, wrt=[x])
+"""
+
+
+def test_a_struct_result_is_a_dict_with_its_fields():
+    def stats(x):
+        return {"s": jnp.max(x), "a": jnp.sum(x * x, 1)}
+
+    x = np.arange(6, dtype=np.float32).reshape(2, 3) / 6
+    got = gradlang.compile_source(STRUCT, functions={"stats": stats}).g(x)["x"]
+    want = jax.grad(lambda x: jnp.sum(stats(x)["a"]) * stats(x)["s"])(x)
+    assert_close(got, want, ops=2 * 8)  # a sum of 6 squares, a product, a max: 8 per side
+    pair = collections.namedtuple("Pair", "a s")
+    with pytest.raises(gradlang.CompileError) as info:
+        gradlang.compile_source(STRUCT, "stats.grad",
+                                functions={"stats": lambda x: pair(jnp.sum(x, 1), jnp.max(x))})
+    assert str(info.value) == (
+        "stats.grad:3:31: error: jax fn 'stats' returns (f32[2], f32), declared Out (a dict "
+        "{a: f32[2], s: f32})\n  jax fn stats(x: f32[2, 3]) -> Out\n" + " " * 32 + "^^^")
 
 
 def test_bindings_for_names_the_file_does_not_declare_are_refused():
