@@ -5,6 +5,8 @@ from __future__ import annotations
 from .distributions import DISTRIBUTIONS
 from .estimators import REGISTRY
 from .estimators.backward import rule_of
+from .estimators.combine import combination_rule
+from .estimators.compose import estimator_of
 from .estimators.black_box import estimator
 from .ir import Module, reachable, walk
 from .ops import OPS
@@ -177,19 +179,9 @@ def _descend(t) -> list[str]:
 
 
 def _compose(c) -> list[str]:
-    """The line of a composition's estimator (a `passes.compose.ComposeFact`)."""
-    inner = f"the mean of {c.samples} draws of {c.inner}"
-    if c.by.name == "plugin":
-        return [f"  compose: plug-in {c.outer}(g_hat), g_hat = {inner}, no state; gradient J^T grad "
-                f"{c.outer}(g_hat): biased for a nonlinear {c.outer} (E {c.outer}(g_hat) != "
-                f"{c.outer}(E g_hat)); by=scgd(beta=0.1) tracks the inner expectation instead"]
-    beta = c.by.option("beta")
-    why = " (the default; by=plugin for the plug-in)" if c.default else ""
-    return [f"  compose: moving-average inner estimate u <- (1 - b) u + b g_hat, g_hat = {inner}, "
-            f"b = max(beta={beta:g}, 1/n) at the n-th call{why}",
-            f"    state 'inner' = (u, n): an argument and the last result (start from zeros and "
-            f"0); gradient J^T grad {c.outer}(u) (SCGD): biased at finite beta, the iterates "
-            f"converge"]
+    """The lines of a composition's estimator (a `passes.compose.ComposeFact`)."""
+    how = estimator_of(c.by)
+    return [f"  {line}" for line in how.describe(c.outer, c.inner, c.samples, c.default)]
 
 
 def explain(module: Module) -> str:
@@ -301,15 +293,16 @@ def _minimize(module: Module, export, flow: dict) -> list[str]:
     whats = [_written(*_objective(module, part)) for part in parts]
     k = len(parts)
     lines = [f"export {export.name} = {t.call('[' + ', '.join(whats) + ']')}"]
-    lines += [f"  {line}" for line in rule_lines(t.rule, k)]
-    state = ", history" if t.rule.name == "dynamic" else ""
+    rule = combination_rule(t.rule)
+    lines += [f"  {line}" for line in rule.describe(t.rule.weights, k)]
+    state = ", history" if rule.stateful else ""
     lines.append(f"  returns: (values f32[{k}], direction {{{', '.join(t.wrt)}}}, weights "
                  f"f32[{k}]{state}), direction = sum_i weights_i * grad f_i; step with "
                  f"p - lr * direction")
     for i, (part, what) in enumerate(zip(parts, whats)):
         lines.append(f"  objective {i + 1}: {what}")
         lines += [f"  {line}" for line in _export(module, part, flow)[1:]]
-    if t.rule.name in ("weights", "dynamic"):
+    if rule.linear:
         lines.append(f"  cost: the objectives' forward and backward evaluations above, the "
                      f"backward passes seeded with the weights (one backward pass of the "
                      f"weighted sum; the {k} gradients are never held apart)")
@@ -318,41 +311,3 @@ def _minimize(module: Module, export, flow: dict) -> list[str]:
                      f"backward pass per objective, the {k} gradients held at once), their "
                      f"{k} x {k} Gram matrix and the combination")
     return lines
-
-
-def rule_lines(rule, k: int) -> list[str]:
-    """What a `minimize` rule computes and what it guarantees, for k objectives."""
-    if rule.name == "mgda":
-        if rule.option("solver") == "frank_wolfe":
-            how = f"by {rule.option('iters')} Frank-Wolfe iterations with exact line search"
-        elif k == 2:
-            how = "in closed form (2 objectives)"
-        else:
-            how = f"exactly, from the minimizers on the {2 ** k - 1} faces of the simplex"
-        return [f"rule: MGDA (Desideri 2012; Sener & Koltun 2018): the min-norm element of the "
-                f"convex hull of the objectives' gradients, {how}",
-                "guarantees: a common descent direction when one exists: <direction, grad f_i> "
-                ">= |direction|^2 for every objective, so no objective increases to first order; "
-                "the direction is zero exactly at Pareto-stationary points (a convex combination "
-                "of the gradients is zero)"]
-    if rule.name == "pcgrad":
-        order = ("in a random order per gradient, from the key" if rule.option("shuffle")
-                 else "in the objectives' order")
-        return [f"rule: PCGrad (Yu et al. 2020): each gradient, projected onto the normal plane "
-                f"of every other gradient it conflicts with (negative inner product), {order}; "
-                f"the direction is their sum",
-                "guarantees: the projections remove the pairwise conflicts; with two objectives "
-                "<direction, grad f_i> >= 0 for both, and the direction is zero at "
-                "Pareto-stationary points; with more, no common descent in general"]
-    if rule.name == "weights":
-        terms = " + ".join(f"{w:g} f{i + 1}" for i, w in enumerate(rule.weights))
-        return [f"rule: fixed weights: the gradient of the weighted sum {terms}",
-                "guarantees: exactly that gradient; its minima are Pareto optimal, but fixed "
-                "weights reach only the convex part of the Pareto front"]
-    return [f"rule: Dynamic Weight Average (Liu, Johns & Davison 2019): weights k softmax(r / T), "
-            f"T = {rule.option('temperature'):g}, r_i = f_i(t-1) / f_i(t-2), the ratio of "
-            f"objective i's values at the previous two calls (the state 'history', f32[2, {k}]; "
-            f"r = 1 on the first two calls); the gradient of the weighted sum",
-            "guarantees: the gradient of the weighted sum at this call's weights; objectives "
-            "whose values fall more slowly get more weight; the ratios assume positive "
-            "objectives"]

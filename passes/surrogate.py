@@ -34,6 +34,7 @@ from pathlib import Path
 
 from gradlang.diagnostics import Diagnostics, Span
 from gradlang.estimators import REGISTRY, SiteEstimator
+from gradlang.estimators.combine import combination_rule
 from gradlang.ir import Export, Function, Module, Op, Param, Region, Value
 from gradlang.ops import (CalleeParams, ConstParams, Annotation, ExpectParams, NoParams,
                           ReduceParams, SurrogateParams)
@@ -640,8 +641,8 @@ def _key_free(module: Module, export: Export, random: set[str], diags: Diagnosti
         why = f"{sampled[0].scope}({sampled[0].fn}, samples={sampled[0].samples})"
     elif t.by is not None:
         why = f"by={t.by.name}"
-    elif t.kind == "minimize" and t.rule.name == "pcgrad" and t.rule.option("shuffle"):
-        why = "pcgrad(shuffle=true)"
+    elif t.kind == "minimize" and combination_rule(t.rule).stochastic:
+        why = str(t.rule)
     else:
         return
     first = module.function(parts[0])

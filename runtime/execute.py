@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 
 import jax
 
+from gradlang.estimators.combine import combination_rule
 from gradlang.ir import HISTORY, Export, Module, externs_of, jax_functions_of
 from gradlang.types import KEY, DType, TensorType, scalar
 
@@ -48,7 +49,7 @@ def _minimize_signature(module: Module, export: Export) -> Signature:
     fns = [module.function(o.fn) for o in t.objectives]
     k = len(fns)
     params = tuple((p.name, p.value.type) for p in fns[0].params)
-    stateful = t.rule.name == "dynamic"
+    stateful = combination_rule(t.rule).stateful
     if stateful:
         params += ((HISTORY, TensorType(DType.F32, (2, k))),)
     if takes_key(t.rule, _draws(module, export)):

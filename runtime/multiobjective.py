@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from gradlang.estimators.combine import combination_rule, pcgrad_orders
+from gradlang.estimators.combine import combination_rule
 from gradlang.ir import Combination
 
 
@@ -70,7 +70,3 @@ def minimize(objectives: Sequence[Callable], draws: Sequence[bool], names: Seque
         return out
 
     return step
-
-
-# pcgrad_orders: until gradlang/verify/minimize.py imports it from gradlang.estimators.combine
-__all__ = ["gram_matrix", "minimize", "pcgrad_orders", "takes_key"]

@@ -17,12 +17,12 @@ from gradlang.ir import Export, Function, Module, Op, Region, reachable, walk
 from gradlang.ops import OPS, Annotation
 from gradlang.estimators import REGISTRY
 from gradlang.estimators.backward import rule_of
+from gradlang.estimators.compose import STATE as COMPOSE_STATE, estimator_of
 from gradlang.estimators.black_box import estimator
 from gradlang.passes.compose import ComposeFact
 from gradlang.passes.estimators import SiteChoice
 from gradlang.passes.hypergrad import InnerProblem
 
-from .inputs import COMPOSE_STATE
 
 @dataclass(frozen=True)
 class NonSmooth:
@@ -91,14 +91,8 @@ class Case:
         """Why the estimator is biased by design (None: it is meant to be unbiased)."""
         why = []
         c = self.compose
-        if c is not None and c.by.name == "plugin":
-            why.append(f"the plug-in {c.outer}(g_hat) of {c.samples} inner samples: E f(g_hat) "
-                       f"!= f(E g) (Jensen), a bias O(1/N)")
-        elif c is not None:
-            why.append(f"scgd(beta={c.by.option('beta')}) differentiates {c.outer} at a moving "
-                       f"average u of the inner estimates: grad f(u) != grad f(E g) for a random "
-                       f"u (O(beta Var g_hat)), and u holds this call's g_hat, correlated with "
-                       f"its Jacobian (O(beta / N))")
+        if c is not None:
+            why.append(estimator_of(c.by).bias(c.outer, c.samples))
         if self.private is not None:
             why.append(f"by=dp clips each example's gradient to norm {self.private.option('clip')}"
                        f": the estimate is the mean of the clipped gradients (plus noise), not "

@@ -8,6 +8,7 @@ from itertools import combinations
 
 import numpy as np
 
+from gradlang.estimators.combine import Dynamic, Mgda, Weights, combination_rule
 from gradlang.ir import Combination
 
 
@@ -61,14 +62,13 @@ def dwa(history: np.ndarray, temperature: float) -> np.ndarray:
 def coefficients(rule: Combination, grads: np.ndarray, history: np.ndarray | None,
                  orders: np.ndarray | None) -> np.ndarray:
     """c for gradients [k, size] (PCGrad: with `orders` [k, k]; dynamic: with `history`)."""
-    if rule.name == "weights":
+    how = combination_rule(rule)
+    if isinstance(how, Weights):
         return np.asarray(rule.weights, np.float64)
-    if rule.name == "dynamic":
-        return dwa(history, float(rule.option("temperature")))
+    if isinstance(how, Dynamic):
+        return dwa(history, float(how.temperature))
     gram = grads @ grads.T
-    if rule.name == "mgda":
-        return min_norm(gram)
-    return pcgrad(gram, orders)
+    return min_norm(gram) if isinstance(how, Mgda) else pcgrad(gram, orders)
 
 
 def random_orders(rng: np.random.Generator, k: int) -> np.ndarray:

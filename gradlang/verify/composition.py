@@ -15,6 +15,7 @@ from dataclasses import replace
 import jax
 import numpy as np
 
+from gradlang.estimators.compose import Plugin
 from gradlang.ops import Annotation
 from gradlang.passes.overrides import Overrides
 
@@ -32,7 +33,7 @@ CALLS = 32
 def _plugin(origin: Origin, program: Program, samples: int) -> Program:
     """The export with `samples` inner samples and `by=plugin`."""
     export = program.export
-    found = origin.compile(Overrides(by={export.transform.compose.span: Annotation("plugin")},
+    found = origin.compile(Overrides(by={export.transform.compose.span: Annotation(Plugin.name)},
                                      samples={export.span: samples}))
     if isinstance(found, str):
         raise VerifyError(f"the plug-in variant with {samples} inner samples does not compile: "

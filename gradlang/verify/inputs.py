@@ -20,8 +20,6 @@ class VerifyError(Exception):
 NP_DTYPES = {DType.F32: np.float32, DType.F64: np.float64, DType.I32: np.int32, DType.BOOL: np.bool_}
 STATE = "baseline"
 """The state parameter of an export with a moving-average baseline; 0 unless given."""
-COMPOSE_STATE = "inner"
-"""The state (u, n) of a `compose(..., by=scgd)` export; zeros unless given."""
 CONTROL_STATE = "control"
 """The parameters psi of a learned control variate (RELAX, LAX); zeros unless given."""
 

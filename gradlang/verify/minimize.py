@@ -19,8 +19,8 @@ from dataclasses import replace
 import jax
 import numpy as np
 
+from gradlang.estimators.combine import combination_rule, pcgrad_orders
 from gradlang.ir import HISTORY
-from gradlang.runtime.multiobjective import pcgrad_orders
 
 from .combination import coefficients, random_orders
 from .measure import sample
@@ -48,6 +48,7 @@ def check(program: Program, parts: list[Program], named: Mapping, seed: int) -> 
     same keys (see the module docstring)."""
     t = program.export.transform
     rule, k = t.rule, len(parts)
+    typed = combination_rule(rule)
     args = program.arguments(named)
     pargs = [p.arguments(named) for p in parts]
     n = CALLS if program.draws else 1
@@ -57,31 +58,22 @@ def check(program: Program, parts: list[Program], named: Mapping, seed: int) -> 
         out = program.gradient(*args, key) if program.draws else program.gradient(*args)
         grads = [p.estimate(a, jax.random.fold_in(key, i) if p.draws else None)
                  for i, (p, a) in enumerate(zip(parts, pargs))]
-        orders = (pcgrad_orders(jax.random.fold_in(key, k), k)
-                  if rule.name == "pcgrad" and rule.option("shuffle") else None)
+        orders = pcgrad_orders(jax.random.fold_in(key, k), k) if typed.stochastic else None
         return out[1], grads, orders
 
     direction, grads, orders = jax.jit(jax.vmap(call))(keys)
     d = _flat(direction)
     g = np.stack([_flat(x) for x in grads], 1)  # [n, k, size]
-    history = np.asarray(named[HISTORY]) if rule.name == "dynamic" else None
+    history = np.asarray(named[HISTORY]) if typed.stateful else None
     worst = 0.0
     for j in range(n):
         order = np.asarray(orders[j]) if orders is not None else np.tile(np.arange(k), (k, 1))
         c = coefficients(rule, g[j], history, order)
         scale = max(np.linalg.norm(g[j], axis=1).max(), np.finfo(np.float64).tiny)
         worst = max(worst, float(np.linalg.norm(d[j] - c @ g[j]) / scale))
-    approximate = rule.name == "mgda" and rule.option("solver") == "frank_wolfe"
-    verdict = CONSISTENT if worst <= TOLERANCE else BY_DESIGN if approximate else BIASED
-    how = {"mgda": "the min-norm point of the gradients' convex hull (every support solved in "
-                   "float64)",
-           "pcgrad": "PCGrad's projections" + (" in each call's orders" if orders is not None
-                                                else " in source order"),
-           "weights": f"the weights {', '.join(f'{w:g}' for w in rule.weights)}",
-           "dynamic": "DWA's weights from the history given"}[rule.name]
-    if approximate:
-        how += f" (the export stops Frank-Wolfe after {rule.option('iters')} steps)"
-    return CombinationCheck(str(rule), f"by={rule} against {how}", n, worst, TOLERANCE, verdict)
+    verdict = CONSISTENT if worst <= TOLERANCE else BY_DESIGN if typed.approximate else BIASED
+    return CombinationCheck(str(rule), f"by={rule} against {typed.reference(rule.weights)}", n,
+                            worst, TOLERANCE, verdict)
 
 
 def _reference(program: Program, reports: list[ExportReport], named: Mapping,
@@ -93,8 +85,9 @@ def _reference(program: Program, reports: list[ExportReport], named: Mapping,
     values = np.stack([np.concatenate(r.reference.values) for r in reports])
     errors = np.stack([np.concatenate(r.reference.errors) for r in reports])
     bounds = np.stack([np.concatenate(r.reference.bounds) for r in reports])
-    history = np.asarray(named[HISTORY]) if rule.name == "dynamic" else None
-    if rule.name == "pcgrad" and rule.option("shuffle"):
+    typed = combination_rule(rule)
+    history = np.asarray(named[HISTORY]) if typed.stateful else None
+    if typed.stochastic:
         rng = np.random.default_rng(seed)
         cs = np.stack([coefficients(rule, values, None, random_orders(rng, k))
                        for _ in range(ORDERS)])
@@ -132,9 +125,9 @@ def verify_minimize(origin, module, program: Program, named: Mapping, settings: 
     ref = _reference(program, reports, named, settings.seed)
     draws = any(p.draws for p in parts)
     why = [f"{r.export}: {r.biased_by_design}" for r in reports if r.biased_by_design]
-    if draws and t.rule.name in ("mgda", "pcgrad"):
-        why.append(f"{t.rule.name} is nonlinear in the gradients: applied to unbiased estimates, "
-                   f"its mean is not the rule applied to their expectations")
+    bias = combination_rule(t.rule).bias
+    if draws and bias is not None:
+        why.append(bias)
     cuts = np.cumsum([int(np.prod(s, dtype=int)) for s in sampled.shapes])[:-1]
     leaves = [leaf_stats(nm, shape, x, v, e, b, None, bool(why), settings.z)
               for nm, shape, x, v, e, b in zip(

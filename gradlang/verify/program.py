@@ -3,7 +3,6 @@ value, and the measurements of its estimates (samples, time, compiled memory).""
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -13,13 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gradlang.estimators.compose import STATE as COMPOSE_STATE, estimator_of
 from gradlang.ir import Export, Module
 from gradlang.runtime.execute import export_function
 from gradlang.runtime.lower import Lowering
 from gradlang.runtime.signature import ArgumentError, CompiledFunction, Signature
 from gradlang.types import KEY, StructType, TupleType, Type
 
-from .inputs import COMPOSE_STATE, CONTROL_STATE, NP_DTYPES, STATE, VerifyError
+from .inputs import CONTROL_STATE, NP_DTYPES, STATE, VerifyError
 
 CHUNK_BYTES = 1 << 28
 """Estimates are vmapped in chunks whose compiled memory stays about this size."""
@@ -174,8 +174,8 @@ def load(module: Module, name: str, externs: Mapping[str, object], mesh=None) ->
         as_grad = replace(part, transform=replace(pt, kind="grad", lr=None))
         signature, gradient = export_function(module, as_grad, externs, mesh)
         warmup = 0
-        if pt.compose is not None and pt.compose.by.name == "scgd":
-            warmup = math.ceil(WARMUP / pt.compose.by.option("beta"))
+        if pt.compose is not None:
+            warmup = estimator_of(pt.compose.by).warmup(WARMUP)
         program = Program(module, as_grad if index is not None else export, signature, gradient,
                           Lowering(module, externs).function(pt.fn),
                           pt.fn in module.facts.random, warmup)
