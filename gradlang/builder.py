@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 
 from . import ast
 from .diagnostics import Diagnostics, Span
+from .estimators.hypergrads import METHODS, Truncated
 from .limits import I32_MAX
 from .options import number_problem
 from .ir import (Combination, Composition, Export, Function, Objective, Op, Param, Region,
@@ -677,11 +678,11 @@ class _FunctionBuilder:
 
     def truncated(self, index: int, value: Value, annotation: ast.Annotation) -> Value:
         """`for ... { } with truncated(k=K)`: truncated backpropagation through the loop."""
-        rule = annotation_from_ast(annotation, self.diags, positional="k")
+        rule = annotation_from_ast(annotation, self.diags, positional=Truncated.positional)
         if rule is None:
             return value
         k = rule.option("k")
-        if rule.name != "truncated" or set(dict(rule.options)) != {"k"}:
+        if rule.name != Truncated.name or set(dict(rule.options)) != {"k"}:
             return self.error_value("a loop takes 'with truncated(k=K)': reverse mode through "
                                     "its last K iterations only", annotation.span)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -788,8 +789,9 @@ class _FunctionBuilder:
         given, and a second result (the solver's report) when `report`."""
         init = self.expr(e.init)
         solver = annotation_from_ast(e.solver, self.diags)
+        method = None if e.hyper is None else METHODS.get(e.hyper.name)
         hyper = None if e.hyper is None else annotation_from_ast(
-            e.hyper, self.diags, positional={"implicit": "method", "truncated": "k"}.get(e.hyper.name))
+            e.hyper, self.diags, positional=method.positional if method else None)
         arg = Value(type_from_ast(e.type), e.var)
 
         def body() -> tuple[Value, ...]:

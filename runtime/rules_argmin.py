@@ -1,9 +1,10 @@
 """Lowering of `argmin`: the inner problem as functions of the flattened inner variable.
 
 The first region computes the objective f(v, theta) from the inner variable v (its argument)
-and the float values it uses from outside (theta; the others, integers, are held fixed); an optional second region computes the
-`subject to` constraints (each <= 0). `runtime.hypergrads` builds the solver loop and its
-hypergradient. The op has one result (the solution) or two (and the solver's report: final
+and the float values it uses from outside (theta; the others, integers, are held fixed); an
+optional second region computes the `subject to` constraints (each <= 0). The op's solver and
+hypergradient method (`estimators.solvers`, `estimators.hypergrads`) build the solver loop and
+its hypergradient. The op has one result (the solution) or two (and the solver's report: final
 residual and steps taken).
 """
 
@@ -13,9 +14,9 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from gradlang.estimators.hypergrads import Inner, method_of
+from gradlang.estimators.solvers import solver_of
 from gradlang.ir import Op, Region, free_values
-
-from .hypergrads import build
 
 
 def _argmin(ctx, op: Op, init):
@@ -45,8 +46,10 @@ def _argmin(ctx, op: Op, init):
     def constraints(x, thetas, fixed):
         return jnp.concatenate([jnp.ravel(c) for c in evaluate(op.regions[1], x, thetas, fixed)])
 
-    solve = build(p.solver.name, dict(p.solver.options), p.hyper.name, dict(p.hyper.options),
-                  objective, constraints if len(op.regions) > 1 else None, len(op.results) > 1)
+    constrained = len(op.regions) > 1
+    solver = solver_of(p.solver, constrained)
+    solve = method_of(p.hyper, solver, constrained).build(
+        Inner(solver, objective, constraints if constrained else None, len(op.results) > 1))
     # the other leaves (integers: a loop index, a report's steps) are arguments too, never
     # closed over: the backward pass is traced outside the region that made them
     x, residual, steps = solve(tuple(leaf for leaf, t in zip(leaves, is_theta) if t),

@@ -13,18 +13,19 @@ import gradlang
 from gradlang.estimators import backward
 from gradlang.estimators import combine, compose as composition
 from gradlang.estimators.black_box import BLACK_BOX, Eggroll, Es
+from gradlang.estimators import hypergrads, solvers
 from gradlang.ir import Combination
 from gradlang.ops import Annotation
 from gradlang.options import OptionError, parse, rendered, unknown
-from gradlang.passes import (compose, hypergrad, multiobjective, privacy, straight_through,
+from gradlang.passes import (compose, multiobjective, privacy, straight_through,
                              zeroth_order)
 
-CLASSES = [*BLACK_BOX.values(), privacy.DpOptions, *hypergrad.SOLVERS.values(),
-           *hypergrad.CONSTRAINED.values(), *hypergrad.METHODS.values(),
+CLASSES = [*BLACK_BOX.values(), privacy.DpOptions, *solvers.SOLVERS.values(),
+           *solvers.CONSTRAINED.values(), *hypergrads.METHODS.values(),
            *combine.RULES.values(), *composition.ESTIMATORS.values(),
            *backward.RULES.values()]
 REQUIRED = {privacy.DpOptions: (("clip", 1.0), ("noise", 1.1)),
-            hypergrad.Projected: (("lower", -1.0), ("upper", 1.0))}
+            solvers.Projected: (("lower", -1.0), ("upper", 1.0))}
 """The options an annotation needs written."""
 
 
@@ -85,15 +86,15 @@ def test_an_unknown_option_gets_a_did_you_mean_in_every_pass(source, message):
      "option 'power' of 'x' must be at least 1, got 0.5"),
     (composition.Scgd, (("beta", 1.5),), "option 'beta' of 'x' must be at most 1, got 1.5"),
     (composition.Scgd, (("beta", 0),), "must be a positive number, got 0"),
-    (hypergrad.Adam, (("b1", 1.0),), "option 'b1' of 'x' must be below 1, got 1.0"),
-    (hypergrad.Adam, (("b2", -0.5),), "must be a non-negative number, got -0.5"),
+    (solvers.Adam, (("b1", 1.0),), "option 'b1' of 'x' must be below 1, got 1.0"),
+    (solvers.Adam, (("b2", -0.5),), "must be a non-negative number, got -0.5"),
     (privacy.DpOptions, REQUIRED[privacy.DpOptions] + (("per_example_axis", -1),),
      "must be a non-negative integer, got -1"),
     (privacy.DpOptions, REQUIRED[privacy.DpOptions] + (("per_example_axis", True),),
      "must be a non-negative integer, got true"),
     (Es, (("pop", 63),), "'es' with antithetic pairs needs an even pop, got 63"),
     (Eggroll, (("antithetic", 1),), "must be true or false, got 1"),
-    (hypergrad.Projected, (("lower", 1.0), ("upper", 1.0)), "needs lower < upper"),
+    (solvers.Projected, (("lower", 1.0), ("upper", 1.0)), "needs lower < upper"),
     (combine.Mgda, (("solver", "newton"),),
      r"unknown solver 'newton' for x \(solvers: auto, exact, frank_wolfe\)"),
 ])
@@ -106,7 +107,7 @@ def test_option_values_are_checked_against_their_declared_ranges(cls, given, mes
     (composition.Scgd, (("beta", 1),)),
     (backward.Reste, (("power", 1),)),
     (backward.Ste, (("clip", 0),)),  # clip=0 is the default: no clipping
-    (hypergrad.Momentum, (("beta", 0.0),)),
+    (solvers.Momentum, (("beta", 0.0),)),
     (Es, (("pop", 63), ("antithetic", False))),
     (privacy.DpOptions, REQUIRED[privacy.DpOptions] + (("noise", 0.0), ("per_example_axis", 2))),
 ])
@@ -118,7 +119,7 @@ def test_completed_annotations_keep_their_rendered_form():
     """What the runtime and the golden IR read: every option, in declaration order (rho last
     for a constrained solver), backward rules and compositions in floats, mgda's solver
     resolved for the number of objectives."""
-    assert rendered(hypergrad.CONSTRAINED["gd"]()) == (
+    assert rendered(solvers.CONSTRAINED["gd"]()) == (
         ("steps", 100), ("lr", 0.1), ("tol", 0.0), ("rho", 1.0))
     assert str(straight_through.complete(Annotation("reste", (("power", 3),)))) == \
         "reste(power=3.0, clip=1.0, max_grad=10.0)"

@@ -1,0 +1,299 @@
+"""Hypergradient methods (`argmin ... with METHOD(options)`): how the solution of an inner
+problem is differentiated, one frozen dataclass each.
+
+A method's fields are its options (`gradlang.options`); beside them it declares what the
+hypergradient pass checks (`problem`: does it fit the solver and the constraints; `through_loop`,
+`forward_mode`, `smooth`), the option the builder lets be written without its name
+(`positional`), the annotations `verify --compare` tries (`variants`) and how it builds the
+differentiable solve (`build`). The pass checks and completes methods through `METHODS`
+(`method_of`); the lowering of `argmin` builds the method from the op's annotation the same way.
+
+An inner problem is given on a flat variable as `objective(x, thetas, fixed)` and optionally
+`constraints(x, thetas, fixed)` (c <= 0), where thetas are the float values the problem
+captures and fixed the others (integers). `build` returns
+`solve(thetas, fixed, x0) -> (x, residual, steps)`, differentiable in thetas:
+
+- `implicit`: a `custom_vjp` whose backward solves (H + damping I) u = g at the solution, H the
+  Hessian in x, with Hessian-vector products only (forward-over-reverse), by CG, GMRES or a
+  Neumann series, and returns -d/dthetas <grad_x f, u>. For box-projected solvers the system is
+  restricted to the coordinates strictly inside the box (the others do not move).
+- `unrolled`: reverse mode through the solver's loop; `truncated(k)`: through its last k steps.
+- `value_function`: Hessian-free and first order. With d = g / |g|, it re-solves the problem with
+  objective f +- sigma d.x (warm started; constraints kept) and returns
+  |g| (grad_thetas L(x+, lam+) - grad_thetas L(x-, lam-)) / (2 sigma), L = f + lam.c the
+  Lagrangian: by the envelope theorem this is the central difference, in sigma, of the gradient
+  of the perturbed problem's value function, whose sigma-derivative is the wanted
+  vector-Jacobian product, including constraints that couple x and thetas. Bias O(sigma^2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from gradlang.ops import Annotation
+from gradlang.options import OptionError, chosen, option
+
+from .solvers import SOLVERS, Problem, Solver, State, fresh, krylov, multipliers, run, start
+
+Array = jax.Array
+Solve = Callable[[tuple, tuple, Array], tuple]
+
+
+@dataclass(frozen=True)
+class Inner:
+    """One inner problem at run time: its solver, objective and constraints (None when
+    unconstrained) on the flat variable, and whether the solve reports its residual (one more
+    gradient evaluation)."""
+
+    solver: Solver
+    objective: Callable
+    constraints: Callable | None
+    report: bool
+
+    def problem(self, thetas: tuple, fixed: tuple, shift: Array | None = None) -> Problem:
+        """The problem at thetas, its objective plus shift . x when a shift is given."""
+        def f(x):
+            value = self.objective(x, thetas, fixed)
+            return value if shift is None else value + jnp.vdot(shift, x)
+
+        c = None if self.constraints is None else (lambda x: self.constraints(x, thetas, fixed))
+        return Problem(f, c, self.solver)
+
+    def forward(self, thetas: tuple, fixed: tuple, x0: Array, last: int = 0) -> State:
+        """The solve; with last > 0, reverse mode sees only its last `last` steps."""
+        p = self.problem(thetas, fixed)
+        state = start(p, x0, multipliers(p, x0))
+        steps, tol = self.solver.steps, self.solver.tol
+        if not last:
+            return run(p, state, steps, tol)
+        state = jax.lax.stop_gradient(run(p, state, steps - last, tol))
+        return run(p, fresh(p, state), last, 0.0)
+
+    def result(self, thetas: tuple, fixed: tuple, state: State) -> tuple:
+        """The solution, its residual (0 unless `report`) and the steps taken."""
+        if not self.report:
+            return state.x, jnp.zeros((), state.x.dtype), state.k
+        p = self.problem(thetas, fixed)
+        done = fresh(p, jax.lax.stop_gradient(state))
+        return state.x, p.residual(done.x, done.g), state.k
+
+    def solution(self, thetas: tuple, fixed: tuple, x0: Array, last: int = 0) -> tuple:
+        """`result` of the solve (reverse mode through its last `last` steps, all when 0)."""
+        return self.result(thetas, fixed, self.forward(thetas, fixed, x0, last))
+
+    def lagrangian(self, x: Array, lam: Array, thetas: tuple, fixed: tuple) -> Array:
+        """f + lam . c at x, the value the value-function method differentiates in thetas."""
+        value = self.objective(x, thetas, fixed)
+        if self.constraints is None:
+            return value
+        return value + jnp.vdot(lam, self.constraints(x, thetas, fixed))
+
+
+class Method:
+    """A hypergradient method; subclasses are frozen dataclasses whose fields are its
+    options."""
+
+    name: ClassVar[str]
+    label: ClassVar[str]
+    """How messages name it."""
+    positional: ClassVar[str | None] = None
+    """The option that may be written first without its name (`implicit(cg)`)."""
+    through_loop: ClassVar[bool] = False
+    """It differentiates through the solver's loop by reverse mode, so the solver must be
+    `differentiable`. The others are a custom_vjp, which has no forward-mode derivative."""
+    forward_mode: ClassVar[bool] = False
+    """Its backward takes forward-mode derivatives of the inner objective."""
+    smooth: ClassVar[bool] = False
+    """It assumes a twice differentiable inner objective."""
+
+    def completed(self, solver: Solver) -> Method:
+        """Its options with the defaults that depend on the solver filled in."""
+        return self
+
+    def problem(self, solver: Solver, constrained: bool) -> str | None:
+        """Why it cannot differentiate a problem solved by `solver`, with `subject to` when
+        `constrained` (None when it can)."""
+        if self.through_loop and not solver.differentiable:
+            usable = ", ".join(n for n, s in SOLVERS.items() if s.differentiable)
+            return (f"'{self.name}' differentiates through the solver's loop, but "
+                    f"'{solver.name}' searches its step in a while loop; use {usable}, or "
+                    f"implicit / value_function")
+        return None
+
+    @classmethod
+    def variants(cls) -> list[Annotation]:
+        """The annotations `verify --compare` measures for it."""
+        return [Annotation(cls.name)]
+
+    def build(self, inner: Inner) -> Solve:
+        """`solve(thetas, fixed, x0) -> (x, residual, steps)`, differentiable in thetas."""
+        raise NotImplementedError(self.name)
+
+
+class CustomBackward(Method):
+    """A method whose backward pass is its own (`backward`), around the solve (a custom_vjp)."""
+
+    def build(self, inner: Inner) -> Solve:
+        @jax.custom_vjp
+        def solve(thetas, fixed, x0):
+            return inner.solution(thetas, fixed, x0)
+
+        def fwd(thetas, fixed, x0):
+            state = inner.forward(thetas, fixed, x0)
+            return inner.result(thetas, fixed, state), (state, thetas, fixed, x0)
+
+        def bwd(saved, cts):
+            state, thetas, fixed, x0 = saved
+            return self.backward(inner, state, thetas, fixed, cts[0]), None, jnp.zeros_like(x0)
+
+        solve.defvjp(fwd, bwd)
+        return solve
+
+    def backward(self, inner: Inner, state: State, thetas: tuple, fixed: tuple, g: Array) -> Any:
+        """The cotangent of thetas from the cotangent g of the solution `state.x`."""
+        raise NotImplementedError(self.name)
+
+
+LINEAR_SOLVERS = ("cg", "gmres", "neumann")
+"""How implicit differentiation solves its linear system."""
+
+
+@dataclass(frozen=True)
+class Implicit(CustomBackward):
+    """Implicit differentiation: one linear solve (`method`) at the solution."""
+
+    name: ClassVar[str] = "implicit"
+    label: ClassVar[str] = "implicit differentiation"
+    positional: ClassVar[str | None] = "method"
+    forward_mode: ClassVar[bool] = True
+    smooth: ClassVar[bool] = True
+    method: str = option("cg", choices=LINEAR_SOLVERS, plural="linear solvers")
+    iters: int = option(30)
+    tol: float = option(0.0, "non-negative")
+    damping: float = option(0.0, "non-negative")
+
+    def problem(self, solver, constrained):
+        if constrained:
+            return ("implicit differentiation assumes an unconstrained inner problem (its "
+                    "gradient is zero at the solution); with 'subject to' use value_function "
+                    "or unrolled")
+        return super().problem(solver, constrained)
+
+    @classmethod
+    def variants(cls):
+        return [Annotation(cls.name, (("method", s),)) for s in LINEAR_SOLVERS]
+
+    def backward(self, inner, state, thetas, fixed, g):
+        x = state.x
+        grad_x = jax.grad(inner.objective)
+        free = inner.solver.free(x)
+
+        def matvec(u):
+            hu = jax.jvp(lambda w: grad_x(w, thetas, fixed), (x,), (free * u,))[1]
+            return free * hu + (1 - free) * u + self.damping * u
+
+        u = self.adjoint(matvec, free * g, inner.solver.lr)
+        (theta_bar,) = jax.vjp(lambda th: grad_x(x, th, fixed), thetas)[1](u)
+        return jax.tree.map(jnp.negative, theta_bar)
+
+    def adjoint(self, matvec: Callable[[Array], Array], g: Array, lr: float) -> Array:
+        """u with matvec(u) = g by CG, GMRES or a Neumann series (step lr, the solver's)."""
+        if self.method != "neumann":
+            return krylov(self.method, matvec, g, self.iters, self.tol)
+
+        def term(_, state):  # u_k = sum_{j<k} (I - lr A)^j lr g
+            u, r = state
+            r = r - lr * matvec(r)
+            return u + r, r
+
+        first = lr * g
+        return jax.lax.fori_loop(0, self.iters, term, (first, first))[0]
+
+
+@dataclass(frozen=True)
+class ValueFunction(CustomBackward):
+    """The value-function method: first-order, it accounts for constraints."""
+
+    name: ClassVar[str] = "value_function"
+    label: ClassVar[str] = "the value-function method"
+    sigma: float = option(0.01)
+    steps: int | None = option(None, "count")
+    """The steps of its solves (the solver's by default)."""
+
+    def completed(self, solver):
+        return self if self.steps is not None else replace(self, steps=solver.steps)
+
+    def backward(self, inner, state, thetas, fixed, g):
+        norm = jnp.linalg.norm(g)
+        d = g / jnp.where(norm > 0, norm, 1.0)
+        grad_theta = jax.grad(inner.lagrangian, argnums=2)
+
+        def perturbed(sign):
+            p = inner.problem(thetas, fixed, sign * self.sigma * d)
+            s = run(p, fresh(p, state), self.steps, 0.0)
+            return grad_theta(s.x, s.lam, thetas, fixed)
+
+        up, down = perturbed(1.0), perturbed(-1.0)
+        return jax.tree.map(lambda a, b: norm * (a - b) / (2 * self.sigma), up, down)
+
+
+@dataclass(frozen=True)
+class Unrolled(Method):
+    """Reverse mode through every step of the solver's loop."""
+
+    name: ClassVar[str] = "unrolled"
+    label: ClassVar[str] = "unrolled differentiation"
+    through_loop: ClassVar[bool] = True
+
+    def problem(self, solver, constrained):
+        problem = super().problem(solver, constrained)
+        if problem is None and solver.tol:
+            return ("'unrolled' differentiates through a fixed number of steps; remove the "
+                    "solver's tol, or use truncated(k) or implicit")
+        return problem
+
+    def build(self, inner):
+        return inner.solution
+
+
+@dataclass(frozen=True)
+class Truncated(Method):
+    """Reverse mode through the last k steps of the solver's loop."""
+
+    name: ClassVar[str] = "truncated"
+    label: ClassVar[str] = "truncated unrolling"
+    positional: ClassVar[str | None] = "k"
+    through_loop: ClassVar[bool] = True
+    k: int = option(10)
+
+    def problem(self, solver, constrained):
+        problem = super().problem(solver, constrained)
+        if problem is None and self.k > solver.steps:
+            return f"truncated(k={self.k}) needs k <= the solver's steps ({solver.steps})"
+        return problem
+
+    def build(self, inner):
+        return partial(inner.solution, last=self.k)
+
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (
+    Implicit, ValueFunction, Unrolled, Truncated)}
+"""Every hypergradient method, by name."""
+
+
+def method_of(a: Annotation, solver: Solver, constrained: bool) -> Method:
+    """The method annotation `a` names, with its options completed for `solver` and checked
+    against it and the constraints (`constrained`: the problem has `subject to`); raises
+    OptionError."""
+    method = chosen(METHODS, a.name, a.options, "hypergradient method").completed(solver)
+    problem = method.problem(solver, constrained)
+    if problem is not None:
+        raise OptionError(problem)
+    return method
+
