@@ -109,8 +109,20 @@ def _black_box(module: Module, name: str, t, what: str, reach: list[str]) -> lis
     lines += [f"  {w}: black-box estimate by {est.description}; {est.target()}" for w in t.wrt]
     if externs:
         lines.append(f"  externs called: {', '.join(externs)} (Python, through host callbacks)")
+    lines += _traced(module, reach)
     lines.append(f"  cost: {evals} forward evaluations, no backward pass")
     return lines + _descend(t)
+
+
+def _traced(module: Module, reach: list[str]) -> list[str]:
+    """The line naming the jax functions called, which the analyses cannot see inside."""
+    names = [op.params.name for f in reach for op in module.function(f).body.ops
+             if op.name == "call_jax"]
+    if not names:
+        return []
+    return [f"  JAX functions called: {', '.join(names)} (traced inline, differentiated by "
+            f"JAX; gradflow could not analyse them: each call's result is taken to depend "
+            f"on all its arguments, differentiably)"]
 
 
 def _reverse_mode(wrt: tuple[str, ...], zero: tuple[str, ...], sites: bool,
@@ -236,6 +248,7 @@ def _export(module: Module, export, flow: dict) -> list[str]:
         lines += (_private(module.facts.privacy[export.name], n) if t.private is not None
                   else _reverse_mode(t.wrt, flow[export.name].zero, bool(here), nonsmooth,
                                      t.fn in module.facts.random))
+        lines += _traced(module, reach)
     if here:
         rows = [["site", "distribution", "estimator", "control variate", "cost per sample",
                  "override"]]
