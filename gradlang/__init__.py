@@ -10,7 +10,8 @@ from .api import CompiledModule, LoadedModule, __version__, compile_file, compil
 from .binding import batched
 from .diagnostics import CompileError
 
-_RUNTIME_ERRORS = {"ArgumentError": "signature", "ArtifactError": "artifact", "ExternError": "host"}
+_RUNTIME_ERRORS = {"ArgumentError": "signature", "ArtifactError": "artifact", "ExternError": "host",
+                   "JaxFunctionError": "jax_functions"}
 """Errors raised when running or loading a module, imported on first use (they live beside
 JAX code, which `gradlang check` never imports)."""
 
@@ -22,4 +23,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["ArgumentError", "ArtifactError", "CompileError", "CompiledModule", "ExternError",
-           "LoadedModule", "__version__", "batched", "compile_file", "compile_source", "load"]
+           "JaxFunctionError", "LoadedModule", "__version__", "batched", "compile_file",
+           "compile_source", "load"]

@@ -110,7 +110,7 @@ class HostFunction:
 
 def host_call(ctx, op, *args):
     """The lowering rule of `host_call`."""
-    host = HostFunction(op.params.name, ctx.lowering.externs.get(op.params.name),
+    host = HostFunction(op.params.name, ctx.lowering.bindings.get(op.params.name),
                         tuple(p.value.type for p in ctx.fn.params), op.params.result)
     return host.call(*args)
 

@@ -161,7 +161,7 @@ def call_jax(ctx, op, *args) -> Any:
     """The lowering rule of `call_jax`: the binding called on the traced arguments, its
     result checked against the declaration with the dims the arguments fix."""
     name = op.params.name
-    binding = ctx.lowering.externs.get(name)
+    binding = ctx.lowering.bindings.get(name)
     if binding is None:
         raise JaxFunctionError(f"jax fn '{name}' is not bound: pass functions={{'{name}': fn}} "
                                f"to gradlang.compile_file / compile_source")

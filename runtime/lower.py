@@ -22,7 +22,6 @@ from gradlang.ops import OPS
 from gradlang.types import StructType, TensorType, TupleType, Type
 
 from .dtypes import JNP_DTYPES
-from .jax_functions import call_jax
 from .rules import LOWERINGS
 from .perturbed import Factored, dense
 from .symbolic import SymbolicDimError, inconclusive
@@ -120,7 +119,7 @@ class _Ctx:
         return tuple(self.env[v] for v in region.results)
 
     def op(self, op: Op) -> None:
-        rule = call_jax if op.name == "call_jax" else LOWERINGS.get(op.name)
+        rule = LOWERINGS.get(op.name)
         if rule is None:
             raise LoweringError(f"no lowering rule for op '{op.name}'")
         args = [self.env[v] for v in op.operands]
@@ -165,9 +164,9 @@ class Sampling:
 class Lowering:
     """Turns the functions of one typed module into JAX-traceable callables."""
 
-    def __init__(self, module: Module, externs: Mapping[str, object] | None = None):
+    def __init__(self, module: Module, bindings: Mapping[str, object] | None = None):
         self.module = module
-        self.externs = dict(externs or {})
+        self.bindings = dict(bindings or {})
         """Python bindings by name: of extern functions (host callbacks) and of jax functions
         (traced inline)."""
         self.random: frozenset[str] = module.facts.random

@@ -19,6 +19,7 @@ from gradlang.ir import Op, free_values
 from gradlang.types import TensorType
 
 from .numerics import softplus
+from .jax_functions import call_jax
 from .rules_argmin import ARGMIN_LOWERINGS
 from .rules_nonsmooth import NONSMOOTH_LOWERINGS, as_result_dtype
 from .dtypes import JNP_DTYPES
@@ -208,6 +209,7 @@ def _host_call(ctx, op, *args):
 LOWERINGS: dict[str, Rule] = {
     **ARGMIN_LOWERINGS,
     "host_call": _host_call,
+    "call_jax": call_jax,
     **RANDOM_LOWERINGS,
     **NONSMOOTH_LOWERINGS,
     "const": lambda ctx, op: op.params.value,

@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 
 from gradlang.cli import main
 
-KEYWORDS = ["use", "struct", "fn", "extern", "export", "let", "return", "if", "then", "else",
-            "for", "in", "range", "carry", "and", "or", "not", "true", "false",
+KEYWORDS = ["use", "struct", "fn", "extern", "jax", "export", "let", "return", "if", "then",
+            "else", "for", "in", "range", "carry", "and", "or", "not", "true", "false",
             "f32", "f64", "i32", "bool", "grad", "value_and_grad", "wrt", "pragma", "with",
             "expect", "samples", "estimator", "argmin", "argmax", "via"]
 PUNCTUATION = ["(", ")", "[", "]", "{", "}", ",", ":", ";", "=", "->", ".", "+", "-", "*", "/",
