@@ -80,8 +80,9 @@ class Inner:
         if not self.report:
             return state.x, jnp.zeros((), state.x.dtype), state.k
         p = self.problem(thetas, fixed)
-        done = fresh(p, jax.lax.stop_gradient(state))
-        return state.x, p.residual(done.x, done.g), state.k
+        done = fresh(p, jax.lax.stop_gradient(state))  # a report: no derivative (the norm of
+        # the constraint violation has none where it is 0)
+        return state.x, jax.lax.stop_gradient(p.residual(done.x, done.g)), state.k
 
     def solution(self, thetas: tuple, fixed: tuple, x0: Array, last: int = 0) -> tuple:
         """`result` of the solve (reverse mode through its last `last` steps, all when 0)."""
@@ -183,6 +184,11 @@ class Implicit(CustomBackward):
             return ("implicit differentiation assumes an unconstrained inner problem (its "
                     "gradient is zero at the solution); with 'subject to' use value_function "
                     "or unrolled")
+        if self.method == "neumann" and solver.line_search:
+            return (f"implicit(neumann) sums its series with the solver's step lr, which "
+                    f"converges where gradient descent with that step does (lr below 2 / the "
+                    f"Hessian's largest eigenvalue); '{solver.name}' searches its step and has "
+                    f"no lr; use implicit(cg) or implicit(gmres)")
         return super().problem(solver, constrained)
 
     @classmethod

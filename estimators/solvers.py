@@ -46,6 +46,8 @@ class Solver:
     lr: ClassVar[float] = 1.0
     """Its step size (an option of the solvers that have one; 1, the first trial step, for
     those with a line search): the step of implicit differentiation's Neumann series."""
+    line_search: ClassVar[bool] = False
+    """It searches its step (so it has no step size `lr` that bounds the Hessian)."""
     steps: int
     tol: float
     rho: float
@@ -131,6 +133,7 @@ class Lbfgs(Solver):
     """L-BFGS (its line search is a while loop)."""
 
     name: ClassVar[str] = "lbfgs"
+    line_search: ClassVar[bool] = True
     differentiable: ClassVar[bool] = False
     steps: int = option(50)
     memory: int = option(10)
@@ -169,6 +172,7 @@ class NewtonCg(Solver):
     """Newton steps solved by conjugate gradients."""
 
     name: ClassVar[str] = "newton_cg"
+    line_search: ClassVar[bool] = True
     differentiable: ClassVar[bool] = False
     forward_mode: ClassVar[bool] = True
     steps: int = option(10)

@@ -229,6 +229,40 @@ export f = f
     assert int(fixed["steps"]) == 20 and float(fixed["residual"]) > 1e-4
 
 
+def test_the_report_carries_no_gradient_with_constraints_and_reverse_mode_through_the_loop():
+    """The residual of a constrained problem (the norm of the constraint violation, whose
+    derivative is undefined where it is 0) read by an objective differentiated through the
+    loop: the gradient is the one without the report (the report is a constant), not NaN."""
+    m = gradlang.compile_source("""
+fn f(x: f32) -> f32 {
+  argmin v: f32 = 0.0 { 0.5 * (v - 2.0 * x) ^ 2 } via gd(steps=200, lr=0.2)
+    subject to v <= x + 1.0 with unrolled as (w, report)
+  return w + report.residual
+}
+export g = grad(f, wrt=[x])
+""")
+    # v* = min(2x, x + 1) = x + 1 at x = 3 (the constraint is active): d v* / dx = 1,
+    # reached by the primal-dual iteration to well within float32 (contraction per step < 1)
+    assert np.isfinite(float(m.g(np.float32(3.0))["x"]))
+    assert abs(float(m.g(np.float32(3.0))["x"]) - 1.0) < 1e-3
+
+
+@pytest.mark.parametrize("solver", ["lbfgs(steps=20)", "newton_cg(steps=5)"])
+def test_a_neumann_series_needs_the_solvers_step(solver):
+    """A line-search solver has no step that bounds the Hessian: the series diverged silently
+    (-1.3e11 on a ridge problem) and is now an error at the method."""
+    with pytest.raises(gradlang.CompileError, match=r"implicit\(neumann\) sums its series "
+                       r"with the solver's step lr.*searches its step and has no lr; use "
+                       r"implicit\(cg\) or implicit\(gmres\)"):
+        gradlang.compile_source(f"""
+fn f(lam: f32) -> f32 {{
+  let v = argmin u: f32 = 0.0 {{ 0.5 * exp(lam) * u ^ 2 - u }} via {solver} with implicit(neumann)
+  return v
+}}
+export g = grad(f, wrt=[lam])
+""")
+
+
 BOX = """
 fn f(theta: f32[4], c: f32[4]) -> f32 {
   let v = argmin u: f32[4] = zeros([4]) { 0.5 * sum((u - theta) ^ 2) }
