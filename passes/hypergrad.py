@@ -14,8 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from gradlang.diagnostics import Diagnostics, Span
-from gradlang.estimators.hypergrads import (LINEAR_SOLVERS, METHODS, Implicit, Method,
-                                            ValueFunction, method_of)
+from gradlang.estimators.hypergrads import METHODS, Implicit, Method, ValueFunction, method_of
 from gradlang.estimators.solvers import Solver, solver_of
 from gradlang.ir import Module, Op, Region, walk
 from gradlang.ops import OPS, Annotation
@@ -24,9 +23,6 @@ from gradlang.options import OptionError, rendered
 from .callgraph import random_functions
 from .rewrite import map_ops
 
-__all__ = ["Hypergrad", "InnerProblem", "LINEAR_SOLVERS", "METHODS"]
-"""What other modules import from here (`gradlang.verify.compare` still reads LINEAR_SOLVERS
-and METHODS here; their home is `estimators.hypergrads`)."""
 KINKED = frozenset({"abs", "relu", "maximum", "minimum", "clip", "max", "min", "straight_through"})
 
 

@@ -12,7 +12,8 @@ from gradlang.estimators import REGISTRY
 from gradlang.estimators.black_box import compared
 from gradlang.estimators.score import BASELINES
 from gradlang.passes.estimators import SiteChoice
-from gradlang.passes.hypergrad import LINEAR_SOLVERS, METHODS, InnerProblem
+from gradlang.estimators.hypergrads import METHODS
+from gradlang.passes.hypergrad import InnerProblem
 from gradlang.passes.overrides import Overrides
 
 from .case import Case, classify, place_key
@@ -36,8 +37,7 @@ def site_candidates() -> list[Annotation]:
 
 
 def argmin_candidates() -> list[Annotation]:
-    return [Annotation("implicit", (("method", s),)) for s in LINEAR_SOLVERS] + \
-        [Annotation(m) for m in METHODS if m != "implicit"]
+    return [a for m in METHODS.values() for a in m.variants()]
 
 
 def black_box_candidates(by: Annotation) -> list[Annotation | None]:
