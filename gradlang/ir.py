@@ -7,21 +7,15 @@ results; it may use values defined outside it (implicit capture).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .diagnostics import Span
+from .facts import Facts
 from .types import UNKNOWN, Type
 from .ops import Annotation
-
-if TYPE_CHECKING:  # the passes' records (types only: the IR does not import the passes)
-    from gradlang.passes.compose import ComposeFact
-    from gradlang.passes.estimators import SiteChoice, SlicedChoice
-    from gradlang.passes.gradflow import GradFlowFacts
-    from gradlang.passes.hypergrad import InnerProblem
-    from gradlang.passes.privacy import PrivatePlan
 
 PRIVATE = "dp"
 """The `by=` name of differentially private gradients; every other name is a black-box estimator."""
@@ -232,39 +226,6 @@ class Unit:
     """The unit's default estimator (`pragma estimator ...`), an `ops.Annotation`."""
     backward: Any = None
     """The unit's default backward rule of non-smooth ops (`pragma backward ...`)."""
-
-
-@dataclass(frozen=True)
-class Facts:
-    """What the passes found, for later passes, the lowering, `explain` and `verify`: each field
-    is provided by one pass (`Pass.provides`) and empty until it has run."""
-
-    compose: Mapping[str, ComposeFact] = field(default_factory=dict)
-    """compose: each composition export's parts and estimator, by export name."""
-    stateful: frozenset[str] = frozenset()
-    """compose, surrogate: functions that take and return state (a moving average, a
-    composition's tracked inner value, RELAX's control parameters)."""
-    gradflow: tuple[GradFlowFacts, ...] = ()
-    """gradflow: per export, the values each `wrt` parameter's gradient flows through."""
-    gradflow_notes: Mapping[Value, str] = field(default_factory=dict)
-    """gradflow: "grad: w, b" notes on the values gradients flow through (for the printer)."""
-    hypergrad: tuple[InnerProblem, ...] = ()
-    """hypergrad: every inner problem with its solver and hypergradient method."""
-    estimators: tuple[SiteChoice, ...] = ()
-    """estimators: the estimator of every random choice."""
-    sliced: tuple[SlicedChoice, ...] = ()
-    """estimators: the control variate of every sliced Wasserstein estimate."""
-    random: frozenset[str] = frozenset()
-    """surrogate: the functions that draw (their exports take a key)."""
-    objectives: Mapping[str, tuple[str, int, str]] = field(default_factory=dict)
-    """surrogate: per export, the objective (function, samples, scope) as written, before
-    its expectation was wrapped."""
-    control_variates: Mapping[tuple[str, Span], set[str]] = field(default_factory=dict)
-    """surrogate: the control variates each score site ends up with, per expectation."""
-    credit: Mapping[tuple[str, Span], set[str]] = field(default_factory=dict)
-    """surrogate: the costs each score site is credited with, per expectation."""
-    privacy: Mapping[str, PrivatePlan] = field(default_factory=dict)
-    """privacy: each `by=dp` export's plan (clipping, per-example axis, ghost norms)."""
 
 
 @dataclass(frozen=True)

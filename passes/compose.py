@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 
 from gradlang.builtins import BUILTINS
 from gradlang.diagnostics import Diagnostics, Span
+from gradlang.facts import ComposeFact
 from gradlang.estimators.compose import STATE, CompositionEstimator, Scgd, estimator_of
 from gradlang.ir import Composition, Export, Function, Module, Op, Param, Region, Value
 from gradlang.ops import CalleeParams, ComposeParams, Annotation, ExpectParams, NoParams
@@ -30,18 +31,6 @@ from .callgraph import random_functions
 
 DEFAULT = Annotation(Scgd.name, rendered(Scgd()))
 """The estimator of a composition whose `by=` is not written."""
-
-
-@dataclass(frozen=True)
-class ComposeFact:
-    """What `explain` shows of a composition."""
-
-    outer: str
-    inner: str
-    samples: int
-    by: Annotation
-    default: bool
-    """`by=` was not written: the pass chose it."""
 
 
 def _estimator(by: Annotation | None, diags: Diagnostics) -> Annotation | None:

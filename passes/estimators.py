@@ -20,7 +20,8 @@ import math
 from dataclasses import dataclass, replace
 from functools import cache
 
-from gradlang.diagnostics import Diagnostics, Span
+from gradlang.diagnostics import Diagnostics
+from gradlang.facts import SiteChoice, SlicedChoice
 from gradlang.distributions import DISTRIBUTIONS, DistSpec
 from gradlang.estimators import REGISTRY, OptionError, SiteEstimator, lookup
 from gradlang.estimators.pathwise import why_not_pathwise
@@ -40,36 +41,8 @@ class AutoOptions:
     enum_max: int | None = option(None, "count")
 
 
-@dataclass(frozen=True)
-class SiteChoice:
-    """The estimator of one random choice, for `explain`."""
-
-    function: str
-    site: str
-    family: str
-    span: Span
-    estimator: Annotation
-    why: str
-    annotated: bool
-    size: int | None = None
-    """A branched estimator's evaluations of the objective per sample."""
-
-
 CONTROL_VARIATES = ("gaussian_lower", "gaussian_upper", "none")
 """The control variates of sliced_wasserstein (`runtime.ot`)."""
-
-
-@dataclass(frozen=True)
-class SlicedChoice:
-    """The control variate of one sliced Wasserstein estimate, for `explain`."""
-
-    function: str
-    span: Span
-    projections: object
-    p: object
-    kind: str
-    why: str
-    annotated: bool
 
 
 class _Flow:

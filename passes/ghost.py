@@ -16,23 +16,11 @@ bindings, so a function called with two layers (`dense(p.l1, x)`, `dense(p.l2, h
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
+from gradlang.facts import LeafNorm
 from gradlang.ir import Function, Module, Op, Region, Value
 from gradlang.types import StructType, TensorType, Type
-
-
-@dataclass(frozen=True)
-class LeafNorm:
-    """How the per-example gradient norm of one `wrt` leaf is computed."""
-
-    leaf: str
-    """`p` for a tensor parameter, `p.l1.w` for a field of a struct parameter."""
-    ghost: bool
-    """True: from the linear layer's inputs and output cotangents (no per-example gradient)."""
-    why: str
-    """The matmuls of a linear layer, or the first use that needs per-example gradients."""
 
 
 def leaf_types(name: str, t: Type) -> dict[str, Type]:

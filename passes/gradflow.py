@@ -9,28 +9,18 @@ produce a warning when a `wrt` parameter can never receive a nonzero gradient.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import cache
 
 from gradlang.diagnostics import Diagnostics
 from gradlang.estimators.backward import rules_for
+from gradlang.facts import GradFlowFacts
 from gradlang.ir import Function, Module, Op, Region, Value, walk
 from gradlang.ops import OPS, Annotation
 from gradlang.types import ERROR, has_float_leaf
 
 from .rewrite import defining_ops
 from .straight_through import rule_problem
-
-
-@dataclass(frozen=True)
-class GradFlowFacts:
-    export: str
-    function: str
-    wrt: tuple[str, ...]
-    carries: dict[Value, frozenset[str]] = field(compare=False)
-    """Values of `function` (at every nesting level) mapped to the wrt names they carry."""
-    zero: tuple[str, ...] = ()
-    """wrt names whose gradient is identically zero."""
 
 
 def _has_rule(op: Op, default: Annotation | None) -> bool:

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from gradlang.diagnostics import Diagnostics, Span
+from gradlang.diagnostics import Diagnostics
 from gradlang.estimators.hypergrads import METHODS, Implicit, Method, ValueFunction, method_of
 from gradlang.estimators.solvers import Solver, solver_of
+from gradlang.facts import InnerProblem
 from gradlang.ir import Module, Op, Region, walk
 from gradlang.ops import OPS, Annotation
 from gradlang.options import OptionError, rendered
@@ -24,17 +25,6 @@ from .callgraph import random_functions
 from .rewrite import map_ops
 
 KINKED = frozenset({"abs", "relu", "maximum", "minimum", "clip", "max", "min", "straight_through"})
-
-
-@dataclass(frozen=True)
-class InnerProblem:
-    """One argmin, for `explain`."""
-
-    function: str
-    span: Span
-    solver: Annotation
-    method: Annotation
-    why: str
 
 
 @dataclass(frozen=True)

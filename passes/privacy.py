@@ -23,12 +23,13 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from gradlang.diagnostics import Diagnostics
+from gradlang.facts import LeafNorm, PrivatePlan
 from gradlang.ir import PRIVATE, Export, Function, Module
 from gradlang.ops import Annotation
 from gradlang.options import OptionError, option, parse, rendered
 from gradlang.types import ERROR, UNKNOWN, TensorType, type_dims
 
-from .ghost import LeafNorm, linear_layers
+from .ghost import linear_layers
 
 CLIPPING = ("ghost", "per_example")
 
@@ -51,25 +52,6 @@ class DpOptions:
                     f"norm, noise=SIGMA is the noise multiplier (the noise's standard deviation "
                     f"is SIGMA * C), e.g. by=dp(clip=1.0, noise=1.1)")
         return None
-
-
-@dataclass(frozen=True)
-class PrivatePlan:
-    """How one export's private gradient is computed."""
-
-    export: str
-    function: str
-    """The objective as lowered."""
-    clip: float
-    noise: float
-    axis: int
-    clipping: str
-    batch_dim: str
-    batched: tuple[str, ...]
-    """Parameters split into examples along `axis`."""
-    shared: tuple[str, ...]
-    """Parameters outside `wrt` that every example sees whole."""
-    leaves: tuple[LeafNorm, ...]
 
 
 def complete(e: Annotation) -> Annotation:

@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 
-from .ghost import ghost, per_example
+from gradlang.facts import PrivatePlan
 
-if TYPE_CHECKING:
-    from gradlang.passes.privacy import PrivatePlan
+from .ghost import ghost, per_example
 
 
 def _leaf_names(theta: dict) -> list[str]:

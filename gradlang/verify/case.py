@@ -13,15 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gradlang.facts import ComposeFact, InnerProblem, SiteChoice
 from gradlang.ir import Export, Function, Module, Op, Region, reachable, walk
 from gradlang.ops import OPS, Annotation
 from gradlang.estimators import REGISTRY
 from gradlang.estimators.backward import rule_of
 from gradlang.estimators.compose import STATE as COMPOSE_STATE, estimator_of
 from gradlang.estimators.black_box import estimator
-from gradlang.passes.compose import ComposeFact
-from gradlang.passes.estimators import SiteChoice
-from gradlang.passes.hypergrad import InnerProblem
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
+from gradlang.facts import InnerProblem, SiteChoice
 from gradlang.ops import Annotation
 from gradlang.estimators import REGISTRY
 from gradlang.estimators.black_box import compared
 from gradlang.estimators.score import BASELINES
-from gradlang.passes.estimators import SiteChoice
 from gradlang.estimators.hypergrads import METHODS
-from gradlang.passes.hypergrad import InnerProblem
 from gradlang.passes.overrides import Overrides
 
 from .case import Case, classify, place_key
