@@ -3,8 +3,8 @@ problem is differentiated, one frozen dataclass each.
 
 A method's fields are its options (`gradlang.options`); beside them it declares what the
 hypergradient pass checks (`problem`: does it fit the solver and the constraints; `through_loop`,
-`forward_mode`, `smooth`), the option the builder lets be written without its name
-(`positional`), the annotations `verify --compare` tries (`variants`) and how it builds the
+`forward_mode`, `smooth`), the option that may be written without its name
+(`option(..., positional=True)`), the annotations `verify --compare` tries (`variants`) and how it builds the
 differentiable solve (`build`). The pass checks and completes methods through `METHODS`
 (`method_of`); the lowering of `argmin` builds the method from the op's annotation the same way.
 
@@ -103,8 +103,6 @@ class Method:
     name: ClassVar[str]
     label: ClassVar[str]
     """How messages name it."""
-    positional: ClassVar[str | None] = None
-    """The option that may be written first without its name (`implicit(cg)`)."""
     through_loop: ClassVar[bool] = False
     """It differentiates through the solver's loop by reverse mode, so the solver must be
     `differentiable`. The others are a custom_vjp, which has no forward-mode derivative."""
@@ -171,10 +169,9 @@ class Implicit(CustomBackward):
 
     name: ClassVar[str] = "implicit"
     label: ClassVar[str] = "implicit differentiation"
-    positional: ClassVar[str | None] = "method"
     forward_mode: ClassVar[bool] = True
     smooth: ClassVar[bool] = True
-    method: str = option("cg", choices=LINEAR_SOLVERS, plural="linear solvers")
+    method: str = option("cg", choices=LINEAR_SOLVERS, plural="linear solvers", positional=True)
     iters: int = option(30)
     tol: float = option(0.0, "non-negative")
     damping: float = option(0.0, "non-negative")
@@ -274,9 +271,8 @@ class Truncated(Method):
 
     name: ClassVar[str] = "truncated"
     label: ClassVar[str] = "truncated unrolling"
-    positional: ClassVar[str | None] = "k"
     through_loop: ClassVar[bool] = True
-    k: int = option(10)
+    k: int = option(10, positional=True)
 
     def problem(self, solver, constrained):
         problem = super().problem(solver, constrained)

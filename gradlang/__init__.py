@@ -13,7 +13,7 @@ from .diagnostics import CompileError
 _RUNTIME_ERRORS = {"ArgumentError": "signature", "ArtifactError": "artifact", "ExternError": "host",
                    "JaxFunctionError": "jax_functions"}
 """Errors raised when running or loading a module, imported on first use (they live beside
-JAX code, which `gradlang check` never imports)."""
+the JAX code of the runtime, which `import gradlang` does not load)."""
 
 
 def __getattr__(name: str):

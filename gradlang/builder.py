@@ -11,7 +11,6 @@ from dataclasses import dataclass, field, replace
 
 from . import ast
 from .diagnostics import Diagnostics, Span
-from .estimators.hypergrads import METHODS, Truncated
 from .limits import I32_MAX
 from .options import number_problem
 from .ir import (Combination, Composition, Export, Function, Objective, Op, Param, Region,
@@ -29,9 +28,11 @@ these names, or by a name starting with '_' (their private attributes), would be
 
 
 def annotation_from_ast(a: ast.Annotation, diags: Diagnostics,
-                       positional: str | None = None) -> Annotation | None:
+                       positional: str | bool = False) -> Annotation | None:
     """`with name(k=v, ...)` as an Annotation; options must be literals or names. One leading
-    positional option is allowed where `positional` names it (`implicit(cg)`: method=cg)."""
+    positional option is allowed where `positional` names it (`keep` for wta_crs), or, when
+    it is True, left unnamed for the pass that knows the annotation's options schema to name
+    (`implicit(cg)`: method=cg, `gradlang.options.parse`)."""
     if len(a.args) > (1 if positional else 0):
         extra = a.args[1 if positional else 0]
         diags.error(f"options of '{a.name}' are given by name, e.g. {a.name}(option=value)", extra.span)
@@ -43,7 +44,7 @@ def annotation_from_ast(a: ast.Annotation, diags: Diagnostics,
             diags.error(f"option '{positional}' of '{a.name}' must be a number, true/false or a name",
                         a.args[0].span)
             return None
-        options.append((positional, v))
+        options.append((None if positional is True else positional, v))
     for k in a.kwargs:
         if k.name in (name for name, _ in options):
             diags.error(f"option '{k.name}' of '{a.name}' is given twice", k.value.span)
@@ -643,7 +644,7 @@ class _FunctionBuilder:
                                     "z ~ Normal(m, s) with reparam, truncated(k=K) to a loop, or "
                                     "wta_crs(keep=K) to a matmul",
                                     e.annotation.span)
-        positional = "kind" if e.annotation.name == "control_variate" else None
+        positional = "kind" if e.annotation.name == "control_variate" else False
         rule = annotation_from_ast(e.annotation, self.diags, positional)
         self.block.ops[-1] = replace(last, params=replace(last.params, annotation=rule))
         return value
@@ -678,11 +679,11 @@ class _FunctionBuilder:
 
     def truncated(self, index: int, value: Value, annotation: ast.Annotation) -> Value:
         """`for ... { } with truncated(k=K)`: truncated backpropagation through the loop."""
-        rule = annotation_from_ast(annotation, self.diags, positional=Truncated.positional)
+        rule = annotation_from_ast(annotation, self.diags, positional="k")
         if rule is None:
             return value
         k = rule.option("k")
-        if rule.name != Truncated.name or set(dict(rule.options)) != {"k"}:
+        if rule.name != "truncated" or set(dict(rule.options)) != {"k"}:
             return self.error_value("a loop takes 'with truncated(k=K)': reverse mode through "
                                     "its last K iterations only", annotation.span)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -789,9 +790,7 @@ class _FunctionBuilder:
         given, and a second result (the solver's report) when `report`."""
         init = self.expr(e.init)
         solver = annotation_from_ast(e.solver, self.diags)
-        method = None if e.hyper is None else METHODS.get(e.hyper.name)
-        hyper = None if e.hyper is None else annotation_from_ast(
-            e.hyper, self.diags, positional=method.positional if method else None)
+        hyper = None if e.hyper is None else annotation_from_ast(e.hyper, self.diags, True)
         arg = Value(type_from_ast(e.type), e.var)
 
         def body() -> tuple[Value, ...]:

@@ -31,6 +31,8 @@ from .types import (ERROR, KEY, SOLVER_REPORT, UNKNOWN, DistType, DType, ListTyp
 _INT = re.compile(r"-?\d+")
 _FLOAT = re.compile(r"-?(\d+\.\d*|\.\d+|\d+)([eE][-+]?\d+)?|-?inf|nan")
 _NAME = re.compile(r"[A-Za-z_][\w.]*")
+_NAMED = re.compile(r"[A-Za-z_][\w.]*=")
+"""An option's name and its `=` (an annotation's first option may be unnamed)."""
 _VALUE = re.compile(r"%([^\s,():{}\[\]]+)")
 _SYMBOL = re.compile(r"[\w.@]+")
 _OPNAME = re.compile(r"[a-z_]+")
@@ -612,13 +614,15 @@ class _Parser:
 
     def annotation(self) -> Annotation:
         name = self.match(_NAME, "a name").group()
-        options: list[tuple[str, bool | int | float | str]] = []
+        options: list[tuple[str | None, bool | int | float | str]] = []
         if self.accept("("):
             while not self.accept(")"):
                 if options:
                     self.expect(", ")
-                key = self.match(_NAME, "an option name").group()
-                self.expect("=")
+                key = None
+                if options or _NAMED.match(self.text, self.pos):
+                    key = self.match(_NAME, "an option name").group()
+                    self.expect("=")
                 options.append((key, _option(self.text[slice(*self.extent(",)"))])))
         return Annotation(name, tuple(options))
 

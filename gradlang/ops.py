@@ -40,14 +40,17 @@ class Annotation:
     strings)."""
 
     name: str
-    options: tuple[tuple[str, bool | int | float | str], ...] = ()
+    options: tuple[tuple[str | None, bool | int | float | str], ...] = ()
+    """`k=v` pairs; the first may be unnamed (key None: `implicit(cg)`) until a pass names it
+    from the options' schema (`gradlang.options.parse`)."""
     span: Span | None = None
 
     def option(self, key: str, default: object = None) -> object:
         return dict(self.options).get(key, default)
 
     def __str__(self) -> str:
-        opts = ", ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+        opts = ", ".join(("" if k is None else f"{k}=")
+                         + (str(v).lower() if isinstance(v, bool) else str(v))
                          for k, v in self.options)
         return f"{self.name}({opts})" if opts else self.name
 

@@ -68,18 +68,20 @@ class Spec:
     """The choices' noun in messages ("baselines"); the option's name plus "s" by default."""
     least: float | None = None
     most: float | None = None
+    positional: bool = False
+    """It may be written first without its name (`implicit(cg)`: method=cg)."""
 
 
 def option(default: object, kind: str | None = None, choices: tuple[str, ...] = (),
            below: float | None = None, plural: str = "", least: float | None = None,
-           most: float | None = None) -> Any:
+           most: float | None = None, positional: bool = False) -> Any:
     """A field of an options dataclass. `kind` defaults from the default's type (bool: bool,
     int: count, float: positive, str: choice when `choices` are given, else name). A default
     of None means absent unless written: it is not rendered."""
     if kind is None:
         kind = ("bool" if isinstance(default, bool) else "count" if isinstance(default, int)
                 else "positive" if isinstance(default, float) else "choice" if choices else "name")
-    spec = Spec(kind, choices, below, plural, least, most)
+    spec = Spec(kind, choices, below, plural, least, most, positional)
     return field(default=default, metadata={"spec": spec})
 
 
@@ -94,6 +96,7 @@ def parse(cls: type[T], given: Sequence[tuple[str, object]], owner: str, name: s
     'score'"), `name` is its name. Raises OptionError. A `check()` method of `cls` is called
     last for constraints between options (it returns a problem or None)."""
     specs = {f.name: f.metadata["spec"] for f in fields(cls)}
+    given = _named(given, specs, name)
     for k, v in given:
         if k not in specs:
             raise OptionError(f"{owner} has no option '{k}'" + _hint(
@@ -106,6 +109,20 @@ def parse(cls: type[T], given: Sequence[tuple[str, object]], owner: str, name: s
     if problem is not None:
         raise OptionError(problem)
     return out
+
+
+def _named(given: Sequence[tuple[str | None, object]], specs: dict[str, Spec],
+           name: str) -> Sequence[tuple[str, object]]:
+    """`given` with its unnamed option (key None, written first) named by the `positional`
+    field; raises OptionError where there is none or the option is also given by name."""
+    if not given or given[0][0] is not None:
+        return given
+    first = next((k for k, s in specs.items() if s.positional), None)
+    if first is None:
+        raise OptionError(f"options of '{name}' are given by name, e.g. {name}(option=value)")
+    if any(k == first for k, _ in given[1:]):
+        raise OptionError(f"option '{first}' of '{name}' is given twice")
+    return ((first, given[0][1]),) + tuple(given[1:])
 
 
 def chosen(table: Mapping[str, type[T]], name: str, given: Sequence[tuple[str, object]],
