@@ -647,9 +647,10 @@ RANDOM_OPS = {"dist", "sample", "log_prob", "entropy", "kl", "dist_mean", "expec
 MONTE_CARLO = {"sliced_wasserstein"}
 """Random estimates, tested for unbiasedness against NumPy in tests/test_ot.py."""
 REWRITTEN = {"straight_through", "quantize", "quest", "hadamard", "stochastic_round", "argmin",
-             "host_call", "inline", "checkpoint", "sampled_matmul", "compose"}
+             "host_call", "call_jax", "inline", "checkpoint", "sampled_matmul", "compose"}
 """Ops only passes create, the quantizers (tests/test_nonsmooth.py), argmin
-(tests/test_bilevel.py), extern bodies (tests/test_blackbox.py), inlined calls
+(tests/test_bilevel.py), extern bodies (tests/test_blackbox.py), jax fn bodies
+(tests/test_jax_functions.py), inlined calls
 (tests/test_credit.py), checkpoint blocks (tests/test_checkpoint.py), sampled matmuls
 (tests/test_sampled.py) and compositions (tests/test_compose.py)."""
 
