@@ -195,3 +195,25 @@ func @g(%q: ?Pair[N=2]) -> f32 in "lib" {
     assert (fn.unit, g.unit) == ("lib", "lib")
     assert [u.name for u in module.units] == ["", "lib"]
     assert print_function(parse_function(print_function(g))) == print_function(g)
+
+
+def test_an_unnamed_option_round_trips_before_its_pass_names_it():
+    """`implicit(gmres)` stays unnamed until the hypergradient pass: the build stage prints
+    and parses it bare, and the pass names it `method`."""
+    source = """
+fn f(lam: f32) -> f32 {
+  let v = argmin u: f32 = 0.0 { 0.5 * exp(lam) * u ^ 2 - u } via gd() with implicit(gmres, iters=5)
+  return v
+}
+export g = grad(f, wrt=[lam])
+"""
+    modules: dict[str, Module] = {}
+    diags = Diagnostics()
+    compile_module(SourceFile("t.grad", source), None, diags,
+                   after=lambda name, module: modules.__setitem__(name, module))
+    assert not diags.has_errors, diags.render()
+    built, typed = print_module(modules["build"]), print_module(modules["hypergrad"])
+    assert "implicit(gmres, iters=5)" in built and "implicit(method=gmres" in typed
+    for stage in ("build", "hypergrad"):
+        text = print_module(modules[stage])
+        assert print_module(parse_module(text, f"t.{stage}.ir")) == text

@@ -140,3 +140,17 @@ def test_unknown_names_get_a_did_you_mean_or_the_list():
     with pytest.raises(OptionError, match=r"unknown gradient estimator 'eggrol' for by=; did "
                                           r"you mean 'eggroll'\?"):
         zeroth_order.complete(Annotation("eggrol"))
+
+
+def test_an_unnamed_first_option_is_named_by_the_schema():
+    """`implicit(cg)`: the builder leaves the first option unnamed (key None), the printer
+    writes it bare, and parse names it by the field declared positional."""
+    a = Annotation("implicit", ((None, "gmres"), ("iters", 5)))
+    assert str(a) == "implicit(gmres, iters=5)"
+    assert parse(hypergrads.Implicit, a.options, "method 'implicit'", "implicit").method == "gmres"
+    assert parse(hypergrads.Truncated, ((None, 3),), "method 'truncated'", "truncated").k == 3
+    with pytest.raises(OptionError, match=r"options of 'unrolled' are given by name"):
+        parse(hypergrads.Unrolled, ((None, 3),), "method 'unrolled'", "unrolled")
+    with pytest.raises(OptionError, match=r"option 'method' of 'implicit' is given twice"):
+        parse(hypergrads.Implicit, ((None, "cg"), ("method", "gmres")), "method 'implicit'",
+              "implicit")
