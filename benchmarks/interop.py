@@ -1,6 +1,6 @@
 """Interop: a training step through gradlang around a Flax model against the same in JAX + optax.
 
-    python benchmarks/interop.py [--quick] [--rounds 100] [--calls 5] [--json out.json]
+    python benchmarks/interop.py [--quick] [--rounds 300] [--calls 5] [--json out.json]
 
 Needs flax (`pip install -e '.[models]'`). Two Flax linen classifiers, float32, fixed seeds:
 
@@ -225,7 +225,7 @@ def report(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    timing_args(ap, 100, 5, 10, "small models, a few rounds (smoke test)")
+    timing_args(ap, 300, 5, 10, "small models, a few rounds (smoke test)")
     a = parse_timing_args(ap, argv)
     models = ([("mlp", MLP(64), (32, 64)), ("cnn", CNN(8), (16, 12, 12, 1))] if a.quick else
               [("mlp", MLP(512), (256, 784)), ("cnn", CNN(16), (64, 28, 28, 1))])
