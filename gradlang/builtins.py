@@ -6,7 +6,8 @@ resolution time. Static kinds:
 - `axes`: an integer, a list of integers, or omitted (all axes);
 - `bool`: `true` / `false`;
 - `shape`: a list of integer literals and dimension names, e.g. `[B, 10]` (`-1` allowed in reshape);
-- `dim`: an integer literal or a dimension name.
+- `dim`: an integer literal or a dimension name;
+- `fn`: the name of a function (it becomes the op's callee).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ REQUIRED = object()
 @dataclass(frozen=True)
 class Arg:
     name: str
-    kind: str  # "tensor" | "tensors" | "axis" | "axes" | "bool" | "shape" | "dim"
+    kind: str  # "tensor" | "tensors" | "axis" | "axes" | "bool" | "shape" | "dim" | "fn"
     """An optional tensor (default None) is recorded in the op's params as given or not."""
     default: object = REQUIRED
 
@@ -134,6 +135,13 @@ BUILTINS: dict[str, Builtin] = {
            "per batch element"),
         _b("entropy", "d:tensor", "entropy of distribution `d`, per batch element"),
         _b("kl", "p:tensor q:tensor", "KL(p || q) in closed form, per batch element"),
+        _b("sum_squares", "t:tensor", "the sum of the squares of every entry of a tree's (or "
+           "a struct's, or a tensor's) float leaves, e.g. for weight decay"),
+        _b("global_norm", "t:tensor", "sqrt(sum_squares(t)): the L2 norm of all the leaves "
+           "together"),
+        _b("map_leaves", "t:tensor f:fn", "the tree t with the function f applied to each leaf "
+           "of the rank of f's one parameter (others unchanged), e.g. map_leaves(p, quantized) "
+           "with fn quantized(w: f32[R, C]) -> f32[R, C] { return quest(w, 4) with trust }"),
     ]
 }
 

@@ -25,7 +25,7 @@ from .ir import (Combination, Composition, Export, Facts, Function, Module, Obje
                  Region, StructDef, Transform, Unit, Value)
 from .ops import OPS, Annotation, CallParams, CalleeParams, ConstParams, IndexItem, NameParams
 from .printer import unit_of
-from .types import (ERROR, KEY, SOLVER_REPORT, UNKNOWN, DistType, DType, ListType, NamedType,
+from .types import (ERROR, KEY, SOLVER_REPORT, TREE, UNKNOWN, DistType, DType, ListType, NamedType,
                     StructType, TensorType, TupleType, Type, substitute_dims)
 
 _INT = re.compile(r"-?\d+")
@@ -350,6 +350,8 @@ class _Parser:
         if name not in self.struct_lines and name not in self.defs:
             if name == SOLVER_REPORT.name and not bindings:
                 return SOLVER_REPORT
+            if name == str(TREE) and not bindings:
+                return TREE
             self.fail(f"unknown type {name!r} (no struct defines it)", at)
         sdef = self.struct_def(name) if name not in self.defs else self.defs[name]
         st = StructType(name, sdef.fields)

@@ -449,6 +449,13 @@ OPS: dict[str, OpDef] = {
         *_defs("error", NoParams, "", "placeholder for an expression that has a diagnostic"),
         *_defs("dim", NameParams, "zero_grad", "the runtime size of a symbolic dim, as i32"),
         *_defs("call_fn", CalleeParams, "", "call of a user function"),
+        *_defs("fn_ref", CalleeParams, "unresolved",
+               "a function named as a value (an argument of map_leaves), before resolution"),
+        *_defs("map_leaves", CalleeParams, "",
+               "a tree with its callee applied to each leaf of the callee's parameter rank "
+               "(other leaves unchanged)"),
+        *_defs("sum_squares global_norm", NoParams, "",
+               "the sum of squares of every entry of a tree's leaves, or its square root"),
         *_defs("inline", CalleeParams, "",
                "a call whose callee's body is its region (the operands bind its arguments), "
                "lowered like the call; results after the callee's are values of the body"),

@@ -1,4 +1,4 @@
-"""The type system: dtypes, tensors with integer or symbolic dims, structs, tuples."""
+"""The type system: dtypes, tensors with integer or symbolic dims, structs, tuples, trees."""
 
 from __future__ import annotations
 
@@ -81,6 +81,29 @@ class TupleType(Type):
 
     def __str__(self) -> str:
         return "(" + ", ".join(str(e) for e in self.elems) + ")"
+
+
+TreeLayout = tuple
+"""A tree's structure as an artifact records it, hashable: `("leaf", dtype, shape)` (a NumPy
+float dtype name), `("dict", ((key, layout), ...))`, `("list", (layout, ...))`,
+`("tuple", (layout, ...))` or `("none",)`."""
+
+
+@dataclass(frozen=True)
+class TreeType(Type):
+    """A parameter tree: any JAX pytree of float arrays (a Flax `params` dict, nested dicts,
+    lists, tuples, NamedTuples, registered dataclasses). The compiler does not know its
+    structure: it is opaque, checked when an export is called. `layout` is the structure an
+    artifact was saved for (None in the compiler)."""
+
+    layout: TreeLayout | None = None
+
+    def __str__(self) -> str:
+        return "tree"
+
+
+TREE = TreeType()
+"""The type `tree` as written in source."""
 
 
 @dataclass(frozen=True)
@@ -185,6 +208,8 @@ def substitute_dims(t: Type, env: dict[str, Dim]) -> Type:
 
 def is_float_tree(t: Type) -> bool:
     """True when every leaf of `t` is a floating-point tensor (differentiable)."""
+    if isinstance(t, TreeType):
+        return True
     if isinstance(t, TensorType):
         return t.dtype.is_float
     if isinstance(t, StructType):
@@ -209,7 +234,7 @@ def has_float_leaf(t: Type) -> bool:
     """True when some leaf of `t` is a floating-point tensor (it can carry a gradient)."""
     if isinstance(t, TensorType):
         return t.dtype.is_float
-    if isinstance(t, DistType):
+    if isinstance(t, (DistType, TreeType)):
         return True
     if isinstance(t, StructType):
         return any(has_float_leaf(f) for _, f in t.fields)
@@ -226,6 +251,8 @@ def type_to_json(t: Type) -> object:
         return {"struct": t.name, "fields": {n: type_to_json(f) for n, f in t.fields}}
     if isinstance(t, TupleType):
         return {"tuple": [type_to_json(e) for e in t.elems]}
+    if isinstance(t, TreeType):
+        return {"tree": None if t.layout is None else layout_to_json(t.layout)}
     if t is KEY:
         return "key"
     raise TypeError(f"type {t} has no JSON form")
@@ -240,4 +267,32 @@ def type_from_json(j: object) -> Type:
         return TensorType(DType(j["dtype"]), tuple(j["shape"]))
     if "struct" in j:
         return StructType(j["struct"], tuple((n, type_from_json(f)) for n, f in j["fields"].items()))
+    if "tree" in j:
+        return TreeType(None if j["tree"] is None else layout_from_json(j["tree"]))
     return TupleType(tuple(type_from_json(e) for e in j["tuple"]))
+
+
+def layout_to_json(layout: TreeLayout) -> object:
+    """A tree layout as JSON: leaves `{"dtype", "shape"}`, `{"dict": {...}}`, `{"list": [...]}`,
+    `{"tuple": [...]}`, null."""
+    kind = layout[0]
+    if kind == "leaf":
+        return {"dtype": layout[1], "shape": list(layout[2])}
+    if kind == "dict":
+        return {"dict": {k: layout_to_json(v) for k, v in layout[1]}}
+    if kind == "none":
+        return None
+    return {kind: [layout_to_json(v) for v in layout[1]]}
+
+
+def layout_from_json(j: object) -> TreeLayout:
+    """Inverse of `layout_to_json` (on JSON an artifact's schema check accepted)."""
+    if j is None:
+        return ("none",)
+    assert isinstance(j, dict)
+    if "dtype" in j:
+        return ("leaf", j["dtype"], tuple(j["shape"]))
+    if "dict" in j:
+        return ("dict", tuple((k, layout_from_json(v)) for k, v in j["dict"].items()))
+    (kind, items), = j.items()
+    return (kind, tuple(layout_from_json(v) for v in items))

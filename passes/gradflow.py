@@ -61,7 +61,7 @@ class _Analysis:
             if not any(r in reach for r in op.results):
                 continue
             yield op, taint
-            if op.name == "call_fn":
+            if op.name in ("call_fn", "map_leaves"):  # map_leaves: its callee on each leaf
                 callee = self.module.function(op.params.callee)
                 inner = {p.value: taint[v] for p, v in zip(callee.params, op.operands) if taint.get(v)}
                 yield from self.reached(callee, inner, seen)

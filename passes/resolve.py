@@ -27,10 +27,10 @@ from gradlang.distributions import DISTRIBUTIONS, DistSpec
 from gradlang.limits import MAX_BLOCKS, MAX_CALLS, MAX_DEPTH
 from gradlang.ir import Export, Function, Module, Op, Param, Region, StructDef, Value, walk
 from gradlang.ops import OPS, CalleeParams, CallParams, DistParams, NoParams, StructParams
-from gradlang.types import (ERROR, SOLVER_REPORT, DType, NamedType, StructType, TensorType, TupleType, Type,
-                            is_float_tree, substitute_dims, type_dims)
+from gradlang.types import (ERROR, SOLVER_REPORT, TREE, DType, NamedType, StructType, TensorType,
+                            TreeType, TupleType, Type, is_float_tree, substitute_dims, type_dims)
 
-from .rewrite import dce_function, map_ops
+from .rewrite import dce_function, map_ops, region_uses
 
 
 class _Fail(Exception):
@@ -96,6 +96,10 @@ class _Scope:
         close = difflib.get_close_matches(rest, members, n=1, cutoff=0.7)
         return f"unknown {what} '{name}'" + (f"; did you mean '{alias}.{close[0]}'?" if close else
                                             f": module '{target}' has no '{rest}'")
+
+
+def _not_a_value(name: str, what: str) -> str:
+    return f"'{name}' is a {what} and cannot be used as a value; call it as {name}(...)"
 
 
 def _did_you_mean(name: str, options: list[str]) -> str:
@@ -210,11 +214,18 @@ def _named_types(t: Type) -> list[NamedType]:
 
 
 def _resolve_type(t: Type, unit: str, defs: dict[str, StructDef], resolve_struct, stack,
-                  span: Span, diags: Diagnostics) -> Type:
+                  span: Span, diags: Diagnostics, in_tuple: bool = False) -> Type:
     if isinstance(t, NamedType):
         sdef = _struct_def(t, unit, defs)
         if sdef is None and t.name == SOLVER_REPORT.name and not t.bindings:
             return SOLVER_REPORT
+        if sdef is None and t.name == str(TREE) and not t.bindings:
+            if stack or in_tuple:  # a struct's field, a tuple's element
+                diags.error(f"a tree can only be the type of a parameter or a result, not of a "
+                            f"{'struct field' if stack else 'tuple element'}: its structure is "
+                            f"unknown to the compiler", span)
+                return ERROR
+            return TREE
         if sdef is None:
             diags.error(f"unknown type '{t.name}'" + _did_you_mean(
                 t.name, [d.rpartition(".")[2] for d in defs]), span)
@@ -236,8 +247,8 @@ def _resolve_type(t: Type, unit: str, defs: dict[str, StructDef], resolve_struct
             return ERROR
         return substitute_dims(st, dict(t.bindings)) if t.bindings else st
     if isinstance(t, TupleType):
-        return TupleType(tuple(_resolve_type(e, unit, defs, resolve_struct, stack, span, diags)
-                               for e in t.elems))
+        return TupleType(tuple(_resolve_type(e, unit, defs, resolve_struct, stack, span, diags,
+                                             in_tuple=True) for e in t.elems))
     return t
 
 
@@ -359,6 +370,8 @@ def _check_export(module: Module, export: Export, diags: Diagnostics) -> Export 
                     f"'{clash.name}' has a parameter 'lr'; write lr=VALUE or rename it",
                     export.fn_span)
         return None
+    if _tree_unsupported(export, [f for f in (fn, outer) if f is not None], diags):
+        return None
     if t.compose is not None:  # the compose pass checks both functions and wrt
         return export if outer is None or not _broken(outer) else None
     r = fn.result_type
@@ -387,6 +400,34 @@ def _check_export(module: Module, export: Export, diags: Diagnostics) -> Export 
         t = replace(t, wrt=tuple(n for n, _ in wrt), wrt_spans=tuple(s for _, s in wrt))
         export = replace(export, transform=t)
     return export
+
+
+_TREE_ALTERNATIVE = "spell the parameters as tensors or a struct"
+
+
+def _tree_unsupported(export: Export, fns: list[Function], diags: Diagnostics) -> bool:
+    """An export form that does not take a tree parameter yet is an error (True) where written:
+    `by=eggroll` (low-rank perturbations go through the function as factored matrices), `by=dp`
+    (per-example batching and ghost clipping read the parameters' types), `minimize`,
+    `compose`."""
+    t = export.transform
+    tree = next(((p, f) for f in fns for p in f.params if isinstance(p.value.type, TreeType)), None)
+    if tree is None:
+        return False
+    if t.compose is not None:
+        form, span, hint = "compose", t.compose.span, _TREE_ALTERNATIVE
+    elif t.kind == "minimize":
+        form, span, hint = "minimize", export.fn_span, _TREE_ALTERNATIVE
+    elif t.by is not None and t.by.name == "eggroll":
+        form, span, hint = "by=eggroll", t.by.span, "use by=es (full-rank perturbations) or by=spsa"
+    elif t.private is not None:
+        form, span, hint = "by=dp", t.by.span, _TREE_ALTERNATIVE
+    else:
+        return False
+    (p, f) = tree
+    diags.error(f"{form} is not yet supported with a tree parameter ('{p.name}' of '{f.name}'): "
+                f"{hint}", span or export.fn_span)
+    return True
 
 
 def _reject_recursion(module: Module, diags: Diagnostics) -> Module:
@@ -543,12 +584,25 @@ class _FunctionResolver:
         self.locals = sorted({v.hint for op in walk(fn.body) for v in op.results if v.hint}
                              | {p.name for p in fn.params})
         self.reported_lists: set[Value] = set()
+        self.fn_refs: dict[Op, str] = {}
+        """`fn_ref` ops: a function named as a value, with the name as written."""
+        self.taken: set[Op] = set()
+        """The `fn_ref` ops folded into a map_leaves as its function."""
         self.site: Op | None = None
         """The op whose static arguments are being folded."""
 
     def run(self) -> Function:
-        fn = dce_function(replace(self.fn, body=self.region(self.fn.body)))
+        body = self.region(self.fn.body)
+        used = region_uses(body)
+        body = map_ops(body, lambda op: self.reject_function_values(op, used))
+        fn = dce_function(replace(self.fn, body=body))
         return replace(fn, body=map_ops(fn.body, self.reject_list_values))
+
+    def reject_function_values(self, op: Op, used: set[Value]) -> Op:
+        """A function named as a value is an error unless it is map_leaves' argument only."""
+        if op.name != "fn_ref" or (op in self.taken and op.result not in used):
+            return op
+        return self.error_op(op, _not_a_value(self.fn_refs[op], "function"))
 
     def reject_list_values(self, op: Op) -> Op:
         """A list literal still used after folding is used as a value: an error."""
@@ -644,10 +698,12 @@ class _FunctionResolver:
             return self.error_op(op, f"'{name}' is a distribution and cannot be used as a value "
                                      f"by itself; give its parameters: {name}("
                                      + ", ".join(found[1].params) + ")")
+        if isinstance(found, tuple) and found[0] == "fn":  # map_leaves(p, f) takes it
+            ref = Op("fn_ref", (), op.results, CalleeParams(found[1].name), (), op.span)
+            self.fn_refs[ref] = name
+            return ref
         if isinstance(found, tuple):
-            what = "builtin function" if found[0] == "builtin" else "function"
-            return self.error_op(op, f"'{name}' is a {what} and cannot be used as a value; "
-                                     f"call it as {name}(...)")
+            return self.error_op(op, _not_a_value(name, "builtin function"))
         return self.error_op(op, self.scope.unknown("name", name, self.locals + self.dims))
 
     def call(self, op: Op) -> Op:
@@ -778,6 +834,8 @@ class _FunctionResolver:
                         static[a.name] = True
                 elif a.kind == "tensors":
                     operands.extend(self.tensor_list(bound[a.name], a, b))
+                elif a.kind == "fn":  # the op's callee (CalleeParams)
+                    static["callee"] = self.function_name(bound[a.name], a, b)
                 else:
                     static[a.name] = self.fold(bound[a.name], a, b)
         except _Fail:
@@ -816,6 +874,17 @@ class _FunctionResolver:
         return replace(op, operands=tuple(inits), params=replace(op.params, start=lo, stop=hi))
 
     # ---- static arguments
+    def function_name(self, v: Value, a: Arg, b: Builtin) -> str:
+        """The function an argument names (`map_leaves(p, quantized)`)."""
+        d = self.defs.get(v)
+        if d is None or d.name != "fn_ref":
+            self.static_error(v, f"argument '{a.name}' of {b.name} must be the name of a "
+                                 f"function, e.g. {b.name}(p, quantized)")
+        self.taken.add(d)
+        if _broken(self.scope.module.function(d.params.callee)):
+            raise _Fail  # its signature has an unknown type, already reported
+        return d.params.callee
+
     def tensor_list(self, v: Value, a: Arg, b: Builtin) -> tuple[Value, ...]:
         d = self.defs.get(v)
         if d is None or d.name != "list" or not d.operands:
@@ -825,8 +894,8 @@ class _FunctionResolver:
 
     def static_error(self, v: Value, message: str) -> None:
         d = self.defs.get(v)
-        if d is not None and d.name == "error":
-            raise _Fail  # already reported
+        if d is not None and d.name in ("error", "fn_ref"):
+            raise _Fail  # already reported (a function as a value: once resolved)
         site = self.site.span if self.site is not None else None
         if d is not None and d.span is not None and (site is None or _within(d.span, site)):
             span = d.span  # the argument itself

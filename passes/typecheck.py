@@ -14,12 +14,13 @@ from typing import Callable
 
 from gradlang import ops as O
 from gradlang.diagnostics import Diagnostics
-from gradlang.ir import Function, Module, Op, Region, Value
+from gradlang.ir import Function, Module, Op, Region, Value, reachable, walk
 from gradlang.shapes import (ShapeError, add_dims, broadcast, is_power_of_two, normalize_axis,
                              reshape, show, sub_dims, unify)
 from gradlang.options import F32_MAX
-from gradlang.types import (ERROR, SOLVER_REPORT, DistType, DType, StructType, TensorType, TupleType, Type,
-                            promote, is_float_tree, scalar, substitute_dims, type_dims)
+from gradlang.types import (ERROR, SOLVER_REPORT, DistType, DType, StructType, TensorType, TreeType,
+                            TupleType, Type, promote, is_float_tree, scalar, substitute_dims,
+                            type_dims, uses_f64)
 
 from . import typecheck_random as R
 from .typecheck_dims import check_power_of_two_dims
@@ -420,6 +421,13 @@ def _getfield(ctx, op, args):
     return field
 
 
+def _unify(expected: Type, actual: Type, env: dict) -> str | None:
+    """`shapes.unify`, where a tree takes a tree (it has no dims to bind)."""
+    if isinstance(expected, TreeType):
+        return None if isinstance(actual, TreeType) else f"expected a tree, got {actual}"
+    return unify(expected, actual, env)
+
+
 def _struct_new(ctx, op, args):
     st = ctx.structs[op.params.name]
     env: dict = {}
@@ -434,7 +442,7 @@ def _call_fn(ctx, op, args):
     fn = ctx.module.function(op.params.callee)
     env: dict = {}
     for p, a in zip(fn.params, args):
-        problem = unify(p.value.type, _weak_as(ctx, a, p.value.type), env)
+        problem = _unify(p.value.type, _weak_as(ctx, a, p.value.type), env)
         if problem:
             raise ShapeError(f"argument '{p.name}' of '{fn.name}': {problem}")
     return substitute_dims(fn.result_type, env)
@@ -442,16 +450,68 @@ def _call_fn(ctx, op, args):
 
 def _call_jax(ctx, op, args):
     """A jax fn's body: its declared result, whose dims its parameters must fix (the result's
-    shape is known only once the function is traced)."""
+    shape is known only once the function is traced), or a tree parameter (at run time: a
+    tree has no dims the type checker sees)."""
     fn = ctx.module.function(op.params.name)
     known = {d for p in fn.params for d in type_dims(p.value.type)}
     free = [d for d in type_dims(fn.result_type) if d not in known]
-    if free:
+    if free and not any(isinstance(p.value.type, TreeType) for p in fn.params):
         dims = ", ".join(f"'{d}'" for d in free)
         raise ShapeError(f"jax fn '{fn.name}' returns {fn.result_type}, but no parameter has "
                          f"dim{'s' * (len(free) > 1)} {dims}: its size would be unknown to the "
                          f"type checker; write a number or a dim of a parameter")
     return fn.result_type
+
+
+def _tree_reduction(ctx, op, args):
+    """sum_squares / global_norm: a float scalar, of the widest float dtype of the leaves
+    (f32 for a tree, whose leaves are known only at run time)."""
+    t = args[0].type
+    if not is_float_tree(t):
+        raise ShapeError(f"{op.name} needs a tree, or a tensor or struct of float tensors, "
+                         f"got {t}")
+    return scalar(DType.F64 if uses_f64(t) else DType.F32)
+
+
+def _map_leaves(ctx, op, args):
+    """map_leaves(t, f): t's type; f takes one float tensor whose dims are distinct names (a
+    leaf of any shape of its rank binds them), returns that type, and neither draws nor calls
+    a JAX or extern function (it runs once per leaf, outside the analyses of draws)."""
+    t = args[0].type
+    fn = ctx.module.function(op.params.callee)
+    if not isinstance(t, (TreeType, StructType)):
+        raise ShapeError(f"map_leaves applies a function to the leaves of a tree or a struct, "
+                         f"got {t}")
+    leaf = fn.params[0].value.type if len(fn.params) == 1 else None
+    if not (isinstance(leaf, TensorType) and leaf.dtype.is_float):
+        params = ", ".join(f"{p.name}: {p.value.type}" for p in fn.params)
+        raise ShapeError(f"map_leaves needs a function of one float tensor, got "
+                         f"'{fn.name}({params})'")
+    if not all(isinstance(d, str) for d in leaf.shape) or len(set(leaf.shape)) != leaf.rank:
+        raise ShapeError(f"map_leaves applies '{fn.name}' to leaves of any shape of rank "
+                         f"{leaf.rank}: its parameter's dims must be distinct names, e.g. "
+                         f"f32[{', '.join(f'D{i}' for i in range(leaf.rank))}], got {leaf}")
+    if fn.result_type != leaf:
+        raise ShapeError(f"map_leaves needs '{fn.name}' to return its parameter's type "
+                         f"{leaf}, but it returns {fn.result_type}")
+    bad = _leaf_function_problem(ctx.module, fn.name)
+    if bad:
+        raise ShapeError(f"map_leaves needs a function that {bad}")
+    return t
+
+
+def _leaf_function_problem(module: Module, name: str) -> str | None:
+    """What keeps function `name` from running on each leaf: a draw, or a call of a JAX or
+    extern function (directly or through its callees)."""
+    for caller in reachable(module, name):
+        for op in walk(module.function(caller).body):
+            if "random" in O.OPS[op.name].traits:
+                return f"does not draw; '{caller}' draws"
+            bound = module.function(op.params.callee) if op.name == "call_fn" else None
+            if bound is not None and any(o.name in ("call_jax", "host_call")
+                                         for o in bound.body.ops):
+                return f"calls no jax fn or extern; '{caller}' calls '{bound.name}'"
+    return None
 
 
 def _dim(ctx, op, args):
@@ -469,7 +529,8 @@ def _weak_as(ctx: _Ctx, v: Value, expected: Type) -> Type:
 RULES: dict[str, Rule] = {
     "const": _const, "dim": _dim, "tuple": _tuple, "get": _get, "getfield": _getfield,
     "struct_new": _struct_new, "call_fn": _call_fn, "host_call": lambda ctx, op, args: op.params.result,
-    "call_jax": _call_jax,
+    "call_jax": _call_jax, "map_leaves": _map_leaves, "sum_squares": _tree_reduction,
+    "global_norm": _tree_reduction,
     **{n: _unary_float for n in O.UNARY_FLOAT.split()},
     **{n: _unary_same for n in O.UNARY_SAME.split()},
     "not": _not,
@@ -542,7 +603,8 @@ class _FunctionChecker:
         (result,) = body.results
         if result.type is not ERROR:
             env: dict = {}
-            problem = unify(self.fn.result_type, _weak_as(self.ctx, result, self.fn.result_type), env)
+            declared = self.fn.result_type
+            problem = _unify(declared, _weak_as(self.ctx, result, declared), env)
             if problem:
                 self.diags.error(f"'{self.fn.name}' is declared to return {self.fn.result_type} "
                                  f"but returns {result.type}", self.fn.result_span)
@@ -578,6 +640,13 @@ class _FunctionChecker:
         elif op.name not in R.DIST_CONSUMERS and any(isinstance(a.type, DistType) for a in args):
             self.diags.error("a distribution can only be sampled (z ~ d) or passed to log_prob, "
                              "mean, entropy or kl", op.span)
+            types = (ERROR,) * len(op.results)
+        elif op.name not in TREE_CONSUMERS and any(isinstance(a.type, TreeType) for a in args):
+            tree = next(a for a in args if isinstance(a.type, TreeType))
+            self.diags.error(f"{f'tree {tree.hint!r}' if tree.hint else 'a tree'} is opaque (its "
+                             f"structure is known only at run time): it can only be passed to a "
+                             f"function with a tree parameter (a jax fn), to sum_squares, "
+                             f"global_norm or map_leaves, or returned", op.span)
             types = (ERROR,) * len(op.results)
         else:
             try:
@@ -659,6 +728,11 @@ class _FunctionChecker:
         body, *constraints = (self.region(r, (declared,)) for r in op.regions)
         (objective,) = body.results
         ok = declared is not ERROR
+        if isinstance(declared, TreeType):
+            self.diags.error(f"an inner problem over a tree is not yet supported: declare "
+                             f"'{op.regions[0].args[0].hint}' as a float tensor or a struct of "
+                             f"them", op.span)
+            ok = False
         if args[0].type is not ERROR and ok:
             problem = unify(declared, _weak_as(self.ctx, args[0], declared), {})
             if problem:
@@ -696,6 +770,9 @@ class _FunctionChecker:
         results = tuple(self.new(r, t) for r, t in zip(op.results, types))
         return replace(op, operands=tuple(args), results=results, regions=(body,))
 
+
+TREE_CONSUMERS = frozenset({"call_fn", "call_jax", "map_leaves", "sum_squares", "global_norm"})
+"""The ops that take a tree operand (a tree is opaque to every other)."""
 
 _WEAK_PROPAGATING = set(O.UNARY_FLOAT.split() + O.UNARY_SAME.split() + O.BINARY_ARITH.split())
 """Ops whose result stays weakly typed when all operands are (e.g. `-1.0`, `2 * 3`)."""

@@ -6,8 +6,8 @@ bound, and traced inline into the exports that call them.
 traced values (structs as dicts, tuples as tuples), so JAX differentiates (reverse and forward
 mode), batches and exports through it as through any op, and an artifact holds the traced
 computation: it runs without the binding. A declaration whose parameters have only static
-dims is checked when bound, with `jax.eval_shape`; one with symbolic dims when it is first
-traced, once the export's arguments size them.
+dims is checked when bound, with `jax.eval_shape`; one with symbolic dims or a tree parameter
+when it is first traced, once the export's arguments size them.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import numpy as np
 from gradlang.diagnostics import Diagnostics
 from gradlang.ir import Function, Module
 from gradlang.options import unknown
-from gradlang.types import StructType, TensorType, TupleType, Type, substitute_dims, type_dims
+from gradlang.types import (StructType, TensorType, TreeType, TupleType, Type, substitute_dims,
+                            type_dims)
 
 from .dtypes import JNP_DTYPES
 from .signature import ArgumentError, spec
@@ -74,7 +75,8 @@ def check_bindings(module: Module, functions: Mapping[str, object],
         elif not callable(functions[fn.name]):
             diags.error(f"functions['{fn.name}'] is not callable (got "
                         f"{type(functions[fn.name]).__name__})", fn.span)
-        elif not any(type_dims(p.value.type) for p in fn.params):
+        elif not any(type_dims(p.value.type) or isinstance(p.value.type, TreeType)
+                     for p in fn.params):
             _check_shapes(fn, functions[fn.name], diags)
     return diags
 
@@ -131,6 +133,9 @@ def mismatch(t: Type, x: Any, dims: Mapping[str, Any]) -> str | None:
 
 
 def _fits(t: Type, x: Any, dims: Mapping[str, Any]) -> bool:
+    if isinstance(t, TreeType):
+        return all(hasattr(v, "dtype") and jnp.issubdtype(v.dtype, jnp.floating)
+                   for v in jax.tree.leaves(x))
     if isinstance(t, TensorType):
         if not (hasattr(x, "shape") and hasattr(x, "dtype")):
             return False

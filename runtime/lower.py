@@ -22,8 +22,9 @@ from gradlang.ops import OPS
 from gradlang.types import StructType, TensorType, TupleType, Type
 
 from .dtypes import JNP_DTYPES
-from .rules import LOWERINGS
-from .perturbed import Factored, dense
+from .rules import LOWERINGS, materialized
+from .perturbed import Factored
+from .signature import ArgumentError
 from .symbolic import SymbolicDimError, inconclusive
 
 
@@ -124,7 +125,7 @@ class _Ctx:
             raise LoweringError(f"no lowering rule for op '{op.name}'")
         args = [self.env[v] for v in op.operands]
         if op.name not in _FACTORED:
-            args = [dense(a) for a in args]
+            args = [materialized(a, v.type) for v, a in zip(op.operands, args)]
         scope = f"{self.file}:{op.span.line}:{op.span.col}" if op.span else op.name
         with jax.named_scope(scope):
             try:
@@ -137,8 +138,27 @@ class _Ctx:
         for v, x in zip(op.results, outs):
             if op.name != "const":
                 x = self.coerce(x, v.type)
+                if op.name == "call_fn":
+                    self.bind_result_dims(op, x, v.type)
                 self.check_shape(op, x, v.type)
             self.env[v] = x
+
+    def bind_result_dims(self, op: Op, x: Any, t: Type) -> None:
+        """A call's result may have dims no argument fixes (a jax fn's, fixed by a tree it
+        takes): the first result sizes them, each later one must agree."""
+        found: dict[str, Any] = {}
+        bind_dims(t, x, found)
+        for d, n in found.items():
+            known = self.dims.setdefault(d, n)
+            try:
+                same = bool(known == n)
+            except jax.errors.InconclusiveDimensionOperation:
+                same = True  # symbolic dims the type checker matched
+            if not same:
+                span = op.span
+                raise ArgumentError(f"'{op.params.callee}' at {self.file}:{span.line}:{span.col} "
+                                    f"returns {t} with {d} = {n}, but {d} = {known} here (from an "
+                                    f"argument or an earlier result)")
 
     def check_shape(self, op: Op, x: Any, t: Type) -> None:
         """The type checker predicted every shape; a mismatch is a compiler bug."""

@@ -16,7 +16,7 @@ from jax import lax
 
 from gradlang import ops as O
 from gradlang.ir import Op, free_values
-from gradlang.types import TensorType
+from gradlang.types import TensorType, TreeType, Type
 
 from .numerics import softplus
 from .jax_functions import call_jax
@@ -31,6 +31,14 @@ from .perturbed import Factored, dense
 
 
 Rule = Callable[..., Any]
+
+
+def materialized(x: Any, t: Type) -> Any:
+    """x with every perturbed matrix in it materialized (`perturbed.dense`); a tree's leaves
+    one by one, its nodes (NamedTuples, dataclasses) kept as they are."""
+    if isinstance(t, TreeType):
+        return jax.tree.map(dense, x, is_leaf=lambda v: isinstance(v, Factored))
+    return dense(x)
 
 
 def _elementwise(fn: Callable) -> Rule:
@@ -136,14 +144,17 @@ def _for(ctx, op: Op, *inits):
     (body,) = op.regions
     # a loop's carry is plain arrays: a perturbed matrix (`runtime.perturbed`) entering or
     # leaving it is materialized, as the loop's pytree structure cannot change
-    init = tuple(dense(ctx.coerce(x, r.type)) for x, r in zip(inits, op.results))
+    def carried(x, t):
+        return materialized(ctx.coerce(x, t), t)
+
+    init = tuple(carried(x, r.type) for x, r in zip(inits, op.results))
 
     loop_key = ctx.next_key() if ctx.key is not None and ctx.lowering.key_uses(body) else None
 
     def step(i, carry):
         with ctx.scope(None if loop_key is None else jax.random.fold_in(loop_key, i), body):
             out = ctx.region(body, (i, *carry))
-        return tuple(dense(ctx.coerce(x, r.type)) for x, r in zip(out, op.results))
+        return tuple(carried(x, r.type) for x, r in zip(out, op.results))
 
     start, stop = ctx.dim(p.start), ctx.dim(p.stop)
     if not any(jax.export.is_symbolic_dim(b) for b in (start, stop)):
@@ -191,6 +202,27 @@ def _checkpoint(ctx, op: Op):
     return out if len(out) > 1 else out[0]
 
 
+def _sum_squares(ctx, op: Op, t):
+    """The sum of squares of the entries of every leaf (all float: the type checker's), each
+    leaf accumulated in the result's dtype."""
+    dtype = JNP_DTYPES[op.result.type.dtype]
+    return sum((jnp.sum(jnp.square(jnp.asarray(x, dtype))) for x in jax.tree.leaves(t)),
+               jnp.zeros((), dtype))
+
+
+def _map_leaves(ctx, op: Op, t):
+    """The callee on each float leaf of its parameter's rank, its result cast back to the
+    leaf's dtype; other leaves as they are."""
+    rank = ctx.lowering.module.function(op.params.callee).params[0].value.type.rank
+
+    def leaf(x):
+        if jnp.ndim(x) != rank or not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+            return x
+        return jnp.asarray(ctx.call(op.params.callee, (x,)), jnp.result_type(x))
+
+    return jax.tree.map(leaf, t)
+
+
 def _matmul(ctx, op, a, b):
     """a @ b; a perturbed matrix (`runtime.perturbed`) stays factored."""
     if isinstance(b, Factored):
@@ -219,6 +251,9 @@ LOWERINGS: dict[str, Rule] = {
     "struct_new": lambda ctx, op, *xs: dict(zip(op.params.fields, xs)),
     "getfield": lambda ctx, op, s: s[op.params.name],
     "call_fn": lambda ctx, op, *xs: ctx.call(op.params.callee, xs),
+    "map_leaves": _map_leaves,
+    "sum_squares": _sum_squares,
+    "global_norm": lambda ctx, op, t: jnp.sqrt(_sum_squares(ctx, op, t)),
     "inline": _inline,
     "exp": _float_elementwise(jnp.exp),
     "log": _float_elementwise(jnp.log),

@@ -5,14 +5,14 @@ from __future__ import annotations
 import functools
 import operator
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import jax
 import numpy as np
 
-from gradlang.types import (KEY, DType, StructType, TensorType, TupleType, Type, type_dims,
-                            type_from_json, type_to_json)
+from gradlang.types import (KEY, DType, StructType, TensorType, TreeLayout, TreeType, TupleType,
+                            Type, type_dims, type_from_json, type_to_json)
 
 from .dtypes import JNP_DTYPES
 
@@ -74,19 +74,106 @@ class Signature:
         return f"{self.name}({params})"
 
     def specs(self, concrete: Mapping[str, int] | None = None) -> tuple:
-        """Abstract arguments for lowering / export; dims not in `concrete` stay symbolic."""
+        """Abstract arguments for lowering / export; dims not in `concrete` stay symbolic.
+        A tree parameter needs its layout (`with_layouts`), else ArgumentError."""
+        unsized = [n for n, t in self.params if isinstance(t, TreeType) and t.layout is None]
+        if unsized:
+            raise ArgumentError(f"export '{self.name}' takes the tree '{unsized[0]}', whose "
+                                f"structure is known only from a value: pass an example, "
+                                f"example_args={{'{unsized[0]}': value}}")
         concrete = dict(concrete or {})
         symbolic = [d for d in self.dims if d not in concrete]
         syms = dict(zip(symbolic, jax.export.symbolic_shape(", ".join(symbolic)))) if symbolic else {}
         env = {**syms, **concrete}
         return tuple(spec(t, env) for _, t in self.params)
 
+    def with_layouts(self, examples: Mapping[str, Any]) -> Signature:
+        """The signature with each tree parameter given the layout of its example (by name),
+        for an artifact; ArgumentError when one is missing or cannot be recorded."""
+        params = []
+        for n, t in self.params:
+            if isinstance(t, TreeType) and t.layout is None and n in examples:
+                t = TreeType(layout_of(examples[n], f"example_args['{n}']"))
+            params.append((n, t))
+        return replace(self, params=tuple(params))
+
+
+def layout_of(x: Any, where: str) -> TreeLayout:
+    """The layout of a tree an artifact can record (dicts with string keys, lists, tuples,
+    None, float arrays); ArgumentError naming the first node it cannot."""
+
+    def visit(x: Any, path: str) -> TreeLayout:
+        if type(x) is dict:
+            bad = next((k for k in x if not isinstance(k, str)), None)
+            if bad is not None:
+                raise ArgumentError(f"{where}: a saved tree's dict keys must be strings; "
+                                    f"{path or 'the tree'} has the key {bad!r}")
+            return ("dict", tuple((k, visit(v, f"{path}[{k!r}]")) for k, v in sorted(x.items())))
+        if type(x) in (list, tuple):
+            return (type(x).__name__, tuple(visit(v, f"{path}[{i}]") for i, v in enumerate(x)))
+        if x is None:
+            return ("none",)
+        if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+            raise ArgumentError(f"{where}: an artifact records trees of dicts, lists, tuples, "
+                                f"None and float arrays only; {path or 'the tree'} is a "
+                                f"{type(x).__name__}")
+        _check_leaf(x, path, where)
+        return ("leaf", np.dtype(x.dtype).name, tuple(int(d) for d in x.shape))
+
+    return visit(x, "")
+
+
+def _check_leaf(x: Any, path: str, where: str) -> None:
+    """A tree's leaf (at `path`, keystr form) is a float array, or an ArgumentError naming it."""
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        if jax.numpy.issubdtype(x.dtype, jax.numpy.floating):
+            return
+        got = f"an array of dtype {x.dtype}"
+    else:
+        got = f"a {type(x).__name__}"
+    leaf = f"its leaf {path} is" if path else "it is"
+    raise ArgumentError(f"{where}: a tree's leaves must be float arrays; {leaf} {got}")
+
+
+def _check_tree(t: TreeType, x: Any, where: str) -> None:
+    """Every leaf a float array; with a layout (a loaded artifact's), the saved structure
+    and leaf shapes."""
+    paths, leaves = _flat(x)
+    for p, leaf in zip(paths, leaves):
+        _check_leaf(leaf, p, where)
+    if t.layout is None:
+        return
+    want = spec(t, {})
+    want_paths, want_leaves = _flat(want)
+    if jax.tree.structure(x) != jax.tree.structure(want):
+        missing = [p for p in want_paths if p not in paths]
+        extra = [p for p in paths if p not in want_paths]
+        detail = (f"it has no leaf {missing[0]}" if missing else f"it has a leaf {extra[0]}, "
+                  f"which the saved tree does not" if extra else
+                  f"its nodes differ: saved {jax.tree.structure(want)}, got "
+                  f"{jax.tree.structure(x)}")
+        raise ArgumentError(f"{where}: not the tree structure the artifact was saved for "
+                            f"({len(want_paths)} leaves); {detail}")
+    for p, a, b in zip(paths, leaves, want_leaves):
+        if tuple(a.shape) != tuple(b.shape):
+            raise ArgumentError(f"{where}: leaf {p} has shape {list(a.shape)}, but the "
+                                f"artifact was saved for {list(b.shape)}")
+
+
+def _flat(x: Any) -> tuple[list[str], list]:
+    """A tree's leaf paths (`['w'][0]`, as `jax.tree_util.keystr` writes them) and leaves."""
+    flat = jax.tree_util.tree_flatten_with_path(x)[0]
+    return [jax.tree_util.keystr(p) for p, _ in flat], [v for _, v in flat]
+
 
 def spec(t: Type, env: Mapping[str, Any]) -> Any:
     """The abstract value of type `t` (ShapeDtypeStructs; structs as dicts), its symbolic dims
-    sized by `env` (ints or `jax.export` symbolic dims)."""
+    sized by `env` (ints or `jax.export` symbolic dims); a tree's from its layout."""
     if t is KEY:
         return jax.eval_shape(lambda: jax.random.key(0))
+    if isinstance(t, TreeType):
+        assert t.layout is not None, "a tree without a layout has no abstract value"
+        return _layout_spec(t.layout)
     if isinstance(t, TensorType):
         shape = tuple(env[d] if isinstance(d, str) else d for d in t.shape)
         return jax.ShapeDtypeStruct(shape, JNP_DTYPES[t.dtype])
@@ -94,6 +181,17 @@ def spec(t: Type, env: Mapping[str, Any]) -> Any:
         return {n: spec(f, env) for n, f in t.fields}
     assert isinstance(t, TupleType)
     return tuple(spec(e, env) for e in t.elems)
+
+
+def _layout_spec(layout: TreeLayout) -> Any:
+    kind = layout[0]
+    if kind == "leaf":
+        return jax.ShapeDtypeStruct(layout[2], jax.numpy.dtype(layout[1]))
+    if kind == "dict":
+        return {k: _layout_spec(v) for k, v in layout[1]}
+    if kind == "none":
+        return None
+    return (list if kind == "list" else tuple)(_layout_spec(v) for v in layout[1])
 
 
 def _is_key(x: Any) -> bool:
@@ -161,6 +259,9 @@ def _check(t: Type, x: Any, dims: dict[str, int], where: str, path: tuple,
                                 f"jax.random.PRNGKey(seed)), got {type(x).__name__}"
                                 + (f" of shape {list(x.shape)}" if hasattr(x, "shape") else ""))
         return
+    if isinstance(t, TreeType):
+        _check_tree(t, x, where)
+        return
     if isinstance(t, TensorType):
         if isinstance(x, (bool, int, float)) and not t.shape:
             _check_scalar(t, x, where)
@@ -214,6 +315,10 @@ def _cast(t: Type, x: Any) -> Any:
         return x if typed else jax.random.wrap_key_data(x)
     if isinstance(t, TensorType):
         return jax.numpy.asarray(x, JNP_DTYPES[t.dtype])
+    if isinstance(t, TreeType):  # leaves keep their dtype, or take the saved one
+        if t.layout is None:
+            return jax.tree.map(jax.numpy.asarray, x)
+        return jax.tree.map(lambda a, s: jax.numpy.asarray(a, s.dtype), x, spec(t, {}))
     if isinstance(t, StructType):
         return {n: _cast(f, x[n]) for n, f in t.fields}
     return tuple(_cast(e, v) for e, v in zip(t.elems, x))
