@@ -97,11 +97,14 @@ class CompiledModule(_Exports):
                 if op.name == "host_call"}
 
     def stablehlo(self, name: str, dims: Mapping[str, int] | None = None,
-                  debug_info: bool = False) -> str:
-        """StableHLO text of export `name`; symbolic dims stay symbolic unless fixed in `dims`."""
+                  debug_info: bool = False,
+                  example_args: Mapping[str, object] | None = None) -> str:
+        """StableHLO text of export `name`; symbolic dims stay symbolic unless fixed in `dims`;
+        a tree parameter is laid out as its value in `example_args` (by parameter name)."""
+        from gradlang.runtime.artifact import with_layouts
         from gradlang.runtime.stablehlo import lower_to_stablehlo, module_text
 
-        signature, fn = self._raw[name]
+        ((signature, fn),) = with_layouts([self._raw[name]], example_args or {})
         return module_text(lower_to_stablehlo(signature, fn, dims), debug_info)
 
     def verify(self, name: str, args=None, *, dims: Mapping[str, int] | None = None,
@@ -112,8 +115,14 @@ class CompiledModule(_Exports):
         (None: generated from the declared types, symbolic dims from `dims`). Returns a
         `gradlang.verify.ExportReport` (`.verdict`, `.leaves`, `.to_json()`, `print(...)`);
         raises `gradlang.verify.VerifyError` on bad input."""
-        from gradlang.verify import Origin, Settings, verify_export
+        from gradlang.types import TreeType
+        from gradlang.verify import Origin, Settings, VerifyError, verify_export
 
+        params = self._raw[name][0].params if name in self._raw else ()
+        tree = next((n for n, t in params if isinstance(t, TreeType)), None)
+        if tree is not None:  # gradlang.verify draws arguments from their declared types
+            raise VerifyError(f"verify does not take a tree parameter yet ('{tree}' of export "
+                              f"'{name}'): spell the parameters as tensors or a struct")
         externs, mesh, root = self._origin
         source = next((e.span.source for e in self.ir.exports), SourceFile("<source>", ""))
         settings = Settings(samples, seed, reference_samples, coordinates, smoothing)
@@ -121,20 +130,25 @@ class CompiledModule(_Exports):
                              settings, compare)
 
     def artifact(self, dims: Mapping[str, int] | None = None,
-                 platforms: Sequence[str] | None = None) -> bytes:
+                 platforms: Sequence[str] | None = None,
+                 example_args: Mapping[str, object] | None = None) -> bytes:
         """The portable artifact of every export (see `gradlang.load`), lowered for each of
-        `platforms` (default `gradlang.runtime.artifact.DEFAULT_PLATFORMS`: cpu and cuda)."""
+        `platforms` (default `gradlang.runtime.artifact.DEFAULT_PLATFORMS`: cpu and cuda).
+        `example_args` gives each tree parameter (by name) a value: the artifact is exported
+        for its structure, leaf shapes and dtypes, and a loaded module checks arguments
+        against them (an ArtifactError without one)."""
         from gradlang.runtime.artifact import DEFAULT_PLATFORMS, serialize
 
         return serialize(self.ir.name, __version__, list(self._raw.values()), dims,
                          DEFAULT_PLATFORMS if platforms is None else platforms,
-                         sorted(self._declared_externs()))
+                         sorted(self._declared_externs()), example_args)
 
     def save(self, path: str | Path, dims: Mapping[str, int] | None = None,
-             platforms: Sequence[str] | None = None) -> Path:
-        """Write `artifact(dims, platforms)` to `path`."""
+             platforms: Sequence[str] | None = None,
+             example_args: Mapping[str, object] | None = None) -> Path:
+        """Write `artifact(dims, platforms, example_args)` to `path`."""
         path = Path(path)
-        path.write_bytes(self.artifact(dims, platforms))
+        path.write_bytes(self.artifact(dims, platforms, example_args))
         return path
 
 

@@ -4,7 +4,9 @@ Layout: the magic bytes `GRADLANG-GX\\0`, a little-endian u32 header length, the
 header, then the serialized exports back to back. The header records the gradlang version,
 the module name, the platforms every export was lowered for, the extern functions the module
 declares, the jax functions traced into its exports (held whole: loading needs no binding for
-them) and, per export, its signature and its blobs' offsets, sizes and SHA-256s: one blob,
+them) and, per export, its signature (a tree parameter with the layout it was saved for:
+dicts, lists, tuples, None and leaves' dtypes and shapes, `types.layout_to_json`) and its
+blobs' offsets, sizes and SHA-256s: one blob,
 or, for an export that calls extern functions, the pieces between its host callbacks and the
 plan that replays them (`runtime.split`). Never a pickle.
 
@@ -29,10 +31,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from gradlang.types import DType, substitute_dims
+from gradlang.types import DType, TreeType, substitute_dims
 
 from .dtypes import JNP_DTYPES
-from .signature import Signature, casting
+from .jax_functions import JaxFunctionError
+from .signature import ArgumentError, Signature, casting
 from .split import SplitError, split, stitched
 
 MAGIC = b"GRADLANG-GX\0"
@@ -70,11 +73,15 @@ def platform_list(platforms: Sequence[str]) -> tuple[str, ...]:
 def serialize(module_name: str, version: str,
               exports: list[tuple[Signature, Callable]],
               dims: Mapping[str, int] | None = None,
-              platforms: Sequence[str] = DEFAULT_PLATFORMS, externs: Sequence[str] = ()) -> bytes:
+              platforms: Sequence[str] = DEFAULT_PLATFORMS, externs: Sequence[str] = (),
+              examples: Mapping[str, object] | None = None) -> bytes:
     """Export each function with `jax.export` for `platforms` (symbolic dims kept unless fixed
     in `dims`). `externs` are the module's declared externs: a loaded module accepts bindings
-    for them even where no export calls them, as the compiled module does."""
+    for them even where no export calls them, as the compiled module does. `examples` gives
+    each tree parameter (by name) a value whose structure, leaf shapes and dtypes the artifact
+    is exported for and records."""
     platforms = platform_list(platforms)
+    exports = with_layouts(exports, examples or {})
     blobs: list[bytes] = []
     entries = []
 
@@ -98,7 +105,15 @@ def serialize(module_name: str, version: str,
                                  f"as an artifact: {exc}") from None
             entry |= {"plan": plan, "pieces": [place(b) for b in pieces]}
         else:
-            entry |= place(bytes(export(jax.jit(fn), signature.specs(dims)).serialize()))
+            try:
+                entry |= place(bytes(export(jax.jit(fn), signature.specs(dims)).serialize()))
+            except JaxFunctionError as exc:
+                if not any(isinstance(t, TreeType) for _, t in signature.params):
+                    raise
+                raise ArtifactError(f"export '{signature.name}': {exc}\n  hint: the leaves of a "
+                                    f"saved tree have the example's shapes; fix the dims among "
+                                    f"{', '.join(signature.dims)} that they determine: "
+                                    f"dims={{NAME: size}}") from None
         entries.append(entry)
     header = json.dumps({"format": "gradlang.gx", "format_version": FORMAT_VERSION,
                          "gradlang_version": version, "jax_version": jax.__version__,
@@ -107,6 +122,24 @@ def serialize(module_name: str, version: str,
                          "jax_functions": sorted({n for sig, _ in exports for n in sig.jax_functions}),
                          "exports": entries}, indent=1).encode()
     return MAGIC + struct.pack("<I", len(header)) + header + b"".join(blobs)
+
+
+def with_layouts(exports: list[tuple[Signature, Callable]],
+                 examples: Mapping[str, object]) -> list[tuple[Signature, Callable]]:
+    """The exports with each tree parameter laid out as its example; ArtifactError for an
+    example of no tree parameter, a tree without one, or one an artifact cannot record."""
+    trees = sorted({n for sig, _ in exports for n, t in sig.params if isinstance(t, TreeType)})
+    for name in examples:
+        if name not in trees:
+            raise ArtifactError(f"example_args['{name}']: no export takes a tree '{name}' "
+                                f"(trees: {', '.join(trees) or 'none'})")
+    try:
+        out = [(sig.with_layouts(examples), fn) for sig, fn in exports]
+        for sig, _ in out:
+            sig.specs()  # every tree has a layout
+    except ArgumentError as exc:
+        raise ArtifactError(str(exc)) from None
+    return out
 
 
 def _exported(name: str, fn: Callable, specs: tuple,
@@ -351,8 +384,37 @@ def _check_type(t: object, where: str, param: bool) -> None:
     elif set(t) == {"tuple"} and isinstance(t["tuple"], list):
         for i, x in enumerate(t["tuple"]):
             _check_type(x, f"{where}[{i}]", param)
+    elif set(t) == {"tree"}:  # a parameter's layout is what its argument is checked against
+        if param and t["tree"] is None:
+            raise _bad(where, "a tree parameter without the layout it was saved for")
+        _check_layout(t["tree"], where)
     else:
         raise _bad(where, f"expected a type, got {t!r}")
+
+
+_TREE_DTYPES = ("float16", "bfloat16", "float32", "float64")
+"""The dtypes of the leaves of a saved tree."""
+
+
+def _check_layout(j: object, where: str) -> None:
+    """A tree's layout (`types.layout_to_json`): null, {dict}, {list}, {tuple} or a leaf."""
+    if j is None:
+        return
+    kind = next(iter(j)) if isinstance(j, dict) and len(j) == 1 else None
+    if isinstance(j, dict) and set(j) == {"dtype", "shape"}:
+        if j["dtype"] not in _TREE_DTYPES:
+            raise _bad(where, f"a tree leaf's dtype must be one of {', '.join(_TREE_DTYPES)}, "
+                              f"got {j['dtype']!r}")
+        if not (isinstance(j["shape"], list) and all(_is_int(d) for d in j["shape"])):
+            raise _bad(where, f"bad tree leaf shape {j['shape']!r}")
+    elif kind == "dict" and isinstance(j["dict"], dict):
+        for k, v in j["dict"].items():
+            _check_layout(v, f"{where}[{k!r}]")
+    elif kind in ("list", "tuple") and isinstance(j[kind], list):
+        for i, v in enumerate(j[kind]):
+            _check_layout(v, f"{where}[{i}]")
+    else:
+        raise _bad(where, f"expected a tree layout, got {j!r}")
 
 
 def _check_plan_json(plan: object, pieces: int, externs: list[str], where: str) -> None:
