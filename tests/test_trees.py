@@ -52,9 +52,9 @@ def layer(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
             (0.1 * RNG.normal(size=n_out)).astype(np.float32))
 
 
-# a nested tree of every kind of node: a dict holding a list of a NamedTuple, and a
-# registered dataclass
-PARAMS = {"body": [Layer(*layer(D, H))], "head": Head(*layer(H, C))}
+# a nested tree of every kind of node: a dict holding a list of a NamedTuple, a registered
+# dataclass and None (where Equinox's eqx.filter leaves a module's non-arrays)
+PARAMS = {"body": [Layer(*layer(D, H))], "head": Head(*layer(H, C)), "frozen": None}
 
 
 def mlp(p, x):
@@ -389,7 +389,7 @@ def test_verify_refuses_a_tree_parameter(compiled):
 
 
 SAVED = {"body": [(PARAMS["body"][0].w, PARAMS["body"][0].b)],
-         "head": {"w": PARAMS["head"].w, "b": PARAMS["head"].b}}
+         "head": {"w": PARAMS["head"].w, "b": PARAMS["head"].b}, "frozen": None}
 """The tree as an artifact records it: dicts, lists and tuples (no NamedTuple, no dataclass)."""
 
 
@@ -421,14 +421,14 @@ import numpy as np
 import gradlang
 m = gradlang.load(sys.argv[1])
 with np.load(sys.argv[2]) as f:
-    p = {"body": [(f["w1"], f["b1"])], "head": {"w": f["w2"], "b": f["b2"]}}
+    p = {"body": [(f["w1"], f["b1"])], "head": {"w": f["w2"], "b": f["b2"]}, "frozen": None}
     x, y = f["x"], f["y"]
 value, grads = m.vg(p, x, y)
 (w1, b1), = grads["p"]["body"]
 np.savez(sys.argv[3], value=value, w1=w1, b1=b1, w2=grads["p"]["head"]["w"],
          b2=grads["p"]["head"]["b"])
 try:
-    m.vg({"body": [(p["body"][0][0],)], "head": p["head"]}, x, y)
+    m.vg({**p, "body": [(p["body"][0][0],)]}, x, y)
 except gradlang.ArgumentError as e:
     print(e)
 print(json.dumps(m.header["exports"][0]["params"][0]))
@@ -452,8 +452,8 @@ def test_an_artifact_records_the_tree_and_runs_in_a_fresh_process(tmp_path):
     assert json.loads(param) == {"name": "p", "type": {"tree": {"dict": {
         "body": {"list": [{"tuple": [{"dtype": "float32", "shape": [D, H]},
                                      {"dtype": "float32", "shape": [H]}]}]},
-        "head": {"dict": {"b": {"dtype": "float32", "shape": [C]},
-                          "w": {"dtype": "float32", "shape": [H, C]}}}}}}}
+        "frozen": None, "head": {"dict": {"b": {"dtype": "float32", "shape": [C]},
+                                          "w": {"dtype": "float32", "shape": [H, C]}}}}}}}
     value, grads = m.vg(SAVED, X, Y)
     with np.load(tmp_path / "out.npz") as out:
         np.testing.assert_array_equal(out["value"], value)
@@ -468,19 +468,38 @@ def test_a_loaded_tree_is_checked_against_the_saved_one(tmp_path):
     loaded = gradlang.load(m.save(tmp_path / "mlp.gx", dims={"D": D}, example_args={"p": SAVED}))
     (w1, b1), = SAVED["body"]
     cases = [
-        ({"body": [[w1, b1]], "head": SAVED["head"]},
+        ({**SAVED, "body": [[w1, b1]]},
          "not the tree structure the artifact was saved for (4 leaves); its nodes differ: saved "
-         "PyTreeDef({'body': [(*, *)], 'head': {'b': *, 'w': *}}), got PyTreeDef({'body': [[*, "
-         "*]], 'head': {'b': *, 'w': *}})"),
+         "PyTreeDef({'body': [(*, *)], 'frozen': None, 'head': {'b': *, 'w': *}}), got "
+         "PyTreeDef({'body': [[*, *]], 'frozen': None, 'head': {'b': *, 'w': *}})"),
         ({**SAVED, "extra": b1}, "not the tree structure the artifact was saved for (4 leaves); "
                                  "it has a leaf ['extra'], which the saved tree does not"),
-        ({"body": [(w1, b1[:4])], "head": SAVED["head"]},
+        ({**SAVED, "body": [(w1, b1[:4])]},
          "leaf ['body'][0][1] has shape [4], but the artifact was saved for [16]"),
     ]
     for tree, message in cases:
         with pytest.raises(gradlang.ArgumentError) as info:
             loaded.vg(tree, X, Y)
         assert str(info.value) == f"vg(): argument 'p': {message}"
+
+
+def test_a_damaged_tree_layout_is_refused_at_load(tmp_path):
+    m = gradlang.compile_source(SOURCE, functions={"mlp": saved_mlp})
+    data = m.artifact(dims={"D": D}, platforms=["cpu"], example_args={"p": SAVED})
+    start = len(b"GRADLANG-GX\0") + 4
+    (n,) = np.frombuffer(data[start - 4:start], "<u4")
+    header = json.loads(data[start:start + n])
+    first = header["exports"][0]["params"][0]["type"]["tree"]["dict"]["body"]["list"][0]
+    first["tuple"][1]["dtype"] = "int32"  # the first layer's bias
+    header = json.dumps(header).encode()
+    path = tmp_path / "damaged.gx"
+    path.write_bytes(data[:start - 4] + np.uint32(len(header)).tobytes() + header
+                     + data[start + n:])
+    with pytest.raises(ArtifactError) as info:
+        gradlang.load(path)
+    assert str(info.value) == (
+        f"{path}: corrupt header: export 'value' parameter 'p'['body'][0][1]: a tree leaf's "
+        f"dtype must be one of float16, bfloat16, float32, float64, got 'int32'")
 
 
 def test_the_ir_of_a_tree_program_prints_and_parses_back():
