@@ -1,7 +1,9 @@
 """Name resolution: bind every free name and call to a builtin, function, struct or dim.
 
 - `call` becomes a builtin op (static arguments folded into its params), `call_fn` or
-  `struct_new`; `ref` becomes `dim` (the runtime size of a symbolic dimension) or an error.
+  `struct_new`; `ref` becomes `dim` (the runtime size of a symbolic dimension), the callee of
+  a `map_leaves` (a function's name) or an error.
+- `tree` names the parameter-tree type, allowed as a parameter's or a result's type only.
 - Struct names in types are expanded to `StructType`s; loop bounds are folded into `for`.
 - Exports are checked: the function exists and each `wrt` names one of its parameters.
 - Recursive calls (cycles in the call graph) are errors at the call site.
