@@ -58,13 +58,28 @@ def sub_dims(a: Dim, b: Dim) -> Dim:
     return a if b == 0 else f"{a}-{b}"
 
 
+def _factors(d: str) -> list[str]:
+    """The factors of a derived dim `2*A*(B+C)` at parenthesis depth 0: ["2", "A", "B+C"]."""
+    out, depth, start = [], 0, 0
+    for i, ch in enumerate(d):
+        depth += (ch == "(") - (ch == ")")
+        if ch == "*" and depth == 0:
+            out.append(d[start:i])
+            start = i + 1
+    out.append(d[start:])
+    return [f[1:-1] if f.startswith("(") and f.endswith(")") else f for f in out]
+
+
 def _size(shape: tuple[Dim, ...]) -> tuple[int, Counter]:
+    """The size of `shape` as a constant times a multiset of symbolic factors (a derived dim
+    such as `2*A*B`, the size `reshape` inferred, counts as its factors)."""
     const, syms = 1, Counter()
     for d in shape:
-        if isinstance(d, int):
-            const *= d
-        else:
-            syms[d] += 1
+        for f in ([d] if isinstance(d, int) else _factors(d)):
+            if isinstance(f, int) or f.isdigit():
+                const *= int(f)
+            else:
+                syms[f] += 1
     return const, syms
 
 

@@ -709,3 +709,24 @@ export f = f
 """
     with pytest.raises(gradlang.CompileError, match=r"cannot broadcast shapes \[2\*\(B\+C\)\]"):
         gradlang.compile_source(src)
+
+
+def test_a_flattened_symbolic_shape_reshapes_back_into_its_factors():
+    """`reshape(x, [-1])` on f32[A, B] infers the dim `A*B`; reshaping it back into [A, B]
+    (or [2, A] from `2*A`) is the same size, counted factor by factor. A different size is
+    still refused."""
+    m = gradlang.compile_source("""
+fn f(x: f32[A, B]) -> f32[A, B] { return reshape(reshape(x, [-1]), [A, B]) }
+fn g(x: f32[A, B, C]) -> f32[B, A, C] { return reshape(reshape(x, [A, -1]), [B, A, C]) }
+fn h(x: f32[2, A]) -> f32[A, 2] { return reshape(reshape(x, [-1]), [A, 2]) }
+export f = f
+export g = g
+export h = h
+""")
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    np.testing.assert_array_equal(m.f(x[0]), x[0])  # a reshape moves no value: exact
+    np.testing.assert_array_equal(m.g(x), x.reshape(3, 2, 4))
+    np.testing.assert_array_equal(m.h(x[:, 0]), x[:, 0].reshape(4, 2))
+    with pytest.raises(gradlang.CompileError, match=r"cannot reshape \[A\*B\] into \[A, A\]"):
+        gradlang.compile_source("fn f(x: f32[A, B]) -> f32[A, A] "
+                                "{ return reshape(reshape(x, [-1]), [A, A]) }\nexport f = f\n")
