@@ -115,14 +115,8 @@ class CompiledModule(_Exports):
         (None: generated from the declared types, symbolic dims from `dims`). Returns a
         `gradlang.verify.ExportReport` (`.verdict`, `.leaves`, `.to_json()`, `print(...)`);
         raises `gradlang.verify.VerifyError` on bad input."""
-        from gradlang.types import TreeType
-        from gradlang.verify import Origin, Settings, VerifyError, verify_export
+        from gradlang.verify import Origin, Settings, verify_export
 
-        params = self._raw[name][0].params if name in self._raw else ()
-        tree = next((n for n, t in params if isinstance(t, TreeType)), None)
-        if tree is not None:  # gradlang.verify draws arguments from their declared types
-            raise VerifyError(f"verify does not take a tree parameter yet ('{tree}' of export "
-                              f"'{name}'): spell the parameters as tensors or a struct")
         externs, mesh, root = self._origin
         source = next((e.span.source for e in self.ir.exports), SourceFile("<source>", ""))
         settings = Settings(samples, seed, reference_samples, coordinates, smoothing)

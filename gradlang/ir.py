@@ -287,11 +287,12 @@ def free_values(region: Region) -> list[Value]:
 
 
 def reachable(module: Module, fn: str) -> list[str]:
-    """fn and every function it calls (or inlines), callers first."""
+    """fn and every function it calls (or inlines, or maps over a tree's leaves), callers
+    first."""
     out = [fn]
     for name in out:
         for op in walk(module.function(name).body):
-            if op.name in ("call_fn", "inline") and op.params.callee not in out:
+            if op.name in ("call_fn", "inline", "map_leaves") and op.params.callee not in out:
                 out.append(op.params.callee)
     return out
 

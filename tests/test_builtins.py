@@ -648,6 +648,8 @@ MONTE_CARLO = {"sliced_wasserstein"}
 """Random estimates, tested for unbiasedness against NumPy in tests/test_ot.py."""
 REWRITTEN = {"straight_through", "quantize", "quest", "hadamard", "stochastic_round", "argmin",
              "host_call", "call_jax", "inline", "checkpoint", "sampled_matmul", "compose"}
+TREES = {"sum_squares", "global_norm", "map_leaves"}
+"""Builtins on parameter trees: tested against jax in tests/test_trees.py."""
 """Ops only passes create, the quantizers (tests/test_nonsmooth.py), argmin
 (tests/test_bilevel.py), extern bodies (tests/test_blackbox.py), jax fn bodies
 (tests/test_jax_functions.py), inlined calls
@@ -656,14 +658,15 @@ REWRITTEN = {"straight_through", "quantize", "quest", "hadamard", "stochastic_ro
 
 
 def test_every_builtin_is_covered():
-    covered = {name for c in CASES for name in c.tests} | RANDOM | QUANTIZERS | MONTE_CARLO
+    covered = {name for c in CASES for name in c.tests} | RANDOM | QUANTIZERS | MONTE_CARLO | TREES
     missing = [name for name in BUILTINS if name not in covered]
     assert not missing, f"builtins without a test case: {missing}"
 
 
 def test_every_op_is_covered():
     """Every IR op that survives resolution (builtins, operators, control flow, structure)."""
-    internal = {op for op, d in OPS.items() if "unresolved" in d.traits} | {"error"} | RANDOM_OPS | REWRITTEN | MONTE_CARLO
+    internal = ({op for op, d in OPS.items() if "unresolved" in d.traits} | {"error"}
+                | RANDOM_OPS | REWRITTEN | MONTE_CARLO | TREES)
     covered = {BUILTINS[n].op if n in BUILTINS else n for c in CASES for n in c.tests}
     missing = sorted(set(OPS) - internal - covered)
     assert not missing, f"ops without a test case: {missing}"

@@ -508,3 +508,18 @@ def test_the_ir_of_a_tree_program_prints_and_parses_back():
     assert "func @on_tree(%p: tree) -> f32 {" in text
     assert "map_leaves @q4(%p) : tree" in text
     assert print_module(parse_module(text)) == text
+
+
+def test_explain_and_the_verify_command_see_through_map_leaves(tmp_path, capsys):
+    """explain follows map_leaves into its function (QuEST's backward rule is named, the
+    program is not called smooth), and `gradlang verify` refuses a tree parameter with a
+    diagnostic-style error, not an internal one."""
+    from gradlang.cli import main
+    path = tmp_path / "leafwise.grad"
+    path.write_text(LEAFWISE)
+    assert main(["explain", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "trust" in out and "on_tree: exact reverse-mode gradient; the program is smooth" not in out
+    code = main(["verify", str(path), "--export", "g_tree"])
+    err = capsys.readouterr().err
+    assert code == 2 and "verify does not take a tree parameter yet ('p' of export 'g_tree')" in err
