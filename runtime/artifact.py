@@ -40,7 +40,10 @@ from .split import SplitError, split, stitched
 
 MAGIC = b"GRADLANG-GX\0"
 FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+TREE_FORMAT_VERSION = 4
+"""Format 3 with tree parameters' layouts: written only when an export takes a tree, so that a
+gradlang that predates trees says it cannot read the file instead of calling it corrupt."""
+READABLE_VERSIONS = (1, 2, 3, 4)
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 """The platforms `jax.export` lowers for; it needs no device of the kind to do so."""
 DEFAULT_PLATFORMS = ("cpu", "cuda")
@@ -115,7 +118,9 @@ def serialize(module_name: str, version: str,
                                     f"{', '.join(signature.dims)} that they determine: "
                                     f"dims={{NAME: size}}") from None
         entries.append(entry)
-    header = json.dumps({"format": "gradlang.gx", "format_version": FORMAT_VERSION,
+    trees = any(isinstance(t, TreeType) for sig, _ in exports for _, t in sig.params)
+    header = json.dumps({"format": "gradlang.gx",
+                         "format_version": TREE_FORMAT_VERSION if trees else FORMAT_VERSION,
                          "gradlang_version": version, "jax_version": jax.__version__,
                          "module": module_name, "platforms": list(platforms),
                          "externs": list(externs),

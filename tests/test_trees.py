@@ -454,6 +454,10 @@ def test_an_artifact_records_the_tree_and_runs_in_a_fresh_process(tmp_path):
                                      {"dtype": "float32", "shape": [H]}]}]},
         "frozen": None, "head": {"dict": {"b": {"dtype": "float32", "shape": [C]},
                                           "w": {"dtype": "float32", "shape": [H, C]}}}}}}}
+    # format 4: a gradlang that predates trees says it cannot read the file
+    data = path.read_bytes()
+    n = int.from_bytes(data[12:16], "little")
+    assert json.loads(data[16:16 + n])["format_version"] == 4
     value, grads = m.vg(SAVED, X, Y)
     with np.load(tmp_path / "out.npz") as out:
         np.testing.assert_array_equal(out["value"], value)
