@@ -498,7 +498,7 @@ class _FunctionBuilder:
                    allow_return: bool) -> tuple[Value, ...]:
         for i, stmt in enumerate(stmts):
             if isinstance(stmt, ast.Let):
-                self.let(stmt.pattern, self.expr(stmt.value))
+                self.let_stmt(stmt)
             elif isinstance(stmt, ast.Sample):
                 self.sample(stmt)
             elif isinstance(stmt, ast.Return):
@@ -518,6 +518,27 @@ class _FunctionBuilder:
             annotation = annotation_from_ast(stmt.annotation, self.diags)
         op = self.emit("sample", (dist,), SampleParams(stmt.name, annotation), stmt.span)
         self.bind(stmt.name, op.result)
+
+    def let_stmt(self, stmt: ast.Let) -> None:
+        """A `let`. `argmin ... as (solution, report)` names the op's two results themselves
+        (no tuple in between: the solution may be a tree, which no tuple holds)."""
+        if not isinstance(stmt.value, ast.Report):
+            self.let(stmt.pattern, self.expr(stmt.value))
+            return
+        assert isinstance(stmt.pattern, ast.PTuple)
+        names = [p.name for p in stmt.pattern.elems if isinstance(p, ast.PName)]
+        if not isinstance(stmt.value.value, ast.Argmin):
+            error = self.error_value("'as (solution, report)' follows an inner problem (argmin "
+                                     "or argmax)", stmt.value.span)
+            self.block.scope.update(dict.fromkeys(names, error))
+            return
+        op = self.argmin(stmt.value.value, report=True)
+        if op.name == "error":
+            values = op.results * len(names)
+        else:
+            values = tuple(Value(v.type, name) for v, name in zip(op.results, names))
+            self.block.ops[-1] = replace(op, results=values)
+        self.block.scope.update(zip(names, values))
 
     def let(self, pattern: ast.Pattern, value: Value) -> None:
         if isinstance(pattern, ast.PName):
@@ -776,7 +797,7 @@ class _FunctionBuilder:
             elif isinstance(stmt, ast.Sample):
                 self.sample(stmt)
             else:
-                self.let(stmt.pattern, self.expr(stmt.value))
+                self.let_stmt(stmt)
 
     def expr_Checkpoint(self, e: ast.Checkpoint) -> Value:
         def body() -> tuple[Value, ...]:
@@ -785,9 +806,13 @@ class _FunctionBuilder:
 
         return self.emit("checkpoint", (), NoParams(), e.span, regions=(self.region({}, body),)).result
 
-    def expr_Argmin(self, e: ast.Argmin, report: bool = False) -> Value:
+    def expr_Argmin(self, e: ast.Argmin) -> Value:
+        return self.argmin(e).result
+
+    def argmin(self, e: ast.Argmin, report: bool = False) -> Op:
         """An `argmin` op: its objective region, a constraint region when `subject to` is
-        given, and a second result (the solver's report) when `report`."""
+        given, and a second result (the solver's report) when `report`; an `error` op when its
+        annotations are bad."""
         init = self.expr(e.init)
         solver = annotation_from_ast(e.solver, self.diags)
         hyper = None if e.hyper is None else annotation_from_ast(e.hyper, self.diags, True)
@@ -802,7 +827,7 @@ class _FunctionBuilder:
                     self.diags.error("a random choice inside an inner problem is not supported",
                                      stmt.span)
                 else:
-                    self.let(stmt.pattern, self.expr(stmt.value))
+                    self.let_stmt(stmt)
             return (self.expr(e.objective),)
 
         regions = [self.region({e.var: arg}, body)]
@@ -810,18 +835,9 @@ class _FunctionBuilder:
             regions.append(self.region({e.var: Value(arg.type, e.var)},
                                        lambda: tuple(self.expr(c) for c in e.constraints)))
         if solver is None or (e.hyper is not None and hyper is None):
-            return self.emit("error", (init,), NoParams(), e.span).result
-        op = self.emit("argmin", (init,), ArgminParams(solver, hyper, e.maximize), e.span,
-                       nresults=2 if report else 1, regions=tuple(regions))
-        if not report:
-            return op.result
-        return self.emit("tuple", op.results, NoParams(), e.span).result
-
-    def expr_Report(self, e: ast.Report) -> Value:
-        if not isinstance(e.value, ast.Argmin):
-            return self.error_value("'as (solution, report)' follows an inner problem (argmin "
-                                    "or argmax)", e.span)
-        return self.expr_Argmin(e.value, report=True)
+            return self.emit("error", (init,), NoParams(), e.span)
+        return self.emit("argmin", (init,), ArgminParams(solver, hyper, e.maximize), e.span,
+                         nresults=2 if report else 1, regions=tuple(regions))
 
     def expr_Slice(self, e: ast.Slice) -> Value:
         return self.error_value("a slice can only appear inside [...]", e.span)

@@ -720,7 +720,8 @@ class _FunctionChecker:
         return replace(op, results=results, regions=(region,))
 
     def argmin_op(self, op: Op, args: list[Value]) -> Op:
-        """The region's argument has the declared type; the start value must have it too; the
+        """The region's argument has the declared type; the start value must have it too (a
+        tree variable starts from a tree, whose structure the solution keeps); the
         objective must be a float scalar, each constraint a float tensor; the result has the
         declared type (and the solver's report, when asked for)."""
         declared = op.regions[0].args[0].type
@@ -728,13 +729,8 @@ class _FunctionChecker:
         body, *constraints = (self.region(r, (declared,)) for r in op.regions)
         (objective,) = body.results
         ok = declared is not ERROR
-        if isinstance(declared, TreeType):
-            self.diags.error(f"an inner problem over a tree is not yet supported: declare "
-                             f"'{op.regions[0].args[0].hint}' as a float tensor or a struct of "
-                             f"them", op.span)
-            ok = False
         if args[0].type is not ERROR and ok:
-            problem = unify(declared, _weak_as(self.ctx, args[0], declared), {})
+            problem = _unify(declared, _weak_as(self.ctx, args[0], declared), {})
             if problem:
                 self.diags.error(f"the start value of {what} has type {args[0].type}, but the "
                                  f"variable is declared {declared}", op.span)
