@@ -42,6 +42,7 @@ from jax import lax
 from gradlang.ops import Annotation
 from gradlang.options import chosen, option
 from gradlang.runtime.perturbed import LowRank, Seeded, seed_of, seeded_normal
+from gradlang.types import StructType, TensorType, TreeType, TupleType, Type
 
 
 class BlackBox:
@@ -56,6 +57,9 @@ class BlackBox:
     step subtracts lr times the estimate)."""
     note: ClassVar[str | None] = None
     """What `verify` notes about its estimates (None: nothing)."""
+    at_jax_fn: ClassVar[str | None] = None
+    """What becomes of a perturbed parameter passed to a `jax fn`, for `explain` (None: it
+    enters as it is)."""
 
     @property
     def scale(self) -> float:
@@ -70,6 +74,11 @@ class BlackBox:
     def target(self) -> str:
         """What it estimates, for `explain`."""
         return f"unbiased for the gradient of the Gaussian-smoothed objective E f(w + {self.scale} z)"
+
+    def perturbation(self, name: str, t: Type) -> str | None:
+        """How the leaves of the `wrt` parameter `name` of type `t` are perturbed, for
+        `explain` (None: all alike, as the description says)."""
+        return None
 
     @classmethod
     def at(cls, scale: float, pop: int) -> Annotation:
@@ -142,6 +151,9 @@ class Spsa(BlackBox):
     description: ClassVar[str] = ("two-point SPSA (MeZO): (f(w + eps z) - f(w - eps z)) / (2 eps) "
                                   "z, z ~ N(0, I)")
     descent: ClassVar[str] = "the update regenerates the SPSA noise, so no gradient is stored (MeZO)"
+    at_jax_fn: ClassVar[str | None] = (
+        "a perturbed matrix passed to a jax fn enters it materialized (w + eps z, z regenerated "
+        "whole): only matmuls written in the .grad file regenerate z block by block")
     eps: float = option(1e-3)
     """The difference step."""
     samples: int = option(1)
@@ -265,6 +277,10 @@ class Eggroll(Population):
         "eggroll's low-rank noise matches a Gaussian's covariance, not its higher moments: "
         "unbiased on quadratics, O(sigma^2) from the smoothed gradient elsewhere (a smaller "
         "sigma shrinks it)")
+    at_jax_fn: ClassVar[str | None] = (
+        "a perturbed matrix passed to a jax fn enters it materialized (W + sigma A B^T / "
+        "sqrt(rank), once per member): the perturbation stays low-rank, but only matmuls written "
+        "in the .grad file skip forming it")
     sigma: float = option(0.1)
     pop: int = option(64)
     rank: int = option(1)
@@ -273,6 +289,24 @@ class Eggroll(Population):
     def target(self) -> str:
         return ("identity-covariance noise: unbiased on quadratics, otherwise O(sigma^2) from "
                 f"the gradient of the Gaussian-smoothed objective E f(w + {self.scale} z)")
+
+    def perturbation(self, name: str, t: Type) -> str | None:
+        """Matrices (2-D leaves) get the low-rank noise, every other leaf a full-rank Gaussian
+        (as `es`): by field for a struct, by rank for a tree (its leaves are known only at
+        run time)."""
+        low = f"low-rank A B^T / sqrt({self.rank}), A [m, {self.rank}], B [n, {self.rank}]"
+        if isinstance(t, TreeType):
+            return (f"every 2-D leaf (a matrix): {low}; every other leaf: a full-rank Gaussian, "
+                    f"as es (the tree's leaves are known at run time)")
+        paths = _leaf_paths(t, name)
+        matrices = [p for p, leaf in paths if leaf.rank == 2]
+        others = [p for p, leaf in paths if leaf.rank != 2]
+        if not others:
+            return None
+        if not matrices:
+            return "a full-rank Gaussian, as es (no leaf is a matrix)"
+        return (f"{', '.join(matrices)} (matrices): {low}; {', '.join(others)}: a full-rank "
+                f"Gaussian, as es")
 
     def gradient(self, objective: Callable, theta: list, key, mesh=None) -> list:
         leaves, tree = jax.tree.flatten(theta)
@@ -308,6 +342,16 @@ class Eggroll(Population):
             minus = jax.vmap(lambda e: objective(perturbed(e, -sigma)))(noise)
             return (plus - minus) / (2 * sigma * n)
         return (plus - objective(theta)) / (sigma * n)
+
+
+def _leaf_paths(t: Type, path: str) -> list[tuple[str, TensorType]]:
+    """The tensors of a tensor, struct or tuple type with their paths (`w`, `enc.w1`, `t[0]`)."""
+    if isinstance(t, StructType):
+        return [leaf for n, f in t.fields for leaf in _leaf_paths(f, f"{path}.{n}")]
+    if isinstance(t, TupleType):
+        return [leaf for i, e in enumerate(t.elems) for leaf in _leaf_paths(e, f"{path}[{i}]")]
+    assert isinstance(t, TensorType)
+    return [(path, t)]
 
 
 BLACK_BOX: dict[str, type[BlackBox]] = {c.name: c for c in (Spsa, Es, Eggroll)}

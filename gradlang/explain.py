@@ -106,10 +106,15 @@ def _black_box(module: Module, name: str, t, what: str, reach: list[str]) -> lis
     externs = [op.params.name for f in reach for op in module.function(f).body.ops
                if op.name == "host_call"]
     lines = [f"export {name} = {t.call(what)}"]
-    lines += [f"  {w}: black-box estimate by {est.description}; {est.target()}" for w in t.wrt]
+    fn = module.function(t.fn)
+    for w in t.wrt:
+        lines.append(f"  {w}: black-box estimate by {est.description}; {est.target()}")
+        how = est.perturbation(w, fn.param(w).value.type)
+        lines += [f"    perturbed: {how}"] if how else []
     if externs:
         lines.append(f"  externs called: {', '.join(externs)} (Python, through host callbacks)")
-    lines += _traced(module, reach)
+    traced = _traced(module, reach)
+    lines += traced + ([f"    {est.at_jax_fn}"] if traced and est.at_jax_fn else [])
     lines.append(f"  cost: {evals} forward evaluations, no backward pass")
     return lines + _descend(t)
 

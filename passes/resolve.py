@@ -409,8 +409,7 @@ _TREE_ALTERNATIVE = "spell the parameters as tensors or a struct"
 
 def _tree_unsupported(export: Export, fns: list[Function], diags: Diagnostics) -> bool:
     """An export form that does not take a tree parameter yet is an error (True) where written:
-    `by=eggroll` (low-rank perturbations go through the function as factored matrices), `by=dp`
-    (per-example batching and ghost clipping read the parameters' types), `minimize`,
+    `by=dp` (per-example batching and ghost clipping read the parameters' types), `minimize`,
     `compose`."""
     t = export.transform
     tree = next(((p, f) for f in fns for p in f.params if isinstance(p.value.type, TreeType)), None)
@@ -420,8 +419,6 @@ def _tree_unsupported(export: Export, fns: list[Function], diags: Diagnostics) -
         form, span, hint = "compose", t.compose.span, _TREE_ALTERNATIVE
     elif t.kind == "minimize":
         form, span, hint = "minimize", export.fn_span, _TREE_ALTERNATIVE
-    elif t.by is not None and t.by.name == "eggroll":
-        form, span, hint = "by=eggroll", t.by.span, "use by=es (full-rank perturbations) or by=spsa"
     elif t.private is not None:
         form, span, hint = "by=dp", t.by.span, _TREE_ALTERNATIVE
     else:
