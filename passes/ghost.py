@@ -8,9 +8,11 @@ field accesses and calls only. Its per-example gradient is then x_i^T g_i (g_i t
 cotangent of x @ w), whose norm the runtime (`runtime.ghost`) gets from x_i and g_i alone.
 
 Anything else makes the leaf fall back to per-example gradients: a use by any other op (an
-elementwise op, a reduction, `w @ x`, a struct or tuple built from it, a return), a use inside
-a region (a loop, a branch, an expectation, an inner problem: its activations would have to be
-collected across iterations), or no use at all. The analysis follows each call with its own
+elementwise op, a reduction, `w @ x`, a struct or tuple built from it, a return), a call of a
+`jax fn` (its matmuls are JAX's, out of the compiler's sight), a use inside a region (a loop, a
+branch, an expectation, an inner problem: its activations would have to be collected across
+iterations), or no use at all. A tree parameter is one entry, `p`, never ghost clipped: its
+leaves are known only at run time. The analysis follows each call with its own
 bindings, so a function called with two layers (`dense(p.l1, x)`, `dense(p.l2, h)`) sees each.
 """
 
@@ -20,7 +22,7 @@ from pathlib import Path
 
 from gradlang.facts import LeafNorm
 from gradlang.ir import Function, Module, Op, Region, Value
-from gradlang.types import StructType, TensorType, Type
+from gradlang.types import StructType, TensorType, TreeType, Type
 
 
 def leaf_types(name: str, t: Type) -> dict[str, Type]:
@@ -74,7 +76,13 @@ class _Uses:
             bound[op.result] = f"{used[0][1]}.{op.params.name}"
         elif op.name == "call_fn":
             callee = self.module.function(op.params.callee)
-            self.function(callee, {callee.params[i].value: path for i, path in used}, inside)
+            if any(o.name == "call_jax" for o in callee.body.ops):  # a jax fn: JAX's matmuls
+                for _, path in used:
+                    self.other(path, f"passed to jax fn '{callee.name}' "
+                                     f"{inside or 'in ' + _where(op, fn)}, whose matmuls the "
+                                     f"compiler cannot see (no ghost clipping through it)")
+            else:
+                self.function(callee, {callee.params[i].value: path for i, path in used}, inside)
         else:
             for i, path in used:
                 linear = (op.name == "matmul" and i == 1 and inside is None
@@ -98,7 +106,11 @@ def linear_layers(module: Module, fn: Function, wrt: tuple[str, ...]) -> tuple[L
     out = []
     for leaf, found in uses.found.items():
         bad = [what for ok, what in found if not ok]
-        if bad:
+        if isinstance(types[leaf], TreeType):
+            first = f": {bad[0]}" if bad else ""
+            out.append(LeafNorm(leaf, False, f"a tree: per-example gradients of every leaf (its "
+                                             f"leaves are known only at run time){first}"))
+        elif bad:
             out.append(LeafNorm(leaf, False, bad[0]))
         elif not found:
             out.append(LeafNorm(leaf, False, "not used (its gradient is zero)"))

@@ -409,8 +409,7 @@ _TREE_ALTERNATIVE = "spell the parameters as tensors or a struct"
 
 def _tree_unsupported(export: Export, fns: list[Function], diags: Diagnostics) -> bool:
     """An export form that does not take a tree parameter yet is an error (True) where written:
-    `by=dp` (per-example batching and ghost clipping read the parameters' types), `minimize`,
-    `compose`."""
+    `minimize`, `compose`."""
     t = export.transform
     tree = next(((p, f) for f in fns for p in f.params if isinstance(p.value.type, TreeType)), None)
     if tree is None:
@@ -419,8 +418,6 @@ def _tree_unsupported(export: Export, fns: list[Function], diags: Diagnostics) -
         form, span, hint = "compose", t.compose.span, _TREE_ALTERNATIVE
     elif t.kind == "minimize":
         form, span, hint = "minimize", export.fn_span, _TREE_ALTERNATIVE
-    elif t.private is not None:
-        form, span, hint = "by=dp", t.by.span, _TREE_ALTERNATIVE
     else:
         return False
     (p, f) = tree

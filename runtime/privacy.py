@@ -29,9 +29,11 @@ from .ghost import ghost, per_example
 
 def _leaf_names(theta: dict) -> list[str]:
     """`p.l1.w`-style names of the leaves of {wrt name: value}, in flattening order (the
-    `privacy` pass names leaves the same way)."""
+    `privacy` pass names a struct's leaves the same way; a tree's other nodes, never ghost
+    clipped, are named by their keys, `p.layers[0]`)."""
     paths, _ = jax.tree_util.tree_flatten_with_path(theta)
-    return [".".join(str(k.key) for k in path) for path, _ in paths]
+    return [".".join(str(k.key) if isinstance(k, jax.tree_util.DictKey)
+                     else jax.tree_util.keystr((k,)) for k in path) for path, _ in paths]
 
 
 def _noise(key, tree, std: float):

@@ -1,8 +1,12 @@
 """Export forms with a tree parameter beyond grad / value_and_grad / descend (tests/test_trees.py):
-an inner problem over a tree (`argmin v: tree`), against the ridge problem's closed form and
-reverse mode through a hand-written JAX loop on the same tree."""
+an inner problem over a tree (`argmin v: tree`) against the ridge problem's closed form and
+reverse mode through a hand-written JAX loop on the same tree; `by=eggroll` (low-rank noise on
+each 2-D leaf) unbiased on a quadratic; `by=dp` against DP-SGD written directly in JAX with the
+same key; what `explain` says of each."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -200,3 +204,99 @@ export fields = grad(plain, wrt=[s], by=eggroll(sigma=0.1, pop=2))
             "gradient of the Gaussian-smoothed objective E f(w + 0.1 z)\n"
             "    perturbed: s.w, s.t[0] (matrices): low-rank A B^T / sqrt(1), A [m, 1], "
             "B [n, 1]; s.b, s.t[1]: a full-rank Gaussian, as es\n") in text
+
+
+# ---- by=dp: per-example gradients of every leaf of a tree
+
+PRIVATE = """
+jax fn net(p: tree, x: f32[B, D]) -> f32[B, H]
+struct Head { w: f32[H, C] }
+fn loss(p: tree, head: Head, x: f32[B, D], y: f32[B, C]) -> f32 {
+  return mean((net(p, x) @ head.w - y) ^ 2)
+}
+export g = grad(loss, wrt=[p, head], by=dp(clip=CLIP, noise=0.7))
+export vg = value_and_grad(loss, wrt=[p, head], by=dp(clip=CLIP, noise=0.7))
+export step = descend(loss, wrt=[p, head], lr=0.1, by=dp(clip=CLIP, noise=0.7))
+"""
+CLIP, SIGMA, NB = 6.5, 0.7, 12
+
+
+class Dense(NamedTuple):
+    w: np.ndarray
+    b: np.ndarray
+
+
+def private_net(p, x):
+    """The binding: two tanh layers from a list of NamedTuples."""
+    for layer in p["layers"]:
+        x = jnp.tanh(x @ layer.w + layer.b)
+    return x
+
+
+def private_loss(p, head, x, y):
+    return jnp.mean((private_net(p, x) @ head["w"] - y) ** 2)
+
+
+def dp_by_hand(theta: dict, x, y, key):
+    """DP-SGD written directly in JAX: vmap of jax.grad over the examples (a batch of one
+    each), each example's gradient scaled to global norm at most CLIP over every leaf of both
+    parameters, summed, plus N(0, (SIGMA CLIP)^2) noise drawn once for all the leaves (in
+    flattening order) from the export's key, divided by n. Also the per-example norms."""
+    def one(xi, yi):
+        return jax.grad(lambda t: private_loss(t["p"], t["head"], xi[None], yi[None]))(theta)
+
+    per = jax.vmap(one)(x, y)
+    norms = jnp.sqrt(sum(jnp.sum(g.reshape(NB, -1) ** 2, 1) for g in jax.tree.leaves(per)))
+    c = CLIP / jnp.maximum(norms, CLIP)
+    summed = jax.tree.map(lambda g: jnp.tensordot(c, g, axes=1), per)
+    flat, tree = jax.tree.flatten(summed)
+    z = SIGMA * CLIP * jax.random.normal(key, (sum(a.size for a in flat),), jnp.float32)
+    cuts = np.cumsum([a.size for a in flat])[:-1]
+    noise = [part.reshape(a.shape) for part, a in zip(jnp.split(z, cuts), flat)]
+    return tree.unflatten([(a + e) / NB for a, e in zip(flat, noise)]), np.asarray(norms)
+
+
+def test_dp_clips_each_examples_gradient_over_every_leaf_of_the_tree():
+    """The tree's leaves get per-example gradients (vmap through the jax fn), the struct's
+    linear layer head.w ghost clipping; the norm is global over both. Tolerance: both sides
+    float32, as tests/test_privacy.py's DP_OPS (an example's gradient through two tanh layers
+    and a square, forward and backward: ~60 roundings; its norm over the 4 + 4 + 16 + 4 + 8
+    = 36 entries and a sqrt; the clip factor; the sum over 12 examples; the noise's add and
+    the division: ~115 a side)."""
+    rng = np.random.default_rng(5)
+    d, h, c = 2, 4, 2
+    p = {"layers": [Dense(*(rng.normal(size=(d, h)).astype(np.float32),
+                            rng.normal(size=h).astype(np.float32))),
+                    Dense(*(rng.normal(size=(h, h)).astype(np.float32) / 2,
+                            rng.normal(size=h).astype(np.float32)))]}
+    head = {"w": rng.normal(size=(h, c)).astype(np.float32)}
+    x = (rng.normal(size=(NB, d)) * np.linspace(0.1, 2.0, NB)[:, None]).astype(np.float32)
+    y = rng.normal(size=(NB, c)).astype(np.float32)
+    m = gradlang.compile_source(PRIVATE.replace("CLIP", str(CLIP)), "dp.grad",
+                                functions={"net": private_net})
+    plan = {n.leaf: n for n in m.ir.facts.privacy["g"].leaves}
+    assert plan["head.w"].ghost and not plan["p"].ghost
+    key = jax.random.key(11)
+    want, norms = dp_by_hand({"p": p, "head": head}, x, y, key)
+    assert (norms > CLIP).sum() >= 3 and (norms < CLIP).sum() >= 3  # clipping matters for some
+    got = m.g(p, head, x, y, key)
+    assert jax.tree.structure(got["p"]) == jax.tree.structure(p)
+    assert_close(got, want, ops=230)
+    value, grads = m.vg(p, head, x, y, key)
+    # the mean of the per-example losses against the batch loss: 12 more terms each
+    assert_close(value, private_loss(p, head, x, y), ops=230)
+    assert_close(grads, want, ops=230)
+    stepped = m.step(jax.tree.map(jnp.array, p), jax.tree.map(jnp.array, head), x, y, key)
+    assert_close(stepped, jax.tree.map(lambda a, g: a - 0.1 * g, {"p": p, "head": head}, want),
+                 ops=232)
+
+
+def test_explain_says_why_a_tree_gets_per_example_gradients():
+    from gradlang.explain import explain
+    m = gradlang.compile_source(PRIVATE.replace("CLIP", "1.0"), "dp.grad",
+                                functions={"net": private_net})
+    text = explain(m.ir)
+    assert ("    p       per-example gradient  a tree: per-example gradients of every leaf (its "
+            "leaves are known only at run time): passed to jax fn 'net' in loss (dp.grad:5), "
+            "whose matmuls the compiler cannot see (no ghost clipping through it)\n") in text
+    assert "    head.w  ghost (linear layer)  x @ w in loss (dp.grad:5)\n" in text
