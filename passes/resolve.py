@@ -30,7 +30,7 @@ from gradlang.limits import MAX_BLOCKS, MAX_CALLS, MAX_DEPTH
 from gradlang.ir import Export, Function, Module, Op, Param, Region, StructDef, Value, walk
 from gradlang.ops import OPS, CalleeParams, CallParams, DistParams, NoParams, StructParams
 from gradlang.types import (ERROR, SOLVER_REPORT, TREE, DType, NamedType, StructType, TensorType,
-                            TreeType, TupleType, Type, is_float_tree, substitute_dims, type_dims)
+                            TupleType, Type, is_float_tree, substitute_dims, type_dims)
 
 from .rewrite import dce_function, map_ops, region_uses
 
@@ -372,8 +372,6 @@ def _check_export(module: Module, export: Export, diags: Diagnostics) -> Export 
                     f"'{clash.name}' has a parameter 'lr'; write lr=VALUE or rename it",
                     export.fn_span)
         return None
-    if _tree_unsupported(export, [f for f in (fn, outer) if f is not None], diags):
-        return None
     if t.compose is not None:  # the compose pass checks both functions and wrt
         return export if outer is None or not _broken(outer) else None
     r = fn.result_type
@@ -402,28 +400,6 @@ def _check_export(module: Module, export: Export, diags: Diagnostics) -> Export 
         t = replace(t, wrt=tuple(n for n, _ in wrt), wrt_spans=tuple(s for _, s in wrt))
         export = replace(export, transform=t)
     return export
-
-
-_TREE_ALTERNATIVE = "spell the parameters as tensors or a struct"
-
-
-def _tree_unsupported(export: Export, fns: list[Function], diags: Diagnostics) -> bool:
-    """An export form that does not take a tree parameter yet is an error (True) where written:
-    `minimize`, `compose`."""
-    t = export.transform
-    tree = next(((p, f) for f in fns for p in f.params if isinstance(p.value.type, TreeType)), None)
-    if tree is None:
-        return False
-    if t.compose is not None:
-        form, span, hint = "compose", t.compose.span, _TREE_ALTERNATIVE
-    elif t.kind == "minimize":
-        form, span, hint = "minimize", export.fn_span, _TREE_ALTERNATIVE
-    else:
-        return False
-    (p, f) = tree
-    diags.error(f"{form} is not yet supported with a tree parameter ('{p.name}' of '{f.name}'): "
-                f"{hint}", span or export.fn_span)
-    return True
 
 
 def _reject_recursion(module: Module, diags: Diagnostics) -> Module:

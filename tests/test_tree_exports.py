@@ -2,7 +2,8 @@
 an inner problem over a tree (`argmin v: tree`) against the ridge problem's closed form and
 reverse mode through a hand-written JAX loop on the same tree; `by=eggroll` (low-rank noise on
 each 2-D leaf) unbiased on a quadratic; `by=dp` against DP-SGD written directly in JAX with the
-same key; what `explain` says of each."""
+same key; what `explain` says of each; `minimize` against MGDA's closed form over every leaf;
+`compose` against the same export with the tree spelled as a struct."""
 
 from __future__ import annotations
 
@@ -300,3 +301,94 @@ def test_explain_says_why_a_tree_gets_per_example_gradients():
             "leaves are known only at run time): passed to jax fn 'net' in loss (dp.grad:5), "
             "whose matmuls the compiler cannot see (no ghost clipping through it)\n") in text
     assert "    head.w  ghost (linear layer)  x @ w in loss (dp.grad:5)\n" in text
+
+
+# ---- minimize and compose
+
+MULTI = """
+jax fn net(p: tree, x: f32[B, D]) -> f32[B]
+fn fit(p: tree, x: f32[B, D], y: f32[B]) -> f32 { return mean((net(p, x) - y) ^ 2) }
+fn small(p: tree, x: f32[B, D], y: f32[B]) -> f32 { return sum_squares(p) }
+export mgda = minimize([fit, small], wrt=[p], by=mgda)
+export weighted = minimize([fit, small], wrt=[p], by=weights(1.0, 0.5))
+"""
+
+
+def multi_net(p, x):
+    return jnp.tanh(x @ p["w"] + p["b"][0])
+
+
+def multi_loss(p, x, y):
+    return jnp.mean((multi_net(p, x) - y) ** 2)
+
+
+def test_minimize_combines_the_gradients_of_a_tree_over_all_its_leaves():
+    """mgda of two objectives is the closed form c g1 + (1 - c) g2 with c = clip(<g2 - g1, g2>
+    / |g1 - g2|^2, 0, 1), the inner products over every leaf; weights(1, 0.5) is g1 + 0.5 g2.
+    Tolerance: both float32; a gradient (a product over D = 3, tanh, the mean over B = 8:
+    ~20 roundings), the Gram matrix's sums over the 4 entries and the closed form's few
+    operations, amplified by |g| / |g1 - g2| (about 2 here) through c."""
+    rng = np.random.default_rng(2)
+    p = {"w": rng.normal(size=3).astype(np.float32), "b": (np.float32(0.3) * np.ones((), np.float32),)}
+    x = rng.normal(size=(8, 3)).astype(np.float32)
+    y = rng.normal(size=8).astype(np.float32)
+    m = gradlang.compile_source(MULTI, functions={"net": multi_net})
+    g1 = jax.grad(multi_loss)(p, x, y)
+    g2 = jax.tree.map(lambda a: 2 * a, p)
+    a, b = leaves(g1).astype(np.float64), leaves(g2).astype(np.float64)
+    c = float(np.clip((b - a) @ b / ((a - b) @ (a - b)), 0.0, 1.0))
+    assert 0.05 < c < 0.95  # the interior of the segment: neither gradient alone
+    values, direction, weights = m.mgda(p, x, y)
+    assert jax.tree.structure(direction["p"]) == jax.tree.structure(p)
+    assert_close(weights, np.array([c, 1 - c]), ops=2 * 2 * (20 + 4 + 8), scale=1.0)
+    assert_close(direction["p"], jax.tree.map(lambda u, v: c * u + (1 - c) * v, g1, g2),
+                 ops=2 * 2 * (20 + 4 + 8))
+    values, direction, _ = m.weighted(p, x, y)
+    assert_close(values, np.array([multi_loss(p, x, y), float(leaves(p) @ leaves(p))]), ops=2 * 20)
+    assert_close(direction["p"], jax.tree.map(lambda u, v: u + 0.5 * v, g1, g2), ops=2 * 22)
+
+
+COMPOSED = """
+struct P { w: f32[D] }
+jax fn net(p: tree, x: f32[B, D]) -> f32[B]
+jax fn net_s(p: P, x: f32[B, D]) -> f32[B]
+fn g(p: tree, x: f32[B, D]) -> f32 {
+  z ~ Normal(0.0, 1.0)
+  return mean(net(p, x)) * (1.0 + z)
+}
+fn g_s(p: P, x: f32[B, D]) -> f32 {
+  z ~ Normal(0.0, 1.0)
+  return mean(net_s(p, x)) * (1.0 + z)
+}
+fn square(u: f32, p: tree, x: f32[B, D]) -> f32 { return u * u + 0.1 * sum_squares(p) }
+fn square_s(u: f32, p: P, x: f32[B, D]) -> f32 { return u * u + 0.1 * sum_squares(p) }
+export scgd = value_and_grad(compose(square, expect(g, samples=4), by=scgd(beta=0.1)), wrt=[p])
+export scgd_s = value_and_grad(compose(square_s, expect(g_s, samples=4), by=scgd(beta=0.1)), wrt=[p])
+export plugin = grad(compose(square, expect(g, samples=4), by=plugin), wrt=[p])
+export plugin_s = grad(compose(square_s, expect(g_s, samples=4), by=plugin), wrt=[p])
+"""
+
+
+def test_compose_with_a_tree_is_the_struct_form_with_the_same_draws():
+    """The tree {'w': w} and the struct P { w } are the same parameters: with the same keys
+    (the draws do not depend on the parameters' form) both estimators give the same values,
+    gradients and scgd state over three calls. Tolerance as tests/test_compose.py's SRC_OPS
+    (a mean of 4 samples, the square and its derivative, the moving average) plus the
+    network's product over D = 3 and tanh, the mean over B = 5 and the decay term: ~30 a
+    side."""
+    rng = np.random.default_rng(4)
+    w = rng.normal(size=3).astype(np.float32)
+    x = rng.normal(size=(5, 3)).astype(np.float32)
+
+    def net(p, x):
+        return jnp.tanh(x @ p["w"])
+
+    m = gradlang.compile_source(COMPOSED, functions={"net": net, "net_s": net})
+    state = state_s = (np.float32(0.0), np.float32(0.0))
+    for i in range(3):
+        key = jax.random.key(i)
+        value, grads, state = m.scgd({"w": w}, x, state, key)
+        want_value, want, state_s = m.scgd_s({"w": w}, x, state_s, key)
+        assert_close((value, grads, state), (want_value, want, state_s), ops=60)
+        assert_close(m.plugin({"w": w}, x, key), m.plugin_s({"w": w}, x, key), ops=60)
+    assert float(state[1]) == 3  # the calls counted: the state was threaded

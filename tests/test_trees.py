@@ -6,8 +6,8 @@ Gradients through a Flax model's `params` and a plain nested tree match `jax.gra
 Python code; value_and_grad, expect (score function and pathwise draws), descend, by=spsa|es,
 checkpoint, jax.jit and jax.vmap take trees; an artifact records the tree's structure and runs
 in a fresh process without the function; every bad tree is an ArgumentError naming the
-argument and the leaf. Type errors and the export forms that do not take trees yet are in the
-diagnostics corpus (tests/diagnostics/tree_misuse.grad, tree_exports.grad)."""
+argument and the leaf. Type errors are in the diagnostics corpus (tests/diagnostics/
+tree_misuse.grad); the other export forms with a tree are in tests/test_tree_exports.py."""
 
 from __future__ import annotations
 
