@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -292,21 +292,42 @@ def _check(t: Type, x: Any, dims: dict[str, int], where: str, path: tuple,
             _check_range(t, x, where)
             ranged.append((path, t, where))
     elif isinstance(t, StructType):
-        if not isinstance(x, Mapping):
-            raise ArgumentError(f"{where}: expected a dict for struct {t.name}, got {type(x).__name__}")
+        fields = _fields(x)
+        if fields is None:
+            raise ArgumentError(f"{where}: expected a dict for struct {t.name} (or a NamedTuple "
+                                f"or dataclass with its fields), got {type(x).__name__}")
         names = [n for n, _ in t.fields]
-        missing = [n for n in names if n not in x]
-        extra = [k for k in x if k not in names]
+        missing = [n for n in names if n not in fields]
+        extra = [k for k in fields if k not in names]
         if missing or extra:
-            raise ArgumentError(f"{where}: struct {t.name} needs keys {names}; "
+            what = "keys" if isinstance(x, Mapping) else f"fields (a {type(x).__name__})"
+            raise ArgumentError(f"{where}: struct {t.name} needs {what} {names}; "
                                 + (f"missing {missing}" if missing else f"unexpected {extra}"))
         for n, f in t.fields:
-            _check(f, x[n], dims, f"{where}.{n}", (*path, n), ranged)
+            _check(f, fields[n], dims, f"{where}.{n}", (*path, n), ranged)
     elif isinstance(t, TupleType):
         if not isinstance(x, Sequence) or len(x) != len(t.elems):
             raise ArgumentError(f"{where}: expected a tuple of {len(t.elems)} values")
         for i, (e, v) in enumerate(zip(t.elems, x)):
             _check(e, v, dims, f"{where}[{i}]", (*path, i), ranged)
+
+
+def _fields(x: Any) -> Mapping[str, Any] | None:
+    """A struct argument's fields by name: a mapping's items, a NamedTuple's or a dataclass's
+    fields (a Flax struct, an Equinox module, a `jax.tree_util.register_dataclass`); None for
+    anything else."""
+    if isinstance(x, Mapping):
+        return x
+    if isinstance(x, tuple) and hasattr(x, "_fields"):
+        return x._asdict()
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return {f.name: getattr(x, f.name) for f in dataclasses.fields(x)}
+    return None
+
+
+def _item(x: Any, k: str | int) -> Any:
+    """x's field `k` (a struct's, see `_fields`) or element `k`."""
+    return _fields(x)[k] if isinstance(k, str) else x[k]
 
 
 def _cast(t: Type, x: Any) -> Any:
@@ -319,8 +340,9 @@ def _cast(t: Type, x: Any) -> Any:
         if t.layout is None:
             return jax.tree.map(jax.numpy.asarray, x)
         return jax.tree.map(lambda a, s: jax.numpy.asarray(a, s.dtype), x, spec(t, {}))
-    if isinstance(t, StructType):
-        return {n: _cast(f, x[n]) for n, f in t.fields}
+    if isinstance(t, StructType):  # a dict, whatever holds the fields
+        fields = _fields(x)
+        return {n: _cast(f, fields[n]) for n, f in t.fields}
     return tuple(_cast(e, v) for e, v in zip(t.elems, x))
 
 
@@ -350,11 +372,13 @@ def _layout(args: tuple) -> tuple | None:
 
 
 class CompiledFunction:
-    """A compiled export: call it with positional or keyword arguments (structs as dicts).
+    """A compiled export: call it with positional or keyword arguments (structs as dicts, or
+    NamedTuples or dataclasses with the struct's fields).
 
     A `grad` export returns a dict of gradients keyed by the `wrt` names; `value_and_grad`
     returns `(value, grads)`; `descend` returns the updated `wrt` parameters in the same dict
-    and consumes (donates) the arrays passed for them. Composes with `jax.jit` and `jax.vmap`.
+    and consumes (donates) the arrays passed for them. A struct in a result is a dict (a tree
+    keeps its structure). Composes with `jax.jit` and `jax.vmap`.
     """
 
     def __init__(self, signature: Signature, fn: Callable):
@@ -402,7 +426,7 @@ class CompiledFunction:
                     self._checked[key] = ranged
             else:
                 for path, t, where in ranged:
-                    _check_range(t, functools.reduce(operator.getitem, path, args), where)
+                    _check_range(t, functools.reduce(_item, path, args), where)
             return self._fn(*args)
         return self._fn(*self.bind(args, kwargs))
 

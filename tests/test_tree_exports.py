@@ -7,6 +7,7 @@ same key; what `explain` says of each; `minimize` against MGDA's closed form ove
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -392,3 +393,70 @@ def test_compose_with_a_tree_is_the_struct_form_with_the_same_draws():
         assert_close((value, grads, state), (want_value, want, state_s), ops=60)
         assert_close(m.plugin({"w": w}, x, key), m.plugin_s({"w": w}, x, key), ops=60)
     assert float(state[1]) == 3  # the calls counted: the state was threaded
+
+
+# ---- structs from NamedTuples and dataclasses
+
+STRUCTS = """
+struct Layer { w: f32[D, H], b: f32[H] }
+struct Net { first: Layer, scale: f32 }
+struct Config { steps: i32 }
+fn loss(n: Net, c: Config, x: f32[B, D]) -> f32 {
+  return sum(tanh(x @ n.first.w + n.first.b)) * n.scale * f32(c.steps)
+}
+export g = grad(loss, wrt=[n])
+export step = descend(loss, wrt=[n], lr=0.1)
+"""
+
+
+class LayerTuple(NamedTuple):
+    w: np.ndarray
+    b: np.ndarray
+
+
+class Short(NamedTuple):
+    w: np.ndarray
+
+
+class Config(NamedTuple):
+    steps: int
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class NetData:
+    first: LayerTuple
+    scale: np.ndarray
+
+
+def test_a_struct_argument_may_be_a_named_tuple_or_a_dataclass_its_results_are_dicts():
+    """A dataclass holding a NamedTuple computes what the dicts with the same fields do, bit
+    for bit (the same program on the same arrays); gradients and descend's update are dicts.
+    A Python int in a NamedTuple's field is range-checked on every call, as in a dict's."""
+    rng = np.random.default_rng(6)
+    w, b = rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=4).astype(np.float32)
+    x = rng.normal(size=(2, 3)).astype(np.float32)
+    m = gradlang.compile_source(STRUCTS)
+    want = m.g({"first": {"w": w, "b": b}, "scale": np.float32(0.5)}, {"steps": 3}, x)
+    for given in (NetData(LayerTuple(w, b), np.float32(0.5)),
+                  {"first": LayerTuple(w, b), "scale": np.float32(0.5)}):
+        got = m.g(given, Config(3), x)
+        assert jax.tree.structure(got) == jax.tree.structure(want)  # dicts
+        for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(a, e)
+        assert jax.jit(m.g)(given, Config(3), x)["n"]["first"]["w"].shape == (3, 4)
+    with pytest.raises(gradlang.ArgumentError) as info:  # the same layout: the fast path
+        m.g(NetData(LayerTuple(w, b), np.float32(0.5)), Config(2 ** 40), x)
+    assert str(info.value).startswith("g(): argument 'c'.steps: expected i32, got int "
+                                      "1099511627776, outside the i32 range")
+    stepped = m.step(NetData(LayerTuple(jnp.array(w), jnp.array(b)), jnp.float32(0.5)),
+                     Config(3), x)
+    assert set(stepped["n"]) == {"first", "scale"} and set(stepped["n"]["first"]) == {"w", "b"}
+    with pytest.raises(gradlang.ArgumentError) as info:
+        m.g({"first": (w, b), "scale": np.float32(0.5)}, Config(3), x)
+    assert str(info.value) == ("g(): argument 'n'.first: expected a dict for struct Layer (or a "
+                               "NamedTuple or dataclass with its fields), got tuple")
+    with pytest.raises(gradlang.ArgumentError) as info:
+        m.g({"first": Short(w), "scale": np.float32(0.5)}, Config(3), x)
+    assert str(info.value) == ("g(): argument 'n'.first: struct Layer needs fields (a Short) "
+                               "['w', 'b']; missing ['b']")
