@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from gradlang.ops import Annotation
 from gradlang.options import OptionError, chosen, option
 
-from .solvers import SOLVERS, Problem, Solver, State, fresh, krylov, multipliers, run, start
+from .solvers import SOLVERS, Opaque, Problem, Solver, State, fresh, krylov, multipliers, run, start
 
 Array = jax.Array
 Solve = Callable[[tuple, tuple, Array], tuple]
@@ -48,13 +48,14 @@ Solve = Callable[[tuple, tuple, Array], tuple]
 @dataclass(frozen=True)
 class Inner:
     """One inner problem at run time: its solver, objective and constraints (None when
-    unconstrained) on the flat variable, and whether the solve reports its residual (one more
-    gradient evaluation)."""
+    unconstrained) on the flat variable, whether the solve reports its residual (one more
+    gradient evaluation), and the jax fns its objective calls (None: none)."""
 
     solver: Solver
     objective: Callable
     constraints: Callable | None
     report: bool
+    opaque: Opaque | None = None
 
     def problem(self, thetas: tuple, fixed: tuple, shift: Array | None = None) -> Problem:
         """The problem at thetas, its objective plus shift . x when a shift is given."""
@@ -63,7 +64,7 @@ class Inner:
             return value if shift is None else value + jnp.vdot(shift, x)
 
         c = None if self.constraints is None else (lambda x: self.constraints(x, thetas, fixed))
-        return Problem(f, c, self.solver)
+        return Problem(f, c, self.solver, self.opaque)
 
     def forward(self, thetas: tuple, fixed: tuple, x0: Array, last: int = 0) -> State:
         """The solve; with last > 0, reverse mode sees only its last `last` steps."""
@@ -201,6 +202,10 @@ class Implicit(CustomBackward):
             hu = jax.jvp(lambda w: grad_x(w, thetas, fixed), (x,), (free * u,))[1]
             return free * hu + (1 - free) * u + self.damping * u
 
+        if inner.opaque is not None:
+            inner.opaque.check(matvec, g, "implicit differentiation's linear solve",
+                               "write 'with value_function' (first order) after the solver, "
+                               "or 'with unrolled' for a solver without line search")
         u = self.adjoint(matvec, free * g, inner.solver.lr)
         (theta_bar,) = jax.vjp(lambda th: grad_x(x, th, fixed), thetas)[1](u)
         return jax.tree.map(jnp.negative, theta_bar)

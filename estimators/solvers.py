@@ -28,6 +28,7 @@ from jax import lax
 
 from gradlang.ops import Annotation
 from gradlang.options import OptionError, chosen, option
+from gradlang.runtime.jax_functions import JaxFunctionError
 
 Array = jax.Array
 
@@ -184,6 +185,9 @@ class NewtonCg(Solver):
         def hvp(u):
             return jax.jvp(jax.grad(p.f), (x,), (u,))[1]
 
+        if p.opaque is not None:
+            p.opaque.check(hvp, g, "the newton_cg solver's Newton steps",
+                           "use a first-order solver (gd, momentum, adam, lbfgs)")
         return backtracking(p, x, g, -krylov("cg", hvp, g, self.iters, 0.0)), aux
 
 
@@ -246,13 +250,54 @@ def solver_of(a: Annotation, constrained: bool) -> Solver:
 
 
 @dataclass(frozen=True)
+class Opaque:
+    """The `jax fn`s an inner objective calls (`names`, not empty) and where the problem is
+    written (`file:line:col`): their derivatives are JAX's, and one with only a custom VJP has
+    no forward mode, which Hessian-vector products take."""
+
+    names: tuple[str, ...]
+    where: str
+
+    def check(self, hvp: Callable[[Array], Array], u: Array, needs: str, instead: str) -> None:
+        """Raise JaxFunctionError, naming the functions, `needs` (what takes the products)
+        and `instead` (what to write), when the Hessian-vector product `hvp` at u takes the
+        forward mode of a custom_vjp function. JAX records that in the traced computation (a
+        `custom_lin` equation, the function's linearization, under jvp) and raises only when
+        it is compiled, with no word of which function; a trace of the product finds it
+        here."""
+        if not _custom_lin(jax.make_jaxpr(hvp)(u).jaxpr):
+            return
+        which = (f"jax fn '{self.names[0]}'" if len(self.names) == 1 else
+                 f"one of the jax fns it calls ({', '.join(repr(n) for n in self.names)})")
+        raise JaxFunctionError(
+            f"{which} has a custom VJP and no forward-mode derivative, but the inner problem at "
+            f"{self.where} takes Hessian-vector products through it ({needs}): {instead}, or "
+            f"give the function a jax.custom_jvp")
+
+
+def _custom_lin(jaxpr) -> bool:
+    """The jaxpr (or one nested in it: a loop's body, a branch) holds a `custom_lin`
+    equation: a custom_vjp function's linearization, which has no forward-mode rule."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "custom_lin":
+            return True
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns") and _custom_lin(inner):
+                    return True
+    return False
+
+
+@dataclass(frozen=True)
 class Problem:
     """An inner problem on a flat variable: objective, constraints (c <= 0, flat; None when
-    unconstrained) and its solver."""
+    unconstrained) and its solver; `opaque`: the jax fns its objective calls (None: none)."""
 
     f: Callable[[Array], Array]
     c: Callable[[Array], Array] | None
     solver: Solver
+    opaque: Opaque | None = None
 
     def lagrangian_grad(self, x: Array, lam: Array) -> Array:
         g = jax.grad(self.f)(x)

@@ -4,8 +4,10 @@ The first region computes the objective f(v, theta) from the inner variable v (i
 and the float values it uses from outside (theta; the others, integers, are held fixed); an
 optional second region computes the `subject to` constraints (each <= 0). The op's solver and
 hypergradient method (`estimators.solvers`, `estimators.hypergrads`) build the solver loop and
-its hypergradient. The op has one result (the solution) or two (and the solver's report: final
-residual and steps taken).
+its hypergradient. The op has one result (the solution, in the structure of its start value: a
+tensor, a struct or a tree) or two (and the solver's report: final residual and steps taken).
+The jax fns the problem calls go with it (`Opaque`), so that Hessian-vector products through one
+that has no forward mode are an error naming it.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from gradlang.estimators.hypergrads import Inner, method_of
-from gradlang.estimators.solvers import solver_of
-from gradlang.ir import Op, Region, free_values
+from gradlang.estimators.solvers import Opaque, solver_of
+from gradlang.ir import Op, Region, free_values, jax_functions_of, walk
 
 
 def _argmin(ctx, op: Op, init):
@@ -49,7 +51,8 @@ def _argmin(ctx, op: Op, init):
     constrained = len(op.regions) > 1
     solver = solver_of(p.solver, constrained)
     solve = method_of(p.hyper, solver, constrained).build(
-        Inner(solver, objective, constraints if constrained else None, len(op.results) > 1))
+        Inner(solver, objective, constraints if constrained else None, len(op.results) > 1,
+              _opaque(ctx, op)))
     # the other leaves (integers: a loop index, a report's steps) are arguments too, never
     # closed over: the backward pass is traced outside the region that made them
     x, residual, steps = solve(tuple(leaf for leaf, t in zip(leaves, is_theta) if t),
@@ -57,6 +60,16 @@ def _argmin(ctx, op: Op, init):
     if len(op.results) == 1:
         return unravel(x)
     return unravel(x), {"residual": residual, "steps": steps}
+
+
+def _opaque(ctx, op: Op) -> Opaque | None:
+    """The jax fns the problem's objective and constraints call, directly or not (None if
+    none)."""
+    callees = [o.params.callee for r in op.regions for o in walk(r)
+               if o.name in ("call_fn", "inline", "map_leaves")]
+    module = ctx.lowering.module
+    names = tuple(dict.fromkeys(j for c in callees for j in jax_functions_of(module, c)))
+    return Opaque(names, f"{ctx.file}:{op.span.line}:{op.span.col}") if names else None
 
 
 ARGMIN_LOWERINGS = {"argmin": _argmin}

@@ -460,3 +460,58 @@ def test_a_struct_argument_may_be_a_named_tuple_or_a_dataclass_its_results_are_d
         m.g({"first": Short(w), "scale": np.float32(0.5)}, Config(3), x)
     assert str(info.value) == ("g(): argument 'n'.first: struct Layer needs fields (a Short) "
                                "['w', 'b']; missing ['b']")
+
+
+# ---- forward mode through a jax fn that has only a custom VJP
+
+
+@jax.custom_vjp
+def lin_vjp(p, x):
+    """`lin` with a hand-written backward and, as a custom_vjp, no forward-mode derivative."""
+    return lin(p, x)
+
+
+def _lin_fwd(p, x):
+    """As JAX's documentation writes it: the custom_vjp function itself, called under the
+    outer jvp of a Hessian-vector product, has no forward-mode rule."""
+    return lin_vjp(p, x), (p, x)
+
+
+def _lin_bwd(saved, g):
+    p, x = saved
+    return jax.vjp(lin, p, x)[1](g)
+
+
+lin_vjp.defvjp(_lin_fwd, _lin_bwd)
+
+
+@pytest.mark.parametrize("solver, method, needs, instead", [
+    ("gd(steps=300, lr=0.3)", "", "implicit differentiation's linear solve",
+     "write 'with value_function' (first order) after the solver, or 'with unrolled' for a "
+     "solver without line search"),
+    ("newton_cg(steps=5)", "with value_function", "the newton_cg solver's Newton steps",
+     "use a first-order solver (gd, momentum, adam, lbfgs)")])
+def test_forward_mode_through_a_custom_vjp_function_is_an_error_naming_it(solver, method, needs,
+                                                                           instead):
+    """JAX would raise "can't apply forward-mode autodiff (jvp) to a custom_vjp function" only
+    when compiling, naming nothing; the export's first call says which function, which
+    problem, why and what to write instead."""
+    source = RIDGE.replace("SOLVER", solver).replace("METHOD", method)
+    m = gradlang.compile_source(source, "ridge.grad", functions={"lin": lin_vjp})
+    with pytest.raises(gradlang.JaxFunctionError) as info:
+        m.g(P0, ARGS[0], X, Y, XV, YV)
+    assert str(info.value) == (
+        f"jax fn 'lin' has a custom VJP and no forward-mode derivative, but the inner problem "
+        f"at ridge.grad:4:10 takes Hessian-vector products through it ({needs}): {instead}, "
+        f"or give the function a jax.custom_jvp")
+
+
+def test_reverse_mode_through_a_custom_vjp_function_is_fine():
+    """unrolled needs no forward mode: the hypergradient through the custom VJP is the ridge
+    closed form's (the tolerance as for the plain function)."""
+    m = gradlang.compile_source(RIDGE.replace("SOLVER", "gd(steps=300, lr=0.3)")
+                                .replace("METHOD", "with unrolled"), functions={"lin": lin_vjp})
+    value, grads = m.g(P0, *ARGS)
+    want_value, want_grad = jax.value_and_grad(ridge_closed_form)(ARGS[0])
+    assert_close(value, want_value, ops=RIDGE_OPS)
+    assert_close(grads["lam"], want_grad, ops=RIDGE_OPS)
