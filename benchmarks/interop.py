@@ -1,8 +1,11 @@
 """Interop: a training step through gradlang around a Flax model against the same in JAX + optax.
 
-    python benchmarks/interop.py [--quick] [--rounds 300] [--calls 5] [--json out.json]
+    python benchmarks/interop.py [--quick] [--sections step,vae] [--rounds 300] [--calls 5]
+                                 [--var-keys 200] [--json out.json]
 
-Needs flax (`pip install -e '.[models]'`). Two Flax linen classifiers, float32, fixed seeds:
+Needs flax (`pip install -e '.[models]'`); the `vae` section also NumPyro (`.[bench]`).
+
+1. `step`. Two Flax linen classifiers, float32, fixed seeds:
 
 - `mlp`: Dense(512) - ReLU - Dense(512) - ReLU - Dense(10) on [B=256, 784] inputs;
 - `cnn`: Conv 3x3 (16) - ReLU - avg pool 2 - Conv 3x3 (32) - ReLU - avg pool 2 - Dense(10) on
@@ -27,14 +30,39 @@ same instructions (each instruction's opcode, shape and attributes, computations
 counted; names, operand identities, scheduling order and source metadata aside) and their
 instruction counts; and the largest difference of the two steps' losses and new parameters.
 The issue's target: time ratio <= 1.02 and the same compiled memory.
+
+2. `vae`: the discrete VAE of examples/flax_vae (its Flax `Encoder` and `Decoder` bound to
+   vae.grad's `jax fn`s, their params `tree`s) against NumPyro `TraceGraph_ELBO` on the same
+   networks: benchmarks/vi.py's categorical VAE (B=128 binarized digits, D=64, H=128, L=4
+   latents x C=10 classes, its fixed-seed untrained weights, laid out as the Flax modules'
+   kernels by examples/flax_vae's `as_flax`: the same functions), S=4 samples per step, loss and
+   gradients without an optimizer update. vi.py's helpers set NumPyro up (`numpyro_discrete`:
+   Categorical class indices one-hot encoded by the decoder) and vmap a gradlang export over
+   the data points (`per_point`: a batch of one each, one key each, per-data-point credit as
+   NumPyro's plate gives). vi.py's caveat holds: NumPyro 0.22's TraceGraph_ELBO has no
+   baseline and estimates the KL by Monte Carlo at the draw, so only the LIKE-FOR-LIKE rows
+   (its estimator compiled by gradlang: `with score(baseline=none)`, the KL by Monte Carlo)
+   compare the libraries; the automatic rows (vae.grad's `step`: score function, leave-one-out
+   baseline, closed-form KL) compare gradlang's default estimator with NumPyro's only one. Each
+   estimator runs twice, its networks as `jax fn`s (Flax) and written in `.grad` (vi.py's
+   vi_models/estimators_categorical*.grad), so that each pair's time ratio is the cost of the
+   `jax fn`; both of a pair draw the same latents for a key, and their losses and gradients at
+   one key are compared (largest difference relative to the largest entry). Reported: time
+   per step (interleaved, as above, against NumPyro), the encoder gradient's total variance
+   (sum over coordinates, `--var-keys` keys, vi.py's `moments`) and variance x time, each
+   against NumPyro's. As vi.py does, the section sets `jax_threefry_partitionable=False` (with
+   JAX's default, the [S, L, B, C] draws compile 20-30 s per step on CPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import re
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +78,8 @@ except ImportError as e:  # pragma: no cover - the models extra installs it
     raise SystemExit("this benchmark needs flax: pip install -e '.[models]'") from e
 
 GRADLANG, HAND = "gradlang (jax fn)", "hand-written JAX + optax"
+SECTIONS = ("step", "vae")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class MLP(nn.Module):
@@ -223,21 +253,163 @@ def report(rows: list[dict]) -> None:
               f"max |new params difference| {r['params_max_abs_diff']:.1e}")
 
 
+# ----------------------------------------------------------------------------- 2. discrete VAE
+
+VAE_S = 4  # samples per step: vae.grad's and vi_models/estimators_categorical*.grad's
+NUMPYRO_ROW = f"NumPyro TraceGraph_ELBO, S={VAE_S}"
+LIKE_FOR_LIKE_JAX = "like for like: score(baseline=none), Monte Carlo KL; Flax jax fn"
+LIKE_FOR_LIKE_GRAD = "like for like: score(baseline=none), Monte Carlo KL; .grad networks"
+AUTO_JAX = "automatic: score + leave-one-out, closed-form KL; Flax jax fn (vae.grad)"
+AUTO_GRAD = "automatic: score + leave-one-out, closed-form KL; .grad networks"
+PAIRS = ((LIKE_FOR_LIKE_JAX, LIKE_FOR_LIKE_GRAD), (AUTO_JAX, AUTO_GRAD))
+
+LIKE_FOR_LIKE_SRC = f"""
+# vae.grad (examples/flax_vae) with NumPyro TraceGraph_ELBO's estimator: no baseline, the KL by
+# Monte Carlo at the draw (log q(z|x) - log p(z), the uniform prior; its logits are written
+# 0 * q because C, a dim only the encoder's result has, cannot be named in an expression).
+use std.vi
+
+jax fn encoder(p: tree, x: f32[B, D]) -> f32[L, B, C]
+jax fn decoder(p: tree, z: f32[L, B, C]) -> f32[B, D]
+
+fn neg_elbo(enc: tree, dec: tree, x: f32[B, D]) -> f32 {{
+  let q = encoder(enc, x)
+  z ~ OneHotCategorical(logits=q) with score(baseline=none)
+  let log_q = sum(log_prob(OneHotCategorical(logits=q), z), axis=0)
+  let log_p = sum(log_prob(OneHotCategorical(logits=0.0 * q), z), axis=0)
+  return -mean(bernoulli_log_lik(decoder(dec, z), x) + log_p - log_q)
+}}
+
+export step = value_and_grad(expect(neg_elbo, samples={VAE_S}), wrt=[enc, dec])
+"""
+
+
+def vae_steps(x) -> tuple[dict, dict]:
+    """The section's jitted steps, each `(key) -> (loss, {"enc", "dec"} gradients)` on its own
+    device-resident parameters and the batch x (NumPyro and the .grad networks in vi.py's
+    layout, the Flax networks in theirs), and the largest relative difference of each pair's
+    loss and gradients at one key."""
+    import gradlang
+    from vi import MODELS, init_discrete, numpyro_discrete, per_point
+
+    sys.path.insert(0, str(ROOT / "examples" / "flax_vae"))
+    from vae import Decoder, Encoder, as_flax  # examples/ is not a package
+
+    enc, dec = init_discrete(x)
+    latents, hidden, classes = enc["w"].shape
+    encoder, decoder = Encoder(latents, classes, hidden), Decoder(x.shape[1], hidden)
+    functions = {"encoder": lambda p, v: encoder.apply({"params": p}, v),
+                 "decoder": lambda p, z: decoder.apply({"params": p}, z)}
+    flax_vae = gradlang.compile_file(ROOT / "examples" / "flax_vae" / "vae.grad", strict=True,
+                                     functions=functions)
+    like = gradlang.compile_source(LIKE_FOR_LIKE_SRC, "like_for_like.grad", strict=True,
+                                   functions=functions)
+    in_grad = {src: gradlang.compile_file(MODELS / f"estimators_categorical{src}.grad")
+               for src in ("", "_mc")}
+
+    def point_credit(step):  # vmapped over the data points, as vi.py's discrete section
+        call = per_point(step, None)
+        return jax.jit(lambda enc, dec, x, key: call(enc, dec, x, key, ())[:2])
+
+    grad_args = jax.device_put((enc, dec, x))
+    flax_args = jax.device_put((*as_flax(enc, dec), x))
+    steps = {NUMPYRO_ROW: (numpyro_discrete(VAE_S)[0], grad_args),
+             LIKE_FOR_LIKE_JAX: (point_credit(like.step), flax_args),
+             LIKE_FOR_LIKE_GRAD: (point_credit(in_grad["_mc"].step), grad_args),
+             AUTO_JAX: (point_credit(flax_vae.step), flax_args),
+             AUTO_GRAD: (point_credit(in_grad[""].step), grad_args)}
+    bound = {name: functools.partial(f, *args) for name, (f, args) in steps.items()}
+    key = jax.random.key(7)
+    agreement = {}
+    for jax_fn, in_grad_row in PAIRS:
+        (v1, g1), (v2, g2) = bound[jax_fn](key), bound[in_grad_row](key)
+        g2 = dict(zip(("enc", "dec"), as_flax(g2["enc"], g2["dec"])))
+        agreement[jax_fn] = {"loss": abs(float(v1) - float(v2)) / abs(float(v2)), **{
+            part: max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+                      for a, b in zip(jax.tree.leaves(g1[part]), jax.tree.leaves(g2[part])))
+            for part in ("enc", "dec")}}
+    return bound, agreement
+
+
+def run_vae(a) -> dict:
+    """Section 2: time, encoder-gradient variance and variance x time of each step against
+    NumPyro's."""
+    try:
+        import numpyro
+    except ImportError as e:  # pragma: no cover - the bench extra installs it
+        raise SystemExit("the vae section needs NumPyro: pip install -e '.[bench]'") from e
+    from vi import load_data, moments
+
+    jax.config.update("jax_threefry_partitionable", False)
+    x, data = load_data()
+    bound, agreement = vae_steps(x)
+    times = interleaved(bound, (jax.random.key(0),), NUMPYRO_ROW, a.rounds, a.calls, a.warmup)
+    rows = {}
+    for i, (name, step) in enumerate(bound.items()):
+        s = moments(step, (), a.var_keys, seed=3000 + i)
+        var = float(np.sum(s["enc_var"]))
+        rows[name] = {**times[name], "enc_grad_total_var": var, "var_x_time": var * times[name]["median_s"],
+                      "loss_mean": s["loss_mean"], "loss_se": s["loss_se"]}
+    ref = rows[NUMPYRO_ROW]
+    for r in rows.values():
+        r["var_vs_numpyro"] = r["enc_grad_total_var"] / ref["enc_grad_total_var"]
+        r["var_x_time_vs_numpyro"] = r["var_x_time"] / ref["var_x_time"]
+    return {"numpyro": numpyro.__version__, "data": data, "batch": int(x.shape[0]),
+            "samples": VAE_S, "var_keys": a.var_keys, "rows": rows, "pair_agreement": agreement}
+
+
+def report_vae(vae: dict) -> None:
+    print(f"\n## 2. Discrete VAE step, B={vae['batch']}, S={vae['samples']}: Flax networks as jax fns "
+          f"against NumPyro TraceGraph_ELBO (numpyro {vae['numpyro']}; data: {vae['data']})\n")
+    print("| step | ms / step | time / NumPyro (IQR) | encoder grad variance | variance / NumPyro "
+          "| var x time / NumPyro | E[-ELBO] |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, r in vae["rows"].items():
+        print(f"| {name} | {1e3 * r['median_s']:.2f} | {r['median_ratio']:.3f} "
+              f"({r['ratio_p25']:.3f}-{r['ratio_p75']:.3f}) | {r['enc_grad_total_var']:.4g} "
+              f"| {r['var_vs_numpyro']:.3g} | {r['var_x_time_vs_numpyro']:.3g} "
+              f"| {r['loss_mean']:.2f} +- {r['loss_se']:.2f} |")
+    print(f"\n(variance: sum over the encoder's coordinates over {vae['var_keys']} keys, at fixed "
+          f"untrained parameters; var x time: the variance left after averaging estimates for the "
+          f"same compute, lower is better. NumPyro's loss estimates the KL by Monte Carlo, the "
+          f"automatic rows' in closed form: the same expectation.)")
+    rows = vae["rows"]
+    for jax_fn, in_grad in PAIRS:
+        d = vae["pair_agreement"][jax_fn]
+        print(f"{jax_fn.split(';')[0]}: Flax jax fn / .grad networks time "
+              f"{rows[jax_fn]['median_s'] / rows[in_grad]['median_s']:.3f}; at one key, relative "
+              f"differences: loss {d['loss']:.1e}, encoder gradient {d['enc']:.1e}, decoder "
+              f"gradient {d['dec']:.1e}")
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    timing_args(ap, 300, 5, 10, "small models, a few rounds (smoke test)")
+    timing_args(ap, 300, 5, 10, "small models, a few rounds, 20 keys (smoke test)")
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help=f"comma-separated sections to run (default {','.join(SECTIONS)})")
+    ap.add_argument("--var-keys", type=int, default=200,
+                    help="keys for the VAE's gradient variance (default 200)")
     a = parse_timing_args(ap, argv)
+    sections = a.sections.split(",")
+    if unknown := set(sections) - set(SECTIONS):
+        ap.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    if a.quick:
+        a.var_keys = 20
     models = ([("mlp", MLP(64), (32, 64)), ("cnn", CNN(8), (16, 12, 12, 1))] if a.quick else
               [("mlp", MLP(512), (256, 784)), ("cnn", CNN(16), (64, 28, 28, 1))])
     t0 = time.perf_counter()
     info, line = machine()
-    print("# gradlang interop benchmark: a Flax model's training step through a .grad "
-          "objective vs JAX + optax\n")
+    print("# gradlang interop benchmark: Flax models inside .grad objectives\n")
     print(f"{line}; {a.rounds} rounds x {a.calls} calls per arm, {a.warmup} warm-up calls\n")
-    rows = [measure(*m, a) for m in models]
-    report(rows)
-    out = {**info, "rounds": a.rounds, "calls": a.calls, "models": rows,
-           "wall_s": time.perf_counter() - t0}
+    out = {**info, "rounds": a.rounds, "calls": a.calls}
+    if "step" in sections:
+        print("## 1. A Flax model's training step through a .grad objective vs JAX + optax\n")
+        out["models"] = [measure(*m, a) for m in models]
+        report(out["models"])
+    if "vae" in sections:
+        out["vae"] = run_vae(a)
+        report_vae(out["vae"])
+    out["wall_s"] = time.perf_counter() - t0
     print(f"\ntotal wall time {out['wall_s']:.0f} s")
     write_json(out, a.json)
     return out

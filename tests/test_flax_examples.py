@@ -4,6 +4,11 @@
 - examples/flax_qat: a Flax CNN trained through cnn.grad with every kernel quantized to 4 bits
   by `quest(w, 4) with trust`, shortened; it learns, stays near its float32 twin, and its
   deployed kernels lie on QuEST's grid in the Hadamard basis.
+- examples/flax_vae: a discrete VAE whose encoder and decoder are Flax modules (tree params,
+  the draw's estimator automatic), shortened; it learns, and from the `.grad`-only VAE's
+  weights it computes the same gradients and reaches the same ELBO.
+- examples/flax_mezo: MeZO fine-tuning of a Flax character-level LM (tree params), shortened;
+  it lowers the held-out loss; the step's memory target is tracked.
 """
 
 from __future__ import annotations
@@ -71,3 +76,80 @@ def test_every_deployed_kernel_lies_on_the_4bit_quest_grid(flax_qat):
         assert g["max_off_grid"] <= off_grid_tolerance(g["row_length"]), name
         assert -8 <= g["code_min"] and g["code_max"] <= 7, name
         assert g["max_levels_per_row"] <= 16, name
+
+
+def run_example(script: Path, out: Path, *args: str) -> None:
+    proc = subprocess.run([sys.executable, str(script), *args, "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
+# The shortened VAE: 300 steps (seed 0). Measured for seeds 0-4 (2026-12-07, commit a99011b, a
+# 2-core CPU): test ELBO -22.00 to -22.63 nats/image for every arm (-24.4 to -25.0 after 100
+# steps; -45.8 and -45.2 at the start for seed 0, from the shared and Flax's init), the Flax arm
+# from the shared init equal to the .grad-only arm to 0.001 nats, the first gradients' largest
+# relative leaf difference 1.8e-6.
+VAE_STEPS = 300
+MIN_VAE_TEST_ELBO = -24.0
+MAX_VAE_GAP = 0.1
+
+
+def first_gradient_tolerance(d: int = 64, hidden: int = 128, latents: int = 6,
+                             classes: int = 8) -> float:
+    """How far two float32 computations of the same gradient that sum in different orders may
+    differ, relative to a leaf's largest entry: each sum of n terms is off by at most n eps of
+    its terms' magnitudes, and the forward and backward passes each run the network's
+    contractions (D pixels, H hidden units, L C latent classes, H, D) once."""
+    return 2 * (d + hidden + latents * classes + hidden + d) * EPS32
+
+
+@pytest.fixture(scope="module")
+def flax_vae(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("flax_vae")
+    run_example(EXAMPLES / "flax_vae" / "vae.py", out, "--steps", str(VAE_STEPS), "--eval-every", "100")
+    assert (out / "flax_vae_loss.png").stat().st_size > 0
+    return json.loads((out / "flax_vae.json").read_text())
+
+
+def test_the_flax_vae_learns(flax_vae):
+    for arm in ("flax", "flax_init", "grad"):
+        curve = flax_vae["results"][arm]["test_elbo_curve"]
+        assert curve[0][0] == 0 and curve[-1][0] == VAE_STEPS
+        assert flax_vae["results"][arm]["final_test_elbo"] > MIN_VAE_TEST_ELBO > curve[0][1], arm
+
+
+def test_the_flax_vae_is_the_grad_vae(flax_vae):
+    """From the same weights, minibatches and keys, the Flax modules bound as jax fns give the
+    .grad-only VAE's gradients (the same draws), and training reaches its ELBO."""
+    for part, diff in flax_vae["first_gradient_relative_difference"].items():
+        assert diff <= first_gradient_tolerance(), part
+    assert abs(flax_vae["test_elbo_flax"] - flax_vae["test_elbo_grad"]) < MAX_VAE_GAP
+
+
+# The shortened MeZO run: 1000 pretraining steps, 500 fine-tuning steps (seed 0). Measured for
+# seeds 0-4 (2026-12-07, commit a99011b, a 2-core CPU): MeZO lowered the held-out stdlib loss
+# from 2.66-2.72 nats/char by 0.041-0.066, backprop + Adam by 0.49-0.52.
+MEZO_ARGS = ("--steps", "500", "--pretrain-steps", "1000", "--eval-every", "250")
+MIN_MEZO_GAIN = 0.02
+MEMORY_TARGET = 1.1  # the issue's: a MeZO step within 1.1x a forward pass
+
+
+@pytest.fixture(scope="module")
+def flax_mezo(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("flax_mezo")
+    run_example(EXAMPLES / "flax_mezo" / "mezo.py", out, *MEZO_ARGS)
+    assert (out / "flax_mezo_loss.png").stat().st_size > 0
+    return json.loads((out / "flax_mezo.json").read_text())
+
+
+def test_mezo_fine_tuning_lowers_the_held_out_loss(flax_mezo):
+    before = flax_mezo["stdlib_loss_before"]
+    assert flax_mezo["stdlib_loss_after_mezo"] < before - MIN_MEZO_GAIN
+    assert flax_mezo["stdlib_loss_after_backprop"] < flax_mezo["stdlib_loss_after_mezo"]
+
+
+@pytest.mark.xfail(strict=True, reason="a perturbed leaf entering a jax fn is materialized (and "
+                   "XLA gives each perturbed copy its own buffer): measured 3.49x at batch 1024 "
+                   "and 2.94x at batch 1 (2026-12-07)")
+def test_the_mezo_step_fits_in_1_1x_the_forward_pass(flax_mezo):
+    assert max(flax_mezo["mezo_step_memory_over_forward"].values()) <= MEMORY_TARGET

@@ -107,7 +107,7 @@ def first_gradients(grad_fns: dict, init: dict, x, key) -> dict:
 
 def train(grad_fn, init, evaluate, data, args, bar, offset: int):
     """Adam on the mean -ELBO estimates of `grad_fn`, the minibatches and keys fixed by the seed
-    (the same for every arm); the test ELBO every `eval_every` steps."""
+    (the same for every arm); the test ELBO at the start and every `eval_every` steps."""
     xtr, xte = data
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, min(100, args.steps // 10),
                                                   args.steps, end_value=args.lr * 0.05)
@@ -123,7 +123,7 @@ def train(grad_fn, init, evaluate, data, args, bar, offset: int):
     eval_key = jax.random.key(args.seed + 2)
     per_epoch = len(xtr) // args.batch
     order = np.empty(0, np.int32)
-    losses, evals = [], []
+    losses, evals = [], [(0, evaluate(params, xte, eval_key))]
     for i in range(args.steps):
         if i % per_epoch == 0:
             order = rng.permutation(len(xtr)).astype(np.int32)
