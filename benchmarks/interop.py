@@ -376,7 +376,7 @@ def report_vae(vae: dict) -> None:
     rows = vae["rows"]
     for jax_fn, in_grad in PAIRS:
         d = vae["pair_agreement"][jax_fn]
-        print(f"{jax_fn.split(';')[0]}: Flax jax fn / .grad networks time "
+        print(f"{jax_fn.split(';')[0]}: Flax jax fn / .grad networks median time "
               f"{rows[jax_fn]['median_s'] / rows[in_grad]['median_s']:.3f}; at one key, relative "
               f"differences: loss {d['loss']:.1e}, encoder gradient {d['enc']:.1e}, decoder "
               f"gradient {d['dec']:.1e}")
