@@ -348,7 +348,8 @@ def run_vae(a) -> dict:
     for i, (name, step) in enumerate(bound.items()):
         s = moments(step, (), a.var_keys, seed=3000 + i)
         var = float(np.sum(s["enc_var"]))
-        rows[name] = {**times[name], "enc_grad_total_var": var, "var_x_time": var * times[name]["median_s"],
+        rows[name] = {**times[name], "enc_grad_total_var": var,
+                      "var_x_time": var * times[name]["median_s"],
                       "loss_mean": s["loss_mean"], "loss_se": s["loss_se"]}
     ref = rows[NUMPYRO_ROW]
     for r in rows.values():
@@ -359,7 +360,8 @@ def run_vae(a) -> dict:
 
 
 def report_vae(vae: dict) -> None:
-    print(f"\n## 2. Discrete VAE step, B={vae['batch']}, S={vae['samples']}: Flax networks as jax fns "
+    print(f"\n## 2. Discrete VAE step, B={vae['batch']}, S={vae['samples']}: Flax networks as "
+          f"jax fns "
           f"against NumPyro TraceGraph_ELBO (numpyro {vae['numpyro']}; data: {vae['data']})\n")
     print("| step | ms / step | time / NumPyro (IQR) | encoder grad variance | variance / NumPyro "
           "| var x time / NumPyro | E[-ELBO] |")

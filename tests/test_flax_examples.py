@@ -106,7 +106,8 @@ def first_gradient_tolerance(d: int = 64, hidden: int = 128, latents: int = 6,
 @pytest.fixture(scope="module")
 def flax_vae(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("flax_vae")
-    run_example(EXAMPLES / "flax_vae" / "vae.py", out, "--steps", str(VAE_STEPS), "--eval-every", "100")
+    run_example(EXAMPLES / "flax_vae" / "vae.py", out, "--steps", str(VAE_STEPS),
+                "--eval-every", "100")
     assert (out / "flax_vae_loss.png").stat().st_size > 0
     return json.loads((out / "flax_vae.json").read_text())
 

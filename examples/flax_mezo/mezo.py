@@ -179,7 +179,8 @@ def make_chunk(m, arm: str, lr: float, total: int, codes: jax.Array, k: int):
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=3000, help="fine-tuning steps per arm (default 3000)")
+    ap.add_argument("--steps", type=int, default=3000,
+                    help="fine-tuning steps per arm (default 3000)")
     ap.add_argument("--pretrain-steps", type=int, default=3000,
                     help="Adam steps of pretraining on the README (default 3000)")
     ap.add_argument("--batch", type=int, default=1024, help="fine-tuning minibatch size")
@@ -187,7 +188,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--context", type=int, default=16, help="characters of context K")
     ap.add_argument("--embed", type=int, default=16, help="embedding size per character")
     ap.add_argument("--hidden", type=int, default=128, help="units of each hidden layer")
-    ap.add_argument("--lr-pretrain", type=float, default=3e-3, help="Adam learning rate, pretraining")
+    ap.add_argument("--lr-pretrain", type=float, default=3e-3,
+                    help="Adam learning rate, pretraining")
     ap.add_argument("--lr-mezo", type=float, default=2e-3,
                     help="initial SGD learning rate of MeZO (cosine decay to 0)")
     ap.add_argument("--lr-backprop", type=float, default=1e-4, help="Adam learning rate, backprop")
@@ -208,7 +210,8 @@ def main(argv: list[str] | None = None) -> dict:
              for name, paths in sources.items()}
     held = {}
     for name, (_, test) in texts.items():
-        pos = rng.choice(np.arange(k, len(test)), size=min(args.eval_n, len(test) - k), replace=False)
+        pos = rng.choice(np.arange(k, len(test)), size=min(args.eval_n, len(test) - k),
+                         replace=False)
         held[name] = tuple(jnp.asarray(a) for a in windows(test, pos, k))
     for name, (train_codes, test) in texts.items():
         print(f"{name}: {len(train_codes):,} training / {len(test):,} held-out characters")
@@ -286,8 +289,10 @@ def main(argv: list[str] | None = None) -> dict:
     _plot(results, mem, plot)
     summary = {
         "example": "flax_mezo",
-        "text": {name: [str(p.relative_to(ROOT)) for p in paths] for name, paths in sources.items()},
-        "characters": {name: {"train": len(tr), "held_out": len(te)} for name, (tr, te) in texts.items()},
+        "text": {name: [str(p.relative_to(ROOT)) for p in paths]
+                 for name, paths in sources.items()},
+        "characters": {name: {"train": len(tr), "held_out": len(te)}
+                       for name, (tr, te) in texts.items()},
         "model": f"Flax linen CharLM: Embed({V}, {args.embed}) x K={k} - Dense({args.hidden}) - "
                  f"gelu - Dense({args.hidden}) - gelu - Dense({V})",
         "params": n_params, "steps": args.steps, "batch": args.batch,
@@ -297,7 +302,8 @@ def main(argv: list[str] | None = None) -> dict:
         "stdlib_loss_after_mezo": results["mezo"]["stdlib_after"],
         "stdlib_loss_after_backprop": results["backprop"]["stdlib_after"],
         "mezo_step_memory_over_forward": {f"batch_{b}": r for b, r in ratio.items()},
-        "memory_bytes": {f"batch_{b}": rows for b, rows in mem.items()}, "results": results, "compile_s": compile_s, "plot": str(plot)}
+        "memory_bytes": {f"batch_{b}": rows for b, rows in mem.items()},
+        "results": results, "compile_s": compile_s, "plot": str(plot)}
     (args.out / "flax_mezo.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {plot} and {args.out / 'flax_mezo.json'}")
     return summary

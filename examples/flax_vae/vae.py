@@ -140,7 +140,8 @@ def train(grad_fn, init, evaluate, data, args, bar, offset: int):
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=1500, help="optimisation steps per arm (default 1500)")
+    ap.add_argument("--steps", type=int, default=1500,
+                    help="optimisation steps per arm (default 1500)")
     ap.add_argument("--out", type=Path, default=HERE.parent / "out",
                     help="output folder (default examples/out)")
     ap.add_argument("--hidden", type=int, default=128, help="hidden units of encoder and decoder")
@@ -253,7 +254,8 @@ def _plot(curves: dict, digits: np.ndarray, recon: dict, path: Path) -> None:
     rows = np.concatenate([digits] + [np.asarray(recon[a]) for a in ARMS])
     ax2.imshow(tile(rows, 10), cmap=cmap, vmin=0, vmax=1)
     ax2.set_axis_off()
-    ax2.set_title("test digits; reconstructions by the Flax VAE\n(shared init, own init) and the .grad-only VAE")
+    ax2.set_title("test digits; reconstructions by the Flax VAE\n"
+                  "(shared init, own init) and the .grad-only VAE")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
