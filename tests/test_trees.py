@@ -141,6 +141,28 @@ def test_a_flax_linen_model_params_tree():
     assert_close(grads["p"], want_grads, ops=OPS)  # {'Dense_0': {'kernel', 'bias'}, ...}
 
 
+def test_an_equinox_modules_arrays_are_a_tree():
+    """An Equinox model split into its arrays (the tree, with None where the activation is)
+    and its static rest, recombined inside the jax fn: the gradient comes back as the same
+    partition, equal to Equinox's own filter_value_and_grad."""
+    eqx = pytest.importorskip("equinox")
+    model = eqx.nn.MLP(D, C, H, depth=1, activation=jnp.tanh, key=jax.random.key(0))
+    arrays, static = eqx.partition(model, eqx.is_array)
+    m = gradlang.compile_source(
+        SOURCE, functions={"mlp": lambda p, x: jax.vmap(eqx.combine(p, static))(x)})
+
+    @eqx.filter_value_and_grad
+    def reference(model):
+        params = eqx.filter(model, eqx.is_array)
+        return cross_entropy(jax.vmap(model)(X), Y) + 0.01 * sum_squares(params)
+
+    value, grads = m.vg(arrays, X, Y)
+    want_value, want_grads = reference(model)
+    assert jax.tree.structure(grads["p"]) == jax.tree.structure(arrays)
+    assert_close(value, want_value, ops=VALUE_OPS)
+    assert_close(grads["p"], eqx.filter(want_grads, eqx.is_array), ops=OPS)
+
+
 def test_descend_returns_the_updated_tree_in_the_same_structure(compiled):
     grads = jax.grad(reference_loss)(PARAMS, X, Y)
     want = jax.tree.map(lambda t, g: t - 0.5 * g, PARAMS, grads)
