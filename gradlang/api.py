@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .diagnostics import CompileError, Diagnostics, SourceFile
-from .ir import Module
+from .ir import Module, bound_names
 
 __version__ = "0.1.0"
 
@@ -93,8 +93,7 @@ class CompiledModule(_Exports):
             for name, (sig, fn) in self._raw.items()})
 
     def _declared_externs(self) -> set[str]:
-        return {op.params.name for fn in self.ir.functions for op in fn.body.ops
-                if op.name == "host_call"}
+        return bound_names(self.ir, "host_call")
 
     def stablehlo(self, name: str, dims: Mapping[str, int] | None = None,
                   debug_info: bool = False,

@@ -8,7 +8,7 @@ from .estimators.backward import rule_of
 from .estimators.combine import combination_rule
 from .estimators.compose import estimator_of
 from .estimators.black_box import estimator
-from .ir import Module, reachable, walk
+from .ir import Module, externs_of, jax_functions_of, reachable, walk
 from .ops import OPS
 
 _BASELINES = {"none": "none", "loo": "leave-one-out (RLOO)", "grpo": "group-normalized (GRPO, biased)",
@@ -99,12 +99,11 @@ def table(rows: list[list[str]], indent: str) -> list[str]:
     return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
 
-def _black_box(module: Module, name: str, t, what: str, reach: list[str]) -> list[str]:
+def _black_box(module: Module, name: str, t, what: str, objective: str) -> list[str]:
     """The lines of an export whose gradient a black-box estimator (by=) computes."""
     est = estimator(t.black_box)
     evals = est.evaluations + (t.kind == "value_and_grad")
-    externs = [op.params.name for f in reach for op in module.function(f).body.ops
-               if op.name == "host_call"]
+    externs = externs_of(module, objective)
     lines = [f"export {name} = {t.call(what)}"]
     fn = module.function(t.fn)
     for w in t.wrt:
@@ -113,16 +112,15 @@ def _black_box(module: Module, name: str, t, what: str, reach: list[str]) -> lis
         lines += [f"    perturbed: {how}"] if how else []
     if externs:
         lines.append(f"  externs called: {', '.join(externs)} (Python, through host callbacks)")
-    traced = _traced(module, reach)
+    traced = _traced(module, objective)
     lines += traced + ([f"    {est.at_jax_fn}"] if traced and est.at_jax_fn else [])
     lines.append(f"  cost: {evals} forward evaluations, no backward pass")
     return lines + _descend(t)
 
 
-def _traced(module: Module, reach: list[str]) -> list[str]:
+def _traced(module: Module, objective: str) -> list[str]:
     """The line naming the jax functions called, which the analyses cannot see inside."""
-    names = [op.params.name for f in reach for op in module.function(f).body.ops
-             if op.name == "call_jax"]
+    names = jax_functions_of(module, objective)
     if not names:
         return []
     return [f"  JAX functions called: {', '.join(names)} (traced inline, differentiated by "
@@ -246,14 +244,14 @@ def _export(module: Module, export, flow: dict) -> list[str]:
         lines.append(f"export {export.name} = {what}: no gradient requested")
         lines += _compose(composed) if composed is not None else []
     elif t.black_box is not None:
-        return _black_box(module, export.name, t, what, reach)
+        return _black_box(module, export.name, t, what, fn)
     else:
         lines.append(f"export {export.name} = {t.call(what)}")
         lines += _compose(composed) if composed is not None else []
         lines += (_private(module.facts.privacy[export.name], n) if t.private is not None
                   else _reverse_mode(t.wrt, flow[export.name].zero, bool(here), nonsmooth,
                                      t.fn in module.facts.random))
-        lines += _traced(module, reach)
+        lines += _traced(module, fn)
     if here:
         rows = [["site", "distribution", "estimator", "control variate", "cost per sample",
                  "override"]]

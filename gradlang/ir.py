@@ -303,6 +303,12 @@ def _bound_in(module: Module, fn: str, op: str) -> tuple[str, ...]:
                  for o in module.function(name).body.ops if o.name == op)
 
 
+def bound_names(module: Module, op: str) -> set[str]:
+    """The names of the module's functions bound from Python: their body an `op` (`host_call`
+    for an extern fn, `call_jax` for a jax fn)."""
+    return {o.params.name for f in module.functions for o in f.body.ops if o.name == op}
+
+
 def externs_of(module: Module, fn: str) -> tuple[str, ...]:
     """The extern functions fn calls, directly or not."""
     return _bound_in(module, fn, "host_call")

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradlang.diagnostics import Diagnostics
-from gradlang.ir import Function, Module
+from gradlang.ir import Function, Module, bound_names
 from gradlang.options import unknown
 from gradlang.types import (StructType, TensorType, TreeType, TupleType, Type, substitute_dims,
                             type_dims)
@@ -54,8 +54,7 @@ def check_bindings(module: Module, functions: Mapping[str, object],
     diags = Diagnostics()
     fns = declared(module)
     names = [fn.name for fn in fns]
-    externs_declared = {op.params.name for fn in module.functions for op in fn.body.ops
-                        if op.name == "host_call"}
+    externs_declared = bound_names(module, "host_call")
     for name in functions:
         if name in externs_declared:
             diags.error(f"functions={{'{name}': ...}}: '{name}' is an extern fn, called through a "
