@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .types import Dim, StructType, TensorType, TupleType, Type
+from .types import Dim, StructType, TensorType, TreeType, TupleType, Type
 
 
 class ShapeError(Exception):
@@ -144,4 +144,6 @@ def unify(expected: Type, actual: Type, env: dict[str, Dim]) -> str | None:
             if problem:
                 return problem
         return None
+    if isinstance(expected, TreeType):  # opaque: it has no dims to bind
+        return None if isinstance(actual, TreeType) else f"expected a tree, got {actual}"
     return f"expected {expected}, got {actual}"

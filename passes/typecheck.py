@@ -421,13 +421,6 @@ def _getfield(ctx, op, args):
     return field
 
 
-def _unify(expected: Type, actual: Type, env: dict) -> str | None:
-    """`shapes.unify`, where a tree takes a tree (it has no dims to bind)."""
-    if isinstance(expected, TreeType):
-        return None if isinstance(actual, TreeType) else f"expected a tree, got {actual}"
-    return unify(expected, actual, env)
-
-
 def _struct_new(ctx, op, args):
     st = ctx.structs[op.params.name]
     env: dict = {}
@@ -442,7 +435,7 @@ def _call_fn(ctx, op, args):
     fn = ctx.module.function(op.params.callee)
     env: dict = {}
     for p, a in zip(fn.params, args):
-        problem = _unify(p.value.type, _weak_as(ctx, a, p.value.type), env)
+        problem = unify(p.value.type, _weak_as(ctx, a, p.value.type), env)
         if problem:
             raise ShapeError(f"argument '{p.name}' of '{fn.name}': {problem}")
     return substitute_dims(fn.result_type, env)
@@ -604,7 +597,7 @@ class _FunctionChecker:
         if result.type is not ERROR:
             env: dict = {}
             declared = self.fn.result_type
-            problem = _unify(declared, _weak_as(self.ctx, result, declared), env)
+            problem = unify(declared, _weak_as(self.ctx, result, declared), env)
             if problem:
                 self.diags.error(f"'{self.fn.name}' is declared to return {self.fn.result_type} "
                                  f"but returns {result.type}", self.fn.result_span)
@@ -730,7 +723,7 @@ class _FunctionChecker:
         (objective,) = body.results
         ok = declared is not ERROR
         if args[0].type is not ERROR and ok:
-            problem = _unify(declared, _weak_as(self.ctx, args[0], declared), {})
+            problem = unify(declared, _weak_as(self.ctx, args[0], declared), {})
             if problem:
                 self.diags.error(f"the start value of {what} has type {args[0].type}, but the "
                                  f"variable is declared {declared}", op.span)
