@@ -22,8 +22,8 @@ from gradlang.ops import OPS
 from gradlang.types import StructType, TensorType, TupleType, Type
 
 from .dtypes import JNP_DTYPES
-from .rules import LOWERINGS, materialized
-from .perturbed import Factored
+from .rules import LOWERINGS
+from .perturbed import Factored, dense
 from .signature import ArgumentError
 from .symbolic import SymbolicDimError, inconclusive
 
@@ -125,7 +125,7 @@ class _Ctx:
             raise LoweringError(f"no lowering rule for op '{op.name}'")
         args = [self.env[v] for v in op.operands]
         if op.name not in _FACTORED:
-            args = [materialized(a, v.type) for v, a in zip(op.operands, args)]
+            args = [dense(a) for a in args]
         scope = f"{self.file}:{op.span.line}:{op.span.col}" if op.span else op.name
         with jax.named_scope(scope):
             try:

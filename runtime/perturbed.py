@@ -178,11 +178,11 @@ class Seeded(Factored):
 
 
 def dense(x):
-    """x with every factored matrix inside it materialized."""
+    """x with every factored matrix inside it materialized, in any pytree (structs' dicts,
+    tuples, a parameter tree's own nodes, kept as they are)."""
     if isinstance(x, Factored):
         return x.dense()
-    if isinstance(x, dict):
-        return {k: dense(v) for k, v in x.items()}
-    if isinstance(x, tuple):
-        return tuple(dense(v) for v in x)
-    return x
+    if isinstance(x, jax.Array):
+        return x
+    return jax.tree.map(lambda v: v.dense() if isinstance(v, Factored) else v, x,
+                        is_leaf=lambda v: isinstance(v, Factored))

@@ -16,7 +16,7 @@ from jax import lax
 
 from gradlang import ops as O
 from gradlang.ir import Op, free_values
-from gradlang.types import TensorType, TreeType, Type
+from gradlang.types import TensorType
 
 from .numerics import softplus
 from .jax_functions import call_jax
@@ -31,14 +31,6 @@ from .perturbed import Factored, dense
 
 
 Rule = Callable[..., Any]
-
-
-def materialized(x: Any, t: Type) -> Any:
-    """x with every perturbed matrix in it materialized (`perturbed.dense`); a tree's leaves
-    one by one, its nodes (NamedTuples, dataclasses) kept as they are."""
-    if isinstance(t, TreeType):
-        return jax.tree.map(dense, x, is_leaf=lambda v: isinstance(v, Factored))
-    return dense(x)
 
 
 def _elementwise(fn: Callable) -> Rule:
@@ -144,17 +136,14 @@ def _for(ctx, op: Op, *inits):
     (body,) = op.regions
     # a loop's carry is plain arrays: a perturbed matrix (`runtime.perturbed`) entering or
     # leaving it is materialized, as the loop's pytree structure cannot change
-    def carried(x, t):
-        return materialized(ctx.coerce(x, t), t)
-
-    init = tuple(carried(x, r.type) for x, r in zip(inits, op.results))
+    init = tuple(dense(ctx.coerce(x, r.type)) for x, r in zip(inits, op.results))
 
     loop_key = ctx.next_key() if ctx.key is not None and ctx.lowering.key_uses(body) else None
 
     def step(i, carry):
         with ctx.scope(None if loop_key is None else jax.random.fold_in(loop_key, i), body):
             out = ctx.region(body, (i, *carry))
-        return tuple(carried(x, r.type) for x, r in zip(out, op.results))
+        return tuple(dense(ctx.coerce(x, r.type)) for x, r in zip(out, op.results))
 
     start, stop = ctx.dim(p.start), ctx.dim(p.stop)
     if not any(jax.export.is_symbolic_dim(b) for b in (start, stop)):
