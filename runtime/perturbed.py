@@ -184,5 +184,9 @@ def dense(x):
         return x.dense()
     if isinstance(x, jax.Array):
         return x
+    if type(x) is dict:  # in its own key order (a pytree map would sort the keys)
+        return {k: dense(v) for k, v in x.items()}
+    if type(x) in (tuple, list):
+        return type(x)(dense(v) for v in x)
     return jax.tree.map(lambda v: v.dense() if isinstance(v, Factored) else v, x,
                         is_leaf=lambda v: isinstance(v, Factored))
