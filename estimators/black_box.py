@@ -99,12 +99,15 @@ class BlackBox:
 # ---- spsa: seed-regenerated two-point differences
 
 
-def _seeds(key, sample, n: int, after) -> list:
-    """The noise seeds of one SPSA sample, one per parameter leaf. The barrier ties them to
-    the value computed before this use, so XLA can neither merge the generations of the same
-    noise into one stored array nor run two evaluations (and hold both activations) at once."""
+def _seeds(key, sample, n: int, after=None) -> list:
+    """The noise seeds of one SPSA sample, one per parameter leaf, computed from `after`, the
+    value this use must follow: each seed is xor-ed with whether `after` has a NaN (when it
+    has, the estimate is NaN whatever the noise). XLA can then neither merge the generations
+    of the same noise into one stored array nor run two evaluations (holding both
+    activations) at once, which an optimization barrier does not prevent on CPU."""
     keys = jax.random.split(jax.random.fold_in(key, sample), n)
-    return lax.optimization_barrier(([seed_of(k) for k in keys], after))[0]
+    taint = jnp.uint32(0) if after is None else jnp.isnan(after).any().astype(jnp.uint32)
+    return [seed_of(k) ^ taint for k in keys]
 
 
 def _perturb(t: jax.Array, seed, scale: float):
@@ -125,7 +128,7 @@ def _projections(objective: Callable, leaves: list, tree, key, eps: float, sampl
         return (plus - minus) / (2 * eps)
 
     if samples == 1:  # no loop: extern calls stay at the top level, where artifacts cut them out
-        return projection(0, key)[None]
+        return projection(0, None)[None]
     return lax.fori_loop(0, samples, lambda s, p: p.at[s].set(projection(s, p)),
                          jnp.zeros((samples,), leaves[0].dtype))
 
@@ -152,8 +155,9 @@ class Spsa(BlackBox):
                                   "z, z ~ N(0, I)")
     descent: ClassVar[str] = "the update regenerates the SPSA noise, so no gradient is stored (MeZO)"
     at_jax_fn: ClassVar[str | None] = (
-        "a perturbed matrix passed to a jax fn enters it materialized (w + eps z, z regenerated "
-        "whole): only matmuls written in the .grad file regenerate z block by block")
+        "a perturbed matrix passed to a jax fn stays factored through its matmuls (z "
+        "regenerated block by block, no perturbed copy); any other use of it inside the "
+        "function forms w + eps z there")
     eps: float = option(1e-3)
     """The difference step."""
     samples: int = option(1)
@@ -278,9 +282,9 @@ class Eggroll(Population):
         "unbiased on quadratics, O(sigma^2) from the smoothed gradient elsewhere (a smaller "
         "sigma shrinks it)")
     at_jax_fn: ClassVar[str | None] = (
-        "a perturbed matrix passed to a jax fn enters it materialized (W + sigma A B^T / "
-        "sqrt(rank), once per member): the perturbation stays low-rank, but only matmuls written "
-        "in the .grad file skip forming it")
+        "a perturbed matrix passed to a jax fn stays low-rank through its matmuls (x W + "
+        "sigma (x A) B^T / sqrt(rank)); any other use of it inside the function forms W + "
+        "sigma A B^T / sqrt(rank) there, once per member")
     sigma: float = option(0.1)
     pop: int = option(64)
     rank: int = option(1)

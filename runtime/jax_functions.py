@@ -26,6 +26,7 @@ from gradlang.types import (StructType, TensorType, TreeType, TupleType, Type, s
                             type_dims)
 
 from .dtypes import JNP_DTYPES
+from .perturbed import call
 from .signature import ArgumentError, spec
 from .symbolic import SymbolicDimError
 
@@ -162,7 +163,8 @@ def _as_declared(t: Type, x: Any) -> Any:
 
 
 def call_jax(ctx, op, *args) -> Any:
-    """The lowering rule of `call_jax`: the binding called on the traced arguments, its
+    """The lowering rule of `call_jax`: the binding called on the traced arguments (a
+    black-box estimator's perturbed matrices kept factored inside it, `perturbed.call`), its
     result checked against the declaration with the dims the arguments fix."""
     name = op.params.name
     binding = ctx.lowering.bindings.get(name)
@@ -170,7 +172,7 @@ def call_jax(ctx, op, *args) -> Any:
         raise JaxFunctionError(f"jax fn '{name}' is not bound: pass functions={{'{name}': fn}} "
                                f"to gradlang.compile_file / compile_source")
     try:
-        out = binding(*args)
+        out = call(binding, args)
     except (SymbolicDimError, jax.errors.InconclusiveDimensionOperation):
         raise  # a dim that must be fixed to lower: reported as for any op
     except Exception as exc:  # noqa: BLE001 - any failure is the binding's, reported as such

@@ -28,7 +28,8 @@ from .signature import ArgumentError
 from .symbolic import SymbolicDimError, inconclusive
 
 
-_FACTORED = frozenset({"matmul", "get", "getfield", "tuple", "struct_new", "call_fn", "inline"})
+_FACTORED = frozenset({"matmul", "get", "getfield", "tuple", "struct_new", "call_fn", "inline",
+                        "call_jax"})
 """Ops that take a factored perturbed matrix (`runtime.perturbed`) as it is; others get it
 materialized."""
 

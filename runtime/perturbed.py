@@ -7,9 +7,15 @@ the factors, and any other op gets it `dense()`:
 
 - `LowRank` (eggroll): E = a b^T, so x @ E = (x @ a) b^T costs r (m + n) per row of x;
 - `Seeded` (spsa): E = z, Gaussian noise that is a pure function of (seed, index)
-  (`normal_at`); a matmul computes x @ w, then adds x @ (s z) one block of columns (or rows)
-  of z at a time, regenerating that block's noise, so neither the perturbed matrix nor z is
-  ever stored: a step's memory stays that of the forward pass.
+  (`normal_at`); a matmul forms w + s z one block of columns (or rows) at a time,
+  regenerating that block's noise, and writes the block's product into the result, so
+  neither the perturbed matrix nor z is ever stored: a step's memory stays that of the
+  forward pass.
+
+A `jax fn` called on factored matrices (`call`) is traced to a jaxpr and evaluated with them
+kept factored through its matmuls (`dot_general`); any other use materializes the matrix
+there, where XLA fuses w + s E into the consumer when it can (a lookup of a few rows of an
+embedding regenerates the noise of those rows only).
 """
 
 from __future__ import annotations
@@ -20,11 +26,14 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.extend.core import ClosedJaxpr, JaxprEqn, Literal
 
-TILE = 1 << 12
-"""Entries of s z formed at once by a `Seeded` matmul (a block of columns or rows; more
-when MAX_TILES blocks of this size do not cover the matrix)."""
-MAX_TILES = 128
+TILE = 1 << 9
+"""The fewest entries of s z a `Seeded` matmul forms at once (a block of columns or rows)."""
+MAX_TILES = 32
+"""A block's temporaries (its entries, their indices and its product) hold about 1 /
+MAX_TILES of what the matmul holds anyway (w, the other operand and the result): a few
+percent of its memory, in at most about MAX_TILES iterations."""
 
 
 class Factored:
@@ -133,41 +142,51 @@ class Seeded(Factored):
         return seeded_normal(self.seed, self.w.shape, self.w.dtype)
 
     def block(self, axis: int, start, size: int) -> jax.Array:
-        """Rows (axis 0) or columns (axis 1) [start, start + size) of scale z."""
+        """Rows (axis 0) or columns (axis 1) [start, start + size) of w + s z."""
         m, n = self.w.shape
         shape = (size, n) if axis == 0 else (m, size)
         r, c = (lax.broadcasted_iota(jnp.uint32, shape, d) for d in (0, 1))
         first = jnp.asarray(start, jnp.uint32)
         index = (r + first) * jnp.uint32(n) + c if axis == 0 else r * jnp.uint32(n) + c + first
-        return self.scale * normal_at(self.seed, index, self.w.dtype)
+        w = lax.dynamic_slice_in_dim(self.w, start, size, axis)
+        return w + self.scale * normal_at(self.seed, index, self.w.dtype)
 
-    def _tiled(self, axis: int, product, out_axis: int) -> jax.Array:
-        """product(w + s z): product(w), then product(block) added to its slices along
-        `out_axis` for the blocks of s z along `axis` (at most 1 / MAX_TILES of w, or TILE
-        entries, each), in a loop that updates product(w) in place."""
+    def _tiled(self, axis: int, product, out_axis: int, operand) -> jax.Array:
+        """product(w + s z), one block of w + s z along `axis` at a time (sized by TILE and
+        MAX_TILES against w and the other operand's shape), each block's product written to
+        its slice of the result along `out_axis` in a loop: one matmul's work, no copy of w."""
         size, other = self.w.shape[axis], self.w.shape[1 - axis]
         if not (isinstance(size, int) and isinstance(other, int)):  # symbolic (artifacts)
             return product(self.dense())
-        t = min(size, max(-(-TILE // other), -(-size // MAX_TILES)))
+        entries = math.prod(operand)
+        entries = entries if isinstance(entries, int) else other  # a symbolic batch
+        rows = entries // other  # the result's rows: a block's product is rows x t
+        held = size * other + entries + rows * size  # w, the operand and the result
+        t = min(size, max(-(-TILE // other), held // MAX_TILES // (2 * other + rows)))
         full, rest = divmod(size, t)
         if full == 1 and not rest:
             return product(self.dense())
 
-        def add(out, start, n):
-            part = product(self.block(axis, start, n))
-            old = lax.dynamic_slice_in_dim(out, start, n, out_axis)
-            return lax.dynamic_update_slice_in_dim(out, old + part.astype(out.dtype), start, out_axis)
+        def put(out, start, n):
+            return lax.dynamic_update_slice_in_dim(out, product(self.block(axis, start, n)),
+                                                   start, out_axis)
 
-        out = lax.fori_loop(0, full, lambda i, out: add(out, i * t, t), product(self.w))
-        return add(out, full * t, rest) if rest else out
+        # The result starts as the first block's product padded: made from the operand, it
+        # is not scheduled (and held) before the operand exists, as a buffer of zeros would be.
+        first = product(self.block(axis, 0, t))
+        pad = [(0, 0, 0)] * first.ndim
+        pad[out_axis] = (0, size - t, 0)
+        out = lax.pad(first, jnp.zeros((), first.dtype), pad)
+        out = lax.fori_loop(1, full, lambda i, out: put(out, i * t, t), out)
+        return put(out, full * t, rest) if rest else out
 
     def rmatmul(self, x: jax.Array) -> jax.Array:
-        return self._tiled(1, lambda b: x @ b, x.ndim - 1)
+        return self._tiled(1, lambda b: x @ b, x.ndim - 1, x.shape)
 
     def matmul(self, x: jax.Array) -> jax.Array:
         if x.ndim > 2:
             return self.dense() @ x
-        return self._tiled(0, lambda b: b @ x, 0)
+        return self._tiled(0, lambda b: b @ x, 0, x.shape)
 
     def tree_flatten(self):
         return (self.w, self.seed), self.scale
@@ -190,3 +209,71 @@ def dense(x):
         return type(x)(dense(v) for v in x)
     return jax.tree.map(lambda v: v.dense() if isinstance(v, Factored) else v, x,
                         is_leaf=lambda v: isinstance(v, Factored))
+
+
+def call(fn, args: tuple):
+    """fn(*args), the factored matrices among args kept factored inside fn (module doc)."""
+    leaves, tree = jax.tree.flatten(args, is_leaf=lambda v: isinstance(v, Factored))
+    if not any(isinstance(v, Factored) for v in leaves):
+        return fn(*args)
+    avals = [jax.ShapeDtypeStruct(jnp.shape(v), jnp.result_type(v)) for v in leaves]
+    closed, shape = jax.make_jaxpr(lambda *xs: fn(*tree.unflatten(xs)), return_shape=True)(*avals)
+    out = _evaluate(closed, leaves)
+    return jax.tree.unflatten(jax.tree.structure(shape), [dense(v) for v in out])
+
+
+_CALLS = frozenset({"pjit", "jit", "closed_call"})
+"""Primitives that call a jaxpr inline (`jnp` functions are jitted): evaluated through."""
+
+
+def _evaluate(closed: ClosedJaxpr, args: list) -> list:
+    env: dict = dict(zip(closed.jaxpr.constvars, closed.consts))
+    env.update(zip(closed.jaxpr.invars, args))
+
+    def read(v):
+        return v.val if isinstance(v, Literal) else env[v]
+
+    for eqn in closed.jaxpr.eqns:
+        ins = [read(v) for v in eqn.invars]
+        with eqn.ctx.manager:
+            outs = _factored(eqn, ins) if any(isinstance(x, Factored) for x in ins) else None
+            if outs is None:
+                ins = [dense(x) for x in ins]
+                outs = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
+                outs = outs if eqn.primitive.multiple_results else [outs]
+        env.update(zip(eqn.outvars, outs))
+    return [read(v) for v in closed.jaxpr.outvars]
+
+
+def _factored(eqn: JaxprEqn, ins: list) -> list | None:
+    """The outputs of `eqn` on arguments some of which are factored, where a rule keeps them
+    so (None: the arguments are to be materialized)."""
+    name, first = eqn.primitive.name, ins[0]
+    if name in _CALLS and isinstance(eqn.params.get("jaxpr"), ClosedJaxpr):
+        return _evaluate(eqn.params["jaxpr"], ins)
+    if name == "dot_general" and len(ins) == 2:
+        out = _dot(eqn, *ins)
+        return None if out is None else [out]
+    if name == "convert_element_type" and eqn.params["new_dtype"] == first.dtype:
+        return [first]
+    return None
+
+
+def _dot(eqn: JaxprEqn, lhs, rhs) -> jax.Array | None:
+    """A `dot_general` with one factored 2-D operand, one contracting dim and no batch dims,
+    as the factored matmul in the operand's place; the result in dot_general's layout (the
+    lhs's free dims, then the rhs's)."""
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    want = eqn.params.get("preferred_element_type")
+    f, x = (lhs, rhs) if isinstance(lhs, Factored) else (rhs, lhs)
+    if (isinstance(x, Factored) or lb or rb or len(lc) != 1 or f.w.ndim != 2
+            or jnp.result_type(x) != f.dtype or want not in (None, f.dtype)):
+        return None
+    fc, xc = (lc[0], rc[0]) if f is lhs else (rc[0], lc[0])
+    free = tuple(n for i, n in enumerate(x.shape) if i != xc)
+    if fc == 0:  # x @ f (x's free dims first), or f^T @ x = (x^T @ f)^T
+        out = f.rmatmul(jnp.moveaxis(x, xc, -1))
+        return out if f is rhs else jnp.moveaxis(out, -1, 0)
+    y = jnp.moveaxis(x, xc, 0).reshape(f.shape[1], -1)  # f @ y, or x @ f^T = (f @ x^T)^T
+    out = f.matmul(y).reshape((f.shape[0],) + free)
+    return out if f is lhs else jnp.moveaxis(out, 0, -1)

@@ -197,9 +197,9 @@ export fields = grad(plain, wrt=[s], by=eggroll(sigma=0.1, pop=2))
     assert ("    perturbed: every 2-D leaf (a matrix): low-rank A B^T / sqrt(2), A [m, 2], "
             "B [n, 2]; every other leaf: a full-rank Gaussian, as es (the tree's leaves are "
             "known at run time)\n") in text
-    assert ("    a perturbed matrix passed to a jax fn enters it materialized (W + sigma A B^T / "
-            "sqrt(rank), once per member): the perturbation stays low-rank, but only matmuls "
-            "written in the .grad file skip forming it\n") in text
+    assert ("    a perturbed matrix passed to a jax fn stays low-rank through its matmuls (x W + "
+            "sigma (x A) B^T / sqrt(rank)); any other use of it inside the function forms W + "
+            "sigma A B^T / sqrt(rank) there, once per member\n") in text
     assert ("  s: black-box estimate by low-rank evolution strategies (EGGROLL): matrices "
             "perturbed by A B^T / sqrt(rank), never materialized in the forward pass; "
             "identity-covariance noise: unbiased on quadratics, otherwise O(sigma^2) from the "
