@@ -80,7 +80,8 @@ class Signature:
         if unsized:
             raise ArgumentError(f"export '{self.name}' takes the tree '{unsized[0]}', whose "
                                 f"structure is known only from a value: pass an example, "
-                                f"example_args={{'{unsized[0]}': value}}")
+                                f"example_args={{'{unsized[0]}': value}}, to save or "
+                                f"stablehlo from Python (the command line has none)")
         concrete = dict(concrete or {})
         symbolic = [d for d in self.dims if d not in concrete]
         syms = dict(zip(symbolic, jax.export.symbolic_shape(", ".join(symbolic)))) if symbolic else {}

@@ -3,7 +3,7 @@ an inner problem over a tree (`argmin v: tree`) against the ridge problem's clos
 reverse mode through a hand-written JAX loop on the same tree; `by=eggroll` (low-rank noise on
 each 2-D leaf) unbiased on a quadratic; `by=dp` against DP-SGD written directly in JAX with the
 same key; what `explain` says of each; `minimize` against MGDA's closed form over every leaf;
-`compose` against the same export with the tree spelled as a struct."""
+`compose` against the same export with the tree spelled as a struct; `verify` leaf by leaf."""
 
 from __future__ import annotations
 
@@ -515,3 +515,38 @@ def test_reverse_mode_through_a_custom_vjp_function_is_fine():
     want_value, want_grad = jax.value_and_grad(ridge_closed_form)(ARGS[0])
     assert_close(value, want_value, ops=RIDGE_OPS)
     assert_close(grads["lam"], want_grad, ops=RIDGE_OPS)
+
+
+# ---- verify with a tree parameter
+
+VERIFIED = """
+jax fn lin(p: tree, x: f32[N, D]) -> f32[N]
+fn loss(p: tree, x: f32[N, D], y: f32[N]) -> f32 {
+  return 0.5 * mean((lin(p, x) - y) ^ 2)
+}
+export exact = grad(loss, wrt=[p])
+export zeroth = grad(loss, wrt=[p], by=spsa(eps=0.01))
+"""
+
+
+@pytest.mark.parametrize("export", ["exact", "zeroth"])
+def test_verify_takes_a_tree_its_leaves_named_by_path(export):
+    """verify's statistics run leaf by leaf over the tree, named by their paths; reverse mode
+    matches the finite differences and SPSA its smoothed gradient."""
+    m = gradlang.compile_source(VERIFIED, functions={"lin": lin})
+    p = tree_of(np.linspace(-0.5, 0.5, D).astype(np.float32))
+    report = m.verify(export, (p, X, Y), samples=200)
+    assert [leaf.name for leaf in report.leaves] == ["p.tail.0", "p.w.head"]
+    assert report.verdict == "consistent"
+
+
+def test_verify_needs_a_trees_value_and_float_leaves():
+    from gradlang.verify import VerifyError
+    m = gradlang.compile_source(VERIFIED, functions={"lin": lin})
+    with pytest.raises(VerifyError, match=r"parameter 'p' is a tree, whose structure only a "
+                                          r"value gives: give the arguments"):
+        m.verify("exact", dims={"N": 4, "D": D})
+    bad = {"w": {"head": np.zeros(SPLIT, np.int32)}, "tail": (np.zeros(D - SPLIT, np.float32),)}
+    with pytest.raises(VerifyError, match=r"argument 'p': a tree's leaves must be float arrays; "
+                                          r"p\['w'\]\['head'\] is int32"):
+        m.verify("exact", (bad, X, Y))

@@ -424,7 +424,8 @@ def test_saving_needs_an_example_of_each_tree_and_a_structure_it_can_record(tmp_
     m = gradlang.compile_source(SOURCE, functions={"mlp": saved_mlp})
     cases = [
         ({}, "export 'value' takes the tree 'p', whose structure is known only from a value: "
-             "pass an example, example_args={'p': value}"),
+             "pass an example, example_args={'p': value}, to save or stablehlo from Python "
+             "(the command line has none)"),
         ({"q": SAVED}, "example_args['q']: no export takes a tree 'q' (trees: p)"),
         ({"p": PARAMS}, "example_args['p']: an artifact records trees of dicts, lists, tuples, "
                         "None and float arrays only; ['body'][0] is a Layer"),

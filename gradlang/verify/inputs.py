@@ -7,9 +7,10 @@ import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import jax
 import numpy as np
 
-from gradlang.types import DType, StructType, TensorType, TupleType, Type, type_dims
+from gradlang.types import DType, StructType, TensorType, TreeType, TupleType, Type, type_dims
 
 
 class VerifyError(Exception):
@@ -60,6 +61,14 @@ def _convert(t: Type, x: object, where: str) -> object:
             return np.asarray(x, NP_DTYPES[t.dtype])
         except (TypeError, ValueError) as exc:
             raise VerifyError(f"argument '{where}': expected a {t} array: {exc}") from None
+    if isinstance(t, TreeType):
+        paths, _ = jax.tree_util.tree_flatten_with_path(x)
+        for path, leaf in paths:
+            if not np.issubdtype(np.asarray(leaf).dtype, np.floating):
+                raise VerifyError(f"argument '{where}': a tree's leaves must be float arrays; "
+                                  f"{where}{jax.tree_util.keystr(path)} is "
+                                  f"{np.asarray(leaf).dtype}")
+        return jax.tree.map(np.asarray, x)
     if isinstance(t, StructType):
         if not isinstance(x, Mapping):
             raise VerifyError(f"argument '{where}': struct {t.name} needs its fields "
@@ -103,6 +112,11 @@ def generated_arguments(params: Sequence[tuple[str, Type]], dims: Mapping[str, i
     """Deterministic arguments by name from the declared types: floats uniform in [-1, 1],
     integers in {0, 1}, bools fair coins (from `seed`); the moving-average parameter `state`
     is left out (it starts at zeros)."""
+    tree = next((n for n, t in params if isinstance(t, TreeType) and n != state), None)
+    if tree is not None:
+        raise VerifyError(f"parameter '{tree}' is a tree, whose structure only a value gives: "
+                          f"give the arguments (args=... in Python, --at FILE.npz with keys "
+                          f"'{tree}.a.b' for nested dicts)")
     needed = [d for n, t in params if n != state for d in type_dims(t)]
     missing = list(dict.fromkeys(d for d in needed if d not in dims))
     if missing:

@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
-from gradlang.types import TreeType
-
 from .case import classify
 from .compare import comparisons
 from .inputs import generated_arguments, given_arguments
@@ -33,10 +31,6 @@ def verify_export(origin: Origin, module, name: str, args: Mapping | Sequence | 
                   compare: bool = False) -> ExportReport:
     """Verify export `name` of the compiled IR `module` (compiled from `origin`)."""
     program = load(module, name, origin.externs, origin.mesh)
-    tree = next((n for n, t in program.params if isinstance(t, TreeType)), None)
-    if tree is not None:  # arguments are drawn from, or checked against, their declared types
-        raise VerifyError(f"verify does not take a tree parameter yet ('{tree}' of export "
-                          f"'{name}'): spell the parameters as tensors or a struct")
     named = named_arguments(program, args, dims, settings.seed)
     if program.export.transform.kind == "minimize" and program.value is None:
         if compare:
