@@ -403,11 +403,12 @@ export g = grad(loss, wrt=[p])
                                "here (from an argument or an earlier result)")
 
 
-def test_verify_refuses_a_tree_parameter(compiled):
+def test_verify_cannot_generate_a_tree(compiled):
     with pytest.raises(VerifyError) as info:
         compiled.verify("g")
-    assert str(info.value) == ("verify does not take a tree parameter yet ('p' of export 'g'): "
-                               "spell the parameters as tensors or a struct")
+    assert str(info.value) == ("parameter 'p' is a tree, whose structure only a value gives: "
+                               "give the arguments (args=... in Python, --at FILE.npz with "
+                               "keys 'p.a.b' for nested dicts)")
 
 
 SAVED = {"body": [(PARAMS["body"][0].w, PARAMS["body"][0].b)],
@@ -539,8 +540,8 @@ def test_the_ir_of_a_tree_program_prints_and_parses_back():
 
 def test_explain_and_the_verify_command_see_through_map_leaves(tmp_path, capsys):
     """explain follows map_leaves into its function (QuEST's backward rule is named, the
-    program is not called smooth), and `gradlang verify` refuses a tree parameter with a
-    diagnostic-style error, not an internal one."""
+    program is not called smooth), and so does `gradlang verify`, which takes a tree of nested
+    dicts from `--at FILE.npz` (and without it says why it needs one)."""
     from gradlang.cli import main
     path = tmp_path / "leafwise.grad"
     path.write_text(LEAFWISE)
@@ -549,4 +550,11 @@ def test_explain_and_the_verify_command_see_through_map_leaves(tmp_path, capsys)
     assert "trust" in out and "on_tree: exact reverse-mode gradient; the program is smooth" not in out
     code = main(["verify", str(path), "--export", "g_tree"])
     err = capsys.readouterr().err
-    assert code == 2 and "verify does not take a tree parameter yet ('p' of export 'g_tree')" in err
+    assert code == 2 and "parameter 'p' is a tree, whose structure only a value gives" in err
+    w, b = layer(8, 16)
+    np.savez(tmp_path / "p.npz", **{"p.w": w, "p.b": b})
+    code = main(["verify", str(path), "--export", "g_tree", "--at", str(tmp_path / "p.npz")])
+    out = capsys.readouterr().out
+    # the trust rule inside map_leaves's function is seen: biased by design, not a failure
+    assert "case: non_smooth; estimator: trust(bound=1.0) at quest (q4, line 3)" in out
+    assert "p.b " in out and "verdict: biased by design (p.w:" in out and code == 0

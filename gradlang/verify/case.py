@@ -193,6 +193,8 @@ def _reached_nonsmooth(module: Module, fn: Function, wrt: tuple[str, ...]) -> li
             if reached and op.name == "call_fn":
                 function(module.function(op.params.callee),
                          frozenset(i for i, v in enumerate(op.operands) if v in dep))
+            if reached and op.name == "map_leaves":  # its function takes each leaf
+                function(module.function(op.params.callee), frozenset({0}))
             if reached and (op.name == "straight_through" or "nonsmooth" in OPS[op.name].traits):
                 rule = op.params.rule if op.name == "straight_through" else None
                 found.setdefault(id(op), NonSmooth(f.name, op, rule))
