@@ -69,6 +69,8 @@ _UNARY_DOCS = {
     "exp": "e^x", "log": "natural logarithm", "log1p": "log(1 + x), accurate near 0",
     "expm1": "e^x - 1, accurate near 0", "sqrt": "square root", "tanh": "hyperbolic tangent",
     "sigmoid": "1 / (1 + e^-x)", "softplus": "log(1 + e^x)", "relu": "max(x, 0)",
+    "gelu": "x Phi(x), the Gaussian error linear unit (the tanh approximation, as jax.nn.gelu)",
+    "silu": "x sigmoid(x) (swish)",
     "abs": "absolute value", "sin": "sine", "cos": "cosine",
 }
 _REDUCE_DOCS = {
@@ -100,6 +102,18 @@ BUILTINS: dict[str, Builtin] = {
         _b("softmax", "x:tensor axis:axis=-1", "softmax along `axis`"),
         _b("log_softmax", "x:tensor axis:axis=-1", "log of softmax along `axis`, computed stably"),
         _b("one_hot", "labels:tensor num_classes:dim", "f32 one-hot encoding of integer labels (new last axis)"),
+        _b("layer_norm", "x:tensor scale:tensor=None offset:tensor=None",
+           "(x - mean) / sqrt(var + 1e-5) over the last axis [D], times `scale` [D] plus "
+           "`offset` [D] when given"),
+        _b("rms_norm", "x:tensor scale:tensor=None",
+           "x / sqrt(mean(x^2) + 1e-6) over the last axis [D], times `scale` [D] when given"),
+        _b("take_along_axis", "x:tensor indices:tensor axis:axis=-1",
+           "the entries of x at the integer `indices` along `axis` (same rank as x; the other "
+           "axes broadcast), as numpy.take_along_axis; an index out of range gives NaN "
+           "(float x)"),
+        _b("segment_sum", "data:tensor segment_ids:tensor segments:dim",
+           "[segments, ...]: the sum of the rows of data [N, ...] with each segment id "
+           "(i32 [N]); ids out of [0, segments) are dropped"),
         _b("cross_entropy", "logits:tensor labels:tensor",
            "mean over the batch of -log_softmax(logits)[label]; labels are integer classes [B] "
            "or probabilities shaped like logits"),

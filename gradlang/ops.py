@@ -342,6 +342,22 @@ class QuantizeParams:
 
 
 @dataclass(frozen=True)
+class NormParams:
+    """`layer_norm` / `rms_norm` over the last axis: whether a scale (and an offset) operand
+    was given."""
+
+    scale: bool = False
+    offset: bool = False
+
+
+@dataclass(frozen=True)
+class SegmentParams:
+    """`segment_sum`: the number of segments (the result's first dim)."""
+
+    segments: Dim
+
+
+@dataclass(frozen=True)
 class SampledParams:
     """`(x @ w) with wta_crs(keep=K)`: rows of x kept for w's backward."""
 
@@ -430,7 +446,7 @@ def _verify_surrogate(op) -> str | None:
     return None
 
 
-UNARY_FLOAT = "exp log log1p expm1 sqrt tanh sigmoid softplus relu sin cos"
+UNARY_FLOAT = "exp log log1p expm1 sqrt tanh sigmoid softplus relu gelu silu sin cos"
 """Elementwise ops whose result is floating point (integer inputs are promoted to f32)."""
 UNARY_SAME = "neg abs"
 BINARY_ARITH = "add sub mul div pow maximum minimum"
@@ -491,6 +507,10 @@ OPS: dict[str, OpDef] = {
         *_defs("one_hot", OneHotParams, "zero_grad", "one-hot encoding"),
         *_defs("cross_entropy mse", NoParams, "", "losses"),
         *_defs("index", IndexParams, "", "indexing and slicing"),
+        *_defs("layer_norm rms_norm", NormParams, "",
+               "normalization over the last axis, times a scale (plus an offset) when given"),
+        *_defs("take_along_axis", AxisParams, "", "entries at integer indices along an axis"),
+        *_defs("segment_sum", SegmentParams, "", "sums of rows by integer segment id"),
         *_defs("if", NoParams, "", "two-way conditional with a region per branch"),
         *_defs("for", ForParams, "", "bounded loop with carried state"),
         *_defs("checkpoint", NoParams, "",

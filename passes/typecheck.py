@@ -22,6 +22,7 @@ from gradlang.types import (ERROR, SOLVER_REPORT, DistType, DType, StructType, T
                             TupleType, Type, promote, is_float_tree, scalar, substitute_dims,
                             type_dims, uses_f64)
 
+from . import typecheck_nn as N
 from . import typecheck_random as R
 from .typecheck_dims import check_power_of_two_dims
 
@@ -371,13 +372,19 @@ def _index(ctx, op, args):
     items: tuple[O.IndexItem, ...] = op.params.items
     if len(items) > t.rank:
         raise ShapeError(f"too many indices ({len(items)}) for {t}")
-    for v in args[1:]:
-        i = _tensor(v, "index")
-        if i.rank != 0 or not i.dtype.is_int:
-            raise ShapeError(f"an index must be an i32 scalar, got {i}")
+    indices = [_tensor(v, "index") for v in args[1:]]
+    for i in indices:
+        if not i.dtype.is_int:
+            raise ShapeError(f"an index must be i32, got {i}")
+    if any(i.rank for i in indices) and (len(indices) > 1 or any(it.kind == "int" for it in items)):
+        raise ShapeError(f"an integer tensor index (a lookup, table[ids]) takes the other "
+                         f"subscripts as slices (:), got [{', '.join(map(str, items))}]")
+    dynamic = iter(indices)
     shape: list = []
     for item, d in zip(items, t.shape):
-        if item.kind == "int":
+        if item.kind == "dynamic":  # a scalar drops the axis; a lookup's ids replace it
+            shape.extend(next(dynamic).shape)
+        elif item.kind == "int":
             if isinstance(d, int) and not -d <= item.index < d:
                 raise ShapeError(f"index {item.index} is out of bounds for a dimension of size {d}")
         elif item.kind == "slice":
@@ -537,7 +544,7 @@ RULES: dict[str, Rule] = {
     "concat": _join, "stack": _join, "zeros": _filled, "ones": _filled, "full": _filled,
     "arange": _arange, "eye": _eye, "softmax": _softmax, "log_softmax": _softmax,
     "one_hot": _one_hot, "cross_entropy": _cross_entropy, "mse": _mse, "index": _index,
-    **R.RULES,
+    **R.RULES, **N.RULES,
     "sign": _unary_same, "round": _unary_same, "floor": _unary_same, "ceil": _unary_same,
     "step": _unary_float, "binarize": _unary_float,
     "argmax": _along_axis, "topk": _along_axis, "sort": _along_axis,

@@ -23,6 +23,7 @@ from .jax_functions import call_jax
 from .rules_argmin import ARGMIN_LOWERINGS
 from .rules_nonsmooth import NONSMOOTH_LOWERINGS, as_result_dtype
 from .dtypes import JNP_DTYPES
+from .rules_nn import NN_LOWERINGS, lookup
 from .rules_random import RANDOM_LOWERINGS
 from .ot import sliced_wasserstein
 from .compose import compose_rule
@@ -88,6 +89,10 @@ def _index(ctx, op: Op, x, *dynamic):
             key.append(next(dyn))
         else:
             key.append(slice(item.start, item.stop, item.step))
+    ids = next((k for k in key if getattr(k, "ndim", 0)), None)
+    if ids is not None:  # a lookup, table[ids]: the other subscripts are slices
+        axis = next(a for a, k in enumerate(key) if k is ids)
+        return lookup(x, tuple(slice(None) if k is ids else k for k in key), axis, ids)
     return x[tuple(key)]
 
 
@@ -232,6 +237,7 @@ LOWERINGS: dict[str, Rule] = {
     "host_call": _host_call,
     "call_jax": call_jax,
     **RANDOM_LOWERINGS,
+    **NN_LOWERINGS,
     **NONSMOOTH_LOWERINGS,
     "const": lambda ctx, op: op.params.value,
     "dim": lambda ctx, op: jnp.asarray(ctx.dim(op.params.name), jnp.int32),
@@ -251,6 +257,8 @@ LOWERINGS: dict[str, Rule] = {
     "sqrt": _float_elementwise(jnp.sqrt),
     "tanh": _float_elementwise(jnp.tanh),
     "sigmoid": _float_elementwise(jax.nn.sigmoid),
+    "gelu": _float_elementwise(jax.nn.gelu),
+    "silu": _float_elementwise(jax.nn.silu),
     "softplus": _float_elementwise(softplus),
     "relu": _float_elementwise(jax.nn.relu),
     "sin": _float_elementwise(jnp.sin),

@@ -122,6 +122,9 @@ UNARY = {
     "sigmoid": (sigmoid, (-5, 5)), "softplus": (lambda x: np.log1p(np.exp(x)), (-5, 5)),
     "relu": (lambda x: np.maximum(x, 0), (-2, 2)), "sin": (np.sin, (-3, 3)),
     "cos": (np.cos, (-3, 3)),
+    "gelu": (lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3))),
+             (-4, 4)),
+    "silu": (lambda x: x * sigmoid(x), (-5, 5)),
 }
 for name, (ref, (lo, hi)) in UNARY.items():
     case(f"{name}", name, "x: f32[B, 4]", "f32[B, 4]", f"{name}(x)", [F(3, 4, lo=lo, hi=hi)], ref)
@@ -267,6 +270,44 @@ case("sort", "sort", "x: f32[3, 5]", "f32[3, 5]", "sort(x)", [F(3, 5)], lambda x
 case("sort-axis0", "sort", "x: f32[3, 5]", "f32[3, 5]", "sort(x, axis=0)", [F(3, 5)],
      lambda x: np.sort(x, 0))
 case("softmax", "softmax", "x: f32[3, 4]", "f32[3, 4]", "softmax(x)", [F(3, 4)], softmax)
+
+
+def np_layer_norm(x, scale=1.0, offset=0.0):
+    x = np.asarray(x, np.float64)
+    c = x - x.mean(-1, keepdims=True)
+    return c / np.sqrt((c * c).mean(-1, keepdims=True) + 1e-5) * scale + offset
+
+
+def np_rms_norm(x, scale=1.0):
+    x = np.asarray(x, np.float64)
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-6) * scale
+
+
+def np_segment_sum(data, ids, n):
+    out = np.zeros((n,) + data.shape[1:], np.float64)
+    keep = (ids >= 0) & (ids < n)
+    np.add.at(out, ids[keep], data[keep])
+    return out
+
+
+case("layer_norm", "layer_norm", "x: f32[B, 4]", "f32[B, 4]", "layer_norm(x)", [F(3, 4)],
+     np_layer_norm)
+case("layer_norm-affine", "layer_norm", "x: f32[2, 3, 4], g: f32[4], b: f32[4]",
+     "f32[2, 3, 4]", "layer_norm(x, g, b)", [F(2, 3, 4), F(4), F(4)], np_layer_norm)
+case("layer_norm-offset-only", "layer_norm", "x: f32[3, 4], b: f32[4]", "f32[3, 4]",
+     "layer_norm(x, offset=b)", [F(3, 4), F(4)], lambda x, b: np_layer_norm(x, offset=b))
+case("rms_norm", "rms_norm", "x: f32[3, 4]", "f32[3, 4]", "rms_norm(x)", [F(3, 4)], np_rms_norm)
+case("rms_norm-scale", "rms_norm", "x: f32[3, 4], g: f32[4]", "f32[3, 4]", "rms_norm(x, g)",
+     [F(3, 4), F(4)], np_rms_norm)
+case("take_along_axis", "take_along_axis", "x: f32[3, 4], i: i32[3, 2]", "f32[3, 2]",
+     "take_along_axis(x, i)", [F(3, 4), np.array([[0, 3], [1, 1], [3, 2]], np.int32)],
+     lambda x, i: np.take_along_axis(x, i, axis=-1))
+case("take_along_axis-broadcast", "take_along_axis", "x: f32[3, 4], i: i32[1, 4]",
+     "f32[1, 4]", "take_along_axis(x, i, axis=0)", [F(3, 4), np.array([[2, 0, 1, 2]], np.int32)],
+     lambda x, i: np.take_along_axis(x, i, axis=0))
+case("segment_sum", "segment_sum", "x: f32[5, 2], ids: i32[5]", "f32[3, 2]",
+     "segment_sum(x, ids, 3)", [F(5, 2), np.array([2, 0, 2, 7, -1], np.int32)],
+     lambda x, ids: np_segment_sum(x, ids, 3))
 case("softmax-axis0", "softmax", "x: f32[3, 4]", "f32[3, 4]", "softmax(x, axis=0)", [F(3, 4)],
      lambda x: softmax(x, 0))
 case("softmax-neg-axis-3d", "softmax", "x: f32[2, 3, 4]", "f32[2, 3, 4]", "softmax(x, axis=-2)",
@@ -414,6 +455,16 @@ case("index-dynamic-mixed", "index", "x: f32[3, 4], i: i32", "f32[2]", "x[1:, i 
 case("index-dynamic-two", "index", "x: f32[3, 4], i: i32, j: i32", "f32", "x[i, j]",
      [X34, np.int32(2), np.int32(0)], lambda x, i, j: x[i, j])
 case("index-i32-tensor", "index", "x: i32[6]", "i32[2]", "x[4:]", [I(6)], lambda x: x[4:])
+# lookups: an integer tensor index, its shape in place of the axis
+IDS = np.array([[0, 2, 2], [1, 0, 2]], np.int32)
+case("lookup", "index", "t: f32[3, 4], ids: i32[B, T]", "f32[B, T, 4]", "t[ids]", [X34, IDS],
+     lambda t, ids: t[ids])
+case("lookup-after-slice", "index", "t: f32[3, 4], ids: i32[B, T]", "f32[2, B, T]",
+     "t[1:, ids]", [X34, IDS], lambda t, ids: t[1:, ids])
+case("lookup-negative", "index", "t: f32[3, 4], ids: i32[3]", "f32[3, 4]", "t[ids]",
+     [X34, np.array([-1, 0, -3], np.int32)], lambda t, ids: t[ids])
+case("lookup-i32-table", "index", "t: i32[6], ids: i32[2, 2]", "i32[2, 2]", "t[ids]",
+     [I(6), np.array([[5, 0], [1, 1]], np.int32)], lambda t, ids: t[ids])
 
 # if-then-else
 for cond in (True, False):
@@ -685,7 +736,7 @@ def test_builtins_reject_bad_inputs_at_compile_time():
         "exp(x > 0.0)": "must be numeric",
         "not x": "'not' needs a bool operand",
         "x[3, 0]": "out of bounds",
-        "x[0.5]": "must be an i32 scalar",
+        "x[0.5]": "an index must be i32, got f32",
         "sum(x, axis=n)": "must be an integer literal",
         "where(x, x, x)": "condition of where must be bool",
         "cholesky(x)": "square float matrix",
