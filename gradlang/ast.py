@@ -66,6 +66,14 @@ class BoolLit(Expr):
 
 
 @dataclass(frozen=True)
+class StrLit(Expr):
+    """A string literal: only a static argument of a builtin (einsum's subscripts, a
+    convolution's padding)."""
+
+    value: str
+
+
+@dataclass(frozen=True)
 class TupleLit(Expr):
     elems: tuple[Expr, ...]
 

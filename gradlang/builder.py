@@ -583,6 +583,9 @@ class _FunctionBuilder:
     def expr_BoolLit(self, e: ast.BoolLit) -> Value:
         return self.emit("const", (), ConstParams(e.value, DType.BOOL), e.span).result
 
+    def expr_StrLit(self, e: ast.StrLit) -> Value:
+        return self.emit("str", (), NameParams(e.value), e.span).result
+
     def expr_TupleLit(self, e: ast.TupleLit) -> Value:
         value = self.emit("tuple", tuple(self.expr(x) for x in e.elems), NoParams(), e.span).result
         self.arity[value] = len(e.elems)

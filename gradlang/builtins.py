@@ -7,7 +7,8 @@ resolution time. Static kinds:
 - `bool`: `true` / `false`;
 - `shape`: a list of integer literals and dimension names, e.g. `[B, 10]` (`-1` allowed in reshape);
 - `dim`: an integer literal or a dimension name;
-- `fn`: the name of a function (it becomes the op's callee).
+- `fn`: the name of a function (it becomes the op's callee);
+- `string`: a string literal, e.g. einsum's `"ij,jk->ik"`.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ REQUIRED = object()
 @dataclass(frozen=True)
 class Arg:
     name: str
-    kind: str  # "tensor" | "tensors" | "axis" | "axes" | "bool" | "shape" | "dim" | "fn"
+    kind: str  # "tensor" | "tensors" | "axis" | "axes" | "bool" | "shape" | "dim" | "fn" | "string"
     """An optional tensor (default None) is recorded in the op's params as given or not."""
     default: object = REQUIRED
+    example: str = ""
+    """A string argument's example, for its error message."""
 
     @property
     def static(self) -> bool:
@@ -47,17 +50,24 @@ class Builtin:
 
 
 def _show(v: object) -> str:
+    if isinstance(v, str):
+        return f'"{v}"'
     return "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
 
 
-def _b(name: str, args: str, doc: str, op: str | None = None) -> Builtin:
-    """Parse a compact spec: "x:tensor axis:axes=None keepdims:bool=False"."""
+def _b(name: str, args: str, doc: str, op: str | None = None,
+       examples: dict[str, str] | None = None) -> Builtin:
+    """Parse a compact spec: "x:tensor axis:axes=None keepdims:bool=False" (a string default
+    as written: "padding:string=SAME"); `examples` give string arguments' examples."""
     parsed = []
     for spec in args.split():
         head, _, default = spec.partition("=")
         arg_name, kind = head.split(":")
+        example = (examples or {}).get(arg_name, default)
         if not default:
-            parsed.append(Arg(arg_name, kind))
+            parsed.append(Arg(arg_name, kind, example=example))
+        elif kind == "string":
+            parsed.append(Arg(arg_name, kind, default, example))
         else:
             parsed.append(Arg(arg_name, kind, _DEFAULTS[default] if default in _DEFAULTS else int(default)))
     return Builtin(name, op or name, tuple(parsed), doc)
@@ -107,6 +117,23 @@ BUILTINS: dict[str, Builtin] = {
            "`offset` [D] when given"),
         _b("rms_norm", "x:tensor scale:tensor=None",
            "x / sqrt(mean(x^2) + 1e-6) over the last axis [D], times `scale` [D] when given"),
+        _b("einsum", "subscripts:string x:tensor y:tensor=None",
+           "Einstein summation of one or two tensors, as numpy.einsum: the subscripts a string "
+           "literal checked against the operands' ranks and dims (no ellipsis); without `->` "
+           "the output is the letters used once, in alphabetical order",
+           examples={"subscripts": "ij,jk->ik"}),
+        _b("conv", "x:tensor w:tensor stride:axes=1 padding:string=SAME dilation:axes=1 "
+                   "groups:dim=1",
+           "convolution of x [B, W, C] or [B, H, W, C] with the kernel w [K, C / groups, O] "
+           "or [KH, KW, C / groups, O]: `stride` and `dilation` an integer or one per spatial "
+           "axis, `padding` \"SAME\" or \"VALID\", `groups` feature groups; [B, W', O] or "
+           "[B, H', W', O]"),
+        _b("avg_pool", "x:tensor window:axes stride:axes=None padding:string=VALID",
+           "the mean over each window of x [B, W, C] or [B, H, W, C] (`window` and `stride` an "
+           "integer or one per spatial axis; the stride the window by default); with "
+           "\"SAME\" padding the padded zeros count, as Flax's avg_pool"),
+        _b("max_pool", "x:tensor window:axes stride:axes=None padding:string=VALID",
+           "the maximum over each window of x [B, W, C] or [B, H, W, C], as avg_pool"),
         _b("take_along_axis", "x:tensor indices:tensor axis:axis=-1",
            "the entries of x at the integer `indices` along `axis` (same rank as x; the other "
            "axes broadcast), as numpy.take_along_axis; an index out of range gives NaN "

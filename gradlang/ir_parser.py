@@ -567,10 +567,18 @@ class _Parser:
             if op not in OPS:
                 self.fail("expected the op's name before its params")
             return self.params(OPS[op].params) if self.peek("{") else OPS[op].params()
+        if str in options and self.peek('"'):  # a string that is not a plain name
+            end = self.text.find('"', self.pos + 1)
+            if end < 0:
+                self.fail("unterminated string")
+            text, self.pos = self.text[self.pos + 1:end], end + 1
+            return text
         start, end = self.extent(",}")
         text = self.text[start:end]
         if DType in options and text in _DTYPES:
             return _DTYPES[text]
+        if int in options and _INT.fullmatch(text):  # before a tuple: `stride=1` or `(1, 2)`
+            return int(text)
         if any(typing.get_origin(o) is tuple for o in options):
             if typing.get_args(next(o for o in options if typing.get_origin(o) is tuple))[0] \
                     is IndexItem:

@@ -351,6 +351,26 @@ class NormParams:
 
 
 @dataclass(frozen=True)
+class EinsumParams:
+    """`einsum`: the subscripts as written; whether a second operand was given."""
+
+    subscripts: str
+    y: bool = False
+
+
+@dataclass(frozen=True)
+class ConvParams:
+    """`conv` (`window` unused) and the pools (`groups` and `dilation` unused): strides,
+    dilations and windows an int for every spatial axis or one each; `padding` SAME / VALID."""
+
+    stride: int | tuple[int, ...] | None = 1
+    padding: str = "SAME"
+    dilation: int | tuple[int, ...] = 1
+    groups: Dim = 1
+    window: int | tuple[int, ...] = 1
+
+
+@dataclass(frozen=True)
 class SegmentParams:
     """`segment_sum`: the number of segments (the result's first dim)."""
 
@@ -462,6 +482,8 @@ OPS: dict[str, OpDef] = {
         *_defs("ref", NameParams, "unresolved", "a free name, before resolution"),
         *_defs("call", CallParams, "unresolved", "a call, before resolution"),
         *_defs("list", NoParams, "unresolved", "a list literal, before resolution"),
+        *_defs("str", NameParams, "unresolved",
+               "a string literal (a builtin's static argument), before resolution"),
         *_defs("error", NoParams, "", "placeholder for an expression that has a diagnostic"),
         *_defs("dim", NameParams, "zero_grad", "the runtime size of a symbolic dim, as i32"),
         *_defs("call_fn", CalleeParams, "", "call of a user function"),
@@ -510,6 +532,9 @@ OPS: dict[str, OpDef] = {
         *_defs("layer_norm rms_norm", NormParams, "",
                "normalization over the last axis, times a scale (plus an offset) when given"),
         *_defs("take_along_axis", AxisParams, "", "entries at integer indices along an axis"),
+        *_defs("einsum", EinsumParams, "", "Einstein summation of one or two tensors"),
+        *_defs("conv", ConvParams, "", "1-D or 2-D convolution, channels last"),
+        *_defs("avg_pool max_pool", ConvParams, "", "1-D or 2-D pooling, channels last"),
         *_defs("segment_sum", SegmentParams, "", "sums of rows by integer segment id"),
         *_defs("if", NoParams, "", "two-way conditional with a region per branch"),
         *_defs("for", ForParams, "", "bounded loop with carried state"),
@@ -569,5 +594,7 @@ def params_text(params: object) -> str:
             v = v.value
         elif isinstance(v, tuple) and v and isinstance(v[0], IndexItem):
             v = "[" + ", ".join(str(i) for i in v) + "]"
+        elif isinstance(v, str) and not v.replace("_", "a").replace(".", "a").isalnum():
+            v = '"' + v + '"'  # einsum's subscripts: commas and arrows (never a quote)
         items.append(f"{f.name}={v}")
     return "{" + ", ".join(items) + "}" if items else ""

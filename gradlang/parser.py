@@ -27,6 +27,7 @@ _TOKEN_TEXT = {
     "NAME": "a name",
     "INT": "an integer",
     "FLOAT": "a number",
+    "STRING": "a string",
     "$END": "end of input",
     "F32": "'f32'",
     "F64": "'f64'",
@@ -62,7 +63,7 @@ def _describe_expected(expected: set[str]) -> str:
     return "one of " + ", ".join(items) if len(items) > 1 else items[0]
 
 
-_EXPR_START = {"NAME", "INT", "FLOAT", "LPAR", "LSQB", "MINUS", "NOT", "IF", "FOR", "TRUE", "FALSE",
+_EXPR_START = {"NAME", "INT", "FLOAT", "STRING", "LPAR", "LSQB", "MINUS", "NOT", "IF", "FOR", "TRUE", "FALSE",
                "ARGMIN", "ARGMAX", "CHECKPOINT",
                "F32", "F64", "I32", "BOOL"}
 
@@ -462,6 +463,10 @@ class _ToAst(Transformer_NonRecursive):
                              f"numbers are from about 4.9e-324 to 1.8e+308)", self._span(meta))
             return ast.FloatLit(self._span(meta), 0.0)  # a program with errors is not built
         return ast.FloatLit(self._span(meta), value)
+
+    @v_args(meta=True)
+    def str_lit(self, meta, items):
+        return ast.StrLit(self._span(meta), str(items[0])[1:-1])
 
     @v_args(meta=True)
     def true_lit(self, meta, items):

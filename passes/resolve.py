@@ -577,7 +577,11 @@ class _FunctionResolver:
         return self.error_op(op, _not_a_value(self.fn_refs[op], "function"))
 
     def reject_list_values(self, op: Op) -> Op:
-        """A list literal still used after folding is used as a value: an error."""
+        """A list or string literal still used after folding is used as a value: an error."""
+        if op.name == "str":
+            self.diags.error("a string literal can only be a static argument of a builtin, "
+                             "such as einsum's subscripts", op.span)
+            return self.failed(op)
         if op.name != "list":
             return op
         if op.result not in self.reported_lists:
@@ -901,6 +905,10 @@ class _FunctionResolver:
             return (self.static_int(v, msg),)
         if a.kind == "dim":
             return self.dim(v, f"{what} must be an integer literal or a dimension name")
+        if a.kind == "string":
+            if d is None or d.name != "str":
+                self.static_error(v, f"{what} must be a string literal, e.g. \"{a.example}\"")
+            return d.params.name  # type: ignore[union-attr]
         assert a.kind == "shape"
         msg = f"{what} must be a list of integer literals and dimension names, e.g. [B, 10]"
         if d is None or d.name != "list":

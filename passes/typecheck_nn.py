@@ -1,10 +1,11 @@
-"""Type rules of the neural-network layer ops: normalizations, gathers along an axis and
-segment sums (lookups `table[ids]` are the `index` op's)."""
+"""Type rules of the neural-network layer ops: einsum, convolutions and pools,
+normalizations, gathers along an axis and segment sums (lookups `table[ids]` are the `index`
+op's)."""
 
 from __future__ import annotations
 
 from gradlang.shapes import ShapeError, broadcast, normalize_axis, show
-from gradlang.types import DType, TensorType, Type
+from gradlang.types import Dim, DType, TensorType, Type
 
 
 def _tensor(t: Type, what: str, rank: int = 0) -> TensorType:
@@ -57,5 +58,123 @@ def segment_sum(ctx, op, args) -> TensorType:
     return data.with_shape((op.params.segments,) + data.shape[1:])
 
 
-RULES = {"layer_norm": norm, "rms_norm": norm, "take_along_axis": take_along_axis,
+def _float(t: Type, what: str) -> TensorType:
+    t = _tensor(t, what)
+    return t if t.dtype.is_float else t.with_dtype(DType.F32)
+
+
+def einsum(ctx, op, args) -> TensorType:
+    """The subscripts' inputs match the operands' ranks, a letter one size everywhere; the
+    output's letters (explicit, or those used once in alphabetical order) give its shape."""
+    spec = op.params.subscripts.replace(" ", "")
+    inputs, arrow, output = spec.partition("->")
+    terms = inputs.split(",")
+    if "." in spec or not all(c.isalpha() or c in ",->" for c in spec) or spec.count("->") > 1:
+        raise ShapeError(f"einsum subscripts are letters, one term per operand separated by "
+                         f"commas, then optionally -> and the output's letters (no ellipsis), "
+                         f"got \"{op.params.subscripts}\"")
+    if len(terms) != len(args):
+        raise ShapeError(f"einsum subscripts \"{op.params.subscripts}\" name {len(terms)} "
+                         f"operand{'s' * (len(terms) > 1)}, given {len(args)}")
+    ts = [_tensor(a.type, f"operand {i + 1} of einsum") for i, a in enumerate(args)]
+    sizes: dict[str, Dim] = {}
+    for term, t in zip(terms, ts):
+        if len(term) != t.rank:
+            raise ShapeError(f"einsum term \"{term}\" has {len(term)} letters for {t} of rank "
+                             f"{t.rank}")
+        for letter, d in zip(term, t.shape):
+            if sizes.setdefault(letter, d) != d:
+                raise ShapeError(f"einsum letter '{letter}' is {sizes[letter]} and {d} in "
+                                 f"\"{op.params.subscripts}\"")
+    if not arrow:
+        output = "".join(sorted(c for c in sizes if inputs.count(c) == 1))
+    unknown = [c for c in output if c not in sizes]
+    if unknown or len(set(output)) != len(output):
+        raise ShapeError(f"einsum output \"{output}\" must name each input letter at most once"
+                         + (f"; '{unknown[0]}' is in no input" if unknown else ""))
+    dtype = DType.F64 if any(t.dtype is DType.F64 for t in ts) else (
+        ts[0].dtype if all(t.dtype is ts[0].dtype for t in ts) else DType.F32)
+    return TensorType(dtype, tuple(sizes[c] for c in output))
+
+
+def _per_axis(value, n: int, what: str, name: str) -> tuple[int, ...]:
+    values = (value,) * n if isinstance(value, int) else tuple(value)
+    if len(values) == 1:
+        values *= n
+    if len(values) != n or any(v < 1 for v in values):
+        raise ShapeError(f"the {what} of {name} must be a positive integer or {n} of them (one "
+                         f"per spatial axis), got {list(values)}")
+    return values
+
+
+def _windowed(name: str, x: TensorType, k: tuple[Dim, ...], stride, dilation, padding: str
+              ) -> tuple[Dim, ...]:
+    """The spatial sizes after a window of size k (dilated) slides with the stride."""
+    if padding not in ("SAME", "VALID"):
+        raise ShapeError(f"the padding of {name} must be \"SAME\" or \"VALID\", got "
+                         f"\"{padding}\"")
+    out: list[Dim] = []
+    for n, kk, s, d in zip(x.shape[1:-1], k, stride, dilation):
+        if padding == "SAME" and s == 1:
+            out.append(n)
+            continue
+        if not (isinstance(n, int) and isinstance(kk, int)):
+            raise ShapeError(f"{name} with {padding} padding and stride {s} needs static "
+                             f"spatial sizes and windows, got {x} and a window {show(k)}")
+        if padding == "SAME":
+            out.append(-(-n // s))
+            continue
+        span = (kk - 1) * d + 1
+        if span > n:
+            raise ShapeError(f"{name}: a window of {span}{' (dilated)' * (d > 1)} does not "
+                             f"fit in {n} with VALID padding ({x})")
+        out.append((n - span) // s + 1)
+    return tuple(out)
+
+
+def _channels_last(t: Type, name: str) -> TensorType:
+    x = _tensor(t, f"the input of {name}")
+    if x.rank not in (3, 4):
+        raise ShapeError(f"{name} takes x [B, W, C] (1-D) or [B, H, W, C] (2-D), got {x}")
+    return x
+
+
+def conv(ctx, op, args) -> TensorType:
+    x = _channels_last(args[0].type, "conv")
+    w = _tensor(args[1].type, "the kernel of conv")
+    layout = "[K, C / groups, O]" if x.rank == 3 else "[KH, KW, C / groups, O]"
+    if w.rank != x.rank:
+        raise ShapeError(f"conv of {x} needs a kernel {layout}, got {w}")
+    p, n = op.params, x.rank - 2
+    groups = p.groups
+    if not isinstance(groups, int) or groups < 1:
+        raise ShapeError(f"the groups of conv must be a positive integer, got {groups}")
+    c, i, o = x.shape[-1], w.shape[-2], w.shape[-1]
+    fits = c == i if groups == 1 else (isinstance(c, int) and isinstance(i, int)
+                                      and c == i * groups)
+    if not fits:
+        raise ShapeError(f"conv of {x} with {groups} group{'s' * (groups > 1)} needs a kernel "
+                         f"{layout} with C / groups = {c if groups == 1 else f'{c} / {groups}'} "
+                         f"input channels, got {w}")
+    if groups > 1 and not (isinstance(o, int) and o % groups == 0):
+        raise ShapeError(f"conv with {groups} groups needs output channels divisible by "
+                         f"{groups}, got {w}")
+    stride = _per_axis(p.stride, n, "stride", "conv")
+    dilation = _per_axis(p.dilation, n, "dilation", "conv")
+    spatial = _windowed("conv", x, w.shape[:n], stride, dilation, p.padding)
+    return TensorType(_float(x, "the input of conv").dtype, (x.shape[0],) + spatial + (o,))
+
+
+def pool(ctx, op, args) -> TensorType:
+    x = _channels_last(args[0].type, op.name)
+    p, n = op.params, x.rank - 2
+    window = _per_axis(p.window, n, "window", op.name)
+    stride = window if p.stride is None else _per_axis(p.stride, n, "stride", op.name)
+    spatial = _windowed(op.name, x, window, stride, (1,) * n, p.padding)
+    t = x if op.name == "max_pool" else _float(x, f"the input of {op.name}")
+    return t.with_shape((x.shape[0],) + spatial + (x.shape[-1],))
+
+
+RULES = {"einsum": einsum, "conv": conv, "avg_pool": pool, "max_pool": pool,
+         "layer_norm": norm, "rms_norm": norm, "take_along_axis": take_along_axis,
          "segment_sum": segment_sum}

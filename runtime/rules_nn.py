@@ -1,12 +1,17 @@
-"""Lowering rules of the neural-network layer ops, each to the `jax.nn` / `jnp` / `jax.ops`
-function XLA fuses well (lookups `table[ids]` are the `index` op's, in `rules`)."""
+"""Lowering rules of the neural-network layer ops, each to the `jax.lax` / `jax.nn` / `jnp` /
+`jax.ops` function XLA fuses well (lookups `table[ids]` are the `index` op's, in `rules`)."""
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gradlang.ir import Op
+
+from .rules_nonsmooth import as_result_dtype
 
 LAYER_NORM_EPS = 1e-5
 """As Flax's `nn.LayerNorm` and PyTorch's."""
@@ -33,6 +38,44 @@ def _norm(ctx, op: Op, x, *affine):
     return y.astype(x.dtype)
 
 
+def _einsum(ctx, op: Op, *xs):
+    return jnp.einsum(op.params.subscripts, *(as_result_dtype(op, x) for x in xs))
+
+
+def _spatial(value, n: int) -> tuple[int, ...]:
+    values = (value,) * n if isinstance(value, int) else tuple(value)
+    return values * n if len(values) == 1 else values
+
+
+_LAYOUTS = {3: ("NWC", "WIO", "NWC"), 4: ("NHWC", "HWIO", "NHWC")}
+
+
+def _conv(ctx, op: Op, x, w):
+    p, n = op.params, x.ndim - 2
+    x, w = as_result_dtype(op, x), as_result_dtype(op, w)
+    return jax.lax.conv_general_dilated(
+        x, w, _spatial(p.stride, n), p.padding, rhs_dilation=_spatial(p.dilation, n),
+        dimension_numbers=_LAYOUTS[x.ndim], feature_group_count=ctx.dim(p.groups))
+
+
+def _pool(ctx, op: Op, x):
+    """lax.reduce_window over the spatial axes: the max, or the sum over the window's size
+    (padded zeros counted, as Flax's avg_pool)."""
+    p, n = op.params, x.ndim - 2
+    window = _spatial(p.window, n)
+    stride = window if p.stride is None else _spatial(p.stride, n)
+    dims, strides = (1, *window, 1), (1, *stride, 1)
+    x = as_result_dtype(op, x)
+    # the initial values are NumPy scalars: lax then picks its differentiable max / sum
+    # window reductions (a traced initial value takes the generic, non-differentiable one)
+    if op.name == "max_pool":
+        floating = jnp.issubdtype(x.dtype, jnp.floating)
+        init = x.dtype.type(-np.inf if floating else jnp.iinfo(x.dtype).min)
+        return jax.lax.reduce_window(x, init, jax.lax.max, dims, strides, p.padding)
+    total = jax.lax.reduce_window(x, x.dtype.type(0), jax.lax.add, dims, strides, p.padding)
+    return total / math.prod(window)
+
+
 def _take_along_axis(ctx, op: Op, x, indices):
     return jnp.take_along_axis(x, indices, axis=op.params.axis, mode="fill")
 
@@ -47,5 +90,6 @@ def lookup(x, key: tuple, axis: int, ids):
     return jnp.take(x[key], ids, axis=axis, mode="fill")
 
 
-NN_LOWERINGS = {"layer_norm": _norm, "rms_norm": _norm,
-              "take_along_axis": _take_along_axis, "segment_sum": _segment_sum}
+NN_LOWERINGS = {"einsum": _einsum, "conv": _conv, "avg_pool": _pool, "max_pool": _pool,
+                "layer_norm": _norm, "rms_norm": _norm,
+                "take_along_axis": _take_along_axis, "segment_sum": _segment_sum}

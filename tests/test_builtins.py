@@ -299,6 +299,90 @@ case("layer_norm-offset-only", "layer_norm", "x: f32[3, 4], b: f32[4]", "f32[3, 
 case("rms_norm", "rms_norm", "x: f32[3, 4]", "f32[3, 4]", "rms_norm(x)", [F(3, 4)], np_rms_norm)
 case("rms_norm-scale", "rms_norm", "x: f32[3, 4], g: f32[4]", "f32[3, 4]", "rms_norm(x, g)",
      [F(3, 4), F(4)], np_rms_norm)
+def _pads(n, k, s, d, padding):
+    """(out, lo): XLA's SAME pads the total (out - 1) s + span - n, the odd one at the end."""
+    span = (k - 1) * d + 1
+    if padding == "VALID":
+        return (n - span) // s + 1, 0
+    out = -(-n // s)
+    return out, max((out - 1) * s + span - n, 0) // 2
+
+
+def np_windows(x, k, stride, dilation, padding, fill=0.0):
+    """x [B, *S, C] (1-D or 2-D) as windows [B, *out, *k, C] (float64), padded with `fill`."""
+    x = np.asarray(x, np.float64)
+    one_d = x.ndim == 3
+    if one_d:
+        x, k, stride, dilation = x[:, None], (1, *k), (1, *stride), (1, *dilation)
+    (oh, lh), (ow, lw) = (_pads(n, kk, s, d, padding)
+                          for n, kk, s, d in zip(x.shape[1:3], k, stride, dilation))
+    big = np.full((x.shape[0], x.shape[1] + 2 * k[0] * dilation[0] + oh * stride[0],
+                   x.shape[2] + 2 * k[1] * dilation[1] + ow * stride[1], x.shape[3]), fill)
+    big[:, lh:lh + x.shape[1], lw:lw + x.shape[2]] = x
+    out = np.empty((x.shape[0], oh, ow, k[0], k[1], x.shape[3]))
+    for i in range(oh):
+        for j in range(ow):
+            rows = i * stride[0] + dilation[0] * np.arange(k[0])
+            cols = j * stride[1] + dilation[1] * np.arange(k[1])
+            out[:, i, j] = big[:, rows][:, :, cols]
+    return out[:, 0, :, 0] if one_d else out
+
+
+def np_conv(x, w, stride=1, padding="SAME", dilation=1, groups=1):
+    n = x.ndim - 2
+    k = w.shape[:n]
+    stride, dilation = (stride,) * n if np.isscalar(stride) else stride, \
+        (dilation,) * n if np.isscalar(dilation) else dilation
+    win = np_windows(x, k, stride, dilation, padding)  # [B, *out, *k, C]
+    c, o = w.shape[-2], w.shape[-1]
+    outs = []
+    for g in range(groups):
+        part = win[..., g * c:(g + 1) * c]
+        wg = np.asarray(w, np.float64)[..., g * (o // groups):(g + 1) * (o // groups)]
+        axes = list(range(-n - 1, 0))
+        outs.append(np.tensordot(part, wg, axes=(axes, list(range(n + 1)))))
+    return np.concatenate(outs, axis=-1)
+
+
+def np_pool(x, window, stride=None, padding="VALID", kind="max"):
+    n = x.ndim - 2
+    window = (window,) * n if np.isscalar(window) else window
+    stride = window if stride is None else ((stride,) * n if np.isscalar(stride) else stride)
+    win = np_windows(x, window, stride, (1,) * n, padding, -np.inf if kind == "max" else 0.0)
+    axes = tuple(range(-n - 1, -1))
+    return win.max(axis=axes) if kind == "max" else win.sum(axis=axes) / np.prod(window)
+
+
+case("einsum-matmul", "einsum", "a: f32[3, 4], b: f32[4, 2]", "f32[3, 2]",
+     'einsum("ij,jk->ik", a, b)', [F(3, 4), F(4, 2)], lambda a, b: np.einsum("ij,jk->ik", a, b))
+case("einsum-attention", "einsum", "q: f32[2, 3, 4], k: f32[2, 5, 4]", "f32[2, 3, 5]",
+     'einsum("btd, bsd -> bts", q, k)', [F(2, 3, 4), F(2, 5, 4)],
+     lambda q, k: np.einsum("btd,bsd->bts", q, k))
+case("einsum-implicit-trace", "einsum", "a: f32[3, 3]", "f32", 'einsum("ii", a)', [F(3, 3)],
+     lambda a: np.einsum("ii", a))
+case("einsum-implicit-transpose", "einsum", "a: f32[3, 4]", "f32[4, 3]", 'einsum("ji", a)',
+     [F(3, 4)], lambda a: np.einsum("ji", a))
+case("conv-1d", "conv", "x: f32[2, 9, 3], w: f32[3, 3, 4]", "f32[2, 9, 4]", "conv(x, w)",
+     [F(2, 9, 3), F(3, 3, 4)], np_conv)
+case("conv-1d-valid-stride-dilation", "conv", "x: f32[2, 9, 3], w: f32[3, 3, 4]",
+     "f32[2, 3, 4]", 'conv(x, w, stride=2, padding="VALID", dilation=2)',
+     [F(2, 9, 3), F(3, 3, 4)], lambda x, w: np_conv(x, w, 2, "VALID", 2))
+case("conv-2d-same-stride", "conv", "x: f32[2, 7, 6, 3], w: f32[3, 2, 3, 4]",
+     "f32[2, 4, 3, 4]", "conv(x, w, stride=2)", [F(2, 7, 6, 3), F(3, 2, 3, 4)],
+     lambda x, w: np_conv(x, w, 2))
+case("conv-2d-groups", "conv", "x: f32[1, 5, 5, 4], w: f32[3, 3, 2, 6]", "f32[1, 5, 5, 6]",
+     "conv(x, w, groups=2, dilation=[1, 2])", [F(1, 5, 5, 4), F(3, 3, 2, 6)],
+     lambda x, w: np_conv(x, w, 1, "SAME", (1, 2), 2), ops=64)
+case("max_pool", "max_pool", "x: f32[2, 6, 6, 3]", "f32[2, 3, 3, 3]", "max_pool(x, 2)",
+     [F(2, 6, 6, 3)], lambda x: np_pool(x, 2))
+case("max_pool-1d-same", "max_pool", "x: f32[2, 7, 3]", "f32[2, 4, 3]",
+     'max_pool(x, 3, stride=2, padding="SAME")', [F(2, 7, 3)],
+     lambda x: np_pool(x, 3, 2, "SAME"))
+case("avg_pool", "avg_pool", "x: f32[2, 6, 5, 3]", "f32[2, 3, 2, 3]", "avg_pool(x, [2, 2])",
+     [F(2, 6, 5, 3)], lambda x: np_pool(x, 2, kind="avg"))
+case("avg_pool-same", "avg_pool", "x: f32[2, 5, 5, 3]", "f32[2, 3, 3, 3]",
+     'avg_pool(x, 3, stride=2, padding="SAME")', [F(2, 5, 5, 3)],
+     lambda x: np_pool(x, 3, 2, "SAME", kind="avg"))
 case("take_along_axis", "take_along_axis", "x: f32[3, 4], i: i32[3, 2]", "f32[3, 2]",
      "take_along_axis(x, i)", [F(3, 4), np.array([[0, 3], [1, 1], [3, 2]], np.int32)],
      lambda x, i: np.take_along_axis(x, i, axis=-1))

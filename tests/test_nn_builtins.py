@@ -100,3 +100,79 @@ def test_bad_layer_arguments_are_located_errors(body, message):
     with pytest.raises(gradlang.CompileError) as info:
         gradlang.compile_source(source + "export f = f\n", "bad.grad")
     assert "bad.grad:2:" in str(info.value) and f"error: {message}\n" in str(info.value)
+
+
+CNN = """
+fn f(x: f32[B, 8, 8, 3], w1: f32[3, 3, 3, 4], w2: f32[2, 2, 1, 6], q: f32[4, 5]) -> f32 {
+  let h = max_pool(relu(conv(x, w1, stride=2)), 2)
+  let g = avg_pool(gelu(conv(x, w2, padding="VALID", dilation=[1, 2], groups=3, stride=1)), [2, 1],
+                   padding="SAME")
+  return sum(einsum("bhwc,cd->bd", h, q) ^ 2) + mean(g)
+}
+export g = value_and_grad(f, wrt=[x, w1, w2, q])
+"""
+
+
+def cnn_reference(x, w1, w2, q):
+    """The same network in jax.lax / jax.nn: conv_general_dilated (NHWC, HWIO),
+    reduce_window, einsum."""
+    dn = ("NHWC", "HWIO", "NHWC")
+    h = jax.lax.conv_general_dilated(x, w1, (2, 2), "SAME", dimension_numbers=dn)
+    h = jax.lax.reduce_window(jax.nn.relu(h), -jnp.inf, jax.lax.max, (1, 2, 2, 1),
+                              (1, 2, 2, 1), "VALID")
+    g = jax.lax.conv_general_dilated(x, w2, (1, 1), "VALID", rhs_dilation=(1, 2),
+                                     dimension_numbers=dn, feature_group_count=3)
+    g = jax.lax.reduce_window(jax.nn.gelu(g), 0.0, jax.lax.add, (1, 2, 1, 1), (1, 2, 1, 1),
+                              "SAME") / 2
+    return jnp.sum(jnp.einsum("bhwc,cd->bd", h, q) ** 2) + jnp.mean(g)
+
+
+def test_convolutions_pools_and_einsum_differentiate_as_the_lax_ops():
+    m = gradlang.compile_source(CNN, "cnn.grad")
+    args = [RNG.normal(size=s).astype(np.float32)
+            for s in ((2, 8, 8, 3), (3, 3, 3, 4), (2, 2, 1, 6), (4, 5))]
+    value, grads = m.g(*args)
+    want_value, want = jax.value_and_grad(cnn_reference, argnums=(0, 1, 2, 3))(*args)
+    # the same lax ops on the same float32 values: a convolution sums 27 products, the
+    # einsum 16 positions x 4 channels, the loss 2 x 5 squares
+    ops = 4 * 27 * 64
+    np.testing.assert_allclose(value, want_value, rtol=ops * EPS32)
+    for name, w in zip(("x", "w1", "w2", "q"), want):
+        np.testing.assert_allclose(grads[name], w, rtol=0,
+                                   atol=ops * EPS32 * float(np.abs(w).max()))
+
+
+@pytest.mark.parametrize("body, message", [
+    ('sum(einsum("ij,jk", t, x))', 'einsum term "jk" has 2 letters for f32[V] of rank 1'),
+    ('sum(einsum("ij,jk->ik", t))', 'einsum subscripts "ij,jk->ik" name 2 operands, given 1'),
+    ('sum(einsum("ij,ij->i", t, k[0]))', "einsum letter 'i' is V and 3 in \"ij,ij->i\""),
+    ('sum(einsum("ij->iz", t))', 'einsum output "iz" must name each input letter at most '
+                                 "once; 'z' is in no input"),
+    ('sum(einsum("i...", x))', "einsum subscripts are letters, one term per operand separated "
+                               "by commas, then optionally -> and the output's letters (no "
+                               'ellipsis), got "i..."'),
+    ("sum(einsum(ids, t))", "argument 'subscripts' of einsum must be a string literal, e.g. "
+                            '"ij,jk->ik"; \'ids\' is a value computed at run time'),
+    ('sum(x) + "a"', "a string literal can only be a static argument of a builtin, such as "
+                     "einsum's subscripts"),
+    ("sum(conv(t, t))", "conv takes x [B, W, C] (1-D) or [B, H, W, C] (2-D), got f32[V, E]"),
+    ("sum(conv(c, t))", "conv of f32[B, 8, 3] needs a kernel [K, C / groups, O], got f32[V, E]"),
+    ("sum(conv(c, k, groups=2))", "conv of f32[B, 8, 3] with 2 groups needs a kernel "
+                                  "[K, C / groups, O] with C / groups = 3 / 2 input channels, "
+                                  "got f32[3, 3, 4]"),
+    ('sum(conv(c, k, padding="FULL"))', 'the padding of conv must be "SAME" or "VALID", got '
+                                        '"FULL"'),
+    ("sum(conv(c, k, stride=[1, 2]))", "the stride of conv must be a positive integer or 1 of "
+                                       "them (one per spatial axis), got [1, 2]"),
+    ('sum(max_pool(c, 9, padding="VALID"))', "max_pool: a window of 9 does not fit in 8 with "
+                                             "VALID padding (f32[B, 8, 3])"),
+    ("sum(conv(c, k, padding=\"VALID\", dilation=4))", "conv: a window of 9 (dilated) does not "
+                                                     "fit in 8 with VALID padding "
+                                                     "(f32[B, 8, 3])"),
+])
+def test_bad_convolution_and_einsum_arguments_are_located_errors(body, message):
+    source = ("fn f(t: f32[V, E], ids: i32[N], x: f32[V], c: f32[B, 8, 3], k: f32[3, 3, 4]) "
+              f"-> f32 {{\n  return {body}\n}}\nexport f = f\n")
+    with pytest.raises(gradlang.CompileError) as info:
+        gradlang.compile_source(source, "bad.grad")
+    assert "bad.grad:2:" in str(info.value) and f"error: {message}\n" in str(info.value)
