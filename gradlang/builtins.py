@@ -134,6 +134,22 @@ BUILTINS: dict[str, Builtin] = {
            "\"SAME\" padding the padded zeros count, as Flax's avg_pool"),
         _b("max_pool", "x:tensor window:axes stride:axes=None padding:string=VALID",
            "the maximum over each window of x [B, W, C] or [B, H, W, C], as avg_pool"),
+        _b("dot_product_attention", "q:tensor k:tensor v:tensor mask:tensor=None "
+                                    "causal:bool=False",
+           "softmax(q k^T / sqrt(D)) v per head, as jax.nn.dot_product_attention: q [B, T, H, "
+           "D], k and v [B, S, K, D] (K heads of keys and values, each shared by H / K query "
+           "heads); `mask` bool, [B, S] (key padding) or broadcasting to [B, H, T, S], true "
+           "where a query may attend; `causal` masks the future; [B, T, H, D]"),
+        _b("group_norm", "x:tensor groups:dim scale:tensor=None offset:tensor=None",
+           "x [B, ..., C] normalized over its non-batch axes within each of `groups` groups "
+           "of channels (eps 1e-5, as Flax's GroupNorm), times `scale` [C] plus `offset` [C] "
+           "when given"),
+        _b("leaky_relu", "x:tensor slope:tensor",
+           "x where x >= 0, else slope x (the slope a scalar, e.g. 0.01)"),
+        _b("dropout", "x:tensor rate:tensor",
+           "x with each entry zeroed with probability `rate` and the rest scaled by 1 / (1 - "
+           "rate): a random choice (the function takes a key), its gradient pathwise through "
+           "the kept entries"),
         _b("take_along_axis", "x:tensor indices:tensor axis:axis=-1",
            "the entries of x at the integer `indices` along `axis` (same rank as x; the other "
            "axes broadcast), as numpy.take_along_axis; an index out of range gives NaN "

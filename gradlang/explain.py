@@ -74,6 +74,23 @@ def _nonsmooth(module: Module, functions: list[str]) -> list[list[str]]:
     return rows
 
 
+_PATHWISE_DRAWS = {
+    "stochastic_round": ("floor(x + u), u ~ U[0, 1)",
+                         "the identity (exact for the expectation)"),
+    "dropout": ("a Bernoulli keep-mask, kept with probability 1 - rate",
+                "through the kept entries, times 1 / (1 - rate) (unbiased: the mask does not "
+                "depend on x)"),
+}
+"""The draws a builtin makes with no estimator: what is drawn, and its backward."""
+
+
+def _pathwise_draws(module: Module, functions: list[str]) -> list[list[str]]:
+    """Rows (op, where, draw, backward) for the builtins that draw without an estimator."""
+    return [[op.name, f"{name}, line {op.span.line}", *_PATHWISE_DRAWS[op.name]]
+            for name in functions for op in walk(module.function(name).body)
+            if op.name in _PATHWISE_DRAWS]
+
+
 def _memory(module: Module, functions: list[str]) -> list[list[str]]:
     """Rows (what, where, backward pass) for the checkpoint blocks, sampled matmuls and
     truncated loops."""
@@ -283,6 +300,10 @@ def _export(module: Module, export, flow: dict) -> list[str]:
     if nonsmooth:
         lines.append(f"  non-smooth operations ({len(nonsmooth)}), with their backward rules:")
         lines += table([["op", "where", "backward rule"]] + nonsmooth, "    ")
+    draws = _pathwise_draws(module, reach)
+    if draws:
+        lines.append(f"  draws without an estimator ({len(draws)}), differentiated as drawn:")
+        lines += table([["op", "where", "draw", "backward"]] + draws, "    ")
     sliced = [c for c in module.facts.sliced if c.function in reach]
     if sliced:
         lines.append(f"  sliced Wasserstein estimates ({len(sliced)}):")

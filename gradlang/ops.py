@@ -371,6 +371,23 @@ class ConvParams:
 
 
 @dataclass(frozen=True)
+class AttentionParams:
+    """`dot_product_attention`: whether a mask operand was given; a causal mask."""
+
+    mask: bool = False
+    causal: bool = False
+
+
+@dataclass(frozen=True)
+class GroupNormParams:
+    """`group_norm`: the number of channel groups; whether a scale / offset was given."""
+
+    groups: Dim
+    scale: bool = False
+    offset: bool = False
+
+
+@dataclass(frozen=True)
 class SegmentParams:
     """`segment_sum`: the number of segments (the result's first dim)."""
 
@@ -532,6 +549,13 @@ OPS: dict[str, OpDef] = {
         *_defs("layer_norm rms_norm", NormParams, "",
                "normalization over the last axis, times a scale (plus an offset) when given"),
         *_defs("take_along_axis", AxisParams, "", "entries at integer indices along an axis"),
+        *_defs("dot_product_attention", AttentionParams, "",
+               "multi-head scaled dot-product attention (jax.nn.dot_product_attention)"),
+        *_defs("group_norm", GroupNormParams, "",
+               "normalization over the spatial axes and each group of channels"),
+        *_defs("leaky_relu", NoParams, "elementwise", "max(x, slope x)"),
+        *_defs("dropout", NoParams, "random",
+               "x times a Bernoulli keep-mask over 1 - rate (a draw; pathwise gradient)"),
         *_defs("einsum", EinsumParams, "", "Einstein summation of one or two tensors"),
         *_defs("conv", ConvParams, "", "1-D or 2-D convolution, channels last"),
         *_defs("avg_pool max_pool", ConvParams, "", "1-D or 2-D pooling, channels last"),

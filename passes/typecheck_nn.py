@@ -175,6 +175,72 @@ def pool(ctx, op, args) -> TensorType:
     return t.with_shape((x.shape[0],) + spatial + (x.shape[-1],))
 
 
-RULES = {"einsum": einsum, "conv": conv, "avg_pool": pool, "max_pool": pool,
+def attention(ctx, op, args) -> TensorType:
+    """q [B, T, H, D], k and v [B, S, K, D], H a multiple of K; a bool mask [B, S] or
+    broadcasting to [B, H, T, S]: [B, T, H, D]."""
+    q, k, v = (_tensor(a.type, f"the {n} of dot_product_attention")
+               for n, a in zip(("queries", "keys", "values"), args))
+    if not all(t.rank == 4 and t.dtype.is_float for t in (q, k, v)):
+        raise ShapeError(f"dot_product_attention takes float q [B, T, H, D], k [B, S, K, D] "
+                         f"and v [B, S, K, D], got {q}, {k} and {v}")
+    (b, t, h, d), (bk, s, kh, dk), (bv, sv, vh, dv) = q.shape, k.shape, v.shape
+    heads = kh == h or (isinstance(h, int) and isinstance(kh, int) and h % kh == 0)
+    if not (b == bk == bv and d == dk == dv and s == sv and kh == vh and heads):
+        raise ShapeError(f"dot_product_attention needs q [B, T, H, D], k and v [B, S, K, D] "
+                         f"with H a multiple of K, got {q}, {k} and {v}")
+    if op.params.mask:
+        m = _tensor_or_bool(args[3].type)
+        full = (b, h, t, s)
+        fits = (m.shape == (b, s) if m.rank == 2 else
+                m.rank == 4 and all(x in (1, y) for x, y in zip(m.shape, full)))
+        if m.dtype is not DType.BOOL or not fits:
+            raise ShapeError(f"the mask of dot_product_attention must be bool [B, S] = "
+                             f"{show((b, s))} (key padding) or broadcast to [B, H, T, S] = "
+                             f"{show(full)}, got {m}")
+    return q
+
+
+def _tensor_or_bool(t: Type) -> TensorType:
+    if not isinstance(t, TensorType):
+        raise ShapeError(f"a mask must be a bool tensor, got {t}")
+    return t
+
+
+def group_norm(ctx, op, args) -> TensorType:
+    """x [B, ..., C] float, C a multiple of the groups; scale and offset [C]."""
+    x = _tensor(args[0].type, "the input of group_norm", 2)
+    g, c = op.params.groups, x.shape[-1]
+    if not x.dtype.is_float:
+        raise ShapeError(f"group_norm normalizes a float tensor, got {x}")
+    if not (isinstance(g, int) and g >= 1 and (c == g or isinstance(c, int) and c % g == 0)):
+        raise ShapeError(f"group_norm needs a channel count ({c}, the last axis of {x}) "
+                         f"divisible by the groups ({g})")
+    given = [n for n in ("scale", "offset") if getattr(op.params, n)]
+    for name, a in zip(given, args[1:]):
+        t = _tensor(a.type, f"the {name} of group_norm")
+        if t.shape != (c,) or not t.dtype.is_float:
+            raise ShapeError(f"the {name} of group_norm must be a float vector of the "
+                             f"channels {show((c,))}, got {t}")
+    return x
+
+
+def leaky_relu(ctx, op, args) -> TensorType:
+    x = _float(args[0].type, "the input of leaky_relu")
+    slope = _tensor(args[1].type, "the slope of leaky_relu")
+    if slope.rank:
+        raise ShapeError(f"the slope of leaky_relu must be a scalar, got {slope}")
+    return x
+
+
+def dropout(ctx, op, args) -> TensorType:
+    x = _tensor(args[0].type, "the input of dropout")
+    rate = _tensor(args[1].type, "the rate of dropout")
+    if not x.dtype.is_float or rate.rank:
+        raise ShapeError(f"dropout takes a float tensor and a scalar rate, got {x} and {rate}")
+    return x
+
+
+RULES = {"einsum": einsum, "dot_product_attention": attention, "group_norm": group_norm,
+         "leaky_relu": leaky_relu, "dropout": dropout, "conv": conv, "avg_pool": pool, "max_pool": pool,
          "layer_norm": norm, "rms_norm": norm, "take_along_axis": take_along_axis,
          "segment_sum": segment_sum}

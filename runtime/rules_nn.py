@@ -17,6 +17,8 @@ LAYER_NORM_EPS = 1e-5
 """As Flax's `nn.LayerNorm` and PyTorch's."""
 RMS_NORM_EPS = 1e-6
 """As Flax's `nn.RMSNorm`."""
+GROUP_NORM_EPS = 1e-5
+"""As Flax's `nn.GroupNorm`."""
 
 
 def _norm(ctx, op: Op, x, *affine):
@@ -76,6 +78,41 @@ def _pool(ctx, op: Op, x):
     return total / math.prod(window)
 
 
+def _attention(ctx, op: Op, q, k, v, *mask):
+    """jax.nn.dot_product_attention; a key-padding mask [B, S] as [B, 1, 1, S]."""
+    m = mask[0] if mask else None
+    if m is not None and m.ndim == 2:
+        m = m[:, None, None, :]
+    return jax.nn.dot_product_attention(q, k, v, mask=m, is_causal=op.params.causal)
+
+
+def _group_norm(ctx, op: Op, x, *affine):
+    """Statistics over the non-batch axes within each group of channels, in float32 at
+    least, as Flax's GroupNorm."""
+    groups = ctx.dim(op.params.groups)
+    compute = jnp.promote_types(x.dtype, jnp.float32)
+    y = x.astype(compute).reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
+    axes = tuple(range(1, y.ndim - 2)) + (y.ndim - 1,)
+    y = y - jnp.mean(y, axis=axes, keepdims=True)
+    y = y * jax.lax.rsqrt(jnp.mean(jnp.square(y), axis=axes, keepdims=True) + GROUP_NORM_EPS)
+    y = y.reshape(x.shape)
+    given = iter(affine)
+    if op.params.scale:
+        y = y * next(given)
+    if op.params.offset:
+        y = y + next(given)
+    return y.astype(x.dtype)
+
+
+def _dropout(ctx, op: Op, x, rate):
+    """x / (1 - rate) where a Bernoulli(1 - rate) keeps it, else 0: the mask is drawn, so
+    the gradient flows through the kept entries only."""
+    x = as_result_dtype(op, x)
+    kept = jnp.asarray(1 - rate, x.dtype)
+    keep = jax.random.bernoulli(ctx.next_key(), kept, x.shape)
+    return jnp.where(keep, x / kept, jnp.zeros((), x.dtype))
+
+
 def _take_along_axis(ctx, op: Op, x, indices):
     return jnp.take_along_axis(x, indices, axis=op.params.axis, mode="fill")
 
@@ -90,6 +127,9 @@ def lookup(x, key: tuple, axis: int, ids):
     return jnp.take(x[key], ids, axis=axis, mode="fill")
 
 
-NN_LOWERINGS = {"einsum": _einsum, "conv": _conv, "avg_pool": _pool, "max_pool": _pool,
+NN_LOWERINGS = {"dot_product_attention": _attention, "group_norm": _group_norm,
+                "leaky_relu": lambda ctx, op, x, s: jax.nn.leaky_relu(as_result_dtype(op, x), s),
+                "dropout": _dropout,
+                "einsum": _einsum, "conv": _conv, "avg_pool": _pool, "max_pool": _pool,
                 "layer_norm": _norm, "rms_norm": _norm,
                 "take_along_axis": _take_along_axis, "segment_sum": _segment_sum}

@@ -383,6 +383,52 @@ case("avg_pool", "avg_pool", "x: f32[2, 6, 5, 3]", "f32[2, 3, 2, 3]", "avg_pool(
 case("avg_pool-same", "avg_pool", "x: f32[2, 5, 5, 3]", "f32[2, 3, 3, 3]",
      'avg_pool(x, 3, stride=2, padding="SAME")', [F(2, 5, 5, 3)],
      lambda x: np_pool(x, 3, 2, "SAME", kind="avg"))
+def np_attention(q, k, v, mask=None, causal=False):
+    """Per head, softmax(q k^T / sqrt(D)) v in float64; query head n reads key head n // (H /
+    K); masked scores are left out of the softmax."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    b, t, h, d = q.shape
+    k, v = (np.repeat(a, h // a.shape[2], axis=2) for a in (k, v))
+    scores = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(d)
+    allowed = np.ones(scores.shape, bool)
+    if mask is not None:
+        allowed &= mask[:, None, None, :] if mask.ndim == 2 else mask
+    if causal:
+        allowed &= np.tril(np.ones(scores.shape[-2:], bool))
+    scores = np.where(allowed, scores, -np.inf)
+    w = np.exp(scores - scores.max(-1, keepdims=True))
+    return np.einsum("bhts,bshd->bthd", w / w.sum(-1, keepdims=True), v)
+
+
+def np_group_norm(x, groups, scale=1.0, offset=0.0):
+    x = np.asarray(x, np.float64)
+    y = x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
+    axes = tuple(range(1, y.ndim - 2)) + (y.ndim - 1,)
+    y = y - y.mean(axes, keepdims=True)
+    y = y / np.sqrt((y * y).mean(axes, keepdims=True) + 1e-5)
+    return y.reshape(x.shape) * scale + offset
+
+
+PAD = np.array([[True, True, False, True, True], [True, False, True, True, True]])
+case("dot_product_attention", "dot_product_attention",
+     "q: f32[2, 3, 4, 8], k: f32[2, 5, 4, 8], v: f32[2, 5, 4, 8]", "f32[2, 3, 4, 8]",
+     "dot_product_attention(q, k, v)", [F(2, 3, 4, 8), F(2, 5, 4, 8), F(2, 5, 4, 8)],
+     np_attention)
+case("dot_product_attention-grouped-padded", "dot_product_attention",
+     "q: f32[2, 3, 4, 8], k: f32[2, 5, 2, 8], v: f32[2, 5, 2, 8], m: bool[2, 5]",
+     "f32[2, 3, 4, 8]", "dot_product_attention(q, k, v, m)",
+     [F(2, 3, 4, 8), F(2, 5, 2, 8), F(2, 5, 2, 8), PAD], np_attention)
+case("dot_product_attention-causal", "dot_product_attention",
+     "q: f32[2, 4, 2, 8], k: f32[2, 4, 2, 8], v: f32[2, 4, 2, 8]", "f32[2, 4, 2, 8]",
+     "dot_product_attention(q, k, v, causal=true)", [F(2, 4, 2, 8), F(2, 4, 2, 8), F(2, 4, 2, 8)],
+     lambda q, k, v: np_attention(q, k, v, causal=True))
+case("group_norm", "group_norm", "x: f32[2, 3, 3, 6], g: f32[6], b: f32[6]", "f32[2, 3, 3, 6]",
+     "group_norm(x, 3, g, b)", [F(2, 3, 3, 6), F(6), F(6)],
+     lambda x, g, b: np_group_norm(x, 3, g, b))
+case("group_norm-1d", "group_norm", "x: f32[2, 5, 4]", "f32[2, 5, 4]", "group_norm(x, 2)",
+     [F(2, 5, 4)], lambda x: np_group_norm(x, 2))
+case("leaky_relu", "leaky_relu", "x: f32[3, 4]", "f32[3, 4]", "leaky_relu(x, 0.1)", [F(3, 4)],
+     lambda x: np.where(x >= 0, x, 0.1 * np.asarray(x, np.float64)))
 case("take_along_axis", "take_along_axis", "x: f32[3, 4], i: i32[3, 2]", "f32[3, 2]",
      "take_along_axis(x, i)", [F(3, 4), np.array([[0, 3], [1, 1], [3, 2]], np.int32)],
      lambda x, i: np.take_along_axis(x, i, axis=-1))
@@ -779,6 +825,8 @@ QUANTIZERS = {"quantize", "quest", "hadamard", "stochastic_round"}
 """Distribution builtins and ops: tested against closed forms in tests/test_random.py."""
 RANDOM_OPS = {"dist", "sample", "log_prob", "entropy", "kl", "dist_mean", "expect", "samples",
               "surrogate"}
+DRAWN = {"dropout"}
+"""Builtins that draw a mask: tested statistically in tests/test_nn_builtins.py."""
 MONTE_CARLO = {"sliced_wasserstein"}
 """Random estimates, tested for unbiasedness against NumPy in tests/test_ot.py."""
 REWRITTEN = {"straight_through", "quantize", "quest", "hadamard", "stochastic_round", "argmin",
@@ -793,7 +841,8 @@ TREES = {"sum_squares", "global_norm", "map_leaves"}
 
 
 def test_every_builtin_is_covered():
-    covered = {name for c in CASES for name in c.tests} | RANDOM | QUANTIZERS | MONTE_CARLO | TREES
+    covered = ({name for c in CASES for name in c.tests} | RANDOM | QUANTIZERS | MONTE_CARLO
+               | TREES | DRAWN)
     missing = [name for name in BUILTINS if name not in covered]
     assert not missing, f"builtins without a test case: {missing}"
 
@@ -801,7 +850,7 @@ def test_every_builtin_is_covered():
 def test_every_op_is_covered():
     """Every IR op that survives resolution (builtins, operators, control flow, structure)."""
     internal = ({op for op, d in OPS.items() if "unresolved" in d.traits} | {"error"}
-                | RANDOM_OPS | REWRITTEN | MONTE_CARLO | TREES)
+                | RANDOM_OPS | REWRITTEN | MONTE_CARLO | TREES | DRAWN)
     covered = {BUILTINS[n].op if n in BUILTINS else n for c in CASES for n in c.tests}
     missing = sorted(set(OPS) - internal - covered)
     assert not missing, f"ops without a test case: {missing}"

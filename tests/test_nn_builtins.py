@@ -176,3 +176,92 @@ def test_bad_convolution_and_einsum_arguments_are_located_errors(body, message):
     with pytest.raises(gradlang.CompileError) as info:
         gradlang.compile_source(source, "bad.grad")
     assert "bad.grad:2:" in str(info.value) and f"error: {message}\n" in str(info.value)
+
+
+DROPOUT = """
+fn f(x: f32[N], c: f32[N]) -> f32 { return sum(dropout(x, 0.25) * c) }
+fn kept(x: f32[N]) -> f32[N] { return dropout(x, 0.25) }
+export g = value_and_grad(f, wrt=[x])
+export kept = kept
+"""
+
+
+def test_dropout_is_unbiased_and_its_gradient_goes_through_the_kept_entries():
+    """Over 4000 keys the mean of dropout(x) is x (each entry's variance x^2 r / (1 - r)),
+    the kept fraction is 1 - r (binomial), and the gradient is c / (1 - r) where the entry
+    was kept, 0 elsewhere, with the forward pass's mask."""
+    m = gradlang.compile_source(DROPOUT, "dropout.grad")
+    rate, n, keys = 0.25, 16, 4000
+    x = np.linspace(0.5, 2.0, n).astype(np.float32)
+    c = np.linspace(-1.0, 1.0, n).astype(np.float32)
+    draws = np.asarray(jax.vmap(lambda k: m.kept(x, k))(jax.random.split(jax.random.key(0), keys)))
+    sd = np.abs(x) * np.sqrt(rate / (1 - rate) / keys)
+    assert np.all(np.abs(draws.mean(0) - x) <= 5 * sd)
+    kept = (draws != 0).mean()
+    assert abs(kept - (1 - rate)) <= 5 * np.sqrt(rate * (1 - rate) / (keys * n))
+    np.testing.assert_allclose(draws[draws != 0], np.broadcast_to(x / (1 - rate), draws.shape)[
+        draws != 0], rtol=2 * EPS32)
+    value, grads = m.g(x, c, jax.random.key(7))
+    g = np.asarray(grads["x"])
+    kept = np.isclose(g, c / (1 - rate), rtol=2 * EPS32, atol=0)
+    assert np.all(kept | (g == 0)) and 0 < kept.sum() < n
+    # the value is sum(mask x c) / (1 - r) = sum(g x): the backward's mask is the forward's
+    np.testing.assert_allclose(value, np.sum(g * x), rtol=n * EPS32)
+
+
+ATTENTION = """
+fn f(q: f32[B, T, 4, 8], k: f32[B, S, 2, 8], v: f32[B, S, 2, 8], m: bool[B, S], x: f32[B, 5, 6],
+     g: f32[6]) -> f32 {
+  let o = dot_product_attention(q, k, v, m, causal=true)
+  return sum(o * o) + sum(leaky_relu(group_norm(x, 3, g, g), 0.1) ^ 2)
+}
+export g = value_and_grad(f, wrt=[q, k, v, x, g])
+"""
+
+
+def test_attention_and_group_norm_differentiate_as_jax_nn():
+    def reference(q, k, v, x, g):
+        o = jax.nn.dot_product_attention(q, k, v, mask=MASK[:, None, None, :], is_causal=True)
+        y = x.reshape(2, 5, 3, 2)
+        y = y - y.mean((1, 3), keepdims=True)
+        y = (y * jax.lax.rsqrt((y * y).mean((1, 3), keepdims=True) + 1e-5)).reshape(x.shape)
+        return jnp.sum(o * o) + jnp.sum(jax.nn.leaky_relu(y * g + g, 0.1) ** 2)
+
+    MASK = np.array([[True, True, False, True], [True, True, True, False]])
+    args = [RNG.normal(size=s).astype(np.float32)
+            for s in ((2, 3, 4, 8), (2, 4, 2, 8), (2, 4, 2, 8), (2, 5, 6), (6,))]
+    m = gradlang.compile_source(ATTENTION, "attention.grad")
+    value, grads = m.g(*args[:3], MASK, *args[3:])
+    want_value, want = jax.value_and_grad(reference, argnums=range(5))(*args)
+    ops = 8 * 4 * 8 * 10  # a softmax over 4 keys of 8-term scores, the sums over 2 x 3 x 4 x 8
+    np.testing.assert_allclose(value, want_value, rtol=ops * EPS32)
+    for name, w in zip(("q", "k", "v", "x", "g"), want):
+        np.testing.assert_allclose(grads[name], w, rtol=0,
+                                   atol=ops * EPS32 * float(np.abs(w).max()))
+
+
+@pytest.mark.parametrize("body, message", [
+    ("sum(dot_product_attention(a, a, c4))", "dot_product_attention needs q [B, T, H, D], k "
+                                             "and v [B, S, K, D] with H a multiple of K, got "
+                                             "f32[B, 8, 3, 4], f32[B, 8, 3, 4] and "
+                                             "f32[B, 8, 2, 4]"),
+    ("sum(dot_product_attention(a, a, a, t))", "the mask of dot_product_attention must be bool "
+                                               "[B, S] = [B, 8] (key padding) or broadcast to "
+                                               "[B, H, T, S] = [B, 3, 8, 8], got f32[V, E]"),
+    ("sum(dot_product_attention(c, c, c))", "dot_product_attention takes float q [B, T, H, "
+                                            "D], k [B, S, K, D] and v [B, S, K, D], got "
+                                            "f32[B, 8, 3], f32[B, 8, 3] and f32[B, 8, 3]"),
+    ("sum(group_norm(c, 2))", "group_norm needs a channel count (3, the last axis of "
+                              "f32[B, 8, 3]) divisible by the groups (2)"),
+    ("sum(group_norm(c, 3, x))", "the scale of group_norm must be a float vector of the "
+                                 "channels [3], got f32[V]"),
+    ("sum(leaky_relu(t, x))", "the slope of leaky_relu must be a scalar, got f32[V]"),
+    ("sum(dropout(t, x))", "dropout takes a float tensor and a scalar rate, got f32[V, E] and "
+                           "f32[V]"),
+])
+def test_bad_attention_and_norm_arguments_are_located_errors(body, message):
+    source = ("fn f(t: f32[V, E], x: f32[V], c: f32[B, 8, 3], a: f32[B, 8, 3, 4], "
+              f"c4: f32[B, 8, 2, 4]) -> f32 {{\n  return {body}\n}}\nexport f = f\n")
+    with pytest.raises(gradlang.CompileError) as info:
+        gradlang.compile_source(source, "bad.grad")
+    assert "bad.grad:2:" in str(info.value) and f"error: {message}\n" in str(info.value)

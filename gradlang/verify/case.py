@@ -207,7 +207,7 @@ def _reached_nonsmooth(module: Module, fn: Function, wrt: tuple[str, ...]) -> li
 
 def stochastic_ops(module: Module, fn: str) -> list[Op]:
     """The draws that make `fn` random once enumerated draws are summed exactly: sample ops
-    not enumerated, and stochastic rounding."""
+    not enumerated, stochastic rounding and dropout."""
     return [op for name in reachable(module, fn) for op in walk(module.function(name).body)
-            if op.name == "stochastic_round"
+            if op.name in ("stochastic_round", "dropout")
             or (op.name == "sample" and op.params.estimator.name != "enum")]
