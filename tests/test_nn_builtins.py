@@ -265,3 +265,70 @@ def test_bad_attention_and_norm_arguments_are_located_errors(body, message):
     with pytest.raises(gradlang.CompileError) as info:
         gradlang.compile_source(source, "bad.grad")
     assert "bad.grad:2:" in str(info.value) and f"error: {message}\n" in str(info.value)
+
+
+LM = """
+use std.nn
+fn lm(embed: f32[V, D], block: Block, ids: i32[B, T]) -> f32 {
+  let h = transformer_block(block, embed[ids])
+  return next_token_loss(einsum("btd,vd->btv", h, embed), ids)
+}
+fn cnn(layer: Conv, x: f32[B, H, W, C]) -> f32 { return mean(conv_relu(layer, x)) }
+export g = value_and_grad(lm, wrt=[embed, block])
+export c = value_and_grad(cnn, wrt=[layer])
+"""
+
+
+def lm_reference(embed, block, ids):
+    """std.nn's transformer block and next-token loss, written in JAX (GPT-2's pre-norm
+    block; the layer norms without offsets)."""
+    def norm(x, g):
+        c = x - x.mean(-1, keepdims=True)
+        return c * jax.lax.rsqrt((c * c).mean(-1, keepdims=True) + 1e-5) * g
+
+    a = block["attn"]
+    x = embed[ids]
+    y = norm(x, block["norm1"])
+    q, k, v = (jnp.einsum("btd,dnk->btnk", y, a[n]) for n in "qkv")
+    h = x + jnp.einsum("btnk,nkd->btd", jax.nn.dot_product_attention(q, k, v, is_causal=True),
+                       a["o"])
+    u = jax.nn.gelu(norm(h, block["norm2"]) @ block["up"]["w"] + block["up"]["b"])
+    h = h + u @ block["down"]["w"] + block["down"]["b"]
+    scores = jax.nn.log_softmax(jnp.einsum("btd,vd->btv", h, embed)[:, :-1])
+    return -jnp.mean(jnp.take_along_axis(scores, ids[:, 1:, None], axis=2))
+
+
+def test_the_std_nn_transformer_block_and_lm_loss_are_the_jax_ones():
+    v, d, n, k, f, b, t = 11, 8, 2, 4, 16, 2, 6
+    shapes = {"norm1": (d,), "norm2": (d,), "attn": {"q": (d, n, k), "k": (d, n, k),
+                                                     "v": (d, n, k), "o": (n, k, d)},
+              "up": {"w": (d, f), "b": (f,)}, "down": {"w": (f, d), "b": (d,)}}
+    block = jax.tree.map(lambda s: (0.3 * RNG.normal(size=s)).astype(np.float32), shapes,
+                         is_leaf=lambda s: isinstance(s, tuple))
+    embed = RNG.normal(size=(v, d)).astype(np.float32)
+    ids = RNG.integers(0, v, size=(b, t)).astype(np.int32)
+    m = gradlang.compile_source(LM, "lm.grad")
+    value, grads = m.g(embed, block, ids)
+    want_value, (g_embed, g_block) = jax.value_and_grad(lm_reference, argnums=(0, 1))(
+        embed, block, ids)
+    # float32 sums of at most V x D products through a few layers
+    ops = 16 * v * d
+    np.testing.assert_allclose(value, want_value, rtol=ops * EPS32)
+    for got, want in zip(jax.tree.leaves((grads["embed"], grads["block"])),
+                         jax.tree.leaves((g_embed, g_block))):
+        np.testing.assert_allclose(got, want, rtol=0, atol=ops * EPS32 * float(np.abs(want).max()))
+    layer = {"w": RNG.normal(size=(3, 3, 2, 5)).astype(np.float32),
+             "b": RNG.normal(size=5).astype(np.float32)}
+    x = RNG.normal(size=(2, 6, 6, 2)).astype(np.float32)
+    value, grads = m.c(layer, x)
+
+    def cnn(p):
+        y = jax.lax.conv_general_dilated(x, p["w"], (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.mean(jax.nn.relu(y + p["b"]))
+
+    want_value, want = jax.value_and_grad(cnn)(layer)
+    np.testing.assert_allclose(value, want_value, rtol=64 * EPS32)
+    for name in ("w", "b"):
+        np.testing.assert_allclose(grads["layer"][name], want[name], rtol=0,
+                                   atol=64 * EPS32 * float(np.abs(want[name]).max()))
