@@ -11,6 +11,7 @@ import numpy as np
 
 from gradlang.ir import Op
 
+from .perturbed import Factored, call
 from .rules_nonsmooth import as_result_dtype
 
 LAYER_NORM_EPS = 1e-5
@@ -41,7 +42,10 @@ def _norm(ctx, op: Op, x, *affine):
 
 
 def _einsum(ctx, op: Op, *xs):
-    return jnp.einsum(op.params.subscripts, *(as_result_dtype(op, x) for x in xs))
+    """jnp.einsum; a black-box estimator's perturbed matrix stays factored through it (its
+    dot_general computed from the factors, `perturbed.call`)."""
+    xs = tuple(x if isinstance(x, Factored) else as_result_dtype(op, x) for x in xs)
+    return call(lambda *ys: jnp.einsum(op.params.subscripts, *ys), xs)
 
 
 def _spatial(value, n: int) -> tuple[int, ...]:

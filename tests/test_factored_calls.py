@@ -28,21 +28,21 @@ def low_rank() -> LowRank:
     return LowRank(normal(0, (M, N)), normal(2, (M, 2)), normal(3, (N, 2)), 0.5)
 
 
-def shapes_formed(fn, args) -> list[tuple]:
-    """Every shape a value takes in the traced call (sub-jaxprs included), inputs aside."""
-    closed = jax.make_jaxpr(lambda *xs: call(fn, xs))(*args)
+def walk_shapes(jaxpr) -> list[tuple]:
+    """Every shape a value takes in a jaxpr (sub-jaxprs included), inputs aside."""
     found = []
-
-    def walk(jaxpr) -> None:
-        for eqn in jaxpr.eqns:
-            found.extend(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
-            for p in eqn.params.values():
-                inner = getattr(p, "jaxpr", p)
-                if isinstance(inner, jax.extend.core.Jaxpr):
-                    walk(inner)
-
-    walk(closed.jaxpr)
+    for eqn in jaxpr.eqns:
+        found.extend(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
+        for p in eqn.params.values():
+            inner = getattr(p, "jaxpr", p)
+            if isinstance(inner, jax.extend.core.Jaxpr):
+                found.extend(walk_shapes(inner))
     return found
+
+
+def shapes_formed(fn, args) -> list[tuple]:
+    """Every shape a value takes in the traced call."""
+    return walk_shapes(jax.make_jaxpr(lambda *xs: call(fn, xs))(*args).jaxpr)
 
 
 # (the function, its argument other than the matrix)
@@ -188,3 +188,33 @@ def test_an_export_through_a_jax_fn_is_the_materialized_computation(export, monk
            else loss_error / 0.1 * 72 / np.sqrt(2))
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=0, atol=tol)
+
+
+EINSUM = """
+fn loss(w: f32[M, N], x: f32[B, T, M]) -> f32 {
+  return mean(tanh(einsum("btm,mn->btn", x, w)))
+}
+export mezo = descend(loss, wrt=[w], by=spsa(eps=0.1), lr=0.01)
+"""
+
+
+def test_an_einsum_keeps_the_perturbed_matrix_factored(monkeypatch):
+    """MeZO through a .grad einsum: the step never forms a [M, N] value besides w's update,
+    and equals the step with the matrix materialized before the einsum."""
+    import gradlang
+    from gradlang.runtime import lower
+
+    w, x = normal(13, (M, N)), normal(14, (3, 4, M))
+    key = jax.random.key(1)
+
+    def step():
+        m = gradlang.compile_source(EINSUM)
+        formed = walk_shapes(jax.make_jaxpr(m.mezo)(w, x, key).jaxpr).count((M, N))
+        return m.mezo(jnp.array(w), x, key), formed
+
+    got, factored = step()
+    monkeypatch.setattr(lower, "_FACTORED", lower._FACTORED - {"einsum"})
+    want, materialized = step()
+    assert factored < materialized
+    loss_error = M * EPS32 * float(jnp.mean(jnp.abs(x) @ (jnp.abs(w) + 0.6)))
+    np.testing.assert_allclose(got["w"], want["w"], rtol=0, atol=0.01 * 2 * loss_error / 0.2 * 6)
