@@ -70,7 +70,8 @@ import numpy as np
 import optax
 
 import gradlang
-from timing import interleaved, machine, parse_timing_args, timing_args, write_json
+from timing import (compiled_memory, interleaved, machine, parse_timing_args, timing_args,
+                    write_json)
 
 try:
     import flax.linen as nn
@@ -153,15 +154,6 @@ def training_steps(model: nn.Module, params: dict, x_shape: tuple[int, ...], opt
     return gradlang_step, hand_step
 
 
-def memory(compiled) -> dict:
-    """XLA's compiled memory in bytes; total = argument + temp + output - alias."""
-    ma = compiled.memory_analysis()
-    out = {"argument": ma.argument_size_in_bytes, "temp": ma.temp_size_in_bytes,
-           "output": ma.output_size_in_bytes, "alias": ma.alias_size_in_bytes}
-    out["total"] = out["argument"] + out["temp"] + out["output"] - out["alias"]
-    return out
-
-
 NAME = re.compile(r"%[\w.\-]+|\b[A-Za-z_][\w\-]*(?:\.\d+)+\b")
 """An HLO instruction or computation name: `%fusion.12`, `%wrapped_reduce`, `param_0.3`."""
 DEBUG_TABLES = {"FileNames", "FunctionNames", "FileLocations", "StackFrames"}
@@ -212,7 +204,7 @@ def measure(name: str, model: nn.Module, x_shape: tuple[int, ...], a) -> dict:
     jax.block_until_ready(args)
     steps = dict(zip((GRADLANG, HAND), training_steps(model, params, x_shape, opt)))
     compiled = {arm: jax.jit(f).lower(*args).compile() for arm, f in steps.items()}
-    mem = {arm: memory(c) for arm, c in compiled.items()}
+    mem = {arm: compiled_memory(c) for arm, c in compiled.items()}
     hlo = {arm: hlo_instructions(c.as_text()) for arm, c in compiled.items()}
     ops = {arm: opcodes(h) for arm, h in hlo.items()}
     results = {arm: c(*args) for arm, c in compiled.items()}

@@ -1,7 +1,7 @@
 """Interleaved timing shared by the benchmarks: each round times every variant once, in an
 order that rotates from round to round, a sample being `calls` consecutive calls each followed
 by `block_until_ready`; reported against a reference variant. Also the benchmarks' common
-command-line options and their JSON output."""
+command-line options, compiled memory and JSON output."""
 
 from __future__ import annotations
 
@@ -45,6 +45,15 @@ def interleaved(variants: dict, args: tuple, ref: str, rounds: int, calls: int, 
                   "median_ratio": statistics.median(ratios),
                   "ratio_p25": float(np.percentile(ratios, 25)),
                   "ratio_p75": float(np.percentile(ratios, 75))}
+    return out
+
+
+def compiled_memory(compiled) -> dict:
+    """XLA's compiled memory in bytes; total = argument + temp + output - alias."""
+    ma = compiled.memory_analysis()
+    out = {"argument": ma.argument_size_in_bytes, "temp": ma.temp_size_in_bytes,
+           "output": ma.output_size_in_bytes, "alias": ma.alias_size_in_bytes}
+    out["total"] = out["argument"] + out["temp"] + out["output"] - out["alias"]
     return out
 
 
