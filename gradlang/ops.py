@@ -357,6 +357,15 @@ class EinsumParams:
     subscripts: str
     y: bool = False
 
+    def terms(self) -> tuple[list[str], str]:
+        """(each operand's letters, the output's): without `->`, the letters used once, in
+        alphabetical order (numpy's rule)."""
+        inputs, arrow, output = self.subscripts.replace(" ", "").partition("->")
+        terms = inputs.split(",")
+        if not arrow:
+            output = "".join(sorted(c for c in set(inputs) if inputs.count(c) == 1 and c != ","))
+        return terms, output
+
 
 @dataclass(frozen=True)
 class ConvParams:

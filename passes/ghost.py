@@ -2,9 +2,10 @@
 computed without forming per-example gradients (ghost clipping, for `by=dp`).
 
 A `wrt` leaf (a float parameter, or a field of a struct parameter, named `p.l1.w`) is a
-*linear layer* of an objective when it is a matrix and every use of it is as the right operand
-of a matmul, `x @ w`, at the top level of a function body, reached from the parameter through
-field accesses and calls only. Its per-example gradient is then x_i^T g_i (g_i the example's
+*linear layer* of an objective when every use of it is as the right operand of a matmul, `x @
+w` (a matrix), or as an einsum's projection (`einsum("btd,dnk->btnk", x, w)`: its contracted
+letters lead its term, the others go to the output), at the top level of a function body,
+reached from the parameter through field accesses and calls only. Its per-example gradient is then x_i^T g_i (g_i the example's
 cotangent of x @ w), whose norm the runtime (`runtime.ghost`) gets from x_i and g_i alone.
 
 Anything else makes the leaf fall back to per-example gradients: a use by any other op (an
@@ -85,14 +86,29 @@ class _Uses:
                 self.function(callee, {callee.params[i].value: path for i, path in used}, inside)
         else:
             for i, path in used:
-                linear = (op.name == "matmul" and i == 1 and inside is None
-                          and isinstance(self.types.get(path), TensorType)
-                          and self.types[path].rank == 2)
+                t = self.types.get(path)
+                linear = inside is None and isinstance(t, TensorType) and t.rank >= 2 and (
+                    (op.name == "matmul" and i == 1 and t.rank == 2) or _projection(op, i))
                 if linear:
-                    self.found[path].append((True, f"x @ w in {_where(op, fn)}"))
+                    what = "x @ w" if op.name == "matmul" else f"einsum \"{op.params.subscripts}\""
+                    self.found[path].append((True, f"{what} in {_where(op, fn)}"))
                 else:
                     role = " (its left operand)" if op.name == "matmul" and i == 0 else ""
                     self.other(path, f"used by {op.name}{role} {inside or 'in ' + _where(op, fn)}")
+
+
+def _projection(op: Op, i: int) -> bool:
+    """Whether operand i of a two-operand einsum is a weight it projects by, a linear layer:
+    the letters it shares with the other operand lead its term and leave the output, and its
+    other letters go to the output ("btd,dnk->btnk", "btnk,nkd->btd")."""
+    if op.name != "einsum" or len(op.operands) != 2:
+        return False
+    (*terms,), output = op.params.terms()
+    w, x = terms[i], terms[1 - i]
+    contracted = [c for c in w if c in x]
+    return (len(set(w)) == len(w) and w[:len(contracted)] == "".join(contracted)
+            and all(c not in output for c in contracted)
+            and all(c in output for c in w if c not in x))
 
 
 def linear_layers(module: Module, fn: Function, wrt: tuple[str, ...]) -> tuple[LeafNorm, ...]:

@@ -67,8 +67,7 @@ def einsum(ctx, op, args) -> TensorType:
     """The subscripts' inputs match the operands' ranks, a letter one size everywhere; the
     output's letters (explicit, or those used once in alphabetical order) give its shape."""
     spec = op.params.subscripts.replace(" ", "")
-    inputs, arrow, output = spec.partition("->")
-    terms = inputs.split(",")
+    terms, output = op.params.terms()
     if "." in spec or not all(c.isalpha() or c in ",->" for c in spec) or spec.count("->") > 1:
         raise ShapeError(f"einsum subscripts are letters, one term per operand separated by "
                          f"commas, then optionally -> and the output's letters (no ellipsis), "
@@ -86,8 +85,6 @@ def einsum(ctx, op, args) -> TensorType:
             if sizes.setdefault(letter, d) != d:
                 raise ShapeError(f"einsum letter '{letter}' is {sizes[letter]} and {d} in "
                                  f"\"{op.params.subscripts}\"")
-    if not arrow:
-        output = "".join(sorted(c for c in sizes if inputs.count(c) == 1))
     unknown = [c for c in output if c not in sizes]
     if unknown or len(set(output)) != len(output):
         raise ShapeError(f"einsum output \"{output}\" must name each input letter at most once"

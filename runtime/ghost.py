@@ -20,6 +20,7 @@ with respect to the probe is g, and the product records x.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -69,6 +70,11 @@ class Tapped(Factored):
 
     def dense(self) -> jax.Array:
         raise LoweringError("a ghost-clipped weight was used outside a matmul x @ w")
+
+    def flattened(self, k: int) -> Tapped:
+        """An einsum's weight with its k leading dims contracted ("btd,dnk->btnk"), as the
+        matrix [C, F] its products are tapped against (its gradient reshaped back)."""
+        return Tapped(self.w.reshape(math.prod(self.w.shape[:k]), -1), self.taps, self.leaf)
 
 
 def _clip_factors(sq_norms: jax.Array, clip: float) -> jax.Array:
@@ -148,5 +154,6 @@ def ghost(loss: Callable, theta, tapped: frozenset[int], examples: tuple, in_axe
     for j, s in zip(plain_at, _weighted_sum(c, plain_grads)):
         summed[j] = s
     for j, (x, g) in layers.items():
-        summed[j] = jnp.einsum("ntd,nth->dh", x, g * c[:, None, None]).astype(leaves[j].dtype)
+        summed[j] = jnp.einsum("ntd,nth->dh", x, g * c[:, None, None]).reshape(
+            leaves[j].shape).astype(leaves[j].dtype)
     return losses, tree.unflatten(summed)

@@ -65,6 +65,11 @@ class Factored:
         """E, materialized."""
         raise NotImplementedError
 
+    def flattened(self, k: int) -> Factored | None:
+        """This matrix reshaped to [its first k dims' size, the rest's] (row-major), still
+        factored; None where the factors cannot follow."""
+        return None
+
 
 @jax.tree_util.register_pytree_node_class
 @dataclass(frozen=True)
@@ -183,6 +188,10 @@ class Seeded(Factored):
     def rmatmul(self, x: jax.Array) -> jax.Array:
         return self._tiled(1, lambda b: x @ b, x.ndim - 1, x.shape)
 
+    def flattened(self, k: int) -> Seeded:
+        """The noise is indexed row-major, so a row-major reshape keeps every entry's."""
+        return Seeded(self.w.reshape(math.prod(self.shape[:k]), -1), self.seed, self.scale)
+
     def matmul(self, x: jax.Array) -> jax.Array:
         if x.ndim > 2:
             return self.dense() @ x
@@ -260,16 +269,28 @@ def _factored(eqn: JaxprEqn, ins: list) -> list | None:
 
 
 def _dot(eqn: JaxprEqn, lhs, rhs) -> jax.Array | None:
-    """A `dot_general` with one factored 2-D operand, one contracting dim and no batch dims,
-    as the factored matmul in the operand's place; the result in dot_general's layout (the
-    lhs's free dims, then the rhs's)."""
+    """A `dot_general` with one factored operand and no batch dims, as the factored matmul in
+    the operand's place, the result in dot_general's layout (the lhs's free dims, then the
+    rhs's): a 2-D matrix with one contracting dim on either side, or an operand of any rank
+    whose leading dims are the contracted ones (einsum's "btd,dnk->btnk"), flattened to a
+    matrix."""
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     want = eqn.params.get("preferred_element_type")
     f, x = (lhs, rhs) if isinstance(lhs, Factored) else (rhs, lhs)
-    if (isinstance(x, Factored) or lb or rb or len(lc) != 1 or f.w.ndim != 2
-            or jnp.result_type(x) != f.dtype or want not in (None, f.dtype)):
+    if (isinstance(x, Factored) or lb or rb or jnp.result_type(x) != f.dtype
+            or want not in (None, f.dtype)):
         return None
-    fc, xc = (lc[0], rc[0]) if f is lhs else (rc[0], lc[0])
+    fc, xc = (tuple(lc), tuple(rc)) if f is lhs else (tuple(rc), tuple(lc))
+    if sorted(fc) == list(range(len(fc))) and (len(fc) > 1 or f.w.ndim > 2):
+        pairs = sorted(zip(fc, xc))  # x's contracted dims in the order of f's
+        out = _flat_rmatmul(f, x, tuple(i for _, i in pairs), len(fc))
+        if out is None or f is rhs:
+            return out
+        n = f.w.ndim - len(fc)  # as the left operand: f's free dims first
+        return jnp.moveaxis(out, tuple(range(out.ndim - n, out.ndim)), tuple(range(n)))
+    if len(fc) != 1 or f.w.ndim != 2:
+        return None
+    (fc,), (xc,) = fc, xc
     free = tuple(n for i, n in enumerate(x.shape) if i != xc)
     if fc == 0:  # x @ f (x's free dims first), or f^T @ x = (x^T @ f)^T
         out = f.rmatmul(jnp.moveaxis(x, xc, -1))
@@ -277,3 +298,14 @@ def _dot(eqn: JaxprEqn, lhs, rhs) -> jax.Array | None:
     y = jnp.moveaxis(x, xc, 0).reshape(f.shape[1], -1)  # f @ y, or x @ f^T = (f @ x^T)^T
     out = f.matmul(y).reshape((f.shape[0],) + free)
     return out if f is lhs else jnp.moveaxis(out, 0, -1)
+
+
+def _flat_rmatmul(f: Factored, x, xc: tuple[int, ...], k: int) -> jax.Array | None:
+    """x contracted with f's first k dims (x's dims `xc`, in that order): x's contracted dims
+    moved last and flattened, times f flattened to [C, F], reshaped to x's free dims then f's."""
+    flat = f.flattened(k)
+    if flat is None:
+        return None
+    free = tuple(n for i, n in enumerate(x.shape) if i not in xc)
+    x2 = jnp.moveaxis(x, xc, tuple(range(x.ndim - k, x.ndim))).reshape(free + (-1,))
+    return flat.rmatmul(x2).reshape(free + tuple(f.shape[k:]))

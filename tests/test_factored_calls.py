@@ -218,3 +218,19 @@ def test_an_einsum_keeps_the_perturbed_matrix_factored(monkeypatch):
     assert factored < materialized
     loss_error = M * EPS32 * float(jnp.mean(jnp.abs(x) @ (jnp.abs(w) + 0.6)))
     np.testing.assert_allclose(got["w"], want["w"], rtol=0, atol=0.01 * 2 * loss_error / 0.2 * 6)
+
+
+@pytest.mark.parametrize("subscripts, w_shape, x_shape", [
+    ("btd,dnk->btnk", (8, 4, 6), (2, 3, 8)),  # a per-head projection [D, N, K]
+    ("btd,dnk->bnkt", (8, 4, 6), (2, 3, 8)),  # einsum makes the matrix the left operand
+    ("btnk,nkd->btd", (4, 6, 8), (2, 3, 4, 6)),  # two contracted dims, paired out of order
+])
+def test_an_einsum_projection_keeps_a_higher_rank_matrix_factored(subscripts, w_shape, x_shape):
+    """A matrix of rank 3 whose leading dims are contracted is flattened to [C, F], factors
+    and all (a Seeded matrix's noise is indexed row-major, so the reshape keeps it)."""
+    w, x = normal(20, w_shape), normal(21, x_shape)
+    f = Seeded(w, seed_of(jax.random.key(2)), 0.5)
+    fn = lambda w, x: jnp.einsum(subscripts, x, w)  # noqa: E731
+    got, want = call(fn, (f, x)), fn(f.dense(), x)
+    np.testing.assert_allclose(got, want, rtol=0, atol=matmul_tolerance(x, f.dense()))
+    assert w_shape not in shapes_formed(fn, (f, x))

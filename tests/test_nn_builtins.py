@@ -332,3 +332,49 @@ def test_the_std_nn_transformer_block_and_lm_loss_are_the_jax_ones():
     for name in ("w", "b"):
         np.testing.assert_allclose(grads["layer"][name], want[name], rtol=0,
                                    atol=64 * EPS32 * float(np.abs(want[name]).max()))
+
+
+DP_LM = """
+use std.nn
+struct LM { embed: f32[V, D], block: Block }
+fn loss(p: LM, ids: i32[B, T]) -> f32 {
+  let h = transformer_block(p.block, p.embed[ids])
+  return next_token_loss(einsum("btd,vd->btv", h, p.embed), ids)
+}
+export ghost = grad(loss, wrt=[p], by=dp(clip=0.5, noise=0))
+export per_example = grad(loss, wrt=[p], by=dp(clip=0.5, noise=0, clipping=per_example))
+export plain = grad(loss, wrt=[p])
+"""
+
+
+def test_dp_ghost_clipping_reaches_the_attention_projections():
+    """The per-head projections (einsum "btd,dnk->btnk", "btnk,nkd->btd") are ghost clipped
+    like the MLP's x @ w, and the clipped sum equals per-example clipping's."""
+    from gradlang.explain import explain
+    v, d, n, k, f, b, t = 11, 8, 2, 4, 16, 5, 6
+    shapes = {"embed": (v, d), "block": {
+        "norm1": (d,), "norm2": (d,), "attn": {"q": (d, n, k), "k": (d, n, k), "v": (d, n, k),
+                                               "o": (n, k, d)},
+        "up": {"w": (d, f), "b": (f,)}, "down": {"w": (f, d), "b": (d,)}}}
+    p = jax.tree.map(lambda s: (0.5 * RNG.normal(size=s)).astype(np.float32), shapes,
+                     is_leaf=lambda s: isinstance(s, tuple))
+    ids = RNG.integers(0, v, size=(b, t)).astype(np.int32)
+    m = gradlang.compile_source(DP_LM, "dp_lm.grad")
+    text = explain(m.ir)
+    for leaf in ("q", "k", "v"):
+        assert (f"p.block.attn.{leaf}  ghost (linear layer)  einsum \"btd,dnk->btnk\" in "
+                f"std.nn.causal_self_attention") in text
+    assert "p.block.attn.o  ghost (linear layer)  einsum \"btnk,nkd->btd\"" in text
+    ghost, per_example = m.ghost(p, ids, jax.random.key(0)), m.per_example(p, ids,
+                                                                           jax.random.key(0))
+    def norm(tree):
+        return float(np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(tree))))
+
+    # the clip binds: the unclipped sum (B x the mean's gradient) is longer than B x C, the
+    # clipped sum is not
+    assert norm(ghost) <= b * 0.5 * (1 + 1e-5) < b * norm(m.plain(p, ids))
+    # two summations of the same clipped per-example gradients: 8 roundings per term over
+    # B examples and T positions, against each leaf's scale
+    for g, w in zip(jax.tree.leaves(ghost), jax.tree.leaves(per_example)):
+        np.testing.assert_allclose(g, w, rtol=0,
+                                   atol=8 * b * t * EPS32 * float(np.abs(w).max()) + 1e-30)
