@@ -4,7 +4,8 @@ computed without forming per-example gradients (ghost clipping, for `by=dp`).
 A `wrt` leaf (a float parameter, or a field of a struct parameter, named `p.l1.w`) is a
 *linear layer* of an objective when every use of it is as the right operand of a matmul, `x @
 w` (a matrix), or as an einsum's projection (`einsum("btd,dnk->btnk", x, w)`: its contracted
-letters lead its term, the others go to the output), at the top level of a function body,
+letters lead its term, the others go to the output), or every use is as an embedding table
+looked up, `w[ids]` (ghost norms from the token counts), at the top level of a function body,
 reached from the parameter through field accesses and calls only. Its per-example gradient is then x_i^T g_i (g_i the example's
 cotangent of x @ w), whose norm the runtime (`runtime.ghost`) gets from x_i and g_i alone.
 
@@ -88,13 +89,22 @@ class _Uses:
             for i, path in used:
                 t = self.types.get(path)
                 linear = inside is None and isinstance(t, TensorType) and t.rank >= 2 and (
-                    (op.name == "matmul" and i == 1 and t.rank == 2) or _projection(op, i))
+                    (op.name == "matmul" and i == 1 and t.rank == 2) or _projection(op, i)
+                    or (_lookup(op) and i == 0 and t.rank == 2))
                 if linear:
-                    what = "x @ w" if op.name == "matmul" else f"einsum \"{op.params.subscripts}\""
+                    what = ("x @ w" if op.name == "matmul" else "a lookup w[ids]"
+                            if op.name == "index" else f"einsum \"{op.params.subscripts}\"")
                     self.found[path].append((True, f"{what} in {_where(op, fn)}"))
                 else:
                     role = " (its left operand)" if op.name == "matmul" and i == 0 else ""
                     self.other(path, f"used by {op.name}{role} {inside or 'in ' + _where(op, fn)}")
+
+
+def _lookup(op: Op) -> bool:
+    """Whether op is a lookup `table[ids]` (an integer tensor as its one subscript)."""
+    return (op.name == "index" and len(op.params.items) == 1
+            and op.params.items[0].kind == "dynamic" and isinstance(op.operands[1].type, TensorType)
+            and op.operands[1].type.rank >= 1)
 
 
 def _projection(op: Op, i: int) -> bool:
@@ -130,6 +140,9 @@ def linear_layers(module: Module, fn: Function, wrt: tuple[str, ...]) -> tuple[L
             out.append(LeafNorm(leaf, False, bad[0]))
         elif not found:
             out.append(LeafNorm(leaf, False, "not used (its gradient is zero)"))
+        elif len({w.startswith("a lookup") for _, w in found}) > 1:
+            out.append(LeafNorm(leaf, False, "both looked up (w[ids]) and multiplied: its "
+                                             "per-example norm has no one ghost form"))
         else:
             out.append(LeafNorm(leaf, True, "; ".join(dict.fromkeys(w for _, w in found))))
     return tuple(out)

@@ -3,7 +3,7 @@
 Two ways, chosen per `wrt` leaf by the `privacy` pass (`passes.ghost`):
 
 - per-example gradients: `vmap` of the gradient over the examples, one [n, ...] array per leaf;
-- ghost clipping, for a linear layer y = x @ w: example i's gradient of w is x_i^T g_i, with
+- ghost clipping, for a linear layer y = x @ w (or a lookup y = table[ids], below): example i's gradient of w is x_i^T g_i, with
   x_i [T, D] the rows the layer multiplies (every use of w stacked; T = 1 for an MLP on one
   example) and g_i [T, H] their output cotangents. Its squared norm is <x_i x_i^T, g_i g_i^T>
   (||x_i||^2 ||g_i||^2 when T = 1), T^2 (D + H) work instead of T D H (Li et al. 2022, "Large
@@ -12,6 +12,10 @@ Two ways, chosen per `wrt` leaf by the `privacy` pass (`passes.ghost`):
   The clipped sum is sum_i c_i x_i^T g_i = X^T (c G), one product over every example's rows
   from the same x and g (book-keeping, Bu et al. 2023): one forward and one backward pass in
   all, and no [n, D, H] array.
+
+A lookup's per-example gradient scatters the rows' cotangents into the table; its squared
+norm sums <g_t, g_s> over the pairs of positions reading the same row (the token counts, Li et
+al. 2022), and the clipped sum scatters every example's scaled rows at once.
 
 The cotangents come from probes: the objective sees the weight of a linear layer as a
 `Tapped` matrix whose product x @ w is x @ w + probe, the probe a zero array; the gradient
@@ -32,23 +36,31 @@ from .perturbed import Factored
 
 
 class Taps:
-    """The products of the linear layers in one evaluation of the objective: which leaf each
-    multiplied, its input x, and its probe (None while only discovering the shapes)."""
+    """The products and lookups of the linear layers in one evaluation of the objective:
+    which leaf each read, its input (x of x @ w, the ids of table[ids]), and its probe (None
+    while only discovering the shapes)."""
 
     def __init__(self, probes: list | None):
         self.probes = probes
         self.leaves: list[int] = []
+        self.lookups: list[bool] = []
         self.inputs: list[jax.Array] = []
         self.shapes: list[jax.ShapeDtypeStruct] = []
 
     def product(self, leaf: int, x: jax.Array, w: jax.Array) -> jax.Array:
-        y = x @ w
+        return self._tap(leaf, False, x, x @ w)
+
+    def lookup(self, leaf: int, ids: jax.Array, table: jax.Array) -> jax.Array:
+        return self._tap(leaf, True, ids, jnp.take(table, ids, axis=0, mode="fill"))
+
+    def _tap(self, leaf: int, lookup: bool, given: jax.Array, y: jax.Array) -> jax.Array:
         k = len(self.leaves)
         self.leaves.append(leaf)
+        self.lookups.append(lookup)
         if self.probes is None:
             self.shapes.append(jax.ShapeDtypeStruct(y.shape, y.dtype))
             return y
-        self.inputs.append(x)
+        self.inputs.append(given)
         return y + self.probes[k]
 
 
@@ -64,6 +76,9 @@ class Tapped(Factored):
 
     def rmatmul(self, x: jax.Array) -> jax.Array:
         return self.taps.product(self.leaf, x, self.w)
+
+    def take(self, ids: jax.Array) -> jax.Array:
+        return self.taps.lookup(self.leaf, ids, self.w)
 
     def matmul(self, x: jax.Array) -> jax.Array:
         raise LoweringError("a ghost-clipped weight was used as the left operand of a matmul")
@@ -110,6 +125,22 @@ def _layer_sq_norm(x: jax.Array, g: jax.Array) -> jax.Array:
     return jnp.sum(jnp.einsum("ntd,nsd->nts", x, x) * jnp.einsum("nth,nsh->nts", g, g), axis=(1, 2))
 
 
+def _valid_ids(ids: jax.Array, rows: int) -> tuple[jax.Array, jax.Array]:
+    """(ids with negative ones counted from the end, whether each reads a row), as jnp.take's
+    fill mode reads them (an id out of range reads the fill and gets no gradient)."""
+    ids = jnp.where(ids < 0, ids + rows, ids)
+    return ids, (ids >= 0) & (ids < rows)
+
+
+def _lookup_sq_norm(ids: jax.Array, g: jax.Array, rows: int) -> jax.Array:
+    """Per example, ||sum_t e_{ids_t} g_t^T||^2 = sum_{t, s: ids_t = ids_s} <g_t, g_s> for
+    ids [n, T], g [n, T, E]: the embedding's ghost norm, from the token counts (Li et al.
+    2022), T^2 E work instead of a [V, E] gradient per example."""
+    ids, valid = _valid_ids(ids, rows)
+    same = (ids[:, :, None] == ids[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+    return jnp.sum(same * jnp.einsum("nte,nse->nts", g, g), axis=(1, 2))
+
+
 def ghost(loss: Callable, theta, tapped: frozenset[int], examples: tuple, in_axes: tuple,
           clip: float):
     """As `per_example`, with the leaves (by flattening index) in `tapped` clipped by ghost
@@ -139,21 +170,30 @@ def ghost(loss: Callable, theta, tapped: frozenset[int], examples: tuple, in_axe
     run = jax.vmap(jax.value_and_grad(tapped_loss, argnums=(0, 1), has_aux=True),
                    in_axes=(0, None, *in_axes))
     (losses, xs), (gs, plain_grads) = run(probes, plain, *examples)
-    layers = {}
-    for j, x, g in zip(found.leaves, xs, gs):
-        x = x.reshape(n, -1, x.shape[-1])
+    layers, lookups = {}, {}
+    for j, lookup, x, g in zip(found.leaves, found.lookups, xs, gs):
+        x = x.reshape(n, -1) if lookup else x.reshape(n, -1, x.shape[-1])
         g = g.reshape(n, -1, g.shape[-1])
         old = layers.get(j)
         layers[j] = (x, g) if old is None else (jnp.concatenate([old[0], x], 1),
                                                 jnp.concatenate([old[1], g], 1))
+        if lookups.setdefault(j, lookup) != lookup:
+            raise LoweringError("a ghost-clipped weight was both looked up and multiplied")
     if set(layers) != tapped:
         raise LoweringError("a ghost-clipped weight was not multiplied by any x @ w")
-    sq = _sq_norms(plain_grads) + sum(_layer_sq_norm(x, g) for x, g in layers.values())
+    sq = _sq_norms(plain_grads) + sum(
+        _lookup_sq_norm(x, g, leaves[j].shape[0]) if lookups[j] else _layer_sq_norm(x, g)
+        for j, (x, g) in layers.items())
     c = _clip_factors(sq, clip)
     summed = list(leaves)
     for j, s in zip(plain_at, _weighted_sum(c, plain_grads)):
         summed[j] = s
     for j, (x, g) in layers.items():
-        summed[j] = jnp.einsum("ntd,nth->dh", x, g * c[:, None, None]).reshape(
-            leaves[j].shape).astype(leaves[j].dtype)
+        cg = g * c[:, None, None]
+        if lookups[j]:  # the clipped rows scattered into the table: sum_i c_i e_{ids} g^T
+            ids, _ = _valid_ids(x.reshape(-1), leaves[j].shape[0])
+            out = jax.ops.segment_sum(cg.reshape(-1, g.shape[-1]), ids, leaves[j].shape[0])
+        else:
+            out = jnp.einsum("ntd,nth->dh", x, cg)
+        summed[j] = out.reshape(leaves[j].shape).astype(leaves[j].dtype)
     return losses, tree.unflatten(summed)

@@ -65,6 +65,10 @@ class Factored:
         """E, materialized."""
         raise NotImplementedError
 
+    def take(self, ids: jax.Array) -> jax.Array:
+        """The rows at `ids` (a lookup, `table[ids]`), as `jnp.take`'s fill mode reads them."""
+        return jnp.take(self.dense(), ids, axis=0, mode="fill")
+
     def flattened(self, k: int) -> Factored | None:
         """This matrix reshaped to [its first k dims' size, the rest's] (row-major), still
         factored; None where the factors cannot follow."""

@@ -90,6 +90,9 @@ def _index(ctx, op: Op, x, *dynamic):
         else:
             key.append(slice(item.start, item.stop, item.step))
     ids = next((k for k in key if getattr(k, "ndim", 0)), None)
+    if isinstance(x, Factored) and ids is not None and len(key) == 1:
+        return x.take(ids)  # a ghost-clipped table records its lookups
+    x = dense(x)
     if ids is not None:  # a lookup, table[ids]: the other subscripts are slices
         axis = next(a for a, k in enumerate(key) if k is ids)
         return lookup(x, tuple(slice(None) if k is ids else k for k in key), axis, ids)

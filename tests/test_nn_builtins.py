@@ -378,3 +378,38 @@ def test_dp_ghost_clipping_reaches_the_attention_projections():
     for g, w in zip(jax.tree.leaves(ghost), jax.tree.leaves(per_example)):
         np.testing.assert_allclose(g, w, rtol=0,
                                    atol=8 * b * t * EPS32 * float(np.abs(w).max()) + 1e-30)
+
+
+DP_EMBED = """
+use std.nn
+struct Tagger { embed: f32[V, D], out: Dense[I=D, O=C] }
+fn loss(p: Tagger, ids: i32[B, T], tags: i32[B, T]) -> f32 {
+  let logits = dense(p.out, reshape(p.embed[ids], [-1, D]))
+  return cross_entropy(logits, reshape(tags, [-1]))
+}
+export ghost = grad(loss, wrt=[p], by=dp(clip=0.2, noise=0))
+export per_example = grad(loss, wrt=[p], by=dp(clip=0.2, noise=0, clipping=per_example))
+export plain = grad(loss, wrt=[p])
+"""
+
+
+def test_dp_ghost_clipping_of_an_embedding_table_from_its_token_counts():
+    """The table looked up by ids is ghost clipped (per-example norms from the pairs of
+    positions reading the same row); with repeated and negative ids, the clipped sum equals
+    per-example clipping's."""
+    from gradlang.explain import explain
+    v, d, c, b, t = 9, 6, 4, 5, 7
+    p = {"embed": RNG.normal(size=(v, d)).astype(np.float32),
+         "out": {"w": RNG.normal(size=(d, c)).astype(np.float32), "b": np.zeros(c, np.float32)}}
+    ids = RNG.integers(0, 4, size=(b, t)).astype(np.int32)  # few rows: many repeats
+    ids[0, :2] = [-1, -v]  # counted from the end: the last row and the first
+    tags = RNG.integers(0, c, size=(b, t)).astype(np.int32)
+    m = gradlang.compile_source(DP_EMBED, "dp_embed.grad")
+    assert "p.embed  ghost (linear layer)  a lookup w[ids] in loss" in explain(m.ir)
+    key = jax.random.key(0)
+    got, want = m.ghost(p, ids, tags, key), m.per_example(p, ids, tags, key)
+    mean_norm = np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(m.plain(p, ids, tags))))
+    assert mean_norm > 0.2  # the clip binds
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=0,
+                                   atol=8 * b * t * EPS32 * float(np.abs(w).max()) + 1e-30)
