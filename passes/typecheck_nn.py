@@ -27,13 +27,18 @@ def norm(ctx, op, args) -> TensorType:
     x = _tensor(args[0].type, f"the input of {op.name}", 1)
     if not x.dtype.is_float:
         raise ShapeError(f"{op.name} normalizes a float tensor, got {x}")
+    _check_affine(op, args, x, f"the last axis of {x}")
+    return x
+
+
+def _check_affine(op, args, x: TensorType, what: str) -> None:
+    """The scale and offset a normalization was given: float vectors of x's last axis."""
     given = [n for n in ("scale", "offset") if getattr(op.params, n)]
     for name, a in zip(given, args[1:]):
         t = _tensor(a.type, f"the {name} of {op.name}")
         if t.shape != x.shape[-1:] or not t.dtype.is_float:
-            raise ShapeError(f"the {name} of {op.name} must be a float vector of the last axis "
-                             f"of {x}, {show(x.shape[-1:])}, got {t}")
-    return x
+            raise ShapeError(f"the {name} of {op.name} must be a float vector of {what}, "
+                             f"{show(x.shape[-1:])}, got {t}")
 
 
 def take_along_axis(ctx, op, args) -> TensorType:
@@ -212,12 +217,7 @@ def group_norm(ctx, op, args) -> TensorType:
     if not (isinstance(g, int) and g >= 1 and (c == g or isinstance(c, int) and c % g == 0)):
         raise ShapeError(f"group_norm needs a channel count ({c}, the last axis of {x}) "
                          f"divisible by the groups ({g})")
-    given = [n for n in ("scale", "offset") if getattr(op.params, n)]
-    for name, a in zip(given, args[1:]):
-        t = _tensor(a.type, f"the {name} of group_norm")
-        if t.shape != (c,) or not t.dtype.is_float:
-            raise ShapeError(f"the {name} of group_norm must be a float vector of the "
-                             f"channels {show((c,))}, got {t}")
+    _check_affine(op, args, x, "the channels")
     return x
 
 

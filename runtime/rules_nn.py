@@ -22,23 +22,31 @@ GROUP_NORM_EPS = 1e-5
 """As Flax's `nn.GroupNorm`."""
 
 
-def _norm(ctx, op: Op, x, *affine):
-    """layer_norm: (x - mean) / sqrt(var + eps); rms_norm: x / sqrt(mean(x^2) + eps); over
-    the last axis, in float32 at least, then times the scale (plus the offset)."""
-    compute = jnp.promote_types(x.dtype, jnp.float32)
-    y = x.astype(compute)
-    if op.name == "layer_norm":
-        y = y - jnp.mean(y, axis=-1, keepdims=True)
-        eps = LAYER_NORM_EPS
-    else:
-        eps = RMS_NORM_EPS
-    y = y * jax.lax.rsqrt(jnp.mean(jnp.square(y), axis=-1, keepdims=True) + eps)
+def _normalize(x, axes: tuple[int, ...], center: bool, eps: float):
+    """x in float32 at least, centered (when `center`) and scaled to unit root mean square
+    over `axes`."""
+    y = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    if center:
+        y = y - jnp.mean(y, axis=axes, keepdims=True)
+    return y * jax.lax.rsqrt(jnp.mean(jnp.square(y), axis=axes, keepdims=True) + eps)
+
+
+def _affine(op: Op, y, affine: tuple, dtype):
+    """y times the scale (plus the offset) the op was given, in `dtype`."""
     given = iter(affine)
     if op.params.scale:
         y = y * next(given)
     if op.params.offset:
         y = y + next(given)
-    return y.astype(x.dtype)
+    return y.astype(dtype)
+
+
+def _norm(ctx, op: Op, x, *affine):
+    """layer_norm: (x - mean) / sqrt(var + eps); rms_norm: x / sqrt(mean(x^2) + eps); over
+    the last axis."""
+    layer = op.name == "layer_norm"
+    y = _normalize(x, (-1,), layer, LAYER_NORM_EPS if layer else RMS_NORM_EPS)
+    return _affine(op, y, affine, x.dtype)
 
 
 def _einsum(ctx, op: Op, *xs):
@@ -91,21 +99,13 @@ def _attention(ctx, op: Op, q, k, v, *mask):
 
 
 def _group_norm(ctx, op: Op, x, *affine):
-    """Statistics over the non-batch axes within each group of channels, in float32 at
-    least, as Flax's GroupNorm."""
+    """Statistics over the non-batch axes within each group of channels, as Flax's
+    GroupNorm."""
     groups = ctx.dim(op.params.groups)
-    compute = jnp.promote_types(x.dtype, jnp.float32)
-    y = x.astype(compute).reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
-    axes = tuple(range(1, y.ndim - 2)) + (y.ndim - 1,)
-    y = y - jnp.mean(y, axis=axes, keepdims=True)
-    y = y * jax.lax.rsqrt(jnp.mean(jnp.square(y), axis=axes, keepdims=True) + GROUP_NORM_EPS)
-    y = y.reshape(x.shape)
-    given = iter(affine)
-    if op.params.scale:
-        y = y * next(given)
-    if op.params.offset:
-        y = y + next(given)
-    return y.astype(x.dtype)
+    grouped = x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
+    axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
+    y = _normalize(grouped, axes, True, GROUP_NORM_EPS).reshape(x.shape)
+    return _affine(op, y, affine, x.dtype)
 
 
 def _dropout(ctx, op: Op, x, rate):

@@ -254,7 +254,7 @@ def test_attention_and_group_norm_differentiate_as_jax_nn():
     ("sum(group_norm(c, 2))", "group_norm needs a channel count (3, the last axis of "
                               "f32[B, 8, 3]) divisible by the groups (2)"),
     ("sum(group_norm(c, 3, x))", "the scale of group_norm must be a float vector of the "
-                                 "channels [3], got f32[V]"),
+                                 "channels, [3], got f32[V]"),
     ("sum(leaky_relu(t, x))", "the slope of leaky_relu must be a scalar, got f32[V]"),
     ("sum(dropout(t, x))", "dropout takes a float tensor and a scalar rate, got f32[V, E] and "
                            "f32[V]"),
