@@ -100,10 +100,13 @@ def train(m, variant: str, params, data, args, bar: ProgressBar, offset: int):
     return params, np.asarray(jax.device_get(losses), np.float64), evals
 
 
-def train_variants(m, variants, data, args, label: str):
-    """Train every variant from the same initialization; returns (results, curves, trained
-    params, seconds), results holding each variant's accuracies and final loss."""
-    init = jax.tree.map(jnp.asarray, init_params(64, args.hidden, 10, args.seed))
+def train_variants(m, variants, data, args, label: str, init: dict | None = None):
+    """Train every variant from the same initialization (`init`, else the MLP's of
+    `init_params`); returns (results, curves, trained params, seconds), results holding each
+    variant's accuracies and final loss."""
+    if init is None:
+        init = init_params(64, args.hidden, 10, args.seed)
+    init = jax.tree.map(jnp.asarray, init)
     results, curves, trained = {}, {}, {}
     bar = ProgressBar(args.steps * len(variants), label=label)
     t0 = time.perf_counter()

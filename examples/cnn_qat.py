@@ -32,8 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import gradlang
-from binary_mlp import load_digits_01, plot_curves, train
-from progress import ProgressBar
+from binary_mlp import load_digits_01, plot_curves, train_variants
 from qat_mlp import hadamard_matrix
 
 HERE = Path(__file__).resolve().parent
@@ -88,23 +87,10 @@ def main(argv: list[str] | None = None) -> dict:
     compile_s = time.perf_counter() - t0
     print(f"compiled cnn_qat.grad in {compile_s * 1e3:.1f} ms (strict: no warnings)")
 
-    init = jax.tree.map(jnp.asarray, init_params(args.seed))
+    init = init_params(args.seed)
     n_params = sum(int(np.size(a)) for a in jax.tree.leaves(init))
-    results, curves, trained = {}, {}, {}
-    bar = ProgressBar(args.steps * len(VARIANTS), label="cnn_qat ")
-    t0 = time.perf_counter()
-    for k, variant in enumerate(VARIANTS):
-        t1 = time.perf_counter()
-        params, losses, evals = train(m, variant, init, data, args, bar, k * args.steps)
-        acc = getattr(m, f"accuracy_{variant}")
-        results[variant] = {"test_accuracy": float(acc(params, data[1], data[3])),
-                            "train_accuracy": float(acc(params, data[0], data[2])),
-                            "final_minibatch_loss": float(losses[-1]),
-                            "train_s": time.perf_counter() - t1}
-        curves[variant] = (losses, evals)
-        trained[variant] = params
-    bar.close()
-    train_s = time.perf_counter() - t0
+    results, curves, trained, train_s = train_variants(m, VARIANTS, data, args, "cnn_qat ",
+                                                       init)
 
     ref = results["float"]["test_accuracy"]
     for v in VARIANTS:
