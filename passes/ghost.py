@@ -6,8 +6,9 @@ A `wrt` leaf (a float parameter, or a field of a struct parameter, named `p.l1.w
 w` (a matrix), or as an einsum's projection (`einsum("btd,dnk->btnk", x, w)`: its contracted
 letters lead its term, the others go to the output), or every use is as an embedding table
 looked up, `w[ids]` (ghost norms from the token counts), at the top level of a function body,
-reached from the parameter through field accesses and calls only. Its per-example gradient is then x_i^T g_i (g_i the example's
-cotangent of x @ w), whose norm the runtime (`runtime.ghost`) gets from x_i and g_i alone.
+reached from the parameter through field accesses and calls only. Its per-example gradient is
+then x_i^T g_i (g_i the example's cotangent of x @ w), whose norm the runtime (`runtime.ghost`)
+gets from x_i and g_i alone.
 
 Anything else makes the leaf fall back to per-example gradients: a use by any other op (an
 elementwise op, a reduction, `w @ x`, a struct or tuple built from it, a return), a call of a
@@ -113,7 +114,7 @@ def _projection(op: Op, i: int) -> bool:
     other letters go to the output ("btd,dnk->btnk", "btnk,nkd->btd")."""
     if op.name != "einsum" or len(op.operands) != 2:
         return False
-    (*terms,), output = op.params.terms()
+    terms, output = op.params.terms()
     w, x = terms[i], terms[1 - i]
     contracted = [c for c in w if c in x]
     return (len(set(w)) == len(w) and w[:len(contracted)] == "".join(contracted)

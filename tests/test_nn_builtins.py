@@ -413,3 +413,17 @@ def test_dp_ghost_clipping_of_an_embedding_table_from_its_token_counts():
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(g, w, rtol=0,
                                    atol=8 * b * t * EPS32 * float(np.abs(w).max()) + 1e-30)
+
+
+def test_a_table_both_looked_up_and_multiplied_is_clipped_per_example():
+    """A lookup's ghost norm and a product's have different forms: a leaf used both ways
+    gets per-example gradients, and explain says why."""
+    from gradlang.explain import explain
+    m = gradlang.compile_source("""
+fn loss(w: f32[V, D], ids: i32[B, T], x: f32[B, V]) -> f32 {
+  return sum(w[ids]) + sum(x @ w)
+}
+export g = grad(loss, wrt=[w], by=dp(clip=1.0, noise=1.0))
+""", "both.grad")
+    assert ("w     per-example gradient  both looked up (w[ids]) and multiplied: its "
+            "per-example norm has no one ghost form") in explain(m.ir)
