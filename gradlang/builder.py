@@ -449,8 +449,10 @@ class _FunctionBuilder:
 
     # ---- helpers
     def emit(self, name: str, operands: tuple[Value, ...], params: object, span: Span,
-             nresults: int = 1, regions: tuple[Region, ...] = ()) -> Op:
-        op = Op(name, operands, tuple(Value() for _ in range(nresults)), params, regions, span)
+             nresults: int = 1, regions: tuple[Region, ...] = (),
+             arg_spans: tuple[tuple[str, Span], ...] = ()) -> Op:
+        op = Op(name, operands, tuple(Value() for _ in range(nresults)), params, regions, span,
+                arg_spans)
         self.block.ops.append(op)
         return op
 
@@ -632,7 +634,9 @@ class _FunctionBuilder:
             seen.add(k.name)
         operands = tuple(self.expr(a) for a in e.args) + tuple(self.expr(k.value) for k in e.kwargs)
         kwnames = tuple(k.name for k in e.kwargs)
-        return self.emit("call", operands, CallParams(callee, kwnames), e.span).result
+        spans = tuple(("", a.span) for a in e.args) + tuple((k.name, k.value.span) for k in e.kwargs)
+        return self.emit("call", operands, CallParams(callee, kwnames), e.span,
+                         arg_spans=spans).result
 
     def expect(self, e: ast.Call) -> Value:
         """`expect(expr, samples=N)` / `logmeanexp(expr, samples=N)`: expr is evaluated N
@@ -727,6 +731,7 @@ class _FunctionBuilder:
         base = self.expr(e.base)
         items: list[IndexItem] = []
         dynamic: list[Value] = []
+        spans: list[tuple[str, Span]] = []  # the dynamic subscripts', named index0, index1, ...
         for sub in e.subscripts:
             if isinstance(sub, ast.Slice):
                 bounds = [_static_int(b) if b is not None else None
@@ -742,8 +747,10 @@ class _FunctionBuilder:
                 items.append(IndexItem("int", index=k))
             else:
                 items.append(IndexItem("dynamic"))
+                spans.append((f"index{len(dynamic)}", sub.span))
                 dynamic.append(self.expr(sub))
-        return self.emit("index", (base, *dynamic), IndexParams(tuple(items)), e.span).result
+        return self.emit("index", (base, *dynamic), IndexParams(tuple(items)), e.span,
+                         arg_spans=tuple(spans)).result
 
     def expr_If(self, e: ast.If) -> Value:
         cond = self.expr(e.cond)

@@ -39,6 +39,9 @@ class Op:
     params: Any  # a frozen params dataclass declared by the op's OpDef
     regions: tuple[Region, ...] = ()
     span: Span | None = None
+    arg_spans: tuple[tuple[str, Span], ...] = ()
+    """Where each argument of a call was written, by name ("" for a positional argument of
+    an unresolved `call`): diagnostics about one argument point at it."""
 
     @property
     def result(self) -> Value:

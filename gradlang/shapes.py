@@ -11,7 +11,12 @@ from .types import Dim, StructType, TensorType, TreeType, TupleType, Type
 
 
 class ShapeError(Exception):
-    pass
+    """A type error; `arg`, when given, names the builtin argument at fault (the
+    diagnostic points at it)."""
+
+    def __init__(self, message: str, arg: str | None = None):
+        super().__init__(message)
+        self.arg = arg
 
 
 def show(shape: tuple[Dim, ...]) -> str:

@@ -835,7 +835,9 @@ class _FunctionResolver:
                 return self.error_op(op, "mean of a distribution takes no axis or keepdims")
             return Op("dist_mean", tuple(operands), op.results, NoParams(), (), op.span)
         params = OPS[b.op].params(**static)
-        return Op(b.op, tuple(operands), op.results, params, (), op.span)
+        names = iter(a.name for a in b.args)  # positional arguments come first, in order
+        spans = tuple((name or next(names), span) for name, span in op.arg_spans)
+        return Op(b.op, tuple(operands), op.results, params, (), op.span, spans)
 
     def loop(self, op: Op) -> Op:
         start, stop, *inits = op.operands

@@ -373,9 +373,9 @@ def _index(ctx, op, args):
     if len(items) > t.rank:
         raise ShapeError(f"too many indices ({len(items)}) for {t}")
     indices = [_tensor(v, "index") for v in args[1:]]
-    for i in indices:
+    for k, i in enumerate(indices):
         if not i.dtype.is_int:
-            raise ShapeError(f"an index must be i32, got {i}")
+            raise ShapeError(f"an index must be i32, got {i}", f"index{k}")
     if any(i.rank for i in indices) and (len(indices) > 1 or any(it.kind == "int" for it in items)):
         raise ShapeError(f"an integer tensor index (a lookup, table[ids]) takes the other "
                          f"subscripts as slices (:), got [{', '.join(map(str, items))}]")
@@ -653,7 +653,7 @@ class _FunctionChecker:
                 t = RULES[op.name](self.ctx, op, args)
                 types = t if isinstance(t, tuple) else (t,)
             except ShapeError as exc:
-                self.diags.error(str(exc), op.span)
+                self.diags.error(str(exc), dict(op.arg_spans).get(exc.arg, op.span))
                 types = (ERROR,) * len(op.results)
         results = tuple(self.new(r, t) for r, t in zip(op.results, types))
         if op.name == "const" or (op.name in _WEAK_PROPAGATING and args
