@@ -602,7 +602,9 @@ class _FunctionChecker:
         body = self.region(self.fn.body, ())
         (result,) = body.results
         if result.type is not ERROR:
-            env: dict = {}
+            # a dim the parameters name is that dim in the result too (f32[N] -> f32[N] may
+            # not return x[1:], of N-1 entries); the others bind to what is returned
+            env: dict = {d: d for p in self.fn.params for d in type_dims(p.value.type)}
             declared = self.fn.result_type
             problem = unify(declared, _weak_as(self.ctx, result, declared), env)
             if problem:
