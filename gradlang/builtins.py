@@ -8,7 +8,9 @@ resolution time. Static kinds:
 - `shape`: a list of integer literals and dimension names, e.g. `[B, 10]` (`-1` allowed in reshape);
 - `dim`: an integer literal or a dimension name;
 - `fn`: the name of a function (it becomes the op's callee);
-- `string`: a string literal, e.g. einsum's `"ij,jk->ik"`.
+- `string`: a string literal, e.g. einsum's `"ij,jk->ik"`;
+- `padding`: `"SAME"`, `"VALID"` or a list of (low, high) pairs of integers, one per spatial
+  axis, e.g. `[(1, 1), (0, 2)]`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ REQUIRED = object()
 @dataclass(frozen=True)
 class Arg:
     name: str
-    kind: str  # "tensor" | "tensors" | "axis" | "axes" | "bool" | "shape" | "dim" | "fn" | "string"
+    kind: str
+    """"tensor", "tensors", "axis", "axes", "bool", "shape", "dim", "fn", "string" or
+    "padding"."""
     """An optional tensor (default None) is recorded in the op's params as given or not."""
     default: object = REQUIRED
     example: str = ""
@@ -66,7 +70,7 @@ def _b(name: str, args: str, doc: str, op: str | None = None,
         example = (examples or {}).get(arg_name, default)
         if not default:
             parsed.append(Arg(arg_name, kind, example=example))
-        elif kind == "string":
+        elif kind in ("string", "padding"):
             parsed.append(Arg(arg_name, kind, default, example))
         else:
             parsed.append(Arg(arg_name, kind, _DEFAULTS[default] if default in _DEFAULTS else int(default)))
@@ -122,17 +126,24 @@ BUILTINS: dict[str, Builtin] = {
            "literal checked against the operands' ranks and dims (no ellipsis); without `->` "
            "the output is the letters used once, in alphabetical order",
            examples={"subscripts": "ij,jk->ik"}),
-        _b("conv", "x:tensor w:tensor stride:axes=1 padding:string=SAME dilation:axes=1 "
+        _b("conv", "x:tensor w:tensor stride:axes=1 padding:padding=SAME dilation:axes=1 "
                    "groups:dim=1",
            "convolution of x [B, W, C] or [B, H, W, C] with the kernel w [K, C / groups, O] "
            "or [KH, KW, C / groups, O]: `stride` and `dilation` an integer or one per spatial "
-           "axis, `padding` \"SAME\" or \"VALID\", `groups` feature groups; [B, W', O] or "
-           "[B, H', W', O]"),
-        _b("avg_pool", "x:tensor window:axes stride:axes=None padding:string=VALID",
+           "axis, `padding` \"SAME\", \"VALID\" or (low, high) zeros per spatial axis, e.g. "
+           "[(1, 1), (1, 1)], `groups` feature groups; [B, W', O] or [B, H', W', O]"),
+        _b("conv_transpose", "x:tensor w:tensor stride:axes=1 padding:padding=SAME "
+                             "dilation:axes=1",
+           "the transposed convolution of x [B, W, C] or [B, H, W, C] with the kernel w "
+           "[K, C, O] or [KH, KW, C, O], as jax.lax.conv_transpose (and Flax's ConvTranspose): "
+           "x dilated by `stride`, then convolved; with \"SAME\" padding each spatial size "
+           "times the stride, with \"VALID\" that plus max(K - stride, 0), with explicit "
+           "(low, high) pairs (n - 1) stride + 1 + low + high - K + 1 (K dilated)"),
+        _b("avg_pool", "x:tensor window:axes stride:axes=None padding:padding=VALID",
            "the mean over each window of x [B, W, C] or [B, H, W, C] (`window` and `stride` an "
            "integer or one per spatial axis; the stride the window by default); with "
            "\"SAME\" padding the padded zeros count, as Flax's avg_pool"),
-        _b("max_pool", "x:tensor window:axes stride:axes=None padding:string=VALID",
+        _b("max_pool", "x:tensor window:axes stride:axes=None padding:padding=VALID",
            "the maximum over each window of x [B, W, C] or [B, H, W, C], as avg_pool"),
         _b("dot_product_attention", "q:tensor k:tensor v:tensor mask:tensor=None "
                                     "causal:bool=False",

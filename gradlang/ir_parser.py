@@ -579,6 +579,8 @@ class _Parser:
             return _DTYPES[text]
         if int in options and _INT.fullmatch(text):  # before a tuple: `stride=1` or `(1, 2)`
             return int(text)
+        if str in options and not text.startswith(("(", "[")):  # a name, or a tuple
+            return text
         if any(typing.get_origin(o) is tuple for o in options):
             if typing.get_args(next(o for o in options if typing.get_origin(o) is tuple))[0] \
                     is IndexItem:

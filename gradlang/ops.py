@@ -369,11 +369,12 @@ class EinsumParams:
 
 @dataclass(frozen=True)
 class ConvParams:
-    """`conv` (`window` unused) and the pools (`groups` and `dilation` unused): strides,
-    dilations and windows an int for every spatial axis or one each; `padding` SAME / VALID."""
+    """`conv` and `conv_transpose` (`window` unused; `groups` 1 for the transpose) and the
+    pools (`groups` and `dilation` unused): strides, dilations and windows an int for every
+    spatial axis or one each; `padding` SAME / VALID or (low, high) per spatial axis."""
 
     stride: int | tuple[int, ...] | None = 1
-    padding: str = "SAME"
+    padding: str | tuple[tuple[int, int], ...] = "SAME"
     dilation: int | tuple[int, ...] = 1
     groups: Dim = 1
     window: int | tuple[int, ...] = 1
@@ -567,6 +568,7 @@ OPS: dict[str, OpDef] = {
                "x times a Bernoulli keep-mask over 1 - rate (a draw; pathwise gradient)"),
         *_defs("einsum", EinsumParams, "", "Einstein summation of one or two tensors"),
         *_defs("conv", ConvParams, "", "1-D or 2-D convolution, channels last"),
+        *_defs("conv_transpose", ConvParams, "", "1-D or 2-D transposed convolution"),
         *_defs("avg_pool max_pool", ConvParams, "", "1-D or 2-D pooling, channels last"),
         *_defs("segment_sum", SegmentParams, "", "sums of rows by integer segment id"),
         *_defs("if", NoParams, "", "two-way conditional with a region per branch"),

@@ -907,6 +907,10 @@ class _FunctionResolver:
             return (self.static_int(v, msg),)
         if a.kind == "dim":
             return self.dim(v, f"{what} must be an integer literal or a dimension name")
+        if a.kind == "padding":
+            return self.padding(v, f"{what} must be \"SAME\", \"VALID\" or a list of (low, "
+                                   f"high) pairs of integer literals, one per spatial axis, e.g. "
+                                   f"[(1, 1), (2, 2)]")
         if a.kind == "string":
             if d is None or d.name != "str":
                 self.static_error(v, f"{what} must be a string literal, e.g. \"{a.example}\"")
@@ -917,6 +921,25 @@ class _FunctionResolver:
             self.static_error(v, msg)
         return tuple(self.dim(x, msg, allow_minus_one=b is not None and b.name == "reshape")
                      for x in d.operands)  # type: ignore[union-attr]
+
+    def padding(self, v: Value, message: str) -> str | tuple[tuple[int, int], ...]:
+        """A padding name, or explicit (low, high) amounts per spatial axis."""
+        d = self.defs.get(v)
+        if d is not None and d.name == "str":
+            return d.params.name
+        if d is None or d.name != "list":
+            self.static_error(v, message)
+        pairs = []
+        for pair in d.operands:  # type: ignore[union-attr]
+            t = self.defs.get(pair)
+            if t is None or t.name != "tuple" or len(t.operands) != 2:
+                self.static_error(pair, message)
+            lo, hi = (self.static_int(x, message) for x in t.operands)  # type: ignore[union-attr]
+            if lo < 0 or hi < 0:
+                self.static_error(pair, message.replace("integer literals", "non-negative "
+                                                                            "integers"))
+            pairs.append((lo, hi))
+        return tuple(pairs)
 
     def dim(self, v: Value, message: str, allow_minus_one: bool = False) -> int | str:
         d = self.defs.get(v)

@@ -4,7 +4,7 @@ op's)."""
 
 from __future__ import annotations
 
-from gradlang.shapes import ShapeError, broadcast, normalize_axis, show
+from gradlang.shapes import ShapeError, add_dims, broadcast, normalize_axis, show, sub_dims
 from gradlang.types import Dim, DType, TensorType, Type
 
 
@@ -112,29 +112,52 @@ def _per_axis(value, n: int, what: str, name: str) -> tuple[int, ...]:
     return values
 
 
-def _windowed(name: str, x: TensorType, k: tuple[Dim, ...], stride, dilation, padding: str
+def _windowed(name: str, x: TensorType, k: tuple[Dim, ...], stride, dilation, padding
               ) -> tuple[Dim, ...]:
     """The spatial sizes after a window of size k (dilated) slides with the stride."""
-    if padding not in ("SAME", "VALID"):
-        raise ShapeError(f"the padding of {name} must be \"SAME\" or \"VALID\", got "
-                         f"\"{padding}\"", "padding")
+    pads = _pads(name, padding, len(k))
     out: list[Dim] = []
-    for n, kk, s, d in zip(x.shape[1:-1], k, stride, dilation):
+    for n, kk, s, d, pad in zip(x.shape[1:-1], k, stride, dilation, pads):
         if padding == "SAME" and s == 1:
             out.append(n)
             continue
-        if not (isinstance(n, int) and isinstance(kk, int)):
-            raise ShapeError(f"{name} with {padding} padding and stride {s} needs static "
-                             f"spatial sizes and windows, got {x} and a window {show(k)}", "x")
-        if padding == "SAME":
-            out.append(-(-n // s))
-            continue
-        span = (kk - 1) * d + 1
-        if span > n:
+        span = (kk - 1) * d + 1 if isinstance(kk, int) else None
+        if s == 1 and span is not None and pad is not None:
+            size = _shifted(n, sum(pad) - span + 1)
+        elif isinstance(n, int) and span is not None:
+            size = -(-n // s) if padding == "SAME" else (n + sum(pad or (0, 0)) - span) // s + 1
+        else:
+            raise ShapeError(f"{name} with {_show_padding(padding)} padding and stride {s} needs "
+                             f"static spatial sizes and windows, got {x} and a window {show(k)}",
+                             "x")
+        if isinstance(size, int) and size < 1:
             raise ShapeError(f"{name}: a window of {span}{' (dilated)' * (d > 1)} does not "
-                             f"fit in {n} with VALID padding ({x})", "x")
-        out.append((n - span) // s + 1)
+                             f"fit in {n} with {_show_padding(padding)} padding ({x})", "x")
+        out.append(size)
     return tuple(out)
+
+
+def _pads(name: str, padding, n: int) -> tuple[tuple[int, int] | None, ...]:
+    """Explicit (low, high) per axis (VALID none); None for SAME."""
+    if padding == "SAME":
+        return (None,) * n
+    if padding == "VALID":
+        return ((0, 0),) * n
+    if isinstance(padding, str):
+        raise ShapeError(f"the padding of {name} must be \"SAME\", \"VALID\" or (low, high) "
+                         f"pairs, got \"{padding}\"", "padding")
+    if len(padding) != n:
+        raise ShapeError(f"the padding of {name} needs one (low, high) pair per spatial axis "
+                         f"({n}), got {len(padding)}", "padding")
+    return padding
+
+
+def _show_padding(padding) -> str:
+    return padding if isinstance(padding, str) else str(list(padding))
+
+
+def _shifted(n: Dim, delta: int) -> Dim:
+    return add_dims(n, delta) if delta > 0 else sub_dims(n, -delta)
 
 
 def _channels_last(t: Type, name: str) -> TensorType:
@@ -169,6 +192,45 @@ def conv(ctx, op, args) -> TensorType:
     dilation = _per_axis(p.dilation, n, "dilation", "conv")
     spatial = _windowed("conv", x, w.shape[:n], stride, dilation, p.padding)
     return TensorType(_float(x, "the input of conv").dtype, (x.shape[0],) + spatial + (o,))
+
+
+def conv_transpose(ctx, op, args) -> TensorType:
+    """x [B, ..., C] and w [..., C, O] as jax.lax.conv_transpose: x dilated by the stride,
+    padded (SAME: to size n * stride; VALID: by K - 1 each side, less what overlaps), then
+    convolved with stride 1."""
+    x = _channels_last(args[0].type, "conv_transpose")
+    w = _tensor(args[1].type, "the kernel of conv_transpose", 0, "w")
+    layout = "[K, C, O]" if x.rank == 3 else "[KH, KW, C, O]"
+    if w.rank != x.rank or w.shape[-2] != x.shape[-1]:
+        raise ShapeError(f"conv_transpose of {x} needs a kernel {layout} with C = "
+                         f"{x.shape[-1]}, got {w}", "w")
+    p, n = op.params, x.rank - 2
+    stride = _per_axis(p.stride, n, "stride", "conv_transpose")
+    dilation = _per_axis(p.dilation, n, "dilation", "conv_transpose")
+    pads = _pads("conv_transpose", p.padding, n)
+    spatial: list[Dim] = []
+    for size, k, s, d, pad in zip(x.shape[1:-1], w.shape[:n], stride, dilation, pads):
+        span = (k - 1) * d + 1 if isinstance(k, int) else None
+        if s == 1 and p.padding == "SAME":
+            spatial.append(size)
+        elif isinstance(size, int) and span is not None:
+            if p.padding == "SAME":
+                spatial.append(size * s)
+            elif p.padding == "VALID":
+                spatial.append(size * s + max(span - s, 0))
+            else:
+                spatial.append((size - 1) * s + 1 + sum(pad) - span + 1)
+        elif s == 1 and span is not None:
+            spatial.append(_shifted(size, span - 1 if p.padding == "VALID"
+                                    else sum(pad) - span + 1))
+        else:
+            raise ShapeError(f"conv_transpose with stride {s} needs static spatial sizes and "
+                             f"kernels, got {x} and {w}", "x")
+        if isinstance(spatial[-1], int) and spatial[-1] < 1:
+            raise ShapeError(f"conv_transpose: the padding {_show_padding(p.padding)} leaves "
+                             f"no output of {x}", "padding")
+    return TensorType(_float(x, "the input of conv_transpose").dtype,
+                      (x.shape[0], *spatial, w.shape[-1]))
 
 
 def pool(ctx, op, args) -> TensorType:
@@ -245,6 +307,7 @@ def dropout(ctx, op, args) -> TensorType:
 
 
 RULES = {"einsum": einsum, "dot_product_attention": attention, "group_norm": group_norm,
-         "leaky_relu": leaky_relu, "dropout": dropout, "conv": conv, "avg_pool": pool, "max_pool": pool,
+         "leaky_relu": leaky_relu, "dropout": dropout, "conv": conv,
+         "conv_transpose": conv_transpose, "avg_pool": pool, "max_pool": pool,
          "layer_norm": norm, "rms_norm": norm, "take_along_axis": take_along_axis,
          "segment_sum": segment_sum}

@@ -72,6 +72,14 @@ def _conv(ctx, op: Op, x, w):
         dimension_numbers=_LAYOUTS[x.ndim], feature_group_count=ctx.dim(p.groups))
 
 
+def _conv_transpose(ctx, op: Op, x, w):
+    p, n = op.params, x.ndim - 2
+    x, w = as_result_dtype(op, x), as_result_dtype(op, w)
+    return jax.lax.conv_transpose(x, w, _spatial(p.stride, n), p.padding,
+                                  rhs_dilation=_spatial(p.dilation, n),
+                                  dimension_numbers=_LAYOUTS[x.ndim])
+
+
 def _pool(ctx, op: Op, x):
     """lax.reduce_window over the spatial axes: the max, or the sum over the window's size
     (padded zeros counted, as Flax's avg_pool)."""
@@ -79,14 +87,15 @@ def _pool(ctx, op: Op, x):
     window = _spatial(p.window, n)
     stride = window if p.stride is None else _spatial(p.stride, n)
     dims, strides = (1, *window, 1), (1, *stride, 1)
+    padding = p.padding if isinstance(p.padding, str) else ((0, 0), *p.padding, (0, 0))
     x = as_result_dtype(op, x)
     # the initial values are NumPy scalars: lax then picks its differentiable max / sum
     # window reductions (a traced initial value takes the generic, non-differentiable one)
     if op.name == "max_pool":
         floating = jnp.issubdtype(x.dtype, jnp.floating)
         init = x.dtype.type(-np.inf if floating else jnp.iinfo(x.dtype).min)
-        return jax.lax.reduce_window(x, init, jax.lax.max, dims, strides, p.padding)
-    total = jax.lax.reduce_window(x, x.dtype.type(0), jax.lax.add, dims, strides, p.padding)
+        return jax.lax.reduce_window(x, init, jax.lax.max, dims, strides, padding)
+    total = jax.lax.reduce_window(x, x.dtype.type(0), jax.lax.add, dims, strides, padding)
     return total / math.prod(window)
 
 
@@ -134,6 +143,7 @@ def lookup(x, key: tuple, axis: int, ids):
 NN_LOWERINGS = {"dot_product_attention": _attention, "group_norm": _group_norm,
                 "leaky_relu": lambda ctx, op, x, s: jax.nn.leaky_relu(as_result_dtype(op, x), s),
                 "dropout": _dropout,
-                "einsum": _einsum, "conv": _conv, "avg_pool": _pool, "max_pool": _pool,
+                "einsum": _einsum, "conv": _conv, "conv_transpose": _conv_transpose,
+                "avg_pool": _pool, "max_pool": _pool,
                 "layer_norm": _norm, "rms_norm": _norm,
                 "take_along_axis": _take_along_axis, "segment_sum": _segment_sum}

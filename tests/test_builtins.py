@@ -373,6 +373,35 @@ case("conv-2d-same-stride", "conv", "x: f32[2, 7, 6, 3], w: f32[3, 2, 3, 4]",
 case("conv-2d-groups", "conv", "x: f32[1, 5, 5, 4], w: f32[3, 3, 2, 6]", "f32[1, 5, 5, 6]",
      "conv(x, w, groups=2, dilation=[1, 2])", [F(1, 5, 5, 4), F(3, 3, 2, 6)],
      lambda x, w: np_conv(x, w, 1, "SAME", (1, 2), 2), ops=64)
+def np_conv_transpose_1d(x, w, stride, padding, dilation=1):
+    """x [B, N, C] dilated by the stride (zeros between entries), padded as
+    lax.conv_transpose pads it, correlated with w [K, C, O] dilated: in float64."""
+    span = (w.shape[0] - 1) * dilation + 1
+    if padding == "SAME":
+        total = span + stride - 2
+        low = span - 1 if stride > span - 1 else -(-total // 2)
+    elif padding == "VALID":
+        total, low = span + stride - 2 + max(span - stride, 0), span - 1
+    else:
+        (low, high), = padding
+        total = low + high
+    b, n, c = x.shape
+    grown = np.zeros((b, (n - 1) * stride + 1 + total, c))
+    grown[:, low:low + (n - 1) * stride + 1:stride] = x
+    size = grown.shape[1] - span + 1
+    taps = [grown[:, k * dilation:k * dilation + size] for k in range(w.shape[0])]
+    return sum(np.einsum("bnc,co->bno", t, np.asarray(wk, np.float64)) for t, wk in zip(taps, w))
+
+
+case("conv_transpose-same-stride", "conv_transpose", "x: f32[2, 5, 3], w: f32[3, 3, 4]",
+     "f32[2, 10, 4]", "conv_transpose(x, w, stride=2)", [F(2, 5, 3), F(3, 3, 4)],
+     lambda x, w: np_conv_transpose_1d(x, w, 2, "SAME"))
+case("conv_transpose-valid-dilation", "conv_transpose", "x: f32[2, 5, 3], w: f32[3, 3, 4]",
+     "f32[2, 17, 4]", 'conv_transpose(x, w, stride=3, padding="VALID", dilation=2)',
+     [F(2, 5, 3), F(3, 3, 4)], lambda x, w: np_conv_transpose_1d(x, w, 3, "VALID", 2))
+case("conv_transpose-explicit", "conv_transpose", "x: f32[2, 5, 3], w: f32[2, 3, 4]",
+     "f32[2, 11, 4]", "conv_transpose(x, w, stride=2, padding=[(2, 1)])",
+     [F(2, 5, 3), F(2, 3, 4)], lambda x, w: np_conv_transpose_1d(x, w, 2, [(2, 1)]))
 case("max_pool", "max_pool", "x: f32[2, 6, 6, 3]", "f32[2, 3, 3, 3]", "max_pool(x, 2)",
      [F(2, 6, 6, 3)], lambda x: np_pool(x, 2))
 case("max_pool-1d-same", "max_pool", "x: f32[2, 7, 3]", "f32[2, 4, 3]",

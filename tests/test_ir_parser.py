@@ -217,3 +217,20 @@ export g = grad(f, wrt=[lam])
     for stage in ("build", "hypergrad"):
         text = print_module(modules[stage])
         assert print_module(parse_module(text, f"t.{stage}.ir")) == text
+
+
+def test_explicit_padding_pairs_round_trip():
+    """A padding is a name (SAME, VALID) or (low, high) pairs: both print and parse back."""
+    source = """
+fn f(x: f32[B, 8, 8, 3], w: f32[3, 3, 3, 4]) -> f32 {
+  let h = conv(x, w, padding=[(1, 1), (0, 2)], stride=2)
+  return sum(max_pool(h, 2, padding=[(0, 1), (1, 0)])) + sum(conv_transpose(x, w))
+}
+export g = grad(f, wrt=[w])
+"""
+    diags = Diagnostics()
+    module = compile_module(SourceFile("pad.grad", source), None, diags)
+    assert module is not None, diags.render()
+    text = print_module(module)
+    assert "padding=((1, 1), (0, 2))" in text and "padding=SAME" in text
+    assert print_module(parse_module(text, "pad.ir", module.name)) == text

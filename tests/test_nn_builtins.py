@@ -142,6 +142,69 @@ def test_convolutions_pools_and_einsum_differentiate_as_the_lax_ops():
                                    atol=ops * EPS32 * float(np.abs(w).max()))
 
 
+DN1 = ("NWC", "WIO", "NWC")
+
+
+@pytest.mark.parametrize("call, reference", [
+    ('conv_transpose(x, w, stride=2)',
+     lambda x, w: jax.lax.conv_transpose(x, w, (2,), "SAME", dimension_numbers=DN1)),
+    ('conv_transpose(x, w, stride=3, padding="VALID", dilation=2)',
+     lambda x, w: jax.lax.conv_transpose(x, w, (3,), "VALID", rhs_dilation=(2,),
+                                         dimension_numbers=DN1)),
+    ('conv_transpose(x, w, stride=2, padding=[(2, 1)])',
+     lambda x, w: jax.lax.conv_transpose(x, w, (2,), [(2, 1)], dimension_numbers=DN1)),
+    ('conv_transpose(x, w, padding="VALID")',
+     lambda x, w: jax.lax.conv_transpose(x, w, (1,), "VALID", dimension_numbers=DN1)),
+    ('conv(x, w, stride=2, padding=[(0, 3)])',
+     lambda x, w: jax.lax.conv_general_dilated(x, w, (2,), [(0, 3)], dimension_numbers=DN1)),
+    ('conv(x, w, padding=[(1, 0)], dilation=2)',
+     lambda x, w: jax.lax.conv_general_dilated(x, w, (1,), [(1, 0)], rhs_dilation=(2,),
+                                               dimension_numbers=DN1)),
+    ('max_pool(x, 2, stride=1, padding=[(1, 1)])',
+     lambda x, w: jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 1), (1, 1, 1),
+                                        ((0, 0), (1, 1), (0, 0)))),
+])
+def test_transposed_convolutions_and_explicit_padding_are_the_lax_ops(call, reference):
+    """The declared result type is the one inferred (the output length from jax.eval_shape),
+    the value and gradient are the lax op's, and with stride 1 a symbolic length L gives L
+    plus the same difference."""
+    x = RNG.normal(size=(2, 7, 3)).astype(np.float32)
+    w = RNG.normal(size=(3, 3, 4)).astype(np.float32)
+    out = jax.eval_shape(reference, x, w).shape
+    m = gradlang.compile_source(_layer_source(call, 7, out[1], out[2]), "transpose.grad")
+    value, grads = m.g(x, w)
+    want_value, want = jax.value_and_grad(lambda x, w: jnp.sum(reference(x, w) ** 2),
+                                          argnums=(0, 1))(x, w)
+    ops = 4 * 9 * out[1] * out[2]  # each output sums at most 9 products; the loss them all
+    np.testing.assert_allclose(value, want_value, rtol=ops * EPS32)
+    for name, g in zip("xw", want):
+        np.testing.assert_allclose(grads[name], g, rtol=0,
+                                   atol=ops * EPS32 * float(np.abs(g).max()))
+    if "stride=1" in call or "stride" not in call:
+        delta = out[1] - 7
+        assert _inferred_length(_layer_source(call, "L", "L", out[2])) == (
+            "L" if delta == 0 else f"L{delta:+d}")
+
+
+def _layer_source(call: str, length, out_length, channels: int) -> str:
+    return (f"fn f(x: f32[2, {length}, 3], w: f32[3, 3, 4]) -> f32[2, {out_length}, "
+            f"{channels}] {{\n  return {call}\n}}\n"
+            f"fn l(x: f32[2, {length}, 3], w: f32[3, 3, 4]) -> f32 {{ return sum(f(x, w) ^ 2) }}\n"
+            "export g = value_and_grad(l, wrt=[x, w])\n")
+
+
+def _inferred_length(source: str) -> str:
+    """The length of f's result, when declared [2, L, O]: L, or what the error says it is."""
+    from gradlang.diagnostics import Diagnostics, SourceFile
+    from gradlang.driver import compile_module
+
+    diags = Diagnostics()
+    if compile_module(SourceFile("t.grad", source), None, diags) is not None:
+        return "L"
+    text = diags.render()
+    return text[text.index("returns f32[2, ") + len("returns f32[2, "):].split(",")[0]
+
+
 @pytest.mark.parametrize("body, message", [
     ('sum(einsum("ij,jk", t, x))', 'einsum term "jk" has 2 letters for f32[V] of rank 1'),
     ('sum(einsum("ij,jk->ik", t))', 'einsum subscripts "ij,jk->ik" name 2 operands, given 1'),
@@ -160,8 +223,17 @@ def test_convolutions_pools_and_einsum_differentiate_as_the_lax_ops():
     ("sum(conv(c, k, groups=2))", "conv of f32[B, 8, 3] with 2 groups needs a kernel "
                                   "[K, C / groups, O] with C / groups = 3 / 2 input channels, "
                                   "got f32[3, 3, 4]"),
-    ('sum(conv(c, k, padding="FULL"))', 'the padding of conv must be "SAME" or "VALID", got '
-                                        '"FULL"'),
+    ('sum(conv(c, k, padding="FULL"))', 'the padding of conv must be "SAME", "VALID" or (low, '
+                                        'high) pairs, got "FULL"'),
+    ("sum(conv(c, k, padding=[1, 1]))", "argument 'padding' of conv must be \"SAME\", "
+                                        "\"VALID\" or a list of (low, high) pairs of integer "
+                                        "literals, one per spatial axis, e.g. [(1, 1), (2, 2)]"),
+    ("sum(conv(c, k, padding=[(1, 1), (2, 2)]))", "the padding of conv needs one (low, high) "
+                                                  "pair per spatial axis (1), got 2"),
+    ("sum(conv_transpose(c, t))", "conv_transpose of f32[B, 8, 3] needs a kernel [K, C, O] "
+                                  "with C = 3, got f32[V, E]"),
+    ("sum(conv_transpose(c, k, padding=[(0, 0)], dilation=4))",
+     "conv_transpose: the padding [(0, 0)] leaves no output of f32[B, 8, 3]"),
     ("sum(conv(c, k, stride=[1, 2]))", "the stride of conv must be a positive integer or 1 of "
                                        "them (one per spatial axis), got [1, 2]"),
     ('sum(max_pool(c, 9, padding="VALID"))', "max_pool: a window of 9 does not fit in 8 with "
