@@ -21,7 +21,9 @@ rules:
   [m, n] is perturbed by E = A B^T / sqrt(r) with A [m, r], B [n, r] Gaussian (E has identity
   covariance, like a full Gaussian): the forward pass sees W as a `LowRank` value and a matmul
   computes x @ W + s (x @ A) B^T without the perturbed matrix; the estimate is assembled as
-  sum_i w_i A_i B_i^T / sqrt(r).
+  sum_i w_i A_i B_i^T / sqrt(r). A kernel of higher rank (a convolution's [KH, KW, C, O]) is
+  perturbed as the matrix [KH KW C, O], formed where the convolution reads it (a kernel is
+  small next to its input).
 
 With a `mesh`, the population axis of the perturbations is sharded over the mesh's first axis.
 The zeroth-order pass (`passes.zeroth_order`) checks and completes `by=`; the runtime
@@ -31,6 +33,7 @@ The zeroth-order pass (`passes.zeroth_order`) checks and completes `by=`; the ru
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -295,22 +298,29 @@ class Eggroll(Population):
                 f"the gradient of the Gaussian-smoothed objective E f(w + {self.scale} z)")
 
     def perturbation(self, name: str, t: Type) -> str | None:
-        """Matrices (2-D leaves) get the low-rank noise, every other leaf a full-rank Gaussian
-        (as `es`): by field for a struct, by rank for a tree (its leaves are known only at
-        run time)."""
+        """Matrices and kernels (leaves of rank >= 2, a kernel [..., n] as the matrix of its
+        leading dims by its last) get the low-rank noise, every other leaf a full-rank
+        Gaussian (as `es`): by field for a struct, by rank for a tree (its leaves are known
+        only at run time)."""
         low = f"low-rank A B^T / sqrt({self.rank}), A [m, {self.rank}], B [n, {self.rank}]"
         if isinstance(t, TreeType):
-            return (f"every 2-D leaf (a matrix): {low}; every other leaf: a full-rank Gaussian, "
-                    f"as es (the tree's leaves are known at run time)")
+            return (f"every leaf of rank >= 2 (a matrix [m, n], or a kernel [..., n] as the "
+                    f"matrix of its leading dims by its last): {low}; every other leaf: a "
+                    f"full-rank Gaussian, as es (the tree's leaves are known at run time)")
         paths = _leaf_paths(t, name)
         matrices = [p for p, leaf in paths if leaf.rank == 2]
-        others = [p for p, leaf in paths if leaf.rank != 2]
-        if not others:
+        kernels = [p for p, leaf in paths if leaf.rank > 2]
+        others = [p for p, leaf in paths if leaf.rank < 2]
+        if not others and not kernels:
             return None
-        if not matrices:
+        if not matrices and not kernels:
             return "a full-rank Gaussian, as es (no leaf is a matrix)"
-        return (f"{', '.join(matrices)} (matrices): {low}; {', '.join(others)}: a full-rank "
-                f"Gaussian, as es")
+        parts = [f"{', '.join(matrices)} (matrices)"] if matrices else []
+        if kernels:
+            parts.append(f"{', '.join(kernels)} (kernels, as the matrix of the leading dims by "
+                         f"the last)")
+        return f"{'; '.join(parts)}: {low}" + (
+            f"; {', '.join(others)}: a full-rank Gaussian, as es" if others else "")
 
     def gradient(self, objective: Callable, theta: list, key, mesh=None) -> list:
         leaves, tree = jax.tree.flatten(theta)
@@ -318,20 +328,22 @@ class Eggroll(Population):
         keys = jax.random.split(key, len(leaves))
         noise = []
         for k, t in zip(keys, leaves):
-            if t.ndim == 2:
+            if t.ndim >= 2:  # a kernel [..., n] as the matrix [m, n] of its leading dims
                 ka, kb = jax.random.split(k)
-                noise.append((jax.random.normal(ka, (n, t.shape[0], r), t.dtype),
-                              jax.random.normal(kb, (n, t.shape[1], r), t.dtype)))
+                rows = math.prod(t.shape[:-1])
+                noise.append((jax.random.normal(ka, (n, rows, r), t.dtype),
+                              jax.random.normal(kb, (n, t.shape[-1], r), t.dtype)))
             else:
                 noise.append(jax.random.normal(k, (n,) + t.shape, t.dtype))
 
         def perturbed(e, s):
-            return tree.unflatten([LowRank(t, ei[0], ei[1], s / r ** 0.5) if t.ndim == 2
+            return tree.unflatten([LowRank(t, ei[0], ei[1], s / r ** 0.5) if t.ndim >= 2
                                    else t + s * ei for t, ei in zip(leaves, e)])
 
         w = self._weights(objective, perturbed, noise, theta, mesh)
-        grads = [jnp.einsum("i,imr,inr->mn", w, *ei) / r ** 0.5 if t.ndim == 2
-                 else jnp.tensordot(w, ei, axes=1) for t, ei in zip(leaves, noise)]
+        grads = [(jnp.einsum("i,imr,inr->mn", w, *ei) / r ** 0.5).reshape(t.shape)
+                 if t.ndim >= 2 else jnp.tensordot(w, ei, axes=1)
+                 for t, ei in zip(leaves, noise)]
         return tree.unflatten(grads)
 
     def _weights(self, objective: Callable, perturbed: Callable, noise: list, theta: list,

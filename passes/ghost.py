@@ -3,12 +3,13 @@ computed without forming per-example gradients (ghost clipping, for `by=dp`).
 
 A `wrt` leaf (a float parameter, or a field of a struct parameter, named `p.l1.w`) is a
 *linear layer* of an objective when every use of it is as the right operand of a matmul, `x @
-w` (a matrix), or as an einsum's projection (`einsum("btd,dnk->btnk", x, w)`: its contracted
-letters lead its term, the others go to the output), or every use is as an embedding table
-looked up, `w[ids]` (ghost norms from the token counts), at the top level of a function body,
-reached from the parameter through field accesses and calls only. Its per-example gradient is
-then x_i^T g_i (g_i the example's cotangent of x @ w), whose norm the runtime (`runtime.ghost`)
-gets from x_i and g_i alone.
+w` (a matrix), as an einsum's projection (`einsum("btd,dnk->btnk", x, w)`: its contracted
+letters lead its term, the others go to the output) or as the kernel of a convolution
+`conv(x, w)` without feature groups (the product of x's patches and w flattened, im2col), or
+every use is as an embedding table looked up, `w[ids]` (ghost norms from the token counts),
+at the top level of a function body, reached from the parameter through field accesses and
+calls only. Its per-example gradient is then x_i^T g_i (g_i the example's cotangent of x @ w),
+whose norm the runtime (`runtime.ghost`) gets from x_i and g_i alone.
 
 Anything else makes the leaf fall back to per-example gradients: a use by any other op (an
 elementwise op, a reduction, `w @ x`, a struct or tuple built from it, a return), a call of a
@@ -91,13 +92,17 @@ class _Uses:
                 t = self.types.get(path)
                 linear = inside is None and isinstance(t, TensorType) and t.rank >= 2 and (
                     (op.name == "matmul" and i == 1 and t.rank == 2) or _projection(op, i)
-                    or (_lookup(op) and i == 0 and t.rank == 2))
+                    or (_lookup(op) and i == 0 and t.rank == 2)
+                    or (op.name == "conv" and i == 1 and op.params.groups == 1))
                 if linear:
-                    what = ("x @ w" if op.name == "matmul" else "a lookup w[ids]"
-                            if op.name == "index" else f"einsum \"{op.params.subscripts}\"")
+                    what = {"matmul": "x @ w", "index": "a lookup w[ids]",
+                            "conv": "a convolution conv(x, w)"}.get(op.name) or (
+                        f"einsum \"{op.params.subscripts}\"")
                     self.found[path].append((True, f"{what} in {_where(op, fn)}"))
                 else:
-                    role = " (its left operand)" if op.name == "matmul" and i == 0 else ""
+                    role = (" (its left operand)" if op.name == "matmul" and i == 0 else
+                            " (with feature groups: a product per group)"
+                            if op.name == "conv" and i == 1 and inside is None else "")
                     self.other(path, f"used by {op.name}{role} {inside or 'in ' + _where(op, fn)}")
 
 

@@ -3,9 +3,11 @@
 Two ways, chosen per `wrt` leaf by the `privacy` pass (`passes.ghost`):
 
 - per-example gradients: `vmap` of the gradient over the examples, one [n, ...] array per leaf;
-- ghost clipping, for a linear layer y = x @ w (or a lookup y = table[ids], below): example i's gradient of w is x_i^T g_i, with
-  x_i [T, D] the rows the layer multiplies (every use of w stacked; T = 1 for an MLP on one
-  example) and g_i [T, H] their output cotangents. Its squared norm is <x_i x_i^T, g_i g_i^T>
+- ghost clipping, for a linear layer y = x @ w (or a lookup y = table[ids], below): example
+  i's gradient of w is x_i^T g_i, with x_i [T, D] the rows the layer multiplies (every use of
+  w stacked; T = 1 for an MLP on one example, the positions of a sequence, or of a
+  convolution's output with x_i its input's patches, im2col) and g_i [T, H] their output
+  cotangents. Its squared norm is <x_i x_i^T, g_i g_i^T>
   (||x_i||^2 ||g_i||^2 when T = 1), T^2 (D + H) work instead of T D H (Li et al. 2022, "Large
   Language Models Can Be Strong Differentially Private Learners"); when T^2 > D H, x_i^T g_i
   itself is cheaper and is formed, one layer at a time (mixed ghost norms, Bu et al. 2022).
@@ -32,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from .lower import LoweringError
-from .perturbed import Factored
+from .perturbed import Factored, take
 
 
 class Taps:
@@ -51,7 +53,7 @@ class Taps:
         return self._tap(leaf, False, x, x @ w)
 
     def lookup(self, leaf: int, ids: jax.Array, table: jax.Array) -> jax.Array:
-        return self._tap(leaf, True, ids, jnp.take(table, ids, axis=0, mode="fill"))
+        return self._tap(leaf, True, ids, take(table, ids))
 
     def _tap(self, leaf: int, lookup: bool, given: jax.Array, y: jax.Array) -> jax.Array:
         k = len(self.leaves)
@@ -85,6 +87,12 @@ class Tapped(Factored):
 
     def dense(self) -> jax.Array:
         raise LoweringError("a ghost-clipped weight was used outside a matmul x @ w")
+
+    def convolve(self, patches: Callable[[], jax.Array], k: int) -> jax.Array:
+        """A convolution by a ghost-clipped kernel is tapped as the product of its input's
+        patches (the rows x_i of its per-example gradient x_i^T g_i) and the flattened
+        kernel."""
+        return self.flattened(k).rmatmul(patches())
 
     def flattened(self, k: int) -> Tapped:
         """An einsum's weight with its k leading dims contracted ("btd,dnk->btnk"), as the

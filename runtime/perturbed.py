@@ -21,6 +21,7 @@ embedding regenerates the noise of those rows only).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import jax
@@ -34,6 +35,13 @@ MAX_TILES = 32
 """A block's temporaries (its entries, their indices and its product) hold about 1 /
 MAX_TILES of what the matmul holds anyway (w, the other operand and the result): a few
 percent of its memory, in at most about MAX_TILES iterations."""
+
+
+def take(x: jax.Array, ids: jax.Array, axis: int = 0) -> jax.Array:
+    """The entries of x at the integer `ids` along `axis` (a lookup, `table[ids]`): ids out of
+    range read NaN (float x) and get no gradient, negative ids count from the end, as
+    jnp.take's fill mode."""
+    return jnp.take(x, ids, axis=axis, mode="fill")
 
 
 class Factored:
@@ -66,19 +74,26 @@ class Factored:
         raise NotImplementedError
 
     def take(self, ids: jax.Array) -> jax.Array:
-        """The rows at `ids` (a lookup, `table[ids]`), as `jnp.take`'s fill mode reads them."""
-        return jnp.take(self.dense(), ids, axis=0, mode="fill")
+        """The rows at `ids` (a lookup, `table[ids]`), as `take` reads them."""
+        return take(self.dense(), ids)
 
     def flattened(self, k: int) -> Factored | None:
         """This matrix reshaped to [its first k dims' size, the rest's] (row-major), still
         factored; None where the factors cannot follow."""
         return None
 
+    def convolve(self, patches: Callable[[], jax.Array], k: int) -> jax.Array | None:
+        """A convolution by this kernel as its patches (im2col, `patches()`) times the kernel
+        flattened after its first k dims; None to materialize the kernel instead, as a
+        perturbed one is (a kernel is small next to its input's patches)."""
+        return None
+
 
 @jax.tree_util.register_pytree_node_class
 @dataclass(frozen=True)
 class LowRank(Factored):
-    """The matrix w + scale * a @ b.T (a: [m, r], b: [n, r])."""
+    """The matrix w + scale * a @ b.T (a: [m, r], b: [n, r]); a kernel of higher rank
+    [..., n] is perturbed as the matrix of its leading dims by its last (m their size)."""
 
     w: jax.Array
     a: jax.Array
@@ -86,13 +101,23 @@ class LowRank(Factored):
     scale: float
 
     def noise(self) -> jax.Array:
-        return self.a @ self.b.T
+        return (self.a @ self.b.T).reshape(self.w.shape)
 
     def rmatmul(self, x: jax.Array) -> jax.Array:
+        if self.w.ndim != 2:
+            return x @ self.dense()
         return x @ self.w + self.scale * (x @ self.a) @ self.b.T
 
     def matmul(self, x: jax.Array) -> jax.Array:
+        if self.w.ndim != 2:
+            return self.dense() @ x
         return self.w @ x + self.scale * self.a @ (self.b.T @ x)
+
+    def flattened(self, k: int) -> LowRank | None:
+        """Flattened after all dims but the last, the factors are the matrix's own."""
+        if k != self.w.ndim - 1:
+            return None
+        return LowRank(self.w.reshape(-1, self.w.shape[-1]), self.a, self.b, self.scale)
 
     def tree_flatten(self):
         return (self.w, self.a, self.b), self.scale

@@ -23,12 +23,12 @@ from .jax_functions import call_jax
 from .rules_argmin import ARGMIN_LOWERINGS
 from .rules_nonsmooth import NONSMOOTH_LOWERINGS, as_result_dtype
 from .dtypes import JNP_DTYPES
-from .rules_nn import NN_LOWERINGS, lookup
+from .rules_nn import NN_LOWERINGS
 from .rules_random import RANDOM_LOWERINGS
 from .ot import sliced_wasserstein
 from .compose import compose_rule
 from .sampled import wta_crs_matmul
-from .perturbed import Factored, dense
+from .perturbed import Factored, dense, take
 
 
 Rule = Callable[..., Any]
@@ -95,7 +95,7 @@ def _index(ctx, op: Op, x, *dynamic):
     x = dense(x)
     if ids is not None:  # a lookup, table[ids]: the other subscripts are slices
         axis = next(a for a, k in enumerate(key) if k is ids)
-        return lookup(x, tuple(slice(None) if k is ids else k for k in key), axis, ids)
+        return take(x[tuple(slice(None) if k is ids else k for k in key)], ids, axis)
     return x[tuple(key)]
 
 

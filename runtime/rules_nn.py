@@ -11,7 +11,7 @@ import numpy as np
 
 from gradlang.ir import Op
 
-from .perturbed import Factored, call
+from .perturbed import Factored, call, dense
 from .rules_nonsmooth import as_result_dtype
 
 LAYER_NORM_EPS = 1e-5
@@ -65,11 +65,33 @@ _LAYOUTS = {3: ("NWC", "WIO", "NWC"), 4: ("NHWC", "HWIO", "NHWC")}
 
 
 def _conv(ctx, op: Op, x, w):
+    """lax.conv_general_dilated; a factored kernel that asks for it (a ghost-clipped one)
+    multiplies the input's patches instead (`Factored.convolve`)."""
     p, n = op.params, x.ndim - 2
-    x, w = as_result_dtype(op, x), as_result_dtype(op, w)
+    x = as_result_dtype(op, dense(x))
+    stride, dilation = _spatial(p.stride, n), _spatial(p.dilation, n)
+    if isinstance(w, Factored):
+        out = None
+        if ctx.dim(p.groups) == 1:
+            out = w.convolve(lambda: patches(x, w.shape[:n], stride, p.padding, dilation), n + 1)
+        if out is not None:
+            return out
+        w = dense(w)
     return jax.lax.conv_general_dilated(
-        x, w, _spatial(p.stride, n), p.padding, rhs_dilation=_spatial(p.dilation, n),
+        x, as_result_dtype(op, w), stride, p.padding, rhs_dilation=dilation,
         dimension_numbers=_LAYOUTS[x.ndim], feature_group_count=ctx.dim(p.groups))
+
+
+def patches(x, window: tuple[int, ...], stride: tuple[int, ...], padding,
+            dilation: tuple[int, ...]):
+    """x's windows as rows (im2col): [B, W', K C] or [B, H', W', KH KW C], a row's entries in
+    a kernel's row-major order without O (HWIO), so that conv(x, w) = patches @
+    w.reshape(-1, O)."""
+    rows = jax.lax.conv_general_dilated_patches(
+        x, window, stride, padding, rhs_dilation=dilation, dimension_numbers=_LAYOUTS[x.ndim])
+    k = math.prod(window)  # lax orders each row channel-major: [C, KH, KW]
+    lead = rows.shape[:-1]
+    return rows.reshape(*lead, x.shape[-1], k).swapaxes(-1, -2).reshape(*lead, -1)
 
 
 def _conv_transpose(ctx, op: Op, x, w):
@@ -132,12 +154,6 @@ def _take_along_axis(ctx, op: Op, x, indices):
 
 def _segment_sum(ctx, op: Op, data, ids):
     return jax.ops.segment_sum(data, ids, num_segments=ctx.dim(op.params.segments))
-
-
-def lookup(x, key: tuple, axis: int, ids):
-    """x[key] with the integer tensor `ids` at `axis` (the other subscripts slices): rows out
-    of range read NaN (float x), negative ids count from the end, as jnp.take's fill mode."""
-    return jnp.take(x[key], ids, axis=axis, mode="fill")
 
 
 NN_LOWERINGS = {"dot_product_attention": _attention, "group_norm": _group_norm,

@@ -95,6 +95,33 @@ def test_eggroll_is_unbiased_on_a_quadratic(name):
         assert_unbiased(samples, np.asarray(exact[leaf], np.float64).ravel())
 
 
+CONV_QUADRATIC = """
+fn q(k: f32[3, 2, 3], x: f32[B, 7, 3], y: f32[B, 7, 2]) -> f32 {
+  let r = conv(x, transpose(k, [0, 2, 1])) - y
+  return 0.5 * sum(r * r)
+}
+export g = grad(q, wrt=[k])
+export e = grad(q, wrt=[k], by=eggroll(sigma=0.1, pop=8, rank=1))
+"""
+
+
+def test_eggroll_perturbs_a_convolution_kernel_low_rank_without_bias():
+    """A conv is linear in its kernel, so the loss is a quadratic in it: the kernel's
+    low-rank noise (as the matrix [3 * 2, 3] of its leading dims by its last) has identity
+    covariance, and the estimate is unbiased. explain says how it is perturbed."""
+    from gradlang.explain import explain
+    m = gradlang.compile_source(CONV_QUADRATIC)
+    assert ("perturbed: k (kernels, as the matrix of the leading dims by the last): low-rank "
+            "A B^T / sqrt(1)") in explain(m.ir)
+    k = (0.3 * RNG.normal(size=(3, 2, 3))).astype(np.float32)
+    x = RNG.normal(size=(4, 7, 3)).astype(np.float32)
+    y = RNG.normal(size=(4, 7, 2)).astype(np.float32)
+    exact = m.g(k, x, y)["k"]
+    keys = jax.random.split(jax.random.key(5), 3000)
+    samples = np.asarray(jax.vmap(lambda key: m.e(k, x, y, key)["k"])(keys), np.float64)
+    assert_unbiased(samples.reshape(3000, -1), np.asarray(exact, np.float64).ravel())
+
+
 def test_eggroll_low_rank_forward_equals_the_materialized_matrix():
     from gradlang.runtime.lower import Lowering
     from gradlang.runtime.perturbed import LowRank

@@ -487,6 +487,52 @@ def test_dp_ghost_clipping_of_an_embedding_table_from_its_token_counts():
                                    atol=8 * b * t * EPS32 * float(np.abs(w).max()) + 1e-30)
 
 
+DP_CNN = """
+fn loss(k1: f32[3, 3, 1, 4], k2: f32[2, 2, 4, 6], g: f32[3, 1, 2, 4], w: f32[6, 3],
+        x: f32[B, 8, 8, 1], y: i32[B]) -> f32 {
+  let h = relu(conv(x, k1, padding=[(1, 0), (0, 2)]))
+  let h = max_pool(relu(conv(h, k2, stride=2, padding="VALID", dilation=[1, 2])), 2)
+  let grouped = conv(h[:, :, :, 0:4], g, groups=2)
+  return cross_entropy(mean(h, axis=[1, 2]) @ w, y) + mean(grouped ^ 2)
+}
+export ghost = grad(loss, wrt=[k1, k2, g, w], by=dp(clip=0.05, noise=0))
+export per_example = grad(loss, wrt=[k1, k2, g, w], by=dp(clip=0.05, noise=0,
+                                                          clipping=per_example))
+export plain = grad(loss, wrt=[k1, k2, g, w])
+"""
+
+
+def test_dp_ghost_clipping_of_convolution_kernels_through_their_patches():
+    """Kernels of convolutions without groups (explicit padding, stride, dilation) are ghost
+    clipped as their input's patches (im2col) times the flattened kernel; a grouped one falls
+    back to per-example gradients; the clipped sum equals per-example clipping's."""
+    from gradlang.explain import explain
+    m = gradlang.compile_source(DP_CNN, "dp_cnn.grad")
+    text = explain(m.ir)
+    for leaf in ("k1", "k2"):
+        assert f"{leaf}    ghost (linear layer)  a convolution conv(x, w) in loss" in text
+    assert ("g     per-example gradient  used by conv (with feature groups: a product per "
+            "group) in loss") in text
+    b = 6
+    shapes = ((3, 3, 1, 4), (2, 2, 4, 6), (3, 1, 2, 4), (6, 3))
+    params = [(0.5 * RNG.normal(size=s)).astype(np.float32) for s in shapes]
+    x = RNG.normal(size=(b, 8, 8, 1)).astype(np.float32)
+    y = RNG.integers(0, 3, size=b).astype(np.int32)
+    key = jax.random.key(0)
+    got, want = m.ghost(*params, x, y, key), m.per_example(*params, x, y, key)
+    def norm(tree):
+        return float(np.sqrt(sum(np.sum(np.square(v)) for v in jax.tree.leaves(tree))))
+
+    # the clip binds: the unclipped sum (B x the mean's gradient) is longer than B x C, the
+    # clipped sum is not
+    assert norm(got) <= b * 0.05 * (1 + 1e-5) < b * norm(m.plain(*params, x, y))
+    # two summations of the same clipped per-example gradients: 8 roundings per term over
+    # the examples and a kernel's output positions, against each leaf's scale
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=0,
+                                   atol=8 * b * 64 * EPS32 * float(np.abs(w).max()) + 1e-30)
+
+
 def test_a_table_both_looked_up_and_multiplied_is_clipped_per_example():
     """A lookup's ghost norm and a product's have different forms: a leaf used both ways
     gets per-example gradients, and explain says why."""

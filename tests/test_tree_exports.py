@@ -194,7 +194,8 @@ fn plain(s: S, x: f32[B, M]) -> f32 {
 }
 export fields = grad(plain, wrt=[s], by=eggroll(sigma=0.1, pop=2))
 """, functions={"q": quadratic}).ir)
-    assert ("    perturbed: every 2-D leaf (a matrix): low-rank A B^T / sqrt(2), A [m, 2], "
+    assert ("    perturbed: every leaf of rank >= 2 (a matrix [m, n], or a kernel [..., n] as "
+            "the matrix of its leading dims by its last): low-rank A B^T / sqrt(2), A [m, 2], "
             "B [n, 2]; every other leaf: a full-rank Gaussian, as es (the tree's leaves are "
             "known at run time)\n") in text
     assert ("    a perturbed matrix passed to a jax fn stays low-rank through its matmuls (x W + "
