@@ -9,10 +9,11 @@ builtins (no JAX model). Variants, from the same initial weights on the same min
 
 - `float`: the float32 network;
 - `ste1`: 1-bit kernels, binarize with STE (hardtanh clip) times each output channel's mean
-  |w| (std.quant's `binary_w_ste` on the kernel flattened to [KH * KW * C, O]);
-- `quest4`: 4-bit kernels, QuEST with its trust estimator (std.quant's `quest4_w` on the
-  flattened kernel: a Hadamard rotation of the 16 C contraction rows, a Gaussian MSE-optimal
-  grid per output channel).
+  |w| (std.quant's `binary_kernel_ste`: `binary_w_ste` on the kernel flattened to
+  [KH * KW * C, O]);
+- `quest4`: 4-bit kernels, QuEST with its trust estimator (std.quant's `quest4_kernel`:
+  `quest4_w` on the flattened kernel, a Hadamard rotation of the 16 C contraction rows, a
+  Gaussian MSE-optimal grid per output channel).
 
 The dense head stays real-valued in every variant. After training, the deployed 4-bit kernels
 are checked: in the Hadamard basis each output channel takes at most 2^4 = 16 distinct values.

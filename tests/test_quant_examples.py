@@ -196,6 +196,34 @@ def test_named_layers_match_numpy(quant):
     np.testing.assert_array_equal(np.unique(quant.binary_act_reste(X)), [-1.0, 1.0])
 
 
+KERNEL = (RNG.normal(size=(4, 4, 4, 16)) * 0.2).astype(np.float32)  # 64 weights a channel
+HEADS_IN = (RNG.normal(size=(64, 2, 8)) * 0.2).astype(np.float32)    # [D, N, K]
+HEADS_OUT = (RNG.normal(size=(2, 32, 16)) * 0.2).astype(np.float32)  # [N, K, D], N K = 64
+
+
+@pytest.mark.parametrize("name, value, ref", [
+    ("binary_kernel_ste", KERNEL, lambda w: ref_binary_w(w)),
+    ("ste4_kernel", KERNEL, lambda w: ref_ste_w(w, 4)),
+    ("ste8_kernel", KERNEL, lambda w: ref_ste_w(w, 8)),
+    ("quest4_kernel", KERNEL, lambda w: ref_quest_w(w, 4)),
+    ("quest8_kernel", KERNEL, lambda w: ref_quest_w(w, 8)),
+    ("ste4_heads_in", HEADS_IN, lambda w: ref_ste_w(w, 4)),
+    ("ste8_heads_in", HEADS_IN, lambda w: ref_ste_w(w, 8)),
+    ("quest4_heads_in", HEADS_IN, lambda w: ref_quest_w(w, 4)),
+    ("ste4_heads_out", HEADS_OUT, lambda w: ref_ste_w(w, 4)),
+    ("ste8_heads_out", HEADS_OUT, lambda w: ref_ste_w(w, 8)),
+    ("quest4_heads_out", HEADS_OUT, lambda w: ref_quest_w(w, 4)),
+])
+def test_kernel_and_projection_quantizers_are_per_output_channel(quant, name, value, ref):
+    """A conv kernel [KH, KW, C, O] is the weight matrix [KH KW C, O] quantized per column;
+    input projections [D, N, K] the matrix [D, N K]; output projections [N, K, D] the matrix
+    [N K, D] (the NumPy weight references on that matrix)."""
+    outputs = value.shape[-1] if name.endswith(("kernel", "out")) else value.shape[1] * value.shape[2]
+    matrix = _f64(value).reshape(-1, outputs)
+    ops = 3 * 64 + 8 if "quest" in name else 64 + 8  # as test_quantizers_and_layers_match_numpy
+    assert_close(getattr(quant, name)(value), ref(matrix).reshape(value.shape), ops=ops)
+
+
 def reste_slope(u):
     return np.minimum(np.abs(u) ** (-2 / 3) / 3, 10.0) * (np.abs(u) <= 1)
 
