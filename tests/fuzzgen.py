@@ -34,7 +34,7 @@ ODD_INT_LITERALS = ("3000000000", "2147483647", "99999999999999999999")
 ODD_OPTIONS = ("0", "1", "-1", "0.0", "-0.5", "1e999", "1e39", "1e-50", "100000", "2.5", "3000000000")
 """Values an option of an odd program may get instead of its usual one."""
 UNARY = ("exp", "log", "log1p", "expm1", "sqrt", "tanh", "sigmoid", "softplus", "relu", "abs",
-         "sin", "cos", "stop_gradient")
+         "sin", "cos", "stop_gradient", "gelu", "silu")
 REDUCTIONS = ("sum", "mean", "max", "min", "logsumexp", "var")
 NONSMOOTH = ("sign", "round", "floor", "ceil", "step", "binarize")
 RULES = {"sign": ("ste", "ste(clip=1.0)", "reste", "reste(power=3, clip=1, max_grad=10)",
@@ -370,7 +370,8 @@ class Gen:
                 (4, self.f_nonsmooth), (2, self.f_quant), (3, self.f_dist_builtin),
                 (2, self.f_sliced_wasserstein), (3, self.f_expect), (3, self.f_for),
                 (2, self.f_checkpoint), (3, self.f_argmin), (2, self.f_extern), (2, self.f_losses),
-                (1, self.f_linalg), (2, self.f_stdlib), (1, self.f_stochastic)]
+                (1, self.f_linalg), (2, self.f_stdlib), (1, self.f_stochastic),
+                (4, self.f_layers)]
 
     def f_unary(self, t, s, d):
         op = self.pick(UNARY)
@@ -686,6 +687,61 @@ class Gen:
         if self.chance(0.5):
             return f"cross_entropy({logits}, softmax({self.fexpr(Tensor('f32', (b, c)), s, d - 1)}))"
         return f"cross_entropy({logits}, {self.iexpr(Tensor('i32', (b,)), s, d - 1)})"
+
+    def f_layers(self, t, s, d):
+        """The layer builtins, each producing t: normalizations, einsum, convolutions and
+        pools that keep the length (stride 1), lookups and gathers, attention, segments."""
+        if t.dtype != "f32" or not t.shape:
+            return None
+        options = ["norm", "einsum", "leaky_relu", "take_along_axis", "lookup", "segment_sum"]
+        if len(t.shape) == 3:
+            options += ["conv", "conv_transpose", "pool"]
+        if len(t.shape) == 4:
+            options.append("attention")
+        if isinstance(t.shape[-1], int) and len(t.shape) >= 2:
+            options.append("group_norm")
+        op = self.pick(options)
+        self.note(f"builtin:{op}")
+        x = lambda: self.fexpr(t, s, d - 1)  # noqa: E731
+        last = t.shape[-1]
+        if op == "norm":
+            name = self.pick(("layer_norm", "rms_norm"))
+            scale = f", {self.fexpr(Tensor('f32', (last,)), s, d - 1)}" if self.chance(0.5) else ""
+            return f"{name}({x()}{scale})"
+        if op == "group_norm":
+            groups = self.pick([g for g in (1, 2, 4) if last % g == 0])
+            return f"group_norm({x()}, {groups})"
+        if op == "leaky_relu":
+            return f"leaky_relu({x()}, {self.pick(('0.01', '0.2'))})"
+        if op == "einsum":  # t's letters, then a contracted one
+            letters = "abcdefgh"[:len(t.shape)]
+            k = self.dim(s.dims)
+            a = self.fexpr(Tensor("f32", t.shape + (k,)), s, d - 1)
+            b = self.fexpr(Tensor("f32", (k,)), s, d - 1)
+            return f'einsum("{letters}z,z->{letters}", {a}, {b})'
+        if op == "take_along_axis":
+            k = self.dim(s.dims)
+            src = self.fexpr(Tensor("f32", t.shape[:-1] + (k,)), s, d - 1)
+            return f"take_along_axis({src}, {self.iexpr(Tensor('i32', t.shape), s, d - 1)}, axis=-1)"
+        if op == "lookup":  # table[ids] with ids of t's leading shape
+            n = self.dim(s.dims)
+            table = self.fexpr(Tensor("f32", (n, last)), s, d - 1)
+            return f"{table}[{self.iexpr(Tensor('i32', t.shape[:-1]), s, d - 1)}]"
+        if op == "segment_sum":
+            m = self.dim(s.dims)
+            data = self.fexpr(Tensor("f32", (m,) + t.shape[1:]), s, d - 1)
+            return f"segment_sum({data}, {self.iexpr(Tensor('i32', (m,)), s, d - 1)}, {t.shape[0]})"
+        if op == "attention":
+            causal = ", causal=true" if self.chance(0.5) else ""
+            return f"dot_product_attention({x()}, {x()}, {x()}{causal})"
+        c = self.dim(s.dims)
+        src = self.fexpr(Tensor("f32", t.shape[:2] + (c,)), s, d - 1)
+        if op == "pool":  # a window of 2 with one zero of padding keeps the length
+            name = self.pick(("max_pool", "avg_pool"))
+            return f"{name}({self.fexpr(t, s, d - 1)}, 2, stride=1, padding=[(0, 1)])"
+        kernel = self.fexpr(Tensor("f32", (3, c, last)), s, d - 1)
+        padding = self.pick(('', ', padding=[(1, 1)]', ', padding="SAME"'))
+        return f"{op}({src}, {kernel}{padding})"
 
     def f_linalg(self, t, s, d):
         if len(t.shape) == 2 and t.shape[0] == t.shape[1]:
