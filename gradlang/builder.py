@@ -672,7 +672,7 @@ class _FunctionBuilder:
                                     "z ~ Normal(m, s) with reparam, truncated(k=K) to a loop, or "
                                     "wta_crs(keep=K) to a matmul",
                                     e.annotation.span)
-        positional = "kind" if e.annotation.name == "control_variate" else False
+        positional = {"control_variate": "kind", "wta_crs": "keep"}.get(e.annotation.name, False)
         rule = annotation_from_ast(e.annotation, self.diags, positional)
         self.block.ops[-1] = replace(last, params=replace(last.params, annotation=rule))
         return value

@@ -100,8 +100,10 @@ def _memory(module: Module, functions: list[str]) -> list[list[str]]:
             if op.name == "checkpoint":
                 rows.append(["checkpoint block", f"{name}, line {op.span.line}",
                              "recomputes the block's values instead of storing them (same gradient)"])
-            elif op.name == "sampled_matmul":
-                rows.append([f"wta_crs(keep={op.params.keep}) matmul", f"{name}, line {op.span.line}",
+            elif op.name in ("sampled_matmul", "sampled_einsum"):
+                what = ("matmul" if op.name == "sampled_matmul"
+                        else f"einsum \"{op.params.subscripts}\"")
+                rows.append([f"wta_crs(keep={op.params.keep}) {what}", f"{name}, line {op.span.line}",
                              f"the right operand's gradient from {op.params.keep} sampled rows of "
                              f"the left one, stored instead of all (unbiased)"])
             elif op.name == "for" and op.params.truncate:

@@ -352,10 +352,12 @@ class NormParams:
 
 @dataclass(frozen=True)
 class EinsumParams:
-    """`einsum`: the subscripts as written; whether a second operand was given."""
+    """`einsum`: the subscripts as written; whether a second operand was given; for
+    `sampled_einsum`, the rows of x kept for the weight's backward (`with wta_crs(keep=K)`)."""
 
     subscripts: str
     y: bool = False
+    keep: int = field(default=0, metadata={"omit_default": True})
 
     def terms(self) -> tuple[list[str], str]:
         """(each operand's letters, the output's): without `->`, the letters used once, in
@@ -365,6 +367,19 @@ class EinsumParams:
         if not arrow:
             output = "".join(sorted(c for c in set(inputs) if inputs.count(c) == 1 and c != ","))
         return terms, output
+
+    def projects(self, i: int) -> bool:
+        """Whether operand i of a two-operand einsum is a weight it projects by (a linear
+        layer): the letters it shares with the other operand lead its term and leave the
+        output, and its other letters go to the output ("btd,dnk->btnk", "btnk,nkd->btd")."""
+        terms, output = self.terms()
+        if len(terms) != 2:
+            return False
+        w, x = terms[i], terms[1 - i]
+        contracted = [c for c in w if c in x]
+        return (len(set(w)) == len(w) and w[:len(contracted)] == "".join(contracted)
+                and all(c not in output for c in contracted)
+                and all(c in output for c in w if c not in x))
 
 
 @dataclass(frozen=True)
@@ -567,6 +582,8 @@ OPS: dict[str, OpDef] = {
         *_defs("dropout", NoParams, "random",
                "x times a Bernoulli keep-mask over 1 - rate (a draw; pathwise gradient)"),
         *_defs("einsum", EinsumParams, "", "Einstein summation of one or two tensors"),
+        *_defs("sampled_einsum", EinsumParams, "random",
+               "an einsum projection whose weight's backward samples rows of x (WTA-CRS)"),
         *_defs("conv", ConvParams, "", "1-D or 2-D convolution, channels last"),
         *_defs("conv_transpose", ConvParams, "", "1-D or 2-D transposed convolution"),
         *_defs("avg_pool max_pool", ConvParams, "", "1-D or 2-D pooling, channels last"),

@@ -114,17 +114,8 @@ def _lookup(op: Op) -> bool:
 
 
 def _projection(op: Op, i: int) -> bool:
-    """Whether operand i of a two-operand einsum is a weight it projects by, a linear layer:
-    the letters it shares with the other operand lead its term and leave the output, and its
-    other letters go to the output ("btd,dnk->btnk", "btnk,nkd->btd")."""
-    if op.name != "einsum" or len(op.operands) != 2:
-        return False
-    terms, output = op.params.terms()
-    w, x = terms[i], terms[1 - i]
-    contracted = [c for c in w if c in x]
-    return (len(set(w)) == len(w) and w[:len(contracted)] == "".join(contracted)
-            and all(c not in output for c in contracted)
-            and all(c in output for c in w if c not in x))
+    """Whether operand i of an einsum is a weight it projects by (`EinsumParams.projects`)."""
+    return op.name == "einsum" and len(op.operands) == 2 and op.params.projects(i)
 
 
 def linear_layers(module: Module, fn: Function, wrt: tuple[str, ...]) -> tuple[LeafNorm, ...]:

@@ -28,7 +28,8 @@ from gradlang.diagnostics import Diagnostics, Span
 from gradlang.distributions import DISTRIBUTIONS, DistSpec
 from gradlang.limits import MAX_BLOCKS, MAX_CALLS, MAX_DEPTH
 from gradlang.ir import Export, Function, Module, Op, Param, Region, StructDef, Value, walk
-from gradlang.ops import OPS, CalleeParams, CallParams, DistParams, NoParams, StructParams
+from gradlang.ops import (OPS, CalleeParams, CallParams, DistParams, EinsumParams, NoParams,
+                          StructParams)
 from gradlang.types import (ERROR, SOLVER_REPORT, TREE, DType, NamedType, StructType, TensorType,
                             TupleType, Type, is_float_tree, substitute_dims, type_dims)
 
@@ -816,6 +817,9 @@ class _FunctionResolver:
                     static[a.name] = self.fold(bound[a.name], a, b)
         except _Fail:
             return self.failed(op)
+        names = iter(a.name for a in b.args)  # positional arguments come first, in order
+        op = replace(op, arg_spans=tuple((name or next(names), span)
+                                         for name, span in op.arg_spans))
         rule = op.params.annotation
         if rule is not None and b.op == "sliced_wasserstein":
             if rule.name != "control_variate":
@@ -823,6 +827,8 @@ class _FunctionResolver:
                                          f"(gaussian_lower, gaussian_upper or none), not "
                                          f"'{rule.name}'", rule.span)
             static["control"] = rule
+        elif rule is not None and b.op == "einsum":
+            return self.sampled_einsum(op, rule, operands, static)
         elif rule is not None:
             if "rule" not in {f.name for f in fields(OPS[b.op].params)}:
                 return self.error_op(op, f"'{b.name}' is differentiable: it takes no backward rule "
@@ -835,9 +841,22 @@ class _FunctionResolver:
                 return self.error_op(op, "mean of a distribution takes no axis or keepdims")
             return Op("dist_mean", tuple(operands), op.results, NoParams(), (), op.span)
         params = OPS[b.op].params(**static)
-        names = iter(a.name for a in b.args)  # positional arguments come first, in order
-        spans = tuple((name or next(names), span) for name, span in op.arg_spans)
-        return Op(b.op, tuple(operands), op.results, params, (), op.span, spans)
+        return Op(b.op, tuple(operands), op.results, params, (), op.span, op.arg_spans)
+
+    def sampled_einsum(self, op: Op, rule, operands: list[Value], static: dict) -> Op:
+        """`einsum(s, x, w) with wta_crs(keep=K)`: a projection whose weight's backward
+        samples K rows of x (as `(x @ w) with wta_crs(keep=K)`)."""
+        keep = rule.option("keep")
+        if rule.name != "wta_crs" or set(dict(rule.options)) != {"keep"}:
+            return self.error_op(op, f"einsum takes 'with wta_crs(keep=K)': its weight's "
+                                     f"backward from K sampled rows of x; not '{rule.name}'",
+                                 rule.span)
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 2:
+            return self.error_op(op, f"wta_crs(keep=...) needs an integer of at least 2, got "
+                                     f"{keep}", rule.span)
+        params = EinsumParams(**static, keep=keep)
+        return Op("sampled_einsum", tuple(operands), op.results, params, (), op.span,
+                  op.arg_spans)
 
     def loop(self, op: Op) -> Op:
         start, stop, *inits = op.operands

@@ -102,6 +102,19 @@ def einsum(ctx, op, args) -> TensorType:
     return TensorType(dtype, tuple(sizes[c] for c in output))
 
 
+def sampled_einsum(ctx, op, args) -> TensorType:
+    """An einsum projection of float x by a float weight w (its second operand)."""
+    if len(args) != 2 or not op.params.projects(1):
+        raise ShapeError(f"wta_crs samples rows of x for the gradient of the weight it "
+                         f"projects by: einsum(\"...\", x, w) with w's contracted letters "
+                         f"leading its term and its others in the output, e.g. "
+                         f"\"btd,dnk->btnk\", got \"{op.params.subscripts}\"", "subscripts")
+    for name, a in zip(("x", "y"), args):
+        if not (isinstance(a.type, TensorType) and a.type.dtype.is_float):
+            raise ShapeError(f"wta_crs needs float operands, got {a.type}", name)
+    return einsum(ctx, op, args)
+
+
 def _per_axis(value, n: int, what: str, name: str) -> tuple[int, ...]:
     values = (value,) * n if isinstance(value, int) else tuple(value)
     if len(values) == 1:
@@ -306,7 +319,7 @@ def dropout(ctx, op, args) -> TensorType:
     return x
 
 
-RULES = {"einsum": einsum, "dot_product_attention": attention, "group_norm": group_norm,
+RULES = {"einsum": einsum, "sampled_einsum": sampled_einsum, "dot_product_attention": attention, "group_norm": group_norm,
          "leaky_relu": leaky_relu, "dropout": dropout, "conv": conv,
          "conv_transpose": conv_transpose, "avg_pool": pool, "max_pool": pool,
          "layer_norm": norm, "rms_norm": norm, "take_along_axis": take_along_axis,

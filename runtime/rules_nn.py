@@ -13,6 +13,7 @@ from gradlang.ir import Op
 
 from .perturbed import Factored, call, dense
 from .rules_nonsmooth import as_result_dtype
+from .sampled import wta_crs_matmul
 
 LAYER_NORM_EPS = 1e-5
 """As Flax's `nn.LayerNorm` and PyTorch's."""
@@ -54,6 +55,22 @@ def _einsum(ctx, op: Op, *xs):
     dot_general computed from the factors, `perturbed.call`)."""
     xs = tuple(x if isinstance(x, Factored) else as_result_dtype(op, x) for x in xs)
     return call(lambda *ys: jnp.einsum(op.params.subscripts, *ys), xs)
+
+
+def _sampled_einsum(ctx, op: Op, x, w):
+    """A projection einsum as x's rows (its contracted dims last, flattened) times w flattened
+    to [contracted, free] through `wta_crs_matmul`, then its dims put in the output's order."""
+    (xt, wt), output = op.params.terms()
+    x, w = as_result_dtype(op, x), as_result_dtype(op, w)
+    k = sum(c in xt for c in wt)  # w's contracted letters lead its term
+    contracted, free_w = wt[:k], wt[k:]
+    free_x = "".join(c for c in xt if c not in contracted)
+    rows = jnp.einsum(f"{xt}->{free_x}{contracted}", x)
+    rows = rows.reshape(*rows.shape[:len(free_x)], -1)
+    flat = w.reshape(rows.shape[-1], -1)
+    y = wta_crs_matmul(rows, flat, ctx.next_key(), op.params.keep)
+    y = y.reshape(*rows.shape[:-1], *w.shape[k:])
+    return jnp.einsum(f"{free_x}{free_w}->{output}", y)
 
 
 def _spatial(value, n: int) -> tuple[int, ...]:
@@ -159,7 +176,7 @@ def _segment_sum(ctx, op: Op, data, ids):
 NN_LOWERINGS = {"dot_product_attention": _attention, "group_norm": _group_norm,
                 "leaky_relu": lambda ctx, op, x, s: jax.nn.leaky_relu(as_result_dtype(op, x), s),
                 "dropout": _dropout,
-                "einsum": _einsum, "conv": _conv, "conv_transpose": _conv_transpose,
+                "einsum": _einsum, "sampled_einsum": _sampled_einsum, "conv": _conv, "conv_transpose": _conv_transpose,
                 "avg_pool": _pool, "max_pool": _pool,
                 "layer_norm": _norm, "rms_norm": _norm,
                 "take_along_axis": _take_along_axis, "segment_sum": _segment_sum}
