@@ -102,13 +102,16 @@ fn q(k: f32[3, 2, 3], x: f32[B, 7, 3], y: f32[B, 7, 2]) -> f32 {
 }
 export g = grad(q, wrt=[k])
 export e = grad(q, wrt=[k], by=eggroll(sigma=0.1, pop=8, rank=1))
+export s = grad(q, wrt=[k], by=spsa(eps=0.01, samples=4))
 """
 
 
-def test_eggroll_perturbs_a_convolution_kernel_low_rank_without_bias():
-    """A conv is linear in its kernel, so the loss is a quadratic in it: the kernel's
-    low-rank noise (as the matrix [3 * 2, 3] of its leading dims by its last) has identity
-    covariance, and the estimate is unbiased. explain says how it is perturbed."""
+@pytest.mark.parametrize("name", ["e", "s"])
+def test_a_convolution_kernel_is_perturbed_without_bias(name):
+    """A conv is linear in its kernel, so the loss is a quadratic in it: eggroll's low-rank
+    noise on the kernel (as the matrix [3 * 2, 3] of its leading dims by its last) has
+    identity covariance, and SPSA's regenerated Gaussian noise on it is exact for a quadratic:
+    both estimates are unbiased. explain says how eggroll perturbs it."""
     from gradlang.explain import explain
     m = gradlang.compile_source(CONV_QUADRATIC)
     assert ("perturbed: k (kernels, as the matrix of the leading dims by the last): low-rank "
@@ -118,7 +121,7 @@ def test_eggroll_perturbs_a_convolution_kernel_low_rank_without_bias():
     y = RNG.normal(size=(4, 7, 2)).astype(np.float32)
     exact = m.g(k, x, y)["k"]
     keys = jax.random.split(jax.random.key(5), 3000)
-    samples = np.asarray(jax.vmap(lambda key: m.e(k, x, y, key)["k"])(keys), np.float64)
+    samples = np.asarray(jax.vmap(lambda key: m[name](k, x, y, key)["k"])(keys), np.float64)
     assert_unbiased(samples.reshape(3000, -1), np.asarray(exact, np.float64).ravel())
 
 
