@@ -113,6 +113,13 @@ class LowRank(Factored):
             return self.dense() @ x
         return self.w @ x + self.scale * self.a @ (self.b.T @ x)
 
+    def take(self, ids: jax.Array) -> jax.Array:
+        """The rows at `ids` of w + s a b^T: w's rows plus s (a's rows) b^T, the table's noise
+        never formed (an embedding perturbed by eggroll)."""
+        if self.w.ndim != 2:
+            return take(self.dense(), ids)
+        return take(self.w, ids) + self.scale * take(self.a, ids) @ self.b.T
+
     def flattened(self, k: int) -> LowRank | None:
         """Flattened after all dims but the last, the factors are the matrix's own."""
         if k != self.w.ndim - 1:

@@ -141,6 +141,10 @@ export f = f
     # 6-term products (and rank-2 corrections), tanh, then sums of 48 and 24 terms, both sides
     assert_close(f(low, X), f(W + 0.3 * a @ b.T, X), ops=2 * (6 + 2 + 4 + 48 + 24))
     assert_close(low.rmatmul(X), X @ (W + 0.3 * a @ b.T), ops=2 * (6 + 2 + 2))
+    # a lookup reads the perturbed rows (an id out of range: NaN, as a dense table's)
+    ids = np.array([[0, 5, 5], [2, -1, 3]], np.int32)
+    assert_close(low.take(jnp.asarray(ids)), (W + 0.3 * a @ b.T)[ids], ops=2 * (2 + 2))
+    assert np.all(np.isnan(low.take(jnp.asarray([6, -7]))))
 
 
 def test_eggroll_descends_a_quadratic_to_its_minimum():
