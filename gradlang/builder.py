@@ -634,7 +634,8 @@ class _FunctionBuilder:
             seen.add(k.name)
         operands = tuple(self.expr(a) for a in e.args) + tuple(self.expr(k.value) for k in e.kwargs)
         kwnames = tuple(k.name for k in e.kwargs)
-        spans = tuple(("", a.span) for a in e.args) + tuple((k.name, k.value.span) for k in e.kwargs)
+        spans = (tuple(("", a.span) for a in e.args)
+                 + tuple((k.name, k.value.span) for k in e.kwargs))
         return self.emit("call", operands, CallParams(callee, kwnames), e.span,
                          arg_spans=spans).result
 

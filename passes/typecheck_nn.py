@@ -319,7 +319,8 @@ def dropout(ctx, op, args) -> TensorType:
     return x
 
 
-RULES = {"einsum": einsum, "sampled_einsum": sampled_einsum, "dot_product_attention": attention, "group_norm": group_norm,
+RULES = {"einsum": einsum, "sampled_einsum": sampled_einsum, "dot_product_attention": attention,
+         "group_norm": group_norm,
          "leaky_relu": leaky_relu, "dropout": dropout, "conv": conv,
          "conv_transpose": conv_transpose, "avg_pool": pool, "max_pool": pool,
          "layer_norm": norm, "rms_norm": norm, "take_along_axis": take_along_axis,

@@ -176,7 +176,7 @@ def _segment_sum(ctx, op: Op, data, ids):
 NN_LOWERINGS = {"dot_product_attention": _attention, "group_norm": _group_norm,
                 "leaky_relu": lambda ctx, op, x, s: jax.nn.leaky_relu(as_result_dtype(op, x), s),
                 "dropout": _dropout,
-                "einsum": _einsum, "sampled_einsum": _sampled_einsum, "conv": _conv, "conv_transpose": _conv_transpose,
-                "avg_pool": _pool, "max_pool": _pool,
+                "einsum": _einsum, "sampled_einsum": _sampled_einsum, "conv": _conv,
+                "conv_transpose": _conv_transpose, "avg_pool": _pool, "max_pool": _pool,
                 "layer_norm": _norm, "rms_norm": _norm,
                 "take_along_axis": _take_along_axis, "segment_sum": _segment_sum}
