@@ -64,8 +64,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE.parent))  # the examples' shared progress bar
 from progress import ProgressBar  # noqa: E402
+from text import SOURCES, V, texts as load_texts  # noqa: E402
 
-V = 96  # printable ASCII (95) and the newline
 ARMS = ("mezo", "backprop")
 LABELS = {"mezo": "MeZO: descend(..., by=spsa) (mezo.grad)", "backprop": "backprop + Adam"}
 
@@ -81,20 +81,6 @@ class CharLM(nn.Module):
         h = nn.gelu(nn.Dense(self.hidden)(e))
         h = nn.gelu(nn.Dense(self.hidden)(h))
         return nn.Dense(V)(h)
-
-
-def encode(text: str) -> np.ndarray:
-    """Character codes: printable ASCII 32..126 -> 0..94, newline -> 95, anything else -> 0."""
-    b = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
-    return np.where((b >= 32) & (b < 127), b - 32, np.where(b == 10, V - 1, 0)).astype(np.int32)
-
-
-def split(codes: np.ndarray, block: int = 256, every: int = 5) -> tuple[np.ndarray, np.ndarray]:
-    """(train, held out): the text cut into blocks, every `every`-th block held out."""
-    blocks = [codes[i:i + block] for i in range(0, len(codes), block)]
-    held = np.arange(len(blocks)) % every == every - 1
-    return (np.concatenate([b for b, h in zip(blocks, held) if not h]),
-            np.concatenate([b for b, h in zip(blocks, held) if h]))
 
 
 def windows(codes: np.ndarray, positions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -228,9 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     k, rng = args.context, np.random.default_rng(args.seed)
 
-    sources = {"readme": [ROOT / "README.md"], "stdlib": sorted((ROOT / "stdlib").glob("*.grad"))}
-    texts = {name: split(encode("\n".join(p.read_text() for p in paths)))
-             for name, paths in sources.items()}
+    sources, texts = SOURCES, load_texts()
     held = {}
     for name, (_, test) in texts.items():
         pos = rng.choice(np.arange(k, len(test)), size=min(args.eval_n, len(test) - k),
