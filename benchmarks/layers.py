@@ -24,7 +24,9 @@ sum): ghost clipping (the attention projections and the MLP's matrices get their
 norms from activations and cotangents; the norms' scales, the biases and the embedding table,
 tied as the output layer, per-example gradients)
 against `clipping=per_example` (every leaf's per-example gradient, vmapped), time per step and
-compiled temporary memory as the sequence length and the width grow.
+compiled temporary memory as the sequence length and the width grow; and the same on the CNN
+(its kernels ghost-clipped through their input's patches, im2col, the dense head's matrix too)
+as the channels and the image grow.
 """
 
 from __future__ import annotations
@@ -43,12 +45,13 @@ from timing import (compiled_memory, interleaved, machine, parse_timing_args, ti
 
 GRADLANG, HAND, FLAX = "gradlang (.grad layers)", "hand-written JAX", "Flax linen"
 
-def cnn_source(side: int) -> str:
-    """The CNN on images of a static side (a pool's stride needs static spatial sizes)."""
-    flat = 32 * (side // 4) ** 2
+def cnn_source(side: int, c: int = 16) -> str:
+    """The CNN on images of a static side (a pool's stride needs static spatial sizes), with
+    c and 2c channels."""
+    flat = 2 * c * (side // 4) ** 2
     return f"""
 use std.nn
-struct CNN {{ c1: Conv[KH=3, KW=3, C=1, O=16], c2: Conv[KH=3, KW=3, C=16, O=32],
+struct CNN {{ c1: Conv[KH=3, KW=3, C=1, O={c}], c2: Conv[KH=3, KW=3, C={c}, O={2 * c}],
              head: Dense[I={flat}, O=10] }}
 fn loss(p: CNN, x: f32[B, {side}, {side}, 1], y: i32[B]) -> f32 {{
   let h = max_pool(conv_relu(p.c1, x), 2)
@@ -133,14 +136,21 @@ def normal(rng, shape, scale):
     return (scale * rng.normal(size=shape)).astype(np.float32)
 
 
-def cnn_case(batch: int, side: int) -> tuple[dict, tuple, dict]:
+def cnn_data(batch: int, side: int, c: int = 16) -> tuple[dict, np.ndarray, np.ndarray]:
+    """He-scaled parameters of the CNN with c and 2c channels, images and labels."""
     rng = np.random.default_rng(0)
-    flat = 32 * (side // 4) ** 2
-    p = {"c1": {"w": normal(rng, (3, 3, 1, 16), 1 / 3), "b": np.zeros(16, np.float32)},
-         "c2": {"w": normal(rng, (3, 3, 16, 32), 1 / 12), "b": np.zeros(32, np.float32)},
+    flat = 2 * c * (side // 4) ** 2
+    p = {"c1": {"w": normal(rng, (3, 3, 1, c), 1 / 3), "b": np.zeros(c, np.float32)},
+         "c2": {"w": normal(rng, (3, 3, c, 2 * c), (9 * c) ** -0.5),
+                "b": np.zeros(2 * c, np.float32)},
          "head": {"w": normal(rng, (flat, 10), flat ** -0.5), "b": np.zeros(10, np.float32)}}
     x = rng.random((batch, side, side, 1), np.float32)
     y = rng.integers(0, 10, batch).astype(np.int32)
+    return p, x, y
+
+
+def cnn_case(batch: int, side: int) -> tuple[dict, tuple, dict]:
+    p, x, y = cnn_data(batch, side)
     m = gradlang.compile_source(cnn_source(side), "cnn.grad", strict=True)
     losses = {GRADLANG: lambda p, x, y: m.step(p, x, y), HAND: jax.value_and_grad(cnn_hand)}
     if (flax := flax_cnn()) is not None:
@@ -193,6 +203,20 @@ export per_example = grad(loss, wrt=[p], by=dp(clip=1.0, noise=0, clipping=per_e
 """
 
 
+def clipping_arms(m, args: tuple, a) -> dict:
+    """The ghost and per-example exports compiled on args: their compiled memory, interleaved
+    times, and the largest difference between their clipped sums."""
+    compiled = {arm: jax.jit(getattr(m, arm)).lower(*args).compile()
+                for arm in ("ghost", "per_example")}
+    outs = {arm: c(*args) for arm, c in compiled.items()}
+    diff = max(float(np.max(np.abs(np.asarray(u) - np.asarray(w))))
+               for u, w in zip(jax.tree.leaves(outs["ghost"]),
+                               jax.tree.leaves(outs["per_example"])))
+    times = interleaved(compiled, args, "per_example", a.rounds, max(1, a.calls // 5), a.warmup)
+    return {"bytes": {arm: compiled_memory(c) for arm, c in compiled.items()},
+            "times": times, "max_abs_diff": diff}
+
+
 def dp_clipping(sizes: list[tuple[int, int, int]], a) -> list[dict]:
     """Ghost against per-example clipping on the transformer, for each (batch, T, d)."""
     m = gradlang.compile_source(DP_SOURCE, "dp_lm.grad")  # warns: noise 0 is not private
@@ -201,29 +225,36 @@ def dp_clipping(sizes: list[tuple[int, int, int]], a) -> list[dict]:
         params, (ids,), _ = lm_case(batch, seq, 512, d, 4)
         p = {"embed": params["embed"], "block": params["block"]}
         args = jax.device_put((p, ids, jax.random.key(0)))
-        compiled = {arm: jax.jit(getattr(m, arm)).lower(*args).compile()
-                    for arm in ("ghost", "per_example")}
-        outs = {arm: c(*args) for arm, c in compiled.items()}
-        diff = max(float(np.max(np.abs(np.asarray(u) - np.asarray(w))))
-                   for u, w in zip(jax.tree.leaves(outs["ghost"]),
-                                   jax.tree.leaves(outs["per_example"])))
-        times = interleaved(compiled, args, "per_example", a.rounds, max(1, a.calls // 5),
-                            a.warmup)
-        rows.append({"batch": batch, "seq": seq, "width": d,
-                     "bytes": {arm: compiled_memory(c) for arm, c in compiled.items()},
-                     "times": times, "max_abs_diff": diff})
+        rows.append({"batch": batch, "seq": seq, "width": d, **clipping_arms(m, args, a)})
     return rows
 
 
-def report_dp(rows: list[dict]) -> None:
-    print("\n## 2. DP-SGD on the transformer: ghost clipping against per-example gradients\n")
-    print("| batch | T | d | ghost ms | per-example ms | time ghost / per-example (IQR) "
+def dp_cnn(sizes: list[tuple[int, int, int]], a) -> list[dict]:
+    """Ghost (the conv kernels through their patches, the head's matrix) against per-example
+    clipping on the CNN, for each (batch, image side, channels of the first conv; the
+    second has twice as many)."""
+    rows = []
+    for batch, side, c in sizes:
+        source = cnn_source(side, c).replace(
+            "export step = value_and_grad(loss, wrt=[p])",
+            "export ghost = grad(loss, wrt=[p], by=dp(clip=1.0, noise=0))\n"
+            "export per_example = grad(loss, wrt=[p], by=dp(clip=1.0, noise=0, "
+            "clipping=per_example))")
+        m = gradlang.compile_source(source, "dp_cnn.grad")
+        args = jax.device_put((*cnn_data(batch, side, c), jax.random.key(0)))
+        rows.append({"batch": batch, "side": side, "channels": c, **clipping_arms(m, args, a)})
+    return rows
+
+
+def report_dp(title: str, rows: list[dict], sizes: tuple[str, ...]) -> None:
+    print(f"\n## {title}\n")
+    print(f"| {' | '.join(sizes)} | ghost ms | per-example ms | time ghost / per-example (IQR) "
           "| temp MiB ghost | temp MiB per-example | temp ratio | max abs diff |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|" + "---:|" * (len(sizes) + 7))
     for r in rows:
         g, e = r["times"]["ghost"], r["times"]["per_example"]
         tg, te = (r["bytes"][k]["temp"] / 2**20 for k in ("ghost", "per_example"))
-        print(f"| {r['batch']} | {r['seq']} | {r['width']} | {g['median_s'] * 1e3:.2f} "
+        print(f"| {' | '.join(str(r[k]) for k in sizes)} | {g['median_s'] * 1e3:.2f} "
               f"| {e['median_s'] * 1e3:.2f} | {g['median_ratio']:.3f} ({g['ratio_p25']:.3f}-"
               f"{g['ratio_p75']:.3f}) | {tg:.2f} | {te:.2f} | {tg / te:.3f} "
               f"| {r['max_abs_diff']:.2e} |")
@@ -285,7 +316,13 @@ def main(argv: list[str] | None = None) -> dict:
     dp_sizes = ([(4, 16, 32), (4, 32, 32)] if a.quick else
                 [(8, 32, 64), (8, 64, 64), (8, 128, 64), (8, 64, 128), (8, 64, 256)])
     out["dp"] = dp_clipping(dp_sizes, a)
-    report_dp(out["dp"])
+    report_dp("2. DP-SGD on the transformer: ghost clipping against per-example gradients",
+              out["dp"], ("batch", "seq", "width"))
+    cnn_sizes = ([(4, 12, 8)] if a.quick else
+                 [(16, 28, 16), (16, 28, 32), (16, 14, 64), (16, 28, 64)])
+    out["dp_cnn"] = dp_cnn(cnn_sizes, a)
+    report_dp("3. DP-SGD on the CNN: ghost clipping of the conv kernels (im2col) against "
+              "per-example gradients", out["dp_cnn"], ("batch", "side", "channels"))
     out["wall_s"] = time.perf_counter() - t0
     print(f"\ntotal wall time {out['wall_s']:.0f} s")
     write_json(out, a.json)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import jax
@@ -103,12 +104,24 @@ def patches(x, window: tuple[int, ...], stride: tuple[int, ...], padding,
             dilation: tuple[int, ...]):
     """x's windows as rows (im2col): [B, W', K C] or [B, H', W', KH KW C], a row's entries in
     a kernel's row-major order without O (HWIO), so that conv(x, w) = patches @
-    w.reshape(-1, O)."""
-    rows = jax.lax.conv_general_dilated_patches(
-        x, window, stride, padding, rhs_dilation=dilation, dimension_numbers=_LAYOUTS[x.ndim])
-    k = math.prod(window)  # lax orders each row channel-major: [C, KH, KW]
-    lead = rows.shape[:-1]
-    return rows.reshape(*lead, x.shape[-1], k).swapaxes(-1, -2).reshape(*lead, -1)
+    w.reshape(-1, O). Strided slices of the padded x, one per kernel offset: data movement
+    only (lax.conv_general_dilated_patches convolves with a one-hot kernel, K C times the
+    convolution's own work)."""
+    spatial = x.shape[1:-1]
+    span = tuple((k - 1) * d + 1 for k, d in zip(window, dilation))
+    pads = (jax.lax.padtype_to_pads(spatial, span, stride, padding)
+            if isinstance(padding, str) else padding)
+    x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    out = tuple((n + lo + hi - sp) // s + 1
+                for n, (lo, hi), sp, s in zip(spatial, pads, span, stride))
+    views = []
+    for offset in itertools.product(*(range(k) for k in window)):  # row-major, as HWIO
+        start = (0, *(o * d for o, d in zip(offset, dilation)), 0)
+        limit = (x.shape[0], *(st + (m - 1) * s + 1 for st, m, s in zip(start[1:], out, stride)),
+                 x.shape[-1])
+        views.append(jax.lax.slice(x, start, limit, (1, *stride, 1)))
+    rows = jnp.stack(views, axis=-2)  # [B, ..., K, C]
+    return rows.reshape(*rows.shape[:-2], -1)
 
 
 def _conv_transpose(ctx, op: Op, x, w):
