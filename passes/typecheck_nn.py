@@ -151,7 +151,7 @@ def _windowed(name: str, x: TensorType, k: tuple[Dim, ...], stride, dilation, pa
 
 
 def _pads(name: str, padding, n: int) -> tuple[tuple[int, int] | None, ...]:
-    """Explicit (low, high) per axis (VALID none); None for SAME."""
+    """The (low, high) zeros per spatial axis (VALID: none), or None per axis for SAME."""
     if padding == "SAME":
         return (None,) * n
     if padding == "VALID":
