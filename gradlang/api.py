@@ -7,8 +7,7 @@ from pathlib import Path
 
 from .diagnostics import CompileError, Diagnostics, SourceFile
 from .ir import Module, bound_names
-
-__version__ = "0.1.0"
+from .version import __version__
 
 
 def _check_x64(module: Module, diags: Diagnostics) -> None:

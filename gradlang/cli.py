@@ -23,6 +23,7 @@ from .driver import compile_module
 from .explain import explain
 from .ir import Export, Module
 from .printer import print_module
+from .version import __version__
 
 if TYPE_CHECKING:
     from gradlang.runtime.symbolic import SymbolicDimError
@@ -43,6 +44,7 @@ class InputError(Exception):
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gradlang", description="Compile gradients of .grad programs.")
+    p.add_argument("--version", action="version", version=f"gradlang {__version__}")
     p.add_argument("--traceback", action="store_true", help=TRACEBACK_HELP)
     sub = p.add_subparsers(dest="command", required=True)
 
