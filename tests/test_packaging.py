@@ -5,26 +5,27 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.resources
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 import gradlang
+from gradlang.cli import main
 from gradlang.version import __version__
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_one_version_everywhere():
+def test_one_version_everywhere(capsys):
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "version" not in meta["project"] and "version" in meta["project"]["dynamic"]
     assert meta["tool"]["setuptools"]["dynamic"]["version"] == {
         "attr": "gradlang.version.__version__"}
     assert gradlang.__version__ == __version__ == importlib.metadata.version("gradlang")
-    out = subprocess.run([sys.executable, "-m", "gradlang.cli", "--version"],
-                         capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == f"gradlang {__version__}"
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"gradlang {__version__}"
     assert f"({__version__})" in (ROOT / "CHANGELOG.md").read_text()
 
 
