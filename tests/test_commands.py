@@ -126,6 +126,10 @@ def _check_gradlang(command: Command) -> None:
         return
     parser = _parser()
     sub = _subcommands(parser)
+    if args[0].startswith("-"):  # a top-level option alone: gradlang --version
+        assert args == [args[0]] and args[0] in parser._option_string_actions, (
+            f"{command}: no option {args[0]!r}")
+        return
     assert args[0] in sub, f"{command}: no command {args[0]!r}"
     known = {*sub[args[0]]._option_string_actions, *parser._option_string_actions}
     unknown = [o for o in _options(args[1:]) if o not in known]
