@@ -24,7 +24,7 @@ import pytest
 import fuzzgen
 import fuzzrun
 
-BUDGET = 120
+BUDGET = 90
 """Programs of the default run (seeds 0 .. BUDGET - 1): about 30 s in one process."""
 CALL_EVERY = 3
 EXECUTE_EVERY = 15
