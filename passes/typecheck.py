@@ -607,7 +607,7 @@ class _FunctionChecker:
             env: dict = {d: d for p in self.fn.params for d in type_dims(p.value.type)}
             declared = self.fn.result_type
             problem = unify(declared, _weak_as(self.ctx, result, declared), env)
-            self._f32_overflow(None, [result], (Value(declared),))
+            self._f32_overflow([result], (declared,), self.fn.result_span)
             if problem:
                 self.diags.error(f"'{self.fn.name}' is declared to return {self.fn.result_type} "
                                  f"but returns {result.type}", self.fn.result_span)
@@ -664,13 +664,13 @@ class _FunctionChecker:
             self.ctx.weak.update(results)
         if op.name == "const" and isinstance(op.params.value, float):
             self.literals[results[0]] = op
-        self._f32_overflow(op, args, results)
+        self._f32_overflow(args, tuple(r.type for r in results), op.span)
         return replace(op, operands=tuple(args), results=results)
 
-    def _f32_overflow(self, op: Op | None, args, results: tuple[Value, ...]) -> None:
-        """A float literal beyond float32's range used in an f32 computation (an op's, or
-        returned or yielded as an f32 value: `op` None) would be inf."""
-        if not any(isinstance(r.type, TensorType) and r.type.dtype is DType.F32 for r in results):
+    def _f32_overflow(self, args: list[Value], types: tuple[Type, ...], span) -> None:
+        """A float literal beyond float32's range used in an f32 computation (one whose
+        result `types` include f32: an op's, a function's result, a branch's) would be inf."""
+        if not any(isinstance(t, TensorType) and t.dtype is DType.F32 for t in types):
             return
         for a in args:
             lit = self.literals.get(a)
@@ -678,7 +678,7 @@ class _FunctionChecker:
                 self.diags.error(f"the literal {lit.params.value:g} is beyond float32's range "
                                  f"(largest {F32_MAX:.3g}) in this f32 computation, where it "
                                  f"would be inf; use a smaller value, or f64 operands",
-                                 lit.span or (op and op.span))
+                                 lit.span or span)
                 del self.literals[a]
 
     def if_op(self, op: Op, args: list[Value]) -> Op:
@@ -692,7 +692,7 @@ class _FunctionChecker:
             except ShapeError as exc:
                 self.diags.error(str(exc), op.span)
         results = (self.new(op.results[0], result),)
-        self._f32_overflow(None, [a, b], results)
+        self._f32_overflow([a, b], (result,), op.span)
         return replace(op, operands=tuple(args), results=results, regions=(then, orelse))
 
     def _if_type(self, c: Value, a: Value, b: Value) -> Type:
