@@ -258,6 +258,9 @@ class SurrogateParams:
     cost, credited to every score term."""
     credit: tuple[tuple[int, ...], ...] = field(default=(), metadata={"omit_default": True})
     """With costs: for each score term, the costs it is credited with (their indices)."""
+    paired: tuple[tuple[int, ...], ...] = field(default=(), metadata={"omit_default": True})
+    """For each score term (empty: none is): the credited costs it multiplies entry by entry,
+    both being vectors of a batched draw's entries (the others multiply its sum)."""
     enum: int = field(default=0, metadata={"omit_default": True})
     params: int = field(default=0, metadata={"omit_default": True})
     draw: int = field(default=0, metadata={"omit_default": True})
@@ -501,6 +504,9 @@ def _verify_surrogate(op) -> str | None:
     if p.costs and (len(p.credit) != len(p.baselines)
                     or any(j >= p.costs for to in p.credit for j in to)):
         return f"credits {p.credit} do not give each score term some of its {p.costs} costs"
+    if p.paired and (len(p.paired) != len(p.credit)
+                     or any(not set(e) <= set(to) for e, to in zip(p.paired, p.credit))):
+        return f"pairs {p.paired} entry by entry with costs not credited ({p.credit})"
     if any(n > 1 for n in (p.enum, p.draw, p.aux, p.shift_grad)):
         return "has more than one operand of a role that has at most one (enum, draw, aux, shift_grad)"
     if p.branched is None and p.params + p.draw + p.aux:

@@ -4,7 +4,8 @@ value, and which draws each term depends on.
 `Terms.split` rewrites a value as a sum of terms of its type, through `add`, `sub`, `neg`,
 `sum` / `mean` (linear reductions), `mul` / `div` by another factor (distributivity), and the
 bodies of called functions (a call becomes an `inline` op whose body yields its terms). It stops
-at any other op: that value is one term.
+at any other op: that value is one term. A scalar's sum or mean over every axis of a tensor
+is kept apart (`Term.reduce`), so that the tensor's entries can be credited one by one.
 
 `influence` is a forward dependency analysis over a region and the regions nested in it: a
 term depends on a draw when a chain of ops leads from the draw (or from the loop or branch that
@@ -16,12 +17,24 @@ problem) every result depends on everything the op reads.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import NamedTuple
 
 from gradlang.diagnostics import Span
 from gradlang.ir import Module, Op, Value
-from gradlang.types import Type
+from gradlang.ops import ReduceParams
+from gradlang.types import TensorType, Type, scalar
 
 from .rewrite import inline_body
+
+
+class Term(NamedTuple):
+    """An additive term of a value: `value` itself, or its sum or mean over every axis
+    (`reduce`: a scalar objective's reduction, kept apart so that its entries can be credited
+    one by one); `span` is the expression it stands for (None: a value from outside)."""
+
+    value: Value
+    span: Span | None
+    reduce: str | None = None
 
 
 class Terms:
@@ -39,61 +52,83 @@ class Terms:
         self.ops.append(op)
         return op.result
 
-    def split(self, v: Value) -> list[tuple[Value, Span | None]]:
-        """Terms summing to v, each with the span of the expression it stands for (None: a
-        value from outside these ops)."""
+    def whole(self, t: Term) -> Value:
+        """The term's value, its reduction emitted if it has one."""
+        if t.reduce is None:
+            return t.value
+        return self.emit(t.reduce, (t.value,), ReduceParams(), scalar(t.value.type.dtype), t.span)
+
+    def split(self, v: Value) -> list[Term]:
+        """Terms summing to v."""
         i = self.defs.get(v)
         if i is None:
-            return [(v, None)]
+            return [Term(v, None)]
         op = self.ops[i]
         same = [x.type == v.type for x in op.operands]
+
+        def each(terms: list[Term], name: str, with_term) -> list[Term]:
+            return [t._replace(value=self.emit(name, with_term(t.value), op.params, t.value.type,
+                                               op.span)) for t in terms]
+
         if op.name in ("add", "sub") and all(same):
             a, b = (self.split(x) for x in op.operands)
             if op.name == "sub":
-                b = [(self.emit("neg", (t,), op.params, v.type, op.span), s) for t, s in b]
+                b = each(b, "neg", lambda x: (x,))
             return a + b
         if op.name == "neg":
-            return [(self.emit("neg", (t,), op.params, v.type, op.span), s)
-                    for t, s in self.split(op.operands[0])]
-        if op.name in ("sum", "mean"):
+            return each(self.split(op.operands[0]), "neg", lambda x: (x,))
+        if op.name in ("sum", "mean") and op.operands[0].type.rank > 0:
             inner = self.split(op.operands[0])
+            if _entire(op) and _splits_entries(v):  # each term's entries kept apart
+                return [Term(t.value, t.span if len(inner) > 1 else op.span, op.name)
+                        for t in inner]
             if len(inner) > 1:
-                return [(self.emit(op.name, (t,), op.params, v.type, op.span), s) for t, s in inner]
+                return [t._replace(value=self.emit(op.name, (t.value,), op.params, v.type, op.span))
+                        for t in inner]
         if op.name in ("mul", "div"):
             for k in (0, 1) if op.name == "mul" else (0,):
                 if not same[k]:
                     continue
                 inner = self.split(op.operands[k])
-                if len(inner) > 1:
+                if len(inner) > 1 or inner[0].reduce is not None:
                     other = op.operands[1 - k]
-                    return [(self.emit(op.name, (t, other) if k == 0 else (other, t), op.params,
-                                       v.type, op.span), s) for t, s in inner]
+                    return each(inner, op.name, lambda x: (x, other) if k == 0 else (other, x))
         if op.name == "call_fn" and v is op.results[0] and self.splittable(op.params.callee):
             op = Op("inline", op.operands, op.results, op.params,
                     (inline_body(self.module.function(op.params.callee)),), op.span)
             self.ops[i] = op
         if op.name == "inline" and v is op.results[0]:
             return self.split_inline(i, op, v)
-        return [(v, op.span)]
+        return [Term(v, op.span)]
 
     def splittable(self, callee: str) -> bool:
         """A user function (not an extern or a jax fn, whose body is one call into Python)."""
         return not any(o.name in ("host_call", "call_jax")
                        for o in self.module.function(callee).body.ops)
 
-    def split_inline(self, i: int, op: Op, v: Value) -> list[tuple[Value, Span | None]]:
+    def split_inline(self, i: int, op: Op, v: Value) -> list[Term]:
         """The terms of an inlined body's result, yielded as extra results of the op."""
         (body,) = op.regions
         inner = Terms(self.module, list(body.ops))
         terms = inner.split(body.results[0])
-        if len(terms) == 1:
-            return [(v, terms[0][1] or op.span)]
-        extra = tuple(Value(t.type) for t, _ in terms)
-        body = replace(body, ops=tuple(inner.ops), results=body.results + tuple(t for t, _ in terms))
+        if len(terms) == 1 and terms[0].reduce is None:
+            return [Term(v, terms[0].span or op.span)]
+        extra = tuple(Value(t.value.type) for t in terms)
+        body = replace(body, ops=tuple(inner.ops), results=body.results + tuple(t.value for t in terms))
         self.ops[i] = replace(op, results=op.results + extra, regions=(body,))
         for r in extra:
             self.defs[r] = i
-        return [(r, s or op.span) for r, (_, s) in zip(extra, terms)]
+        return [t._replace(value=r, span=t.span or op.span) for r, t in zip(extra, terms)]
+
+
+def _entire(op: Op) -> bool:
+    """A sum or mean over every axis of its operand."""
+    return op.results[0].type.rank == 0
+
+
+def _splits_entries(v: Value) -> bool:
+    """A float scalar: a reduction to it may be kept apart as a term's `reduce`."""
+    return isinstance(v.type, TensorType) and v.type.rank == 0 and v.type.dtype.is_float
 
 
 def influence(ops: list[Op], sources: list[tuple[Value, ...]],

@@ -36,12 +36,13 @@ from gradlang.diagnostics import Diagnostics, Span
 from gradlang.estimators import REGISTRY, SiteEstimator
 from gradlang.estimators.combine import combination_rule
 from gradlang.ir import Export, Function, Module, Op, Param, Region, Value
-from gradlang.ops import (CalleeParams, ConstParams, Annotation, ExpectParams, NoParams,
-                          ReduceParams, SurrogateParams)
-from gradlang.types import DType, TensorType, TupleType, Type, scalar
+from gradlang.ops import (Annotation, CalleeParams, CastParams, ConstParams, ExpectParams,
+                          NameParams, NoParams, ReduceParams, SurrogateParams)
+from gradlang.types import Dim, DType, TensorType, TupleType, Type, scalar
 
 from .callgraph import random_functions
-from .credit import Terms, influence
+from .credit import Term, Terms, influence
+from .elements import Mixed, pairing
 from .rewrite import inline_body
 
 GROUPS = ("auto", "none", "loo", "grpo", "ma", "vimco", "enum", "param", "draw", "aux", "dreg")
@@ -67,6 +68,10 @@ class _Unit:
     sources: tuple[Value, ...]
     whole: bool = False
     """Credited with every cost (`score(credit=whole)`, or a moving-average baseline)."""
+    draw: Value | None = None
+    """A single draw's value (not one of a loop's or a branch's)."""
+    entries: Value | None = None
+    """A single draw's log-probability per batch entry, which `value` sums."""
 
 
 @dataclass
@@ -177,7 +182,8 @@ class _Rewriter:
             if baseline == "ma":
                 self.decays[op.span] = est.option("decay")
             units.append(_Unit(baseline, total, [op.span], (op.result,),
-                               whole=baseline == "ma" or est.option("credit") == "whole"))
+                               whole=baseline == "ma" or est.option("credit") == "whole",
+                               draw=op.result, entries=lp if dist.batch else None))
         elif role == "dreg":
             self.dreg(op, units)
         elif op.name == "log_prob" and self.own_density(op):
@@ -279,10 +285,13 @@ class _Rewriter:
         """`op` with `body` as its region, rewritten, the score terms of its draws yielded each
         on its own as more results (an inlined call, a checkpoint block)."""
         body, inner = self.region(body)
-        extra = tuple(Value(u.value.type) for u in inner)
-        body = replace(body, results=body.results + tuple(u.value for u in inner))
-        self.ops.append(replace(op, results=op.results + extra, regions=(body,)))
-        units += [replace(u, value=v) for u, v in zip(inner, extra)]
+        yielded = [v for u in inner for v in (u.value, u.entries) if v is not None]
+        body = replace(body, results=body.results + tuple(yielded))
+        new = replace(op, results=op.results + tuple(Value(v.type) for v in yielded), regions=(body,))
+        self.ops.append(new)
+        extra = iter(new.results[len(op.results):])
+        units += [replace(u, value=next(extra), entries=None if u.entries is None else next(extra))
+                  for u in inner]
 
     def summed(self, branches: list[list[_Unit]]) -> list[tuple[str, bool, list[list[_Unit]]]]:
         """Per score group present, whether its terms are credited whole, and each branch's
@@ -368,9 +377,10 @@ class _Rewriter:
         outer, self.ops = self.ops, list(region.ops)
         try:
             costs, credited = self.credit_costs(region.results[0], units, span)
-            operands = [value for _, _, value, _ in credited]
-            baselines = tuple(self.baseline(g, n, spans) for g, spans, _, _ in credited)
-            credit = tuple(to for _, _, _, to in credited)
+            operands = [value for _, _, value, _, _ in credited]
+            baselines = tuple(self.baseline(g, n, spans) for g, spans, _, _, _ in credited)
+            credit = tuple(to for _, _, _, to, _ in credited)
+            paired = tuple(p for _, _, _, _, p in credited)
             enum = [u.value for u in units if u.group == "enum"]
             if enum:
                 operands.append(self.total(enum, span))
@@ -401,6 +411,7 @@ class _Rewriter:
             out, self.ops = self.ops, outer
             return out
         params = SurrogateParams(baselines, costs=len(costs), credit=credit if costs else (),
+                                 paired=paired if any(paired) else (),
                                  enum=int(bool(enum)), params=len(roles["param"]),
                                  draw=len(roles["draw"]), aux=len(roles["aux"]),
                                  shift_grad=int(shifted), branched=branched, family=family)
@@ -462,39 +473,74 @@ class _Rewriter:
 
     def credit_costs(self, value: Value, units: list[_Unit], span: Span | None):
         """The costs of a scope (empty: its value is the only one) and its score terms merged
-        by (group, credited costs): [(group, sites, summed term, cost indices)]. Terms credited
+        by (group, credited costs, costs credited entry by entry): [(group, sites, summed term,
+        cost indices, paired cost indices)]. A cost is a scalar, or a vector of entries when
+        batched draws are credited entry by entry with it (`elements.pairing`). Terms credited
         with no cost are dropped (their expected contribution is zero)."""
         scored = [u for u in units if u.group in SCORE]
         if not scored:
             return [], []
-        terms = Terms(self.module, self.ops).split(value)
-        deps = influence(self.ops, [u.sources for u in scored], [t for t, _ in terms])
-        classes: dict[frozenset[int], list[int]] = {}
+        split = Terms(self.module, self.ops)
+        terms = split.split(value)
+        deps = influence(self.ops, [u.sources for u in scored], [t.value for t in terms])
+        pairs = pairing(self.module, self.ops, [
+            None if u.entries is None or u.whole else (u.draw, u.entries.type.shape)
+            for u in scored], terms, deps)
+        classes: dict[tuple[frozenset[int], frozenset[int]], list[int]] = {}
         for k, d in enumerate(deps):
-            classes.setdefault(d, []).append(k)
+            classes.setdefault((d, pairs.paired[k]), []).append(k)
         order = sorted(classes, key=lambda d: min(classes[d]))
-        if len(order) == 1 and order[0] == frozenset(range(len(scored))):
+        if len(order) == 1 and order[0] == (frozenset(range(len(scored))), frozenset()):
             costs: list[tuple[Value, list[Span]]] = []
             reach = [() for _ in scored]
         else:
-            costs = [(self.total([terms[k][0] for k in classes[d]], span),
-                      [terms[k][1] for k in classes[d]]) for d in order]
-            reach = [tuple(j for j, d in enumerate(order) if i in d) for i in range(len(scored))]
-        merged: dict[tuple[str, tuple[int, ...]], tuple[list[Span], list[Value]]] = {}
-        for u, r in zip(scored, reach):
+            costs = [(self.total([split.whole(terms[k]) if not paired
+                                  else self.entries(terms[k], pairs.term_axis[k]) for k in classes[d]],
+                                 span), [terms[k].span for k in classes[d]])
+                     for d in order for paired in [d[1]]]
+            reach = [tuple(j for j, (d, _) in enumerate(order) if i in d) for i in range(len(scored))]
+        merged: dict[tuple[str, tuple[int, ...], tuple[int, ...]], tuple[list[Span], list[Value]]] = {}
+        for i, (u, r) in enumerate(zip(scored, reach)):
+            paired = tuple(j for j, (_, p) in enumerate(order) if i in p) if costs else ()
             if costs and u.whole:
                 r = tuple(range(len(costs)))
             elif costs and not r:
                 self.note_credit(u.spans, "no cost (it does not affect the objective)")
                 continue
-            spans, values = merged.setdefault((u.group, r), ([], []))
+            spans, values = merged.setdefault((u.group, r, paired), ([], []))
             spans += u.spans
-            values.append(u.value)
-            self.note_credit(u.spans, _describe(costs, r))
-        credited = [(g, spans, self.total(values, span), r)
-                    for (g, r), (spans, values) in sorted(merged.items(),
-                                                          key=lambda kv: GROUPS.index(kv[0][0]))]
+            values.append(self.reduced(u.entries, pairs.axis[i], span) if paired else u.value)
+            self.note_credit(u.spans, _describe(costs, r, paired, u, pairs.axis[i], pairs.why[i]))
+        credited = [(g, spans, self.total(values, span), r, p)
+                    for (g, r, p), (spans, values) in sorted(merged.items(),
+                                                             key=lambda kv: GROUPS.index(kv[0][0]))]
         return costs, credited
+
+    def entries(self, term: Term, axis: int) -> Value:
+        """A term's tensor reduced to its entries along `axis` (each a separate cost): its sum
+        over the other axes, divided by the size of `axis` for a mean."""
+        x = term.value
+        others = tuple(k for k in range(x.type.rank) if k != axis)
+        size = x.type.shape[axis]
+        t = x.type.with_shape((size,))
+        if others:
+            x = self.emit(term.reduce, (x,), ReduceParams(others), (t,), term.span).result
+        if term.reduce == "mean":
+            n = (self.emit("const", (), ConstParams(float(size), DType.F32), (F32,), term.span)
+                 if isinstance(size, int) else
+                 self.emit("cast", (self.emit("dim", (), NameParams(size), (scalar(DType.I32),),
+                                              term.span).result,), CastParams(DType.F32), (F32,),
+                           term.span)).result
+            x = self.emit("div", (x, n), NoParams(), (t,), term.span).result
+        return x
+
+    def reduced(self, entries: Value, axis: int, span: Span | None) -> Value:
+        """A draw's log-probability per batch entry, summed over the axes other than `axis`."""
+        others = tuple(k for k in range(entries.type.rank) if k != axis)
+        if not others:
+            return entries
+        t = entries.type.with_shape((entries.type.shape[axis],))
+        return self.emit("sum", (entries,), ReduceParams(others), (t,), span).result
 
     def note_credit(self, spans: list[Span], what: str) -> None:
         for s in spans:
@@ -656,11 +702,31 @@ def _stacked(n: int, t: Type) -> TensorType:
     return t.with_shape((n,) + t.shape)
 
 
-def _describe(costs: list[tuple[Value, list[Span | None]]], to: tuple[int, ...]) -> str:
-    """The costs `to` as source text ("the whole objective" when they are all of them)."""
-    if len(to) == len(costs):
-        return "the whole objective"
-    return "; ".join(_source_text(s) for j in to for s in costs[j][1])
+def _describe(costs: list[tuple[Value, list[Span | None]]], to: tuple[int, ...],
+              paired: tuple[int, ...], unit: _Unit, axis: int | None,
+              why: tuple[tuple[Dim, Mixed | None], ...]) -> str:
+    """The costs `to` as source text ("the whole objective" when they are all of them), those
+    credited entry by entry first, and why a batched draw is not credited entry by entry."""
+    if paired:
+        dim = unit.entries.type.shape[axis]
+        own = "; ".join(_source_text(s) for j in paired for s in costs[j][1])
+        rest = "; ".join(_source_text(s) for j in to if j not in paired for s in costs[j][1])
+        return (f"per element of {dim} (its axis {axis}), each with its own entries of: {own}"
+                + (f"; and, whole: {rest}" if rest else ""))
+    text = ("the whole objective" if len(to) == len(costs)
+            else "; ".join(_source_text(s) for j in to for s in costs[j][1]))
+    if unit.whole and unit.entries is not None and unit.entries.type.rank:
+        return text + (" (credit=whole)" if unit.group != "ma" else " (a moving-average baseline)")
+    mixed = [f"{dim} by {m.op} at {_where(m.span)}" for dim, m in why if m is not None]
+    if why and mixed:
+        return text + f" (not per element: entries mixed: {', '.join(mixed)})"
+    if why:
+        return text + " (not per element: the objective is not a sum or mean of entries it reaches)"
+    return text
+
+
+def _where(span: Span | None) -> str:
+    return "?" if span is None else f"{Path(span.source.path).name}:{span.line}:{span.col}"
 
 
 def _source_text(span: Span | None) -> str:
