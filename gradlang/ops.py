@@ -261,6 +261,10 @@ class SurrogateParams:
     paired: tuple[tuple[int, ...], ...] = field(default=(), metadata={"omit_default": True})
     """For each score term (empty: none is): the credited costs it multiplies entry by entry,
     both being vectors of a batched draw's entries (the others multiply its sum)."""
+    causal: tuple[tuple[int, ...], ...] = field(default=(), metadata={"omit_default": True})
+    """For each score term (empty: none is): the credited costs it pairs step by step, both
+    vectors over a loop's iterations: entry t of the cost multiplies the score terms of steps
+    up to t (reward-to-go)."""
     enum: int = field(default=0, metadata={"omit_default": True})
     params: int = field(default=0, metadata={"omit_default": True})
     draw: int = field(default=0, metadata={"omit_default": True})
@@ -507,6 +511,9 @@ def _verify_surrogate(op) -> str | None:
     if p.paired and (len(p.paired) != len(p.credit)
                      or any(not set(e) <= set(to) for e, to in zip(p.paired, p.credit))):
         return f"pairs {p.paired} entry by entry with costs not credited ({p.credit})"
+    if p.causal and (len(p.causal) != len(p.credit)
+                     or any(not set(e) <= set(to) for e, to in zip(p.causal, p.credit))):
+        return f"pairs {p.causal} step by step with costs not credited ({p.credit})"
     if any(n > 1 for n in (p.enum, p.draw, p.aux, p.shift_grad)):
         return "has more than one operand of a role that has at most one (enum, draw, aux, shift_grad)"
     if p.branched is None and p.params + p.draw + p.aux:

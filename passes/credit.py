@@ -3,7 +3,8 @@ value, and which draws each term depends on.
 
 `Terms.split` rewrites a value as a sum of terms of its type, through `add`, `sub`, `neg`,
 `sum` / `mean` (linear reductions), `mul` / `div` by another factor (distributivity), and the
-bodies of called functions (a call becomes an `inline` op whose body yields its terms). It stops
+bodies of called functions (a call becomes an `inline` op whose body yields its terms), tuple
+elements and loops' accumulators (`Terms.accumulated`). It stops
 at any other op: that value is one term. A scalar's sum or mean over every axis of a tensor
 is kept apart (`Term.reduce`), so that the tensor's entries can be credited one by one.
 
@@ -16,13 +17,14 @@ problem) every result depends on everything the op reads.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import NamedTuple
 
 from gradlang.diagnostics import Span
 from gradlang.ir import Module, Op, Value
-from gradlang.ops import ReduceParams
-from gradlang.types import TensorType, Type, scalar
+from gradlang.ops import ConstParams, NoParams, OneHotParams, ReduceParams, ShapeParams
+from gradlang.types import Dim, DType, TensorType, Type, scalar
 
 from .rewrite import inline_body
 
@@ -35,6 +37,9 @@ class Term(NamedTuple):
     value: Value
     span: Span | None
     reduce: str | None = None
+    steps: Value | None = None
+    """With `reduce`: the index of the loop whose iterations added the entries, one each (the
+    value is the loop's accumulator split per iteration, `Terms.accumulated`)."""
 
 
 class Terms:
@@ -92,6 +97,8 @@ class Terms:
                 inner = self.split(op.operands[k])
                 if len(inner) > 1 or inner[0].reduce is not None:
                     other = op.operands[1 - k]
+                    if any(t.steps is not None and self.reads_loop(other, t.steps) for t in inner):
+                        continue  # each iteration's entry times a later state: one term
                     return each(inner, op.name, lambda x: (x, other) if k == 0 else (other, x))
         if op.name == "call_fn" and v is op.results[0] and self.splittable(op.params.callee):
             op = Op("inline", op.operands, op.results, op.params,
@@ -99,7 +106,60 @@ class Terms:
             self.ops[i] = op
         if op.name == "inline" and v is op.results[0]:
             return self.split_inline(i, op, v)
+        if op.name == "get" and self.defs.get(op.operands[0]) is not None:
+            built = self.ops[self.defs[op.operands[0]]]
+            if built.name == "tuple":  # a destructured tuple (`let (a, b) = for ...`)
+                return self.split(built.operands[op.params.index])
+        if op.name == "for" and _splits_entries(v):
+            found = self.accumulated(i, op, op.results.index(v))
+            if found is not None:
+                return found
         return [Term(v, op.span)]
+
+    def accumulated(self, i: int, op: Op, k: int) -> list[Term] | None:
+        """Carry k of the loop `op` (at index i) as its initial value plus what each iteration
+        adds, when each iteration's next value is the carry plus terms that do not read it
+        (`total = total + cost`): the additions are collected in a new carry, a vector with
+        one entry per iteration (None: not such a carry, or the trip count is not known)."""
+        (body,) = op.regions
+        index, carry = body.args[0], body.args[1 + k]
+        if trip_count(op) is None:
+            return None
+        inner = Terms(self.module, list(body.ops))
+        terms = inner.split(body.results[k])
+        if [t.value for t in terms].count(carry) != 1:
+            return None
+        added = [inner.whole(t) for t in terms if t.value is not carry]
+        if not added or any(influence(inner.ops, [(carry,)], added)):
+            return None
+        span = op.span
+        cost = added[0]
+        for a in added[1:]:
+            cost = inner.emit("add", (cost, a), NoParams(), cost.type, span)
+        entries = Value(TensorType(cost.type.dtype, (trip_count(op),)), "steps")
+        nxt = per_step(lambda *a: inner.emit(*a, span), op, entries, cost)
+        body = replace(body, args=body.args + (entries,), ops=tuple(inner.ops),
+                       results=body.results + (nxt,))
+        zeros = Op("zeros", (), (Value(entries.type),), ShapeParams(entries.type.shape), (), span)
+        loop = replace(op, operands=op.operands + zeros.results,
+                       results=op.results + (Value(entries.type),),
+                       params=replace(op.params, carries=op.params.carries + ("steps",)),
+                       regions=(body,))
+        self.ops[i:i + 1] = [zeros, loop]
+        self.defs = {r: j for j, o in enumerate(self.ops) for r in o.results}
+        where = next((inner.ops[inner.defs[a]].span for a in added if a in inner.defs), span)
+        return self.split(op.operands[k]) + [Term(loop.results[-1], where, "sum", index)]
+
+
+    def reads_loop(self, v: Value, index: Value) -> bool:
+        """Whether v depends on the loop with this index (on what holds it): then a factor v
+        of its per-iteration costs would make each depend on later iterations."""
+        def holds(op: Op) -> bool:
+            return any(r.args[:1] == (index,) and op.name == "for" or any(holds(o) for o in r.ops)
+                       for r in op.regions)
+
+        holder = next((op for op in self.ops if holds(op)), None)
+        return holder is None or bool(influence(self.ops, [holder.results], [v])[0])
 
     def splittable(self, callee: str) -> bool:
         """A user function (not an extern or a jax fn, whose body is one call into Python)."""
@@ -121,6 +181,26 @@ class Terms:
         return [t._replace(value=r, span=t.span or op.span) for r, t in zip(extra, terms)]
 
 
+def trip_count(loop: Op) -> Dim | None:
+    """A `for` loop's number of iterations, when known as a dim (None: a symbolic start)."""
+    start, stop = loop.params.start, loop.params.stop
+    if start == 0:
+        return stop
+    return stop - start if isinstance(start, int) and isinstance(stop, int) else None
+
+
+def per_step(emit: Callable[..., Value], loop: Op, entries: Value, x: Value) -> Value:
+    """In the body of `loop`: `entries` (a carry, one entry per iteration) with this
+    iteration's entry increased by the scalar x. `emit(name, operands, params, type)`."""
+    index = loop.regions[0].args[0]
+    start, vec = loop.params.start, entries.type
+    if start != 0:
+        first = emit("const", (), ConstParams(start, DType.I32), scalar(DType.I32))
+        index = emit("sub", (index, first), NoParams(), scalar(DType.I32))
+    hot = emit("one_hot", (index,), OneHotParams(vec.shape[0]), vec)
+    return emit("add", (entries, emit("mul", (hot, x), NoParams(), vec)), NoParams(), vec)
+
+
 def _entire(op: Op) -> bool:
     """A sum or mean over every axis of its operand."""
     return op.results[0].type.rank == 0
@@ -138,7 +218,7 @@ def influence(ops: list[Op], sources: list[tuple[Value, ...]],
     for k, values in enumerate(sources):
         for v in values:
             seeds.setdefault(v, set()).add(k)
-    taint: dict[Value, frozenset[int]] = {}
+    taint = {v: frozenset(k) for v, k in seeds.items()}  # sources defined outside the ops too
 
     def get(v: Value) -> frozenset[int]:
         return taint.get(v, frozenset())

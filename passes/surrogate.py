@@ -37,11 +37,11 @@ from gradlang.estimators import REGISTRY, SiteEstimator
 from gradlang.estimators.combine import combination_rule
 from gradlang.ir import Export, Function, Module, Op, Param, Region, Value
 from gradlang.ops import (Annotation, CalleeParams, CastParams, ConstParams, ExpectParams,
-                          NameParams, NoParams, ReduceParams, SurrogateParams)
+                          NameParams, NoParams, ReduceParams, ShapeParams, SurrogateParams)
 from gradlang.types import Dim, DType, TensorType, TupleType, Type, scalar
 
 from .callgraph import random_functions
-from .credit import Term, Terms, influence
+from .credit import Term, Terms, influence, per_step, trip_count
 from .elements import Mixed, pairing
 from .rewrite import inline_body
 
@@ -71,7 +71,10 @@ class _Unit:
     draw: Value | None = None
     """A single draw's value (not one of a loop's or a branch's)."""
     entries: Value | None = None
-    """A single draw's log-probability per batch entry, which `value` sums."""
+    """A single draw's log-probability per batch entry, or a loop's draws' per iteration,
+    which `value` sums."""
+    steps: Value | None = None
+    """For a loop's draws: the loop's index (the loop `Term.steps` names)."""
 
 
 @dataclass
@@ -307,26 +310,43 @@ class _Rewriter:
         return out
 
     def loop(self, op: Op, units: list[_Unit]) -> None:
-        """Score terms of draws in a loop body are summed over the iterations in extra carries."""
+        """Score terms of draws in a loop body are summed per iteration, into extra carries:
+        a vector with one entry per iteration (when the trip count is known and the draws are
+        not credited whole: reward-to-go pairs it with per-iteration costs), else a scalar."""
         body, inner = self.region(op.regions[0])
         groups = self.summed([inner])
         if not groups:
             self.ops.append(replace(op, regions=(body,)))
             return
+        trips = trip_count(op)
         outer, self.ops = self.ops, list(body.ops)
-        args = tuple(Value(F32, f"score_{g}") for g, _, _ in groups)
-        nexts = tuple(self.emit("add", (a, self.total([u.value for u in per[0]], op.span)),
-                                NoParams(), (F32,), op.span).result
-                      for a, (_, _, per) in zip(args, groups))
-        body = replace(body, args=body.args + args, ops=tuple(self.ops), results=body.results + nexts)
+        args = tuple(Value(F32 if whole or trips is None else TensorType(DType.F32, (trips,)),
+                           f"score_{g}") for g, whole, _ in groups)
+        nexts = []
+        for a, (_, _, per) in zip(args, groups):
+            step = self.total([u.value for u in per[0]], op.span)
+            if a.type.rank:
+                nexts.append(per_step(lambda n, x, p, t: self.emit(n, x, p, (t,), op.span).result,
+                                      replace(op, regions=(body,)), a, step))
+            else:
+                nexts.append(self.emit("add", (a, step), NoParams(), (F32,), op.span).result)
+        body = replace(body, args=body.args + args, ops=tuple(self.ops),
+                       results=body.results + tuple(nexts))
         self.ops = outer
-        inits = tuple(self.zero(op.span) for _ in groups)
+        inits = tuple(self.emit("zeros", (), ShapeParams(a.type.shape), (a.type,), op.span).result
+                      if a.type.rank else self.zero(op.span) for a in args)
         params = replace(op.params, carries=op.params.carries + tuple(f"score_{g}" for g, _, _ in groups))
-        new = Op("for", op.operands + inits, op.results + tuple(Value(F32) for _ in groups), params,
+        new = Op("for", op.operands + inits, op.results + tuple(Value(a.type) for a in args), params,
                  (body,), op.span)
         self.ops.append(new)
         for (g, whole, per), v in zip(groups, new.results[len(op.results):]):
-            units.append(_Unit(g, v, [s for u in per[0] for s in u.spans], op.results, whole))
+            spans = [s for u in per[0] for s in u.spans]
+            sources = tuple(x for u in per[0] for x in u.sources)  # what reads them, reads the loop
+            if v.type.rank:
+                total = self.emit("sum", (v,), ReduceParams(), (F32,), op.span).result
+                units.append(_Unit(g, total, spans, sources, whole, entries=v, steps=body.args[0]))
+            else:
+                units.append(_Unit(g, v, spans, sources, whole))
 
     def if_op(self, op: Op, units: list[_Unit]) -> None:
         branches = [self.region(r) for r in op.regions]
@@ -377,10 +397,11 @@ class _Rewriter:
         outer, self.ops = self.ops, list(region.ops)
         try:
             costs, credited = self.credit_costs(region.results[0], units, span)
-            operands = [value for _, _, value, _, _ in credited]
-            baselines = tuple(self.baseline(g, n, spans) for g, spans, _, _, _ in credited)
-            credit = tuple(to for _, _, _, to, _ in credited)
-            paired = tuple(p for _, _, _, _, p in credited)
+            operands = [value for _, _, value, _, _, _ in credited]
+            baselines = tuple(self.baseline(g, n, spans) for g, spans, _, _, _, _ in credited)
+            credit = tuple(to for _, _, _, to, _, _ in credited)
+            paired = tuple(p for _, _, _, _, p, _ in credited)
+            causal = tuple(c for _, _, _, _, _, c in credited)
             enum = [u.value for u in units if u.group == "enum"]
             if enum:
                 operands.append(self.total(enum, span))
@@ -412,6 +433,7 @@ class _Rewriter:
             return out
         params = SurrogateParams(baselines, costs=len(costs), credit=credit if costs else (),
                                  paired=paired if any(paired) else (),
+                                 causal=causal if any(causal) else (),
                                  enum=int(bool(enum)), params=len(roles["param"]),
                                  draw=len(roles["draw"]), aux=len(roles["aux"]),
                                  shift_grad=int(shifted), branched=branched, family=family)
@@ -484,36 +506,42 @@ class _Rewriter:
         terms = split.split(value)
         deps = influence(self.ops, [u.sources for u in scored], [t.value for t in terms])
         pairs = pairing(self.module, self.ops, [
-            None if u.entries is None or u.whole else (u.draw, u.entries.type.shape)
+            None if u.draw is None or u.entries is None or u.whole
+            else (u.draw, u.entries.type.shape)
             for u in scored], terms, deps)
-        classes: dict[tuple[frozenset[int], frozenset[int]], list[int]] = {}
+        causal = [frozenset(i for i, u in enumerate(scored) if t.steps is not None
+                            and u.steps is t.steps and i in deps[k] and not u.whole)
+                  for k, t in enumerate(terms)]
+        classes: dict[tuple[frozenset[int], frozenset[int], frozenset[int]], list[int]] = {}
         for k, d in enumerate(deps):
-            classes.setdefault((d, pairs.paired[k]), []).append(k)
+            classes.setdefault((d, pairs.paired[k], causal[k]), []).append(k)
         order = sorted(classes, key=lambda d: min(classes[d]))
-        if len(order) == 1 and order[0] == (frozenset(range(len(scored))), frozenset()):
+        if len(order) == 1 and order[0] == (frozenset(range(len(scored))), frozenset(), frozenset()):
             costs: list[tuple[Value, list[Span]]] = []
             reach = [() for _ in scored]
         else:
-            costs = [(self.total([split.whole(terms[k]) if not paired
-                                  else self.entries(terms[k], pairs.term_axis[k]) for k in classes[d]],
-                                 span), [terms[k].span for k in classes[d]])
-                     for d in order for paired in [d[1]]]
-            reach = [tuple(j for j, (d, _) in enumerate(order) if i in d) for i in range(len(scored))]
-        merged: dict[tuple[str, tuple[int, ...], tuple[int, ...]], tuple[list[Span], list[Value]]] = {}
+            costs = [(self.total([self.entries(terms[k], pairs.term_axis[k] or 0) if p or c
+                                  else split.whole(terms[k]) for k in classes[(d, p, c)]], span),
+                      [terms[k].span for k in classes[(d, p, c)]]) for d, p, c in order]
+            reach = [tuple(j for j, (d, _, _) in enumerate(order) if i in d) for i in range(len(scored))]
+        merged: dict[tuple, tuple[list[Span], list[Value]]] = {}
         for i, (u, r) in enumerate(zip(scored, reach)):
-            paired = tuple(j for j, (_, p) in enumerate(order) if i in p) if costs else ()
+            paired = tuple(j for j, (_, p, _) in enumerate(order) if i in p) if costs else ()
+            steps = tuple(j for j, (_, _, c) in enumerate(order) if i in c) if costs else ()
             if costs and u.whole:
                 r = tuple(range(len(costs)))
             elif costs and not r:
                 self.note_credit(u.spans, "no cost (it does not affect the objective)")
                 continue
-            spans, values = merged.setdefault((u.group, r, paired), ([], []))
+            spans, values = merged.setdefault((u.group, r, paired, steps), ([], []))
             spans += u.spans
-            values.append(self.reduced(u.entries, pairs.axis[i], span) if paired else u.value)
-            self.note_credit(u.spans, _describe(costs, r, paired, u, pairs.axis[i], pairs.why[i]))
-        credited = [(g, spans, self.total(values, span), r, p)
-                    for (g, r, p), (spans, values) in sorted(merged.items(),
-                                                             key=lambda kv: GROUPS.index(kv[0][0]))]
+            values.append(u.entries if steps else self.reduced(u.entries, pairs.axis[i], span)
+                          if paired else u.value)
+            self.note_credit(u.spans, _describe(costs, r, paired, steps, u, pairs.axis[i],
+                                                pairs.why[i]))
+        credited = [(g, spans, self.total(values, span), r, p, c)
+                    for (g, r, p, c), (spans, values) in sorted(merged.items(),
+                                                                key=lambda kv: GROUPS.index(kv[0][0]))]
         return costs, credited
 
     def entries(self, term: Term, axis: int) -> Value:
@@ -703,10 +731,16 @@ def _stacked(n: int, t: Type) -> TensorType:
 
 
 def _describe(costs: list[tuple[Value, list[Span | None]]], to: tuple[int, ...],
-              paired: tuple[int, ...], unit: _Unit, axis: int | None,
+              paired: tuple[int, ...], steps: tuple[int, ...], unit: _Unit, axis: int | None,
               why: tuple[tuple[Dim, Mixed | None], ...]) -> str:
     """The costs `to` as source text ("the whole objective" when they are all of them), those
-    credited entry by entry first, and why a batched draw is not credited entry by entry."""
+    credited entry by entry (per element, or per step: reward-to-go) first, and why a batched
+    draw is not credited entry by entry."""
+    if steps:
+        own = "; ".join(_source_text(s) for j in steps for s in costs[j][1])
+        rest = "; ".join(_source_text(s) for j in to if j not in steps for s in costs[j][1])
+        return (f"per step (reward-to-go: the draws of each iteration with what it and later "
+                f"iterations add to: {own})" + (f"; and, whole: {rest}" if rest else ""))
     if paired:
         dim = unit.entries.type.shape[axis]
         own = "; ".join(_source_text(s) for j in paired for s in costs[j][1])

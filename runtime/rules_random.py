@@ -104,11 +104,14 @@ def _magic(l):
     return jnp.exp(l - lax.stop_gradient(l))
 
 
-def _scored(v, costs: list, scores: list, baselines: list[str], credit: list, paired: list, state):
+def _scored(v, costs: list, scores: list, baselines: list[str], credit: list, paired: list,
+            causal: list, state):
     """sum_j magic(L_j) c_j + sum_i (1 - magic(l_i)) b_i per sample (axis 0), as `_surrogate`
     describes; without costs, v is the one cost. A score term and a cost paired entry by entry
     have one more (last) axis than v, the entries of a batched draw: those products are taken
-    entry by entry, then summed."""
+    entry by entry, then summed. Paired step by step (`causal`), the last axis is a loop's
+    iterations: cost t is credited with the score terms of steps up to t (their cumulative
+    sum), so step t's score term gets the costs from t on (reward-to-go)."""
     n = v.shape[0]
     costs = costs or [v]
 
@@ -118,13 +121,18 @@ def _scored(v, costs: list, scores: list, baselines: list[str], credit: list, pa
     def total(x):  # a term of entries summed over them
         return jnp.sum(x, -1) if x.ndim > v.ndim else x
 
+    def to_go(c):  # sum of the entries from each step on
+        return jnp.flip(jnp.cumsum(jnp.flip(c, -1), -1), -1)
+
     out = 0
     for j, c in enumerate(costs):
-        dice = [l if j in pe else total(l) for l, b, to, pe in zip(scores, baselines, credit, paired)
+        dice = [l if j in pe else jnp.cumsum(l, -1) if j in ca else total(l)
+                for l, b, to, pe, ca in zip(scores, baselines, credit, paired, causal)
                 if b != "grpo" and j in to]
         out = out + total(fit(_magic(sum(fit(d, c) for d in dice)), c) * c if dice else c)
-    for l, b, to, pe in zip(scores, baselines, credit, paired):
-        r = lax.stop_gradient(sum(fit(costs[j] if j in pe else total(costs[j]), l) for j in to))
+    for l, b, to, pe, ca in zip(scores, baselines, credit, paired, causal):
+        r = lax.stop_gradient(sum(fit(costs[j] if j in pe else to_go(costs[j]) if j in ca
+                                      else total(costs[j]), l) for j in to))
         m = fit(_magic(l), r)
         if b == "loo":
             out = out + total((1 - m) * (jnp.sum(r, 0, keepdims=True) - r) / (n - 1))
@@ -191,6 +199,7 @@ def _surrogate(ctx, op: Op, *operands):
     state = None if p.control else o.state  # a moving average's (psi is the control's)
     credit = list(p.credit) if costs else [(0,)] * len(scores)
     paired = list(p.paired) or [()] * len(scores)
+    causal = list(p.causal) or [()] * len(scores)
     if p.branched is not None:
         family, *given = p.family
         est, opts = REGISTRY[p.branched.name].families[family], dict(p.branched.options)
@@ -203,7 +212,8 @@ def _surrogate(ctx, op: Op, *operands):
         f, v = v, jnp.sum(weights * v, 1)
         weighted = range(f.shape[1]) if est.weights is not None else est.draws  # the rest weigh 0
         out = sum(weights[:, b] * _scored(f[:, b], [c[:, b] for c in costs], [l[:, b] for l in scores],
-                                          p.baselines, credit, paired, state) for b in weighted)
+                                          p.baselines, credit, paired, causal, state)
+                  for b in weighted)
         if p.control:  # a learned control variate: the estimator's own term, and psi's step
             df = o.shift_grad[0] if o.shift_grad else None
             term, psi = REGISTRY[p.branched.name].control_term(
@@ -212,7 +222,7 @@ def _surrogate(ctx, op: Op, *operands):
             return jnp.mean(out + term, 0), psi
         out = out + weak_derivative(f, draw, aux, params, est, opts)
     else:
-        out = _scored(v, costs, scores, p.baselines, credit, paired, state)
+        out = _scored(v, costs, scores, p.baselines, credit, paired, causal, state)
     if o.enum:  # exact sum over the enumerated combinations (axis 1)
         weights = jnp.exp(o.enum[0]).reshape(o.enum[0].shape + (1,) * (v.ndim - 2))
         out = jnp.sum(weights * out, 1)
