@@ -12,6 +12,7 @@ from .enum import Enum
 from .lax import Lax
 from .mvd import MeasureValued
 from .pathwise import Dreg, Reparam
+from .rao_blackwell import RaoBlackwell
 from .rebar import Rebar, Relax
 from .relaxed import Gumbel, StraightThroughGumbel
 from .score import Score
@@ -21,7 +22,7 @@ from .wor import Swor, Unordered
 REGISTRY: dict[str, SiteEstimator] = {e.name: e for e in (
     Reparam(), Score(), Gumbel(), StraightThroughGumbel(), GumbelSparsemax(), GumbelEntmax(),
     Enum(), MeasureValued(), Arm(), Disarm(), Dreg(), Rebar(), Relax(), Lax(), Swor(),
-    Unordered())}
+    Unordered(), RaoBlackwell())}
 """Every estimator of a random choice, by name (in the order `explain` and messages list them)."""
 
 

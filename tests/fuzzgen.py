@@ -929,10 +929,12 @@ class Gen:
                 if family == "Bernoulli":
                     options += ["arm", "disarm", "rebar", "rebar(eta=0.5, tau=1.0)", "relax"] * 2
                 if family in ("Categorical", "OneHotCategorical") and unbatched and static:
-                    options += ["swor(k=2)", "swor(k=2, baseline=normalized)", "unordered(k=2)"] * 2
+                    options += ["swor(k=2)", "swor(k=2, baseline=normalized)", "unordered(k=2)",
+                                "rao_blackwell(k=1)"] * 2
         choice = self.pick(options)
         name = choice.split("(")[0]
-        if name in ("enum", "mvd", "arm", "disarm", "rebar", "relax", "swor", "unordered"):
+        if name in ("enum", "mvd", "arm", "disarm", "rebar", "relax", "swor", "unordered",
+                    "rao_blackwell"):
             s.fn.branched = name
         if name == "relax":
             choice = f"relax(control={self.control_variate(batch, s)}{self.pick(('', ', lr=0.05', ', eta=0.5, tau=1.0'))})"

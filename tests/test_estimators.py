@@ -31,12 +31,13 @@ def test_branches_have_the_declared_count_and_noise(estimator, family):
     """Each branched estimator's draw yields its declared number of values (k for those
     drawn without replacement) and auxiliary noise exactly when it declares its shape."""
     spec, how = DISTRIBUTIONS[family], estimator.families[family]
-    opts = dict(estimator.complete(Annotation(estimator.name, (("k", 3),) if how.size is None else ())).options)
+    e = estimator.complete(Annotation(estimator.name, (("k", 3),) if how.size is None else ()))
+    opts = dict(e.options)
     batch = () if spec.event else (5,)
     params = ([jnp.zeros(5), jnp.ones(5)] if family == "Normal"  # loc, scale
               else [jnp.linspace(-1.0, 1.0, 4 if spec.event else 5)])  # logits
     values, aux = how.branches(jax.random.key(0), opts, *params)
-    size = how.size if how.size is not None else opts["k"]
+    size = estimator.size(e, spec, 4)
     assert values.shape[0] == size
     assert values.shape[1:] == batch + ((4,) if spec.onehot else ())
     assert (aux is None) == (estimator.aux is None)
