@@ -437,7 +437,7 @@ def test_on_policy_surrogates_are_reinforce(rl):
 # ---- the examples
 
 
-@pytest.mark.parametrize("name", ["vae_gaussian", "vae_discrete", "bandit"])
+@pytest.mark.parametrize("name", ["vae_gaussian", "vae_discrete", "bandit", "chain"])
 def test_example_programs_compile_strictly(name):
     m = gradlang.compile_file(EXAMPLES / f"{name}.grad", strict=True)
     assert m.exports
@@ -449,16 +449,19 @@ KEYS = {
                      "gradient_variance", "steps", "plot"},
     "bandit": {"final_expected_reward", "optimum", "final_regret", "gradient_check", "steps",
                "plot"},
+    "chain": {"optimum", "results", "curves", "gradient_variance_at_init", "plot"},
 }
 FAST = {
     "vae_gaussian": ["--steps", "20", "--eval-every", "10", "--iwae-k", "3"],
     "vae_discrete": ["--steps", "6", "--eval-every", "3", "--var-keys", "3", "--batch", "16"],
     "bandit": ["--steps", "5", "--check-keys", "16"],
+    "chain": ["--steps", "6", "--eval-every", "3", "--var-keys", "8"],
 }
 FULL = {  # enough steps to learn something (marked slow)
     "vae_gaussian": ["--steps", "600"],
     "vae_discrete": ["--steps", "300", "--var-keys", "50"],
     "bandit": ["--steps", "100", "--check-keys", "1000"],
+    "chain": ["--steps", "300", "--var-keys", "200"],
 }
 
 
@@ -493,6 +496,11 @@ def test_example_learns(name, run_example):
             v = s["gradient_variance"][at]
             assert v["score_loo"]["total"] > v["gumbel"]["total"]  # the relaxation's pay-off
             assert v["score_loo_credit_whole"]["total"] > 5 * v["score_loo"]["total"]
+    elif name == "chain":  # measured: 90% at step 110 (reward-to-go) and 215 (whole), 1.8x
+        rtg, whole = s["results"]["reward_to_go"], s["results"]["whole_return"]
+        assert rtg["steps_to_90pct"] is not None
+        assert whole["steps_to_90pct"] is None or whole["steps_to_90pct"] > rtg["steps_to_90pct"]
+        assert s["variance_ratio_whole_over_rtg"] > 1.3
     else:
         assert s["final_regret"] < 0.1 * (s["optimum"] - s["uniform_policy_reward"])
         for name in ("std_rl_rloo", "builtin_score_loo"):
