@@ -10,9 +10,10 @@ error; GRPO's scale bias is by design, see the README), the time per estimate an
 x time product. The moving average is first run for 300 steps so that its state tracks E[v].
 
 Then, for models with several draws, the variance of the default downstream credit (each draw's
-score multiplies only the costs that depend on it) against `score(credit=whole)` (the whole
-objective), with baseline none (S=1) and leave-one-out (S samples), and the downstream
-estimator's relative bias against the closed form.
+score multiplies only the costs that depend on it; per step of a loop, reward-to-go; per element
+of a batched draw) against `score(credit=whole)` (the whole objective), with baseline none (S=1)
+and leave-one-out (S samples), and the downstream estimator's relative bias against the closed
+form.
 """
 
 from __future__ import annotations
@@ -77,6 +78,23 @@ CREDIT = {
         body="return " + " + ".join(f"flip(t[{i}], v[{i}])" for i in range(10)),
         args=(_T10, _V10),
         truth=lambda t, v: np.array([_sig(a) * (1 - _sig(a)) * (1 - 2 * b) for a, b in zip(t, v)])),
+    "bandit sequence": dict(
+        doc="E[sum_t v[a_t]] over T=30 pulls a_t ~ Categorical(logits=t), 4 arms, drawn in a loop "
+            "whose carry adds each pull's reward (downstream credit: reward-to-go)",
+        params="t: f32[4], v: f32[4]",
+        body="let total = for i in range(30) carry (total = 0.0) {\n"
+             "  a ~ Categorical(logits=t) with score(baseline=BASE CREDIT);\n"
+             "  total + v[a]\n}\nreturn total",
+        args=(np.array([0.3, -1.0, 0.8, 0.1], np.float32), np.array([1.0, -2.0, 0.5, 3.0], np.float32)),
+        truth=lambda t, v: 30 * _softmax(t) * (v - _softmax(t) @ v)),
+    "batch of 16": dict(
+        doc="E[mean_b (z_b - v_b)^2], z ~ Bernoulli(logits=t), t: f32[16], one batched draw "
+            "(downstream credit: per element of the batch)",
+        params="t: f32[16], v: f32[16]",
+        body="z ~ Bernoulli(logits=t) with score(baseline=BASE CREDIT)\n"
+             "return mean((z - v) ^ 2)",
+        args=(np.linspace(-1.5, 1.5, 16).astype(np.float32), np.linspace(0.9, -0.6, 16).astype(np.float32)),
+        truth=lambda t, v: np.array([_sig(a) * (1 - _sig(a)) * (1 - 2 * b) / 16 for a, b in zip(t, v)])),
 }
 """Models with several draws: downstream credit (the default) against `credit=whole`."""
 

@@ -25,15 +25,18 @@ Every loss is a negative ELBO in nats per data point (a mean over the batch); ev
    - hand-written RLOO with per-data-point credit (each data point's score term is multiplied by
      its own ELBO minus the mean of the other samples' ELBOs for that data point): the reference,
    - hand-written RLOO with batch credit (each sample's summed log q times the batch-mean loss
-     minus the others' mean): the estimator gradlang compiles (README: each score-function draw
-     is credited with the whole objective of its sample),
-   - gradlang `with score(baseline=loo)`, `expect(..., samples=8)`,
-   - gradlang, the same export `jax.vmap`-ed over the data points (a batch of one each, one key
-     each): per-data-point credit, as stdlib/vi.grad suggests,
+     minus the others' mean): what `score(credit=whole)` compiles,
+   - gradlang `with score(baseline=loo)`, `expect(..., samples=8)`, the batched program as a user
+     writes it: the compiler proves that each data point's latents reach only that point's loss
+     (passes/elements.py) and credits each point's score term with its own loss, as the reference,
+   - the same with `score(baseline=loo, credit=whole)` (`step_whole`): batch credit, the
+     compiler's estimator before that analysis,
+   - gradlang, the `step` export `jax.vmap`-ed over the data points (a batch of one each, one key
+     each): per-data-point credit by hand, the workaround before that analysis,
    - gradlang `with score(baseline=none)`, 1 and 8 samples,
    - gradlang `with score(baseline=none)`, 8 samples, the KL by Monte Carlo at the draw (log q -
-     log p, as TraceGraph_ELBO estimates it; `step_plain8_mc`), batch credit and `jax.vmap`-ed
-     per point: the vmapped row is NumPyro's estimator, the LIKE-FOR-LIKE row,
+     log p, as TraceGraph_ELBO estimates it; `step_plain8_mc`), batched and `jax.vmap`-ed per
+     point: the vmapped row is NumPyro's estimator, the LIKE-FOR-LIKE row,
    - NumPyro `TraceGraph_ELBO(num_particles=8)` (vectorized particles). NumPyro 0.22's
      TraceGraph_ELBO has NO baselines (Pyro's decaying-average baselines are not in NumPyro): it
      is REINFORCE with Rao-Blackwellized, per-data-point credit from the `plate`, and a Monte
@@ -541,7 +544,7 @@ def run_discrete(x, rounds, calls, warmup, var_keys) -> dict:
 
     import gradlang
 
-    exports = ("step", "step_plain8", "step_plain8_mc")
+    exports = ("step", "step_whole", "step_plain8", "step_plain8_mc")
     assert all(_source_samples(DISC_SRC, e) == DISC_S for e in exports)
     m = gradlang.compile_file(DISC_SRC)
     enc, dec = init_discrete(x)
@@ -558,6 +561,7 @@ def run_discrete(x, rounds, calls, warmup, var_keys) -> dict:
         ref: hand_disc_step(DISC_S, "datapoint"),
         "hand-written RLOO, batch credit": hand_disc_step(DISC_S, "batch"),
         "gradlang score(loo), S=8": jax.jit(m.step),
+        "gradlang score(loo), S=8, credit=whole": jax.jit(m.step_whole),
         "gradlang score(loo), S=8, vmap per point": point_credit(m.step),
         "gradlang score(none), S=1": jax.jit(m.step_plain1),
         "gradlang score(none), S=8": jax.jit(m.step_plain8),
@@ -597,9 +601,15 @@ def run_discrete(x, rounds, calls, warmup, var_keys) -> dict:
     none8, loo8 = timing["gradlang score(none), S=8"], timing["gradlang score(loo), S=8"]
     pp = timing["gradlang score(loo), S=8, vmap per point"]
     same, numpyro = timing[LIKE_FOR_LIKE_DISC], timing[NUMPYRO_DISC]
+    whole, ref_row = timing["gradlang score(loo), S=8, credit=whole"], timing[ref]
     summary = {
         "loo_variance_reduction_at_equal_samples": none8["enc_grad_total_var"] / loo8["enc_grad_total_var"],
         "per_point_vs_batch_credit_variance_reduction": loo8["enc_grad_total_var"] / pp["enc_grad_total_var"],
+        "per_element_vs_whole_credit_variance_reduction":
+            whole["enc_grad_total_var"] / loo8["enc_grad_total_var"],
+        "batched_var_x_time_vs_ref": loo8["var_x_time"] / ref_row["var_x_time"],
+        "batched_time_vs_ref": loo8["median_s"] / ref_row["median_s"],
+        "numpyro_var_x_time_vs_batched": numpyro["var_x_time"] / loo8["var_x_time"],
         "like_for_like_time_vs_numpyro": same["median_s"] / numpyro["median_s"],
         "like_for_like_variance_vs_numpyro":
             same["enc_grad_total_var"] / numpyro["enc_grad_total_var"]}
@@ -1153,9 +1163,14 @@ def print_discrete(disc: dict) -> None:
           f"   estimator: no baseline, Monte Carlo KL, per-point credit): time x "
           f"{s['like_for_like_time_vs_numpyro']:.3g}, "
           f"variance x {s['like_for_like_variance_vs_numpyro']:.3g}")
+    print(f"  gradlang score(loo), S={DISC_S} as written (batched, credit per data point found by the\n"
+          f"   compiler) vs the hand-written per-point reference: var x time x "
+          f"{s['batched_var_x_time_vs_ref']:.3g}, time x {s['batched_time_vs_ref']:.3g}; vs its "
+          f"credit=whole: variance / {s['per_element_vs_whole_credit_variance_reduction']:.4g};\n"
+          f"   {NUMPYRO_DISC}'s var x time / gradlang's: {s['numpyro_var_x_time_vs_batched']:.4g}")
     print(f"  gradlang leave-one-out at S={DISC_S}: variance / "
           f"{disc['summary']['loo_variance_reduction_at_equal_samples']:.4g} vs no baseline at the "
-          f"same S;\n  gradlang per-point credit (vmap) vs batch credit: variance / "
+          f"same S;\n  gradlang vmap per point vs batched (credit per point either way): variance / "
           f"{disc['summary']['per_point_vs_batch_credit_variance_reduction']:.4g}, var x time / "
           f"{loo8['var_x_time'] / pp['var_x_time']:.4g}")
     for n, c in disc["exact"].items():
