@@ -16,6 +16,7 @@ import pytest
 
 import gradlang
 from gradlang.explain import explain
+from gradlang.verify import CONSISTENT
 from stats import assert_unbiased, estimates, total_variance
 
 T = 20
@@ -44,8 +45,9 @@ def compile_sequence(opts: str, samples: int, cost: str = "(z - x[t]) ^ 2", resu
                                                    result=result))
 
 
-def credit_line(m) -> str:
-    return [line for line in explain(m.ir).splitlines() if line.startswith("    z: ")][-1]
+def credit_line(m, site: str = "z") -> str:
+    """The site's line in explain's credit section (after its `why` line)."""
+    return [line for line in explain(m.ir).splitlines() if line.startswith(f"    {site}: ")][-1]
 
 
 @pytest.mark.parametrize("opts, samples", [("baseline=none", 1), ("baseline=loo", 4)])
@@ -96,3 +98,37 @@ def test_a_loop_that_is_not_an_accumulator_keeps_whole_credit():
     """total + cost - 0.1 * total reads the carry in what it adds: not split per step."""
     m = compile_sequence("baseline=loo", 4, cost="(z - x[t]) ^ 2 - 0.1 * total")
     assert "per step" not in credit_line(m)
+
+
+def test_a_rollout_written_like_cartpole_gets_reward_to_go():
+    """examples/cartpole.grad's shape with a stochastic policy: a batch of K walkers, the state
+    and a running total carried, the stage cost a called function's mean over the batch, the
+    total divided by T after the loop. s_t = s0 + sum_{t' <= t} u_t', u ~ Normal(mu, 1):
+    d/dmu_k E[(1/T) sum_t mean_k s_tk^2] = (1/T) sum_t 2 t (s0_k + t mu_k) / K."""
+    src = """
+fn stage_cost(s: f32[K], u: f32[K]) -> f32 {
+  return mean(s ^ 2)
+}
+fn rollout(mu: f32[K], s0: f32[K], horizon: f32[T]) -> f32 {
+  let (s, total) = for t in range(T) carry (s = s0, total = 0.0) {
+    u ~ Normal(mu, 1.0) with score(baseline=loo);
+    let next = s + u;
+    (next, total + stage_cost(next, u))
+  }
+  return total / f32(T)
+}
+export g = grad(expect(rollout, samples=8), wrt=[mu])
+"""
+    m = gradlang.compile_source(src)
+    mu = np.array([0.3, -0.2, 0.1, 0.0], np.float32)
+    s0 = np.array([1.0, -0.5, 0.0, 0.4], np.float32)
+    steps = np.arange(1, 11)[:, None]
+    truth = (2 * steps * (s0 + steps * mu) / 4).sum(0) / 10
+    assert_unbiased(estimates(m.g, (mu, s0, np.zeros(10, np.float32)))["mu"], truth)
+    assert "per step (reward-to-go" in credit_line(m, "u")
+
+
+def test_verify_confirms_reward_to_go():
+    m = compile_sequence("baseline=loo", 4)
+    report = m.verify("g", (Q, X), samples=400)
+    assert report.verdict == CONSISTENT, report.table()

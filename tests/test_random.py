@@ -715,6 +715,13 @@ def test_rao_blackwellization_cuts_the_variance_of_the_score_function():
     assert_close(exact, np.broadcast_to(p * (V6 ** 2 - p @ V6 ** 2), exact.shape), ops=48, scale=9.0)
 
 
+def test_verify_confirms_the_rao_blackwellized_score_function():
+    report = _without_replacement("rao_blackwell(k=2)", samples=2).verify("g", (THETA6, V6),
+                                                                          samples=400)
+    assert report.verdict == "consistent", report.table()
+    assert "enumeration" in report.table()  # the exact expectation is its reference
+
+
 def test_swor_with_every_category_and_its_built_in_baseline_is_exact():
     """k = 6 of 6 categories: kappa = -inf, w_s = p(s), and b_s = E f for every s, so every
     estimate is the exact gradient sum_s p(s) (f(s) - E f) d log p(s)."""
