@@ -167,12 +167,14 @@ class Alignment:
         """A loop's carries to a fixpoint (each entry can only go from an axis to mixed)."""
         (body,) = op.regions
         carries = list(ins)
-        for _ in range(2 * self.rank + 2):
+        for _ in range((len(carries) + 1) * (self.rank + 1) + 1):  # each change is permanent
             out = self.body(body, (None, *carries))
             new = [self.join([c, o], op) for c, o in zip(carries, out)]
             if new == carries:
                 break
             carries = new
+        else:  # not reached (it cannot happen): nothing is known
+            carries = [self.mixed(op) for _ in carries]
         self.put(op, carries)
 
     def branch(self, op: Op, ins: list[Align | None]) -> None:

@@ -495,10 +495,11 @@ class _Rewriter:
 
     def credit_costs(self, value: Value, units: list[_Unit], span: Span | None):
         """The costs of a scope (empty: its value is the only one) and its score terms merged
-        by (group, credited costs, costs credited entry by entry): [(group, sites, summed term,
-        cost indices, paired cost indices)]. A cost is a scalar, or a vector of entries when
-        batched draws are credited entry by entry with it (`elements.pairing`). Terms credited
-        with no cost are dropped (their expected contribution is zero)."""
+        by their group and credit: [(group, sites, summed term, credited cost indices, those
+        paired entry by entry, those paired step by step)]. A cost is a scalar, or a vector
+        of entries when batched draws are credited entry by entry with it (per element,
+        `elements.pairing`) or a loop's draws step by step (reward-to-go, `Term.steps`).
+        Terms credited with no cost are dropped (their expected contribution is zero)."""
         scored = [u for u in units if u.group in SCORE]
         if not scored:
             return [], []
