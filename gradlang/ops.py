@@ -261,6 +261,9 @@ class SurrogateParams:
     paired: tuple[tuple[int, ...], ...] = field(default=(), metadata={"omit_default": True})
     """For each score term (empty: none is): the credited costs it multiplies entry by entry,
     both being vectors of a batched draw's entries (the others multiply its sum)."""
+    averaged: tuple[int, ...] = field(default=(), metadata={"omit_default": True})
+    """Costs whose entries are averaged, not summed (the entries of a mean; their number is
+    known when the op runs, not always by name where it is built)."""
     causal: tuple[tuple[int, ...], ...] = field(default=(), metadata={"omit_default": True})
     """For each score term (empty: none is): the credited costs it pairs step by step, both
     vectors over a loop's iterations: entry t of the cost multiplies the score terms of steps
@@ -511,6 +514,8 @@ def _verify_surrogate(op) -> str | None:
     if p.paired and (len(p.paired) != len(p.credit)
                      or any(not set(e) <= set(to) for e, to in zip(p.paired, p.credit))):
         return f"pairs {p.paired} entry by entry with costs not credited ({p.credit})"
+    if any(j >= p.costs for j in p.averaged):
+        return f"averages the entries of costs {p.averaged}, but it has {p.costs}"
     if p.causal and (len(p.causal) != len(p.credit)
                      or any(not set(e) <= set(to) for e, to in zip(p.causal, p.credit))):
         return f"pairs {p.causal} step by step with costs not credited ({p.credit})"

@@ -369,8 +369,8 @@ def pairing(module: Module, ops: Sequence[Op], draws: Sequence[tuple[Value, tupl
                     found[j] = a
         aligned.append(found)
     axis = []
-    for found in aligned:
-        counts = [sum(isinstance(a[k], int) for a in found.values())
+    for d, found in zip(draws, aligned):  # an axis of one entry gains nothing
+        counts = [sum(isinstance(a[k], int) for a in found.values()) if d[1][k] != 1 else 0
                   for k in range(len(next(iter(found.values()), ())))]
         axis.append(counts.index(max(counts)) if counts and max(counts) else None)
     term_axis, paired = [], []

@@ -36,8 +36,8 @@ from gradlang.diagnostics import Diagnostics, Span
 from gradlang.estimators import REGISTRY, SiteEstimator
 from gradlang.estimators.combine import combination_rule
 from gradlang.ir import Export, Function, Module, Op, Param, Region, Value
-from gradlang.ops import (Annotation, CalleeParams, CastParams, ConstParams, ExpectParams,
-                          NameParams, NoParams, ReduceParams, ShapeParams, SurrogateParams)
+from gradlang.ops import (Annotation, CalleeParams, ConstParams, ExpectParams, NoParams,
+                          ReduceParams, ShapeParams, SurrogateParams)
 from gradlang.types import Dim, DType, TensorType, TupleType, Type, scalar
 
 from .callgraph import random_functions
@@ -125,6 +125,7 @@ class _Rewriter:
         self.alias: dict[Value, Value] = {}
         """The arguments of inlined bodies, as the values passed for them."""
 
+
     def emit(self, name: str, operands: tuple[Value, ...], params: object, types: tuple[Type, ...],
              span: Span | None, regions: tuple[Region, ...] = ()) -> Op:
         op = Op(name, operands, tuple(Value(t) for t in types), params, regions, span)
@@ -185,7 +186,7 @@ class _Rewriter:
             if baseline == "ma":
                 self.decays[op.span] = est.option("decay")
             units.append(_Unit(baseline, total, [op.span], (op.result,),
-                               whole=baseline == "ma" or est.option("credit") == "whole",
+                               whole=est.option("credit") == "whole",
                                draw=op.result, entries=lp if dist.batch else None))
         elif role == "dreg":
             self.dreg(op, units)
@@ -402,13 +403,16 @@ class _Rewriter:
             credit = tuple(to for _, _, _, to, _, _ in credited)
             paired = tuple(p for _, _, _, _, p, _ in credited)
             causal = tuple(c for _, _, _, _, _, c in credited)
+            if state is not None:  # a moving average per entry, when its draw is credited so
+                state = next((Value(v.type, state.hint) for g, _, v, _, p, c in credited
+                              if g == "ma" and (p or c)), state)
             enum = [u.value for u in units if u.group == "enum"]
             if enum:
                 operands.append(self.total(enum, span))
             roles = {g: [u.value for u in units if u.group == g] for g in ("param", "draw", "aux")}
             operands += roles["param"] + roles["draw"] + roles["aux"]
             inner = replace(region, ops=tuple(self.ops),
-                            results=region.results + tuple(c for c, _ in costs) + tuple(operands))
+                            results=region.results + tuple(c for c, _, _ in costs) + tuple(operands))
         finally:
             self.ops = []
         vtype = region.results[0].type
@@ -434,6 +438,7 @@ class _Rewriter:
         params = SurrogateParams(baselines, costs=len(costs), credit=credit if costs else (),
                                  paired=paired if any(paired) else (),
                                  causal=causal if any(causal) else (),
+                                 averaged=tuple(j for j, (_, _, a) in enumerate(costs) if a),
                                  enum=int(bool(enum)), params=len(roles["param"]),
                                  draw=len(roles["draw"]), aux=len(roles["aux"]),
                                  shift_grad=int(shifted), branched=branched, family=family)
@@ -496,13 +501,17 @@ class _Rewriter:
     def credit_costs(self, value: Value, units: list[_Unit], span: Span | None):
         """The costs of a scope (empty: its value is the only one) and its score terms merged
         by their group and credit: [(group, sites, summed term, credited cost indices, those
-        paired entry by entry, those paired step by step)]. A cost is a scalar, or a vector
+        paired entry by entry, those paired step by step)]; each cost is (its value, the spans
+        of its terms, whether its entries are averaged). A cost is a scalar, or a vector
         of entries when batched draws are credited entry by entry with it (per element,
         `elements.pairing`) or a loop's draws step by step (reward-to-go, `Term.steps`).
         Terms credited with no cost are dropped (their expected contribution is zero)."""
         scored = [u for u in units if u.group in SCORE]
         if not scored:
             return [], []
+        if (sum(u.group == "ma" for u in scored) > 1 or self.scope_state.branched is not None
+                or any(u.group == "enum" for u in units)):  # one running average of the value
+            scored = [replace(u, whole=True) if u.group == "ma" else u for u in scored]
         split = Terms(self.module, self.ops)
         terms = split.split(value)
         deps = influence(self.ops, [u.sources for u in scored], [t.value for t in terms])
@@ -513,22 +522,24 @@ class _Rewriter:
         causal = [frozenset(i for i, u in enumerate(scored) if t.steps is not None
                             and u.steps is t.steps and i in deps[k] and not u.whole)
                   for k, t in enumerate(terms)]
-        classes: dict[tuple[frozenset[int], frozenset[int], frozenset[int]], list[int]] = {}
-        for k, d in enumerate(deps):
-            classes.setdefault((d, pairs.paired[k], causal[k]), []).append(k)
+        classes: dict[tuple[frozenset[int], frozenset[int], frozenset[int], str], list[int]] = {}
+        for k, d in enumerate(deps):  # entries of means apart from those of sums
+            kind = terms[k].reduce if pairs.paired[k] or causal[k] else ""
+            classes.setdefault((d, pairs.paired[k], causal[k], kind), []).append(k)
         order = sorted(classes, key=lambda d: min(classes[d]))
-        if len(order) == 1 and order[0] == (frozenset(range(len(scored))), frozenset(), frozenset()):
-            costs: list[tuple[Value, list[Span]]] = []
+        if len(order) == 1 and order[0] == (frozenset(range(len(scored))), frozenset(), frozenset(), ""):
+            costs: list[tuple[Value, list[Span], bool]] = []
             reach = [() for _ in scored]
         else:
-            costs = [(self.total([self.entries(terms[k], pairs.term_axis[k] or 0) if p or c
-                                  else split.whole(terms[k]) for k in classes[(d, p, c)]], span),
-                      [terms[k].span for k in classes[(d, p, c)]]) for d, p, c in order]
-            reach = [tuple(j for j, (d, _, _) in enumerate(order) if i in d) for i in range(len(scored))]
+            costs = [(self.total([self.entries(terms[k], pairs.term_axis[k] or 0) if kind
+                                  else split.whole(terms[k]) for k in classes[key]], span),
+                      [terms[k].span for k in classes[key]], kind == "mean")
+                     for key in order for kind in key[3:]]
+            reach = [tuple(j for j, key in enumerate(order) if i in key[0]) for i in range(len(scored))]
         merged: dict[tuple, tuple[list[Span], list[Value]]] = {}
         for i, (u, r) in enumerate(zip(scored, reach)):
-            paired = tuple(j for j, (_, p, _) in enumerate(order) if i in p) if costs else ()
-            steps = tuple(j for j, (_, _, c) in enumerate(order) if i in c) if costs else ()
+            paired = tuple(j for j, key in enumerate(order) if i in key[1]) if costs else ()
+            steps = tuple(j for j, key in enumerate(order) if i in key[2]) if costs else ()
             if costs and u.whole:
                 r = tuple(range(len(costs)))
             elif costs and not r:
@@ -547,21 +558,13 @@ class _Rewriter:
 
     def entries(self, term: Term, axis: int) -> Value:
         """A term's tensor reduced to its entries along `axis` (each a separate cost): its sum
-        over the other axes, divided by the size of `axis` for a mean."""
+        or mean over the other axes (a mean's entries are then averaged: `averaged`)."""
         x = term.value
         others = tuple(k for k in range(x.type.rank) if k != axis)
-        size = x.type.shape[axis]
-        t = x.type.with_shape((size,))
-        if others:
-            x = self.emit(term.reduce, (x,), ReduceParams(others), (t,), term.span).result
-        if term.reduce == "mean":
-            n = (self.emit("const", (), ConstParams(float(size), DType.F32), (F32,), term.span)
-                 if isinstance(size, int) else
-                 self.emit("cast", (self.emit("dim", (), NameParams(size), (scalar(DType.I32),),
-                                              term.span).result,), CastParams(DType.F32), (F32,),
-                           term.span)).result
-            x = self.emit("div", (x, n), NoParams(), (t,), term.span).result
-        return x
+        if not others:
+            return x
+        t = x.type.with_shape((x.type.shape[axis],))
+        return self.emit(term.reduce, (x,), ReduceParams(others), (t,), term.span).result
 
     def reduced(self, entries: Value, axis: int, span: Span | None) -> Value:
         """A draw's log-probability per batch entry, summed over the axes other than `axis`."""
@@ -639,6 +642,8 @@ class _Rewriter:
             return Function(name, fn.unit, params, fn.result_type,
                             Region((), tuple(ops), ops[-1].results), fn.span, fn.result_span)
         ops = self.scope(region, units, n, export.fn_span, state.value)
+        if ops[-1].name == "surrogate" and ops[-1].params.stateful:  # as it takes the state
+            state = replace(state, value=ops[-1].operands[-1])
         rtype = TupleType((fn.result_type, state.value.type))
         self.ops, outer = [], self.ops
         result = self.emit("tuple", ops[-1].results, NoParams(), (rtype,), export.fn_span).result
@@ -731,7 +736,7 @@ def _stacked(n: int, t: Type) -> TensorType:
     return t.with_shape((n,) + t.shape)
 
 
-def _describe(costs: list[tuple[Value, list[Span | None]]], to: tuple[int, ...],
+def _describe(costs: list[tuple[Value, list[Span | None], bool]], to: tuple[int, ...],
               paired: tuple[int, ...], steps: tuple[int, ...], unit: _Unit, axis: int | None,
               why: tuple[tuple[Dim, Mixed | None], ...]) -> str:
     """The costs `to` as source text ("the whole objective" when they are all of them), those
@@ -751,7 +756,9 @@ def _describe(costs: list[tuple[Value, list[Span | None]]], to: tuple[int, ...],
     text = ("the whole objective" if len(to) == len(costs)
             else "; ".join(_source_text(s) for j in to for s in costs[j][1]))
     if unit.whole and unit.entries is not None and unit.entries.type.rank:
-        return text + (" (credit=whole)" if unit.group != "ma" else " (a moving-average baseline)")
+        return text + (" (credit=whole)" if unit.group != "ma" else
+                       " (credit=whole, or a moving-average baseline that tracks the whole value: "
+                       "several such draws, or a branched one beside it)")
     mixed = [f"{dim} by {m.op} at {_where(m.span)}" for dim, m in why if m is not None]
     if why and mixed:
         return text + f" (not per element: entries mixed: {', '.join(mixed)})"

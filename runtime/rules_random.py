@@ -114,33 +114,43 @@ def _scored(v, costs: list, scores: list, baselines: list[str], credit: list, pa
     sum), so step t's score term gets the costs from t on (reward-to-go)."""
     n = v.shape[0]
     costs = costs or [v]
-
-    def fit(x, like):  # trailing axes of size 1, to broadcast against `like`
-        return x.reshape(x.shape + (1,) * (like.ndim - x.ndim))
-
-    def total(x):  # a term of entries summed over them
-        return jnp.sum(x, -1) if x.ndim > v.ndim else x
-
-    def to_go(c):  # sum of the entries from each step on
-        return jnp.flip(jnp.cumsum(jnp.flip(c, -1), -1), -1)
-
     out = 0
     for j, c in enumerate(costs):
-        dice = [l if j in pe else jnp.cumsum(l, -1) if j in ca else total(l)
+        dice = [l if j in pe else jnp.cumsum(l, -1) if j in ca else _total(l, v)
                 for l, b, to, pe, ca in zip(scores, baselines, credit, paired, causal)
                 if b != "grpo" and j in to]
-        out = out + total(fit(_magic(sum(fit(d, c) for d in dice)), c) * c if dice else c)
+        out = out + _total(_fit(_magic(sum(_fit(d, c) for d in dice)), c) * c if dice else c, v)
     for l, b, to, pe, ca in zip(scores, baselines, credit, paired, causal):
-        r = lax.stop_gradient(sum(fit(costs[j] if j in pe else to_go(costs[j]) if j in ca
-                                      else total(costs[j]), l) for j in to))
-        m = fit(_magic(l), r)
+        r = lax.stop_gradient(_returns(v, costs, l, to, pe, ca))
+        m = _fit(_magic(l), r)
         if b == "loo":
-            out = out + total((1 - m) * (jnp.sum(r, 0, keepdims=True) - r) / (n - 1))
+            out = out + _total((1 - m) * (jnp.sum(r, 0, keepdims=True) - r) / (n - 1), v)
         elif b == "grpo":
-            out = out + total((m - 1) * (r - jnp.mean(r, 0)) / (jnp.std(r, 0) + 1e-8))
+            out = out + _total((m - 1) * (r - jnp.mean(r, 0)) / (jnp.std(r, 0) + 1e-8), v)
         elif b == "ma":
-            out = out + total((1 - m) * lax.stop_gradient(state))
+            out = out + _total((1 - m) * lax.stop_gradient(state), v)
     return out
+
+
+def _fit(x, like):
+    """x with trailing axes of size 1, to broadcast against `like`."""
+    return x.reshape(x.shape + (1,) * (like.ndim - x.ndim))
+
+
+def _total(x, v):
+    """A term of entries (one more axis than the value v) summed over them."""
+    return jnp.sum(x, -1) if x.ndim > v.ndim else x
+
+
+def _returns(v, costs: list, l, to, pe, ca):
+    """R, what the score term l multiplies: the sum of its credited costs, entry by entry for
+    those paired entry by entry, from each step on for those paired step by step (a cost to
+    go), else whole; shaped to broadcast against l."""
+    def to_go(c):
+        return jnp.flip(jnp.cumsum(jnp.flip(c, -1), -1), -1)
+
+    return sum(_fit(costs[j] if j in pe else to_go(costs[j]) if j in ca else _total(costs[j], v), l)
+               for j in to)
 
 
 def _vimco_signal(v):
@@ -196,6 +206,7 @@ def _surrogate(ctx, op: Op, *operands):
     if p.kind == "logmeanexp":
         return _importance(o, p.baselines)
     v, costs, scores = o.value, list(o.costs), list(o.scores)
+    costs = [c / c.shape[-1] if j in p.averaged else c for j, c in enumerate(costs)]
     state = None if p.control else o.state  # a moving average's (psi is the control's)
     credit = list(p.credit) if costs else [(0,)] * len(scores)
     paired = list(p.paired) or [()] * len(scores)
@@ -229,8 +240,11 @@ def _surrogate(ctx, op: Op, *operands):
         v = jnp.sum(weights * v, 1)
     if state is None:
         return jnp.mean(out, 0)
-    decay = p.decay
-    return jnp.mean(out, 0), lax.stop_gradient(decay * state + (1 - decay) * jnp.mean(v))
+    tracked = jnp.mean(v)  # the value, or per entry what the moving average's draw multiplies
+    if jnp.ndim(state):
+        i = p.baselines.index("ma")
+        tracked = jnp.mean(_returns(v, costs, scores[i], credit[i], paired[i], causal[i]), 0)
+    return jnp.mean(out, 0), lax.stop_gradient(p.decay * state + (1 - p.decay) * tracked)
 
 
 RANDOM_LOWERINGS = {
