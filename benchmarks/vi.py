@@ -817,11 +817,12 @@ def per_point(step, kind: str | None):
     return jax.jit(call)
 
 
-def initial_state(kind: str | None):
-    """A moving average of 0 per data point, RELAX's init_control(), or no state."""
+def initial_state(kind: str | None, per_entry: bool = False):
+    """A moving average of 0 per data point (per entry of its batch of one, when the compiler
+    credits the draw per entry), RELAX's init_control(), or no state."""
     import numpy as np
     if kind == "baseline":
-        return np.zeros(B, np.float32)
+        return np.zeros((B, 1) if per_entry else B, np.float32)
     return init_control() if kind == "control" else ()
 
 
@@ -865,8 +866,9 @@ def measured_variant(compiled, label: str) -> Variant:
     (export,), (chosen,) = compiled.ir.exports, compiled.ir.facts.estimators
     case, step = classify(compiled.ir, export), getattr(compiled, export.name)
     kind = step.signature.params[-2][0] if step.signature.stateful else None
-    return Variant(label, per_point(step, kind), initial_state(kind), kind, case.cost().forward,
-                   biased_by_design(case, chosen))
+    per_entry = kind == "baseline" and step.signature.params[-2][1].rank > 0
+    return Variant(label, per_point(step, kind), initial_state(kind, per_entry), kind,
+                   case.cost().forward, biased_by_design(case, chosen))
 
 
 def like_for_like_variant(model: CompareModel) -> Variant:

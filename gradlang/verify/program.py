@@ -15,7 +15,7 @@ import numpy as np
 from gradlang.estimators.compose import STATE as COMPOSE_STATE, estimator_of
 from gradlang.ir import Export, Module
 from gradlang.runtime.execute import export_function
-from gradlang.runtime.lower import Lowering
+from gradlang.runtime.lower import Lowering, bind_dims
 from gradlang.runtime.signature import ArgumentError, CompiledFunction, Signature
 from gradlang.types import KEY, StructType, TupleType, Type
 
@@ -90,7 +90,11 @@ class Program:
     def arguments(self, named: Mapping[str, object]) -> list:
         """The arguments in parameter order from `named` (by name), checked against the
         declared types (a VerifyError otherwise); the moving-average state defaults to zeros."""
-        args = [named.get(n, zeros(t)) if n == self.state else named[n] for n, t in self.params]
+        dims: dict[str, int] = {}  # sizes a per-entry moving average takes from the others
+        for n, t in self.params:
+            if n != self.state and n in named:
+                bind_dims(t, named[n], dims)
+        args = [named.get(n, zeros(t, dims)) if n == self.state else named[n] for n, t in self.params]
         probe = [*args, jax.random.key(0)] if self.draws else list(args)
         try:
             CompiledFunction(self.signature, self.gradient).bind(tuple(probe), {})
@@ -126,14 +130,18 @@ class Program:
         return f, theta
 
 
-def zeros(t: Type):
-    """Zeros of a declared tensor, tuple or struct type (static dims; a struct as a dict of
-    its fields, as arguments are given)."""
+def zeros(t: Type, dims: Mapping[str, int]):
+    """Zeros of a declared tensor, tuple or struct type (symbolic dims sized by `dims`; a
+    struct as a dict of its fields, as arguments are given)."""
     if isinstance(t, TupleType):
-        return tuple(zeros(e) for e in t.elems)
+        return tuple(zeros(e, dims) for e in t.elems)
     if isinstance(t, StructType):
-        return {n: zeros(f) for n, f in t.fields}
-    return np.zeros(tuple(t.shape), NP_DTYPES[t.dtype])
+        return {n: zeros(f, dims) for n, f in t.fields}
+    unknown = [d for d in t.shape if isinstance(d, str) and d not in dims]
+    if unknown:
+        raise VerifyError(f"no argument sizes {', '.join(unknown)} of the state {t}: give it "
+                          f"(its '{STATE}' argument)")
+    return np.zeros(tuple(dims.get(d, d) for d in t.shape), NP_DTYPES[t.dtype])
 
 
 PART = re.compile(r"(.+)\[(\d+)\]")
