@@ -779,7 +779,7 @@ def candidates(text: str) -> list:
     """`gradlang verify --compare`'s candidates (every estimator, the score function with each
     baseline, default options) without `auto` (the automatic rule: score with leave-one-out
     here); RELAX with the file's control variate `r` where it has one; and swor's normalized
-    variant."""
+    and built-in-baseline variants."""
     from gradlang.ops import Annotation
     from gradlang.verify.compare import site_candidates
 
@@ -789,7 +789,7 @@ def candidates(text: str) -> list:
             c = Annotation("relax", (("control", "r"),))
         out += [] if c.name == "auto" else [c]
         if c.name == "swor":
-            out.append(Annotation("swor", (("k", 4), ("baseline", "normalized"))))
+            out += [Annotation("swor", (("k", 4), ("baseline", b))) for b in ("normalized", "builtin")]
     return out
 
 
@@ -989,11 +989,11 @@ STORCHASTIC = (
     ("GumbelSoftmax", "Jang et al. 2017; Maddison et al. 2017", "gumbel", "biased by design"),
     ("GumbelSoftmax(straight_through=True)", "Bengio et al. 2013; Jang et al. 2017", "st_gumbel",
      "biased by design"),
-    ("GumbelSparseMax", "Paulus et al. 2020", None, ""),
-    ("GumbelEntmax", "Paulus et al. 2020; Peters et al. 2019", None, ""),
+    ("GumbelSparseMax", "Paulus et al. 2020", "gumbel_sparsemax", "biased by design"),
+    ("GumbelEntmax", "Paulus et al. 2020; Peters et al. 2019", "gumbel_entmax", "biased by design"),
     ("REBAR", "Tucker et al. 2017", "rebar", "eta and tau fixed (the paper tunes them)"),
     ("RELAX", "Grathwohl et al. 2018", "relax(control=r)", "r: a tanh MLP of the relaxed draw"),
-    ("LAX", "Grathwohl et al. 2018", None,
+    ("LAX", "Grathwohl et al. 2018", "lax",
      "RELAX's estimator for continuous draws (a learned control variate without relaxation)"),
     ("ARM", "Yin & Zhou 2019", "arm", ""),
     ("DisARM", "Dong, Mnih & Tucker 2020", "disarm", ""),
@@ -1002,11 +1002,12 @@ STORCHASTIC = (
     ("ScoreFunctionWOR(biased=True) (the default)", "Kool et al. 2019 (eq. 11)",
      "swor(k=4, baseline=normalized)",
      "close, not equal: gradlang normalizes by W = sum w, eq. 11 by W - w_s + p(s); biased"),
-    ("ScoreFunctionWOR(biased=False)", "Kool et al. 2019 (eq. 10)", None,
+    ("ScoreFunctionWOR(biased=False)", "Kool et al. 2019 (eq. 10)", "swor(k=4, baseline=builtin)",
      "the unbiased built-in baseline"),
     ("UnorderedSetEstimator", "Kool et al. 2020", "unordered", "k = 4, its built-in baseline"),
     ("UnorderedSetGumbelSoftmax", "Kool et al. 2020", None, ""),
-    ("RaoBlackwellSF", "Liu et al. 2019 (sum and sample)", None, ""),
+    ("RaoBlackwellSF", "Liu et al. 2019 (sum and sample)", "rao_blackwell",
+     "k = 4 summed + 1 drawn, at S = 4 with leave-one-out"),
 )
 """The gradient estimators of Storchastic (van Krieken et al. 2021), as `storch.method` exports
 them (MovingAverageBaseline and BatchAverageBaseline from `storch.method.baseline`)."""
