@@ -11,7 +11,7 @@ from .binding import batched
 from .diagnostics import CompileError
 
 _RUNTIME_ERRORS = {"ArgumentError": "signature", "ArtifactError": "artifact", "ExternError": "host",
-                   "JaxFunctionError": "jax_functions"}
+                   "JaxFunctionError": "jax_functions", "ScoreDrawGradientError": "execute"}
 """Errors raised when running or loading a module, imported on first use (they live beside
 the JAX code of the runtime, which `import gradlang` does not load)."""
 
@@ -23,5 +23,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["ArgumentError", "ArtifactError", "CompileError", "CompiledModule", "ExternError",
-           "JaxFunctionError", "LoadedModule", "__version__", "batched", "compile_file",
-           "compile_source", "load"]
+           "JaxFunctionError", "LoadedModule", "ScoreDrawGradientError", "__version__", "batched",
+           "compile_file", "compile_source", "load"]

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 import jax
 
 from gradlang.estimators.combine import combination_rule
-from gradlang.ir import HISTORY, Export, Module, externs_of, jax_functions_of
+from gradlang.ir import HISTORY, Export, Module, externs_of, jax_functions_of, walk
 from gradlang.types import KEY, DType, TensorType, scalar
 
 from .lower import Lowering
@@ -60,6 +60,41 @@ def _minimize_signature(module: Module, export: Export) -> Signature:
                      TensorType(DType.F32, (k,)), t.wrt, stateful, externs, traced)
 
 
+class ScoreDrawGradientError(TypeError):
+    """jax.grad / jax.jvp of a plain export whose draws carry no gradient."""
+
+
+def _undifferentiable(f: Callable, export: Export, module: Module) -> Callable:
+    """f (one sample of a function with score-function draws, which carry no gradient), whose
+    forward-mode derivative (so also jax.grad's) raises: differentiating it would silently
+    leave out the draws' contribution."""
+    fn = module.facts.objectives.get(export.name, (export.transform.fn,))[0]
+    reached, todo = set(), [fn]
+    while todo:
+        name = todo.pop()
+        if name not in reached:
+            reached.add(name)
+            todo += [op.params.callee for op in walk(module.function(name).body)
+                     if op.name == "call_fn"]
+    sites = ", ".join(f"{s.site} ({s.function}, line {s.span.line})" for s in module.facts.estimators
+                      if s.function in reached and s.estimator.name not in ("reparam", "dreg"))
+    message = (f"export '{export.name}' returns one sample of '{fn}', whose draws {sites} take "
+               f"the score function and carry no gradient here: its jax.grad / jax.jvp would "
+               f"silently leave their contribution out. Differentiate the expectation instead: "
+               f"`export g = grad(expect({fn}, samples=N), wrt=[...])`, or jax.grad of `export e = "
+               f"expect({fn}, samples=N)` (unbiased, through DiCE's magic box)")
+
+    @jax.custom_jvp
+    def sample(*args):
+        return f(*args)
+
+    @sample.defjvp
+    def refuse(primals, tangents):
+        raise ScoreDrawGradientError(message)
+
+    return sample
+
+
 def _draws(module: Module, export: Export) -> list[bool]:
     """Whether each objective of a `minimize` export draws (takes a key)."""
     return [o.fn in module.facts.random for o in export.transform.objectives]
@@ -80,6 +115,8 @@ def export_function(module: Module, export: Export, externs: Mapping[str, object
         return signature, casting(signature, step)
     f = Lowering(module, externs).function(signature.function)
     if signature.kind == "fn":
+        if signature.function.endswith("@draw"):  # one sample, score-function draws
+            f = _undifferentiable(f, export, module)
         return signature, casting(signature, f)
     split = _step_size(t, len(module.function(t.fn).params))
     runtime_lr = t.kind == "descend" and t.lr is None

@@ -831,3 +831,33 @@ def test_a_plain_export_of_a_function_with_enumerated_draws_sums_them():
     p, s = softmax(t), sigmoid(0.3)
     values = estimates(m.d, (t, w, 0.3), n=2000)
     assert_unbiased(values, (p @ w) * (1 + s) + 0.3 ** 2 + 1)
+
+
+def test_jax_grad_of_a_plain_export_of_score_draws_says_what_to_do():
+    """A plain export returns one sample: its score-function draws carry no gradient, so
+    jax.grad of it would silently drop them (it gave 0). It raises, naming the draw and the
+    expectation to differentiate; calls, jit and vmap are unchanged, and a plain export of
+    pathwise draws still differentiates (one sample's pathwise gradient)."""
+    from gradlang import ScoreDrawGradientError
+
+    m = gradlang.compile_source("""
+fn f(t: f32) -> f32 {
+  z ~ Bernoulli(logits=t)
+  return z * 3.0
+}
+fn h(t: f32) -> f32 {
+  z ~ Normal(t, 1.0)
+  return z * 3.0
+}
+export plain = f
+export pathwise = h
+""")
+    key = jax.random.key(0)
+    with pytest.raises(ScoreDrawGradientError, match=r"draws z \(f, line 3\) take the score "
+                       r"function.*grad\(expect\(f, samples=N\)"):
+        jax.grad(lambda t: m.plain(t, key))(0.3)
+    with pytest.raises(ScoreDrawGradientError):
+        jax.jvp(lambda t: m.plain(t, key), (0.3,), (1.0,))
+    values = jax.jit(jax.vmap(lambda k: m.plain(0.3, k)))(jax.random.split(key, 4))
+    assert set(np.asarray(values).tolist()) <= {0.0, 3.0}
+    assert float(jax.grad(lambda t: m.pathwise(t, key))(0.3)) == 3.0
