@@ -572,10 +572,28 @@ def loaded_function(signature: Signature, content, externs: Mapping[str, object]
     if isinstance(content, tuple):
         plan, pieces = content
         calls = [mapped_under_vmap(p.call) for p in pieces]
-        return jax.jit(casting(signature, stitched(plan, calls, externs)),
+        return jax.jit(casting(signature, underivable(signature.name, stitched(plan, calls, externs))),
                        donate_argnums=signature.donated)
-    return jax.jit(casting(signature, mapped_under_vmap(content.call)),
+    return jax.jit(casting(signature, underivable(signature.name, mapped_under_vmap(content.call))),
                    donate_argnums=signature.donated)
+
+
+def underivable(name: str, fn: Callable) -> Callable:
+    """`fn` whose derivative (jax.grad's, jax.jvp's) raises an ArtifactError that says what to
+    do: an artifact holds each export's computation, not its derivatives."""
+    @jax.custom_jvp
+    def call(*args):
+        return fn(*args)
+
+    @call.defjvp
+    def refuse(primals, tangents):
+        raise ArtifactError(
+            f"export '{name}' was loaded from an artifact, which holds its computation without "
+            f"derivatives, so jax.grad / jax.jvp cannot go through it. Export the gradient you "
+            f"need (`export g = grad(f, wrt=[...])` or value_and_grad) and save it, or "
+            f"differentiate the module compiled from source (gradlang.compile_file)")
+
+    return call
 
 
 def mapped_under_vmap(fn: Callable) -> Callable:

@@ -193,6 +193,21 @@ def test_loaded_module_composes_with_vmap(artifact):
         np.testing.assert_allclose(out[i], loaded.predict(net, xs[i]), rtol=1e-5)
 
 
+def test_jax_grad_of_a_loaded_export_says_to_export_the_gradient(artifact):
+    """An artifact holds computations, not derivatives: jax.grad / jax.jvp through a loaded
+    export raise an ArtifactError that says what to export instead (not JAX's "linearization
+    failed" message)."""
+    loaded = gradlang.load(artifact)
+    data = inputs()
+    net = {k: data[k] for k in ("w1", "b1", "w2")}
+    with pytest.raises(gradlang.ArtifactError, match=r"export 'predict' was loaded from an "
+                       r"artifact.*export g = grad"):
+        jax.grad(lambda x: loaded.predict(net, x).sum())(data["x3"])
+    with pytest.raises(gradlang.ArtifactError, match="export 'step'"):
+        jax.jvp(lambda x: loaded.step(net, x, data["y7"])[0], (data["x7"],),
+                (np.ones_like(data["x7"]),))
+
+
 def test_loaded_module_vmaps_a_grad_export_on_any_axis_and_nested(compiled, artifact):
     loaded = gradlang.load(artifact)
     data = inputs()
