@@ -41,7 +41,7 @@ from gradlang.ops import (Annotation, CalleeParams, ConstParams, ExpectParams, N
 from gradlang.types import Dim, DType, TensorType, TupleType, Type, scalar
 
 from .callgraph import random_functions
-from .credit import Term, Terms, influence, per_step, trip_count
+from .credit import Terms, influence, per_step, trip_count
 from .elements import Mixed, pairing
 from .rewrite import inline_body
 
@@ -531,7 +531,8 @@ class _Rewriter:
             costs: list[tuple[Value, list[Span], bool]] = []
             reach = [() for _ in scored]
         else:
-            costs = [(self.total([self.entries(terms[k], pairs.term_axis[k] or 0) if kind
+            costs = [(self.total([self.along(terms[k].value, pairs.term_axis[k] or 0, kind,
+                                             terms[k].span) if kind
                                   else split.whole(terms[k]) for k in classes[key]], span),
                       [terms[k].span for k in classes[key]], kind == "mean")
                      for key in order for kind in key[3:]]
@@ -547,7 +548,7 @@ class _Rewriter:
                 continue
             spans, values = merged.setdefault((u.group, r, paired, steps), ([], []))
             spans += u.spans
-            values.append(u.entries if steps else self.reduced(u.entries, pairs.axis[i], span)
+            values.append(u.entries if steps else self.along(u.entries, pairs.axis[i], "sum", span)
                           if paired else u.value)
             self.note_credit(u.spans, _describe(costs, r, paired, steps, u, pairs.axis[i],
                                                 pairs.why[i]))
@@ -556,23 +557,15 @@ class _Rewriter:
                                                                 key=lambda kv: GROUPS.index(kv[0][0]))]
         return costs, credited
 
-    def entries(self, term: Term, axis: int) -> Value:
-        """A term's tensor reduced to its entries along `axis` (each a separate cost): its sum
-        or mean over the other axes (a mean's entries are then averaged: `averaged`)."""
-        x = term.value
+    def along(self, x: Value, axis: int, how: str, span: Span | None) -> Value:
+        """x reduced (`how`: sum or mean) over its axes other than `axis`: a term's entries
+        along it, each a separate cost (a mean's entries are then averaged, `averaged`), or a
+        draw's log-probability per entry along it."""
         others = tuple(k for k in range(x.type.rank) if k != axis)
         if not others:
             return x
         t = x.type.with_shape((x.type.shape[axis],))
-        return self.emit(term.reduce, (x,), ReduceParams(others), (t,), term.span).result
-
-    def reduced(self, entries: Value, axis: int, span: Span | None) -> Value:
-        """A draw's log-probability per batch entry, summed over the axes other than `axis`."""
-        others = tuple(k for k in range(entries.type.rank) if k != axis)
-        if not others:
-            return entries
-        t = entries.type.with_shape((entries.type.shape[axis],))
-        return self.emit("sum", (entries,), ReduceParams(others), (t,), span).result
+        return self.emit(how, (x,), ReduceParams(others), (t,), span).result
 
     def note_credit(self, spans: list[Span], what: str) -> None:
         for s in spans:
