@@ -1,4 +1,6 @@
-"""A minimal text progress bar shared by the examples.
+"""The progress bar shared by the examples: tqdm's (`tqdm.auto`: a text bar in a terminal, a
+widget in a notebook), with an ETA and a smoothed rate, so the first step's compilation does
+not dominate the it/s it shows.
 
 `examples/` is not a package: each example runs as `python examples/X.py`, which puts this
 folder first on `sys.path`, so the examples import it as `from progress import ProgressBar`.
@@ -6,35 +8,20 @@ folder first on `sys.path`, so the examples import it as `from progress import P
 
 from __future__ import annotations
 
-import sys
-import time
+from tqdm.auto import tqdm
 
 
 class ProgressBar:
-    """A minimal text progress bar on stderr (carriage returns, redrawn at most ~20 times/s)."""
+    """A bar over `total` steps: `update(done, info)` moves it to `done` and shows `info`."""
 
-    def __init__(self, total: int, width: int = 30, label: str = ""):
-        self.total, self.width, self.label = total, width, label
-        self.start = time.perf_counter()
-        self.last_draw = 0.0
-        self.last_len = 0
+    def __init__(self, total: int, label: str = ""):
+        self.bar = tqdm(total=total, desc=label.strip() or None, smoothing=0.1, mininterval=0.05,
+                        dynamic_ncols=True)
 
     def update(self, done: int, info: str = "") -> None:
-        now = time.perf_counter()
-        if done < self.total and now - self.last_draw < 0.05:
-            return
-        self.last_draw = now
-        frac = done / self.total
-        filled = int(round(self.width * frac))
-        elapsed = now - self.start
-        rate = done / elapsed if elapsed > 0 else 0.0
-        bar = "#" * filled + "-" * (self.width - filled)
-        line = f"{self.label}[{bar}] {done}/{self.total} {rate:7.1f} it/s {info}"
-        # Pad with spaces so that a shorter line fully overwrites the previous one.
-        sys.stderr.write("\r" + line.ljust(self.last_len))
-        self.last_len = len(line)
-        sys.stderr.flush()
+        self.bar.update(done - self.bar.n)
+        if info:
+            self.bar.set_postfix_str(info, refresh=False)
 
     def close(self) -> None:
-        sys.stderr.write("\n")
-        sys.stderr.flush()
+        self.bar.close()
