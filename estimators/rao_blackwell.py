@@ -31,6 +31,7 @@ from gradlang.ops import Annotation
 from gradlang.options import option
 
 from .base import Branched, BranchedEstimator, listed
+from .wor import flat, log_p_of
 
 BASELINES = ("auto", "none")
 
@@ -50,31 +51,19 @@ def _branches(onehot: bool):
     return branches
 
 
-def _parts(z, logits):
-    """Per sample: the branches' categories [n, k + 1], their probabilities and d log p / d
-    logits [n, k + 1, C], from draws shaped as the draw and logits [n, ..., C]."""
-    n, c = logits.shape[0], logits.shape[-1]
-    index = z.reshape(n, -1) if jnp.issubdtype(z.dtype, jnp.integer) else z.reshape(n, -1, c).argmax(-1)
-    logp = jax.nn.log_softmax(logits.reshape(n, c))
-    p = jnp.exp(jnp.take_along_axis(logp, index, -1))
-    return p, jax.nn.one_hot(index, c, dtype=logp.dtype) - jnp.exp(logp)[:, None]
-
-
-def _weights(f, z, aux, opts, logits):
+def _weights(f, index, aux, opts, logits):
     """p(c) for each top category, 1 - P for the drawn one."""
-    p, _ = _parts(z, logits)
-    top = p[:, :-1]
+    top = jnp.exp(log_p_of(logits, index[:, :-1])[0])
     return jnp.concatenate([top, 1 - jnp.sum(top, 1, keepdims=True)], 1)
 
 
-def _coefficients(f, z, aux, opts, logits):
-    w = _weights(f, z, aux, opts, logits)
-    _, score = _parts(z, logits)
+def _coefficients(f, index, aux, opts, logits):
+    w = _weights(f, index, aux, opts, logits)
     b = 0.0
     if opts.get("baseline") == "auto" and f.shape[0] > 1:
         drawn = f[:, -1]
         b = ((jnp.sum(drawn) - drawn) / (drawn.shape[0] - 1))[:, None]
-    return (jnp.sum((w * (f - b))[..., None] * score, 1).reshape(logits.shape),)
+    return (jnp.sum((w * (f - b))[..., None] * log_p_of(logits, index)[1], 1),)
 
 
 @dataclass(frozen=True)
@@ -89,8 +78,8 @@ class RaoBlackwell(BranchedEstimator):
     label = "Rao-Blackwellized score function"
     Options = RaoBlackwellOptions
     static_support = True
-    families = {family: Branched(None, (), _branches(family == "OneHotCategorical"), _coefficients,
-                                 weights=_weights)
+    families = {family: Branched(None, (), _branches(family == "OneHotCategorical"),
+                                 flat(_coefficients), weights=flat(_weights))
                 for family in ("Categorical", "OneHotCategorical")}
 
     def problem(self, spec: DistSpec) -> str | None:

@@ -67,19 +67,21 @@ def _branches(onehot: bool):
     return branches
 
 
-def _flat(f):
+def flat(f):
     """A branched estimator's function of (f [n, k], z, aux, opts, logits) on the draw's values
-    and logits flattened to [n, k] category indices and [n, C] (their batch has one element)."""
+    and logits flattened to [n, k] category indices and [n, C] (their batch has one element;
+    aux, if any, one value per sample). Shared with `rao_blackwell`."""
     def flat(values, z, aux, opts, logits):
         n, c = logits.shape[0], logits.shape[-1]
         index = z.reshape(n, -1, c).argmax(-1) if z.size == values.size * c else z.reshape(n, -1)
-        out = f(values, index, aux.reshape(n), opts, logits.reshape(n, c))
+        out = f(values, index, None if aux is None else aux.reshape(n), opts, logits.reshape(n, c))
         return tuple(o.reshape(logits.shape) for o in out) if isinstance(out, tuple) else out
     return flat
 
 
-def _picked(logits, index):
-    """log p of each sampled category [n, k], and d log p(s) / d logits [n, k, C]."""
+def log_p_of(logits, index):
+    """log p of each sampled category [n, k], and d log p(s) / d logits [n, k, C] (shared with
+    `rao_blackwell`)."""
     logp = jax.nn.log_softmax(logits)
     picked = jnp.take_along_axis(logp, index, -1)
     return picked, jax.nn.one_hot(index, logp.shape[-1], dtype=logp.dtype) - jnp.exp(logp)[:, None]
@@ -87,7 +89,7 @@ def _picked(logits, index):
 
 def _ht_weights(f, z, kappa, opts, logits):
     """w_s = p(s) / q_kappa(s), normalized to sum to 1 with `baseline=normalized`."""
-    picked = _picked(logits, z)[0]
+    picked = log_p_of(logits, z)[0]
     w = jnp.exp(picked - jnp.log(-jnp.expm1(-jnp.exp(picked - kappa[:, None]))))
     return w / jnp.sum(w, 1, keepdims=True) if opts.get("baseline") == "normalized" else w
 
@@ -98,9 +100,9 @@ def _swor_coefficients(f, z, kappa, opts, logits):
     if opts.get("baseline") == "normalized":
         signal = f - jnp.sum(w * f, 1, keepdims=True)
     elif opts.get("baseline") == "builtin":  # f(s) - b_s, b_s = p(s) f(s) + sum_{s' != s} w_s' f(s')
-        p = jnp.exp(_picked(logits, z)[0])
+        p = jnp.exp(log_p_of(logits, z)[0])
         signal = f * (1 - p + w) - jnp.sum(w * f, 1, keepdims=True)
-    return (jnp.sum((w * signal)[..., None] * _picked(logits, z)[1], 1),)
+    return (jnp.sum((w * signal)[..., None] * log_p_of(logits, z)[1], 1),)
 
 
 def _log_set_probability(logp, excluded):
@@ -124,7 +126,7 @@ def _unordered_parts(z, logits):
     b_s = p(s) f(s) + sum_{s' != s} p(s') R_{D \\ s}(S, s') f(s') [n, k, k]: an unbiased
     estimate of E f given that s was drawn first (its conditional mean is E f whatever s is,
     which is what makes it a baseline)."""
-    picked = _picked(logits, z)[0]
+    picked = log_p_of(logits, z)[0]
     k = picked.shape[-1]
     whole = _log_set_probability(picked, picked[..., :0])
     first = []
@@ -152,7 +154,7 @@ def _unordered_weights(f, z, kappa, opts, logits):
 def _unordered_coefficients(f, z, kappa, opts, logits):
     weight, given_first = _unordered_parts(z, logits)
     baseline = jnp.sum(given_first * f[:, None, :], -1)
-    return (jnp.sum((weight * (f - baseline))[..., None] * _picked(logits, z)[1], 1),)
+    return (jnp.sum((weight * (f - baseline))[..., None] * log_p_of(logits, z)[1], 1),)
 
 
 @dataclass(frozen=True)
@@ -194,7 +196,7 @@ class Swor(WithoutReplacement):
         return (f"swor's normalized weights at {where} (self-normalized importance sampling) "
                 f"shrink the gradient")
     families = {family: Branched(None, (), _branches(family == "OneHotCategorical"),
-                                 _flat(_swor_coefficients), weights=_flat(_ht_weights))
+                                 flat(_swor_coefficients), weights=flat(_ht_weights))
                 for family in ("Categorical", "OneHotCategorical")}
 
 
@@ -215,5 +217,5 @@ class Unordered(WithoutReplacement):
                     f"of its sample, so k is at most {MAX_UNORDERED}; use swor for larger k")
         return super().fits(e, support)
     families = {family: Branched(None, (), _branches(family == "OneHotCategorical"),
-                                 _flat(_unordered_coefficients), weights=_flat(_unordered_weights))
+                                 flat(_unordered_coefficients), weights=flat(_unordered_weights))
                 for family in ("Categorical", "OneHotCategorical")}
