@@ -35,7 +35,7 @@ from gradlang.types import DType, TreeType, substitute_dims
 
 from .dtypes import JNP_DTYPES
 from .jax_functions import JaxFunctionError
-from .signature import ArgumentError, Signature, casting
+from .signature import ArgumentError, Signature, casting, without_derivatives
 from .split import SplitError, split, stitched
 
 MAGIC = b"GRADLANG-GX\0"
@@ -581,19 +581,11 @@ def loaded_function(signature: Signature, content, externs: Mapping[str, object]
 def underivable(name: str, fn: Callable) -> Callable:
     """`fn` whose derivative (jax.grad's, jax.jvp's) raises an ArtifactError that says what to
     do: an artifact holds each export's computation, not its derivatives."""
-    @jax.custom_jvp
-    def call(*args):
-        return fn(*args)
-
-    @call.defjvp
-    def refuse(primals, tangents):
-        raise ArtifactError(
-            f"export '{name}' was loaded from an artifact, which holds its computation without "
-            f"derivatives, so jax.grad / jax.jvp cannot go through it. Export the gradient you "
-            f"need (`export g = grad(f, wrt=[...])` or value_and_grad) and save it, or "
-            f"differentiate the module compiled from source (gradlang.compile_file)")
-
-    return call
+    return without_derivatives(fn, ArtifactError(
+        f"export '{name}' was loaded from an artifact, which holds its computation without "
+        f"derivatives, so jax.grad / jax.jvp cannot go through it. Export the gradient you "
+        f"need (`export g = grad(f, wrt=[...])` or value_and_grad) and save it, or "
+        f"differentiate the module compiled from source (gradlang.compile_file)"))
 
 
 def mapped_under_vmap(fn: Callable) -> Callable:

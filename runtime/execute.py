@@ -15,14 +15,14 @@ from collections.abc import Callable, Mapping
 import jax
 
 from gradlang.estimators.combine import combination_rule
-from gradlang.ir import HISTORY, Export, Module, externs_of, jax_functions_of, walk
+from gradlang.ir import HISTORY, Export, Module, externs_of, jax_functions_of, reachable
 from gradlang.types import KEY, DType, TensorType, scalar
 
 from .lower import Lowering
 from .multiobjective import minimize, takes_key
 from .privacy import private_gradient
 from .zeroth_order import black_box
-from .signature import Signature, casting
+from .signature import Signature, casting, without_derivatives
 
 
 def signature_of(module: Module, export: Export) -> Signature:
@@ -69,30 +69,15 @@ def _undifferentiable(f: Callable, export: Export, module: Module) -> Callable:
     forward-mode derivative (so also jax.grad's) raises: differentiating it would silently
     leave out the draws' contribution."""
     fn = module.facts.objectives.get(export.name, (export.transform.fn,))[0]
-    reached, todo = set(), [fn]
-    while todo:
-        name = todo.pop()
-        if name not in reached:
-            reached.add(name)
-            todo += [op.params.callee for op in walk(module.function(name).body)
-                     if op.name == "call_fn"]
+    reached = set(reachable(module, fn))
     sites = ", ".join(f"{s.site} ({s.function}, line {s.span.line})" for s in module.facts.estimators
                       if s.function in reached and s.estimator.name not in ("reparam", "dreg"))
-    message = (f"export '{export.name}' returns one sample of '{fn}', whose draws {sites} take "
-               f"the score function and carry no gradient here: its jax.grad / jax.jvp would "
-               f"silently leave their contribution out. Differentiate the expectation instead: "
-               f"`export g = grad(expect({fn}, samples=N), wrt=[...])`, or jax.grad of `export e = "
-               f"expect({fn}, samples=N)` (unbiased, through DiCE's magic box)")
-
-    @jax.custom_jvp
-    def sample(*args):
-        return f(*args)
-
-    @sample.defjvp
-    def refuse(primals, tangents):
-        raise ScoreDrawGradientError(message)
-
-    return sample
+    return without_derivatives(f, ScoreDrawGradientError(
+        f"export '{export.name}' returns one sample of '{fn}', whose draws {sites} take the "
+        f"score function and carry no gradient here: its jax.grad / jax.jvp would silently "
+        f"leave their contribution out. Differentiate the expectation instead: `export g = "
+        f"grad(expect({fn}, samples=N), wrt=[...])`, or jax.grad of `export e = expect({fn}, "
+        f"samples=N)` (unbiased, through DiCE's magic box)"))
 
 
 def _draws(module: Module, export: Export) -> list[bool]:

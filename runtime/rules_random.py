@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from gradlang.estimators import REGISTRY
+from gradlang.estimators.base import per_entry
 from gradlang.ir import Op
 from gradlang.ops import SurrogateOperands
 
@@ -119,10 +120,10 @@ def _scored(v, costs: list, scores: list, baselines: list[str], credit: list, pa
         dice = [l if j in pe else jnp.cumsum(l, -1) if j in ca else _total(l, v)
                 for l, b, to, pe, ca in zip(scores, baselines, credit, paired, causal)
                 if b != "grpo" and j in to]
-        out = out + _total(_fit(_magic(sum(_fit(d, c) for d in dice)), c) * c if dice else c, v)
+        out = out + _total(per_entry(_magic(sum(per_entry(d, c) for d in dice)), c) * c if dice else c, v)
     for l, b, to, pe, ca in zip(scores, baselines, credit, paired, causal):
         r = lax.stop_gradient(_returns(v, costs, l, to, pe, ca))
-        m = _fit(_magic(l), r)
+        m = per_entry(_magic(l), r)
         if b == "loo":
             out = out + _total((1 - m) * (jnp.sum(r, 0, keepdims=True) - r) / (n - 1), v)
         elif b == "grpo":
@@ -130,11 +131,6 @@ def _scored(v, costs: list, scores: list, baselines: list[str], credit: list, pa
         elif b == "ma":
             out = out + _total((1 - m) * lax.stop_gradient(state), v)
     return out
-
-
-def _fit(x, like):
-    """x with trailing axes of size 1, to broadcast against `like`."""
-    return x.reshape(x.shape + (1,) * (like.ndim - x.ndim))
 
 
 def _total(x, v):
@@ -149,7 +145,7 @@ def _returns(v, costs: list, l, to, pe, ca):
     def to_go(c):
         return jnp.flip(jnp.cumsum(jnp.flip(c, -1), -1), -1)
 
-    return sum(_fit(costs[j] if j in pe else to_go(costs[j]) if j in ca else _total(costs[j], v), l)
+    return sum(per_entry(costs[j] if j in pe else to_go(costs[j]) if j in ca else _total(costs[j], v), l)
                for j in to)
 
 

@@ -372,6 +372,20 @@ def _layout(args: tuple) -> tuple | None:
     return key
 
 
+def without_derivatives(fn: Callable, error: Exception) -> Callable:
+    """`fn` whose derivative (jax.jvp's, so also jax.grad's) raises `error`; calls, jit and
+    vmap are unchanged."""
+    @jax.custom_jvp
+    def call(*args):
+        return fn(*args)
+
+    @call.defjvp
+    def refuse(primals, tangents):
+        raise error
+
+    return call
+
+
 class CompiledFunction:
     """A compiled export: call it with positional or keyword arguments (structs as dicts, or
     NamedTuples or dataclasses with the struct's fields).
