@@ -4,9 +4,9 @@ value, and which draws each term depends on.
 `Terms.split` rewrites a value as a sum of terms of its type, through `add`, `sub`, `neg`,
 `sum` / `mean` (linear reductions), `mul` / `div` by another factor (distributivity), and the
 bodies of called functions (a call becomes an `inline` op whose body yields its terms), tuple
-elements and loops' accumulators (`Terms.accumulated`). It stops
-at any other op: that value is one term. A scalar's sum or mean over every axis of a tensor
-is kept apart (`Term.reduce`), so that the tensor's entries can be credited one by one.
+elements and loops' accumulators (`Terms.accumulated`). It stops at any other op: that value
+is one term. A scalar's sum or mean over every axis of a tensor is kept apart (`Term.reduce`),
+so that the tensor's entries can be credited one by one.
 
 `influence` is a forward dependency analysis over a region and the regions nested in it: a
 term depends on a draw when a chain of ops leads from the draw (or from the loop or branch that
@@ -123,7 +123,8 @@ class Terms:
         one entry per iteration (None: not such a carry, or the trip count is not known)."""
         (body,) = op.regions
         index, carry = body.args[0], body.args[1 + k]
-        if trip_count(op) is None:
+        trips = trip_count(op)
+        if trips is None:
             return None
         inner = Terms(self.module, list(body.ops))
         terms = inner.split(body.results[k])
@@ -136,7 +137,7 @@ class Terms:
         cost = added[0]
         for a in added[1:]:
             cost = inner.emit("add", (cost, a), NoParams(), cost.type, span)
-        entries = Value(TensorType(cost.type.dtype, (trip_count(op),)), "steps")
+        entries = Value(TensorType(cost.type.dtype, (trips,)), "steps")
         nxt = per_step(lambda *a: inner.emit(*a, span), op, entries, cost)
         body = replace(body, args=body.args + (entries,), ops=tuple(inner.ops),
                        results=body.results + (nxt,))
@@ -149,7 +150,6 @@ class Terms:
         self.defs = {r: j for j, o in enumerate(self.ops) for r in o.results}
         where = next((inner.ops[inner.defs[a]].span for a in added if a in inner.defs), span)
         return self.split(op.operands[k]) + [Term(loop.results[-1], where, "sum", index)]
-
 
     def reads_loop(self, v: Value, index: Value) -> bool:
         """Whether v depends on the loop with this index (on what holds it): then a factor v
