@@ -305,9 +305,14 @@ def _build_export(decl: ast.ExportDecl, unit: str, diags: Diagnostics) -> Export
             diags.error(f"{kind} takes one function name (or expect(f, samples=N), "
                         f"logmeanexp(f, samples=N)) as its positional argument", value.span)
         return None
-    by, lr = None, None
+    by, lr, has_aux = None, None, False
     for k in value.kwargs:
-        if k.name == "by":
+        if k.name == "has_aux":
+            has_aux = _literal(k.value)
+            if not isinstance(has_aux, bool):
+                diags.error("has_aux must be true or false", k.value.span)
+                has_aux = False
+        elif k.name == "by":
             by = _estimator_option(k.value, diags)
             if by is None:
                 return None
@@ -322,14 +327,15 @@ def _build_export(decl: ast.ExportDecl, unit: str, diags: Diagnostics) -> Export
         elif k.name != "wrt":
             lr_text = ", lr=..." if kind == "descend" else ""
             diags.error(f"unknown option '{k.name}' for {kind}; expected wrt=[...]{lr_text} and "
-                        f"optionally by=ESTIMATOR", k.span)
+                        f"optionally by=ESTIMATOR and has_aux=true", k.span)
     wrt = _wrt(value, kind, diags)
     if wrt is None:
         return None
     fn, n, scope, composition = objective
     return Export(decl.name, Transform(kind, qualify(unit, fn.id), *wrt, n, by,
                                        None if lr is None else float(lr), scope,
-                                       compose=composition), decl.span, fn.span)
+                                       compose=composition, has_aux=has_aux),
+                  decl.span, fn.span)
 
 
 def _wrt(value: ast.Call, kind: str, diags: Diagnostics) -> tuple[tuple[str, ...], tuple[Span, ...]] | None:

@@ -123,7 +123,7 @@ def _black_box(module: Module, name: str, t, what: str, objective: str) -> list[
     est = estimator(t.black_box)
     evals = est.evaluations + (t.kind == "value_and_grad")
     externs = externs_of(module, objective)
-    lines = [f"export {name} = {t.call(what)}"]
+    lines = [f"export {name} = {t.call(what)}", *_aux(module, t)]
     fn = module.function(t.fn)
     for w in t.wrt:
         lines.append(f"  {w}: black-box estimate by {est.description}; {est.target()}")
@@ -176,7 +176,7 @@ def _private(plan, samples: int) -> list[str]:
     shared = f"; shared by every example: {', '.join(plan.shared)}" if plan.shared else ""
     lines = [f"  {', '.join(dict.fromkeys(n.leaf.split('.')[0] for n in plan.leaves))}: "
              f"differentially private reverse mode (DP-SGD): the gradient of each example's "
-             f"loss ('{plan.function}' on that example alone), clipped to norm {plan.clip:g} "
+             f"loss ('{plan.function.split('@', 1)[0]}' on that example alone), clipped to norm {plan.clip:g} "
              f"over all leaves together, summed, plus Gaussian noise of standard deviation "
              f"{plan.noise:g} x {plan.clip:g} = {plan.noise * plan.clip:g} per coordinate, "
              f"divided by the number of examples",
@@ -230,6 +230,17 @@ def explain(module: Module) -> str:
     return "\n".join(lines) + ("\n" if lines else "")
 
 
+def _aux(module: Module, t) -> list[str]:
+    """The line saying what a `has_aux=true` export returns beside its gradient."""
+    if t.aux is None:
+        return []
+    aux = module.function(t.aux)
+    one = (": with draws, one sample's, drawn with the export's key"
+           if aux.name in module.facts.random else "")
+    return [f"  aux: {aux.result_type}, the function's other results at the same arguments, "
+            f"returned after the gradient{one}"]
+
+
 def _objective(module: Module, export) -> tuple[str, int, str]:
     """The function an export (or an objective of `minimize`) differentiates, as written
     (before the surrogate pass wrapped it), its samples and its scope."""
@@ -248,7 +259,7 @@ def _export(module: Module, export, flow: dict) -> list[str]:
     sites = module.facts.estimators
     t = export.transform
     fn, samples, scope = _objective(module, export)
-    what = _written(fn, samples, scope)
+    what = _written(fn if t.aux is None else fn.split("@", 1)[0], samples, scope)
     composed = module.facts.compose.get(export.name)
     if composed is not None:
         samples = composed.samples
@@ -266,6 +277,7 @@ def _export(module: Module, export, flow: dict) -> list[str]:
         return _black_box(module, export.name, t, what, fn)
     else:
         lines.append(f"export {export.name} = {t.call(what)}")
+        lines += _aux(module, t)
         lines += _compose(composed) if composed is not None else []
         lines += (_private(module.facts.privacy[export.name], n) if t.private is not None
                   else _reverse_mode(t.wrt, flow[export.name].zero, bool(here), nonsmooth,

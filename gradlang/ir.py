@@ -163,6 +163,12 @@ class Transform:
 
     compose: Composition | None = None
     """`compose(f, expect(fn, samples=N))`: f of the expectation (the compose pass builds it)."""
+    has_aux: bool = False
+    """`has_aux=true`: `fn` returns a tuple, the objective first and auxiliary values after it
+    (metrics), which the export returns beside its gradient."""
+    aux: str | None = None
+    """With `has_aux`, after the aux pass: the function computing the auxiliary values (`fn`
+    is then the one returning the objective alone)."""
 
     @property
     def black_box(self) -> Annotation | None:
@@ -180,7 +186,8 @@ class Transform:
         lr = f", lr={self.lr!r}" if self.lr is not None else ""
         by = self.by if self.by is not None else self.rule
         by = f", by={by}" if by is not None else ""
-        return f"{self.kind}({fn}, wrt=[{', '.join(self.wrt)}]{lr}{by})"
+        aux = ", has_aux=true" if self.has_aux else ""
+        return f"{self.kind}({fn}, wrt=[{', '.join(self.wrt)}]{lr}{by}{aux})"
 
 
 @dataclass(frozen=True)

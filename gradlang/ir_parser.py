@@ -687,9 +687,11 @@ class _Parser:
                 rule = self.combination()
             else:
                 by = self.annotation()
+        has_aux = self.accept(", has_aux=true")
+        aux = self.symbol() if has_aux and self.accept(", aux=") else None
         self.expect(")")
         return Transform(kind, fn, tuple(wrt), tuple(spans), samples, by, lr, scope, objectives,
-                         rule, compose)
+                         rule, compose, has_aux, aux)
 
     def target(self) -> tuple[str, int, str, Composition | None]:
         """An objective, or `compose(@outer, objective, by=...)`."""

@@ -180,7 +180,9 @@ def _transform_text(t: Transform) -> str:
     if t.compose is not None:
         by = f", by={t.compose.by}" if t.compose.by is not None else ""
         fn = f"compose(@{t.compose.outer}, {fn}{by})"
-    return fn if t.kind == "fn" else t.call(fn)
+    if t.kind == "fn":
+        return fn
+    return t.call(fn) if t.aux is None else f"{t.call(fn)[:-1]}, aux=@{t.aux})"
 
 
 def _objective_text(fn: str, samples: int, scope: str) -> str:

@@ -14,6 +14,7 @@ from gradlang.diagnostics import Diagnostics
 from gradlang.ir import Module
 from gradlang.verifier import verify_module
 
+from .aux import Aux
 from .compose import Compose
 from .estimators import Estimators
 from .gradflow import GradFlow
@@ -40,13 +41,14 @@ class Pass(Protocol):
     def run(self, module: Module, diags: Diagnostics) -> Module: ...
 
 
-PIPELINE: tuple[Pass, ...] = (Resolve(), Typecheck(), Compose(), ZerothOrder(), Multiobjective(),
-                              GradFlow(), StraightThrough(), Hypergrad(), Estimators(), Surrogate(),
-                              Privacy())
+PIPELINE: tuple[Pass, ...] = (Resolve(), Typecheck(), Aux(), Compose(), ZerothOrder(),
+                              Multiobjective(), GradFlow(), StraightThrough(), Hypergrad(),
+                              Estimators(), Surrogate(), Privacy())
 PASSES: dict[str, Pass] = {p.name: p for p in PIPELINE}
 
 _TYPED = {"resolved": True, "typed": True}
-_VERIFY_AFTER = {"resolve": {"resolved": True}, "typecheck": _TYPED, "compose": _TYPED,
+_VERIFY_AFTER = {"resolve": {"resolved": True}, "typecheck": _TYPED, "aux": _TYPED,
+                 "compose": _TYPED,
                  "zeroth_order": _TYPED, "multiobjective": _TYPED, "gradflow": _TYPED,
                  "straight_through": _TYPED, "hypergrad": _TYPED, "estimators": _TYPED,
                  "surrogate": _TYPED, "privacy": _TYPED}

@@ -30,9 +30,10 @@ from gradlang.limits import MAX_BLOCKS, MAX_CALLS, MAX_DEPTH
 from gradlang.ir import Export, Function, Module, Op, Param, Region, StructDef, Value, walk
 from gradlang.ops import (OPS, CalleeParams, CallParams, DistParams, EinsumParams, NoParams,
                           StructParams)
-from gradlang.types import (ERROR, SOLVER_REPORT, TREE, DType, NamedType, StructType, TensorType,
-                            TupleType, Type, is_float_tree, substitute_dims, type_dims)
+from gradlang.types import (ERROR, SOLVER_REPORT, TREE, DType, NamedType, StructType, TupleType,
+                            Type, is_float_tree, substitute_dims, type_dims)
 
+from .aux import result_problem
 from .rewrite import dce_function, map_ops, region_uses
 
 
@@ -375,10 +376,9 @@ def _check_export(module: Module, export: Export, diags: Diagnostics) -> Export 
         return None
     if t.compose is not None:  # the compose pass checks both functions and wrt
         return export if outer is None or not _broken(outer) else None
-    r = fn.result_type
-    if t.kind != "fn" and not (isinstance(r, TensorType) and r.rank == 0 and r.dtype.is_float):
-        diags.error(f"{t.kind} needs a function that returns a float scalar; '{fn.name}' "
-                    f"returns {r}", export.fn_span)
+    problem = t.kind != "fn" and result_problem(t.kind, t.has_aux, fn.name, fn.result_type)
+    if problem:
+        diags.error(problem, export.fn_span)
         return None
     seen: set[str] = set()
     wrt = []

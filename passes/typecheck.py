@@ -24,6 +24,7 @@ from gradlang.types import (ERROR, SOLVER_REPORT, DistType, DType, StructType, T
 
 from . import typecheck_nn as N
 from . import typecheck_random as R
+from .aux import result_problem
 from .typecheck_dims import check_power_of_two_dims
 
 
@@ -575,12 +576,16 @@ def _check_exports(module: Module, diags: Diagnostics) -> None:
     for export in (part for e in module.exports for part in e.parts()):
         t = export.transform
         fn = module.function(t.fn)
-        if fn is None or t.kind == "fn" or t.compose is not None:
+        if fn is None or t.kind == "fn":
             continue
-        r = fn.result_type
-        if not (isinstance(r, TensorType) and r.rank == 0 and r.dtype.is_float):
-            diags.error(f"{t.kind} needs a function that returns a float scalar; '{fn.name}' "
-                        f"returns {r}", export.fn_span)
+        if t.compose is not None:
+            if t.has_aux:
+                diags.error("has_aux=true is not supported with compose(...): return the "
+                            "metrics from another export", export.fn_span)
+            continue
+        problem = result_problem(t.kind, t.has_aux, fn.name, fn.result_type)
+        if problem is not None:
+            diags.error(problem, export.fn_span)
         for name, span in zip(t.wrt, t.wrt_spans):
             p = fn.param(name)
             if p is not None and not is_float_tree(p.value.type):

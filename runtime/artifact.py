@@ -332,6 +332,8 @@ def _check_export(e: object, where: str) -> None:
         names.append(p["name"])
         _check_type(p["type"], f"{where} parameter '{p['name']}'", param=True)
     _check_type(e.get("result"), f"{where}.result", param=False)
+    if "aux" in e:
+        _check_type(e["aux"], f"{where}.aux", param=False)
     wrt = e.get("wrt")
     if not (isinstance(wrt, list) and all(isinstance(w, str) for w in wrt)):
         raise _bad(f"{where}.wrt", f"expected a list of parameter names, got {wrt!r}")

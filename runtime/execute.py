@@ -37,8 +37,9 @@ def signature_of(module: Module, export: Export) -> Signature:
     if fn.name in module.facts.random or t.by is not None:
         params += (("key", KEY),)
     stateful = fn.name in module.facts.stateful
+    aux = module.function(t.aux).result_type if t.aux is not None else None
     return Signature(export.name, t.kind, fn.name, params, fn.result_type, t.wrt, stateful,
-                     externs_of(module, fn.name), jax_functions_of(module, fn.name))
+                     externs_of(module, fn.name), jax_functions_of(module, fn.name), aux)
 
 
 def _minimize_signature(module: Module, export: Export) -> Signature:
@@ -90,6 +91,35 @@ def export_function(module: Module, export: Export, externs: Mapping[str, object
     """The signature and a JAX-traceable function of positional arguments for `export`
     (`externs`: the Python bindings of the extern functions it calls; `mesh`: the devices a
     black-box estimator's population is sharded over)."""
+    signature, f = _export_function(module, export, externs, mesh)
+    aux = export.transform.aux
+    if aux is None:
+        return signature, f
+    aux_f = Lowering(module, externs).function(aux)
+    return signature, casting(signature, _with_aux(f, signature, module, aux, aux_f))
+
+
+def _with_aux(f: Callable, signature: Signature, module: Module, name: str,
+              aux: Callable) -> Callable:
+    """`f` returning also the auxiliary values `aux` computes at the same arguments (and key),
+    after the gradient (or the value and gradient), before the state."""
+    names = [n for n, _ in signature.params]
+    picks = [names.index(p.name) for p in module.function(name).params]
+    if name in module.facts.random:
+        picks.append(names.index("key"))
+    first = 2 if signature.kind == "value_and_grad" else 1
+
+    def with_aux(*args):
+        out = f(*args)
+        out = out if signature.kind == "value_and_grad" or signature.stateful else (out,)
+        values = jax.lax.stop_gradient(aux(*(args[i] for i in picks)))
+        return (*out[:first], values, *out[first:])
+
+    return with_aux
+
+
+def _export_function(module: Module, export: Export, externs: Mapping[str, object] | None,
+                     mesh) -> tuple[Signature, Callable]:
     signature = signature_of(module, export)
     t = export.transform
     if t.kind == "minimize":

@@ -38,6 +38,9 @@ class Signature:
     """The extern functions it calls (their Python bindings are needed to run it)."""
     jax_functions: tuple[str, ...] = ()
     """The jax functions it calls: traced into it, so it runs without their bindings."""
+    aux: Type | None = None
+    """`has_aux=true`: the type of the auxiliary values it returns after the gradient (before
+    the state)."""
 
     @property
     def donated(self) -> tuple[int, ...]:
@@ -60,14 +63,16 @@ class Signature:
                 "params": [{"name": n, "type": type_to_json(t)} for n, t in self.params],
                 "result": type_to_json(self.result), "wrt": list(self.wrt),
                 "stateful": self.stateful, "externs": list(self.externs),
-                "jax_functions": list(self.jax_functions)}
+                "jax_functions": list(self.jax_functions),
+                **({"aux": type_to_json(self.aux)} if self.aux is not None else {})}
 
     @staticmethod
     def from_json(j: dict) -> Signature:
         return Signature(j["name"], j["kind"], j["function"],
                          tuple((p["name"], type_from_json(p["type"])) for p in j["params"]),
                          type_from_json(j["result"]), tuple(j["wrt"]), j.get("stateful", False),
-                         tuple(j.get("externs", ())), tuple(j.get("jax_functions", ())))
+                         tuple(j.get("externs", ())), tuple(j.get("jax_functions", ())),
+                         type_from_json(j["aux"]) if "aux" in j else None)
 
     def describe(self) -> str:
         params = ", ".join(f"{n}: {t}" for n, t in self.params)

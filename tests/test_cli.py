@@ -128,7 +128,7 @@ def test_unknown_print_after_pass(folder, capsys):
     assert main(["compile", "model.grad", "--print-after", "optimize"]) == 2
     err = capsys.readouterr().err
     assert "gradlang: error: unknown pass 'optimize' for --print-after" in err
-    assert "build, resolve, typecheck, compose, zeroth_order, multiobjective, gradflow" in err
+    assert "build, resolve, typecheck, aux, compose, zeroth_order, multiobjective, gradflow" in err
 
 
 @pytest.mark.parametrize("command", ["compile", "verify"])
