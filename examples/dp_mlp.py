@@ -25,7 +25,8 @@ The noise multiplier is fixed in the .grad file (`--noise` must match it: the ac
 given the value compiled). Reported: test accuracy before and after, training loss, time per
 step, and the privacy of the run: epsilon at delta (1e-5) from the RDP accountant of the
 Poisson-subsampled Gaussian mechanism (`gradlang.privacy_accountant.epsilon`, improved
-conversion; the classic conversion's value too), for the steps taken and q. Writes
+conversion; the classic conversion's value too, and the tighter PLD accountant's when the
+optional dp-accounting is installed), for the steps taken and q. Writes
 `dp_mlp_loss.png` (test accuracy and epsilon per step) and `dp_mlp.json` to the output folder.
 """
 
@@ -43,7 +44,7 @@ import numpy as np
 import optax
 
 import gradlang
-from gradlang.privacy_accountant import epsilon
+from gradlang.privacy_accountant import Guarantee, epsilon
 from binary_mlp import load_digits_01
 from mezo_mlp import init_params
 from progress import ProgressBar
@@ -73,6 +74,15 @@ def poisson_batches(n: int, q: float, size: int, steps: int, seed: int):
         idx[t, :len(drawn)] = drawn
         weight[t, :len(drawn)] = 1.0
     return idx, weight
+
+
+def pld_epsilon(q: float, noise: float, steps: int, delta: float) -> Guarantee | None:
+    """The PLD accountant's guarantee (dp-accounting's, tighter than RDP), or None when the
+    optional dp-accounting is not installed."""
+    try:
+        return epsilon(q, noise, steps, delta, accountant="pld")
+    except ImportError:
+        return None
 
 
 def make_chunk(m, method: str, opt, x, y):
@@ -172,8 +182,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     private = epsilon(q, args.noise, args.steps, args.delta)
     classic = epsilon(q, args.noise, args.steps, args.delta, conversion="classic")
+    pld = pld_epsilon(q, args.noise, args.steps, args.delta)
     privacy = {"epsilon": private.epsilon, "delta": args.delta, "rdp_order": private.order,
-               "epsilon_classic_conversion": classic.epsilon, "sampling_rate": q,
+               "epsilon_classic_conversion": classic.epsilon,
+               "epsilon_pld": pld.epsilon if pld else None,  # None: no dp-accounting
+               "pld_discretization": pld.discretization if pld else None,
+               "sampling_rate": q,
                "noise_multiplier": args.noise, "clip": dp["clip"], "steps": args.steps,
                "accountant": "RDP of the Poisson-subsampled Gaussian mechanism, integer orders "
                              "2-256, improved conversion (gradlang.privacy_accountant)"}
@@ -189,8 +203,9 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['test_accuracy_after']:.4f} | {r['train_loss_last_50']:.4f} | "
               f"{r['ms_per_step']:.2f} |")
     if "private" in results:
+        tighter = f"; PLD accountant: epsilon {pld.epsilon:.3g}" if pld else ""
         print(f"privacy of the private run: {private} (classic conversion: epsilon "
-              f"{classic.epsilon:.3g})")
+              f"{classic.epsilon:.3g}{tighter})")
 
     fig_path = args.out / "dp_mlp_loss.png"
     _plot(curves, eps_curve, fig_path)

@@ -20,7 +20,8 @@ initial weights and reports the held-out cross-entropy (nats per character):
   README's training text cut into non-overlapping sequences; each step Poisson-samples them
   with q = batch / N (padded to a fixed size with weight-0 sequences, as examples/dp_mlp.py),
   and Adam post-processes the private gradients. epsilon at delta = 1e-5 from gradlang's RDP
-  accountant for the steps taken;
+  accountant for the steps taken (and from the tighter PLD accountant when the optional
+  dp-accounting is installed);
 - `mezo`: the `plain` model fine-tuned on the standard library's sources by the `mezo` export,
   `descend(loss, wrt=[p], by=spsa(eps=0.001))`: two forward passes per step, no backward pass,
   SGD with a cosine-decayed rate; the held-out loss on both texts before and after.
@@ -46,7 +47,7 @@ import optax
 from jax import lax
 
 import gradlang
-from dp_mlp import padded_size, poisson_batches
+from dp_mlp import padded_size, pld_epsilon, poisson_batches
 from gradlang.privacy_accountant import epsilon
 from progress import ProgressBar
 from text import SOURCES, V, texts as load_texts
@@ -217,15 +218,18 @@ def main(argv: list[str] | None = None) -> dict:
                          (keys, jnp.asarray(idx), jnp.asarray(weight)), lambda s: s[0],
                          "readme", start)
     spent = epsilon(q, args.noise, args.dp_steps, DELTA)
+    pld = pld_epsilon(q, args.noise, args.dp_steps, DELTA)
     results["private"] = {"steps": args.dp_steps, "expected_batch": args.dp_batch,
                           "padded_batch": size, "sequences": n, "sampling_rate": q,
                           "clip": dp["clip"], "noise_multiplier": args.noise,
                           "learning_rate": args.lr_private, "seconds": seconds,
                           "epsilon": spent.epsilon, "delta": DELTA, "rdp_order": spent.order,
+                          "epsilon_pld": pld.epsilon if pld else None,  # None: no dp-accounting
                           "held_out_readme": curves["private"][-1]["readme"],
                           "held_out_stdlib": curves["private"][-1]["stdlib"]}
+    tighter = f"; PLD accountant: epsilon {pld.epsilon:.3g}" if pld else ""
     print(f"privacy of the private run: {spent} (q = {args.dp_batch}/{n} = {q:.4f}, "
-          f"{args.dp_steps} steps, noise {args.noise})")
+          f"{args.dp_steps} steps, noise {args.noise}{tighter})")
 
     # mezo: the plain model fine-tuned on std's sources
     schedule = optax.cosine_decay_schedule(args.lr_mezo, args.mezo_steps)
