@@ -52,6 +52,18 @@ class Signature:
         return tuple(names.index(w) for w in self.wrt)
 
     @property
+    def state(self) -> str | None:
+        """The parameter carrying state from call to call, whose update the export returns
+        last (a moving-average `baseline`, a learned `control`, compose's `inner`, dynamic
+        weights' `history`): the last before the key and a `descend` export's runtime `lr`."""
+        if not self.stateful:
+            return None
+        names = [n for n, t in self.params if t is not KEY]
+        if self.kind == "descend" and names[-1] == "lr":
+            names.pop()
+        return names[-1]
+
+    @property
     def dims(self) -> list[str]:
         out: list[str] = []
         for _, t in self.params:
@@ -102,6 +114,15 @@ class Signature:
                 t = TreeType(layout_of(examples[n], f"example_args['{n}']"))
             params.append((n, t))
         return replace(self, params=tuple(params))
+
+
+def zeros(t: Type, dims: Mapping[str, int]) -> Any:
+    """Zeros of a declared tensor, tuple or struct type (a struct as a dict), its symbolic dims
+    sized by `dims`; an ArgumentError names the dims `dims` lacks."""
+    unknown = [d for d in type_dims(t) if d not in dims]
+    if unknown:
+        raise ArgumentError(f"no argument sizes {', '.join(unknown)} of {t}")
+    return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), spec(t, dims))
 
 
 def layout_of(x: Any, where: str) -> TreeLayout:

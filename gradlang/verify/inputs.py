@@ -19,10 +19,6 @@ class VerifyError(Exception):
 
 
 NP_DTYPES = {DType.F32: np.float32, DType.F64: np.float64, DType.I32: np.int32, DType.BOOL: np.bool_}
-STATE = "baseline"
-"""The state parameter of an export with a moving-average baseline; 0 unless given."""
-CONTROL_STATE = "control"
-"""The parameters psi of a learned control variate (RELAX, LAX); zeros unless given."""
 
 
 def read_npz(path: str | Path) -> dict[str, object]:

@@ -12,14 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradlang.estimators.compose import STATE as COMPOSE_STATE, estimator_of
+from gradlang.estimators.compose import estimator_of
 from gradlang.ir import Export, Module
 from gradlang.runtime.execute import export_function
 from gradlang.runtime.lower import Lowering, bind_dims
-from gradlang.runtime.signature import ArgumentError, CompiledFunction, Signature
-from gradlang.types import KEY, StructType, TupleType, Type
+from gradlang.runtime.signature import ArgumentError, CompiledFunction, Signature, zeros
+from gradlang.types import KEY
 
-from .inputs import CONTROL_STATE, NP_DTYPES, STATE, VerifyError
+from .inputs import VerifyError
 
 CHUNK_BYTES = 1 << 28
 """Estimates are vmapped in chunks whose compiled memory stays about this size."""
@@ -72,11 +72,7 @@ class Program:
         """The parameter carrying state from call to call (`baseline=ma`'s baseline,
         compose's `inner`, a learned control variate's `control`), zeros unless given; None
         when there is none (a `minimize` export's `history` is an argument like the others)."""
-        t = self.export.transform
-        if not self.signature.stateful or t.kind == "minimize":
-            return None
-        names = {n for n, _ in self.signature.params}
-        return next(n for n in (COMPOSE_STATE, STATE, CONTROL_STATE) if n in names)
+        return None if self.export.transform.kind == "minimize" else self.signature.state
 
     @property
     def draws(self) -> bool:
@@ -94,7 +90,11 @@ class Program:
         for n, t in self.params:
             if n != self.state and n in named:
                 bind_dims(t, named[n], dims)
-        args = [named.get(n, zeros(t, dims)) if n == self.state else named[n] for n, t in self.params]
+        try:
+            args = [named[n] if n in named or n != self.state else zeros(t, dims)
+                    for n, t in self.params]
+        except ArgumentError as exc:
+            raise VerifyError(f"{exc} (the state): give its '{self.state}' argument") from None
         probe = [*args, jax.random.key(0)] if self.draws else list(args)
         try:
             CompiledFunction(self.signature, self.gradient).bind(tuple(probe), {})
@@ -128,20 +128,6 @@ class Program:
             return out[0] if self.signature.stateful else out
 
         return f, theta
-
-
-def zeros(t: Type, dims: Mapping[str, int]):
-    """Zeros of a declared tensor, tuple or struct type (symbolic dims sized by `dims`; a
-    struct as a dict of its fields, as arguments are given)."""
-    if isinstance(t, TupleType):
-        return tuple(zeros(e, dims) for e in t.elems)
-    if isinstance(t, StructType):
-        return {n: zeros(f, dims) for n, f in t.fields}
-    unknown = [d for d in t.shape if isinstance(d, str) and d not in dims]
-    if unknown:
-        raise VerifyError(f"no argument sizes {', '.join(unknown)} of the state {t}: give it "
-                          f"(its '{STATE}' argument)")
-    return np.zeros(tuple(dims.get(d, d) for d in t.shape), NP_DTYPES[t.dtype])
 
 
 PART = re.compile(r"(.+)\[(\d+)\]")
