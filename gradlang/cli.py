@@ -1,4 +1,4 @@
-"""The `gradlang` command line: check, explain, compile, verify.
+"""The `gradlang` command line: check, explain, compile, verify, lsp (the language server).
 
 Exit codes: 0 success; 1 the program has errors (or warnings under --strict), an export cannot
 be lowered (compile), or a gradient is biased beyond tolerance or zero (verify); 2 bad input: a
@@ -100,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     ver.add_argument("--json", nargs="?", const="-", metavar="PATH",
                      help="write the JSON report to PATH (no PATH: to stdout, instead of the table)")
     ver.add_argument("--plot", metavar="PNG", help="plot variance against time per estimate")
+
+    sub.add_parser("lsp", help="run the language server on stdio (needs pip install 'gradlang[lsp]')")
     for command in sub.choices.values():  # also after the command (SUPPRESS: keeps one before)
         command.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS,
                              help=TRACEBACK_HELP)
@@ -430,8 +432,19 @@ def cmd_verify(args) -> int:
         raise InputError(str(exc)) from None
 
 
+def cmd_lsp(args) -> int:
+    try:
+        from .lsp import serve
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in ("pygls", "lsprotocol"):
+            raise
+        raise InputError("gradlang lsp needs pygls: pip install 'gradlang[lsp]'") from None
+    serve()
+    return EXIT_OK
+
+
 COMMANDS = {"check": cmd_check, "explain": cmd_explain, "compile": cmd_compile,
-            "verify": cmd_verify}
+            "verify": cmd_verify, "lsp": cmd_lsp}
 
 
 def main(argv: list[str] | None = None) -> int:
