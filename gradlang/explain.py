@@ -8,8 +8,10 @@ from .estimators.backward import rule_of
 from .estimators.combine import combination_rule
 from .estimators.compose import estimator_of
 from .estimators.black_box import estimator
+from .diagnostics import Span
 from .ir import Module, externs_of, jax_functions_of, reachable, walk
 from .ops import OPS
+from .passes.aux import written
 
 _BASELINES = {"none": "none", "loo": "leave-one-out (RLOO)", "grpo": "group-normalized (GRPO, biased)",
               "ma": "moving average", "vimco": "VIMCO"}
@@ -60,16 +62,21 @@ def _overrides(family: str, estimator, found: list[str]) -> str:
     return ", ".join(options) or "-"
 
 
+def _at(function: str, span: Span) -> str:
+    """Where an op is, for a table: its function as written and its line."""
+    return f"{written(function)}, line {span.line}"
+
+
 def _nonsmooth(module: Module, functions: list[str]) -> list[list[str]]:
     """Rows (op, where, backward) for the non-smooth ops of these functions."""
     rows = []
     for name in functions:
         for op in walk(module.function(name).body):
             if op.name == "straight_through":
-                rows.append([op.params.op, f"{name}, line {op.span.line}",
+                rows.append([op.params.op, _at(name, op.span),
                              rule_of(op.params.rule).shown()])
             elif "nonsmooth" in OPS[op.name].traits:
-                rows.append([op.name, f"{name}, line {op.span.line}",
+                rows.append([op.name, _at(name, op.span),
                              "none: no gradient flows through it"])
     return rows
 
@@ -86,7 +93,7 @@ _PATHWISE_DRAWS = {
 
 def _pathwise_draws(module: Module, functions: list[str]) -> list[list[str]]:
     """Rows (op, where, draw, backward) for the builtins that draw without an estimator."""
-    return [[op.name, f"{name}, line {op.span.line}", *_PATHWISE_DRAWS[op.name]]
+    return [[op.name, _at(name, op.span), *_PATHWISE_DRAWS[op.name]]
             for name in functions for op in walk(module.function(name).body)
             if op.name in _PATHWISE_DRAWS]
 
@@ -98,16 +105,16 @@ def _memory(module: Module, functions: list[str]) -> list[list[str]]:
     for name in functions:
         for op in walk(module.function(name).body):
             if op.name == "checkpoint":
-                rows.append(["checkpoint block", f"{name}, line {op.span.line}",
+                rows.append(["checkpoint block", _at(name, op.span),
                              "recomputes the block's values instead of storing them (same gradient)"])
             elif op.name in ("sampled_matmul", "sampled_einsum"):
                 what = ("matmul" if op.name == "sampled_matmul"
                         else f"einsum \"{op.params.subscripts}\"")
-                rows.append([f"wta_crs(keep={op.params.keep}) {what}", f"{name}, line {op.span.line}",
+                rows.append([f"wta_crs(keep={op.params.keep}) {what}", _at(name, op.span),
                              f"the right operand's gradient from {op.params.keep} sampled rows of "
                              f"the left one, stored instead of all (unbiased)"])
             elif op.name == "for" and op.params.truncate:
-                rows.append([f"truncated(k={op.params.truncate}) loop", f"{name}, line {op.span.line}",
+                rows.append([f"truncated(k={op.params.truncate}) loop", _at(name, op.span),
                              f"differentiates the last {op.params.truncate} iterations only "
                              f"(biased by design; stores nothing of the earlier ones)"])
     return rows
@@ -176,7 +183,7 @@ def _private(plan, samples: int) -> list[str]:
     shared = f"; shared by every example: {', '.join(plan.shared)}" if plan.shared else ""
     lines = [f"  {', '.join(dict.fromkeys(n.leaf.split('.')[0] for n in plan.leaves))}: "
              f"differentially private reverse mode (DP-SGD): the gradient of each example's "
-             f"loss ('{plan.function.split('@', 1)[0]}' on that example alone), clipped to norm {plan.clip:g} "
+             f"loss ('{written(plan.function)}' on that example alone), clipped to norm {plan.clip:g} "
              f"over all leaves together, summed, plus Gaussian noise of standard deviation "
              f"{plan.noise:g} x {plan.clip:g} = {plan.noise * plan.clip:g} per coordinate, "
              f"divided by the number of examples",
@@ -259,7 +266,7 @@ def _export(module: Module, export, flow: dict) -> list[str]:
     sites = module.facts.estimators
     t = export.transform
     fn, samples, scope = _objective(module, export)
-    what = _written(fn if t.aux is None else fn.split("@", 1)[0], samples, scope)
+    what = _written(written(fn), samples, scope)
     composed = module.facts.compose.get(export.name)
     if composed is not None:
         samples = composed.samples
@@ -288,7 +295,7 @@ def _export(module: Module, export, flow: dict) -> list[str]:
                  "override"]]
         for s in here:
             found = _resolved(s, export.name, module.facts.control_variates)
-            rows.append([f"{s.site} ({s.function}, line {s.span.line})", s.family,
+            rows.append([f"{s.site} ({_at(s.function, s.span)})", s.family,
                          _label(s.estimator),
                          _control_variate(s, found), REGISTRY[s.estimator.name].cost(s.estimator, s.size),
                          _overrides(s.family, s.estimator, found)])
@@ -302,13 +309,13 @@ def _export(module: Module, export, flow: dict) -> list[str]:
                   if s.estimator.name == "score"]
         if scored:
             lines.append("  credit (the costs each score-function draw's log-probability "
-                         "multiplies; see README, Credit assignment):")
+                         "multiplies; see docs/reference/random.md, Credit assignment):")
             lines += [f"    {site}: {what}" for site, what in scored]
     inner = [h for h in module.facts.hypergrad if h.function in reach]
     if inner and t.kind != "fn":
         lines.append(f"  inner problems ({len(inner)}):")
         rows = [["argmin", "solver", "hypergradient", "why"]]
-        rows += [[f"{h.function}, line {h.span.line}", str(h.solver), str(h.method), h.why]
+        rows += [[_at(h.function, h.span), str(h.solver), str(h.method), h.why]
                  for h in inner]
         lines += table(rows, "    ")
     if nonsmooth:
@@ -322,7 +329,7 @@ def _export(module: Module, export, flow: dict) -> list[str]:
     if sliced:
         lines.append(f"  sliced Wasserstein estimates ({len(sliced)}):")
         rows = [["where", "directions", "p", "control variate", "why"]]
-        rows += [[f"{c.function}, line {c.span.line}", str(c.projections), str(c.p), c.kind, c.why]
+        rows += [[_at(c.function, c.span), str(c.projections), str(c.p), c.kind, c.why]
                  for c in sliced]
         lines += table(rows, "    ")
     memory = _memory(module, reach) if t.kind != "fn" else []

@@ -10,6 +10,7 @@ the auxiliary values of one sample, not a Monte Carlo mean) and returns as they 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 
 from gradlang.diagnostics import Diagnostics
@@ -18,6 +19,15 @@ from gradlang.ops import GetParams, NoParams
 from gradlang.types import TensorType, TupleType, Type
 
 from .rewrite import dce_function, inline_body
+
+
+_COPY = re.compile(r"@(value|aux)@\w+")
+
+
+def written(fn: str) -> str:
+    """A function's name as the source writes it: without the `@value@EXPORT` (`@aux@EXPORT`)
+    of the copies this pass makes (`loss@value@step@expect4` -> `loss@expect4`)."""
+    return _COPY.sub("", fn)
 
 
 def _float_scalar(t: Type) -> bool:

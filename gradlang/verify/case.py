@@ -20,6 +20,7 @@ from gradlang.estimators import REGISTRY
 from gradlang.estimators.backward import rule_of
 from gradlang.estimators.compose import STATE as COMPOSE_STATE, estimator_of
 from gradlang.estimators.black_box import estimator
+from gradlang.passes.aux import written
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class NonSmooth:
         return self.op.params.op if self.op.name == "straight_through" else self.op.name
 
     def describe(self) -> str:
-        where = f"{self.name} ({self.function}, line {self.op.span.line})"
+        where = f"{self.name} ({written(self.function)}, line {self.op.span.line})"
         return f"{self.rule} at {where}" if self.rule else f"no backward rule at {where}"
 
 
@@ -78,9 +79,9 @@ class Case:
             c = self.compose
             parts.append(f"compose by={c.by} of {c.outer} at expect({c.inner}, "
                          f"samples={c.samples})")
-        parts += [f"{s.estimator} at {s.site} ({s.function}, line {s.span.line})" for s in self.sites]
+        parts += [f"{s.estimator} at {s.site} ({written(s.function)}, line {s.span.line})" for s in self.sites]
         parts += [n.describe() for n in self.nonsmooth]
-        parts += [f"{h.solver} with {h.method} ({h.function}, line {h.span.line})"
+        parts += [f"{h.solver} with {h.method} ({written(h.function)}, line {h.span.line})"
                   for h in self.inner]
         return "; ".join(parts) or "reverse mode (exact)"
 

@@ -14,6 +14,7 @@ from gradlang.estimators.black_box import compared
 from gradlang.estimators.score import BASELINES
 from gradlang.estimators.hypergrads import METHODS
 from gradlang.passes.overrides import Overrides
+from gradlang.passes.aux import written
 
 from .case import Case, classify, place_key
 from .inputs import VerifyError
@@ -47,8 +48,8 @@ def black_box_candidates(by: Annotation) -> list[Annotation | None]:
 
 def _title(place: SiteChoice | InnerProblem) -> str:
     if isinstance(place, SiteChoice):
-        return f"{place.site} ({place.function}, line {place.span.line}, {place.family})"
-    return f"argmin ({place.function}, line {place.span.line})"
+        return f"{place.site} ({written(place.function)}, line {place.span.line}, {place.family})"
+    return f"argmin ({written(place.function)}, line {place.span.line})"
 
 
 PLACES = (("random", lambda c: c.sites, lambda span, e: Overrides(draws={span: e}),

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
+from gradlang.passes.aux import written
+
 from .case import Case
 from .inputs import VerifyError
 from .program import (Memory, Program, chunk_for, compiled, draw_estimates, flat_leaves,
@@ -63,8 +65,8 @@ def assemble(program: Program, case: Case, sampled: Sampled, ref: Reference,
     t = program.export.transform
     c = case.compose
     what = (f"compose({c.outer}, expect({c.inner}, samples={c.samples}), by={c.by})" if c
-            else f"expect({case.objective}, samples={case.samples})" if case.samples
-            else case.objective)
+            else f"expect({written(case.objective)}, samples={case.samples})" if case.samples
+            else written(case.objective))
     return ExportReport(program.export.name, t.call(what), case.kind, case.estimator,
                         case.biased_by_design, case.notes, sampled.samples[0].shape[0],
                         settings.seed, ref, leaves,
