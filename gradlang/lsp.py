@@ -356,9 +356,8 @@ class _Index:
         """The estimator of a random choice, as `gradlang explain` shows it."""
         cvs = self.final.facts.control_variates
         found = sorted(set().union(*(v for (_, span), v in cvs.items() if span == site.span)))
-        how = "annotated in the source" if site.annotated else "chosen by the compiler"
         cost = REGISTRY[site.estimator.name].cost(site.estimator, site.size)
-        lines = [f"**estimator**: {_label(site.estimator)} ({how})",
+        lines = [f"**estimator**: {_label(site.estimator)}",
                  f"**why**: {site.why}",
                  f"**control variate**: {_control_variate(site, found)}",
                  f"**cost per sample**: {cost}",

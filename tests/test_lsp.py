@@ -220,6 +220,9 @@ def test_hover_shows_types_estimators_methods_and_backward_rules(project: Path):
     assert "**backward rule**: ste" in _hover(analysis, MAIN, "sign")
     assert "**backward rule**: ste" in _hover(analysis, MAIN, "ste")
     assert "An affine layer followed by tanh." in _hover(analysis, MAIN, "dense_tanh")
+    scale = _hover(analysis, MAIN, "scale")
+    assert "fn helpers.scale(x: f32[B, O]) -> f32[B, O]" in scale and "Twice x." in scale
+    assert "helpers.grad, line 2" in scale and "here: `f32[B, O]`" in scale
     assert "random choices (1)" in _hover(analysis, MAIN, "step =")
     assert analysis.at(3, 1) is None  # the blank line
 
@@ -241,7 +244,8 @@ def test_definitions_across_imports_and_locals(project: Path):
     nn = (stdlib_root() / "nn.grad").read_text()
     line, character = _at(nn, "dense_tanh(layer")
     assert definition("dense_tanh") == (stdlib_root() / "nn.grad", line + 1, character + 1)
-    assert definition("Dense")[0] == stdlib_root() / "nn.grad"
+    line, character = _at(nn, "Dense {")
+    assert definition("Dense") == (stdlib_root() / "nn.grad", line + 1, character + 1)
     assert definition("use helpers") == (project / "helpers.grad", 1, 1)
     assert definition("h, s)") == (project / "main.grad", 5, 7)
     assert definition("v - h") == (project / "main.grad", 8, 18)
