@@ -108,6 +108,7 @@ class Trainer:
         the parameters do not fix."""
         if self.draws and key is None:
             raise ArgumentError(f"export '{self.signature.name}' draws: pass key=jax.random.key(0)")
+        params = jax.tree.map(jax.numpy.asarray, params)   # Python numbers too
         named = {**self._wrt(params), **self._named(args, kwargs, "init")}
         export_state = None
         if self.signature.state is not None:
