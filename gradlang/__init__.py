@@ -16,12 +16,19 @@ _RUNTIME_ERRORS = {"ArgumentError": "signature", "ArtifactError": "artifact", "E
 the JAX code of the runtime, which `import gradlang` does not load)."""
 
 
+_TRAINING = ("Trainer", "TrainState", "StepOutput")
+"""`gradlang.train`'s classes, imported on first use (they need JAX)."""
+
+
 def __getattr__(name: str):
     if name in _RUNTIME_ERRORS:
         return getattr(import_module(f"gradlang.runtime.{_RUNTIME_ERRORS[name]}"), name)
+    if name in _TRAINING:
+        return getattr(import_module("gradlang.train"), name)
     raise AttributeError(f"module 'gradlang' has no attribute '{name}'")
 
 
 __all__ = ["ArgumentError", "ArtifactError", "CompileError", "CompiledModule", "ExternError",
-           "JaxFunctionError", "LoadedModule", "ScoreDrawGradientError", "__version__", "batched",
-           "compile_file", "compile_source", "load"]
+           "JaxFunctionError", "LoadedModule", "ScoreDrawGradientError", "StepOutput",
+           "TrainState", "Trainer", "__version__", "batched", "compile_file", "compile_source",
+           "load"]
