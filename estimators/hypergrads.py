@@ -3,7 +3,7 @@ problem is differentiated, one frozen dataclass each.
 
 A method's fields are its options (`gradlang.options`); beside them it declares what the
 hypergradient pass checks (`problem`: does it fit the solver and the constraints; `through_loop`,
-`forward_mode`, `smooth`), the option that may be written without its name
+`forward_mode`, `jvp`, `smooth`), the option that may be written without its name
 (`option(..., positional=True)`), the annotations `verify --compare` tries (`variants`) and how it builds the
 differentiable solve (`build`). The pass checks and completes methods through `METHODS`
 (`method_of`); the lowering of `argmin` builds the method from the op's annotation the same way.
@@ -13,10 +13,17 @@ An inner problem is given on a flat variable as `objective(x, thetas, fixed)` an
 captures and fixed the others (integers). `build` returns
 `solve(thetas, fixed, x0) -> (x, residual, steps)`, differentiable in thetas:
 
-- `implicit`: a `custom_vjp` whose backward solves (H + damping I) u = g at the solution, H the
-  Hessian in x, with Hessian-vector products only (forward-over-reverse), by CG, GMRES or a
-  Neumann series, and returns -d/dthetas <grad_x f, u>. For box-projected solvers the system is
-  restricted to the coordinates strictly inside the box (the others do not move).
+- `implicit`: a `custom_jvp` whose tangent is dx = -(H + damping I)^-1 d/dthetas grad_x f . dthetas
+  at the solution, H the Hessian in x, by one `jax.lax.custom_linear_solve` whose matvec is a
+  Hessian-vector product (forward-over-reverse; H is never formed) and whose solve is CG, GMRES
+  or a Neumann series. Reverse mode transposes it (JAX's linearize and transpose): the
+  transposed solve (H + damping I) u = g with the same solver (H is symmetric), then
+  -d/dthetas <grad_x f, u>, as a hand-written backward would. Forward mode (`jax.jvp`,
+  `jax.hessian`, a Hessian-vector product of an outer problem nesting this one) goes through
+  too, to any order: the rule calls the solve itself, so an outer derivative of the rule
+  applies the rule again, and the solver's loop is never differentiated. For box-projected
+  solvers the system is restricted to the coordinates strictly inside the box (the others do
+  not move).
 - `unrolled`: reverse mode through the solver's loop; `truncated(k)`: through its last k steps.
 - `value_function`: Hessian-free and first order. With d = g / |g|, it re-solves the problem with
   objective f +- sigma d.x (warm started; constraints kept) and returns
@@ -24,6 +31,9 @@ captures and fixed the others (integers). `build` returns
   Lagrangian: by the envelope theorem this is the central difference, in sigma, of the gradient
   of the perturbed problem's value function, whose sigma-derivative is the wanted
   vector-Jacobian product, including constraints that couple x and thetas. Bias O(sigma^2).
+  Reverse mode only: it is a difference quotient in the cotangent's direction, which has no
+  forward-mode counterpart, so `jax.jvp` through it is a `ForwardModeError`
+  (`runtime.reverse_only`) saying what to write instead.
 """
 
 from __future__ import annotations
@@ -35,9 +45,11 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gradlang.ops import Annotation
 from gradlang.options import OptionError, chosen, option
+from gradlang.runtime.reverse_only import ForwardModeError, reverse_only
 
 from .solvers import SOLVERS, Opaque, Problem, Solver, State, fresh, krylov, multipliers, run, start
 
@@ -49,13 +61,15 @@ Solve = Callable[[tuple, tuple, Array], tuple]
 class Inner:
     """One inner problem at run time: its solver, objective and constraints (None when
     unconstrained) on the flat variable, whether the solve reports its residual (one more
-    gradient evaluation), and the jax fns its objective calls (None: none)."""
+    gradient evaluation), the jax fns its objective calls (None: none) and where the problem
+    is written (`file:line:col`, for messages)."""
 
     solver: Solver
     objective: Callable
     constraints: Callable | None
     report: bool
     opaque: Opaque | None = None
+    where: str = "the inner problem"
 
     def problem(self, thetas: tuple, fixed: tuple, shift: Array | None = None) -> Problem:
         """The problem at thetas, its objective plus shift . x when a shift is given."""
@@ -106,9 +120,13 @@ class Method:
     """How messages name it."""
     through_loop: ClassVar[bool] = False
     """It differentiates through the solver's loop by reverse mode, so the solver must be
-    `differentiable`. The others are a custom_vjp, which has no forward-mode derivative."""
+    `differentiable`."""
     forward_mode: ClassVar[bool] = False
-    """Its backward takes forward-mode derivatives of the inner objective."""
+    """Its derivative takes forward-mode derivatives of the inner objective (Hessian-vector
+    products)."""
+    jvp: ClassVar[bool] = True
+    """Its derivative has a forward mode: `jax.jvp` goes through it, and so do the
+    Hessian-vector products of an outer problem that nests it. False: reverse mode only."""
     smooth: ClassVar[bool] = False
     """It assumes a twice differentiable inner objective."""
 
@@ -137,27 +155,43 @@ class Method:
 
 
 class CustomBackward(Method):
-    """A method whose backward pass is its own (`backward`), around the solve (a custom_vjp)."""
+    """A method whose backward pass is its own (`backward`), around the solve, and that has no
+    forward mode (`reverse_only`: a custom_vjp whose jvp is a ForwardModeError)."""
+
+    jvp: ClassVar[bool] = False
+    reverse_only_because: ClassVar[str]
+    """Why its backward has no forward-mode counterpart, for the ForwardModeError."""
 
     def build(self, inner: Inner) -> Solve:
-        @jax.custom_vjp
-        def solve(thetas, fixed, x0):
-            return inner.solution(thetas, fixed, x0)
-
         def fwd(thetas, fixed, x0):
             state = inner.forward(thetas, fixed, x0)
-            return inner.result(thetas, fixed, state), (state, thetas, fixed, x0)
+            return inner.result(thetas, fixed, state), (state, thetas, fixed)
 
         def bwd(saved, cts):
-            state, thetas, fixed, x0 = saved
-            return self.backward(inner, state, thetas, fixed, cts[0]), None, jnp.zeros_like(x0)
+            state, thetas, fixed = saved
+            return self.backward(inner, state, thetas, fixed, cts[0])
 
-        solve.defvjp(fwd, bwd)
-        return solve
+        return reverse_only(fwd, bwd, self.forward_mode_error(inner))
 
     def backward(self, inner: Inner, state: State, thetas: tuple, fixed: tuple, g: Array) -> Any:
         """The cotangent of thetas from the cotangent g of the solution `state.x`."""
         raise NotImplementedError(self.name)
+
+    def forward_mode_error(self, inner: Inner) -> ForwardModeError:
+        """What `jax.jvp` through this problem raises: where, why, and the methods with a
+        forward mode that fit its solver and constraints."""
+        constrained = inner.constraints is not None
+        usable = [f"'with {name}'" for name, m in METHODS.items()
+                  if m.jvp and m().problem(inner.solver, constrained) is None]
+        reverse = "differentiate in reverse mode (jax.grad, jax.vjp, an exported grad)"
+        listed = ", ".join(usable[:-1]) + " or " * (len(usable) > 1) + "".join(usable[-1:])
+        instead = (f"Write {listed} after the "
+                   f"{'last constraint' if constrained else 'solver'} for a forward-mode "
+                   f"derivative, or {reverse}" if usable else reverse.capitalize())
+        return ForwardModeError(
+            f"jax.jvp (forward mode, as in jax.jacfwd) goes through the inner problem at "
+            f"{inner.where}, whose hypergradient method '{self.name}' ({self.label}) has a "
+            f"reverse-mode rule only: {self.reverse_only_because}. {instead}")
 
 
 LINEAR_SOLVERS = ("cg", "gmres", "neumann")
@@ -165,8 +199,9 @@ LINEAR_SOLVERS = ("cg", "gmres", "neumann")
 
 
 @dataclass(frozen=True)
-class Implicit(CustomBackward):
-    """Implicit differentiation: one linear solve (`method`) at the solution."""
+class Implicit(Method):
+    """Implicit differentiation: one linear solve (`method`) at the solution, as the tangent
+    of a custom_jvp (reverse mode transposes it)."""
 
     name: ClassVar[str] = "implicit"
     label: ClassVar[str] = "implicit differentiation"
@@ -193,8 +228,25 @@ class Implicit(CustomBackward):
     def variants(cls):
         return [Annotation(cls.name, (("method", s),)) for s in LINEAR_SOLVERS]
 
-    def backward(self, inner, state, thetas, fixed, g):
-        x = state.x
+    def build(self, inner):
+        @jax.custom_jvp
+        def solve(thetas, fixed, x0):
+            return inner.solution(thetas, fixed, x0)
+
+        @solve.defjvp
+        def jvp(primals, tangents):
+            thetas, fixed, x0 = primals
+            x, residual, steps = out = solve(thetas, fixed, x0)  # an outer derivative: this rule
+            dx = self.tangent(inner, x, thetas, fixed, tangents[0])
+            return out, (dx, jnp.zeros_like(residual), np.zeros(jnp.shape(steps), jax.dtypes.float0))
+
+        return solve
+
+    def tangent(self, inner: Inner, x: Array, thetas: tuple, fixed: tuple, dthetas: tuple) -> Array:
+        """dx = -A^-1 (free * d/dthetas grad_x f . dthetas) at the solution x, A = the Hessian
+        on the free coordinates (the identity on the others) + damping I. Linear in dthetas;
+        its transpose, reverse mode's, solves A u = free * g with the same solver (A is
+        symmetric) and returns -d/dthetas <grad_x f, u>."""
         grad_x = jax.grad(inner.objective)
         free = inner.solver.free(x)
 
@@ -203,12 +255,14 @@ class Implicit(CustomBackward):
             return free * hu + (1 - free) * u + self.damping * u
 
         if inner.opaque is not None:
-            inner.opaque.check(matvec, g, "implicit differentiation's linear solve",
+            inner.opaque.check(matvec, x, "implicit differentiation's linear solve",
                                "write 'with value_function' (first order) after the solver, "
                                "or 'with unrolled' for a solver without line search")
-        u = self.adjoint(matvec, free * g, inner.solver.lr)
-        (theta_bar,) = jax.vjp(lambda th: grad_x(x, th, fixed), thetas)[1](u)
-        return jax.tree.map(jnp.negative, theta_bar)
+        mixed = jax.jvp(lambda th: grad_x(x, th, fixed), (thetas,), (dthetas,))[1]
+        u = jax.lax.custom_linear_solve(
+            matvec, -free * mixed, lambda mv, b: self.adjoint(mv, b, inner.solver.lr),
+            symmetric=True)
+        return free * u
 
     def adjoint(self, matvec: Callable[[Array], Array], g: Array, lr: float) -> Array:
         """u with matvec(u) = g by CG, GMRES or a Neumann series (step lr, the solver's)."""
@@ -230,6 +284,9 @@ class ValueFunction(CustomBackward):
 
     name: ClassVar[str] = "value_function"
     label: ClassVar[str] = "the value-function method"
+    reverse_only_because: ClassVar[str] = (
+        "its backward re-solves the problem perturbed along the cotangent, a difference "
+        "quotient in the cotangent's direction that has no forward-mode counterpart")
     sigma: float = option(0.01)
     steps: int | None = option(None, "count")
     """The steps of its solves (the solver's by default)."""

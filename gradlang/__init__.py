@@ -11,7 +11,8 @@ from .binding import batched
 from .diagnostics import CompileError
 
 _RUNTIME_ERRORS = {"ArgumentError": "signature", "ArtifactError": "artifact", "ExternError": "host",
-                   "JaxFunctionError": "jax_functions", "ScoreDrawGradientError": "execute"}
+                   "ForwardModeError": "reverse_only", "JaxFunctionError": "jax_functions",
+                   "ScoreDrawGradientError": "execute"}
 """Errors raised when running or loading a module, imported on first use (they live beside
 the JAX code of the runtime, which `import gradlang` does not load)."""
 
@@ -29,6 +30,6 @@ def __getattr__(name: str):
 
 
 __all__ = ["ArgumentError", "ArtifactError", "CompileError", "CompiledModule", "ExternError",
-           "JaxFunctionError", "LoadedModule", "ScoreDrawGradientError", "StepOutput",
-           "TrainState", "Trainer", "__version__", "batched", "compile_file", "compile_source",
-           "load"]
+           "ForwardModeError", "JaxFunctionError", "LoadedModule", "ScoreDrawGradientError",
+           "StepOutput", "TrainState", "Trainer", "__version__", "batched", "compile_file",
+           "compile_source", "load"]

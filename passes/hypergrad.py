@@ -130,16 +130,16 @@ def _warn_kinks(op: Op, method: Method, diags: Diagnostics) -> None:
 
 def _check_nested(op: Op, solver: Solver, method: Method, diags: Diagnostics) -> None:
     """Implicit differentiation (and Newton-CG) take forward-mode derivatives of the inner
-    objective, which a nested inner problem with a custom backward (implicit, value_function)
+    objective, which a nested inner problem whose method is reverse-only (value_function)
     does not have."""
     if not (method.forward_mode or solver.forward_mode):
         return
     for r in op.regions:
         for inner in walk(r):
             h = inner.params.hyper if inner.name == "argmin" else None
-            if h is not None and h.name in METHODS and not METHODS[h.name].through_loop:
+            if h is not None and h.name in METHODS and not METHODS[h.name].jvp:
                 who = method.label if method.forward_mode else solver.name
                 diags.error(f"this inner problem is nested in one that uses {who}, which needs "
                             f"forward-mode derivatives through it; give this one 'with "
-                            f"unrolled' or 'with truncated(k)', or the outer one 'with "
-                            f"value_function' or 'with unrolled'", inner.span)
+                            f"implicit', 'with unrolled' or 'with truncated(k)', or the outer "
+                            f"one 'with value_function' or 'with unrolled'", inner.span)

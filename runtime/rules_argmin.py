@@ -7,7 +7,8 @@ hypergradient method (`estimators.solvers`, `estimators.hypergrads`) build the s
 its hypergradient. The op has one result (the solution, in the structure of its start value: a
 tensor, a struct or a tree) or two (and the solver's report: final residual and steps taken).
 The jax fns the problem calls go with it (`Opaque`), so that Hessian-vector products through one
-that has no forward mode are an error naming it.
+that has no forward mode are an error naming it, and so does where it is written, which a
+method without forward mode names when `jax.jvp` goes through it (`ForwardModeError`).
 """
 
 from __future__ import annotations
@@ -50,9 +51,10 @@ def _argmin(ctx, op: Op, init):
 
     constrained = len(op.regions) > 1
     solver = solver_of(p.solver, constrained)
+    where = f"{ctx.file}:{op.span.line}:{op.span.col}"
     solve = method_of(p.hyper, solver, constrained).build(
         Inner(solver, objective, constraints if constrained else None, len(op.results) > 1,
-              _opaque(ctx, op)))
+              _opaque(ctx, op, where), where))
     # the other leaves (integers: a loop index, a report's steps) are arguments too, never
     # closed over: the backward pass is traced outside the region that made them
     x, residual, steps = solve(tuple(leaf for leaf, t in zip(leaves, is_theta) if t),
@@ -62,14 +64,14 @@ def _argmin(ctx, op: Op, init):
     return unravel(x), {"residual": residual, "steps": steps}
 
 
-def _opaque(ctx, op: Op) -> Opaque | None:
+def _opaque(ctx, op: Op, where: str) -> Opaque | None:
     """The jax fns the problem's objective and constraints call, directly or not (None if
-    none)."""
+    none), with where the problem is written."""
     callees = [o.params.callee for r in op.regions for o in walk(r)
                if o.name in ("call_fn", "inline", "map_leaves")]
     module = ctx.lowering.module
     names = tuple(dict.fromkeys(j for c in callees for j in jax_functions_of(module, c)))
-    return Opaque(names, f"{ctx.file}:{op.span.line}:{op.span.col}") if names else None
+    return Opaque(names, where) if names else None
 
 
 ARGMIN_LOWERINGS = {"argmin": _argmin}
