@@ -1,12 +1,13 @@
 """A 2-layer MLP classifier with gradlang: train `examples/mlp.grad` on noisy spirals with optax.
 
-    python examples/mlp.py [--steps 4000] [--out examples/out]
+    python examples/mlp.py [--steps 4000] [--out examples/out] [--artifact build/mlp.gx]
 
 Generates a three-arm spiral dataset (NumPy, fixed seed) with a train/test split, compiles
-mlp.grad, trains the `step` export (value_and_grad of the loss wrt the params struct) with
+mlp.grad (or, with `--artifact`, loads the artifact that `gradlang compile examples/mlp.grad -o
+build --emit artifact` wrote, without the compiler), trains the `step` export (value_and_grad of the loss wrt the params struct) with
 minibatch Adam, evaluates test accuracy with the `evaluate` export, then saves the compiled
 module as an artifact, reloads it with `gradlang.load` and evaluates the test accuracy again
-from the artifact alone. Writes `mlp_loss.png`, `mlp.json` and `mlp.gx` to the output folder.
+from the artifact alone (not with `--artifact`: the module already is one). Writes `mlp_loss.png`, `mlp.json` and `mlp.gx` to the output folder.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--wd", type=float, default=1e-4, help="L2 weight decay (in the loss)")
     ap.add_argument("--eval-every", type=int, default=100, help="steps between test evaluations")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--artifact", type=Path, default=None,
+                    help="train from this artifact (build/mlp.gx) instead of compiling mlp.grad")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -75,9 +78,13 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"spirals: {len(x_train)} train / {len(x_test)} test points, {n_classes} classes")
 
     t0 = time.perf_counter()
-    m = gradlang.compile_file(HERE / "mlp.grad")
+    if args.artifact is None:
+        m = gradlang.compile_file(HERE / "mlp.grad")
+    else:
+        m = gradlang.load(args.artifact)  # no parser, no passes: the exports as compiled
     compile_s = time.perf_counter() - t0
-    print(f"compiled mlp.grad in {compile_s * 1e3:.1f} ms; exports: {', '.join(m.exports)}")
+    what = "compiled mlp.grad" if args.artifact is None else f"loaded {args.artifact}"
+    print(f"{what} in {compile_s * 1e3:.1f} ms; exports: {', '.join(m.exports)}")
 
     params = jax.tree.map(jnp.asarray, init_params(2, args.hidden, n_classes, args.seed))
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, min(100, args.steps // 10),
@@ -125,16 +132,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Save the compiled module as a portable artifact, reload it without the compiler front
     # end, and evaluate the test set from the artifact.
-    artifact = m.save(args.out / "mlp.gx")
-    loaded = gradlang.load(artifact)
-    artifact_acc = float(loaded.evaluate(params, xte, yte))
-    logits_gap = float(jnp.max(jnp.abs(loaded.logits(params, xte) - m.logits(params, xte))))
-    print(f"saved {artifact} ({artifact.stat().st_size} bytes); reloaded exports: "
-          f"{', '.join(loaded.exports)}")
-    print(f"test acc from the reloaded artifact: {artifact_acc:.4f} "
-          f"(max |logits difference| vs compiled: {logits_gap:.2e})")
-    if artifact_acc != test_acc:
-        raise SystemExit(f"artifact accuracy {artifact_acc} != compiled accuracy {test_acc}")
+    artifact, artifact_acc, logits_gap = args.artifact, test_acc, 0.0
+    if args.artifact is None:
+        artifact = m.save(args.out / "mlp.gx")
+        loaded = gradlang.load(artifact)
+        artifact_acc = float(loaded.evaluate(params, xte, yte))
+        logits_gap = float(jnp.max(jnp.abs(loaded.logits(params, xte) - m.logits(params, xte))))
+        print(f"saved {artifact} ({artifact.stat().st_size} bytes); reloaded exports: "
+              f"{', '.join(loaded.exports)}")
+        print(f"test acc from the reloaded artifact: {artifact_acc:.4f} "
+              f"(max |logits difference| vs compiled: {logits_gap:.2e})")
+        if artifact_acc != test_acc:
+            raise SystemExit(f"artifact accuracy {artifact_acc} != compiled accuracy {test_acc}")
 
     fig_path = args.out / "mlp_loss.png"
     _plot(losses, evals, m, params, x_train, y_train, x_test, y_test, fig_path, args)
