@@ -9,9 +9,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 V = 96  # printable ASCII (95) and the newline
-SOURCES = {"readme": [ROOT / "README.md"], "stdlib": sorted((ROOT / "stdlib").glob("*.grad"))}
-"""The README (English and code) and the standard library's `.grad` sources (gradlang code and
-its comments): two domains."""
+SOURCES = {"readme": [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))],
+           "stdlib": sorted((ROOT / "stdlib").glob("*.grad"))}
+"""The documentation, README.md and docs/ (English and code; the README held all of it until
+the docs site was split out of it), and the standard library's `.grad` sources (gradlang code
+and its comments): two domains."""
 
 
 def encode(text: str) -> np.ndarray:

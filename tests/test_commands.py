@@ -1,12 +1,17 @@
 """Every command the docs show works as shown.
 
-The commands are collected from README.md (the lines of its code blocks, and its inline code)
-and from the header comments of examples/*.grad and the docstrings of examples/*.py (their
-lines and inline code): every `gradlang ...`, `python ...` and `pip ...`. Each must name files
-that exist and options its parser knows (a synopsis such as `gradlang compile FILE [-o DIR]`
-too); `pip install '.[extra]'` an extra that pyproject.toml declares. The cheap ones run for
-real, in-process from the repository root: check, explain, and compile into a temporary
-folder; verify runs with fewer samples and without --compare (as shown, under `-m slow`).
+The commands are collected from README.md and the docs pages (docs/**/*.md: the commands of
+their console and sh blocks, the lines of their text blocks, their inline code; see
+tests/docpages.py) and from the header comments of examples/*.grad and the docstrings of
+examples/*.py (their lines and inline code): every `gradlang ...`, `python ...` and
+`pip ...`. Each must name files that exist and options its parser knows (a synopsis such as
+`gradlang compile FILE [-o DIR]` too); `pip install '.[extra]'` an extra that pyproject.toml
+declares. The cheap ones run for real, in-process from the repository root: check, explain,
+and compile into a temporary folder; verify runs with fewer samples and without --compare (as
+shown, under `-m slow`). The check, explain and compile commands of the pages' console and sh
+blocks are not collected here: tests/test_docs.py runs them in the page's working folder and
+compares their output with the page's. A file that a page writes from a grad block
+(`# file: model.grad`) counts as existing for its commands, which are checked, not run.
 """
 
 from __future__ import annotations
@@ -23,11 +28,11 @@ from pathlib import Path
 
 import pytest
 
+from docpages import not_in_process, pages, read
 from gradlang.cli import _parser, main
 
 ROOT = Path(__file__).resolve().parent.parent
 PROGRAMS = ("gradlang", "python", "python3", "pip")
-FENCE = re.compile(r"^```.*$", re.M)
 INLINE = re.compile(r"`([^`]+)`")
 FEWER = ("--samples", "50", "--reference-samples", "256")
 """verify's fast twin: enough estimates for a variance, in a fraction of the time."""
@@ -39,14 +44,22 @@ class Command:
     """`FILE:LINE` of the text it was found in."""
     argv: tuple[str, ...]
     """Its words, without a `.venv/bin/` before the program."""
+    local: frozenset[str] = frozenset()
+    """The files its page writes from its grad blocks (`# file: model.grad`): they exist in
+    the page's working folder only, where tests/test_docs.py runs the page."""
 
     def __str__(self) -> str:
         return f"{self.where}: {shlex.join(self.argv)}"
 
     @property
-    def runnable(self) -> bool:
-        """A gradlang command on a real file (not a synopsis `FILE [...]` or a mention)."""
+    def on_file(self) -> bool:
+        """A gradlang command on a file (not a synopsis `FILE [...]` or a mention)."""
         return self.argv[0] == "gradlang" and any(w.endswith(".grad") for w in self.argv)
+
+    @property
+    def runnable(self) -> bool:
+        """A gradlang command on a file of the repository, which runs from its root."""
+        return self.on_file and not self.local.intersection(self.argv)
 
 
 def _program(words: str) -> bool:
@@ -75,22 +88,28 @@ def _inline(text: str) -> Iterator[tuple[int, str]]:
             yield text.count("\n", 0, match.start()), words
 
 
-def _commands(found, where: str, first_line: int) -> list[Command]:
+def _commands(found, where: str, first_line: int,
+              local: frozenset[str] = frozenset()) -> list[Command]:
     out = []
     for offset, words in found:
         for part in words.split("&&"):
             argv = shlex.split(part)
             argv[0] = argv[0].removeprefix(".venv/bin/")
-            out.append(Command(f"{where}:{first_line + offset}", tuple(argv)))
+            out.append(Command(f"{where}:{first_line + offset}", tuple(argv), local))
     return out
 
 
 def _documented() -> list[Command]:
-    readme = (ROOT / "README.md").read_text()
-    commands, line = [], 1
-    for n, part in enumerate(FENCE.split(readme)):  # odd parts are code blocks
-        commands += _commands(_lines(part, 0) if n % 2 else _inline(part), "README.md", line)
-        line += part.count("\n")
+    commands = []
+    for page in pages():
+        blocks, prose, _ = read(page)
+        local = frozenset(b.file for b in blocks if b.file)
+        commands += _commands(_inline(prose), page, 1, local)
+        for block in blocks:
+            if block.lang == "text":
+                commands += _commands(_lines(block.text, 0), page, block.line + 1, local)
+            commands += [Command(where, tuple(argv), local)
+                         for where, argv in not_in_process(block) if _program(" ".join(argv))]
     for path in sorted((ROOT / "examples").glob("*.grad")):
         header = []
         for text in path.read_text().splitlines():
@@ -134,17 +153,20 @@ def _check_gradlang(command: Command) -> None:
     known = {*sub[args[0]]._option_string_actions, *parser._option_string_actions}
     unknown = [o for o in _options(args[1:]) if o not in known]
     assert not unknown, f"{command}: unknown options {unknown}"
-    if command.runnable:
+    if command.on_file:
         try:
             parsed = parser.parse_args(args)
         except SystemExit:
             pytest.fail(f"{command}: the command line does not parse")
         for name in (parsed.file, getattr(parsed, "at", None)):
-            assert name is None or (ROOT / name).is_file(), f"{command}: no file {name}"
+            assert name is None or (ROOT / name).is_file() or name in command.local, (
+                f"{command}: no file {name}")
 
 
 def _check_python(command: Command) -> None:
     args = list(command.argv[1:])
+    if not args:  # the program named in prose
+        return
     if args[0] == "-m":
         assert importlib.util.find_spec(args[1]) is not None, f"{command}: no module {args[1]}"
         return
@@ -180,9 +202,10 @@ def _check_pip(command: Command) -> None:
 
 
 def test_the_commands_are_found():
-    """The collection itself: the README's and the examples' commands are in it."""
+    """The collection itself: the README's, the docs' and the examples' commands are in it."""
     shown = {str(c).split(":", 1)[0] for c in COMMANDS}
-    assert {"README.md", "examples/verify_demo.grad", "examples/mlp.py"} <= shown
+    assert {"README.md", "docs/reference/cli.md", "examples/verify_demo.grad",
+            "examples/mlp.py"} <= shown
     assert any(c.runnable and c.argv[1] == "compile" for c in COMMANDS)
 
 
@@ -208,13 +231,21 @@ def _run(args: list[str], tmp_path: Path, monkeypatch, capsys) -> None:
     assert status == 0, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", [c for c in COMMANDS if c.runnable
-                                     and c.argv[1] in ("check", "explain", "compile")], ids=str)
+def _once(commands: list[Command]) -> list[Command]:
+    """The first of each command shown in several places: it runs once."""
+    first: dict[tuple[str, ...], Command] = {}
+    for command in commands:
+        first.setdefault(command.argv, command)
+    return list(first.values())
+
+
+@pytest.mark.parametrize("command", _once([c for c in COMMANDS if c.runnable and c.argv[1] in
+                                           ("check", "explain", "compile")]), ids=str)
 def test_each_cheap_command_runs(command: Command, tmp_path, monkeypatch, capsys):
     _run(list(command.argv[1:]), tmp_path, monkeypatch, capsys)
 
 
-VERIFY = [c for c in COMMANDS if c.runnable and c.argv[1] == "verify"]
+VERIFY = _once([c for c in COMMANDS if c.runnable and c.argv[1] == "verify"])
 
 
 @pytest.mark.parametrize("command", VERIFY, ids=str)
