@@ -6,7 +6,7 @@ For each stated problem, the same objective is compiled with `score(baseline=non
 (S samples per estimate) and estimated `--estimates` times with independent keys. Printed per
 baseline: the total variance of the gradient estimate, the reduction factor against `none`,
 the relative bias of the mean estimate against the closed-form gradient (with its standard
-error; GRPO's scale bias is by design, see the README), the time per estimate and the variance
+error; GRPO's scale bias is by design, see docs/reference/random.md), the time per estimate and the variance
 x time product. The moving average is first run for 300 steps so that its state tracks E[v].
 
 Then, for models with several draws, the variance of the default downstream credit (each draw's

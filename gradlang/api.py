@@ -108,8 +108,8 @@ class CompiledModule(_Exports):
     def verify(self, name: str, args=None, *, dims: Mapping[str, int] | None = None,
                samples: int = 1000, seed: int = 0, reference_samples: int = 4096,
                coordinates: int = 32, smoothing: float = 0.05, compare: bool = False):
-        """Check export `name`'s gradient against a reference (see the README's *Verifying
-        gradients*): `args` by parameter name (structs as dicts) or in order, without the key
+        """Check export `name`'s gradient against a reference (see docs/reference/verify.md):
+        `args` by parameter name (structs as dicts) or in order, without the key
         (None: generated from the declared types, symbolic dims from `dims`). Returns a
         `gradlang.verify.ExportReport` (`.verdict`, `.leaves`, `.to_json()`, `print(...)`);
         raises `gradlang.verify.VerifyError` on bad input."""

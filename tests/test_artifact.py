@@ -744,7 +744,7 @@ export g = grad(expect(f, samples=4), wrt=[mu])
 
 
 def test_stablehlo_of_solve_keeps_lapack_custom_calls():
-    """What remains (documented in the README): JAX lowers solve and cholesky on CPU to LAPACK
+    """What remains (documented in docs/reference/artifacts.md): JAX lowers solve and cholesky on CPU to LAPACK
     custom calls, which carry Shardy sharding rules as attributes."""
     m = gradlang.compile_source(f"fn f({SYMBOLIC['solve'][0]}) -> {SYMBOLIC['solve'][1]} "
                                 f"{{ return {SYMBOLIC['solve'][2]} }}\nexport f = f\n")

@@ -1,7 +1,7 @@
 """The DP-SGD example (examples/dp_mlp): it compiles strictly with ghost norms for its weight
 matrices; padding a Poisson batch with weight-0 examples changes nothing (clipped or not);
 it runs end to end with small settings, reporting the accountant's epsilon for the steps run;
-with its default settings (marked slow) it reaches the results stated in the README."""
+with its default settings (marked slow) it reaches the results stated in docs/benchmarks.md."""
 
 from __future__ import annotations
 

@@ -263,7 +263,7 @@ def test_a_leave_one_out_baseline_cancels_a_cost_that_does_not_vary():
 
 
 def test_grpo_advantages_point_the_right_way_and_cut_variance():
-    """GRPO normalizes advantages by the group's std: biased in scale by design (README), but
+    """GRPO normalizes advantages by the group's std: biased in scale by design (docs/reference/random.md), but
     the direction of the expected gradient is kept on this problem."""
     body, params = "k ~ Categorical(logits=t) WITH\nreturn abs(v[k] + 5.0)", "t: f32[4], v: f32[4]"
     grpo = compile_objective(body, params, "score(baseline=grpo)", samples=8)
@@ -811,7 +811,7 @@ export b = grad(expect(f, samples=8), wrt=[t])
 
 
 def test_gumbel_softmax_is_biased_as_documented_and_the_bias_shrinks_with_tau():
-    """README: the relaxation is biased by design and the bias vanishes as tau -> 0."""
+    """docs/reference/random.md: the relaxation is biased by design and the bias vanishes as tau -> 0."""
     s = sigmoid(0.2)
     truth = 5 * s * (1 - s)  # d/dt E[(c + 2)^2], c ~ Bernoulli(logits=t)
     bias = {}

@@ -1,5 +1,5 @@
 """The verify report: per export and `wrt` leaf, as a terminal table and as JSON
-(`"schema": "gradlang.verify/1"`, documented in the README's *Verifying gradients*)."""
+(`"schema": "gradlang.verify/1"`, documented in docs/reference/verify.md, JSON)."""
 
 from __future__ import annotations
 
