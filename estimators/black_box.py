@@ -25,7 +25,8 @@ rules:
   perturbed as the matrix [KH KW C, O], formed where the convolution reads it (a kernel is
   small next to its input).
 
-With a `mesh`, the population axis of the perturbations is sharded over the mesh's first axis.
+With a `mesh`, the population axis of the perturbations is sharded over the mesh's first axis
+(or the axis `shard={"pop": AXIS}` names, `runtime.sharding`).
 The zeroth-order pass (`passes.zeroth_order`) checks and completes `by=`; the runtime
 (`runtime.zeroth_order`) calls `gradient` or `descend` of the estimator it selects.
 """
@@ -197,11 +198,14 @@ class Spsa(BlackBox):
 
 
 def _shard(x, mesh):
+    """x with its leading (population) axis split over `mesh`: a `jax.sharding.Mesh` (its
+    first axis), or a pair (mesh, axis names) from `shard={"pop": ...}` (runtime.sharding)."""
     if mesh is None:
         return x
     from jax.sharding import NamedSharding, PartitionSpec
 
-    spec = PartitionSpec(mesh.axis_names[0], *([None] * (x.ndim - 1)))
+    mesh, axes = mesh if isinstance(mesh, tuple) else (mesh, (mesh.axis_names[0],))
+    spec = PartitionSpec(axes[0] if len(axes) == 1 else axes, *([None] * (x.ndim - 1)))
     return lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 

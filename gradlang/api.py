@@ -58,19 +58,38 @@ def _unbound(signature, externs: Mapping[str, object]):
     return refuse
 
 
+def _sharding(ir: Module, mesh, shard: Mapping[str, object]):
+    """The checked placement of `shard=` on `mesh` (runtime.sharding.plan)."""
+    from gradlang.runtime.execute import signature_of
+    from gradlang.runtime.sharding import plan, populations
+
+    return plan(mesh, shard, [signature_of(ir, e) for e in ir.exports], populations(ir))
+
+
+def _compiled(signature, fn, sharding):
+    """The export jit-compiled: on the mesh by `sharding` when there is one."""
+    import jax
+
+    if sharding is None:
+        return jax.jit(fn, donate_argnums=signature.donated)
+    from gradlang.runtime.sharding import sharded
+
+    return sharded(signature, fn, sharding)
+
+
 class CompiledModule(_Exports):
     """A compiled .grad module: `m.NAME(...)` calls an export; `m.ir` is the typed IR.
 
     `externs` binds the module's extern functions to Python callables by name; `functions`
     binds its `jax fn` declarations to JAX functions by name (traced inline; a missing or
     mismatched binding raises CompileError); `mesh` (a `jax.sharding.Mesh`) shards black-box
-    estimators' populations over its first axis; `root` is the folder the source's local
-    imports resolve in (for `verify`'s variants)."""
+    estimators' populations over its first axis, or, with `shard` (dim name -> mesh axis),
+    every export's arguments by their declared dims (`runtime.sharding`); `root` is the
+    folder the source's local imports resolve in (for `verify`'s variants)."""
 
     def __init__(self, ir: Module, externs: Mapping[str, object] | None = None, mesh=None,
-                 root: str | Path | None = None, functions: Mapping[str, object] | None = None):
-        import jax
-
+                 root: str | Path | None = None, functions: Mapping[str, object] | None = None,
+                 shard: Mapping[str, object] | None = None):
         from gradlang.runtime.execute import export_function
         from gradlang.runtime.host import check_bindings
         from gradlang.runtime.jax_functions import check_bindings as check_functions
@@ -83,10 +102,12 @@ class CompiledModule(_Exports):
             raise CompileError(diags)
         check_bindings(externs, self._declared_externs())
         bindings = {**externs, **functions}
-        self._origin = (bindings, mesh, None if root is None else Path(root))
-        self._raw = {e.name: export_function(ir, e, bindings, mesh) for e in ir.exports}
+        sharding = None if shard is None else _sharding(ir, mesh, shard)
+        population = mesh if sharding is None else sharding.population
+        self._origin = (bindings, population, None if root is None else Path(root))
+        self._raw = {e.name: export_function(ir, e, bindings, population) for e in ir.exports}
         super().__init__({
-            name: CompiledFunction(sig, jax.jit(fn, donate_argnums=sig.donated)
+            name: CompiledFunction(sig, _compiled(sig, fn, sharding)
                                    if set(sig.externs) <= set(externs)
                                    else _unbound(sig, externs))
             for name, (sig, fn) in self._raw.items()})
@@ -178,11 +199,15 @@ class LoadedModule(_Exports):
 
 def compile_source(text: str, name: str = "<source>", root: str | Path | None = None,
                    strict: bool = False, externs: Mapping[str, object] | None = None,
-                   mesh=None, functions: Mapping[str, object] | None = None) -> CompiledModule:
+                   mesh=None, functions: Mapping[str, object] | None = None,
+                   shard: Mapping[str, object] | None = None) -> CompiledModule:
     """Compile .grad source text; `root` is the folder local imports resolve in; `externs`
     binds extern functions to Python callables (wrap vectorized ones in `gradlang.batched`);
     `functions` binds `jax fn` declarations to JAX functions, traced inline; `mesh` shards the
-    populations of black-box estimators (`by=es / eggroll`) over devices.
+    populations of black-box estimators (`by=es / eggroll`) over devices, or with `shard`
+    (dim name -> mesh axis name, `{"B": "data"}`; `"pop"`: a black-box population) places
+    every export's arguments on the mesh by their declared dims (docs/scaling.md); a `shard`
+    that does not fit the module or the mesh raises `ShardingError`.
 
     Raises CompileError (its message is the rendered diagnostics) when the program has errors,
     or, with `strict`, warnings, or a `jax fn` is not bound or does not match its binding.
@@ -197,12 +222,13 @@ def compile_source(text: str, name: str = "<source>", root: str | Path | None = 
     if diags.has_errors or (strict and diags.items):
         raise CompileError(diags)
     assert module is not None
-    return CompiledModule(module, externs, mesh, root, functions)
+    return CompiledModule(module, externs, mesh, root, functions, shard)
 
 
 def compile_file(path: str | Path, strict: bool = False,
                  externs: Mapping[str, object] | None = None, mesh=None,
-                 functions: Mapping[str, object] | None = None) -> CompiledModule:
+                 functions: Mapping[str, object] | None = None,
+                 shard: Mapping[str, object] | None = None) -> CompiledModule:
     """Compile a .grad file (local imports resolve beside it; bindings as in `compile_source`).
     A file that cannot be read or is not UTF-8 text raises CompileError, as bad source does."""
     from .driver import read_source
@@ -212,7 +238,8 @@ def compile_file(path: str | Path, strict: bool = False,
     source = read_source(path, diags, None)
     if source is None:
         raise CompileError(diags)
-    return compile_source(source.text, str(path), path.parent, strict, externs, mesh, functions)
+    return compile_source(source.text, str(path), path.parent, strict, externs, mesh, functions,
+                          shard)
 
 
 def load(path: str | Path, externs: Mapping[str, object] | None = None) -> LoadedModule:

@@ -1,0 +1,316 @@
+"""Sharding exports over a device mesh from the dims their signatures name.
+
+`compile_file(path, mesh=mesh, shard={"B": "data", "H": "model"})` maps dim names to mesh
+axes. Every argument's leaf is placed with a `NamedSharding` whose `PartitionSpec` reads its
+declared dims: `x: f32[B, D]` gets `P("data", None)`, a parameter `w: f32[D, H]` gets
+`P(None, "model")` (FSDP / tensor-parallel style when its dims are mapped; replicated when
+none is), the key and tree parameters (whose leaves have no declared dims) are replicated.
+The export is jit-compiled once with those `in_shardings`; XLA's SPMD partitioner inserts
+the communication (for data parallelism, the all-reduce of the gradient) and chooses the
+output shardings. The key `pop` maps the population of `by=es / eggroll` to a mesh axis.
+
+This is JAX's own machinery (`jax.sharding.Mesh`, `NamedSharding`, `jax.jit`'s
+`in_shardings`); nothing here partitions by hand. Everything about placing an export on a
+mesh lives in this module: validating the mapping against the exports' dims and the mesh,
+the specs of each parameter, and the call that places the arguments.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from gradlang.types import StructType, TensorType, TreeType, TupleType, Type
+
+from .signature import Signature, _fields
+
+POPULATION = "pop"
+"""The key of `shard=` that maps a black-box population (`by=es / eggroll`) to a mesh axis."""
+
+
+class ShardingError(ValueError):
+    """`shard=` does not fit the module or the mesh (an unknown dim or mesh axis), or an
+    argument's dim is not divisible by the devices along its mesh axis."""
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """A mesh and the mesh axes each dim name is split over (in `shard=` order)."""
+
+    mesh: Mesh
+    axes: tuple[tuple[str, tuple[str, ...]], ...]
+
+    @property
+    def dims(self) -> dict[str, tuple[str, ...]]:
+        return dict(self.axes)
+
+    def size(self, dim: str) -> int:
+        """The number of devices `dim` is split over (1 when it is not mapped)."""
+        return math.prod(self.mesh.shape[a] for a in self.dims.get(dim, ()))
+
+    @property
+    def population(self) -> tuple[Mesh, tuple[str, ...]] | None:
+        """What the black-box estimators take as `mesh`: the mesh and the axes `pop` maps
+        to, or None (the population left to XLA)."""
+        axes = self.dims.get(POPULATION)
+        return (self.mesh, axes) if axes else None
+
+    def spec(self, t: TensorType) -> PartitionSpec:
+        """The PartitionSpec of a tensor of type `t`: each named dim split over its axes, a
+        mesh axis used once per array (a later dim mapped to an axis already used, as the
+        second H of `f32[H, H]`, stays whole), every other dim whole."""
+        used: set[str] = set()
+        entries: list[Any] = []
+        for d in t.shape:
+            axes = self.dims.get(d, ()) if isinstance(d, str) else ()
+            if not axes or used & set(axes):
+                entries.append(None)
+                continue
+            used |= set(axes)
+            entries.append(axes[0] if len(axes) == 1 else axes)
+        while entries and entries[-1] is None:
+            entries.pop()
+        return PartitionSpec(*entries)
+
+    def shardings(self, t: Type) -> Any:
+        """The NamedShardings of an argument of type `t`, a tree prefix of its value as
+        `canonical` returns it: per leaf by its dims; a key or a tree parameter replicated."""
+        if isinstance(t, TensorType):
+            return NamedSharding(self.mesh, self.spec(t))
+        if isinstance(t, StructType):
+            return {n: self.shardings(f) for n, f in t.fields}
+        if isinstance(t, TupleType):
+            return tuple(self.shardings(e) for e in t.elems)
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    def replicated(self, t: Type) -> bool:
+        """Whether no leaf of `t` is split."""
+        return all(s.spec == PartitionSpec() for s in jax.tree.leaves(self.shardings(t)))
+
+
+def plan(mesh: Mesh | None, shard: Mapping[str, str | Sequence[str]],
+         signatures: Sequence[Signature], populations: Mapping[str, int]) -> Sharding:
+    """The checked Sharding of `shard=` over `mesh` for a module whose exports have
+    `signatures`; `populations` gives the population size split by each export with a
+    black-box population (by name: the draws of `es` / `eggroll`). Raises ShardingError for
+    a missing mesh, a dim no export declares, an unknown mesh axis, or a population the axis
+    does not divide. Several dims may share an axis (FSDP: `{"B": "data", "H": "data"}`
+    splits the batch and the parameters over the same devices); an array holding two of
+    them is split along the first only."""
+    if mesh is None:
+        raise ShardingError("shard= maps dims to mesh axes: pass the mesh too, "
+                            "mesh=jax.sharding.Mesh(devices, axis_names)")
+    if not isinstance(mesh, Mesh):
+        raise ShardingError(f"mesh= must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    if not isinstance(shard, Mapping):
+        raise ShardingError(f"shard= must map dim names to mesh axis names, e.g. "
+                            f"{{'B': 'data'}}, got {type(shard).__name__}")
+    declared = list(dict.fromkeys(d for s in signatures for d in s.dims))
+    axes = tuple((dim, _axes(dim, value, mesh)) for dim, value in shard.items())
+    for dim, _ in axes:
+        _check_dim(dim, declared, populations)
+    out = Sharding(mesh, axes)
+    _check_populations(out, populations)
+    return out
+
+
+def _axes(dim: Any, value: Any, mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes of one `shard=` entry (an axis name or a tuple of them)."""
+    if not isinstance(dim, str):
+        raise ShardingError(f"shard= keys are dim names (strings), got {dim!r}")
+    names = (value,) if isinstance(value, str) else value
+    if not isinstance(names, (tuple, list)) or not names or \
+            not all(isinstance(a, str) for a in names):
+        raise ShardingError(f"shard['{dim}'] must be a mesh axis name or a tuple of them, "
+                            f"got {value!r}")
+    for a in names:
+        if a not in mesh.axis_names:
+            raise ShardingError(f"shard['{dim}'] = {value!r}: the mesh has no axis '{a}' "
+                                f"(its axes: {', '.join(mesh.axis_names)})")
+    return tuple(names)
+
+
+def _check_dim(dim: str, declared: list[str], populations: Mapping[str, int]) -> None:
+    if dim in declared:
+        return
+    if dim == POPULATION:
+        if populations:
+            return
+        raise ShardingError("shard['pop'] maps a black-box population, but no export of this "
+                            "module has one (by=es(...) or by=eggroll(...))")
+    dims = ", ".join(declared) if declared else "none"
+    raise ShardingError(f"shard= names the dim '{dim}', which no export's parameters declare "
+                        f"(their dims: {dims}; 'pop' for a black-box population)")
+
+
+def _check_populations(sharding: Sharding, populations: Mapping[str, int]) -> None:
+    k = sharding.size(POPULATION)
+    for name, draws in populations.items():
+        if POPULATION in sharding.dims and draws % k:
+            axes = ", ".join(f"'{a}'" for a in sharding.dims[POPULATION])
+            raise ShardingError(f"export '{name}': its population of {draws} noise draws "
+                                f"cannot be split over mesh axis {axes} of {k} devices "
+                                f"(choose pop so that its draws divide evenly)")
+
+
+def populations(module) -> dict[str, int]:
+    """The exports with a black-box population (`by=es / eggroll`), with the number of noise
+    draws the population axis splits (pop / 2 for antithetic pairs)."""
+    from gradlang.estimators.black_box import Population as Estimator, estimator
+
+    out: dict[str, int] = {}
+    for e in module.exports:
+        t = e.transform
+        if getattr(t, "by", None) is None or getattr(t, "private", None) is not None:
+            continue
+        est = estimator(t.by)
+        if isinstance(est, Estimator):
+            out[e.name] = est.draws
+    return out
+
+
+def canonical(t: Type, x: Any) -> Any:
+    """An argument as a value with the structure of its shardings: a struct as a dict (also
+    from a NamedTuple or a dataclass), a tuple as a tuple."""
+    if isinstance(t, StructType):
+        fields = _fields(x)
+        return {n: canonical(f, fields[n]) for n, f in t.fields}
+    if isinstance(t, TupleType):
+        return tuple(canonical(e, v) for e, v in zip(t.elems, x))
+    return x
+
+
+def _check_divisible(sharding: Sharding, t: Type, x: Any, where: str) -> None:
+    """Each split dim of argument `x` (at `where`) divisible by its devices, or ShardingError
+    naming the argument, the dim, its size and the axis."""
+    if isinstance(t, StructType):
+        for n, f in t.fields:
+            _check_divisible(sharding, f, x[n], f"{where}.{n}")
+    elif isinstance(t, TupleType):
+        for i, (e, v) in enumerate(zip(t.elems, x)):
+            _check_divisible(sharding, e, v, f"{where}[{i}]")
+    elif isinstance(t, TensorType):
+        spec = sharding.spec(t)
+        for d, n, axes in zip(t.shape, getattr(x, "shape", ()), spec):
+            k = 0 if axes is None else sharding.size(d)
+            if k and n % k:
+                names = ", ".join(f"'{a}'" for a in sharding.dims[d])
+                raise ShardingError(f"{where} has {d} = {n}, which mesh axis {names} of {k} "
+                                    f"devices does not divide: pad it to a multiple of {k} "
+                                    f"or map {d} to a smaller axis")
+
+
+GRADIENT_AT = {"grad": 0, "descend": 0, "value_and_grad": 1, "minimize": 1}
+"""Where a gradient export's result holds the dict {wrt name: gradient} (or, for `descend`,
+the updated parameters; for `minimize`, the direction) when the result is a tuple."""
+
+
+def placing_gradients(signature: Signature, fn: Callable, sharding: Sharding) -> Callable:
+    """`fn` whose gradients (updated parameters, direction) are laid out as their `wrt`
+    parameters: replicated for replicated parameters, split like them for split ones (FSDP:
+    XLA then reduce-scatters instead of all-reducing). A tree parameter's are left to XLA."""
+    at = GRADIENT_AT.get(signature.kind)
+    types = dict(signature.params)
+    placed = {w: sharding.shardings(types[w]) for w in signature.wrt
+              if not isinstance(types[w], TreeType)}
+    if at is None or not placed:
+        return fn
+
+    def constrain(grads: dict) -> dict:
+        return {w: jax.lax.with_sharding_constraint(g, placed[w]) if w in placed else g
+                for w, g in grads.items()}
+
+    def with_placed_gradients(*args):
+        out = fn(*args)
+        if isinstance(out, dict):
+            return constrain(out)
+        return (*out[:at], constrain(out[at]), *out[at + 1:])
+
+    with_placed_gradients.__name__ = signature.name
+    return with_placed_gradients
+
+
+def sharded(signature: Signature, fn: Callable, sharding: Sharding) -> Callable:
+    """`fn` (an export's function of positional arguments) jit-compiled with its arguments'
+    NamedShardings as `in_shardings` (the arrays passed for a `descend` export's `wrt`
+    parameters donated, as unsharded); each call checks the split dims' divisibility and
+    places concrete arguments on the mesh (`jax.device_put`, a no-op for arrays already
+    there). Gradients are laid out as their parameters (`placing_gradients`), the other
+    results as XLA chooses. Inside another jit or a vmap, the shardings act as constraints."""
+    types = [t for _, t in signature.params]
+    names = [n for n, _ in signature.params]
+    shardings = tuple(sharding.shardings(t) for t in types)
+    jitted = jax.jit(placing_gradients(signature, fn, sharding), in_shardings=shardings,
+                     donate_argnums=signature.donated)
+
+    def checked(args: tuple) -> tuple:
+        args = tuple(canonical(t, a) for t, a in zip(types, args))
+        for n, t, a in zip(names, types, args):
+            _check_divisible(sharding, t, a, f"{signature.name}(): argument '{n}'")
+        return args
+
+    def call(*args):
+        args = checked(args)
+        if not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(args)):
+            args = tuple(jax.device_put(a, s) for a, s in zip(args, shardings))
+        return jitted(*args)
+
+    call.__name__ = signature.name
+    # the jit's lowering at given arguments: .compile().as_text(), .memory_analysis()
+    call.lower = lambda *args: jitted.lower(*checked(args))
+    return call
+
+
+def lower(export, *args, **kwargs):
+    """The lowering of a compiled export (`m.NAME`) at these arguments, checked and bound as
+    a call: `.compile().as_text()` for its HLO (`collectives`), `.compile()
+    .memory_analysis()` for its per-device memory; sharded or not."""
+    return export._fn.lower(*export.bind(args, kwargs))
+
+
+# ---- what the partitioned program communicates
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
+               "collective-broadcast")
+"""XLA's collective ops, as compiled HLO text names them."""
+
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+          "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_COLLECTIVE = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>.*?)\s*"
+                         rf"\b(?P<op>{'|'.join(COLLECTIVES)})(?P<start>-start)?\(")
+_ARRAY = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One collective op of a compiled program: its kind and the bytes of its result per
+    device (an all-reduce's: the reduced values; an all-gather's: the gathered array; a
+    tuple result's: all its arrays)."""
+
+    op: str
+    bytes: int
+
+
+def collectives(hlo: str) -> list[Collective]:
+    """The collective ops in compiled HLO text (`jax.jit(f).lower(...).compile().as_text()`),
+    in program order; each op once as written (one inside a loop body runs once per
+    iteration). An async pair counts at its `-start`, whose result tuple holds the operand
+    too (not counted)."""
+    out = []
+    for line in hlo.splitlines():
+        m = _COLLECTIVE.match(line)
+        if m is None:
+            continue
+        arrays = _ARRAY.findall(m.group("shape"))
+        if m.group("start") and len(arrays) > 1:
+            arrays = arrays[len(arrays) // 2:]
+        size = sum(_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
+                   for dtype, dims in arrays)
+        out.append(Collective(m.group("op"), size))
+    return out

@@ -1,0 +1,233 @@
+"""Sharding exports from their named dims (`shard=` with `mesh=`, runtime/sharding.py): the
+numbers of one device, the collectives XLA inserts, and the diagnostics.
+
+The checks on 8 devices run in subprocesses with XLA_FLAGS=--xla_force_host_platform_device_count=8
+(the flag must be set before JAX starts), one subprocess per group to keep the file fast; the
+checks that need no devices run here, on a mesh of this process's one CPU device.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections import namedtuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+import gradlang
+from gradlang.runtime.sharding import ShardingError, collectives
+
+MLP = """
+use std.nn
+struct MLP { l1: Dense[I=D, O=H], l2: Dense[I=H, O=C] }
+
+fn loss(p: MLP, x: f32[B, D], y: i32[B]) -> f32 {
+  return cross_entropy(dense(p.l2, dense_tanh(p.l1, x)), y)
+}
+
+fn noisy(p: MLP, x: f32[B, D], y: i32[B]) -> f32 {
+  eps ~ Normal(zeros([B, D]), 0.1)
+  return loss(p, x + eps, y)
+}
+
+export step = value_and_grad(loss, wrt=[p])
+export train = value_and_grad(expect(noisy, samples=2), wrt=[p])
+export private = value_and_grad(loss, wrt=[p], by=dp(clip=1.0, noise=1.1))
+"""
+
+# Shared by the subprocesses: the program, the data, and the tolerance of a comparison.
+PRELUDE = f"""
+import re
+import jax, jax.numpy as jnp, numpy as np, gradlang
+from jax.sharding import Mesh, PartitionSpec as P
+from gradlang.runtime.sharding import ShardingError, collectives, lower
+
+assert len(jax.devices()) == 8
+MLP = {MLP!r}
+B, D, H, C = 16, 4, 8, 3
+k = jax.random.split(jax.random.key(0), 4)
+params = {{"l1": {{"w": 0.3 * jax.random.normal(k[0], (D, H)), "b": 0.1 * jnp.ones(H)}},
+          "l2": {{"w": 0.3 * jax.random.normal(k[1], (H, C)), "b": jnp.zeros(C)}}}}
+x, y = jax.random.normal(k[2], (B, D)), jax.random.randint(k[3], (B,), 0, C)
+one = gradlang.compile_source(MLP)
+EPS = np.finfo(np.float32).eps
+
+def scale(p, x, y):
+    # (sum_i |l_i| / B, sum_i |g_i| / B elementwise) over the examples' losses and gradients:
+    # the mean loss and its gradient are these sums' signed versions, so they bound the
+    # terms a reordering reorders
+    per = [one.step(p, x[i:i + 1], y[i:i + 1]) for i in range(B)]
+    return jax.tree.map(lambda *g: sum(np.abs(np.asarray(a)) for a in g) / B, *per)
+
+def assert_same(a, b, bound):
+    # The sharded program sums the same per-example terms in another order (each device its
+    # B / n examples, then the all-reduce of the n partial sums) and may contract D and H in
+    # another order; any summation order of m terms errs by at most (m - 1) eps sum |terms|
+    # (Higham, Accuracy and Stability, ch. 4), so two orders differ by at most
+    # 2 (B + D + H) eps sum_i |g_i| / B per entry, sum_i |g_i| / B being `bound`.
+    for u, v, s in zip(jax.tree.leaves(a), jax.tree.leaves(b), jax.tree.leaves(bound)):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=0,
+                                   atol=2 * (B + D + H) * EPS * np.max(s))
+
+def leaves_bytes(tree):
+    return sum(4 * np.size(v) for v in jax.tree.leaves(tree))
+"""
+
+
+def _run(body: str) -> None:
+    """Run PRELUDE + body on 8 CPU devices; it prints 'ok' at the end."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    script = PRELUDE + textwrap.dedent(body) + "\nprint('ok')\n"
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), \
+        out.stdout[-2000:] + out.stderr[-4000:]
+
+
+def test_data_parallel_and_fsdp_steps_give_one_devices_numbers_with_minimal_collectives():
+    _run("""
+        bound = scale(params, x, y)
+        loss0, grads0 = one.step(params, x, y)
+        mesh = Mesh(np.array(jax.devices()), ("data",))
+
+        # data parallel: B split 8 ways, the parameters replicated
+        dp = gradlang.compile_source(MLP, mesh=mesh, shard={"B": "data"})
+        loss, grads = dp.step(params, x, y)
+        assert_same((loss0, grads0), (loss, grads), bound)
+        assert all(g.sharding.is_fully_replicated for g in jax.tree.leaves(grads))
+        found = collectives(lower(dp.step, params, x, y).compile().as_text())
+        # The minimum: one all-reduce of the gradient (and of the loss, a mean over B). XLA's
+        # all-reduce combiner puts the loss and the four gradient leaves in one tuple
+        # all-reduce, exactly their bytes; nothing else moves.
+        assert [c.op for c in found] == ["all-reduce"], found
+        assert found[0].bytes == 4 + leaves_bytes(params), found
+
+        # FSDP: the parameters also split along H over the same axis
+        fsdp = gradlang.compile_source(MLP, mesh=mesh, shard={"B": "data", "H": "data"})
+        loss, grads = fsdp.step(params, x, y)
+        assert_same((loss0, grads0), (loss, grads), bound)
+        specs = {"w1": grads["p"]["l1"]["w"].sharding.spec, "b1": grads["p"]["l1"]["b"].sharding.spec,
+                 "w2": grads["p"]["l2"]["w"].sharding.spec, "b2": grads["p"]["l2"]["b"].sharding.spec}
+        assert specs == {"w1": P(None, "data"), "b1": P("data"), "w2": P("data"), "b2": P()}, specs
+        found = collectives(lower(fsdp.step, params, x, y).compile().as_text())
+        # each split parameter (l1.w [D, H], l1.b [H], l2.w [H, C]) gathered once, and one
+        # all-reduce of the gradient (XLA on CPU does not turn it into a reduce-scatter: the
+        # split gradients are then cut from the reduced ones locally)
+        split = leaves_bytes([params["l1"], params["l2"]["w"]])
+        gathers = [c for c in found if c.op == "all-gather"]
+        assert len(gathers) == 3 and sum(c.bytes for c in gathers) == split, found
+        assert [c.op for c in found if c.op != "all-gather"] == ["all-reduce"], found
+
+        # tensor parallel on a 2-D mesh: B over 'data' (4), H over 'model' (2)
+        mesh2 = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+        tp = gradlang.compile_source(MLP, mesh=mesh2, shard={"B": "data", "H": "model"})
+        assert_same((loss0, grads0), tp.step(params, x, y), bound)
+    """)
+
+
+def test_sampled_private_and_population_exports_sharded_give_one_devices_numbers():
+    _run("""
+        mesh = Mesh(np.array(jax.devices()), ("data",))
+        sharded = gradlang.compile_source(MLP, mesh=mesh, shard={"B": "data"})
+        bound = scale(params, x, y)
+        key = jax.random.key(3)
+
+        # expect(noisy, samples=2): the noise [B, D] is drawn from the replicated key with
+        # threefry's partitionable mode, each device computing its rows: the same draws
+        assert_same(one.train(params, x, y, key), sharded.train(params, x, y, key), bound)
+
+        # DP-SGD, per-example work over the data axis: the noise N(0, (1.1 C)^2) / B is drawn
+        # once from the replicated key, not per device; a different draw would differ by about
+        # 1.1 / 16 = 0.07, far beyond the tolerance
+        a, b = one.private(params, x, y, key), sharded.private(params, x, y, key)
+        assert_same(a, b, bound)
+        noise = jax.tree.map(lambda u, v: u - v, a[1], one.private(params, x, y, jax.random.key(4))[1])
+        assert max(float(jnp.abs(n).max()) for n in jax.tree.leaves(noise)) > 0.01
+
+        # an ES population split over 'pop' of a 2-D mesh, the data over 'data'
+        src = MLP + "export es = grad(loss, wrt=[p], by=es(sigma=0.1, pop=16))\\n"
+        mesh2 = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "pop"))
+        es1 = gradlang.compile_source(src).es(params, x, y, key)
+        es8 = gradlang.compile_source(src, mesh=mesh2, shard={"B": "data", "pop": "pop"}).es(
+            params, x, y, key)
+        # Each member's loss f (below 2 here) may round differently in the two programs, by
+        # at most 2 (B + D + H) eps |f| as above; the estimate sum_j (f+_j - f-_j) z_j /
+        # (2 sigma n) over n = 8 pairs carries that as 2 (B + D + H) eps |f| max|z| / sigma
+        # (max|z| < 5 for these 600 normal draws), plus its own reordering, 2 n eps |g|.
+        assert float(one.step(params, x, y)[0]) < 2
+        for u, v in zip(jax.tree.leaves(es1), jax.tree.leaves(es8)):
+            atol = 2 * (B + D + H) * EPS * 2 * 5 / 0.1 + 2 * 8 * EPS * np.abs(u).max()
+            np.testing.assert_allclose(u, v, rtol=0, atol=atol)
+
+        # a dim the mesh axis does not divide: a clear error at the call, naming the argument
+        try:
+            sharded.step(params, x[:12], y[:12])
+            raise AssertionError("no error")
+        except ShardingError as e:
+            assert "step(): argument 'x' has B = 12" in str(e) and "'data' of 8 devices" in str(e), e
+        # a population the axis does not divide
+        try:
+            gradlang.compile_source(MLP + "export es = grad(loss, wrt=[p], by=es(pop=6))\\n",
+                                    mesh=mesh, shard={"pop": "data"})
+            raise AssertionError("no error")
+        except ShardingError as e:
+            assert "3 noise draws" in str(e) and "8 devices" in str(e), e
+    """)
+
+
+# ---- on this process's one device
+
+
+def _mesh() -> Mesh:
+    return Mesh(np.array(jax.devices()[:1]), ("data",))
+
+
+def test_a_mesh_of_one_device_gives_the_same_numbers_and_composes_with_jit_and_vmap():
+    one = gradlang.compile_source(MLP)
+    m = gradlang.compile_source(MLP, mesh=_mesh(), shard={"B": "data", "H": "data"})
+    Dense = namedtuple("Dense", "w b")
+    k = jax.random.split(jax.random.key(0), 3)
+    params = {"l1": Dense(jax.random.normal(k[0], (4, 8)), jnp.zeros(8)),
+              "l2": {"w": jax.random.normal(k[1], (8, 3)), "b": jnp.zeros(3)}}
+    x, y = jax.random.normal(k[2], (6, 4)), jnp.arange(6) % 3
+    want = one.step(params, x, y)
+    for got in (m.step(params, x, y), jax.jit(m.step)(params, x, y), m.step(p=params, x=x, y=y)):
+        for u, v in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+            np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-7)
+    losses, _ = jax.vmap(m.step, in_axes=(None, 0, 0))(params, jnp.stack([x, x]), jnp.stack([y, y]))
+    np.testing.assert_allclose(losses, [want[0], want[0]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("shard, mesh, message", [
+    ({"Q": "data"}, True, "shard= names the dim 'Q', which no export's parameters declare "
+                          "(their dims: D, H, C, B; 'pop' for a black-box population)"),
+    ({"B": "model"}, True, "shard['B'] = 'model': the mesh has no axis 'model' (its axes: data)"),
+    ({"B": 3}, True, "shard['B'] must be a mesh axis name or a tuple of them, got 3"),
+    ({"pop": "data"}, True, "shard['pop'] maps a black-box population, but no export of this "
+                            "module has one"),
+    ({"B": "data"}, False, "shard= maps dims to mesh axes: pass the mesh too"),
+])
+def test_a_shard_that_does_not_fit_the_module_or_the_mesh_is_a_clear_error(shard, mesh, message):
+    with pytest.raises(ShardingError) as info:
+        gradlang.compile_source(MLP, mesh=_mesh() if mesh else None, shard=shard)
+    assert message in str(info.value)
+
+
+def test_collectives_reads_ops_and_bytes_from_hlo_text():
+    hlo = textwrap.dedent("""
+        %all-reduce.5 = (f32[], f32[8]{0}, f32[8,4]{1,0}) all-reduce(%a, %b, %c), channel_id=1
+        %all-gather = f32[4,8]{0,1} all-gather(%w), channel_id=2, dimensions={1}
+        ROOT %rs = bf16[2,3]{1,0} reduce-scatter(%g), dimensions={0}
+        %ags = (f32[2]{0}, f32[16]{0}) all-gather-start(%v), dimensions={0}
+        %add = f32[8]{0} add(%all-reduce.5, %x)
+    """)
+    assert [(c.op, c.bytes) for c in collectives(hlo)] == [
+        ("all-reduce", 4 * 41), ("all-gather", 4 * 32), ("reduce-scatter", 2 * 6),
+        ("all-gather", 4 * 16)]
