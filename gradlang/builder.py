@@ -13,8 +13,8 @@ from . import ast
 from .diagnostics import Diagnostics, Span
 from .limits import I32_MAX
 from .options import number_problem
-from .ir import (Combination, Composition, Export, Function, Objective, Op, Param, Region,
-                 StructDef, Transform, Value)
+from .ir import (PRIVATE, Combination, Composition, Export, Function, Objective, Op, Param,
+                 Region, StructDef, Transform, Value)
 from .ops import (ArgminParams, CallParams, HostParams, CastParams, ConstParams, Annotation, ExpectParams, ForParams,
                   GetParams, IndexItem, IndexParams, NameParams, NoParams, SampledParams, SampleParams)
 from .types import DType, NamedType, TensorType, TupleType, Type
@@ -369,6 +369,16 @@ def _build_minimize(decl: ast.ExportDecl, value: ast.Call, unit: str,
     objectives = []
     for e in listed.elems:
         errors = len(diags.errors)
+        by = None
+        if isinstance(e, ast.With):
+            by = annotation_from_ast(e.annotation, diags)
+            if by is None:
+                return None
+            if by.name == PRIVATE:
+                diags.error("by=dp applies to a whole export (its examples and noise), not to one "
+                            "objective of minimize", by.span)
+                return None
+            e = e.value
         found = _objective(e, unit, diags)
         if found is not None and found[3] is not None:
             diags.error("an objective of minimize cannot be a composition: compose(...) keeps "
@@ -378,10 +388,11 @@ def _build_minimize(decl: ast.ExportDecl, value: ast.Call, unit: str,
         if found is None:
             if len(diags.errors) == errors:
                 diags.error("an objective of minimize is a function name, expect(f, samples=N) "
-                            "or logmeanexp(f, samples=N)", e.span)
+                            "or logmeanexp(f, samples=N), optionally followed by a black-box "
+                            "estimator of its gradient, e.g. f with spsa(eps=0.001)", e.span)
             return None
         fn, n, scope, _ = found
-        objectives.append(Objective(qualify(unit, fn.id), fn.span, n, scope))
+        objectives.append(Objective(qualify(unit, fn.id), fn.span, n, scope, by))
     rule = None
     for k in value.kwargs:
         if k.name == "by":
@@ -841,8 +852,7 @@ class _FunctionBuilder:
                     self.diags.error("return is not allowed inside an argmin body; its last "
                                      "expression is the objective", stmt.span)
                 elif isinstance(stmt, ast.Sample):
-                    self.diags.error("a random choice inside an inner problem is not supported",
-                                     stmt.span)
+                    self.sample(stmt)
                 else:
                     self.let_stmt(stmt)
             return (self.expr(e.objective),)

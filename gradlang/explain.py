@@ -350,7 +350,9 @@ def _minimize(module: Module, export, flow: dict) -> list[str]:
     parts = export.parts()
     whats = [_written(*_objective(module, part)) for part in parts]
     k = len(parts)
-    lines = [f"export {export.name} = {t.call('[' + ', '.join(whats) + ']')}"]
+    listed = [w + (f" with {p.transform.by}" if p.transform.by is not None else "")
+              for w, p in zip(whats, parts)]
+    lines = [f"export {export.name} = {t.call('[' + ', '.join(listed) + ']')}"]
     rule = combination_rule(t.rule)
     lines += [f"  {line}" for line in rule.describe(t.rule.weights, k)]
     state = ", history" if rule.stateful else ""

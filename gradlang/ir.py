@@ -127,12 +127,19 @@ the previous two calls."""
 
 @dataclass(frozen=True)
 class Objective:
-    """One objective of a `minimize` export: `f`, `expect(f, samples=N)` or `logmeanexp(...)`."""
+    """One objective of a `minimize` export: `f`, `expect(f, samples=N)` or `logmeanexp(...)`,
+    optionally `... with spsa(...)` (its gradient by a black-box estimator)."""
 
     fn: str
     span: Span
     samples: int = 0
     scope: str = "expect"
+    by: Annotation | None = None
+    """`f with es(...)`: the black-box estimator of this objective's gradient (None: reverse
+    mode, as the export's other objectives)."""
+    wrt: tuple[str, ...] | None = None
+    """The export's `wrt` names this objective takes when it does not take them all (set by
+    resolve); the others get a zero gradient from it."""
 
 
 @dataclass(frozen=True)
@@ -204,22 +211,29 @@ class Export:
         t = self.transform
         if t.kind != "minimize":
             return (self,)
-        return tuple(Export(f"{self.name}[{i}]", Transform("minimize", o.fn, t.wrt, t.wrt_spans,
-                                                           o.samples, scope=o.scope),
-                            self.span, o.span)
-                     for i, o in enumerate(t.objectives))
+        parts = []
+        for i, o in enumerate(t.objectives):
+            wrt = [(n, s) for n, s in zip(t.wrt, t.wrt_spans) if o.wrt is None or n in o.wrt]
+            parts.append(Export(f"{self.name}[{i}]", Transform(
+                "minimize", o.fn, tuple(n for n, _ in wrt), tuple(s for _, s in wrt), o.samples,
+                o.by, scope=o.scope), self.span, o.span))
+        return tuple(parts)
 
     def joined(self, parts: tuple[Export, ...]) -> Export:
         """This export with its parts replaced (as `parts()` made them, then rewritten); the
-        `wrt` names that every part kept."""
+        `wrt` names that some part kept, each objective's own recorded."""
         t = self.transform
         if t.kind != "minimize":
             (part,) = parts
             return part
-        kept = [(n, s) for n, s in zip(parts[0].transform.wrt, parts[0].transform.wrt_spans)
-                if all(n in p.transform.wrt for p in parts)]
+        kept = [(n, s) for n, s in zip(t.wrt, t.wrt_spans)
+                if any(n in p.transform.wrt for p in parts)]
+        names = tuple(n for n, _ in kept)
+        own = [tuple(n for n in names if n in p.transform.wrt) for p in parts]
         objectives = tuple(Objective(p.transform.fn, p.fn_span, p.transform.samples,
-                                     p.transform.scope) for p in parts)
+                                     p.transform.scope, p.transform.by,
+                                     None if wrt == names else wrt)
+                           for p, wrt in zip(parts, own))
         return replace(self, transform=replace(t, objectives=objectives,
                                                wrt=tuple(n for n, _ in kept),
                                                wrt_spans=tuple(s for _, s in kept)))

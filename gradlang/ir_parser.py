@@ -668,7 +668,16 @@ class _Parser:
                     self.expect(", ")
                 at = self.pos
                 o = self.objective()
-                found.append(Objective(o[0], self.span(at), o[1], o[2]))
+                by = self.annotation() if self.accept(" with ") else None
+                own = None
+                if self.accept(" {wrt=["):
+                    own = []
+                    while not self.accept("]}"):
+                        if own:
+                            self.expect(", ")
+                        own.append(self.match(_NAME, "a parameter name").group())
+                    own = tuple(own)
+                found.append(Objective(o[0], self.span(at), o[1], o[2], by, own))
             objectives = tuple(found)
         else:
             fn, samples, scope, compose = self.target()

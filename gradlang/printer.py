@@ -176,6 +176,8 @@ def _transform_text(t: Transform) -> str:
     fn = _objective_text(t.fn, t.samples, t.scope)
     if t.kind == "minimize":
         fn = "[" + ", ".join(_objective_text(o.fn, o.samples, o.scope)
+                             + (f" with {o.by}" if o.by is not None else "")
+                             + (f" {{wrt=[{', '.join(o.wrt)}]}}" if o.wrt is not None else "")
                              for o in t.objectives) + "]"
     if t.compose is not None:
         by = f", by={t.compose.by}" if t.compose.by is not None else ""

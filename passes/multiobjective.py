@@ -2,8 +2,10 @@
 
 `minimize([f1, f2, ...], wrt=[...], by=RULE)` takes the gradient of every objective with
 respect to the same parameters and combines them into one update direction by one of the rules
-of `estimators.combine` (`mgda`, `pcgrad`, `weights`, `dynamic`). Every objective takes the
-same parameters (the export passes the same arguments to each). The runtime
+of `estimators.combine` (`mgda`, `pcgrad`, `weights`, `dynamic`). The export takes the union of
+the objectives' parameters (by name; one name, one type) and passes each objective its own; an
+objective that does not take a `wrt` parameter contributes a zero gradient to it. An objective
+may have its own black-box estimator (`f with spsa(...)`, completed by the zeroth-order pass). The runtime
 (`runtime.multiobjective`) builds the combination; this pass records the completed rule in the
 export.
 """
@@ -25,25 +27,20 @@ def complete(rule: Combination, k: int) -> Combination:
 
 
 def _signature_problems(module: Module, export: Export, diags: Diagnostics) -> bool:
-    """Reports each objective whose parameters differ from the first's; True if any does."""
-    parts = export.parts()
-    first = module.function(parts[0].transform.fn)
-    expected = [(p.name, p.value.type) for p in first.params]
+    """Reports each objective parameter whose type differs from an earlier objective's
+    parameter of the same name (the export takes the union of their parameters, and passes
+    each objective the ones it takes); True if any does."""
+    seen: dict[str, tuple[str, object]] = {}
     bad = False
-    for part in parts[1:]:
+    for part in export.parts():
         fn = module.function(part.transform.fn)
-        found = [(p.name, p.value.type) for p in fn.params]
-        if found != expected:
-            diags.error(f"every objective of minimize takes the same parameters (the export "
-                        f"passes the same arguments to each): '{fn.name}' takes "
-                        f"{_params_text(found)}, '{first.name}' takes {_params_text(expected)}",
-                        part.fn_span)
-            bad = True
+        for p in fn.params:
+            first, t = seen.setdefault(p.name, (fn.name, p.value.type))
+            if t != p.value.type:
+                diags.error(f"the objectives of minimize share their parameters by name: '{p.name}' "
+                            f"is {p.value.type} in '{fn.name}' but {t} in '{first}'", p.span)
+                bad = True
     return bad
-
-
-def _params_text(params: list) -> str:
-    return "(" + ", ".join(f"{n}: {t}" for n, t in params) + ")"
 
 
 @dataclass(frozen=True)

@@ -351,10 +351,36 @@ def _check_exports(module: Module, diags: Diagnostics) -> Module:
     warnings about them."""
     exports = []
     for export in module.exports:
-        parts = [_check_export(module, part, diags) for part in export.parts()]
+        parts = export.parts()
+        if export.transform.kind == "minimize":
+            parts = _objectives_wrt(module, export, parts, diags)
+        parts = [_check_export(module, part, diags) for part in parts]
         if all(p is not None for p in parts):
             exports.append(export.joined(tuple(parts)))
     return replace(module, exports=tuple(exports))
+
+
+def _objectives_wrt(module: Module, export: Export, parts: tuple[Export, ...],
+                    diags: Diagnostics) -> list[Export]:
+    """The objectives of a `minimize` export, each differentiated with respect to the `wrt`
+    names it takes (the others get a zero gradient from it); a name none takes is an error."""
+    fns = [module.function(p.transform.fn) for p in parts]
+    t = export.transform
+    for name, span in zip(t.wrt, t.wrt_spans):
+        if all(fn is not None and fn.param(name) is None for fn in fns):
+            params = sorted({p.name for fn in fns if fn is not None for p in fn.params})
+            diags.error(f"'{name}' is not a parameter of any objective (parameters: "
+                        f"{', '.join(params)})" + _did_you_mean(name, params), span)
+    out = []
+    for part, fn in zip(parts, fns):
+        pt = part.transform
+        kept = [(n, s) for n, s in zip(pt.wrt, pt.wrt_spans) if fn is None or fn.param(n) is not None]
+        if fn is not None and not kept and t.wrt:
+            diags.error(f"objective '{fn.name}' takes none of wrt=[{', '.join(t.wrt)}]: its "
+                        f"gradient would be zero", part.fn_span)
+        out.append(replace(part, transform=replace(pt, wrt=tuple(n for n, _ in kept),
+                                                   wrt_spans=tuple(s for _, s in kept))))
+    return out
 
 
 def _check_export(module: Module, export: Export, diags: Diagnostics) -> Export | None:

@@ -3,7 +3,8 @@
 `grad(f, wrt=[...], by=ESTIMATOR)` (and `value_and_grad`, `descend`) estimate the gradient from
 forward evaluations only, by one of `estimators.black_box.BLACK_BOX` (spsa, es, eggroll: their
 options and how each estimates are declared there). The runtime (`runtime.zeroth_order`) builds
-the estimator; this pass records the completed choice in the export. `by=dp(...)` is not a
+the estimator; this pass records the completed choice in the export (in each objective of a
+`minimize` export, `minimize([f, g with spsa(...)], ...)`). `by=dp(...)` is not a
 black-box estimator (it is reverse mode, made private): the `privacy` pass checks it.
 """
 
@@ -38,14 +39,15 @@ class ZerothOrder:
     def run(self, module: Module, diags: Diagnostics) -> Module:
         exports = []
         for export in module.exports:
-            t = export.transform
-            black_box = t.black_box  # by=dp is the privacy pass's
-            if black_box is not None:
-                try:
-                    by = complete(black_box)
-                except OptionError as exc:
-                    diags.error(str(exc), black_box.span)
-                else:
-                    export = replace(export, transform=replace(t, by=by))
-            exports.append(export)
+            parts = []
+            for part in export.parts():  # a minimize export's objectives may each have one
+                t = part.transform
+                black_box = t.black_box  # by=dp is the privacy pass's
+                if black_box is not None:
+                    try:
+                        part = replace(part, transform=replace(t, by=complete(black_box)))
+                    except OptionError as exc:
+                        diags.error(str(exc), black_box.span)
+                parts.append(part)
+            exports.append(export.joined(tuple(parts)))
         return replace(module, exports=tuple(exports))

@@ -19,7 +19,7 @@ from gradlang.ir import HISTORY, Export, Module, externs_of, jax_functions_of, r
 from gradlang.types import KEY, DType, TensorType, scalar
 
 from .lower import Lowering
-from .multiobjective import minimize, takes_key
+from .multiobjective import Objective, minimize, takes_key
 from .privacy import private_gradient
 from .zeroth_order import black_box
 from .signature import Signature, casting, without_derivatives
@@ -43,17 +43,19 @@ def signature_of(module: Module, export: Export) -> Signature:
 
 
 def _minimize_signature(module: Module, export: Export) -> Signature:
-    """A `minimize` export takes its objectives' common parameters, then `history` (f32[2, k],
+    """A `minimize` export takes its objectives' parameters (their union, in order of first
+    appearance), then `history` (f32[2, k],
     for `dynamic`), then a key when an objective draws or PCGrad shuffles; its result type is
     that of the values, f32[k]."""
     t = export.transform
     fns = [module.function(o.fn) for o in t.objectives]
     k = len(fns)
-    params = tuple((p.name, p.value.type) for p in fns[0].params)
+    params = tuple({p.name: p.value.type for fn in fns for p in fn.params}.items())
     stateful = combination_rule(t.rule).stateful
     if stateful:
         params += ((HISTORY, TensorType(DType.F32, (2, k))),)
-    if takes_key(t.rule, _draws(module, export)):
+    if takes_key(t.rule, [d or o.by is not None for d, o in zip(_draws(module, export),
+                                                                 t.objectives)]):
         params += (("key", KEY),)
     externs = tuple(dict.fromkeys(n for fn in fns for n in externs_of(module, fn.name)))
     traced = tuple(dict.fromkeys(n for fn in fns for n in jax_functions_of(module, fn.name)))
@@ -124,9 +126,12 @@ def _export_function(module: Module, export: Export, externs: Mapping[str, objec
     t = export.transform
     if t.kind == "minimize":
         lowering = Lowering(module, externs)
-        names = [p.name for p in module.function(t.objectives[0].fn).params]
-        step = minimize([lowering.function(o.fn) for o in t.objectives], _draws(module, export),
-                        names, t.wrt, t.rule)
+        objectives = [Objective(lowering.function(o.fn),
+                                tuple(p.name for p in module.function(o.fn).params), draws, o.by)
+                      for o, draws in zip(t.objectives, _draws(module, export))]
+        names = [n for n, ty in signature.params[:len(signature.params) - signature.stateful]
+                 if ty is not KEY]
+        step = minimize(objectives, names, t.wrt, t.rule)
         return signature, casting(signature, step)
     f = Lowering(module, externs).function(signature.function)
     if signature.kind == "fn":

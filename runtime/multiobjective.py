@@ -7,12 +7,16 @@ gradients; the others take one backward pass per objective and c from the Gram m
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 
 from gradlang.estimators.combine import combination_rule
 from gradlang.ir import Combination
+from gradlang.ops import Annotation
+
+from .zeroth_order import black_box
 
 
 def gram_matrix(grads) -> jax.Array:
@@ -26,43 +30,73 @@ def takes_key(rule: Combination, draws: Sequence[bool]) -> bool:
     return any(draws) or combination_rule(rule).stochastic
 
 
-def minimize(objectives: Sequence[Callable], draws: Sequence[bool], names: Sequence[str],
-             wrt: Sequence[str], rule: Combination) -> Callable:
-    """The JAX function of a `minimize` export. Arguments: the objectives' common parameters
-    (`names`), then `history` (f32[2, k], a `stateful` rule only), then the key (`takes_key`);
-    objective i draws with `fold_in(key, i)`, a stochastic rule with `fold_in(key, k)`. Returns
-    (values f32[k], direction {wrt name: d}, weights f32[k]) and, for a stateful rule, the
-    history after this call, last."""
+@dataclass(frozen=True)
+class Objective:
+    """One objective of a `minimize` export as the runtime calls it."""
+
+    fn: Callable
+    """Its lowered function: its parameters, then its key when it draws."""
+    params: tuple[str, ...]
+    draws: bool
+    by: Annotation | None = None
+    """A black-box estimator of its gradient (None: reverse mode)."""
+
+
+def minimize(objectives: Sequence[Objective], names: Sequence[str], wrt: Sequence[str],
+             rule: Combination) -> Callable:
+    """The JAX function of a `minimize` export. Arguments: the objectives' parameters
+    (`names`, their union), then `history` (f32[2, k], a `stateful` rule only), then the key
+    (`takes_key`); objective i draws (or, with a black-box estimator, perturbs) with
+    `fold_in(key, i)`, a stochastic rule with `fold_in(key, k)`. An objective's
+    gradient with respect to a `wrt` parameter it does not take is zero. Returns (values f32[k],
+    direction {wrt name: d}, weights f32[k]) and, for a stateful rule, the history after this
+    call, last."""
     k = len(objectives)
-    argnums = [names.index(w) for w in wrt]
+    draws = [o.draws or o.by is not None for o in objectives]
     keyed = takes_key(rule, draws)
     how = combination_rule(rule)
+    estimated = any(o.by is not None for o in objectives)
 
     def step(*args):
-        params, key = list(args[:len(names)]), args[-1] if keyed else None
+        named, key = dict(zip(names, args)), args[-1] if keyed else None
         history = args[len(names)] if how.stateful else None
+        theta = [named[w] for w in wrt]
 
         def objective(i: int) -> Callable:
+            """Objective i as a function of every wrt parameter (those it does not take are
+            unused)."""
+            o = objectives[i]
+
             def f(*theta):
-                full = list(params)
-                for a, t in zip(argnums, theta):
-                    full[a] = t
-                return objectives[i](*full, *((jax.random.fold_in(key, i),) if draws[i] else ()))
+                full = {**named, **dict(zip(wrt, theta))}
+                return o.fn(*(full[n] for n in o.params),
+                            *((jax.random.fold_in(key, i),) if o.draws else ()))
             return f
 
-        theta = [params[a] for a in argnums]
-        if how.linear:
+        def value_and_grad(i: int):
+            o = objectives[i]
+            if o.by is None:
+                return jax.value_and_grad(objective(i), argnums=tuple(range(len(theta))))(*theta)
+            # as the export `grad(f, wrt=[...], by=...)` of this objective alone would, at its key
+            own = tuple(w for w in wrt if w in o.params)
+            value, grads = black_box(o.fn, list(o.params), own, o.by, o.draws, True)(
+                *(named[n] for n in o.params), jax.random.fold_in(key, i))
+            return value, tuple(grads.get(w, jnp.zeros_like(t)) for w, t in zip(wrt, theta))
+
+        if how.linear and not estimated:
             values, pullback = jax.vjp(lambda *t: jnp.stack([objective(i)(*t) for i in range(k)]),
                                        *theta)
             c = jnp.asarray(how.weighting(rule.weights, history), values.dtype)
             direction = pullback(c)
         else:
-            pairs = [jax.value_and_grad(objective(i), argnums=tuple(range(len(theta))))(*theta)
-                     for i in range(k)]
+            pairs = [value_and_grad(i) for i in range(k)]
             values = jnp.stack([v for v, _ in pairs])
             grads = jax.tree.map(lambda *g: jnp.stack(g), *[g for _, g in pairs])
-            c = how.combine(gram_matrix(grads), jax.random.fold_in(key, k) if how.stochastic
-                            else None)
+            if how.linear:
+                c = jnp.asarray(how.weighting(rule.weights, history), values.dtype)
+            else:
+                c = how.combine(gram_matrix(grads), jax.random.fold_in(key, k) if how.stochastic
+                                else None)
             direction = jax.tree.map(lambda g: jnp.tensordot(c.astype(g.dtype), g, axes=1), grads)
         out = (values, dict(zip(wrt, direction)), c)
         if how.stateful:

@@ -365,6 +365,92 @@ def test_weights_of_random_objectives_is_unbiased():
     assert_unbiased(direction["x"], truth)
 
 
+# ---- objectives with their own parameters and estimators
+
+OWN = """
+extern fn reward(w: f32[D]) -> f32
+
+fn fit(w: f32[D], x: f32[N, D], y: f32[N]) -> f32 {
+  let r = x @ w - y
+  return mean(r * r)
+}
+
+fn penalty(w: f32[D], b: f32) -> f32 { return sum(w * w) + b * b }
+
+fn black(w: f32[D]) -> f32 { return -reward(w) }
+
+export union = minimize([fit, penalty], wrt=[w, b], by=weights(1, 2))
+export mixed = minimize([fit, black with spsa(eps=0.01)], wrt=[w], by=weights(0.5, 1))
+export mixed_mgda = minimize([fit, penalty, black with es(sigma=0.01, pop=8)], wrt=[w, b],
+                             by=mgda)
+"""
+TARGET = np.array([1.0, -2.0, 0.5], np.float32)
+
+
+def _reward(w):
+    return -jnp.sum((w - TARGET) ** 2)
+
+
+@pytest.fixture(scope="module")
+def own():
+    return gradlang.compile_source(OWN, externs={"reward": _reward})
+
+
+def _fit_data():
+    x = RNG.normal(size=(6, 3)).astype(np.float32)
+    return x, (x @ np.array([0.3, 0.1, -0.2])).astype(np.float32)
+
+
+def test_objectives_take_the_union_of_their_parameters(own):
+    """The export takes (w, x, y, b); penalty alone reaches b, fit contributes 0 to it."""
+    assert [n for n, _ in own.union.signature.params] == ["w", "x", "y", "b"]
+    x, y = _fit_data()
+    w, b = np.array([0.2, -0.1, 0.4], np.float32), np.float32(0.7)
+    values, direction, c = own.union(w, x, y, b)
+    fit_w = jax.grad(lambda w: jnp.mean((x @ w - y) ** 2))(w)
+    assert_close(direction["w"], fit_w + 2 * 2 * w, 64, 1 + np.abs(fit_w).max())
+    assert_close(direction["b"], 2 * 2 * b, 16, 1 + abs(b))
+    assert_close(values, np.array([np.mean((x @ w - y) ** 2), np.sum(w * w) + b * b]), 64, 10.0)
+
+
+def test_a_black_box_objective_beside_a_differentiable_one_is_unbiased(own):
+    """SPSA's estimate of the extern's gradient is unbiased for a quadratic (the smoothed
+    objective differs by a constant): E direction = 0.5 grad fit + 2 (w - target)."""
+    x, y = _fit_data()
+    w = np.array([0.2, -0.1, 0.4], np.float32)
+    fit_w = np.asarray(jax.grad(lambda w: jnp.mean((x @ w - y) ** 2))(w))
+    _, direction, _ = estimates(own.mixed, (w, x, y))
+    assert_unbiased(direction["w"], 0.5 * fit_w + 2 * (w - TARGET))
+    values, _, _ = own.mixed(w, x, y, jax.random.key(0))
+    assert_close(values[1], np.sum((w - TARGET) ** 2), 16, 10.0)
+
+
+def test_mgda_combines_a_black_box_estimate(own):
+    """The Gram matrix takes the estimated gradient as it takes the exact ones: the direction
+    is the min-norm point of the three (zero b-gradient from fit and black)."""
+    x, y = _fit_data()
+    w, b = np.array([0.2, -0.1, 0.4], np.float32), np.float32(0.7)
+    values, direction, c = own.mixed_mgda(w, x, y, b, jax.random.key(1))
+    assert np.all(np.asarray(c) >= -1e-6) and abs(float(np.sum(c)) - 1) < 1e-5
+    assert_close(direction["b"], c[1] * 2 * b, 16, 1 + abs(b))
+    text = explain(own.ir)
+    assert "minimize([fit, penalty, black with es(sigma=0.01, pop=8, antithetic=true)]" in text
+    assert "black-box estimate by" in text
+
+
+def test_verify_pads_the_objectives_gradients_and_matches_black_box_keys(own):
+    """verify's exact check recomputes each objective's gradient at the key the export gives
+    it (a black-box objective's perturbations too) and pads the wrt names it does not take."""
+    x, y = _fit_data()
+    w = np.array([0.2, -0.1, 0.4], np.float32)
+    union = own.verify("union", {"w": w, "x": x, "y": y, "b": np.float32(0.7)}, samples=20,
+                       reference_samples=256)
+    mixed = own.verify("mixed", {"w": w, "x": x, "y": y}, samples=50, reference_samples=256)
+    for report in (union, mixed):
+        assert report.combination.verdict == "consistent", report
+        assert report.verdict == "consistent", report
+
+
 # ---- artifacts, explain
 
 

@@ -43,6 +43,24 @@ def _flat(tree) -> np.ndarray:
                            for x in jax.tree.leaves(tree)], axis=1)
 
 
+def _every_wrt(wrt: tuple[str, ...], grads: dict, like: dict) -> dict:
+    """An objective's gradient over every `wrt` name: zeros (shaped as `like`'s) for those it
+    does not take."""
+    return {w: grads[w] if w in grads else jax.tree.map(jax.numpy.zeros_like, like[w])
+            for w in wrt}
+
+
+def _leaves(report: ExportReport, names: list[str], shapes: list) -> list[np.ndarray]:
+    """An objective's reference values, errors and bounds flat over the export's gradient
+    leaves (`names`, `shapes`), zero at the leaves of parameters it does not take (its
+    gradient there is exactly 0)."""
+    own = {leaf.name: j for j, leaf in enumerate(report.leaves)}
+    ref = report.reference
+    return [np.concatenate([np.ravel(a[own[n]]) if n in own else np.zeros(int(np.prod(shape)))
+                            for n, shape in zip(names, shapes)])
+            for a in (ref.values, ref.errors, ref.bounds)]
+
+
 def check(program: Program, parts: list[Program], named: Mapping, seed: int) -> CombinationCheck:
     """The export's direction against the rule applied to its objectives' gradients at the
     same keys (see the module docstring)."""
@@ -56,7 +74,8 @@ def check(program: Program, parts: list[Program], named: Mapping, seed: int) -> 
 
     def call(key):
         out = program.gradient(*args, key) if program.draws else program.gradient(*args)
-        grads = [p.estimate(a, jax.random.fold_in(key, i) if p.draws else None)
+        grads = [_every_wrt(t.wrt, p.estimate(a, jax.random.fold_in(key, i) if p.draws else None),
+                            out[1])
                  for i, (p, a) in enumerate(zip(parts, pargs))]
         orders = pcgrad_orders(jax.random.fold_in(key, k), k) if typed.stochastic else None
         return out[1], grads, orders
@@ -76,15 +95,14 @@ def check(program: Program, parts: list[Program], named: Mapping, seed: int) -> 
                             worst, TOLERANCE, verdict)
 
 
-def _reference(program: Program, reports: list[ExportReport], named: Mapping,
-               seed: int) -> Reference:
-    """The rule applied to the objectives' references (flat over every leaf), its standard
-    error and bound propagated with the coefficients held fixed."""
+def _reference(program: Program, reports: list[ExportReport], named: Mapping, seed: int,
+               names: list[str], shapes: list) -> Reference:
+    """The rule applied to the objectives' references (flat over the gradient's leaves
+    `names`), its standard error and bound propagated with the coefficients held fixed."""
     rule = program.export.transform.rule
     k = len(reports)
-    values = np.stack([np.concatenate(r.reference.values) for r in reports])
-    errors = np.stack([np.concatenate(r.reference.errors) for r in reports])
-    bounds = np.stack([np.concatenate(r.reference.bounds) for r in reports])
+    values, errors, bounds = (np.stack(a) for a in zip(*(_leaves(r, names, shapes)
+                                                         for r in reports)))
     typed = combination_rule(rule)
     history = np.asarray(named[HISTORY]) if typed.stateful else None
     if typed.stochastic:
@@ -122,7 +140,7 @@ def verify_minimize(origin, module, program: Program, named: Mapping, settings: 
                for p in parts]
     combination = check(program, parts, named, settings.seed)
     sampled = sample(program, named, settings)
-    ref = _reference(program, reports, named, settings.seed)
+    ref = _reference(program, reports, named, settings.seed, sampled.names, sampled.shapes)
     draws = any(p.draws for p in parts)
     why = [f"{r.export}: {r.biased_by_design}" for r in reports if r.biased_by_design]
     bias = combination_rule(t.rule).bias
