@@ -186,24 +186,60 @@ def canonical(t: Type, x: Any) -> Any:
     return x
 
 
-def _check_divisible(sharding: Sharding, t: Type, x: Any, where: str) -> None:
-    """Each split dim of argument `x` (at `where`) divisible by its devices, or ShardingError
-    naming the argument, the dim, its size and the axis."""
+@dataclass(frozen=True)
+class Split:
+    """A split dim of one argument's leaf: where it is (the path from the argument, as
+    `canonical` lays it out, and its name in messages), its axis, and its devices."""
+
+    path: tuple
+    where: str
+    axis: int
+    dim: str
+    devices: int
+    mesh_axes: tuple[str, ...]
+
+    def check(self, x: Any) -> None:
+        """The dim's size in argument `x` divisible by its devices, or ShardingError."""
+        for k in self.path:
+            x = x[k]
+        n = x.shape[self.axis]
+        if n % self.devices:
+            names = ", ".join(f"'{a}'" for a in self.mesh_axes)
+            raise ShardingError(f"{self.where} has {self.dim} = {n}, which mesh axis {names} of "
+                                f"{self.devices} devices does not divide: pad it to a multiple "
+                                f"of {self.devices} or map {self.dim} to a smaller axis")
+
+
+def splits(sharding: Sharding, t: Type, where: str, path: tuple = ()) -> list[Split]:
+    """The split dims of an argument of type `t` (named `where`), with more than one device."""
     if isinstance(t, StructType):
-        for n, f in t.fields:
-            _check_divisible(sharding, f, x[n], f"{where}.{n}")
-    elif isinstance(t, TupleType):
-        for i, (e, v) in enumerate(zip(t.elems, x)):
-            _check_divisible(sharding, e, v, f"{where}[{i}]")
-    elif isinstance(t, TensorType):
-        spec = sharding.spec(t)
-        for d, n, axes in zip(t.shape, getattr(x, "shape", ()), spec):
-            k = 0 if axes is None else sharding.size(d)
-            if k and n % k:
-                names = ", ".join(f"'{a}'" for a in sharding.dims[d])
-                raise ShardingError(f"{where} has {d} = {n}, which mesh axis {names} of {k} "
-                                    f"devices does not divide: pad it to a multiple of {k} "
-                                    f"or map {d} to a smaller axis")
+        return [s for n, f in t.fields for s in splits(sharding, f, f"{where}.{n}", (*path, n))]
+    if isinstance(t, TupleType):
+        return [s for i, e in enumerate(t.elems)
+                for s in splits(sharding, e, f"{where}[{i}]", (*path, i))]
+    if not isinstance(t, TensorType):
+        return []
+    return [Split(path, where, i, d, sharding.size(d), sharding.dims[d])
+            for i, (d, axes) in enumerate(zip(t.shape, sharding.spec(t)))
+            if axes is not None and sharding.size(d) > 1]
+
+
+def _placed(x: Any, s: Any) -> bool:
+    """Whether every leaf of `x` is an array already laid out by `s` (a tree prefix)."""
+    if isinstance(s, NamedSharding):
+        return all(isinstance(v, jax.Array) and not isinstance(v, jax.core.Tracer)
+                   and v.sharding == s for v in jax.tree.leaves(x))
+    if isinstance(s, dict):
+        return all(_placed(x[k], v) for k, v in s.items())
+    return all(_placed(a, b) for a, b in zip(x, s))
+
+
+def _put(x: Any, s: Any) -> Any:
+    """`x` placed by `s`: moved by `jax.device_put` unless it is there already; a traced value
+    (inside jit or vmap) left as it is, for the jit's in_shardings to constrain."""
+    if _placed(x, s) or any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(x)):
+        return x
+    return jax.device_put(x, s)
 
 
 GRADIENT_AT = {"grad": 0, "descend": 0, "value_and_grad": 1, "minimize": 1}
@@ -240,30 +276,29 @@ def sharded(signature: Signature, fn: Callable, sharding: Sharding) -> Callable:
     """`fn` (an export's function of positional arguments) jit-compiled with its arguments'
     NamedShardings as `in_shardings` (the arrays passed for a `descend` export's `wrt`
     parameters donated, as unsharded); each call checks the split dims' divisibility and
-    places concrete arguments on the mesh (`jax.device_put`, a no-op for arrays already
-    there). Gradients are laid out as their parameters (`placing_gradients`), the other
+    places concrete arguments on the mesh (`jax.device_put` of those not there already). Gradients are laid out as their parameters (`placing_gradients`), the other
     results as XLA chooses. Inside another jit or a vmap, the shardings act as constraints."""
     types = [t for _, t in signature.params]
-    names = [n for n, _ in signature.params]
     shardings = tuple(sharding.shardings(t) for t in types)
+    checks = [(i, c) for i, (n, t) in enumerate(signature.params)
+              for c in splits(sharding, t, f"{signature.name}(): argument '{n}'")]
     jitted = jax.jit(placing_gradients(signature, fn, sharding), in_shardings=shardings,
                      donate_argnums=signature.donated)
 
     def checked(args: tuple) -> tuple:
         args = tuple(canonical(t, a) for t, a in zip(types, args))
-        for n, t, a in zip(names, types, args):
-            _check_divisible(sharding, t, a, f"{signature.name}(): argument '{n}'")
+        for i, c in checks:
+            c.check(args[i])
         return args
 
     def call(*args):
-        args = checked(args)
-        if not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(args)):
-            args = tuple(jax.device_put(a, s) for a, s in zip(args, shardings))
-        return jitted(*args)
+        return jitted(*(_put(a, s) for a, s in zip(checked(args), shardings)))
 
     call.__name__ = signature.name
-    # the jit's lowering at given arguments: .compile().as_text(), .memory_analysis()
+    # the jit's lowering at given arguments (.compile().as_text(), .memory_analysis()), and
+    # the arguments placed as a call places them
     call.lower = lambda *args: jitted.lower(*checked(args))
+    call.place = lambda *args: tuple(_put(a, s) for a, s in zip(checked(args), shardings))
     return call
 
 
@@ -272,6 +307,13 @@ def lower(export, *args, **kwargs):
     a call: `.compile().as_text()` for its HLO (`collectives`), `.compile()
     .memory_analysis()` for its per-device memory; sharded or not."""
     return export._fn.lower(*export.bind(args, kwargs))
+
+
+def place(export, *args, **kwargs) -> tuple:
+    """The arguments of a sharded export (`m.NAME` compiled with `shard=`) in parameter order,
+    placed on its mesh as a call places them: calling it with them moves nothing (what a
+    training loop keeps between steps, and what a timing should pass)."""
+    return export._fn.place(*export.bind(args, kwargs))
 
 
 # ---- what the partitioned program communicates

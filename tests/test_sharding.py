@@ -182,6 +182,59 @@ def test_sampled_private_and_population_exports_sharded_give_one_devices_numbers
     """)
 
 
+INNER = """
+fn ridge(lam: f32, x: f32[N, D], y: f32[N]) -> f32[D] {
+  let w = argmin v: f32[D] = zeros([D]) {
+            mean((x @ v - y) ^ 2) + exp(lam) * sum(v * v)
+          } via gd(steps=50, lr=0.1) with implicit(cg, iters=10)
+  return w
+}
+fn validation(lam: f32, x: f32[N, D], y: f32[N], xv: f32[M, D], yv: f32[M]) -> f32 {
+  return mean((xv @ ridge(lam, x, y) - yv) ^ 2)
+}
+export hyper = value_and_grad(validation, wrt=[lam])
+
+fn f1(w: f32[D], x: f32[N, D], y: f32[N]) -> f32 { return mean((x @ w - y) ^ 2) }
+fn f2(w: f32[D], x: f32[N, D], y: f32[N]) -> f32 { return mean(abs(x @ w + y)) }
+export both = minimize([f1, f2], wrt=[w], by=mgda)
+
+fn coin(logits: f32[N], y: f32[N]) -> f32 {
+  z ~ Bernoulli(logits=logits) with disarm
+  return mean((z - y) ^ 2)
+}
+export flips = grad(expect(coin, samples=4), wrt=[logits])
+"""
+
+
+def test_inner_problems_minimize_and_branching_estimators_sharded_give_one_devices_numbers():
+    _run(f"""
+        mesh = Mesh(np.array(jax.devices()), ("data",))
+        src = {INNER!r}
+        one, sharded = (gradlang.compile_source(src),
+                        gradlang.compile_source(src, mesh=mesh, shard={{"N": "data", "M": "data"}}))
+        k = jax.random.split(jax.random.key(0), 5)
+        N, D = 32, 5
+        x, xv = jax.random.normal(k[0], (N, D)), jax.random.normal(k[1], (16, D))
+        w = jax.random.normal(k[2], (D,))
+        calls = {{"hyper": (jnp.float32(-1.0), x, x @ w, xv, xv @ w), "both": (0.5 * w, x, x @ w),
+                  "flips": (jax.random.normal(k[3], (N,)), (x @ w > 0).astype(jnp.float32), k[4])}}
+        for name, args in calls.items():
+            a, b = one[name](*args), sharded[name](*args)
+            # means over N = 32 rows of D = 5 products, reordered across 8 devices (as above);
+            # the inner solve's 50 steps and 10 CG iterations each reorder one such sum, and
+            # a contraction's rounding moves the fixed point by no more than the step
+            for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+                scale = max(float(np.abs(u).max()), 1.0)
+                np.testing.assert_allclose(u, v, rtol=0, atol=2 * (N + D) * 60 * EPS * scale)
+        # The inner solve runs on the split data: what moves between devices is D-sized (each
+        # gd step's gradient and each CG step's Hessian-vector product, sums over N), never
+        # the [N, D] data, and nothing is gathered.
+        found = collectives(lower(sharded.hyper, *calls["hyper"]).compile().as_text())
+        assert found and all(c.op == "all-reduce" for c in found), found
+        assert max(c.bytes for c in found) <= 4 * (2 * D + 1), found
+    """)
+
+
 # ---- on this process's one device
 
 
