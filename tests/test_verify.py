@@ -261,6 +261,27 @@ def test_a_non_smooth_op_without_a_rule_is_a_zero_gradient():
     assert any("no backward rule" in n for n in report.notes)
 
 
+def test_leaves_that_reach_no_non_smooth_op_are_compared_exactly():
+    """A straight-through encoder and a smooth decoder: dec's gradient never passes through
+    sign, so it is checked against finite differences of the objective (exact: consistent),
+    while enc's is set against the smoothed forward (biased by design)."""
+    m = gradlang.compile_source("""
+fn loss(enc: f32[D, L], dec: f32[L, D], x: f32[B, D]) -> f32 {
+  let h = sign(x @ enc) with ste
+  let r = h @ dec - x
+  return mean(r * r)
+}
+export g = grad(loss, wrt=[enc, dec])
+""")
+    rng = np.random.default_rng(0)
+    args = {"enc": rng.normal(size=(4, 3)), "dec": rng.normal(size=(3, 4)),
+            "x": rng.normal(size=(8, 4))}
+    report = m.verify("g", args, **FAST)
+    assert report.leaf("dec").verdict == CONSISTENT
+    assert report.leaf("enc").verdict == BY_DESIGN
+    assert "for dec (no non-smooth op on their way to the result" in report.reference.description
+
+
 # ---- compare, Python API, JSON
 
 

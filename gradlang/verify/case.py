@@ -144,8 +144,18 @@ def place_key(place: SiteChoice | InnerProblem) -> tuple:
     return place.function, place.span.line, place.span.col
 
 
-def classify(module: Module, export: Export, warmup: int = 0) -> Case:
-    """The case of `export` (`warmup`: the calls before each SCGD estimate, for its notes)."""
+def smooth_wrt(module: Module, export: Export) -> tuple[str, ...]:
+    """The `wrt` names whose gradient passes through no non-smooth op (exact reverse mode
+    there, whatever the others' backward rules), in order."""
+    t = export.transform
+    objective = module.facts.objectives.get(export.name, (t.fn,))[0]
+    fn = module.function(objective)
+    return tuple(w for w in t.wrt if not _reached_nonsmooth(module, fn, (w,)))
+
+
+def classify(module: Module, export: Export, warmup: int = 0, smooth: bool = False) -> Case:
+    """The case of `export` (`warmup`: the calls before each SCGD estimate, for its notes);
+    `smooth`: as its leaves that reach no non-smooth op see it (`smooth_wrt`)."""
     t = export.transform
     objective, samples, _ = module.facts.objectives.get(export.name,
                                                                    (t.fn, t.samples, t.scope))
@@ -153,7 +163,8 @@ def classify(module: Module, export: Export, warmup: int = 0) -> Case:
     reach = reachable(module, objective)
     sites = tuple(s for s in module.facts.estimators if s.function in reach)
     inner = tuple(h for h in module.facts.hypergrad if h.function in reach)
-    nonsmooth = tuple(_reached_nonsmooth(module, module.function(objective), t.wrt))
+    nonsmooth = () if smooth else tuple(_reached_nonsmooth(module, module.function(objective),
+                                                            t.wrt))
     random = t.fn in module.facts.random
     if t.black_box is not None:
         kind = "black_box"

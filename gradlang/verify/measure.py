@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
+from gradlang.estimators import REGISTRY
 from gradlang.passes.aux import written
 
 from .case import Case
@@ -54,11 +55,31 @@ def sample(program: Program, named: Mapping, settings: Settings) -> Sampled:
     return Sampled(names, shapes, samples, mem, seconds, (executable, call))
 
 
+def per_leaf(rough: Reference, smooth: Reference, is_smooth: list[bool],
+             names: tuple[str, ...]) -> Reference:
+    """`rough`'s values at the leaves that reach a non-smooth op, `smooth`'s (a reference of
+    the exact gradient) at the others (`is_smooth`, of the `wrt` names `names`)."""
+    def pick(a: list, b: list) -> list:
+        return [y if s else x for x, y, s in zip(a, b, is_smooth)]
+
+    return Reference(f"{rough.method} | {smooth.method}",
+                     f"{rough.description}; for {', '.join(names)} (no non-smooth op on their "
+                     f"way to the result, so reverse mode is exact there): {smooth.description}",
+                     pick(rough.values, smooth.values), pick(rough.errors, smooth.errors),
+                     pick(rough.bounds, smooth.bounds), pick(rough.coords, smooth.coords),
+                     rough.samples + smooth.samples, rough.evaluations + smooth.evaluations,
+                     rough.seconds + smooth.seconds)
+
+
 def assemble(program: Program, case: Case, sampled: Sampled, ref: Reference,
-             settings: Settings) -> ExportReport:
-    """The report of `sampled` against `ref`."""
+             settings: Settings, smooth: tuple[str, ...] = ()) -> ExportReport:
+    """The report of `sampled` against `ref`; the leaves of the `smooth` wrt names are not
+    biased by the non-smooth rules (`per_leaf`)."""
     by_design = case.biased_by_design is not None
-    leaves = [leaf_stats(*leaf, by_design, settings.z)
+    unbiased = case.kind == "non_smooth" and case.private is None and not any(
+        REGISTRY[s.estimator.name].bias(s.estimator, s.site) for s in case.sites)
+    leaves = [leaf_stats(*leaf, by_design and not (unbiased and leaf[0].split(".")[0] in smooth),
+                         settings.z)
               for leaf in zip(sampled.names, sampled.shapes, sampled.samples, ref.values,
                               ref.errors, ref.bounds, ref.coords)]
     cost = case.cost()

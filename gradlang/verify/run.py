@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
-from .case import classify
+from .case import classify, smooth_wrt
 from .compare import comparisons
 from .inputs import generated_arguments, given_arguments
 from .inputs import VerifyError
-from .measure import assemble, sample
+from .measure import assemble, per_leaf, sample
 from .minimize import verify_minimize
 from .program import Program, chunk_for, load
 from .report import ExportReport, Settings
@@ -41,8 +41,14 @@ def verify_export(origin: Origin, module, name: str, args: Mapping | Sequence | 
                                                                    None, s))
     case = classify(module, program.export, program.warmup)
     sampled = sample(program, named, settings)
-    ref = reference(origin, program, case, named, settings, chunk_for(sampled.memory.peak))
-    report = assemble(program, case, sampled, ref, settings)
+    chunk = chunk_for(sampled.memory.peak)
+    ref = reference(origin, program, case, named, settings, chunk)
+    smooth = smooth_wrt(module, program.export) if case.kind == "non_smooth" else ()
+    if smooth:  # those leaves' gradient is the program's own: a reference without smoothing
+        other = classify(module, program.export, program.warmup, smooth=True)
+        ref = per_leaf(ref, reference(origin, program, other, named, settings, chunk),
+                       [n.split(".")[0] in smooth for n in sampled.names], smooth)
+    report = assemble(program, case, sampled, ref, settings, smooth)
     if compare:
         report = replace(report, compare=comparisons(origin, program, case, named, ref, report,
                                                      sampled.run, settings))
