@@ -140,6 +140,15 @@ def _black_box(module: Module, name: str, t, what: str, objective: str) -> list[
         lines.append(f"  externs called: {', '.join(externs)} (Python, through host callbacks)")
     traced = _traced(module, objective)
     lines += traced + ([f"    {est.at_jax_fn}"] if traced and est.at_jax_fn else [])
+    reach = reachable(module, objective)
+    inner = [h for h in module.facts.hypergrad if h.function in reach]
+    if inner:
+        lines.append(f"  inner problems ({len(inner)}), solved in each forward evaluation:")
+        rows = [["argmin", "solver", "hypergradient"]]
+        rows += [[_at(h.function, h.span), str(h.solver),
+                  f"not used ({t.black_box.name} differentiates no inner problem)"]
+                 for h in inner]
+        lines += table(rows, "    ")
     lines.append(f"  cost: {evals} forward evaluations, no backward pass")
     return lines + _descend(t)
 

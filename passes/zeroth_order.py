@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 from gradlang.diagnostics import Diagnostics
 from gradlang.estimators.black_box import BLACK_BOX, estimator
-from gradlang.ir import PRIVATE, Module
+from gradlang.ir import PRIVATE, Export, Module, Op, reachable, walk
 from gradlang.ops import Annotation
 from gradlang.options import OptionError, rendered, unknown
 
@@ -50,4 +50,29 @@ class ZerothOrder:
                         diags.error(str(exc), black_box.span)
                 parts.append(part)
             exports.append(export.joined(tuple(parts)))
+        _warn_unused_methods(module, exports, diags)
         return replace(module, exports=tuple(exports))
+
+
+def _warn_unused_methods(module: Module, exports: list[Export], diags: Diagnostics) -> None:
+    """A hypergradient method written on an inner problem that only black-box exports reach
+    is never used (they differentiate nothing): a warning at the `with`."""
+    reverse: set[int] = set()
+    black: dict[int, tuple[Op, str]] = {}
+    for part in (p for e in exports for p in e.parts() if p.transform.kind != "fn"):
+        if module.function(part.transform.fn) is None:  # reported by resolve
+            continue
+        for name in reachable(module, part.transform.fn):
+            for op in walk(module.function(name).body):
+                if op.name != "argmin":
+                    continue
+                if part.transform.black_box is None:
+                    reverse.add(id(op))
+                else:
+                    black.setdefault(id(op), (op, f"{part.name} (by={part.transform.black_box.name})"))
+    for key, (op, who) in black.items():
+        hyper = op.params.hyper
+        if key not in reverse and hyper is not None:
+            diags.warning(f"'with {hyper.name}' is not used: only {who} reaches this inner "
+                          f"problem, and a black-box estimate differentiates no inner problem "
+                          f"(it only solves it in each forward evaluation)", hyper.span or op.span)
