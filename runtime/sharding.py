@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gradlang.types import StructType, TensorType, TreeType, TupleType, Type
@@ -239,7 +240,18 @@ def _put(x: Any, s: Any) -> Any:
     (inside jit or vmap) left as it is, for the jit's in_shardings to constrain."""
     if _placed(x, s) or any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(x)):
         return x
-    return jax.device_put(x, s)
+    return jax.device_put(jax.tree.map(_host, x), s)
+
+
+def _host(v: Any) -> Any:
+    """A host value (a Python scalar, a NumPy array) in the dtype JAX will hold it in (f64 as
+    f32 unless in 64-bit mode): with several processes, device_put checks that every process
+    passes the same value by comparing what it gathered, already converted, with the value as
+    given, and JAX 0.10 finds a float64 0.001 unequal to its float32 copy."""
+    if isinstance(v, jax.Array):
+        return v
+    v = np.asarray(v)
+    return v.astype(jax.dtypes.canonicalize_dtype(v.dtype), copy=False)
 
 
 GRADIENT_AT = {"grad": 0, "descend": 0, "value_and_grad": 1, "minimize": 1}

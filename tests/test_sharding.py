@@ -8,6 +8,7 @@ checks that need no devices run here, on a mesh of this process's one CPU device
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -233,6 +234,104 @@ def test_inner_problems_minimize_and_branching_estimators_sharded_give_one_devic
         assert found and all(c.op == "all-reduce" for c in found), found
         assert max(c.bytes for c in found) <= 4 * (2 * D + 1), found
     """)
+
+
+MULTIHOST = """
+import json, sys
+import jax
+pid, port = int(sys.argv[1]), sys.argv[2]
+jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=pid)
+import numpy as np, gradlang
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+assert jax.process_count() == 2 and len(jax.devices()) == 8 and len(jax.local_devices()) == 4
+mesh = Mesh(np.array(jax.devices()), ("data",))
+m = gradlang.compile_file(sys.argv[3], mesh=mesh, shard={"B": "data"})
+data = np.load(sys.argv[4])
+params = {"l1": {"w": data["w1"], "b": data["b1"]}, "l2": {"w": data["w2"], "b": data["b2"]}}
+# each process holds its half of the batch, as a data loader per host would
+half = slice(16 * pid, 16 * (pid + 1))
+batch = NamedSharding(mesh, P("data"))
+x = jax.make_array_from_process_local_data(batch, data["x"][half])
+y = jax.make_array_from_process_local_data(batch, data["y"][half])
+loss, grads = m.step(params, x, y, 1e-3)
+params = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads["p"])
+local = lambda a: np.asarray(a.addressable_data(0)).tolist()   # replicated: whole everywhere
+print(json.dumps({"loss": local(loss), "grads": jax.tree.map(local, grads),
+                  "params": jax.tree.map(local, params)}))
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_run_a_data_parallel_step_of_the_mlp_example_with_one_processs_numbers(
+        tmp_path):
+    """jax.distributed across two processes of 4 CPU devices each (gloo collectives): a step
+    of examples/mlp.grad with the batch split over all 8 devices, each process feeding its
+    half, gives the numbers of one process on one device."""
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "mlp.grad"
+    rng = np.random.default_rng(0)
+    B, D, H, C = 32, 6, 16, 3
+    data = {"w1": rng.normal(size=(D, H)).astype(np.float32) / D ** 0.5,
+            "b1": np.zeros(H, np.float32),
+            "w2": rng.normal(size=(H, C)).astype(np.float32) / H ** 0.5,
+            "b2": np.zeros(C, np.float32),
+            "x": rng.normal(size=(B, D)).astype(np.float32),
+            "y": rng.integers(0, C, size=B).astype(np.int32)}
+    np.savez(tmp_path / "data.npz", **data)
+    (tmp_path / "worker.py").write_text(MULTIHOST)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(i), port,
+                               str(example), str(tmp_path / "data.npz")], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=240)
+        finally:
+            proc.kill()
+        assert proc.returncode == 0, err[-4000:]
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    assert outs[0] == outs[1]   # every process holds the same replicated results
+
+    one = gradlang.compile_file(example)
+    params = {"l1": {"w": data["w1"], "b": data["b1"]}, "l2": {"w": data["w2"], "b": data["b2"]}}
+    loss, grads = one.step(params, data["x"], data["y"], 1e-3)
+    params = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads["p"])
+    per = [one.step({"l1": {"w": data["w1"], "b": data["b1"]},
+                     "l2": {"w": data["w2"], "b": data["b2"]}},
+                    data["x"][i:i + 1], data["y"][i:i + 1], 1e-3) for i in range(B)]
+    # As in the 8-device tests: the 8 devices sum the same per-example terms in another order,
+    # so they differ by at most 2 (B + D + H) eps sum_i |term_i| / B per entry; the weight
+    # decay term adds one more term, within the same bound. The step moves the parameters by
+    # 0.1 times the gradient: 0.1 of that bound, plus the update's own rounding.
+    eps = np.finfo(np.float32).eps
+    bound = 2 * (B + D + H) * eps
+    loss_scale = sum(abs(float(v)) for v, _ in per) / B
+    grad_scale = max(float(np.max(sum(np.abs(np.asarray(g)) for g in leaf))) / B
+                     for leaf in zip(*(jax.tree.leaves(g) for _, g in per)))
+    got = outs[0]
+    np.testing.assert_allclose(got["loss"], loss, rtol=0, atol=bound * loss_scale)
+    def arrays(tree):  # the JSON's lists as arrays
+        return jax.tree.leaves(tree, is_leaf=lambda v: isinstance(v, list))
+
+    assert len(arrays(got["grads"])) == len(arrays(got["params"])) == 4
+    for u, v in zip(arrays(got["grads"]), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(u, v, rtol=0, atol=bound * grad_scale)
+    for u, v in zip(arrays(got["params"]), jax.tree.leaves(params)):
+        np.testing.assert_allclose(u, v, rtol=0,
+                                   atol=0.1 * bound * grad_scale + 2 * eps * np.abs(v).max())
 
 
 # ---- on this process's one device
