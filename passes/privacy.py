@@ -24,11 +24,12 @@ from dataclasses import dataclass, replace
 
 from gradlang.diagnostics import Diagnostics
 from gradlang.facts import LeafNorm, PrivatePlan
-from gradlang.ir import PRIVATE, Export, Function, Module
+from gradlang.ir import PRIVATE, Export, Function, Module, Value, reachable, walk
 from gradlang.ops import Annotation
 from gradlang.options import OptionError, option, parse, rendered
 from gradlang.types import ERROR, UNKNOWN, TensorType, type_dims
 
+from .elements import Alignment, Mixed
 from .ghost import linear_layers
 
 CLIPPING = ("ghost", "per_example")
@@ -108,6 +109,38 @@ def _examples(export: str, fn: Function, wrt: tuple[str, ...], axis: int, span,
             tuple(p.name for p in others if p not in batched))
 
 
+_COUPLING = {
+    "quantize": "a per-tensor quantizer: its scale comes from that example's values alone, "
+                "not from the batch's",
+    "argmin": "an inner problem: it is solved once per example, on that example's data alone",
+    "softmax": "it normalizes across the examples, and sees one",
+    "log_softmax": "it normalizes across the examples, and sees one",
+    "sort": "it orders the examples, and sees one",
+    "argmax": "it compares the examples, and sees one",
+    "topk": "it compares the examples, and sees one",
+}
+"""Ops that combine the examples of a batch (when their operand carries the example axis) and
+so compute something else when by=dp runs each example alone: what they then compute."""
+
+
+def _warn_coupled(module: Module, fn: Function, batched: tuple[str, ...], axis: int,
+                  export: str, diags: Diagnostics) -> None:
+    """A warning at each op of _COUPLING that combines the examples of fn's batched
+    parameters (followed along their example axis, `passes.elements`)."""
+    align = Alignment(module, Value(), 1)
+    for p in fn.params:
+        if p.name in batched:
+            align.state[p.value] = (axis,)
+    align.run(fn.body.ops)
+    functions = [module.function(n) for n in reachable(module, fn.name)]
+    for op in (o for f in functions for o in walk(f.body) if o.name in _COUPLING):
+        if any(isinstance(e, Mixed) and e.span == op.span and e.op == op.name
+               for r in op.results for e in align.of(r) or ()):
+            diags.warning(f"by=dp of '{export}' computes each example alone, so this "
+                          f"{op.name} does not see the batch: {_COUPLING[op.name]}; compute it "
+                          f"outside the export (or pass it in) to keep the batch's", op.span)
+
+
 def plan(module: Module, export: Export, diags: Diagnostics) -> PrivatePlan | None:
     """The plan of an export with a checked, completed `by=dp(...)`; None after an error."""
     t = export.transform
@@ -123,6 +156,7 @@ def plan(module: Module, export: Export, diags: Diagnostics) -> PrivatePlan | No
     found = _examples(export.name, fn, t.wrt, o["per_example_axis"], t.by.span, diags)
     if found is None or diags.has_errors:  # the IR may be half built: no plan is needed
         return None
+    _warn_coupled(module, fn, found[1], o["per_example_axis"], export.name, diags)
     leaves = linear_layers(module, fn, t.wrt)
     if o["clipping"] == "per_example":
         leaves = tuple(LeafNorm(n.leaf, False, "clipping=per_example") for n in leaves)
