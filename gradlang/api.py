@@ -66,6 +66,15 @@ def _sharding(ir: Module, mesh, shard: Mapping[str, object]):
     return plan(mesh, shard, [signature_of(ir, e) for e in ir.exports], populations(ir))
 
 
+def _on_mesh(signature, fn, sharding):
+    """A loaded export placed on the mesh by `sharding` when there is one."""
+    if sharding is None:
+        return fn
+    from gradlang.runtime.sharding import sharded
+
+    return sharded(signature, fn, sharding)
+
+
 def _compiled(signature, fn, sharding):
     """The export jit-compiled: on the mesh by `sharding` when there is one."""
     import jax
@@ -103,6 +112,7 @@ class CompiledModule(_Exports):
         check_bindings(externs, self._declared_externs())
         bindings = {**externs, **functions}
         sharding = None if shard is None else _sharding(ir, mesh, shard)
+        self._sharding = sharding
         population = mesh if sharding is None else sharding.population
         self._origin = (bindings, population, None if root is None else Path(root))
         self._raw = {e.name: export_function(ir, e, bindings, population) for e in ir.exports}
@@ -149,12 +159,15 @@ class CompiledModule(_Exports):
         `platforms` (default `gradlang.runtime.artifact.DEFAULT_PLATFORMS`: cpu and cuda).
         `example_args` gives each tree parameter (by name) a value: the artifact is exported
         for its structure, leaf shapes and dtypes, and a loaded module checks arguments
-        against them (an ArtifactError without one)."""
+        against them (an ArtifactError without one). A module compiled with `shard=` records
+        the mapping and its mesh's shape (`gradlang.load(path, mesh=...)` places it so)."""
         from gradlang.runtime.artifact import DEFAULT_PLATFORMS, serialize
+        from gradlang.runtime.sharding import to_json
 
         return serialize(self.ir.name, __version__, list(self._raw.values()), dims,
                          DEFAULT_PLATFORMS if platforms is None else platforms,
-                         sorted(self._declared_externs()), example_args)
+                         sorted(self._declared_externs()), example_args,
+                         None if self._sharding is None else to_json(self._sharding))
 
     def save(self, path: str | Path, dims: Mapping[str, int] | None = None,
              platforms: Sequence[str] | None = None,
@@ -168,21 +181,27 @@ class CompiledModule(_Exports):
 class LoadedModule(_Exports):
     """A module loaded from an artifact; needs neither the source nor the compiler front end.
 
-    `externs` binds the extern functions its exports call (by name, as when compiling).
+    `externs` binds the extern functions its exports call (by name, as when compiling);
+    `mesh` and `shard` place the exports on devices as when compiling (`shard` defaults to
+    the mapping the artifact recorded, whose mesh shape `mesh` must have).
     `header` is the artifact's checked JSON header (`header["platforms"]`: those it runs on)."""
 
-    def __init__(self, path: str | Path, externs: Mapping[str, object] | None = None):
+    def __init__(self, path: str | Path, externs: Mapping[str, object] | None = None,
+                 mesh=None, shard: Mapping[str, object] | None = None):
         from gradlang.runtime.artifact import loaded_function, read
         from gradlang.runtime.host import check_bindings
+        from gradlang.runtime.sharding import loaded
         from gradlang.runtime.signature import CompiledFunction
 
         self.header, entries = read(path)
+        sharding = loaded(self.header.get("sharding"), mesh, shard,
+                          [sig for sig, _ in entries.values()], str(path))
         externs = dict(externs or {})
         check_bindings(externs, {*self.header.get("externs", ()),
                                  *(n for sig, _ in entries.values() for n in sig.externs)})
         self._exported = {n: e for n, (_, e) in entries.items()}
         super().__init__({
-            n: CompiledFunction(sig, loaded_function(sig, content, externs)
+            n: CompiledFunction(sig, _on_mesh(sig, loaded_function(sig, content, externs), sharding)
                                 if set(sig.externs) <= set(externs) else _unbound(sig, externs))
             for n, (sig, content) in entries.items()})
 
@@ -242,8 +261,12 @@ def compile_file(path: str | Path, strict: bool = False,
                           shard)
 
 
-def load(path: str | Path, externs: Mapping[str, object] | None = None) -> LoadedModule:
+def load(path: str | Path, externs: Mapping[str, object] | None = None, mesh=None,
+         shard: Mapping[str, object] | None = None) -> LoadedModule:
     """Load an artifact written by `gradlang compile --emit artifact` or `CompiledModule.save`;
     `externs` binds the extern functions its exports call. Raises `gradlang.ArtifactError`
-    when the file is damaged or edited, or was not lowered for this machine's platform."""
-    return LoadedModule(path, externs)
+    when the file is damaged or edited, or was not lowered for this machine's platform.
+    `mesh` places the exports on devices by `shard` (dim name -> mesh axis) or, without it,
+    by the mapping the artifact was saved with, whose mesh shape `mesh` must have (else
+    `ShardingError`); without `mesh`, they run on one device."""
+    return LoadedModule(path, externs, mesh, shard)

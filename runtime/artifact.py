@@ -77,12 +77,14 @@ def serialize(module_name: str, version: str,
               exports: list[tuple[Signature, Callable]],
               dims: Mapping[str, int] | None = None,
               platforms: Sequence[str] = DEFAULT_PLATFORMS, externs: Sequence[str] = (),
-              examples: Mapping[str, object] | None = None) -> bytes:
+              examples: Mapping[str, object] | None = None,
+              sharding: dict | None = None) -> bytes:
     """Export each function with `jax.export` for `platforms` (symbolic dims kept unless fixed
     in `dims`). `externs` are the module's declared externs: a loaded module accepts bindings
     for them even where no export calls them, as the compiled module does. `examples` gives
     each tree parameter (by name) a value whose structure, leaf shapes and dtypes the artifact
-    is exported for and records."""
+    is exported for and records. `sharding` (`runtime.sharding.to_json`) is recorded in the
+    header for `gradlang.load(path, mesh=...)`."""
     platforms = platform_list(platforms)
     exports = with_layouts(exports, examples or {})
     blobs: list[bytes] = []
@@ -125,7 +127,9 @@ def serialize(module_name: str, version: str,
                          "module": module_name, "platforms": list(platforms),
                          "externs": list(externs),
                          "jax_functions": sorted({n for sig, _ in exports for n in sig.jax_functions}),
-                         "exports": entries}, indent=1).encode()
+                         "exports": entries,
+                         **({"sharding": sharding} if sharding is not None else {})},
+                        indent=1).encode()
     return MAGIC + struct.pack("<I", len(header)) + header + b"".join(blobs)
 
 
@@ -299,6 +303,12 @@ def _check_header(h: object) -> None:
     for key in ("externs", "jax_functions"):
         if key in h and not (isinstance(h[key], list) and all(_dotted(n) for n in h[key])):
             raise _bad(key, f"expected a list of names, got {h[key]!r}")
+    if "sharding" in h:
+        from .sharding import json_problem
+
+        problem = json_problem(h["sharding"])
+        if problem is not None:
+            raise _bad("sharding", problem)
     exports = h.get("exports")
     if not isinstance(exports, list):
         raise _bad("exports", f"expected a list, got {type(exports).__name__}")

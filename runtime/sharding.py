@@ -160,6 +160,64 @@ def _check_populations(sharding: Sharding, populations: Mapping[str, int]) -> No
                                 f"(choose pop so that its draws divide evenly)")
 
 
+# ---- artifacts: the mapping and the mesh's shape, recorded beside unpartitioned exports
+
+
+def to_json(sharding: Sharding) -> dict:
+    """What an artifact's header records of a sharded module: the mesh's axes with their
+    sizes, in order, and the mapping. The exports themselves are saved unpartitioned (as
+    `jax.export` serializations for one device), so XLA partitions them where they are
+    loaded onto a mesh, and they still load on one device."""
+    return {"mesh": [[a, int(sharding.mesh.shape[a])] for a in sharding.mesh.axis_names],
+            "shard": {d: list(axes) for d, axes in sharding.axes if d != POPULATION}}
+
+
+def json_problem(j: Any) -> str | None:
+    """What is wrong with a header's `sharding` (as `to_json` writes it), or None."""
+    if not isinstance(j, dict) or set(j) != {"mesh", "shard"}:
+        return f"expected an object with 'mesh' and 'shard', got {j!r}"
+    mesh, shard = j["mesh"], j["shard"]
+    if not isinstance(mesh, list) or not all(
+            isinstance(a, list) and len(a) == 2 and isinstance(a[0], str)
+            and type(a[1]) is int and a[1] > 0 for a in mesh):
+        return f"'mesh' must be a list of [axis name, size] pairs, got {mesh!r}"
+    names = [a for a, _ in mesh]
+    if len(set(names)) != len(names):
+        return f"'mesh' names an axis twice: {names}"
+    if not isinstance(shard, dict) or not all(
+            isinstance(d, str) and isinstance(v, list) and v and
+            all(isinstance(a, str) and a in names for a in v) for d, v in shard.items()):
+        return f"'shard' must map dim names to lists of the mesh's axes, got {shard!r}"
+    return None
+
+
+def loaded(saved: dict | None, mesh: Mesh | None, shard: Mapping | None,
+           signatures: Sequence[Signature], where: str) -> Sharding | None:
+    """The Sharding of a module loaded from an artifact (`where`, in messages): `shard=` as
+    given, or the mapping the artifact recorded, on `mesh`, which must then have the axes and
+    sizes it was saved for; None without a mesh (the exports run on one device). A black-box
+    population's placement is part of the saved computation, so `pop` is not recorded."""
+    if mesh is None and shard is None:
+        return None
+    if shard is None:
+        if saved is None:
+            raise ShardingError(f"{where} was saved without shard=: pass the mapping, "
+                                f"gradlang.load(path, mesh=mesh, shard={{'B': 'data'}})")
+        if isinstance(mesh, Mesh):
+            want = [(a, n) for a, n in saved["mesh"]]
+            got = [(a, int(mesh.shape[a])) for a in mesh.axis_names]
+            if got != want:
+                raise ShardingError(f"{where} was saved for a mesh {_mesh_text(want)}, got "
+                                    f"{_mesh_text(got)}: load it onto a mesh of that shape, "
+                                    f"or pass shard= for this one")
+        shard = {d: tuple(axes) for d, axes in saved["shard"].items()}
+    return plan(mesh, shard, signatures, {})
+
+
+def _mesh_text(axes: list[tuple[str, int]]) -> str:
+    return "(" + ", ".join(f"'{a}': {n}" for a, n in axes) + ")"
+
+
 def populations(module) -> dict[str, int]:
     """The exports with a black-box population (`by=es / eggroll`), with the number of noise
     draws the population axis splits (pop / 2 for antithetic pairs)."""

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections import namedtuple
 
@@ -82,12 +83,13 @@ def leaves_bytes(tree):
 
 
 def _run(body: str) -> None:
-    """Run PRELUDE + body on 8 CPU devices; it prints 'ok' at the end."""
+    """Run PRELUDE + body on 8 CPU devices, in a temporary folder; it prints 'ok' at the end."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu")
     script = PRELUDE + textwrap.dedent(body) + "\nprint('ok')\n"
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                         text=True, timeout=300)
+    with tempfile.TemporaryDirectory() as folder:   # for the files a script writes
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                             text=True, timeout=300, cwd=folder)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), \
         out.stdout[-2000:] + out.stderr[-4000:]
 
@@ -125,6 +127,19 @@ def test_data_parallel_and_fsdp_steps_give_one_devices_numbers_with_minimal_coll
         gathers = [c for c in found if c.op == "all-gather"]
         assert len(gathers) == 3 and sum(c.bytes for c in gathers) == split, found
         assert [c.op for c in found if c.op != "all-gather"] == ["all-reduce"], found
+
+        # an artifact of the data-parallel module records the mapping and the mesh's shape;
+        # loaded onto a mesh of that shape it compiles to the same single all-reduce
+        dp.save("dp.gx", platforms=("cpu",))
+        art = gradlang.load("dp.gx", mesh=mesh)
+        assert_same((loss0, grads0), art.step(params, x, y), bound)
+        found = collectives(lower(art.step, params, x, y).compile().as_text())
+        assert [c.op for c in found] == ["all-reduce"], found
+        try:
+            gradlang.load("dp.gx", mesh=Mesh(np.array(jax.devices()[:4]), ("data",)))
+            raise AssertionError("no error")
+        except ShardingError as e:
+            assert "dp.gx was saved for a mesh ('data': 8), got ('data': 4)" in str(e), e
 
         # tensor parallel on a 2-D mesh: B over 'data' (4), H over 'model' (2)
         mesh2 = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
@@ -370,6 +385,47 @@ def test_a_shard_that_does_not_fit_the_module_or_the_mesh_is_a_clear_error(shard
     with pytest.raises(ShardingError) as info:
         gradlang.compile_source(MLP, mesh=_mesh() if mesh else None, shard=shard)
     assert message in str(info.value)
+
+
+def test_artifacts_record_the_mapping_and_load_onto_a_mesh_of_the_shape_they_were_saved_for(
+        tmp_path):
+    m = gradlang.compile_source(MLP, mesh=_mesh(), shard={"B": "data"})
+    path = m.save(tmp_path / "m.gx", platforms=("cpu",))
+    k = jax.random.split(jax.random.key(0), 3)
+    params = {"l1": {"w": jax.random.normal(k[0], (4, 8)), "b": jnp.zeros(8)},
+              "l2": {"w": jax.random.normal(k[1], (8, 3)), "b": jnp.zeros(3)}}
+    x, y = jax.random.normal(k[2], (6, 4)), jnp.arange(6) % 3
+    want = m.step(params, x, y)
+    on_mesh = gradlang.load(path, mesh=_mesh())
+    assert on_mesh.header["sharding"] == {"mesh": [["data", 1]], "shard": {"B": ["data"]}}
+    for art in (on_mesh, gradlang.load(path)):        # on the mesh, or on one device
+        for u, v in zip(jax.tree.leaves(want), jax.tree.leaves(art.step(params, x, y))):
+            np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-7)
+    other = Mesh(np.array(jax.devices()[:1]), ("batch",))
+    with pytest.raises(ShardingError, match=r"m.gx was saved for a mesh \('data': 1\), got "
+                                            r"\('batch': 1\)"):
+        gradlang.load(path, mesh=other)
+    gradlang.load(path, mesh=other, shard={"B": "batch"})   # a mapping for this mesh
+    plain = gradlang.compile_source(MLP).save(tmp_path / "plain.gx", platforms=("cpu",))
+    with pytest.raises(ShardingError, match="plain.gx was saved without shard="):
+        gradlang.load(plain, mesh=_mesh())
+
+
+def test_a_damaged_sharding_in_an_artifact_header_is_an_artifact_error(tmp_path):
+    import struct
+
+    from gradlang.runtime.artifact import MAGIC, ArtifactError
+
+    m = gradlang.compile_source(MLP, mesh=_mesh(), shard={"B": "data"})
+    data = m.artifact(platforms=("cpu",))
+    (n,) = struct.unpack("<I", data[len(MAGIC):len(MAGIC) + 4])
+    header = json.loads(data[len(MAGIC) + 4:len(MAGIC) + 4 + n])
+    header["sharding"]["shard"]["B"] = ["model"]
+    text = json.dumps(header).encode()
+    (tmp_path / "bad.gx").write_bytes(MAGIC + struct.pack("<I", len(text)) + text
+                                      + data[len(MAGIC) + 4 + n:])
+    with pytest.raises(ArtifactError, match="'shard' must map dim names to lists of the mesh's axes"):
+        gradlang.load(tmp_path / "bad.gx")
 
 
 def test_collectives_reads_ops_and_bytes_from_hlo_text():
