@@ -72,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
                       help="platforms the artifact runs on, from cpu, cuda, rocm, tpu "
                            "(default: cpu,cuda)")
     comp.add_argument("--strict", action="store_true", help="treat warnings as errors")
+    comp.add_argument("--shard", action="append", default=[], metavar="DIM=AXIS",
+                      help="record in the artifact that dim DIM is split over mesh axis AXIS "
+                           "(repeatable; needs --mesh; gradlang.load(path, mesh=...) places it)")
+    comp.add_argument("--mesh", action="append", default=[], metavar="AXIS=SIZE",
+                      help="an axis of the mesh the artifact is for, in order (repeatable)")
     comp.add_argument("--functions", metavar="MODULE:ATTR",
                       help="bind the file's jax fn declarations to the JAX functions in the "
                            "dict ATTR of the Python module MODULE (imported from the current "
@@ -271,8 +276,43 @@ def cmd_compile(args) -> int:
             _write(out / f"{stem}.{name}.ir", text)
     if backend:
         return _emit_backend(module, stem, out, emits, dims, args.debug_info, args.platforms,
-                             functions)
+                             functions, _placement(args.mesh, args.shard))
     return EXIT_OK
+
+
+def _pairs(items: list[str], flag: str, value: str) -> dict[str, str]:
+    """`["B=data"]` -> {"B": "data"} for `flag`, each name given once."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, eq, v = item.partition("=")
+        if not (eq and name.isidentifier() and v.strip()):
+            raise InputError(f"{flag} expects NAME={value}; got {item!r}")
+        if name in out:
+            raise InputError(f"{flag} {name} is given twice")
+        out[name] = v.strip()
+    return out
+
+
+def _placement(mesh: list[str], shard: list[str]) -> dict | None:
+    """--mesh and --shard as compile_source's `mesh=` (an AbstractMesh: sizes, no devices) and
+    `shard=`; None without them."""
+    if not mesh and not shard:
+        return None
+    if not (mesh and shard):
+        raise InputError("--shard and --mesh go together: --mesh AXIS=SIZE for each mesh "
+                         "axis, --shard DIM=AXIS for each split dim")
+    sizes = _pairs(mesh, "--mesh", "SIZE")
+    bad = [f"{a}={n}" for a, n in sizes.items() if not (n.isdigit() and int(n) >= 1)]
+    if bad:
+        raise InputError(f"--mesh {bad[0]}: a size must be a positive integer")
+    split = _pairs(shard, "--shard", "AXIS")
+    if "pop" in split:
+        raise InputError("--shard pop=...: a black-box population's placement is part of the "
+                         "computation; shard it from Python (compile_file(..., mesh=, shard=))")
+    from jax.sharding import AbstractMesh
+
+    return {"mesh": AbstractMesh(tuple(int(n) for n in sizes.values()), tuple(sizes)),
+            "shard": split}
 
 
 def _platforms(text: str) -> tuple[str, ...]:
@@ -287,9 +327,10 @@ def _platforms(text: str) -> tuple[str, ...]:
 
 def _emit_backend(module: Module, stem: str, out: Path, emits: list[str], dims: dict[str, int],
                   debug_info: bool, platforms: tuple[str, ...] | None,
-                  functions: dict[str, object]) -> int:
+                  functions: dict[str, object], placement: dict | None = None) -> int:
     """Write the StableHLO of each export and the artifact; exports that cannot be lowered get
-    a diagnostic each (the others are still written). `functions` binds the jax fns."""
+    a diagnostic each (the others are still written). `functions` binds the jax fns;
+    `placement` (`mesh` and `shard`) is recorded in the artifact."""
     import jax
 
     from .api import CompiledModule
@@ -298,10 +339,14 @@ def _emit_backend(module: Module, stem: str, out: Path, emits: list[str], dims: 
 
     if any(uses_f64(p.value.type) for fn in module.functions for p in fn.params):
         jax.config.update("jax_enable_x64", True)
+    from gradlang.runtime.sharding import ShardingError
+
     try:
-        compiled = CompiledModule(module, functions=functions)
+        compiled = CompiledModule(module, functions=functions, **(placement or {}))
     except CompileError as exc:  # the bindings of --functions do not fit the declarations
         return _report(exc.diagnostics, False)
+    except ShardingError as exc:
+        raise InputError(f"--shard: {exc}") from None
     failures: list[tuple[Diagnostic, ...]] = []
     for export in module.exports if "stablehlo" in emits else ():
         try:

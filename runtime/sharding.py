@@ -25,7 +25,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from gradlang.types import StructType, TensorType, TreeType, TupleType, Type
 
@@ -60,7 +60,7 @@ class Sharding:
         """What the black-box estimators take as `mesh`: the mesh and the axes `pop` maps
         to, or None (the population left to XLA)."""
         axes = self.dims.get(POPULATION)
-        return (self.mesh, axes) if axes else None
+        return (self.mesh, axes) if axes and isinstance(self.mesh, Mesh) else None
 
     def spec(self, t: TensorType) -> PartitionSpec:
         """The PartitionSpec of a tensor of type `t`: each named dim split over its axes, a
@@ -101,13 +101,15 @@ def plan(mesh: Mesh | None, shard: Mapping[str, str | Sequence[str]],
     `signatures`; `populations` gives the population size split by each export with a
     black-box population (by name: the draws of `es` / `eggroll`). Raises ShardingError for
     a missing mesh, a dim no export declares, an unknown mesh axis, or a population the axis
-    does not divide. Several dims may share an axis (FSDP: `{"B": "data", "H": "data"}`
+    does not divide. An `AbstractMesh` (axis names and sizes, no devices: `gradlang compile
+    --mesh`) gives a module that records the mapping in its artifact but cannot run. Several
+    dims may share an axis (FSDP: `{"B": "data", "H": "data"}`
     splits the batch and the parameters over the same devices); an array holding two of
     them is split along the first only."""
     if mesh is None:
         raise ShardingError("shard= maps dims to mesh axes: pass the mesh too, "
                             "mesh=jax.sharding.Mesh(devices, axis_names)")
-    if not isinstance(mesh, Mesh):
+    if not isinstance(mesh, (Mesh, AbstractMesh)):
         raise ShardingError(f"mesh= must be a jax.sharding.Mesh, got {type(mesh).__name__}")
     if not isinstance(shard, Mapping):
         raise ShardingError(f"shard= must map dim names to mesh axis names, e.g. "
@@ -348,6 +350,8 @@ def sharded(signature: Signature, fn: Callable, sharding: Sharding) -> Callable:
     parameters donated, as unsharded); each call checks the split dims' divisibility and
     places concrete arguments on the mesh (`jax.device_put` of those not there already). Gradients are laid out as their parameters (`placing_gradients`), the other
     results as XLA chooses. Inside another jit or a vmap, the shardings act as constraints."""
+    if isinstance(sharding.mesh, AbstractMesh):
+        return _deviceless(signature, sharding.mesh)
     types = [t for _, t in signature.params]
     shardings = tuple(sharding.shardings(t) for t in types)
     checks = [(i, c) for i, (n, t) in enumerate(signature.params)
@@ -370,6 +374,20 @@ def sharded(signature: Signature, fn: Callable, sharding: Sharding) -> Callable:
     call.lower = lambda *args: jitted.lower(*checked(args))
     call.place = lambda *args: tuple(_put(a, s) for a, s in zip(checked(args), shardings))
     return call
+
+
+def _deviceless(signature: Signature, mesh: AbstractMesh) -> Callable:
+    """An export compiled for a mesh without devices, which only records its sharding."""
+    def refuse(*args):
+        raise ShardingError(f"export '{signature.name}' was compiled for an abstract mesh "
+                            f"({', '.join(f'{a}: {n}' for a, n in mesh.shape.items())}), to "
+                            f"record its sharding in an artifact; to run it, compile or load "
+                            f"it with mesh=jax.sharding.Mesh(devices, axis_names)")
+
+    refuse.__name__ = signature.name
+    refuse.lower = refuse
+    refuse.place = refuse
+    return refuse
 
 
 def lower(export, *args, **kwargs):

@@ -23,7 +23,7 @@ import pytest
 from jax.sharding import Mesh
 
 import gradlang
-from gradlang.runtime.sharding import ShardingError, collectives
+from gradlang.runtime.sharding import ShardingError, collectives, place
 
 MLP = """
 use std.nn
@@ -409,6 +409,47 @@ def test_artifacts_record_the_mapping_and_load_onto_a_mesh_of_the_shape_they_wer
     plain = gradlang.compile_source(MLP).save(tmp_path / "plain.gx", platforms=("cpu",))
     with pytest.raises(ShardingError, match="plain.gx was saved without shard="):
         gradlang.load(plain, mesh=_mesh())
+
+
+def test_gradlang_compile_records_shard_and_mesh_in_the_artifact(tmp_path, capsys):
+    from gradlang.cli import main
+
+    (tmp_path / "m.grad").write_text(MLP)
+    out = str(tmp_path / "out")
+    assert main(["compile", str(tmp_path / "m.grad"), "-o", out, "--platforms", "cpu",
+                 "--mesh", "data=1", "--shard", "B=data", "--shard", "H=data"]) == 0
+    art = gradlang.load(tmp_path / "out" / "m.gx", mesh=_mesh())
+    assert art.header["sharding"] == {"mesh": [["data", 1]],
+                                      "shard": {"B": ["data"], "H": ["data"]}}
+    k = jax.random.split(jax.random.key(0), 3)
+    params = {"l1": {"w": jax.random.normal(k[0], (4, 8)), "b": jnp.zeros(8)},
+              "l2": {"w": jax.random.normal(k[1], (8, 3)), "b": jnp.zeros(3)}}
+    x, y = jax.random.normal(k[2], (6, 4)), jnp.arange(6) % 3
+    placed = place(art.step, params, x, y)
+    assert placed[0]["l1"]["w"].sharding.spec == jax.sharding.PartitionSpec(None, "data")
+    assert placed[1].sharding.spec == jax.sharding.PartitionSpec("data")
+    for u, v in zip(jax.tree.leaves(gradlang.compile_source(MLP).step(params, x, y)),
+                    jax.tree.leaves(art.step(*placed))):
+        np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-7)
+    capsys.readouterr()
+    for flags, message in [(["--mesh", "data=8", "--shard", "Q=data"],
+                            "gradlang: error: --shard: shard= names the dim 'Q'"),
+                           (["--shard", "B=data"], "--shard and --mesh go together"),
+                           (["--mesh", "data=0", "--shard", "B=data"],
+                            "--mesh data=0: a size must be a positive integer"),
+                           (["--mesh", "data=8", "--shard", "pop=data"],
+                            "a black-box population's placement is part of the computation")]:
+        assert main(["compile", str(tmp_path / "m.grad"), "-o", out, *flags]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_an_export_compiled_for_an_abstract_mesh_records_but_does_not_run():
+    mesh = jax.sharding.AbstractMesh((8,), ("data",))
+    m = gradlang.compile_source(MLP, mesh=mesh, shard={"B": "data"})
+    with pytest.raises(ShardingError, match=r"export 'step' was compiled for an abstract mesh "
+                                            r"\(data: 8\)"):
+        m.step({"l1": {"w": np.zeros((4, 8)), "b": np.zeros(8)},
+                "l2": {"w": np.zeros((8, 3)), "b": np.zeros(3)}}, np.zeros((8, 4)), np.zeros(8, int))
 
 
 def test_a_damaged_sharding_in_an_artifact_header_is_an_artifact_error(tmp_path):
