@@ -55,6 +55,11 @@ class BackwardRule:
         """How `explain` names it."""
         return str(self.annotation())
 
+    @property
+    def identity(self) -> bool:
+        """Its tangent is the incoming one itself (the op is the identity to reverse mode)."""
+        return False
+
     def bias(self, op: str, line: int) -> str:
         """Why it is biased by design at `op` on `line` (for `verify`)."""
         return (f"the backward rule {self.name} of {op} (line {line}) stands in for its "
@@ -75,6 +80,10 @@ class Ste(BackwardRule):
 
     def shown(self) -> str:
         return self.name if self.clip == 0 else super().shown()
+
+    @property
+    def identity(self) -> bool:
+        return self.clip == 0
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,9 @@ w` (a matrix), as an einsum's projection (`einsum("btd,dnk->btnk", x, w)`: its c
 letters lead its term, the others go to the output) or as the kernel of a convolution
 `conv(x, w)` without feature groups (the product of x's patches and w flattened, im2col), or
 every use is as an embedding table looked up, `w[ids]` (ghost norms from the token counts),
-at the top level of a function body, reached from the parameter through field accesses and
-calls only. Its per-example gradient is then x_i^T g_i (g_i the example's cotangent of x @ w),
+at the top level of a function body, reached from the parameter through field accesses, calls
+and non-smooth ops whose backward rule is the identity (`x @ (quantize(w, 4) with ste)`: w's
+gradient is the quantized weight's) only. Its per-example gradient is then x_i^T g_i (g_i the example's cotangent of x @ w),
 whose norm the runtime (`runtime.ghost`) gets from x_i and g_i alone.
 
 Anything else makes the leaf fall back to per-example gradients: a use by any other op (an
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gradlang.estimators.backward import rule_of
 from gradlang.facts import LeafNorm
 from gradlang.ir import Function, Module, Op, Region, Value
 from gradlang.types import StructType, TensorType, TreeType, Type
@@ -78,6 +80,8 @@ class _Uses:
             return
         if op.name == "getfield":
             bound[op.result] = f"{used[0][1]}.{op.params.name}"
+        elif _identity_backward(op) and [i for i, _ in used] == [0]:
+            bound[op.result] = used[0][1]  # its gradient is the result's, unchanged
         elif op.name == "call_fn":
             callee = self.module.function(op.params.callee)
             if any(o.name == "call_jax" for o in callee.body.ops):  # a jax fn: JAX's matmuls
@@ -104,6 +108,13 @@ class _Uses:
                             " (with feature groups: a product per group)"
                             if op.name == "conv" and i == 1 and inside is None else "")
                     self.other(path, f"used by {op.name}{role} {inside or 'in ' + _where(op, fn)}")
+
+
+def _identity_backward(op: Op) -> bool:
+    """A non-smooth op of the same shape whose backward rule is the identity (`sign(w) with
+    ste`, `quantize(w, 4) with ste`): reverse mode sees its operand as its result."""
+    return (op.name == "straight_through" and op.operands[0].type == op.results[0].type
+            and rule_of(op.params.rule).identity)
 
 
 def _lookup(op: Op) -> bool:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jax
 import jax.numpy as jnp
@@ -87,6 +87,11 @@ class Tapped(Factored):
 
     def dense(self) -> jax.Array:
         raise LoweringError("a ghost-clipped weight was used outside a matmul x @ w")
+
+    def through(self, fn) -> Tapped:
+        """The weight after an op whose backward is the identity, still tapped: its gradient
+        is the result's (`passes.ghost` taps only through such ops)."""
+        return replace(self, w=fn(self.w))
 
     def convolve(self, patches: Callable[[], jax.Array], k: int) -> jax.Array:
         """A convolution by a ghost-clipped kernel is tapped as the product of its input's

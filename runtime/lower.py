@@ -29,7 +29,7 @@ from .symbolic import SymbolicDimError, inconclusive
 
 
 _FACTORED = frozenset({"matmul", "get", "getfield", "tuple", "struct_new", "call_fn", "inline",
-                        "call_jax", "einsum", "index", "conv"})
+                        "call_jax", "einsum", "index", "conv", "straight_through"})
 """Ops that take a factored perturbed matrix (`runtime.perturbed`) as it is; others get it
 materialized."""
 

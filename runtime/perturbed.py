@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 
 import jax
@@ -60,6 +61,11 @@ class Factored:
 
     def dense(self) -> jax.Array:
         return self.w + self.scale * self.noise()
+
+    def through(self, fn: Callable[[jax.Array], jax.Array]) -> Any:
+        """fn of the matrix, for an op whose backward is the identity (`quantize(w, 4) with
+        ste`): materialized here; a ghost-tapped weight stays tapped (`runtime.ghost`)."""
+        return fn(self.dense())
 
     def rmatmul(self, x: jax.Array) -> jax.Array:
         """x @ (w + s E) = x @ w + s (x @ E)."""

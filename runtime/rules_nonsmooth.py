@@ -21,6 +21,7 @@ from gradlang.shapes import is_power_of_two
 
 from .dtypes import JNP_DTYPES
 from .quantizers import hadamard, quantize_levels, quest_rotated
+from .perturbed import Factored
 from .signature import ArgumentError
 
 
@@ -109,6 +110,17 @@ def _straight_through(ctx, op: Op, x, *rest):
     return f(x, *rest)
 
 
+def _through_factored(rule):
+    """`rule` on a factored matrix (`runtime.perturbed`: a perturbed or ghost-tapped weight)
+    through `Factored.through`, which materializes it unless it is a tapped weight."""
+    def lowered(ctx, op: Op, x, *rest):
+        if isinstance(x, Factored):
+            return x.through(lambda w: rule(ctx, op, w, *rest))
+        return rule(ctx, op, x, *rest)
+
+    return lowered
+
+
 def _power_of_two_axis(rule):
     """`rule`, after checking the operand of a `power_of_two_axis` op (or of its straight-through
     form): its last axis is a symbolic dim the type checker could not check, which the call
@@ -132,3 +144,4 @@ NONSMOOTH_LOWERINGS = {name: _on_array(_power_of_two_axis(rule)) for name, rule 
     "hadamard": lambda ctx, op, x: hadamard(x),
     "stochastic_round": _stochastic_round,
     "straight_through": _straight_through}.items()}
+NONSMOOTH_LOWERINGS["straight_through"] = _through_factored(NONSMOOTH_LOWERINGS["straight_through"])

@@ -146,6 +146,34 @@ def test_ghost_and_fallback_leaves_in_a_model_that_is_not_all_linear_layers():
         assert_close(m[export](p, x, y, wd, jax.random.key(0))["p"], want, DP_OPS)
 
 
+QUANTIZED = """
+fn loss(w: f32[D, H], v: f32[H], x: f32[B, D], y: f32[B]) -> f32 {
+  let h = tanh(x @ (quantize(w, 4) with ste))
+  let r = h @ (sign(v) with ste(clip=1.0)) - y
+  return mean(r * r)
+}
+export plain = grad(loss, wrt=[w, v])
+export dp = grad(loss, wrt=[w, v], by=dp(clip=8.0, noise=0))
+"""
+
+
+def test_ghost_norms_go_through_an_identity_backward_rule():
+    """x @ (quantize(w, 4) with ste): w's gradient is the quantized weight's, x_i^T g_i, so its
+    norm is a ghost norm; sign(v) with ste(clip=1.0) masks the gradient: per-example."""
+    m = gradlang.compile_source(QUANTIZED)
+    leaves = {n.leaf: n for n in m.ir.facts.privacy["dp"].leaves}
+    assert leaves["w"].ghost and "x @ w" in leaves["w"].why
+    assert not leaves["v"].ghost and "straight_through" in leaves["v"].why
+    rng = np.random.default_rng(4)
+    w = rng.normal(size=(4, 6)).astype(np.float32)
+    v = rng.uniform(-0.9, 0.9, size=6).astype(np.float32)
+    x = rng.normal(size=(B, 4)).astype(np.float32)
+    y = rng.normal(size=B).astype(np.float32)
+    want, norms = direct(lambda *a: m.plain(*a), [w, v, x, y], 0, [2, 3], 8.0)
+    assert (norms > 8.0).any() and (norms < 8.0).any()
+    assert_close(m.dp(w, v, x, y, jax.random.key(0)), want, DP_OPS)
+
+
 @pytest.mark.parametrize("t, d", [(4, 5), (40, 3)])
 def test_sequences_split_along_axis_1(t, d):
     """T rows per example: the Gram form <x x^T, g g^T> (T^2 <= D^2) or x^T g (T^2 > D^2)."""
