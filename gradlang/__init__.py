@@ -12,7 +12,7 @@ from .diagnostics import CompileError
 
 _RUNTIME_ERRORS = {"ArgumentError": "signature", "ArtifactError": "artifact", "ExternError": "host",
                    "ForwardModeError": "reverse_only", "JaxFunctionError": "jax_functions",
-                   "ScoreDrawGradientError": "execute"}
+                   "ScoreDrawGradientError": "execute", "ShardingError": "sharding"}
 """Errors raised when running or loading a module, imported on first use (they live beside
 the JAX code of the runtime, which `import gradlang` does not load)."""
 
@@ -31,5 +31,5 @@ def __getattr__(name: str):
 
 __all__ = ["ArgumentError", "ArtifactError", "CompileError", "CompiledModule", "ExternError",
            "ForwardModeError", "JaxFunctionError", "LoadedModule", "ScoreDrawGradientError",
-           "StepOutput", "TrainState", "Trainer", "__version__", "batched", "compile_file",
-           "compile_source", "load"]
+           "ShardingError", "StepOutput", "TrainState", "Trainer", "__version__", "batched",
+           "compile_file", "compile_source", "load"]
