@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 
 import gradlang
-from stats import EPS32, assert_close, assert_unbiased
+from stats import assert_close, assert_unbiased
 
 SOURCE = """
 fn quad(w: f32[3], a: f32[3]) -> f32 { return 0.5 * sum(a * w * w) + sum(sin(w)) }
