@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from .distributions import DISTRIBUTIONS
 from .estimators import REGISTRY
 from .estimators.backward import rule_of
 from .estimators.combine import combination_rule
@@ -47,18 +46,19 @@ def _label(estimator) -> str:
     return f"{est.label} {options}" if options else est.label
 
 
-def _overrides(family: str, estimator, found: list[str]) -> str:
-    spec = DISTRIBUTIONS[family]
+def _overrides(site, found: list[str], scope: str = "expect") -> str:
+    """The other estimators the draw accepts (`SiteChoice.others`), as annotations, in the
+    export's scope: a logmeanexp(...) bound takes dreg and vimco, and no branched estimator."""
+    bound = scope == "logmeanexp"
+    averaged = "vimco" if bound else "loo"
     options = []
-    if estimator.name != "reparam" and spec.reparam:
-        options.append("with reparam")
-    if estimator.name != "score" and spec.fixed_support:
-        options.append("with score(baseline=loo)")
-    if estimator.name == "score":
-        other = "loo" if all(f.startswith("none") for f in found) else "none"
+    if site.estimator.name == "score":
+        other = averaged if all(f.startswith("none") for f in found) else "none"
         options.append(f"with score(baseline={other})")
-    if spec.relaxable and not REGISTRY[estimator.name].relaxed:
-        options.append("with gumbel(tau=0.5)")
+    for n in site.others:
+        if (REGISTRY[n].branched and bound) or (REGISTRY[n].role == "dreg" and not bound):
+            continue
+        options.append(f"with score(baseline={averaged})" if n == "score" else f"with {n}")
     return ", ".join(options) or "-"
 
 
@@ -307,7 +307,7 @@ def _export(module: Module, export, flow: dict) -> list[str]:
             rows.append([f"{s.site} ({_at(s.function, s.span)})", s.family,
                          _label(s.estimator),
                          _control_variate(s, found), REGISTRY[s.estimator.name].cost(s.estimator, s.size),
-                         _overrides(s.family, s.estimator, found)])
+                         _overrides(s, found, scope)])
         lines.append(f"  random choices ({len(here)}), {n} sample{'s' * (n != 1)} of the "
                      f"objective per call:")
         lines += table(rows, "    ")

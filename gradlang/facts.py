@@ -28,6 +28,8 @@ class SiteChoice:
     annotated: bool
     size: int | None = None
     """A branched estimator's evaluations of the objective per sample."""
+    others: tuple[str, ...] = ()
+    """The other estimators `with NAME` would be accepted with here (for `explain`)."""
 
 
 @dataclass(frozen=True)

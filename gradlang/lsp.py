@@ -361,7 +361,7 @@ class _Index:
                  f"**why**: {site.why}",
                  f"**control variate**: {_control_variate(site, found)}",
                  f"**cost per sample**: {cost}",
-                 f"**other choices**: {_overrides(site.family, site.estimator, found)}"]
+                 f"**other choices**: {_overrides(site, found)}"]
         return "".join(f"\n\n{line}" for line in lines if not line.endswith(": -"))
 
     def inner_problem(self, span: Span) -> str:

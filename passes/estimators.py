@@ -276,9 +276,25 @@ class _Chooser:
         est = REGISTRY[chosen.name]
         size = (est.size(chosen, spec, self.support_size(op) if est.static_support else None)
                 if est.branched else None)
+        others = tuple(n for n in REGISTRY if n != chosen.name and self.accepts(op, spec, top, n))
         self.out.append(SiteChoice(self.fn.name, op.params.site, spec.name, op.span, chosen, why,
-                                   annotation is not None, size))
+                                   annotation is not None, size, others))
         return replace(op, params=replace(op.params, estimator=chosen, size=size))
+
+    def accepts(self, op: Op, spec: DistSpec, top: bool, name: str) -> bool:
+        """Whether `with NAME` (its default options) would be accepted at this draw: the
+        other choices `explain` lists. A learned control variate needs a function of the
+        user's, so it is not listed."""
+        est = REGISTRY[name]
+        if est.control or self.problem(Annotation(name), spec) is not None:
+            return False
+        if est.branched and self.enum_problem(op, spec, top, est) is not None:
+            return False
+        try:
+            complete = est.complete(Annotation(name))
+        except OptionError:
+            return False
+        return not est.static_support or est.fits(complete, self.support_size(op)) is None
 
     def control_problem(self, e: Annotation, op: Op) -> str | None:
         """Why the control=NAME of `e` (an estimator with a learned control variate: relax,
