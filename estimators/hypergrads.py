@@ -13,17 +13,17 @@ An inner problem is given on a flat variable as `objective(x, thetas, fixed)` an
 captures and fixed the others (integers). `build` returns
 `solve(thetas, fixed, x0) -> (x, residual, steps)`, differentiable in thetas:
 
-- `implicit`: a `custom_jvp` whose tangent is dx = -(H + damping I)^-1 d/dthetas grad_x f . dthetas
-  at the solution, H the Hessian in x, by one `jax.lax.custom_linear_solve` whose matvec is a
-  Hessian-vector product (forward-over-reverse; H is never formed) and whose solve is CG, GMRES
-  or a Neumann series. Reverse mode transposes it (JAX's linearize and transpose): the
-  transposed solve (H + damping I) u = g with the same solver (H is symmetric), then
-  -d/dthetas <grad_x f, u>, as a hand-written backward would. Forward mode (`jax.jvp`,
-  `jax.hessian`, a Hessian-vector product of an outer problem nesting this one) goes through
-  too, to any order: the rule calls the solve itself, so an outer derivative of the rule
-  applies the rule again, and the solver's loop is never differentiated. For box-projected
-  solvers the system is restricted to the coordinates strictly inside the box (the others do
-  not move).
+- `implicit`: a `custom_jvp` whose tangent is dx = -(H + damping I)^-1 d/dthetas grad_x f .
+  dthetas at the solution, H the Hessian in x, by one `jax.lax.custom_linear_solve` whose
+  matvec is a Hessian-vector product (a linearization of grad_x f; H is never formed) and whose
+  solve is CG, GMRES or a Neumann series. Reverse mode transposes it (JAX's linearize and
+  transpose): the transposed solve (H + damping I) u = g with the same solver (H is
+  symmetric), then -d/dthetas <grad_x f, u>, as a hand-written backward would. Forward mode
+  (`jax.jvp`, `jax.hessian`, a Hessian-vector product of an outer problem nesting this one)
+  goes through too, to any order: the rule calls the solve itself, so an outer derivative of
+  the rule applies the rule again, and the solver's loop is never differentiated. For
+  box-projected solvers the system is restricted to the coordinates strictly inside the box
+  (the others do not move).
 - `unrolled`: reverse mode through the solver's loop; `truncated(k)`: through its last k steps.
 - `value_function`: Hessian-free and first order. With d = g / |g|, it re-solves the problem with
   objective f +- sigma d.x (warm started; constraints kept) and returns
@@ -236,13 +236,16 @@ class Implicit(Method):
         @solve.defjvp
         def jvp(primals, tangents):
             thetas, fixed, x0 = primals
-            x, residual, steps = out = solve(thetas, fixed, x0)  # an outer derivative: this rule
+            # the solve itself, not its loop: an outer derivative applies this rule to it
+            x, residual, steps = out = solve(thetas, fixed, x0)
             dx = self.tangent(inner, x, thetas, fixed, tangents[0])
-            return out, (dx, jnp.zeros_like(residual), np.zeros(jnp.shape(steps), jax.dtypes.float0))
+            no_steps = np.zeros(jnp.shape(steps), jax.dtypes.float0)  # integers: no tangent
+            return out, (dx, jnp.zeros_like(residual), no_steps)
 
         return solve
 
-    def tangent(self, inner: Inner, x: Array, thetas: tuple, fixed: tuple, dthetas: tuple) -> Array:
+    def tangent(self, inner: Inner, x: Array, thetas: tuple, fixed: tuple,
+                dthetas: tuple) -> Array:
         """dx = -A^-1 (free * d/dthetas grad_x f . dthetas) at the solution x, A = the Hessian
         on the free coordinates (the identity on the others) + damping I. Linear in dthetas;
         its transpose, reverse mode's, solves A u = free * g with the same solver (A is
