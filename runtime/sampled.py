@@ -15,11 +15,13 @@ variance.
 
 from __future__ import annotations
 
-from functools import partial
+from functools import lru_cache
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from .reverse_only import ForwardModeError, reverse_only
 
 
 def _rows(x, keep: int, key):
@@ -44,21 +46,24 @@ def _rows(x, keep: int, key):
     return rows[index] * coef[:, None], index
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
 def wta_crs_matmul(x, w, key, keep: int):
-    """x @ w, its gradient for w estimated from `keep` sampled rows of x (see the module)."""
-    return x @ w
+    """x @ w, its gradient for w estimated from `keep` sampled rows of x (see the module). Its
+    derivative exists in reverse mode only: jax.jvp through it is a ForwardModeError."""
+    return _sampled(keep)((x, w), key)
 
 
-def _forward(x, w, key, keep):
-    kept, index = _rows(x, keep, key)
-    return x @ w, (kept, index, w)
+@lru_cache(maxsize=None)
+def _sampled(keep: int):
+    def forward(xw, key):
+        x, w = xw
+        kept, index = _rows(x, keep, key)
+        return x @ w, (kept, index, w)
 
+    def backward(residuals, dy):
+        kept, index, w = residuals
+        return dy @ w.T, kept.T @ dy.reshape(-1, dy.shape[-1])[index]
 
-def _backward(keep, residuals, dy):
-    kept, index, w = residuals
-    dw = kept.T @ dy.reshape(-1, dy.shape[-1])[index]
-    return dy @ w.T, dw, None
-
-
-wta_crs_matmul.defvjp(_forward, _backward)
+    return reverse_only(forward, backward, ForwardModeError(
+        f"(x @ w) with wta_crs(keep={keep}) estimates w's gradient from sampled rows in reverse "
+        f"mode only: jax.jvp (jax.jacfwd, forward-over-reverse) cannot go through it; remove "
+        f"the annotation to get the exact matmul, which has forward mode"))

@@ -493,3 +493,30 @@ def test_reverse_mode_and_forward_over_reverse_go_through_value_function(reverse
     _, grad, hessian = ridge_closed_form(THETA)
     assert_close(jax.jit(jax.grad(f))(THETA), grad, ops=100 * 50 * 1.6)
     assert_close(jax.jit(jax.hessian(f))(THETA), hessian, ops=100 * 50 * 1.6)
+
+
+# ---- the other black boxes: an extern and a sampled matmul
+
+
+def test_differentiating_through_an_extern_says_what_to_export_instead():
+    m = gradlang.compile_source("""
+extern fn r(w: f32[D]) -> f32
+fn f(w: f32[D]) -> f32 { return r(w) * 2.0 }
+export v = f
+""", externs={"r": lambda w: jnp.sum(w ** 2)})
+    w = jnp.ones(3)
+    assert float(jax.jit(m.v)(w)) == 6.0  # calls, jit and vmap are unchanged
+    for transform in (jax.grad, lambda f: lambda w: jax.jvp(f, (w,), (w,))):
+        with pytest.raises(gradlang.ExternError, match=r"extern 'r' is a black box.*by=spsa"):
+            transform(m.v)(w)
+
+
+def test_forward_mode_through_a_sampled_matmul_is_an_error_and_reverse_mode_works():
+    m = gradlang.compile_source("""
+fn f(x: f32[N, D], w: f32[D, O]) -> f32 { return sum((x @ w) with wta_crs(keep=4)) }
+export v = f
+""")
+    x, w, key = jnp.ones((8, 3)), jnp.ones((3, 2)), jax.random.key(0)
+    assert jax.grad(m.v, argnums=1)(x, w, key).shape == (3, 2)
+    with pytest.raises(gradlang.ForwardModeError, match=r"wta_crs\(keep=4\).*remove the"):
+        jax.jvp(lambda w: m.v(x, w, key), (w,), (w,))
