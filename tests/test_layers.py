@@ -1,7 +1,8 @@
 """The package's layers: the IR, types, ops and diagnostics at the bottom; passes, estimators
-and the runtime above them; the driver, API, CLI, explain and verify on top. A module imports
-only from its own layer or below, even for annotations (under `if TYPE_CHECKING:`), and
-neither the runtime nor the estimators import the passes."""
+and the runtime above them; the driver, API, CLI, explain, verify, the language server and
+the training loop on top. A module imports only from its own layer or below, even for
+annotations (under `if TYPE_CHECKING:`), and neither the runtime nor the estimators import
+the passes."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ ROOT = Path(__file__).parent.parent
 PACKAGES = {"gradlang": ROOT / "gradlang", "gradlang.passes": ROOT / "passes",
             "gradlang.runtime": ROOT / "runtime", "gradlang.estimators": ROOT / "estimators"}
 TOP = {"gradlang", "gradlang.driver", "gradlang.api", "gradlang.cli", "gradlang.explain",
-       "gradlang.verify"}
+       "gradlang.verify", "gradlang.lsp", "gradlang.train"}
 MIDDLE = {"gradlang.passes", "gradlang.runtime", "gradlang.estimators"}
 
 
