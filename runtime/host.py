@@ -102,21 +102,10 @@ class HostFunction:
         return self._pack(specs)
 
     def call(self, *args):
-        """The traced call: a `jax.pure_callback`, batched under vmap (see the module doc).
-        A black box: differentiating it (jax.grad / jax.jvp of an export through it) raises
-        an ExternError saying what to do instead."""
+        """The traced call: a `jax.pure_callback`, batched under vmap (see the module doc)."""
         import jax
 
-        from .signature import without_derivatives
-
-        def callback(*args):
-            return jax.pure_callback(self, self.specs(args), *args, vmap_method="broadcast_all")
-
-        return without_derivatives(callback, ExternError(
-            f"extern '{self.name}' is a black box, with no derivative for jax.grad or jax.jvp "
-            f"to go through: export the gradient with a black-box estimator instead, "
-            f"grad(f, wrt=[...], by=spsa(eps=0.001)) (or by=es / by=eggroll), or bind a "
-            f"differentiable JAX function as a `jax fn`"))(*args)
+        return jax.pure_callback(self, self.specs(args), *args, vmap_method="broadcast_all")
 
 
 def host_call(ctx, op, *args):

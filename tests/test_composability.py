@@ -495,20 +495,7 @@ def test_reverse_mode_and_forward_over_reverse_go_through_value_function(reverse
     assert_close(jax.jit(jax.hessian(f))(THETA), hessian, ops=100 * 50 * 1.6)
 
 
-# ---- the other black boxes: an extern and a sampled matmul
-
-
-def test_differentiating_through_an_extern_says_what_to_export_instead():
-    m = gradlang.compile_source("""
-extern fn r(w: f32[D]) -> f32
-fn f(w: f32[D]) -> f32 { return r(w) * 2.0 }
-export v = f
-""", externs={"r": lambda w: jnp.sum(w ** 2)})
-    w = jnp.ones(3)
-    assert float(jax.jit(m.v)(w)) == 6.0  # calls, jit and vmap are unchanged
-    for transform in (jax.grad, lambda f: lambda w: jax.jvp(f, (w,), (w,))):
-        with pytest.raises(gradlang.ExternError, match=r"extern 'r' is a black box.*by=spsa"):
-            transform(m.v)(w)
+# ---- a sampled matmul
 
 
 def test_forward_mode_through_a_sampled_matmul_is_an_error_and_reverse_mode_works():
