@@ -79,6 +79,8 @@ class InnerProblem:
     solver: Annotation
     method: Annotation
     why: str
+    sampled: bool = False
+    """Its objective draws: a sample-average approximation, one key per solve."""
 
 
 @dataclass(frozen=True)

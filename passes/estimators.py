@@ -167,6 +167,9 @@ class _Chooser:
         objective and no function calls it, so each draw at its top level happens once per
         sample), the top-level draws may be enumerated."""
         top = {id(op) for op in self.fn.body.ops} if enumerable else set()
+        self.inner = {id(o) for op in walk(self.fn.body) if op.name == "argmin"
+                      for r in op.regions for o in walk(r)}
+        """The draws of inner problems: sampled once per solve, pathwise (`passes.hypergrad`)."""
 
         def choose(op: Op) -> Op:
             if op.name == "sample":
@@ -276,7 +279,8 @@ class _Chooser:
         est = REGISTRY[chosen.name]
         size = (est.size(chosen, spec, self.support_size(op) if est.static_support else None)
                 if est.branched else None)
-        others = tuple(n for n in REGISTRY if n != chosen.name and self.accepts(op, spec, top, n))
+        others = () if id(op) in self.inner else tuple(
+            n for n in REGISTRY if n != chosen.name and self.accepts(op, spec, top, n))
         self.out.append(SiteChoice(self.fn.name, op.params.site, spec.name, op.span, chosen, why,
                                    annotation is not None, size, others))
         return replace(op, params=replace(op.params, estimator=chosen, size=size))

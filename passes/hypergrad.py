@@ -6,7 +6,8 @@ iterations, or stop early at residual `tol` when tol > 0. Methods (`estimators.h
 `implicit(cg | gmres | neumann, iters, tol, damping)`, the default for unconstrained problems;
 `value_function(sigma, steps)`, the default for constrained ones; `unrolled`; `truncated(k)`.
 The choice, completed with every option's value, is written into the op; `explain` reads the
-`hypergrad` fact.
+`hypergrad` fact. A problem whose objective draws is a sample-average approximation (one key
+per solve, `runtime.rules_argmin`); this pass checks that its draws keep it differentiable.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from gradlang.diagnostics import Diagnostics
 from gradlang.estimators.hypergrads import METHODS, Implicit, Method, ValueFunction, method_of
 from gradlang.estimators.solvers import Solver, solver_of
 from gradlang.facts import InnerProblem
-from gradlang.ir import Module, Op, Region, walk
+from gradlang.distributions import DISTRIBUTIONS
+from gradlang.ir import Module, Op, Region, free_values, walk
 from gradlang.ops import OPS, Annotation
+from gradlang.types import DistType, StructType, TensorType
 from gradlang.options import OptionError, rendered
 
 from .callgraph import random_functions
@@ -42,15 +45,16 @@ class Hypergrad:
         random = random_functions(module)
         for fn in module.functions:
             functions.append(replace(fn, body=map_ops(fn.body, lambda op, fn=fn: _argmin(
-                fn.name, op, diags, found, random) if op.name == "argmin" else op)))
+                fn.name, op, module, diags, found, random) if op.name == "argmin" else op)))
         return replace(module, functions=tuple(functions),
                        facts=replace(module.facts, hypergrad=tuple(found)))
 
 
-def _argmin(fn: str, op: Op, diags: Diagnostics, found: list, random: set[str]) -> Op:
+def _argmin(fn: str, op: Op, module: Module, diags: Diagnostics, found: list,
+            random: set[str]) -> Op:
     """An argmin (its nested ones already done) checked, with its solver and method chosen."""
-    _check_deterministic(op, random, diags)
-    return _choose(fn, op, diags, found)
+    draws = _check_sampled(op, module, random, diags)
+    return _choose(fn, op, diags, found, draws)
 
 
 def _own_ops(region: Region):
@@ -63,25 +67,61 @@ def _own_ops(region: Region):
                 yield from _own_ops(r)
 
 
-def _check_deterministic(op: Op, random: set[str], diags: Diagnostics) -> None:
-    """An inner problem's objective and constraints draw nothing (stochastic inner problems are
-    not supported yet): the first draw, expectation or call of a drawing function is an error."""
-    for inner in (o for r in op.regions for o in _own_ops(r)):
-        if inner.name == "call_fn" and inner.params.callee in random:
-            what = f"'{inner.params.callee}' draws (itself or in a function it calls), which"
-        elif "random" not in OPS[inner.name].traits:
-            continue
-        elif inner.name in ("expect", "samples"):
-            what = f"'{inner.params.kind}' (a Monte Carlo estimate)"
-        else:
-            what = f"'{inner.name}' draws at random, which"
-        diags.error(f"{what} is not supported inside an inner problem: its solver and "
-                    f"hypergradient need a deterministic objective; draw outside the argmin "
-                    f"and pass the values in", inner.span)
-        return
+def _check_sampled(op: Op, module: Module, random: set[str], diags: Diagnostics) -> bool:
+    """An inner problem's draws (in its regions, in `expect(...)` there, or in the functions it
+    calls) make it a sample-average approximation: every solve draws them once, from one key,
+    and the solver and hypergradient see a deterministic objective of (v, theta). That needs
+    each draw's distribution to be differentiable pathwise or not to depend on v or theta: a
+    draw whose parameters do, through a family with no pathwise derivative (or annotated with
+    another estimator), is an error. Returns whether the problem draws."""
+    draws = False
+    for region in op.regions:
+        seeds = set(region.args) | {v for v in free_values(region) if _is_float(v.type)}
+        for inner, depends in _draws(module, region, seeds, random, set()):
+            draws = True
+            if inner.name == "stochastic_round":
+                if depends:
+                    diags.error("stochastic_round of a value that depends on the inner variable "
+                                "or the outer parameters has no derivative once its noise is "
+                                "fixed (as a sample-average problem fixes it); round outside "
+                                "the argmin, or use round(...) with a backward rule", inner.span)
+                continue
+            family = inner.operands[0].type.family if isinstance(inner.operands[0].type, DistType) else None
+            spec = DISTRIBUTIONS.get(family)
+            a = inner.params.annotation
+            if a is not None and a.name not in ("reparam", "auto"):
+                diags.error(f"a draw inside an inner problem is sampled once per solve (a "
+                            f"sample-average approximation) and differentiated pathwise, not by "
+                            f"'{a.name}'; remove the annotation", a.span or inner.span)
+            elif depends and spec is not None and not spec.reparam:
+                diags.error(f"this {spec.name} draw inside an inner problem depends on the inner "
+                            f"variable or the outer parameters, but has no pathwise derivative: "
+                            f"the sample-average objective would not be differentiable; draw it "
+                            f"from fixed parameters (minibatch indices, noise) or outside the "
+                            f"argmin", inner.span)
+    return draws
 
 
-def _choose(fn: str, op: Op, diags: Diagnostics, found: list) -> Op:
+def _draws(module: Module, region: Region, seeds: set, random: set[str], seen: set):
+    """(sample op, whether its distribution depends on `seeds`) for the draws of a region and
+    of the functions it calls (whose parameters all count as dependent)."""
+    dependent = set(seeds)
+    for op in walk(region):
+        if any(v in dependent for v in op.operands):
+            dependent.update(op.results)
+        if op.name in ("sample", "stochastic_round"):
+            yield op, op.operands[0] in dependent
+        elif op.name == "call_fn" and op.params.callee in random and op.params.callee not in seen:
+            seen.add(op.params.callee)
+            fn = module.function(op.params.callee)
+            yield from _draws(module, fn.body, {p.value for p in fn.params}, random, seen)
+
+
+def _is_float(t) -> bool:
+    return isinstance(t, TensorType) and t.dtype.is_float or isinstance(t, StructType)
+
+
+def _choose(fn: str, op: Op, diags: Diagnostics, found: list, draws: bool) -> Op:
     p = op.params
     constrained = len(op.regions) > 1
     try:
@@ -110,7 +150,7 @@ def _choose(fn: str, op: Op, diags: Diagnostics, found: list) -> Op:
     _check_nested(op, solver, method, diags)
     solved = replace(p.solver, options=rendered(solver))
     hyper = replace(given, options=rendered(method))
-    found.append(InnerProblem(fn, op.span, solved, hyper, why))
+    found.append(InnerProblem(fn, op.span, solved, hyper, why, draws))
     return replace(op, params=replace(p, solver=solved, hyper=hyper))
 
 

@@ -31,14 +31,22 @@ def _argmin(ctx, op: Op, init):
     is_theta = [jnp.issubdtype(jnp.result_type(leaf), jnp.floating) for leaf in leaves]
     sign = -1.0 if p.maximize else 1.0
     x0, unravel = ravel_pytree(ctx.coerce(init, op.results[0].type))
+    # a problem that draws takes one key per solve, passed with the fixed leaves: every
+    # evaluation of its objective sees the same samples (a sample-average approximation)
+    key = ctx.next_key() if any(ctx.lowering.key_uses(r) for r in op.regions) else None
 
     def evaluate(region: Region, x, thetas, fixed):
+        if key is not None:
+            *fixed, drawn = fixed
         floats, others = iter(thetas), iter(fixed)
         values = jax.tree.unflatten(tree, [next(floats) if t else next(others) for t in is_theta])
         saved = {v: ctx.env[v] for v in captured}
         ctx.env.update(zip(captured, values))
         try:
-            return ctx.region(region, (unravel(x),))
+            if key is None:
+                return ctx.region(region, (unravel(x),))
+            with ctx.scope(drawn, region):
+                return ctx.region(region, (unravel(x),))
         finally:
             ctx.env.update(saved)
 
@@ -57,8 +65,9 @@ def _argmin(ctx, op: Op, init):
               _opaque(ctx, op, where), where))
     # the other leaves (integers: a loop index, a report's steps) are arguments too, never
     # closed over: the backward pass is traced outside the region that made them
+    fixed = tuple(leaf for leaf, t in zip(leaves, is_theta) if not t)
     x, residual, steps = solve(tuple(leaf for leaf, t in zip(leaves, is_theta) if t),
-                               tuple(leaf for leaf, t in zip(leaves, is_theta) if not t), x0)
+                               fixed + ((key,) if key is not None else ()), x0)
     if len(op.results) == 1:
         return unravel(x)
     return unravel(x), {"residual": residual, "steps": steps}
