@@ -342,8 +342,9 @@ def test_jvp(m, name):
         close(tangent, jax.tree.map(lambda j: np.asarray(j) @ T, jac), kind, f"{name}: jvp")
 
 
-@pytest.mark.parametrize("name", [k for k in KINDS if k != "argmin_grad"])
-def test_hessian(m, name):
+@pytest.mark.parametrize("name", [pytest.param(k, marks=pytest.mark.slow) if k == "nested_argmin"
+                                  else k for k in KINDS if k != "argmin_grad"])
+def test_hessian(m, name):  # the nested problem's Hessian is slow (~20 s); its jvp and grad run
     """(argmin_grad's would be a third derivative with no closed form written here: the
     grad, value_and_grad and descend kinds check third derivatives.)"""
     kind = KINDS[name]

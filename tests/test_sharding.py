@@ -148,6 +148,7 @@ def test_data_parallel_and_fsdp_steps_give_one_devices_numbers_with_minimal_coll
     """)
 
 
+@pytest.mark.slow  # the fast twin: the data-parallel and FSDP steps
 def test_sampled_private_and_population_exports_sharded_give_one_devices_numbers():
     _run("""
         mesh = Mesh(np.array(jax.devices()), ("data",))
@@ -222,6 +223,7 @@ export flips = grad(expect(coin, samples=4), wrt=[logits])
 """
 
 
+@pytest.mark.slow  # the fast twin: the data-parallel and FSDP steps
 def test_inner_problems_minimize_and_branching_estimators_sharded_give_one_devices_numbers():
     _run(f"""
         mesh = Mesh(np.array(jax.devices()), ("data",))
