@@ -496,7 +496,26 @@ def test_reverse_mode_and_forward_over_reverse_go_through_value_function(reverse
     assert_close(jax.jit(jax.hessian(f))(THETA), hessian, ops=100 * 50 * 1.6)
 
 
-# ---- a sampled matmul
+# ---- the other black boxes: an extern and a sampled matmul
+
+
+def test_differentiating_an_export_that_calls_an_extern_says_what_to_export_instead(tmp_path):
+    """The refusal is the compiled export's: the artifact writer still cuts the export at the
+    callback, and the saved module runs with the binding."""
+    reward = {"r": lambda w: jnp.sum(w ** 2)}
+    m = gradlang.compile_source("""
+extern fn r(w: f32[D]) -> f32
+fn f(w: f32[D]) -> f32 { return r(w) * 2.0 }
+export v = f
+""", externs=reward)
+    w = jnp.ones(3)
+    assert float(jax.jit(m.v)(w)) == 6.0  # calls, jit and vmap are unchanged
+    for transform in (jax.grad, lambda f: lambda w: jax.jvp(f, (w,), (w,))):
+        with pytest.raises(gradlang.ExternError, match=r"calls extern 'r', a black box.*by=spsa"):
+            transform(m.v)(w)
+    m.save(tmp_path / "extern.gx", dims={"D": 3})
+    assert float(gradlang.load(tmp_path / "extern.gx", externs=reward).v(w)) == 6.0
+
 
 
 def test_forward_mode_through_a_sampled_matmul_is_an_error_and_reverse_mode_works():
