@@ -349,6 +349,7 @@ def _run(name, args, run_example) -> dict:
     return summary
 
 
+@pytest.mark.slow  # the default suite's time (12 min on 2 cores); run with -m slow
 def test_hyper_ridge_runs_with_a_few_steps(run_example):
     s = _run("hyper_ridge", ["--steps", "40", "--d", "20", "--informative", "4", "--n-test", "500",
                              "--grid", "11"], run_example)
@@ -364,6 +365,7 @@ def test_hyper_ridge_runs_with_a_few_steps(run_example):
     assert s["median_log_lam_noise"] > s["median_log_lam_informative"]
 
 
+@pytest.mark.slow  # the default suite's time (12 min on 2 cores); run with -m slow
 def test_reweight_runs_with_a_few_steps(run_example):
     s = _run("reweight", ["--steps", "15", "--n-train", "300", "--n-val", "60"], run_example)
     sep = s["separation"]

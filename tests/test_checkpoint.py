@@ -112,6 +112,7 @@ export g = grad(expect(f, samples=4), wrt=[t])
     assert_unbiased(estimates(m.g, (0.3, 0.2))["t"], s * (1 - s) * (0.64 - 0.04) + 1)
 
 
+@pytest.mark.slow  # the default suite's time (12 min on 2 cores); run with -m slow
 def test_the_alignprop_example_runs_with_a_few_steps(run_example):
     summary, _ = run_example("alignprop", ["--steps", "20", "--chain", "12", "--samples", "32"],
                              {"methods", "initial_loss"})

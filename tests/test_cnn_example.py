@@ -22,6 +22,7 @@ MAX_GAP_TO_FLOAT32 = 0.05
 FAST_MIN_ACCURACY = 0.5
 
 
+@pytest.mark.slow  # the default suite's time (12 min on 2 cores); run with -m slow
 def test_the_cnn_starts_learning_in_every_variant(run_example):
     s, _ = run_example("cnn_qat", ["--steps", "40", "--eval-every", "20"], KEYS)
     for variant in ("float32", "ste1", "quest4"):

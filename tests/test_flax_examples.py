@@ -95,6 +95,7 @@ def first_gradient_tolerance(d: int = 64, hidden: int = 128, latents: int = 6,
     return 2 * (d + hidden + latents * classes + hidden + d) * EPS32
 
 
+@pytest.mark.slow  # the default suite's time (12 min on 2 cores); run with -m slow
 def test_the_flax_vae_learns_and_is_the_grad_vae(tmp_path):
     """Every arm learns; from the same weights, minibatches and keys, the Flax modules bound
     as jax fns give the .grad-only VAE's gradients (the same draws), and training reaches its

@@ -287,6 +287,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # the default suite's time (12 min on 2 cores); run with -m slow
 def test_two_processes_run_a_data_parallel_step_of_the_mlp_example_with_one_processs_numbers(
         tmp_path):
     """jax.distributed across two processes of 4 CPU devices each (gloo collectives): a step

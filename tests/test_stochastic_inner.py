@@ -96,7 +96,8 @@ def test_the_hypergradient_is_exact_for_the_sampled_problem(m):
     assert abs(float(got["lam"]) - grad) <= tol * abs(grad)
 
 
-@pytest.mark.parametrize("export", ["g", pytest.param("g_expect", marks=pytest.mark.slow)])
+@pytest.mark.slow  # the fast twin: the exactness test above
+@pytest.mark.parametrize("export", ["g", "g_expect"])
 def test_over_keys_it_estimates_ridge_with_the_noise_on_its_diagonal(m, export):
     """Averaged over 200 keys, within 5 standard errors (from the keys' spread) plus twice the
     sample average's bias, -5.4e-4 at these settings (20,000 float64 solves offline; it
