@@ -133,6 +133,7 @@ def test_cartpole_dynamics_and_cost_match_numpy(load_example):
     assert_close(value, numpy_rollout_cost(p, s0, 40), ops=40 * 60 * 33)
 
 
+@pytest.mark.slow  # the default suite's time (12 min on 2 cores); run with -m slow
 def test_cartpole_black_box_estimates_point_along_the_pathwise_gradient(load_example):
     """The mean of 32 ES / EGGROLL estimates against the pathwise gradient at a policy that
     lets the pole fall (a 1 s horizon)."""
@@ -178,7 +179,8 @@ def _run(name, args, run_example) -> dict:
     return summary
 
 
-@pytest.mark.parametrize("method", ["mezo_error", "mezo_error_wide", "mezo_loss", "backprop"])
+@pytest.mark.parametrize("method", [pytest.param("mezo_error", marks=pytest.mark.slow),
+                                    "mezo_error_wide", "mezo_loss", "backprop"])
 def test_mezo_mlp_runs_with_a_few_steps(method, run_example):
     s = _run("mezo_mlp", ["--steps", "1000", "--eval-every", "500", "--methods", method],
              run_example)

@@ -54,7 +54,8 @@ def linear():
     return gradlang.compile_source(LINEAR)
 
 
-@pytest.mark.parametrize("rows, cols", [(300, 200), (257, 300), (64, 7), (5000, 4)])
+@pytest.mark.parametrize("rows, cols", [(300, 200), (257, 300), (64, 7),
+                                        pytest.param(5000, 4, marks=pytest.mark.slow)])
 def test_seeded_matmuls_equal_the_materialized_perturbed_matrix(rows, cols):
     """Tiles that divide the rows, padded tiles, a single tile, and many tiles."""
     w = RNG.normal(size=(rows, cols)).astype(np.float32)

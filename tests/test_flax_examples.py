@@ -49,6 +49,7 @@ def off_grid_tolerance(n: int, bits: int = 4) -> float:
     return (2 ** (bits - 1) * n + transforms) * EPS32
 
 
+@pytest.mark.slow  # the default suite's time (12 min on 2 cores); run with -m slow
 def test_the_4bit_flax_cnn_learns_near_its_float32_twin_on_the_quest_grid(tmp_path):
     """The 4-bit CNN learns near its float32 twin, and every deployed kernel lies on the 4-bit
     QuEST grid. One test, so that the run is not repeated on each test worker."""

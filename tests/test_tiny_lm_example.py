@@ -33,6 +33,7 @@ def _check_privacy(private: dict) -> None:
     assert private["epsilon"] == spent.epsilon and math.isfinite(spent.epsilon)
 
 
+@pytest.mark.slow  # the default suite's time (12 min on 2 cores); run with -m slow
 def test_the_language_model_starts_learning_in_every_variant(run_example):
     s, _ = run_example("tiny_lm", FAST, KEYS)
     start = s["initial_held_out"]

@@ -297,6 +297,7 @@ export g = grad(expect(f, samples=4), wrt=[t, w])
     return m.verify("g", {"t": 0.4, "w": 2.5}, compare=True, **FAST)
 
 
+@pytest.mark.slow  # the default suite's time (12 min on 2 cores); run with -m slow
 def test_compare_ranks_every_applicable_estimator(compared):
     (site,) = compared.compare
     rows = {r.annotation: r for r in site.rows}
