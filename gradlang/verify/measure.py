@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from gradlang.estimators import REGISTRY
 from gradlang.passes.aux import written
 
 from .case import Case
@@ -72,16 +71,15 @@ def per_leaf(rough: Reference, smooth: Reference, is_smooth: list[bool],
 
 
 def assemble(program: Program, case: Case, sampled: Sampled, ref: Reference,
-             settings: Settings, smooth: tuple[str, ...] = ()) -> ExportReport:
-    """The report of `sampled` against `ref`; the leaves of the `smooth` wrt names are not
-    biased by the non-smooth rules (`per_leaf`)."""
-    by_design = case.biased_by_design is not None
-    unbiased = case.kind == "non_smooth" and case.private is None and not any(
-        REGISTRY[s.estimator.name].bias(s.estimator, s.site) for s in case.sites)
-    leaves = [leaf_stats(*leaf, by_design and not (unbiased and leaf[0].split(".")[0] in smooth),
-                         settings.z)
-              for leaf in zip(sampled.names, sampled.shapes, sampled.samples, ref.values,
-                              ref.errors, ref.bounds, ref.coords)]
+             settings: Settings, smooth: Case | None = None,
+             is_smooth: list[bool] | None = None) -> ExportReport:
+    """The report of `sampled` against `ref`; the leaves marked `is_smooth` reach no
+    non-smooth op and are biased by design only as `smooth`, the export's case without those
+    ops, is (`per_leaf`)."""
+    cases = [smooth if s else case for s in is_smooth or [False] * len(sampled.names)]
+    leaves = [leaf_stats(*leaf, c.biased_by_design is not None, settings.z)
+              for leaf, c in zip(zip(sampled.names, sampled.shapes, sampled.samples, ref.values,
+                                     ref.errors, ref.bounds, ref.coords), cases)]
     cost = case.cost()
     t = program.export.transform
     c = case.compose

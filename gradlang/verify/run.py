@@ -44,11 +44,13 @@ def verify_export(origin: Origin, module, name: str, args: Mapping | Sequence | 
     chunk = chunk_for(sampled.memory.peak)
     ref = reference(origin, program, case, named, settings, chunk)
     smooth = smooth_wrt(module, program.export) if case.kind == "non_smooth" else ()
+    other, is_smooth = None, None
     if smooth:  # those leaves' gradient is the program's own: a reference without smoothing
         other = classify(module, program.export, program.warmup, smooth=True)
+        is_smooth = [n.split(".")[0] in smooth for n in sampled.names]
         ref = per_leaf(ref, reference(origin, program, other, named, settings, chunk),
-                       [n.split(".")[0] in smooth for n in sampled.names], smooth)
-    report = assemble(program, case, sampled, ref, settings, smooth)
+                       is_smooth, smooth)
+    report = assemble(program, case, sampled, ref, settings, other, is_smooth)
     if compare:
         report = replace(report, compare=comparisons(origin, program, case, named, ref, report,
                                                      sampled.run, settings))
