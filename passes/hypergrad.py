@@ -17,12 +17,12 @@ from dataclasses import dataclass, replace
 from gradlang.diagnostics import Diagnostics
 from gradlang.estimators.hypergrads import METHODS, Implicit, Method, ValueFunction, method_of
 from gradlang.estimators.solvers import Solver, solver_of
-from gradlang.facts import InnerProblem
 from gradlang.distributions import DISTRIBUTIONS
+from gradlang.facts import InnerProblem
 from gradlang.ir import Module, Op, Region, free_values, walk
 from gradlang.ops import OPS, Annotation
-from gradlang.types import DistType, StructType, TensorType
 from gradlang.options import OptionError, rendered
+from gradlang.types import DistType, StructType, TensorType
 
 from .callgraph import random_functions
 from .rewrite import map_ops
@@ -57,16 +57,6 @@ def _argmin(fn: str, op: Op, module: Module, diags: Diagnostics, found: list,
     return _choose(fn, op, diags, found, draws)
 
 
-def _own_ops(region: Region):
-    """The ops of an inner problem's region, those of problems nested in it excluded (each is
-    checked on its own)."""
-    for op in region.ops:
-        yield op
-        if op.name != "argmin":
-            for r in op.regions:
-                yield from _own_ops(r)
-
-
 def _check_sampled(op: Op, module: Module, random: set[str], diags: Diagnostics) -> bool:
     """An inner problem's draws (in its regions, in `expect(...)` there, or in the functions it
     calls) make it a sample-average approximation: every solve draws them once, from one key,
@@ -86,8 +76,8 @@ def _check_sampled(op: Op, module: Module, random: set[str], diags: Diagnostics)
                                 "fixed (as a sample-average problem fixes it); round outside "
                                 "the argmin, or use round(...) with a backward rule", inner.span)
                 continue
-            family = inner.operands[0].type.family if isinstance(inner.operands[0].type, DistType) else None
-            spec = DISTRIBUTIONS.get(family)
+            d = inner.operands[0].type
+            spec = DISTRIBUTIONS[d.family] if isinstance(d, DistType) else None
             a = inner.params.annotation
             if a is not None and a.name not in ("reparam", "auto"):
                 diags.error(f"a draw inside an inner problem is sampled once per solve (a "

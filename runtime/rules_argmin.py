@@ -13,6 +13,8 @@ method without forward mode names when `jax.jvp` goes through it (`ForwardModeEr
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
@@ -36,16 +38,16 @@ def _argmin(ctx, op: Op, init):
     key = ctx.next_key() if any(ctx.lowering.key_uses(r) for r in op.regions) else None
 
     def evaluate(region: Region, x, thetas, fixed):
+        drawn = nullcontext()
         if key is not None:
-            *fixed, drawn = fixed
+            *fixed, k = fixed
+            drawn = ctx.scope(k, region)
         floats, others = iter(thetas), iter(fixed)
         values = jax.tree.unflatten(tree, [next(floats) if t else next(others) for t in is_theta])
         saved = {v: ctx.env[v] for v in captured}
         ctx.env.update(zip(captured, values))
         try:
-            if key is None:
-                return ctx.region(region, (unravel(x),))
-            with ctx.scope(drawn, region):
+            with drawn:
                 return ctx.region(region, (unravel(x),))
         finally:
             ctx.env.update(saved)

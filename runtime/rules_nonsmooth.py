@@ -20,8 +20,8 @@ from gradlang.ops import OPS
 from gradlang.shapes import is_power_of_two
 
 from .dtypes import JNP_DTYPES
-from .quantizers import hadamard, quantize_levels, quest_rotated
 from .perturbed import Factored
+from .quantizers import hadamard, quantize_levels, quest_rotated
 from .signature import ArgumentError
 
 
@@ -139,9 +139,13 @@ def _power_of_two_axis(rule):
     return checked
 
 
-NONSMOOTH_LOWERINGS = {name: _on_array(_power_of_two_axis(rule)) for name, rule in {
-    **PRIMALS, "sort": lambda ctx, op, x: jnp.sort(x, axis=op.params.axis),
-    "hadamard": lambda ctx, op, x: hadamard(x),
-    "stochastic_round": _stochastic_round,
-    "straight_through": _straight_through}.items()}
-NONSMOOTH_LOWERINGS["straight_through"] = _through_factored(NONSMOOTH_LOWERINGS["straight_through"])
+def _lowered(rule):
+    return _on_array(_power_of_two_axis(rule))
+
+
+NONSMOOTH_LOWERINGS = {
+    **{name: _lowered(rule) for name, rule in {
+        **PRIMALS, "sort": lambda ctx, op, x: jnp.sort(x, axis=op.params.axis),
+        "hadamard": lambda ctx, op, x: hadamard(x),
+        "stochastic_round": _stochastic_round}.items()},
+    "straight_through": _through_factored(_lowered(_straight_through))}
