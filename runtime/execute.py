@@ -16,7 +16,7 @@ import jax
 
 from gradlang.estimators.combine import combination_rule
 from gradlang.ir import HISTORY, Export, Module, externs_of, jax_functions_of, reachable
-from gradlang.types import KEY, DType, TensorType, scalar
+from gradlang.types import KEY, DType, TensorType, Type, scalar
 
 from .lower import Lowering
 from .multiobjective import Objective, minimize, takes_key
@@ -44,13 +44,12 @@ def signature_of(module: Module, export: Export) -> Signature:
 
 def _minimize_signature(module: Module, export: Export) -> Signature:
     """A `minimize` export takes its objectives' parameters (their union, in order of first
-    appearance), then `history` (f32[2, k],
-    for `dynamic`), then a key when an objective draws or PCGrad shuffles; its result type is
-    that of the values, f32[k]."""
+    appearance), then `history` (f32[2, k], for `dynamic`), then a key when an objective draws
+    or PCGrad shuffles; its result type is that of the values, f32[k]."""
     t = export.transform
     fns = [module.function(o.fn) for o in t.objectives]
     k = len(fns)
-    params = tuple({p.name: p.value.type for fn in fns for p in fn.params}.items())
+    params = _union(module, t)
     stateful = combination_rule(t.rule).stateful
     if stateful:
         params += ((HISTORY, TensorType(DType.F32, (2, k))),)
@@ -81,6 +80,13 @@ def _undifferentiable(f: Callable, export: Export, module: Module) -> Callable:
         f"leave their contribution out. Differentiate the expectation instead: `export g = "
         f"grad(expect({fn}, samples=N), wrt=[...])`, or jax.grad of `export e = expect({fn}, "
         f"samples=N)` (unbiased, through DiCE's magic box)"))
+
+
+def _union(module: Module, t) -> tuple[tuple[str, Type], ...]:
+    """A `minimize` export's objectives' parameters, by name in order of first appearance
+    (the multiobjective pass checked that a name has one type)."""
+    return tuple({p.name: p.value.type for o in t.objectives
+                  for p in module.function(o.fn).params}.items())
 
 
 def _draws(module: Module, export: Export) -> list[bool]:
@@ -129,9 +135,7 @@ def _export_function(module: Module, export: Export, externs: Mapping[str, objec
         objectives = [Objective(lowering.function(o.fn),
                                 tuple(p.name for p in module.function(o.fn).params), draws, o.by)
                       for o, draws in zip(t.objectives, _draws(module, export))]
-        names = [n for n, ty in signature.params[:len(signature.params) - signature.stateful]
-                 if ty is not KEY]
-        step = minimize(objectives, names, t.wrt, t.rule)
+        step = minimize(objectives, [n for n, _ in _union(module, t)], t.wrt, t.rule)
         return signature, casting(signature, step)
     f = Lowering(module, externs).function(signature.function)
     if signature.kind == "fn":
