@@ -78,26 +78,25 @@ def _on_mesh(signature, fn, sharding):
 def _compiled(signature, fn, sharding):
     """The export jit-compiled: on the mesh by `sharding` when there is one. One that calls
     externs (black boxes, Python callbacks) refuses jax.grad / jax.jvp with a gradlang error
-    (the artifact writer takes the raw function, whose callbacks it cuts the export at)."""
+    (the artifact writer takes the raw function, whose callbacks it cuts the export at); the
+    refusal goes inside the jit, so a sharded export keeps its `lower` and `place`."""
     import jax
 
+    if signature.externs:
+        from gradlang.runtime.host import ExternError
+        from gradlang.runtime.signature import without_derivatives
+
+        names = ", ".join(f"'{n}'" for n in signature.externs)
+        fn = without_derivatives(fn, ExternError(
+            f"export '{signature.name}' calls extern {names}, a black box with no derivative "
+            f"for jax.grad or jax.jvp to go through: export the gradient with a black-box "
+            f"estimator instead, grad(f, wrt=[...], by=spsa(eps=0.001)) (or by=es / "
+            f"by=eggroll), or bind a differentiable JAX function as a `jax fn`"))
     if sharding is None:
-        compiled = jax.jit(fn, donate_argnums=signature.donated)
-    else:
-        from gradlang.runtime.sharding import sharded
+        return jax.jit(fn, donate_argnums=signature.donated)
+    from gradlang.runtime.sharding import sharded
 
-        compiled = sharded(signature, fn, sharding)
-    if not signature.externs:
-        return compiled
-    from gradlang.runtime.host import ExternError
-    from gradlang.runtime.signature import without_derivatives
-
-    names = ", ".join(f"'{n}'" for n in signature.externs)
-    return without_derivatives(compiled, ExternError(
-        f"export '{signature.name}' calls extern {names}, a black box with no derivative for "
-        f"jax.grad or jax.jvp to go through: export the gradient with a black-box estimator "
-        f"instead, grad(f, wrt=[...], by=spsa(eps=0.001)) (or by=es / by=eggroll), or bind a "
-        f"differentiable JAX function as a `jax fn`"))
+    return sharded(signature, fn, sharding)
 
 
 class CompiledModule(_Exports):
