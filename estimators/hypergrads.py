@@ -24,6 +24,9 @@ captures and fixed the others (integers). `build` returns
   the rule applies the rule again, and the solver's loop is never differentiated. For
   box-projected solvers the system is restricted to the coordinates strictly inside the box
   (the others do not move).
+  With `sgd` (fresh draws at each step), the solution estimates the expected problem's, and
+  the linear solve and the mixed derivative evaluate the objective with the solve's key itself,
+  a sample set none of the steps used: one more fresh draw.
 - `unrolled`: reverse mode through the solver's loop; `truncated(k)`: through its last k steps.
 - `value_function`: Hessian-free and first order. With d = g / |g|, it re-solves the problem with
   objective f +- sigma d.x (warm started; constraints kept) and returns
@@ -61,8 +64,9 @@ Solve = Callable[[tuple, tuple, Array], tuple]
 class Inner:
     """One inner problem at run time: its solver, objective and constraints (None when
     unconstrained) on the flat variable, whether the solve reports its residual (one more
-    gradient evaluation), the jax fns its objective calls (None: none) and where the problem
-    is written (`file:line:col`, for messages)."""
+    gradient evaluation), the jax fns its objective calls (None: none), where the problem
+    is written (`file:line:col`, for messages) and whether it draws (`keyed`: the fixed values
+    end with the solve's key)."""
 
     solver: Solver
     objective: Callable
@@ -70,25 +74,37 @@ class Inner:
     report: bool
     opaque: Opaque | None = None
     where: str = "the inner problem"
+    keyed: bool = False
 
     def problem(self, thetas: tuple, fixed: tuple, shift: Array | None = None) -> Problem:
-        """The problem at thetas, its objective plus shift . x when a shift is given."""
-        def f(x):
-            value = self.objective(x, thetas, fixed)
-            return value if shift is None else value + jnp.vdot(shift, x)
+        """The problem at thetas, its objective plus shift . x when a shift is given; a solver
+        with fresh draws evaluates step k's objective at the key folded with k."""
+        def at(fixed):
+            def f(x):
+                value = self.objective(x, thetas, fixed)
+                return value if shift is None else value + jnp.vdot(shift, x)
+            return f
 
         c = None if self.constraints is None else (lambda x: self.constraints(x, thetas, fixed))
-        return Problem(f, c, self.solver, self.opaque)
+
+        def draw(x, k):  # step k's objective
+            *rest, key = fixed
+            return at((*rest, jax.random.fold_in(key, k)))(x)
+
+        fresh = self.keyed and self.solver.fresh_draws
+        return Problem(at(fixed), c, self.solver, self.opaque, draw if fresh else None)
 
     def forward(self, thetas: tuple, fixed: tuple, x0: Array, last: int = 0) -> State:
         """The solve; with last > 0, reverse mode sees only its last `last` steps."""
         p = self.problem(thetas, fixed)
         state = start(p, x0, multipliers(p, x0))
         steps, tol = self.solver.steps, self.solver.tol
-        if not last:
-            return run(p, state, steps, tol)
-        state = jax.lax.stop_gradient(run(p, state, steps - last, tol))
-        return run(p, fresh(p, state), last, 0.0)
+        if last:
+            state = jax.lax.stop_gradient(run(p, state, steps - last, tol))
+            state = run(p, fresh(p, state), last, 0.0)
+        else:
+            state = run(p, state, steps, tol)
+        return state._replace(x=self.solver.returned(state.x, state.aux))
 
     def result(self, thetas: tuple, fixed: tuple, state: State) -> tuple:
         """The solution, its residual (0 unless `report`) and the steps taken."""
@@ -303,6 +319,13 @@ class ValueFunction(CustomBackward):
 
     def completed(self, solver):
         return self if self.steps is not None else replace(self, steps=solver.steps)
+
+    def problem(self, solver, constrained):
+        if solver.fresh_draws:
+            return (f"value_function differences two re-solves of the problem over sigma, "
+                    f"which {solver.name}'s fresh draws at every step make noisy; use implicit, "
+                    f"unrolled or truncated(k)")
+        return super().problem(solver, constrained)
 
     def backward(self, inner, state, thetas, fixed, g):
         norm = jnp.linalg.norm(g)

@@ -1,12 +1,14 @@
 """Inner solvers for `argmin` (`via SOLVER(options)`), one frozen dataclass each, and the runner
 that drives them as XLA loops on the flattened inner variable.
 
-A solver's fields are its options (`gradlang.options`; every solver has `steps` and `tol`);
-beside them it declares its update `x, g, aux, k -> x', aux'` from the iterate x and its
-gradient g, the auxiliary state the update carries (`init`), whether it takes `subject to`
-constraints and whether reverse mode can go through its loop. The hypergradient pass checks
-and completes solvers through `SOLVERS` (`solver_of`); the lowering of `argmin` builds the
-solver from the op's annotation the same way and runs it (`estimators.hypergrads`).
+A solver's fields are its options (`gradlang.options`; every solver has `steps` and, but for
+`sgd`, `tol`); beside them it declares its update `x, g, aux, k -> x', aux'` from the iterate x
+and its gradient g, the auxiliary state the update carries (`init`), the solution it returns
+(`returned`: the last iterate, or `sgd`'s average), whether it takes `subject to` constraints,
+whether reverse mode can go through its loop and whether each step draws afresh. The
+hypergradient pass checks and completes solvers through `SOLVERS` (`solver_of`); the lowering
+of `argmin` builds the solver from the op's annotation the same way and runs it
+(`estimators.hypergrads`).
 
 One runner (`run`) drives every solver: a `fori_loop` of `steps` iterations, or, when
 `tol > 0`, a `while_loop` that stops once the residual is at most `tol` (at most `steps`
@@ -14,6 +16,12 @@ iterations). With `subject to` constraints c(x) <= 0 the gradient is that of the
 f + lam . c and the multipliers take a projected ascent step lam <- max(0, lam + rho c(x))
 after each primal step (a first-order primal-dual method on the augmented Lagrangian). The
 residual is the norm of the (projected) gradient, plus the constraint violation.
+
+The problem of a solve that draws takes one key (`runtime.rules_argmin`). Every solver but
+`sgd` evaluates the objective with that key at every step: the same samples throughout, a
+sample-average approximation. `sgd` (`fresh_draws`) evaluates step k's gradient with
+`fold_in(key, k)`: fresh samples at every step, so it solves the expected problem (stochastic
+approximation, Robbins and Monro 1951), and the key itself is left to the hypergradient.
 """
 
 from __future__ import annotations
@@ -44,6 +52,9 @@ class Solver:
     """Reverse mode can go through its loop (False: it searches its step in a while loop)."""
     forward_mode: ClassVar[bool] = False
     """Its steps take forward-mode derivatives of the objective (Hessian-vector products)."""
+    fresh_draws: ClassVar[bool] = False
+    """A problem that draws takes fresh samples at each of its steps (step k's key is the
+    solve's folded with k), not the solve's one sample set."""
     lr: ClassVar[float] = 1.0
     """Its step size (an option of the solvers that have one; 1, the first trial step, for
     those with a line search): the step of implicit differentiation's Neumann series."""
@@ -61,6 +72,10 @@ class Solver:
     def update(self, p: Problem, x: Array, g: Array, aux: Any, k: Array) -> tuple[Array, Any]:
         """The next iterate and auxiliary state from iterate x, its gradient g and step k."""
         raise NotImplementedError(self.name)
+
+    def returned(self, x: Array, aux: Any) -> Array:
+        """The solution it returns from its last iterate x and auxiliary state aux."""
+        return x
 
     def project(self, x: Array) -> Array:
         """x in the feasible set its steps keep to (all of space but for `projected`)."""
@@ -220,6 +235,39 @@ class Projected(Solver):
         return ((x > self.lower) & (x < self.upper)).astype(x.dtype)
 
 
+@dataclass(frozen=True)
+class Sgd(Solver):
+    """Stochastic gradient descent: step k's gradient from fresh draws, step size
+    lr / (1 + decay k), and the solution the mean of the last `average` fraction of the
+    iterates (at least the last one): Polyak-Ruppert averaging (Polyak and Juditsky 1992),
+    whose error shrinks as 1 / sqrt(the averaged steps) even at a constant step. It has no
+    `tol`: a residual of sampled gradients measures their noise, not convergence."""
+
+    name: ClassVar[str] = "sgd"
+    fresh_draws: ClassVar[bool] = True
+    tol: ClassVar[float] = 0.0
+    steps: int = option(1000)
+    lr: float = option(0.01)
+    decay: float = option(0.0, "non-negative")
+    average: float = option(0.5, "non-negative", most=1)
+
+    @property
+    def averaged(self) -> int:
+        """How many of the last iterates the solution averages."""
+        return max(1, round(self.average * self.steps))
+
+    def init(self, x):
+        return jnp.zeros_like(x)  # the mean of the averaged iterates so far
+
+    def update(self, p, x, g, mean, k):
+        x = x - self.lr / (1 + self.decay * k) * g
+        j = k + 1 - (self.steps - self.averaged)  # x's place among the averaged (from 1)
+        return x, jnp.where(j > 0, mean + (x - mean) / jnp.maximum(j, 1), mean)
+
+    def returned(self, x, mean):
+        return mean
+
+
 def _primal_dual(solver: type[Solver]) -> type[Solver]:
     """`solver`'s options for a problem with `subject to`: the multipliers' step `rho` last."""
     return make_dataclass(f"PrimalDual{solver.__name__}", [("rho", float, option(1.0))],
@@ -227,7 +275,7 @@ def _primal_dual(solver: type[Solver]) -> type[Solver]:
 
 
 SOLVERS: dict[str, type[Solver]] = {s.name: s for s in (
-    Gd, Momentum, Adam, Lbfgs, NewtonCg, Projected)}
+    Gd, Momentum, Adam, Lbfgs, NewtonCg, Projected, Sgd)}
 """Every inner solver, by name."""
 CONSTRAINED: dict[str, type[Solver]] = {
     name: _primal_dual(s) for name, s in SOLVERS.items() if s.takes_constraints}
@@ -292,15 +340,18 @@ def _custom_lin(jaxpr) -> bool:
 @dataclass(frozen=True)
 class Problem:
     """An inner problem on a flat variable: objective, constraints (c <= 0, flat; None when
-    unconstrained) and its solver; `opaque`: the jax fns its objective calls (None: none)."""
+    unconstrained) and its solver; `opaque`: the jax fns its objective calls (None: none);
+    `draw`: the objective at x with step k's fresh draws (None: f at every step)."""
 
     f: Callable[[Array], Array]
     c: Callable[[Array], Array] | None
     solver: Solver
     opaque: Opaque | None = None
+    draw: Callable[[Array, Array], Array] | None = None
 
-    def lagrangian_grad(self, x: Array, lam: Array) -> Array:
-        g = jax.grad(self.f)(x)
+    def lagrangian_grad(self, x: Array, lam: Array, k: Array) -> Array:
+        """The gradient of the Lagrangian at x for step k."""
+        g = jax.grad(self.f if self.draw is None else lambda x: self.draw(x, k))(x)
         if self.c is None:
             return g
         return g + jax.vjp(self.c, x)[1](lam)[0]
@@ -357,7 +408,7 @@ def krylov(method: str, matvec: Callable[[Array], Array], b: Array, iters: int,
 def start(p: Problem, x0: Array, lam0: Array) -> State:
     x0 = p.solver.project(x0)
     k = jnp.zeros((), jnp.int32)
-    return State(k, x0, p.lagrangian_grad(x0, lam0), lam0, p.solver.init(x0))
+    return State(k, x0, p.lagrangian_grad(x0, lam0, k), lam0, p.solver.init(x0))
 
 
 def step(p: Problem, s: State, regrad: bool = True) -> State:
@@ -366,7 +417,7 @@ def step(p: Problem, s: State, regrad: bool = True) -> State:
     lam = s.lam
     if p.c is not None:
         lam = jnp.maximum(0.0, lam + p.solver.rho * p.c(x))
-    return State(s.k + 1, x, p.lagrangian_grad(x, lam) if regrad else s.g, lam, aux)
+    return State(s.k + 1, x, p.lagrangian_grad(x, lam, s.k + 1) if regrad else s.g, lam, aux)
 
 
 def run(p: Problem, s: State, steps: int, tol: float) -> State:
@@ -384,8 +435,8 @@ def run(p: Problem, s: State, steps: int, tol: float) -> State:
 
 
 def fresh(p: Problem, s: State) -> State:
-    """s with the gradient at its iterate."""
-    return s._replace(g=p.lagrangian_grad(s.x, s.lam))
+    """s with the gradient at its iterate (for its step: fresh draws with `sgd`)."""
+    return s._replace(g=p.lagrangian_grad(s.x, s.lam, s.k))
 
 
 def multipliers(p: Problem, x: Array) -> Array:

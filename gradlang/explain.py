@@ -327,10 +327,7 @@ def _export(module: Module, export, flow: dict) -> list[str]:
         rows += [[_at(h.function, h.span), str(h.solver), str(h.method), h.why]
                  for h in inner]
         lines += table(rows, "    ")
-        lines += [f"    {_at(h.function, h.span)} draws: a sample-average approximation, its "
-                  f"draws taken once per solve from one key; the hypergradient is exact for the "
-                  f"sampled problem, and for the expected one biased by O(1 / the samples)"
-                  for h in inner if h.sampled]
+        lines += [f"    {_at(h.function, h.span)} draws: {h.draws}" for h in inner if h.draws]
     if nonsmooth:
         lines.append(f"  non-smooth operations ({len(nonsmooth)}), with their backward rules:")
         lines += table([["op", "where", "backward rule"]] + nonsmooth, "    ")

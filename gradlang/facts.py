@@ -79,8 +79,9 @@ class InnerProblem:
     solver: Annotation
     method: Annotation
     why: str
-    sampled: bool = False
-    """Its objective draws: a sample-average approximation, one key per solve."""
+    draws: str = ""
+    """How its objective's draws are taken (one key per solve) and the bias that makes to its
+    hypergradient (empty: it does not draw)."""
 
 
 @dataclass(frozen=True)

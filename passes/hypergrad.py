@@ -6,8 +6,10 @@ iterations, or stop early at residual `tol` when tol > 0. Methods (`estimators.h
 `implicit(cg | gmres | neumann, iters, tol, damping)`, the default for unconstrained problems;
 `value_function(sigma, steps)`, the default for constrained ones; `unrolled`; `truncated(k)`.
 The choice, completed with every option's value, is written into the op; `explain` reads the
-`hypergrad` fact. A problem whose objective draws is a sample-average approximation (one key
-per solve, `runtime.rules_argmin`); this pass checks that its draws keep it differentiable.
+`hypergrad` fact. A problem whose objective draws takes one key per solve
+(`runtime.rules_argmin`): a sample-average approximation, or, with `sgd`, fresh draws at every
+step; this pass checks that its draws keep it differentiable, and records for `explain` how it
+samples and the bias that makes (`_sampling`).
 """
 
 from __future__ import annotations
@@ -138,10 +140,35 @@ def _choose(fn: str, op: Op, diags: Diagnostics, found: list, draws: bool) -> Op
         return op
     _warn_kinks(op, method, diags)
     _check_nested(op, solver, method, diags)
+    if solver.fresh_draws and not draws:
+        diags.warning(f"this inner problem does not draw, so {solver.name}'s steps have no "
+                      f"fresh samples to take: it runs as gradient descent with step "
+                      f"lr / (1 + decay k), averaging its last iterates; for a deterministic "
+                      f"problem use gd or lbfgs", p.solver.span)
     solved = replace(p.solver, options=rendered(solver))
     hyper = replace(given, options=rendered(method))
-    found.append(InnerProblem(fn, op.span, solved, hyper, why, draws))
+    found.append(InnerProblem(fn, op.span, solved, hyper, why,
+                              _sampling(solver, method) if draws else ""))
     return replace(op, params=replace(p, solver=solved, hyper=hyper))
+
+
+def _sampling(solver: Solver, method: Method) -> str:
+    """How a problem that draws takes its samples, and what that does to its hypergradient."""
+    if not solver.fresh_draws:
+        return ("a sample-average approximation, its draws taken once per solve from one key; "
+                "the hypergradient is exact for the sampled problem, and for the expected one "
+                "biased by O(1 / the samples)")
+    solution = (f"{solver.name}, fresh draws at every step (the solve's key folded with the "
+                f"step), its solution the mean of its last iterates, which tends to the expected "
+                f"problem's (its error, SGD's noise, shrinks as 1 / sqrt(the averaged steps))")
+    if isinstance(method, Implicit):
+        return solution + ("; implicit differentiation at it takes its Hessian-vector products "
+                           "and mixed derivative from one more fresh draw (the solve's key): "
+                           "for the expected problem biased by O(1 / the samples of one draw), "
+                           "from inverting a sampled Hessian, and O(the solution's variance)")
+    return solution + (f"; {method.label} differentiates this run's sampled steps: biased, as "
+                       f"for a deterministic solver, by the steps short of convergence, and by "
+                       f"O(the solution's variance)")
 
 
 def _warn_kinks(op: Op, method: Method, diags: Diagnostics) -> None:

@@ -34,7 +34,8 @@ def _argmin(ctx, op: Op, init):
     sign = -1.0 if p.maximize else 1.0
     x0, unravel = ravel_pytree(ctx.coerce(init, op.results[0].type))
     # a problem that draws takes one key per solve, passed with the fixed leaves: every
-    # evaluation of its objective sees the same samples (a sample-average approximation)
+    # evaluation of its objective sees the same samples (a sample-average approximation), but
+    # for a solver with fresh draws, whose steps fold it with their index
     key = ctx.next_key() if any(ctx.lowering.key_uses(r) for r in op.regions) else None
 
     def evaluate(region: Region, x, thetas, fixed):
@@ -64,7 +65,7 @@ def _argmin(ctx, op: Op, init):
     where = f"{ctx.file}:{op.span.line}:{op.span.col}"
     solve = method_of(p.hyper, solver, constrained).build(
         Inner(solver, objective, constraints if constrained else None, len(op.results) > 1,
-              _opaque(ctx, op, where), where))
+              _opaque(ctx, op, where), where, key is not None))
     # the other leaves (integers: a loop index, a report's steps) are arguments too, never
     # closed over: the backward pass is traced outside the region that made them
     fixed = tuple(leaf for leaf, t in zip(leaves, is_theta) if not t)
