@@ -92,6 +92,10 @@ class SiteEstimator:
     """With `control`: the estimator to suggest where psi cannot be threaded through calls."""
     relaxed: ClassVar[bool] = False
     """It differentiates a continuous relaxation of a discrete draw."""
+    nested: ClassVar[str] = "its estimate is built for first derivatives only"
+    """Why its estimate cannot be differentiated again, as `grad(f, ...)(args)` in a body
+    under a differentiated export needs ("" when it can: its derivatives of every order are
+    those of a differentiable function of the parameters)."""
     model_forward: ClassVar[bool] = True
     """The program as compiled computes the model's value, so that `verify` may difference
     it for a reference (False: a relaxed draw's forward, or branches whose evaluations it

@@ -26,6 +26,7 @@ def why_not_pathwise(spec: DistSpec) -> str:
 class Reparam(SiteEstimator):
     name = "reparam"
     label = "pathwise (reparam)"
+    nested = ""
 
     def problem(self, spec: DistSpec) -> str | None:
         if spec.reparam:
@@ -43,6 +44,7 @@ class Dreg(Reparam):
     label = "pathwise, doubly reparameterized (DReG)"
     role = "dreg"
     shifted = True
+    nested = "DReG stops the density's parameters for the first derivative only"
 
     def sample(self, key, d, site: SampleParams, sampling):
         return super().sample(key, d, site, sampling) + sampling.shifts[site.shift]

@@ -29,6 +29,7 @@ class Gumbel(SiteEstimator):
     label = "Gumbel-softmax"
     Options = Temperature
     relaxed = True
+    nested = ""  # the relaxation's derivatives, biased by design as its first one
     model_forward = False
     hard = False
     relaxation = "the Gumbel-softmax relaxation"

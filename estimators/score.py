@@ -46,6 +46,8 @@ class Score(SiteEstimator):
     label = "score function"
     Options = ScoreOptions
     role = "score"
+    nested = ("a grad(...) in a body opens an expectation of its own, and crediting the draw "
+              "in the enclosing one too (DiCE's outer term) is not built yet")
 
     def problem(self, spec: DistSpec) -> str | None:
         if spec.fixed_support:

@@ -16,10 +16,12 @@ from .options import number_problem
 from .ir import (PRIVATE, Combination, Composition, Export, Function, Objective, Op, Param,
                  Region, StructDef, Transform, Value)
 from .ops import (ArgminParams, CallParams, HostParams, CastParams, ConstParams, Annotation, ExpectParams, ForParams,
-                  GetParams, IndexItem, IndexParams, NameParams, NoParams, SampledParams, SampleParams)
+                  GetParams, GradParams, IndexItem, IndexParams, NameParams, NoParams, SampledParams, SampleParams)
 from .types import DType, NamedType, TensorType, TupleType, Type
 
 TRANSFORMS = ("grad", "value_and_grad", "descend", "minimize")
+GRADIENTS = ("grad", "value_and_grad")
+"""The transforms a function body may apply to arguments: `grad(f, wrt=[w])(w, x)`."""
 MODULE_ATTRIBUTES = ("artifact", "exported", "exports", "header", "ir", "save", "stablehlo",
                      "verify")
 """The public attributes of the Python modules that hold the exports (`gradlang.api`'s
@@ -631,6 +633,8 @@ class _FunctionBuilder:
         return value
 
     def expr_Call(self, e: ast.Call) -> Value:
+        if isinstance(e.func, ast.Call) and _dotted(e.func.func) in GRADIENTS:
+            return self.gradient(e)
         callee = _dotted(e.func)
         if callee is not None and callee.split(".")[0] in self.block.scope:
             local = callee.split(".")[0]
@@ -640,21 +644,69 @@ class _FunctionBuilder:
         if callee is None:
             return self.error_value("only functions can be called, by name (e.g. f(x))",
                                     e.func.span)
+        if callee in GRADIENTS:
+            return self.error_value(f"{callee}(f, wrt=[...]) in a function body is applied to "
+                                    f"arguments, e.g. {callee}(f, wrt=[w])(w, x)", e.span)
         if callee in TRANSFORMS + ("compose",):
             return self.error_value(f"{callee}(...) can only be used in an export", e.span)
         if callee in SCOPES:
             return self.expect(e)
+        operands, kwnames, spans = self.call_args(e)
+        return self.emit("call", operands, CallParams(callee, kwnames), e.span,
+                         arg_spans=spans).result
+
+    def call_args(self, e: ast.Call) -> tuple[tuple[Value, ...], tuple[str, ...],
+                                              tuple[tuple[str, Span], ...]]:
+        """A call's operands (positional, then keyword), keyword names and argument spans."""
         seen: set[str] = set()
         for k in e.kwargs:
             if k.name in seen:
                 self.diags.error(f"keyword argument '{k.name}' given twice", k.span)
             seen.add(k.name)
         operands = tuple(self.expr(a) for a in e.args) + tuple(self.expr(k.value) for k in e.kwargs)
-        kwnames = tuple(k.name for k in e.kwargs)
         spans = (tuple(("", a.span) for a in e.args)
                  + tuple((k.name, k.value.span) for k in e.kwargs))
-        return self.emit("call", operands, CallParams(callee, kwnames), e.span,
-                         arg_spans=spans).result
+        return operands, tuple(k.name for k in e.kwargs), spans
+
+    def gradient(self, e: ast.Call) -> Value:
+        """`grad(f, wrt=[w])(args)` / `value_and_grad(...)(args)`, f perhaps `expect(f,
+        samples=N)`: a `grad` op whose region calls f on its arguments (resolve finds the
+        wrt parameters among them)."""
+        g: ast.Call = e.func  # type: ignore[assignment]
+        kind = _dotted(g.func)
+        target = g.args[0] if len(g.args) == 1 else None
+        scope = _scope(target) if target is not None else None
+        inner = target.args[0] if scope is not None and len(target.args) == 1 else target
+        name = _dotted(inner) if inner is not None else None
+        if name is None:
+            return self.error_value(f"{kind} takes one function name (or expect(f, samples=N)) "
+                                    f"and wrt=[...], then the arguments: {kind}(f, wrt=[w])(w, x)",
+                                    g.span)
+        for k in g.kwargs:
+            if k.name != "wrt":
+                return self.error_value(f"unknown option '{k.name}' for {kind} in a function "
+                                        f"body; it takes wrt=[...] only", k.span)
+        wrt = _wrt(g, kind, self.diags)
+        n = _samples_option(target, self.diags) if scope is not None else 0
+        operands, kwnames, spans = self.call_args(e)
+        if wrt is None or n is None:
+            return self.emit("error", operands, NoParams(), e.span).result
+        if len(set(wrt[0])) != len(wrt[0]):
+            return self.error_value("a parameter is named twice in wrt", g.span)
+        args = {f"{i}@": Value(hint=f"arg{i}") for i in range(len(operands))}
+
+        def call() -> tuple[Value, ...]:
+            params = CallParams(name, kwnames)
+            value = self.emit("call", tuple(args.values()), params, e.span, arg_spans=spans).result
+            if not n:
+                return (value,)
+            region = Region((), (self.block.ops.pop(),), (value,))
+            return (self.emit("expect", (), ExpectParams(n, kind=scope), target.span,
+                              regions=(region,)).result,)
+
+        region = self.region(args, call)
+        return self.emit("grad", operands, GradParams(name, wrt[0], value=kind == GRADIENTS[1]),
+                         e.span, regions=(region,), arg_spans=spans).result
 
     def expect(self, e: ast.Call) -> Value:
         """`expect(expr, samples=N)` / `logmeanexp(expr, samples=N)`: expr is evaluated N

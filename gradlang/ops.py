@@ -456,6 +456,18 @@ class ArgminParams:
 
 
 @dataclass(frozen=True)
+class GradParams:
+    """`grad(f, wrt=[a, b])(args)` in a body: `fn` as written, the differentiated parameters
+    and (after resolve) the positions of the region arguments given for them; `value`: with
+    the value first (`value_and_grad`)."""
+
+    fn: str
+    wrt: tuple[str, ...]
+    argnums: tuple[int, ...] = ()
+    value: bool = field(default=False, metadata={"omit_default": True})
+
+
+@dataclass(frozen=True)
 class STParams:
     """A non-smooth op (`op` with its `params`) whose backward is `rule`."""
 
@@ -495,6 +507,15 @@ def _verify_samples(op) -> str | None:
     if len(op.results) != want:
         return (f"has {len(op.results)} results; its region yields "
                 f"{len(op.regions[0].results)} and it has {op.params.shifts} shifts")
+    return None
+
+
+def _verify_grad(op) -> str | None:
+    """One region with an argument per operand, yielding the objective; argnums among them."""
+    if len(op.regions) != 1 or len(op.regions[0].args) != len(op.operands):
+        return "needs one region with an argument per operand"
+    if any(not 0 <= i < len(op.operands) for i in op.params.argnums):
+        return f"differentiates argument positions {op.params.argnums} of {len(op.operands)}"
     return None
 
 
@@ -630,6 +651,10 @@ OPS: dict[str, OpDef] = {
         *_defs("argmin", ArgminParams, "",
                "the minimizer of its region's scalar objective over the region's argument, "
                "started at the operand"),
+        *_defs("grad", GradParams, "",
+               "the gradient (after the value, with `value`) of its region's scalar objective "
+               "with respect to the region arguments at `argnums`, at the operands",
+               _verify_grad),
         *_defs("straight_through", STParams, "",
                "a non-smooth op's exact value with the derivative of its rule (custom_jvp)"),
         *_defs("dist", DistParams, "", "a distribution (batch) from its parameters"),

@@ -113,6 +113,9 @@ class _Analysis:
                 for r, t in zip(op.results, carries):
                     taint[r] = t if has_float_leaf(r.type) else empty
                 continue
+            if op.name == "grad":  # its arguments carry the operands' taint
+                taint.update((a, taint.get(v, empty)) for a, v in zip(op.regions[0].args,
+                                                                      op.operands))
             for r in op.regions:
                 self._forward_region(r, taint, defs)
             source = defs.get(op.operands[0]) if op.operands else None
@@ -158,6 +161,8 @@ class _Analysis:
                 for r in op.regions:
                     reach.update(r.results)
                     self._backward_region(r, reach)
+                if op.name == "grad":  # not argmin: its solution does not depend on the start
+                    reach.update(v for a, v in zip(op.regions[0].args, op.operands) if a in reach)
             elif op.name == "call_fn":
                 flows = self.summary(op.params.callee)
                 reach.update(v for v, f in zip(op.operands, flows) if f)

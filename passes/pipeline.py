@@ -20,6 +20,7 @@ from .estimators import Estimators
 from .gradflow import GradFlow
 from .hypergrad import Hypergrad
 from .multiobjective import Multiobjective
+from .nested_grad import NestedGrad
 from .privacy import Privacy
 from .resolve import Resolve
 from .straight_through import StraightThrough
@@ -43,7 +44,7 @@ class Pass(Protocol):
 
 PIPELINE: tuple[Pass, ...] = (Resolve(), Typecheck(), Aux(), Compose(), ZerothOrder(),
                               Multiobjective(), GradFlow(), StraightThrough(), Hypergrad(),
-                              Estimators(), Surrogate(), Privacy())
+                              Estimators(), NestedGrad(), Surrogate(), Privacy())
 PASSES: dict[str, Pass] = {p.name: p for p in PIPELINE}
 
 _TYPED = {"resolved": True, "typed": True}
@@ -51,7 +52,7 @@ _VERIFY_AFTER = {"resolve": {"resolved": True}, "typecheck": _TYPED, "aux": _TYP
                  "compose": _TYPED,
                  "zeroth_order": _TYPED, "multiobjective": _TYPED, "gradflow": _TYPED,
                  "straight_through": _TYPED, "hypergrad": _TYPED, "estimators": _TYPED,
-                 "surrogate": _TYPED, "privacy": _TYPED}
+                 "nested_grad": _TYPED, "surrogate": _TYPED, "privacy": _TYPED}
 
 
 def parse_pipeline(text: str) -> tuple[Pass, ...]:

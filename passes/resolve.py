@@ -667,10 +667,35 @@ class _FunctionResolver:
             return self.call(op)
         if op.name == "for":
             return self.loop(op)
+        if op.name == "grad":
+            return self.gradient(op)
         self.reject_lists(op, op.operands)
         if op.name == "getfield":
             return self.getfield(op)
         return op
+
+    def gradient(self, op: Op) -> Op:
+        """`grad(f, wrt=[...])(args)`: f must be a function of the user's (its call, resolved,
+        is in the region, perhaps in an expect); each wrt parameter becomes the position of
+        the region argument given for it."""
+        self.reject_lists(op, op.operands)
+        p = op.params
+        region = op.regions[0]
+        call = next((o for o in walk(region) if o.name in ("call_fn", "error")), None)
+        if call is None:
+            return self.error_op(op, f"grad differentiates a function of yours; '{p.fn}' is not "
+                                     f"one: call it in a function and differentiate that")
+        if call.name == "error":
+            return self.failed(op)
+        fn = self.scope.lookup(p.fn)[1]
+        names = [q.name for q in fn.params]
+        argnums = []
+        for w in p.wrt:
+            if w not in names:
+                return self.error_op(op, f"'{w}' is not a parameter of '{fn.name}' (parameters: "
+                                         f"{', '.join(names)})" + _did_you_mean(w, names))
+            argnums.append(region.args.index(call.operands[names.index(w)]))
+        return replace(op, params=replace(p, fn=fn.name, argnums=tuple(argnums)))
 
     def getfield(self, op: Op) -> Op:
         """A field of a struct built in place is known now: check that it exists."""

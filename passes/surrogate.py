@@ -36,7 +36,7 @@ from gradlang.diagnostics import Diagnostics, Span
 from gradlang.estimators import REGISTRY, SiteEstimator
 from gradlang.estimators.combine import combination_rule
 from gradlang.ir import Export, Function, Module, Op, Param, Region, Value
-from gradlang.ops import (Annotation, CalleeParams, ConstParams, ExpectParams, NoParams,
+from gradlang.ops import (OPS, Annotation, CalleeParams, ConstParams, ExpectParams, NoParams,
                           ReduceParams, ShapeParams, SurrogateParams)
 from gradlang.types import Dim, DType, TensorType, TupleType, Type, scalar
 
@@ -150,6 +150,8 @@ class _Rewriter:
             for op in region.ops:
                 if op.name == "expect":
                     self.expect(op)
+                elif op.name == "grad":
+                    self.gradient(op)
                 else:
                     self.ops.append(replace(op, regions=tuple(self.body(r) for r in op.regions))
                                     if op.regions else op)
@@ -202,6 +204,8 @@ class _Rewriter:
             self.loop(op, units)
         elif op.name == "expect":
             self.expect(op)
+        elif op.name == "grad":
+            self.gradient(op)
         elif op.name == "argmin":  # a sample-average problem: its expectations are means
             self.ops.append(replace(op, regions=tuple(self.body(r) for r in op.regions)))
         else:
@@ -371,22 +375,40 @@ class _Rewriter:
             units.append(_Unit(g, v, [s for b in per for u in b for s in u.spans], op.results, whole))
 
     def expect(self, op: Op) -> None:
-        saved, self.scope_state = self.scope_state, _Scope(kind=op.params.kind)
+        ops = self.nested(op.regions[0], op.params.kind, op.params.samples, op.span)
+        self.ops += ops[:-1] + [replace(ops[-1], results=op.results)]
+
+    def gradient(self, op: Op) -> None:
+        """`grad(f, ...)(args)`: a region that draws (outside an expect of its own) is an
+        expectation of one sample, whose surrogate the op differentiates where it stands; its
+        draws are not the enclosing scope's."""
+        (region,) = op.regions
+        if not any(o.name != "expect" and ("random" in OPS[o.name].traits or (
+                o.name == "call_fn" and o.params.callee in self.random)) for o in region.ops):
+            self.ops.append(replace(op, regions=(self.body(region),)))
+            return
+        ops = self.nested(replace(region, args=()), "expect", 1, op.span)
+        body = Region(region.args, tuple(ops), ops[-1].results[:1])
+        self.ops.append(replace(op, regions=(body,)))
+
+    def nested(self, region: Region, kind: str, n: int, span: Span | None) -> list[Op]:
+        """The ops of an expectation nested in a body (an `expect`, a `grad`'s objective)."""
+        saved, self.scope_state = self.scope_state, _Scope(kind=kind)
         try:
-            region, units = self.region(op.regions[0])
+            region, units = self.region(region)
             for u in units:
                 if u.group == "ma":
-                    for span in u.spans:
+                    for site in u.spans:
                         self.diags.error("baseline=ma keeps a running average across calls, which "
                                          "only the export's own expectation can carry (as its "
                                          "'baseline' argument and result); use loo or grpo inside "
-                                         "expect(...)", span)
+                                         "expect(...) and grad(...)", site)
             label, self.label = self.label, ""
-            ops = self.scope(region, units, op.params.samples, op.span)
+            ops = self.scope(region, units, n, span)
             self.label = label
         finally:
             self.scope_state = saved
-        self.ops += ops[:-1] + [replace(ops[-1], results=op.results)]
+        return ops
 
     # ---- the expectation itself
 
@@ -671,18 +693,12 @@ class _Rewriter:
         return Param(name, Value(control.params[0].value.type, name), span)
 
 
-def _stateless(whole: Export, part: Export, wrapper: Function, diags: Diagnostics) -> None:
-    """An objective of `minimize` carries no state across calls (the export threads only its
-    combination rule's), nor does a black-box gradient (its perturbed evaluations would each
-    update it)."""
+def _stateless(part: Export, wrapper: Function, diags: Diagnostics) -> None:
+    """A black-box gradient (of an export, or of one objective of `minimize`) carries no state
+    across calls: its perturbed evaluations would each update it."""
     est = _controlled_by(wrapper)
-    black_box = whole.transform.black_box
-    if whole.transform.kind == "minimize":
-        what = "a moving-average baseline" if est is None else _acronym(est)
-        diags.error(f"this objective of minimize uses {what}, whose state minimize does not "
-                    f"thread through calls; use baseline=loo (or another stateless estimator)",
-                    part.fn_span)
-    elif black_box is not None:
+    black_box = part.transform.black_box
+    if black_box is not None:
         what, fix = (("a moving-average baseline", "baseline=loo") if est is None
                      else (f"a {_acronym(est)} control variate", est.stateless))
         diags.error(f"by={black_box.name} cannot thread {what} through its perturbed "
@@ -808,7 +824,7 @@ class Surrogate:
                     if (wrapper.params[-1].name in ("baseline", "control")
                             and isinstance(wrapper.result_type, TupleType)):
                         stateful.add(wrapper.name)
-                        _stateless(whole, export, wrapper, diags)
+                        _stateless(export, wrapper, diags)
                 parts.append(export)
             exports.append(whole.joined(tuple(parts)))
         return replace(module, functions=tuple(functions), exports=tuple(exports),

@@ -642,6 +642,8 @@ class _FunctionChecker:
             return replace(op, results=results, regions=(body,))
         if op.name == "argmin":
             return self.argmin_op(op, args)
+        if op.name == "grad":
+            return self.grad_op(op, args)
         types: tuple[Type, ...]
         if op.name == "error" or any(a.type is ERROR for a in args):
             types = (ERROR,) * len(op.results)
@@ -761,6 +763,38 @@ class _FunctionChecker:
         types = (declared, SOLVER_REPORT)[:len(op.results)] if ok else (ERROR,) * len(op.results)
         results = tuple(self.new(r, t) for r, t in zip(op.results, types))
         return replace(op, operands=tuple(args), results=results, regions=(body, *constraints))
+
+    def grad_op(self, op: Op, args: list[Value]) -> Op:
+        """`grad(f, wrt=[...])(args)`: the region's arguments are typed as the parameters they
+        are passed for; f must return a float scalar and each wrt parameter be a float tensor
+        or a struct of them. The gradient has each wrt parameter's type (a tuple of them for
+        several); `value_and_grad` puts the value first."""
+        p: O.GradParams = op.params
+        call = next(o for o in walk(op.regions[0]) if o.name == "call_fn")
+        fn = self.ctx.module.function(call.params.callee)
+        declared = {a: q.value.type for a, q in zip(call.operands, fn.params)}
+        types = tuple(ERROR if a.type is ERROR else _weak_as(self.ctx, a, declared[r])
+                      for a, r in zip(args, op.regions[0].args))
+        body = self.region(op.regions[0], types)
+        (objective,) = body.results
+        ok = objective.type is not ERROR and all(types[i] is not ERROR for i in p.argnums)
+        t = objective.type
+        what = "value_and_grad" if p.value else "grad"
+        if ok and not (isinstance(t, TensorType) and t.rank == 0 and t.dtype.is_float):
+            self.diags.error(f"{what} differentiates a float scalar; '{fn.name}' returns {t}",
+                             op.span)
+            ok = False
+        for w, i in zip(p.wrt, p.argnums):
+            if ok and not is_float_tree(types[i]):
+                self.diags.error(f"{what} with respect to '{w}' needs a float tensor or a struct "
+                                 f"of them; it is {types[i]}", op.span)
+                ok = False
+        grads = tuple(types[i] for i in p.argnums)
+        result: Type = grads[0] if len(grads) == 1 else TupleType(grads)
+        if p.value:
+            result = TupleType((t, result))
+        results = (self.new(op.results[0], result if ok else ERROR),)
+        return replace(op, operands=tuple(args), results=results, regions=(body,))
 
     def for_op(self, op: Op, args: list[Value]) -> Op:
         p: O.ForParams = op.params

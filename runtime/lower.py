@@ -218,7 +218,7 @@ class Lowering:
                 n += sum(self.key_uses(r) for r in op.regions)
             elif op.name == "for":
                 n += min(1, self.key_uses(op.regions[0]))
-            elif op.name == "argmin":  # one key per solve: its draws (a sample average)
+            elif op.name in ("argmin", "grad"):  # one key per solve / per gradient
                 n += min(1, sum(self.key_uses(r) for r in op.regions))
             elif ("random" in OPS[op.name].traits
                   or (op.name == "call_fn" and op.params.callee in self.random)

@@ -137,6 +137,29 @@ def _inline(ctx, op: Op, *args):
     return out if len(out) > 1 else out[0]
 
 
+def _grad(ctx, op: Op, *args):
+    """`jax.value_and_grad` of the region's objective with respect to its arguments at
+    `argnums`, at the operands; the other arguments and the values the region captures are
+    constants of it, and its draws take one key of the enclosing scope."""
+    p: O.GradParams = op.params
+    (body,) = op.regions
+    args = tuple(ctx.coerce(x, a.type) for x, a in zip(args, body.args))
+    key = ctx.next_key() if ctx.lowering.key_uses(body) else None
+
+    def objective(*wrt):
+        full = list(args)
+        for i, x in zip(p.argnums, wrt):
+            full[i] = x
+        with ctx.scope(key, body):
+            (value,) = ctx.region(body, tuple(full))
+        return value
+
+    value, grads = jax.value_and_grad(objective, argnums=tuple(range(len(p.argnums))))(
+        *(args[i] for i in p.argnums))
+    grad = grads[0] if len(grads) == 1 else grads
+    return (value, grad) if p.value else grad
+
+
 def _for(ctx, op: Op, *inits):
     """The loop; with `truncate=K`, the iterations before the last K run on values that carry
     no gradient (truncated backpropagation: nothing of them is stored for the backward pass)."""
@@ -253,6 +276,7 @@ LOWERINGS: dict[str, Rule] = {
     "sum_squares": _sum_squares,
     "global_norm": lambda ctx, op, t: jnp.sqrt(_sum_squares(ctx, op, t)),
     "inline": _inline,
+    "grad": _grad,
     "exp": _float_elementwise(jnp.exp),
     "log": _float_elementwise(jnp.log),
     "log1p": _float_elementwise(jnp.log1p),
