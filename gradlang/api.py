@@ -59,11 +59,15 @@ def _unbound(signature, externs: Mapping[str, object]):
 
 
 def _sharding(ir: Module, mesh, shard: Mapping[str, object]):
-    """The checked placement of `shard=` on `mesh` (runtime.sharding.plan)."""
+    """The checked placement of `shard=` on `mesh` (runtime.sharding.plan); each op that
+    communicates on it is a `ShardingWarning` (runtime.communication)."""
+    from gradlang.runtime.communication import warn
     from gradlang.runtime.execute import signature_of
     from gradlang.runtime.sharding import plan, populations
 
-    return plan(mesh, shard, [signature_of(ir, e) for e in ir.exports], populations(ir))
+    sharding = plan(mesh, shard, [signature_of(ir, e) for e in ir.exports], populations(ir))
+    warn(ir, sharding)
+    return sharding
 
 
 def _on_mesh(signature, fn, sharding):

@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import traceback
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -339,14 +340,19 @@ def _emit_backend(module: Module, stem: str, out: Path, emits: list[str], dims: 
 
     if any(uses_f64(p.value.type) for fn in module.functions for p in fn.params):
         jax.config.update("jax_enable_x64", True)
+    from gradlang.runtime.communication import ShardingWarning, costs, diagnostics
     from gradlang.runtime.sharding import ShardingError
 
     try:
-        compiled = CompiledModule(module, functions=functions, **(placement or {}))
+        with warnings.catch_warnings():  # reported below, in bytes for the --dim sizes
+            warnings.simplefilter("ignore", ShardingWarning)
+            compiled = CompiledModule(module, functions=functions, **(placement or {}))
     except CompileError as exc:  # the bindings of --functions do not fit the declarations
         return _report(exc.diagnostics, False)
     except ShardingError as exc:
         raise InputError(f"--shard: {exc}") from None
+    if compiled._sharding is not None:
+        _report(diagnostics(costs(module, compiled._sharding), dims), False)
     failures: list[tuple[Diagnostic, ...]] = []
     for export in module.exports if "stablehlo" in emits else ():
         try:

@@ -6,6 +6,11 @@ compose's `inner`, dynamic weights' `history`; zeros at the start) and the key o
 draws (or adds DP noise), split once per step. Any object with optax's `init(params)` and
 `update(grads, state, params)` serves as the optimizer; optax itself is not imported.
 
+With an export compiled with `shard=` (docs/scaling.md), the state stays on its mesh: the
+parameters placed as the export places them, every part of the optimizer state shaped as
+the parameters (Adam's moments, a momentum) placed the same way, the export's state as its
+parameter, the rest (a step count, the key) replicated.
+
     trainer = gradlang.Trainer(m.step, optax.adam(1e-3))
     state = trainer.init(params, key=jax.random.key(0))
     for x, y in batches:
@@ -18,8 +23,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import jax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from gradlang.runtime.lower import bind_dims
+from gradlang.runtime.sharding import canonical, placement
 from gradlang.runtime.signature import ArgumentError, Signature, zeros
 from gradlang.types import KEY
 
@@ -78,6 +85,8 @@ class Trainer:
         skip = {*signature.wrt, signature.state, "key" if self.draws else None}
         self.data = [n for n in names if n not in skip]
         """The arguments each step takes, in the export's order."""
+        self.placement = placement(export)
+        """The export's parameters' shardings by name (None: not compiled with shard=)."""
         self._update = jax.jit(self._step)
 
     def _named(self, args: tuple, kwargs: dict, where: str) -> dict:
@@ -109,6 +118,9 @@ class Trainer:
         if self.draws and key is None:
             raise ArgumentError(f"export '{self.signature.name}' draws: pass key=jax.random.key(0)")
         params = jax.tree.map(jax.numpy.asarray, params)   # Python numbers too
+        if self.placement is not None:   # structs as the dicts their shardings are laid out in
+            types = dict(self.signature.params)
+            params = self._tree({w: canonical(types[w], v) for w, v in self._wrt(params).items()})
         named = {**self._wrt(params), **self._named(args, kwargs, "init")}
         export_state = None
         if self.signature.state is not None:
@@ -123,8 +135,36 @@ class Trainer:
                 raise ArgumentError(f"{exc}, the state '{self.signature.state}' of "
                                     f"'{self.signature.name}': pass example arguments to init, "
                                     f"e.g. trainer.init(params, {', '.join(self.data)})") from None
-        return TrainState(params, self.optimizer.init(params), export_state,
-                          key if self.draws else None, jax.numpy.zeros((), jax.numpy.int32))
+        state = TrainState(params, self.optimizer.init(params), export_state,
+                           key if self.draws else None, jax.numpy.zeros((), jax.numpy.int32))
+        return state if self.placement is None else jax.device_put(state, self._layout(state))
+
+    def _tree(self, named: dict) -> Any:
+        """The `wrt` parameters as `state.params` holds them: the tree itself for one."""
+        return named[self.signature.wrt[0]] if len(self.signature.wrt) == 1 else named
+
+    def _layout(self, state: TrainState) -> TrainState:
+        """The shardings of a state on a sharded export's mesh: the parameters' (per leaf), for
+        the parameters, each subtree of the optimizer state with their structure and shapes,
+        and the export's state; the step count, the key and the rest replicated."""
+        def leaves(name: str, value: Any) -> Any:
+            return jax.tree.broadcast(self.placement[name], value)
+
+        params = self._tree({w: leaves(w, v) for w, v in self._wrt(state.params).items()})
+        layout = jax.tree.structure(state.params)
+        shapes = [jax.numpy.shape(v) for v in jax.tree.leaves(state.params)]
+        mesh = jax.tree.leaves(self.placement)[0].mesh
+        whole = NamedSharding(mesh, PartitionSpec())
+
+        def like_params(t: Any) -> bool:
+            return jax.tree.structure(t) == layout and \
+                [jax.numpy.shape(v) for v in jax.tree.leaves(t)] == shapes
+
+        opt = jax.tree.map(lambda t: params if like_params(t) else whole, state.opt_state,
+                           is_leaf=like_params)
+        export = None if state.export_state is None else \
+            leaves(self.signature.state, state.export_state)
+        return TrainState(params, opt, export, None if state.key is None else whole, whole)
 
     def update(self, state: TrainState, *args: Any, **kwargs: Any) -> tuple[TrainState, StepOutput]:
         """One step: the export's gradient at `state.params` and these arguments, then the
@@ -150,5 +190,7 @@ class Trainer:
         tree = grads[sig.wrt[0]] if len(sig.wrt) == 1 else grads
         updates, opt_state = self.optimizer.update(tree, state.opt_state, state.params)
         params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state.params, updates)
-        return (TrainState(params, opt_state, export_state, key, state.step + 1),
-                StepOutput(value, aux, tree))
+        state = TrainState(params, opt_state, export_state, key, state.step + 1)
+        if self.placement is not None:
+            state = jax.lax.with_sharding_constraint(state, self._layout(state))
+        return state, StepOutput(value, aux, tree)

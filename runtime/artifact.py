@@ -36,6 +36,7 @@ from gradlang.types import DType, TreeType, substitute_dims
 from .dtypes import JNP_DTYPES
 from .jax_functions import JaxFunctionError
 from .signature import ArgumentError, Signature, casting, without_derivatives
+from .sharding import devices
 from .split import SplitError, split, stitched
 
 MAGIC = b"GRADLANG-GX\0"
@@ -204,7 +205,7 @@ def read(path: str | Path) -> tuple[dict, dict[str, tuple[Signature, object]]]:
                 out[e["name"]] = (signature, (e["plan"], pieces))
             else:
                 pieces = [_blob(body, e, what)]
-                _check_blob(signature, pieces[0])
+                _check_blob(signature, pieces[0], header.get("sharding"))
                 out[e["name"]] = (signature, pieces[0])
             for piece in pieces:
                 platforms = platforms or list(piece.platforms)
@@ -509,9 +510,11 @@ def _describe_avals(avals) -> str:
     return ", ".join(f"{d}[{', '.join(s)}]" for d, s in avals)
 
 
-def _check_blob(signature: Signature, exported: jax.export.Exported) -> None:
+def _check_blob(signature: Signature, exported: jax.export.Exported,
+                sharding: dict | None) -> None:
     """The blob is the export the header describes: its name, its arguments' tree, dtypes and
-    shapes (symbolic dims by name), one device."""
+    shapes (symbolic dims by name), one device or, for a population split over a mesh, the
+    devices of the mesh the header's `sharding` records."""
     what = f"export '{signature.name}'"
     if exported.fun_name != signature.name:
         raise ArtifactError(f"{what}: its blob holds the function '{exported.fun_name}' (blobs "
@@ -522,8 +525,12 @@ def _check_blob(signature: Signature, exported: jax.export.Exported) -> None:
     if exported.in_tree != jax.tree.structure((specs, {})) or want != got:
         raise ArtifactError(f"{what}: its blob takes ({_describe_avals(got)}), but the header "
                             f"declares {signature.describe()}, i.e. ({_describe_avals(want)})")
-    if exported.nr_devices != 1:
-        raise ArtifactError(f"{what}: its blob is for {exported.nr_devices} devices, not one")
+    if exported.nr_devices not in (1, devices(sharding)):
+        mesh = "no mesh" if sharding is None else f"a mesh of {devices(sharding)} devices"
+        raise ArtifactError(f"{what}: its blob is for {exported.nr_devices} devices (a "
+                            f"population split over a mesh), but the header records {mesh}; "
+                            f"save it from a module compiled with shard={{'pop': axis}}, which "
+                            f"records the mesh")
 
 
 def _check_x64(what: str, exported: jax.export.Exported) -> None:

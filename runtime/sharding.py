@@ -167,11 +167,17 @@ def _check_populations(sharding: Sharding, populations: Mapping[str, int]) -> No
 
 def to_json(sharding: Sharding) -> dict:
     """What an artifact's header records of a sharded module: the mesh's axes with their
-    sizes, in order, and the mapping. The exports themselves are saved unpartitioned (as
-    `jax.export` serializations for one device), so XLA partitions them where they are
-    loaded onto a mesh, and they still load on one device."""
+    sizes, in order, and the mapping. The exports are saved unpartitioned (as `jax.export`
+    serializations for one device), so XLA partitions them where they are loaded onto a mesh,
+    and they still load on one device; except those whose population `pop` maps to mesh
+    axes, a placement that is part of their computation: their blobs are for the mesh."""
     return {"mesh": [[a, int(sharding.mesh.shape[a])] for a in sharding.mesh.axis_names],
-            "shard": {d: list(axes) for d, axes in sharding.axes if d != POPULATION}}
+            "shard": {d: list(axes) for d, axes in sharding.axes}}
+
+
+def devices(j: dict | None) -> int:
+    """The number of devices a header's `sharding` (as `to_json` writes it) spans."""
+    return 1 if j is None else math.prod(n for _, n in j["mesh"])
 
 
 def json_problem(j: Any) -> str | None:
@@ -197,23 +203,31 @@ def loaded(saved: dict | None, mesh: Mesh | None, shard: Mapping | None,
            signatures: Sequence[Signature], where: str) -> Sharding | None:
     """The Sharding of a module loaded from an artifact (`where`, in messages): `shard=` as
     given, or the mapping the artifact recorded, on `mesh`, which must then have the axes and
-    sizes it was saved for; None without a mesh (the exports run on one device). A black-box
-    population's placement is part of the saved computation, so `pop` is not recorded."""
+    sizes it was saved for; None without a mesh (the exports run on one device). An artifact
+    saved with its population on the mesh (`pop`, whose placement is part of the saved
+    computation) needs a mesh of that shape, whatever `shard=` maps."""
+    population = saved is not None and POPULATION in saved["shard"]
+    if population and not isinstance(mesh, Mesh):
+        raise ShardingError(f"{where} was saved with its population split over a mesh "
+                            f"{_mesh_text(saved['mesh'])}, which is part of its computation: "
+                            f"load it with mesh=jax.sharding.Mesh(devices, axis_names) of that "
+                            f"shape")
     if mesh is None and shard is None:
         return None
+    if shard is None and saved is None:
+        raise ShardingError(f"{where} was saved without shard=: pass the mapping, "
+                            f"gradlang.load(path, mesh=mesh, shard={{'B': 'data'}})")
+    if (shard is None or population) and isinstance(mesh, Mesh):
+        want = [(a, n) for a, n in saved["mesh"]]
+        got = [(a, int(mesh.shape[a])) for a in mesh.axis_names]
+        if got != want:
+            other = "" if population else ", or pass shard= for this one"
+            raise ShardingError(f"{where} was saved for a mesh {_mesh_text(want)}, got "
+                                f"{_mesh_text(got)}: load it onto a mesh of that shape{other}")
     if shard is None:
-        if saved is None:
-            raise ShardingError(f"{where} was saved without shard=: pass the mapping, "
-                                f"gradlang.load(path, mesh=mesh, shard={{'B': 'data'}})")
-        if isinstance(mesh, Mesh):
-            want = [(a, n) for a, n in saved["mesh"]]
-            got = [(a, int(mesh.shape[a])) for a in mesh.axis_names]
-            if got != want:
-                raise ShardingError(f"{where} was saved for a mesh {_mesh_text(want)}, got "
-                                    f"{_mesh_text(got)}: load it onto a mesh of that shape, "
-                                    f"or pass shard= for this one")
         shard = {d: tuple(axes) for d, axes in saved["shard"].items()}
-    return plan(mesh, shard, signatures, {})
+    # the population's placement is in the saved blobs, not in the arguments'
+    return plan(mesh, {d: a for d, a in shard.items() if d != POPULATION}, signatures, {})
 
 
 def _mesh_text(axes: list[tuple[str, int]]) -> str:
@@ -348,8 +362,10 @@ def sharded(signature: Signature, fn: Callable, sharding: Sharding) -> Callable:
     """`fn` (an export's function of positional arguments) jit-compiled with its arguments'
     NamedShardings as `in_shardings` (the arrays passed for a `descend` export's `wrt`
     parameters donated, as unsharded); each call checks the split dims' divisibility and
-    places concrete arguments on the mesh (`jax.device_put` of those not there already). Gradients are laid out as their parameters (`placing_gradients`), the other
-    results as XLA chooses. Inside another jit or a vmap, the shardings act as constraints."""
+    places concrete arguments on the mesh (`jax.device_put` of those not there already).
+    Gradients are laid out as their parameters (`placing_gradients`), the other results as
+    XLA chooses. Inside another jit or a vmap, the shardings act as constraints. The call
+    carries `lower`, `place` and `shardings` (by parameter name: `placement`)."""
     if isinstance(sharding.mesh, AbstractMesh):
         return _deviceless(signature, sharding.mesh)
     types = [t for _, t in signature.params]
@@ -373,6 +389,7 @@ def sharded(signature: Signature, fn: Callable, sharding: Sharding) -> Callable:
     # the arguments placed as a call places them
     call.lower = lambda *args: jitted.lower(*checked(args))
     call.place = lambda *args: tuple(_put(a, s) for a, s in zip(checked(args), shardings))
+    call.shardings = {n: s for (n, _), s in zip(signature.params, shardings)}
     return call
 
 
@@ -395,6 +412,12 @@ def lower(export, *args, **kwargs):
     a call: `.compile().as_text()` for its HLO (`collectives`), `.compile()
     .memory_analysis()` for its per-device memory; sharded or not."""
     return export._fn.lower(*export.bind(args, kwargs))
+
+
+def placement(export) -> dict[str, Any] | None:
+    """The NamedShardings of a sharded export's parameters by name (tree prefixes of their
+    values as `canonical` lays them out), or None for an export compiled without `shard=`."""
+    return getattr(export._fn, "shardings", None)
 
 
 def place(export, *args, **kwargs) -> tuple:
