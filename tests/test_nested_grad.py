@@ -162,3 +162,14 @@ def test_score_draw_first_order(m):
     bound = (W + 2) ** 2 * s * (1 - s) + s + 2 * jnp.abs(W + 2) * s
     se = jnp.sqrt(bound / (16 * 64))
     assert jnp.all(jnp.abs(est.mean(0) - want) < 5 * se)
+
+
+@pytest.mark.slow  # 20 s; test_maml_loop_and_several_wrt is its fast twin
+def test_maml_example(run_example):
+    """examples/maml.py: its meta-gradient equals MAML written by hand in JAX (float32 rounding
+    of the network's few hundred operations), and a few hundred meta-steps already make one
+    adaptation step from the learned weights beat one from the initial ones on held-out tasks."""
+    s, _ = run_example("maml", ["--steps", "300", "--tasks", "8", "--eval-tasks", "50"],
+                       {"meta_gradient_relative_difference_vs_jax", "held_out_adapted_loss"})
+    assert s["meta_gradient_relative_difference_vs_jax"] < 256 * EPS
+    assert s["held_out_adapted_loss"] < 0.9 * s["held_out_adapted_loss_from_init"]
