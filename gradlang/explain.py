@@ -331,6 +331,13 @@ def _export(module: Module, export, flow: dict) -> list[str]:
     if nonsmooth:
         lines.append(f"  non-smooth operations ({len(nonsmooth)}), with their backward rules:")
         lines += table([["op", "where", "backward rule"]] + nonsmooth, "    ")
+    nested = {op.span: (name, op.params) for name in reach
+              for op in walk(module.function(name).body) if op.name == "grad"}
+    if nested and t.kind != "fn":
+        lines.append(f"  gradients in the program ({len(nested)}), differentiated again by this "
+                     f"export (reverse mode over reverse mode):")
+        lines += [f"    grad({p.fn}, wrt=[{', '.join(p.wrt)}]) at {_at(name, span)}"
+                  for span, (name, p) in nested.items()]
     draws = _pathwise_draws(module, reach)
     if draws:
         lines.append(f"  draws without an estimator ({len(draws)}), differentiated as drawn:")

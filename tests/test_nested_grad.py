@@ -173,3 +173,14 @@ def test_maml_example(run_example):
                        {"meta_gradient_relative_difference_vs_jax", "held_out_adapted_loss"})
     assert s["meta_gradient_relative_difference_vs_jax"] < 256 * EPS
     assert s["held_out_adapted_loss"] < 0.9 * s["held_out_adapted_loss_from_init"]
+
+
+
+def test_explain_lists_the_nested_gradients(m):
+    from gradlang.explain import explain
+
+    text = explain(m.ir)
+    hvp = text[text.index("export hvp"):text.index("export meta")]
+    assert "gradients in the program (2)" in hvp
+    assert "grad(gv, wrt=[w]) at hvp_norm, line 9" in hvp
+    assert "grad(f, wrt=[w]) at gv, line 6" in hvp
