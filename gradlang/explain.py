@@ -8,7 +8,7 @@ from .estimators.combine import combination_rule
 from .estimators.compose import estimator_of
 from .estimators.black_box import estimator
 from .diagnostics import Span
-from .ir import Module, externs_of, jax_functions_of, reachable, walk
+from .ir import STATE, Module, externs_of, jax_functions_of, reachable, walk
 from .ops import OPS
 from .passes.aux import written
 
@@ -372,7 +372,9 @@ def _minimize(module: Module, export, flow: dict) -> list[str]:
     lines = [f"export {export.name} = {t.call('[' + ', '.join(listed) + ']')}"]
     rule = combination_rule(t.rule)
     lines += [f"  {line}" for line in rule.describe(t.rule.weights, k)]
-    state = ", history" if rule.stateful else ""
+    own = any(o.fn in module.facts.stateful for o in t.objectives)
+    state = f", {STATE} (objectives' states{', history' * rule.stateful})" if own else \
+        ", history" if rule.stateful else ""
     lines.append(f"  returns: (values f32[{k}], direction {{{', '.join(t.wrt)}}}, weights "
                  f"f32[{k}]{state}), direction = sum_i weights_i * grad f_i; step with "
                  f"p - lr * direction")

@@ -123,6 +123,9 @@ class Combination:
 HISTORY = "history"
 """The state parameter of a `minimize` export with `dynamic` weights: its objectives' values at
 the previous two calls."""
+STATE = "state"
+"""The state parameter of a `minimize` export some of whose objectives carry state (a
+moving-average baseline, a learned control variate): a tuple of theirs, then the history."""
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,9 @@ respect to the same parameters and combines them into one update direction by on
 of `estimators.combine` (`mgda`, `pcgrad`, `weights`, `dynamic`). The export takes the union of
 the objectives' parameters (by name; one name, one type) and passes each objective its own; an
 objective that does not take a `wrt` parameter contributes a zero gradient to it. An objective
-may have its own black-box estimator (`f with spsa(...)`, completed by the zeroth-order pass). The runtime
+may have its own black-box estimator (`f with spsa(...)`, completed by the zeroth-order pass),
+or carry state (a moving-average baseline, a learned control variate: the surrogate pass makes
+its wrapper, and the export threads it in its parameter `state`). The runtime
 (`runtime.multiobjective`) builds the combination; this pass records the completed rule in the
 export.
 """
@@ -16,7 +18,7 @@ from dataclasses import dataclass, replace
 
 from gradlang.diagnostics import Diagnostics
 from gradlang.estimators.combine import combination_rule
-from gradlang.ir import HISTORY, Combination, Export, Module
+from gradlang.ir import HISTORY, STATE, Combination, Export, Module
 from gradlang.options import OptionError, rendered
 
 
@@ -41,6 +43,19 @@ def _signature_problems(module: Module, export: Export, diags: Diagnostics) -> b
                             f"is {p.value.type} in '{fn.name}' but {t} in '{first}'", p.span)
                 bad = True
     return bad
+
+
+def state_name_free(module: Module, export: Export, diags: Diagnostics) -> None:
+    """Reports an objective parameter named `state` of a `minimize` export some of whose
+    objectives carry state, which adds that parameter (the surrogate pass, which finds those
+    objectives, calls this)."""
+    for o in export.transform.objectives:
+        fn = module.function(o.fn)
+        if fn.param(STATE) is not None:
+            diags.error(f"an objective of minimize carries state (a moving-average baseline or a "
+                        f"learned control variate), which adds a parameter '{STATE}' (the "
+                        f"objectives' states) to the export, but '{fn.name}' already has one; "
+                        f"rename it", fn.param(STATE).span)
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from gradlang.types import Dim, DType, TensorType, TupleType, Type, scalar
 from .callgraph import random_functions
 from .credit import Terms, influence, per_step, trip_count
 from .elements import Mixed, pairing
+from .multiobjective import state_name_free
 from .rewrite import inline_body
 
 GROUPS = ("auto", "none", "loo", "grpo", "ma", "vimco", "enum", "param", "draw", "aux", "dreg")
@@ -825,6 +826,8 @@ class Surrogate:
                             and isinstance(wrapper.result_type, TupleType)):
                         stateful.add(wrapper.name)
                         _stateless(export, wrapper, diags)
+                        if whole.transform.kind == "minimize":
+                            state_name_free(module, whole, diags)
                 parts.append(export)
             exports.append(whole.joined(tuple(parts)))
         return replace(module, functions=tuple(functions), exports=tuple(exports),

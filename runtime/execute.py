@@ -14,12 +14,11 @@ from collections.abc import Callable, Mapping
 
 import jax
 
-from gradlang.estimators.combine import combination_rule
-from gradlang.ir import HISTORY, Export, Module, externs_of, jax_functions_of, reachable
+from gradlang.ir import Export, Module, Param, externs_of, jax_functions_of, reachable
 from gradlang.types import KEY, DType, TensorType, Type, scalar
 
 from .lower import Lowering
-from .multiobjective import Objective, minimize, takes_key
+from .multiobjective import Objective, carried, minimize, takes_key
 from .privacy import private_gradient
 from .zeroth_order import black_box
 from .signature import Signature, casting, without_derivatives
@@ -44,15 +43,17 @@ def signature_of(module: Module, export: Export) -> Signature:
 
 def _minimize_signature(module: Module, export: Export) -> Signature:
     """A `minimize` export takes its objectives' parameters (their union, in order of first
-    appearance), then `history` (f32[2, k], for `dynamic`), then a key when an objective draws
-    or PCGrad shuffles; its result type is that of the values, f32[k]."""
+    appearance), then its state (`runtime.multiobjective.carried`: `dynamic`'s history, the
+    objectives' own), then a key when an objective draws or PCGrad shuffles; its result type
+    is that of the values, f32[k]."""
     t = export.transform
     fns = [module.function(o.fn) for o in t.objectives]
     k = len(fns)
     params = _union(module, t)
-    stateful = combination_rule(t.rule).stateful
+    state = carried(t.rule, [_state(module, o.fn) for o in t.objectives])
+    stateful = state is not None
     if stateful:
-        params += ((HISTORY, TensorType(DType.F32, (2, k))),)
+        params += (state,)
     if takes_key(t.rule, [d or o.by is not None for d, o in zip(_draws(module, export),
                                                                  t.objectives)]):
         params += (("key", KEY),)
@@ -86,7 +87,18 @@ def _union(module: Module, t) -> tuple[tuple[str, Type], ...]:
     """A `minimize` export's objectives' parameters, by name in order of first appearance
     (the multiobjective pass checked that a name has one type)."""
     return tuple({p.name: p.value.type for o in t.objectives
-                  for p in module.function(o.fn).params}.items())
+                  for p in _own(module, o.fn)}.items())
+
+
+def _own(module: Module, fn: str) -> tuple[Param, ...]:
+    """The parameters of an objective's function, less the state a stateful one takes last."""
+    params = module.function(fn).params
+    return params[:-1] if fn in module.facts.stateful else params
+
+
+def _state(module: Module, fn: str) -> Type | None:
+    """The type of the state an objective's function carries (None: none)."""
+    return module.function(fn).params[-1].value.type if fn in module.facts.stateful else None
 
 
 def _draws(module: Module, export: Export) -> list[bool]:
@@ -132,8 +144,8 @@ def _export_function(module: Module, export: Export, externs: Mapping[str, objec
     t = export.transform
     if t.kind == "minimize":
         lowering = Lowering(module, externs)
-        objectives = [Objective(lowering.function(o.fn),
-                                tuple(p.name for p in module.function(o.fn).params), draws, o.by)
+        objectives = [Objective(lowering.function(o.fn), tuple(p.name for p in _own(module, o.fn)),
+                                draws, o.by, _state(module, o.fn))
                       for o, draws in zip(t.objectives, _draws(module, export))]
         step = minimize(objectives, [n for n, _ in _union(module, t)], t.wrt, t.rule)
         return signature, casting(signature, step)

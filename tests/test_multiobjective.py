@@ -451,6 +451,84 @@ def test_verify_pads_the_objectives_gradients_and_matches_black_box_keys(own):
         assert report.verdict == "consistent", report
 
 
+# ---- objectives that carry state
+
+STATEFUL = """
+fn path(x: f32[3]) -> f32 { return sum(x * x) }
+fn coins(x: f32[3]) -> f32 {
+  let b ~ Bernoulli(logits = x) with score(baseline = ma, decay = 0.5)
+  return sum((b - 0.3) ^ 2)
+}
+export weighted = minimize([expect(coins, samples=4), path], wrt=[x], by=weights(0.3, 0.7))
+export dwa = minimize([path, expect(coins, samples=4)], wrt=[x], by=dynamic)
+export own = grad(expect(coins, samples=4), wrt=[x])
+"""
+BASELINE = np.array([0.3, 0.6, 0.1], np.float32)
+
+
+@pytest.fixture(scope="module")
+def stateful():
+    return gradlang.compile_source(STATEFUL)
+
+
+def test_an_objective_with_a_moving_average_threads_it_as_its_own_export_would(stateful):
+    """The export takes and returns `state`, a tuple of the objectives' states (here the one
+    moving average, per entry of the batched draw); objective 0 draws with fold_in(key, 0),
+    so its gradient and its baseline after the call are bit for bit those of its own export
+    `grad(expect(coins, samples=4), wrt=[x])` at that key, and the direction is 0.3 times its
+    gradient plus 0.7 times path's, 2x (float32: one multiply-add per entry)."""
+    assert [(n, str(t)) for n, t in stateful.weighted.signature.params] == [
+        ("x", "f32[3]"), ("state", "(f32[3])"), ("key", "key")]
+    x, key = np.array([0.2, -0.5, 1.0], np.float32), jax.random.key(4)
+    values, direction, _, (after,) = stateful.weighted(x, (BASELINE,), key)
+    grads, own_after = stateful.own(x, BASELINE, jax.random.fold_in(key, 0))
+    np.testing.assert_array_equal(after, own_after)
+    assert_close(direction["x"], 0.3 * grads["x"] + 0.7 * 2 * x, 4)
+    # b <- 0.5 b + 0.5 (each entry's mean over the samples), whose sum is the value
+    assert_close(np.sum(after - 0.5 * BASELINE) / 0.5, values[0], 16)
+
+
+def test_a_moving_average_keeps_the_combined_gradient_unbiased(stateful):
+    """Over keys at a baseline from earlier calls, E direction = 0.3 d/dx E coins + 0.7 2x,
+    with E (b - 0.3)^2 = 0.09 + 0.4 p per coordinate (p = sigmoid(x))."""
+    x = np.array([0.2, -0.5, 1.0], np.float32)
+    p = np.array([sigmoid(v) for v in x])
+    _, direction, _, _ = estimates(stateful.weighted, (x, (BASELINE,)))
+    assert_unbiased(direction["x"], 0.3 * 0.4 * p * (1 - p) + 0.7 * 2 * x)
+
+
+@pytest.mark.slow  # the fast twins: the two tests above (verify's runs take 10 s)
+def test_verify_gives_each_objective_its_state_from_the_exports(stateful):
+    """verify hands each objective its entry of `state` (and `dynamic` the history, last), so
+    its exact check recomputes the objectives' gradients at the same baselines and keys."""
+    x = np.array([0.2, -0.5, 1.0], np.float32)
+    for name, state in [("weighted", (BASELINE,)), ("dwa", (BASELINE, np.ones((2, 2))))]:
+        report = stateful.verify(name, {"x": x, "state": state}, samples=50)
+        assert report.combination.verdict == "consistent", report
+        assert report.verdict == "consistent", report
+
+
+def test_the_trainer_threads_the_baselines_and_the_history(stateful):
+    """With `dynamic`, the state is (coins' baseline, history): zeros at init, and after one
+    step the baseline holds half of each entry's mean (decay 0.5 from zeros), summing to half
+    the objective's value, and the history the values over zeros."""
+    class Plain:  # gradient descent, optax's interface
+        def init(self, params):
+            return ()
+
+        def update(self, grads, state, params=None):
+            return jax.tree.map(lambda g: -0.1 * g, grads), state
+
+    trainer = gradlang.Trainer(stateful.dwa, Plain())
+    state = trainer.init(np.array([0.2, -0.5, 1.0], np.float32), key=jax.random.key(0))
+    np.testing.assert_array_equal(state.export_state[0], np.zeros(3))
+    np.testing.assert_array_equal(state.export_state[1], np.zeros((2, 2)))
+    state, out = trainer.update(state)
+    baseline, history = state.export_state
+    assert_close(2 * np.sum(baseline), out.value[1], 16)
+    np.testing.assert_array_equal(history, np.stack([out.value, np.zeros(2)]))
+
+
 # ---- artifacts, explain
 
 

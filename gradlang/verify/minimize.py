@@ -19,8 +19,8 @@ from dataclasses import replace
 import jax
 import numpy as np
 
-from gradlang.estimators.combine import combination_rule, pcgrad_orders
-from gradlang.ir import HISTORY
+from gradlang.estimators.combine import CombinationRule, combination_rule, pcgrad_orders
+from gradlang.ir import HISTORY, STATE
 
 from .combination import coefficients, random_orders
 from .measure import sample
@@ -61,6 +61,21 @@ def _leaves(report: ExportReport, names: list[str], shapes: list) -> list[np.nda
             for a in (ref.values, ref.errors, ref.bounds)]
 
 
+def objective_arguments(parts: list[Program], named: Mapping) -> list[dict]:
+    """Each objective's arguments by name from the export's: its parameters, and the state it
+    carries from the export's `state` tuple (the objectives' states in order, then the
+    history)."""
+    states = iter(named.get(STATE, ()))
+    return [{n: next(states) if n == p.state else named[n] for n, _ in p.params} for p in parts]
+
+
+def _history(typed: CombinationRule, named: Mapping) -> np.ndarray | None:
+    """A stateful rule's history: the export's `history`, or the last of its `state`."""
+    if not typed.stateful:
+        return None
+    return np.asarray(named[STATE][-1] if STATE in named else named[HISTORY])
+
+
 def check(program: Program, parts: list[Program], named: Mapping, seed: int) -> CombinationCheck:
     """The export's direction against the rule applied to its objectives' gradients at the
     same keys (see the module docstring)."""
@@ -68,7 +83,7 @@ def check(program: Program, parts: list[Program], named: Mapping, seed: int) -> 
     rule, k = t.rule, len(parts)
     typed = combination_rule(rule)
     args = program.arguments(named)
-    pargs = [p.arguments(named) for p in parts]
+    pargs = [p.arguments(a) for p, a in zip(parts, objective_arguments(parts, named))]
     n = CALLS if program.draws else 1
     keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), 3), n)
 
@@ -83,7 +98,7 @@ def check(program: Program, parts: list[Program], named: Mapping, seed: int) -> 
     direction, grads, orders = jax.jit(jax.vmap(call))(keys)
     d = _flat(direction)
     g = np.stack([_flat(x) for x in grads], 1)  # [n, k, size]
-    history = np.asarray(named[HISTORY]) if typed.stateful else None
+    history = _history(typed, named)
     worst = 0.0
     for j in range(n):
         order = np.asarray(orders[j]) if orders is not None else np.tile(np.arange(k), (k, 1))
@@ -104,7 +119,7 @@ def _reference(program: Program, reports: list[ExportReport], named: Mapping, se
     values, errors, bounds = (np.stack(a) for a in zip(*(_leaves(r, names, shapes)
                                                          for r in reports)))
     typed = combination_rule(rule)
-    history = np.asarray(named[HISTORY]) if typed.stateful else None
+    history = _history(typed, named)
     if typed.stochastic:
         rng = np.random.default_rng(seed)
         cs = np.stack([coefficients(rule, values, None, random_orders(rng, k))
@@ -133,11 +148,11 @@ def verify_minimize(origin, module, program: Program, named: Mapping, settings: 
     t = program.export.transform
     k = len(t.objectives)
     parts = [load(module, f"{name}[{i}]", origin.externs, origin.mesh) for i in range(k)]
+    own = objective_arguments(parts, named)
     whole = replace(settings, coordinates=max(max(int(np.size(x)) for x in
-                                                  jax.tree.leaves(p.arguments(named)))
-                                              for p in parts))
-    reports = [verify_part(p.export.name, {n: named[n] for n, _ in p.params}, whole)
-               for p in parts]
+                                                  jax.tree.leaves(p.arguments(a)))
+                                              for p, a in zip(parts, own)))
+    reports = [verify_part(p.export.name, a, whole) for p, a in zip(parts, own)]
     combination = check(program, parts, named, settings.seed)
     sampled = sample(program, named, settings)
     ref = _reference(program, reports, named, settings.seed, sampled.names, sampled.shapes)
