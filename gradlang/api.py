@@ -111,11 +111,13 @@ class CompiledModule(_Exports):
     mismatched binding raises CompileError); `mesh` (a `jax.sharding.Mesh`) shards black-box
     estimators' populations over its first axis, or, with `shard` (dim name -> mesh axis),
     every export's arguments by their declared dims (`runtime.sharding`); `root` is the
-    folder the source's local imports resolve in (for `verify`'s variants)."""
+    folder the source's local imports resolve in and `dims` the dims it was compiled with
+    (for `verify`'s variants)."""
 
     def __init__(self, ir: Module, externs: Mapping[str, object] | None = None, mesh=None,
                  root: str | Path | None = None, functions: Mapping[str, object] | None = None,
-                 shard: Mapping[str, object] | None = None):
+                 shard: Mapping[str, object] | None = None,
+                 dims: Mapping[str, int] | None = None):
         from gradlang.runtime.execute import export_function
         from gradlang.runtime.host import check_bindings
         from gradlang.runtime.jax_functions import check_bindings as check_functions
@@ -131,7 +133,8 @@ class CompiledModule(_Exports):
         sharding = None if shard is None else _sharding(ir, mesh, shard)
         self._sharding = sharding
         population = mesh if sharding is None else sharding.population
-        self._origin = (bindings, population, None if root is None else Path(root))
+        self._origin = (bindings, population, None if root is None else Path(root),
+                        dict(dims or {}))
         self._raw = {e.name: export_function(ir, e, bindings, population) for e in ir.exports}
         super().__init__({
             name: CompiledFunction(sig, _compiled(sig, fn, sharding)
@@ -163,11 +166,11 @@ class CompiledModule(_Exports):
         raises `gradlang.verify.VerifyError` on bad input."""
         from gradlang.verify import Origin, Settings, verify_export
 
-        externs, mesh, root = self._origin
+        externs, mesh, root, fixed = self._origin
         source = next((e.span.source for e in self.ir.exports), SourceFile("<source>", ""))
         settings = Settings(samples, seed, reference_samples, coordinates, smoothing)
-        return verify_export(Origin(source, root, externs, mesh), self.ir, name, args, dims,
-                             settings, compare)
+        origin = Origin(source, root, externs, mesh, fixed)
+        return verify_export(origin, self.ir, name, args, dims, settings, compare)
 
     def artifact(self, dims: Mapping[str, int] | None = None,
                  platforms: Sequence[str] | None = None,
@@ -233,38 +236,64 @@ class LoadedModule(_Exports):
         return "\n".join(p.mlir_module() for p in self.exported(name))
 
 
+def _check_dims(module: Module, bindings, path: str, diags: Diagnostics) -> None:
+    """An error for each name of `dims=` that an export's arguments bind (they fix it at each
+    call; lowering fixes it with `stablehlo(name, dims=)`), or that nothing uses."""
+    from gradlang.runtime.execute import signature_of
+
+    for name, size in bindings.sizes.items():
+        export = next((e for e in module.exports if name in signature_of(module, e).dims), None)
+        if export is not None:
+            diags.error(f"dims={{'{name}': {size}}}: the arguments of export '{export.name}' bind "
+                        f"dim {name} at each call, so it cannot be fixed when compiling (dims= is "
+                        f"for dims that no argument binds); to fix it in StableHLO or an "
+                        f"artifact, pass it to stablehlo(name, dims=...) or artifact(dims=...)",
+                        export.span)
+        elif name not in bindings.used:
+            diags.error(f"dims={{'{name}': {size}}}: no function of {path} uses a dim "
+                        f"'{name}' that its arguments do not bind", None)
+
+
 def compile_source(text: str, name: str = "<source>", root: str | Path | None = None,
                    strict: bool = False, externs: Mapping[str, object] | None = None,
                    mesh=None, functions: Mapping[str, object] | None = None,
-                   shard: Mapping[str, object] | None = None) -> CompiledModule:
+                   shard: Mapping[str, object] | None = None,
+                   dims: Mapping[str, int] | None = None) -> CompiledModule:
     """Compile .grad source text; `root` is the folder local imports resolve in; `externs`
     binds extern functions to Python callables (wrap vectorized ones in `gradlang.batched`);
     `functions` binds `jax fn` declarations to JAX functions, traced inline; `mesh` shards the
     populations of black-box estimators (`by=es / eggroll`) over devices, or with `shard`
     (dim name -> mesh axis name, `{"B": "data"}`; `"pop"`: a black-box population) places
     every export's arguments on the mesh by their declared dims (docs/scaling.md); a `shard`
-    that does not fit the module or the mesh raises `ShardingError`.
+    that does not fit the module or the mesh raises `ShardingError`. `dims` fixes the dims
+    that no argument binds (`{"K": 8}`: every K of a function whose parameters lack it is 8,
+    as in `expect(f, samples=K)`); a dim an export's arguments bind is refused there.
 
     Raises CompileError (its message is the rendered diagnostics) when the program has errors,
     or, with `strict`, warnings, or a `jax fn` is not bound or does not match its binding.
     """
+    from .dims import DimBindings, check_sizes
     from .driver import compile_module  # the front end (and lark) only when compiling
 
+    bindings = DimBindings(check_sizes(dict(dims or {})))
     diags = Diagnostics()
     source = SourceFile(name, text)
-    module = compile_module(source, Path(root) if root is not None else None, diags)
+    module = compile_module(source, Path(root) if root is not None else None, diags,
+                            dims=bindings)
     if module is not None:
+        _check_dims(module, bindings, name, diags)
         _check_x64(module, diags)
     if diags.has_errors or (strict and diags.items):
         raise CompileError(diags)
     assert module is not None
-    return CompiledModule(module, externs, mesh, root, functions, shard)
+    return CompiledModule(module, externs, mesh, root, functions, shard, bindings.sizes)
 
 
 def compile_file(path: str | Path, strict: bool = False,
                  externs: Mapping[str, object] | None = None, mesh=None,
                  functions: Mapping[str, object] | None = None,
-                 shard: Mapping[str, object] | None = None) -> CompiledModule:
+                 shard: Mapping[str, object] | None = None,
+                 dims: Mapping[str, int] | None = None) -> CompiledModule:
     """Compile a .grad file (local imports resolve beside it; bindings as in `compile_source`).
     A file that cannot be read or is not UTF-8 text raises CompileError, as bad source does."""
     from .driver import read_source
@@ -275,7 +304,7 @@ def compile_file(path: str | Path, strict: bool = False,
     if source is None:
         raise CompileError(diags)
     return compile_source(source.text, str(path), path.parent, strict, externs, mesh, functions,
-                          shard)
+                          shard, dims)
 
 
 def load(path: str | Path, externs: Mapping[str, object] | None = None, mesh=None,

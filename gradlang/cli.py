@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .diagnostics import Diagnostic, Diagnostics, Severity, SourceFile, Span
+from .dims import DimBindings
 from .driver import compile_module
 from .explain import explain
 from .ir import Export, Module
@@ -33,6 +34,7 @@ EMITS = ("artifact", "stablehlo", "ir")
 EXIT_OK, EXIT_ERRORS, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 """The exit codes (see the module's docstring); argparse's usage errors exit with 2 too."""
 TRACEBACK_HELP = "on an internal compiler error, also print the Python traceback"
+DIM_HELP = "the size of a dim (repeatable): one no argument binds is fixed when compiling"
 MAX_DIM = 2**31 - 1
 """The largest size `--dim` accepts: a dim's size is an i32 value in programs (`range(T)`,
 `f32(T)`)."""
@@ -52,9 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="report errors and warnings")
     check.add_argument("file")
     check.add_argument("--strict", action="store_true", help="treat warnings as errors")
+    check.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE", help=DIM_HELP)
 
     explain = sub.add_parser("explain", help="show how each export's gradient is computed")
     explain.add_argument("file")
+    explain.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE", help=DIM_HELP)
 
     comp = sub.add_parser("compile", help="compile exports to StableHLO, IR text or an artifact")
     comp.add_argument("file")
@@ -66,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="print the IR after PASS (build, resolve, typecheck, gradflow, "
                            "estimators, surrogate)")
     comp.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE",
-                      help="fix a symbolic dim to a size (else it stays symbolic)")
+                      help=DIM_HELP + "; one an export's arguments bind is fixed in StableHLO "
+                           "and artifacts (else it stays symbolic)")
     comp.add_argument("--debug-info", action="store_true",
                       help="keep source locations in emitted StableHLO")
     comp.add_argument("--platforms", type=_platforms, default=None, metavar="P[,P...]",
@@ -91,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="the arguments by parameter name (struct fields as name.field keys); "
                           "default: generated from the declared types")
     ver.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE",
-                     help="the size of a symbolic dim, for generated arguments")
+                     help=DIM_HELP + "; one the arguments bind sizes the generated arguments")
     ver.add_argument("--samples", type=int, default=1000, help="estimates drawn (default 1000)")
     ver.add_argument("--seed", type=int, default=0, help="seed of the keys and inputs (default 0)")
     ver.add_argument("--reference-samples", type=int, default=4096, metavar="M",
@@ -124,8 +129,10 @@ def _read(path: Path) -> str:
         raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-def _front_end(path: Path, diags: Diagnostics, after=None) -> Module | None:
-    return compile_module(SourceFile(str(path), _read(path)), path.parent, diags, after=after)
+def _front_end(path: Path, diags: Diagnostics, after=None,
+               dims: DimBindings | None = None) -> Module | None:
+    return compile_module(SourceFile(str(path), _read(path)), path.parent, diags, after=after,
+                          dims=dims)
 
 
 def _report(diags: Diagnostics, strict: bool) -> int:
@@ -149,16 +156,18 @@ def _parse_dims(items: list[str]) -> dict[str, int]:
     return dims
 
 
-def _check_dim_names(dims: dict[str, int], module: Module, path: Path) -> None:
-    """Every `--dim` names a symbolic dim of an export's parameters."""
-    if not dims:
+def _check_dim_names(dims: DimBindings, module: Module, path: Path) -> None:
+    """Every `--dim` names a symbolic dim of an export's parameters or a dim the compile fixed
+    (`gradlang.dims`)."""
+    if not dims.sizes:
         return
     from gradlang.runtime.execute import signature_of
 
-    known = list(dict.fromkeys(d for e in module.exports for d in signature_of(module, e).dims))
-    for name in dims:
+    exports = [d for e in module.exports for d in signature_of(module, e).dims]
+    known = list(dict.fromkeys([*exports, *sorted(dims.used)]))
+    for name, size in dims.sizes.items():
         if name not in known:
-            raise InputError(f"--dim {name}={dims[name]}: no export of {path} has a symbolic dim "
+            raise InputError(f"--dim {name}={size}: no export of {path} has a symbolic dim "
                              f"'{name}' ({'its dims: ' + ', '.join(known) if known else 'none has any'})")
 
 
@@ -224,15 +233,22 @@ _BIND_HINT = {
 
 
 def cmd_check(args) -> int:
+    dims = DimBindings(_parse_dims(args.dim))
     diags = Diagnostics()
-    _front_end(Path(args.file), diags)
-    return _report(diags, args.strict)
+    module = _front_end(Path(args.file), diags, dims=dims)
+    status = _report(diags, args.strict)
+    if module is not None:
+        _check_dim_names(dims, module, Path(args.file))
+    return status
 
 
 def cmd_explain(args) -> int:
+    dims = DimBindings(_parse_dims(args.dim))
     diags = Diagnostics()
-    module = _front_end(Path(args.file), diags)
+    module = _front_end(Path(args.file), diags, dims=dims)
     status = _report(diags, False)
+    if module is not None:
+        _check_dim_names(dims, module, Path(args.file))
     if module is not None:
         print(explain(module), end="")
     return status
@@ -249,7 +265,7 @@ def cmd_compile(args) -> int:
     for name in args.print_after:
         if name not in known:
             raise InputError(f"unknown pass {name!r} for --print-after; passes: {', '.join(known)}")
-    dims = _parse_dims(args.dim)
+    dims = DimBindings(_parse_dims(args.dim))
     path = Path(args.file)
     out = Path(args.out)
     snapshots: dict[str, str] = {}
@@ -260,7 +276,7 @@ def cmd_compile(args) -> int:
             print(f"// IR after {name}\n{snapshots[name]}")
 
     diags = Diagnostics()
-    module = _front_end(path, diags, after)
+    module = _front_end(path, diags, after, dims)
     status = _report(diags, args.strict)  # once: errors, or warnings that --strict fails on
     if module is None or status:
         return status or EXIT_ERRORS
@@ -276,8 +292,8 @@ def cmd_compile(args) -> int:
         for name, text in snapshots.items():
             _write(out / f"{stem}.{name}.ir", text)
     if backend:
-        return _emit_backend(module, stem, out, emits, dims, args.debug_info, args.platforms,
-                             functions, _placement(args.mesh, args.shard))
+        return _emit_backend(module, stem, out, emits, dict(dims.sizes), args.debug_info,
+                             args.platforms, functions, _placement(args.mesh, args.shard))
     return EXIT_OK
 
 
@@ -466,10 +482,10 @@ def cmd_verify(args) -> int:
     problem = check_options(args)
     if problem is not None:
         raise InputError(problem)
-    dims = _parse_dims(args.dim)
+    dims = DimBindings(_parse_dims(args.dim))
     path = Path(args.file)
     diags = Diagnostics()
-    module = _front_end(path, diags)
+    module = _front_end(path, diags, dims=dims)
     status = _report(diags, False)
     if module is None:
         return status or EXIT_ERRORS
@@ -478,7 +494,7 @@ def cmd_verify(args) -> int:
     if unbound.items:
         return _report(unbound, False)
     try:
-        return run(module, path, dims, args)
+        return run(module, path, dict(dims.sizes), args)
     except VerifyError as exc:
         raise InputError(str(exc)) from None
 

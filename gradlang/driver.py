@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from . import ast
 from .builder import build_unit, annotation_from_ast
 from .diagnostics import Diagnostics, SourceFile, Span
+from .dims import DimBindings, bind_dims
 from .ir import Module, Unit
 from .ops import Annotation
 from .parser import parse
@@ -178,13 +179,17 @@ class _Loader:
         return path, resolved
 
 
-def build_module(source: SourceFile, folder: Path | None, diags: Diagnostics) -> Module | None:
-    """Parse `source` and its imports and build the unresolved IR; None on syntax errors."""
+def build_module(source: SourceFile, folder: Path | None, diags: Diagnostics,
+                 dims: DimBindings | None = None) -> Module | None:
+    """Parse `source` and its imports and build the unresolved IR, the dims of `source` fixed
+    by `dims` (`gradlang.dims`); None on syntax errors."""
     program = parse(source, diags)
     loader = _Loader(diags, None if folder is None else folder.resolve())
     main = loader.load(program, folder)
     if diags.has_errors:
         return None
+    program = bind_dims(program, [loader.programs[n][0] for n in loader.order],
+                        DimBindings() if dims is None else dims, diags)
     units = [main] + [loader.programs[n][1] for n in loader.order]
     structs, functions, exports = [], [], []
     for unit, prog in [(main, program)] + [(loader.programs[n][1], loader.programs[n][0])
@@ -200,14 +205,16 @@ def build_module(source: SourceFile, folder: Path | None, diags: Diagnostics) ->
 
 def compile_module(source: SourceFile, folder: Path | None, diags: Diagnostics,
                    passes=None, after: Callable[[str, Module], None] | None = None,
-                   overrides: Overrides | None = None) -> Module | None:
+                   overrides: Overrides | None = None,
+                   dims: DimBindings | None = None) -> Module | None:
     """Front end and pass pipeline; returns None when the program has errors. `overrides`
     (spans of this `source`'s IR -> annotations) are compiled as though the source had them
-    written (`passes.overrides`: they run before the pipeline)."""
+    written (`passes.overrides`: they run before the pipeline); `dims` fixes the dims that no
+    argument binds (`gradlang.dims`)."""
     from gradlang.passes.overrides import ApplyOverrides
     from gradlang.passes.pipeline import PIPELINE, run_pipeline
 
-    module = build_module(source, folder, diags)
+    module = build_module(source, folder, diags, dims)
     if module is None:
         return None
     if after is not None:

@@ -89,7 +89,7 @@ def run(module: Module, path: Path, dims: dict[str, int], args) -> int:
         raise VerifyError(f"{path} has no export with a gradient (grad, value_and_grad, "
                           f"descend, minimize or compose) to verify")
     inputs = _arguments(module, names, args.at)
-    origin = Origin(module.exports[0].span.source, path.parent, {})
+    origin = Origin(module.exports[0].span.source, path.parent, {}, dims=dims)
     settings = Settings(args.samples, args.seed, args.reference_samples, args.coordinates,
                         args.smoothing)
     reports = [verify_export(origin, module, n, inputs[n], dims, settings, args.compare)

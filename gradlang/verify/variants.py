@@ -4,10 +4,11 @@ a random choice, an `argmin`, an export or a composition, as a user would write 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from gradlang.diagnostics import Diagnostics, SourceFile, Span
+from gradlang.dims import DimBindings
 from gradlang.driver import compile_module
 from gradlang.ir import Module
 from gradlang.passes.overrides import Overrides
@@ -22,6 +23,8 @@ class Origin:
     root: Path | None
     externs: Mapping[str, object]
     mesh: object = None
+    dims: Mapping[str, int] = field(default_factory=dict)
+    """The dims it was compiled with (`gradlang.dims`)."""
 
     def owns(self, span: Span | None) -> bool:
         """The span is in the main source file (annotations of imported files are not
@@ -31,5 +34,6 @@ class Origin:
     def compile(self, overrides: Overrides) -> Module | str:
         """The IR of the source compiled with `overrides`, or the compiler's first error."""
         diags = Diagnostics()
-        module = compile_module(self.source, self.root, diags, overrides=overrides)
+        module = compile_module(self.source, self.root, diags, overrides=overrides,
+                                dims=DimBindings(self.dims))
         return diags.errors[0].message if module is None else module

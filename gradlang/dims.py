@@ -1,0 +1,273 @@
+"""Dims bound at compile time: `compile_file(path, dims={"K": 8})`, `gradlang compile --dim K=8`.
+
+A dim is a name in a shape (`f32[K]`). A function's arguments bind the dims of their declared
+types at each call; a dim that no argument of a function binds is fixed by the compile: in each
+function of the compiled file whose parameters do not have K, every K (in its result type, an
+`argmin` variable's type, a shape, a value, `samples=K`, an option) reads as the integer, and so
+does K in an export's options (`expect(f, samples=K)`). Imported files are left as written.
+
+Run on the main file's syntax tree before the IR is built; it also reports, at the use, a dim
+that nothing binds (with or without bindings), where the later passes would say less.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+
+from . import ast
+from .builtins import BUILTINS
+from .diagnostics import Diagnostics, Span
+from .distributions import DISTRIBUTIONS
+from .limits import I32_MAX
+
+
+@dataclass
+class DimBindings:
+    """The sizes a compile fixes dims to; `used` collects the names it substituted."""
+
+    sizes: Mapping[str, int] = field(default_factory=dict)
+    used: set[str] = field(default_factory=set)
+
+
+def check_sizes(sizes: dict[str, int]) -> dict[str, int]:
+    """`sizes`, after a ValueError for a name that is no identifier or a size that is no
+    integer from 1 to 2^31 - 1 (a size is an i32 value in programs)."""
+    for name, size in sizes.items():
+        if not (isinstance(name, str) and name.isidentifier()):
+            raise ValueError(f"dims: {name!r} is not a dim name")
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= I32_MAX:
+            raise ValueError(f"dims={{'{name}': {size!r}}}: a size must be an integer from 1 to "
+                             f"{I32_MAX}")
+    return sizes
+
+
+def how_to_bind(name: str) -> str:
+    return (f"bind it by an argument's shape (k: f32[{name}]) or when compiling (--dim "
+            f"{name}=SIZE, or dims={{'{name}': SIZE}} in Python)")
+
+
+def bind_dims(program: ast.Program, imported: Sequence[ast.Program], bindings: DimBindings,
+              diags: Diagnostics) -> ast.Program:
+    """`program` with its dims fixed by `bindings` (see the module docstring); an error at each
+    use of a dim that nothing binds."""
+    binder = _Binder(program, imported, bindings, diags)
+    return replace(program, decls=tuple(binder.decl(d) for d in program.decls))
+
+
+class _Binder:
+    def __init__(self, program: ast.Program, imported: Sequence[ast.Program],
+                 bindings: DimBindings, diags: Diagnostics):
+        self.bindings = bindings
+        self.diags = diags
+        self.structs: dict[str, list[ast.StructDecl]] = {}
+        """Struct declarations of every file by their unqualified name."""
+        self.top: set[str] = set()
+        """The names every file declares (an unqualified call may name an import's)."""
+        for p in (program, *imported):
+            for d in p.decls:
+                name = getattr(d, "name", None)
+                if isinstance(name, str):
+                    self.top.add(name)
+                if isinstance(d, ast.StructDecl):
+                    self.structs.setdefault(d.name, []).append(d)
+
+    def decl(self, d: ast.Decl) -> ast.Decl:
+        if isinstance(d, ast.FnDecl):
+            return self.function(d)
+        if isinstance(d, ast.ExportDecl):
+            return replace(d, value=self.export_value(d.value, False))
+        return d
+
+    # ---- the dims a type has
+
+    def type_dims(self, t: ast.TypeExpr, seen: frozenset[str] = frozenset()) -> set[str]:
+        """Every dim name of `t`; a struct's dims are over-approximated by those of every
+        struct of that name (a dim counted bound by mistake is reported by resolve)."""
+        if isinstance(t, ast.TensorTypeExpr):
+            return {d for d in t.dims if isinstance(d, str)}
+        if isinstance(t, ast.TupleTypeExpr):
+            return set().union(*(self.type_dims(e, seen) for e in t.elems))
+        if not isinstance(t, ast.NamedTypeExpr):
+            return set()
+        short = t.name.rpartition(".")[2]
+        own: set[str] = set()
+        if short not in seen:
+            for s in self.structs.get(short, ()):
+                for f in s.fields:
+                    own |= self.type_dims(f.type, seen | {short})
+        bound = dict(t.bindings)
+        return (own - set(bound)) | {v for v in bound.values() if isinstance(v, str)}
+
+    # ---- functions
+
+    def function(self, fn: ast.FnDecl) -> ast.FnDecl:
+        bound = set().union(*(self.type_dims(p.type) for p in fn.params))
+        subst = {k: v for k, v in self.bindings.sizes.items() if k not in bound}
+        names = _binders(fn)
+        clash = sorted(set(subst) & names)
+        for k in clash:
+            self.diags.error(f"'{fn.name}' has a value named '{k}', which is also a dim fixed "
+                             f"when compiling ({k} = {subst[k]}); rename the value", fn.name_span)
+        if clash:
+            return fn
+        free = _FreeDims(self, bound | set(subst), names, fn.name)
+        free.type(fn.result, "its result type")
+        free.visit(fn.body)
+        if not subst and not free.values:
+            return fn
+        # A value reported unbound reads as 1 after its error, so later passes do not report it
+        rewrite = _Rewrite(subst, {**dict.fromkeys(free.values, 1), **subst}, self.bindings.used)
+        return replace(fn, result=rewrite.type(fn.result), body=rewrite.node(fn.body))
+
+    # ---- exports: K in an option (`samples=K`, `by=es(pop=K)`), never a function's name
+
+    def export_value(self, e: ast.Expr, in_option: bool) -> ast.Expr:
+        if isinstance(e, ast.Name) and in_option:
+            size = self.bindings.sizes.get(e.id)
+            if size is not None:
+                self.bindings.used.add(e.id)
+                return ast.IntLit(e.span, size)
+            if e.id[:1].isupper() and e.id not in self.top:
+                self.unbound(e.id, e.span, "this export")
+                return ast.IntLit(e.span, 1)  # after its error, so that it is reported once
+            return e
+        if isinstance(e, ast.Call):
+            return replace(e, args=tuple(self.export_value(a, in_option) for a in e.args),
+                           kwargs=tuple(k if k.name == "wrt" else
+                                        replace(k, value=self.export_value(k.value, True))
+                                        for k in e.kwargs))
+        if isinstance(e, ast.ListLit):
+            return replace(e, elems=tuple(self.export_value(x, in_option) for x in e.elems))
+        return e
+
+    def unbound(self, name: str, span: Span, where: str) -> None:
+        self.diags.error(f"dim '{name}' is not bound in {where}: {how_to_bind(name)}", span)
+
+
+def _children(node: object):
+    """The fields of a syntax node, sequences flattened."""
+    for f in fields(node):  # type: ignore[arg-type]
+        value = getattr(node, f.name)
+        yield from (value if isinstance(value, tuple) else (value,))
+
+
+def _binders(fn: ast.FnDecl) -> set[str]:
+    """Every name a function binds: its parameters, lets, draws, loop variables and carries,
+    argmin variables."""
+    out = {p.name for p in fn.params}
+    stack: list[object] = list(fn.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.PName | ast.Sample):
+            out.add(node.name)
+        elif isinstance(node, ast.For | ast.Argmin):
+            out.add(node.var)
+        elif isinstance(node, ast.Carry):
+            out.add(node.name)
+        if is_dataclass(node) and not isinstance(node, ast.TypeExpr | Span):
+            stack += [c for c in _children(node) if is_dataclass(c)]
+    return out
+
+
+@dataclass
+class _FreeDims:
+    """Reports a dim that nothing binds in a function: in a type (its result's, an argmin
+    variable's), in `samples=`, or a capitalized name that is no value, function, struct or
+    builtin (a lower-case unknown name is left to resolve)."""
+
+    binder: _Binder
+    bound: set[str]
+    names: set[str]
+    fn: str
+    reported: set[str] = field(default_factory=set)
+    """Dims reported already: each at its first use only."""
+    values: set[str] = field(default_factory=set)
+    """Those reported where they are used as values."""
+
+    def report(self, name: str, span: Span, what: str = "") -> None:
+        if name not in self.reported:
+            self.reported.add(name)
+            self.binder.unbound(name, span, f"'{self.fn}'{what}")
+
+    def type(self, t: ast.TypeExpr, what: str) -> None:
+        for d in sorted(self.binder.type_dims(t) - self.bound):
+            self.report(d, t.span, f" ({what} has it)")
+
+    def name(self, e: ast.Name) -> None:
+        known = self.bound | self.names | self.binder.top
+        if e.id[:1].isupper() and e.id not in known and e.id not in BUILTINS \
+                and e.id not in DISTRIBUTIONS:
+            self.report(e.id, e.span)
+            self.values.add(e.id)
+
+    def visit(self, node: object) -> None:
+        stack: list[object] = [node]
+        while stack:
+            n = stack.pop()
+            if isinstance(n, tuple):
+                stack += reversed(n)  # in source order: each dim is reported at its first use
+            elif isinstance(n, ast.Name):
+                self.name(n)
+            elif isinstance(n, ast.Argmin):
+                self.type(n.type, f"argmin variable '{n.var}'")
+                stack += [n.constraints, n.objective, n.body, n.init]
+            elif isinstance(n, ast.Call):  # the callee is a function's name, not a value
+                stack += [n.kwargs, n.args] + ([] if isinstance(n.func, ast.Name) else [n.func])
+            elif isinstance(n, ast.FieldAccess):  # `nn.f`: the base may be an import's alias
+                if not isinstance(n.base, ast.Name):
+                    stack.append(n.base)
+            elif is_dataclass(n) and not isinstance(n, ast.Annotation | ast.TypeExpr | Span):
+                stack += reversed(list(_children(n)))
+
+
+@dataclass
+class _Rewrite:
+    """Replaces the fixed dims of a function that its parameters do not bind."""
+
+    sizes: Mapping[str, int]
+    """The fixed dims, in types."""
+    values: Mapping[str, int]
+    """The names to replace as values: the fixed dims, and those reported unbound."""
+    used: set[str]
+
+    def dim(self, d: int | str) -> int | str:
+        if isinstance(d, str) and d in self.sizes:
+            self.used.add(d)
+            return self.sizes[d]
+        return d
+
+    def type(self, t: ast.TypeExpr) -> ast.TypeExpr:
+        if isinstance(t, ast.TensorTypeExpr):
+            return replace(t, dims=tuple(self.dim(d) for d in t.dims))
+        if isinstance(t, ast.NamedTypeExpr):
+            return replace(t, bindings=tuple((k, self.dim(v)) for k, v in t.bindings))
+        if isinstance(t, ast.TupleTypeExpr):
+            return replace(t, elems=tuple(self.type(e) for e in t.elems))
+        return t
+
+    def node(self, n):
+        if isinstance(n, tuple):
+            return tuple(self.node(x) for x in n)
+        if isinstance(n, ast.Name):
+            if n.id in self.values:
+                self.used.update({n.id} & set(self.sizes))
+                return ast.IntLit(n.span, self.values[n.id])
+            return n
+        if isinstance(n, ast.TypeExpr):
+            return self.type(n)
+        if isinstance(n, ast.Binary):  # `a + b + c` nests on the left: a loop, however long
+            chain = []
+            while isinstance(n, ast.Binary):
+                chain.append(n)
+                n = n.lhs
+            n = self.node(n)
+            for b in reversed(chain):
+                n = replace(b, lhs=n, rhs=self.node(b.rhs))
+            return n
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Name):  # the callee: a name
+            return replace(n, args=self.node(n.args), kwargs=self.node(n.kwargs))
+        if not is_dataclass(n) or isinstance(n, Span):
+            return n
+        changes = {f.name: self.node(getattr(n, f.name)) for f in fields(n)}
+        return replace(n, **changes)
