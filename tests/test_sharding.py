@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import warnings
 from collections import namedtuple
 
 import jax
@@ -94,7 +95,135 @@ def _run(body: str) -> None:
         out.stdout[-2000:] + out.stderr[-4000:]
 
 
+EXTERN = """
+extern fn score(logits: f32[B, C]) -> f32
+fn f(w: f32[D, C], x: f32[B, D]) -> f32 { return score(x @ w) }
+export v = f
+export mezo = grad(f, wrt=[w], by=spsa(eps=0.01))
+"""
+
+COMM = """
+use std.nn
+struct MLP { l1: Dense[I=D, O=H], l2: Dense[I=H, O=C] }
+fn logits(p: MLP, x: f32[B, D]) -> f32[B, C] { return dense(p.l2, dense_tanh(p.l1, x)) }
+fn ranks(v: f32[B]) -> f32[B] { return sort(v, axis=0) }
+export logits = logits
+export ranks = ranks
+"""
+
+SCORED = """
+fn per_entry(theta: f32[B, K], t: f32[B, K]) -> f32 {
+  z ~ Bernoulli(sigmoid(theta)) with score(baseline=ma)
+  return mean(sum((z - t) * (z - t), axis=1))
+}
+export batched = grad(expect(per_entry, samples=4), wrt=[theta])
+"""
+
+SCALE_OUT = f"""
+        import optax
+        from gradlang.runtime.sharding import place
+        mesh = Mesh(np.array(jax.devices()), ("data",))
+        def specs(tree):
+            return jax.tree.map(lambda a: a.sharding.spec, tree)
+        def host(tree):   # on one device, as the one-device trainer keeps it
+            return jax.device_put(tree, jax.devices()[0])
+
+        # Trainer, FSDP: parameters and the momentum placed as the export places the
+        # parameters, each step that of one device from the same state. The gradients differ
+        # by the reordering bound of assert_same; the momentum g + 0.9 m and the step
+        # p - 0.1 (g + 0.9 m) carry that difference plus their own rounding (eps per op).
+        fsdp = gradlang.compile_source(MLP, mesh=mesh, shard={{"B": "data", "H": "data"}})
+        want = {{"l1": {{"w": P(None, "data"), "b": P("data")}}, "l2": {{"w": P("data"), "b": P()}}}}
+        sharded, single = (gradlang.Trainer(fsdp.step, optax.sgd(0.1, momentum=0.9)),
+                           gradlang.Trainer(one.step, optax.sgd(0.1, momentum=0.9)))
+        state = sharded.init(params)
+        for _ in range(2):
+            assert specs(state.params) == want and specs(state.opt_state[0].trace) == want
+            assert state.step.sharding.is_fully_replicated
+            new, out = sharded.update(state, x, y)
+            ref, ref_out = single.update(host(state), x, y)
+            g = 2 * (B + D + H) * EPS * max(np.max(s) for s in jax.tree.leaves(
+                scale(host(state.params), x, y)[1]))
+            trace = g + 2 * EPS * max(np.abs(t).max() for t in jax.tree.leaves(ref.opt_state))
+            for u, v in zip(jax.tree.leaves(new.opt_state), jax.tree.leaves(ref.opt_state)):
+                np.testing.assert_allclose(u, v, rtol=0, atol=trace)
+            for u, v in zip(jax.tree.leaves(new.params), jax.tree.leaves(ref.params)):
+                np.testing.assert_allclose(u, v, rtol=0,
+                                           atol=0.1 * trace + 2 * EPS * np.abs(v).max())
+            state = new
+
+        # an ES export saved with its population on a mesh loads onto a mesh of that shape
+        # and runs the same computation; no mesh, or another shape, is an error naming it
+        src = MLP + "export es = grad(loss, wrt=[p], by=es(sigma=0.1, pop=16))\\n"
+        mesh2 = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "pop"))
+        es = gradlang.compile_source(src, mesh=mesh2, shard={{"B": "data", "pop": "pop"}})
+        es.save("es.gx", platforms=("cpu",))
+        art = gradlang.load("es.gx", mesh=mesh2)
+        assert art.header["sharding"]["shard"] == {{"B": ["data"], "pop": ["pop"]}}
+        key = jax.random.key(3)
+        # the same StableHLO compiled twice: XLA may fuse it differently, so the members'
+        # losses may round differently, by the ES bound of the slow test above
+        for u, v in zip(jax.tree.leaves(es.es(params, x, y, key)),
+                        jax.tree.leaves(art.es(params, x, y, key))):
+            atol = 2 * (B + D + H) * EPS * 2 * 5 / 0.1 + 2 * 8 * EPS * np.abs(u).max()
+            np.testing.assert_allclose(u, v, rtol=0, atol=atol)
+        for bad, message in [(None, "es.gx was saved with its population split over a mesh "
+                                    "('data': 2, 'pop': 4)"),
+                             (mesh, "es.gx was saved for a mesh ('data': 2, 'pop': 4), got "
+                                    "('data': 8): load it onto a mesh of that shape")]:
+            try:
+                gradlang.load("es.gx", mesh=bad)
+                raise AssertionError("no error")
+            except ShardingError as e:
+                assert message in str(e), e
+
+        # an extern under data parallelism: the callback runs once per call on the whole
+        # logits (gathered onto one device): one device's numbers
+        seen = []
+        def score(logits):
+            seen.append(np.shape(logits))
+            return np.float32(np.mean(np.asarray(logits) ** 2))
+        src = {EXTERN!r}
+        ext = gradlang.compile_source(src, externs={{"score": score}}, mesh=mesh,
+                                      shard={{"B": "data"}})
+        ref = gradlang.compile_source(src, externs={{"score": score}})
+        w = 0.3 * jax.random.normal(k[0], (D, C))
+        # Each logit, a D-term dot product, may round differently in the two programs (by
+        # D eps (|x| @ |w|) each), its square by twice that relative to it, and NumPy's mean
+        # of the B C squares by B C eps of it: at most 2 (2 D + B C) eps S apart, with
+        # S = mean((|x| @ |w|)^2) bounding the squares.
+        def bound(w_abs):
+            return 2 * (2 * D + B * C) * EPS * float(np.mean((np.abs(x) @ w_abs) ** 2))
+        seen.clear()
+        np.testing.assert_allclose(ext.v(w, x), ref.v(w, x), rtol=0, atol=bound(np.abs(w)))
+        assert seen == [(B, C), (B, C)], seen        # the whole logits, once per call
+        # what moves: the logits, gathered whole (B C floats) onto the device that calls
+        # the callback; its scalar result stays there
+        found = collectives(lower(ext.v, w, x).compile().as_text())
+        assert [(c.op, c.bytes) for c in found] == [("all-gather", 4 * B * C)], found
+
+        # the compile-time warnings say what the compiled program communicates: tensor
+        # parallel, the second layer's contraction over H all-reduces each device's f32[B/4,
+        # C] of partial sums; a sort along the split B all-gathers f32[B]
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tp_mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+            comm = gradlang.compile_source({COMM!r}, "comm.grad", mesh=tp_mesh,
+                                           shard={{"B": "data", "H": "model"}})
+        said = [str(w.message).splitlines()[0] for w in caught]
+        assert len(said) == 2 and "all-reduces f32[B/4, C] (B·C bytes per device)" in said[0] \
+            and "all-gathering f32[B] (4·B bytes per device)" in said[1], said
+        found = collectives(lower(comm.logits, params, x).compile().as_text())
+        assert [(c.op, c.bytes) for c in found] == [("all-reduce", B * C)], found
+        found = collectives(lower(comm.ranks, x[:, 0]).compile().as_text())
+        assert [(c.op, c.bytes) for c in found] == [("all-gather", 4 * B)], found
+"""
+
+
 def test_data_parallel_and_fsdp_steps_give_one_devices_numbers_with_minimal_collectives():
+    """Also (one subprocess, for the suite's time): a Trainer, an ES artifact and an extern
+    on the mesh, and the compile-time warnings against the compiled collectives."""
     _run("""
         bound = scale(params, x, y)
         loss0, grads0 = one.step(params, x, y)
@@ -145,7 +274,7 @@ def test_data_parallel_and_fsdp_steps_give_one_devices_numbers_with_minimal_coll
         mesh2 = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
         tp = gradlang.compile_source(MLP, mesh=mesh2, shard={"B": "data", "H": "model"})
         assert_same((loss0, grads0), tp.step(params, x, y), bound)
-    """)
+    """ + SCALE_OUT)
 
 
 @pytest.mark.slow  # the fast twin: the data-parallel and FSDP steps
@@ -483,3 +612,87 @@ def test_collectives_reads_ops_and_bytes_from_hlo_text():
     assert [(c.op, c.bytes) for c in collectives(hlo)] == [
         ("all-reduce", 4 * 41), ("all-gather", 4 * 32), ("reduce-scatter", 2 * 6),
         ("all-gather", 4 * 16)]
+
+
+@pytest.mark.slow  # the fast twin: the FSDP trainer and the extern's forward export above
+def test_a_trainer_with_export_state_and_a_black_box_gradient_through_an_extern_on_a_mesh():
+    _run(f"""
+        import optax
+        mesh = Mesh(np.array(jax.devices()), ("data",))
+        def host(tree):   # on one device, as the one-device trainer keeps it
+            return jax.device_put(tree, jax.devices()[0])
+
+        # the export's state (a per-example moving-average baseline, f32[B]) and the key
+        src = {SCORED!r}
+        dp = gradlang.compile_source(src, mesh=mesh, shard={{"B": "data"}})
+        K = 3
+        theta = jax.random.normal(k[0], (B, K))
+        t = (jax.random.uniform(k[1], (B, K)) > 0.5).astype(jnp.float32)
+        sharded, single = (gradlang.Trainer(dp.batched, optax.sgd(0.1)),
+                           gradlang.Trainer(gradlang.compile_source(src).batched, optax.sgd(0.1)))
+        state = sharded.init(theta, t, key=jax.random.key(1))
+        for _ in range(2):
+            assert state.params.sharding.spec == P("data"), state.params.sharding
+            assert state.export_state.sharding.spec == P("data"), state.export_state.sharding
+            assert state.key.sharding.is_fully_replicated
+            new, out = sharded.update(state, t)
+            ref, _ = single.update(host(state), t)
+            # each gradient entry is (1 / 4B) sum over 4 draws of (f - b) (z - sigmoid), f a
+            # sum of K terms in [0, 1]: each program rounds it by at most (K + 4) eps
+            # (K + max|b|) / B; the baseline's average of f by (K + 4) eps (K + max|b|)
+            bound = 2 * (K + 4) * EPS * (K + float(np.abs(ref.export_state).max()))
+            np.testing.assert_allclose(new.export_state, ref.export_state, rtol=0, atol=bound)
+            np.testing.assert_allclose(new.params, ref.params, rtol=0,
+                                       atol=0.1 * bound / B + 2 * EPS * np.abs(ref.params).max())
+            state = new
+
+        # SPSA through an extern, the data split
+        def score(logits):
+            return np.float32(np.mean(np.asarray(logits) ** 2))
+        src = {EXTERN!r}
+        ext = gradlang.compile_source(src, externs={{"score": score}}, mesh=mesh,
+                                      shard={{"B": "data"}})
+        ref = gradlang.compile_source(src, externs={{"score": score}})
+        w = 0.3 * jax.random.normal(k[0], (D, C))
+        def bound(w_abs):   # as in the fast twin
+            return 2 * (2 * D + B * C) * EPS * float(np.mean((np.abs(x) @ w_abs) ** 2))
+        # SPSA's (f(w + eps z) - f(w - eps z)) z / (2 eps), eps = 0.01, |z| < 5: the two
+        # values at |w| + 0.05 at most, each within the bound above
+        key = jax.random.key(5)
+        for u, v in zip(jax.tree.leaves(ext.mezo(w, x, key)), jax.tree.leaves(ref.mezo(w, x, key))):
+            np.testing.assert_allclose(u, v, rtol=0, atol=2 * bound(np.abs(w) + 0.05) * 5 / 0.02)
+    """)
+
+
+def test_compiling_with_shard_warns_of_ops_that_communicate_and_says_their_bytes(tmp_path,
+                                                                               capsys):
+    from gradlang.cli import main
+    from gradlang.runtime.communication import ShardingWarning
+
+    tp = jax.sharding.AbstractMesh((4, 2), ("data", "model"))
+    with pytest.warns(ShardingWarning) as caught:
+        gradlang.compile_source(COMM, "comm.grad", mesh=tp, shard={"B": "data", "H": "model"})
+    assert [str(w.message).splitlines()[0] for w in caught] == [
+        "comm.grad:4:55: warning: 'matmul' in std.nn.dense contracts H, split over 'model' "
+        "(2 devices): each device sums its part, then it all-reduces f32[B/4, C] (B·C bytes "
+        "per device) per call",
+        "comm.grad:5:40: warning: 'sort' works along B, split over 'data' (4 devices), which "
+        "XLA cannot partition: it makes B whole on every device per call, all-gathering f32[B] "
+        "(4·B bytes per device), or moving the split to another dim by all-to-alls"]
+    # data parallelism and FSDP: the loss's mean over B is a scalar all-reduce, the gathers
+    # of FSDP's parameters are what it is for: nothing to warn of
+    dp = jax.sharding.AbstractMesh((8,), ("data",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ShardingWarning)
+        for shard in ({"B": "data"}, {"B": "data", "H": "data"}):
+            gradlang.compile_source(MLP, mesh=dp, shard=shard)
+    # gradlang compile reports them with the bytes of the --dim sizes
+    (tmp_path / "comm.grad").write_text(COMM)
+    capsys.readouterr()
+    assert main(["compile", str(tmp_path / "comm.grad"), "-o", str(tmp_path / "out"),
+                 "--emit", "artifact", "--platforms", "cpu", "--mesh", "data=4", "--mesh",
+                 "model=2", "--shard", "B=data", "--shard", "H=model", "--dim", "B=16",
+                 "--dim", "C=3"]) == 0
+    err = capsys.readouterr().err
+    assert "all-reduces f32[B/4, C] (48 bytes per device) per call" in err, err
+    assert "all-gathering f32[B] (64 bytes per device)" in err, err
