@@ -55,7 +55,8 @@ class Signature:
     def state(self) -> str | None:
         """The parameter carrying state from call to call, whose update the export returns
         last (a moving-average `baseline`, a learned `control`, compose's `inner`, dynamic
-        weights' `history`): the last before the key and a `descend` export's runtime `lr`."""
+        weights' `history`, a `minimize` export's objectives' `state`): the last before the key
+        and a `descend` export's runtime `lr`."""
         if not self.stateful:
             return None
         names = [n for n, t in self.params if t is not KEY]
