@@ -152,6 +152,11 @@ def _children(node: object):
         yield from (value if isinstance(value, tuple) else (value,))
 
 
+def _options(call: ast.Call) -> tuple[ast.Keyword, ...]:
+    """The keyword arguments of a call but `wrt=`, which names parameters."""
+    return tuple(k for k in call.kwargs if k.name != "wrt")
+
+
 def _binders(fn: ast.FnDecl) -> set[str]:
     """Every name a function binds: its parameters, lets, draws, loop variables and carries,
     argmin variables."""
@@ -212,8 +217,8 @@ class _FreeDims:
             elif isinstance(n, ast.Argmin):
                 self.type(n.type, f"argmin variable '{n.var}'")
                 stack += [n.constraints, n.objective, n.body, n.init]
-            elif isinstance(n, ast.Call):  # the callee is a function's name, not a value
-                stack += [n.kwargs, n.args] + ([] if isinstance(n.func, ast.Name) else [n.func])
+            elif isinstance(n, ast.Call):  # the callee and `wrt=` name functions, parameters
+                stack += [_options(n), n.args] + ([] if isinstance(n.func, ast.Name) else [n.func])
             elif isinstance(n, ast.FieldAccess):  # `nn.f`: the base may be an import's alias
                 if not isinstance(n.base, ast.Name):
                     stack.append(n.base)
@@ -265,8 +270,10 @@ class _Rewrite:
             for b in reversed(chain):
                 n = replace(b, lhs=n, rhs=self.node(b.rhs))
             return n
-        if isinstance(n, ast.Call) and isinstance(n.func, ast.Name):  # the callee: a name
-            return replace(n, args=self.node(n.args), kwargs=self.node(n.kwargs))
+        if isinstance(n, ast.Call):  # the callee and `wrt=` name functions, parameters
+            func = n.func if isinstance(n.func, ast.Name) else self.node(n.func)
+            return replace(n, func=func, args=self.node(n.args), kwargs=tuple(
+                k if k.name == "wrt" else self.node(k) for k in n.kwargs))
         if not is_dataclass(n) or isinstance(n, Span):
             return n
         changes = {f.name: self.node(getattr(n, f.name)) for f in fields(n)}

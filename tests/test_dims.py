@@ -123,3 +123,20 @@ def test_the_cli_fixes_dims_with_dim(tmp_path, monkeypatch, capsys):
     assert main(["check", "m.grad", "--dim", "K=3", "--dim", "Q=1"]) == EXIT_INPUT
     assert "--dim Q=1: no export of m.grad has a symbolic dim 'Q' (its dims: B, K)" \
         in capsys.readouterr().err
+
+
+def test_wrt_names_parameters_not_dims():
+    """`W` in `wrt=[W]` is `loss`'s parameter: neither reported unbound nor replaced."""
+    source = """
+fn loss(W: f32[D]) -> f32 {
+  return sum(W * W)
+}
+fn f(x: f32[D]) -> f32 {
+  return sum(grad(loss, wrt=[W])(x)) + f32(K)
+}
+export f = f
+"""
+    assert float(gradlang.compile_source(source, dims={"K": 2}).f(jnp.ones(3))) == 6 + 2
+    with pytest.raises(gradlang.CompileError) as error:
+        gradlang.compile_source(source)
+    assert "dim 'K' is not bound in 'f'" in str(error.value) and "'W'" not in str(error.value)
