@@ -486,6 +486,9 @@ def test_an_objective_with_a_moving_average_threads_it_as_its_own_export_would(s
     assert_close(direction["x"], 0.3 * grads["x"] + 0.7 * 2 * x, 4)
     # b <- 0.5 b + 0.5 (each entry's mean over the samples), whose sum is the value
     assert_close(np.sum(after - 0.5 * BASELINE) / 0.5, values[0], 16)
+    text = explain(stateful.ir)
+    assert "weights f32[2], state (objectives' states))" in text
+    assert "weights f32[2], state (objectives' states, history))" in text
 
 
 def test_a_moving_average_keeps_the_combined_gradient_unbiased(stateful):
