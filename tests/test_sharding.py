@@ -133,7 +133,8 @@ SCALE_OUT = f"""
         # by the reordering bound of assert_same; the momentum g + 0.9 m and the step
         # p - 0.1 (g + 0.9 m) carry that difference plus their own rounding (eps per op).
         fsdp = gradlang.compile_source(MLP, mesh=mesh, shard={{"B": "data", "H": "data"}})
-        want = {{"l1": {{"w": P(None, "data"), "b": P("data")}}, "l2": {{"w": P("data"), "b": P()}}}}
+        want = {{"l1": {{"w": P(None, "data"), "b": P("data")}},
+                "l2": {{"w": P("data"), "b": P()}}}}
         sharded, single = (gradlang.Trainer(fsdp.step, optax.sgd(0.1, momentum=0.9)),
                            gradlang.Trainer(one.step, optax.sgd(0.1, momentum=0.9)))
         state = sharded.init(params)
@@ -249,13 +250,18 @@ def test_data_parallel_and_fsdp_steps_give_one_devices_numbers_with_minimal_coll
                  "w2": grads["p"]["l2"]["w"].sharding.spec, "b2": grads["p"]["l2"]["b"].sharding.spec}
         assert specs == {"w1": P(None, "data"), "b1": P("data"), "w2": P("data"), "b2": P()}, specs
         found = collectives(lower(fsdp.step, params, x, y).compile().as_text())
-        # each split parameter (l1.w [D, H], l1.b [H], l2.w [H, C]) gathered once, and one
-        # all-reduce of the gradient (XLA on CPU does not turn it into a reduce-scatter: the
-        # split gradients are then cut from the reduced ones locally)
+        # each split parameter (l1.w [D, H], l1.b [H], l2.w [H, C]) gathered once: the
+        # minimum. The gradient: the minimum is a reduce-scatter of the split leaves (1/8 of
+        # their bytes per device) and an all-reduce of l2.b and the loss; XLA on CPU
+        # all-reduces the whole gradient and cuts the split leaves locally (its pipeline
+        # has no pass turning an all-reduce and a slice into a reduce-scatter; GPU's has),
+        # though the gradients are constrained to their parameters' layout.
         split = leaves_bytes([params["l1"], params["l2"]["w"]])
         gathers = [c for c in found if c.op == "all-gather"]
         assert len(gathers) == 3 and sum(c.bytes for c in gathers) == split, found
-        assert [c.op for c in found if c.op != "all-gather"] == ["all-reduce"], found
+        reduced = [c for c in found if c.op != "all-gather"]
+        assert [(c.op, c.bytes) for c in reduced] == [("all-reduce", 4 + leaves_bytes(params))], \
+            found
 
         # an artifact of the data-parallel module records the mapping and the mesh's shape;
         # loaded onto a mesh of that shape it compiles to the same single all-reduce
@@ -659,7 +665,8 @@ def test_a_trainer_with_export_state_and_a_black_box_gradient_through_an_extern_
         # SPSA's (f(w + eps z) - f(w - eps z)) z / (2 eps), eps = 0.01, |z| < 5: the two
         # values at |w| + 0.05 at most, each within the bound above
         key = jax.random.key(5)
-        for u, v in zip(jax.tree.leaves(ext.mezo(w, x, key)), jax.tree.leaves(ref.mezo(w, x, key))):
+        for u, v in zip(jax.tree.leaves(ext.mezo(w, x, key)),
+                        jax.tree.leaves(ref.mezo(w, x, key))):
             np.testing.assert_allclose(u, v, rtol=0, atol=2 * bound(np.abs(w) + 0.05) * 5 / 0.02)
     """)
 
