@@ -20,6 +20,7 @@ from .builtins import BUILTINS
 from .diagnostics import Diagnostics, Span
 from .distributions import DISTRIBUTIONS
 from .limits import I32_MAX
+from .parser import _children
 
 
 @dataclass
@@ -40,11 +41,6 @@ def check_sizes(sizes: dict[str, int]) -> dict[str, int]:
             raise ValueError(f"dims={{'{name}': {size!r}}}: a size must be an integer from 1 to "
                              f"{I32_MAX}")
     return sizes
-
-
-def how_to_bind(name: str) -> str:
-    return (f"bind it by an argument's shape (k: f32[{name}]) or when compiling (--dim "
-            f"{name}=SIZE, or dims={{'{name}': SIZE}} in Python)")
 
 
 def bind_dims(program: ast.Program, imported: Sequence[ast.Program], bindings: DimBindings,
@@ -142,14 +138,9 @@ class _Binder:
         return e
 
     def unbound(self, name: str, span: Span, where: str) -> None:
-        self.diags.error(f"dim '{name}' is not bound in {where}: {how_to_bind(name)}", span)
-
-
-def _children(node: object):
-    """The fields of a syntax node, sequences flattened."""
-    for f in fields(node):  # type: ignore[arg-type]
-        value = getattr(node, f.name)
-        yield from (value if isinstance(value, tuple) else (value,))
+        self.diags.error(f"dim '{name}' is not bound in {where}: bind it by an argument's shape "
+                         f"(k: f32[{name}]) or when compiling (--dim {name}=SIZE, or "
+                         f"dims={{'{name}': SIZE}} in Python)", span)
 
 
 def _options(call: ast.Call) -> tuple[ast.Keyword, ...]:
@@ -170,8 +161,7 @@ def _binders(fn: ast.FnDecl) -> set[str]:
             out.add(node.var)
         elif isinstance(node, ast.Carry):
             out.add(node.name)
-        if is_dataclass(node) and not isinstance(node, ast.TypeExpr | Span):
-            stack += [c for c in _children(node) if is_dataclass(c)]
+        stack += _children(node)
     return out
 
 
@@ -222,8 +212,8 @@ class _FreeDims:
             elif isinstance(n, ast.FieldAccess):  # `nn.f`: the base may be an import's alias
                 if not isinstance(n.base, ast.Name):
                     stack.append(n.base)
-            elif is_dataclass(n) and not isinstance(n, ast.Annotation | ast.TypeExpr | Span):
-                stack += reversed(list(_children(n)))
+            elif not isinstance(n, ast.Annotation | ast.TypeExpr):
+                stack += reversed(_children(n))
 
 
 @dataclass
