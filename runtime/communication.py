@@ -163,10 +163,11 @@ def _tail(c: Cost) -> tuple:
 def _cost(op: Op, sharding: Sharding, env: dict) -> Cost | None:
     """The communication of one op, its types' dims bound by `env`, or None."""
     types = [substitute_dims(v.type, env) for v in op.operands]
-    if not types or not all(isinstance(t, TensorType) for t in types):
+    if not types or not all(isinstance(t, TensorType) and t.rank for t in types[:1]) or \
+            not all(isinstance(t, TensorType) for t in types):
         return None
     result = substitute_dims(op.results[0].type, env) if op.results else None
-    if op.name in REDUCE:
+    if op.name in REDUCE.split():
         (t, *_) = types
         axis = op.params.axis
         reduced = range(t.rank) if axis is None else [a % t.rank for a in axis]
