@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .diagnostics import CompileError, Diagnostics, SourceFile
 from .ir import Module, bound_names
 from .version import __version__
+
+if TYPE_CHECKING:
+    from .dims import DimBindings
 
 
 def _check_x64(module: Module, diags: Diagnostics) -> None:
@@ -236,7 +240,7 @@ class LoadedModule(_Exports):
         return "\n".join(p.mlir_module() for p in self.exported(name))
 
 
-def _check_dims(module: Module, bindings, path: str, diags: Diagnostics) -> None:
+def _check_dims(module: Module, bindings: DimBindings, path: str, diags: Diagnostics) -> None:
     """An error for each name of `dims=` that an export's arguments bind (they fix it at each
     call; lowering fixes it with `stablehlo(name, dims=)`), or that nothing uses."""
     from gradlang.runtime.execute import signature_of
