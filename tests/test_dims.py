@@ -140,3 +140,13 @@ export f = f
     with pytest.raises(gradlang.CompileError) as error:
         gradlang.compile_source(source)
     assert "dim 'K' is not bound in 'f'" in str(error.value) and "'W'" not in str(error.value)
+
+
+def test_verify_compiles_its_variants_with_the_same_dims():
+    from gradlang.ir import Module
+    from gradlang.passes.overrides import Overrides
+    from gradlang.verify.variants import Origin
+
+    source = SourceFile("m.grad", SAMPLED)
+    assert isinstance(Origin(source, None, {}, dims={"K": 3}).compile(Overrides()), Module)
+    assert "dim 'K' is not bound" in Origin(source, None, {}).compile(Overrides())
