@@ -227,11 +227,13 @@ class Lowering:
         self._key_uses[region] = n
         return n
 
-    @staticmethod
-    def draws(region: Region) -> bool:
-        """Does the region draw (a random op anywhere in it)? Then, as a call of a drawing
-        function, it takes a key."""
-        return any("random" in OPS[op.name].traits for op in walk(region))
+    def draws(self, region: Region) -> bool:
+        """Does the region draw (a random op anywhere in it, or a call of a drawing function,
+        as an inner problem's body may make)? Then, as a call of a drawing function, it takes
+        a key."""
+        return any("random" in OPS[op.name].traits
+                   or (op.name == "call_fn" and op.params.callee in self.random)
+                   for op in walk(region))
 
     def call(self, name: str, args: tuple, key: Any = None) -> Any:
         fn = self.module.function(name)
