@@ -7,6 +7,9 @@ With `shard=`, a dim name is split over its mesh axes wherever it appears (as
   `var`), or contracts one that both its operands hold split (`matmul`, `einsum`): each
   device computes a partial result, which XLA all-reduces. A reduction to a scalar (a loss's
   mean over the batch) is cheap and expected, and not reported;
+- it normalizes along a split dim (`softmax`, `log_softmax`, `layer_norm`, `rms_norm`,
+  `cross_entropy`'s classes): each of its statistics (a max, a sum, a mean) is all-reduced,
+  the size of the array without that dim (as XLA partitions their lowerings on CPU);
 - it works along a split dim in a way XLA cannot partition (`sort`, `topk`, `argmax` along
   it): XLA makes that dim whole on every device, all-gathering the operand along it (the
   bytes reported), or, where it can move the split to another dim, by all-to-alls of the
@@ -24,7 +27,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 
 from gradlang.diagnostics import Diagnostics, Span
@@ -38,6 +41,12 @@ from .sharding import Sharding
 ITEM_BYTES = {DType.BOOL: 1, DType.I32: 4, DType.F32: 4, DType.F64: 8}
 UNPARTITIONED = ("sort", "topk", "argmax")
 """Ops along an axis that XLA does not partition: it gathers that axis whole."""
+NORMALIZING = {"softmax": ("max", "sum"), "log_softmax": ("max", "sum"),
+               "layer_norm": ("mean", "variance"), "rms_norm": ("mean square",),
+               "cross_entropy": ("max", "sum of exponentials", "label's logit")}
+"""Ops that reduce along an axis (softmax's, the norms' and cross_entropy's last) inside an
+elementwise result: each reduction an all-reduce of the array without that axis when it is
+split (as XLA partitions their lowerings on CPU: the statistics named)."""
 
 
 class ShardingWarning(UserWarning):
@@ -61,6 +70,8 @@ class Cost:
     collective: str
     dtype: DType
     local: tuple[tuple[Dim, int], ...]
+    reductions: tuple[str, ...] = ()
+    """For a normalizing op, the statistics it all-reduces (one all-reduce each)."""
 
     def bytes(self, dims: Mapping[str, int]) -> int | None:
         """The collective's result bytes per device, or None when a dim's size is not known."""
@@ -77,6 +88,11 @@ class Cost:
         place = f"'{self.op}' in {self.function}" if self.function else f"'{self.op}'"
         split = (f"{self.dim}, split over {', '.join(repr(a) for a in self.axes)} "
                  f"({self.devices} devices)")
+        if self.reductions:
+            stats = [f"the {r}" for r in self.reductions]
+            stats = ", ".join(stats[:-1]) + " and " + stats[-1] if len(stats) > 1 else stats[0]
+            return (f"{place} reduces {split}: it all-reduces {moved} ({amount} per device) "
+                    f"{_times(len(self.reductions))} per call, for {stats}")
         if self.collective == "all-reduce":
             what = "contracts" if self.op in ("matmul", "einsum") else "reduces"
             return (f"{place} {what} {split}: each device sums its part, then it all-reduces "
@@ -94,6 +110,10 @@ class Cost:
         head = "·".join(([str(factor.numerator)] if factor.numerator != 1 or not names
                          else []) + names)
         return f"{head}{f'/{factor.denominator}' if factor.denominator != 1 else ''} bytes"
+
+
+def _times(n: int) -> str:
+    return {1: "once", 2: "twice"}.get(n, f"{n} times")
 
 
 def _kib(n: int) -> str:
@@ -141,7 +161,7 @@ def _visit(module: Module, sharding: Sharding, region: Region, env: dict, where:
         cost = _cost(op, sharding, env)
         if cost is not None:
             library = where if site is not None else ""
-            cost = Cost(cost.op, library, site or op.span, *_tail(cost))
+            cost = replace(cost, function=library, span=site or op.span)
             found.setdefault((cost.span, cost.message({})), cost)
         if op.name in ("call_fn", "inline"):
             callee = module.function(op.params.callee)
@@ -154,10 +174,6 @@ def _visit(module: Module, sharding: Sharding, region: Region, env: dict, where:
             continue
         for r in op.regions:
             _visit(module, sharding, r, env, where, unit, site, found, done)
-
-
-def _tail(c: Cost) -> tuple:
-    return c.dim, c.axes, c.devices, c.collective, c.dtype, c.local
 
 
 def _cost(op: Op, sharding: Sharding, env: dict) -> Cost | None:
@@ -186,6 +202,15 @@ def _cost(op: Op, sharding: Sharding, env: dict) -> Cost | None:
                     _split(sharding, types[1], tb.index(c)):
                 return _reduce(op, sharding, types[0].shape[ta.index(c)], result)
         return None
+    if op.name in NORMALIZING:
+        (t, *_) = types
+        axis = op.params.axis % t.rank if op.name.endswith("softmax") else t.rank - 1
+        if not _split(sharding, t, axis):
+            return None
+        rest = t.with_shape(t.shape[:axis] + t.shape[axis + 1:])
+        cost = _made(op, sharding, t.shape[axis], "all-reduce", t.dtype,
+                     tuple(_devices(sharding, rest)))
+        return replace(cost, reductions=NORMALIZING[op.name])
     if op.name in UNPARTITIONED:
         (t, *_) = types
         axis = op.params.axis % t.rank

@@ -107,8 +107,10 @@ use std.nn
 struct MLP { l1: Dense[I=D, O=H], l2: Dense[I=H, O=C] }
 fn logits(p: MLP, x: f32[B, D]) -> f32[B, C] { return dense(p.l2, dense_tanh(p.l1, x)) }
 fn ranks(v: f32[B]) -> f32[B] { return sort(v, axis=0) }
+fn probs(h: f32[B, H]) -> f32[B, H] { return softmax(h, axis=1) }
 export logits = logits
 export ranks = ranks
+export probs = probs
 """
 
 SCORED = """
@@ -205,7 +207,8 @@ SCALE_OUT = f"""
 
         # the compile-time warnings say what the compiled program communicates: tensor
         # parallel, the second layer's contraction over H all-reduces each device's f32[B/4,
-        # C] of partial sums; a sort along the split B all-gathers f32[B]
+        # C] of partial sums; a sort along the split B all-gathers f32[B]; a softmax along
+        # the split H all-reduces its max and its sum, f32[B/4] each
         import warnings
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -213,12 +216,15 @@ SCALE_OUT = f"""
             comm = gradlang.compile_source({COMM!r}, "comm.grad", mesh=tp_mesh,
                                            shard={{"B": "data", "H": "model"}})
         said = [str(w.message).splitlines()[0] for w in caught]
-        assert len(said) == 2 and "all-reduces f32[B/4, C] (B·C bytes per device)" in said[0] \
-            and "all-gathering f32[B] (4·B bytes per device)" in said[1], said
+        assert len(said) == 3 and "all-reduces f32[B/4, C] (B·C bytes per device)" in said[0] \
+            and "all-gathering f32[B] (4·B bytes per device)" in said[1] \
+            and "all-reduces f32[B/4] (B bytes per device) twice" in said[2], said
         found = collectives(lower(comm.logits, params, x).compile().as_text())
         assert [(c.op, c.bytes) for c in found] == [("all-reduce", B * C)], found
         found = collectives(lower(comm.ranks, x[:, 0]).compile().as_text())
         assert [(c.op, c.bytes) for c in found] == [("all-gather", 4 * B)], found
+        found = collectives(lower(comm.probs, jnp.ones((B, H))).compile().as_text())
+        assert [(c.op, c.bytes) for c in found] == [("all-reduce", B)] * 2, found
 """
 
 
@@ -685,7 +691,9 @@ def test_compiling_with_shard_warns_of_ops_that_communicate_and_says_their_bytes
         "per device) per call",
         "comm.grad:5:40: warning: 'sort' works along B, split over 'data' (4 devices), which "
         "XLA cannot partition: it makes B whole on every device per call, all-gathering f32[B] "
-        "(4·B bytes per device), or moving the split to another dim by all-to-alls"]
+        "(4·B bytes per device), or moving the split to another dim by all-to-alls",
+        "comm.grad:6:46: warning: 'softmax' reduces H, split over 'model' (2 devices): it "
+        "all-reduces f32[B/4] (B bytes per device) twice per call, for the max and the sum"]
     # data parallelism and FSDP: the loss's mean over B is a scalar all-reduce, the gathers
     # of FSDP's parameters are what it is for: nothing to warn of
     dp = jax.sharding.AbstractMesh((8,), ("data",))
