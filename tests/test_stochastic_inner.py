@@ -271,7 +271,10 @@ export g = value_and_grad(fit, wrt=[a])
 
 NESTED = """
 fn lower(a: f32, u: f32) -> f32 {
-  return argmin w: f32 = 0.0 { e ~ Normal(0.0, 0.1); (w - a * u + e) ^ 2 } via sgd(steps=200, lr=0.1)
+  return argmin w: f32 = 0.0 {
+    e ~ Normal(0.0, 0.1);
+    (w - a * u + e) ^ 2
+  } via sgd(steps=200, lr=0.1)
 }
 fn upper(a: f32) -> f32 {
   return argmin u: f32 = 0.0 { (u - 1.0) ^ 2 + lower(a, u) ^ 2 } via gd(steps=40, lr=0.2)
