@@ -10,6 +10,8 @@ With `shard=`, a dim name is split over its mesh axes wherever it appears (as
 - it normalizes along a split dim (`softmax`, `log_softmax`, `layer_norm`, `rms_norm`,
   `cross_entropy`'s classes): each of its statistics (a max, a sum, a mean) is all-reduced,
   the size of the array without that dim (as XLA partitions their lowerings on CPU);
+- it calls an `extern fn`, whose Python callback XLA runs on one device: each argument
+  with a split dim is all-gathered whole;
 - it works along a split dim in a way XLA cannot partition (`sort`, `topk`, `argmax` along
   it): XLA makes that dim whole on every device, all-gathering the operand along it (the
   bytes reported), or, where it can move the split to another dim, by all-to-alls of the
@@ -72,6 +74,8 @@ class Cost:
     local: tuple[tuple[Dim, int], ...]
     reductions: tuple[str, ...] = ()
     """For a normalizing op, the statistics it all-reduces (one all-reduce each)."""
+    extern: bool = False
+    """A call of an extern fn, whose callback gets this argument whole on one device."""
 
     def bytes(self, dims: Mapping[str, int]) -> int | None:
         """The collective's result bytes per device, or None when a dim's size is not known."""
@@ -88,6 +92,10 @@ class Cost:
         place = f"'{self.op}' in {self.function}" if self.function else f"'{self.op}'"
         split = (f"{self.dim}, split over {', '.join(repr(a) for a in self.axes)} "
                  f"({self.devices} devices)")
+        if self.extern:
+            return (f"extern '{self.op}' runs in Python on one device: each call all-gathers "
+                    f"its argument {moved} ({amount} per device), whose {self.dim} is split "
+                    f"over {', '.join(repr(a) for a in self.axes)} ({self.devices} devices)")
         if self.reductions:
             stats = [f"the {r}" for r in self.reductions]
             stats = ", ".join(stats[:-1]) + " and " + stats[-1] if len(stats) > 1 else stats[0]
@@ -165,6 +173,10 @@ def _visit(module: Module, sharding: Sharding, region: Region, env: dict, where:
             found.setdefault((cost.span, cost.message({})), cost)
         if op.name in ("call_fn", "inline"):
             callee = module.function(op.params.callee)
+            if any(o.name == "host_call" for o in callee.body.ops):
+                for c in _gathered(op, callee.name, sharding, env):
+                    c = replace(c, span=site or op.span)
+                    found.setdefault((c.span, c.message({})), c)
             inner: dict = {}
             for p, a in zip(callee.params, op.operands):
                 unify(p.value.type, substitute_dims(a.type, env), inner)
@@ -174,6 +186,20 @@ def _visit(module: Module, sharding: Sharding, region: Region, env: dict, where:
             continue
         for r in op.regions:
             _visit(module, sharding, r, env, where, unit, site, found, done)
+
+
+def _gathered(call: Op, name: str, sharding: Sharding, env: dict) -> list[Cost]:
+    """A call of extern fn `name`: each argument with a split dim gathered whole."""
+    out = []
+    for v in call.operands:
+        t = substitute_dims(v.type, env)
+        if isinstance(t, TensorType):
+            split = [d for d, n in _devices(sharding, t) if n > 1]
+            if split:
+                out.append(Cost(name, "", call.span, split[0], sharding.dims[split[0]],
+                                sharding.size(split[0]), "all-gather", t.dtype,
+                                tuple((d, 1) for d in t.shape), extern=True))
+    return out
 
 
 def _cost(op: Op, sharding: Sharding, env: dict) -> Cost | None:

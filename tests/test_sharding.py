@@ -187,8 +187,14 @@ SCALE_OUT = f"""
             seen.append(np.shape(logits))
             return np.float32(np.mean(np.asarray(logits) ** 2))
         src = {EXTERN!r}
-        ext = gradlang.compile_source(src, externs={{"score": score}}, mesh=mesh,
-                                      shard={{"B": "data"}})
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ext = gradlang.compile_source(src, externs={{"score": score}}, mesh=mesh,
+                                          shard={{"B": "data"}})
+        said = [str(w.message).splitlines()[0] for w in caught]
+        assert len(said) == 1 and "all-gathers its argument f32[B, C] (4·B·C bytes per " \
+            "device)" in said[0], said
         ref = gradlang.compile_source(src, externs={{"score": score}})
         w = 0.3 * jax.random.normal(k[0], (D, C))
         # Each logit, a D-term dot product, may round differently in the two programs (by
@@ -201,7 +207,7 @@ SCALE_OUT = f"""
         np.testing.assert_allclose(ext.v(w, x), ref.v(w, x), rtol=0, atol=bound(np.abs(w)))
         assert seen == [(B, C), (B, C)], seen        # the whole logits, once per call
         # what moves: the logits, gathered whole (B C floats) onto the device that calls
-        # the callback; its scalar result stays there
+        # the callback (as the warning said); its scalar result stays there
         found = collectives(lower(ext.v, w, x).compile().as_text())
         assert [(c.op, c.bytes) for c in found] == [("all-gather", 4 * B * C)], found
 
@@ -209,7 +215,6 @@ SCALE_OUT = f"""
         # parallel, the second layer's contraction over H all-reduces each device's f32[B/4,
         # C] of partial sums; a sort along the split B all-gathers f32[B]; a softmax along
         # the split H all-reduces its max and its sum, f32[B/4] each
-        import warnings
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             tp_mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
