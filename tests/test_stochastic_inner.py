@@ -253,6 +253,10 @@ def test_explain_states_sgds_draws_and_bias(sgd):
     assert "sgd(steps=1000, lr=0.05, decay=0.0, average=0.5)" in text
     assert "fit, line 3 draws: sgd, fresh draws at every step" in text
     assert "biased by O(1 / the samples of one draw)" in text
+    unrolled = gradlang.compile_source(SGD_SOURCE.replace(
+        "via sgd(steps=1000, lr=0.05)", "via sgd(steps=1000, lr=0.05) with unrolled"))
+    assert ("unrolled differentiation differentiates this run's sampled steps: biased, as for a "
+            "deterministic solver, by the steps short of convergence") in explain(unrolled.ir)
 
 
 def test_sgd_on_a_deterministic_problem_is_gradient_descent():
