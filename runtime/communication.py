@@ -21,7 +21,8 @@ Each such op gets a `Cost`: where it is (the op, or the call in the caller's own
 leads into a library function), the dim, its axes, the collective and the array it moves,
 per device. The dims of a called function are the caller's (`Dense[I=H, O=C]` binds I to H),
 followed from each export's functions through its calls. The bytes need the dims' sizes:
-`costs(..., dims={"B": 1024})` gives them, else they are a formula of the dims.
+`diagnostics(costs(module, sharding), dims={"B": 1024})` says them (`gradlang compile
+--dim`), else they are a formula of the dims (the warnings of `compile_source`).
 """
 
 from __future__ import annotations
@@ -205,8 +206,7 @@ def _gathered(call: Op, name: str, sharding: Sharding, env: dict) -> list[Cost]:
 def _cost(op: Op, sharding: Sharding, env: dict) -> Cost | None:
     """The communication of one op, its types' dims bound by `env`, or None."""
     types = [substitute_dims(v.type, env) for v in op.operands]
-    if not types or not all(isinstance(t, TensorType) and t.rank for t in types[:1]) or \
-            not all(isinstance(t, TensorType) for t in types):
+    if not types or not all(isinstance(t, TensorType) for t in types) or not types[0].rank:
         return None
     result = substitute_dims(op.results[0].type, env) if op.results else None
     if op.name in REDUCE.split():
