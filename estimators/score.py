@@ -46,8 +46,7 @@ class Score(SiteEstimator):
     label = "score function"
     Options = ScoreOptions
     role = "score"
-    nested = ("a grad(...) in a body opens an expectation of its own, and crediting the draw "
-              "in the enclosing one too (DiCE's outer term) is not built yet")
+    nested = ""  # DiCE: the magic box keeps every derivative (the outer term: surrogate)
 
     def problem(self, spec: DistSpec) -> str | None:
         if spec.fixed_support:

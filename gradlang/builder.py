@@ -302,6 +302,13 @@ def _build_export(decl: ast.ExportDecl, unit: str, diags: Diagnostics) -> Export
     if kind == "minimize":
         return _build_minimize(decl, value, unit, diags)
     objective = _objective(value.args[0], unit, diags) if len(value.args) == 1 else None
+    nested = value.args[0] if len(value.args) == 1 else None
+    if isinstance(nested, ast.Call) and _dotted(nested.func) in GRADIENTS:
+        diags.error(f"the {kind} of a gradient is written through a function returning a float "
+                    f"scalar, e.g. fn g(w: ..., x: f32) -> f32 {{ return grad(f, wrt=[x])(w, x) "
+                    f"}}, or sum(grad(f, wrt=[w])(w, x) * v) for a Hessian-vector product; then "
+                    f"export {decl.name} = {kind}(g, wrt=[w])", nested.span)
+        return None
     if objective is None:
         if not diags.has_errors or len(value.args) != 1:
             diags.error(f"{kind} takes one function name (or expect(f, samples=N), "
@@ -647,7 +654,12 @@ class _FunctionBuilder:
         if callee in GRADIENTS:
             return self.error_value(f"{callee}(f, wrt=[...]) in a function body is applied to "
                                     f"arguments, e.g. {callee}(f, wrt=[w])(w, x)", e.span)
-        if callee in TRANSFORMS + ("compose",):
+        if callee == "compose":
+            return self.error_value("compose(...) can only be used in an export: by=scgd keeps a "
+                                    "running estimate of the inner expectation across calls, "
+                                    "which only an export threads; in a body, f(expect(g(x), "
+                                    "samples=N)) is the plug-in estimate (by=plugin)", e.span)
+        if callee in TRANSFORMS:
             return self.error_value(f"{callee}(...) can only be used in an export", e.span)
         if callee in SCOPES:
             return self.expect(e)
@@ -676,7 +688,7 @@ class _FunctionBuilder:
         kind = _dotted(g.func)
         target = g.args[0] if len(g.args) == 1 else None
         scope = _scope(target) if target is not None else None
-        inner = target.args[0] if scope is not None and len(target.args) == 1 else target
+        inner = target.args[0] if scope == "expect" and len(target.args) == 1 else target
         name = _dotted(inner) if inner is not None else None
         if name is None:
             return self.error_value(f"{kind} takes one function name (or expect(f, samples=N)) "
@@ -687,7 +699,7 @@ class _FunctionBuilder:
                 return self.error_value(f"unknown option '{k.name}' for {kind} in a function "
                                         f"body; it takes wrt=[...] only", k.span)
         wrt = _wrt(g, kind, self.diags)
-        n = _samples_option(target, self.diags) if scope is not None else 0
+        n = _samples_option(target, self.diags) if scope is not None else 1
         operands, kwnames, spans = self.call_args(e)
         if wrt is None or n is None:
             return self.emit("error", operands, NoParams(), e.span).result
@@ -697,16 +709,13 @@ class _FunctionBuilder:
 
         def call() -> tuple[Value, ...]:
             params = CallParams(name, kwnames)
-            value = self.emit("call", tuple(args.values()), params, e.span, arg_spans=spans).result
-            if not n:
-                return (value,)
-            region = Region((), (self.block.ops.pop(),), (value,))
-            return (self.emit("expect", (), ExpectParams(n, kind=scope), target.span,
-                              regions=(region,)).result,)
+            return (self.emit("call", tuple(args.values()), params, e.span,
+                              arg_spans=spans).result,)
 
         region = self.region(args, call)
-        return self.emit("grad", operands, GradParams(name, wrt[0], value=kind == GRADIENTS[1]),
-                         e.span, regions=(region,), arg_spans=spans).result
+        params = GradParams(name, wrt[0], value=kind == GRADIENTS[1], samples=n)
+        return self.emit("grad", operands, params, e.span, regions=(region,),
+                         arg_spans=spans).result
 
     def expect(self, e: ast.Call) -> Value:
         """`expect(expr, samples=N)` / `logmeanexp(expr, samples=N)`: expr is evaluated N

@@ -459,12 +459,15 @@ class ArgminParams:
 class GradParams:
     """`grad(f, wrt=[a, b])(args)` in a body: `fn` as written, the differentiated parameters
     and (after resolve) the positions of the region arguments given for them; `value`: with
-    the value first (`value_and_grad`)."""
+    the value first (`value_and_grad`); `samples`: the draws of `expect(f, samples=N)`.
+    Results after the first: the summed score terms of its draws, by baseline group
+    (surrogate pass), which the enclosing expectation credits too."""
 
     fn: str
     wrt: tuple[str, ...]
     argnums: tuple[int, ...] = ()
     value: bool = field(default=False, metadata={"omit_default": True})
+    samples: int = field(default=1, metadata={"omit_default": True})
 
 
 @dataclass(frozen=True)

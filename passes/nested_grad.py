@@ -16,7 +16,7 @@ from gradlang.diagnostics import Diagnostics, Span
 from gradlang.estimators import REGISTRY
 from gradlang.estimators.hypergrads import method_of
 from gradlang.estimators.solvers import solver_of
-from gradlang.ir import Module, Op, reachable, walk
+from gradlang.ir import Module, Op, Region, reachable, walk
 
 _CALLS = ("call_fn", "inline", "map_leaves")
 
@@ -25,7 +25,16 @@ def _at(span: Span) -> str:
     return f"{Path(span.source.path).name}:{span.line}:{span.col}"
 
 
-def _problem(op: Op) -> str | None:
+def _reached(module: Module, region: Region) -> list[Op]:
+    """The ops a region runs, in it and in the functions it calls."""
+    ops = list(walk(region))
+    callees = [o.params.callee for o in ops if o.name in _CALLS]
+    for name in dict.fromkeys(n for c in callees for n in reachable(module, c)):
+        ops += walk(module.function(name).body)
+    return ops
+
+
+def _problem(module: Module, op: Op) -> str | None:
     """Why `op`'s derivative cannot be differentiated again (None when it can)."""
     if op.name == "sample":
         est = op.params.estimator
@@ -39,6 +48,12 @@ def _problem(op: Op) -> str | None:
         if not method.jvp:
             return (f"its hypergradient method {method.name} is not differentiable again "
                     f"({method.reverse_only_because}); use implicit or unrolled")
+    elif op.name == "expect" and any(
+            o.name == "sample" and REGISTRY[o.params.estimator.name].role != "pathwise"
+            for o in _reached(module, op.regions[0])):
+        return (f"an {op.params.kind}(...) of its own, whose draws are not pathwise, holds their "
+                f"credit for the first derivative only; write grad(expect(f, samples=N), "
+                f"...) for f's draws, or move the scope out")
     elif op.name in ("sampled_matmul", "sampled_einsum"):
         return "wta_crs samples rows for the first derivative only; drop the annotation here"
     elif op.name == "host_call":
@@ -67,19 +82,10 @@ class NestedGrad:
             for op in walk(fn.body):
                 if op.name != "grad":
                     continue
-                for inner in self.reached(module, op):
-                    why = _problem(inner)
+                for inner in _reached(module, op.regions[0]):
+                    why = _problem(module, inner)
                     if why is not None and (id(inner), id(op)) not in reported:
                         reported.add((id(inner), id(op)))
                         diags.error(f"grad(...) at {_at(op.span)} is differentiated again by "
                                     f"the export, but {why}", inner.span)
         return module
-
-    @staticmethod
-    def reached(module: Module, op: Op) -> list[Op]:
-        """The ops a `grad` op's region runs, in it and in the functions it calls."""
-        ops = list(walk(op.regions[0]))
-        callees = [o.params.callee for o in ops if o.name in _CALLS]
-        for name in dict.fromkeys(n for c in callees for n in reachable(module, c)):
-            ops += walk(module.function(name).body)
-        return ops

@@ -152,7 +152,7 @@ class _Rewriter:
                 if op.name == "expect":
                     self.expect(op)
                 elif op.name == "grad":
-                    self.gradient(op)
+                    self.gradient(op, None)
                 else:
                     self.ops.append(replace(op, regions=tuple(self.body(r) for r in op.regions))
                                     if op.regions else op)
@@ -206,7 +206,7 @@ class _Rewriter:
         elif op.name == "expect":
             self.expect(op)
         elif op.name == "grad":
-            self.gradient(op)
+            self.gradient(op, units)
         elif op.name == "argmin":  # a sample-average problem: its expectations are means
             self.ops.append(replace(op, regions=tuple(self.body(r) for r in op.regions)))
         else:
@@ -376,24 +376,41 @@ class _Rewriter:
             units.append(_Unit(g, v, [s for b in per for u in b for s in u.spans], op.results, whole))
 
     def expect(self, op: Op) -> None:
-        ops = self.nested(op.regions[0], op.params.kind, op.params.samples, op.span)
+        ops, _ = self.nested(op.regions[0], op.params.kind, op.params.samples, op.span)
         self.ops += ops[:-1] + [replace(ops[-1], results=op.results)]
 
-    def gradient(self, op: Op) -> None:
-        """`grad(f, ...)(args)`: a region that draws (outside an expect of its own) is an
-        expectation of one sample, whose surrogate the op differentiates where it stands; its
-        draws are not the enclosing scope's."""
+    def gradient(self, op: Op, units: list[_Unit] | None) -> None:
+        """`grad(f, ...)(args)`: a region that draws is an expectation of its own (of
+        `samples` draws), whose surrogate the op differentiates where it stands. Inside an
+        enclosing expectation (`units`), the op also yields its samples' score terms summed,
+        per baseline group, which that expectation credits with the costs downstream of the
+        gradient: the draws' outer term, so that its derivative is the gradient of the
+        expectation of everything downstream."""
         (region,) = op.regions
-        if not any(o.name != "expect" and ("random" in OPS[o.name].traits or (
-                o.name == "call_fn" and o.params.callee in self.random)) for o in region.ops):
+        if not any("random" in OPS[o.name].traits or (o.name == "call_fn"
+                                                     and o.params.callee in self.random)
+                   for o in region.ops):
             self.ops.append(replace(op, regions=(self.body(region),)))
             return
-        ops = self.nested(replace(region, args=()), "expect", 1, op.span)
-        body = Region(region.args, tuple(ops), ops[-1].results[:1])
-        self.ops.append(replace(op, regions=(body,)))
+        ops, inner = self.nested(replace(region, args=()), "expect", op.params.samples, op.span,
+                                 outer=units is not None)
+        yielded = len(ops[0].regions[0].results)
+        stacked = ops[0].results[yielded - len(inner):yielded]
+        self.ops, outer = [], self.ops
+        sums = [self.emit("sum", (v,), ReduceParams(), (F32,), op.span).result for v in stacked]
+        ops += self.ops
+        self.ops = outer
+        body = Region(region.args, tuple(ops), ops[-1 - len(sums)].results[:1] + tuple(sums))
+        new = replace(op, results=op.results + tuple(Value(F32) for _ in sums), regions=(body,))
+        self.ops.append(new)
+        if units is not None:
+            units += [_Unit(u.group, v, u.spans, op.results, u.whole)
+                      for u, v in zip(inner, new.results[1:])]
 
-    def nested(self, region: Region, kind: str, n: int, span: Span | None) -> list[Op]:
-        """The ops of an expectation nested in a body (an `expect`, a `grad`'s objective)."""
+    def nested(self, region: Region, kind: str, n: int, span: Span | None,
+               outer: bool = False) -> tuple[list[Op], list[_Unit]]:
+        """The ops of an expectation nested in a body (an `expect`, a `grad`'s objective);
+        with `outer`, its score units too, whose terms its `samples` op yields last."""
         saved, self.scope_state = self.scope_state, _Scope(kind=kind)
         try:
             region, units = self.region(region)
@@ -404,20 +421,23 @@ class _Rewriter:
                                          "only the export's own expectation can carry (as its "
                                          "'baseline' argument and result); use loo or grpo inside "
                                          "expect(...) and grad(...)", site)
+            scored = [u for u in units if u.group in SCORE] if outer else []
             label, self.label = self.label, ""
-            ops = self.scope(region, units, n, span)
+            ops = self.scope(region, units, n, span, keep=tuple(u.value for u in scored))
             self.label = label
         finally:
             self.scope_state = saved
-        return ops
+        return ops, scored
 
     # ---- the expectation itself
 
     def scope(self, region: Region, units: list[_Unit], n: int, span: Span | None,
-              state: Value | None = None) -> list[Op]:
-        """The ops of an expectation over `region` (its value yielded first), n draws. With
-        moving-average sites, `state` is the running average and the last op has a second
-        result, its update."""
+              state: Value | None = None, keep: tuple[Value, ...] = ()) -> list[Op]:
+        """The ops of an expectation over `region` (its value yielded first), n draws; the
+        first is the `samples` op. With moving-average sites, `state` is the running average
+        and the last op has a second result, its update. `keep`: values of the region the
+        `samples` op also yields, stacked, as its last results (the surrogate ignores
+        them)."""
         if self.scope_state.kind == "logmeanexp":
             return self.importance(region, units, n, span)
         outer, self.ops = self.ops, list(region.ops)
@@ -437,7 +457,8 @@ class _Rewriter:
             roles = {g: [u.value for u in units if u.group == g] for g in ("param", "draw", "aux")}
             operands += roles["param"] + roles["draw"] + roles["aux"]
             inner = replace(region, ops=tuple(self.ops),
-                            results=region.results + tuple(c for c, _, _ in costs) + tuple(operands))
+                            results=region.results + tuple(c for c, _, _ in costs)
+                            + tuple(operands) + keep)
         finally:
             self.ops = []
         vtype = region.results[0].type
@@ -456,6 +477,8 @@ class _Rewriter:
             types += (per_draw(next(u.value.type for u in units if u.group == "draw")),)
         draws = self.emit("samples", (), ExpectParams(n, sizes, shifts=int(shifted)), types, span,
                           (inner,))
+        kept = len(inner.results) - len(keep)
+        results = draws.results[:kept] + draws.results[len(inner.results):]
         if not operands:
             self.emit("mean", (draws.results[0],), ReduceParams((0,)), (vtype,), span)
             out, self.ops = self.ops, outer
@@ -473,9 +496,9 @@ class _Rewriter:
             if params.control == "":
                 params = replace(params, decay=self.decay([s for u in units if u.group == "ma"
                                                            for s in u.spans]))
-            self.emit("surrogate", draws.results + (state,), params, (vtype, state.type), span)
+            self.emit("surrogate", results + (state,), params, (vtype, state.type), span)
         else:
-            self.emit("surrogate", draws.results, params, (vtype,), span)
+            self.emit("surrogate", results, params, (vtype,), span)
         out, self.ops = self.ops, outer
         return out
 

@@ -195,6 +195,10 @@ class Lowering:
         self._key_uses: dict[Region, int] = {}
         self.sampling = Sampling()
         """What the `samples` op being lowered tells the draws of its region (`sampling_as`)."""
+        self.held: dict[int, tuple] = {}
+        """The operands of `surrogate` ops (by id) as a `grad` op's region computed them at its
+        arguments: what those surrogates hold fixed while the region is differentiated (no
+        derivative for the `grad`, every other one kept)."""
 
     @contextmanager
     def sampling_as(self, **changes):

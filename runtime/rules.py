@@ -140,24 +140,44 @@ def _inline(ctx, op: Op, *args):
 def _grad(ctx, op: Op, *args):
     """`jax.value_and_grad` of the region's objective with respect to its arguments at
     `argnums`, at the operands; the other arguments and the values the region captures are
-    constants of it, and its draws take one key of the enclosing scope."""
+    constants of it, and its draws take one key of the enclosing scope. The region's other
+    results (its draws' score terms) follow, as they are.
+
+    A drawing region ends in its expectation's `surrogate`, whose magic boxes and baselines
+    hold the region's values fixed. Held with `stop_gradient`, an enclosing derivative of the
+    gradient would also differentiate the magic boxes (DiCE's linearized credit of the draws,
+    which the enclosing expectation already credits in full); so they are held at their
+    values at the arguments, computed first with the same key: the gradient is then the
+    per-sample estimate as an ordinary function of the arguments."""
     p: O.GradParams = op.params
     (body,) = op.regions
     args = tuple(ctx.coerce(x, a.type) for x, a in zip(args, body.args))
     key = ctx.next_key() if ctx.lowering.key_uses(body) else None
+    surrogates = [o for o in body.ops if o.name == "surrogate"]
+    held = dict(ctx.lowering.held)
+    if surrogates:  # its expectation's surrogate, computed at the arguments (the same draws)
+        with ctx.scope(key, body):
+            ctx.region(body, args)
+        held |= {id(o): tuple(ctx.env[v] for v in o.operands) for o in surrogates}
 
     def objective(*wrt):
         full = list(args)
         for i, x in zip(p.argnums, wrt):
             full[i] = x
         with ctx.scope(key, body):
-            (value,) = ctx.region(body, tuple(full))
-        return value
+            value, *terms = ctx.region(body, tuple(full))
+        return value, terms
 
-    value, grads = jax.value_and_grad(objective, argnums=tuple(range(len(p.argnums))))(
-        *(args[i] for i in p.argnums))
+    saved, ctx.lowering.held = ctx.lowering.held, held
+    try:
+        (value, terms), grads = jax.value_and_grad(
+            objective, argnums=tuple(range(len(p.argnums))), has_aux=True)(
+                *(args[i] for i in p.argnums))
+    finally:
+        ctx.lowering.held = saved
     grad = grads[0] if len(grads) == 1 else grads
-    return (value, grad) if p.value else grad
+    first = (value, grad) if p.value else grad
+    return (first, *terms) if terms else first
 
 
 def _for(ctx, op: Op, *inits):

@@ -100,30 +100,39 @@ def _with_draw_gradients(ctx, op: Op, draw) -> tuple:
     return tuple(out) + tuple(grads)
 
 
-def _magic(l):
-    """DiCE's magic box: 1 in value, d magic(l) = magic(l) dl at every order."""
-    return jnp.exp(l - lax.stop_gradient(l))
+def _magic(l, held):
+    """DiCE's magic box: 1 in value, d magic(l) = magic(l) dl at every order (`held`: l with
+    no derivative, or with none of the derivative being taken, `_surrogate`)."""
+    return jnp.exp(l - held)
 
 
 def _scored(v, costs: list, scores: list, baselines: list[str], credit: list, paired: list,
-            causal: list, state):
+            causal: list, state, held: tuple):
     """sum_j magic(L_j) c_j + sum_i (1 - magic(l_i)) b_i per sample (axis 0), as `_surrogate`
     describes; without costs, v is the one cost. A score term and a cost paired entry by entry
     have one more (last) axis than v, the entries of a batched draw: those products are taken
     entry by entry, then summed. Paired step by step (`causal`), the last axis is a loop's
     iterations: cost t is credited with the score terms of steps up to t (their cumulative
-    sum), so step t's score term gets the costs from t on (reward-to-go)."""
+    sum), so step t's score term gets the costs from t on (reward-to-go). `held`: (v, costs,
+    scores) held fixed, for the magic boxes and the baselines."""
     n = v.shape[0]
     costs = costs or [v]
-    out = 0
-    for j, c in enumerate(costs):
-        dice = [l if j in pe else jnp.cumsum(l, -1) if j in ca else _total(l, v)
+    hv, hcosts, hscores = held
+    hcosts = hcosts or [hv]
+
+    def dice(j, c, scores):
+        return [l if j in pe else jnp.cumsum(l, -1) if j in ca else _total(l, v)
                 for l, b, to, pe, ca in zip(scores, baselines, credit, paired, causal)
                 if b != "grpo" and j in to]
-        out = out + _total(per_entry(_magic(sum(per_entry(d, c) for d in dice)), c) * c if dice else c, v)
-    for l, b, to, pe, ca in zip(scores, baselines, credit, paired, causal):
-        r = lax.stop_gradient(_returns(v, costs, l, to, pe, ca))
-        m = per_entry(_magic(l), r)
+
+    out = 0
+    for j, c in enumerate(costs):
+        ds, hs = dice(j, c, scores), dice(j, c, hscores)
+        box = _magic(sum(per_entry(d, c) for d in ds), sum(per_entry(d, c) for d in hs))
+        out = out + _total(per_entry(box, c) * c if ds else c, v)
+    for l, hl, b, to, pe, ca in zip(scores, hscores, baselines, credit, paired, causal):
+        r = _returns(hv, hcosts, hl, to, pe, ca)
+        m = per_entry(_magic(l, hl), r)
         if b == "loo":
             out = out + _total((1 - m) * (jnp.sum(r, 0, keepdims=True) - r) / (n - 1), v)
         elif b == "grpo":
@@ -171,7 +180,7 @@ def _importance(o: SurrogateOperands, baselines):
     out = value
     for l, b in zip(o.scores, baselines):
         signal = _vimco_signal(sv) if b == "vimco" else jnp.broadcast_to(lax.stop_gradient(value), sv.shape)
-        m = (_magic(l) - 1).reshape(l.shape + (1,) * (v.ndim - 1))
+        m = (_magic(l, lax.stop_gradient(l)) - 1).reshape(l.shape + (1,) * (v.ndim - 1))
         out = out + jnp.sum(m * signal, 0)
     if o.dregs:
         w = jax.nn.softmax(sv, 0)
@@ -201,8 +210,13 @@ def _surrogate(ctx, op: Op, *operands):
     o = p.split(operands)
     if p.kind == "logmeanexp":
         return _importance(o, p.baselines)
-    v, costs, scores = o.value, list(o.costs), list(o.scores)
-    costs = [c / c.shape[-1] if j in p.averaged else c for j, c in enumerate(costs)]
+    h = p.split(ctx.lowering.held.get(id(op), lax.stop_gradient(operands)))
+
+    def averaged(costs):
+        return [c / c.shape[-1] if j in p.averaged else c for j, c in enumerate(costs)]
+
+    v, costs, scores = o.value, averaged(o.costs), list(o.scores)
+    held = (h.value, averaged(h.costs), list(h.scores))
     state = None if p.control else o.state  # a moving average's (psi is the control's)
     credit = list(p.credit) if costs else [(0,)] * len(scores)
     paired = list(p.paired) or [()] * len(scores)
@@ -219,7 +233,9 @@ def _surrogate(ctx, op: Op, *operands):
         f, v = v, jnp.sum(weights * v, 1)
         weighted = range(f.shape[1]) if est.weights is not None else est.draws  # the rest weigh 0
         out = sum(weights[:, b] * _scored(f[:, b], [c[:, b] for c in costs], [l[:, b] for l in scores],
-                                          p.baselines, credit, paired, causal, state)
+                                          p.baselines, credit, paired, causal, state,
+                                          lax.stop_gradient((f[:, b], [c[:, b] for c in costs],
+                                                             [l[:, b] for l in scores])))
                   for b in weighted)
         if p.control:  # a learned control variate: the estimator's own term, and psi's step
             df = o.shift_grad[0] if o.shift_grad else None
@@ -229,7 +245,7 @@ def _surrogate(ctx, op: Op, *operands):
             return jnp.mean(out + term, 0), psi
         out = out + weak_derivative(f, draw, aux, params, est, opts)
     else:
-        out = _scored(v, costs, scores, p.baselines, credit, paired, causal, state)
+        out = _scored(v, costs, scores, p.baselines, credit, paired, causal, state, held)
     if o.enum:  # exact sum over the enumerated combinations (axis 1)
         weights = jnp.exp(o.enum[0]).reshape(o.enum[0].shape + (1,) * (v.ndim - 2))
         out = jnp.sum(weights * out, 1)
