@@ -12,6 +12,7 @@ that nothing binds (with or without bindings), where the later passes would say 
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 
@@ -108,7 +109,7 @@ class _Binder:
         if clash:
             return fn
         free = _FreeDims(self, bound | set(subst), names, fn.name)
-        free.type(fn.result, "its result type")
+        free.type(fn.result, "the result type")
         free.visit(fn.body)
         if not subst and not free.values:
             return fn
@@ -125,7 +126,7 @@ class _Binder:
                 self.bindings.used.add(e.id)
                 return ast.IntLit(e.span, size)
             if e.id[:1].isupper() and e.id not in self.top:
-                self.unbound(e.id, e.span, "this export")
+                self.unbound(f"dim '{e.id}' is bound by nothing in this export", e.id, e.span)
                 return ast.IntLit(e.span, 1)  # after its error, so that it is reported once
             return e
         if isinstance(e, ast.Call):
@@ -137,10 +138,11 @@ class _Binder:
             return replace(e, elems=tuple(self.export_value(x, in_option) for x in e.elems))
         return e
 
-    def unbound(self, name: str, span: Span, where: str) -> None:
-        self.diags.error(f"dim '{name}' is not bound in {where}: bind it by an argument's shape "
-                         f"(k: f32[{name}]) or when compiling (--dim {name}=SIZE, or "
-                         f"dims={{'{name}': SIZE}} in Python)", span)
+    def unbound(self, problem: str, name: str, span: Span) -> None:
+        """An error at `span`: the problem, and how a dim `name` is bound."""
+        self.diags.error(f"{problem}; a dim is bound by an argument's shape (k: f32[{name}]) or "
+                         f"when compiling (--dim {name}=SIZE, or dims={{'{name}': SIZE}} in "
+                         f"Python)", span)
 
 
 def _options(call: ast.Call) -> tuple[ast.Keyword, ...]:
@@ -168,8 +170,8 @@ def _binders(fn: ast.FnDecl) -> set[str]:
 @dataclass
 class _FreeDims:
     """Reports a dim that nothing binds in a function: in a type (its result's, an argmin
-    variable's), in `samples=`, or a capitalized name that is no value, function, struct or
-    builtin (a lower-case unknown name is left to resolve)."""
+    variable's), or a capitalized name in a dim's place that is no value, function, struct or
+    builtin."""
 
     binder: _Binder
     bound: set[str]
@@ -180,40 +182,55 @@ class _FreeDims:
     values: set[str] = field(default_factory=set)
     """Those reported where they are used as values."""
 
-    def report(self, name: str, span: Span, what: str = "") -> None:
+    def report(self, problem: str, name: str, span: Span) -> None:
         if name not in self.reported:
             self.reported.add(name)
-            self.binder.unbound(name, span, f"'{self.fn}'{what}")
+            self.binder.unbound(problem, name, span)
 
     def type(self, t: ast.TypeExpr, what: str) -> None:
         for d in sorted(self.binder.type_dims(t) - self.bound):
-            self.report(d, t.span, f" ({what} has it)")
+            self.report(f"dim '{d}' of {what} is bound by nothing in '{self.fn}'", d, t.span)
 
     def name(self, e: ast.Name) -> None:
         known = self.bound | self.names | self.binder.top
         if e.id[:1].isupper() and e.id not in known and e.id not in BUILTINS \
-                and e.id not in DISTRIBUTIONS:
-            self.report(e.id, e.span)
+                and e.id not in DISTRIBUTIONS:  # a name resolve would not find
+            close = difflib.get_close_matches(e.id, sorted(self.names | self.bound), 1, 0.7)
+            guess = f" (did you mean '{close[0]}'?)" if close else ""
+            self.report(f"unknown name '{e.id}' in '{self.fn}'{guess}", e.id, e.span)
             self.values.add(e.id)
 
     def visit(self, node: object) -> None:
-        stack: list[object] = [node]
+        """Each name in a dim's place (a shape list, `range(K)`, `f32(K)`, a slice's bound,
+        `samples=K`) that nothing binds; a name elsewhere is left to resolve."""
+        stack: list[tuple[object, bool]] = [(node, False)]  # a node, and if in a dim's place
         while stack:
-            n = stack.pop()
-            if isinstance(n, tuple):
-                stack += reversed(n)  # in source order: each dim is reported at its first use
+            n, place = stack.pop()
+            if isinstance(n, tuple | ast.ListLit):  # a list in a dim's place: a shape
+                items = n.elems if isinstance(n, ast.ListLit) else n
+                stack += [(x, place) for x in reversed(items)]
             elif isinstance(n, ast.Name):
-                self.name(n)
+                if place:
+                    self.name(n)
             elif isinstance(n, ast.Argmin):
-                self.type(n.type, f"argmin variable '{n.var}'")
-                stack += [n.constraints, n.objective, n.body, n.init]
+                self.type(n.type, f"the type of argmin variable '{n.var}'")
+                stack += [(x, False) for x in (n.constraints, n.objective, n.body, n.init)]
             elif isinstance(n, ast.Call):  # the callee and `wrt=` name functions, parameters
-                stack += [_options(n), n.args] + ([] if isinstance(n.func, ast.Name) else [n.func])
+                ranged = isinstance(n.func, ast.Name) and n.func.id in ("range", "arange")
+                stack += [(k.value, k.name == "samples" or isinstance(k.value, ast.ListLit))
+                          for k in reversed(_options(n))]
+                stack += [(a, ranged or isinstance(a, ast.ListLit)) for a in reversed(n.args)]
+                if not isinstance(n.func, ast.Name):
+                    stack.append((n.func, False))
+            elif isinstance(n, ast.Cast | ast.Slice | ast.For):
+                sizes = (n.operand,) if isinstance(n, ast.Cast) else (
+                    (n.start, n.stop) if isinstance(n, ast.For) else (n.start, n.stop, n.step))
+                stack += [(c, any(c is x for x in sizes)) for c in reversed(_children(n))]
             elif isinstance(n, ast.FieldAccess):  # `nn.f`: the base may be an import's alias
                 if not isinstance(n.base, ast.Name):
-                    stack.append(n.base)
+                    stack.append((n.base, False))
             elif not isinstance(n, ast.Annotation | ast.TypeExpr):
-                stack += reversed(_children(n))
+                stack += [(c, False) for c in reversed(_children(n))]
 
 
 @dataclass

@@ -113,7 +113,9 @@ def test_the_cli_fixes_dims_with_dim(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "m.grad").write_text(SAMPLED)
     assert main(["check", "m.grad"]) == 1
-    assert "m.grad:2:23: error: dim 'K' is not bound in 'draw'" in capsys.readouterr().err
+    assert "m.grad:2:23: error: dim 'K' of the result type is bound by nothing in 'draw'; a dim " \
+        "is bound by an argument's shape (k: f32[K]) or when compiling (--dim K=SIZE, or " \
+        "dims={'K': SIZE} in Python)" in capsys.readouterr().err
     assert main(["check", "m.grad", "--dim", "K=3"]) == 0
     assert main(["explain", "m.grad", "--dim", "K=3"]) == 0
     assert "expect(f, samples=3)" in capsys.readouterr().out
@@ -126,7 +128,8 @@ def test_the_cli_fixes_dims_with_dim(tmp_path, monkeypatch, capsys):
 
 
 def test_wrt_names_parameters_not_dims():
-    """`W` in `wrt=[W]` is `loss`'s parameter: neither reported unbound nor replaced."""
+    """`W` in `wrt=[W]` is `loss`'s parameter: neither reported unbound nor replaced. An unknown
+    name where no size goes is left to resolve."""
     source = """
 fn loss(W: f32[D]) -> f32 {
   return sum(W * W)
@@ -139,7 +142,10 @@ export f = f
     assert float(gradlang.compile_source(source, dims={"K": 2}).f(jnp.ones(3))) == 6 + 2
     with pytest.raises(gradlang.CompileError) as error:
         gradlang.compile_source(source)
-    assert "dim 'K' is not bound in 'f'" in str(error.value) and "'W'" not in str(error.value)
+    assert "unknown name 'K' in 'f'; a dim is bound" in str(error.value)
+    assert "'W'" not in str(error.value)
+    with pytest.raises(gradlang.CompileError, match=r"<source>:2:14: error: unknown name 'W'\n"):
+        gradlang.compile_source("fn g(Wt: f32[D]) -> f32 {\n  return sum(W)\n}\nexport g = g\n")
 
 
 def test_verify_compiles_its_variants_with_the_same_dims():
@@ -149,4 +155,5 @@ def test_verify_compiles_its_variants_with_the_same_dims():
 
     source = SourceFile("m.grad", SAMPLED)
     assert isinstance(Origin(source, None, {}, dims={"K": 3}).compile(Overrides()), Module)
-    assert "dim 'K' is not bound" in Origin(source, None, {}).compile(Overrides())
+    assert "dim 'K' of the result type is bound by nothing" in Origin(source, None, {}).compile(
+        Overrides())
