@@ -6,8 +6,9 @@ function of the compiled file whose parameters do not have K, every K (in its re
 `argmin` variable's type, a shape, a value, `samples=K`, an option) reads as the integer, and so
 does K in an export's options (`expect(f, samples=K)`). Imported files are left as written.
 
-Run on the main file's syntax tree before the IR is built; it also reports, at the use, a dim
-that nothing binds (with or without bindings), where the later passes would say less.
+Run on the main file's syntax tree before the IR is built. It also reports a dim that nothing
+binds (with or without bindings) at its first use in a type or where a size goes, saying how to
+bind it, where the later passes would say less.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class _Binder:
         if isinstance(d, ast.FnDecl):
             return self.function(d)
         if isinstance(d, ast.ExportDecl):
-            return replace(d, value=self.export_value(d.value, False))
+            return replace(d, value=self.export_value(d.name, d.value, False))
         return d
 
     # ---- the dims a type has
@@ -119,23 +120,25 @@ class _Binder:
 
     # ---- exports: K in an option (`samples=K`, `by=es(pop=K)`), never a function's name
 
-    def export_value(self, e: ast.Expr, in_option: bool) -> ast.Expr:
+    def export_value(self, export: str, e: ast.Expr, in_option: bool) -> ast.Expr:
         if isinstance(e, ast.Name) and in_option:
             size = self.bindings.sizes.get(e.id)
             if size is not None:
                 self.bindings.used.add(e.id)
                 return ast.IntLit(e.span, size)
             if e.id[:1].isupper() and e.id not in self.top:
-                self.unbound(f"dim '{e.id}' is bound by nothing in this export", e.id, e.span)
+                self.unbound(f"dim '{e.id}' is bound by nothing in export '{export}'", e.id,
+                             e.span)
                 return ast.IntLit(e.span, 1)  # after its error, so that it is reported once
             return e
         if isinstance(e, ast.Call):
-            return replace(e, args=tuple(self.export_value(a, in_option) for a in e.args),
+            return replace(e, args=tuple(self.export_value(export, a, in_option) for a in e.args),
                            kwargs=tuple(k if k.name == "wrt" else
-                                        replace(k, value=self.export_value(k.value, True))
+                                        replace(k, value=self.export_value(export, k.value, True))
                                         for k in e.kwargs))
         if isinstance(e, ast.ListLit):
-            return replace(e, elems=tuple(self.export_value(x, in_option) for x in e.elems))
+            return replace(e, elems=tuple(self.export_value(export, x, in_option)
+                                          for x in e.elems))
         return e
 
     def unbound(self, problem: str, name: str, span: Span) -> None:
