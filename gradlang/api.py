@@ -279,7 +279,7 @@ def compile_source(text: str, name: str = "<source>", root: str | Path | None = 
     from .dims import DimBindings, check_sizes
     from .driver import compile_module  # the front end (and lark) only when compiling
 
-    bindings = DimBindings(check_sizes(dict(dims or {})))
+    bindings = DimBindings(check_sizes(dims or {}))
     diags = Diagnostics()
     source = SourceFile(name, text)
     module = compile_module(source, Path(root) if root is not None else None, diags,

@@ -33,16 +33,19 @@ class DimBindings:
     used: set[str] = field(default_factory=set)
 
 
-def check_sizes(sizes: dict[str, int]) -> dict[str, int]:
-    """`sizes`, after a ValueError for a name that is no identifier or a size that is no
-    integer from 1 to 2^31 - 1 (a size is an i32 value in programs)."""
+def check_sizes(sizes: Mapping[str, object]) -> dict[str, int]:
+    """`sizes` as Python ints (a NumPy integer is one), after a ValueError for a name that is
+    no identifier or a size that is no integer from 1 to 2^31 - 1 (an i32 value in programs)."""
+    out = {}
     for name, size in sizes.items():
         if not (isinstance(name, str) and name.isidentifier()):
             raise ValueError(f"dims: {name!r} is not a dim name")
-        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= I32_MAX:
+        n = None if isinstance(size, bool) or not hasattr(size, "__index__") else size.__index__()
+        if n is None or not 1 <= n <= I32_MAX:
             raise ValueError(f"dims={{'{name}': {size!r}}}: a size must be an integer from 1 to "
                              f"{I32_MAX}")
-    return sizes
+        out[name] = n
+    return out
 
 
 def bind_dims(program: ast.Program, imported: Sequence[ast.Program], bindings: DimBindings,

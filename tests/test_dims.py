@@ -29,7 +29,7 @@ export size = draw
 
 
 def test_a_fixed_dim_sizes_shapes_values_and_samples():
-    m = gradlang.compile_source(SAMPLED, dims={"K": 3})
+    m = gradlang.compile_source(SAMPLED, dims={"K": np.int64(3)})
     assert m.size(jnp.ones(2), key=jax.random.key(0)).shape == (3,)
     text = print_module(m.ir)
     assert text.count("samples=3") >= 2 and "K" not in text  # the export's and the body's
