@@ -24,6 +24,7 @@ from .dims import DimBindings
 from .driver import compile_module
 from .explain import explain
 from .ir import Export, Module
+from .limits import I32_MAX
 from .printer import print_module
 from .version import __version__
 
@@ -35,7 +36,7 @@ EXIT_OK, EXIT_ERRORS, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 """The exit codes (see the module's docstring); argparse's usage errors exit with 2 too."""
 TRACEBACK_HELP = "on an internal compiler error, also print the Python traceback"
 DIM_HELP = "the size of a dim (repeatable): one no argument binds is fixed when compiling"
-MAX_DIM = 2**31 - 1
+MAX_DIM = I32_MAX
 """The largest size `--dim` accepts: a dim's size is an i32 value in programs (`range(T)`,
 `f32(T)`)."""
 
@@ -111,6 +112,8 @@ def _parser() -> argparse.ArgumentParser:
     ver.add_argument("--json", nargs="?", const="-", metavar="PATH",
                      help="write the JSON report to PATH (no PATH: to stdout, instead of the table)")
     ver.add_argument("--plot", metavar="PNG", help="plot variance against time per estimate")
+    ver.add_argument("--progress", action="store_true",
+                     help="show progress on stderr (the default when it is a terminal)")
 
     sub.add_parser("lsp", help="run the language server on stdio (needs pip install 'gradlang[lsp]')")
     for command in sub.choices.values():  # also after the command (SUPPRESS: keeps one before)
