@@ -106,19 +106,16 @@ class _Binder:
         bound = set().union(*(self.type_dims(p.type) for p in fn.params))
         subst = {k: v for k, v in self.bindings.sizes.items() if k not in bound}
         names = _binders(fn)
-        clash = sorted(set(subst) & names)
-        for k in clash:
-            self.diags.error(f"'{fn.name}' has a value named '{k}', which is also a dim fixed "
-                             f"when compiling ({k} = {subst[k]}); rename the value", fn.name_span)
-        if clash:
-            return fn
         free = _FreeDims(self, bound | set(subst), names, fn.name)
         free.type(fn.result, "the result type")
         free.visit(fn.body)
         if not subst and not free.values:
             return fn
-        # A value reported unbound reads as 1 after its error, so later passes do not report it
-        rewrite = _Rewrite(subst, {**dict.fromkeys(free.values, 1), **subst}, self.bindings.used)
+        # A value named K shadows the dim K (as it does an argument's), and a value reported
+        # unbound reads as 1 after its error, so that later passes do not report it again
+        values = {**dict.fromkeys(free.values, 1),
+                  **{k: v for k, v in subst.items() if k not in names}}
+        rewrite = _Rewrite(subst, values, self.bindings.used)
         return replace(fn, result=rewrite.type(fn.result), body=rewrite.node(fn.body))
 
     # ---- exports: K in an option (`samples=K`, `by=es(pop=K)`), never a function's name
