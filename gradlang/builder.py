@@ -303,12 +303,12 @@ def _build_export(decl: ast.ExportDecl, unit: str, diags: Diagnostics) -> Export
         return _build_minimize(decl, value, unit, diags)
     objective = _objective(value.args[0], unit, diags) if len(value.args) == 1 else None
     nested = value.args[0] if len(value.args) == 1 else None
+    of_grad = None
     if isinstance(nested, ast.Call) and _dotted(nested.func) in GRADIENTS:
-        diags.error(f"the {kind} of a gradient is written through a function returning a float "
-                    f"scalar, e.g. fn g(w: ..., x: f32) -> f32 {{ return grad(f, wrt=[x])(w, x) "
-                    f"}}, or sum(grad(f, wrt=[w])(w, x) * v) for a Hessian-vector product; then "
-                    f"export {decl.name} = {kind}(g, wrt=[w])", nested.span)
-        return None
+        found = _of_grad(nested, kind, diags)
+        if found is None:
+            return None
+        objective, of_grad = found
     if objective is None:
         if not diags.has_errors or len(value.args) != 1:
             diags.error(f"{kind} takes one function name (or expect(f, samples=N), "
@@ -343,8 +343,29 @@ def _build_export(decl: ast.ExportDecl, unit: str, diags: Diagnostics) -> Export
     fn, n, scope, composition = objective
     return Export(decl.name, Transform(kind, qualify(unit, fn.id), *wrt, n, by,
                                        None if lr is None else float(lr), scope,
-                                       compose=composition, has_aux=has_aux),
+                                       compose=composition, has_aux=has_aux, of_grad=of_grad),
                   decl.span, fn.span)
+
+
+def _of_grad(inner: ast.Call, kind: str, diags: Diagnostics
+             ) -> tuple[tuple[ast.Name, int, str, None], str] | None:
+    """`grad(f, wrt=[x])` as the function of an export: f and x (a float scalar parameter, so
+    that the derivative is a scalar objective); None after an error."""
+    usage = (f"{kind}(grad(f, wrt=[x]), wrt=[...]) differentiates f's derivative with respect "
+             f"to one float scalar parameter x; for others, write the gradient in a function "
+             f"returning a float scalar, e.g. sum(grad(f, wrt=[w])(w, x) * v), and differentiate "
+             f"that")
+    name = _dotted(inner.args[0]) if len(inner.args) == 1 else None
+    if _dotted(inner.func) != "grad" or name is None or [k.name for k in inner.kwargs] != ["wrt"]:
+        diags.error(usage, inner.span)
+        return None
+    wrt = _wrt(inner, "grad", diags)
+    if wrt is None:
+        return None
+    if len(wrt[0]) != 1:
+        diags.error(usage, inner.span)
+        return None
+    return (ast.Name(inner.args[0].span, name), 0, "expect", None), wrt[0][0]
 
 
 def _wrt(value: ast.Call, kind: str, diags: Diagnostics) -> tuple[tuple[str, ...], tuple[Span, ...]] | None:

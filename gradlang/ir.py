@@ -179,6 +179,9 @@ class Transform:
     aux: str | None = None
     """With `has_aux`, after the aux pass: the function computing the auxiliary values (`fn`
     is then the one returning the objective alone)."""
+    of_grad: str | None = None
+    """`grad(grad(fn, wrt=[x]), wrt=[...])`: the export differentiates fn's derivative with
+    respect to its float scalar parameter x (resolve builds that function and names it `fn`)."""
 
     @property
     def black_box(self) -> Annotation | None:

@@ -28,10 +28,10 @@ from gradlang.diagnostics import Diagnostics, Span
 from gradlang.distributions import DISTRIBUTIONS, DistSpec
 from gradlang.limits import MAX_BLOCKS, MAX_CALLS, MAX_DEPTH
 from gradlang.ir import Export, Function, Module, Op, Param, Region, StructDef, Value, walk
-from gradlang.ops import (OPS, CalleeParams, CallParams, DistParams, EinsumParams, NoParams,
-                          StructParams)
+from gradlang.ops import (OPS, CalleeParams, CallParams, DistParams, EinsumParams, GradParams,
+                          NoParams, StructParams)
 from gradlang.types import (ERROR, SOLVER_REPORT, TREE, DType, NamedType, StructType, TupleType,
-                            Type, is_float_tree, substitute_dims, type_dims)
+                            Type, is_float_tree, scalar, substitute_dims, type_dims)
 
 from .aux import result_problem
 from .rewrite import dce_function, map_ops, region_uses
@@ -312,7 +312,7 @@ class Resolve:
             functions.append(resolver.run())
         module = replace(module, functions=tuple(_silence_result(f) for f in functions))
         module = _cut_deep_nesting(_reject_recursion(module, diags), diags)
-        return _check_exports(_bind_export_names(module, structs), diags)
+        return _check_exports(_derivatives(_bind_export_names(module, structs), diags), diags)
 
 
 def _silence_result(fn: Function) -> Function:
@@ -342,6 +342,47 @@ def _bind_export_names(module: Module, structs: dict[str, StructType]) -> Module
 
     return replace(module, exports=tuple(e.joined(tuple(map(bind, e.parts())))
                                          for e in module.exports))
+
+
+def _derivatives(module: Module, diags: Diagnostics) -> Module:
+    """The function `f@grad(x)` of each `grad(grad(f, wrt=[x]), ...)` export: f's parameters,
+    returning f's derivative with respect to x (a float scalar), through a `grad` op; the export
+    differentiates it. An export whose x is not such a parameter is dropped, with an error."""
+    functions, exports = list(module.functions), []
+    for whole in module.exports:
+        parts = []
+        for export in whole.parts():
+            t = export.transform
+            fn = module.function(t.fn)
+            if t.of_grad is None or fn is None:
+                parts.append(export)
+                continue
+            p = fn.param(t.of_grad)
+            if p is None or p.value.type != scalar(DType.F32):
+                what = ("is not a parameter of it" if p is None else f"is {p.value.type}")
+                diags.error(f"grad(grad({fn.name}, wrt=[{t.of_grad}]), ...) needs '{t.of_grad}' to "
+                            f"be a float scalar parameter of '{fn.name}' (f32); it {what}",
+                            export.fn_span)
+                break
+            name = f"{fn.name}@grad({p.name})"
+            if module.function(name) is None and all(f.name != name for f in functions):
+                functions.append(_derivative(fn, p.name, name, export.fn_span))
+            parts.append(replace(export, transform=replace(t, fn=name, of_grad=None)))
+        else:
+            exports.append(whole.joined(tuple(parts)))
+    return replace(module, functions=tuple(functions), exports=tuple(exports))
+
+
+def _derivative(fn: Function, wrt: str, name: str, span: Span) -> Function:
+    """`fn name(<fn's params>) -> f32 { return grad(fn, wrt=[wrt])(<params>) }`."""
+    params = tuple(Param(p.name, Value(p.value.type, p.name), p.span) for p in fn.params)
+    args = tuple(Value(p.value.type, p.name) for p in fn.params)
+    call = Op("call_fn", args, (Value(fn.result_type),), CalleeParams(fn.name), (), span)
+    index = [p.name for p in fn.params].index(wrt)
+    grad = Op("grad", tuple(p.value for p in params), (Value(scalar(DType.F32)),),
+              GradParams(fn.name, (wrt,), (index,)), (Region(args, (call,), call.results),), span)
+    return Function(name, fn.unit, params, scalar(DType.F32),
+                    Region((), (grad,), grad.results), fn.span, fn.result_span)
 
 
 def _check_exports(module: Module, diags: Diagnostics) -> Module:
