@@ -7,8 +7,8 @@ function of the compiled file whose parameters do not have K, every K (in its re
 does K in an export's options (`expect(f, samples=K)`). Imported files are left as written.
 
 Run on the main file's syntax tree before the IR is built. It also reports a dim that nothing
-binds (with or without bindings) at its first use in a type or where a size goes, saying how to
-bind it, where the later passes would say less.
+binds (with or without bindings) at its first use where a size goes, saying how to bind it,
+where the later passes would say less.
 """
 
 from __future__ import annotations
@@ -107,7 +107,6 @@ class _Binder:
         subst = {k: v for k, v in self.bindings.sizes.items() if k not in bound}
         names = _binders(fn)
         free = _FreeDims(self, bound | set(subst), names, fn.name)
-        free.type(fn.result, "the result type")
         free.visit(fn.body)
         if not subst and not free.values:
             return fn
@@ -172,35 +171,24 @@ def _binders(fn: ast.FnDecl) -> set[str]:
 
 @dataclass
 class _FreeDims:
-    """Reports a dim that nothing binds in a function: in a type (its result's, an argmin
-    variable's), or a capitalized name in a dim's place that is no value, function, struct or
-    builtin."""
+    """Reports a dim that nothing binds in a function: a capitalized name where a size goes
+    that is no value, function, struct or builtin. (A dim of its result type that its
+    arguments do not bind is the size its body gives: `-> f32[N]` of `reshape(x, [-1])`.)"""
 
     binder: _Binder
     bound: set[str]
     names: set[str]
     fn: str
-    reported: set[str] = field(default_factory=set)
-    """Dims reported already: each at its first use only."""
     values: set[str] = field(default_factory=set)
-    """Those reported where they are used as values."""
-
-    def report(self, problem: str, name: str, span: Span) -> None:
-        if name not in self.reported:
-            self.reported.add(name)
-            self.binder.unbound(problem, name, span)
-
-    def type(self, t: ast.TypeExpr, what: str) -> None:
-        for d in sorted(self.binder.type_dims(t) - self.bound):
-            self.report(f"dim '{d}' of {what} is bound by nothing in '{self.fn}'", d, t.span)
+    """The names reported (each at its first use only)."""
 
     def name(self, e: ast.Name) -> None:
-        known = self.bound | self.names | self.binder.top
+        known = self.bound | self.names | self.binder.top | self.values
         if e.id[:1].isupper() and e.id not in known and e.id not in BUILTINS \
                 and e.id not in DISTRIBUTIONS:  # a name resolve would not find
             close = difflib.get_close_matches(e.id, sorted(self.names | self.bound), 1, 0.7)
             guess = f" (did you mean '{close[0]}'?)" if close else ""
-            self.report(f"unknown name '{e.id}' in '{self.fn}'{guess}", e.id, e.span)
+            self.binder.unbound(f"unknown name '{e.id}' in '{self.fn}'{guess}", e.id, e.span)
             self.values.add(e.id)
 
     def visit(self, node: object) -> None:
@@ -215,9 +203,6 @@ class _FreeDims:
             elif isinstance(n, ast.Name):
                 if place:
                     self.name(n)
-            elif isinstance(n, ast.Argmin):
-                self.type(n.type, f"the type of argmin variable '{n.var}'")
-                stack += [(x, False) for x in (n.constraints, n.objective, n.body, n.init)]
             elif isinstance(n, ast.Call):  # the callee and `wrt=` name functions, parameters
                 ranged = isinstance(n.func, ast.Name) and n.func.id in ("range", "arange")
                 stack += [(k.value, k.name == "samples" or isinstance(k.value, ast.ListLit))
