@@ -301,6 +301,9 @@ def _build_export(decl: ast.ExportDecl, unit: str, diags: Diagnostics) -> Export
     kind = value.func.id
     if kind == "minimize":
         return _build_minimize(decl, value, unit, diags)
+    inner = value.args[0] if len(value.args) == 1 else None
+    if kind == "descend" and isinstance(inner, ast.Call) and _dotted(inner.func) == "minimize":
+        return _descend_minimize(decl, value, inner, unit, diags)
     objective = _objective(value.args[0], unit, diags) if len(value.args) == 1 else None
     nested = value.args[0] if len(value.args) == 1 else None
     of_grad = None
@@ -366,6 +369,28 @@ def _of_grad(inner: ast.Call, kind: str, diags: Diagnostics
         diags.error(usage, inner.span)
         return None
     return (ast.Name(inner.args[0].span, name), 0, "expect", None), wrt[0][0]
+
+
+def _descend_minimize(decl: ast.ExportDecl, value: ast.Call, inner: ast.Call, unit: str,
+                      diags: Diagnostics) -> Export | None:
+    """`descend(minimize([...], wrt=[...], by=RULE), lr=...)`: the minimize export, stepping
+    its parameters by the combined direction (without lr=, the step size is an argument)."""
+    lr = None
+    for k in value.kwargs:
+        if k.name != "lr":
+            diags.error(f"unknown option '{k.name}' for descend of minimize; it takes lr= (wrt= "
+                        f"and by= go inside minimize(...))", k.span)
+            return None
+        lr = _literal(k.value)
+        problem = number_problem(lr, "positive")
+        if problem is not None:
+            diags.error(f"lr must be {problem}, got {k.value.span.text}", k.value.span)
+            return None
+    export = _build_minimize(decl, inner, unit, diags)
+    if export is None:
+        return None
+    t = replace(export.transform, descend=True, lr=None if lr is None else float(lr))
+    return replace(export, transform=t)
 
 
 def _wrt(value: ast.Call, kind: str, diags: Diagnostics) -> tuple[tuple[str, ...], tuple[Span, ...]] | None:

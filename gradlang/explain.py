@@ -375,9 +375,16 @@ def _minimize(module: Module, export, flow: dict) -> list[str]:
     own = any(o.fn in module.facts.stateful for o in t.objectives)
     state = f", {STATE} (objectives' states{', history' * rule.stateful})" if own else \
         ", history" if rule.stateful else ""
-    lines.append(f"  returns: (values f32[{k}], direction {{{', '.join(t.wrt)}}}, weights "
-                 f"f32[{k}]{state}), direction = sum_i weights_i * grad f_i; step with "
-                 f"p - lr * direction")
+    if t.descend:
+        lr = "lr" if t.lr is None else f"{t.lr:g}"
+        given = " (lr: an argument of the export, after the parameters)" if t.lr is None else ""
+        lines.append(f"  returns: (values f32[{k}], the parameters {{{', '.join(t.wrt)}}} after "
+                     f"the step p <- p - {lr} * direction{given}, weights f32[{k}]{state}), "
+                     f"direction = sum_i weights_i * grad f_i")
+    else:
+        lines.append(f"  returns: (values f32[{k}], direction {{{', '.join(t.wrt)}}}, weights "
+                     f"f32[{k}]{state}), direction = sum_i weights_i * grad f_i; step with "
+                     f"p - lr * direction")
     for i, (part, what) in enumerate(zip(parts, whats)):
         lines.append(f"  objective {i + 1}: {what}")
         lines += [f"  {line}" for line in _export(module, part, flow)[1:]]

@@ -179,6 +179,9 @@ class Transform:
     aux: str | None = None
     """With `has_aux`, after the aux pass: the function computing the auxiliary values (`fn`
     is then the one returning the objective alone)."""
+    descend: bool = False
+    """`descend(minimize([...], ...), lr=...)`: the `minimize` export steps its parameters by
+    the combined direction (`lr` as for `descend`) and returns them in its place."""
     of_grad: str | None = None
     """`grad(grad(fn, wrt=[x]), wrt=[...])`: the export differentiates fn's derivative with
     respect to its float scalar parameter x (resolve builds that function and names it `fn`)."""
@@ -200,6 +203,8 @@ class Transform:
         by = self.by if self.by is not None else self.rule
         by = f", by={by}" if by is not None else ""
         aux = ", has_aux=true" if self.has_aux else ""
+        if self.descend:
+            return f"descend({self.kind}({fn}, wrt=[{', '.join(self.wrt)}]{by}){lr})"
         return f"{self.kind}({fn}, wrt=[{', '.join(self.wrt)}]{lr}{by}{aux})"
 
 

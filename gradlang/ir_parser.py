@@ -16,7 +16,7 @@ import re
 import typing
 from bisect import bisect_right
 from collections.abc import Mapping
-from dataclasses import fields
+from dataclasses import fields, replace
 from functools import cache
 from types import NoneType, UnionType
 
@@ -647,7 +647,13 @@ class _Parser:
         self.expect(" = ")
         fn_at = self.pos
         kind = next((k for k in _KINDS if self.peek(k + "(")), "fn")
-        if kind == "fn":
+        if self.accept("descend(minimize("):  # descend over minimize: its step size after it
+            self.pos -= len("minimize(")
+            transform = replace(self.call("minimize"), descend=True)
+            if self.accept(", lr="):
+                transform = replace(transform, lr=float(self.text[slice(*self.extent(")"))]))
+            self.expect(")")
+        elif kind == "fn":
             fn, samples, scope, compose = self.target()
             transform = Transform("fn", fn, samples=samples, scope=scope, compose=compose)
         else:

@@ -50,6 +50,8 @@ def _minimize_signature(module: Module, export: Export) -> Signature:
     fns = [module.function(o.fn) for o in t.objectives]
     k = len(fns)
     params = _union(module, t)
+    if t.descend and t.lr is None:
+        params += (("lr", scalar(DType.F32)),)
     state = carried(t.rule, [_state(module, o.fn) for o in t.objectives])
     stateful = state is not None
     if stateful:
@@ -59,7 +61,8 @@ def _minimize_signature(module: Module, export: Export) -> Signature:
         params += (("key", KEY),)
     externs = tuple(dict.fromkeys(n for fn in fns for n in externs_of(module, fn.name)))
     traced = tuple(dict.fromkeys(n for fn in fns for n in jax_functions_of(module, fn.name)))
-    return Signature(export.name, t.kind, ", ".join(fn.name for fn in fns), params,
+    kind = "descend" if t.descend else t.kind  # it updates its parameters (donated) itself
+    return Signature(export.name, kind, ", ".join(fn.name for fn in fns), params,
                      TensorType(DType.F32, (k,)), t.wrt, stateful, externs, traced)
 
 
@@ -147,8 +150,9 @@ def _export_function(module: Module, export: Export, externs: Mapping[str, objec
         objectives = [Objective(lowering.function(o.fn), tuple(p.name for p in _own(module, o.fn)),
                                 draws, o.by, _state(module, o.fn))
                       for o, draws in zip(t.objectives, _draws(module, export))]
-        step = minimize(objectives, [n for n, _ in _union(module, t)], t.wrt, t.rule)
-        return signature, casting(signature, step)
+        names = [n for n, _ in _union(module, t)]
+        step = minimize(objectives, names, t.wrt, t.rule)
+        return signature, casting(signature, _stepping(step, names, t) if t.descend else step)
     f = Lowering(module, externs).function(signature.function)
     if signature.kind == "fn":
         if signature.function.endswith("@draw"):  # one sample, score-function draws
@@ -204,6 +208,21 @@ def _export_function(module: Module, export: Export, externs: Mapping[str, objec
         return value, dict(zip(wrt, grads))
 
     return signature, casting(signature, value_and_grad_fn)
+
+
+def _stepping(step: Callable, names: list[str], t) -> Callable:
+    """`descend(minimize(...))`: the minimize step's results with its direction d replaced by
+    the parameters p - lr * d (lr as written, or the argument after the parameters)."""
+    split = _step_size(t, len(names))
+
+    def descend_fn(*args):
+        args, lr = split(args)
+        values, direction, *rest = step(*args)
+        named = dict(zip(names, args))
+        new = {w: jax.tree.map(lambda p, d: p - lr * d, named[w], direction[w]) for w in t.wrt}
+        return (values, new, *rest)
+
+    return descend_fn
 
 
 def _descending(estimate: Callable, split: Callable) -> Callable:

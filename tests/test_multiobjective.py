@@ -216,6 +216,8 @@ export shuffled = minimize([f1, f2, f3], wrt=[p, v], by=pcgrad)
 export weights = minimize([f1, f2], wrt=[p, v], by=weights(0.3, 0.7))
 export dwa = minimize([f1, f2, f3], wrt=[p, v], by=dynamic(temperature=2))
 export only_v = minimize([f1, f2], wrt=[v], by=mgda)
+export step = descend(minimize([f1, f2], wrt=[p, v], by=mgda), lr=0.1)
+export step_lr = descend(minimize([f1, f2, f3], wrt=[v], by=dynamic(temperature=2)))
 """
 
 
@@ -246,6 +248,31 @@ def test_minimize_returns_values_direction_and_weights(m):
     assert_close(values, np.array([m.v1(*ARGS), m.v2(*ARGS)]), ops=GRAD_OPS)
     assert m.mgda.signature.kind == "minimize"
     assert [n for n, _ in m.mgda.signature.params] == ["p", "v", "x"]
+
+
+def test_descend_over_minimize_steps_by_the_direction(m):
+    """descend(minimize(...), lr=...) returns the parameters after p - lr * direction in the
+    direction's place (its arguments donated, as descend's), the values and weights as they
+    are; without lr=, the step size is the argument after the parameters, before the state."""
+    def fresh():  # the export consumes the arrays passed for its wrt parameters
+        return jax.tree.map(jnp.array, ARGS)
+
+    values, direction, weights = m.mgda(*fresh())
+    got_values, new, got_weights = m.step(*fresh())
+    p, v, _ = ARGS
+    want = {"p": jax.tree.map(lambda a, d: a - 0.1 * d, p, direction["p"]),
+            "v": v - 0.1 * direction["v"]}
+    assert_close(new, want, ops=GRAD_OPS)
+    assert_close(got_values, values, ops=GRAD_OPS)
+    assert_close(got_weights, weights, ops=GRAD_OPS)
+    assert m.step.signature.kind == "descend"
+    assert [n for n, _ in m.step_lr.signature.params] == ["p", "v", "x", "lr", "history"]
+    history = jnp.ones((2, 3))
+    _, direction, _, _ = m.dwa(*fresh(), history)
+    _, new, _, after = m.step_lr(*fresh(), jnp.float32(0.5), history)
+    assert_close(new["v"], ARGS[1] - 0.5 * direction["v"], ops=GRAD_OPS)
+    with pytest.raises(gradlang.ArgumentError, match="updates its parameters itself"):
+        gradlang.Trainer(m.step, None)
 
 
 @pytest.mark.parametrize("name,k", [("mgda", 2), ("mgda3", 3), ("frank_wolfe", 3)])
