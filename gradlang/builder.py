@@ -701,10 +701,7 @@ class _FunctionBuilder:
             return self.error_value(f"{callee}(f, wrt=[...]) in a function body is applied to "
                                     f"arguments, e.g. {callee}(f, wrt=[w])(w, x)", e.span)
         if callee == "compose":
-            return self.error_value("compose(...) can only be used in an export: by=scgd keeps a "
-                                    "running estimate of the inner expectation across calls, "
-                                    "which only an export threads; in a body, f(expect(g(x), "
-                                    "samples=N)) is the plug-in estimate (by=plugin)", e.span)
+            return self.composed(e)
         if callee in TRANSFORMS:
             return self.error_value(f"{callee}(...) can only be used in an export", e.span)
         if callee in SCOPES:
@@ -762,6 +759,20 @@ class _FunctionBuilder:
         params = GradParams(name, wrt[0], value=kind == GRADIENTS[1], samples=n)
         return self.emit("grad", operands, params, e.span, regions=(region,),
                          arg_spans=spans).result
+
+    def composed(self, e: ast.Call) -> Value:
+        """`compose(f, expect(x, samples=N), by=plugin)` in a body: f of the expectation, as
+        `f(expect(x, samples=N))` (by=scgd keeps state across calls: exports only)."""
+        by = next((k.value for k in e.kwargs if k.name == "by"), None)
+        outer = _dotted(e.args[0]) if len(e.args) == 2 else None
+        if not (isinstance(by, ast.Name) and by.id == "plugin" and outer is not None
+                and _scope(e.args[1]) == "expect" and len(e.kwargs) == 1):
+            return self.error_value("in a function body, compose takes by=plugin: compose(f, "
+                                    "expect(g(x), samples=N), by=plugin), f of the mean of the "
+                                    "draws; by=scgd keeps a running estimate of the inner "
+                                    "expectation across calls, which only an export threads",
+                                    e.span)
+        return self.expr(ast.Call(e.span, e.args[0], (e.args[1],), ()))
 
     def expect(self, e: ast.Call) -> Value:
         """`expect(expr, samples=N)` / `logmeanexp(expr, samples=N)`: expr is evaluated N

@@ -256,3 +256,22 @@ def test_verify_reports_compose_as_biased_by_design(model):
         report = model.verify(name, {"t": 0.7}, samples=200, reference_samples=512)
         assert report.case == "compose" and report.reference.method == "plug-in at large M"
         assert report.biased_by_design and report.exit_code == 0
+
+
+def test_plugin_in_a_body_is_f_of_the_expectation():
+    """compose(f, expect(g(t), samples=N), by=plugin) in a body is f(expect(g(t), samples=N)):
+    the same program, so the same numbers under the same key."""
+    m = gradlang.compile_source("""
+fn g(t: f32) -> f32 {
+  z ~ Normal(t, 1.0)
+  return z * z
+}
+fn f(u: f32) -> f32 { return sqrt(u + 1.0) }
+fn composed(t: f32) -> f32 { return compose(f, expect(g(t), samples=4), by=plugin) * t }
+fn written(t: f32) -> f32 { return f(expect(g(t), samples=4)) * t }
+export a = value_and_grad(composed, wrt=[t])
+export b = value_and_grad(written, wrt=[t])
+""")
+    key = jax.random.key(7)
+    (va, ga), (vb, gb) = m.a(jnp.float32(0.3), key), m.b(jnp.float32(0.3), key)
+    assert va == vb and ga["t"] == gb["t"]
