@@ -329,12 +329,8 @@ def _build_export(decl: ast.ExportDecl, unit: str, diags: Diagnostics) -> Export
             if by is None:
                 return None
         elif k.name == "lr" and kind == "descend":
-            lr = _literal(k.value)
-            problem = number_problem(lr, "positive")  # also out of float32's range
-            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
-                diags.error("lr must be a positive number literal, e.g. lr=0.001", k.value.span)
-            elif problem is not None:
-                diags.error(f"lr must be {problem}, got {k.value.span.text}", k.value.span)
+            lr = _step_size(k.value, diags)
+            if lr is None:
                 return None
         elif k.name != "wrt":
             lr_text = ", lr=..." if kind == "descend" else ""
@@ -381,16 +377,27 @@ def _descend_minimize(decl: ast.ExportDecl, value: ast.Call, inner: ast.Call, un
             diags.error(f"unknown option '{k.name}' for descend of minimize; it takes lr= (wrt= "
                         f"and by= go inside minimize(...))", k.span)
             return None
-        lr = _literal(k.value)
-        problem = number_problem(lr, "positive")
-        if problem is not None:
-            diags.error(f"lr must be {problem}, got {k.value.span.text}", k.value.span)
+        lr = _step_size(k.value, diags)
+        if lr is None:
             return None
     export = _build_minimize(decl, inner, unit, diags)
     if export is None:
         return None
     t = replace(export.transform, descend=True, lr=None if lr is None else float(lr))
     return replace(export, transform=t)
+
+
+def _step_size(e: ast.Expr, diags: Diagnostics) -> int | float | None:
+    """`lr=` of `descend`: a positive number literal in float32's range; None after an error."""
+    lr = _literal(e)
+    problem = number_problem(lr, "positive")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
+        diags.error("lr must be a positive number literal, e.g. lr=0.001", e.span)
+        return None
+    if problem is not None:
+        diags.error(f"lr must be {problem}, got {e.span.text}", e.span)
+        return None
+    return lr
 
 
 def _wrt(value: ast.Call, kind: str, diags: Diagnostics) -> tuple[tuple[str, ...], tuple[Span, ...]] | None:
