@@ -160,6 +160,7 @@ def load(module: Module, name: str, externs: Mapping[str, object], mesh=None) ->
         raise VerifyError(f"export '{name}' computes no gradient ({t.fn} itself); verify checks "
                           f"grad, value_and_grad, descend, minimize and compose exports")
     if t.kind == "minimize" and index is None:
+        export = replace(export, transform=replace(t, descend=False, lr=None))  # its direction
         signature, step = export_function(module, export, externs, mesh)
         program = Program(module, export, signature, step, None, False)
     else:
