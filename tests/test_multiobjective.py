@@ -273,6 +273,7 @@ def test_descend_over_minimize_steps_by_the_direction(m):
     assert_close(new["v"], ARGS[1] - 0.5 * direction["v"], ops=GRAD_OPS)
     with pytest.raises(gradlang.ArgumentError, match="updates its parameters itself"):
         gradlang.Trainer(m.step, None)
+    assert m.verify("step", dict(zip(("p", "v", "x"), ARGS))).verdict == "consistent"
 
 
 @pytest.mark.parametrize("name,k", [("mgda", 2), ("mgda3", 3), ("frank_wolfe", 3)])
