@@ -860,14 +860,15 @@ MONTE_CARLO = {"sliced_wasserstein"}
 """Random estimates, tested for unbiasedness against NumPy in tests/test_ot.py."""
 REWRITTEN = {"straight_through", "quantize", "quest", "hadamard", "stochastic_round", "argmin",
              "host_call", "call_jax", "inline", "checkpoint", "sampled_matmul", "sampled_einsum",
-             "compose"}
-TREES = {"sum_squares", "global_norm", "map_leaves"}
-"""Builtins on parameter trees: tested against jax in tests/test_trees.py."""
+             "compose", "grad"}
 """Ops only passes create, the quantizers (tests/test_nonsmooth.py), argmin
 (tests/test_bilevel.py), extern bodies (tests/test_blackbox.py), jax fn bodies
 (tests/test_jax_functions.py), inlined calls
 (tests/test_credit.py), checkpoint blocks (tests/test_checkpoint.py), sampled matmuls and
-einsums (tests/test_sampled.py) and compositions (tests/test_compose.py)."""
+einsums (tests/test_sampled.py), compositions (tests/test_compose.py) and gradients in bodies
+(tests/test_nested_grad.py)."""
+TREES = {"sum_squares", "global_norm", "map_leaves"}
+"""Builtins on parameter trees: tested against jax in tests/test_trees.py."""
 
 
 def test_every_builtin_is_covered():
