@@ -5,17 +5,21 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from gradlang.types import uses_f64
 from gradlang.ir import Module
 
+from . import progress
 from .inputs import VerifyError, read_npz
 from .program import load
-from .report import Settings, document, dumps, render
+from .report import ExportReport, Settings, document, dumps, render
 from .run import verify_export
 from .variants import Origin
+
+EXIT_INTERRUPTED = 130
+"""128 + SIGINT, as a shell reports a command stopped by Ctrl-C."""
 
 
 def check_options(args) -> str | None:
@@ -77,6 +81,18 @@ def _arguments(module: Module, names: list[str], at: str | None) -> dict[str, di
     return out
 
 
+def _interrupted(reports: list[ExportReport], names: list[str], tables: bool) -> int:
+    """Ctrl-C: the tables of the exports verified before it (`tables`: unless the JSON
+    document goes to stdout), and one line saying so."""
+    if tables:
+        print("".join(render(r) for r in reports), end="")
+    shown = ", above" if tables else ""
+    done = f"; {len(reports)} of {len(names)} exports verified{shown}" if reports else ""
+    print(f"gradlang: verify interrupted while verifying '{names[len(reports)]}'{done}",
+          file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
 def run(module: Module, path: Path, dims: dict[str, int], args) -> int:
     """Verify the exports of `module`, compiled from the file at `path` (`args`: the command
     line's options); returns the exit code."""
@@ -92,8 +108,14 @@ def run(module: Module, path: Path, dims: dict[str, int], args) -> int:
     origin = Origin(module.exports[0].span.source, path.parent, {}, dims=dims)
     settings = Settings(args.samples, args.seed, args.reference_samples, args.coordinates,
                         args.smoothing)
-    reports = [verify_export(origin, module, n, inputs[n], dims, settings, args.compare)
-               for n in names]
+    reports = []
+    try:
+        with progress.shown(sys.stderr) if args.progress or sys.stderr.isatty() else nullcontext():
+            for n in names:
+                reports.append(verify_export(origin, module, n, inputs[n], dims, settings,
+                                             args.compare))
+    except KeyboardInterrupt:
+        return _interrupted(reports, names, args.json != "-")
     doc = document(str(path), reports)
     if args.json == "-":
         print(dumps(doc))

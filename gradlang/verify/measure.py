@@ -10,6 +10,7 @@ import numpy as np
 
 from gradlang.passes.aux import written
 
+from . import progress
 from .case import Case
 from .inputs import VerifyError
 from .program import (Memory, Program, chunk_for, compiled, draw_estimates, flat_leaves,
@@ -38,6 +39,7 @@ def sample(program: Program, named: Mapping, settings: Settings) -> Sampled:
     args = program.arguments(named)
     key = jax.random.fold_in(jax.random.key(settings.seed), 1)
     call = (args, key) if program.draws else (args,)
+    progress.note("compiling the gradient")
     executable = compiled(program.estimate, *call)
     mem = memory(executable)
     grads = executable(*call)
@@ -50,6 +52,7 @@ def sample(program: Program, named: Mapping, settings: Settings) -> Sampled:
     if bad:
         raise VerifyError(f"export '{program.export.name}': the gradient is not finite at these "
                           f"inputs ({', '.join(bad)}); give other inputs (--at FILE.npz)")
+    progress.note("timing one estimate")
     (seconds,) = interleaved_seconds([(executable, call)])
     return Sampled(names, shapes, samples, mem, seconds, (executable, call))
 

@@ -19,12 +19,27 @@ from gradlang.runtime.lower import Lowering, bind_dims
 from gradlang.runtime.signature import ArgumentError, CompiledFunction, Signature, zeros
 from gradlang.types import KEY
 
+from . import progress
 from .inputs import VerifyError
 
 CHUNK_BYTES = 1 << 28
 """Estimates are vmapped in chunks whose compiled memory stays about this size."""
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
-
+"""XLA's fastest compilation, first for every batch (`batched`): on CPU it compiles 2.3x (an ES
+gradient of a small MLP) to 2.7x (an ES gradient through an lbfgs argmin) faster than the
+default level, and its code runs 2.5x to 7x slower (the argmin's line search, vmapped, runs
+all 30 trial steps every iteration, arithmetic that level 0 leaves unoptimized)."""
+OPTIMIZED = {"xla_backend_optimization_level": 1}
+"""Compiles in 1.4x (the MLP) to 1.7x (the argmin) the time of level 0, and its code runs
+within 10% of the default level's. Measured 2026-12-07, jax 0.10.2, 2-core CPU (CPU seconds;
+`docs/reference/verify.md`)."""
+RECOMPILE = 3.0
+"""Level 1 saves at least 1 - 1 / 2.4 = 58% of a run at level 0 (the MLP) for an extra 1.7
+compilations (the argmin), so it pays once the rest would take more than 1.7 / 0.58 = 3
+level-0 compilations at level 0."""
+PIECES = 16
+"""A batch runs in about this many calls (fewer when it has fewer entries): the first two
+decide the optimization level of the rest, progress is shown and Ctrl-C is taken between two."""
 
 def leaf_names(tree) -> list[str]:
     """`enc.w1`-style names of a pytree's leaves, in flattening order."""
@@ -160,7 +175,6 @@ def load(module: Module, name: str, externs: Mapping[str, object], mesh=None) ->
         raise VerifyError(f"export '{name}' computes no gradient ({t.fn} itself); verify checks "
                           f"grad, value_and_grad, descend, minimize and compose exports")
     if t.kind == "minimize" and index is None:
-        export = replace(export, transform=replace(t, descend=False, lr=None))  # its direction
         signature, step = export_function(module, export, externs, mesh)
         program = Program(module, export, signature, step, None, False)
     else:
@@ -223,24 +237,48 @@ def interleaved_seconds(runs: list[tuple], budget: float = 0.2, rounds: int = 20
     return best
 
 
-def batched(fn: Callable, xs: tuple, n: int, chunk: int, fixed: tuple = ()):
+def batched(fn: Callable, xs: tuple, n: int, chunk: int, fixed: tuple = (),
+            what: str = "entries"):
     """fn(*xs, *fixed) vmapped over the leading axis of the arrays xs (n entries), not over
-    `fixed`, in chunks of `chunk`, stacked; the last chunk is padded so one compilation serves
-    all. It is compiled with XLA's backend optimization level 0: about 5x faster to compile and
-    1.5x slower to run on CPU, the right trade for many small programs run once."""
-    chunk = max(1, min(chunk, n))
-    run = None
-    outs = []
-    for start in range(0, n, chunk):
-        part = jax.tree.map(lambda x: x[start:start + chunk], xs)
-        size = jax.tree.leaves(part)[0].shape[0]
-        if size < chunk:
-            part = jax.tree.map(lambda x: jnp.concatenate([x, x[:chunk - size]]), part)
-        if run is None:
-            mapped = jax.vmap(lambda p, c: fn(*p, *c), in_axes=(0, None))
-            run = jax.jit(mapped).lower(part, fixed).compile(FAST_COMPILE)
-        outs.append(jax.tree.map(lambda y: np.asarray(y)[:size], run(part, fixed)))
+    `fixed`, in chunks of at most `chunk` and at most n / PIECES entries, stacked; the last
+    chunk is padded so that one tracing serves all. It is compiled at XLA's backend
+    optimization level 0, and again at level 1 for the chunks after the first two when those
+    show that the rest would run longer than `RECOMPILE` times that compilation.
+    Progress is reported (as `what`) after each chunk, and Ctrl-C stops between two."""
+    chunk = max(1, min(chunk, -(-n // PIECES)))
+    starts = range(0, n, chunk)
+
+    def part(start: int):
+        """The entries from `start` on, padded to `chunk` by repeating them; their number."""
+        size = min(chunk, n - start)
+        rows = start + np.arange(chunk) % size
+        return jax.tree.map(lambda x: x[rows], xs), size
+
+    first, _ = part(0)
+    progress.note(f"{what}: compiling")
+    lowered = jax.jit(jax.vmap(lambda p, c: fn(*p, *c), in_axes=(0, None))).lower(first, fixed)
+    began = time.perf_counter()
+    run = lowered.compile(FAST_COMPILE)
+    compile_seconds = time.perf_counter() - began
+    done = progress.counter(what, n)
+    outs, seconds = [], []
+    for i, start in enumerate(starts):
+        xs_part, size = part(start)
+        began = time.perf_counter()
+        outs.append(jax.tree.map(lambda y: np.asarray(y)[:size], run(xs_part, fixed)))
+        seconds.append(time.perf_counter() - began)
+        if i == 1 and recompile(compile_seconds, min(seconds), len(starts) - 2):
+            progress.note(f"{what}: compiling at optimization level 1")
+            run = lowered.compile(OPTIMIZED)
+        done(start + size)
     return jax.tree.map(lambda *ys: np.concatenate(ys), *outs)
+
+
+def recompile(compile_seconds: float, piece_seconds: float, rest: int) -> bool:
+    """Whether the `rest` chunks still to run, each `piece_seconds` at optimization level 0
+    (the faster of the first two: a first call's set-up or a stall of the machine in one does
+    not decide), are better compiled again at level 1 (level 0 took `compile_seconds`)."""
+    return rest * piece_seconds > RECOMPILE * compile_seconds
 
 
 def chunk_for(peak: int) -> int:
@@ -252,7 +290,8 @@ def flat_leaves(tree, n: int) -> list[np.ndarray]:
     return [np.asarray(x, np.float64).reshape(n, -1) for x in jax.tree.leaves(tree)]
 
 
-def draw_estimates(program: Program, args: list, n: int, key, chunk: int) -> list[np.ndarray]:
+def draw_estimates(program: Program, args: list, n: int, key, chunk: int,
+                   what: str = "estimates") -> list[np.ndarray]:
     """n estimates of an export that draws (keys split from `key`), per leaf as float64
     [n, size]. A moving-average baseline is carried from one estimate to the next, as in
     training (it starts at the argument given); with `warmup`, each estimate is instead the
@@ -278,10 +317,11 @@ def draw_estimates(program: Program, args: list, n: int, key, chunk: int) -> lis
                 full[at] = state
                 return program.gradient(*full, ks[-1])[0]
 
-            stacked = batched(chain, (keys,), n, chunk, (args,))
+            stacked = batched(chain, (keys,), n, chunk, (args,), what)
         else:
             stacked = jax.jit(lambda k, a: calls(k, a)[1]).lower(keys, args).compile(
                 FAST_COMPILE)(keys, args)
     else:
-        stacked = batched(lambda k, a: program.estimate(a, k), (keys,), n, chunk, (args,))
+        stacked = batched(lambda k, a: program.estimate(a, k), (keys,), n, chunk, (args,),
+                          what)
     return flat_leaves(stacked, n)

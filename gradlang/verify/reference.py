@@ -91,7 +91,8 @@ def finite_differences(f: Callable, theta: list, args: list, coords: list[np.nda
     xs = (np.repeat(idx, m), np.repeat(points, m, 0))
     if keys is not None:
         xs += (keys[np.tile(np.arange(m), k)],)
-    out = batched(at, xs, k * m, chunk, (jnp.asarray(flat), args))
+    out = batched(at, xs, k * m, chunk, (jnp.asarray(flat), args),
+                  "reference (finite differences)")
     out = np.asarray(out, np.float64).reshape(k, m, 4)
     p = points.astype(np.float64)
     d1 = (out[..., 0] - out[..., 1]) / (p[:, None, 0] - p[:, None, 1])
@@ -128,7 +129,8 @@ def smoothed(f: Callable, theta: list, args: list, sigmas: list[float], n: int, 
         d = (g(plus) - g(minus)) / 2
         return [d * z / s for z, s in zip(zs, sigmas)]
 
-    out = batched(pair, (jax.random.split(key, n),), n, chunk, (theta, args))
+    out = batched(pair, (jax.random.split(key, n),), n, chunk, (theta, args),
+                  "reference (smoothed pairs)")
     samples = [np.asarray(x, np.float64).reshape(n, -1) for x in out]
     values, errors = _moments(samples)
     method = "smoothed (pathwise)" if differentiable else "smoothed (evolution strategies)"
@@ -143,7 +145,7 @@ def mean_gradient(program: Program, args: list, n: int, key, chunk: int, method:
     if n == 1:
         samples = flat_leaves(jax.jit(program.estimate)(args, key), 1)
     else:
-        samples = draw_estimates(program, args, n, key, chunk)
+        samples = draw_estimates(program, args, n, key, chunk, "reference (gradients)")
     values, errors = _moments(samples)
     m = samples[0].shape[0]
     return Reference(method, description, values, errors, [np.zeros_like(v) for v in values],

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
+from . import progress
 from .case import classify, smooth_wrt
 from .compare import comparisons
 from .inputs import generated_arguments, given_arguments
@@ -30,6 +31,12 @@ def verify_export(origin: Origin, module, name: str, args: Mapping | Sequence | 
                   dims: Mapping[str, int] | None = None, settings: Settings = Settings(),
                   compare: bool = False) -> ExportReport:
     """Verify export `name` of the compiled IR `module` (compiled from `origin`)."""
+    with progress.exporting(name):
+        return _verify(origin, module, name, args, dims, settings, compare)
+
+
+def _verify(origin: Origin, module, name: str, args: Mapping | Sequence | None,
+            dims: Mapping[str, int] | None, settings: Settings, compare: bool) -> ExportReport:
     program = load(module, name, origin.externs, origin.mesh)
     named = named_arguments(program, args, dims, settings.seed)
     if program.export.transform.kind == "minimize" and program.value is None:
