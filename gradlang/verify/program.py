@@ -175,6 +175,7 @@ def load(module: Module, name: str, externs: Mapping[str, object], mesh=None) ->
         raise VerifyError(f"export '{name}' computes no gradient ({t.fn} itself); verify checks "
                           f"grad, value_and_grad, descend, minimize and compose exports")
     if t.kind == "minimize" and index is None:
+        export = replace(export, transform=replace(t, descend=False, lr=None))  # its direction
         signature, step = export_function(module, export, externs, mesh)
         program = Program(module, export, signature, step, None, False)
     else:
@@ -267,10 +268,10 @@ def batched(fn: Callable, xs: tuple, n: int, chunk: int, fixed: tuple = (),
         began = time.perf_counter()
         outs.append(jax.tree.map(lambda y: np.asarray(y)[:size], run(xs_part, fixed)))
         seconds.append(time.perf_counter() - began)
+        done(start + size)
         if i == 1 and recompile(compile_seconds, min(seconds), len(starts) - 2):
             progress.note(f"{what}: compiling at optimization level 1")
             run = lowered.compile(OPTIMIZED)
-        done(start + size)
     return jax.tree.map(lambda *ys: np.concatenate(ys), *outs)
 
 
