@@ -6,6 +6,9 @@ stops it with exit status 130, one line and the reports finished before it."""
 from __future__ import annotations
 
 import io
+import signal
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -141,3 +144,40 @@ def test_ctrl_c_stops_verify_with_130_one_line_and_the_reports_done(tmp_path, mo
     assert captured.out == ""
     assert captured.err.splitlines()[-1] == ("gradlang: verify interrupted while verifying 'b'; "
                                              "1 of 2 exports verified")
+
+
+ES_LBFGS = """
+fn val_loss(lam: f32[D], x: f32[N, D], y: f32[N], xv: f32[M, D], yv: f32[M]) -> f32 {
+  let w = argmin v: f32[D] = zeros([D]) {
+            0.5 * mean((x @ v - y) ^ 2) + 0.5 * sum(exp(lam) * v * v)
+          } via lbfgs(steps=50)
+  return 0.5 * mean((xv @ w - yv) ^ 2)
+}
+export hyper = grad(val_loss, wrt=[lam], by=es(sigma=0.1, pop=16))
+"""
+
+
+@pytest.mark.slow
+def test_a_real_sigint_stops_a_long_verify_run(tmp_path):
+    """The reproducer of issue 23 (an ES export through an lbfgs argmin), interrupted by
+    SIGINT once its estimates are under way: exit 130, one line, no traceback."""
+    (tmp_path / "es.grad").write_text(ES_LBFGS)
+    # Python's own SIGINT handler, even where this process was started with SIGINT ignored
+    # (a background job of a shell), which the child would inherit
+    cli = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+           "sys.argv = ['gradlang', *sys.argv[1:]]; runpy.run_module('gradlang.cli', "
+           "run_name='__main__')")
+    argv = [sys.executable, "-c", cli, "verify", "es.grad", "--dim", "N=64", "--dim", "M=32",
+            "--dim", "D=16", "--progress"]
+    child = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    lines = []
+    for line in child.stderr:  # the first piece of the estimates is done: Python runs
+        lines.append(line)
+        if line.startswith("verify hyper: estimates ") and "/1000" in line:
+            break
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 130 and out == ""
+    assert err.splitlines()[-1] == "gradlang: verify interrupted while verifying 'hyper'"
+    assert "Traceback" not in "".join(lines) + err
