@@ -46,32 +46,37 @@ def _cube(x, c):
     return jnp.sum(x) ** 3 * c
 
 
-def _batch(monkeypatch, again: bool) -> tuple[np.ndarray, np.ndarray, list[int]]:
+def _batch(monkeypatch, again: bool) -> tuple[np.ndarray, np.ndarray, list[int], list[int]]:
     """`batched` over 40 rows with the level decided `again` (the first pieces' timing
-    replaced), the rows computed one by one, and how many times the function was traced."""
-    traced = []
+    replaced), the rows computed one by one, how many times the function was traced and the
+    rows done after each piece."""
+    traced, done = [], []
 
     def fn(x, c):
         traced.append(1)
         return _cube(x, c)
 
     monkeypatch.setattr(verify_program, "recompile", lambda *timing: again)
-    xs = np.linspace(-1, 1, 120, dtype=np.float32).reshape(40, 3)
+    monkeypatch.setattr(progress, "counter", lambda what, total: done.append)
+    xs = np.linspace(0.1, 1, 120, dtype=np.float32).reshape(40, 3)
     got = batched(fn, (xs,), 40, 1024, (np.float32(0.5),))
     want = np.array([jax.jit(_cube)(x, np.float32(0.5)) for x in xs])
-    return got, want, traced
+    return got, want, traced, done
 
 
 def test_a_batch_runs_in_pieces_traced_once_and_recompiled_at_level_1_when_worth_it(
         monkeypatch, compiles):
-    got, want, traced = _batch(monkeypatch, again=True)
-    assert len(traced) == 1 and compiles == [FAST_COMPILE, OPTIMIZED]
-    # a sum of 3 and a cube, rounded in another order by another compilation
-    np.testing.assert_allclose(got, want, rtol=8 * np.finfo(np.float32).eps)
+    # each within 4 eps of the exact value: a sum of 3 positive numbers (2 roundings of eps / 2,
+    # in any order) cubed (tripling them, and 2 products of eps / 2), times 0.5 (exact)
+    rtol = 8 * np.finfo(np.float32).eps
+    pieces = [*range(3, 40, 3), 40]  # ceil(40 / PIECES) = 3 rows a piece, the last one padded
+    got, want, traced, done = _batch(monkeypatch, again=True)
+    assert len(traced) == 1 and compiles == [FAST_COMPILE, OPTIMIZED] and done == pieces
+    np.testing.assert_allclose(got, want, rtol=rtol)
     compiles.clear()
-    got, want, traced = _batch(monkeypatch, again=False)
-    assert len(traced) == 1 and compiles == [FAST_COMPILE]
-    np.testing.assert_allclose(got, want, rtol=8 * np.finfo(np.float32).eps)
+    got, want, traced, done = _batch(monkeypatch, again=False)
+    assert len(traced) == 1 and compiles == [FAST_COMPILE] and done == pieces
+    np.testing.assert_allclose(got, want, rtol=rtol)
 
 
 def test_the_level_is_decided_by_the_first_pieces_against_the_compilation():
