@@ -244,8 +244,9 @@ def batched(fn: Callable, xs: tuple, n: int, chunk: int, fixed: tuple = (),
     `fixed`, in chunks of at most `chunk` and at most n / PIECES entries, stacked; the last
     chunk is padded so that one tracing serves all. It is compiled at XLA's backend
     optimization level 0, and again at level 1 for the chunks after the first two when those
-    show that the rest would run longer than `RECOMPILE` times that compilation.
-    Progress is reported (as `what`) after each chunk, and Ctrl-C stops between two."""
+    show that the rest would run longer than `RECOMPILE` times that compilation (so which
+    level rounds the rest depends on timings). Progress is reported (as `what`) after each
+    chunk, and Ctrl-C stops between two."""
     chunk = max(1, min(chunk, -(-n // PIECES)))
     starts = range(0, n, chunk)
 
