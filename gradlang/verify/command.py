@@ -85,7 +85,7 @@ def _interrupted(reports: list[ExportReport], names: list[str], tables: bool) ->
     """Ctrl-C: the tables of the exports verified before it (`tables`: unless the JSON
     document goes to stdout), and one line saying so."""
     if tables:
-        print("".join(render(r) for r in reports), end="")
+        print("\n".join(render(r) for r in reports), end="")
     shown = ", above" if tables else ""
     done = f"; {len(reports)} of {len(names)} exports verified{shown}" if reports else ""
     print(f"gradlang: verify interrupted while verifying '{names[len(reports)]}'{done}",
