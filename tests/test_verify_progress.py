@@ -15,10 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import gradlang
 from gradlang.cli import main
 from gradlang.verify import progress
 from gradlang.verify import program as verify_program
-from gradlang.verify.program import FAST_COMPILE, OPTIMIZED, PIECES, batched
+from gradlang.verify.program import (FAST_COMPILE, OPTIMIZED, PIECES, batched, draw_estimates,
+                                     load)
 
 TWO = """
 fn f(w: f32[2]) -> f32 { return sum(w * w * w) }
@@ -77,6 +79,27 @@ def test_a_batch_runs_in_pieces_traced_once_and_recompiled_at_level_1_when_worth
     got, want, traced, done = _batch(monkeypatch, again=False)
     assert len(traced) == 1 and compiles == [FAST_COMPILE] and done == pieces
     np.testing.assert_allclose(got, want, rtol=rtol)
+
+
+def test_a_moving_average_chain_runs_in_pieces_bit_for_bit_one_chain(monkeypatch):
+    """baseline=ma's state is threaded from piece to piece: the estimates are those of one
+    scan over every key."""
+    m = gradlang.compile_source("""
+fn f(t: f32) -> f32 {
+  c ~ Bernoulli(logits=t) with score(baseline=ma)
+  return (c - 0.3) ^ 2
+}
+export g = grad(expect(f, samples=1), wrt=[t])
+""")
+    chain = load(m.ir, "g", {})
+    args, key = chain.arguments({"t": np.float32(0.2)}), jax.random.key(3)
+    done = []
+    monkeypatch.setattr(progress, "counter", lambda what, total: done.append)
+    (pieces,) = draw_estimates(chain, args, 37, key, 1024)
+    assert done == [*range(3, 37, 3), 37]
+    monkeypatch.setattr(verify_program, "PIECES", 1)
+    (whole,) = draw_estimates(chain, args, 37, key, 1024)
+    assert np.array_equal(pieces, whole) and len(np.unique(pieces)) > 2
 
 
 def test_the_level_is_decided_by_the_first_pieces_against_the_compilation():

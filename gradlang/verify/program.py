@@ -321,9 +321,27 @@ def draw_estimates(program: Program, args: list, n: int, key, chunk: int,
 
             stacked = batched(chain, (keys,), n, chunk, (args,), what)
         else:
-            stacked = jax.jit(lambda k, a: calls(k, a)[1]).lower(keys, args).compile(
-                FAST_COMPILE)(keys, args)
+            stacked = _chained(calls, keys, args, at, what)
     else:
         stacked = batched(lambda k, a: program.estimate(a, k), (keys,), n, chunk, (args,),
                           what)
     return flat_leaves(stacked, n)
+
+
+def _chained(calls: Callable, keys, args: list, at: int, what: str):
+    """The results of calls(keys, args) -> (state, results), a chain of calls threading the
+    state args[at] from one key to the next, run in about PIECES pieces, each from the state
+    the one before left (the last piece padded with its last key: the state it leaves is not
+    used). Compiled once at optimization level 0; progress and Ctrl-C between two pieces."""
+    n = keys.shape[0]
+    piece = -(-n // PIECES)
+    progress.note(f"{what}: compiling")
+    run = jax.jit(calls).lower(keys[:piece], args).compile(FAST_COMPILE)
+    done = progress.counter(what, n)
+    outs, full = [], list(args)
+    for start in range(0, n, piece):
+        size = min(piece, n - start)
+        full[at], results = run(keys[np.minimum(np.arange(start, start + piece), n - 1)], full)
+        outs.append(jax.tree.map(lambda y: np.asarray(y)[:size], results))
+        done(start + size)
+    return jax.tree.map(lambda *ys: np.concatenate(ys), *outs)

@@ -28,7 +28,8 @@ class Progress:
         if not last and now - self.written < 1:
             return
         self.written = now
-        line = f"verify {self.export}: {line} ({now - self.start:.0f} s)"
+        line = f"verify {self.export}: {line}" if self.export else f"verify: {line}"
+        line = f"{line} ({now - self.start:.0f} s)"
         if self.stream.isatty():
             self.stream.write("\r" + line.ljust(self.width))
             self.width = len(line)
