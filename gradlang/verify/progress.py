@@ -14,10 +14,14 @@ from typing import TextIO
 
 @dataclass
 class Progress:
+    """Where progress goes and what it last wrote."""
+
     stream: TextIO
     export: str = ""
+    """The export being verified ("": none yet)."""
     start: float = field(default_factory=time.perf_counter)
     written: float = float("-inf")
+    """When the last line was written."""
     width: int = 0
     """The length of the line last written in place (0: none is)."""
 
