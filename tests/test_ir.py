@@ -33,7 +33,7 @@ def typed():
 
 def test_pipeline_text_round_trip():
     assert parse_pipeline("resolve, typecheck,aux,compose,zeroth_order,multiobjective,gradflow,"
-                          "straight_through,hypergrad,estimators,surrogate,privacy") == PIPELINE
+                          "straight_through,hypergrad,estimators,nested_grad,surrogate,privacy") == PIPELINE
     with pytest.raises(ValueError, match="unknown pass 'nope'"):
         parse_pipeline("resolve,nope")
 
