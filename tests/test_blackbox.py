@@ -276,6 +276,7 @@ def test_the_cli_reports_an_unsplittable_artifact(tmp_path, capsys):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow  # the default suite's time (12 min on 2 cores); fast twin: test_sharding's ES on 8 devices
 def test_population_sharding_gives_the_numbers_of_one_device():
     src = QUADRATIC + "export s = grad(q, wrt=[w, b], by=es(sigma=0.1, pop=32))\n"
     script = textwrap.dedent(f"""

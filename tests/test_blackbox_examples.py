@@ -206,7 +206,8 @@ def test_mezo_mlp_runs_with_a_few_steps(method, run_example):
         assert r["train_loss_after"] < 0.7 * r["train_loss_before"]
 
 
-@pytest.mark.parametrize("method", ["pathwise", "es", "eggroll"])
+@pytest.mark.parametrize("method", [m if m == "es" else pytest.param(m, marks=pytest.mark.slow)
+                                    for m in ("pathwise", "es", "eggroll")])  # es stays fast
 def test_cartpole_runs_with_a_few_steps(method, run_example):
     s = _run("cartpole", ["--steps", "60", "--seeds", "1", "--horizon", "50", "--eval-horizon", "100",
                           "--n-init", "8", "--n-test", "16", "--eval-every", "20", "--cosine-keys", "0",

@@ -138,6 +138,7 @@ def test_mezo_fine_tuning_lowers_the_held_out_loss(flax_mezo):
     assert flax_mezo["stdlib_loss_after_backprop"] < flax_mezo["stdlib_loss_after_mezo"]
 
 
+@pytest.mark.slow  # the default suite's time (12 min on 2 cores); fast twin: test_descend's no-copy step
 def test_the_mezo_step_fits_in_1_1x_the_forward_pass():
     """The example's memory measurement on its model at initialization (the weights' values
     do not change the compiled memory). Under XLA's default CPU options the forward pass's MLP

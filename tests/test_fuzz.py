@@ -266,7 +266,7 @@ def mutated_program(draw, similar_only: bool = False) -> str:
 
 PROGRAMS = st.one_of(token_soup(), declaration_soup(), mutated_program(), mutated_program(),
                      mutated_program(similar_only=True), mutated_program(similar_only=True))
-EXAMPLES = 1500  # about 12 s
+EXAMPLES = 1000  # about 8 s (the default suite's time)
 _FOLDER = Path(tempfile.mkdtemp(prefix="gradlang-fuzz-"))
 atexit.register(shutil.rmtree, _FOLDER, ignore_errors=True)
 

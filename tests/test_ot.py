@@ -167,6 +167,7 @@ export e = e
     assert_close(m.e(x, y), want, ops=2 * N + 4, scale=cancel + want)
 
 
+@pytest.mark.slow  # the default suite's time (12 min on 2 cores); fast twin: the sliced Wasserstein tests above
 def test_the_flow_example_runs_with_a_few_steps(run_example):
     summary, _ = run_example("sw_flow", ["--steps", "20", "--points", "64", "--every", "10"],
                              {"methods"})

@@ -355,8 +355,8 @@ def _run(name, args, run_example) -> dict:
     return summary
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "qat_mlp"
-                                  else n for n in KEYS])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) for n in KEYS])
+# the default suite's time; fast twins: the QuEST accuracy test above, tests/test_nonsmooth.py
 def test_example_runs_with_a_few_steps(name, run_example):
     """qat_mlp's few steps are slow (40 s on 2 cores: five QuEST variants to compile); its
     fast twins are test_quest_4bit_mlp_is_within_a_stated_gap_of_float32 (the same export,

@@ -648,6 +648,7 @@ export g = grad(expect(f, samples=2), wrt=[t])
     assert_unbiased(grads, p * (V6 ** 2 - p @ V6 ** 2))
 
 
+@pytest.mark.slow  # the default suite's time (12 min on 2 cores); fast twin: the swor / unordered unbiasedness tests
 def test_the_normalized_swor_estimator_is_biased_as_documented_and_the_set_estimator_wins():
     """Measured (N = 10^4, 6 categories): total variance 3.21 (swor, k = 3), 2.07 (unordered,
     k = 3), 0.80 (unordered, k = 4), against 3.62 for 3 samples with replacement and the
@@ -689,6 +690,7 @@ export g = value_and_grad(expect(f, samples={samples}), wrt=[t])
     assert_unbiased(grads["t"], p * (V6 ** 2 - p @ V6 ** 2))
 
 
+@pytest.mark.slow  # the default suite's time (12 min on 2 cores); fast twin: its unbiasedness tests above
 def test_rao_blackwellization_cuts_the_variance_of_the_score_function():
     """Measured (printed; N = 10^4, 6 categories): at 2 samples each, total variance 2.4 for
     rao_blackwell(k=2) against 7.6 for score(loo) (3.1x). At equal evaluations (6 per

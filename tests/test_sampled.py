@@ -98,6 +98,7 @@ def test_explain_lists_the_sampled_matmul():
     assert "wta_crs(keep=16) matmul" in text
 
 
+@pytest.mark.slow  # the default suite's time (12 min on 2 cores); fast twin: the wta_crs tests above
 def test_the_example_runs_with_a_few_steps(run_example):
     summary, _ = run_example("wta_crs", ["--steps", "30", "--batch", "128", "--hidden", "128"],
                              {"methods", "relative_variance"})

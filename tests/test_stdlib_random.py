@@ -470,7 +470,8 @@ def _run(name, args, run_example) -> dict:
     return summary
 
 
-@pytest.mark.parametrize("name", list(FAST))
+@pytest.mark.parametrize("name", [n if n == "bandit" else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in FAST])  # the default suite's time: bandit stays
 def test_example_runs_with_a_few_steps(name, run_example):
     # These runs are dominated by XLA compilation, and XLA:CPU compiles JAX's default
     # (partitionable) threefry random bits about 5x slower than the classic ones: a 10-arm

@@ -566,6 +566,7 @@ def _wrong(gram):
     return jnp.full(gram.shape[0], 1.0 / gram.shape[0], gram.dtype)
 
 
+@pytest.mark.slow  # the default suite's time (12 min on 2 cores); fast twin: test_multiobjective's verify of padded objectives
 def test_minimize_random_objectives(multi):
     args = {"w": [0.3, -0.8, 1.2]}
     mgda = multi.verify("random_mgda", args, **FAST)
