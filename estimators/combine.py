@@ -327,8 +327,10 @@ class Dynamic(WeightedRule):
     def describe(self, weights: tuple[float, ...], k: int) -> list[str]:
         return [f"rule: Dynamic Weight Average (Liu, Johns & Davison 2019): weights k softmax(r / "
                 f"T), T = {self.temperature:g}, r_i = f_i(t-1) / f_i(t-2), the ratio of "
-                f"objective i's values at the previous two calls (the state 'history', f32[2, "
-                f"{k}]; r = 1 on the first two calls); the gradient of the weighted sum",
+                f"objective i's values at the previous two calls (the history, f32[2, {k}]: the "
+                f"export's argument 'history', or the last entry of its 'state' when objectives "
+                f"carry state too; r = 1 on the first two calls); the gradient of the weighted "
+                f"sum",
                 "guarantees: the gradient of the weighted sum at this call's weights; objectives "
                 "whose values fall more slowly get more weight; the ratios assume positive "
                 "objectives"]

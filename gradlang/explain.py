@@ -336,8 +336,10 @@ def _export(module: Module, export, flow: dict) -> list[str]:
     if nested and t.kind != "fn":
         lines.append(f"  gradients in the program ({len(nested)}), differentiated again by this "
                      f"export (reverse mode over reverse mode):")
-        lines += [f"    grad({p.fn}, wrt=[{', '.join(p.wrt)}]) at {_at(name, span)}"
-                  for span, (name, p) in nested.items()]
+        for span, (name, p) in nested.items():
+            what = f"grad({p.fn}, wrt=[{', '.join(p.wrt)}])"
+            where = f"the export, line {span.line}" if written(name) == what else _at(name, span)
+            lines.append(f"    {what} at {where}")
     draws = _pathwise_draws(module, reach)
     if draws:
         lines.append(f"  draws without an estimator ({len(draws)}), differentiated as drawn:")

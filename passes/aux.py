@@ -22,12 +22,21 @@ from .rewrite import dce_function, inline_body
 
 
 _COPY = re.compile(r"@(value|aux)@\w+")
+_DERIVATIVE = re.compile(r"(.+)@grad\((\w+)\)")
+
+
+def derivative(fn: str, wrt: str) -> str:
+    """The name of the function resolve writes for `grad(grad(fn, wrt=[wrt]), ...)`."""
+    return f"{fn}@grad({wrt})"
 
 
 def written(fn: str) -> str:
     """A function's name as the source writes it: without the `@value@EXPORT` (`@aux@EXPORT`)
-    of the copies this pass makes (`loss@value@step@expect4` -> `loss@expect4`)."""
-    return _COPY.sub("", fn)
+    of the copies this pass makes (`loss@value@step@expect4` -> `loss@expect4`); a derivative
+    as the gradient it is (`f@grad(x)` -> `grad(f, wrt=[x])`)."""
+    fn = _COPY.sub("", fn)
+    d = _DERIVATIVE.fullmatch(fn)
+    return f"grad({d[1]}, wrt=[{d[2]}])" if d else fn
 
 
 def _float_scalar(t: Type) -> bool:

@@ -33,7 +33,7 @@ from gradlang.ops import (OPS, CalleeParams, CallParams, DistParams, EinsumParam
 from gradlang.types import (ERROR, SOLVER_REPORT, TREE, DType, NamedType, StructType, TupleType,
                             Type, is_float_tree, scalar, substitute_dims, type_dims)
 
-from .aux import result_problem
+from .aux import derivative, result_problem
 from .rewrite import dce_function, map_ops, region_uses
 
 
@@ -364,7 +364,7 @@ def _derivatives(module: Module, diags: Diagnostics) -> Module:
                             f"be a float scalar parameter of '{fn.name}' (f32); it {what}",
                             export.fn_span)
                 break
-            name = f"{fn.name}@grad({p.name})"
+            name = derivative(fn.name, p.name)
             if module.function(name) is None and all(f.name != name for f in functions):
                 functions.append(_derivative(fn, p.name, name, export.fn_span))
             parts.append(replace(export, transform=replace(t, fn=name, of_grad=None)))

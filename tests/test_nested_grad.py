@@ -73,6 +73,11 @@ fn coin(w: f32[3]) -> f32 {
 fn coin_grad(w: f32[3]) -> f32[3] {
   return grad(coin, wrt=[w])(w)
 }
+fn cubed(w: f32[3], x: f32) -> f32 {
+  return sum(tanh(w * x) ^ 2) + x ^ 3 * sum(w)
+}
+export twice = grad(grad(cubed, wrt=[x]), wrt=[w])
+export twice_both = value_and_grad(grad(cubed, wrt=[x]), wrt=[w, x])
 export hvp = grad(hvp_norm, wrt=[w])
 export meta = value_and_grad(maml, wrt=[w])
 export pen = grad(penalty, wrt=[w])
@@ -110,6 +115,21 @@ def test_hessian_vector_product(m):
 
     want = jax.grad(hvp_norm)(W)
     close(m.hvp(W, V, X)["w"], want, float(jnp.max(jnp.abs(want))))
+
+
+def test_export_of_a_derivative(m):
+    """grad(grad(f, wrt=[x]), wrt=[...]) exports the derivative of f's x-derivative."""
+    def cubed(w, x):
+        return jnp.sum(jnp.tanh(w * x) ** 2) + x ** 3 * jnp.sum(w)
+
+    x = jnp.float32(1.5)
+    want = jax.grad(jax.grad(cubed, 1), 0)(W, x)
+    close(m.twice(W, x)["w"], want, float(jnp.max(jnp.abs(want))))
+    value, grads = m.twice_both(W, x)
+    want_value, (gw, gx) = jax.value_and_grad(jax.grad(cubed, 1), (0, 1))(W, x)
+    close(value, want_value, float(abs(want_value)))
+    close(grads["w"], gw, float(jnp.max(jnp.abs(gw))))
+    close(grads["x"], gx, float(abs(gx)))
 
 
 def test_maml_loop_and_several_wrt(m):
@@ -242,3 +262,6 @@ def test_explain_lists_the_nested_gradients(m):
     assert "gradients in the program (2)" in hvp
     assert "grad(gv, wrt=[w]) at hvp_norm, line 9" in hvp
     assert "grad(f, wrt=[w]) at gv, line 6" in hvp
+    twice = text[text.index("export twice "):text.index("export twice_both")]
+    assert twice.startswith("export twice = grad(grad(cubed, wrt=[x]), wrt=[w])")
+    assert "grad(cubed, wrt=[x]) at the export, line" in twice
