@@ -304,11 +304,10 @@ def _build_export(decl: ast.ExportDecl, unit: str, diags: Diagnostics) -> Export
     inner = value.args[0] if len(value.args) == 1 else None
     if kind == "descend" and isinstance(inner, ast.Call) and _dotted(inner.func) == "minimize":
         return _descend_minimize(decl, value, inner, unit, diags)
-    objective = _objective(value.args[0], unit, diags) if len(value.args) == 1 else None
-    nested = value.args[0] if len(value.args) == 1 else None
+    objective = _objective(inner, unit, diags) if inner is not None else None
     of_grad = None
-    if isinstance(nested, ast.Call) and _dotted(nested.func) in GRADIENTS:
-        found = _of_grad(nested, kind, diags)
+    if isinstance(inner, ast.Call) and _dotted(inner.func) in GRADIENTS:
+        found = _of_grad(inner, kind, diags)
         if found is None:
             return None
         objective, of_grad = found

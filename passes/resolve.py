@@ -717,8 +717,8 @@ class _FunctionResolver:
 
     def gradient(self, op: Op) -> Op:
         """`grad(f, wrt=[...])(args)`: f must be a function of the user's (its call, resolved,
-        is in the region, perhaps in an expect); each wrt parameter becomes the position of
-        the region argument given for it."""
+        is the region's); each wrt parameter becomes the position of the region argument
+        given for it."""
         self.reject_lists(op, op.operands)
         p = op.params
         region = op.regions[0]
@@ -728,7 +728,7 @@ class _FunctionResolver:
                                      f"one: call it in a function and differentiate that")
         if call.name == "error":
             return self.failed(op)
-        fn = self.scope.lookup(p.fn)[1]
+        fn = self.scope.module.function(call.params.callee)
         names = [q.name for q in fn.params]
         argnums = []
         for w in p.wrt:

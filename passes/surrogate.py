@@ -834,7 +834,7 @@ class Surrogate:
         objectives = {}
         stateful: set[str] = set()
         for whole in module.exports:
-            parts = []
+            parts, carries = [], False
             for export in whole.parts():
                 objectives[export.name] = (export.transform.fn, export.transform.samples,
                                            export.transform.scope)
@@ -849,9 +849,10 @@ class Surrogate:
                             and isinstance(wrapper.result_type, TupleType)):
                         stateful.add(wrapper.name)
                         _stateless(export, wrapper, diags)
-                        if whole.transform.kind == "minimize":
-                            state_name_free(module, whole, diags)
+                        carries = True
                 parts.append(export)
+            if carries and whole.transform.kind == "minimize":
+                state_name_free(module, whole, diags)
             exports.append(whole.joined(tuple(parts)))
         return replace(module, functions=tuple(functions), exports=tuple(exports),
                        facts=replace(module.facts, random=frozenset(random_functions(

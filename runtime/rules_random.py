@@ -210,13 +210,14 @@ def _surrogate(ctx, op: Op, *operands):
     o = p.split(operands)
     if p.kind == "logmeanexp":
         return _importance(o, p.baselines)
-    h = p.split(ctx.lowering.held.get(id(op), lax.stop_gradient(operands)))
+    held = ctx.lowering.held.get(id(op))
+    h = p.split(lax.stop_gradient(operands) if held is None else held)
 
     def averaged(costs):
         return [c / c.shape[-1] if j in p.averaged else c for j, c in enumerate(costs)]
 
     v, costs, scores = o.value, averaged(o.costs), list(o.scores)
-    held = (h.value, averaged(h.costs), list(h.scores))
+    hv, hcosts, hscores = h.value, averaged(h.costs), list(h.scores)
     state = None if p.control else o.state  # a moving average's (psi is the control's)
     credit = list(p.credit) if costs else [(0,)] * len(scores)
     paired = list(p.paired) or [()] * len(scores)
@@ -234,8 +235,8 @@ def _surrogate(ctx, op: Op, *operands):
         weighted = range(f.shape[1]) if est.weights is not None else est.draws  # the rest weigh 0
         out = sum(weights[:, b] * _scored(f[:, b], [c[:, b] for c in costs], [l[:, b] for l in scores],
                                           p.baselines, credit, paired, causal, state,
-                                          lax.stop_gradient((f[:, b], [c[:, b] for c in costs],
-                                                             [l[:, b] for l in scores])))
+                                          (hv[:, b], [c[:, b] for c in hcosts],
+                                           [l[:, b] for l in hscores]))
                   for b in weighted)
         if p.control:  # a learned control variate: the estimator's own term, and psi's step
             df = o.shift_grad[0] if o.shift_grad else None
@@ -245,7 +246,8 @@ def _surrogate(ctx, op: Op, *operands):
             return jnp.mean(out + term, 0), psi
         out = out + weak_derivative(f, draw, aux, params, est, opts)
     else:
-        out = _scored(v, costs, scores, p.baselines, credit, paired, causal, state, held)
+        out = _scored(v, costs, scores, p.baselines, credit, paired, causal, state,
+                      (hv, hcosts, hscores))
     if o.enum:  # exact sum over the enumerated combinations (axis 1)
         weights = jnp.exp(o.enum[0]).reshape(o.enum[0].shape + (1,) * (v.ndim - 2))
         out = jnp.sum(weights * out, 1)
