@@ -245,8 +245,9 @@ def _check_dims(module: Module, bindings: DimBindings, path: str, diags: Diagnos
     call; lowering fixes it with `stablehlo(name, dims=)`), or that nothing uses."""
     from gradlang.runtime.execute import signature_of
 
+    bound = [(e, signature_of(module, e).dims) for e in module.exports] if bindings.sizes else []
     for name, size in bindings.sizes.items():
-        export = next((e for e in module.exports if name in signature_of(module, e).dims), None)
+        export = next((e for e, dims in bound if name in dims), None)
         if export is not None:
             diags.error(f"dims={{'{name}': {size}}}: the arguments of export '{export.name}' bind "
                         f"dim {name} at each call, so it cannot be fixed when compiling (dims= is "
