@@ -41,6 +41,7 @@ PIECES = 16
 """A batch runs in about this many calls (fewer when it has fewer entries): the first two
 decide the optimization level of the rest, progress is shown and Ctrl-C is taken between two."""
 
+
 def leaf_names(tree) -> list[str]:
     """`enc.w1`-style names of a pytree's leaves, in flattening order."""
     paths, _ = jax.tree_util.tree_flatten_with_path(tree)
