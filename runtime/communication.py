@@ -33,15 +33,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from fractions import Fraction
 
+import jax.numpy as jnp
+
 from gradlang.diagnostics import Diagnostics, Span
 from gradlang.ir import Module, Op, Region
 from gradlang.ops import REDUCE
 from gradlang.shapes import unify
 from gradlang.types import DType, Dim, TensorType, substitute_dims
 
+from .dtypes import JNP_DTYPES
 from .sharding import Sharding
 
-ITEM_BYTES = {DType.BOOL: 1, DType.I32: 4, DType.F32: 4, DType.F64: 8}
+ITEM_BYTES = {d: jnp.dtype(t).itemsize for d, t in JNP_DTYPES.items()}
 UNPARTITIONED = ("sort", "topk", "argmax")
 """Ops along an axis that XLA does not partition: it gathers that axis whole."""
 NORMALIZING = {"softmax": ("max", "sum"), "log_softmax": ("max", "sum"),
